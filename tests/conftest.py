@@ -1,0 +1,29 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from checkpoints import save_checkpoint  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("checkpoints")
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(checkpoint_dir):
+    """name -> (path, HF model), saved once per session."""
+    made: dict = {}
+
+    def get(name: str):
+        if name not in made:
+            made[name] = save_checkpoint(name, checkpoint_dir)
+        return made[name]
+
+    return get

@@ -1,0 +1,124 @@
+"""Multi-head attention with grouped key/value heads (MHA when n_kv_heads == n_heads).
+
+Shapes (axis names as in config.py)::
+
+    q_in  [batch, pos, d_model]   or per head [batch, pos, head, d_model]
+    q     [batch, pos, head, d_head]        = q_in · W_Q + b_Q
+    k, v  [batch, pos, kv_head, d_head]     (GQA: query head h reads kv head h // group_size)
+    scores, pattern [batch, head, pos, key_pos]
+    z     [batch, pos, head, d_head]        = pattern · v
+    result [batch, pos, head, d_model]      = z · W_O   (per head, only when observed)
+    out   [batch, pos, d_model]             = sum_head result + b_O
+
+       query heads   0 1 2 3 4 5
+                     | | | | | |
+       kv heads      0 0 1 1 2 2      group_size = 2
+
+The fused kernel (``scaled_dot_product_attention``) runs unless this layer's
+``hook_attn_scores`` or ``hook_pattern`` is observed; then the explicit softmax path
+runs for this layer alone. The two agree to float rounding (tested).
+
+Weights are stored in the [out, in] layout that ``F.linear`` reads without a copy
+(HF's ``nn.Linear`` layout); ``W_Q`` etc. are views of them in TransformerLens's
+shapes, so the canonical tensors and the fast matmuls are the same memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import einsum
+from jaxtyping import Float
+from torch import nn
+
+from ..config import ModelConfig
+from ..hooks import HookPoint
+from .kv_cache import LayerKVCache
+from .masks import AttentionMask
+from .rotary import CosSin, rotate
+
+Input = Float[torch.Tensor, "batch pos d_model"] | Float[torch.Tensor, "batch pos head d_model"]
+
+
+def head_weight(n_heads: int, d_model: int, d_head: int) -> torch.Tensor:
+    """An empty [head, d_model, d_head] tensor laid out as an [head*d_head, d_model] matrix."""
+    return torch.empty(n_heads, d_head, d_model).transpose(1, 2)
+
+
+def project(x: Input, W: Float[torch.Tensor, "head d_model d_head"], b: Float[torch.Tensor, "head d_head"]):
+    """x · W + b for every head: -> [batch, pos, head, d_head]."""
+    n, _, d_head = W.shape
+    if x.ndim == 3:  # one input shared by all heads: a single matmul
+        return F.linear(x, W.transpose(1, 2).reshape(n * d_head, -1), b.reshape(-1)).unflatten(-1, (n, d_head))
+    return einsum(x, W, "batch pos head d_model, head d_model d_head -> batch pos head d_head") + b
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        h, kv, d, dh = cfg.n_heads, cfg.n_kv_heads, cfg.d_model, cfg.d_head
+        self.n_heads, self.n_kv_heads, self.d_head = h, kv, dh
+        self.W_Q = nn.Parameter(head_weight(h, d, dh))
+        self.W_K = nn.Parameter(head_weight(kv, d, dh))
+        self.W_V = nn.Parameter(head_weight(kv, d, dh))
+        self.W_O = nn.Parameter(torch.empty(d, h * dh).T.unflatten(0, (h, dh)))  # [head, d_head, d_model]
+        self.b_Q = nn.Parameter(torch.zeros(h, dh))
+        self.b_K = nn.Parameter(torch.zeros(kv, dh))
+        self.b_V = nn.Parameter(torch.zeros(kv, dh))
+        self.b_O = nn.Parameter(torch.zeros(d))
+
+        self.layer = layer
+        self.window = cfg.attn_windows[layer]
+        self.scale = cfg.scores_scale / (layer + 1 if cfg.scale_attn_by_inverse_layer_idx else 1)
+        self.rotary = cfg.positional_embedding == "rotary"
+
+        self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
+        if self.rotary:
+            self.hook_rot_q, self.hook_rot_k = HookPoint(), HookPoint()
+        self.hook_attn_scores = HookPoint()  # [batch, head, pos, key_pos], masked with -inf, pre-softmax
+        self.hook_pattern = HookPoint()
+        self.hook_z = HookPoint()
+        self.hook_result = HookPoint()  # [batch, pos, head, d_model]
+
+    @property
+    def explicit(self) -> bool:
+        """Whether the pattern must be materialised for an observer."""
+        return self.hook_attn_scores.observed or self.hook_pattern.observed
+
+    def forward(self, q_in: Input, k_in: Input, v_in: Input, mask: AttentionMask,
+                cos_sin: CosSin | None = None, kv_cache: LayerKVCache | None = None
+                ) -> Float[torch.Tensor, "batch pos d_model"]:
+        q = self.hook_q(project(q_in, self.W_Q, self.b_Q))  # [batch, pos, head, d_head]
+        k = self.hook_k(project(k_in, self.W_K, self.b_K))  # [batch, pos, kv_head, d_head]
+        v = self.hook_v(project(v_in, self.W_V, self.b_V))
+        if self.rotary:
+            q = self.hook_rot_q(rotate(q, cos_sin))
+            k = self.hook_rot_k(rotate(k, cos_sin))
+
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [batch, head|kv_head, pos, d_head]
+        if kv_cache is not None:
+            k, v = kv_cache.extend(k, v)  # now over all key positions so far
+
+        z = self._explicit(q, k, v, mask) if self.explicit else self._fused(q, k, v, mask)
+        z = self.hook_z(z.transpose(1, 2))  # [batch, pos, head, d_head]
+
+        if self.hook_result.observed:
+            result = self.hook_result(einsum(z, self.W_O, "batch pos head d_head, head d_head d_model -> batch pos head d_model"))
+            return result.sum(-2) + self.b_O
+        return F.linear(z.flatten(-2), self.W_O.flatten(0, 1).T, self.b_O)
+
+    def _fused(self, q, k, v, mask: AttentionMask) -> Float[torch.Tensor, "batch head pos d_head"]:
+        attn_mask = mask.sdpa_mask(self.window)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and mask.is_causal_for_sdpa,
+            scale=self.scale, enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+
+    def _explicit(self, q, k, v, mask: AttentionMask) -> Float[torch.Tensor, "batch head pos d_head"]:
+        g = self.n_heads // self.n_kv_heads
+        q = q.unflatten(1, (self.n_kv_heads, g))  # [batch, kv_head, group, pos, d_head]
+        scores = (q @ k[:, :, None].transpose(-1, -2)).flatten(1, 2) * self.scale  # [batch, head, pos, key_pos]
+        scores = scores.masked_fill(~mask.allowed(self.window), float("-inf"))
+        scores = self.hook_attn_scores(scores)
+        pattern = self.hook_pattern(scores.softmax(-1, dtype=torch.float32).to(q.dtype))
+        return (pattern.unflatten(1, (self.n_kv_heads, g)) @ v[:, :, None]).flatten(1, 2)

@@ -1,0 +1,95 @@
+"""Transformer blocks: sequential residual (GPT-2, GPT-Neo, Llama, NeoX without parallel
+residual) and parallel residual (Pythia / NeoX).
+
+    Sequential                              Parallel
+    resid_pre ─┬──────────────┐             resid_pre ─┬─────────────────────┐
+               ln1 → attn     │                        ├ ln1 → attn ──┐      │
+               └─── + ◄───────┘                        └ ln2 → mlp ───┤      │
+    resid_mid ─┬──────────────┐                                       + ◄────┘
+               ln2 → mlp      │             resid_post
+               └─── + ◄───────┘
+    resid_post
+
+Per-head inputs: when ``hook_attn_in`` / ``hook_q_input`` / ``hook_k_input`` /
+``hook_v_input`` is observed, the block gives every head its own copy of the residual
+([batch, pos, head, d_model]) so a hook can patch one head's input; otherwise all
+heads share one tensor and attention runs one matmul per projection. With GQA, a
+key/value head's input is the ``attn_in`` of the first query head in its group.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import nn
+
+from ..config import ModelConfig
+from ..hooks import HookPoint
+from .attention import Attention
+from .kv_cache import LayerKVCache
+from .masks import AttentionMask
+from .mlp import make_mlp
+from .norms import make_norm
+from .rotary import CosSin
+
+Resid = Float[torch.Tensor, "batch pos d_model"]
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.group_size = cfg.n_heads, cfg.group_size
+        self.ln1 = make_norm(cfg)
+        self.attn = Attention(cfg, layer)
+        self.ln2 = make_norm(cfg)
+        self.mlp = make_mlp(cfg)
+        self.hook_resid_pre = HookPoint()
+        self.hook_attn_in = HookPoint()
+        self.hook_q_input, self.hook_k_input, self.hook_v_input = HookPoint(), HookPoint(), HookPoint()
+        self.hook_attn_out = HookPoint()
+        self.hook_mlp_in = HookPoint()
+        self.hook_mlp_out = HookPoint()
+        self.hook_resid_post = HookPoint()
+
+    def attention(self, resid: Resid, mask: AttentionMask, cos_sin: CosSin | None,
+                  kv_cache: LayerKVCache | None) -> Resid:
+        """hook_attn_out(attn(ln1(resid))), with per-head inputs only when observed."""
+        if not (self.hook_attn_in.observed or self.hook_q_input.observed
+                or self.hook_k_input.observed or self.hook_v_input.observed):
+            x = self.ln1(resid)
+            return self.hook_attn_out(self.attn(x, x, x, mask, cos_sin, kv_cache))
+        b, p, d = resid.shape
+        attn_in = self.hook_attn_in(resid[:, :, None, :].expand(b, p, self.n_heads, d).clone())
+        kv_in = attn_in[:, :, :: self.group_size]
+        q_in = self.hook_q_input(attn_in)
+        k_in = self.hook_k_input(kv_in.clone())
+        v_in = self.hook_v_input(kv_in.clone())
+        out = self.attn(self.ln1(q_in), self.ln1(k_in), self.ln1(v_in), mask, cos_sin, kv_cache)
+        return self.hook_attn_out(out)
+
+
+class SequentialBlock(Block):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__(cfg, layer)
+        self.hook_resid_mid = HookPoint()
+
+    def forward(self, resid_pre: Resid, mask: AttentionMask, cos_sin: CosSin | None = None,
+                kv_cache: LayerKVCache | None = None) -> Resid:
+        resid_pre = self.hook_resid_pre(resid_pre)
+        resid_mid = self.hook_resid_mid(resid_pre + self.attention(resid_pre, mask, cos_sin, kv_cache))
+        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(self.hook_mlp_in(resid_mid))))
+        return self.hook_resid_post(resid_mid + mlp_out)
+
+
+class ParallelBlock(Block):
+    def forward(self, resid_pre: Resid, mask: AttentionMask, cos_sin: CosSin | None = None,
+                kv_cache: LayerKVCache | None = None) -> Resid:
+        resid_pre = self.hook_resid_pre(resid_pre)
+        attn_out = self.attention(resid_pre, mask, cos_sin, kv_cache)
+        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(self.hook_mlp_in(resid_pre))))
+        return self.hook_resid_post(resid_pre + attn_out + mlp_out)
+
+
+def make_block(cfg: ModelConfig, layer: int) -> Block:
+    return ParallelBlock(cfg, layer) if cfg.parallel_residual else SequentialBlock(cfg, layer)

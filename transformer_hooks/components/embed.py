@@ -1,0 +1,49 @@
+"""Token embedding, learned position embedding, unembedding."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import nn
+
+from ..config import ModelConfig
+
+
+class Embed(nn.Module):
+    """tokens -> residual. ``W_E``: [d_vocab, d_model]."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
+
+    def forward(self, tokens: Int[torch.Tensor, "batch pos"]) -> Float[torch.Tensor, "batch pos d_model"]:
+        return F.embedding(tokens, self.W_E)
+
+
+class PosEmbed(nn.Module):
+    """Learned absolute positions (GPT-2, GPT-Neo). ``W_pos``: [n_ctx, d_model]."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.W_pos = nn.Parameter(torch.empty(cfg.n_ctx, cfg.d_model))
+
+    def forward(self, positions: Int[torch.Tensor, "batch pos"]) -> Float[torch.Tensor, "batch pos d_model"]:
+        return F.embedding(positions, self.W_pos)
+
+
+class Unembed(nn.Module):
+    """residual -> logits. ``W_U``: [d_model, d_vocab], ``b_U``: [d_vocab].
+
+    ``W_U`` is stored as the transpose of a [d_vocab, d_model] matrix (the layout of
+    ``W_E`` and of HF's ``lm_head``), so a tied checkpoint can share one copy with
+    ``W_E`` and ``F.linear`` reads it without a copy.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.W_U = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model).T)
+        self.b_U = nn.Parameter(torch.empty(cfg.d_vocab))
+
+    def forward(self, resid: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_vocab"]:
+        return F.linear(resid, self.W_U.T, self.b_U)

@@ -1,0 +1,76 @@
+"""The MLP: GELU-family (GPT-2, GPT-Neo, NeoX) or gated SwiGLU (Llama).
+
+    MLP:       post = act(x · W_in + b_in)                          [batch, pos, d_mlp]
+    GatedMLP:  post = act(x · W_gate + b_gate) * (x · W_in + b_in)
+    out = post · W_out + b_out                                      [batch, pos, d_model]
+
+Hooks: ``hook_pre`` (the activation's input), ``hook_pre_linear`` (gated: the linear
+branch), ``hook_post`` (the neuron activations that ``W_out`` reads).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import nn
+
+from ..config import ModelConfig
+from ..hooks import HookPoint
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,  # exact (erf)
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's tanh approximation
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def in_weight(cfg: ModelConfig) -> torch.Tensor:
+    """An empty [d_model, d_mlp] tensor laid out as F.linear's [d_mlp, d_model] weight."""
+    return torch.empty(cfg.d_mlp, cfg.d_model).T
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.W_in = nn.Parameter(in_weight(cfg))
+        self.b_in = nn.Parameter(torch.zeros(cfg.d_mlp))
+        self.W_out = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp).T)  # [d_mlp, d_model]
+        self.b_out = nn.Parameter(torch.zeros(cfg.d_model))
+        self.act = activation(cfg.act_fn)
+        self.hook_pre = HookPoint()
+        self.hook_post = HookPoint()
+
+    def forward(self, x: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_model"]:
+        pre = self.hook_pre(F.linear(x, self.W_in.T, self.b_in))
+        return F.linear(self.hook_post(self.act(pre)), self.W_out.T, self.b_out)
+
+
+class GatedMLP(MLP):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.W_gate = nn.Parameter(in_weight(cfg))
+        self.b_gate = nn.Parameter(torch.zeros(cfg.d_mlp))
+        self.hook_pre_linear = HookPoint()
+
+    def forward(self, x: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_model"]:
+        pre = self.hook_pre(F.linear(x, self.W_gate.T, self.b_gate))
+        pre_linear = self.hook_pre_linear(F.linear(x, self.W_in.T, self.b_in))
+        return F.linear(self.hook_post(self.act(pre) * pre_linear), self.W_out.T, self.b_out)
+
+
+def make_mlp(cfg: ModelConfig) -> MLP:
+    return GatedMLP(cfg) if cfg.gated_mlp else MLP(cfg)

@@ -1,0 +1,98 @@
+"""LayerNorm and RMSNorm, and their "Pre" forms left after ``fold_ln``.
+
+Each norm exposes ``hook_scale`` (the divisor, [..., 1]) and ``hook_normalized``.
+Unobserved, a norm is one fused kernel (``F.layer_norm`` / ``F.rms_norm``, as HF runs
+it); observed, it computes the scale explicitly so the hooks see and can edit it.
+Both paths agree to float rounding (tested).
+
+As in TransformerLens, ``LayerNorm.hook_normalized`` is after the weight and bias, and
+``RMSNorm.hook_normalized`` is before the weight.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import nn
+
+from ..config import ModelConfig
+from ..hooks import HookPoint
+
+Resid = Float[torch.Tensor, "... d_model"]
+
+
+class _Norm(nn.Module):
+    centre: bool = True  # LayerNorm subtracts the mean; RMSNorm does not
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.eps = cfg.eps
+        self.d_model = cfg.d_model
+        self.hook_scale = HookPoint()
+        self.hook_normalized = HookPoint()
+
+    @property
+    def observed(self) -> bool:
+        return self.hook_scale.observed or self.hook_normalized.observed
+
+    def _scaled(self, x: Resid) -> Resid:
+        """x (centred for LayerNorm) / hook_scale(sqrt(mean(x^2) + eps)), in float32."""
+        x = x.float()
+        if self.centre:
+            x = x - x.mean(-1, keepdim=True)
+        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        return x / scale
+
+
+class LayerNorm(_Norm):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.w = nn.Parameter(torch.ones(cfg.d_model))
+        self.b = nn.Parameter(torch.zeros(cfg.d_model))
+
+    def forward(self, x: Resid) -> Resid:
+        if not self.observed:
+            return F.layer_norm(x, (self.d_model,), self.w, self.b, self.eps)
+        return self.hook_normalized((self._scaled(x) * self.w + self.b).to(x.dtype))
+
+
+class LayerNormPre(_Norm):
+    """LayerNorm whose weight and bias were folded into the next layer's weights."""
+
+    def forward(self, x: Resid) -> Resid:
+        if not self.observed:
+            return F.layer_norm(x, (self.d_model,), None, None, self.eps)
+        return self.hook_normalized(self._scaled(x).to(x.dtype))
+
+
+class RMSNorm(_Norm):
+    centre = False
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.w = nn.Parameter(torch.ones(cfg.d_model))
+
+    def forward(self, x: Resid) -> Resid:
+        if not self.observed:
+            # HF: normalise in float32, cast back, then multiply by the weight.
+            return F.rms_norm(x.float(), (self.d_model,), None, self.eps).to(x.dtype) * self.w
+        return self.hook_normalized(self._scaled(x).to(x.dtype)) * self.w
+
+
+class RMSNormPre(_Norm):
+    """RMSNorm whose weight was folded into the next layer's weights."""
+
+    centre = False
+
+    def forward(self, x: Resid) -> Resid:
+        if not self.observed:
+            return F.rms_norm(x.float(), (self.d_model,), None, self.eps).to(x.dtype)
+        return self.hook_normalized(self._scaled(x).to(x.dtype))
+
+
+NORMS: dict[str, type[_Norm]] = {"LN": LayerNorm, "LNPre": LayerNormPre, "RMS": RMSNorm, "RMSPre": RMSNormPre}
+
+
+def make_norm(cfg: ModelConfig) -> _Norm:
+    return NORMS[cfg.normalization_type](cfg)

@@ -1,0 +1,61 @@
+"""Rotary position embeddings, in HF's rotate-half layout.
+
+Dims ``[0, rotary_dim)`` of each head rotate; the rest pass through (NeoX/Pythia rotate
+a fraction, Llama all). Pair ``i`` is ``(x[i], x[i + rotary_dim/2])`` and turns by
+``position * inv_freq[i]``. cos/sin are computed once per forward for all layers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from jaxtyping import Float, Int
+from torch import nn
+
+from ..config import ModelConfig, RopeScaling
+
+CosSin = tuple[Float[torch.Tensor, "batch pos rotary_dim"], Float[torch.Tensor, "batch pos rotary_dim"]]
+
+
+def inverse_frequencies(rotary_dim: int, theta: float, scaling: RopeScaling | None) -> Float[torch.Tensor, "half"]:
+    inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim)
+    if scaling is None:
+        return inv_freq
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor
+    # llama3: leave high frequencies alone, divide low ones by ``factor``, blend in between.
+    old_ctx = scaling.original_max_position_embeddings
+    low_wavelen = old_ctx / scaling.low_freq_factor
+    high_wavelen = old_ctx / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_ctx / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(is_medium, blended, scaled)
+
+
+class Rotary(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.rotary_dim = cfg.rotary_dim
+        self.register_buffer(
+            "inv_freq", inverse_frequencies(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling), persistent=False
+        )
+
+    def forward(self, positions: Int[torch.Tensor, "batch pos"], dtype: torch.dtype) -> CosSin:
+        # float32 whatever the model dtype, as HF does, then cast.
+        freqs = positions[..., None].float() * self.inv_freq.float()  # [batch, pos, rotary_dim/2]
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate(x: Float[torch.Tensor, "batch pos head d_head"], cos_sin: CosSin) -> Float[torch.Tensor, "batch pos head d_head"]:
+    cos, sin = (t[:, :, None, :] for t in cos_sin)  # broadcast over heads
+    rd = cos.shape[-1]
+    x_rot, x_pass = x[..., :rd], x[..., rd:]
+    half = rd // 2
+    rotated_half = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
+    x_rot = x_rot * cos + rotated_half * sin
+    return x_rot if x_pass.shape[-1] == 0 else torch.cat((x_rot, x_pass), dim=-1)

@@ -1,0 +1,141 @@
+"""ModelConfig: the architecture facts a forward pass needs, and nothing else.
+
+Every quirk of the four supported families is one field here, filled in by
+``weights_conversion/<family>.py``. Components read these fields; none of them
+asks which architecture it belongs to.
+
+Axis vocabulary used across the library (docstrings, jaxtyping, einops strings):
+``batch``, ``pos`` (query positions), ``key_pos``, ``head`` (query heads),
+``kv_head``, ``d_model``, ``d_head``, ``d_mlp``, ``d_vocab``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+NormType = Literal["LN", "LNPre", "RMS", "RMSPre"]
+PositionalEmbedding = Literal["learned", "rotary"]
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Rotary frequency scaling. ``kind`` is HF's ``rope_type``.
+
+    - ``linear``: positions divided by ``factor``.
+    - ``llama3``: Llama 3.1's smooth per-frequency interpolation between
+      ``low_freq_factor`` and ``high_freq_factor`` wavelengths.
+    """
+
+    kind: Literal["linear", "llama3"]
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_head: int
+    d_mlp: int
+    d_vocab: int
+    n_ctx: int
+    act_fn: str
+    normalization_type: NormType
+    eps: float
+    positional_embedding: PositionalEmbedding
+    n_kv_heads: int | None = None  # None: same as n_heads (MHA)
+    # Rotary: applied to the first ``rotary_dim`` dims of each head (rotate-half layout).
+    rotary_dim: int | None = None  # None: d_head
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    # Scores are q·k / attn_scale (GPT-Neo uses 1.0, i.e. no scaling). None: sqrt(d_head).
+    attn_scale: float | None = None
+    scale_attn_by_inverse_layer_idx: bool = False  # GPT-2 option: scores / (layer + 1)
+    # Per layer: None for global causal attention, or a window w (key within w-1 of query).
+    attn_windows: tuple[int | None, ...] | None = None
+    parallel_residual: bool = False  # NeoX/Pythia: attn and MLP both read resid_pre
+    gated_mlp: bool = False  # SwiGLU: act(x W_gate) * (x W_in)
+    tie_word_embeddings: bool = False
+    original_architecture: str = ""
+    default_prepend_bos: bool = True
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    # Weight processing applied to this model's weights (see processing.py), in order.
+    processing: tuple[str, ...] = ()
+    model_name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.attn_windows is None:
+            object.__setattr__(self, "attn_windows", (None,) * self.n_layers)
+        else:
+            object.__setattr__(self, "attn_windows", tuple(self.attn_windows))
+        if self.positional_embedding == "rotary" and self.rotary_dim is None:
+            object.__setattr__(self, "rotary_dim", self.d_head)
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        object.__setattr__(self, "processing", tuple(self.processing))
+        self._check()
+
+    def _check(self) -> None:
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        if len(self.attn_windows) != self.n_layers:
+            raise ValueError(f"attn_windows has {len(self.attn_windows)} entries for {self.n_layers} layers")
+        if self.normalization_type not in ("LN", "LNPre", "RMS", "RMSPre"):
+            raise ValueError(f"unknown normalization_type {self.normalization_type!r}")
+        if self.positional_embedding == "rotary" and (self.rotary_dim % 2 or self.rotary_dim > self.d_head):
+            raise ValueError(f"rotary_dim={self.rotary_dim} must be even and at most d_head={self.d_head}")
+
+    # Derived facts -------------------------------------------------------------------
+    @property
+    def scores_scale(self) -> float:
+        """What q·k is multiplied by before the softmax (layer-independent part)."""
+        return 1.0 / (math.sqrt(self.d_head) if self.attn_scale is None else self.attn_scale)
+
+    @property
+    def group_size(self) -> int:
+        """Query heads that share one key/value head (1 for MHA)."""
+        return self.n_heads // self.n_kv_heads
+
+    # TransformerLens spellings, so ported code keeps working.
+    @property
+    def n_key_value_heads(self) -> int:
+        return self.n_kv_heads
+
+    @property
+    def parallel_attn_mlp(self) -> bool:
+        return self.parallel_residual
+
+    @property
+    def rotary_base(self) -> float:
+        return self.rope_theta
+
+    @property
+    def positional_embedding_type(self) -> str:
+        return "standard" if self.positional_embedding == "learned" else "rotary"
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["attn_windows"] = list(self.attn_windows)
+        d["processing"] = list(self.processing)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)

@@ -1,0 +1,288 @@
+"""Hook points and the hook registry.
+
+A ``HookPoint`` is an identity on the forward path that users can observe or edit with
+``fn(activation, hook) -> activation | None`` (TransformerLens's signature). An
+unobserved hook point costs one attribute check, and components ask ``hook.observed``
+before doing work that only an observer needs (the explicit attention pattern,
+per-head results, per-head inputs).
+
+``HookedRootModule`` gives a model the registry: ``hook_dict``, ``add_hook``,
+``reset_hooks``, the ``hooks()`` context manager, ``run_with_hooks`` and
+``run_with_cache``. Hooks added inside a context are removed when it exits, on success
+or on any exception, so a failing hook never stays attached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import fnmatch
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Sequence, Union
+
+import torch
+from torch import nn
+
+HookFn = Callable[..., Any]
+NameFilter = Union[str, Sequence[str], Callable[[str], bool], None]
+
+# Sites that hold a per-head copy of a residual-sized tensor (n_heads times d_model).
+# run_with_cache() leaves them out unless a filter names them.
+PER_HEAD_EXPANSIONS = ("attn.hook_result", "hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input")
+
+
+class UnknownHookError(ValueError):
+    """A hook name that the model does not have."""
+
+
+class HookShapeError(ValueError):
+    """A hook function returned a tensor that cannot replace the activation."""
+
+
+@dataclass
+class _Hook:
+    fn: HookFn
+    level: int | None  # the hooks() context that added it; None for add_hook()
+    permanent: bool
+
+
+def _fn_name(fn: HookFn) -> str:
+    inner = getattr(fn, "func", fn)  # functools.partial
+    return getattr(inner, "__qualname__", repr(inner))
+
+
+class HookPoint(nn.Module):
+    """An observable, editable site of the computation. Identity until hooked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.name: str = ""
+        self.fwd_hooks: list[_Hook] = []
+        self.bwd_hooks: list[_Hook] = []
+        self.ctx: dict[Any, Any] = {}  # scratch space shared by this site's hooks (TL compatible)
+
+    @property
+    def observed(self) -> bool:
+        return bool(self.fwd_hooks or self.bwd_hooks)
+
+    def add_hook(self, fn: HookFn, dir: str = "fwd", is_permanent: bool = False,
+                 level: int | None = None, prepend: bool = False) -> None:
+        if dir not in ("fwd", "bwd"):
+            raise ValueError(f"dir must be 'fwd' or 'bwd', got {dir!r}")
+        hooks = self.fwd_hooks if dir == "fwd" else self.bwd_hooks
+        entry = _Hook(fn, level, is_permanent)
+        hooks.insert(0, entry) if prepend else hooks.append(entry)
+
+    def remove_hooks(self, dir: str = "both", including_permanent: bool = False,
+                     level: int | None = None) -> None:
+        def keep(h: _Hook) -> bool:
+            if h.permanent and not including_permanent:
+                return True
+            return level is not None and h.level != level
+
+        if dir in ("fwd", "both"):
+            self.fwd_hooks = [h for h in self.fwd_hooks if keep(h)]
+        if dir in ("bwd", "both"):
+            self.bwd_hooks = [h for h in self.bwd_hooks if keep(h)]
+
+    def clear_context(self) -> None:
+        self.ctx = {}
+
+    # nn.Module.__call__ adds a few microseconds per call; a model has ~30 sites per layer
+    # and a decoding step is short, so the unobserved path bypasses it.
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.fwd_hooks or self.bwd_hooks):
+            return x
+        return self.forward(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for h in list(self.fwd_hooks):
+            out = h.fn(x, hook=self)
+            if out is not None:
+                self._check_replacement(x, out, h.fn)
+                x = out
+        if self.bwd_hooks and x.requires_grad:
+            x.register_hook(self._run_bwd)
+        return x
+
+    def _run_bwd(self, grad: torch.Tensor) -> torch.Tensor:
+        for h in list(self.bwd_hooks):
+            out = h.fn(grad, hook=self)
+            if out is not None:
+                self._check_replacement(grad, out, h.fn)
+                grad = out
+        return grad
+
+    def _check_replacement(self, x: torch.Tensor, out: Any, fn: HookFn) -> None:
+        if not isinstance(out, torch.Tensor):
+            raise HookShapeError(
+                f"hook {_fn_name(fn)} on {self.name} returned {type(out).__name__}; a hook must return "
+                f"a tensor of shape {tuple(x.shape)} to replace the activation, or None to keep it"
+            )
+        if out.shape != x.shape:
+            raise HookShapeError(
+                f"hook {_fn_name(fn)} on {self.name} returned shape {tuple(out.shape)}, but the "
+                f"activation has shape {tuple(x.shape)}; return a tensor of the same shape (or None)"
+            )
+        if out.dtype != x.dtype:
+            raise HookShapeError(
+                f"hook {_fn_name(fn)} on {self.name} returned dtype {out.dtype}, but the activation "
+                f"is {x.dtype}; cast the result with .to({x.dtype})"
+            )
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, fwd={len(self.fwd_hooks)}, bwd={len(self.bwd_hooks)}"
+
+    @property
+    def layer_idx(self) -> int | None:
+        """The block this site belongs to (None outside blocks), as TL's ``hook.layer()``."""
+        parts = self.name.split(".")
+        return int(parts[1]) if len(parts) > 1 and parts[0] == "blocks" else None
+
+    def layer(self) -> int | None:
+        return self.layer_idx
+
+
+class HookedRootModule(nn.Module):
+    """Registry of a model's hook points, keyed by TransformerLens names."""
+
+    def setup_hooks(self) -> None:
+        """Name every HookPoint after its module path. Call at the end of ``__init__``."""
+        self.hook_dict: dict[str, HookPoint] = {}
+        for name, module in self.named_modules():
+            if isinstance(module, HookPoint):
+                module.name = name
+                self.hook_dict[name] = module
+        self._hook_level = 0
+
+    def hook_points(self) -> Iterable[HookPoint]:
+        return self.hook_dict.values()
+
+    # Name resolution -----------------------------------------------------------------
+    def _unknown(self, name: str) -> UnknownHookError:
+        close = difflib.get_close_matches(name, list(self.hook_dict), n=5, cutoff=0.5)
+        hint = f" Closest: {', '.join(close)}." if close else ""
+        return UnknownHookError(
+            f"this model has no hook point {name!r}.{hint} "
+            f"See model.hook_dict for all {len(self.hook_dict)} names (e.g. 'blocks.0.hook_resid_pre')."
+        )
+
+    def resolve_hook_names(self, names: NameFilter) -> list[str]:
+        """Hook names selected by a name, a list of names, a glob, or a predicate."""
+        if names is None:
+            return list(self.hook_dict)
+        if callable(names):
+            return [n for n in self.hook_dict if names(n)]
+        if isinstance(names, str):
+            names = [names]
+        selected: list[str] = []
+        for name in names:
+            if name in self.hook_dict:
+                selected.append(name)
+            elif any(c in name for c in "*?["):
+                matches = fnmatch.filter(self.hook_dict, name)
+                if not matches:
+                    raise self._unknown(name)
+                selected.extend(matches)
+            else:
+                raise self._unknown(name)
+        return list(dict.fromkeys(selected))
+
+    # Adding and removing -------------------------------------------------------------
+    def add_hook(self, name: str | Callable[[str], bool], hook: HookFn, dir: str = "fwd",
+                 is_permanent: bool = False, level: int | None = None, prepend: bool = False) -> None:
+        """Attach ``hook`` to one site (a name) or every site a predicate accepts. Stays until
+        ``reset_hooks()``."""
+        for n in self.resolve_hook_names(name):
+            self.hook_dict[n].add_hook(hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
+
+    def add_perma_hook(self, name: str | Callable[[str], bool], hook: HookFn, dir: str = "fwd") -> None:
+        self.add_hook(name, hook, dir=dir, is_permanent=True)
+
+    def reset_hooks(self, clear_contexts: bool = True, direction: str = "both",
+                    including_permanent: bool = False, level: int | None = None) -> None:
+        for hp in self.hook_dict.values():
+            hp.remove_hooks(direction, including_permanent=including_permanent, level=level)
+            if clear_contexts:
+                hp.clear_context()
+
+    def remove_all_hook_fns(self, direction: str = "both", including_permanent: bool = False) -> None:
+        self.reset_hooks(clear_contexts=False, direction=direction, including_permanent=including_permanent)
+
+    @contextlib.contextmanager
+    def hooks(self, fwd_hooks: Sequence[tuple[Any, HookFn]] = (), bwd_hooks: Sequence[tuple[Any, HookFn]] = (),
+              reset_hooks_end: bool = True, clear_contexts: bool = False) -> Iterator["HookedRootModule"]:
+        """Hooks that live for the ``with`` block; removed on exit, also after an exception.
+
+        Every name is checked before any hook is attached, so a typo attaches nothing.
+        """
+        resolved = [(self.resolve_hook_names(n), fn, d) for hooks, d in ((fwd_hooks, "fwd"), (bwd_hooks, "bwd"))
+                    for n, fn in hooks]
+        self._hook_level += 1
+        level = self._hook_level
+        try:
+            for names, fn, d in resolved:
+                for n in names:
+                    self.hook_dict[n].add_hook(fn, dir=d, level=level)
+            yield self
+        finally:
+            if reset_hooks_end:
+                for hp in self.hook_dict.values():
+                    hp.remove_hooks("both", level=level)
+                    if clear_contexts:
+                        hp.clear_context()
+            self._hook_level -= 1
+
+    def run_with_hooks(self, *model_args: Any, fwd_hooks: Sequence[tuple[Any, HookFn]] = (),
+                       bwd_hooks: Sequence[tuple[Any, HookFn]] = (), reset_hooks_end: bool = True,
+                       clear_contexts: bool = False, **model_kwargs: Any) -> Any:
+        """One forward with temporary hooks (TransformerLens signature)."""
+        if bwd_hooks and not reset_hooks_end:
+            raise ValueError("bwd_hooks fire during backward(), after this call returns: pass reset_hooks_end=False "
+                             "only with fwd_hooks, or use the model.hooks(...) context around forward and backward")
+        with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts):
+            return self(*model_args, **model_kwargs)
+
+    def cache_names(self, names_filter: NameFilter) -> list[str]:
+        """The sites ``run_with_cache(names_filter=...)`` stores. With no filter: every site
+        except the per-head expansions (each is n_heads copies of a residual)."""
+        if names_filter is None:
+            return [n for n in self.hook_dict if not n.endswith(PER_HEAD_EXPANSIONS)]
+        return self.resolve_hook_names(names_filter)
+
+    def run_with_cache(self, *model_args: Any, names_filter: NameFilter = None, device: Any = None,
+                       remove_batch_dim: bool = False, incl_bwd: bool = False, reset_hooks_end: bool = True,
+                       clear_contexts: bool = False, detach: bool = True, return_cache_object: bool = True,
+                       **model_kwargs: Any) -> tuple[Any, Any]:
+        """Run forward and store the activations of the selected sites.
+
+        ``names_filter``: a name, a list of names (globs allowed), or a predicate on names.
+        ``incl_bwd``: also call ``backward()`` on the output (a scalar, e.g.
+        ``return_type="loss"``) and store each site's gradient as ``name + "_grad"``.
+        ``detach=False`` keeps the autograd graph of cached activations.
+        """
+        names = self.cache_names(names_filter)
+        store: dict[str, torch.Tensor] = {}
+
+        def saver(key: str) -> HookFn:
+            def save(act: torch.Tensor, hook: HookPoint) -> None:
+                t = act.detach() if detach or key.endswith("_grad") else act
+                if remove_batch_dim:
+                    t = t[0]
+                store[key] = t if device is None else t.to(device)
+            return save
+
+        fwd = [(n, saver(n)) for n in names]
+        bwd = [(n, saver(n + "_grad")) for n in names] if incl_bwd else []
+        with self.hooks(fwd, bwd, reset_hooks_end, clear_contexts):
+            out = self(*model_args, **model_kwargs)
+            if incl_bwd:
+                if not (isinstance(out, torch.Tensor) and out.numel() == 1):
+                    raise ValueError("incl_bwd=True needs a scalar output to call backward() on: "
+                                     "pass return_type='loss', or hook the gradients with bwd_hooks")
+                out.backward()
+        if not return_cache_object:
+            return out, store
+        from .cache import ActivationCache
+
+        return out, ActivationCache(store, self, has_batch_dim=not remove_batch_dim)

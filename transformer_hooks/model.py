@@ -1,0 +1,381 @@
+"""HookedTransformer: embeddings -> blocks -> final norm -> unembedding, with a hook
+point on every site (see hooks.py and DESIGN.md for the names) and TransformerLens's
+API for running, caching and tokenizing.
+
+Architecture lives in the components and ModelConfig; this file only wires them up,
+turns user input into tokens, positions and a mask, and exposes weights stacked over
+layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import nn
+
+from .components import AttentionMask, Embed, KVCache, PosEmbed, Rotary, Unembed, make_block, make_norm
+from .config import ModelConfig
+from .hooks import HookedRootModule, HookPoint
+
+TextInput = Union[str, Sequence[str]]
+ModelInput = Union[TextInput, Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "pos"]]
+ReturnType = Literal["logits", "loss", "both", None]
+
+
+class HookedTransformer(HookedRootModule):
+    def __init__(self, cfg: ModelConfig, tokenizer: Any = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.embed = Embed(cfg)
+        self.hook_embed = HookPoint()
+        if cfg.positional_embedding == "learned":
+            self.pos_embed = PosEmbed(cfg)
+            self.hook_pos_embed = HookPoint()
+        else:
+            self.rotary = Rotary(cfg)
+        self.blocks = nn.ModuleList(make_block(cfg, layer) for layer in range(cfg.n_layers))
+        self.ln_final = make_norm(cfg)
+        self.unembed = Unembed(cfg)
+        self.setup_hooks()
+
+    # Loading (see loading.py) -----------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, *, fold_ln: bool = True, center_writing_weights: bool = True,
+                        center_unembed: bool = True, fold_value_biases: bool = True, device: Any = None,
+                        dtype: torch.dtype | str = torch.float32, **kwargs: Any) -> "HookedTransformer":
+        """Load a preset name, HF repo id, local HF directory, converted checkpoint or .gguf
+        file, with TransformerLens's default weight processing (see processing.py)."""
+        from .loading import load_model
+
+        return load_model(name_or_path, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                          center_unembed=center_unembed, fold_value_biases=fold_value_biases,
+                          device=device, dtype=dtype, **kwargs)
+
+    @classmethod
+    def from_pretrained_no_processing(cls, name_or_path: str, **kwargs: Any) -> "HookedTransformer":
+        """Load with weights exactly as the checkpoint has them (no folding or centring)."""
+        flags = dict(fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False)
+        return cls.from_pretrained(name_or_path, **{**flags, **kwargs})
+
+    def tie_embeddings(self) -> None:
+        """Make ``W_U`` a view of ``W_E`` (one copy in memory), as a tied checkpoint is."""
+        self.unembed.W_U = nn.Parameter(self.embed.W_E.T, requires_grad=self.embed.W_E.requires_grad)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.W_E.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.W_E.dtype
+
+    # Forward --------------------------------------------------------------------------
+    def forward(self, input: ModelInput | Float[torch.Tensor, "batch pos d_model"], return_type: ReturnType = "logits",
+                loss_per_token: bool = False, prepend_bos: bool | None = None,
+                padding_side: Literal["left", "right"] | None = None,
+                attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
+                start_at_layer: int | None = None, stop_at_layer: int | None = None,
+                tokens: Int[torch.Tensor, "batch pos"] | None = None,
+                past_kv_cache: KVCache | None = None) -> Any:
+        """Run the model.
+
+        ``input``: a string, a list of strings (padded; the mask comes with them), or tokens
+        [batch, pos] / [pos]. With ``start_at_layer``, ``input`` is the residual stream
+        [batch, pos, d_model] entering that block (pass ``tokens`` for a loss).
+        ``attention_mask``: 1 for real tokens, 0 for padding (either side); positions count
+        real tokens only, so a padded row gives the logits it gives alone.
+        ``stop_at_layer``: return the residual stream entering that block (before it runs).
+        ``return_type``: "logits", "loss" (mean next-token cross-entropy), "both" or None.
+        """
+        if return_type not in ("logits", "loss", "both", None):
+            raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
+        n = self.cfg.n_layers
+        start = self._layer_index(start_at_layer, "start_at_layer") if start_at_layer is not None else 0
+        stop = self._layer_index(stop_at_layer, "stop_at_layer", allow_end=True) if stop_at_layer is not None else n
+
+        if start_at_layer is None:
+            tokens, attention_mask = self.tokens_and_mask(input, prepend_bos, padding_side, attention_mask)
+            batch, q_len = tokens.shape
+        else:
+            resid = input
+            if not isinstance(resid, torch.Tensor) or resid.ndim != 3 or resid.shape[-1] != self.cfg.d_model:
+                shape = tuple(resid.shape) if isinstance(resid, torch.Tensor) else type(resid).__name__
+                raise ValueError(f"with start_at_layer, input is the residual stream [batch, pos, d_model="
+                                 f"{self.cfg.d_model}], got {shape}")
+            batch, q_len = resid.shape[:2]
+            if attention_mask is not None:
+                attention_mask = attention_mask.to(resid.device)
+
+        positions, mask = self._positions_and_mask(batch, q_len, attention_mask, past_kv_cache,
+                                                   device=self.device)
+        if start_at_layer is None:
+            resid = self.hook_embed(self.embed(tokens))
+            if self.cfg.positional_embedding == "learned":
+                resid = resid + self.hook_pos_embed(self.pos_embed(positions))
+        cos_sin = self.rotary(positions, resid.dtype) if self.cfg.positional_embedding == "rotary" else None
+
+        for layer in range(start, stop):
+            kv = past_kv_cache[layer] if past_kv_cache is not None else None
+            resid = self.blocks[layer](resid, mask, cos_sin, kv)
+        if past_kv_cache is not None:
+            self._advance(past_kv_cache, q_len, attention_mask)
+        if stop < n:
+            return resid
+
+        logits = self.unembed(self.ln_final(resid))
+        if return_type == "logits":
+            return logits
+        if return_type is None:
+            return None
+        if tokens is None:
+            raise ValueError("a loss needs the tokens: pass tokens=... together with start_at_layer")
+        loss = lm_cross_entropy_loss(logits, tokens, attention_mask, per_token=loss_per_token)
+        return loss if return_type == "loss" else (logits, loss)
+
+    def _layer_index(self, layer: int, what: str, allow_end: bool = False) -> int:
+        n = self.cfg.n_layers
+        hi = n if allow_end else n - 1
+        idx = layer + n if layer < 0 else layer
+        if not 0 <= idx <= hi:
+            raise ValueError(f"{what}={layer} is out of range for a model with {n} layers "
+                             f"(valid: {-n}..{hi})")
+        return idx
+
+    def _positions_and_mask(self, batch: int, q_len: int, attention_mask: torch.Tensor | None,
+                            cache: KVCache | None, device: torch.device) -> tuple[torch.Tensor, AttentionMask]:
+        past = cache.length if cache is not None else 0
+        if attention_mask is None:
+            positions = torch.arange(past, past + q_len, device=device).expand(batch, q_len)
+            if cache is not None and cache.next_position is not None:
+                positions = cache.next_position[:, None] + torch.arange(q_len, device=device)
+        else:
+            # Count real tokens only: a left-padded row starts at position 0 like an unpadded one.
+            positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            if cache is not None and cache.next_position is not None:
+                positions = positions + cache.next_position[:, None]
+        if self.cfg.positional_embedding == "learned" and int(positions.max()) >= self.cfg.n_ctx:
+            raise ValueError(f"sequence of {int(positions.max()) + 1} positions is longer than this model's context "
+                             f"(n_ctx={self.cfg.n_ctx}, learned positions); truncate the input to {self.cfg.n_ctx} tokens")
+
+        key_is_real = None
+        if cache is not None:
+            if attention_mask is not None:
+                cache.key_is_real[:, past:past + q_len] = attention_mask.bool()
+                cache.has_padding = cache.has_padding or not bool(attention_mask.all())
+            if cache.has_padding:
+                key_is_real = cache.key_is_real[:, :past + q_len]
+        elif attention_mask is not None and not bool(attention_mask.all()):
+            key_is_real = attention_mask.bool()
+        return positions, AttentionMask(q_len, past + q_len, key_is_real, device)
+
+    @staticmethod
+    def _advance(cache: KVCache, q_len: int, attention_mask: torch.Tensor | None) -> None:
+        real = attention_mask.sum(-1) if attention_mask is not None else q_len
+        start = cache.next_position if cache.next_position is not None else torch.zeros(
+            cache.layers[0].k.shape[0], dtype=torch.long, device=cache.key_is_real.device)
+        cache.next_position = start + real
+        cache.length += q_len
+
+    # Tokens ---------------------------------------------------------------------------
+    def _require_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass token ids, or set model.tokenizer")
+        return self.tokenizer
+
+    def _pad_id(self) -> int:
+        tok = self.tokenizer
+        for candidate in (getattr(tok, "pad_token_id", None), self.cfg.pad_token_id,
+                          getattr(tok, "eos_token_id", None), self.cfg.eos_token_id):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+    def _bos_id(self) -> int:
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        bos = self.cfg.bos_token_id if bos is None else bos
+        if bos is None:
+            raise ValueError("this tokenizer has no BOS token; pass prepend_bos=False")
+        return int(bos)
+
+    def tokens_and_mask(self, input: ModelInput, prepend_bos: bool | None = None,
+                        padding_side: Literal["left", "right"] | None = None,
+                        attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tokens [batch, pos] on the model's device, checked, and the padding mask (or None)."""
+        if isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str)):
+            tokens, mask = self._tokenize(input, prepend_bos, padding_side)
+            return tokens, (mask if attention_mask is None else attention_mask.to(self.device))
+        tokens = self._check_tokens(input)
+        if attention_mask is not None:
+            attention_mask = torch.as_tensor(attention_mask, device=self.device)
+            if attention_mask.ndim == 1:
+                attention_mask = attention_mask[None]
+            if attention_mask.shape != tokens.shape:
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, tokens "
+                                 f"{tuple(tokens.shape)}; they must match")
+        return tokens, attention_mask
+
+    def _check_tokens(self, tokens: Any) -> torch.Tensor:
+        if isinstance(tokens, (list, tuple)):
+            if not tokens:
+                raise ValueError("empty input: pass at least one token or a non-empty string")
+            tokens = torch.tensor(tokens)
+        if not isinstance(tokens, torch.Tensor):
+            raise TypeError(f"input must be a string, a list of strings or a token tensor, got {type(tokens).__name__}")
+        if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+            raise ValueError(f"tokens must be integer ids (torch.long), got dtype {tokens.dtype}; "
+                             f"use model.to_tokens(text) or tokens.long() if they are whole numbers")
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, pos] or [pos], got shape {tuple(tokens.shape)}")
+        if tokens.numel() == 0:
+            raise ValueError(f"empty input (tokens of shape {tuple(tokens.shape)}): pass at least one token")
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= self.cfg.d_vocab:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.cfg.d_vocab}); "
+                             f"were these tokens made by another model's tokenizer?")
+        return tokens.to(self.device, torch.long)
+
+    def _tokenize(self, input: TextInput, prepend_bos: bool | None, padding_side: str | None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        tok = self._require_tokenizer()
+        texts = [input] if isinstance(input, str) else list(input)
+        prepend_bos = self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
+        ids = tok(texts, add_special_tokens=False)["input_ids"]
+        if prepend_bos:
+            bos = self._bos_id()
+            ids = [[bos] + row for row in ids]
+        if any(len(row) == 0 for row in ids):
+            raise ValueError("empty prompt: a string with no tokens (and prepend_bos=False) cannot be run")
+        width = max(len(row) for row in ids)
+        side = padding_side or getattr(tok, "padding_side", "right") or "right"
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+        pad = self._pad_id()
+        tokens = torch.full((len(ids), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, row in enumerate(ids):
+            cols = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+            tokens[i, cols] = torch.tensor(row)
+            mask[i, cols] = 1
+        mask = None if bool(mask.all()) else mask.to(self.device)
+        return tokens.to(self.device), mask
+
+    def to_tokens(self, input: TextInput, prepend_bos: bool | None = None,
+                  padding_side: Literal["left", "right"] | None = None, move_to_device: bool = True,
+                  truncate: bool = True) -> Int[torch.Tensor, "batch pos"]:
+        """Token ids [batch, pos]; a list of strings is padded (see ``to_tokens_and_mask``)."""
+        tokens, _ = self._tokenize(input, prepend_bos, padding_side)
+        if truncate and self.cfg.positional_embedding == "learned":
+            tokens = tokens[:, : self.cfg.n_ctx]
+        return tokens if move_to_device else tokens.cpu()
+
+    def to_tokens_and_mask(self, input: TextInput, prepend_bos: bool | None = None,
+                           padding_side: Literal["left", "right"] | None = None):
+        """(tokens, attention_mask) for a padded batch; the mask is all ones without padding."""
+        tokens, mask = self._tokenize(input, prepend_bos, padding_side)
+        return tokens, torch.ones_like(tokens) if mask is None else mask
+
+    def to_string(self, tokens: Int[torch.Tensor, "... pos"] | int | Sequence[int]) -> str | list[str]:
+        tok = self._require_tokenizer()
+        tokens = torch.as_tensor(tokens)
+        if tokens.ndim <= 1:
+            return tok.decode(tokens.reshape(-1).tolist())
+        return [tok.decode(row.tolist()) for row in tokens]
+
+    def to_str_tokens(self, input: str | torch.Tensor | Sequence[int], prepend_bos: bool | None = None,
+                      padding_side: Literal["left", "right"] | None = None) -> list[str] | list[list[str]]:
+        tok = self._require_tokenizer()
+        if isinstance(input, (list, tuple)) and input and isinstance(input[0], str):
+            return [self.to_str_tokens(s, prepend_bos, padding_side) for s in input]
+        tokens = self.to_tokens(input, prepend_bos, padding_side) if isinstance(input, str) else torch.as_tensor(input)
+        if tokens.ndim == 2:
+            if tokens.shape[0] != 1:
+                return [self.to_str_tokens(row) for row in tokens]
+            tokens = tokens[0]
+        return [tok.decode([t]) for t in tokens.reshape(-1).tolist()]
+
+    def to_single_token(self, string: str) -> int:
+        tokens = self.to_tokens(string, prepend_bos=False)[0]
+        if tokens.numel() != 1:
+            raise ValueError(f"{string!r} is not a single token: it tokenizes as "
+                             f"{self.to_str_tokens(tokens)} ({tokens.numel()} tokens)")
+        return int(tokens[0])
+
+    def get_token_position(self, single_token: str | int, input: str | torch.Tensor,
+                           mode: Literal["first", "last"] = "first", prepend_bos: bool | None = None,
+                           padding_side: Literal["left", "right"] | None = None) -> int:
+        tokens = self.to_tokens(input, prepend_bos, padding_side) if isinstance(input, str) else torch.as_tensor(input)
+        if tokens.ndim == 2:
+            if tokens.shape[0] != 1:
+                raise ValueError(f"get_token_position takes one sequence, got a batch of {tokens.shape[0]}")
+            tokens = tokens[0]
+        token = self.to_single_token(single_token) if isinstance(single_token, str) else int(single_token)
+        hits = (tokens == token).nonzero().flatten().tolist()
+        if not hits:
+            raise ValueError(f"token {single_token!r} ({token}) does not occur in the input")
+        return hits[0] if mode == "first" else hits[-1]
+
+    # Weights stacked over layers -------------------------------------------------------
+    def _stack(self, path: str) -> torch.Tensor:
+        def get(block: nn.Module) -> torch.Tensor:
+            obj: Any = block
+            for part in path.split("."):
+                obj = getattr(obj, part)
+            return obj
+
+        return torch.stack([get(block) for block in self.blocks])
+
+    @property
+    def W_E(self) -> Float[torch.Tensor, "d_vocab d_model"]:
+        return self.embed.W_E
+
+    @property
+    def W_pos(self) -> Float[torch.Tensor, "n_ctx d_model"]:
+        return self.pos_embed.W_pos
+
+    @property
+    def W_U(self) -> Float[torch.Tensor, "d_model d_vocab"]:
+        return self.unembed.W_U
+
+    @property
+    def b_U(self) -> Float[torch.Tensor, "d_vocab"]:
+        return self.unembed.b_U
+
+    W_Q = property(lambda self: self._stack("attn.W_Q"), doc="[n_layers, head, d_model, d_head]")
+    W_K = property(lambda self: self._stack("attn.W_K"), doc="[n_layers, kv_head, d_model, d_head]")
+    W_V = property(lambda self: self._stack("attn.W_V"), doc="[n_layers, kv_head, d_model, d_head]")
+    W_O = property(lambda self: self._stack("attn.W_O"), doc="[n_layers, head, d_head, d_model]")
+    b_Q = property(lambda self: self._stack("attn.b_Q"), doc="[n_layers, head, d_head]")
+    b_K = property(lambda self: self._stack("attn.b_K"), doc="[n_layers, kv_head, d_head]")
+    b_V = property(lambda self: self._stack("attn.b_V"), doc="[n_layers, kv_head, d_head]")
+    b_O = property(lambda self: self._stack("attn.b_O"), doc="[n_layers, d_model]")
+    W_in = property(lambda self: self._stack("mlp.W_in"), doc="[n_layers, d_model, d_mlp]")
+    W_gate = property(lambda self: self._stack("mlp.W_gate"), doc="[n_layers, d_model, d_mlp] (gated MLPs)")
+    W_out = property(lambda self: self._stack("mlp.W_out"), doc="[n_layers, d_mlp, d_model]")
+    b_in = property(lambda self: self._stack("mlp.b_in"), doc="[n_layers, d_mlp]")
+    b_out = property(lambda self: self._stack("mlp.b_out"), doc="[n_layers, d_model]")
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """Sample a continuation with a preallocated KV cache; see generate.generate."""
+        from .generate import generate
+
+        return generate(self, *args, **kwargs)
+
+
+def lm_cross_entropy_loss(logits: Float[torch.Tensor, "batch pos d_vocab"], tokens: Int[torch.Tensor, "batch pos"],
+                          attention_mask: torch.Tensor | None = None, per_token: bool = False) -> torch.Tensor:
+    """Next-token cross-entropy; with a mask, only predictions of real tokens from real tokens count."""
+    log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -log_probs.gather(-1, tokens[:, 1:, None])[..., 0]  # [batch, pos-1]
+    if per_token:
+        return nll
+    if attention_mask is None:
+        return nll.mean()
+    valid = (attention_mask[:, 1:] * attention_mask[:, :-1]).to(nll.dtype)
+    return (nll * valid).sum() / valid.sum()

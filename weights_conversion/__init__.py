@@ -1,0 +1,61 @@
+"""Hugging Face checkpoints -> ``ModelConfig`` and canonical tensors, one module per family.
+
+Each family module has:
+
+- ``MODEL_TYPES``: the HF ``model_type`` values it reads;
+- ``config_from_hf(hf: dict) -> ModelConfig``: every config field that changes the math;
+- ``convert_embeddings(cfg, get)``, ``convert_block(cfg, get, layer)``,
+  ``convert_final(cfg, get)``: canonical tensors (TransformerLens shapes, see
+  shared DESIGN.md) from ``get(hf_name) -> Tensor``, one group at a time, so a
+  loader can stream a checkpoint at about one copy of memory.
+
+Architecture quirks live here and in a few ModelConfig fields, nowhere else.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Callable, Iterator
+
+import torch
+
+from . import gpt2, gpt_neo, gpt_neox, llama
+
+FAMILIES: tuple[ModuleType, ...] = (gpt2, gpt_neo, gpt_neox, llama)
+GetTensor = Callable[[str], torch.Tensor]
+
+
+class UnsupportedArchitectureError(ValueError):
+    pass
+
+
+def supported_model_types() -> list[str]:
+    return [t for family in FAMILIES for t in family.MODEL_TYPES]
+
+
+def family_for(hf_config: dict) -> ModuleType:
+    model_type = hf_config.get("model_type")
+    for family in FAMILIES:
+        if model_type in family.MODEL_TYPES:
+            return family
+    arch = ", ".join(hf_config.get("architectures") or []) or "?"
+    raise UnsupportedArchitectureError(
+        f"unsupported architecture: model_type={model_type!r} (architectures: {arch}). "
+        f"transformer_hooks implements {', '.join(supported_model_types())}."
+    )
+
+
+def config_from_hf(hf_config: dict):
+    return family_for(hf_config).config_from_hf(hf_config)
+
+
+def convert_groups(cfg, get: GetTensor, family: ModuleType) -> Iterator[tuple[str, Callable[[], dict]]]:
+    """(prefix, thunk) per group: embeddings, each block, final norm + unembed.
+
+    A thunk returns ``{name relative to prefix: tensor}``; calling them one at a time keeps
+    one group's tensors alive at once.
+    """
+    yield "", lambda: family.convert_embeddings(cfg, get)
+    for layer in range(cfg.n_layers):
+        yield f"blocks.{layer}.", (lambda layer=layer: family.convert_block(cfg, get, layer))
+    yield "", lambda: family.convert_final(cfg, get)

@@ -1,0 +1,50 @@
+"""Small reshapes shared by the family converters (HF layouts -> canonical shapes)."""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+
+
+def heads_from_linear(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """nn.Linear weight [head*d_head, d_model] -> [head, d_model, d_head] (a view)."""
+    return rearrange(weight, "(head d_head) d_model -> head d_model d_head", head=n_heads)
+
+
+def heads_from_bias(bias: torch.Tensor | None, n_heads: int, d_head: int) -> torch.Tensor:
+    return torch.zeros(n_heads, d_head) if bias is None else bias.reshape(n_heads, d_head)
+
+
+def out_from_linear(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """nn.Linear weight [d_model, head*d_head] -> W_O [head, d_head, d_model] (a view)."""
+    return rearrange(weight, "d_model (head d_head) -> head d_head d_model", head=n_heads)
+
+
+def rope_parameters(hf: dict) -> dict:
+    """Rotary settings from either key format: transformers 5's ``rope_parameters``, or the
+    older top-level ``rope_theta`` / ``rope_scaling`` that most hub checkpoints carry."""
+    params = dict(hf.get("rope_parameters") or {})
+    old_scaling = hf.get("rope_scaling") or {}
+    for key, value in old_scaling.items():
+        params.setdefault(key, value)
+    if "type" in params and "rope_type" not in params:
+        params["rope_type"] = params.pop("type")
+    if "rope_theta" in hf and "rope_theta" not in params:
+        params["rope_theta"] = hf["rope_theta"]
+    return params
+
+
+def rope_scaling(params: dict):
+    from transformer_hooks.config import RopeScaling
+
+    kind = params.get("rope_type", "default")
+    if kind == "default":
+        return None
+    if kind == "linear":
+        return RopeScaling("linear", float(params["factor"]))
+    if kind == "llama3":
+        return RopeScaling(
+            "llama3", float(params["factor"]), float(params.get("low_freq_factor", 1.0)),
+            float(params.get("high_freq_factor", 4.0)), int(params.get("original_max_position_embeddings", 8192)),
+        )
+    raise ValueError(f"unsupported rope scaling {kind!r}; transformer_hooks implements default, linear and llama3")

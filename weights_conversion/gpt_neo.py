@@ -1,0 +1,63 @@
+"""GPT-Neo: GPT-2's layout with ``nn.Linear`` weights and separate q/k/v (no q/k/v bias).
+
+Quirks: attention scores are *not* scaled by 1/sqrt(d_head) (``attn_scale=1``), and
+layers alternate global and local attention; a local layer lets a query see only the
+``window_size`` most recent positions (itself included).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from transformer_hooks.config import ModelConfig
+
+from .common import heads_from_bias, heads_from_linear, out_from_linear
+
+MODEL_TYPES = ("gpt_neo",)
+
+
+def attention_layers(hf: dict) -> list[str]:
+    if hf.get("attention_layers"):
+        return list(hf["attention_layers"])
+    return [kind for kinds, repeat in hf["attention_types"] for _ in range(repeat) for kind in kinds]
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    d_model, n_heads = hf["hidden_size"], hf["num_heads"]
+    window = hf.get("window_size", 256)
+    return ModelConfig(
+        d_model=d_model, n_layers=hf["num_layers"], n_heads=n_heads, d_head=d_model // n_heads,
+        d_mlp=hf.get("intermediate_size") or 4 * d_model, d_vocab=hf["vocab_size"],
+        n_ctx=hf["max_position_embeddings"], act_fn=hf.get("activation_function", "gelu_new"),
+        normalization_type="LN", eps=hf.get("layer_norm_epsilon", 1e-5), positional_embedding="learned",
+        attn_scale=1.0, attn_windows=tuple(window if kind == "local" else None for kind in attention_layers(hf)),
+        tie_word_embeddings=hf.get("tie_word_embeddings", True), original_architecture="GPTNeoForCausalLM",
+        bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"), pad_token_id=hf.get("pad_token_id"),
+    )
+
+
+def convert_embeddings(cfg: ModelConfig, get) -> dict[str, torch.Tensor]:
+    return {"embed.W_E": get("transformer.wte.weight"), "pos_embed.W_pos": get("transformer.wpe.weight")}
+
+
+def convert_block(cfg: ModelConfig, get, layer: int) -> dict[str, torch.Tensor]:
+    p, h, dh = f"transformer.h.{layer}.", cfg.n_heads, cfg.d_head
+    a = p + "attn.attention."
+    return {
+        "ln1.w": get(p + "ln_1.weight"), "ln1.b": get(p + "ln_1.bias"),
+        "attn.W_Q": heads_from_linear(get(a + "q_proj.weight"), h),
+        "attn.W_K": heads_from_linear(get(a + "k_proj.weight"), h),
+        "attn.W_V": heads_from_linear(get(a + "v_proj.weight"), h),
+        "attn.b_Q": heads_from_bias(None, h, dh), "attn.b_K": heads_from_bias(None, h, dh),
+        "attn.b_V": heads_from_bias(None, h, dh),
+        "attn.W_O": out_from_linear(get(a + "out_proj.weight"), h), "attn.b_O": get(a + "out_proj.bias"),
+        "ln2.w": get(p + "ln_2.weight"), "ln2.b": get(p + "ln_2.bias"),
+        "mlp.W_in": get(p + "mlp.c_fc.weight").T, "mlp.b_in": get(p + "mlp.c_fc.bias"),
+        "mlp.W_out": get(p + "mlp.c_proj.weight").T, "mlp.b_out": get(p + "mlp.c_proj.bias"),
+    }
+
+
+def convert_final(cfg: ModelConfig, get) -> dict[str, torch.Tensor]:
+    W_U = get("transformer.wte.weight" if cfg.tie_word_embeddings else "lm_head.weight").T
+    return {"ln_final.w": get("transformer.ln_f.weight"), "ln_final.b": get("transformer.ln_f.bias"),
+            "unembed.W_U": W_U, "unembed.b_U": torch.zeros(cfg.d_vocab)}
