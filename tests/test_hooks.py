@@ -155,6 +155,19 @@ def test_backward_hooks_give_the_gradient_of_a_site(hf_checkpoint, name):
     assert not any(hp.observed for hp in model.hook_points())
 
 
+def test_run_with_hooks_keeps_backward_hooks_until_reset(hf_checkpoint):
+    model = load(hf_checkpoint, "gpt2")
+    seen = []
+    with pytest.raises(ValueError, match="reset_hooks_end=False"):
+        model.run_with_hooks(tokens(), return_type="loss", bwd_hooks=[("hook_embed", lambda g, hook: seen.append(g))])
+    loss = model.run_with_hooks(tokens(), return_type="loss", reset_hooks_end=False,
+                                bwd_hooks=[("hook_embed", lambda g, hook: seen.append(g))])
+    loss.backward()
+    model.reset_hooks()
+    assert len(seen) == 1 and seen[0].shape == (B, P, model.cfg.d_model)
+    assert not any(hp.observed for hp in model.hook_points())
+
+
 def test_run_with_cache_incl_bwd_stores_gradients(hf_checkpoint):
     model = load(hf_checkpoint, "gpt2")
     _, cache = model.run_with_cache(tokens(), names_filter="blocks.1.hook_resid_pre", incl_bwd=True,

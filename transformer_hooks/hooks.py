@@ -237,9 +237,10 @@ class HookedRootModule(nn.Module):
                        bwd_hooks: Sequence[tuple[Any, HookFn]] = (), reset_hooks_end: bool = True,
                        clear_contexts: bool = False, **model_kwargs: Any) -> Any:
         """One forward with temporary hooks (TransformerLens signature)."""
-        if bwd_hooks and not reset_hooks_end:
-            raise ValueError("bwd_hooks fire during backward(), after this call returns: pass reset_hooks_end=False "
-                             "only with fwd_hooks, or use the model.hooks(...) context around forward and backward")
+        if bwd_hooks and reset_hooks_end:
+            raise ValueError("bwd_hooks fire during backward(), after run_with_hooks returns and has removed them: "
+                             "pass reset_hooks_end=False and call model.reset_hooks() after backward(), or put "
+                             "forward and backward inside `with model.hooks(bwd_hooks=...)`")
         with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts):
             return self(*model_args, **model_kwargs)
 
