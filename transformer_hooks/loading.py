@@ -2,22 +2,27 @@
 
     name/path --resolution.py--> Checkpoint (HF dir, converted dir, or .gguf)
     config    --weights_conversion/<family>.py--> ModelConfig
-    tensors   --> one group at a time (embeddings, each block, final): read (memory-mapped
-                  safetensors), convert to canonical shapes, process in float32
-                  (processing.py), cast, and copy into the model's parameters
+    tensors   --> one group at a time (embeddings, final norm + unembedding, then each
+                  block): read into a fresh buffer, convert to canonical shapes, process
+                  in float32 (processing.py), cast, and become the model's parameters
 
-so memory peaks near one copy of the weights plus one block's temporaries. A failure
-at any point (missing, corrupt or mis-shaped tensors) raises before a model is returned.
+so memory peaks near one copy of the weights plus one group's temporaries. The large
+groups (embeddings, unembedding) go first, while the model is still empty, so their
+temporaries never stack on top of a full model. A failure at any point (missing,
+corrupt or mis-shaped tensors) raises before a model is returned.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import re
+import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -32,9 +37,13 @@ from .resolution import Checkpoint, resolve_checkpoint
 
 CONVERTED_CONFIG = "transformer_hooks_config.json"
 CONVERTED_WEIGHTS = "model.safetensors"
+CONVERTED_FORMAT_VERSION = 1
 # Buffers some HF checkpoints store that are not weights (causal masks, rotary tables).
 IGNORED_HF_TENSORS = re.compile(r"(\.attn\.bias|\.attn\.masked_bias|\.attention\.bias|\.attention\.masked_bias|"
                                 r"rotary_emb\.inv_freq)$")
+
+# (label for messages, name prefix, thunk returning {name relative to prefix: tensor})
+Group = tuple[str, str, Callable[[], dict[str, torch.Tensor]]]
 
 
 class MissingWeightsError(KeyError):
@@ -63,38 +72,96 @@ class TensorSource:
         return set(self._readers)
 
     def __call__(self, name: str) -> torch.Tensor:
-        reader = self._readers.get(name)
-        if reader is None:
+        key = name
+        if key not in self._readers:
             # Old hub checkpoints drop the base-model prefix ("h.0..." instead of "transformer.h.0...").
-            short = name.split(".", 1)[1] if "." in name else name
-            reader, name = self._readers.get(short), short
-        if reader is None:
+            key = name.split(".", 1)[1] if "." in name else name
+        if key not in self._readers:
             raise KeyError(name)
-        self.used.add(name)
-        return reader()
+        self.used.add(key)
+        return self._readers[key]()
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class SafetensorsFile:
+    """One ``.safetensors`` file: the header is read and checked against the file size
+    up front; each tensor is then read into a fresh buffer of its own.
+
+    Why not ``safetensors.safe_open``: it memory-maps the file, and every page a tensor
+    was read from stays in this process's resident set while the handle lives, so a
+    streaming load would peak at the file *plus* the model. A plain read goes through
+    the kernel's page cache (not our RSS), and the buffer it fills can become the
+    parameter itself. The format is an 8-byte little-endian header length, a JSON header
+    ``{name: {"dtype", "shape", "data_offsets": [begin, end]}}``, then the data.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.entries: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
+        try:
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                n = int.from_bytes(f.read(8), "little")
+                if size < 8 or n > size - 8:
+                    self._corrupt(f"its header claims {n} bytes but the file has only {size}")
+                header = json.loads(f.read(n))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            self._corrupt(str(e))
+        if not isinstance(header, dict):
+            self._corrupt("its header is not a JSON object")
+        header.pop("__metadata__", None)
+        self.data_start = 8 + n
+        for name, entry in header.items():
+            self.entries[name] = self._check_entry(name, entry, size - self.data_start)
+
+    def _check_entry(self, name: str, entry: Any, data_size: int) -> tuple[torch.dtype, list[int], int, int]:
+        try:
+            dtype, shape, (begin, end) = _SAFETENSORS_DTYPES[entry["dtype"]], list(entry["shape"]), entry["data_offsets"]
+            numel = int(torch.Size(shape).numel())
+        except (KeyError, TypeError, ValueError):
+            self._corrupt(f"its header entry for {name!r} is malformed: {entry!r}")
+        if end - begin != numel * dtype.itemsize or begin < 0:
+            self._corrupt(f"tensor {name!r} of shape {shape} ({entry['dtype']}) has {end - begin} bytes of data")
+        if end > data_size:
+            self._corrupt(f"tensor {name!r} ends at byte {end} of the data but the file holds only {data_size}")
+        return dtype, shape, begin, end
+
+    def _corrupt(self, why: str):
+        raise CorruptCheckpointError(f"cannot read {self.path}: {why}. The file is truncated or corrupt; "
+                                     f"download or convert it again.")
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def read(self, name: str) -> torch.Tensor:
+        dtype, shape, begin, end = self.entries[name]
+        buffer = torch.empty(end - begin, dtype=torch.uint8)
+        view, done = memoryview(buffer.numpy()), 0
+        try:
+            with open(self.path, "rb", buffering=0) as f:
+                f.seek(self.data_start + begin)
+                while done < len(view):  # a read may return less than asked (over 2 GB on Linux)
+                    got = f.readinto(view[done:])
+                    if not got:
+                        self._corrupt(f"tensor {name!r} is cut short (the file shrank while loading?)")
+                    done += got
+        except OSError as e:
+            self._corrupt(f"reading tensor {name!r} failed: {e}")
+        return buffer.view(dtype).reshape(shape)
 
 
 def _safetensors_source(files: tuple[Path, ...]) -> TensorSource:
-    from safetensors import SafetensorError, safe_open
-
     readers: dict[str, Callable[[], torch.Tensor]] = {}
     for file in files:
-        try:
-            handle = safe_open(str(file), framework="pt")  # memory-mapped; reads a tensor when asked
-            keys = list(handle.keys())
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CorruptCheckpointError(f"cannot read {file}: {e}. The file is truncated or corrupt; "
-                                         f"download or convert it again.") from e
-
-        def reader(name: str, handle=handle, file=file) -> torch.Tensor:
-            try:
-                return handle.get_tensor(name)
-            except Exception as e:  # safetensors raises its own error types
-                raise CorruptCheckpointError(f"cannot read tensor {name!r} from {file}: {e}. The file is "
-                                             f"truncated or corrupt; download or convert it again.") from e
-
-        for key in keys:
-            readers[key] = lambda key=key, reader=reader: reader(key)
+        handle = SafetensorsFile(file)
+        for key in handle.keys():
+            readers.setdefault(key, lambda key=key, handle=handle: handle.read(key))
     return TensorSource(readers, ", ".join(str(f) for f in files))
 
 
@@ -104,8 +171,11 @@ def _torch_bin_source(files: tuple[Path, ...]) -> TensorSource:
         try:  # weights_only: no pickled code runs
             tensors.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
         except Exception as e:
-            raise CorruptCheckpointError(f"cannot read {file}: {e}") from e
-    return TensorSource({k: (lambda t=t: t) for k, t in tensors.items()}, ", ".join(map(str, files)))
+            raise CorruptCheckpointError(f"cannot read {file}: {e}. Only plain tensors are loaded from .bin "
+                                         f"files (weights_only=True); prefer safetensors.") from e
+    # A clone per tensor: parameters must not alias the memory-mapped file (the loader may
+    # adopt a tensor as a parameter without copying it).
+    return TensorSource({k: (lambda t=t: t.clone()) for k, t in tensors.items()}, ", ".join(map(str, files)))
 
 
 def tensor_source(ckpt: Checkpoint) -> TensorSource:
@@ -130,33 +200,33 @@ def build_on_meta(cfg: ModelConfig, tokenizer: Any = None) -> HookedTransformer:
         return HookedTransformer(cfg, tokenizer)
 
 
-def materialize(model: HookedTransformer, groups: Iterator[tuple[str, Callable[[], dict]]], *,
-                device: Any, dtype: torch.dtype, process: Callable[[str, dict], dict] | None = None,
-                n_groups: int | None = None, desc: str = "loading", skip: frozenset[str] = frozenset()) -> None:
-    """Fill a meta-built model group by group. Lists every missing tensor before failing.
+def materialize(model: HookedTransformer, groups: Iterable[Group], *, device: Any, dtype: torch.dtype,
+                process: Callable[[dict], dict] | None = None, n_groups: int | None = None,
+                desc: str = "loading", skip: frozenset[str] = frozenset()) -> None:
+    """Fill a meta-built model group by group; lists every missing tensor before failing.
 
+    ``process`` takes and returns ``{full name: float32 tensor}`` for one group.
     ``skip``: parameters filled otherwise (a tied ``unembed.W_U`` becomes a view of ``W_E``).
     """
     missing: list[str] = []
     expected = {name for name, _ in model.named_parameters()} - skip
     filled: set[str] = set()
+    adopted: set[int] = set()
     start = time.monotonic()
     bar = tqdm(total=n_groups, desc=desc, unit="group", delay=1.0, leave=False)
     try:
-        for prefix, thunk in groups:
-            try:
-                group = {prefix + k: v for k, v in thunk().items()}
-            except KeyError as e:
-                missing.append(str(e.args[0]))
+        for label, prefix, thunk in groups:
+            group = _read_group(label, prefix, thunk, missing)
+            if group is None:
                 continue
             if process is not None:
-                group = process(prefix, {k: v.float() for k, v in group.items()})
-            for name, tensor in group.items():
-                if name in skip:
-                    continue
-                _assign(model, name, tensor, device, dtype)
-                filled.add(name)
+                group = _process_group(label, process, group)
+            for name in list(group):
+                if name not in skip:
+                    _assign(model, name, group.pop(name), device, dtype, adopted)
+                    filled.add(name)
             del group
+            _return_freed_memory()
             bar.update(1)
     finally:
         bar.close()
@@ -170,7 +240,32 @@ def materialize(model: HookedTransformer, groups: Iterator[tuple[str, Callable[[
     model._load_seconds = time.monotonic() - start
 
 
-def _assign(model: nn.Module, name: str, tensor: torch.Tensor, device: Any, dtype: torch.dtype) -> None:
+def _read_group(label: str, prefix: str, thunk: Callable[[], dict], missing: list[str]) -> dict | None:
+    """{full name: tensor} of one group, or None (and the missing name noted) if a tensor is missing."""
+    try:
+        return {prefix + k: v for k, v in thunk().items()}
+    except KeyError as e:
+        missing.append(str(e.args[0]))
+        return None
+    except (RuntimeError, ValueError) as e:  # a reshape in a converter: the config does not fit the tensors
+        if isinstance(e, (CorruptCheckpointError, WeightShapeError)):
+            raise
+        raise WeightShapeError(f"{label}: the checkpoint's tensors do not fit its config ({e}); "
+                               f"the config does not match the weights") from e
+
+
+def _process_group(label: str, process: Callable[[dict], dict], group: dict) -> dict:
+    for name in group:
+        group[name] = group[name].float()  # processing runs in float32; a no-op for float32 tensors
+    try:
+        return process(group)
+    except RuntimeError as e:  # broadcasting a norm weight of the wrong width
+        raise WeightShapeError(f"{label}: the checkpoint's tensors do not fit its config ({e}); "
+                               f"the config does not match the weights") from e
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor, device: Any, dtype: torch.dtype,
+            adopted: set[int]) -> None:
     module_name, _, param_name = name.rpartition(".")
     try:
         module = model.get_submodule(module_name)
@@ -180,10 +275,49 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor, device: Any, dtyp
     if tuple(old.shape) != tuple(tensor.shape):
         raise WeightShapeError(f"{name}: the checkpoint gives shape {tuple(tensor.shape)}, the config implies "
                                f"{tuple(old.shape)}; the config does not match the weights")
-    # empty_like keeps the parameter's strides: the layout F.linear reads without a copy.
-    new = torch.empty_like(old, device=device or "cpu", dtype=dtype)
-    new.copy_(tensor)
+    device = torch.device(device or "cpu")
+    if _can_adopt(tensor, old, device, dtype, adopted):
+        new = tensor  # a fresh buffer already laid out as the parameter: no copy
+    else:
+        # The parameter's strides are the layout F.linear reads without a copy.
+        new = torch.empty_strided(old.shape, old.stride(), dtype=dtype, device=device)
+        new.copy_(tensor)
+    adopted.add(new.untyped_storage().data_ptr())
     module._parameters[param_name] = nn.Parameter(new, requires_grad=old.requires_grad)
+
+
+def _can_adopt(tensor: torch.Tensor, old: torch.Tensor, device: torch.device, dtype: torch.dtype,
+               adopted: set[int]) -> bool:
+    """Whether ``tensor`` can be the parameter as it is: right dtype, device and strides,
+    and sole owner of its memory (not a slice of a memory-mapped file, not a view of a
+    buffer another parameter uses)."""
+    storage = tensor.untyped_storage()
+    return (tensor.dtype == dtype and tensor.device == device and tensor.stride() == old.stride()
+            and tensor.storage_offset() == 0 and storage.nbytes() == tensor.numel() * tensor.element_size()
+            and storage.data_ptr() not in adopted)
+
+
+def _glibc() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl, ...)
+        return None
+
+
+_LIBC = _glibc()
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap pages freed by the last group back to the OS.
+
+    glibc keeps freed memory for reuse, and the next group's tensors rarely fit the
+    holes the last group left, so without this the resident set grows by about one
+    group's temporaries per group (measured: +60 MB on GPT-2 small).
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def _finish(model: HookedTransformer, device: Any) -> HookedTransformer:
@@ -197,16 +331,26 @@ def _finish(model: HookedTransformer, device: Any) -> HookedTransformer:
     return model
 
 
+def _big_groups_first(groups: list[Group]) -> list[Group]:
+    """Embeddings, then final norm + unembedding, then the blocks: the two big groups'
+    temporaries are alive while the model is still nearly empty."""
+    return [groups[0], groups[-1], *groups[1:-1]]
+
+
 # Entry point ----------------------------------------------------------------------
 def load_model(name_or_path: str | Path, *, fold_ln: bool = True, center_writing_weights: bool = True,
                center_unembed: bool = True, fold_value_biases: bool = True, device: Any = None,
                dtype: torch.dtype | str = torch.float32, tokenizer: Any = None) -> HookedTransformer:
+    """Load a preset, HF repo id, HF directory, converted directory or .gguf file (see
+    resolution.py), with the weight processing the flags ask for (see processing.py)."""
+    from .processing import ProcessingOptions
+
     dtype = _as_dtype(dtype)
+    options = ProcessingOptions(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                                center_unembed=center_unembed, fold_value_biases=fold_value_biases)
     ckpt = resolve_checkpoint(name_or_path)
-    flags = dict(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
-                 center_unembed=center_unembed, fold_value_biases=fold_value_biases)
     if ckpt.kind == "converted":
-        return _load_converted(ckpt, flags, device, dtype, tokenizer)
+        return _load_converted(ckpt, options, device, dtype, tokenizer)
     if ckpt.kind == "gguf":
         from weights_conversion.gguf import read_gguf
 
@@ -222,30 +366,41 @@ def load_model(name_or_path: str | Path, *, fold_ln: bool = True, center_writing
     if tokenizer is not None and getattr(tokenizer, "add_bos_token", True) is False:
         cfg = cfg.replace(default_prepend_bos=False)
 
-    process = None
-    if any(flags.values()):
-        from . import processing
-
-        options = processing.ProcessingOptions(**flags)
-        process = lambda prefix, group: processing.process_group(cfg, group, options)  # noqa: E731
-        model_cfg = processing.processed_config(cfg, options)
-    else:
-        model_cfg = cfg
-    model = build_on_meta(model_cfg, tokenizer)
-    tied = cfg.tie_word_embeddings and "unembed.W_U" not in _processed_names(model_cfg)
-    materialize(model, weights_conversion.convert_groups(cfg, source, family), device=device, dtype=dtype,
-                process=process, n_groups=cfg.n_layers + 2, desc=f"loading {Path(str(name_or_path)).name}",
-                skip=frozenset({"unembed.W_U"}) if tied else frozenset())
-    if tied:
-        model.tie_embeddings()
+    labels = ["embeddings", *(f"block {i}" for i in range(cfg.n_layers)), "final norm and unembedding"]
+    groups = [(label, prefix, thunk) for label, (prefix, thunk)
+              in zip(labels, weights_conversion.convert_groups(cfg, source, family))]
+    model = _build_and_fill(cfg, options, _big_groups_first(groups), tokenizer, device, dtype,
+                            desc=f"loading {Path(str(name_or_path)).name}",
+                            tied=cfg.tie_word_embeddings)
     _warn_unused(source, cfg)
+    return model
+
+
+def _build_and_fill(cfg: ModelConfig, options: Any, groups: list[Group], tokenizer: Any, device: Any,
+                    dtype: torch.dtype, desc: str, tied: bool) -> HookedTransformer:
+    """Build the (processed) model on the meta device and stream ``groups`` into it.
+
+    ``cfg`` describes the groups' tensors; processing turns it into the model's config.
+    ``tied``: the unembedding is ``W_E.T``; it stays one shared tensor unless processing
+    rewrites either side.
+    """
+    from . import processing
+
+    model_cfg = processing.processed_config(cfg, options)
+    applied = model_cfg.processing[len(cfg.processing):]
+    process = (lambda group: processing.process_group(cfg, group, options)) if applied else None
+    share = tied and not set(applied) & REWRITE_EMBEDDINGS
+    model = build_on_meta(model_cfg, tokenizer)
+    materialize(model, groups, device=device, dtype=dtype, process=process, n_groups=len(groups), desc=desc,
+                skip=frozenset({"unembed.W_U"}) if share else frozenset())
+    if share:
+        model.tie_embeddings()
     return _finish(model, device)
 
 
-def _processed_names(cfg: ModelConfig) -> set[str]:
-    """Canonical tensors that processing rewrites (so they can no longer share memory)."""
-    touched = {"fold_ln": "unembed.W_U", "center_unembed": "unembed.W_U"}
-    return {touched[p] for p in cfg.processing if p in touched}
+# Steps that rewrite W_E (centring) or W_U (folding ln_final, centring): after them a tied
+# unembedding is its own tensor.
+REWRITE_EMBEDDINGS = {"fold_ln", "center_writing_weights", "center_unembed"}
 
 
 def _warn_unused(source: TensorSource, cfg: ModelConfig) -> None:
@@ -266,24 +421,65 @@ def _hf_tokenizer(directory: Path) -> Any:
     return AutoTokenizer.from_pretrained(str(directory))
 
 
-def _load_converted(ckpt: Checkpoint, flags: dict, device: Any, dtype: torch.dtype, tokenizer: Any
+# Converted checkpoints (written by `python -m weights_conversion`) ------------------
+def _load_converted(ckpt: Checkpoint, options: Any, device: Any, dtype: torch.dtype, tokenizer: Any
                     ) -> HookedTransformer:
+    """Canonical tensors under their parameter names: no conversion; processing that the
+    checkpoint does not have yet is applied on the way in."""
+    from .processing import STEPS, steps_for
+
     meta = ckpt.config
+    if meta.get("format_version") != CONVERTED_FORMAT_VERSION:
+        raise ValueError(f"{ckpt.directory / CONVERTED_CONFIG} has format_version {meta.get('format_version')!r}; "
+                         f"this transformer_hooks reads version {CONVERTED_FORMAT_VERSION}. Convert the model again.")
     cfg = ModelConfig.from_dict(meta["model_config"])
+    wanted = steps_for(cfg.replace(processing=(), normalization_type=_unfolded_norm(cfg)), options)
+    if wanted[:len(cfg.processing)] != cfg.processing:
+        asked = {step: step in wanted for step in STEPS}
+        raise ValueError(
+            f"{ckpt.directory} was converted with processing {list(cfg.processing)}, which cannot be undone, "
+            f"and this load asks for {list(wanted)} ({asked}). Load it with the processing it has "
+            f"(e.g. from_pretrained(path) for the defaults), or convert the original checkpoint again with "
+            f"`python -m weights_conversion SRC DST --no-processing`.")
+
     source = tensor_source(ckpt)
     if tokenizer is None:
         tokenizer = _hf_tokenizer(ckpt.directory)
-    model = build_on_meta(cfg, tokenizer)
-    tied = cfg.tie_word_embeddings and "unembed.W_U" not in source.names()
-    skip = frozenset({"unembed.W_U"}) if tied else frozenset()
-    names = [n for n, _ in model.named_parameters() if n not in skip]
-    groups = iter([("", lambda: {n: source(n) for n in names})])
-    materialize(model, groups, device=device, dtype=dtype, n_groups=1, desc=f"loading {ckpt.directory.name}",
-                skip=skip)
-    if tied:
-        model.tie_embeddings()
-    return _finish(model, device)
+    # A tied unembedding is stored once, as W_E; processing that rewrites it needs its own copy.
+    stored_tied = cfg.tie_word_embeddings and "unembed.W_U" not in source.names()
+    untie = stored_tied and bool(set(steps_for(cfg, options)) & REWRITE_EMBEDDINGS)
+    groups = _converted_groups(cfg, source, stored_tied, untie)
+    model = _build_and_fill(cfg, options, groups, tokenizer, device, dtype, desc=f"loading {ckpt.directory.name}",
+                            tied=stored_tied)
+    _warn_unused(source, cfg)
+    return model
+
+
+def _unfolded_norm(cfg: ModelConfig) -> str:
+    return {"LNPre": "LN", "RMSPre": "RMS"}.get(cfg.normalization_type, cfg.normalization_type)
+
+
+def _converted_groups(cfg: ModelConfig, source: TensorSource, tied: bool, untie: bool) -> list[Group]:
+    """Embeddings, final norm + unembedding, then each block, under canonical names.
+
+    ``tied``: the file has no ``unembed.W_U``; ``untie``: give the final group ``W_E.T`` as W_U.
+    """
+    names = [name for name, _ in build_on_meta(cfg).named_parameters()]
+
+    def group(*prefixes: str) -> Callable[[], dict[str, torch.Tensor]]:
+        wanted = [n for n in names if n.startswith(prefixes) and not (tied and n == "unembed.W_U")]
+
+        def read() -> dict[str, torch.Tensor]:
+            tensors = {n: source(n) for n in wanted}
+            if untie and "unembed." in prefixes:
+                tensors["unembed.W_U"] = source("embed.W_E").T
+            return tensors
+        return read
+
+    return [("embeddings", "", group("embed.", "pos_embed.")),
+            ("final norm and unembedding", "", group("ln_final.", "unembed.")),
+            *((f"block {i}", "", group(f"blocks.{i}.")) for i in range(cfg.n_layers))]
 
 
 def read_converted_config(directory: Path) -> dict:
-    return json.loads((directory / CONVERTED_CONFIG).read_text())
+    return json.loads((Path(directory) / CONVERTED_CONFIG).read_text())

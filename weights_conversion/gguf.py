@@ -1,40 +1,142 @@
-"""GGUF files (llama.cpp's format), read and dequantized by transformers' GGUF utilities
-and the ``gguf`` package; the tensors come out under HF names (with llama.cpp's q/k row
-permutation undone), so the family converters take them from there.
+"""GGUF files (llama.cpp's format) as an HF config plus tensors under HF names.
+
+Reading reuses transformers' GGUF utilities throughout; what this module adds is doing
+each step once and tensor by tensor:
+
+- the metadata and tensor table are parsed once, with transformers' fast reader
+  (``integrations.gguf.reader``); the HF config is built from them with transformers'
+  own key mapping (``GGUF_CONFIG_MAPPING``), as ``load_gguf_checkpoint`` builds it;
+- HF names map to GGUF names through gguf's ``TensorNameMap`` (the table transformers'
+  ``get_gguf_hf_weights_map`` consults), and each tensor goes through transformers'
+  per-architecture ``TensorProcessor`` (for Llama: undoing llama.cpp's q/k row
+  permutation);
+- a tensor is dequantized (transformers' torch ``dequantize``) only when the loader asks
+  for it, so the file streams in like a safetensors checkpoint.
+
+``load_gguf_checkpoint`` instead parses the metadata with the slow generic
+``gguf.GGUFReader`` (every vocabulary string is a separate numpy view), rebuilds the
+name table once per submodule of an HF model, and dequantizes the whole file up front;
+``AutoTokenizer`` parses the file once more.
 """
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
+from transformer_hooks.loading import CorruptCheckpointError, TensorSource
 
-def read_gguf(path: Path) -> tuple[dict, Callable[[str], torch.Tensor], Callable[[], Any]]:
+from . import UnsupportedArchitectureError, supported_model_types
+
+
+def read_gguf(path: Path) -> tuple[dict, Any, Callable[[], Any]]:
     """(HF config dict, tensor source by HF name, tokenizer factory) for a .gguf file."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    from transformer_hooks.loading import CorruptCheckpointError, TensorSource
+    from transformers.integrations.gguf.reader import GgufHeader, read_gguf_metadata
 
     try:
-        meta = load_gguf_checkpoint(str(path))
-        hf_config = dict(meta["config"])
-        # transformers maps GGUF tensor names by walking an HF model of this config; on the
-        # meta device it costs no memory.
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(AutoConfig.for_model(**hf_config))
-        tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)["tensors"]
-    except (ValueError, OSError, KeyError, IndexError) as e:
+        header = GgufHeader.from_file(str(path))
+        metadata, tensor_names = read_gguf_metadata(str(path))
+    except (ValueError, OSError, KeyError, IndexError, UnicodeDecodeError, struct.error) as e:
         raise CorruptCheckpointError(f"cannot read GGUF file {path}: {e}") from e
-    source = TensorSource({k: (lambda t=t: t) for k, t in tensors.items()}, str(path))
+    hf_config = hf_config_from_metadata(metadata, tensor_names)
+    source = GgufTensors(path, header, hf_config)
 
     def tokenizer() -> Any:
-        from transformers import AutoTokenizer
+        from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES, tokenizer_class_from_name
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        tok.add_bos_token = bool(meta.get("tokenizer_config", {}).get("add_bos_token", True))
-        return tok
+        # The class AutoTokenizer settles on for a GGUF file (it has no tokenizer_config.json);
+        # calling it directly skips AutoTokenizer's extra, slow parse of the whole file.
+        name = TOKENIZER_MAPPING_NAMES.get(hf_config["model_type"])
+        cls = (name and tokenizer_class_from_name(name)) or TokenizersBackend
+        return cls.from_pretrained(str(path.parent), gguf_file=path.name)
 
     return hf_config, source, tokenizer
+
+
+def hf_config_from_metadata(metadata: dict, tensor_names: tuple[str, ...]) -> dict:
+    """The HF config dict ``load_gguf_checkpoint`` builds for these metadata (for the
+    architectures transformer_hooks reads), from transformers' key mapping."""
+    from transformers.integrations.ggml import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
+
+    arch = metadata["general.architecture"]
+    if arch not in GGUF_CONFIG_MAPPING:
+        raise UnsupportedArchitectureError(
+            f"unsupported GGUF architecture {arch!r}: transformers cannot read it, and transformer_hooks "
+            f"implements {', '.join(supported_model_types())}.")
+    config: dict[str, Any] = dict(GGUF_CONFIG_DEFAULTS_MAPPING.get(arch, {}))
+    # llama.cpp writes the output projection only when it is not the embedding matrix.
+    config["tie_word_embeddings"] = "output.weight" not in tensor_names
+    for key, value in metadata.items():  # "llama.block_count", "general.architecture", "tokenizer.ggml.bos_token_id"
+        prefix, _, rest = key.partition(".")
+        renamed = GGUF_CONFIG_MAPPING.get(prefix, {}).get(rest)
+        if renamed not in (None, -1):
+            config[renamed] = value
+    if "vocab_size" not in config and "tokenizer.ggml.tokens" in metadata:
+        config["vocab_size"] = metadata["tokenizer.ggml.tokens"]  # the reader leaves string arrays as counts
+    return config
+
+
+class GgufTensors(TensorSource):
+    """A GGUF file's tensors, asked for by HF name and dequantized one at a time.
+
+    HF name -> GGUF name by gguf's ``TensorNameMap`` for the file's architecture (the
+    table transformers' ``get_gguf_hf_weights_map`` consults, built once here rather
+    than once per submodule); then transformers' ``TensorProcessor`` for the
+    architecture (for Llama: undo llama.cpp's q/k row permutation).
+    """
+
+    def __init__(self, path: Path, header: Any, hf_config: dict) -> None:
+        from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+        from transformers.integrations.gguf.reader import load_gguf_state_dict
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+        super().__init__({}, str(path))
+        arch = {name: arch for arch, name in MODEL_ARCH_NAMES.items()}.get(header.architecture)
+        if arch is None:
+            raise UnsupportedArchitectureError(f"GGUF architecture {header.architecture!r} is unknown to the "
+                                               f"installed gguf package; upgrade it (pip install -U gguf)")
+        self.path = path
+        self.name_map = get_tensor_name_map(arch, int(hf_config.get("num_hidden_layers") or hf_config["n_layer"]))
+        self.lazy = load_gguf_state_dict(header)
+        self.infos = {info.name: info for info in header.tensors}
+        self.processor = TENSOR_PROCESSORS.get(header.architecture, TensorProcessor)(config=hf_config)
+
+    def names(self) -> set[str]:
+        return set(self.lazy)  # GGUF names; ``used`` holds GGUF names too
+
+    def gguf_name(self, hf_name: str) -> str | None:
+        module, dot, suffix = hf_name.rpartition(".")
+        parts = module.split(".")
+        for start in range(len(parts)):  # the full name, then without leading module prefixes
+            found = self.name_map.get_name(".".join(parts[start:]))
+            if found is not None and found + dot + suffix in self.lazy:
+                return found + dot + suffix
+        return None
+
+    def __call__(self, hf_name: str) -> torch.Tensor:
+        name = self.gguf_name(hf_name)
+        if name is None:
+            raise KeyError(hf_name)
+        self.used.add(name)
+        return self._read(name)
+
+    def _read(self, name: str) -> torch.Tensor:
+        """Dequantize one tensor and apply the architecture's processor: a fresh tensor."""
+        from transformers.integrations.gguf.dequant import GGML_BLOCK, dequantize
+
+        info = self.infos[name]
+        try:
+            raw = self.lazy[name][...]  # a copy of the tensor's bytes (or values) out of the memory map
+            if info.ggml_type in GGML_BLOCK:
+                values = dequantize(raw.reshape(-1), info.ggml_type, torch.float32).reshape(info.shape)
+            else:
+                values = raw.float() if raw.dtype == torch.bfloat16 else raw  # numpy has no bfloat16
+        except (ValueError, RuntimeError) as e:
+            raise CorruptCheckpointError(f"cannot read tensor {name!r} from GGUF file {self.path}: {e}") from e
+        weights = self.processor.process(weights=values.numpy(), name=self.processor.preprocess_name(name)).weights
+        return torch.from_numpy(np.ascontiguousarray(weights))  # processors work in numpy
