@@ -1,34 +1,105 @@
-"""ActivationCache (minimal; extended for DLA in cache work)."""
+"""ActivationCache: the activations of one forward pass, and the residual stream taken apart.
+
+TransformerLens's class, with its method names, signatures and labels, so DLA and logit
+lens code ported from it runs unchanged. The residual stream entering layer ``L`` is a
+sum of parts, and every method here returns a stack of such parts, ``[component,
+*batch_and_pos, d_model]``::
+
+    resid_pre[L] = embed (+ pos_embed) + sum_{l<L} (attn_out[l] + mlp_out[l])        decompose_resid
+    attn_out[l]  = sum_head result[l, head] + b_O[l],  result = z · W_O              stack_head_results
+    mlp_out[l]   = sum_neuron post[l, neuron] * W_out[l, neuron] + b_out[l]          stack_neuron_results
+    resid_pre[L] = heads + neurons + embed (+ pos_embed) + bias                      get_full_resid_decomposition
+
+Labels (as TL's): ``"embed"``, ``"pos_embed"``, ``"3_attn_out"``, ``"3_mlp_out"``,
+``"L3H7"`` (head 7 of layer 3), ``"L3N7"`` (neuron), ``"bias"``, ``"3_pre"``, ``"3_mid"``,
+``"final_post"``, ``"remainder"``.
+
+A ``layer`` argument of a stacking method counts the blocks whose outputs are included:
+``0..n_layers``, where ``n_layers`` (or ``-1`` or ``None``) means everything, the input
+to the unembedding; other negative values count back from there (``-2``: the input to
+the last block). Architecture notes: parallel-residual blocks (Pythia) have no
+``resid_mid`` (attention and MLP both read ``resid_pre``), and rotary models have no
+``pos_embed``; the stacks simply leave those parts out.
+
+Per-head results are computed from the cached ``z`` and ``W_O`` when
+``attn.hook_result`` was not cached (run_with_cache leaves it out by default).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+import re
+from typing import Any, Iterator, Literal, Sequence, Union
 
 import torch
+from einops import einsum, rearrange
+from jaxtyping import Float, Int
 
-from .utils import get_act_name
+from .hooks import PER_HEAD_EXPANSIONS
+from .utils import Slice, SliceInput, check_layer, get_act_name
+
+Stack = Float[torch.Tensor, "component *batch_and_pos d_model"]
+Tokens = Union[str, int, Sequence[int], Sequence[str], Int[torch.Tensor, "..."]]
+
+logger = logging.getLogger(__name__)
+
+
+class NotCachedError(KeyError):
+    """An activation that this cache does not hold."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
 
 
 class ActivationCache:
+    """Activations by hook name, with TransformerLens's indexing and decomposition helpers.
+
+    Index by full name (``cache["blocks.3.hook_resid_post"]``), by ``(name, layer)``
+    (``cache["resid_post", -1]``, ``cache["pattern", 0]``) or ``(name, layer, sublayer)``
+    (``cache["scale", 2, "ln1"]``); short names are ``utils.get_act_name``'s.
+    """
+
     def __init__(self, cache_dict: dict[str, torch.Tensor], model: Any, has_batch_dim: bool = True) -> None:
         self.cache_dict = cache_dict
         self.model = model
         self.has_batch_dim = has_batch_dim
+        # From the architecture, not from what happens to be cached: a decomposition that
+        # silently left out a part would not sum to the residual stream.
+        self.has_embed = True
+        self.has_pos_embed = model.cfg.positional_embedding == "learned"
+
+    # Dict-like access -----------------------------------------------------------------
+    @property
+    def cfg(self) -> Any:
+        return self.model.cfg
+
+    def _name(self, key: Any) -> str:
+        if isinstance(key, str):
+            return key if key in self.cache_dict else get_act_name(key, n_layers=self.cfg.n_layers)
+        if isinstance(key, tuple) and key and isinstance(key[0], str) and len(key) <= 3:
+            return get_act_name(*key, n_layers=self.cfg.n_layers)
+        raise TypeError(f"index the cache with a hook name, (name, layer) or (name, layer, sublayer), got {key!r}")
 
     def __getitem__(self, key: Any) -> torch.Tensor:
-        if isinstance(key, str) and key in self.cache_dict:
-            return self.cache_dict[key]
-        if isinstance(key, tuple):
-            name = get_act_name(*key, n_layers=self.model.cfg.n_layers)
-        else:
-            name = get_act_name(key, n_layers=self.model.cfg.n_layers)
+        return self._get(key)
+
+    def _get(self, key: Any, needed_by: str | None = None) -> torch.Tensor:
+        name = self._name(key)
+        if name not in self.cache_dict:
+            raise NotCachedError(self._not_cached_message(name, needed_by))
         return self.cache_dict[name]
 
-    def __contains__(self, key: str) -> bool:
-        return key in self.cache_dict
+    def __contains__(self, key: Any) -> bool:
+        try:
+            return self._name(key) in self.cache_dict
+        except (ValueError, TypeError):
+            return False
 
     def __len__(self) -> int:
         return len(self.cache_dict)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.cache_dict)
 
     def keys(self):
         return self.cache_dict.keys()
@@ -38,3 +109,434 @@ class ActivationCache:
 
     def items(self):
         return self.cache_dict.items()
+
+    def __repr__(self) -> str:
+        return f"ActivationCache with {len(self)} activations: {_summarize(list(self.cache_dict))}"
+
+    def to(self, device: Any, move_model: bool = False) -> "ActivationCache":
+        """Move every activation (and, with ``move_model``, the model) to ``device``."""
+        self.cache_dict = {k: v.to(device) for k, v in self.cache_dict.items()}
+        if move_model:
+            self.model.to(device)
+        return self
+
+    def remove_batch_dim(self) -> "ActivationCache":
+        """Drop the batch dimension of a batch-of-one cache, in place."""
+        if not self.has_batch_dim:
+            logger.warning("remove_batch_dim: this cache has no batch dimension already")
+            return self
+        sizes = {v.shape[0] for v in self.cache_dict.values() if v.ndim > 0}
+        if sizes - {1}:
+            raise ValueError(f"remove_batch_dim needs a batch of one; this cache has batch size {max(sizes)}. "
+                             f"Use cache.apply_slice_to_batch_dim(i) to keep one example")
+        self.cache_dict = {k: v[0] if v.ndim > 0 else v for k, v in self.cache_dict.items()}
+        self.has_batch_dim = False
+        return self
+
+    def apply_slice_to_batch_dim(self, batch_slice: SliceInput | Slice) -> "ActivationCache":
+        """A new cache of some examples of the batch (an int index drops the batch dim)."""
+        if not self.has_batch_dim:
+            raise ValueError("this cache has no batch dimension to slice")
+        batch_slice = Slice.unwrap(batch_slice)
+        sliced = {k: batch_slice.apply(v, dim=0) for k, v in self.cache_dict.items()}
+        return ActivationCache(sliced, self.model, has_batch_dim=batch_slice.mode != "int")
+
+    # Layer arguments --------------------------------------------------------------------
+    def _stack_layer(self, layer: int | None, what: str = "layer") -> int:
+        """A ``layer`` as stacking methods take it: the number of blocks included, 0..n_layers."""
+        n = self.cfg.n_layers
+        if layer is None:
+            return n
+        if not isinstance(layer, int) or isinstance(layer, bool):
+            raise TypeError(f"{what} must be an int or None, got {type(layer).__name__}")
+        idx = layer + n + 1 if layer < 0 else layer
+        if not 0 <= idx <= n:
+            raise ValueError(f"{what}={layer} is out of range: here it counts the blocks whose outputs are included, "
+                             f"0..{n} ({n}, -1 or None: all of them, the input to the unembedding; "
+                             f"negative values count back from there, down to {-n - 1})")
+        return idx
+
+    def _check_mlp_input(self, layer: int, mlp_input: bool) -> None:
+        if mlp_input and layer == self.cfg.n_layers:
+            raise ValueError(f"mlp_input=True means the input to layer {layer}'s MLP, but layer={layer} is the "
+                             f"unembedding (there are {self.cfg.n_layers} layers); pass a layer below {layer}")
+
+    def _attn_before_mlp(self, layer: int, mlp_input: bool) -> bool:
+        """Whether layer's attention output is in the residual stream its MLP reads."""
+        return mlp_input and not self.cfg.parallel_residual
+
+    def _resid_entering(self, layer: int, mlp_input: bool = False) -> torch.Tensor:
+        """The residual stream that ``layer``'s attention (or, with mlp_input, MLP) reads."""
+        if layer == self.cfg.n_layers:
+            return self._get(("resid_post", layer - 1))
+        if self._attn_before_mlp(layer, mlp_input):
+            return self._get(("resid_mid", layer))
+        return self._get(("resid_pre", layer))
+
+    # Residual stream stacks ---------------------------------------------------------------
+    def accumulated_resid(self, layer: int | None = None, incl_mid: bool = False, apply_ln: bool = False,
+                          pos_slice: SliceInput | Slice = None, mlp_input: bool = False,
+                          return_labels: bool = False) -> Stack | tuple[Stack, list[str]]:
+        """The residual stream at each point up to the input of ``layer``: ``[component, ..., d_model]``.
+
+        Rows are ``resid_pre`` of each block (``"3_pre"``), with ``incl_mid`` also
+        ``resid_mid`` (``"3_mid"``), and for the full model the final ``resid_post``
+        (``"final_post"``), which is what the final norm reads. ``mlp_input`` adds
+        ``resid_mid`` of ``layer`` itself. Parallel-residual blocks have no ``resid_mid``,
+        so ``incl_mid`` adds nothing there.
+
+        ``apply_ln``: divide every row by the cached scale of the norm that reads
+        ``layer``'s input (see ``apply_ln_to_stack``), as TransformerLens does: the last row
+        is then exactly what that norm computes; earlier rows share its scale. For a lens
+        that normalises each row by its own statistics see ``lens.logit_lens``.
+        """
+        layer = self._stack_layer(layer)
+        self._check_mlp_input(layer, mlp_input)
+        pos_slice = Slice.unwrap(pos_slice)
+        n = self.cfg.n_layers
+        has_mid = not self.cfg.parallel_residual
+        parts, labels = [], []
+        for l in range(layer + 1):
+            if l == n:
+                parts.append(self._get(("resid_post", n - 1), "accumulated_resid"))
+                labels.append("final_post")
+                continue
+            parts.append(self._get(("resid_pre", l), "accumulated_resid"))
+            labels.append(f"{l}_pre")
+            if has_mid and ((incl_mid and l < layer) or (mlp_input and l == layer)):
+                parts.append(self._get(("resid_mid", l), "accumulated_resid"))
+                labels.append(f"{l}_mid")
+        stack = torch.stack([pos_slice.apply(p, dim=-2) for p in parts])
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=pos_slice)
+        return (stack, labels) if return_labels else stack
+
+    def decompose_resid(self, layer: int | None = None, mlp_input: bool = False,
+                        mode: Literal["all", "mlp", "attn"] = "all", apply_ln: bool = False,
+                        pos_slice: SliceInput | Slice = None, incl_embeds: bool = True,
+                        return_labels: bool = False) -> Stack | tuple[Stack, list[str]]:
+        """The residual stream entering ``layer`` as the outputs that wrote it.
+
+        ``embed``, ``pos_embed`` (learned positions), then ``attn_out`` and ``mlp_out`` of
+        each block before ``layer`` (``mode`` keeps only one kind); ``mlp_input`` adds
+        ``layer``'s own ``attn_out`` (sequential blocks; a parallel block's MLP reads
+        ``resid_pre``). With ``mode="all"`` and ``incl_embeds`` the rows sum to that
+        residual stream exactly.
+        """
+        if mode not in ("all", "mlp", "attn"):
+            raise ValueError(f"mode must be 'all', 'mlp' or 'attn', got {mode!r}")
+        layer = self._stack_layer(layer)
+        self._check_mlp_input(layer, mlp_input)
+        pos_slice = Slice.unwrap(pos_slice)
+        incl_attn, incl_mlp = mode != "mlp", mode != "attn"
+        parts, labels = [], []
+        if incl_embeds:
+            parts.append(self._get("hook_embed", "decompose_resid"))
+            labels.append("embed")
+            if self.has_pos_embed:
+                parts.append(self._get("hook_pos_embed", "decompose_resid"))
+                labels.append("pos_embed")
+        for l in range(layer):
+            if incl_attn:
+                parts.append(self._get(("attn_out", l), "decompose_resid"))
+                labels.append(f"{l}_attn_out")
+            if incl_mlp:
+                parts.append(self._get(("mlp_out", l), "decompose_resid"))
+                labels.append(f"{l}_mlp_out")
+        if incl_attn and self._attn_before_mlp(layer, mlp_input):
+            parts.append(self._get(("attn_out", layer), "decompose_resid"))
+            labels.append(f"{layer}_attn_out")
+        stack = self._stack_parts(parts, pos_slice)
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=pos_slice)
+        return (stack, labels) if return_labels else stack
+
+    def _stack_parts(self, parts: list[torch.Tensor], pos_slice: Slice) -> Stack:
+        if parts:
+            return torch.stack([pos_slice.apply(p, dim=-2) for p in parts])
+        return self._empty_stack(pos_slice)
+
+    def _empty_stack(self, pos_slice: Slice) -> Stack:
+        """A stack with no components, shaped like the others (for layer=0)."""
+        like = pos_slice.apply(self._get("hook_embed"), dim=-2)
+        return like.new_zeros((0, *like.shape))
+
+    # Attention heads ------------------------------------------------------------------------
+    def _head_results(self, layer: int, pos_slice: Slice, needed_by: str
+                      ) -> Float[torch.Tensor, "*batch_and_pos head d_model"]:
+        """result = z · W_O per head, from the cache if hook_result was cached."""
+        name = f"blocks.{layer}.attn.hook_result"
+        if name in self.cache_dict:
+            return pos_slice.apply(self.cache_dict[name], dim=-3)
+        z = pos_slice.apply(self._get(("z", layer), needed_by), dim=-3)
+        W_O = _like(self.model.blocks[layer].attn.W_O, z)
+        return einsum(z, W_O, "... head d_head, head d_head d_model -> ... head d_model")
+
+    def compute_head_results(self) -> None:
+        """Store every layer's per-head results (``attn.hook_result``) in the cache, from z and W_O."""
+        missing = [l for l in range(self.cfg.n_layers) if f"blocks.{l}.attn.hook_result" not in self.cache_dict]
+        if not missing:
+            logger.warning("compute_head_results: the head results are already cached")
+        for l in missing:
+            self.cache_dict[f"blocks.{l}.attn.hook_result"] = self._head_results(l, Slice(None), "compute_head_results")
+
+    def stack_head_results(self, layer: int | None = -1, return_labels: bool = False, incl_remainder: bool = False,
+                           pos_slice: SliceInput | Slice = None, apply_ln: bool = False
+                           ) -> Stack | tuple[Stack, list[str]]:
+        """Each head's output (``z · W_O``, without ``b_O``) for the blocks before ``layer``:
+        ``[layer * n_heads, ..., d_model]``, ordered layer-major (``"L0H0", "L0H1", ...``).
+
+        ``incl_remainder`` adds the rest of the residual stream entering ``layer``
+        (``"remainder"``), so the rows sum to it.
+        """
+        layer = self._stack_layer(layer)
+        pos_slice = Slice.unwrap(pos_slice)
+        labels = [f"L{l}H{h}" for l in range(layer) for h in range(self.cfg.n_heads)]
+        if layer:
+            per_layer = [self._head_results(l, pos_slice, "stack_head_results") for l in range(layer)]
+            stack = rearrange(torch.cat(per_layer, dim=-2), "... component d_model -> component ... d_model")
+        else:
+            stack = self._empty_stack(pos_slice)
+        if incl_remainder:
+            stack, labels = self._with_remainder(stack, labels, layer, False, pos_slice)
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice)
+        return (stack, labels) if return_labels else stack
+
+    def _with_remainder(self, stack: Stack, labels: list[str], layer: int, mlp_input: bool,
+                        pos_slice: Slice) -> tuple[Stack, list[str]]:
+        total = pos_slice.apply(self._resid_entering(layer, mlp_input), dim=-2)
+        return torch.cat([stack, (total - stack.sum(0))[None]]), labels + ["remainder"]
+
+    # MLP neurons ----------------------------------------------------------------------------
+    def get_neuron_results(self, layer: int, neuron_slice: SliceInput | Slice = None,
+                           pos_slice: SliceInput | Slice = None
+                           ) -> Float[torch.Tensor, "*batch_and_pos neuron d_model"]:
+        """Each neuron's write to the residual stream, ``post[..., n] * W_out[n]``, for block ``layer``."""
+        layer = check_layer(layer, self.cfg.n_layers)
+        neuron_slice, pos_slice = _keep_dim(Slice.unwrap(neuron_slice)), Slice.unwrap(pos_slice)
+        post = pos_slice.apply(self._get(("post", layer), "get_neuron_results"), dim=-2)
+        post = neuron_slice.apply(post, dim=-1)
+        W_out = neuron_slice.apply(_like(self.model.blocks[layer].mlp.W_out, post), dim=0)
+        return post[..., None] * W_out
+
+    def stack_neuron_results(self, layer: int | None, pos_slice: SliceInput | Slice = None,
+                             neuron_slice: SliceInput | Slice = None, return_labels: bool = False,
+                             incl_remainder: bool = False, apply_ln: bool = False
+                             ) -> Stack | tuple[Stack, list[str]]:
+        """Each neuron's output (without ``b_out``) for the blocks before ``layer``:
+        ``[layer * neurons, ..., d_model]``, labels ``"L3N7"``. Memory grows as
+        d_mlp x d_model per position: slice positions or neurons for large models.
+        """
+        layer = self._stack_layer(layer)
+        neuron_slice, pos_slice = _keep_dim(Slice.unwrap(neuron_slice)), Slice.unwrap(pos_slice)
+        neurons = neuron_slice.indices(self.cfg.d_mlp).tolist()
+        labels = [f"L{l}N{n}" for l in range(layer) for n in neurons]
+        if layer:
+            per_layer = [self.get_neuron_results(l, neuron_slice, pos_slice) for l in range(layer)]
+            stack = rearrange(torch.cat(per_layer, dim=-2), "... component d_model -> component ... d_model")
+        else:
+            stack = self._empty_stack(pos_slice)
+        if incl_remainder:
+            stack, labels = self._with_remainder(stack, labels, layer, False, pos_slice)
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice)
+        return (stack, labels) if return_labels else stack
+
+    # The whole residual stream --------------------------------------------------------------
+    def get_full_resid_decomposition(self, layer: int | None = None, mlp_input: bool = False,
+                                     expand_neurons: bool = True, apply_ln: bool = False,
+                                     pos_slice: SliceInput | Slice = None, return_labels: bool = False
+                                     ) -> Stack | tuple[Stack, list[str]]:
+        """The residual stream entering ``layer`` as every head, every neuron (or, without
+        ``expand_neurons``, every MLP), the embeddings and one ``"bias"`` row, in that order.
+
+        ``bias`` is ``model.accumulated_bias``: every ``b_O`` (and ``b_out`` when neurons are
+        expanded; otherwise each ``mlp_out`` row carries its own). The rows sum to the
+        residual stream exactly; with ``apply_ln`` they sum to the norm's output exactly,
+        because the norm's bias (an unfolded LayerNorm's ``b``) is added to the ``bias``
+        row. So, for the full model, ``stack.sum(0) @ W_U + b_U`` are the logits.
+        """
+        layer = self._stack_layer(layer)
+        self._check_mlp_input(layer, mlp_input)
+        pos_slice = Slice.unwrap(pos_slice)
+        head_layers = layer + 1 if self._attn_before_mlp(layer, mlp_input) else layer
+        heads, labels = self.stack_head_results(head_layers, pos_slice=pos_slice, return_labels=True)
+        parts = [heads]
+        if layer:
+            if expand_neurons:
+                mlps, mlp_labels = self.stack_neuron_results(layer, pos_slice=pos_slice, return_labels=True)
+            else:
+                mlps, mlp_labels = self.decompose_resid(layer, mode="mlp", pos_slice=pos_slice, incl_embeds=False,
+                                                        return_labels=True)
+            parts.append(mlps)
+            labels += mlp_labels
+        embeds, embed_labels = self.decompose_resid(0, pos_slice=pos_slice, return_labels=True)
+        parts.append(embeds)
+        labels += embed_labels
+        bias = self.model.accumulated_bias(layer, mlp_input, include_mlp_biases=expand_neurons)
+        parts.append(_like(bias, embeds).expand(embeds.shape[1:])[None])
+        labels.append("bias")
+        stack = torch.cat(parts)
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=pos_slice)
+            norm_bias = getattr(self._norm(layer, mlp_input), "b", None)
+            if norm_bias is not None:
+                stack = torch.cat([stack[:-1], stack[-1:] + _like(norm_bias, stack)])
+        return (stack, labels) if return_labels else stack
+
+    # Norms ------------------------------------------------------------------------------------
+    def _norm(self, layer: int, mlp_input: bool) -> Any:
+        if layer == self.cfg.n_layers:
+            return self.model.ln_final
+        block = self.model.blocks[layer]
+        return block.ln2 if mlp_input else block.ln1
+
+    def apply_ln_to_stack(self, residual_stack: Float[torch.Tensor, "... d_model"], layer: int | None = None,
+                          mlp_input: bool = False, pos_slice: SliceInput | Slice = None,
+                          batch_slice: SliceInput | Slice = None, has_batch_dim: bool = True
+                          ) -> Float[torch.Tensor, "... d_model"]:
+        """What each component of a residual stack contributes to the output of the norm
+        that reads ``layer``'s input (``ln_final`` for the full model; ``ln1``, or ``ln2``
+        with ``mlp_input``), using the scale ``s`` cached in the forward pass::
+
+            LayerNorm: c -> w * (c - mean(c)) / s         RMSNorm: c -> w * c / s
+
+        (no ``w`` on a folded model). The norm is linear in its input once ``s`` is fixed,
+        so for a stack that sums to the residual stream the rows sum *exactly* to the
+        norm's output minus its bias ``b`` (unfolded LayerNorm only). ``b`` belongs to no
+        component and is left out here; ``get_full_resid_decomposition(apply_ln=True)``
+        adds it to its ``"bias"`` row, and ``fold_ln`` moves it into the next weights'
+        biases (``b_U`` for the final norm). Rows that are not parts of this residual
+        stream (e.g. earlier layers' ``accumulated_resid``) are divided by this scale
+        too, as in TransformerLens.
+
+        The stack is ``[..., *batch_and_pos, d_model]`` with any number of leading
+        component dims; its batch/pos dims must be those of the cached scale after
+        ``pos_slice`` (pass the ``pos_slice`` the stack was built with) and ``batch_slice``.
+        """
+        d_model = self.cfg.d_model
+        if residual_stack.shape[-1] != d_model:
+            raise ValueError(f"apply_ln_to_stack takes a stack of residual-stream vectors [..., d_model={d_model}], "
+                             f"got shape {tuple(residual_stack.shape)}. Apply the norm before projecting onto a "
+                             f"direction, and keep d_model as the last dimension")
+        layer = self._stack_layer(layer)
+        self._check_mlp_input(layer, mlp_input)
+        pos_slice, batch_slice = Slice.unwrap(pos_slice), Slice.unwrap(batch_slice)
+        norm = self._norm(layer, mlp_input)
+        scale_name = "ln_final.hook_scale" if layer == self.cfg.n_layers else \
+            f"blocks.{layer}.{'ln2' if mlp_input else 'ln1'}.hook_scale"
+        scale = pos_slice.apply(self._get(scale_name, "apply_ln_to_stack"), dim=-2)  # [*batch_and_pos, 1]
+        if self.has_batch_dim and batch_slice.mode != "empty":
+            if has_batch_dim:
+                residual_stack = batch_slice.apply(residual_stack, dim=residual_stack.ndim - scale.ndim)
+            scale = batch_slice.apply(scale, dim=0)
+        k = scale.ndim - 1
+        if residual_stack.ndim < k + 1 or residual_stack.shape[residual_stack.ndim - 1 - k:-1] != scale.shape[:-1]:
+            raise ValueError(f"the stack's batch/pos dims end in {tuple(residual_stack.shape[:-1])}, but the "
+                             f"cached {scale_name} has batch/pos dims {tuple(scale.shape[:-1])} after "
+                             f"pos_slice={pos_slice!r}, batch_slice={batch_slice!r}: pass the pos_slice (and "
+                             f"batch_slice) the stack was built with")
+        if self.cfg.normalization_type in ("LN", "LNPre"):
+            residual_stack = residual_stack - residual_stack.mean(-1, keepdim=True)
+        out = residual_stack / scale  # the cached scale is float32 whatever the model's dtype
+        w = getattr(norm, "w", None)
+        if w is not None:
+            out = out * _like(w, out)
+        return out.to(residual_stack.dtype)
+
+    # Logits -----------------------------------------------------------------------------------
+    def logit_attrs(self, residual_stack: Float[torch.Tensor, "... d_model"], tokens: Tokens,
+                    incorrect_tokens: Tokens | None = None, pos_slice: SliceInput | Slice = None,
+                    batch_slice: SliceInput | Slice = None, has_batch_dim: bool = True
+                    ) -> Float[torch.Tensor, "..."]:
+        """Each component's direct effect on the logit of ``tokens`` (minus that of
+        ``incorrect_tokens``): ``apply_ln_to_stack(stack) · (W_U[:, tokens] - W_U[:, incorrect])``.
+
+        ``b_U`` is not included (it belongs to no component). Tokens may be strings (each
+        one token), ids, or a tensor of ids ``[batch]`` (one per example) or ``[batch, pos]``.
+        """
+        directions = self.model.tokens_to_residual_directions(tokens)
+        if incorrect_tokens is not None:
+            wrong = self.model.tokens_to_residual_directions(incorrect_tokens)
+            if wrong.shape != directions.shape:
+                raise ValueError(f"tokens and incorrect_tokens must have the same shape, got directions of shape "
+                                 f"{tuple(directions.shape)} and {tuple(wrong.shape)}")
+            directions = directions - wrong
+        scaled = self.apply_ln_to_stack(residual_stack, -1, pos_slice=pos_slice, batch_slice=batch_slice,
+                                        has_batch_dim=has_batch_dim)
+        if (has_batch_dim and scaled.ndim == 4 and directions.ndim == 2
+                and directions.shape[0] == scaled.shape[1]):
+            directions = directions[:, None]  # one direction per example, the same at every position
+        return (scaled * _like(directions, scaled)).sum(-1)
+
+    # Any activation ---------------------------------------------------------------------------
+    def stack_activation(self, activation_name: str, layer: int | None = -1, sublayer_type: str | None = None
+                         ) -> Float[torch.Tensor, "layer ..."]:
+        """``activation_name`` (a short name, e.g. ``"pattern"``) of every block before ``layer``, stacked."""
+        layer = self._stack_layer(layer)
+        return torch.stack([self._get((activation_name, l, sublayer_type), "stack_activation") for l in range(layer)])
+
+    # Error messages -----------------------------------------------------------------------------
+    def _not_cached_message(self, name: str, needed_by: str | None) -> str:
+        who = f"{needed_by} needs {name!r}, which" if needed_by else f"{name!r}"
+        hook_dict = getattr(self.model, "hook_dict", {})
+        if name not in hook_dict:
+            return (f"{who} is not a hook point of this model{_why_absent(name, self.cfg)}. "
+                    f"Cached: {_summarize(list(self.cache_dict))}")
+        glob = re.sub(r"^blocks\.\d+\.", "blocks.*.", name)
+        expansion = name.endswith(PER_HEAD_EXPANSIONS)
+        why = " (run_with_cache leaves per-head expansions out unless names_filter names them)" if expansion else ""
+        default = "" if expansion else ", or leave names_filter out to cache every site"
+        return (f"{who} is not in this cache{why}. It holds {len(self)} activations: "
+                f"{_summarize(list(self.cache_dict))}. To cache it, run model.run_with_cache(..., "
+                f"names_filter=[..., {glob!r}]) (names and globs){default}")
+
+
+def _like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A weight on ``like``'s device and dtype; detached unless ``like`` carries a graph,
+    so stacks built from a detached cache carry none either."""
+    t = t.to(like.device, like.dtype)
+    return t if like.requires_grad else t.detach()
+
+
+def _keep_dim(s: Slice) -> Slice:
+    """An int neuron slice keeps its dim (layers are concatenated along it)."""
+    return Slice([s.slice]) if s.mode == "int" else s
+
+
+def _why_absent(name: str, cfg: Any) -> str:
+    if name.endswith("hook_resid_mid") and cfg.parallel_residual:
+        return " (parallel-residual blocks have no resid_mid: attention and MLP both read resid_pre)"
+    if name == "hook_pos_embed" and cfg.positional_embedding != "learned":
+        return " (rotary models have no position embedding in the residual stream)"
+    if "rot_" in name and cfg.positional_embedding != "rotary":
+        return " (only rotary models have rot_q/rot_k)"
+    if name.endswith("pre_linear") and not cfg.gated_mlp:
+        return " (only gated MLPs have pre_linear)"
+    m = re.match(r"^blocks\.(\d+)\.", name)
+    if m and int(m.group(1)) >= cfg.n_layers:
+        return f" (the model has {cfg.n_layers} layers, 0..{cfg.n_layers - 1})"
+    return ""
+
+
+def _summarize(names: list[str], limit: int = 12) -> str:
+    """``['blocks.0.hook_z', 'blocks.1.hook_z']`` -> ``'blocks.{0-1}.hook_z'``, compactly."""
+    if not names:
+        return "nothing"
+    layers: dict[str, list[int]] = {}
+    for name in names:
+        m = re.match(r"^blocks\.(\d+)\.(.*)$", name)
+        key = f"blocks.{{}}.{m.group(2)}" if m else name
+        layers.setdefault(key, []).append(int(m.group(1)) if m else -1)
+    shown = []
+    for key, ls in layers.items():
+        if "{}" not in key:
+            shown.append(key)
+            continue
+        ls = sorted(set(ls))
+        span = str(ls[0]) if len(ls) == 1 else (f"{ls[0]}-{ls[-1]}" if ls == list(range(ls[0], ls[-1] + 1))
+                                                 else ",".join(map(str, ls)))
+        shown.append(key.replace("{}", "{" + span + "}") if len(ls) > 1 else key.replace("{}", span))
+    more = f", ... ({len(shown) - limit} more kinds; see cache.keys())" if len(shown) > limit else ""
+    return ", ".join(shown[:limit]) + more

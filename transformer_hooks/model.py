@@ -361,6 +361,62 @@ class HookedTransformer(HookedRootModule):
     b_in = property(lambda self: self._stack("mlp.b_in"), doc="[n_layers, d_mlp]")
     b_out = property(lambda self: self._stack("mlp.b_out"), doc="[n_layers, d_model]")
 
+    # Grouped key/value heads per query head, and residual-stream helpers (for DLA) ---------
+    # W_K / W_V keep n_kv_heads (GQA is never repeated in storage). Query head h reads key/
+    # value head h // group_size; these properties repeat each kv head for its query heads,
+    # as a new tensor [n_layers, head, ...], so per-head circuits (W_Q[l, h] @ W_K[l, h].T,
+    # W_V[l, h] @ W_O[l, h]) index one axis. For MHA they equal W_K / W_V.
+    W_K_per_query_head = property(lambda self: self.W_K.repeat_interleave(self.cfg.group_size, dim=1),
+                                  doc="[n_layers, head, d_model, d_head]: W_K repeated per query head")
+    W_V_per_query_head = property(lambda self: self.W_V.repeat_interleave(self.cfg.group_size, dim=1),
+                                  doc="[n_layers, head, d_model, d_head]: W_V repeated per query head")
+    b_K_per_query_head = property(lambda self: self.b_K.repeat_interleave(self.cfg.group_size, dim=1),
+                                  doc="[n_layers, head, d_head]: b_K repeated per query head")
+    b_V_per_query_head = property(lambda self: self.b_V.repeat_interleave(self.cfg.group_size, dim=1),
+                                  doc="[n_layers, head, d_head]: b_V repeated per query head")
+
+    def tokens_to_residual_directions(self, tokens: str | int | Sequence[int] | Sequence[str] | torch.Tensor
+                                      ) -> Float[torch.Tensor, "... d_model"]:
+        """The residual direction each token's logit reads: ``W_U[:, token]``.
+
+        A string (one token) or an int gives [d_model]; a tensor (or list) of ids of shape
+        [...] gives [..., d_model]. A string that is not one token raises and says how it
+        tokenizes. The logit-difference direction is
+        ``tokens_to_residual_directions(" Paris") - tokens_to_residual_directions(" London")``.
+        """
+        if isinstance(tokens, (list, tuple)) and tokens and all(isinstance(t, str) for t in tokens):
+            tokens = [self.to_single_token(t) for t in tokens]
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)
+        ids = torch.as_tensor(tokens, device=self.W_U.device)
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise ValueError(f"tokens must be integer ids or strings, got dtype {ids.dtype}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.d_vocab):
+            raise ValueError(f"token ids must be in [0, {self.cfg.d_vocab}), got {ids.tolist()}")
+        return self.W_U[:, ids].movedim(0, -1)
+
+    def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True
+                         ) -> Float[torch.Tensor, "d_model"]:
+        """The sum of the output biases (``b_O``, and ``b_out`` with ``include_mlp_biases``)
+        written into the residual stream that enters block ``layer`` (0..n_layers; n_layers
+        is the input to the unembedding). ``mlp_input``: the stream that block's MLP reads,
+        which in a sequential block also holds its own ``b_O`` (a parallel block's MLP reads
+        ``resid_pre``, so nothing is added there).
+        """
+        n = self.cfg.n_layers
+        if not 0 <= layer <= n:
+            raise ValueError(f"layer={layer} is out of range: accumulated_bias takes 0..{n} ({n}: the unembedding)")
+        if mlp_input and layer == n:
+            raise ValueError(f"mlp_input=True needs a block below {n}; layer={n} is the unembedding")
+        bias = torch.zeros(self.cfg.d_model, device=self.device, dtype=self.dtype)
+        for block in self.blocks[:layer]:
+            bias = bias + block.attn.b_O
+            if include_mlp_biases:
+                bias = bias + block.mlp.b_out
+        if mlp_input and not self.cfg.parallel_residual:
+            bias = bias + self.blocks[layer].attn.b_O
+        return bias
+
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """Sample a continuation with a preallocated KV cache; see generate.generate."""
         from .generate import generate

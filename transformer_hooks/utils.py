@@ -1,8 +1,13 @@
-"""Small helpers with TransformerLens's names: ``get_act_name``."""
+"""Small helpers with TransformerLens's names: ``get_act_name`` and ``Slice``."""
 
 from __future__ import annotations
 
-# Short names -> (where the site lives, its hook name). "block" sites take a layer.
+import re
+from typing import Sequence, Union
+
+import torch
+
+# Short names -> the hook name within a block (or at top level, for _TOP_LEVEL).
 _ALIASES = {
     "embed": "hook_embed", "pos_embed": "hook_pos_embed",
     "resid_pre": "hook_resid_pre", "resid_mid": "hook_resid_mid", "resid_post": "hook_resid_post",
@@ -16,6 +21,9 @@ _ALIASES = {
     "mlp_pre": "mlp.hook_pre", "mlp_post": "mlp.hook_post",
 }
 _TOP_LEVEL = {"embed", "pos_embed"}
+_NORM_SITES = ("scale", "normalized")
+# TransformerLens's compact form: "k6" -> ("k", 6), "scale4ln1" -> ("scale", 4, "ln1").
+_COMPACT = re.compile(r"^([a-z_]+?)(\d+)(ln1|ln2|ln_final|a|m|b|block|attn|mlp)?$")
 
 
 def get_act_name(name: str, layer: int | None = None, layer_type: str | None = None,
@@ -23,16 +31,20 @@ def get_act_name(name: str, layer: int | None = None, layer_type: str | None = N
     """TransformerLens's shorthand: ``get_act_name("resid_post", 3) == "blocks.3.hook_resid_post"``.
 
     ``("scale", 2, "ln1")`` -> ``blocks.2.ln1.hook_scale``; ``("scale",)`` -> ``ln_final.hook_scale``;
-    ``("normalized", 2, "ln2")`` likewise. A full hook name passes through. Negative layers
-    count from the end when ``n_layers`` is given.
+    ``("normalized", 2, "ln2")`` likewise. ``"k6"`` means ``("k", 6)`` and ``"scale4ln1"``
+    ``("scale", 4, "ln1")``, as in TL. A full hook name passes through. Negative layers
+    count from the end when ``n_layers`` is given; with ``n_layers``, a layer out of range
+    is an error.
     """
     if "." in name or name.startswith("hook_"):
         return name
-    if layer is not None and layer < 0:
-        if n_layers is None:
-            raise ValueError(f"negative layer {layer} needs n_layers")
-        layer += n_layers
-    if name in ("scale", "normalized"):
+    if name not in _ALIASES and name not in _NORM_SITES and layer is None and (m := _COMPACT.match(name)):
+        name, layer, layer_type = m.group(1), int(m.group(2)), m.group(3) or layer_type
+    if layer is not None:
+        layer = check_layer(layer, n_layers) if n_layers is not None else layer
+        if layer < 0:
+            raise ValueError(f"negative layer {layer} needs n_layers to count from the end")
+    if name in _NORM_SITES:
         if layer is None:
             return f"ln_final.hook_{name}"
         ln = layer_type or "ln1"
@@ -40,10 +52,78 @@ def get_act_name(name: str, layer: int | None = None, layer_type: str | None = N
             raise ValueError(f"layer_type for {name!r} must be 'ln1' or 'ln2', got {ln!r}")
         return f"blocks.{layer}.{ln}.hook_{name}"
     if name not in _ALIASES:
-        raise ValueError(f"unknown activation name {name!r}; known short names: {sorted(_ALIASES) + ['scale', 'normalized']}")
+        raise ValueError(f"unknown activation name {name!r}; known short names: "
+                         f"{sorted(_ALIASES) + list(_NORM_SITES)}, or a full hook name like 'blocks.0.hook_resid_pre'")
     site = _ALIASES[name]
     if name in _TOP_LEVEL:
         return site
     if layer is None:
         raise ValueError(f"{name!r} is a per-layer site: give a layer, e.g. get_act_name({name!r}, 0)")
     return f"blocks.{layer}.{site}"
+
+
+def check_layer(layer: int, n_layers: int, what: str = "layer") -> int:
+    """A block index in ``[0, n_layers)``; negative counts from the end. Raises when out of range."""
+    if not isinstance(layer, int) or isinstance(layer, bool):
+        raise TypeError(f"{what} must be an int, got {type(layer).__name__}")
+    idx = layer + n_layers if layer < 0 else layer
+    if not 0 <= idx < n_layers:
+        raise ValueError(f"{what}={layer} is out of range for a model with {n_layers} layers "
+                         f"(valid: {-n_layers}..{n_layers - 1})")
+    return idx
+
+
+SliceInput = Union[None, int, slice, tuple, Sequence[int], torch.Tensor]
+
+
+class Slice:
+    """TransformerLens's ``Slice``: one way to say which entries of a dimension to keep.
+
+    - ``None``: all of them;
+    - an int: that one, and the dimension disappears (``pos_slice=-1``: the last position);
+    - a tuple ``(start, stop[, step])`` or a ``slice``: a range;
+    - a list or 1-D tensor of indices.
+    """
+
+    def __init__(self, input_slice: "SliceInput | Slice" = None) -> None:
+        if isinstance(input_slice, Slice):
+            input_slice = input_slice.slice
+        if isinstance(input_slice, tuple):
+            input_slice = slice(*input_slice)
+        if input_slice is None:
+            self.slice, self.mode = slice(None), "empty"
+        elif isinstance(input_slice, slice):
+            self.slice, self.mode = input_slice, "slice"
+        elif isinstance(input_slice, int) and not isinstance(input_slice, bool):
+            self.slice, self.mode = input_slice, "int"
+        elif isinstance(input_slice, (list, torch.Tensor)) or hasattr(input_slice, "__len__"):
+            self.slice, self.mode = torch.as_tensor(input_slice, dtype=torch.long), "array"
+        else:
+            raise ValueError(f"cannot make a slice from {input_slice!r}: pass None, an int, a (start, stop) tuple, "
+                             f"a slice, or a list of indices")
+
+    def apply(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """``tensor`` with this slice applied along ``dim``."""
+        if self.mode == "empty":
+            return tensor
+        if self.mode == "int":
+            size = tensor.shape[dim]
+            if not -size <= self.slice < size:
+                raise IndexError(f"position/index {self.slice} is out of range for a dimension of size {size}")
+            return tensor.select(dim, self.slice)
+        if self.mode == "array":
+            return tensor.index_select(dim, self.slice.to(tensor.device) % tensor.shape[dim])
+        index = [slice(None)] * tensor.ndim
+        index[dim] = self.slice
+        return tensor[tuple(index)]
+
+    def indices(self, max_ctx: int) -> torch.Tensor:
+        """The kept indices of a dimension of size ``max_ctx`` (negative ones made positive)."""
+        return torch.atleast_1d(self.apply(torch.arange(max_ctx), 0))
+
+    @staticmethod
+    def unwrap(input_slice: "SliceInput | Slice") -> "Slice":
+        return input_slice if isinstance(input_slice, Slice) else Slice(input_slice)
+
+    def __repr__(self) -> str:
+        return f"Slice({self.slice!r})"
