@@ -46,6 +46,12 @@ class _Hook:
     permanent: bool
 
 
+def _check_callable(fn: Any, site: str) -> None:
+    if not callable(fn):
+        raise TypeError(f"the hook for {site} is a {type(fn).__name__}, not a function: "
+                        f"pass (name, fn) pairs with fn(activation, hook) -> activation | None")
+
+
 def _fn_name(fn: HookFn) -> str:
     inner = getattr(fn, "func", fn)  # functools.partial
     return getattr(inner, "__qualname__", repr(inner))
@@ -69,6 +75,7 @@ class HookPoint(nn.Module):
                  level: int | None = None, prepend: bool = False) -> None:
         if dir not in ("fwd", "bwd"):
             raise ValueError(f"dir must be 'fwd' or 'bwd', got {dir!r}")
+        _check_callable(fn, self.name)
         hooks = self.fwd_hooks if dir == "fwd" else self.bwd_hooks
         entry = _Hook(fn, level, is_permanent)
         hooks.insert(0, entry) if prepend else hooks.append(entry)
@@ -123,6 +130,11 @@ class HookPoint(nn.Module):
             raise HookShapeError(
                 f"hook {_fn_name(fn)} on {self.name} returned shape {tuple(out.shape)}, but the "
                 f"activation has shape {tuple(x.shape)}; return a tensor of the same shape (or None)"
+            )
+        if out.device != x.device:
+            raise HookShapeError(
+                f"hook {_fn_name(fn)} on {self.name} returned a tensor on {out.device}, but the activation is on "
+                f"{x.device}; move the result with .to({str(x.device)!r})"
             )
         if out.dtype != x.dtype:
             raise HookShapeError(
@@ -218,6 +230,8 @@ class HookedRootModule(nn.Module):
         """
         resolved = [(self.resolve_hook_names(n), fn, d) for hooks, d in ((fwd_hooks, "fwd"), (bwd_hooks, "bwd"))
                     for n, fn in hooks]
+        for names, fn, _ in resolved:  # check all before attaching any
+            _check_callable(fn, names[0] if names else "?")
         self._hook_level += 1
         level = self._hook_level
         try:
@@ -264,6 +278,13 @@ class HookedRootModule(nn.Module):
         """
         names = self.cache_names(names_filter)
         store: dict[str, torch.Tensor] = {}
+        if remove_batch_dim:
+            tokens = model_args[0] if model_args else model_kwargs.get("input")
+            batch = tokens.shape[0] if isinstance(tokens, torch.Tensor) and tokens.ndim >= 2 else (
+                len(tokens) if isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], str) else 1)
+            if batch != 1:
+                raise ValueError(f"remove_batch_dim=True needs a batch of one, got {batch}; "
+                                 f"index the cache per example instead")
 
         def saver(key: str) -> HookFn:
             def save(act: torch.Tensor, hook: HookPoint) -> None:

@@ -96,6 +96,9 @@ class HookedTransformer(HookedRootModule):
         n = self.cfg.n_layers
         start = self._layer_index(start_at_layer, "start_at_layer") if start_at_layer is not None else 0
         stop = self._layer_index(stop_at_layer, "stop_at_layer", allow_end=True) if stop_at_layer is not None else n
+        if start > stop:
+            raise ValueError(f"start_at_layer={start_at_layer} comes after stop_at_layer={stop_at_layer}: "
+                             f"nothing would run")
 
         if start_at_layer is None:
             tokens, attention_mask = self.tokens_and_mask(input, prepend_bos, padding_side, attention_mask)
@@ -106,9 +109,12 @@ class HookedTransformer(HookedRootModule):
                 shape = tuple(resid.shape) if isinstance(resid, torch.Tensor) else type(resid).__name__
                 raise ValueError(f"with start_at_layer, input is the residual stream [batch, pos, d_model="
                                  f"{self.cfg.d_model}], got {shape}")
+            if resid.dtype != self.dtype:
+                raise ValueError(f"the residual stream is {resid.dtype} but the model is {self.dtype}; "
+                                 f"pass resid.to({self.dtype})")
             batch, q_len = resid.shape[:2]
             if attention_mask is not None:
-                attention_mask = attention_mask.to(resid.device)
+                attention_mask = self._check_mask(attention_mask, (batch, q_len))
 
         positions, mask = self._positions_and_mask(batch, q_len, attention_mask, past_kv_cache,
                                                    device=self.device)
@@ -126,11 +132,12 @@ class HookedTransformer(HookedRootModule):
         if stop < n:
             return resid
 
-        logits = self.unembed(self.ln_final(resid))
+        resid = self.ln_final(resid)
+        if return_type is None:  # e.g. a prefill, or a run for its hooks: skip the unembedding
+            return None
+        logits = self.unembed(resid)
         if return_type == "logits":
             return logits
-        if return_type is None:
-            return None
         if tokens is None:
             raise ValueError("a loss needs the tokens: pass tokens=... together with start_at_layer")
         loss = lm_cross_entropy_loss(logits, tokens, attention_mask, per_token=loss_per_token)
@@ -207,21 +214,31 @@ class HookedTransformer(HookedRootModule):
         """Tokens [batch, pos] on the model's device, checked, and the padding mask (or None)."""
         if isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str)):
             tokens, mask = self._tokenize(input, prepend_bos, padding_side)
-            return tokens, (mask if attention_mask is None else attention_mask.to(self.device))
-        tokens = self._check_tokens(input)
+        else:
+            tokens, mask = self._check_tokens(input), None
         if attention_mask is not None:
-            attention_mask = torch.as_tensor(attention_mask, device=self.device)
-            if attention_mask.ndim == 1:
-                attention_mask = attention_mask[None]
-            if attention_mask.shape != tokens.shape:
-                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, tokens "
-                                 f"{tuple(tokens.shape)}; they must match")
-        return tokens, attention_mask
+            mask = self._check_mask(attention_mask, tuple(tokens.shape))
+        return tokens, mask
+
+    def _check_mask(self, attention_mask: Any, shape: tuple[int, int]) -> torch.Tensor:
+        """An attention mask as 0/1 longs on the model's device, of the tokens' shape."""
+        mask = torch.as_tensor(attention_mask, device=self.device)
+        if mask.ndim == 1:
+            mask = mask[None]
+        if tuple(mask.shape) != shape:
+            raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, tokens {shape}; they must match")
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("attention_mask must hold only 0 and 1 (0 for padding, 1 for a real token); got other values")
+        return mask.long()
 
     def _check_tokens(self, tokens: Any) -> torch.Tensor:
         if isinstance(tokens, (list, tuple)):
             if not tokens:
                 raise ValueError("empty input: pass at least one token or a non-empty string")
+            rows = tokens if isinstance(tokens[0], (list, tuple)) else [tokens]
+            if len({len(r) for r in rows}) > 1:
+                raise ValueError(f"token lists of different lengths {sorted({len(r) for r in rows})}: pad them to "
+                                 f"one length and pass attention_mask (or pass strings, which are padded for you)")
             tokens = torch.tensor(tokens)
         if not isinstance(tokens, torch.Tensor):
             raise TypeError(f"input must be a string, a list of strings or a token tensor, got {type(tokens).__name__}")
@@ -427,6 +444,8 @@ class HookedTransformer(HookedRootModule):
 def lm_cross_entropy_loss(logits: Float[torch.Tensor, "batch pos d_vocab"], tokens: Int[torch.Tensor, "batch pos"],
                           attention_mask: torch.Tensor | None = None, per_token: bool = False) -> torch.Tensor:
     """Next-token cross-entropy; with a mask, only predictions of real tokens from real tokens count."""
+    if tokens.shape[1] < 2:
+        raise ValueError("a next-token loss needs at least two tokens per row; got one")
     log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
     nll = -log_probs.gather(-1, tokens[:, 1:, None])[..., 0]  # [batch, pos-1]
     if per_token:
@@ -434,4 +453,6 @@ def lm_cross_entropy_loss(logits: Float[torch.Tensor, "batch pos d_vocab"], toke
     if attention_mask is None:
         return nll.mean()
     valid = (attention_mask[:, 1:] * attention_mask[:, :-1]).to(nll.dtype)
+    if valid.sum() == 0:
+        raise ValueError("a next-token loss needs two consecutive real tokens; the attention mask leaves none")
     return (nll * valid).sum() / valid.sum()

@@ -6,6 +6,14 @@ import torch
 from einops import rearrange
 
 
+def head_dim(d_model: int, n_heads: int, width_key: str, heads_key: str) -> int:
+    """d_model / n_heads, refusing a head count that does not divide the width."""
+    if n_heads <= 0 or d_model % n_heads:
+        raise ValueError(f"{width_key}={d_model} is not a multiple of {heads_key}={n_heads}: the config is "
+                         f"inconsistent (each head gets d_model / n_heads dims)")
+    return d_model // n_heads
+
+
 def heads_from_linear(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     """nn.Linear weight [head*d_head, d_model] -> [head, d_model, d_head] (a view)."""
     return rearrange(weight, "(head d_head) d_model -> head d_model d_head", head=n_heads)

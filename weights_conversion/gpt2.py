@@ -13,13 +13,15 @@ from einops import rearrange
 
 from transformer_hooks.config import ModelConfig
 
+from .common import head_dim
+
 MODEL_TYPES = ("gpt2",)
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
     d_model, n_heads = hf["n_embd"], hf["n_head"]
     return ModelConfig(
-        d_model=d_model, n_layers=hf["n_layer"], n_heads=n_heads, d_head=d_model // n_heads,
+        d_model=d_model, n_layers=hf["n_layer"], n_heads=n_heads, d_head=head_dim(d_model, n_heads, "n_embd", "n_head"),
         d_mlp=hf.get("n_inner") or 4 * d_model, d_vocab=hf["vocab_size"], n_ctx=hf["n_positions"],
         act_fn=hf.get("activation_function", "gelu_new"), normalization_type="LN",
         eps=hf.get("layer_norm_epsilon", 1e-5), positional_embedding="learned",

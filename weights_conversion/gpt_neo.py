@@ -11,7 +11,7 @@ import torch
 
 from transformer_hooks.config import ModelConfig
 
-from .common import heads_from_bias, heads_from_linear, out_from_linear
+from .common import head_dim, heads_from_bias, heads_from_linear, out_from_linear
 
 MODEL_TYPES = ("gpt_neo",)
 
@@ -26,7 +26,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
     d_model, n_heads = hf["hidden_size"], hf["num_heads"]
     window = hf.get("window_size", 256)
     return ModelConfig(
-        d_model=d_model, n_layers=hf["num_layers"], n_heads=n_heads, d_head=d_model // n_heads,
+        d_model=d_model, n_layers=hf["num_layers"], n_heads=n_heads, d_head=head_dim(d_model, n_heads, "hidden_size", "num_heads"),
         d_mlp=hf.get("intermediate_size") or 4 * d_model, d_vocab=hf["vocab_size"],
         n_ctx=hf["max_position_embeddings"], act_fn=hf.get("activation_function", "gelu_new"),
         normalization_type="LN", eps=hf.get("layer_norm_epsilon", 1e-5), positional_embedding="learned",

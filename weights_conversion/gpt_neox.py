@@ -14,14 +14,14 @@ from einops import rearrange
 
 from transformer_hooks.config import ModelConfig
 
-from .common import out_from_linear, rope_parameters, rope_scaling
+from .common import head_dim, out_from_linear, rope_parameters, rope_scaling
 
 MODEL_TYPES = ("gpt_neox",)
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
     d_model, n_heads = hf["hidden_size"], hf["num_attention_heads"]
-    d_head = d_model // n_heads
+    d_head = head_dim(d_model, n_heads, "hidden_size", "num_attention_heads")
     rope = rope_parameters(hf)
     fraction = rope.get("partial_rotary_factor", hf.get("rotary_pct", hf.get("partial_rotary_factor", 0.25)))
     theta = rope.get("rope_theta", hf.get("rotary_emb_base", 10000.0))

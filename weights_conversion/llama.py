@@ -12,7 +12,7 @@ import torch
 
 from transformer_hooks.config import ModelConfig
 
-from .common import heads_from_bias, heads_from_linear, out_from_linear, rope_parameters, rope_scaling
+from .common import head_dim, heads_from_bias, heads_from_linear, out_from_linear, rope_parameters, rope_scaling
 
 MODEL_TYPES = ("llama",)
 
@@ -22,7 +22,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
     rope = rope_parameters(hf)
     return ModelConfig(
         d_model=d_model, n_layers=hf["num_hidden_layers"], n_heads=n_heads,
-        d_head=hf.get("head_dim") or d_model // n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        d_head=hf.get("head_dim") or head_dim(d_model, n_heads, "hidden_size", "num_attention_heads"), n_kv_heads=hf.get("num_key_value_heads") or n_heads,
         d_mlp=hf["intermediate_size"], d_vocab=hf["vocab_size"], n_ctx=hf.get("max_position_embeddings", 2048),
         act_fn=hf.get("hidden_act", "silu"), normalization_type="RMS", eps=hf.get("rms_norm_eps", 1e-6),
         positional_embedding="rotary", rope_theta=float(rope.get("rope_theta", 10000.0)),
