@@ -34,6 +34,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..hooks import HookPoint
 from .kv_cache import LayerKVCache
+from .linear import linear
 from .masks import AttentionMask
 from .rotary import CosSin, rotate
 
@@ -49,7 +50,7 @@ def project(x: Input, W: Float[torch.Tensor, "head d_model d_head"], b: Float[to
     """x · W + b for every head: -> [batch, pos, head, d_head]."""
     n, _, d_head = W.shape
     if x.ndim == 3:  # one input shared by all heads: a single matmul
-        return F.linear(x, W.transpose(1, 2).reshape(n * d_head, -1), b.reshape(-1)).unflatten(-1, (n, d_head))
+        return linear(x, W.transpose(1, 2).reshape(n * d_head, -1), b.reshape(-1)).unflatten(-1, (n, d_head))
     return einsum(x, W, "batch pos head d_model, head d_model d_head -> batch pos head d_head") + b
 
 
@@ -105,7 +106,7 @@ class Attention(nn.Module):
         if self.hook_result.observed:
             result = self.hook_result(einsum(z, self.W_O, "batch pos head d_head, head d_head d_model -> batch pos head d_model"))
             return result.sum(-2) + self.b_O
-        return F.linear(z.flatten(-2), self.W_O.flatten(0, 1).T, self.b_O)
+        return linear(z.flatten(-2), self.W_O.flatten(0, 1).T, self.b_O)
 
     def _fused(self, q, k, v, mask: AttentionMask) -> Float[torch.Tensor, "batch head pos d_head"]:
         attn_mask = mask.sdpa_mask(self.window)
@@ -115,10 +116,14 @@ class Attention(nn.Module):
         )
 
     def _explicit(self, q, k, v, mask: AttentionMask) -> Float[torch.Tensor, "batch head pos d_head"]:
-        g = self.n_heads // self.n_kv_heads
-        q = q.unflatten(1, (self.n_kv_heads, g))  # [batch, kv_head, group, pos, d_head]
-        scores = (q @ k[:, :, None].transpose(-1, -2)).flatten(1, 2) * self.scale  # [batch, head, pos, key_pos]
-        scores = scores.masked_fill(~mask.allowed(self.window), float("-inf"))
+        batch, n_heads, pos, d_head = q.shape
+        # Query heads grouped by the kv head they read, so one matmul per kv head serves the
+        # whole group without copying keys/values: [batch, kv_head, group * pos, d_head].
+        # Scaling q (pos x d_head) is cheaper than scaling the scores (pos x key_pos).
+        q = (q * self.scale).reshape(batch, self.n_kv_heads, -1, d_head)
+        scores = (q @ k.transpose(-1, -2)).view(batch, n_heads, pos, -1)  # [batch, head, pos, key_pos]
+        scores.masked_fill_(mask.disallowed(self.window), float("-inf"))  # in place: a fresh tensor
         scores = self.hook_attn_scores(scores)
         pattern = self.hook_pattern(scores.softmax(-1, dtype=torch.float32).to(q.dtype))
-        return (pattern.unflatten(1, (self.n_kv_heads, g)) @ v[:, :, None]).flatten(1, 2)
+        z = pattern.reshape(batch, self.n_kv_heads, -1, pattern.shape[-1]) @ v  # [batch, kv_head, group * pos, d_head]
+        return z.view(batch, n_heads, pos, d_head)

@@ -8,6 +8,7 @@ from jaxtyping import Float, Int
 from torch import nn
 
 from ..config import ModelConfig
+from .linear import linear
 
 
 class Embed(nn.Module):
@@ -46,4 +47,4 @@ class Unembed(nn.Module):
         self.b_U = nn.Parameter(torch.empty(cfg.d_vocab))
 
     def forward(self, resid: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_vocab"]:
-        return F.linear(resid, self.W_U.T, self.b_U)
+        return linear(resid, self.W_U.T, self.b_U)

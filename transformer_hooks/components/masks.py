@@ -38,6 +38,13 @@ class AttentionMask:
             self._built[window] = ok
         return self._built[window]
 
+    def disallowed(self, window: int | None) -> Bool[torch.Tensor, "batch_or_1 1 pos key_pos"]:
+        """``~allowed(window)``, built once per forward: the explicit path fills these with -inf."""
+        key = ("not", window)
+        if key not in self._built:
+            self._built[key] = ~self.allowed(window)
+        return self._built[key]
+
     def sdpa_mask(self, window: int | None) -> Bool[torch.Tensor, "batch_or_1 1 pos key_pos"] | None:
         """The boolean mask for SDPA, or None when ``is_causal_for_sdpa`` covers it."""
         return None if self.is_plain(window) else self.allowed(window)

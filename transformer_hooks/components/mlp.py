@@ -19,6 +19,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..hooks import HookPoint
+from .linear import linear
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,  # exact (erf)
@@ -55,8 +56,8 @@ class MLP(nn.Module):
         self.hook_post = HookPoint()
 
     def forward(self, x: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_model"]:
-        pre = self.hook_pre(F.linear(x, self.W_in.T, self.b_in))
-        return F.linear(self.hook_post(self.act(pre)), self.W_out.T, self.b_out)
+        pre = self.hook_pre(linear(x, self.W_in.T, self.b_in))
+        return linear(self.hook_post(self.act(pre)), self.W_out.T, self.b_out)
 
 
 class GatedMLP(MLP):
@@ -67,9 +68,9 @@ class GatedMLP(MLP):
         self.hook_pre_linear = HookPoint()
 
     def forward(self, x: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_model"]:
-        pre = self.hook_pre(F.linear(x, self.W_gate.T, self.b_gate))
-        pre_linear = self.hook_pre_linear(F.linear(x, self.W_in.T, self.b_in))
-        return F.linear(self.hook_post(self.act(pre) * pre_linear), self.W_out.T, self.b_out)
+        pre = self.hook_pre(linear(x, self.W_gate.T, self.b_gate))
+        pre_linear = self.hook_pre_linear(linear(x, self.W_in.T, self.b_in))
+        return linear(self.hook_post(self.act(pre) * pre_linear), self.W_out.T, self.b_out)
 
 
 def make_mlp(cfg: ModelConfig) -> MLP:

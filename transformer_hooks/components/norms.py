@@ -40,8 +40,11 @@ class _Norm(nn.Module):
         """x (centred for LayerNorm) / hook_scale(sqrt(mean(x^2) + eps)), in float32."""
         x = x.float()
         if self.centre:
-            x = x - x.mean(-1, keepdim=True)
-        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+            mean_square, mean = torch.var_mean(x, -1, correction=0, keepdim=True)  # of the centred x; one pass
+            x = x - mean
+        else:
+            mean_square = x.pow(2).mean(-1, keepdim=True)
+        scale = self.hook_scale((mean_square + self.eps).sqrt())
         return x / scale
 
 
@@ -54,7 +57,7 @@ class LayerNorm(_Norm):
     def forward(self, x: Resid) -> Resid:
         if not self.observed:
             return F.layer_norm(x, (self.d_model,), self.w, self.b, self.eps)
-        return self.hook_normalized((self._scaled(x) * self.w + self.b).to(x.dtype))
+        return self.hook_normalized(torch.addcmul(self.b, self._scaled(x), self.w).to(x.dtype))  # b + x̂ w
 
 
 class LayerNormPre(_Norm):
