@@ -10,6 +10,12 @@ so memory peaks near one copy of the weights plus one group's temporaries. The l
 groups (embeddings, unembedding) go first, while the model is still empty, so their
 temporaries never stack on top of a full model. A failure at any point (missing,
 corrupt or mis-shaped tensors) raises before a model is returned.
+
+Readers: safetensors (single file or sharded) through ``SafetensorsFile`` below;
+``.bin`` only through ``torch.load(weights_only=True)`` (no pickled code runs; the
+memory-mapped file stays resident while loading, so about two copies at the peak);
+GGUF through ``weights_conversion/gguf.py``; converted checkpoints (written by
+``python -m weights_conversion``) hold canonical tensors and skip conversion.
 """
 
 from __future__ import annotations
@@ -19,10 +25,9 @@ import json
 import os
 import re
 import sys
-import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NoReturn
 
 import torch
 from torch import nn
@@ -33,9 +38,8 @@ from weights_conversion import UnsupportedArchitectureError  # noqa: F401  (re-e
 
 from .config import ModelConfig
 from .model import HookedTransformer
-from .resolution import Checkpoint, resolve_checkpoint
+from .resolution import CONVERTED_CONFIG, Checkpoint, resolve_checkpoint
 
-CONVERTED_CONFIG = "transformer_hooks_config.json"
 CONVERTED_WEIGHTS = "model.safetensors"
 CONVERTED_FORMAT_VERSION = 1
 # Buffers some HF checkpoints store that are not weights (causal masks, rotary tables).
@@ -122,7 +126,8 @@ class SafetensorsFile:
 
     def _check_entry(self, name: str, entry: Any, data_size: int) -> tuple[torch.dtype, list[int], int, int]:
         try:
-            dtype, shape, (begin, end) = _SAFETENSORS_DTYPES[entry["dtype"]], list(entry["shape"]), entry["data_offsets"]
+            dtype, shape = _SAFETENSORS_DTYPES[entry["dtype"]], list(entry["shape"])
+            begin, end = entry["data_offsets"]
             numel = int(torch.Size(shape).numel())
         except (KeyError, TypeError, ValueError):
             self._corrupt(f"its header entry for {name!r} is malformed: {entry!r}")
@@ -132,7 +137,7 @@ class SafetensorsFile:
             self._corrupt(f"tensor {name!r} ends at byte {end} of the data but the file holds only {data_size}")
         return dtype, shape, begin, end
 
-    def _corrupt(self, why: str):
+    def _corrupt(self, why: str) -> NoReturn:
         raise CorruptCheckpointError(f"cannot read {self.path}: {why}. The file is truncated or corrupt; "
                                      f"download or convert it again.")
 
@@ -212,7 +217,6 @@ def materialize(model: HookedTransformer, groups: Iterable[Group], *, device: An
     expected = {name for name, _ in model.named_parameters()} - skip
     filled: set[str] = set()
     adopted: set[int] = set()
-    start = time.monotonic()
     bar = tqdm(total=n_groups, desc=desc, unit="group", delay=1.0, leave=False)
     try:
         for label, prefix, thunk in groups:
@@ -237,7 +241,6 @@ def materialize(model: HookedTransformer, groups: Iterable[Group], *, device: An
     unfilled = expected - filled
     if unfilled:
         raise MissingWeightsError(f"no weights were provided for: {', '.join(sorted(unfilled))}")
-    model._load_seconds = time.monotonic() - start
 
 
 def _read_group(label: str, prefix: str, thunk: Callable[[], dict], missing: list[str]) -> dict | None:
@@ -326,7 +329,8 @@ def _finish(model: HookedTransformer, device: Any) -> HookedTransformer:
         from .components.rotary import inverse_frequencies
 
         cfg = model.cfg
-        model.rotary.inv_freq = inverse_frequencies(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling).to(device or "cpu")
+        inv_freq = inverse_frequencies(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling)
+        model.rotary.inv_freq = inv_freq.to(device or "cpu")
     model.eval()
     return model
 
@@ -480,6 +484,3 @@ def _converted_groups(cfg: ModelConfig, source: TensorSource, tied: bool, untie:
             ("final norm and unembedding", "", group("ln_final.", "unembed.")),
             *((f"block {i}", "", group(f"blocks.{i}.")) for i in range(cfg.n_layers))]
 
-
-def read_converted_config(directory: Path) -> dict:
-    return json.loads((Path(directory) / CONVERTED_CONFIG).read_text())

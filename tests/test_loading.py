@@ -1,0 +1,283 @@
+"""Loading end to end: sharded checkpoints, the HF hub cache offline, converted
+checkpoints (bit-for-bit round trips, atomic writes), half precision against HF, and
+bad input that fails clearly without leaving a model or files behind.
+
+Half-precision tolerance: logits of a float16 model stay within 1% of the largest
+|logit| (of the float32 model) of HF's float16 model, bfloat16 within 5%; processed
+half-precision models keep the float32 log-probs within the same bounds. bfloat16 keeps
+8 mantissa bits (0.4% relative rounding per op), float16 11 (0.05%); two correct
+implementations that round in a different order drift apart by a few times that over
+the layers. The measured gaps are 2-5x below these bounds.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from checkpoints import VOCAB
+from transformer_hooks import HookedTransformer
+from transformer_hooks.loading import CorruptCheckpointError, MissingWeightsError, WeightShapeError
+from transformer_hooks.resolution import CheckpointNotFoundError, UnknownModelError
+from weights_conversion import UnsupportedArchitectureError
+from weights_conversion.__main__ import main as convert_main
+from weights_conversion.__main__ import save_converted
+
+HALF_TOL = {torch.float16: 1e-2, torch.bfloat16: 5e-2}  # x max |logit|, see the module docstring
+FAMILIES = ["gpt2", "gpt-neo-local", "pythia", "llama-gqa"]
+
+
+def tokens(n: int = 20) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, n), generator=torch.Generator().manual_seed(0))
+
+
+def state(model: HookedTransformer) -> dict[str, torch.Tensor]:
+    return dict(model.state_dict())
+
+
+def assert_same_weights(a: HookedTransformer, b: HookedTransformer) -> None:
+    sa, sb = state(a), state(b)
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        assert sa[name].dtype == sb[name].dtype, name
+        assert torch.equal(sa[name], sb[name]), f"{name} differs"
+    assert a.cfg.replace(model_name="") == b.cfg.replace(model_name="")
+
+
+def live_models() -> int:
+    gc.collect()
+    return sum(type(o) is HookedTransformer for o in gc.get_objects())
+
+
+def fails_leaving_no_model(error: type[Exception], match: str, load) -> None:
+    """``load()`` raises ``error`` (message matching ``match``), and no model built on the way survives."""
+    before = live_models()
+    with pytest.raises(error, match=match) as info:
+        load()
+    del info  # its traceback holds the failed call's frames
+    assert live_models() == before, "a half-built model is still alive after the failed load"
+
+
+@pytest.fixture
+def offline_cache(monkeypatch, tmp_path) -> Path:
+    """An empty HF hub cache of our own, offline; the hub must not be called."""
+    import huggingface_hub
+
+    for name in ("HF_HOME", "HUGGINGFACE_HUB_CACHE", "XDG_CACHE_HOME", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("snapshot_download called while offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+    return cache
+
+
+# Checkpoint layouts ----------------------------------------------------------------------
+def test_sharded_checkpoint_equals_the_single_file(hf_checkpoint, tmp_path):
+    path, hf = hf_checkpoint("llama-gqa")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="30KB")
+    assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 2
+    for load in (HookedTransformer.from_pretrained, HookedTransformer.from_pretrained_no_processing):
+        assert_same_weights(load(str(tmp_path / "sharded")), load(str(path)))
+
+
+def test_preset_resolves_through_the_hub_cache_offline(hf_checkpoint, offline_cache):
+    """``from_pretrained("gpt2")`` with the files where huggingface_hub puts them."""
+    path, _ = hf_checkpoint("gpt2")
+    repo = offline_cache / "models--openai-community--gpt2"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "blobs").mkdir()
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for file in path.iterdir():  # blobs, with the snapshot entries as relative symlinks, as the hub lays them out
+        blob = repo / "blobs" / f"blob-{file.name}"
+        shutil.copy(file, blob)
+        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
+
+    model = HookedTransformer.from_pretrained_no_processing("GPT2")
+    assert_same_weights(model, HookedTransformer.from_pretrained_no_processing(str(path)))
+    assert model.cfg.model_name == "GPT2"
+
+
+def test_missing_repo_offline_says_so_and_how_to_fix(offline_cache):
+    fails_leaving_no_model(CheckpointNotFoundError,
+                           r"EleutherAI/pythia-70m is not in the HF hub cache at .*hub.*HF_HUB_OFFLINE is set.*"
+                           r"To fix: while online, run `hf download EleutherAI/pythia-70m`",
+                           lambda: HookedTransformer.from_pretrained("pythia-70m"))
+
+
+# Converted checkpoints ---------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["gpt2", "pythia", "llama-head-dim-bias"])
+@pytest.mark.parametrize("processing", [True, False], ids=["processed", "unprocessed"])
+def test_conversion_round_trip_is_bit_for_bit(hf_checkpoint, tmp_path, name, processing):
+    path, _ = hf_checkpoint(name)
+    dst = tmp_path / "converted"
+    assert convert_main([str(path), str(dst), *([] if processing else ["--no-processing"])]) == 0
+
+    load = HookedTransformer.from_pretrained if processing else HookedTransformer.from_pretrained_no_processing
+    direct, converted = load(str(path)), load(str(dst))
+    assert_same_weights(converted, direct)
+    assert converted.cfg.processing == direct.cfg.processing and bool(direct.cfg.processing) == processing
+    with torch.no_grad():
+        assert torch.equal(converted(tokens()), direct(tokens()))
+
+    stored = load_file(dst / "model.safetensors")
+    assert all(t.is_contiguous() for t in stored.values())
+    assert "blocks.0.attn.W_Q" in stored and stored["blocks.0.attn.W_Q"].shape == direct.blocks[0].attn.W_Q.shape
+    # A tied unembedding is stored only once processing made it differ from W_E.T.
+    tied = direct.cfg.tie_word_embeddings
+    assert ("unembed.W_U" in stored) == (not tied or processing)
+    meta = json.loads((dst / "transformer_hooks_config.json").read_text())
+    assert meta["format_version"] == 1 and meta["model_config"]["processing"] == list(direct.cfg.processing)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["converted"], "temporary files left behind"
+
+
+def test_conversion_in_bfloat16_equals_a_direct_bfloat16_load(hf_checkpoint, tmp_path):
+    path, _ = hf_checkpoint("gpt-neo-untied")
+    assert convert_main([str(path), str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+    converted = HookedTransformer.from_pretrained(str(tmp_path / "bf16"), dtype="bfloat16")
+    assert converted.dtype == torch.bfloat16
+    assert_same_weights(converted, HookedTransformer.from_pretrained(str(path), dtype=torch.bfloat16))
+
+
+def test_unprocessed_conversion_is_processed_on_load_and_processing_cannot_be_undone(hf_checkpoint, tmp_path):
+    path, _ = hf_checkpoint("pythia")
+    assert convert_main([str(path), str(tmp_path / "plain"), "--no-processing"]) == 0
+    processed = HookedTransformer.from_pretrained(str(tmp_path / "plain"))
+    direct = HookedTransformer.from_pretrained(str(path))
+    assert processed.cfg == direct.cfg.replace(model_name=processed.cfg.model_name)
+    for (name, a), (_, b) in zip(processed.named_parameters(), direct.named_parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=lambda m: f"{name}: {m}")
+
+    assert convert_main([str(path), str(tmp_path / "folded")]) == 0
+    fails_leaving_no_model(ValueError, r"converted with processing \['fold_ln'.*cannot be undone.*--no-processing",
+                           lambda: HookedTransformer.from_pretrained_no_processing(str(tmp_path / "folded")))
+
+
+def test_conversion_keeps_the_tokenizer(embedded_model, tmp_path):
+    """The real model: GGUF tokenizer saved with the converted weights, and the same weights back."""
+    dst = save_converted(embedded_model, tmp_path / "smollm2")
+    converted = HookedTransformer.from_pretrained_no_processing(str(dst))
+    text = "The capital of France is"
+    assert torch.equal(converted.to_tokens(text), embedded_model.to_tokens(text))
+    assert converted.cfg.default_prepend_bos == embedded_model.cfg.default_prepend_bos
+    assert_same_weights(converted, embedded_model)
+
+
+def test_failed_conversion_leaves_nothing(hf_checkpoint, tmp_path, monkeypatch):
+    import weights_conversion.__main__ as cli
+
+    path, _ = hf_checkpoint("gpt2")
+    real_write = cli.write_safetensors
+
+    def write_then_fail(file, tensors):
+        real_write(file, tensors)
+        raise KeyboardInterrupt  # interrupted after the weights, before the config
+
+    monkeypatch.setattr(cli, "write_safetensors", write_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        cli.convert(str(path), tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+    (tmp_path / "existing").mkdir()
+    (tmp_path / "existing" / "keep.txt").write_text("mine")
+    monkeypatch.setattr(cli, "write_safetensors", real_write)
+    assert cli.main([str(path), str(tmp_path / "existing")]) == 1  # refused, untouched
+    assert [p.name for p in (tmp_path / "existing").iterdir()] == ["keep.txt"]
+    assert cli.main([str(path), str(tmp_path / "existing"), "--overwrite"]) == 0
+    assert (tmp_path / "existing" / "model.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]
+
+
+# Half precision ----------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_half_precision_stays_close_to_hf_in_the_same_dtype(hf_checkpoint, name, dtype):
+    path, _ = hf_checkpoint(name)
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(path).eval()(tokens()).logits
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()(tokens()).logits.float()
+        ours = HookedTransformer.from_pretrained_no_processing(str(path), dtype=dtype)
+        processed = HookedTransformer.from_pretrained(str(path), dtype=dtype)
+        assert ours.dtype == processed.dtype == dtype
+        tol = HALF_TOL[dtype] * ref.abs().max().item()
+        torch.testing.assert_close(ours(tokens()).float(), hf, atol=tol, rtol=0)
+        # Processing runs in float32 and is cast afterwards: no worse than the unprocessed model's rounding.
+        torch.testing.assert_close(processed(tokens()).float().log_softmax(-1), ref.log_softmax(-1), atol=tol, rtol=0)
+
+
+# Bad input ---------------------------------------------------------------------------------
+@pytest.fixture
+def gpt2_copy(hf_checkpoint, tmp_path) -> Path:
+    path, _ = hf_checkpoint("gpt2")
+    return Path(shutil.copytree(path, tmp_path / "gpt2"))
+
+
+def test_unknown_preset_lists_the_closest(offline_cache):
+    fails_leaving_no_model(UnknownModelError, r"Unknown model 'gpt2-smal'\. Did you mean: gpt2-small",
+                           lambda: HookedTransformer.from_pretrained("gpt2-smal"))
+
+
+def test_unsupported_architecture_is_named_with_the_supported_ones(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32)
+    BertModel(config).save_pretrained(tmp_path / "bert")
+    fails_leaving_no_model(UnsupportedArchitectureError,
+                           r"model_type='bert' \(architectures: BertModel\).*implements gpt2, gpt_neo, gpt_neox, llama",
+                           lambda: HookedTransformer.from_pretrained(str(tmp_path / "bert")))
+
+
+def test_missing_tensors_are_listed_by_name(gpt2_copy):
+    tensors = load_file(gpt2_copy / "model.safetensors")
+    for name in ("transformer.h.0.attn.c_proj.weight", "transformer.h.1.mlp.c_fc.bias"):
+        del tensors[name]
+    save_file(tensors, gpt2_copy / "model.safetensors", metadata={"format": "pt"})
+    fails_leaving_no_model(MissingWeightsError,
+                           r"missing 2 tensor\(s\).*transformer\.h\.0\.attn\.c_proj\.weight, "
+                           r"transformer\.h\.1\.mlp\.c_fc\.bias",
+                           lambda: HookedTransformer.from_pretrained(str(gpt2_copy)))
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.99], ids=["mid-file", "last-bytes"])
+def test_truncated_safetensors_names_the_file(gpt2_copy, keep):
+    weights = gpt2_copy / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: int(len(data) * keep)])
+    fails_leaving_no_model(CorruptCheckpointError,
+                           rf"cannot read {weights}: tensor .* ends at byte .*truncated or corrupt",
+                           lambda: HookedTransformer.from_pretrained(str(gpt2_copy)))
+
+
+def test_config_that_disagrees_with_the_weights_is_named(gpt2_copy):
+    config = json.loads((gpt2_copy / "config.json").read_text())
+    (gpt2_copy / "config.json").write_text(json.dumps({**config, "n_embd": 64}))
+    for load in (HookedTransformer.from_pretrained, HookedTransformer.from_pretrained_no_processing):
+        fails_leaving_no_model(WeightShapeError, r"embed\.W_E: the checkpoint gives shape \(101, 48\), the config "
+                                                 r"implies \(101, 64\); the config does not match the weights",
+                               lambda: load(str(gpt2_copy)))
+
+
+def test_converted_checkpoint_missing_a_tensor_is_named(hf_checkpoint, tmp_path):
+    path, _ = hf_checkpoint("llama-gqa")
+    save_converted(HookedTransformer.from_pretrained(str(path)), tmp_path / "conv")
+    tensors = load_file(tmp_path / "conv" / "model.safetensors")
+    del tensors["blocks.1.mlp.W_gate"]
+    save_file(tensors, tmp_path / "conv" / "model.safetensors")
+    fails_leaving_no_model(MissingWeightsError, r"missing 1 tensor\(s\).*blocks\.1\.mlp\.W_gate",
+                           lambda: HookedTransformer.from_pretrained(str(tmp_path / "conv")))
