@@ -1,0 +1,62 @@
+"""Every notebook in notebooks/ runs top to bottom on the embedded model without an error,
+and is committed without outputs.
+
+The notebooks are picked up by glob, so a new one is tested without touching this file.
+Each runs in its own python3 kernel (nbclient); two run at a time, since most of a
+notebook's time is loading the model, which is largely single-threaded.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+CELL_TIMEOUT = 300  # seconds for one cell
+PARALLEL = 2
+EXPECTED = {"activation_patching", "direct_logit_attribution", "logit_lens", "steering", "das", "sae_splicing"}
+
+
+def execute(path: Path) -> None:
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name="python3", allow_errors=False,
+                            resources={"metadata": {"path": str(path.parent)}})
+    # One thread per kernel while PARALLEL kernels share the cores: oversubscribed torch
+    # threads spin against each other.
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // PARALLEL))}
+    client.execute(env=env)  # raises CellExecutionError naming the failing cell and its traceback
+
+
+@pytest.fixture(scope="module")
+def runs(request) -> dict[Path, Future]:
+    """Start every selected notebook at once (PARALLEL at a time); each test waits for its own."""
+    selected = [item.callspec.params["path"] for item in request.session.items
+                if getattr(item, "originalname", None) == "test_notebook_runs"]
+    pool = ThreadPoolExecutor(max_workers=PARALLEL)
+    futures = {path: pool.submit(execute, path) for path in selected}
+    yield futures
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def test_the_seed_notebooks_are_there():
+    assert EXPECTED <= {p.stem for p in NOTEBOOKS}, f"missing notebooks: {EXPECTED - {p.stem for p in NOTEBOOKS}}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_is_committed_without_outputs(path):
+    nb = nbformat.read(path, as_version=4)
+    dirty = [i for i, cell in enumerate(nb.cells)
+             if cell.cell_type == "code" and (cell.outputs or cell.execution_count is not None)]
+    assert not dirty, f"{path.name}: cells {dirty} have outputs; clear them before committing " \
+                      f"(jupyter nbconvert --clear-output --inplace {path.name})"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs(runs, path):
+    runs[path].result()

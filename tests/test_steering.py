@@ -1,0 +1,170 @@
+"""Steering adds exactly coeff * vector at the chosen positions, keeps positions absolute
+across cached generation steps, changes a real model's continuation, and never stays
+attached (also after an exception)."""
+
+import pytest
+import torch
+
+from checkpoints import VOCAB
+from transformer_hooks import HookedTransformer, UnknownHookError
+from transformer_hooks.steering import steering, steering_hook, steering_vector
+
+SITE = "blocks.0.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def model(hf_checkpoint):
+    path, _ = hf_checkpoint("llama-gqa")
+    return HookedTransformer.from_pretrained_no_processing(str(path))
+
+
+def tokens(batch=2, pos=7, seed=0):
+    return torch.randint(0, VOCAB, (batch, pos), generator=torch.Generator().manual_seed(seed))
+
+
+def no_hooks_left(model):
+    return not any(hp.fwd_hooks or hp.bwd_hooks for hp in model.hook_dict.values()) and not model._forward_pre_hooks
+
+
+def greedy(model, toks, **kwargs):
+    return model.generate(toks, max_new_tokens=8, do_sample=False, stop_at_eos=False, verbose=False, **kwargs)
+
+
+@pytest.mark.parametrize("positions,chosen", [(None, range(7)), ("all", range(7)), (2, [2]), (-1, [6]),
+                                              (slice(1, 4), [1, 2, 3]), ([0, 5], [0, 5])])
+def test_adds_exactly_coeff_times_vector_at_the_chosen_positions(model, positions, chosen):
+    toks = tokens()
+    vector = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        _, clean = model.run_with_cache(toks, names_filter=SITE)
+        with steering(model, SITE, vector, coeff=4.0, positions=positions):
+            _, steered = model.run_with_cache(toks, names_filter=SITE)
+    expected = clean[SITE].clone()
+    expected[:, list(chosen)] = expected[:, list(chosen)] + 4.0 * vector
+    assert torch.equal(steered[SITE], expected)
+    assert no_hooks_left(model)
+
+
+def test_per_position_vector_and_per_head_site(model):
+    toks = tokens()
+    with torch.no_grad():
+        _, clean = model.run_with_cache(toks, names_filter=[SITE, "blocks.1.attn.hook_z"])
+        rows = torch.randn(3, model.cfg.d_model)
+        with steering(model, SITE, rows, coeff=-2.0, positions=[4, 1, 6]):
+            _, steered = model.run_with_cache(toks, names_filter=SITE)
+        per_head = torch.randn(model.cfg.n_heads, model.cfg.d_head)
+        with steering(model, "blocks.1.attn.hook_z", per_head, coeff=0.5, positions=slice(5, None)):
+            _, steered_z = model.run_with_cache(toks, names_filter="blocks.1.attn.hook_z")
+    expected = clean[SITE].clone()
+    for row, p in enumerate([4, 1, 6]):
+        expected[:, p] = expected[:, p] + -2.0 * rows[row]
+    assert torch.equal(steered[SITE], expected)
+    z = clean["blocks.1.attn.hook_z"].clone()
+    z[:, 5:] = z[:, 5:] + 0.5 * per_head
+    assert torch.equal(steered_z["blocks.1.attn.hook_z"], z)
+
+
+def test_hook_factory_with_run_with_hooks_equals_context(model):
+    toks = tokens()
+    vector = torch.randn(model.cfg.d_model)
+    with torch.no_grad():
+        a = model.run_with_hooks(toks, fwd_hooks=[(SITE, steering_hook(vector, 3.0, slice(2, 5)))])
+        with steering(model, SITE, vector, 3.0, slice(2, 5)):
+            b = model(toks)
+        clean = model(toks)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, clean)
+
+
+@pytest.mark.parametrize("positions", ["all", slice(9, None), [1, 10, 12]])
+def test_positions_stay_absolute_across_cached_generation(model, positions):
+    """Cached generation sees one token per forward; the same steering without a KV cache
+    sees the whole sequence every step. Both must steer the same absolute positions."""
+    toks = tokens(2, 9, seed=3)
+    vector = 3.0 * torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(4))
+    clean = greedy(model, toks)
+    with steering(model, SITE, vector, coeff=2.0, positions=positions):
+        cached = greedy(model, toks)
+        uncached = greedy(model, toks, use_past_kv_cache=False)
+    assert torch.equal(cached, uncached)
+    assert not torch.equal(cached, clean), "steering changed nothing: the comparison above proves little"
+    assert no_hooks_left(model)
+
+
+def test_new_positions_steer_only_forwards_that_continue_a_kv_cache(model):
+    toks = tokens(2, 9, seed=5)
+    vector = 3.0 * torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(6))
+    clean = greedy(model, toks)
+    with steering(model, SITE, vector, coeff=2.0, positions="new"):
+        steered = greedy(model, toks)
+        uncached = greedy(model, toks, use_past_kv_cache=False)  # no forward continues a cache
+        with torch.no_grad():
+            plain_forward = model(toks)
+    assert not torch.equal(steered, clean)
+    assert torch.equal(uncached, clean)
+    with torch.no_grad():
+        assert torch.equal(plain_forward, model(toks))
+
+
+def test_hooks_removed_after_an_exception(model):
+    vector = torch.randn(model.cfg.d_model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with steering(model, SITE, vector, coeff=4.0):
+            assert not no_hooks_left(model)
+            raise RuntimeError("boom")
+    assert no_hooks_left(model)
+    # An error inside the hook itself, mid-forward: wrong vector shape.
+    with pytest.raises(ValueError, match=r"shape \(5,\)"):
+        with steering(model, SITE, torch.randn(5)):
+            model(tokens())
+    assert no_hooks_left(model)
+
+
+def test_bad_input_fails_before_any_hook_is_attached(model):
+    with pytest.raises(UnknownHookError, match="hook_resid_postt"):
+        with steering(model, "blocks.0.hook_resid_postt", torch.randn(model.cfg.d_model)):
+            pass
+    with pytest.raises(ValueError, match="positions"):
+        steering_hook(torch.randn(3), positions="middle")
+    with pytest.raises(ValueError, match="floating point"):
+        steering_hook(torch.arange(3))
+    with pytest.raises(ValueError, match="3 positions but 2"):
+        with steering(model, SITE, torch.randn(3, model.cfg.d_model), positions=[0, 1]):
+            model(tokens())
+    assert no_hooks_left(model)
+
+
+# The real model ------------------------------------------------------------------------
+def test_steering_vector_is_the_masked_difference_of_activations(embedded_model):
+    m = embedded_model
+    site = "blocks.3.hook_resid_pre"
+    pos, neg = ["Love", "I love you so much"], ["Hate", "I hate it"]
+
+    def alone(prompt):
+        _, cache = m.run_with_cache(prompt, names_filter=site)
+        return cache[site][0]
+
+    with torch.no_grad():
+        mean_ref = torch.stack([alone(p).mean(0) for p in pos]).mean(0) - torch.stack([alone(p).mean(0) for p in neg]).mean(0)
+        last_ref = torch.stack([alone(p)[-1] for p in pos]).mean(0) - torch.stack([alone(p)[-1] for p in neg]).mean(0)
+    torch.testing.assert_close(steering_vector(m, pos, neg, site, reduce="mean"), mean_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(steering_vector(m, pos, neg, site, reduce="last"), last_ref, atol=1e-4, rtol=1e-4)
+    per_pos = steering_vector(m, "I love", "I hate", site, reduce=None)
+    with torch.no_grad():
+        torch.testing.assert_close(per_pos, alone("I love") - alone("I hate"), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="pad the shorter prompt"):
+        steering_vector(m, "I love you so much", "Hate", site, reduce=None)
+
+
+def test_steering_changes_a_greedy_continuation_of_the_real_model(embedded_model):
+    m = embedded_model
+    site = "blocks.6.hook_resid_post"
+    prompt = "I think that you are"
+    kwargs = dict(max_new_tokens=8, do_sample=False, verbose=False)
+    vector = steering_vector(m, "I love", "I hate", site, reduce="mean")
+    clean = m.generate(prompt, **kwargs)
+    with steering(m, site, vector, coeff=8.0):
+        steered = m.generate(prompt, **kwargs)
+    assert steered != clean
+    assert m.generate(prompt, **kwargs) == clean  # nothing left attached
+    assert no_hooks_left(m)
