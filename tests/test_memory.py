@@ -1,0 +1,148 @@
+"""Memory: repeated caching keeps the resident set flat, a deleted model is freed at once
+(nothing holds it in a reference cycle), and cached activations carry no autograd graph
+unless one was asked for.
+
+RSS is read from /proc/self/statm (resident pages x page size). That a deleted model's
+tensors are released is checked with weak references, not RSS: glibc keeps freed heap
+memory mapped (its mmap threshold adapts to the sizes freed), so in a long test process
+RSS after ``del`` says little about what the library holds.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import weakref
+
+import pytest
+import torch
+
+from checkpoints import VOCAB
+from transformer_hooks import HookedTransformer
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+CALLS, WARMUP, MAX_GROWTH = 200, 20, 0.05
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and with other processes on the
+    cores two OpenMP threads spin-wait for each other (measured: a forward 40x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+def cache_bytes(cache) -> int:
+    return sum(t.numel() * t.element_size() for t in cache.values())
+
+
+@pytest.fixture(scope="module")
+def model(hf_checkpoint) -> HookedTransformer:
+    path, _ = hf_checkpoint("gpt2")
+    return HookedTransformer.from_pretrained_no_processing(str(path))
+
+
+def test_rss_stays_flat_over_200_run_with_cache_calls(model, capsys):
+    # Size the batch so that keeping every cache alive would cross the threshold twice over,
+    # whatever this process's RSS already is (it grows with the other tests' models).
+    row = torch.randint(0, VOCAB, (1, 32), generator=torch.Generator().manual_seed(0))
+    per_row = cache_bytes(model.run_with_cache(row)[1])
+    rows = max(4, math.ceil(2 * MAX_GROWTH * rss_bytes() / (CALLS * per_row)))
+    tokens = torch.randint(0, VOCAB, (rows, 32), generator=torch.Generator().manual_seed(0))
+    for _ in range(WARMUP):
+        _, cache = model.run_with_cache(tokens)
+    one_cache = cache_bytes(cache)
+    del cache
+    gc.collect()
+    start = rss_bytes()
+    assert CALLS * one_cache > 1.5 * MAX_GROWTH * start, "caches too small for this test to see a leak"
+
+    peak = start
+    for i in range(CALLS):
+        logits, cache = model.run_with_cache(tokens)
+        assert cache["resid_post", -1].shape == (*tokens.shape, model.cfg.d_model)
+        del logits, cache
+        if i % 20 == 19:  # fail early rather than after eating gigabytes
+            peak = max(peak, rss_bytes())
+            assert peak - start < MAX_GROWTH * start, f"RSS grew {(peak - start) / 2**20:.1f} MiB after {i + 1} calls"
+    growth = (rss_bytes() - start) / start
+    with capsys.disabled():
+        print(f"\n[memory] {CALLS} x run_with_cache ({one_cache / 2**20:.1f} MiB each): RSS {start / 2**20:.0f} MiB "
+              f"-> {rss_bytes() / 2**20:.0f} MiB ({100 * growth:+.2f}%), peak {(peak - start) / 2**20:+.1f} MiB")
+    assert growth < MAX_GROWTH
+
+
+def _exercise(model: HookedTransformer, tokens: torch.Tensor) -> torch.Tensor:
+    """Every API that could leave a reference to the model or its tensors behind."""
+    from transformer_hooks.patching import get_act_patch_resid_pre
+
+    model(tokens)
+    _, cache = model.run_with_cache(tokens)
+    cache.get_full_resid_decomposition(expand_neurons=False)
+    model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_pre", lambda x, hook: x * 1.0)])
+    with model.hooks(bwd_hooks=[("hook_embed", lambda g, hook: None)]):
+        model(tokens, return_type="loss").backward()
+    model.generate(tokens, max_new_tokens=3, do_sample=False, verbose=False)
+    get_act_patch_resid_pre(model, tokens, cache, lambda logits: logits[:, -1, 0].mean(), progress=False)
+    return cache["resid_post", -1]
+
+
+@pytest.mark.parametrize("processed", [False, True], ids=["unprocessed", "processed"])
+def test_deleted_model_is_freed_without_the_cycle_collector(hf_checkpoint, processed):
+    path, _ = hf_checkpoint("llama-gqa")
+    load = HookedTransformer.from_pretrained if processed else HookedTransformer.from_pretrained_no_processing
+    model = load(str(path))
+    tokens = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))
+    cached = _exercise(model, tokens)
+    refs = {"model": weakref.ref(model), "W_E": weakref.ref(model.embed.W_E),
+            "W_Q[0]": weakref.ref(model.blocks[0].attn.W_Q), "grad": weakref.ref(model.embed.W_E.grad),
+            "hook point": weakref.ref(model.blocks[0].hook_resid_pre), "cached": weakref.ref(cached)}
+    gc.collect()
+    gc.disable()  # reference counting alone must free it: a cycle would keep it until a collection
+    try:
+        del model, cached
+        alive = [name for name, ref in refs.items() if ref() is not None]
+    finally:
+        gc.enable()
+    assert not alive, f"still alive after del (held by a reference cycle or a global): {alive}"
+
+
+# Detached caches -------------------------------------------------------------------------------
+def test_cached_activations_are_detached_by_default(model):
+    assert model.embed.W_E.requires_grad, "weights must require grad for this test to mean anything"
+    tokens = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(2))
+    for kwargs in (dict(), dict(names_filter=lambda n: True), dict(remove_batch_dim=True, input=tokens[:1]),
+                   dict(device="cpu")):
+        _, cache = model.run_with_cache(kwargs.pop("input", tokens), **kwargs)
+        graph = [name for name, t in cache.items() if t.requires_grad or t.grad_fn is not None]
+        assert not graph, f"{kwargs}: cached with an autograd graph: {graph}"
+        stacks = (cache.accumulated_resid(), cache.decompose_resid(), cache.stack_head_results(),
+                  cache.get_full_resid_decomposition(expand_neurons=True))
+        assert not any(s.requires_grad for s in stacks), "a stack built from a detached cache carries a graph"
+
+
+def test_cached_gradients_are_detached(model):
+    tokens = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(3))
+    _, cache = model.run_with_cache(tokens, return_type="loss", incl_bwd=True)
+    model.zero_grad(set_to_none=True)
+    assert "blocks.0.hook_resid_pre_grad" in cache
+    graph = [name for name, t in cache.items() if t.requires_grad or t.grad_fn is not None]
+    assert not graph, f"cached with an autograd graph: {graph}"
+
+
+def test_detach_false_keeps_the_graph_for_gradients(model):
+    tokens = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(4))
+    _, cache = model.run_with_cache(tokens, detach=False)
+    resid = cache["resid_post", -1]
+    assert resid.requires_grad and resid.grad_fn is not None
+    (grad,) = torch.autograd.grad(resid.sum(), model.embed.W_E)
+    assert grad.abs().sum() > 0
+    assert model.embed.W_E.grad is None, "autograd.grad must not touch .grad"
