@@ -110,6 +110,10 @@ def generate(model: "HookedTransformer", input: "ModelInput" = "", max_new_token
     """
     if return_type not in ("input", "str", "tokens"):
         raise ValueError(f"return_type must be 'input', 'str' or 'tokens', got {return_type!r}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
+    if do_sample and temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
     text_input = isinstance(input, str) or (isinstance(input, (list, tuple)) and bool(input)
                                             and isinstance(input[0], str))
     if return_type == "input":
@@ -117,6 +121,10 @@ def generate(model: "HookedTransformer", input: "ModelInput" = "", max_new_token
     tokens, mask = model.tokens_and_mask(input, prepend_bos, padding_side, attention_mask)
     tokens, mask = _left_aligned(tokens, mask)
     batch, prompt_len = tokens.shape
+    if model.cfg.positional_embedding == "learned" and prompt_len + max_new_tokens > model.cfg.n_ctx:
+        raise ValueError(f"a prompt of {prompt_len} tokens plus max_new_tokens={max_new_tokens} exceeds this model's "
+                         f"context (n_ctx={model.cfg.n_ctx}, learned positions); lower max_new_tokens to at most "
+                         f"{max(model.cfg.n_ctx - prompt_len, 0)} or shorten the prompt")
     stops, eos_for_padding = _stop_tokens(model, eos_token_id) if stop_at_eos else ([], 0)
     stops = torch.tensor(stops, device=tokens.device)
 

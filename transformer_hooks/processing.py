@@ -15,8 +15,8 @@ The steps, in the order they run (and are recorded in ``ModelConfig.processing``
    that read the normalised residual; the norm becomes ``LNPre`` / ``RMSPre``.
 2. ``center_writing_weights`` (LayerNorm models only): everything that writes to the
    residual stream writes a zero-mean vector.
-3. ``center_unembed``: every residual direction moves all logits by the same total, so
-   only logit *differences* (and log-probs) are kept.
+3. ``center_unembed``: logits lose their mean over the vocabulary, which softmax
+   ignores: log-probs (and logit differences) are kept, raw logits are not.
 4. ``fold_value_biases``: the value bias becomes part of the output bias.
 
 Convention: tensors arriving in a group are never modified in place (they may be

@@ -40,8 +40,13 @@ def read_gguf(path: Path) -> tuple[dict, Any, Callable[[], Any]]:
     try:
         header = GgufHeader.from_file(str(path))
         metadata, tensor_names = read_gguf_metadata(str(path))
-    except (ValueError, OSError, KeyError, IndexError, UnicodeDecodeError, struct.error) as e:
-        raise CorruptCheckpointError(f"cannot read GGUF file {path}: {e}") from e
+    except ValueError as e:  # transformers' reader explains: not GGUF, unsupported version or type
+        if not isinstance(e, UnicodeDecodeError):
+            raise CorruptCheckpointError(f"cannot read GGUF file {path}: {e}") from e
+        raise _truncated(path, e) from e
+    except (OSError, KeyError, IndexError, struct.error) as e:  # reading past the end of the metadata
+        raise _truncated(path, e) from e
+    _check_tensors_inside(path, header)
     hf_config = hf_config_from_metadata(metadata, tensor_names)
     source = GgufTensors(path, header, hf_config)
 
@@ -56,6 +61,23 @@ def read_gguf(path: Path) -> tuple[dict, Any, Callable[[], Any]]:
         return cls.from_pretrained(str(path.parent), gguf_file=path.name)
 
     return hf_config, source, tokenizer
+
+
+def _truncated(path: Path, error: Exception) -> CorruptCheckpointError:
+    return CorruptCheckpointError(f"cannot read GGUF file {path}: {error}. The file is truncated or corrupt; "
+                                  f"download it again.")
+
+
+def _check_tensors_inside(path: Path, header: Any) -> None:
+    """Every tensor's data must lie inside the file: a cut-short download fails here, by name,
+    before anything is built."""
+    size = path.stat().st_size
+    for info in header.tensors:
+        end = header.data_start + info.offset + info.nbytes
+        if end > size:
+            raise CorruptCheckpointError(
+                f"cannot read GGUF file {path}: tensor {info.name!r} ends at byte {end} but the file has only "
+                f"{size} bytes. The file is truncated; download it again.")
 
 
 def hf_config_from_metadata(metadata: dict, tensor_names: tuple[str, ...]) -> dict:
