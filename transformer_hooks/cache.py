@@ -292,8 +292,15 @@ class ActivationCache:
         layer = self._stack_layer(layer)
         pos_slice = Slice.unwrap(pos_slice)
         labels = [f"L{l}H{h}" for l in range(layer) for h in range(self.cfg.n_heads)]
-        if layer:
-            per_layer = [self._head_results(l, pos_slice, "stack_head_results") for l in range(layer)]
+        per_layer = [self._head_results(l, pos_slice, "stack_head_results") for l in range(layer)]
+        return self._components_stack(per_layer, labels, layer, pos_slice, incl_remainder, apply_ln, return_labels)
+
+    def _components_stack(self, per_layer: list[torch.Tensor], labels: list[str], layer: int, pos_slice: Slice,
+                          incl_remainder: bool, apply_ln: bool, return_labels: bool
+                          ) -> Stack | tuple[Stack, list[str]]:
+        """Per-layer [..., component, d_model] results -> [component, ..., d_model], with the
+        optional remainder row and final norm."""
+        if per_layer:
             stack = rearrange(torch.cat(per_layer, dim=-2), "... component d_model -> component ... d_model")
         else:
             stack = self._empty_stack(pos_slice)
@@ -332,16 +339,8 @@ class ActivationCache:
         neuron_slice, pos_slice = _keep_dim(Slice.unwrap(neuron_slice)), Slice.unwrap(pos_slice)
         neurons = neuron_slice.indices(self.cfg.d_mlp).tolist()
         labels = [f"L{l}N{n}" for l in range(layer) for n in neurons]
-        if layer:
-            per_layer = [self.get_neuron_results(l, neuron_slice, pos_slice) for l in range(layer)]
-            stack = rearrange(torch.cat(per_layer, dim=-2), "... component d_model -> component ... d_model")
-        else:
-            stack = self._empty_stack(pos_slice)
-        if incl_remainder:
-            stack, labels = self._with_remainder(stack, labels, layer, False, pos_slice)
-        if apply_ln:
-            stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice)
-        return (stack, labels) if return_labels else stack
+        per_layer = [self.get_neuron_results(l, neuron_slice, pos_slice) for l in range(layer)]
+        return self._components_stack(per_layer, labels, layer, pos_slice, incl_remainder, apply_ln, return_labels)
 
     # The whole residual stream --------------------------------------------------------------
     def get_full_resid_decomposition(self, layer: int | None = None, mlp_input: bool = False,
