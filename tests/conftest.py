@@ -11,6 +11,16 @@ from checkpoints import save_checkpoint  # noqa: E402
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and with other processes on the
+    cores two OpenMP threads spin-wait for each other (measured: a forward 40x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def checkpoint_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("checkpoints")

@@ -22,14 +22,7 @@ from checkpoints import VOCAB
 from transformer_hooks import HookedTransformer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and with other processes on the
-    cores two OpenMP threads spin-wait for each other (measured: a forward 40x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 class Boom(RuntimeError):

@@ -25,14 +25,7 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 CALLS, WARMUP, MAX_GROWTH = 200, 20, 0.05
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and with other processes on the
-    cores two OpenMP threads spin-wait for each other (measured: a forward 40x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def rss_bytes() -> int:
