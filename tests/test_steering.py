@@ -126,6 +126,8 @@ def test_bad_input_fails_before_any_hook_is_attached(model):
             pass
     with pytest.raises(ValueError, match="positions"):
         steering_hook(torch.randn(3), positions="middle")
+    with pytest.raises(ValueError, match="context manager"):
+        steering_hook(torch.randn(3), positions="new")
     with pytest.raises(ValueError, match="floating point"):
         steering_hook(torch.arange(3))
     with pytest.raises(ValueError, match="3 positions but 2"):
@@ -136,22 +138,24 @@ def test_bad_input_fails_before_any_hook_is_attached(model):
 
 # The real model ------------------------------------------------------------------------
 def test_steering_vector_is_the_masked_difference_of_activations(embedded_model):
+    """Padded lists of prompts give what each prompt gives alone (padding excluded)."""
     m = embedded_model
     site = "blocks.3.hook_resid_pre"
     pos, neg = ["Love", "I love you so much"], ["Hate", "I hate it"]
-
-    def alone(prompt):
-        _, cache = m.run_with_cache(prompt, names_filter=site)
-        return cache[site][0]
-
     with torch.no_grad():
-        mean_ref = torch.stack([alone(p).mean(0) for p in pos]).mean(0) - torch.stack([alone(p).mean(0) for p in neg]).mean(0)
-        last_ref = torch.stack([alone(p)[-1] for p in pos]).mean(0) - torch.stack([alone(p)[-1] for p in neg]).mean(0)
+        _, cache = m.run_with_cache(pos + neg + ["I love", "I hate"], names_filter=site, padding_side="right")
+    lengths = [len(m.to_str_tokens(p)) for p in pos + neg + ["I love", "I hate"]]
+    alone = [cache[site][i, :n] for i, n in enumerate(lengths)]  # each prompt's own positions
+
+    def mean_of(rows, f):
+        return torch.stack([f(a) for a in rows]).mean(0)
+
+    mean_ref = mean_of(alone[:2], lambda a: a.mean(0)) - mean_of(alone[2:4], lambda a: a.mean(0))
+    last_ref = mean_of(alone[:2], lambda a: a[-1]) - mean_of(alone[2:4], lambda a: a[-1])
     torch.testing.assert_close(steering_vector(m, pos, neg, site, reduce="mean"), mean_ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(steering_vector(m, pos, neg, site, reduce="last"), last_ref, atol=1e-4, rtol=1e-4)
     per_pos = steering_vector(m, "I love", "I hate", site, reduce=None)
-    with torch.no_grad():
-        torch.testing.assert_close(per_pos, alone("I love") - alone("I hate"), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(per_pos, alone[4] - alone[5], atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="pad the shorter prompt"):
         steering_vector(m, "I love you so much", "Hate", site, reduce=None)
 

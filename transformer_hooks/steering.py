@@ -14,9 +14,12 @@ Positions are absolute positions in the token sequence (padding included):
   is skipped (generation may reach it later). Negative ints count from the end of the
   sequence at each forward: during cached generation ``-1`` steers every new token,
   whose steered keys and values stay in the cache;
-- ``"new"``: only tokens that ``model.generate`` feeds back in, i.e. positions processed
-  by a forward that continues a KV cache. (Without a KV cache a forward cannot tell
-  prompt from generated tokens: steer ``slice(prompt_len, None)`` instead.)
+- ``"new"``: only positions processed by a forward that continues a KV cache, i.e. the
+  decoding steps of ``model.generate``. Its prefill covers the prompt but its last token,
+  which the first decoding step feeds in, so every prediction of a new token is steered
+  and the rest of the prompt is not. (Without a KV cache a forward cannot tell prompt
+  from generated tokens: steer ``slice(prompt_len, None)`` instead.) Needs the
+  ``steering`` context manager, which watches the cache.
 
 During cached generation a forward sees only the newest token; the ``steering`` context
 manager watches the model's KV cache so that positions stay absolute across those
@@ -139,6 +142,9 @@ def steering_hook(vector: Float[torch.Tensor, "..."], coeff: float = 1.0, positi
     For generation use the ``steering`` context manager, which keeps positions absolute
     across cached decoding steps (and is the only way ``positions="new"`` can work).
     """
+    if isinstance(positions, str) and positions == "new":
+        raise ValueError("positions='new' needs to see the KV cache of each forward: use the steering(...) "
+                         "context manager instead of steering_hook")
     return SteeringHook(vector, coeff, positions)
 
 
@@ -197,8 +203,11 @@ def steering_vector(model: Any, positive: str | Sequence[str], negative: str | S
 def _site_activation(model: Any, prompts: str | Sequence[str], site: str, reduce: Reduce) -> torch.Tensor:
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     tokens, mask = model.tokens_and_mask(prompts, padding_side="right")
+    # Blocks above the site cannot change it: stop after its block.
+    layer = model.hook_dict[site].layer_idx
+    stop = layer + 1 if layer is not None and layer + 1 < model.cfg.n_layers else None
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=site)
+        _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=site, stop_at_layer=stop)
     act = cache[site]  # [batch, pos, ...]
     real = torch.ones(tokens.shape, dtype=act.dtype, device=act.device) if mask is None else mask.to(act.dtype)
     real = real.reshape(*real.shape, *([1] * (act.ndim - 2)))
