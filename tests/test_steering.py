@@ -146,6 +146,9 @@ def test_steering_vector_is_the_masked_difference_of_activations(embedded_model)
         _, cache = m.run_with_cache(pos + neg + ["I love", "I hate"], names_filter=site, padding_side="right")
     lengths = [len(m.to_str_tokens(p)) for p in pos + neg + ["I love", "I hate"]]
     alone = [cache[site][i, :n] for i, n in enumerate(lengths)]  # each prompt's own positions
+    with torch.no_grad():
+        _, single = m.run_with_cache(pos[0], names_filter=site)
+    torch.testing.assert_close(alone[0], single[site][0], atol=1e-4, rtol=1e-4)
 
     def mean_of(rows, f):
         return torch.stack([f(a) for a in rows]).mean(0)

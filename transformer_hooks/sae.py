@@ -344,7 +344,8 @@ Positions = Union[slice, Sequence[int], None]
 def _chosen(n_pos: int, positions: Positions, device: Any) -> torch.Tensor:
     """A [pos] bool mask of the chosen positions (all when None)."""
     chosen = torch.zeros(n_pos, dtype=torch.bool, device=device)
-    chosen[slice(None) if positions is None else (positions if isinstance(positions, slice) else list(positions))] = True
+    index = positions if positions is None or isinstance(positions, slice) else list(positions)
+    chosen[slice(None) if index is None else index] = True
     return chosen
 
 
@@ -458,7 +459,8 @@ def evaluate_sae(model: Any, sae: SAE, tokens: Int[torch.Tensor, "batch pos"] | 
             batch_spliced, _ = _loss_sum(model(tok, attention_mask=m, **loss_kwargs), m)
         with model.hooks(fwd_hooks=[(site, _zero_hook(positions))]):
             batch_zero, _ = _loss_sum(model(tok, attention_mask=m, **loss_kwargs), m)
-        clean, spliced, zero, n_pred = clean + batch_clean, spliced + batch_spliced, zero + batch_zero, n_pred + batch_pred
+        clean, spliced, zero = clean + batch_clean, spliced + batch_spliced, zero + batch_zero
+        n_pred += batch_pred
     total_var = sum_sq - float(sum_x.pow(2).sum()) / n  # sum ||x - mean||^2
     clean, spliced, zero = clean / max(n_pred, 1), spliced / max(n_pred, 1), zero / max(n_pred, 1)
     return SAEEvaluation(mse=sq_err / (n * sae.cfg.d_in), l0=l0 / n,
