@@ -223,7 +223,7 @@ def test_training_lowers_the_loss(model):
         _, cache = model.run_with_cache(tokens(8, 16), names_filter=SITE)
     sae = SAE.for_model(model, SITE, d_sae=96)
     assert sae.cfg.model_from_pretrained_kwargs == {s: False for s in PROCESSING_STEPS}
-    losses = train_sae(sae, cache[SITE], steps=150, batch_size=64, lr=3e-3, l1_coefficient=1e-3)
+    losses = train_sae(sae, cache[SITE], steps=80, batch_size=64, lr=3e-3, l1_coefficient=1e-3)
     assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
     ev = evaluate_sae(model, sae, tokens(8, 16))
     assert ev.explained_variance > 0.5 and ev.ce_loss_recovered > 0
