@@ -101,7 +101,7 @@ def test_logit_lens_prints_the_model_prediction_last(checkpoint, capsys, tmp_pat
     top = int(probs.argmax())
     assert first_token == repr(model.to_string([top]))
     assert abs(float(first_prob) - float(probs[top])) <= 0.005
-    assert "position 3" in out  # --pos -2 of 5 tokens
+    assert "position 4" in out  # --pos -2 of BOS + 5 tokens
 
 
 def test_parity_passes_and_fails_with_a_per_layer_report(checkpoint, capsys, monkeypatch):
@@ -148,7 +148,7 @@ def test_entry_point_runs_dla_end_to_end(checkpoint, tmp_path):
      r"' Paris London' is not a single token: it tokenizes as \[' Paris', ' London'\]"),
     (["dla", "--prompt", PROMPT, "--answer", " Paris", "--contrast", " Paris"], "the same token"),
     (["dla", "--prompt", PROMPT, "--answer", " Paris", "--contrast", " London", "--pos", "9"],
-     r"--pos 9 is out of range for a prompt of 5 tokens \(valid: -5..4\)"),
+     r"--pos 9 is out of range for a prompt of 6 tokens \(valid: -6..5\)"),
     (["logit-lens", "--prompt", PROMPT, "--model", "no-such-model-xyz"], "no-such-model-xyz"),
 ])
 def test_bad_input_is_one_clear_line(checkpoint, capsys, argv, message):

@@ -178,6 +178,28 @@ def test_conversion_keeps_the_tokenizer(embedded_model, tmp_path):
     assert_same_weights(converted, embedded_model)
 
 
+def test_bos_is_prepended_unless_the_checkpoint_says_not_to(hf_checkpoint, embedded_model, tmp_path):
+    """TransformerLens prepends BOS by default. An HF tokenizer's add_bos_token=False (GPT-2's,
+    and the tiny test tokenizer's) does not turn that off; GGUF's tokenizer.ggml.add_bos_token
+    does, and SmolLM2's GGUF says false."""
+    from tokenizers_util import add_tokenizer
+
+    path, _ = hf_checkpoint("gpt2")
+    directory = tmp_path / "gpt2"
+    shutil.copytree(path, directory)
+    add_tokenizer(directory, VOCAB)
+    model = HookedTransformer.from_pretrained_no_processing(str(directory))
+    assert model.tokenizer.add_bos_token is False  # the case this guards
+    assert model.cfg.default_prepend_bos
+    plain = model.tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
+    assert model.to_tokens("The capital of France is")[0].tolist() == [model.tokenizer.bos_token_id, *plain]
+    assert model.to_tokens("The capital of France is", prepend_bos=False)[0].tolist() == plain
+
+    assert not embedded_model.cfg.default_prepend_bos
+    plain = embedded_model.tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
+    assert embedded_model.to_tokens("The capital of France is")[0].tolist() == plain
+
+
 def test_failed_conversion_leaves_nothing(hf_checkpoint, tmp_path, monkeypatch):
     import weights_conversion.__main__ as cli
 

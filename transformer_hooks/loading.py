@@ -367,7 +367,10 @@ def load_model(name_or_path: str | Path, *, fold_ln: bool = True, center_writing
     cfg = family.config_from_hf(hf_config).replace(model_name=str(name_or_path))
     if tokenizer is None:
         tokenizer = make_tokenizer()
-    if tokenizer is not None and getattr(tokenizer, "add_bos_token", True) is False:
+    # As in TransformerLens, prompts start with BOS unless the checkpoint says otherwise. Only
+    # GGUF metadata says so explicitly; an HF tokenizer's add_bos_token=False does not (GPT-2's
+    # is False, and TransformerLens prepends BOS to GPT-2 prompts).
+    if hf_config.get("add_bos_token") is False:
         cfg = cfg.replace(default_prepend_bos=False)
 
     labels = ["embeddings", *(f"block {i}" for i in range(cfg.n_layers)), "final norm and unembedding"]
