@@ -89,6 +89,24 @@ def timed(fn: Callable[[], object]) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
+def kernel_time(fn: Callable[[], object]) -> str:
+    """One run of fn: the share of its CPU time spent in the kernel and its page faults.
+    Storing every site writes gigabytes of fresh memory, and a page fault per 4 KiB page
+    can cost more than the arithmetic (notably in a VM)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return ""
+    gc.collect()
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    fn()
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    system = after.ru_stime - before.ru_stime
+    total = system + after.ru_utime - before.ru_utime
+    faults = after.ru_minflt - before.ru_minflt
+    return f"ours: {system / total:.0%} of CPU time in the kernel, {faults / 1e3:.0f}k page faults"
+
+
 @dataclass
 class Paired:
     hf: float  # median wall seconds
@@ -159,7 +177,7 @@ def bench_model(name: str, path: Path, shapes: list[tuple[int, int]], runs: int,
                                            lambda: ours.run_with_cache(tokens, names_filter=resid_post), runs),
                 "HF: output_hidden_states=True")
             add("cache all sites", paired(lambda: hf(tokens).logits, lambda: ours.run_with_cache(tokens), runs),
-                "HF: plain forward")
+                "HF: plain forward; " + kernel_time(lambda: ours.run_with_cache(tokens)))
             add("pattern hook, 1 layer", paired(
                 lambda: hf(tokens).logits,
                 lambda: ours.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn.hook_pattern", noop)]), runs),
