@@ -12,7 +12,7 @@ import torch
 
 from transformer_hooks.config import ModelConfig
 
-from .common import head_dim, heads_from_bias, heads_from_linear, out_from_linear, rope_parameters, rope_scaling
+from .common import head_dim, heads_from_linear, out_from_linear, rope_parameters, rope_scaling
 
 MODEL_TYPES = ("llama",)
 
