@@ -120,7 +120,8 @@ def test_patching_one_heads_query_input_changes_only_that_heads_query(hf_checkpo
         _, patched = model.run_with_cache(tokens(), names_filter="blocks.0.attn.hook_q")
     diff = (patched["blocks.0.attn.hook_q"] - clean["blocks.0.attn.hook_q"]).abs().amax(dim=(0, 1, 3))
     assert diff[head] > 1e-3
-    assert torch.all(diff[torch.arange(model.cfg.n_heads) != head] == 0)
+    # Other heads: unchanged up to rounding (with q_input observed, q is computed per head).
+    assert torch.all(diff[torch.arange(model.cfg.n_heads) != head] < 1e-5)
 
 
 def test_gradient_through_a_hook_reaches_a_trainable_module(hf_checkpoint):
