@@ -333,14 +333,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in tqdm(models, desc="models"):
             path = build_checkpoint(name, Path(tmp))
-            if not (args.quick or args.keep_freed_memory) and args.device == "cpu" and Path("/proc/self/status").exists():
+            measure_load = not (args.quick or args.keep_freed_memory) and args.device == "cpu"
+            if measure_load and Path("/proc/self/status").exists():
                 loads[name] = load_time_and_peak_memory(path, args.threads)
             bench_model(name, path, shapes, args.runs, args.device, dtype, results)
     body = report(results, loads, args)
     print("\n" + body)
     if args.write:
         title = "Speed, glibc keeping freed memory" if args.keep_freed_memory else "Speed"
-        command = shlex.join(["python", "benchmarks/speed.py", *(a for a in sys.argv[1:] if a not in ("--write", str(args.write)))])
+        flags = [a for a in sys.argv[1:] if a not in ("--write", str(args.write))]
+        command = shlex.join(["python", "benchmarks/speed.py", *flags])
         write_section(args.write, body, title, command)
         print(f"\nwritten to {args.write}")
 
