@@ -2,8 +2,9 @@
 with TransformerLens's hook names, for mechanistic interpretability."""
 
 from .config import ModelConfig
+from .factored_matrix import FactoredMatrix
 from .hooks import HookPoint, HookShapeError, UnknownHookError
 from .model import HookedTransformer
 
-__all__ = ["HookedTransformer", "HookPoint", "HookShapeError", "ModelConfig", "UnknownHookError"]
+__all__ = ["FactoredMatrix", "HookedTransformer", "HookPoint", "HookShapeError", "ModelConfig", "UnknownHookError"]
 __version__ = "0.1.0"
