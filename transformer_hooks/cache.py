@@ -120,6 +120,12 @@ class ActivationCache:
             self.model.to(device)
         return self
 
+    def toggle_autodiff(self, mode: bool = False) -> None:
+        """``torch.set_grad_enabled(mode)``, as TransformerLens's cache has it. Autograd is
+        global state: this switches gradients off (or on) for all of torch, not just the cache."""
+        logger.warning("toggle_autodiff(%s): autograd is now %s for all of torch", mode, "on" if mode else "off")
+        torch.set_grad_enabled(mode)
+
     def remove_batch_dim(self) -> "ActivationCache":
         """Drop the batch dimension of a batch-of-one cache, in place."""
         if not self.has_batch_dim:
@@ -485,7 +491,8 @@ class ActivationCache:
                     f"Cached: {_summarize(list(self.cache_dict))}")
         glob = re.sub(r"^blocks\.\d+\.", "blocks.*.", name)
         expansion = name.endswith(PER_HEAD_EXPANSIONS)
-        why = " (run_with_cache leaves per-head expansions out unless names_filter names them)" if expansion else ""
+        why = (" (run_with_cache leaves per-head expansions out unless names_filter names them, or "
+               "model.set_use_attn_result(True) and friends switch them on)") if expansion else ""
         default = "" if expansion else ", or leave names_filter out to cache every site"
         return (f"{who} is not in this cache{why}. It holds {len(self)} activations: "
                 f"{_summarize(list(self.cache_dict))}. To cache it, run model.run_with_cache(..., "

@@ -158,6 +158,10 @@ class HookPoint(nn.Module):
 class HookedRootModule(nn.Module):
     """Registry of a model's hook points, keyed by TransformerLens names."""
 
+    # Per-head expansions (suffixes from PER_HEAD_EXPANSIONS) that run_with_cache() stores
+    # when no names_filter is given; set through TransformerLens's set_use_attn_result & co.
+    cached_expansions: frozenset[str] = frozenset()
+
     def setup_hooks(self) -> None:
         """Name every HookPoint after its module path. Call at the end of ``__init__``."""
         self.hook_dict: dict[str, HookPoint] = {}
@@ -260,9 +264,11 @@ class HookedRootModule(nn.Module):
 
     def cache_names(self, names_filter: NameFilter) -> list[str]:
         """The sites ``run_with_cache(names_filter=...)`` stores. With no filter: every site
-        except the per-head expansions (each is n_heads copies of a residual)."""
+        except the per-head expansions (each is n_heads copies of a residual) that are not
+        switched on (``set_use_attn_result`` and friends)."""
         if names_filter is None:
-            return [n for n in self.hook_dict if not n.endswith(PER_HEAD_EXPANSIONS)]
+            left_out = tuple(s for s in PER_HEAD_EXPANSIONS if s not in self.cached_expansions)
+            return [n for n in self.hook_dict if not n.endswith(left_out)]
         return self.resolve_hook_names(names_filter)
 
     def run_with_cache(self, *model_args: Any, names_filter: NameFilter = None, device: Any = None,

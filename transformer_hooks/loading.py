@@ -405,6 +405,25 @@ def _build_and_fill(cfg: ModelConfig, options: Any, groups: list[Group], tokeniz
     return _finish(model, device)
 
 
+def processed_copy(model: HookedTransformer, options: Any) -> HookedTransformer:
+    """``model`` with the processing ``options`` ask for (``model`` itself if there is none
+    left to apply), built as a load is. Unprocessed tensors may be shared with ``model``:
+    this serves ``process_weights_``, which drops the old modules."""
+    from . import processing
+
+    if not processing.steps_for(model.cfg, options):
+        return model
+    weights = {name: p.detach() for name, p in model.named_parameters(remove_duplicate=False)}
+    frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    tied = model.unembed.W_U.untyped_storage().data_ptr() == model.embed.W_E.untyped_storage().data_ptr()
+    new = _build_and_fill(model.cfg, options, [("weights", "", lambda: dict(weights))], model.tokenizer,
+                          device=model.device, dtype=model.dtype, desc="processing", tied=tied)
+    for name, param in new.named_parameters(remove_duplicate=False):
+        param.requires_grad_(name not in frozen)
+    new.train(model.training)
+    return new
+
+
 # Steps that rewrite W_E (centring) or W_U (folding ln_final, centring): after them a tied
 # unembedding is its own tensor.
 REWRITE_EMBEDDINGS = {"fold_ln", "center_writing_weights", "center_unembed"}

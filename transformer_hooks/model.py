@@ -18,6 +18,7 @@ from torch import nn
 
 from .components import AttentionMask, Embed, KVCache, PosEmbed, Rotary, Unembed, make_block, make_norm
 from .config import ModelConfig
+from .factored_matrix import FactoredMatrix
 from .hooks import HookedRootModule, HookPoint
 
 TextInput = Union[str, Sequence[str]]
@@ -357,6 +358,11 @@ class HookedTransformer(HookedRootModule):
         return self.pos_embed.W_pos
 
     @property
+    def W_E_pos(self) -> Float[torch.Tensor, "d_vocab_plus_n_ctx d_model"]:
+        """``W_E`` and ``W_pos`` concatenated (learned positions only, as ``W_pos``)."""
+        return torch.cat([self.W_E, self.W_pos], dim=0)
+
+    @property
     def W_U(self) -> Float[torch.Tensor, "d_model d_vocab"]:
         return self.unembed.W_U
 
@@ -391,6 +397,18 @@ class HookedTransformer(HookedRootModule):
                                   doc="[n_layers, head, d_head]: b_K repeated per query head")
     b_V_per_query_head = property(lambda self: self.b_V.repeat_interleave(self.cfg.group_size, dim=1),
                                   doc="[n_layers, head, d_head]: b_V repeated per query head")
+
+    @property
+    def QK(self) -> FactoredMatrix:
+        """Each head's QK circuit ``W_Q @ W_K.T`` [n_layers, head, d_model, d_model], factored:
+        ``x_dest @ QK[l, h] @ x_src`` is that head's attention score before scaling and biases."""
+        return FactoredMatrix(self.W_Q, self.W_K_per_query_head.transpose(-2, -1))
+
+    @property
+    def OV(self) -> FactoredMatrix:
+        """Each head's OV circuit ``W_V @ W_O`` [n_layers, head, d_model, d_model], factored:
+        ``x_src @ OV[l, h]`` is what that head writes for a source it attends to fully."""
+        return FactoredMatrix(self.W_V_per_query_head, self.W_O)
 
     def tokens_to_residual_directions(self, tokens: str | int | Sequence[int] | Sequence[str] | torch.Tensor
                                       ) -> Float[torch.Tensor, "... d_model"]:
@@ -433,6 +451,77 @@ class HookedTransformer(HookedRootModule):
         if mlp_input and not self.cfg.parallel_residual:
             bias = bias + self.blocks[layer].attn.b_O
         return bias
+
+    def all_head_labels(self) -> list[str]:
+        """``["L0H0", "L0H1", ...]``: one label per attention head, in the order of
+        ``cache.stack_head_results``."""
+        return [f"L{l}H{h}" for l in range(self.cfg.n_layers) for h in range(self.cfg.n_heads)]
+
+    def loss_fn(self, logits: Float[torch.Tensor, "batch pos d_vocab"], tokens: Int[torch.Tensor, "batch pos"],
+                attention_mask: torch.Tensor | None = None, per_token: bool = False) -> torch.Tensor:
+        """Next-token cross-entropy of ``logits`` on ``tokens`` (as ``return_type="loss"``)."""
+        return lm_cross_entropy_loss(logits, tokens, attention_mask, per_token=per_token)
+
+    def set_tokenizer(self, tokenizer: Any, default_padding_side: Literal["left", "right"] = "right") -> None:
+        """Use ``tokenizer`` (a HF tokenizer) for strings; ``default_padding_side`` pads batches."""
+        if default_padding_side not in ("left", "right"):
+            raise ValueError(f"default_padding_side must be 'left' or 'right', got {default_padding_side!r}")
+        tokenizer.padding_side = default_padding_side
+        self.tokenizer = tokenizer
+
+    # TransformerLens switches ------------------------------------------------------------
+    # In TransformerLens these sites exist only once switched on. Here every site always
+    # exists and costs nothing until observed; a switch only decides whether run_with_cache()
+    # with no names_filter stores it (each is n_heads copies of an activation, so they start off).
+    def _cache_by_default(self, suffixes: tuple[str, ...], on: bool) -> None:
+        self.cached_expansions = (self.cached_expansions | set(suffixes)) if on else (
+            self.cached_expansions - set(suffixes))
+
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        """Cache ``attn.hook_result`` (each head's output, [batch, pos, head, d_model]) by default."""
+        self._cache_by_default(("attn.hook_result",), use_attn_result)
+
+    def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
+        """Cache ``hook_q_input``, ``hook_k_input`` and ``hook_v_input`` (per head) by default."""
+        self._cache_by_default(("hook_q_input", "hook_k_input", "hook_v_input"), use_split_qkv_input)
+
+    def set_use_attn_in(self, use_attn_in: bool) -> None:
+        """Cache ``hook_attn_in`` (the attention input, per head) by default."""
+        self._cache_by_default(("hook_attn_in",), use_attn_in)
+
+    def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
+        """Accepted so TransformerLens code runs: ``hook_mlp_in`` always exists here, and the
+        default cache holds it at no cost (it shares storage with the residual the MLP reads)."""
+
+    def process_weights_(self, fold_ln: bool = True, center_writing_weights: bool = True,
+                         center_unembed: bool = True, fold_value_biases: bool = True,
+                         refactor_factored_attn_matrices: bool = False) -> "HookedTransformer":
+        """Apply TransformerLens's weight processing to this model, in place (see processing.py).
+
+        Steps already applied are skipped, so a model loaded with ``from_pretrained`` is left as
+        it is. The result equals loading with the same flags. Hooks are not carried over: remove
+        them first. Processing holds a second copy of the weights while it runs.
+        """
+        if refactor_factored_attn_matrices:
+            raise NotImplementedError("refactor_factored_attn_matrices is not supported: it changes W_Q/W_K and "
+                                      "W_V/W_O without changing the outputs, and rotary models cannot take it")
+        hooked = sorted(n for n, hp in self.hook_dict.items() if hp.observed)
+        if hooked:
+            raise ValueError(f"process_weights_ rebuilds the model's modules, and hooks are attached to "
+                             f"{', '.join(hooked[:5])}{' ...' if len(hooked) > 5 else ''}: call "
+                             f"model.reset_hooks(including_permanent=True) first, then add them again")
+        from .loading import processed_copy
+        from .processing import ProcessingOptions
+
+        options = ProcessingOptions(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                                    center_unembed=center_unembed, fold_value_biases=fold_value_biases)
+        processed = processed_copy(self, options)
+        if processed is not self:
+            self.cfg = processed.cfg
+            for name, module in processed.named_children():
+                setattr(self, name, module)
+            self.setup_hooks()
+        return self
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """Sample a continuation with a preallocated KV cache; see generate.generate."""
