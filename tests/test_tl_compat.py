@@ -1,7 +1,8 @@
-"""TransformerLens methods that ported code calls: on the model ``process_weights_`` (equal to
-loading processed), the ``set_use_*`` switches (which decide only what the default cache
-holds), ``all_head_labels``, ``loss_fn``, the ``QK``/``OV`` circuits, ``W_E_pos`` and ``set_tokenizer``; on the cache
-``toggle_autodiff``."""
+"""TransformerLens methods that ported code calls. On the model: ``process_weights_`` (equal
+to loading processed), the ``set_use_*`` switches (which decide only what the default cache
+holds), ``all_head_labels``, ``loss_fn``, the ``QK``/``OV`` circuits, ``mod_dict``,
+``W_E_pos``, ``set_tokenizer``. On the cache: ``toggle_autodiff``. In utils:
+``test_prompt``, ``to_numpy``."""
 
 import pytest
 import torch
@@ -192,3 +193,36 @@ def test_QK_and_OV_circuits_reproduce_scores_and_head_outputs(hf_checkpoint, nam
     written = cache["pattern", layer][:, head] @ values @ model.W_O[layer, head]
     torch.testing.assert_close(written, cache["result", layer][:, :, head], atol=1e-4, rtol=0)
     torch.testing.assert_close(model.OV[layer, head].AB, model.W_V_per_query_head[layer, head] @ model.W_O[layer, head])
+
+
+def test_test_prompt_ranks_each_answer_token_where_it_is_predicted(embedded_model, capsys):
+    from transformer_hooks import utils  # as a module: pytest would collect a bare test_prompt
+
+    model, prompt = embedded_model, "The capital of France is"
+    ranks = utils.test_prompt(prompt, [" Paris", "the city of Paris"], model, top_k=3)
+    printed = capsys.readouterr().out
+
+    prompt_tokens = model.to_tokens(prompt)[0]
+    for answer, answer_ranks in zip([" Paris", " the city of Paris"], ranks):
+        answer_tokens = model.to_tokens(answer, prepend_bos=False)[0]
+        logits = model(torch.cat([prompt_tokens, answer_tokens])[None])[0]
+        expected = []
+        for i, token in enumerate(answer_tokens.tolist()):
+            predicted = logits[len(prompt_tokens) - 1 + i]
+            expected.append((model.to_string([token]), int((predicted > predicted[token]).sum())))
+            top = model.to_string([int(predicted.argmax())])
+            assert f"Top 0th token. Logit: {predicted.max():5.2f}" in printed and f"Token: |{top}|" in printed
+        assert answer_ranks == expected
+        assert f"Ranks of the answer tokens: {expected}" in printed
+    assert len(ranks[1]) > 1  # a multi-token answer is scored token by token
+    assert "Tokenized prompt: " + str(model.to_str_tokens(prompt_tokens)) in printed
+
+
+def test_to_numpy_and_mod_dict(gpt2):
+    from transformer_hooks.utils import to_numpy
+
+    x = torch.randn(3, 4, requires_grad=True)
+    assert (to_numpy(x) == x.detach().numpy()).all()
+    assert to_numpy([1, 2]).tolist() == [1, 2]
+    assert gpt2.mod_dict["blocks.0.attn"] is gpt2.blocks[0].attn
+    assert set(gpt2.hook_dict) <= set(gpt2.mod_dict)

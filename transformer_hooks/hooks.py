@@ -174,6 +174,11 @@ class HookedRootModule(nn.Module):
     def hook_points(self) -> Iterable[HookPoint]:
         return self.hook_dict.values()
 
+    @property
+    def mod_dict(self) -> dict[str, nn.Module]:
+        """Every submodule by its name (TransformerLens's ``mod_dict``)."""
+        return {name: module for name, module in self.named_modules() if name}
+
     # Name resolution -----------------------------------------------------------------
     def _unknown(self, name: str) -> UnknownHookError:
         close = difflib.get_close_matches(name, list(self.hook_dict), n=5, cutoff=0.5)

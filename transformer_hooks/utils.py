@@ -1,10 +1,12 @@
-"""Small helpers with TransformerLens's names: ``get_act_name`` and ``Slice``."""
+"""Small helpers with TransformerLens's names: ``get_act_name``, ``Slice``, ``test_prompt``
+and ``to_numpy``."""
 
 from __future__ import annotations
 
 import re
-from typing import Sequence, Union
+from typing import Any, Sequence, Union
 
+import numpy as np
 import torch
 
 # Short names -> the hook name within a block (or at top level, for _TOP_LEVEL).
@@ -127,3 +129,52 @@ class Slice:
 
     def __repr__(self) -> str:
         return f"Slice({self.slice!r})"
+
+
+def to_numpy(tensor: Any) -> np.ndarray:
+    """A tensor (detached, on the CPU), list or number as a numpy array."""
+    if isinstance(tensor, torch.Tensor):
+        return tensor.detach().cpu().numpy()
+    return np.asarray(tensor)
+
+
+def test_prompt(prompt: str, answer: str | Sequence[str], model: Any, prepend_space_to_answer: bool = True,
+                print_details: bool = True, prepend_bos: bool | None = None, top_k: int = 10
+                ) -> list[list[tuple[str, int]]]:
+    """Print how ``model`` ranks ``answer`` after ``prompt`` (TransformerLens's ``test_prompt``).
+
+    For each token of the answer (fed to the model after the prompt, so a multi-token answer
+    is scored token by token): its rank, logit and probability, and the ``top_k`` tokens at
+    that position; then the ranks of all answer tokens. ``answer`` may be a list of answers,
+    each scored on its own. Returns ``[(answer token, rank), ...]`` per answer.
+    """
+    answers = [answer] if isinstance(answer, str) else list(answer)
+    prompt_tokens = model.to_tokens(prompt, prepend_bos=prepend_bos)[0]
+    ranks_per_answer = []
+    for text in answers:
+        if prepend_space_to_answer and not text.startswith(" "):
+            text = " " + text
+        answer_tokens = model.to_tokens(text, prepend_bos=False)[0].to(prompt_tokens.device)
+        with torch.no_grad():
+            logits = model(torch.cat([prompt_tokens, answer_tokens])[None])[0].float()
+        # The prediction of answer token i is at the position before it.
+        predictions = logits[len(prompt_tokens) - 1: -1]
+        probs = predictions.softmax(-1)
+        str_answer = model.to_str_tokens(answer_tokens)
+        if print_details:
+            print("Tokenized prompt:", model.to_str_tokens(prompt_tokens))
+            print("Tokenized answer:", str_answer)
+        ranks = []
+        for i, (token, token_str) in enumerate(zip(answer_tokens.tolist(), str_answer)):
+            rank = int((predictions[i] > predictions[i, token]).sum())
+            ranks.append((token_str, rank))
+            if print_details:
+                print("Performance on answer token:")
+                print(f"Rank: {rank: <8} Logit: {predictions[i, token]:5.2f} Prob: {probs[i, token]:6.2%} "
+                      f"Token: |{token_str}|")
+                for k, top in enumerate(predictions[i].topk(min(top_k, predictions.shape[-1])).indices.tolist()):
+                    print(f"Top {k}th token. Logit: {predictions[i, top]:5.2f} Prob: {probs[i, top]:6.2%} "
+                          f"Token: |{model.to_string([top])}|")
+        print("Ranks of the answer tokens:", ranks)
+        ranks_per_answer.append(ranks)
+    return ranks_per_answer
