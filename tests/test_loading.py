@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from checkpoints import VOCAB
+from checkpoints import CONFIGS, VOCAB
 from transformer_hooks import HookedTransformer
 from transformer_hooks.loading import CorruptCheckpointError, MissingWeightsError, WeightShapeError
 from transformer_hooks.resolution import CheckpointNotFoundError, UnknownModelError
@@ -303,3 +303,48 @@ def test_converted_checkpoint_missing_a_tensor_is_named(hf_checkpoint, tmp_path)
     save_file(tensors, tmp_path / "conv" / "model.safetensors")
     fails_leaving_no_model(MissingWeightsError, r"missing 1 tensor\(s\).*blocks\.1\.mlp\.W_gate",
                            lambda: HookedTransformer.from_pretrained(str(tmp_path / "conv")))
+
+
+# TransformerLens's from_pretrained options --------------------------------------------------
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_hf_model_in_memory_loads_as_its_saved_checkpoint(hf_checkpoint, name):
+    path, hf = hf_checkpoint(name)
+    from_memory = HookedTransformer.from_pretrained(name, hf_model=hf)
+    from_disk = HookedTransformer.from_pretrained(str(path))
+    assert from_memory.cfg.replace(model_name="") == from_disk.cfg.replace(model_name="")
+    ours, theirs = from_memory.state_dict(), from_disk.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+    unprocessed = HookedTransformer.from_pretrained_no_processing(name, hf_model=hf)
+    with torch.no_grad():
+        torch.testing.assert_close(unprocessed(tokens()), hf(tokens()).logits, atol=1e-4, rtol=0)
+
+
+def test_hf_model_in_memory_shares_no_memory_with_the_new_model(hf_checkpoint):
+    _, hf = hf_checkpoint("pythia")
+    model = HookedTransformer.from_pretrained_no_processing("pythia", hf_model=hf)
+    hf_pointers = {p.untyped_storage().data_ptr() for p in hf.parameters()}
+    assert not any(p.untyped_storage().data_ptr() in hf_pointers for p in model.parameters())
+    with pytest.raises(TypeError, match="hf_model must be a transformers model"):
+        HookedTransformer.from_pretrained("pythia", hf_model=hf.state_dict())
+
+
+def test_tl_tokenizer_and_dtype_options(hf_checkpoint, embedded_model):
+    path, _ = hf_checkpoint("gpt2")
+    half = HookedTransformer.from_pretrained_no_processing(str(path), torch_dtype="bfloat16", move_to_device=False)
+    assert half.dtype == torch.bfloat16 and half.device.type == "cpu"
+
+    gguf = embedded_model.cfg.model_name
+    model = HookedTransformer.from_pretrained_no_processing(gguf, default_prepend_bos=True,
+                                                           default_padding_side="left")
+    assert not embedded_model.cfg.default_prepend_bos  # the GGUF says no BOS ...
+    bos = model.tokenizer.bos_token_id
+    tokens_, mask = model.to_tokens_and_mask(["The capital of France is", "Paris"])
+    assert tokens_[0, 0] == bos  # ... the override prepends it
+    assert mask[1, 0] == 0 and mask[1, -1] == 1  # padded on the left
+
+    with pytest.raises(ValueError, match="'left' or 'right'"):
+        HookedTransformer.from_pretrained(str(path), default_padding_side="up")
+    with pytest.raises(NotImplementedError, match="refactor_factored_attn_matrices"):
+        HookedTransformer.from_pretrained(str(path), refactor_factored_attn_matrices=True)

@@ -182,6 +182,18 @@ def _torch_bin_source(files: tuple[Path, ...]) -> TensorSource:
     return TensorSource({k: (lambda t=t: t.clone()) for k, t in tensors.items()}, ", ".join(map(str, files)))
 
 
+def _in_memory_source(hf_model: Any) -> tuple[dict, TensorSource]:
+    """The config and tensors of a transformers model in memory. Each tensor is copied as
+    it is converted, so the new model never shares memory with ``hf_model``."""
+    config = getattr(hf_model, "config", None)
+    if config is None or not hasattr(hf_model, "state_dict"):
+        raise TypeError(f"hf_model must be a transformers model (with .config and .state_dict()), "
+                        f"got {type(hf_model).__name__}")
+    state = hf_model.state_dict()
+    readers = {name: (lambda t=t: t.detach().to("cpu", copy=True)) for name, t in state.items()}
+    return config.to_dict(), TensorSource(readers, f"the {type(hf_model).__name__} passed as hf_model")
+
+
 def tensor_source(ckpt: Checkpoint) -> TensorSource:
     if all(f.suffix == ".safetensors" for f in ckpt.weight_files):
         return _safetensors_source(ckpt.weight_files)
@@ -323,24 +335,57 @@ def _big_groups_first(groups: list[Group]) -> list[Group]:
 # Entry point ----------------------------------------------------------------------
 def load_model(name_or_path: str | Path, *, fold_ln: bool = True, center_writing_weights: bool = True,
                center_unembed: bool = True, fold_value_biases: bool = True, device: Any = None,
-               dtype: torch.dtype | str = torch.float32, tokenizer: Any = None) -> HookedTransformer:
+               dtype: torch.dtype | str = torch.float32, tokenizer: Any = None, hf_model: Any = None,
+               default_prepend_bos: bool | None = None, default_padding_side: str | None = None,
+               torch_dtype: torch.dtype | str | None = None, move_to_device: bool = True,
+               refactor_factored_attn_matrices: bool = False) -> HookedTransformer:
     """Load a preset, HF repo id, HF directory, converted directory or .gguf file (see
-    resolution.py), with the weight processing the flags ask for (see processing.py)."""
+    resolution.py), with the weight processing the flags ask for (see processing.py).
+
+    TransformerLens's options: ``hf_model`` converts a transformers model already in memory
+    (``name_or_path`` then only names it; pass ``tokenizer`` for strings);
+    ``default_prepend_bos`` and ``default_padding_side`` override the tokenizer's defaults;
+    ``torch_dtype`` is ``dtype``; ``move_to_device=False`` keeps the weights on the CPU.
+    """
+    if refactor_factored_attn_matrices:
+        raise NotImplementedError("refactor_factored_attn_matrices is not supported: it rewrites W_Q/W_K and "
+                                  "W_V/W_O without changing the outputs, which rotary models cannot take")
+    if default_padding_side not in (None, "left", "right"):
+        raise ValueError(f"default_padding_side must be 'left' or 'right', got {default_padding_side!r}")
+    if torch_dtype is not None:
+        dtype = torch_dtype
+    model = _load(name_or_path, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                  center_unembed=center_unembed, fold_value_biases=fold_value_biases,
+                  device=device if move_to_device else "cpu", dtype=dtype, tokenizer=tokenizer, hf_model=hf_model)
+    if default_prepend_bos is not None:
+        model.cfg = model.cfg.replace(default_prepend_bos=default_prepend_bos)
+    if default_padding_side is not None and model.tokenizer is not None:
+        model.set_tokenizer(model.tokenizer, default_padding_side)
+    return model
+
+
+def _load(name_or_path: str | Path, *, fold_ln: bool, center_writing_weights: bool, center_unembed: bool,
+          fold_value_biases: bool, device: Any, dtype: torch.dtype | str, tokenizer: Any, hf_model: Any
+          ) -> HookedTransformer:
     from .processing import ProcessingOptions
 
     dtype = _as_dtype(dtype)
     options = ProcessingOptions(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
                                 center_unembed=center_unembed, fold_value_biases=fold_value_biases)
-    ckpt = resolve_checkpoint(name_or_path)
-    if ckpt.kind == "converted":
-        return _load_converted(ckpt, options, device, dtype, tokenizer)
-    if ckpt.kind == "gguf":
-        from weights_conversion.gguf import read_gguf
-
-        hf_config, source, make_tokenizer = read_gguf(ckpt.gguf_file)
+    if hf_model is not None:
+        hf_config, source = _in_memory_source(hf_model)
+        make_tokenizer = lambda: None  # noqa: E731
     else:
-        hf_config, source = ckpt.config, tensor_source(ckpt)
-        make_tokenizer = lambda: _hf_tokenizer(ckpt.directory)  # noqa: E731
+        ckpt = resolve_checkpoint(name_or_path)
+        if ckpt.kind == "converted":
+            return _load_converted(ckpt, options, device, dtype, tokenizer)
+        if ckpt.kind == "gguf":
+            from weights_conversion.gguf import read_gguf
+
+            hf_config, source, make_tokenizer = read_gguf(ckpt.gguf_file)
+        else:
+            hf_config, source = ckpt.config, tensor_source(ckpt)
+            make_tokenizer = lambda: _hf_tokenizer(ckpt.directory)  # noqa: E731
 
     family = weights_conversion.family_for(hf_config)
     cfg = family.config_from_hf(hf_config).replace(model_name=str(name_or_path))

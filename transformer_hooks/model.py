@@ -49,7 +49,11 @@ class HookedTransformer(HookedRootModule):
                         center_unembed: bool = True, fold_value_biases: bool = True, device: Any = None,
                         dtype: torch.dtype | str = torch.float32, **kwargs: Any) -> "HookedTransformer":
         """Load a preset name, HF repo id, local HF directory, converted checkpoint or .gguf
-        file, with TransformerLens's default weight processing (see processing.py)."""
+        file, with TransformerLens's default weight processing (see processing.py).
+
+        Also takes TransformerLens's ``hf_model`` (a transformers model in memory),
+        ``tokenizer``, ``default_prepend_bos``, ``default_padding_side``, ``torch_dtype`` and
+        ``move_to_device`` (see ``loading.load_model``)."""
         from .loading import load_model
 
         return load_model(name_or_path, fold_ln=fold_ln, center_writing_weights=center_writing_weights,

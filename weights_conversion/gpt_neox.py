@@ -4,7 +4,7 @@
 HF quirks: q, k, v are one ``query_key_value`` Linear whose output is laid out per head
 as [head, (q|k|v), d_head]; rotary settings are ``rotary_pct`` / ``rotary_emb_base`` in
 older configs and ``rope_parameters.partial_rotary_factor`` / ``rope_theta`` in
-transformers 5; the unembedding ``embed_out`` is untied.
+transformers 5; the unembedding ``embed_out`` is untied (``lm_head`` in memory in transformers 5).
 """
 
 from __future__ import annotations
@@ -69,6 +69,17 @@ def convert_block(cfg: ModelConfig, get, layer: int) -> dict[str, torch.Tensor]:
 
 
 def convert_final(cfg: ModelConfig, get) -> dict[str, torch.Tensor]:
-    W_U = get("gpt_neox.embed_in.weight" if cfg.tie_word_embeddings else "embed_out.weight").T
+    W_U = (get("gpt_neox.embed_in.weight") if cfg.tie_word_embeddings else _unembedding(get)).T
     return {"ln_final.w": get("gpt_neox.final_layer_norm.weight"), "ln_final.b": get("gpt_neox.final_layer_norm.bias"),
             "unembed.W_U": W_U, "unembed.b_U": torch.zeros(cfg.d_vocab)}
+
+
+def _unembedding(get) -> torch.Tensor:
+    """``embed_out.weight`` in checkpoints; a transformers 5 model in memory calls it ``lm_head.weight``."""
+    try:
+        return get("embed_out.weight")
+    except KeyError:
+        try:
+            return get("lm_head.weight")
+        except KeyError:
+            raise KeyError("embed_out.weight") from None
