@@ -335,3 +335,26 @@ def test_clear_errors(run):
     assert "names_filter=[..., 'blocks.*.attn.hook_z']" in message  # how to cache it
     with pytest.raises(NotCachedError, match="per-head expansions"):
         cache["result", 0]
+
+
+@pytest.mark.parametrize("pos_slice", [-1, (1, 4), [0, 2]])
+def test_pos_slice_keeps_those_positions_of_every_site(hf_checkpoint, pos_slice):
+    """As TransformerLens: the position dim of each site (the query dim of scores and
+    patterns) is sliced; an int drops it."""
+    from transformer_hooks.utils import Slice
+
+    path, _ = hf_checkpoint("llama-gqa")
+    model = HookedTransformer.from_pretrained_no_processing(str(path))
+    toks = torch.randint(0, 101, (2, 6), generator=torch.Generator().manual_seed(0))
+    names = ["blocks.0.hook_resid_pre", "blocks.0.attn.hook_z", "blocks.0.attn.hook_pattern", "blocks.0.attn.hook_k",
+             "blocks.0.ln1.hook_scale", "blocks.1.mlp.hook_post", "blocks.0.hook_q_input"]
+    _, full = model.run_with_cache(toks, names_filter=names)
+    _, sliced = model.run_with_cache(toks, names_filter=names, pos_slice=pos_slice)
+    s = Slice(pos_slice)
+    for name in names:
+        dim = -3 if full[name].ndim == 4 and not name.endswith("hook_pattern") else -2
+        torch.testing.assert_close(sliced[name], s.apply(full[name], dim=dim), atol=1e-6, rtol=0, msg=name)
+    n = 3 if isinstance(pos_slice, tuple) else 2
+    kept = () if isinstance(pos_slice, int) else (n,)
+    assert sliced["blocks.0.attn.hook_pattern"].shape == (2, model.cfg.n_heads, *kept, 6)
+    assert sliced["blocks.0.hook_resid_pre"].shape == (2, *kept, model.cfg.d_model)

@@ -23,6 +23,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 import torch
 from torch import nn
 
+from .utils import Slice
+
 HookFn = Callable[..., Any]
 NameFilter = Union[str, Sequence[str], Callable[[str], bool], None]
 
@@ -155,6 +157,14 @@ class HookPoint(nn.Module):
         return self.layer_idx
 
 
+def _position_dim(name: str, act: torch.Tensor) -> int:
+    """Where the (query) position is: [batch, pos, head, d] per-head sites, [batch, head,
+    query, key] scores and patterns, and [batch, pos, ...] everywhere else."""
+    if name.endswith(("hook_attn_scores", "hook_pattern")):
+        return -2
+    return -3 if act.ndim == 4 else -2
+
+
 class HookedRootModule(nn.Module):
     """Registry of a model's hook points, keyed by TransformerLens names."""
 
@@ -279,15 +289,19 @@ class HookedRootModule(nn.Module):
     def run_with_cache(self, *model_args: Any, names_filter: NameFilter = None, device: Any = None,
                        remove_batch_dim: bool = False, incl_bwd: bool = False, reset_hooks_end: bool = True,
                        clear_contexts: bool = False, detach: bool = True, return_cache_object: bool = True,
-                       **model_kwargs: Any) -> tuple[Any, Any]:
+                       pos_slice: Any = None, **model_kwargs: Any) -> tuple[Any, Any]:
         """Run forward and store the activations of the selected sites.
 
         ``names_filter``: a name, a list of names (globs allowed), or a predicate on names.
         ``incl_bwd``: also call ``backward()`` on the output (a scalar, e.g.
         ``return_type="loss"``) and store each site's gradient as ``name + "_grad"``.
         ``detach=False`` keeps the autograd graph of cached activations.
+        ``pos_slice`` (an int, a (start, stop) tuple, a slice or indices, as TransformerLens's
+        ``Slice``) keeps only those positions: the query positions of attention scores and
+        patterns. An int drops the position dim, as in TransformerLens.
         """
         names = self.cache_names(names_filter)
+        positions = Slice.unwrap(pos_slice)
         store: dict[str, torch.Tensor] = {}
         if remove_batch_dim:
             tokens = model_args[0] if model_args else model_kwargs.get("input")
@@ -300,6 +314,7 @@ class HookedRootModule(nn.Module):
         def saver(key: str) -> HookFn:
             def save(act: torch.Tensor, hook: HookPoint) -> None:
                 t = act.detach() if detach or key.endswith("_grad") else act
+                t = positions.apply(t, dim=_position_dim(hook.name, t))
                 if remove_batch_dim:
                     t = t[0]
                 store[key] = t if device is None else t.to(device)
