@@ -292,6 +292,7 @@ def test_attribution_is_exact_where_the_metric_is_affine_in_the_site(hf_checkpoi
         check(P.get_attr_patch_attn_head_out_all_pos, P.get_act_patch_attn_head_out_all_pos)
         check(P.get_attr_patch_attn_head_v_by_pos, P.get_act_patch_attn_head_v_by_pos)
         check(P.get_attr_patch_attn_head_pattern_by_pos, P.get_act_patch_attn_head_pattern_by_pos)
+        check(P.get_attr_patch_attn_head_pattern_dest_src_pos, P.get_act_patch_attn_head_pattern_dest_src_pos)
     assert no_hooks_attached(model)
     assert all(p.grad is None for p in model.parameters()), "attribution must not write parameter grads"
 

@@ -650,6 +650,8 @@ get_attr_patch_attn_head_q_by_pos = _attr("q", _POS_HEAD, "each head's query at 
 get_attr_patch_attn_head_k_by_pos = _attr("k", _POS_HEAD, "each key head at each position" + _KV)
 get_attr_patch_attn_head_v_by_pos = _attr("v", _POS_HEAD, "each value head at each position" + _KV)
 get_attr_patch_attn_head_pattern_by_pos = _attr("pattern", _PATTERN_POS, "each head's attention pattern row")
+get_attr_patch_attn_head_pattern_dest_src_pos = _attr("pattern", ("layer", "head_index", "dest_pos", "src_pos"),
+                                                      "each entry of each head's attention pattern")
 get_attr_patch_attn_head_out_all_pos = _attr("z", _HEAD, "each head's output z at all positions")
 get_attr_patch_attn_head_q_all_pos = _attr("q", _HEAD, "each head's queries at all positions")
 get_attr_patch_attn_head_k_all_pos = _attr("k", _HEAD, "each key head at all positions" + _KV)
