@@ -1,7 +1,7 @@
 """TransformerLens methods that ported code calls. On the model: ``process_weights_`` (equal
 to loading processed), the ``set_use_*`` switches (which decide only what the default cache
 holds), ``all_head_labels``, ``loss_fn``, the ``QK``/``OV`` circuits, ``mod_dict``,
-``W_E_pos``, ``set_tokenizer``. On the cache: ``toggle_autodiff``. In utils:
+``W_E_pos``, ``set_tokenizer``, ``cfg.device``. On the cache: ``toggle_autodiff``. In utils:
 ``test_prompt``, ``to_numpy``."""
 
 import pytest
@@ -226,3 +226,13 @@ def test_to_numpy_and_mod_dict(gpt2):
     assert to_numpy([1, 2]).tolist() == [1, 2]
     assert gpt2.mod_dict["blocks.0.attn"] is gpt2.blocks[0].attn
     assert set(gpt2.hook_dict) <= set(gpt2.mod_dict)
+
+
+def test_cfg_device_follows_the_model(hf_checkpoint):
+    path, _ = hf_checkpoint("gpt2")
+    model = HookedTransformer.from_pretrained_no_processing(str(path))
+    assert model.cfg.device == "cpu"
+    assert "device" not in model.cfg.to_dict()  # not saved with a converted checkpoint
+    model.to("meta")
+    assert model.cfg.device == "meta"
+    assert model.cfg == model.cfg.replace(device="cpu")  # not an architecture fact

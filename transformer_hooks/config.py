@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 NormType = Literal["LN", "LNPre", "RMS", "RMSPre"]
@@ -70,6 +70,9 @@ class ModelConfig:
     # Weight processing applied to this model's weights (see processing.py), in order.
     processing: tuple[str, ...] = ()
     model_name: str = ""
+    # Where the model's weights are, for TransformerLens code that reads model.cfg.device.
+    # Not an architecture fact: the model keeps it current, and it is neither saved nor compared.
+    device: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -128,6 +131,7 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        del d["device"]
         d["attn_windows"] = list(self.attn_windows)
         d["processing"] = list(self.processing)
         return d

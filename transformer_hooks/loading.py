@@ -322,6 +322,7 @@ def _finish(model: HookedTransformer, device: Any) -> HookedTransformer:
         cfg = model.cfg
         inv_freq = inverse_frequencies(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling)
         model.rotary.inv_freq = inv_freq.to(device or "cpu")
+    model._note_device()
     model.eval()
     return model
 

@@ -42,6 +42,17 @@ class HookedTransformer(HookedRootModule):
         self.ln_final = make_norm(cfg)
         self.unembed = Unembed(cfg)
         self.setup_hooks()
+        self._note_device()
+
+    def _note_device(self) -> None:
+        if self.cfg.device != str(self.device):
+            self.cfg = self.cfg.replace(device=str(self.device))
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "HookedTransformer":
+        """nn.Module's ``to``, ``cuda``, ``half``, ... all end here: keep ``cfg.device`` current."""
+        super()._apply(fn, recurse)
+        self._note_device()
+        return self
 
     # Loading (see loading.py) -----------------------------------------------------
     @classmethod
