@@ -314,7 +314,8 @@ class HookedRootModule(nn.Module):
         def saver(key: str) -> HookFn:
             def save(act: torch.Tensor, hook: HookPoint) -> None:
                 t = act.detach() if detach or key.endswith("_grad") else act
-                t = positions.apply(t, dim=_position_dim(hook.name, t))
+                if pos_slice is not None:
+                    t = positions.apply(t, dim=_position_dim(hook.name, t))
                 if remove_batch_dim:
                     t = t[0]
                 store[key] = t if device is None else t.to(device)
