@@ -8,6 +8,7 @@ notebook's time is loading the model, which is largely single-threaded.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -30,7 +31,13 @@ def execute(path: Path) -> None:
     # One thread per kernel while PARALLEL kernels share the cores: oversubscribed torch
     # threads spin against each other.
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // PARALLEL))}
-    client.execute(env=env)  # raises CellExecutionError naming the failing cell and its traceback
+    # Our own event loop, closed afterwards: the one nbclient would make for this worker
+    # thread is left open, and its sockets surface later as ResourceWarnings in other tests.
+    loop = asyncio.new_event_loop()
+    try:  # raises CellExecutionError naming the failing cell and its traceback
+        loop.run_until_complete(client.async_execute(env=env))
+    finally:
+        loop.close()
 
 
 @pytest.fixture(scope="module")
