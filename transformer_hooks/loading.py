@@ -348,16 +348,17 @@ def load_model(name_or_path: str | Path, *, fold_ln: bool = True, center_writing
     ``default_prepend_bos`` and ``default_padding_side`` override the tokenizer's defaults;
     ``torch_dtype`` is ``dtype``; ``move_to_device=False`` keeps the weights on the CPU.
     """
-    if refactor_factored_attn_matrices:
-        raise NotImplementedError("refactor_factored_attn_matrices is not supported: it rewrites W_Q/W_K and "
-                                  "W_V/W_O without changing the outputs, which rotary models cannot take")
     if default_padding_side not in (None, "left", "right"):
         raise ValueError(f"default_padding_side must be 'left' or 'right', got {default_padding_side!r}")
     if torch_dtype is not None:
         dtype = torch_dtype
-    model = _load(name_or_path, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
-                  center_unembed=center_unembed, fold_value_biases=fold_value_biases,
-                  device=device if move_to_device else "cpu", dtype=dtype, tokenizer=tokenizer, hf_model=hf_model)
+    from .processing import ProcessingOptions
+
+    options = ProcessingOptions(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                                center_unembed=center_unembed, fold_value_biases=fold_value_biases,
+                                refactor_factored_attn_matrices=refactor_factored_attn_matrices)
+    model = _load(name_or_path, options, device=device if move_to_device else "cpu", dtype=dtype,
+                  tokenizer=tokenizer, hf_model=hf_model)
     if default_prepend_bos is not None:
         model.cfg = model.cfg.replace(default_prepend_bos=default_prepend_bos)
     if default_padding_side is not None and model.tokenizer is not None:
@@ -365,14 +366,9 @@ def load_model(name_or_path: str | Path, *, fold_ln: bool = True, center_writing
     return model
 
 
-def _load(name_or_path: str | Path, *, fold_ln: bool, center_writing_weights: bool, center_unembed: bool,
-          fold_value_biases: bool, device: Any, dtype: torch.dtype | str, tokenizer: Any, hf_model: Any
-          ) -> HookedTransformer:
-    from .processing import ProcessingOptions
-
+def _load(name_or_path: str | Path, options: Any, *, device: Any, dtype: torch.dtype | str, tokenizer: Any,
+          hf_model: Any) -> HookedTransformer:
     dtype = _as_dtype(dtype)
-    options = ProcessingOptions(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
-                                center_unembed=center_unembed, fold_value_biases=fold_value_biases)
     if hf_model is not None:
         hf_config, source = _in_memory_source(hf_model)
         make_tokenizer = lambda: None  # noqa: E731
@@ -438,8 +434,9 @@ def processed_copy(model: HookedTransformer, options: Any) -> HookedTransformer:
 
     if not processing.steps_for(model.cfg, options):
         return model
-    weights = {name: p.detach() for name, p in model.named_parameters(remove_duplicate=False)}
-    frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    weights = {name: p.detach() for name, p in params.items()}
+    frozen = {name for name, p in params.items() if not p.requires_grad}
     tied = model.unembed.W_U.untyped_storage().data_ptr() == model.embed.W_E.untyped_storage().data_ptr()
     new = _build_and_fill(model.cfg, options, [("weights", "", lambda: dict(weights))], model.tokenizer,
                           device=model.device, dtype=model.dtype, desc="processing", tied=tied)

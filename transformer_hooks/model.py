@@ -517,19 +517,17 @@ class HookedTransformer(HookedRootModule):
         it is. The result equals loading with the same flags. Hooks are not carried over: remove
         them first. Processing holds a second copy of the weights while it runs.
         """
-        if refactor_factored_attn_matrices:
-            raise NotImplementedError("refactor_factored_attn_matrices is not supported: it changes W_Q/W_K and "
-                                      "W_V/W_O without changing the outputs, and rotary models cannot take it")
+        from .loading import processed_copy
+        from .processing import ProcessingOptions
+
+        options = ProcessingOptions(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                                    center_unembed=center_unembed, fold_value_biases=fold_value_biases,
+                                    refactor_factored_attn_matrices=refactor_factored_attn_matrices)
         hooked = sorted(n for n, hp in self.hook_dict.items() if hp.observed)
         if hooked:
             raise ValueError(f"process_weights_ rebuilds the model's modules, and hooks are attached to "
                              f"{', '.join(hooked[:5])}{' ...' if len(hooked) > 5 else ''}: call "
                              f"model.reset_hooks(including_permanent=True) first, then add them again")
-        from .loading import processed_copy
-        from .processing import ProcessingOptions
-
-        options = ProcessingOptions(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
-                                    center_unembed=center_unembed, fold_value_biases=fold_value_biases)
         processed = processed_copy(self, options)
         if processed is not self:
             self.cfg = processed.cfg

@@ -50,6 +50,12 @@ class ProcessingOptions:
     center_writing_weights: bool = True
     center_unembed: bool = True
     fold_value_biases: bool = True
+    refactor_factored_attn_matrices: bool = False  # TransformerLens's option; refused below
+
+    def __post_init__(self) -> None:
+        if self.refactor_factored_attn_matrices:
+            raise NotImplementedError("refactor_factored_attn_matrices is not supported: it rewrites W_Q/W_K and "
+                                      "W_V/W_O without changing the outputs, which rotary models cannot take")
 
 
 def steps_for(cfg: ModelConfig, options: ProcessingOptions) -> tuple[str, ...]:
