@@ -19,7 +19,9 @@ from torch import nn
 from .components import AttentionMask, Embed, KVCache, PosEmbed, Rotary, Unembed, make_block, make_norm
 from .config import ModelConfig
 from .factored_matrix import FactoredMatrix
+from . import sites
 from .hooks import HookedRootModule, HookPoint
+from .utils import check_index, check_layer
 
 TextInput = Union[str, Sequence[str]]
 ModelInput = Union[TextInput, Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "pos"]]
@@ -160,13 +162,7 @@ class HookedTransformer(HookedRootModule):
         return loss if return_type == "loss" else (logits, loss)
 
     def _layer_index(self, layer: int, what: str, allow_end: bool = False) -> int:
-        n = self.cfg.n_layers
-        hi = n if allow_end else n - 1
-        idx = layer + n if layer < 0 else layer
-        if not 0 <= idx <= hi:
-            raise ValueError(f"{what}={layer} is out of range for a model with {n} layers "
-                             f"(valid: {-n}..{hi})")
-        return idx
+        return check_layer(layer, self.cfg.n_layers, what, allow_end=allow_end)
 
     def _positions_and_mask(self, batch: int, q_len: int, attention_mask: torch.Tensor | None,
                             cache: KVCache | None, device: torch.device) -> tuple[torch.Tensor, AttentionMask]:
@@ -454,8 +450,8 @@ class HookedTransformer(HookedRootModule):
         ``resid_pre``, so nothing is added there).
         """
         n = self.cfg.n_layers
-        if not 0 <= layer <= n:
-            raise ValueError(f"layer={layer} is out of range: accumulated_bias takes 0..{n} ({n}: the unembedding)")
+        check_index(layer, n, "layer", f"accumulated_bias of a model with {n} layers", allow_end=True,
+                    allow_negative=False, note=f"{n}: the unembedding")
         if mlp_input and layer == n:
             raise ValueError(f"mlp_input=True needs a block below {n}; layer={n} is the unembedding")
         bias = torch.zeros(self.cfg.d_model, device=self.device, dtype=self.dtype)
@@ -483,6 +479,22 @@ class HookedTransformer(HookedRootModule):
             raise ValueError(f"default_padding_side must be 'left' or 'right', got {default_padding_side!r}")
         tokenizer.padding_side = default_padding_side
         self.tokenizer = tokenizer
+
+    # Caching ------------------------------------------------------------------------------
+    def run_with_cache(self, *model_args: Any, return_cache_object: bool = True, remove_batch_dim: bool = False,
+                       **kwargs: Any) -> tuple[Any, Any]:
+        """``HookedRootModule.run_with_cache`` (same arguments), with the activations in an
+        ``ActivationCache`` (DLA, stacking, TransformerLens's indexing) as TransformerLens does."""
+        out, store = super().run_with_cache(*model_args, return_cache_object=False,
+                                            remove_batch_dim=remove_batch_dim, **kwargs)
+        if not return_cache_object:
+            return out, store
+        from .cache import ActivationCache  # the cache builds on the model: imported when used
+
+        return out, ActivationCache(store, self, has_batch_dim=not remove_batch_dim)
+
+    def _why_no_hook(self, name: str) -> str:
+        return sites.why_absent(name, self.cfg)
 
     # TransformerLens switches ------------------------------------------------------------
     # In TransformerLens these sites exist only once switched on. Here every site always
