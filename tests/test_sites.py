@@ -81,7 +81,7 @@ def test_default_cache_is_every_site_but_the_per_head_expansions(model):
     model.set_use_attn_result(True)
     try:
         _, cache = model.run_with_cache(tokens())
-        assert f"blocks.0.attn.hook_result" in cache
+        assert "blocks.0.attn.hook_result" in cache
     finally:
         model.set_use_attn_result(False)
 

@@ -28,7 +28,7 @@ Per-head results are computed from the cached ``z`` and ``W_O`` when
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator, Literal, Sequence, Union
+from typing import Any, Literal, Sequence, Union
 
 import torch
 from einops import einsum, rearrange
@@ -68,7 +68,7 @@ class ActivationCache(HookCache):
         # From the architecture, not from what happens to be cached: a decomposition that
         # silently left out a part would not sum to the residual stream.
         self.has_embed = True
-        self.has_pos_embed = model.cfg.positional_embedding == "learned"
+        self.has_pos_embed = sites.BY_NAME["hook_pos_embed"].when.holds(model.cfg)
 
     # Dict-like access -----------------------------------------------------------------
     @property
@@ -169,7 +169,7 @@ class ActivationCache(HookCache):
         self._check_mlp_input(layer, mlp_input)
         pos_slice = Slice.unwrap(pos_slice)
         n = self.cfg.n_layers
-        has_mid = not self.cfg.parallel_residual
+        has_mid = sites.BY_NAME["hook_resid_mid"].when.holds(self.cfg)
         parts, labels = [], []
         for l in range(layer + 1):
             if l == n:
@@ -240,7 +240,7 @@ class ActivationCache(HookCache):
     def _head_results(self, layer: int, pos_slice: Slice, needed_by: str
                       ) -> Float[torch.Tensor, "*batch_and_pos head d_model"]:
         """result = z · W_O per head, from the cache if hook_result was cached."""
-        name = f"blocks.{layer}.attn.hook_result"
+        name = sites.BY_NAME["attn.hook_result"].full_name(layer)
         if name in self.cache_dict:
             return pos_slice.apply(self.cache_dict[name], dim=sites.BY_NAME["attn.hook_result"].position_dim)
         z = pos_slice.apply(self._get(("z", layer), needed_by), dim=sites.BY_NAME["attn.hook_z"].position_dim)

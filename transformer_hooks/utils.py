@@ -67,9 +67,9 @@ def check_index(index: int, size: int, what: str, of: str, allow_end: bool = Fal
     if not isinstance(index, int) or isinstance(index, bool):
         raise TypeError(f"{what} must be an int, got {type(index).__name__}")
     idx = index + size if index < 0 and allow_negative else index
-    hi = size if allow_end else size - 1
+    lo, hi = (-size if allow_negative else 0), (size if allow_end else size - 1)
     if not 0 <= idx <= hi:
-        raise IndexOutOfRangeError(f"{what}={index} is out of range for {of} (valid: {-size if allow_negative else 0}..{hi}"
+        raise IndexOutOfRangeError(f"{what}={index} is out of range for {of} (valid: {lo}..{hi}"
                                    f"{'; ' + note if note else ''})")
     return idx
 
