@@ -288,6 +288,9 @@ def test_toy_model_caches_and_hooks_like_a_transformer():
         _, batch_one = toy.run_with_cache(x[:1])
         torch.testing.assert_close(batch_one.remove_batch_dim()["hook_mid"], one["hook_mid"])
         assert batch_one.to("cpu") is batch_one
+        picked = cache.apply_slice_to_batch_dim(1)
+        assert type(picked) is HookCache and not picked.has_batch_dim
+        torch.testing.assert_close(picked["hook_mid"], mid[1])
     assert not any(hp.observed for hp in toy.hook_points())
 
 

@@ -113,14 +113,6 @@ class ActivationCache(HookCache):
         logger.warning("toggle_autodiff(%s): autograd is now %s for all of torch", mode, "on" if mode else "off")
         torch.set_grad_enabled(mode)
 
-    def apply_slice_to_batch_dim(self, batch_slice: SliceInput | Slice) -> "ActivationCache":
-        """A new cache of some examples of the batch (an int index drops the batch dim)."""
-        if not self.has_batch_dim:
-            raise ValueError("this cache has no batch dimension to slice")
-        batch_slice = Slice.unwrap(batch_slice)
-        sliced = {k: batch_slice.apply(v, dim=0) for k, v in self.cache_dict.items()}
-        return ActivationCache(sliced, self.model, has_batch_dim=batch_slice.mode != "int")
-
     # Layer arguments --------------------------------------------------------------------
     def _stack_layer(self, layer: int | None, what: str = "layer") -> int:
         """A ``layer`` as stacking methods take it: the number of blocks included, 0..n_layers."""

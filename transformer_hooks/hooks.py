@@ -19,6 +19,7 @@ expansions is ``sites.py``'s table.
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 import fnmatch
 import logging
@@ -212,6 +213,17 @@ class HookCache:
         """Move every activation to ``device``, in place."""
         self.cache_dict = {k: v.to(device) for k, v in self.cache_dict.items()}
         return self
+
+    def apply_slice_to_batch_dim(self, batch_slice: Any) -> "HookCache":
+        """A new cache (of the same class) of some examples of the batch: an int, a (start, stop)
+        tuple, a slice or indices, as ``utils.Slice``; an int index drops the batch dim."""
+        if not self.has_batch_dim:
+            raise ValueError("this cache has no batch dimension to slice")
+        batch_slice = Slice.unwrap(batch_slice)
+        sliced = copy.copy(self)
+        sliced.cache_dict = {k: batch_slice.apply(v, dim=0) for k, v in self.cache_dict.items()}
+        sliced.has_batch_dim = batch_slice.mode != "int"
+        return sliced
 
     def remove_batch_dim(self) -> "HookCache":
         """Drop the batch dimension of a batch-of-one cache, in place."""

@@ -13,11 +13,16 @@ and ``key_pos`` (attention scores and pattern); ``head`` (``n_heads``); ``kv_hea
 (``n_kv_heads``: keys and values under GQA); ``d_model``, ``d_head``, ``d_mlp``; and ``1``
 (a norm's scale keeps a size-one feature axis, as jaxtyping writes it).
 
+One shape is not in the table: while a per-head input (``hook_attn_in``, ``hook_q/k/v_input``)
+is observed, ``ln1`` reads the per-head copies and its sites gain a ``head`` axis before the
+last ([batch, pos, head, 1] for the scale); the position axis stays where the table says.
+
 This module imports nothing from the package: configs are read by duck typing.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -139,12 +144,14 @@ _BLOCK = {s.name: s for s in SITES if s.per_block}
 _IN_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
+@functools.lru_cache(maxsize=None)
 def split_name(name: str) -> tuple[int | None, str]:
     """``"blocks.3.attn.hook_z"`` -> ``(3, "attn.hook_z")``; a top-level name -> ``(None, name)``."""
     m = _IN_BLOCK.match(name)
     return (int(m.group(1)), m.group(2)) if m else (None, name)
 
 
+@functools.lru_cache(maxsize=None)
 def lookup(name: str) -> Site | None:
     """The row of a full hook name (``blocks.3.attn.hook_z``, ``hook_embed``), or None."""
     layer, rel = split_name(name)
