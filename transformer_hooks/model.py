@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import nn
 
+from . import sites
 from .components import AttentionMask, Embed, KVCache, PosEmbed, Rotary, Unembed, make_block, make_norm
 from .config import ModelConfig
 from .factored_matrix import FactoredMatrix
-from . import sites
 from .hooks import HookedRootModule, HookPoint
 from .utils import check_index, check_layer
 
