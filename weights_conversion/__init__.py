@@ -15,7 +15,7 @@ Architecture quirks live here and in a few ModelConfig fields, nowhere else.
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
@@ -49,13 +49,5 @@ def config_from_hf(hf_config: dict):
     return family_for(hf_config).config_from_hf(hf_config)
 
 
-def convert_groups(cfg, get: GetTensor, family: ModuleType) -> Iterator[tuple[str, Callable[[], dict]]]:
-    """(prefix, thunk) per group: embeddings, each block, final norm + unembed.
-
-    A thunk returns ``{name relative to prefix: tensor}``; calling them one at a time keeps
-    one group's tensors alive at once.
-    """
-    yield "", lambda: family.convert_embeddings(cfg, get)
-    for layer in range(cfg.n_layers):
-        yield f"blocks.{layer}.", (lambda layer=layer: family.convert_block(cfg, get, layer))
-    yield "", lambda: family.convert_final(cfg, get)
+# The groups a load streams, and their order (defined once, in groups.py).
+from .groups import convert_groups, load_order  # noqa: E402,F401
