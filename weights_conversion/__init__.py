@@ -9,7 +9,11 @@ Each family module has:
   shared DESIGN.md) from ``get(hf_name) -> Tensor``, one group at a time, so a
   loader can stream a checkpoint at about one copy of memory.
 
-Architecture quirks live here and in a few ModelConfig fields, nowhere else.
+Architecture quirks live here and in a few ModelConfig fields, nowhere else. Beside the
+families: ``groups.py`` (the groups a load streams, in order), ``sources.py`` (checkpoint
+readers and errors), ``gguf.py`` (GGUF files), ``converted.py`` (the converted-checkpoint
+format) and ``__main__.py`` (the command that writes it). The package imports
+``transformer_hooks.config`` only; the loader imports it, never the reverse.
 """
 
 from __future__ import annotations
