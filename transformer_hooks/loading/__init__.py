@@ -35,6 +35,7 @@ from weights_conversion.sources import (  # noqa: F401  (re-exported: the reader
     SAFETENSORS_DTYPES, CorruptCheckpointError, MissingWeightsError, SafetensorsFile, TensorSource,
     WeightShapeError, in_memory_source, safetensors_source, tensor_source, torch_bin_source)
 
+from ..config import ModelConfig
 from ..model import HookedTransformer
 from ..processing import REWRITE_EMBEDDINGS, STEPS, ProcessingOptions, steps_for
 from ..resolution import Checkpoint, resolve_checkpoint
@@ -129,7 +130,7 @@ def processed_copy(model: HookedTransformer, options: ProcessingOptions) -> Hook
     return new
 
 
-def _warn_unused(source: TensorSource, cfg: Any) -> None:
+def _warn_unused(source: TensorSource, cfg: ModelConfig) -> None:
     unused = {n for n in source.names() - source.used if not IGNORED_HF_TENSORS.search(n)}
     if cfg.tie_word_embeddings:
         unused.discard("lm_head.weight")
