@@ -444,8 +444,10 @@ class ActivationCache:
                              f"batch_slice) the stack was built with")
         from .components.norms import normalize
 
-        w = getattr(norm, "w", None)  # the cached scale, and so the result, is float32 whatever the model's dtype
-        out = normalize(residual_stack, self.cfg.norm_centres, w=None if w is None else _like(w, scale), scale=scale)
+        out = normalize(residual_stack, self.cfg.norm_centres, scale=scale)  # float32, as the cached scale is
+        w = getattr(norm, "w", None)
+        if w is not None:
+            out = out * _like(w, out)
         return out.to(residual_stack.dtype)
 
     # Logits -----------------------------------------------------------------------------------
