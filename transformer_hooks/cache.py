@@ -404,9 +404,9 @@ class ActivationCache(HookCache):
                              f"cached {scale_name} has batch/pos dims {tuple(scale.shape[:-1])} after "
                              f"pos_slice={pos_slice!r}, batch_slice={batch_slice!r}: pass the pos_slice (and "
                              f"batch_slice) the stack was built with")
-        if self.cfg.normalization_type in ("LN", "LNPre"):
-            residual_stack = residual_stack - residual_stack.mean(-1, keepdim=True)
-        out = residual_stack / scale  # the cached scale is float32 whatever the model's dtype
+        from .components.norms import normalize
+
+        out = normalize(residual_stack, self.cfg.norm_centres, scale=scale)  # float32, as the cached scale is
         w = getattr(norm, "w", None)
         if w is not None:
             out = out * _like(w, out)
