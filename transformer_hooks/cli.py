@@ -90,7 +90,8 @@ def direct_logit_attribution(model: Any, prompt: str, answer: str, contrast: str
     tokens = model.to_tokens(prompt)
     pos = _position(pos, tokens.shape[1])
     suffixes = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
-                "attn.hook_z", "hook_embed", "hook_pos_embed", "ln_final.hook_scale")
+                "attn.hook_z", "hook_embed", "hook_pos_embed", "ln_final.hook_scale",
+                "_post.hook_scale")  # post-norms' scales (Gemma 2/3, OLMo 2): a head's direct part passes them
     wanted = lambda name: name.endswith(suffixes)  # noqa: E731
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens, names_filter=wanted)

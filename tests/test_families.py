@@ -1,0 +1,185 @@
+"""The newer families (Mistral, Qwen 2/3, Gemma 1/2/3, OLMo 2) on the reference skeleton:
+logits and every layer's residual stream equal HF's (fp32, 1e-4, eager and SDPA, fused and
+explicit attention), every quirk in the test configs changes the output (so parity tests it),
+weight processing keeps the log-probs, the cache's decompositions still sum exactly (through
+post-norms and soft-capping), configs in the older key formats read the same, and the
+``parity`` command runs on them."""
+
+import json
+
+import pytest
+import torch
+from checkpoints import FAMILY_CONFIGS, VOCAB
+from transformers import AutoModelForCausalLM
+
+from transformer_hooks import HookedTransformer
+from transformer_hooks.cli import main
+from transformer_hooks.components.softcap import softcap
+from weights_conversion import config_from_hf
+
+TOL = 1e-4
+# HF has no SDPA for Gemma 2 (SDPA cannot soft-cap scores): eager only, as GPT-Neo.
+CASES = [(name, impl) for name in FAMILY_CONFIGS for impl in ("eager", "sdpa") if (name, impl) != ("gemma2", "sdpa")]
+
+
+def tokens(batch: int = 2, pos: int = 24, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, pos), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def loaded(hf_checkpoint):
+    """name -> (unprocessed model, processed model, path), loaded once per module."""
+    made: dict = {}
+
+    def get(name: str):
+        if name not in made:
+            path, _ = hf_checkpoint(name)
+            made[name] = (HookedTransformer.from_pretrained_no_processing(str(path)),
+                          HookedTransformer.from_pretrained(str(path)), path)
+        return made[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name,impl", CASES)
+def test_logits_and_residuals_match_hf(loaded, one_thread, name, impl):
+    model, _, path = loaded(name)
+    hf = AutoModelForCausalLM.from_pretrained(path, attn_implementation=impl).eval()
+    toks = tokens()
+    with torch.no_grad():
+        ref = hf(toks, output_hidden_states=True)
+        logits, cache = model.run_with_cache(toks)  # explicit attention (patterns cached)
+        fused = model(toks)
+
+    assert ref.logits.abs().mean() > 0.5, "logits too small for the tolerance to mean anything"
+    torch.testing.assert_close(logits, ref.logits, atol=TOL, rtol=0)
+    torch.testing.assert_close(fused, ref.logits, atol=TOL, rtol=0)
+    for layer in range(model.cfg.n_layers):
+        torch.testing.assert_close(cache["resid_pre", layer], ref.hidden_states[layer], atol=TOL, rtol=0,
+                                   msg=lambda m: f"layer {layer} resid_pre: {m}")
+    with torch.no_grad():
+        torch.testing.assert_close(model.ln_final(cache["resid_post", -1]), ref.hidden_states[-1], atol=TOL, rtol=0)
+
+
+# Each quirk the configs turn on, switched off: the output must change, so parity above checks it.
+QUIRKS = [
+    ("mistral", dict(attn_windows=None)),
+    ("qwen2-windowed-untied", dict(attn_windows=None)),
+    ("qwen3", dict(attn_windows=None)),
+    ("gemma", dict(embed_scale=1.0)),
+    ("gemma2", dict(attn_windows=None)),
+    ("gemma2", dict(attn_logit_softcap=None)),
+    ("gemma2", dict(final_logit_softcap=None)),
+    ("gemma2", dict(attn_scale=None)),
+    ("gemma3", dict(local_rope_theta=None)),
+    ("gemma3", dict(attn_windows=None)),
+    ("gemma3", dict(rope_scaling=None)),
+]
+
+
+@pytest.mark.parametrize("name,change", QUIRKS)
+def test_each_quirk_changes_the_output(loaded, one_thread, name, change):
+    model, _, _ = loaded(name)
+    other = HookedTransformer(model.cfg.replace(**change))
+    other.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert (other(tokens()) - model(tokens())).abs().max() > 100 * TOL
+
+
+@pytest.mark.parametrize("name", FAMILY_CONFIGS)
+def test_processing_keeps_log_probs(loaded, one_thread, name):
+    plain, processed, _ = loaded(name)
+    with torch.no_grad():
+        torch.testing.assert_close(processed(tokens()).log_softmax(-1), plain(tokens()).log_softmax(-1),
+                                   atol=TOL, rtol=0)
+    capped = plain.cfg.final_logit_softcap is not None
+    # center_unembed would change a soft-capped model's log-probs: skipped, and not recorded.
+    assert ("center_unembed" in processed.cfg.processing) == (not capped)
+    assert "fold_ln" in processed.cfg.processing
+    for block in processed.blocks:  # post-norms cannot be folded: they keep their weights
+        for norm in (block.ln1_post, block.ln2_post):
+            assert type(norm).__name__ in ("Identity", "RMSNorm")
+
+
+@pytest.mark.parametrize("processed", [False, True])
+@pytest.mark.parametrize("name", FAMILY_CONFIGS)
+def test_decompositions_sum_to_the_residual_stream(loaded, one_thread, name, processed):
+    model = loaded(name)[int(processed)]
+    toks = tokens(pos=16)
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(toks)
+    final = cache["resid_post", -1]
+    exact = dict(atol=1e-4, rtol=0)
+    torch.testing.assert_close(cache.decompose_resid().sum(0), final, **exact)
+    for expand in (True, False):
+        torch.testing.assert_close(cache.get_full_resid_decomposition(expand_neurons=expand).sum(0), final, **exact)
+    heads = cache.stack_head_results(incl_remainder=True)
+    torch.testing.assert_close(heads.sum(0), final, **exact)
+    # Inside the model: the stream each block's MLP reads, and what its ln1 makes of resid_pre.
+    torch.testing.assert_close(cache.get_full_resid_decomposition(1, mlp_input=True).sum(0), cache["resid_mid", 1],
+                               **exact)
+    with torch.no_grad():
+        torch.testing.assert_close(cache.decompose_resid(1, apply_ln=True).sum(0),
+                                   model.blocks[1].ln1(cache["resid_pre", 1]), **exact)
+    # Through the final norm and the unembedding (and its soft-cap) back to the logits.
+    normed = cache.get_full_resid_decomposition(apply_ln=True).sum(0)
+    unembedded = normed @ model.W_U + model.b_U
+    cap = model.cfg.final_logit_softcap
+    torch.testing.assert_close(unembedded if cap is None else softcap(unembedded, cap), logits, **exact)
+    # Each head's direct contribution is what it adds through its block's post-norm.
+    if model.cfg.norm_placement != "pre":
+        per_head = cache.stack_head_results(1)  # layer 0's heads
+        scale = cache["blocks.0.ln1_post.hook_scale"]
+        attn_out_minus_bias = cache["attn_out", 0] - model.blocks[0].attn.b_O * model.blocks[0].ln1_post.w / scale
+        torch.testing.assert_close(per_head.sum(0), attn_out_minus_bias, **exact)
+
+
+def test_post_norm_models_refuse_a_position_independent_bias(loaded):
+    model, _, _ = loaded("gemma2")
+    with pytest.raises(ValueError, match="post-norms.*get_full_resid_decomposition"):
+        model.accumulated_bias(1)
+
+
+def test_hook_names_follow_transformer_lens(loaded):
+    gemma2, gemma3, olmo2, qwen3 = (loaded(n)[0] for n in ("gemma2", "gemma3", "olmo2", "qwen3"))
+    for name in ("blocks.0.ln1_post.hook_normalized", "blocks.0.ln2_post.hook_scale", "blocks.0.ln1.hook_scale"):
+        assert name in gemma2.hook_dict
+    for model in (gemma3, qwen3, olmo2):
+        assert {"blocks.1.attn.q_norm.hook_normalized", "blocks.1.attn.k_norm.hook_scale"} <= set(model.hook_dict)
+    assert "blocks.0.ln1_post.hook_scale" in olmo2.hook_dict and "blocks.0.ln1.hook_scale" not in olmo2.hook_dict
+    assert "blocks.0.attn.q_norm.hook_normalized" not in gemma2.hook_dict
+
+
+def _older(hf: dict) -> dict:
+    """A transformers-5 config.json in the older key format most hub checkpoints carry."""
+    old = {k: v for k, v in hf.items() if k not in ("layer_types", "rope_parameters")}
+    rope = hf.get("rope_parameters") or {}
+    if "full_attention" in rope:  # Gemma 3
+        full = dict(rope["full_attention"])
+        old["rope_theta"] = full.pop("rope_theta")
+        old["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
+        old["rope_scaling"] = full if full.get("rope_type", "default") != "default" else None
+        old["sliding_window_pattern"] = 2
+    elif rope:
+        old["rope_theta"] = rope["rope_theta"]
+    if hf["model_type"] == "gemma":
+        old["hidden_act"], old["hidden_activation"] = "gelu", None  # Gemma 1's original config
+    return old
+
+
+@pytest.mark.parametrize("name", FAMILY_CONFIGS)
+def test_older_config_format_reads_the_same(hf_checkpoint, name):
+    path, _ = hf_checkpoint(name)
+    hf = json.loads((path / "config.json").read_text())
+    old = _older(hf)
+    assert "layer_types" not in old and "rope_parameters" not in old
+    assert config_from_hf(old) == config_from_hf(hf)
+
+
+@pytest.mark.parametrize("name", ["gemma2", "olmo2"])
+def test_parity_command_passes(hf_checkpoint, capsys, name):
+    path, _ = hf_checkpoint(name)
+    code = main(["parity", "--model", str(path), "--tol", str(TOL)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "logits" in out and "FAIL" not in out
