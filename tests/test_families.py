@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from transformer_hooks import HookedTransformer
 from transformer_hooks.cli import main
+from transformer_hooks.components import KVCache
 from transformer_hooks.components.softcap import softcap
 from weights_conversion import config_from_hf
 
@@ -183,3 +184,22 @@ def test_parity_command_passes(hf_checkpoint, capsys, name):
     out = capsys.readouterr().out
     assert code == 0, out
     assert "logits" in out and "FAIL" not in out
+
+
+@pytest.mark.parametrize("name", FAMILY_CONFIGS)
+def test_padded_rows_and_kv_cache_decoding_equal_full_forwards(loaded, one_thread, name):
+    """Windows, per-layer rotary bases and soft-caps stay exact with left padding and cached keys."""
+    model, _, _ = loaded(name)
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randint(1, VOCAB, (n,), generator=g) for n in (14, 6, 11)]
+    toks, mask = torch.zeros(3, 14, dtype=torch.long), torch.zeros(3, 14, dtype=torch.long)
+    for i, row in enumerate(rows):  # left padding
+        toks[i, 14 - len(row):], mask[i, 14 - len(row):] = row, 1
+    with torch.no_grad():
+        whole = model(toks, attention_mask=mask)
+        for i, row in enumerate(rows):
+            torch.testing.assert_close(whole[i, 14 - len(row):], model(row)[0], atol=TOL, rtol=0)
+        cache = KVCache(model.cfg, 3, 14, dtype=model.dtype)
+        steps = [model(toks[:, :8], attention_mask=mask[:, :8], past_kv_cache=cache)[:, -1]]
+        steps += [model(toks[:, i:i + 1], past_kv_cache=cache)[:, -1] for i in range(8, 14)]
+    torch.testing.assert_close(torch.stack(steps, 1), whole[:, 7:], atol=TOL, rtol=0)
