@@ -203,3 +203,17 @@ def test_padded_rows_and_kv_cache_decoding_equal_full_forwards(loaded, one_threa
         steps = [model(toks[:, :8], attention_mask=mask[:, :8], past_kv_cache=cache)[:, -1]]
         steps += [model(toks[:, i:i + 1], past_kv_cache=cache)[:, -1] for i in range(8, 14)]
     torch.testing.assert_close(torch.stack(steps, 1), whole[:, 7:], atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["gemma2", "olmo2"])
+def test_logit_lens_of_the_last_residual_is_the_model_output(loaded, name):
+    from transformer_hooks.lens import logit_lens
+
+    for model in loaded(name)[:2]:
+        toks = tokens(batch=1, pos=12)
+        with torch.no_grad():
+            logits = model(toks)
+        lens = logit_lens(model, toks, sites=("resid_post",), top_k=3, progress=False)
+        top = logits.topk(3, dim=-1)
+        torch.testing.assert_close(lens.top_logits[-1], top.values, atol=TOL, rtol=0)
+        torch.testing.assert_close(lens.top_probs[-1], logits.softmax(-1).gather(-1, top.indices), atol=TOL, rtol=0)
