@@ -88,7 +88,11 @@ def make_hf_model(name: str, seed: int = 0, scale: float = 8.0, **overrides):
     cls, kwargs = {**CONFIGS, **FAMILY_CONFIGS}[name]
     config = cls(vocab_size=VOCAB, **{**kwargs, **overrides})
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    return scale_weights(AutoModelForCausalLM.from_config(config), scale)
+
+
+def scale_weights(model: torch.nn.Module, scale: float = 8.0) -> torch.nn.Module:
+    """Matrices x scale, biases ~ N(0, 0.3), norm weights ~ 1 + N(0, 0.3); eval mode."""
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if p.ndim >= 2:

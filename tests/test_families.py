@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from checkpoints import FAMILY_CONFIGS, VOCAB
+from checkpoints import FAMILY_CONFIGS, VOCAB, scale_weights
 from transformers import AutoModelForCausalLM
 
 from transformer_hooks import HookedTransformer
@@ -217,3 +217,49 @@ def test_logit_lens_of_the_last_residual_is_the_model_output(loaded, name):
         top = logits.topk(3, dim=-1)
         torch.testing.assert_close(lens.top_logits[-1], top.values, atol=TOL, rtol=0)
         torch.testing.assert_close(lens.top_probs[-1], logits.softmax(-1).gather(-1, top.indices), atol=TOL, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def gemma3_multimodal(checkpoint_dir):
+    """A tiny Gemma 3 with a vision tower (model_type "gemma3", as the 4B+ checkpoints)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+    cls, kwargs = FAMILY_CONFIGS["gemma3"]
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=32, patch_size=8)
+    config = Gemma3Config(text_config=cls(vocab_size=VOCAB + 3, **kwargs), vision_config=vision,
+                          mm_tokens_per_image=16, boi_token_index=VOCAB, eoi_token_index=VOCAB + 1,
+                          image_token_index=VOCAB + 2)
+    torch.manual_seed(0)
+    path = checkpoint_dir / "gemma3-multimodal"
+    scale_weights(Gemma3ForConditionalGeneration(config)).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_gemma3_multimodal_checkpoint_loads_its_language_model(gemma3_multimodal, one_thread, impl):
+    hf = AutoModelForCausalLM.from_pretrained(gemma3_multimodal, attn_implementation=impl).eval()
+    with pytest.warns(UserWarning, match="not used: .*vision_tower"):
+        model = HookedTransformer.from_pretrained_no_processing(str(gemma3_multimodal))
+    toks = tokens()
+    with torch.no_grad():
+        ref = hf(toks, output_hidden_states=True)
+        logits, cache = model.run_with_cache(toks)
+    assert ref.logits.abs().mean() > 0.5
+    torch.testing.assert_close(logits, ref.logits, atol=TOL, rtol=0)
+    for layer in range(model.cfg.n_layers):
+        torch.testing.assert_close(cache["resid_pre", layer], ref.hidden_states[layer], atol=TOL, rtol=0)
+
+
+def test_gemma3_hub_config_reads_as_hf_reads_it():
+    """The hub's multimodal configs leave most text_config keys out; HF fills in its defaults."""
+    from transformers import Gemma3Config
+
+    hub = {"model_type": "gemma3", "eos_token_id": [1, 106], "text_config": {
+        "hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text", "num_hidden_layers": 34,
+        "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024}}
+    parsed = Gemma3Config(**json.loads(json.dumps(hub))).to_dict()
+    ours = config_from_hf(hub)
+    assert ours == config_from_hf(parsed)
+    assert ours.attn_windows == (1024,) * 5 + (None,) + (1024,) * 5 + (None,) + ours.attn_windows[12:]
+    assert ours.local_rope_theta == 10000.0 and ours.rope_theta == 1e6 and ours.rope_scaling.factor == 8.0

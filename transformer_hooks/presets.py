@@ -67,13 +67,14 @@ PRESETS: dict[str, str] = {
     **{f"qwen2.5-{size}-instruct": f"Qwen/Qwen2.5-{hf}-Instruct" for size, hf in _QWEN25_SIZES.items()},
     **{f"qwen3-{size}": f"Qwen/Qwen3-{hf}" for size, hf in _QWEN3_SIZES.items()},
     **{f"qwen3-{size}-base": f"Qwen/Qwen3-{hf}-Base" for size, hf in _QWEN3_SIZES.items()},
-    # Gemma 1 / 2 / 3 (Gemma 3: the text-only checkpoints, model_type gemma3_text)
+    # Gemma 1 / 2 / 3 (Gemma 3 4B and up are multimodal: their language model loads)
     **{f"gemma-{size}{it}": f"google/gemma-{size}{it}" for size in ("2b", "7b") for it in ("", "-it")},
     **{f"gemma-2-{size}{it}": f"google/gemma-2-{size}{it}" for size in ("2b", "9b", "27b") for it in ("", "-it")},
     "gemma-3-270m": "google/gemma-3-270m",
     "gemma-3-270m-it": "google/gemma-3-270m-it",
     "gemma-3-1b-pt": "google/gemma-3-1b-pt",
     "gemma-3-1b-it": "google/gemma-3-1b-it",
+    **{f"gemma-3-{size}-{kind}": f"google/gemma-3-{size}-{kind}" for size in ("4b", "12b", "27b") for kind in ("pt", "it")},
     # OLMo 2
     "olmo-2-1b": "allenai/OLMo-2-0425-1B",
     "olmo-2-1b-instruct": "allenai/OLMo-2-0425-1B-Instruct",

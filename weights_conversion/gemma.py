@@ -17,6 +17,11 @@ transformers 5's ``layer_types``. Gemma 2 soft-caps attention scores (``attn_log
 and logits (``final_logit_softcapping``). Gemma 3 normalises each head's queries and keys
 (``q_norm`` / ``k_norm``, also ``1 + w``) and rotates its local layers with their own base
 (``rope_local_base_freq``, or ``rope_parameters["sliding_attention"]``).
+
+Gemma 3's multimodal checkpoints (``model_type="gemma3"``, 4B and up) load as their language
+model: the config's ``text_config`` (whose missing keys take Gemma3TextConfig's defaults, as
+the hub's configs leave most out), tensors under ``language_model.model.`` (as saved) or
+``model.language_model.`` (a transformers 5 model in memory). The vision tower is not loaded.
 """
 
 from __future__ import annotations
@@ -30,8 +35,30 @@ from transformer_hooks.config import ModelConfig
 from . import llama
 from .common import layer_windows, rope_parameters, rope_scaling
 
-MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
+MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
 _ARCHITECTURES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+# Gemma3TextConfig's defaults for the keys the hub's multimodal configs leave out of text_config.
+_GEMMA3_TEXT_DEFAULTS = {"vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216,
+                         "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
+                         "head_dim": 256, "rms_norm_eps": 1e-6, "max_position_embeddings": 131072,
+                         "query_pre_attn_scalar": 256, "sliding_window": 4096, "bos_token_id": 2,
+                         "eos_token_id": 1, "pad_token_id": 0}
+# Where a multimodal checkpoint keeps its language model's "model.*" tensors and its lm_head.
+_TEXT_PREFIXES = ("model.", "language_model.model.", "model.language_model.")
+_HEAD_PREFIXES = ("", "language_model.")
+
+
+def _text_model(get):
+    """``get`` that finds ``model.*`` / ``lm_head.*`` names inside a multimodal checkpoint too."""
+    def text_get(name: str) -> torch.Tensor:
+        head = not name.startswith("model.")
+        for prefix in _HEAD_PREFIXES if head else _TEXT_PREFIXES:
+            try:
+                return get(prefix + (name if head else name.removeprefix("model.")))
+            except KeyError:
+                continue
+        raise KeyError(name)
+    return text_get
 
 
 def _activation(hf: dict) -> str:
@@ -56,6 +83,12 @@ def _rope(hf: dict) -> tuple[dict, float | None]:
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
+    if hf["model_type"] == "gemma3":  # multimodal: its language model
+        ids = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings") if k in hf}
+        text = {**_GEMMA3_TEXT_DEFAULTS, **hf["text_config"], **ids, "model_type": "gemma3_text"}
+        # HF's Gemma3ForConditionalGeneration never soft-caps its logits (None in every released config).
+        return config_from_hf(text).replace(original_architecture="Gemma3ForConditionalGeneration",
+                                            final_logit_softcap=None)
     model_type, n_layers, d_model = hf["model_type"], hf["num_hidden_layers"], hf["hidden_size"]
     later = model_type != "gemma"  # Gemma 2 and 3
     if hf.get("use_bidirectional_attention"):
@@ -90,10 +123,11 @@ def _norm(get, name: str) -> torch.Tensor:
 
 
 def convert_embeddings(cfg: ModelConfig, get) -> dict[str, torch.Tensor]:
-    return llama.convert_embeddings(cfg, get)
+    return llama.convert_embeddings(cfg, _text_model(get))
 
 
 def convert_block(cfg: ModelConfig, get, layer: int) -> dict[str, torch.Tensor]:
+    get = _text_model(get)
     p, a = f"model.layers.{layer}.", f"model.layers.{layer}.self_attn."
     out = llama.attention_and_mlp(cfg, get, layer)
     out["ln1.w"] = _norm(get, p + "input_layernorm.weight")
@@ -110,4 +144,5 @@ def convert_block(cfg: ModelConfig, get, layer: int) -> dict[str, torch.Tensor]:
 
 
 def convert_final(cfg: ModelConfig, get) -> dict[str, torch.Tensor]:
+    get = _text_model(get)
     return {**llama.convert_final(cfg, get), "ln_final.w": _norm(get, "model.norm.weight")}
