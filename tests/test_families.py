@@ -276,3 +276,13 @@ def test_greedy_generation_equals_hf(hf_checkpoint, loaded, one_thread, name):
     assert ref[:, 9:].unique().numel() > 3, "degenerate continuation: the test would prove little"
     ours = model.generate(toks, max_new_tokens=12, do_sample=False, verbose=False, stop_at_eos=False)
     torch.testing.assert_close(ours, ref, atol=0, rtol=0)
+
+
+def test_center_unembed_is_skipped_with_a_warning_under_a_logit_softcap(loaded, caplog):
+    from transformer_hooks.processing import ProcessingOptions, processed_config
+
+    cfg = loaded("gemma2")[0].cfg
+    with caplog.at_level("WARNING", logger="transformer_hooks.processing"):
+        processed = processed_config(cfg, ProcessingOptions())
+    assert "center_unembed" not in processed.processing and "fold_ln" in processed.processing
+    assert "center_unembed skipped" in caplog.text and "soft-caps" in caplog.text
