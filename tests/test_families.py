@@ -222,7 +222,11 @@ def test_logit_lens_of_the_last_residual_is_the_model_output(loaded, name):
 @pytest.fixture(scope="module")
 def gemma3_multimodal(checkpoint_dir):
     """A tiny Gemma 3 with a vision tower (model_type "gemma3", as the 4B+ checkpoints)."""
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        SiglipVisionConfig,
+    )
 
     cls, kwargs = FAMILY_CONFIGS["gemma3"]
     vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -286,3 +290,34 @@ def test_center_unembed_is_skipped_with_a_warning_under_a_logit_softcap(loaded, 
         processed = processed_config(cfg, ProcessingOptions())
     assert "center_unembed" not in processed.processing and "fold_ln" in processed.processing
     assert "center_unembed skipped" in caplog.text and "soft-caps" in caplog.text
+
+
+def test_dla_command_attributes_the_logit_difference_before_the_soft_cap(checkpoint_dir, capsys, tmp_path):
+    """Gemma 2: the parts sum to the logit difference before the final soft-cap (which is
+    not linear); the model's own, capped, difference is printed too."""
+    import re
+
+    from checkpoints import save_checkpoint
+    from tokenizers_util import add_tokenizer
+
+    path, _ = save_checkpoint("gemma2", tmp_path / "with_tokenizer")
+    add_tokenizer(path, VOCAB)
+    prompt = "The capital of France is"
+    code = main(["dla", "--prompt", prompt, "--answer", " Paris", "--contrast", " London", "--model", str(path),
+                 "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    model = HookedTransformer.from_pretrained(str(path))
+    a, b = model.to_single_token(" Paris"), model.to_single_token(" London")
+    with torch.no_grad():
+        _, cache = model.run_with_cache(prompt)
+        unembedded = model.ln_final(cache["resid_post", -1])[0, -1] @ model.W_U + model.b_U
+        before = unembedded[a] - unembedded[b]
+        capped = model(prompt)[0, -1]
+    number = r"(-?\d+\.\d+)"
+    assert abs(float(re.search(rf"^logit difference = {number}$", out, re.M).group(1))
+               - float(capped[a] - capped[b])) < 1e-4
+    printed_before = float(re.search(rf"before the final soft-cap .* = {number}$", out, re.M).group(1))
+    assert abs(printed_before - float(before)) < 1e-4
+    assert abs(float(re.search(rf"\(sum {number}\)", out).group(1)) - float(before)) < 1e-4
+    assert abs(before - (capped[a] - capped[b])) > 1e-3  # the cap matters here
