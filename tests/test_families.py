@@ -6,6 +6,7 @@ post-norms and soft-capping), configs in the older key formats read the same, an
 ``parity`` command runs on them."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -169,12 +170,19 @@ def _older(hf: dict) -> dict:
 
 
 @pytest.mark.parametrize("name", FAMILY_CONFIGS)
-def test_older_config_format_reads_the_same(hf_checkpoint, name):
-    path, _ = hf_checkpoint(name)
+def test_older_config_format_reads_the_same(hf_checkpoint, tmp_path, name):
+    path, hf_model = hf_checkpoint(name)
     hf = json.loads((path / "config.json").read_text())
     old = _older(hf)
     assert "layer_types" not in old and "rope_parameters" not in old
     assert config_from_hf(old) == config_from_hf(hf)
+    # ... and HF reads the older keys as the same model too (so _older means what it says).
+    old_dir = tmp_path / "old"
+    shutil.copytree(path, old_dir)
+    (old_dir / "config.json").write_text(json.dumps(old))
+    hf_old = AutoModelForCausalLM.from_pretrained(old_dir, attn_implementation="eager").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf_old(tokens()).logits, hf_model(tokens()).logits, atol=TOL, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["gemma2", "olmo2"])
@@ -321,3 +329,18 @@ def test_dla_command_attributes_the_logit_difference_before_the_soft_cap(checkpo
     assert abs(printed_before - float(before)) < 1e-4
     assert abs(float(re.search(rf"\(sum {number}\)", out).group(1)) - float(before)) < 1e-4
     assert abs(before - (capped[a] - capped[b])) > 1e-3  # the cap matters here
+
+
+@pytest.mark.parametrize("name", ["gemma2", "olmo2"])
+@pytest.mark.parametrize("no_processing", [False, True])
+def test_converted_checkpoints_load_to_the_same_model(hf_checkpoint, loaded, tmp_path, name, no_processing):
+    from weights_conversion.__main__ import main as convert_main
+
+    path, _ = hf_checkpoint(name)
+    plain = loaded(name)[0]
+    assert convert_main([str(path), str(tmp_path / "converted")] + (["--no-processing"] if no_processing else [])) == 0
+    converted = HookedTransformer.from_pretrained(str(tmp_path / "converted"))
+    with torch.no_grad():
+        torch.testing.assert_close(converted(tokens()).log_softmax(-1), plain(tokens()).log_softmax(-1),
+                                   atol=TOL, rtol=0)
+    assert converted.cfg.norm_placement == plain.cfg.norm_placement
