@@ -23,6 +23,15 @@ the last block). Architecture notes: parallel-residual blocks (Pythia) have no
 
 Per-head results are computed from the cached ``z`` and ``W_O`` when
 ``attn.hook_result`` was not cached (run_with_cache leaves it out by default).
+
+Post-norms (Gemma 2/3, OLMo 2: ``ln1_post`` / ``ln2_post`` on each output before it is
+added): ``attn_out`` and ``mlp_out`` are after them, and a head's, a neuron's or a bias's
+*direct* contribution is what it adds to the residual stream through the post-norm with the
+scale ``s`` cached in the forward pass, ``result · w / s`` (RMSNorm), the way
+``apply_ln_to_stack`` treats the final norm. With ``s`` fixed the post-norm is linear, so
+every decomposition above still sums exactly; the ``bias`` row then varies with position.
+With ``final_logit_softcap`` the logits are ``c * tanh(x / c)`` of the unembedded
+residual ``x``: the attributions here (``logit_attrs``) are of ``x``, before the cap.
 """
 
 from __future__ import annotations
@@ -259,7 +268,8 @@ class ActivationCache(HookCache):
         layer = self._stack_layer(layer)
         pos_slice = Slice.unwrap(pos_slice)
         labels = [f"L{l}H{h}" for l in range(layer) for h in range(self.cfg.n_heads)]
-        per_layer = [self._head_results(l, pos_slice, "stack_head_results") for l in range(layer)]
+        per_layer = [self._through_post_norm(self._head_results(l, pos_slice, "stack_head_results"), l, "ln1_post",
+                                             pos_slice, "stack_head_results") for l in range(layer)]
         return self._components_stack(per_layer, labels, layer, pos_slice, incl_remainder, apply_ln, return_labels)
 
     def _components_stack(self, per_layer: list[torch.Tensor], labels: list[str], layer: int, pos_slice: Slice,
@@ -286,14 +296,15 @@ class ActivationCache(HookCache):
     def get_neuron_results(self, layer: int, neuron_slice: SliceInput | Slice = None,
                            pos_slice: SliceInput | Slice = None
                            ) -> Float[torch.Tensor, "*batch_and_pos neuron d_model"]:
-        """Each neuron's write to the residual stream, ``post[..., n] * W_out[n]``, for block ``layer``."""
+        """Each neuron's write to the residual stream, ``post[..., n] * W_out[n]`` (through ``ln2_post``
+        with its cached scale, if the block has one), for block ``layer``."""
         layer = check_layer(layer, self.cfg.n_layers)
         neuron_slice, pos_slice = _keep_dim(Slice.unwrap(neuron_slice)), Slice.unwrap(pos_slice)
         post = self._get(("post", layer), "get_neuron_results")
         post = pos_slice.apply(post, dim=sites.BY_NAME["mlp.hook_post"].position_dim)
         post = neuron_slice.apply(post, dim=-1)
         W_out = neuron_slice.apply(_like(self.model.blocks[layer].mlp.W_out, post), dim=0)
-        return post[..., None] * W_out
+        return self._through_post_norm(post[..., None] * W_out, layer, "ln2_post", pos_slice, "get_neuron_results")
 
     def stack_neuron_results(self, layer: int | None, pos_slice: SliceInput | Slice = None,
                              neuron_slice: SliceInput | Slice = None, return_labels: bool = False,
@@ -341,8 +352,7 @@ class ActivationCache(HookCache):
         embeds, embed_labels = self.decompose_resid(0, pos_slice=pos_slice, return_labels=True)
         parts.append(embeds)
         labels += embed_labels
-        bias = self.model.accumulated_bias(layer, mlp_input, include_mlp_biases=expand_neurons)
-        parts.append(_like(bias, embeds).expand(embeds.shape[1:])[None])
+        parts.append(self._bias_row(layer, mlp_input, expand_neurons, pos_slice, embeds)[None])
         labels.append("bias")
         stack = torch.cat(parts)
         if apply_ln:
@@ -351,6 +361,39 @@ class ActivationCache(HookCache):
             if norm_bias is not None:
                 stack = torch.cat([stack[:-1], stack[-1:] + _like(norm_bias, stack)])
         return (stack, labels) if return_labels else stack
+
+    def _bias_row(self, layer: int, mlp_input: bool, include_mlp_biases: bool, pos_slice: Slice,
+                  like: torch.Tensor) -> Float[torch.Tensor, "*batch_and_pos d_model"]:
+        """The output biases in the residual stream entering ``layer`` (``model.accumulated_bias``);
+        with post-norms, each through its post-norm with the cached scale, so it depends on the position."""
+        shape = like.shape[1:]
+        if self.cfg.norm_placement == "pre":
+            return _like(self.model.accumulated_bias(layer, mlp_input, include_mlp_biases), like).expand(shape)
+        biases = [(l, "ln1_post", "attn.b_O") for l in range(layer)]
+        biases += [(l, "ln2_post", "mlp.b_out") for l in range(layer) if include_mlp_biases]
+        if self._attn_before_mlp(layer, mlp_input):
+            biases.append((layer, "ln1_post", "attn.b_O"))
+        row = like.new_zeros(shape)
+        for l, norm_name, bias_name in biases:
+            bias = _like(self.model.blocks[l].get_parameter(bias_name), like).expand(shape)
+            row = row + self._through_post_norm(bias, l, norm_name, pos_slice, "get_full_resid_decomposition")
+        return row
+
+    def _through_post_norm(self, x: Float[torch.Tensor, "*batch_and_pos ... d_model"], layer: int, norm_name: str,
+                           pos_slice: Slice, needed_by: str) -> Float[torch.Tensor, "*batch_and_pos ... d_model"]:
+        """``x`` (a part of what block ``layer``'s attention or MLP outputs) through that output's
+        post-norm (RMSNorm) with its cached scale: ``w * x / s``. Unchanged without a post-norm."""
+        norm = getattr(self.model.blocks[layer], norm_name)
+        if not hasattr(norm, "hook_scale"):
+            return x
+        if getattr(norm, "centre", False):
+            raise NotImplementedError(f"blocks.{layer}.{norm_name} is a LayerNorm post-norm; the decomposition "
+                                      f"through post-norms is implemented for RMSNorm (Gemma 2/3, OLMo 2)")
+        scale = pos_slice.apply(self._get(f"blocks.{layer}.{norm_name}.hook_scale", needed_by), dim=-2)
+        scale = scale.reshape(*scale.shape[:-1], *[1] * (x.ndim - scale.ndim + 1))  # over x's component dims
+        out = x / scale  # the cached scale is float32
+        w = getattr(norm, "w", None)
+        return (out if w is None else out * _like(w, out)).to(x.dtype)
 
     # Norms ------------------------------------------------------------------------------------
     def _norm(self, layer: int, mlp_input: bool) -> Any:
@@ -369,7 +412,8 @@ class ActivationCache(HookCache):
 
             LayerNorm: c -> w * (c - mean(c)) / s         RMSNorm: c -> w * c / s
 
-        (no ``w`` on a folded model). The norm is linear in its input once ``s`` is fixed,
+        (no ``w`` on a folded model; the identity where no norm reads the stream, as in
+        OLMo 2's blocks). The norm is linear in its input once ``s`` is fixed,
         so for a stack that sums to the residual stream the rows sum *exactly* to the
         norm's output minus its bias ``b`` (unfolded LayerNorm only). ``b`` belongs to no
         component and is left out here; ``get_full_resid_decomposition(apply_ln=True)``
@@ -393,7 +437,10 @@ class ActivationCache(HookCache):
         norm = self._norm(layer, mlp_input)
         scale_name = "ln_final.hook_scale" if layer == self.cfg.n_layers else \
             f"blocks.{layer}.{'ln2' if mlp_input else 'ln1'}.hook_scale"
-        scale = pos_slice.apply(self._get(scale_name, "apply_ln_to_stack"), dim=_SCALE_POS)  # [*batch_and_pos, 1]
+        if hasattr(norm, "hook_scale"):
+            scale = pos_slice.apply(self._get(scale_name, "apply_ln_to_stack"), dim=_SCALE_POS)  # [*batch_and_pos, 1]
+        else:  # no norm reads this stream (OLMo 2's blocks normalise only their outputs): the identity
+            scale = torch.ones_like(pos_slice.apply(self._resid_entering(layer, mlp_input)[..., :1], dim=_SCALE_POS))
         if self.has_batch_dim and batch_slice.mode != "empty":
             if has_batch_dim:
                 residual_stack = batch_slice.apply(residual_stack, dim=residual_stack.ndim - scale.ndim)

@@ -57,7 +57,8 @@ class DLAResult:
 
     ``logit_diff = embed + attn.sum() + mlp.sum() + constant`` exactly, where
     ``constant`` is what no component writes (``b_U`` and an unfolded LayerNorm's bias),
-    and ``attn[l] = heads[l].sum() + (b_O[l]'s effect)``.
+    and ``attn[l] = heads[l].sum() + (b_O[l]'s effect)``. A model that soft-caps its
+    logits (Gemma 2) has ``logit_diff_before_cap`` as that sum instead: the cap is not linear.
     """
 
     str_tokens: list[str]
@@ -74,6 +75,8 @@ class DLAResult:
     mlp: Float[torch.Tensor, "layer"]
     embed: float
     constant: float
+    logit_diff_before_cap: float | None = None  # models with final_logit_softcap
+    softcap: float | None = None
 
 
 def direct_logit_attribution(model: Any, prompt: str, answer: str, contrast: str, pos: int = -1) -> DLAResult:
@@ -90,7 +93,8 @@ def direct_logit_attribution(model: Any, prompt: str, answer: str, contrast: str
     tokens = model.to_tokens(prompt)
     pos = _position(pos, tokens.shape[1])
     suffixes = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
-                "attn.hook_z", "hook_embed", "hook_pos_embed", "ln_final.hook_scale")
+                "attn.hook_z", "hook_embed", "hook_pos_embed", "ln_final.hook_scale",
+                "_post.hook_scale")  # post-norms' scales (Gemma 2/3, OLMo 2): a head's direct part passes them
     wanted = lambda name: name.endswith(suffixes)  # noqa: E731
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens, names_filter=wanted)
@@ -113,6 +117,8 @@ def direct_logit_attribution(model: Any, prompt: str, answer: str, contrast: str
         str_tokens=model.to_str_tokens(tokens[0]), pos=pos, answer=answer, contrast=contrast,
         answer_logit=float(logits[0, pos, a]), contrast_logit=float(logits[0, pos, b]),
         logit_diff=float(logits[0, pos, a] - logits[0, pos, b]),
+        logit_diff_before_cap=None if cfg.final_logit_softcap is None else float(accumulated[-1, 0]),
+        softcap=cfg.final_logit_softcap,
         accumulated=accumulated[:, 0].cpu(), accumulated_labels=acc_labels,
         heads=heads[:, 0].reshape(cfg.n_layers, cfg.n_heads).cpu(),
         attn=torch.tensor([part_attrs[f"{l}_attn_out"] for l in layers]),
@@ -129,6 +135,8 @@ def format_dla(r: DLAResult, top: int = 10) -> str:
         f"({r.str_tokens[r.pos]!r})",
         f"logit({r.answer!r}) = {r.answer_logit:.4f}   logit({r.contrast!r}) = {r.contrast_logit:.4f}",
         f"logit difference = {r.logit_diff:.4f}",
+        *([] if r.softcap is None else [f"logit difference before the final soft-cap (c * tanh(x / c), c = "
+                                        f"{r.softcap:g}) = {r.logit_diff_before_cap:.4f}"]),
         f"  = embeddings {r.embed:+.4f} + attention {float(r.attn.sum()):+.4f} + MLPs {float(r.mlp.sum()):+.4f}"
         f" + unembedding/norm biases {r.constant:+.4f} (sum {total:.4f})",
         "",

@@ -10,7 +10,9 @@ to what the model would predict if that output were the whole residual stream.
 ``norm="cached"`` divides every vector by the final norm's scale cached in the forward
 pass instead (``ActivationCache.apply_ln_to_stack``): linear, so the decoded
 ``attn_out`` and ``mlp_out`` of all layers plus the embeddings add up to the final
-logits (direct logit attribution in vocabulary space).
+logits (direct logit attribution in vocabulary space) — before a final soft-cap
+(``final_logit_softcap``, Gemma 2), which every decoding goes through as the model's logits
+do: ranks and top tokens are the cap's, but capped parts no longer add up.
 
 ``logit_lens(model, "The capital of France is")`` returns a ``LogitLens``: top-k tokens,
 logits and probabilities for every (layer, site) and position, plus, when ``targets``
@@ -32,6 +34,7 @@ from tqdm.auto import tqdm
 
 from .cache import ActivationCache
 from .components.norms import normalize
+from .components.softcap import softcap
 from .utils import Slice, SliceInput, check_layer
 
 # The sites a block writes or passes on, in the order they happen.
@@ -94,9 +97,11 @@ def final_norm(model: Any, stack: Float[torch.Tensor, "... d_model"], norm: Norm
 
 
 def unembed(model: Any, normalized: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... d_vocab"]:
-    """``normalized · W_U + b_U``."""
+    """``normalized · W_U + b_U``, soft-capped as the model caps its logits (Gemma 2)."""
     W_U, b_U = model.W_U.detach(), model.b_U.detach()
-    return normalized.to(W_U.dtype) @ W_U + b_U
+    logits = normalized.to(W_U.dtype) @ W_U + b_U
+    cap = model.cfg.final_logit_softcap
+    return logits if cap is None else softcap(logits, cap)
 
 
 @dataclass

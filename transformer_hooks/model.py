@@ -40,6 +40,8 @@ class HookedTransformer(HookedRootModule):
             self.hook_pos_embed = HookPoint()
         else:
             self.rotary = Rotary(cfg)
+            if cfg.local_rope_theta is not None:
+                self.rotary_local = Rotary(cfg, local=True)
         self.blocks = nn.ModuleList(make_block(cfg, layer) for layer in range(cfg.n_layers))
         self.ln_final = make_norm(cfg)
         self.unembed = Unembed(cfg)
@@ -141,10 +143,13 @@ class HookedTransformer(HookedRootModule):
             if self.cfg.positional_embedding == "learned":
                 resid = resid + self.hook_pos_embed(self.pos_embed(positions))
         cos_sin = self.rotary(positions, resid.dtype) if self.cfg.positional_embedding == "rotary" else None
+        # Gemma 3: the windowed layers rotate with their own base.
+        cos_sin_local = self.rotary_local(positions, resid.dtype) if hasattr(self, "rotary_local") else cos_sin
 
         for layer in range(start, stop):
             kv = past_kv_cache[layer] if past_kv_cache is not None else None
-            resid = self.blocks[layer](resid, mask, cos_sin, kv)
+            local = self.cfg.attn_windows[layer] is not None
+            resid = self.blocks[layer](resid, mask, cos_sin_local if local else cos_sin, kv)
         if past_kv_cache is not None:
             self._advance(past_kv_cache, q_len, attention_mask)
         if stop < n:
@@ -448,8 +453,16 @@ class HookedTransformer(HookedRootModule):
         is the input to the unembedding). ``mlp_input``: the stream that block's MLP reads,
         which in a sequential block also holds its own ``b_O`` (a parallel block's MLP reads
         ``resid_pre``, so nothing is added there).
+
+        With post-norms (Gemma 2/3, OLMo 2) a bias reaches the residual stream scaled by its
+        post-norm, differently at each position: that needs a forward pass, and
+        ``cache.get_full_resid_decomposition`` gives it (its ``"bias"`` row).
         """
         n = self.cfg.n_layers
+        if self.cfg.norm_placement != "pre":
+            raise ValueError(f"accumulated_bias: this model's biases pass through post-norms (norm_placement="
+                             f"{self.cfg.norm_placement!r}), so what they add depends on the input; use the "
+                             f"'bias' row of cache.get_full_resid_decomposition(...) instead")
         check_index(layer, n, "layer", f"accumulated_bias of a model with {n} layers", allow_end=True,
                     allow_negative=False, note=f"{n}: the unembedding")
         if mlp_input and layer == n:

@@ -163,12 +163,9 @@ def _can_adopt(tensor: torch.Tensor, old: torch.Tensor, device: torch.device, dt
 
 def finish(model: HookedTransformer, device: Any) -> HookedTransformer:
     """Recompute the non-persistent buffers (rotary frequencies, not loaded), note the device, eval mode."""
-    if hasattr(model, "rotary"):
-        from ..components.rotary import inverse_frequencies
-
-        cfg = model.cfg
-        inv_freq = inverse_frequencies(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling)
-        model.rotary.inv_freq = inv_freq.to(device or "cpu")
+    for name in ("rotary", "rotary_local"):
+        if hasattr(model, name):
+            getattr(model, name).inv_freq = getattr(model, name).frequencies().to(device or "cpu")
     model._note_device()
     model.eval()
     return model
