@@ -179,7 +179,8 @@ class HookedTransformer(HookedRootModule):
             positions = cache.continue_positions(positions)
         if self.cfg.positional_embedding == "learned" and int(positions.max()) >= self.cfg.n_ctx:
             raise ValueError(f"sequence of {int(positions.max()) + 1} positions is longer than this model's context "
-                             f"(n_ctx={self.cfg.n_ctx}, learned positions); truncate the input to {self.cfg.n_ctx} tokens")
+                             f"(n_ctx={self.cfg.n_ctx}, learned positions); truncate the input to "
+                             f"{self.cfg.n_ctx} tokens")
 
         if cache is not None:
             return positions, AttentionMask(q_len, cache.length + q_len, cache.key_mask(q_len, attention_mask), device)

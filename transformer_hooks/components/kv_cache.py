@@ -12,7 +12,8 @@ class LayerKVCache:
     def __init__(self, owner: "KVCache", k: torch.Tensor, v: torch.Tensor) -> None:
         self.owner, self.k, self.v = owner, k, v
 
-    def extend(self, k: Float[torch.Tensor, "batch kv_head pos d_head"], v: Float[torch.Tensor, "batch kv_head pos d_head"]):
+    def extend(self, k: Float[torch.Tensor, "batch kv_head pos d_head"],
+               v: Float[torch.Tensor, "batch kv_head pos d_head"]) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's keys/values after the cached ones; return all of them."""
         start, end = self.owner.length, self.owner.length + k.shape[2]
         if end > self.k.shape[2]:
@@ -36,7 +37,8 @@ class KVCache:
         self.layers = [LayerKVCache(self, torch.empty(shape, device=device, dtype=dtype),
                                     torch.empty(shape, device=device, dtype=dtype)) for _ in range(cfg.n_layers)]
         self.length = 0
-        self.key_is_real: Bool[torch.Tensor, "batch key_pos"] = torch.ones(batch, max_len, dtype=torch.bool, device=device)
+        self.key_is_real: Bool[torch.Tensor, "batch key_pos"] = torch.ones(batch, max_len, dtype=torch.bool,
+                                                                           device=device)
         self.has_padding = False
         self.next_position: torch.Tensor | None = None  # [batch], position id of the next token
 

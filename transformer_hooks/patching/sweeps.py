@@ -13,7 +13,7 @@ import torch
 from einops import rearrange
 from jaxtyping import Float, Int
 
-from .engine import (DEFAULT_MAX_BATCH_BYTES, Patch, PatchingMetric, PatchSetter, _axis_sizes, _clean_activation,
+from .engine import (DEFAULT_MAX_BATCH_BYTES, Patch, PatchSetter, PatchingMetric, _axis_sizes, _clean_activation,
                      _corrupted_tokens, _site, _trial_metric, generic_activation_patch,
                      layer_head_dest_src_pos_pattern_patch_setter, layer_head_pattern_patch_setter,
                      layer_head_pos_pattern_patch_setter, layer_head_vector_patch_setter,
