@@ -64,5 +64,5 @@ def test_tokens_functions_need_only_the_tokenizer_and_config(embedded_model):
         for i, prompt in enumerate(prompts):
             assert ids[i][mask[i].bool()].tolist() == tokens.to_tokens(tok, cfg, prompt)[0].tolist()
     text = "The capital of France is"
-    assert tokens.to_string(tok, tokens.to_tokens(tok, cfg, text, prepend_bos=False)) == text
+    assert tokens.to_string(tok, tokens.to_tokens(tok, cfg, text, prepend_bos=False)[0]) == text
     assert "".join(tokens.to_str_tokens(tok, cfg, text, prepend_bos=False)) == text
