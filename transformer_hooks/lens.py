@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from .cache import ActivationCache
 from .components.norms import normalize
 from .components.softcap import softcap
+from .tables import short_repr, text_table
 from .utils import Slice, SliceInput, check_layer
 
 # The sites a block writes or passes on, in the order they happen.
@@ -213,3 +214,25 @@ def _targets(model: Any, targets: Targets, shape: torch.Size, device: torch.devi
         raise ValueError(f"targets of shape {tuple(ids.shape)} do not match the decoded positions "
                          f"{tuple(shape)} (batch and positions after pos_slice)") from None
 
+
+# The text table of the ``logit-lens`` command ----------------------------------------------
+LENS_COLUMNS = ("resid_post", "attn_out", "mlp_out")  # its columns; a lens for it decodes resid_pre too
+
+
+def format_logit_lens(lens: LogitLens, model: Any, str_tokens: list[str], pos: int, top: int = 3) -> str:
+    """Top tokens (probability) at ``pos`` per layer: the embeddings, then each layer's
+    residual stream after it, and its attention and MLP outputs decoded alone."""
+    strings = lens.top_strings(model)
+
+    def cell(row: int) -> str:
+        return "  ".join(f"{short_repr(strings[row][0][pos][k])} {float(lens.top_probs[row, 0, pos, k]):.2f}"
+                         for k in range(min(top, lens.top_tokens.shape[-1])))
+
+    index = {label: i for i, label in enumerate(lens.labels)}
+    rows = [["embed", cell(index["0_resid_pre"]), "", ""]]
+    for layer in sorted(set(lens.layers)):
+        rows.append([str(layer)] + [cell(index[f"{layer}_{site}"]) for site in LENS_COLUMNS])
+    head = [f"Logit lens at position {pos} ({str_tokens[pos]!r}): top {top} tokens (probability) of each "
+            f"vector through the final norm and unembedding", ""]
+    return "\n".join(head + text_table(["layer", "residual stream after the layer", "attention output",
+                                        "MLP output"], rows))
