@@ -128,7 +128,7 @@ class SAEConfig:
     architecture: str = "standard"
     k: int | None = None  # topk
     rescale_acts_by_decoder_norm: bool = False  # topk
-    reshape_activations: str = "none"  # "hook_z": input [..., head, d_head] flattened
+    reshape_activations: str | None = None  # "hook_z": input [..., head, d_head] flattened (default for hook_z)
     norm_scaling_factor: float | None = None  # expected_average_only_in
     hook_layer: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # other cfg.json fields, kept for saving
@@ -146,6 +146,8 @@ class SAEConfig:
                                 if "whiten" in str(self.normalize_activations) else ""))
         if self.architecture == "topk" and not self.k:
             raise ValueError("a topk SAE needs k (the number of active features per token) in its config")
+        if self.reshape_activations is None:
+            self.reshape_activations = "hook_z" if self.hook_name.endswith("hook_z") else "none"
         if self.reshape_activations not in ("none", "hook_z"):
             raise ValueError(f"reshape_activations must be 'none' or 'hook_z', got {self.reshape_activations!r}")
         if self.hook_layer is None:
@@ -179,7 +181,6 @@ class SAEConfig:
         hook_name = get("hook_name") or get("hook_point")
         if not hook_name:
             raise ValueError("the SAE config names no hook: it needs 'hook_name' (or the older 'hook_point')")
-        reshape = d.get("reshape_activations") or ("hook_z" if hook_name.endswith("hook_z") else "none")
         known = {"d_in", "d_sae", "hook_name", "hook_point", "apply_b_dec_to_input", "normalize_activations",
                  "dtype", "model_name", "model_from_pretrained_kwargs", "meta", "metadata", "architecture", "k",
                  "rescale_acts_by_decoder_norm", "reshape_activations", "norm_scaling_factor", "hook_layer"}
@@ -191,7 +192,7 @@ class SAEConfig:
                    model_from_pretrained_kwargs=get("model_from_pretrained_kwargs"),
                    architecture=arch, k=int(k) if k else None,
                    rescale_acts_by_decoder_norm=bool(d.get("rescale_acts_by_decoder_norm", False)),
-                   reshape_activations=reshape, norm_scaling_factor=d.get("norm_scaling_factor"),
+                   reshape_activations=d.get("reshape_activations"), norm_scaling_factor=d.get("norm_scaling_factor"),
                    hook_layer=get("hook_layer"),
                    extra={k: v for k, v in d.items() if k not in known})
 
@@ -251,8 +252,7 @@ class SAE(HookedRootModule):
             d_in = site_width(model, names[0])
         kwargs = {s: s in model.cfg.processing for s in PROCESSING_STEPS}
         config = SAEConfig(d_in=d_in, d_sae=d_sae, hook_name=hook_name, model_name=model.cfg.model_name,
-                           model_from_pretrained_kwargs=kwargs, architecture=architecture, k=k, dtype=dtype,
-                           reshape_activations="hook_z" if hook_name.endswith("hook_z") else "none", **cfg)
+                           model_from_pretrained_kwargs=kwargs, architecture=architecture, k=k, dtype=dtype, **cfg)
         sae = cls(config).to(model.device)
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():

@@ -169,7 +169,7 @@ def train_sae(source: Any, site: Any = None, d_sae: int | None = None, architect
         device = device or model.device
     cfg = SAEConfig(d_in=d_in, d_sae=d_sae, hook_name=site,
                     architecture="topk" if architecture in ("topk", "batchtopk") else architecture,
-                    k=k, reshape_activations="hook_z" if site.endswith("hook_z") else "none", **meta)
+                    k=k, **meta)
     sae = SAE(cfg).to(device)
     sae.bandwidth = jumprelu_bandwidth
     gen = torch.Generator().manual_seed(seed)
