@@ -386,7 +386,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="transformer-hooks", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{dla,logit-lens,parity}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{dla,logit-lens,parity,harvest}")
 
     def model_args(p: argparse.ArgumentParser, top: int) -> None:
         p.add_argument("--model", default=DEFAULT_MODEL,
@@ -415,6 +415,11 @@ def build_parser() -> argparse.ArgumentParser:
     parity.add_argument("--tol", type=float, default=1e-3, help="max abs error allowed (default: 1e-3)")
     parity.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"text to run (default: {DEFAULT_PROMPT!r})")
     parity.set_defaults(func=cmd_parity)
+
+    from .activations import add_harvest_arguments, run_harvest
+    harvest = sub.add_parser("harvest", help="store sites' activations over a corpus (resumable)")
+    add_harvest_arguments(harvest)
+    harvest.set_defaults(func=run_harvest)
     return parser
 
 
