@@ -19,7 +19,7 @@ D, F = 16, 40
 
 
 @pytest.fixture(scope="module")
-def model(hf_checkpoint):
+def model(hf_checkpoint, one_thread):
     path, _ = hf_checkpoint("llama-gqa")
     return HookedTransformer.from_pretrained_no_processing(str(path))
 

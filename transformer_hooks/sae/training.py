@@ -226,7 +226,7 @@ def _fit(sae: SAE, source: Any, site: str | None, architecture: str, k: int | No
             feats = torch.zeros_like(flat).scatter(0, top.indices, top.values).reshape(pre.shape)
             kept = top.values[top.values > 0]
             if kept.numel():
-                low = float(kept.min())
+                low = float(kept.detach().min())
                 batch_threshold = low if math.isnan(batch_threshold) else 0.99 * batch_threshold + 0.01 * low
         else:
             feats, pre = sae.encode_with_hidden_pre(x)
