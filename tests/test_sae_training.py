@@ -123,3 +123,51 @@ def test_training_from_a_harvested_dataset_and_from_a_model(hf_checkpoint, tmp_p
         train_sae(ds, site, 64, "topk")
     with pytest.raises(KeyError, match="no site"):
         train_sae(ds, "blocks.0.hook_resid_post", 64)
+
+
+def test_top_activating_contexts_and_their_html_page(hf_checkpoint, tmp_path):
+    from html.parser import HTMLParser
+
+    from checkpoints import VOCAB
+    from tokenizers_util import SENTENCES, tiny_tokenizer
+    from transformer_hooks.sae import feature_contexts_html, top_activations
+
+    model = HookedTransformer.from_pretrained_no_processing(str(hf_checkpoint("llama-gqa")[0]))
+    model.set_tokenizer(tiny_tokenizer(VOCAB))
+    site = "blocks.0.hook_resid_post"
+    ds = harvest(model, SENTENCES * 4 + ["Rome & <Madrid>"], site, tmp_path / "h", context_size=8, batch_size=4,
+                 shard_tokens=32, progress=False)
+    sae = SAE.for_model(model, site, d_sae=16, seed=3)
+    with torch.no_grad():
+        sae.b_enc.fill_(-0.05)
+        values = sae.encode(ds.rows(range(len(ds)), site))
+    feature = int((values > 0).sum(0).argmax())
+    contexts = top_activations(ds, sae, feature, top=5, batch_size=7)
+    assert 0 < len(contexts) <= 5 and len({c.context for c in contexts}) == len(contexts)
+    acts = [c.activation for c in contexts]
+    assert acts == sorted(acts, reverse=True)
+    best = values[:, feature].max()
+    assert acts[0] == pytest.approx(float(best))
+    for c in contexts:
+        assert c.activations[c.position] == pytest.approx(c.activation) and max(c.activations) == c.activation
+        toks, pos = ds.tokens_of([c.row])
+        assert toks[0, :len(c.tokens)].tolist() == c.tokens and int(pos[0]) == c.position
+    page = feature_contexts_html(contexts, model.tokenizer, title=f"feature {feature}", path=tmp_path / "f.html")
+    assert (tmp_path / "f.html").read_text() == page
+
+    class Parse(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.items, self.tops, self.stack = [], 0, []
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if tag == "li":
+                self.items.append(float(a["data-activation"]))
+            if tag == "span" and a.get("class") == "tok top":
+                self.tops += 1
+
+    p = Parse()
+    p.feed(page)
+    assert p.items == pytest.approx(acts, rel=1e-5) and p.tops == len(contexts)
+    assert "<Madrid>" not in page  # text is escaped
