@@ -4,7 +4,7 @@
 ``context_size`` tokens with the model's BOS rule (``default_prepend_bos``: each context
 starts with BOS, and documents are joined by BOS, as SAELens packs them), runs them in
 batches (stopping after the last hooked block), keeps each site's activation at the
-chosen positions, and writes shards::
+chosen positions, and writes shards (models without a BOS rule join documents by EOS)::
 
     DIR/manifest.json                 model, processing, sites and widths, dtype, counts, shard list
     DIR/shard_00000.safetensors       per site [rows, width] (heads flattened), and
@@ -96,12 +96,14 @@ def _contexts(model: Any, corpus: Corpus, context_size: int, prepend_bos: bool, 
         tok = model._require_tokenizer()
         streams = (tok(doc, add_special_tokens=False)["input_ids"] for doc in docs)
     bos = model._bos_id() if prepend_bos else None
+    eos = getattr(model.tokenizer, "eos_token_id", None)
+    sep = bos if bos is not None else (eos if eos is not None else model.cfg.eos_token_id)
     body = context_size - (1 if prepend_bos else 0)
     buffer: list[int] = []
     first = True
     for ids in streams:
-        if bos is not None and not first:
-            buffer.append(bos)  # documents joined by BOS
+        if sep is not None and not first and not isinstance(corpus, (torch.Tensor, np.ndarray)):
+            buffer.append(sep)  # documents joined by BOS (by EOS for models that prepend no BOS)
         first = False
         buffer.extend(ids)
         while len(buffer) >= body:
