@@ -228,3 +228,26 @@ def test_cli_harvest(ckpt, tmp_path, capsys):
     ds = ActivationDataset(tmp_path / "h")
     assert ds.complete and ds.sites == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
     assert np.isfinite(ds.rows(range(len(ds)), "blocks.1.hook_resid_post").numpy()).all()
+
+
+def test_cli_sae_eval_matches_the_function(ckpt, model, tmp_path, capsys):
+    from transformer_hooks.cli import main
+    from transformer_hooks.sae import SAE, evaluate_sae
+
+    (tmp_path / "c.txt").write_text("\n\n".join(SENTENCES * 3))
+    sae = SAE.for_model(model, "blocks.1.hook_resid_post", d_sae=32, architecture="topk", k=4)
+    sae.save_model(tmp_path / "sae")
+    code = main(["sae-eval", "--model", str(ckpt), "--no-processing", "--sae", str(tmp_path / "sae"), "--data",
+                 str(tmp_path / "c.txt"), "--context-size", "8", "--max-tokens", "40", "--skip-first", "--json"])
+    assert code == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    contexts = list(activations._contexts(model, tmp_path / "c.txt", 8, True, "text", None))[:5]
+    tokens = torch.stack([t for t, _ in contexts])
+    mask = torch.stack([m for _, m in contexts]).long()
+    expected = evaluate_sae(model, sae, tokens, attention_mask=mask, positions=slice(1, None))
+    assert got["n_tokens"] == expected.n_tokens == 5 * 7
+    assert got["ce_loss_recovered_vs_mean"] == pytest.approx(expected.ce_loss_recovered_vs_mean, rel=1e-5)
+    assert got["l0"] == pytest.approx(4.0)
+    assert main(["sae-eval", "--model", str(ckpt), "--sae", str(tmp_path / "nothing"), "--data",
+                 str(tmp_path / "c.txt")]) == 2
+    assert "cfg.json" in capsys.readouterr().err
