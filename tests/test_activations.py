@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from checkpoints import VOCAB
-from tokenizers_util import SENTENCES, add_tokenizer, tiny_tokenizer
+from tokenizers_util import SENTENCES, add_tokenizer
 from transformer_hooks import HookedTransformer
 from transformer_hooks import activations
 from transformer_hooks.activations import ActivationDataset, harvest

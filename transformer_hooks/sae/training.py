@@ -42,19 +42,20 @@ def _rectangle(u: torch.Tensor) -> torch.Tensor:
 
 
 class _JumpReLU(torch.autograd.Function):
-    """pre * 1[pre > theta]; gradient to pre where active, to theta by the kernel."""
+    """ReLU(pre) * 1[pre > theta] (= pre * 1[pre > theta] for theta >= 0, which training keeps);
+    gradient to pre where active, to theta by the kernel."""
 
     @staticmethod
     def forward(ctx, pre, threshold, bandwidth):
         ctx.save_for_backward(pre, threshold)
         ctx.bandwidth = bandwidth
-        return pre * (pre > threshold).to(pre.dtype)
+        return pre.clamp_min(0) * (pre > threshold).to(pre.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         pre, threshold = ctx.saved_tensors
         eps = ctx.bandwidth
-        d_pre = (pre > threshold).to(grad.dtype) * grad
+        d_pre = ((pre > threshold) & (pre > 0)).to(grad.dtype) * grad
         d_theta = -(threshold / eps) * _rectangle((pre - threshold) / eps) * grad
         return d_pre, d_theta.reshape(-1, threshold.shape[-1]).sum(0), None
 
