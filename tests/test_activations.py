@@ -87,8 +87,16 @@ def test_every_corpus_form_packs_the_same(model, tmp_path):
     mask[2, 5:] = 0
     d = harvest(model, toks, SITES[0], tmp_path / "d", attention_mask=mask, **kw)
     assert len(d) == 37
+    # A token stream as a tensor or as a memory-mapped array on disk; a one-shot iterator of strings.
+    s = stream(100)
+    np.save(tmp_path / "s.npy", s.numpy().astype(np.int32))
+    e = harvest(model, s, SITES[0], tmp_path / "e1", **kw)
+    f = harvest(model, np.load(tmp_path / "s.npy", mmap_mode="r"), SITES[0], tmp_path / "e2", **kw)
+    assert torch.equal(e[:], f[:]) and e.manifest["n_tokens"] == 100 + 15  # BOS on each of 15 contexts
+    g = harvest(model, iter(docs), SITES[0], tmp_path / "g", **kw)
+    assert torch.equal(g[:], a[:])
     with pytest.raises(KeyError, match="no 'body' field"):
-        harvest(model, tmp_path / "c.jsonl", SITES[0], tmp_path / "e", text_key="body", **kw)
+        harvest(model, tmp_path / "c.jsonl", SITES[0], tmp_path / "x", text_key="body", **kw)
 
 
 def test_positions_dtype_and_stopping_early(model, tmp_path):

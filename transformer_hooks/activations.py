@@ -80,17 +80,19 @@ def _documents(corpus: str | Path, text_key: str) -> Iterator[str]:
 def _contexts(model: Any, corpus: Corpus, context_size: int, prepend_bos: bool, text_key: str,
               attention_mask: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(tokens [context_size], mask [context_size]) for each context, in order."""
-    if isinstance(corpus, (torch.Tensor, np.ndarray)):
-        tokens = torch.as_tensor(corpus).long()
-        if tokens.ndim == 2:  # contexts as given
-            if tokens.shape[1] != context_size:
-                raise ValueError(f"token contexts have length {tokens.shape[1]}, but context_size={context_size}")
-            mask = torch.ones_like(tokens, dtype=torch.bool) if attention_mask is None else \
-                torch.as_tensor(attention_mask).bool()
-            for row, m in zip(tokens, mask):
-                yield row, m
+    if isinstance(corpus, (torch.Tensor, np.ndarray)):  # read piece by piece: a memory-mapped array stays on disk
+        if corpus.ndim == 2:  # contexts as given
+            if corpus.shape[1] != context_size:
+                raise ValueError(f"token contexts have length {corpus.shape[1]}, but context_size={context_size}")
+            for i in range(corpus.shape[0]):
+                m = torch.ones(context_size, dtype=torch.bool) if attention_mask is None else \
+                    torch.as_tensor(attention_mask[i]).bool()
+                yield torch.as_tensor(np.array(corpus[i])).long(), m
             return
-        streams: Iterable[list[int]] = [tokens.tolist()]
+        if corpus.ndim != 1:
+            raise ValueError(f"tokens must be a stream [n] or contexts [n, context_size], got shape {tuple(corpus.shape)}")
+        streams: Iterable[list[int]] = (torch.as_tensor(np.array(corpus[i:i + (1 << 16)])).long().tolist()
+                                        for i in range(0, corpus.shape[0], 1 << 16))
     else:
         docs = _documents(corpus, text_key) if isinstance(corpus, (str, Path)) else iter(corpus)
         tok = model._require_tokenizer()
@@ -207,13 +209,16 @@ def _fingerprint(corpus: Corpus) -> str:
         st = p.stat()
         h.update(f"file:{p.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
     elif isinstance(corpus, (torch.Tensor, np.ndarray)):
-        arr = np.ascontiguousarray(torch.as_tensor(corpus).cpu().numpy())
-        h.update(f"tokens:{arr.shape}:{arr.dtype}".encode())
-        h.update(arr.tobytes())
-    else:
+        h.update(f"tokens:{tuple(corpus.shape)}".encode())
+        for i in range(0, corpus.shape[0], 1 << 16):  # piece by piece, as the tokens are read
+            piece = torch.as_tensor(np.array(corpus[i:i + (1 << 16)])).long().cpu().numpy()
+            h.update(np.ascontiguousarray(piece).data)
+    elif isinstance(corpus, (list, tuple)):
         for doc in corpus:
             h.update(doc.encode())
             h.update(b"\0")
+    else:  # a one-shot iterable: nothing to hash without consuming it; resuming needs the same stream again
+        h.update(b"iterable")
     return h.hexdigest()[:16]
 
 
