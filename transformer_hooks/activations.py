@@ -50,6 +50,13 @@ PositionChoice = Union[str, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]
 
 
 # The corpus as contexts -----------------------------------------------------------------
+def _piece(tokens: torch.Tensor | np.ndarray, index: Any) -> torch.Tensor:
+    """Some tokens as a CPU long tensor (copied: a memory-mapped array is read only)."""
+    if isinstance(tokens, torch.Tensor):
+        return tokens[index].to("cpu", torch.long)
+    return torch.from_numpy(np.array(tokens[index])).long()
+
+
 def _documents(corpus: str | Path, text_key: str) -> Iterator[str]:
     """A .jsonl file (one JSON object per line, text under ``text_key``) or a text file
     (documents separated by blank lines), read line by line."""
@@ -87,11 +94,11 @@ def _contexts(model: Any, corpus: Corpus, context_size: int, prepend_bos: bool, 
             for i in range(corpus.shape[0]):
                 m = torch.ones(context_size, dtype=torch.bool) if attention_mask is None else \
                     torch.as_tensor(attention_mask[i]).bool()
-                yield torch.as_tensor(np.array(corpus[i])).long(), m
+                yield _piece(corpus, i), m
             return
         if corpus.ndim != 1:
             raise ValueError(f"tokens must be a stream [n] or contexts [n, context_size], got shape {tuple(corpus.shape)}")
-        streams: Iterable[list[int]] = (torch.as_tensor(np.array(corpus[i:i + (1 << 16)])).long().tolist()
+        streams: Iterable[list[int]] = (_piece(corpus, slice(i, i + (1 << 16))).tolist()
                                         for i in range(0, corpus.shape[0], 1 << 16))
     else:
         docs = _documents(corpus, text_key) if isinstance(corpus, (str, Path)) else iter(corpus)
@@ -211,7 +218,7 @@ def _fingerprint(corpus: Corpus) -> str:
     elif isinstance(corpus, (torch.Tensor, np.ndarray)):
         h.update(f"tokens:{tuple(corpus.shape)}".encode())
         for i in range(0, corpus.shape[0], 1 << 16):  # piece by piece, as the tokens are read
-            piece = torch.as_tensor(np.array(corpus[i:i + (1 << 16)])).long().cpu().numpy()
+            piece = _piece(corpus, slice(i, i + (1 << 16))).numpy()
             h.update(np.ascontiguousarray(piece).data)
     elif isinstance(corpus, (list, tuple)):
         for doc in corpus:
