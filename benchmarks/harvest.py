@@ -16,6 +16,9 @@ Memory: for each ``--memory-tokens`` size a fresh process harvests a corpus of t
 from a text file; the peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs`` after
 the model is loaded) minus the RSS at that point. It should not grow with the corpus:
 only one shard (``--shard-tokens``) is held at a time.
+
+With ``--train-io DIR`` (a harvested dataset) it times reading shuffled batches of 4096
+rows from it against training steps of a 16x TopK SAE on the same batches.
 """
 
 from __future__ import annotations
@@ -82,6 +85,7 @@ def memory_child(args: argparse.Namespace) -> None:
         seconds = time.perf_counter() - t
         print(json.dumps({"tokens": ds.manifest["n_tokens"], "rows": len(ds), "seconds": seconds,
                           "peak_above_base_mib": rss_mib("VmHWM") - base, "base_mib": base,
+                          "end_above_base_mib": rss_mib("VmRSS") - base,
                           "disk_mib": sum(f.stat().st_size for f in (Path(d) / "acts").iterdir()) / 2 ** 20}))
 
 
@@ -121,6 +125,29 @@ def speed(args: argparse.Namespace) -> dict[str, float]:
     return {k: max(v) for k, v in results.items()} | {"tokens": n}
 
 
+def train_io(args: argparse.Namespace) -> None:
+    """Reading shuffled batches from a harvested dataset against training a 16x TopK SAE on them."""
+    import torch
+
+    from transformer_hooks.activations import ActivationDataset
+    from transformer_hooks.sae import train_sae
+
+    torch.set_num_threads(args.threads)
+    ds = ActivationDataset(args.train_io)
+    site = ds.sites[0]
+    batch = 4096
+    t = time.perf_counter()
+    n = sum(len(b) for b in ds.batches(site, batch, shuffle=True, seed=0))
+    read = n / (time.perf_counter() - t)
+    steps = 5
+    t = time.perf_counter()
+    train_sae(ds, site, 16 * ds.width(site), "topk", k=64, steps=steps, batch_size=batch, progress=False)
+    train = steps * batch / (time.perf_counter() - t)
+    print(f"\n**Training a 16x TopK SAE (d_sae {16 * ds.width(site)}, batches of {batch}) on {len(ds)} harvested rows**\n")
+    print(f"| reading shuffled batches, rows/s | training, rows/s | read / train |\n|---|---|---|\n"
+          f"| {read:.0f} | {train:.0f} | {read / train:.1f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=20_000, help="corpus size for the speed runs")
@@ -131,8 +158,11 @@ def main() -> None:
     p.add_argument("--shard-tokens", type=int, default=8192)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--train-io", default=None, help="a harvested dataset: time reading it against training on it")
     p.add_argument("--child-tokens", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.train_io is not None:
+        return train_io(args)
     if args.child_tokens is not None:
         return memory_child(args)
     print(f"SmolLM2-135M, hook_resid_post of layer {args.layer}, contexts of {args.context_size}, batches of "
@@ -144,14 +174,15 @@ def main() -> None:
         print(f"| {case} | {r[case]:.0f} | {r[case] / r['forward']:.2f} |")
     if args.memory_tokens:
         print("\n**Peak memory above the loaded model, by corpus size** (fresh process each)\n")
-        print("| corpus tokens | rows | peak MiB | disk MiB | tokens/s |\n|---|---|---|---|---|")
+        print("| corpus tokens | rows | peak MiB | RSS at the end MiB | disk MiB | tokens/s |\n|---|---|---|---|---|---|")
         for size in args.memory_tokens:
             out = subprocess.run([sys.executable, __file__, "--child-tokens", str(size), "--layer", str(args.layer),
                                   "--context-size", str(args.context_size), "--batch-size", str(args.batch_size),
                                   "--shard-tokens", str(args.shard_tokens), "--threads", str(args.threads)],
                                  capture_output=True, text=True, check=True, env={**os.environ})
             m = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"| {m['tokens']} | {m['rows']} | {m['peak_above_base_mib']:.0f} | {m['disk_mib']:.0f} | "
+            print(f"| {m['tokens']} | {m['rows']} | {m['peak_above_base_mib']:.0f} | {m['end_above_base_mib']:.0f} | "
+                  f"{m['disk_mib']:.0f} | "
                   f"{m['tokens'] / m['seconds']:.0f} |")
 
 
