@@ -9,7 +9,7 @@ import torch
 from transformer_hooks import HookedTransformer
 from transformer_hooks.activations import harvest
 from transformer_hooks.sae import SAE, evaluate_sae, train_sae
-from transformer_hooks.sae.training import _resample, jumprelu, step
+from transformer_hooks.sae.training import _resample, ghost_loss, jumprelu, step
 
 D, F = 16, 32
 
@@ -38,6 +38,7 @@ RECIPES = {
     "standard": dict(l1_coefficient=1e-3, l1_warm_up_steps=20, lr_warm_up_steps=10),
     "unit_norm": dict(architecture="standard", decoder="unit_norm", l1_coefficient=1e-3, resample_every=50,
                       dead_window=20, adam_beta1=0.0),
+    "ghost_grads": dict(architecture="standard", ghost_grads=True, dead_window=10, l1_coefficient=1e-3),
     "jumprelu": dict(l0_coefficient=1e-3, l1_warm_up_steps=20),
     "topk": dict(k=4, dead_window=10),
     "batchtopk": dict(k=4, dead_window=10),
@@ -84,6 +85,22 @@ def test_jumprelu_straight_through_gradients_are_the_rectangle_kernel_pseudo_der
     theta.grad = None
     step(pre, theta, eps).sum().backward()
     torch.testing.assert_close(theta.grad, (-(1 / eps) * kernel).sum(0))
+
+
+def test_ghost_gradients_reach_only_the_dead_features():
+    sae = train_sae(sparse_data(256), "x", F, steps=0, progress=False)
+    x = sparse_data(64, seed=3)
+    feats, pre = sae.encode_with_hidden_pre(x)
+    err = x - sae.decode(feats)
+    mse = err.pow(2).sum(-1).mean()
+    dead = torch.zeros(F, dtype=torch.bool)
+    dead[[2, 9]] = True
+    loss = ghost_loss(sae, pre, err, dead, mse)
+    assert loss.item() == pytest.approx(mse.item(), rel=1e-4)  # rescaled to the size of the MSE
+    sae.zero_grad()
+    loss.backward()
+    assert bool((sae.W_enc.grad[:, dead] != 0).any()) and bool((sae.W_enc.grad[:, ~dead] == 0).all())
+    assert bool((sae.W_dec.grad[~dead] == 0).all()) and bool((sae.b_enc.grad[~dead] == 0).all())
 
 
 def test_resampling_rewrites_only_the_dead_features():

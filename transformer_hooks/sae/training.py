@@ -15,6 +15,11 @@ Loss per token, x [d_in], x_hat its reconstruction, f the features (mean over th
                batch and is saved as a JumpReLU whose threshold is the running mean of the
                smallest kept activation (Bussmann et al. 2024, as SAELens saves it)
 
+Ghost gradients (standard SAEs, ``ghost_grads=True``; Anthropic, January 2024): the dead
+features' ``exp(pre)`` decoded, rescaled to half the residual's norm, fit the residual
+``e = x - x_hat``; the loss is rescaled to the size of the MSE, and only the dead features
+get its gradient.
+
 l1(t), l0(t) rise linearly from 0 over ``l1_warm_up_steps``; the learning rate rises
 linearly over ``lr_warm_up_steps``; Adam with ``adam_beta1`` (0 is a recipe). Dead
 features (no activation over ``dead_window`` steps) of standard SAEs are resampled every
@@ -117,8 +122,8 @@ def train_sae(source: Any, site: Any = None, d_sae: int | None = None, architect
               l1_warm_up_steps: int = 0, lr_warm_up_steps: int = 0, adam_beta1: float = 0.9,
               adam_beta2: float = 0.999, aux_coefficient: float = 1 / 32, dead_window: int = 50,
               resample_every: int | None = None, jumprelu_bandwidth: float = 0.05,
-              jumprelu_init_threshold: float = 0.001, seed: int = 0, save_to: str | Path | None = None,
-              progress: bool = True, device: Any = None) -> Any:
+              jumprelu_init_threshold: float = 0.001, ghost_grads: bool = False, seed: int = 0,
+              save_to: str | Path | None = None, progress: bool = True, device: Any = None) -> Any:
     """Train an SAE on a site's activations; see the module docstring for each recipe.
 
     ``source``: an ``ActivationDataset`` (``site`` one of its sites; the SAE records its
@@ -135,7 +140,7 @@ def train_sae(source: Any, site: Any = None, d_sae: int | None = None, architect
         acts = site.reshape(-1, sae.cfg.d_in).to(sae.device, sae.W_enc.dtype).detach()
         _fit(sae, acts, None, "standard", None, steps, batch_size, lr, l1_coefficient, l0_coefficient, decoder,
              l1_warm_up_steps, lr_warm_up_steps, adam_beta1, adam_beta2, aux_coefficient, dead_window,
-             resample_every, seed, progress)
+             resample_every, seed, progress, ghost_grads)
         return sae.training_log
     if architecture not in ARCHITECTURES_TRAINED:
         raise ValueError(f"unknown architecture {architecture!r} to train; known: {ARCHITECTURES_TRAINED}")
@@ -182,7 +187,7 @@ def train_sae(source: Any, site: Any = None, d_sae: int | None = None, architect
             sae.threshold.fill_(jumprelu_init_threshold)
     batch_threshold = _fit(sae, source, site, architecture, k, steps, batch_size, lr, l1_coefficient, l0_coefficient,
                            decoder, l1_warm_up_steps, lr_warm_up_steps, adam_beta1, adam_beta2, aux_coefficient,
-                           dead_window, resample_every, seed, progress)
+                           dead_window, resample_every, seed, progress, ghost_grads)
     if architecture == "batchtopk":  # inference form: a JumpReLU with the learnt global threshold
         state = {n: p.detach() for n, p in sae.named_parameters()}
         state["threshold"] = torch.full((d_sae,), float(batch_threshold), device=device)
@@ -197,7 +202,7 @@ def train_sae(source: Any, site: Any = None, d_sae: int | None = None, architect
 def _fit(sae: SAE, source: Any, site: str | None, architecture: str, k: int | None, steps: int, batch_size: int,
          lr: float, l1_coefficient: float, l0_coefficient: float, decoder: str, l1_warm_up_steps: int,
          lr_warm_up_steps: int, adam_beta1: float, adam_beta2: float, aux_coefficient: float, dead_window: int,
-         resample_every: int | None, seed: int, progress: bool) -> float:
+         resample_every: int | None, seed: int, progress: bool, ghost_grads: bool = False) -> float:
     """The training loop; returns BatchTopK's threshold (nan otherwise)."""
     if decoder not in ("norm_weighted", "unit_norm"):
         raise ValueError(f"decoder must be 'norm_weighted' or 'unit_norm', got {decoder!r}")
@@ -243,6 +248,8 @@ def _fit(sae: SAE, source: Any, site: str | None, architecture: str, k: int | No
         active = (feats > 0).any(0)
         since_fired = torch.where(active, 0, since_fired + 1)
         dead = since_fired >= dead_window
+        if ghost_grads and architecture == "standard" and dead.any():
+            loss = loss + ghost_loss(sae, pre, err, dead, mse)
         if architecture in ("topk", "batchtopk") and dead.any():
             k_aux = min(int(dead.sum()), max(sae.cfg.d_in // 2, 1))
             dead_pre = torch.where(dead, pre, torch.full_like(pre, -math.inf))
@@ -277,6 +284,14 @@ def _fit(sae: SAE, source: Any, site: str | None, architecture: str, k: int | No
     return batch_threshold
 
 
+def ghost_loss(sae: SAE, pre: torch.Tensor, err: torch.Tensor, dead: torch.Tensor, mse: torch.Tensor) -> torch.Tensor:
+    """The ghost-gradient loss (see the module docstring); gradients reach only the dead features."""
+    ghost = pre[:, dead].exp() @ sae.W_dec[dead]  # [batch, d_in]
+    scale = err.norm(dim=-1, keepdim=True) / (2 * ghost.norm(dim=-1, keepdim=True) + 1e-6)
+    ghost_mse = (ghost * scale.detach() - err.detach()).pow(2).sum(-1).mean()
+    return ghost_mse * (mse / (ghost_mse + 1e-6)).detach()
+
+
 @torch.no_grad()
 def _resample(sae: SAE, opt: torch.optim.Optimizer, dead: torch.Tensor, x: torch.Tensor, err: torch.Tensor) -> None:
     """Anthropic's resampling of dead features on the current batch (see the module docstring)."""
@@ -298,4 +313,4 @@ def _resample(sae: SAE, opt: torch.optim.Optimizer, dead: torch.Tensor, x: torch
                 state[key][rows] = 0
 
 
-__all__ = ["train_sae", "jumprelu", "step"]
+__all__ = ["train_sae", "jumprelu", "step", "ghost_loss"]
