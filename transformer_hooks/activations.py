@@ -249,7 +249,7 @@ def harvest(model: Any, corpus: Corpus, sites: str | Sequence[str], out: str | P
     contexts [n, context_size] (with ``attention_mask`` for padding). ``sites``: hook names
     or globs. ``positions``: ``"all"`` real tokens, ``"last"`` (the last real token of each
     context), a bool mask [contexts, context_size], or a function of a batch's tokens
-    giving one. ``dtype``: float32, float16 or bfloat16. ``max_tokens``: stop after that
+    [batch, context_size] giving one (a resumed harvest cannot compare functions: pass the same). ``dtype``: float32, float16 or bfloat16. ``max_tokens``: stop after that
     many tokens of contexts. Resumes an interrupted harvest with the same arguments;
     returns the dataset.
     """
