@@ -21,6 +21,7 @@ from transformer_hooks import HookedTransformer
 from transformer_hooks import activations
 from transformer_hooks.activations import ActivationDataset, harvest
 from transformer_hooks.hooks import UnknownHookError
+from transformer_hooks.tokens import bos_id
 
 SITES = ["blocks.0.hook_resid_post", "blocks.0.attn.hook_z"]
 
@@ -50,7 +51,7 @@ def test_rows_are_the_activations_at_their_context_and_position(model, tmp_path)
     docs = SENTENCES * 6
     ds = harvest(model, docs, SITES, tmp_path / "h", context_size=9, batch_size=3, shard_tokens=40, progress=False)
     assert ds.complete and len(ds.manifest["shards"]) > 2
-    bos = model._bos_id()
+    bos = bos_id(model.tokenizer, model.cfg)
     # The packing: [BOS] + 8 tokens of the documents joined by BOS, the last context padded.
     joined = [t for i, d in enumerate(docs) for t in ([bos] if i else []) + model.to_tokens(d, prepend_bos=False)[0].tolist()]
     contexts = [joined[i:i + 8] for i in range(0, len(joined), 8)]

@@ -186,3 +186,27 @@ def test_bad_arguments_name_the_fix(loaded):
         model.generate(prompt(), return_type="logits", verbose=False)
     with pytest.raises(ValueError, match="top_p"):
         sample_logits(torch.zeros(1, 5), top_p=1.5)
+
+
+def test_kv_cache_owns_its_bookkeeping_and_chunks_equal_one_forward(loaded):
+    """A left-padded prompt run through the cache in two chunks gives the logits of one
+    forward; the cache advances ``length`` by every column and each row's next position by
+    its real tokens only. generate.py reaches no private helper of the model."""
+    import inspect
+
+    from transformer_hooks import generate as generate_module
+    from transformer_hooks.components import KVCache
+
+    model, _ = loaded("llama-gqa")
+    tokens = prompt(2, 7)
+    mask = torch.ones_like(tokens)
+    mask[1, :3] = 0  # row 1 is left-padded by 3
+    with torch.no_grad():
+        full = model(tokens, attention_mask=mask)
+        cache = KVCache(model.cfg, 2, 7, model.device, model.dtype)
+        model(tokens[:, :4], attention_mask=mask[:, :4], past_kv_cache=cache, return_type=None)
+        assert cache.length == 4 and cache.next_position.tolist() == [4, 1]
+        last = model(tokens[:, 4:], attention_mask=mask[:, 4:], past_kv_cache=cache)
+    assert cache.length == 7 and cache.next_position.tolist() == [7, 4]
+    torch.testing.assert_close(last, full[:, 4:], atol=1e-4, rtol=1e-4)
+    assert "model._" not in inspect.getsource(generate_module)

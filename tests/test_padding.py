@@ -48,3 +48,21 @@ def test_string_batches_pad_on_either_side(embedded_model):
             last = mask.sum(-1) - 1 if side == "right" else torch.full((2,), tokens.shape[1] - 1)
             for i in range(2):
                 torch.testing.assert_close(logits[i, last[i]], alone[i], atol=1e-4, rtol=0)
+
+
+def test_tokens_functions_need_only_the_tokenizer_and_config(embedded_model):
+    """tokens.py works without a model: a padded batch holds each prompt's own tokens, on
+    either side, as the model's methods give them; decoding undoes tokenizing."""
+    from transformer_hooks import tokens
+
+    tok, cfg = embedded_model.tokenizer, embedded_model.cfg
+    prompts = ["The capital of France is", "Hello"]
+    for side in ("left", "right"):
+        ids, mask = tokens.tokenize(tok, cfg, prompts, padding_side=side)
+        model_ids, model_mask = embedded_model.tokens_and_mask(prompts, padding_side=side)
+        assert torch.equal(ids, model_ids.cpu()) and torch.equal(mask, model_mask.cpu())
+        for i, prompt in enumerate(prompts):
+            assert ids[i][mask[i].bool()].tolist() == tokens.to_tokens(tok, cfg, prompt)[0].tolist()
+    text = "The capital of France is"
+    assert tokens.to_string(tok, tokens.to_tokens(tok, cfg, text, prepend_bos=False)[0]) == text
+    assert "".join(tokens.to_str_tokens(tok, cfg, text, prepend_bos=False)) == text

@@ -365,3 +365,41 @@ def test_real_model_patches_in_one_forward(embedded_model):
     torch.testing.assert_close(out[0], metric(clean_logits), atol=1e-3, rtol=1e-4)
     torch.testing.assert_close(out[1], corrupted_metric, atol=1e-3, rtol=1e-4)
     assert no_hooks_attached(model)
+
+
+# TransformerLens's transformer_lens/patching.py public functions (TL 2.x/3.x).
+TL_PATCHING_NAMES = [
+    "make_df_from_ranges", "generic_activation_patch",
+    "layer_pos_patch_setter", "layer_pos_head_vector_patch_setter", "layer_head_vector_patch_setter",
+    "layer_head_pattern_patch_setter", "layer_head_pos_pattern_patch_setter",
+    "layer_head_dest_src_pos_pattern_patch_setter",
+    "get_act_patch_resid_pre", "get_act_patch_resid_mid", "get_act_patch_attn_out", "get_act_patch_mlp_out",
+    "get_act_patch_attn_head_out_by_pos", "get_act_patch_attn_head_q_by_pos", "get_act_patch_attn_head_k_by_pos",
+    "get_act_patch_attn_head_v_by_pos", "get_act_patch_attn_head_pattern_by_pos",
+    "get_act_patch_attn_head_pattern_dest_src_pos", "get_act_patch_attn_head_out_all_pos",
+    "get_act_patch_attn_head_q_all_pos", "get_act_patch_attn_head_k_all_pos", "get_act_patch_attn_head_v_all_pos",
+    "get_act_patch_attn_head_pattern_all_pos", "get_act_patch_attn_head_all_pos_every",
+    "get_act_patch_attn_head_by_pos_every", "get_act_patch_block_every",
+]
+
+
+def test_public_names_are_transformer_lens_s_and_each_sweep_is_a_real_function():
+    """Every TL name imports from the package; each sweep is its own named, documented function
+    with TL's leading parameters, and every get_attr_patch_X has its get_act_patch_X."""
+    import inspect
+
+    public = {n for n in dir(P) if not n.startswith("_")}
+    assert set(TL_PATCHING_NAMES) <= public, sorted(set(TL_PATCHING_NAMES) - public)
+    sweeps = sorted(n for n in public if n.startswith(("get_act_patch_", "get_attr_patch_")))
+    for name in sweeps:
+        fn = getattr(P, name)
+        assert fn.__name__ == fn.__qualname__ == name
+        assert fn.__module__.startswith("transformer_hooks.patching.")
+        assert fn.__doc__ and fn.__doc__.strip()
+        params = list(inspect.signature(fn).parameters)
+        assert params[:3] == ["model", "corrupted_tokens", "clean_cache"], (name, params)
+        assert params[3] in ("patching_metric", "metric"), (name, params)
+    acts = {n.removeprefix("get_act_patch_") for n in sweeps if n.startswith("get_act_patch_")}
+    attrs = {n.removeprefix("get_attr_patch_") for n in sweeps if n.startswith("get_attr_patch_")}
+    assert attrs == acts
+    assert "globals()" not in inspect.getsource(P.sweeps) + inspect.getsource(P.attribution)

@@ -42,6 +42,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .tokens import bos_id, pad_id, require_tokenizer
+
 MANIFEST = "manifest.json"
 FORMAT = "transformer_hooks.activations/1"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -102,9 +104,9 @@ def _contexts(model: Any, corpus: Corpus, context_size: int, prepend_bos: bool, 
                                         for i in range(0, corpus.shape[0], 1 << 16))
     else:
         docs = _documents(corpus, text_key) if isinstance(corpus, (str, Path)) else iter(corpus)
-        tok = model._require_tokenizer()
+        tok = require_tokenizer(model.tokenizer)
         streams = (tok(doc, add_special_tokens=False)["input_ids"] for doc in docs)
-    bos = model._bos_id() if prepend_bos else None
+    bos = bos_id(model.tokenizer, model.cfg) if prepend_bos else None
     eos = getattr(model.tokenizer, "eos_token_id", None)
     sep = bos if bos is not None else (eos if eos is not None else model.cfg.eos_token_id)
     body = context_size - (1 if prepend_bos else 0)
@@ -120,7 +122,7 @@ def _contexts(model: Any, corpus: Corpus, context_size: int, prepend_bos: bool, 
             yield torch.tensor(([bos] if bos is not None else []) + chunk), torch.ones(context_size, dtype=torch.bool)
     if buffer:
         n = len(buffer) + (1 if bos is not None else 0)
-        row = torch.full((context_size,), model._pad_id(), dtype=torch.long)
+        row = torch.full((context_size,), pad_id(model.tokenizer, model.cfg), dtype=torch.long)
         row[:n] = torch.tensor(([bos] if bos is not None else []) + buffer)
         mask = torch.zeros(context_size, dtype=torch.bool)
         mask[:n] = True
@@ -267,7 +269,7 @@ def harvest(model: Any, corpus: Corpus, sites: str | Sequence[str], out: str | P
     bos = None
     if exclude_bos:
         try:
-            bos = model._bos_id()
+            bos = bos_id(model.tokenizer, model.cfg)
         except ValueError:  # no BOS token: nothing to leave out
             bos = None
     shard_contexts = max(1, shard_tokens // (context_size * batch_size)) * batch_size

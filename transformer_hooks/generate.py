@@ -25,9 +25,11 @@ from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
 from .components import KVCache
+from .tokens import is_text, require_tokenizer
 
 if TYPE_CHECKING:
-    from .model import HookedTransformer, ModelInput
+    from .model import HookedTransformer
+    from .tokens import ModelInput
 
 
 def sample_logits(final_logits: Float[torch.Tensor, "batch d_vocab"], top_k: int | None = None,
@@ -114,8 +116,7 @@ def generate(model: "HookedTransformer", input: "ModelInput" = "", max_new_token
         raise ValueError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
     if do_sample and temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-    text_input = isinstance(input, str) or (isinstance(input, (list, tuple)) and bool(input)
-                                            and isinstance(input[0], str))
+    text_input = is_text(input)
     if return_type == "input":
         return_type = "str" if text_input else "tokens"
     tokens, mask = model.tokens_and_mask(input, prepend_bos, padding_side, attention_mask)
@@ -179,7 +180,7 @@ def generate(model: "HookedTransformer", input: "ModelInput" = "", max_new_token
 def _decode(model: "HookedTransformer", out: torch.Tensor, mask: torch.Tensor | None, prompt_len: int,
             prepended: bool, stops: set[int]) -> list[str]:
     """Each row as text: no left padding, no prepended BOS, nothing after the first end token."""
-    tokenizer = model._require_tokenizer()
+    tokenizer = require_tokenizer(model.tokenizer)
     texts = []
     for row in range(out.shape[0]):
         ids = out[row] if mask is None else out[row][mask[row].bool()]

@@ -10,7 +10,9 @@ to what the model would predict if that output were the whole residual stream.
 ``norm="cached"`` divides every vector by the final norm's scale cached in the forward
 pass instead (``ActivationCache.apply_ln_to_stack``): linear, so the decoded
 ``attn_out`` and ``mlp_out`` of all layers plus the embeddings add up to the final
-logits (direct logit attribution in vocabulary space).
+logits (direct logit attribution in vocabulary space) — before a final soft-cap
+(``final_logit_softcap``, Gemma 2), which every decoding goes through as the model's logits
+do: ranks and top tokens are the cap's, but capped parts no longer add up.
 
 ``logit_lens(model, "The capital of France is")`` returns a ``LogitLens``: top-k tokens,
 logits and probabilities for every (layer, site) and position, plus, when ``targets``
@@ -31,6 +33,9 @@ from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
 from .cache import ActivationCache
+from .components.norms import normalize
+from .components.softcap import softcap
+from .tables import short_repr, text_table
 from .utils import Slice, SliceInput, check_layer
 
 # The sites a block writes or passes on, in the order they happen.
@@ -83,12 +88,8 @@ def final_norm(model: Any, stack: Float[torch.Tensor, "... d_model"], norm: Norm
             raise ValueError("norm='cached' needs the cache the stack came from")
         out = cache.apply_ln_to_stack(stack, -1, pos_slice=pos_slice)
     elif norm == "recompute":
-        x = stack.float()
-        if model.cfg.normalization_type in ("LN", "LNPre"):
-            x = x - x.mean(-1, keepdim=True)
-        out = x / (x.pow(2).mean(-1, keepdim=True) + ln.eps).sqrt()
-        if getattr(ln, "w", None) is not None:
-            out = out * ln.w.detach().float()
+        w = getattr(ln, "w", None)
+        out = normalize(stack, model.cfg.norm_centres, ln.eps, w=None if w is None else w.detach().float())
     else:
         raise ValueError(f"norm must be 'recompute' or 'cached', got {norm!r}")
     if getattr(ln, "b", None) is not None:
@@ -97,9 +98,11 @@ def final_norm(model: Any, stack: Float[torch.Tensor, "... d_model"], norm: Norm
 
 
 def unembed(model: Any, normalized: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... d_vocab"]:
-    """``normalized · W_U + b_U``."""
+    """``normalized · W_U + b_U``, soft-capped as the model caps its logits (Gemma 2)."""
     W_U, b_U = model.W_U.detach(), model.b_U.detach()
-    return normalized.to(W_U.dtype) @ W_U + b_U
+    logits = normalized.to(W_U.dtype) @ W_U + b_U
+    cap = model.cfg.final_logit_softcap
+    return logits if cap is None else softcap(logits, cap)
 
 
 @dataclass
@@ -211,3 +214,25 @@ def _targets(model: Any, targets: Targets, shape: torch.Size, device: torch.devi
         raise ValueError(f"targets of shape {tuple(ids.shape)} do not match the decoded positions "
                          f"{tuple(shape)} (batch and positions after pos_slice)") from None
 
+
+# The text table of the ``logit-lens`` command ----------------------------------------------
+LENS_COLUMNS = ("resid_post", "attn_out", "mlp_out")  # its columns; a lens for it decodes resid_pre too
+
+
+def format_logit_lens(lens: LogitLens, model: Any, str_tokens: list[str], pos: int, top: int = 3) -> str:
+    """Top tokens (probability) at ``pos`` per layer: the embeddings, then each layer's
+    residual stream after it, and its attention and MLP outputs decoded alone."""
+    strings = lens.top_strings(model)
+
+    def cell(row: int) -> str:
+        return "  ".join(f"{short_repr(strings[row][0][pos][k])} {float(lens.top_probs[row, 0, pos, k]):.2f}"
+                         for k in range(min(top, lens.top_tokens.shape[-1])))
+
+    index = {label: i for i, label in enumerate(lens.labels)}
+    rows = [["embed", cell(index["0_resid_pre"]), "", ""]]
+    for layer in sorted(set(lens.layers)):
+        rows.append([str(layer)] + [cell(index[f"{layer}_{site}"]) for site in LENS_COLUMNS])
+    head = [f"Logit lens at position {pos} ({str_tokens[pos]!r}): top {top} tokens (probability) of each "
+            f"vector through the final norm and unembedding", ""]
+    return "\n".join(head + text_table(["layer", "residual stream after the layer", "attention output",
+                                        "MLP output"], rows))

@@ -16,17 +16,27 @@ The steps, in the order they run (and are recorded in ``ModelConfig.processing``
 2. ``center_writing_weights`` (LayerNorm models only): everything that writes to the
    residual stream writes a zero-mean vector.
 3. ``center_unembed``: logits lose their mean over the vocabulary, which softmax
-   ignores: log-probs (and logit differences) are kept, raw logits are not.
+   ignores: log-probs (and logit differences) are kept, raw logits are not. Skipped (and
+   not recorded, with a warning) when the logits are soft-capped (Gemma 2): ``c * tanh(x / c)``
+   does not ignore a shift of x, so centring would change the log-probs.
 4. ``fold_value_biases``: the value bias becomes part of the output bias.
 
 Convention: tensors arriving in a group are never modified in place (they may be
 memory-mapped, or views shared with another tensor); a step replaces the group's entry
 with a new tensor, so the old one is freed as soon as nothing else holds it. Steps run
 in float32; the caller casts afterwards.
+
+Post-norms (``ln1_post`` / ``ln2_post``: Gemma 2/3, OLMo 2) sit after the weights that
+write into them and before the residual stream, so no step folds them: they keep their
+weights, and ``fold_ln`` folds the pre-norms (none in OLMo 2's blocks) and ``ln_final``.
+Every other step is exact with them: ``fold_value_biases`` moves a constant within the
+attention output before its post-norm; q/k norms read q and k, which ``fold_ln`` rewrites
+linearly before them.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -37,9 +47,12 @@ from jaxtyping import Float
 
 from .config import ModelConfig
 
+logger = logging.getLogger(__name__)
 Group = dict[str, torch.Tensor]
 STEPS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
-_FOLDED_NORM = {"LN": "LNPre", "RMS": "RMSPre"}
+# Steps that rewrite W_E (centring) or W_U (folding ln_final, centring): after them a tied
+# unembedding is its own tensor.
+REWRITE_EMBEDDINGS = frozenset({"fold_ln", "center_writing_weights", "center_unembed"})
 
 
 @dataclass(frozen=True)
@@ -65,10 +78,12 @@ def steps_for(cfg: ModelConfig, options: ProcessingOptions) -> tuple[str, ...]:
     mean, which only LayerNorm does: for RMSNorm models it is skipped (and not recorded).
     """
     wanted = [step for step in STEPS if getattr(options, step)]
-    if cfg.normalization_type not in ("LN", "LNPre"):
+    if not cfg.norm_centres:
         wanted = [step for step in wanted if step != "center_writing_weights"]
-    if cfg.normalization_type in ("LNPre", "RMSPre"):  # already folded
+    if cfg.norm_folded:
         wanted = [step for step in wanted if step != "fold_ln"]
+    if cfg.final_logit_softcap is not None:  # tanh is not shift-invariant: centring would change log-probs
+        wanted = [step for step in wanted if step != "center_unembed"]
     return tuple(step for step in wanted if step not in cfg.processing)
 
 
@@ -76,9 +91,11 @@ def processed_config(cfg: ModelConfig, options: ProcessingOptions) -> ModelConfi
     """The config of the processed model: folded norms become LNPre/RMSPre, and
     ``processing`` records the steps applied, in order."""
     applied = steps_for(cfg, options)
-    norm = cfg.normalization_type
-    if "fold_ln" in applied:
-        norm = _FOLDED_NORM[norm]
+    if options.center_unembed and cfg.final_logit_softcap is not None and "center_unembed" not in cfg.processing:
+        logger.warning("center_unembed skipped: this model soft-caps its logits (final_logit_softcap=%s), and "
+                       "c * tanh(x / c) changes when x shifts, so centring the unembedding would change the "
+                       "log-probs", cfg.final_logit_softcap)
+    norm = cfg.folded_normalization_type if "fold_ln" in applied else cfg.normalization_type
     return cfg.replace(normalization_type=norm, processing=cfg.processing + applied)
 
 
@@ -114,15 +131,16 @@ def fold_ln(cfg: ModelConfig, group: Group) -> None:
     RMSNorm has no bias and does not centre: only ``W' = diag(w) W``. Readers: q, k, v
     read ``ln1``; the MLP's ``W_in`` (and ``W_gate``) read ``ln2``; ``W_U`` reads ``ln_final``.
     """
-    centre = cfg.normalization_type == "LN"
+    centre = cfg.norm_centres
     for block in _blocks_in(group):
         attn, mlp = f"{block}attn.", f"{block}mlp."
         attn_readers = [(attn + f"W_{x}", attn + f"b_{x}") for x in "QKV"]
         mlp_readers = [(mlp + "W_in", mlp + "b_in")]
         if mlp + "W_gate" in group:
             mlp_readers.append((mlp + "W_gate", mlp + "b_gate"))
-        _fold_norm(group, block + "ln1", attn_readers, centre)
-        _fold_norm(group, block + "ln2", mlp_readers, centre)
+        if block + "ln1.w" in group:  # OLMo 2's blocks have no pre-norms
+            _fold_norm(group, block + "ln1", attn_readers, centre)
+            _fold_norm(group, block + "ln2", mlp_readers, centre)
     if "ln_final.w" in group:
         _fold_norm(group, "ln_final", [("unembed.W_U", "unembed.b_U")], centre)
 

@@ -14,6 +14,11 @@ def head_dim(d_model: int, n_heads: int, width_key: str, heads_key: str) -> int:
     return d_model // n_heads
 
 
+def special_token_ids(hf: dict) -> dict[str, int | None]:
+    """The BOS, EOS and padding token ids an HF config names (None where it names none)."""
+    return {key: hf.get(key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+
+
 def heads_from_linear(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     """nn.Linear weight [head*d_head, d_model] -> [head, d_model, d_head] (a view)."""
     return rearrange(weight, "(head d_head) d_model -> head d_model d_head", head=n_heads)
@@ -56,3 +61,21 @@ def rope_scaling(params: dict):
             float(params.get("high_freq_factor", 4.0)), int(params.get("original_max_position_embeddings", 8192)),
         )
     raise ValueError(f"unsupported rope scaling {kind!r}; transformer_hooks implements default, linear and llama3")
+
+
+def layer_windows(hf: dict, layer_types: list[str]) -> tuple[int | None, ...]:
+    """Per-layer attention windows from HF's ``layer_types`` (transformers 5 writes them into
+    the config; older configs imply them, given here as ``layer_types``) and ``sliding_window``.
+    HF's window w lets a query see keys q - w < k <= q, as ``ModelConfig.attn_windows``."""
+    types = hf.get("layer_types") or layer_types
+    unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise ValueError(f"unsupported attention layer types {unknown}; transformer_hooks implements "
+                         f"full_attention and sliding_attention")
+    window = hf.get("sliding_window")
+    return tuple(window if kind == "sliding_attention" else None for kind in types)
+
+
+def token_ids(hf: dict) -> dict:
+    """bos/eos/pad ids as ModelConfig takes them."""
+    return {f"{kind}_token_id": hf.get(f"{kind}_token_id") for kind in ("bos", "eos", "pad")}

@@ -12,7 +12,7 @@ import torch
 
 from transformer_hooks.config import ModelConfig
 
-from .common import head_dim, heads_from_linear, out_from_linear, rope_parameters, rope_scaling
+from .common import head_dim, heads_from_linear, out_from_linear, rope_parameters, rope_scaling, special_token_ids
 
 MODEL_TYPES = ("llama",)
 
@@ -28,7 +28,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         positional_embedding="rotary", rope_theta=float(rope.get("rope_theta", 10000.0)),
         rope_scaling=rope_scaling(rope), gated_mlp=True, tie_word_embeddings=hf.get("tie_word_embeddings", False),
         original_architecture="LlamaForCausalLM",
-        bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"), pad_token_id=hf.get("pad_token_id"),
+        **special_token_ids(hf),
     )
 
 
@@ -37,6 +37,14 @@ def convert_embeddings(cfg: ModelConfig, get) -> dict[str, torch.Tensor]:
 
 
 def convert_block(cfg: ModelConfig, get, layer: int) -> dict[str, torch.Tensor]:
+    p = f"model.layers.{layer}."
+    return {"ln1.w": get(p + "input_layernorm.weight"), "ln2.w": get(p + "post_attention_layernorm.weight"),
+            **attention_and_mlp(cfg, get, layer)}
+
+
+def attention_and_mlp(cfg: ModelConfig, get, layer: int) -> dict[str, torch.Tensor]:
+    """A block's q/k/v/o and gated-MLP tensors under HF's Llama key names (shared by the
+    Llama-like families: Mistral, Qwen, Gemma, OLMo 2); absent biases are zeros."""
     p, a = f"model.layers.{layer}.", f"model.layers.{layer}.self_attn."
     h, kv, dh = cfg.n_heads, cfg.n_kv_heads, cfg.d_head
 
@@ -47,14 +55,12 @@ def convert_block(cfg: ModelConfig, get, layer: int) -> dict[str, torch.Tensor]:
             return torch.zeros(shape)
 
     return {
-        "ln1.w": get(p + "input_layernorm.weight"),
         "attn.W_Q": heads_from_linear(get(a + "q_proj.weight"), h),
         "attn.W_K": heads_from_linear(get(a + "k_proj.weight"), kv),
         "attn.W_V": heads_from_linear(get(a + "v_proj.weight"), kv),
         "attn.b_Q": bias(a + "q_proj.bias", (h, dh)), "attn.b_K": bias(a + "k_proj.bias", (kv, dh)),
         "attn.b_V": bias(a + "v_proj.bias", (kv, dh)),
         "attn.W_O": out_from_linear(get(a + "o_proj.weight"), h), "attn.b_O": bias(a + "o_proj.bias", (cfg.d_model,)),
-        "ln2.w": get(p + "post_attention_layernorm.weight"),
         "mlp.W_gate": get(p + "mlp.gate_proj.weight").T, "mlp.b_gate": bias(p + "mlp.gate_proj.bias", (cfg.d_mlp,)),
         "mlp.W_in": get(p + "mlp.up_proj.weight").T, "mlp.b_in": bias(p + "mlp.up_proj.bias", (cfg.d_mlp,)),
         "mlp.W_out": get(p + "mlp.down_proj.weight").T, "mlp.b_out": bias(p + "mlp.down_proj.bias", (cfg.d_model,)),

@@ -45,10 +45,11 @@ from jaxtyping import Float
 from torch import nn
 
 from ..hooks import HookedRootModule, HookPoint
+from ..processing import STEPS
 
 SAE_CFG_FILENAME = "cfg.json"
 SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"
-PROCESSING_STEPS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
+PROCESSING_STEPS = STEPS  # processing.py's step names, in order
 NORMALIZATIONS = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
 LN_EPS = 1e-5
 
