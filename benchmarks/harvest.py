@@ -33,14 +33,16 @@ import tempfile
 import time
 from pathlib import Path
 
-WORDS = ("the of and to in is was for on that with as by at from his her they this which be are had not or "
-         "have one all their there were been has when who will more no if out so said what up its about into "
-         "than them can only other new some could time these two may then do first any my now such like our "
-         "over man me even most made after also did many before must through back years where much your way "
-         "well down should because each just those people how too little state good very make world still "
-         "own see men work long get here between both life being under never day same another know while last "
-         "might us great old year off come since against go came right used take three river garden music "
-         "city number water paper market night morning school history country family story system program").split()
+WORDS = (
+    "the of and to in is was for on that with as by at from his her they this which be are had not or "
+    "have one all their there were been has when who will more no if out so said what up its about into "
+    "than them can only other new some could time these two may then do first any my now such like our "
+    "over man me even most made after also did many before must through back years where much your way "
+    "well down should because each just those people how too little state good very make world still "
+    "own see men work long get here between both life being under never day same another know while last "
+    "might us great old year off come since against go came right used take three river garden music "
+    "city number water paper market night morning school history country family story system program"
+).split()
 
 
 def write_corpus(path: Path, n_tokens: int, seed: int = 0) -> None:
@@ -79,14 +81,30 @@ def memory_child(args: argparse.Namespace) -> None:
             f.write("5")  # reset VmHWM to the current RSS
         base = rss_mib("VmRSS")
         t = time.perf_counter()
-        ds = harvest(model, corpus, f"blocks.{args.layer}.hook_resid_post", Path(d) / "acts",
-                     context_size=args.context_size, batch_size=args.batch_size, shard_tokens=args.shard_tokens,
-                     progress=False)
+        ds = harvest(
+            model,
+            corpus,
+            f"blocks.{args.layer}.hook_resid_post",
+            Path(d) / "acts",
+            context_size=args.context_size,
+            batch_size=args.batch_size,
+            shard_tokens=args.shard_tokens,
+            progress=False,
+        )
         seconds = time.perf_counter() - t
-        print(json.dumps({"tokens": ds.manifest["n_tokens"], "rows": len(ds), "seconds": seconds,
-                          "peak_above_base_mib": rss_mib("VmHWM") - base, "base_mib": base,
-                          "end_above_base_mib": rss_mib("VmRSS") - base,
-                          "disk_mib": sum(f.stat().st_size for f in (Path(d) / "acts").iterdir()) / 2 ** 20}))
+        print(
+            json.dumps(
+                {
+                    "tokens": ds.manifest["n_tokens"],
+                    "rows": len(ds),
+                    "seconds": seconds,
+                    "peak_above_base_mib": rss_mib("VmHWM") - base,
+                    "base_mib": base,
+                    "end_above_base_mib": rss_mib("VmRSS") - base,
+                    "disk_mib": sum(f.stat().st_size for f in (Path(d) / "acts").iterdir()) / 2**20,
+                }
+            )
+        )
 
 
 def speed(args: argparse.Namespace) -> dict[str, float]:
@@ -102,25 +120,44 @@ def speed(args: argparse.Namespace) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as d:
         corpus = Path(d) / "corpus.txt"
         write_corpus(corpus, args.tokens)
-        contexts = [t for t, m in _contexts(model, corpus, args.context_size, model.cfg.default_prepend_bos, "text",
-                                            None) if bool(m.all())]
+        contexts = [
+            t
+            for t, m in _contexts(model, corpus, args.context_size, model.cfg.default_prepend_bos, "text", None)
+            if bool(m.all())
+        ]
         tokens = torch.stack(contexts)
         n = tokens.numel()
         with torch.no_grad():  # warm up
-            model(tokens[:args.batch_size], return_type=None, stop_at_layer=args.layer + 1)
+            model(tokens[: args.batch_size], return_type=None, stop_at_layer=args.layer + 1)
         for repeat in range(args.repeat):
             t = time.perf_counter()
             with torch.no_grad():
                 for s in range(0, len(tokens), args.batch_size):
-                    model(tokens[s:s + args.batch_size], return_type=None, stop_at_layer=args.layer + 1)
+                    model(tokens[s : s + args.batch_size], return_type=None, stop_at_layer=args.layer + 1)
             results.setdefault("forward", []).append(n / (time.perf_counter() - t))
             t = time.perf_counter()
-            harvest(model, tokens, site, Path(d) / f"tok{repeat}", context_size=args.context_size,
-                    batch_size=args.batch_size, shard_tokens=args.shard_tokens, progress=False)
+            harvest(
+                model,
+                tokens,
+                site,
+                Path(d) / f"tok{repeat}",
+                context_size=args.context_size,
+                batch_size=args.batch_size,
+                shard_tokens=args.shard_tokens,
+                progress=False,
+            )
             results.setdefault("harvest tokens", []).append(n / (time.perf_counter() - t))
             t = time.perf_counter()
-            ds = harvest(model, corpus, site, Path(d) / f"text{repeat}", context_size=args.context_size,
-                         batch_size=args.batch_size, shard_tokens=args.shard_tokens, progress=False)
+            ds = harvest(
+                model,
+                corpus,
+                site,
+                Path(d) / f"text{repeat}",
+                context_size=args.context_size,
+                batch_size=args.batch_size,
+                shard_tokens=args.shard_tokens,
+                progress=False,
+            )
             results.setdefault("harvest text", []).append(ds.manifest["n_tokens"] / (time.perf_counter() - t))
     return {k: max(v) for k, v in results.items()} | {"tokens": n}
 
@@ -143,9 +180,13 @@ def train_io(args: argparse.Namespace) -> None:
     t = time.perf_counter()
     train_sae(ds, site, 16 * ds.width(site), "topk", k=64, steps=steps, batch_size=batch, progress=False)
     train = steps * batch / (time.perf_counter() - t)
-    print(f"\n**Training a 16x TopK SAE (d_sae {16 * ds.width(site)}, batches of {batch}) on {len(ds)} harvested rows**\n")
-    print(f"| reading shuffled batches, rows/s | training, rows/s | read / train |\n|---|---|---|\n"
-          f"| {read:.0f} | {train:.0f} | {read / train:.1f} |")
+    print(
+        f"\n**Training a 16x TopK SAE (d_sae {16 * ds.width(site)}, batches of {batch}) on {len(ds)} harvested rows**\n"
+    )
+    print(
+        f"| reading shuffled batches, rows/s | training, rows/s | read / train |\n|---|---|---|\n"
+        f"| {read:.0f} | {train:.0f} | {read / train:.1f} |"
+    )
 
 
 def main() -> None:
@@ -165,8 +206,10 @@ def main() -> None:
         return train_io(args)
     if args.child_tokens is not None:
         return memory_child(args)
-    print(f"SmolLM2-135M, hook_resid_post of layer {args.layer}, contexts of {args.context_size}, batches of "
-          f"{args.batch_size}, shards of {args.shard_tokens} tokens, {args.threads} thread(s)\n")
+    print(
+        f"SmolLM2-135M, hook_resid_post of layer {args.layer}, contexts of {args.context_size}, batches of "
+        f"{args.batch_size}, shards of {args.shard_tokens} tokens, {args.threads} thread(s)\n"
+    )
     r = speed(args)
     print(f"**Speed** ({r['tokens']} tokens, best of {args.repeat})\n")
     print("| case | tokens/s | x forward |\n|---|---|---|")
@@ -174,16 +217,38 @@ def main() -> None:
         print(f"| {case} | {r[case]:.0f} | {r[case] / r['forward']:.2f} |")
     if args.memory_tokens:
         print("\n**Peak memory above the loaded model, by corpus size** (fresh process each)\n")
-        print("| corpus tokens | rows | peak MiB | RSS at the end MiB | disk MiB | tokens/s |\n|---|---|---|---|---|---|")
+        print(
+            "| corpus tokens | rows | peak MiB | RSS at the end MiB | disk MiB | tokens/s |\n|---|---|---|---|---|---|"
+        )
         for size in args.memory_tokens:
-            out = subprocess.run([sys.executable, __file__, "--child-tokens", str(size), "--layer", str(args.layer),
-                                  "--context-size", str(args.context_size), "--batch-size", str(args.batch_size),
-                                  "--shard-tokens", str(args.shard_tokens), "--threads", str(args.threads)],
-                                 capture_output=True, text=True, check=True, env={**os.environ})
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child-tokens",
+                    str(size),
+                    "--layer",
+                    str(args.layer),
+                    "--context-size",
+                    str(args.context_size),
+                    "--batch-size",
+                    str(args.batch_size),
+                    "--shard-tokens",
+                    str(args.shard_tokens),
+                    "--threads",
+                    str(args.threads),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+                env={**os.environ},
+            )
             m = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"| {m['tokens']} | {m['rows']} | {m['peak_above_base_mib']:.0f} | {m['end_above_base_mib']:.0f} | "
-                  f"{m['disk_mib']:.0f} | "
-                  f"{m['tokens'] / m['seconds']:.0f} |")
+            print(
+                f"| {m['tokens']} | {m['rows']} | {m['peak_above_base_mib']:.0f} | {m['end_above_base_mib']:.0f} | "
+                f"{m['disk_mib']:.0f} | "
+                f"{m['tokens'] / m['seconds']:.0f} |"
+            )
 
 
 if __name__ == "__main__":

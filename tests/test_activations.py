@@ -53,8 +53,10 @@ def test_rows_are_the_activations_at_their_context_and_position(model, tmp_path)
     assert ds.complete and len(ds.manifest["shards"]) > 2
     bos = bos_id(model.tokenizer, model.cfg)
     # The packing: [BOS] + 8 tokens of the documents joined by BOS, the last context padded.
-    joined = [t for i, d in enumerate(docs) for t in ([bos] if i else []) + model.to_tokens(d, prepend_bos=False)[0].tolist()]
-    contexts = [joined[i:i + 8] for i in range(0, len(joined), 8)]
+    joined = [
+        t for i, d in enumerate(docs) for t in ([bos] if i else []) + model.to_tokens(d, prepend_bos=False)[0].tolist()
+    ]
+    contexts = [joined[i : i + 8] for i in range(0, len(joined), 8)]
     assert ds.manifest["n_contexts"] == len(contexts) and ds.manifest["n_tokens"] == len(joined) + len(contexts)
     rows = 0
     for c, body in enumerate(contexts):
@@ -66,7 +68,7 @@ def test_rows_are_the_activations_at_their_context_and_position(model, tmp_path)
         torch.testing.assert_close(ds.rows(idx, SITES[0]), cache[SITES[0]][0, keep], atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(ds.rows(idx, SITES[1]), cache[SITES[1]][0, keep].flatten(1), atol=1e-6, rtol=1e-6)
         toks, pos = ds.tokens_of(idx)
-        assert pos.tolist() == keep and torch.equal(toks[0, :t.shape[1]], t[0])
+        assert pos.tolist() == keep and torch.equal(toks[0, : t.shape[1]], t[0])
         rows += len(keep)
     assert len(ds) == rows == ds.manifest["n_rows"]
     assert ds.width(SITES[1]) == model.cfg.n_heads * model.cfg.d_head
@@ -105,8 +107,17 @@ def test_positions_dtype_and_stopping_early(model, tmp_path):
     calls = []
     handle = model.blocks[1].register_forward_pre_hook(lambda *a: calls.append(1))
     try:
-        last = harvest(model, toks, "blocks.0.hook_resid_post", tmp_path / "last", context_size=8, batch_size=4,
-                       positions="last", dtype="bfloat16", progress=False)
+        last = harvest(
+            model,
+            toks,
+            "blocks.0.hook_resid_post",
+            tmp_path / "last",
+            context_size=8,
+            batch_size=4,
+            positions="last",
+            dtype="bfloat16",
+            progress=False,
+        )
     finally:
         handle.remove()
     assert not calls  # block 1 never ran: the harvest stopped after block 0
@@ -117,11 +128,27 @@ def test_positions_dtype_and_stopping_early(model, tmp_path):
     mask = torch.zeros(8, 8, dtype=torch.bool)
     mask[:, 2] = True
     mask[3, 5] = True
-    chosen = harvest(model, toks, "blocks.0.hook_resid_post", tmp_path / "mask", context_size=8, batch_size=4,
-                     positions=mask, progress=False)
+    chosen = harvest(
+        model,
+        toks,
+        "blocks.0.hook_resid_post",
+        tmp_path / "mask",
+        context_size=8,
+        batch_size=4,
+        positions=mask,
+        progress=False,
+    )
     assert len(chosen) == 9 and chosen.tokens_of([4])[1].tolist() == [5]
-    kept = harvest(model, toks, "blocks.0.hook_resid_post", tmp_path / "bos", context_size=8, batch_size=4,
-                   exclude_bos=False, progress=False)
+    kept = harvest(
+        model,
+        toks,
+        "blocks.0.hook_resid_post",
+        tmp_path / "bos",
+        context_size=8,
+        batch_size=4,
+        exclude_bos=False,
+        progress=False,
+    )
     assert len(kept) == 64
 
 
@@ -199,8 +226,9 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(model, tmp_path)
 
 
 def test_reading_batches_and_bad_datasets(model, tmp_path):
-    ds = harvest(model, stream(200), SITES, tmp_path / "h", context_size=10, batch_size=2, shard_tokens=40,
-                 progress=False)
+    ds = harvest(
+        model, stream(200), SITES, tmp_path / "h", context_size=10, batch_size=2, shard_tokens=40, progress=False
+    )
     ordered = torch.cat(list(ds.batches(SITES[0], batch_size=7)))
     assert torch.equal(ordered, ds.rows(range(len(ds)), SITES[0]))
     shuffled = torch.cat(list(ds.batches(SITES[0], batch_size=7, shuffle=True, seed=1)))
@@ -222,8 +250,9 @@ def test_reading_batches_and_bad_datasets(model, tmp_path):
     with pytest.raises(ValueError, match="truncated or corrupt.*rerun harvest"):
         ActivationDataset(tmp_path / "h")
     with pytest.warns(UserWarning, match="damaged"):
-        again = harvest(model, stream(200), SITES, tmp_path / "h", context_size=10, batch_size=2, shard_tokens=40,
-                        progress=False)
+        again = harvest(
+            model, stream(200), SITES, tmp_path / "h", context_size=10, batch_size=2, shard_tokens=40, progress=False
+        )
     assert torch.equal(again.rows(range(len(again)), SITES[0]), ordered)
 
 
@@ -231,8 +260,22 @@ def test_cli_harvest(ckpt, tmp_path, capsys):
     from transformer_hooks.cli import main
 
     (tmp_path / "c.txt").write_text("\n\n".join(SENTENCES * 4))
-    code = main(["harvest", "--model", str(ckpt), "--no-processing", "--data", str(tmp_path / "c.txt"),
-                 "--sites", "blocks.*.hook_resid_post", "--out", str(tmp_path / "h"), "--context-size", "8"])
+    code = main(
+        [
+            "harvest",
+            "--model",
+            str(ckpt),
+            "--no-processing",
+            "--data",
+            str(tmp_path / "c.txt"),
+            "--sites",
+            "blocks.*.hook_resid_post",
+            "--out",
+            str(tmp_path / "h"),
+            "--context-size",
+            "8",
+        ]
+    )
     assert code == 0 and "rows of blocks.0.hook_resid_post, blocks.1.hook_resid_post" in capsys.readouterr().out
     ds = ActivationDataset(tmp_path / "h")
     assert ds.complete and ds.sites == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
@@ -246,8 +289,24 @@ def test_cli_sae_eval_matches_the_function(ckpt, model, tmp_path, capsys):
     (tmp_path / "c.txt").write_text("\n\n".join(SENTENCES * 3))
     sae = SAE.for_model(model, "blocks.1.hook_resid_post", d_sae=32, architecture="topk", k=4)
     sae.save_model(tmp_path / "sae")
-    code = main(["sae-eval", "--model", str(ckpt), "--no-processing", "--sae", str(tmp_path / "sae"), "--data",
-                 str(tmp_path / "c.txt"), "--context-size", "8", "--max-tokens", "40", "--skip-first", "--json"])
+    code = main(
+        [
+            "sae-eval",
+            "--model",
+            str(ckpt),
+            "--no-processing",
+            "--sae",
+            str(tmp_path / "sae"),
+            "--data",
+            str(tmp_path / "c.txt"),
+            "--context-size",
+            "8",
+            "--max-tokens",
+            "40",
+            "--skip-first",
+            "--json",
+        ]
+    )
     assert code == 0
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     contexts = list(activations._contexts(model, tmp_path / "c.txt", 8, True, "text", None))[:5]
@@ -257,6 +316,8 @@ def test_cli_sae_eval_matches_the_function(ckpt, model, tmp_path, capsys):
     assert got["n_tokens"] == expected.n_tokens == 5 * 7
     assert got["ce_loss_recovered_vs_mean"] == pytest.approx(expected.ce_loss_recovered_vs_mean, rel=1e-5)
     assert got["l0"] == pytest.approx(4.0)
-    assert main(["sae-eval", "--model", str(ckpt), "--sae", str(tmp_path / "nothing"), "--data",
-                 str(tmp_path / "c.txt")]) == 2
+    assert (
+        main(["sae-eval", "--model", str(ckpt), "--sae", str(tmp_path / "nothing"), "--data", str(tmp_path / "c.txt")])
+        == 2
+    )
     assert "cfg.json" in capsys.readouterr().err

@@ -36,8 +36,11 @@ def loaded(hf_checkpoint):
     def get(name: str):
         if name not in made:
             path, _ = hf_checkpoint(name)
-            made[name] = (HookedTransformer.from_pretrained_no_processing(str(path)),
-                          HookedTransformer.from_pretrained(str(path)), path)
+            made[name] = (
+                HookedTransformer.from_pretrained_no_processing(str(path)),
+                HookedTransformer.from_pretrained(str(path)),
+                path,
+            )
         return made[name]
 
     return get
@@ -57,8 +60,13 @@ def test_logits_and_residuals_match_hf(loaded, one_thread, name, impl):
     torch.testing.assert_close(logits, ref.logits, atol=TOL, rtol=0)
     torch.testing.assert_close(fused, ref.logits, atol=TOL, rtol=0)
     for layer in range(model.cfg.n_layers):
-        torch.testing.assert_close(cache["resid_pre", layer], ref.hidden_states[layer], atol=TOL, rtol=0,
-                                   msg=lambda m: f"layer {layer} resid_pre: {m}")
+        torch.testing.assert_close(
+            cache["resid_pre", layer],
+            ref.hidden_states[layer],
+            atol=TOL,
+            rtol=0,
+            msg=lambda m: f"layer {layer} resid_pre: {m}",
+        )
     with torch.no_grad():
         torch.testing.assert_close(model.ln_final(cache["resid_post", -1]), ref.hidden_states[-1], atol=TOL, rtol=0)
 
@@ -92,8 +100,9 @@ def test_each_quirk_changes_the_output(loaded, one_thread, name, change):
 def test_processing_keeps_log_probs(loaded, one_thread, name):
     plain, processed, _ = loaded(name)
     with torch.no_grad():
-        torch.testing.assert_close(processed(tokens()).log_softmax(-1), plain(tokens()).log_softmax(-1),
-                                   atol=TOL, rtol=0)
+        torch.testing.assert_close(
+            processed(tokens()).log_softmax(-1), plain(tokens()).log_softmax(-1), atol=TOL, rtol=0
+        )
     capped = plain.cfg.final_logit_softcap is not None
     # center_unembed would change a soft-capped model's log-probs: skipped, and not recorded.
     assert ("center_unembed" in processed.cfg.processing) == (not capped)
@@ -118,11 +127,13 @@ def test_decompositions_sum_to_the_residual_stream(loaded, one_thread, name, pro
     heads = cache.stack_head_results(incl_remainder=True)
     torch.testing.assert_close(heads.sum(0), final, **exact)
     # Inside the model: the stream each block's MLP reads, and what its ln1 makes of resid_pre.
-    torch.testing.assert_close(cache.get_full_resid_decomposition(1, mlp_input=True).sum(0), cache["resid_mid", 1],
-                               **exact)
+    torch.testing.assert_close(
+        cache.get_full_resid_decomposition(1, mlp_input=True).sum(0), cache["resid_mid", 1], **exact
+    )
     with torch.no_grad():
-        torch.testing.assert_close(cache.decompose_resid(1, apply_ln=True).sum(0),
-                                   model.blocks[1].ln1(cache["resid_pre", 1]), **exact)
+        torch.testing.assert_close(
+            cache.decompose_resid(1, apply_ln=True).sum(0), model.blocks[1].ln1(cache["resid_pre", 1]), **exact
+        )
     # Through the final norm and the unembedding (and its soft-cap) back to the logits.
     normed = cache.get_full_resid_decomposition(apply_ln=True).sum(0)
     unembedded = normed @ model.W_U + model.b_U
@@ -202,14 +213,14 @@ def test_padded_rows_and_kv_cache_decoding_equal_full_forwards(loaded, one_threa
     rows = [torch.randint(1, VOCAB, (n,), generator=g) for n in (14, 6, 11)]
     toks, mask = torch.zeros(3, 14, dtype=torch.long), torch.zeros(3, 14, dtype=torch.long)
     for i, row in enumerate(rows):  # left padding
-        toks[i, 14 - len(row):], mask[i, 14 - len(row):] = row, 1
+        toks[i, 14 - len(row) :], mask[i, 14 - len(row) :] = row, 1
     with torch.no_grad():
         whole = model(toks, attention_mask=mask)
         for i, row in enumerate(rows):
-            torch.testing.assert_close(whole[i, 14 - len(row):], model(row)[0], atol=TOL, rtol=0)
+            torch.testing.assert_close(whole[i, 14 - len(row) :], model(row)[0], atol=TOL, rtol=0)
         cache = KVCache(model.cfg, 3, 14, dtype=model.dtype)
         steps = [model(toks[:, :8], attention_mask=mask[:, :8], past_kv_cache=cache)[:, -1]]
-        steps += [model(toks[:, i:i + 1], past_kv_cache=cache)[:, -1] for i in range(8, 14)]
+        steps += [model(toks[:, i : i + 1], past_kv_cache=cache)[:, -1] for i in range(8, 14)]
     torch.testing.assert_close(torch.stack(steps, 1), whole[:, 7:], atol=TOL, rtol=0)
 
 
@@ -237,11 +248,17 @@ def gemma3_multimodal(checkpoint_dir):
     )
 
     cls, kwargs = FAMILY_CONFIGS["gemma3"]
-    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                image_size=32, patch_size=8)
-    config = Gemma3Config(text_config=cls(vocab_size=VOCAB + 3, **kwargs), vision_config=vision,
-                          mm_tokens_per_image=16, boi_token_index=VOCAB, eoi_token_index=VOCAB + 1,
-                          image_token_index=VOCAB + 2)
+    vision = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    config = Gemma3Config(
+        text_config=cls(vocab_size=VOCAB + 3, **kwargs),
+        vision_config=vision,
+        mm_tokens_per_image=16,
+        boi_token_index=VOCAB,
+        eoi_token_index=VOCAB + 1,
+        image_token_index=VOCAB + 2,
+    )
     torch.manual_seed(0)
     path = checkpoint_dir / "gemma3-multimodal"
     scale_weights(Gemma3ForConditionalGeneration(config)).save_pretrained(path)
@@ -267,9 +284,18 @@ def test_gemma3_hub_config_reads_as_hf_reads_it():
     """The hub's multimodal configs leave most text_config keys out; HF fills in its defaults."""
     from transformers import Gemma3Config
 
-    hub = {"model_type": "gemma3", "eos_token_id": [1, 106], "text_config": {
-        "hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text", "num_hidden_layers": 34,
-        "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024}}
+    hub = {
+        "model_type": "gemma3",
+        "eos_token_id": [1, 106],
+        "text_config": {
+            "hidden_size": 2560,
+            "intermediate_size": 10240,
+            "model_type": "gemma3_text",
+            "num_hidden_layers": 34,
+            "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+            "sliding_window": 1024,
+        },
+    }
     parsed = Gemma3Config(**json.loads(json.dumps(hub))).to_dict()
     ours = config_from_hf(hub)
     assert ours == config_from_hf(parsed)
@@ -311,8 +337,21 @@ def test_dla_command_attributes_the_logit_difference_before_the_soft_cap(checkpo
     path, _ = save_checkpoint("gemma2", tmp_path / "with_tokenizer")
     add_tokenizer(path, VOCAB)
     prompt = "The capital of France is"
-    code = main(["dla", "--prompt", prompt, "--answer", " Paris", "--contrast", " London", "--model", str(path),
-                 "--out", str(tmp_path)])
+    code = main(
+        [
+            "dla",
+            "--prompt",
+            prompt,
+            "--answer",
+            " Paris",
+            "--contrast",
+            " London",
+            "--model",
+            str(path),
+            "--out",
+            str(tmp_path),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     model = HookedTransformer.from_pretrained(str(path))
@@ -323,8 +362,10 @@ def test_dla_command_attributes_the_logit_difference_before_the_soft_cap(checkpo
         before = unembedded[a] - unembedded[b]
         capped = model(prompt)[0, -1]
     number = r"(-?\d+\.\d+)"
-    assert abs(float(re.search(rf"^logit difference = {number}$", out, re.M).group(1))
-               - float(capped[a] - capped[b])) < 1e-4
+    assert (
+        abs(float(re.search(rf"^logit difference = {number}$", out, re.M).group(1)) - float(capped[a] - capped[b]))
+        < 1e-4
+    )
     printed_before = float(re.search(rf"before the final soft-cap .* = {number}$", out, re.M).group(1))
     assert abs(printed_before - float(before)) < 1e-4
     assert abs(float(re.search(rf"\(sum {number}\)", out).group(1)) - float(before)) < 1e-4
@@ -341,6 +382,7 @@ def test_converted_checkpoints_load_to_the_same_model(hf_checkpoint, loaded, tmp
     assert convert_main([str(path), str(tmp_path / "converted")] + (["--no-processing"] if no_processing else [])) == 0
     converted = HookedTransformer.from_pretrained(str(tmp_path / "converted"))
     with torch.no_grad():
-        torch.testing.assert_close(converted(tokens()).log_softmax(-1), plain(tokens()).log_softmax(-1),
-                                   atol=TOL, rtol=0)
+        torch.testing.assert_close(
+            converted(tokens()).log_softmax(-1), plain(tokens()).log_softmax(-1), atol=TOL, rtol=0
+        )
     assert converted.cfg.norm_placement == plain.cfg.norm_placement

@@ -46,7 +46,7 @@ def test_greedy_equals_hf_with_and_without_kv_cache(loaded, name):
     model, hf = loaded(name)
     tokens = prompt(4)
     ref = hf_greedy(hf, tokens)
-    assert ref[:, tokens.shape[1]:].unique().numel() > 3, "degenerate continuation: the test would prove little"
+    assert ref[:, tokens.shape[1] :].unique().numel() > 3, "degenerate continuation: the test would prove little"
     torch.testing.assert_close(greedy(model, tokens), ref, atol=0, rtol=0)
     torch.testing.assert_close(greedy(model, tokens, use_past_kv_cache=False), ref, atol=0, rtol=0)
 
@@ -61,7 +61,7 @@ def test_left_padded_batch_equals_each_row_alone(loaded, name):
     batch_out = greedy(model, tokens, attention_mask=mask)
     torch.testing.assert_close(batch_out, hf_greedy(hf, tokens, attention_mask=mask), atol=0, rtol=0)
     for row in range(3):
-        alone = greedy(model, tokens[row:row + 1, int((mask[row] == 0).sum()):])
+        alone = greedy(model, tokens[row : row + 1, int((mask[row] == 0).sum()) :])
         torch.testing.assert_close(batch_out[row, -NEW:], alone[0, -NEW:], atol=0, rtol=0)
 
 
@@ -85,8 +85,8 @@ def test_rows_that_reach_eos_keep_emitting_it_like_hf(loaded, name):
     ref = hf_greedy(hf, tokens, eos_token_id=eos, pad_token_id=eos)
     out = greedy(model, tokens, stop_at_eos=True, eos_token_id=eos)
     torch.testing.assert_close(out, ref, atol=0, rtol=0)
-    first = (out[0, tokens.shape[1]:] == eos).nonzero()[0, 0]
-    assert (out[0, tokens.shape[1] + first:] == eos).all()
+    first = (out[0, tokens.shape[1] :] == eos).nonzero()[0, 0]
+    assert (out[0, tokens.shape[1] + first :] == eos).all()
 
 
 def test_steering_hook_fires_every_step_and_changes_the_continuation(loaded):

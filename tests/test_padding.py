@@ -31,8 +31,9 @@ def test_padded_rows_match_rows_alone(hf_checkpoint, name, side):
             alone = model(row)[0]
             torch.testing.assert_close(batch[i][mask[i].bool()], alone, atol=1e-5, rtol=0)
         # Padding also leaves explicit attention (pattern observed) exact and finite.
-        explicit = model.run_with_hooks(tokens, attention_mask=mask,
-                                        fwd_hooks=[(lambda n: n.endswith("hook_pattern"), lambda a, hook: a)])
+        explicit = model.run_with_hooks(
+            tokens, attention_mask=mask, fwd_hooks=[(lambda n: n.endswith("hook_pattern"), lambda a, hook: a)]
+        )
     assert torch.isfinite(explicit).all()
     torch.testing.assert_close(explicit[mask.bool()], batch[mask.bool()], atol=1e-5, rtol=0)
 

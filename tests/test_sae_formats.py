@@ -30,11 +30,17 @@ def toks(batch=2, pos=7, seed=0):
 
 def weights(arch, d=D, f=F, seed=0):
     g = torch.Generator().manual_seed(seed)
-    w = {"W_enc": torch.randn(d, f, generator=g) / d ** 0.5, "W_dec": torch.randn(f, d, generator=g) / f ** 0.5,
-         "b_dec": torch.randn(d, generator=g) * 0.1}
+    w = {
+        "W_enc": torch.randn(d, f, generator=g) / d**0.5,
+        "W_dec": torch.randn(f, d, generator=g) / f**0.5,
+        "b_dec": torch.randn(d, generator=g) * 0.1,
+    }
     if arch == "gated":
-        w.update(b_gate=torch.randn(f, generator=g) * 0.1, b_mag=torch.randn(f, generator=g) * 0.1,
-                 r_mag=torch.randn(f, generator=g) * 0.1)
+        w.update(
+            b_gate=torch.randn(f, generator=g) * 0.1,
+            b_mag=torch.randn(f, generator=g) * 0.1,
+            r_mag=torch.randn(f, generator=g) * 0.1,
+        )
     else:
         w["b_enc"] = torch.randn(f, generator=g) * 0.1
     if arch == "jumprelu":
@@ -45,7 +51,7 @@ def weights(arch, d=D, f=F, seed=0):
 def reference(arch, w, x, norm="none", apply_b_dec=True, k=5, rescale=False, s=None):
     """SAELens's published formulas, written out once per case."""
     if norm == "constant_norm_rescale":
-        c = D ** 0.5 / x.norm(dim=-1, keepdim=True)
+        c = D**0.5 / x.norm(dim=-1, keepdim=True)
         xin, out = x * c, (lambda y: y / c)
     elif norm == "layer_norm":
         mu = x.mean(-1, keepdim=True)
@@ -60,7 +66,9 @@ def reference(arch, w, x, norm="none", apply_b_dec=True, k=5, rescale=False, s=N
     if arch == "standard":
         f = torch.relu(xin @ w["W_enc"] + w["b_enc"])
     elif arch == "gated":
-        f = ((xin @ w["W_enc"] + w["b_gate"]) > 0).float() * torch.relu(xin @ (w["W_enc"] * w["r_mag"].exp()) + w["b_mag"])
+        f = ((xin @ w["W_enc"] + w["b_gate"]) > 0).float() * torch.relu(
+            xin @ (w["W_enc"] * w["r_mag"].exp()) + w["b_mag"]
+        )
     elif arch == "jumprelu":
         h = xin @ w["W_enc"] + w["b_enc"]
         f = torch.relu(h) * (h > w["threshold"]).float()
@@ -82,16 +90,30 @@ def save_saelens(path, cfg, w):
     return path
 
 
-CASES = [("standard", "none", True), ("standard", "constant_norm_rescale", True), ("gated", "none", True),
-         ("gated", "layer_norm", False), ("jumprelu", "none", False), ("jumprelu", "expected_average_only_in", True),
-         ("topk", "none", True), ("topk", "layer_norm", False)]
+CASES = [
+    ("standard", "none", True),
+    ("standard", "constant_norm_rescale", True),
+    ("gated", "none", True),
+    ("gated", "layer_norm", False),
+    ("jumprelu", "none", False),
+    ("jumprelu", "expected_average_only_in", True),
+    ("topk", "none", True),
+    ("topk", "layer_norm", False),
+]
 
 
 @pytest.mark.parametrize("arch,norm,apply_b_dec", CASES)
 def test_saelens_directories_of_every_architecture_match_the_formulas(tmp_path, arch, norm, apply_b_dec):
     w = weights(arch)
-    cfg = {"architecture": arch, "d_in": D, "d_sae": F, "apply_b_dec_to_input": apply_b_dec,
-           "normalize_activations": norm, "k": 5, "metadata": {"hook_name": SITE, "hook_layer": 1}}
+    cfg = {
+        "architecture": arch,
+        "d_in": D,
+        "d_sae": F,
+        "apply_b_dec_to_input": apply_b_dec,
+        "normalize_activations": norm,
+        "k": 5,
+        "metadata": {"hook_name": SITE, "hook_layer": 1},
+    }
     if norm == "expected_average_only_in":
         cfg["norm_scaling_factor"] = 1.7
     sae = SAE.load_from_disk(save_saelens(tmp_path / "sae", cfg, w))
@@ -114,8 +136,14 @@ def test_saelens_directories_of_every_architecture_match_the_formulas(tmp_path, 
 
 def test_topk_rescaled_by_decoder_norm_and_batchtopk_checkpoints(tmp_path):
     w = weights("topk")
-    cfg = {"architecture": "topk", "d_in": D, "d_sae": F, "k": 4, "rescale_acts_by_decoder_norm": True,
-           "hook_name": SITE}
+    cfg = {
+        "architecture": "topk",
+        "d_in": D,
+        "d_sae": F,
+        "k": 4,
+        "rescale_acts_by_decoder_norm": True,
+        "hook_name": SITE,
+    }
     sae = SAE.load_from_disk(save_saelens(tmp_path / "topk", cfg, w))
     x = torch.randn(5, D)
     f_ref, recon_ref = reference("topk", w, x, k=4, rescale=True)
@@ -125,8 +153,11 @@ def test_topk_rescaled_by_decoder_norm_and_batchtopk_checkpoints(tmp_path):
     # A BatchTopK training checkpoint (scalar topk_threshold) runs as the JumpReLU SAELens saves.
     w = weights("standard")
     w["topk_threshold"] = torch.tensor(0.2)
-    sae = SAE.load_from_disk(save_saelens(tmp_path / "btk", {"architecture": "batchtopk", "d_in": D, "d_sae": F,
-                                                             "k": 4, "hook_name": SITE}, w))
+    sae = SAE.load_from_disk(
+        save_saelens(
+            tmp_path / "btk", {"architecture": "batchtopk", "d_in": D, "d_sae": F, "k": 4, "hook_name": SITE}, w
+        )
+    )
     assert sae.cfg.architecture == "jumprelu"
     f_ref, _ = reference("jumprelu", {**w, "threshold": torch.full((F,), 0.2)}, x)
     with torch.no_grad():
@@ -140,8 +171,9 @@ def test_older_saelens_topk_activation_and_log_threshold(tmp_path):
     assert sae.cfg.architecture == "topk" and sae.cfg.k == 3
     w = weights("jumprelu")
     w["log_threshold"] = w.pop("threshold").log()
-    sae = SAE.load_from_disk(save_saelens(tmp_path / "log", {"architecture": "jumprelu", "d_in": D, "d_sae": F,
-                                                             "hook_name": SITE}, w))
+    sae = SAE.load_from_disk(
+        save_saelens(tmp_path / "log", {"architecture": "jumprelu", "d_in": D, "d_sae": F, "hook_name": SITE}, w)
+    )
     torch.testing.assert_close(sae.threshold.detach(), w["log_threshold"].exp())
 
 
@@ -162,17 +194,37 @@ def test_gemma_scope_params_npz(tmp_path):
 def test_llama_scope_directory(tmp_path):
     w = weights("standard")
     (tmp_path / "checkpoints").mkdir()
-    save_file({"encoder.weight": w["W_enc"].T.contiguous(), "encoder.bias": w["b_enc"],
-               "decoder.weight": w["W_dec"].T.contiguous(), "decoder.bias": w["b_dec"]},
-              str(tmp_path / "checkpoints" / "final.safetensors"))
-    (tmp_path / "hyperparams.json").write_text(json.dumps({
-        "d_model": D, "d_sae": F, "hook_point_in": SITE, "jump_relu_threshold": 0.1,
-        "dataset_average_activation_norm": {"in": 8.0}}))
+    save_file(
+        {
+            "encoder.weight": w["W_enc"].T.contiguous(),
+            "encoder.bias": w["b_enc"],
+            "decoder.weight": w["W_dec"].T.contiguous(),
+            "decoder.bias": w["b_dec"],
+        },
+        str(tmp_path / "checkpoints" / "final.safetensors"),
+    )
+    (tmp_path / "hyperparams.json").write_text(
+        json.dumps(
+            {
+                "d_model": D,
+                "d_sae": F,
+                "hook_point_in": SITE,
+                "jump_relu_threshold": 0.1,
+                "dataset_average_activation_norm": {"in": 8.0},
+            }
+        )
+    )
     sae = SAE.load_from_disk(tmp_path)
-    s = D ** 0.5 / 8.0
+    s = D**0.5 / 8.0
     x = torch.randn(6, D) * 3
-    f_ref, recon_ref = reference("jumprelu", {**w, "threshold": torch.full((F,), 0.1 * s)}, x,
-                                 norm="expected_average_only_in", apply_b_dec=False, s=s)
+    f_ref, recon_ref = reference(
+        "jumprelu",
+        {**w, "threshold": torch.full((F,), 0.1 * s)},
+        x,
+        norm="expected_average_only_in",
+        apply_b_dec=False,
+        s=s,
+    )
     with torch.no_grad():
         torch.testing.assert_close(sae.encode(x), f_ref)
         torch.testing.assert_close(sae(x), recon_ref)
@@ -182,8 +234,10 @@ def test_llama_scope_directory(tmp_path):
 @pytest.mark.parametrize("site", [SITE, "blocks.0.attn.hook_z"])
 def test_splice_caches_features_under_saelens_names(model, arch, site):
     d_in = model.cfg.d_model if site == SITE else model.cfg.n_heads * model.cfg.d_head
-    sae = SAE.from_state_dict(weights(arch, d=d_in), SAEConfig(d_in=d_in, d_sae=F, hook_name=site, architecture=arch,
-                                                               k=5, normalize_activations="layer_norm"))
+    sae = SAE.from_state_dict(
+        weights(arch, d=d_in),
+        SAEConfig(d_in=d_in, d_sae=F, hook_name=site, architecture=arch, k=5, normalize_activations="layer_norm"),
+    )
     assert sae.cfg.reshape_activations == ("hook_z" if site.endswith("hook_z") else "none")
     t = toks()
     feats_site = f"{site}.hook_sae_acts_post"
@@ -211,8 +265,12 @@ def test_steering_with_a_feature_adds_its_decoder_row(model):
             _, clean = model.run_with_cache(t, names_filter=site)
             with steer_with_feature(model, sae, 3, coeff=2.5):
                 _, steered = model.run_with_cache(t, names_filter=site)
-        torch.testing.assert_close(steered[site] - clean[site], (2.5 * sae.W_dec[3].detach()).reshape(shape).expand_as(
-            clean[site]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            steered[site] - clean[site],
+            (2.5 * sae.W_dec[3].detach()).reshape(shape).expand_as(clean[site]),
+            atol=1e-5,
+            rtol=1e-5,
+        )
     with pytest.raises(IndexError, match="d_sae=40"):
         steer_with_feature(model, sae, F)
 
@@ -231,8 +289,9 @@ def test_saes_that_do_not_fit_the_model_fail_clearly(model):
 
 
 def test_mean_ablation_baseline_uses_the_mean_over_the_evaluation_tokens(model):
-    sae = SAE.from_state_dict(weights("standard", d=model.cfg.d_model),
-                              SAEConfig(d_in=model.cfg.d_model, d_sae=F, hook_name=SITE))
+    sae = SAE.from_state_dict(
+        weights("standard", d=model.cfg.d_model), SAEConfig(d_in=model.cfg.d_model, d_sae=F, hook_name=SITE)
+    )
     t = toks(4, 8)
     ev = evaluate_sae(model, sae, t, batch_size=3)
     with torch.no_grad():
@@ -243,7 +302,8 @@ def test_mean_ablation_baseline_uses_the_mean_over_the_evaluation_tokens(model):
         feats = sae.encode(cache[SITE]).reshape(-1, F)
     assert ev.mean_ablation_loss == pytest.approx(mean_loss, rel=1e-5)
     assert ev.ce_loss_recovered_vs_mean == pytest.approx(
-        (ev.mean_ablation_loss - ev.spliced_loss) / (ev.mean_ablation_loss - ev.clean_loss), rel=1e-6)
+        (ev.mean_ablation_loss - ev.spliced_loss) / (ev.mean_ablation_loss - ev.clean_loss), rel=1e-6
+    )
     freq = (feats > 0).float().mean(0)
     assert ev.dead_fraction == pytest.approx(float((freq == 0).float().mean()))
     assert ev.dense_fraction == pytest.approx(float((freq > 0.1).float().mean()))

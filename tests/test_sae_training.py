@@ -36,8 +36,14 @@ def mse(sae, x):
 
 RECIPES = {
     "standard": dict(l1_coefficient=1e-3, l1_warm_up_steps=20, lr_warm_up_steps=10),
-    "unit_norm": dict(architecture="standard", decoder="unit_norm", l1_coefficient=1e-3, resample_every=50,
-                      dead_window=20, adam_beta1=0.0),
+    "unit_norm": dict(
+        architecture="standard",
+        decoder="unit_norm",
+        l1_coefficient=1e-3,
+        resample_every=50,
+        dead_window=20,
+        adam_beta1=0.0,
+    ),
     "ghost_grads": dict(architecture="standard", ghost_grads=True, dead_window=10, l1_coefficient=1e-3),
     "jumprelu": dict(l0_coefficient=1e-3, l1_warm_up_steps=20),
     "topk": dict(k=4, dead_window=10),
@@ -51,8 +57,18 @@ def test_each_recipe_lowers_the_error_and_saves_in_saelens_format(recipe, tmp_pa
     arch = kw.pop("architecture", recipe)
     data, held_out = sparse_data(), sparse_data(512, seed=1)
     init = train_sae(data, "blocks.0.hook_resid_post", F, arch, steps=0, progress=False, **kw)
-    sae = train_sae(data, "blocks.0.hook_resid_post", F, arch, steps=250, batch_size=128, lr=3e-3,
-                    save_to=tmp_path / "sae", progress=False, **kw)
+    sae = train_sae(
+        data,
+        "blocks.0.hook_resid_post",
+        F,
+        arch,
+        steps=250,
+        batch_size=128,
+        lr=3e-3,
+        save_to=tmp_path / "sae",
+        progress=False,
+        **kw,
+    )
     assert len(sae.training_log) == 250
     assert mse(sae, held_out) < 0.5 * mse(init, held_out)
     if arch in ("topk",):
@@ -115,7 +131,9 @@ def test_resampling_rewrites_only_the_dead_features():
     with torch.no_grad():
         _resample(sae, opt, dead, x, x - sae(x))
     alive = ~dead
-    assert torch.equal(sae.W_dec[alive], before["W_dec"][alive]) and torch.equal(sae.b_enc[alive], before["b_enc"][alive])
+    assert torch.equal(sae.W_dec[alive], before["W_dec"][alive]) and torch.equal(
+        sae.b_enc[alive], before["b_enc"][alive]
+    )
     centred = (x - before["b_dec"]) / (x - before["b_dec"]).norm(dim=-1, keepdim=True)
     for i in (1, 5, 7):
         row = sae.W_dec[i] / sae.W_dec[i].norm()
@@ -152,8 +170,16 @@ def test_top_activating_contexts_and_their_html_page(hf_checkpoint, tmp_path):
     model = HookedTransformer.from_pretrained_no_processing(str(hf_checkpoint("llama-gqa")[0]))
     model.set_tokenizer(tiny_tokenizer(VOCAB))
     site = "blocks.0.hook_resid_post"
-    ds = harvest(model, SENTENCES * 4 + ["Rome & <Madrid>"], site, tmp_path / "h", context_size=8, batch_size=4,
-                 shard_tokens=32, progress=False)
+    ds = harvest(
+        model,
+        SENTENCES * 4 + ["Rome & <Madrid>"],
+        site,
+        tmp_path / "h",
+        context_size=8,
+        batch_size=4,
+        shard_tokens=32,
+        progress=False,
+    )
     sae = SAE.for_model(model, site, d_sae=16, seed=3)
     with torch.no_grad():
         sae.b_enc.fill_(-0.05)
@@ -168,7 +194,7 @@ def test_top_activating_contexts_and_their_html_page(hf_checkpoint, tmp_path):
     for c in contexts:
         assert c.activations[c.position] == pytest.approx(c.activation) and max(c.activations) == c.activation
         toks, pos = ds.tokens_of([c.row])
-        assert toks[0, :len(c.tokens)].tolist() == c.tokens and int(pos[0]) == c.position
+        assert toks[0, : len(c.tokens)].tolist() == c.tokens and int(pos[0]) == c.position
     page = feature_contexts_html(contexts, model.tokenizer, title=f"feature {feature}", path=tmp_path / "f.html")
     assert (tmp_path / "f.html").read_text() == page
 

@@ -15,7 +15,17 @@ from transformer_hooks.patching.engine import _axis_sizes, _layout
 from transformer_hooks.utils import IndexOutOfRangeError, check_index, get_act_name
 
 # GPT-2, GPT-Neo, NeoX parallel (Pythia), NeoX sequential, Llama (gated MLP, GQA).
-FAMILIES = ["gpt2", "gpt-neo-local", "pythia", "neox-sequential-full-rotary", "llama-gqa", "qwen3", "gemma2", "gemma3", "olmo2"]
+FAMILIES = [
+    "gpt2",
+    "gpt-neo-local",
+    "pythia",
+    "neox-sequential-full-rotary",
+    "llama-gqa",
+    "qwen3",
+    "gemma2",
+    "gemma3",
+    "olmo2",
+]
 B, P = 2, 5
 PER_HEAD_INPUTS = ("hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input")
 
@@ -122,8 +132,11 @@ def test_readme_shows_the_table():
 def test_one_range_check_with_one_message():
     assert check_index(-1, 4, "layer", "a model with 4 layers") == 3
     assert check_index(4, 4, "stop", "a model with 4 layers", allow_end=True) == 4
-    with pytest.raises(IndexOutOfRangeError, match=r"^layer=4 is out of range for a model with 4 layers "
-                                                   r"\(valid: -4\.\.3\)$"):
+    with pytest.raises(
+        IndexOutOfRangeError,
+        match=r"^layer=4 is out of range for a model with 4 layers "
+        r"\(valid: -4\.\.3\)$",
+    ):
         check_index(4, 4, "layer", "a model with 4 layers")
     with pytest.raises(ValueError, match=r"layer=-1 is out of range.*valid: 0\.\.4; 4: the unembedding"):
         check_index(-1, 4, "layer", "x", allow_end=True, allow_negative=False, note="4: the unembedding")

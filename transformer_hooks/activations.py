@@ -71,8 +71,10 @@ def _documents(corpus: str | Path, text_key: str) -> Iterator[str]:
                 if line.strip():
                     record = json.loads(line)
                     if text_key not in record:
-                        raise KeyError(f"{path} line {i + 1} has no {text_key!r} field (it has {sorted(record)}); "
-                                       f"pass text_key=...")
+                        raise KeyError(
+                            f"{path} line {i + 1} has no {text_key!r} field (it has {sorted(record)}); "
+                            f"pass text_key=..."
+                        )
                     yield record[text_key]
             return
         lines: list[str] = []
@@ -86,22 +88,29 @@ def _documents(corpus: str | Path, text_key: str) -> Iterator[str]:
             yield "".join(lines).removesuffix("\n")
 
 
-def _contexts(model: Any, corpus: Corpus, context_size: int, prepend_bos: bool, text_key: str,
-              attention_mask: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _contexts(
+    model: Any, corpus: Corpus, context_size: int, prepend_bos: bool, text_key: str, attention_mask: Any
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(tokens [context_size], mask [context_size]) for each context, in order."""
     if isinstance(corpus, (torch.Tensor, np.ndarray)):  # read piece by piece: a memory-mapped array stays on disk
         if corpus.ndim == 2:  # contexts as given
             if corpus.shape[1] != context_size:
                 raise ValueError(f"token contexts have length {corpus.shape[1]}, but context_size={context_size}")
             for i in range(corpus.shape[0]):
-                m = torch.ones(context_size, dtype=torch.bool) if attention_mask is None else \
-                    torch.as_tensor(attention_mask[i]).bool()
+                m = (
+                    torch.ones(context_size, dtype=torch.bool)
+                    if attention_mask is None
+                    else torch.as_tensor(attention_mask[i]).bool()
+                )
                 yield _piece(corpus, i), m
             return
         if corpus.ndim != 1:
-            raise ValueError(f"tokens must be a stream [n] or contexts [n, context_size], got shape {tuple(corpus.shape)}")
-        streams: Iterable[list[int]] = (_piece(corpus, slice(i, i + (1 << 16))).tolist()
-                                        for i in range(0, corpus.shape[0], 1 << 16))
+            raise ValueError(
+                f"tokens must be a stream [n] or contexts [n, context_size], got shape {tuple(corpus.shape)}"
+            )
+        streams: Iterable[list[int]] = (
+            _piece(corpus, slice(i, i + (1 << 16))).tolist() for i in range(0, corpus.shape[0], 1 << 16)
+        )
     else:
         docs = _documents(corpus, text_key) if isinstance(corpus, (str, Path)) else iter(corpus)
         tok = require_tokenizer(model.tokenizer)
@@ -129,8 +138,9 @@ def _contexts(model: Any, corpus: Corpus, context_size: int, prepend_bos: bool, 
         yield row, mask
 
 
-def _select(positions: PositionChoice, tokens: torch.Tensor, mask: torch.Tensor, first_context: int,
-            bos: int | None) -> torch.Tensor:
+def _select(
+    positions: PositionChoice, tokens: torch.Tensor, mask: torch.Tensor, first_context: int, bos: int | None
+) -> torch.Tensor:
     """The [batch, pos] rows to keep: real tokens at the chosen positions, BOS left out if asked."""
     if isinstance(positions, str):
         if positions == "all":
@@ -140,15 +150,19 @@ def _select(positions: PositionChoice, tokens: torch.Tensor, mask: torch.Tensor,
             last = mask.long().cumsum(1).argmax(1)
             chosen[torch.arange(len(mask)), last] = True
         else:
-            raise ValueError(f"positions must be 'all', 'last', a [contexts, pos] bool mask or a function of the "
-                             f"tokens, got {positions!r}")
+            raise ValueError(
+                f"positions must be 'all', 'last', a [contexts, pos] bool mask or a function of the "
+                f"tokens, got {positions!r}"
+            )
     elif callable(positions):
         chosen = torch.as_tensor(positions(tokens)).bool()
     else:
-        chosen = torch.as_tensor(positions).bool()[first_context:first_context + len(tokens)]
+        chosen = torch.as_tensor(positions).bool()[first_context : first_context + len(tokens)]
     if tuple(chosen.shape) != tuple(tokens.shape):
-        raise ValueError(f"the positions mask for contexts {first_context}.. has shape {tuple(chosen.shape)}; "
-                         f"expected {tuple(tokens.shape)} ([contexts, context_size])")
+        raise ValueError(
+            f"the positions mask for contexts {first_context}.. has shape {tuple(chosen.shape)}; "
+            f"expected {tuple(tokens.shape)} ([contexts, context_size])"
+        )
     chosen = chosen & mask
     if bos is not None:
         chosen &= tokens != bos
@@ -185,8 +199,16 @@ def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file(tensors, str(path))
 
 
-_NP = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64, "I32": np.int32, "BOOL": np.bool_,
-       "U8": np.uint8, "I16": np.int16}
+_NP = {
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": np.uint16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "BOOL": np.bool_,
+    "U8": np.uint8,
+    "I16": np.int16,
+}
 
 
 def _open_shard(path: Path) -> dict[str, np.ndarray]:
@@ -202,13 +224,23 @@ def _open_shard(path: Path) -> dict[str, np.ndarray]:
         end = max((info["data_offsets"][1] for info in header.values()), default=0)
         if 8 + n + end != size:
             raise ValueError(f"{size} bytes, the header promises {8 + n + end}")
-        return {name: np.memmap(path, dtype=_NP[info["dtype"]], mode="r", offset=8 + n + info["data_offsets"][0],
-                                shape=tuple(info["shape"])) if info["data_offsets"][1] > info["data_offsets"][0]
-                else np.zeros(tuple(info["shape"]), dtype=_NP[info["dtype"]])
-                for name, info in header.items()}
+        return {
+            name: np.memmap(
+                path,
+                dtype=_NP[info["dtype"]],
+                mode="r",
+                offset=8 + n + info["data_offsets"][0],
+                shape=tuple(info["shape"]),
+            )
+            if info["data_offsets"][1] > info["data_offsets"][0]
+            else np.zeros(tuple(info["shape"]), dtype=_NP[info["dtype"]])
+            for name, info in header.items()
+        }
     except (OSError, ValueError, KeyError, struct.error, json.JSONDecodeError) as e:
-        raise ValueError(f"activation shard {path} is missing, truncated or corrupt ({e}); rerun harvest with the "
-                         f"same arguments: it rewrites the dataset from that shard on") from None
+        raise ValueError(
+            f"activation shard {path} is missing, truncated or corrupt ({e}); rerun harvest with the "
+            f"same arguments: it rewrites the dataset from that shard on"
+        ) from None
 
 
 def _fingerprint(corpus: Corpus) -> str:
@@ -240,11 +272,24 @@ def _site_layer(site: str) -> int | None:
 
 
 # Harvest -----------------------------------------------------------------------------------
-def harvest(model: Any, corpus: Corpus, sites: str | Sequence[str], out: str | Path, *, context_size: int = 128,
-            batch_size: int = 8, positions: PositionChoice = "all", exclude_bos: bool = True,
-            dtype: str = "float32", shard_tokens: int = 1 << 16, max_tokens: int | None = None,
-            prepend_bos: bool | None = None, text_key: str = "text", attention_mask: Any = None,
-            progress: bool = True) -> "ActivationDataset":
+def harvest(
+    model: Any,
+    corpus: Corpus,
+    sites: str | Sequence[str],
+    out: str | Path,
+    *,
+    context_size: int = 128,
+    batch_size: int = 8,
+    positions: PositionChoice = "all",
+    exclude_bos: bool = True,
+    dtype: str = "float32",
+    shard_tokens: int = 1 << 16,
+    max_tokens: int | None = None,
+    prepend_bos: bool | None = None,
+    text_key: str = "text",
+    attention_mask: Any = None,
+    progress: bool = True,
+) -> "ActivationDataset":
     """Stream ``corpus`` through ``model`` and store ``sites`` at ``positions`` in ``out``.
 
     ``corpus``: a text or .jsonl file, a list of strings, a token stream [n] or token
@@ -276,18 +321,34 @@ def harvest(model: Any, corpus: Corpus, sites: str | Sequence[str], out: str | P
     max_contexts = None if max_tokens is None else max(1, math.ceil(max_tokens / context_size))
     layers = [_site_layer(n) for n in names]
     stop = None if any(layer is None for layer in layers) else max(layers) + 1
-    fingerprint = {"corpus": _fingerprint(corpus), "sites": names, "context_size": context_size,
-                   "batch_size": batch_size, "positions": positions if isinstance(positions, str) else
-                   ("function" if callable(positions) else _fingerprint(torch.as_tensor(positions).to(torch.uint8))),
-                   "exclude_bos": exclude_bos, "dtype": dtype, "shard_contexts": shard_contexts,
-                   "max_contexts": max_contexts, "prepend_bos": prepend_bos, "text_key": text_key}
+    fingerprint = {
+        "corpus": _fingerprint(corpus),
+        "sites": names,
+        "context_size": context_size,
+        "batch_size": batch_size,
+        "positions": positions
+        if isinstance(positions, str)
+        else ("function" if callable(positions) else _fingerprint(torch.as_tensor(positions).to(torch.uint8))),
+        "exclude_bos": exclude_bos,
+        "dtype": dtype,
+        "shard_contexts": shard_contexts,
+        "max_contexts": max_contexts,
+        "prepend_bos": prepend_bos,
+        "text_key": text_key,
+    }
     manifest = _resume(out, model, fingerprint)
     if manifest["complete"]:
         return ActivationDataset(out)
     done = manifest["n_contexts"]
-    bar = tqdm(total=max_contexts * context_size if max_contexts else None, initial=manifest["n_tokens"],
-               unit="tok", unit_scale=True, desc=f"harvesting {len(names)} site(s)", disable=not progress,
-               delay=0.5)
+    bar = tqdm(
+        total=max_contexts * context_size if max_contexts else None,
+        initial=manifest["n_tokens"],
+        unit="tok",
+        unit_scale=True,
+        desc=f"harvesting {len(names)} site(s)",
+        disable=not progress,
+        delay=0.5,
+    )
     seen: dict[str, torch.Tensor] = {}
 
     def keep(act: torch.Tensor, hook: Any) -> None:
@@ -303,8 +364,9 @@ def harvest(model: Any, corpus: Corpus, sites: str | Sequence[str], out: str | P
     exhausted = False
     with torch.no_grad(), model.hooks(fwd_hooks=[(n, keep) for n in names]):
         while not exhausted:
-            shard: dict[str, list[torch.Tensor]] = {k: [] for k in [*names, "tokens", "token_mask", "row_context",
-                                                                    "row_position"]}
+            shard: dict[str, list[torch.Tensor]] = {
+                k: [] for k in [*names, "tokens", "token_mask", "row_context", "row_position"]
+            }
             n_ctx = n_tok = 0
             while n_ctx < shard_contexts:
                 batch = [c for _, c in zip(range(min(batch_size, shard_contexts - n_ctx)), contexts)]
@@ -313,8 +375,12 @@ def harvest(model: Any, corpus: Corpus, sites: str | Sequence[str], out: str | P
                     break
                 tokens = torch.stack([t for t, _ in batch])
                 mask = torch.stack([m for _, m in batch])
-                model(tokens.to(model.device), attention_mask=None if bool(mask.all()) else mask.long().to(model.device),
-                      return_type=None, stop_at_layer=stop)
+                model(
+                    tokens.to(model.device),
+                    attention_mask=None if bool(mask.all()) else mask.long().to(model.device),
+                    return_type=None,
+                    stop_at_layer=stop,
+                )
                 chosen = _select(positions, tokens, mask, index, bos)
                 ctx_idx, pos_idx = chosen.nonzero(as_tuple=True)
                 for n in names:
@@ -337,22 +403,37 @@ def harvest(model: Any, corpus: Corpus, sites: str | Sequence[str], out: str | P
     return ActivationDataset(out)
 
 
-def _commit_shard(out: Path, manifest: dict[str, Any], tensors: dict[str, torch.Tensor], n_ctx: int,
-                  n_tok: int) -> None:
+def _commit_shard(
+    out: Path, manifest: dict[str, Any], tensors: dict[str, torch.Tensor], n_ctx: int, n_tok: int
+) -> None:
     i = len(manifest["shards"])
     path = out / f"shard_{i:05d}.safetensors"
     try:
         _fsync_write(path, writer=lambda tmp: _save_shard(tensors, tmp))
-        entry = {"file": path.name, "first_context": manifest["n_contexts"], "n_contexts": n_ctx,
-                 "n_rows": int(tensors["row_context"].shape[0]), "n_tokens": n_tok, "bytes": path.stat().st_size}
-        new = {**manifest, "shards": [*manifest["shards"], entry], "n_contexts": manifest["n_contexts"] + n_ctx,
-               "n_rows": manifest["n_rows"] + entry["n_rows"], "n_tokens": manifest["n_tokens"] + n_tok}
+        entry = {
+            "file": path.name,
+            "first_context": manifest["n_contexts"],
+            "n_contexts": n_ctx,
+            "n_rows": int(tensors["row_context"].shape[0]),
+            "n_tokens": n_tok,
+            "bytes": path.stat().st_size,
+        }
+        new = {
+            **manifest,
+            "shards": [*manifest["shards"], entry],
+            "n_contexts": manifest["n_contexts"] + n_ctx,
+            "n_rows": manifest["n_rows"] + entry["n_rows"],
+            "n_tokens": manifest["n_tokens"] + n_tok,
+        }
         _write_manifest(out, new)
     except OSError as e:
         reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-        raise OSError(e.errno, f"writing activation shard {path.name} in {out} failed ({reason}); the dataset keeps "
-                               f"its {len(manifest['shards'])} complete shard(s) ({manifest['n_rows']} rows). Free "
-                               f"space and rerun the same harvest to continue from there") from e
+        raise OSError(
+            e.errno,
+            f"writing activation shard {path.name} in {out} failed ({reason}); the dataset keeps "
+            f"its {len(manifest['shards'])} complete shard(s) ({manifest['n_rows']} rows). Free "
+            f"space and rerun the same harvest to continue from there",
+        ) from e
     manifest.update(new)
 
 
@@ -363,10 +444,21 @@ def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
 def _resume(out: Path, model: Any, fingerprint: dict[str, Any]) -> dict[str, Any]:
     """The manifest to continue from: the existing one (checked, damaged tail dropped) or a new one."""
     path = out / MANIFEST
-    fresh = {"format": FORMAT, "model_name": model.cfg.model_name, "processing": list(model.cfg.processing),
-             "d_vocab": model.cfg.d_vocab, "dtype": fingerprint["dtype"], "sites": {},
-             "context_size": fingerprint["context_size"], "fingerprint": fingerprint, "shards": [],
-             "n_contexts": 0, "n_rows": 0, "n_tokens": 0, "complete": False}
+    fresh = {
+        "format": FORMAT,
+        "model_name": model.cfg.model_name,
+        "processing": list(model.cfg.processing),
+        "d_vocab": model.cfg.d_vocab,
+        "dtype": fingerprint["dtype"],
+        "sites": {},
+        "context_size": fingerprint["context_size"],
+        "fingerprint": fingerprint,
+        "shards": [],
+        "n_contexts": 0,
+        "n_rows": 0,
+        "n_tokens": 0,
+        "complete": False,
+    }
     for name in fingerprint["sites"]:
         from .sae.core import site_width
 
@@ -375,13 +467,17 @@ def _resume(out: Path, model: Any, fingerprint: dict[str, Any]) -> dict[str, Any
         manifest = json.loads(path.read_text())
         for key in ("model_name", "processing"):
             if manifest.get(key) != fresh[key]:
-                raise ValueError(f"{out} holds a harvest of another model ({key}: {manifest.get(key)!r}, this model "
-                                 f"{fresh[key]!r}); use another out directory or delete it")
+                raise ValueError(
+                    f"{out} holds a harvest of another model ({key}: {manifest.get(key)!r}, this model "
+                    f"{fresh[key]!r}); use another out directory or delete it"
+                )
         old = manifest.get("fingerprint", {})
         differ = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
         if differ:
-            raise ValueError(f"{out} holds a harvest made with other arguments (they differ in {', '.join(differ)}); "
-                             f"rerun with the same arguments to continue it, or use another out directory")
+            raise ValueError(
+                f"{out} holds a harvest made with other arguments (they differ in {', '.join(differ)}); "
+                f"rerun with the same arguments to continue it, or use another out directory"
+            )
         good = []
         for entry in manifest["shards"]:
             try:
@@ -393,9 +489,14 @@ def _resume(out: Path, model: Any, fingerprint: dict[str, Any]) -> dict[str, Any
                 break
             good.append(entry)
         if len(good) < len(manifest["shards"]):
-            manifest = {**manifest, "shards": good, "complete": False,
-                        "n_contexts": sum(e["n_contexts"] for e in good), "n_rows": sum(e["n_rows"] for e in good),
-                        "n_tokens": sum(e["n_tokens"] for e in good)}
+            manifest = {
+                **manifest,
+                "shards": good,
+                "complete": False,
+                "n_contexts": sum(e["n_contexts"] for e in good),
+                "n_rows": sum(e["n_rows"] for e in good),
+                "n_tokens": sum(e["n_tokens"] for e in good),
+            }
             _write_manifest(out, manifest)
     else:
         manifest = fresh
@@ -425,9 +526,11 @@ class ActivationDataset:
             f = self.path / entry["file"]
             size = f.stat().st_size if f.exists() else -1
             if size != entry["bytes"]:
-                raise ValueError(f"activation shard {f} is missing, truncated or corrupt ({size} bytes, the manifest "
-                                 f"says {entry['bytes']}); rerun harvest with the same arguments: it rewrites the "
-                                 f"dataset from that shard on")
+                raise ValueError(
+                    f"activation shard {f} is missing, truncated or corrupt ({size} bytes, the manifest "
+                    f"says {entry['bytes']}); rerun harvest with the same arguments: it rewrites the "
+                    f"dataset from that shard on"
+                )
         self._shards: list[dict[str, np.ndarray] | None] = [None] * len(self.manifest["shards"])
         self._row_starts = np.cumsum([0] + [e["n_rows"] for e in self.manifest["shards"]])
         self._ctx_starts = np.array([e["first_context"] for e in self.manifest["shards"]] or [0])
@@ -440,9 +543,11 @@ class ActivationDataset:
         return int(self.manifest["n_rows"])
 
     def __repr__(self) -> str:
-        return (f"ActivationDataset({str(self.path)!r}, rows={len(self)}, sites={self.sites}, "
-                f"dtype={self.manifest['dtype']}, model={self.manifest['model_name']!r}"
-                f"{'' if self.complete else ', INCOMPLETE'})")
+        return (
+            f"ActivationDataset({str(self.path)!r}, rows={len(self)}, sites={self.sites}, "
+            f"dtype={self.manifest['dtype']}, model={self.manifest['model_name']!r}"
+            f"{'' if self.complete else ', INCOMPLETE'})"
+        )
 
     def width(self, site: str | None = None) -> int:
         return int(self.manifest["sites"][self._site(site)])
@@ -456,8 +561,10 @@ class ActivationDataset:
             import difflib
 
             close = difflib.get_close_matches(site, self.sites, n=3, cutoff=0.5)
-            raise KeyError(f"the dataset has no site {site!r}; it has {self.sites}"
-                           + (f" (closest: {', '.join(close)})" if close else ""))
+            raise KeyError(
+                f"the dataset has no site {site!r}; it has {self.sites}"
+                + (f" (closest: {', '.join(close)})" if close else "")
+            )
         return site
 
     def _shard(self, i: int) -> dict[str, np.ndarray]:
@@ -465,8 +572,10 @@ class ActivationDataset:
             entry = self.manifest["shards"][i]
             tensors = _open_shard(self.path / entry["file"])
             if tensors["row_context"].shape[0] != entry["n_rows"]:
-                raise ValueError(f"activation shard {entry['file']} has {tensors['row_context'].shape[0]} rows, the "
-                                 f"manifest says {entry['n_rows']}: rerun harvest with the same arguments")
+                raise ValueError(
+                    f"activation shard {entry['file']} has {tensors['row_context'].shape[0]} rows, the "
+                    f"manifest says {entry['n_rows']}: rerun harvest with the same arguments"
+                )
             self._shards[i] = tensors
         return self._shards[i]
 
@@ -476,8 +585,9 @@ class ActivationDataset:
             return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(arr)
 
-    def rows(self, index: Sequence[int] | np.ndarray | torch.Tensor, site: str | None = None,
-             device: Any = None) -> torch.Tensor:
+    def rows(
+        self, index: Sequence[int] | np.ndarray | torch.Tensor, site: str | None = None, device: Any = None
+    ) -> torch.Tensor:
         """Rows [len(index), width] of ``site``, in the order given."""
         site = self._site(site)
         index = np.asarray(index, dtype=np.int64)
@@ -496,12 +606,19 @@ class ActivationDataset:
             index = range(*index.indices(len(self)))
         return self.rows(np.atleast_1d(np.asarray(index)))
 
-    def batches(self, site: str | None = None, batch_size: int = 4096, shuffle: bool = False, seed: int = 0,
-                device: Any = None, drop_last: bool = False) -> Iterator[torch.Tensor]:
+    def batches(
+        self,
+        site: str | None = None,
+        batch_size: int = 4096,
+        shuffle: bool = False,
+        seed: int = 0,
+        device: Any = None,
+        drop_last: bool = False,
+    ) -> Iterator[torch.Tensor]:
         """Batches [batch, width] of ``site``: in order, or a seeded shuffle of all rows."""
         order = np.random.default_rng(seed).permutation(len(self)) if shuffle else np.arange(len(self))
         for start in range(0, len(self), batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             if drop_last and len(idx) < batch_size:
                 return
             yield self.rows(np.sort(idx) if shuffle else idx, site, device)
@@ -515,7 +632,9 @@ class ActivationDataset:
             shard = self._shard(s)
             local = r - self._row_starts[s]
             ctx = int(shard["row_context"][local])
-            contexts.append(torch.from_numpy(np.array(shard["tokens"][ctx - self.manifest["shards"][s]["first_context"]])))
+            contexts.append(
+                torch.from_numpy(np.array(shard["tokens"][ctx - self.manifest["shards"][s]["first_context"]]))
+            )
             positions.append(int(shard["row_position"][local]))
         return torch.stack(contexts).long(), torch.tensor(positions)
 
@@ -523,20 +642,26 @@ class ActivationDataset:
         """Raise if ``model`` is not the model (name and weight processing) that wrote this."""
         m = self.manifest
         if m["model_name"] != model.cfg.model_name or list(m["processing"]) != list(model.cfg.processing):
-            raise ValueError(f"{self.path} was harvested from {m['model_name']!r} with processing {m['processing']}, "
-                             f"but this model is {model.cfg.model_name!r} with {list(model.cfg.processing)}: its "
-                             f"activations would not match")
+            raise ValueError(
+                f"{self.path} was harvested from {m['model_name']!r} with processing {m['processing']}, "
+                f"but this model is {model.cfg.model_name!r} with {list(model.cfg.processing)}: its "
+                f"activations would not match"
+            )
         if m["d_vocab"] != model.cfg.d_vocab:
-            raise ValueError(f"{self.path} was harvested with a vocabulary of {m['d_vocab']}, this model has "
-                             f"{model.cfg.d_vocab}")
+            raise ValueError(
+                f"{self.path} was harvested with a vocabulary of {m['d_vocab']}, this model has {model.cfg.d_vocab}"
+            )
 
 
 # Command line (registered by cli.py) ----------------------------------------------------
 def add_harvest_arguments(p: Any) -> None:
     from .resolution import DEFAULT_MODEL
 
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"preset, HF repo id, directory or .gguf (default: "
-                                                          f"{DEFAULT_MODEL}, embedded)")
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"preset, HF repo id, directory or .gguf (default: {DEFAULT_MODEL}, embedded)",
+    )
     p.add_argument("--no-processing", action="store_true", help="load the weights unprocessed (no fold_ln etc.)")
     p.add_argument("--device", default=None, help="torch device (default: cpu)")
     p.add_argument("--data", required=True, help="a text file (documents separated by blank lines) or .jsonl file")
@@ -557,9 +682,22 @@ def run_harvest(args: Any) -> int:
 
     load = HookedTransformer.from_pretrained_no_processing if args.no_processing else HookedTransformer.from_pretrained
     model = load(args.model, device=args.device)
-    ds = harvest(model, args.data, args.sites, args.out, context_size=args.context_size, batch_size=args.batch_size,
-                 positions=args.positions, exclude_bos=not args.keep_bos, dtype=args.dtype,
-                 shard_tokens=args.shard_tokens, max_tokens=args.max_tokens, text_key=args.text_key)
-    print(f"{ds.path}: {len(ds)} rows of {', '.join(ds.sites)} from {ds.manifest['n_tokens']} tokens in "
-          f"{len(ds.manifest['shards'])} shard(s)")
+    ds = harvest(
+        model,
+        args.data,
+        args.sites,
+        args.out,
+        context_size=args.context_size,
+        batch_size=args.batch_size,
+        positions=args.positions,
+        exclude_bos=not args.keep_bos,
+        dtype=args.dtype,
+        shard_tokens=args.shard_tokens,
+        max_tokens=args.max_tokens,
+        text_key=args.text_key,
+    )
+    print(
+        f"{ds.path}: {len(ds)} rows of {', '.join(ds.sites)} from {ds.manifest['n_tokens']} tokens in "
+        f"{len(ds.manifest['shards'])} shard(s)"
+    )
     return 0

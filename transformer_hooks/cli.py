@@ -31,9 +31,23 @@ from .parity import ParityRow, format_parity, load_hf_model, parity_errors, pari
 from .plots import plot_dla, plot_logit_lens
 from .resolution import DEFAULT_MODEL
 
-__all__ = ["DEFAULT_PROMPT", "DLAResult", "LENS_COLUMNS", "ParityRow", "build_parser", "direct_logit_attribution",
-           "format_dla", "format_logit_lens", "format_parity", "load_hf_model", "load_model", "main", "parity_errors",
-           "plot_dla", "plot_logit_lens"]
+__all__ = [
+    "DEFAULT_PROMPT",
+    "DLAResult",
+    "LENS_COLUMNS",
+    "ParityRow",
+    "build_parser",
+    "direct_logit_attribution",
+    "format_dla",
+    "format_logit_lens",
+    "format_parity",
+    "load_hf_model",
+    "load_model",
+    "main",
+    "parity_errors",
+    "plot_dla",
+    "plot_logit_lens",
+]
 
 DEFAULT_PROMPT = "The capital of France is"
 
@@ -110,8 +124,10 @@ def cmd_parity(args: argparse.Namespace) -> int:
             check_prompt(args.prompt)
         tokens = parity_tokens(model, args.prompt)
         rows = parity_errors(model, hf_model, tokens)
-    print(f"parity of {args.model} ({model.cfg.n_layers} layers, {tokens.shape[1]} tokens, float32): "
-          f"transformer_hooks vs HF transformers")
+    print(
+        f"parity of {args.model} ({model.cfg.n_layers} layers, {tokens.shape[1]} tokens, float32): "
+        f"transformer_hooks vs HF transformers"
+    )
     print(format_parity(rows, args.tol))
     failed = [r.name for r in rows if not r.max_abs_error <= args.tol]
     if failed:
@@ -126,8 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="{dla,logit-lens,parity,harvest,sae-eval}")
 
     def model_args(p: argparse.ArgumentParser, top: int) -> None:
-        p.add_argument("--model", default=DEFAULT_MODEL,
-                       help=f"preset, HF repo id, local directory or .gguf file (default: {DEFAULT_MODEL}, embedded)")
+        p.add_argument(
+            "--model",
+            default=DEFAULT_MODEL,
+            help=f"preset, HF repo id, local directory or .gguf file (default: {DEFAULT_MODEL}, embedded)",
+        )
         p.add_argument("--no-processing", action="store_true", help="load the weights unprocessed (no fold_ln etc.)")
         p.add_argument("--device", default=None, help="torch device (default: cpu)")
         p.add_argument("--out", default=".", help="directory for the PNG (default: current directory)")
@@ -154,10 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     parity.set_defaults(func=cmd_parity)
 
     from .activations import add_harvest_arguments, run_harvest
+
     harvest = sub.add_parser("harvest", help="store sites' activations over a corpus (resumable)")
     add_harvest_arguments(harvest)
     harvest.set_defaults(func=run_harvest)
     from .sae.splice import add_sae_eval_arguments, run_sae_eval
+
     sae_eval = sub.add_parser("sae-eval", help="an SAE's reconstruction, sparsity and CE loss recovered on a corpus")
     add_sae_eval_arguments(sae_eval)
     sae_eval.set_defaults(func=run_sae_eval)

@@ -19,14 +19,15 @@ from .tables import text_table
 
 def check_prompt(prompt: str) -> None:
     if not prompt:
-        raise ValueError("empty prompt: pass the text to analyse, e.g. --prompt \"The capital of France is\"")
+        raise ValueError('empty prompt: pass the text to analyse, e.g. --prompt "The capital of France is"')
 
 
 def position_index(pos: int, n_tokens: int) -> int:
     """``pos`` (negative counts from the end) as an index in ``[0, n_tokens)``, or a clear error."""
     if not -n_tokens <= pos < n_tokens:
-        raise ValueError(f"--pos {pos} is out of range for a prompt of {n_tokens} tokens "
-                         f"(valid: {-n_tokens}..{n_tokens - 1})")
+        raise ValueError(
+            f"--pos {pos} is out of range for a prompt of {n_tokens} tokens (valid: {-n_tokens}..{n_tokens - 1})"
+        )
     return pos % n_tokens
 
 
@@ -67,13 +68,24 @@ def direct_logit_attribution(model: Any, prompt: str, answer: str, contrast: str
     check_prompt(prompt)
     a, b = model.to_single_token(answer), model.to_single_token(contrast)
     if a == b:
-        raise ValueError(f"--answer {answer!r} and --contrast {contrast!r} are the same token ({a}); "
-                         f"their logit difference is 0 by definition")
+        raise ValueError(
+            f"--answer {answer!r} and --contrast {contrast!r} are the same token ({a}); "
+            f"their logit difference is 0 by definition"
+        )
     tokens = model.to_tokens(prompt)
     pos = position_index(pos, tokens.shape[1])
-    suffixes = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
-                "attn.hook_z", "hook_embed", "hook_pos_embed", "ln_final.hook_scale",
-                "_post.hook_scale")  # post-norms' scales (Gemma 2/3, OLMo 2): a head's direct part passes them
+    suffixes = (
+        "hook_resid_pre",
+        "hook_resid_mid",
+        "hook_resid_post",
+        "hook_attn_out",
+        "hook_mlp_out",
+        "attn.hook_z",
+        "hook_embed",
+        "hook_pos_embed",
+        "ln_final.hook_scale",
+        "_post.hook_scale",
+    )  # post-norms' scales (Gemma 2/3, OLMo 2): a head's direct part passes them
     wanted = lambda name: name.endswith(suffixes)  # noqa: E731
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens, names_filter=wanted)
@@ -91,16 +103,22 @@ def direct_logit_attribution(model: Any, prompt: str, answer: str, contrast: str
         part_attrs = dict(zip(labels, cache.logit_attrs(parts, a, b, pos_slice=pos)[:, 0].tolist()))
     layers = range(cfg.n_layers)
     return DLAResult(
-        str_tokens=model.to_str_tokens(tokens[0]), pos=pos, answer=answer, contrast=contrast,
-        answer_logit=float(logits[0, pos, a]), contrast_logit=float(logits[0, pos, b]),
+        str_tokens=model.to_str_tokens(tokens[0]),
+        pos=pos,
+        answer=answer,
+        contrast=contrast,
+        answer_logit=float(logits[0, pos, a]),
+        contrast_logit=float(logits[0, pos, b]),
         logit_diff=float(logits[0, pos, a] - logits[0, pos, b]),
         logit_diff_before_cap=None if cfg.final_logit_softcap is None else float(accumulated[-1, 0]),
         softcap=cfg.final_logit_softcap,
-        accumulated=accumulated[:, 0].cpu(), accumulated_labels=acc_labels,
+        accumulated=accumulated[:, 0].cpu(),
+        accumulated_labels=acc_labels,
         heads=heads[:, 0].reshape(cfg.n_layers, cfg.n_heads).cpu(),
         attn=torch.tensor([part_attrs[f"{l}_attn_out"] for l in layers]),
         mlp=torch.tensor([part_attrs[f"{l}_mlp_out"] for l in layers]),
-        embed=part_attrs["embed"] + part_attrs.get("pos_embed", 0.0), constant=float(constant),
+        embed=part_attrs["embed"] + part_attrs.get("pos_embed", 0.0),
+        constant=float(constant),
     )
 
 
@@ -112,8 +130,14 @@ def format_dla(r: DLAResult, top: int = 10) -> str:
         f"({r.str_tokens[r.pos]!r})",
         f"logit({r.answer!r}) = {r.answer_logit:.4f}   logit({r.contrast!r}) = {r.contrast_logit:.4f}",
         f"logit difference = {r.logit_diff:.4f}",
-        *([] if r.softcap is None else [f"logit difference before the final soft-cap (c * tanh(x / c), c = "
-                                        f"{r.softcap:g}) = {r.logit_diff_before_cap:.4f}"]),
+        *(
+            []
+            if r.softcap is None
+            else [
+                f"logit difference before the final soft-cap (c * tanh(x / c), c = "
+                f"{r.softcap:g}) = {r.logit_diff_before_cap:.4f}"
+            ]
+        ),
         f"  = embeddings {r.embed:+.4f} + attention {float(r.attn.sum()):+.4f} + MLPs {float(r.mlp.sum()):+.4f}"
         f" + unembedding/norm biases {r.constant:+.4f} (sum {total:.4f})",
         "",
@@ -126,7 +150,9 @@ def format_dla(r: DLAResult, top: int = 10) -> str:
     lines += ["", f"Top {min(top, n_layers)} layers by |direct contribution| (attention incl. b_O, MLP incl. b_out)"]
     per_layer = r.attn + r.mlp
     order = per_layer.abs().argsort(descending=True)[:top].tolist()
-    rows = [[str(i + 1), str(l), f"{float(r.attn[l]):+.4f}", f"{float(r.mlp[l]):+.4f}", f"{float(per_layer[l]):+.4f}"]
-            for i, l in enumerate(order)]
+    rows = [
+        [str(i + 1), str(l), f"{float(r.attn[l]):+.4f}", f"{float(r.mlp[l]):+.4f}", f"{float(per_layer[l]):+.4f}"]
+        for i, l in enumerate(order)
+    ]
     lines += text_table(["rank", "layer", "attn", "mlp", "total"], rows)
     return "\n".join(lines)

@@ -32,9 +32,14 @@ if TYPE_CHECKING:
     from .tokens import ModelInput
 
 
-def sample_logits(final_logits: Float[torch.Tensor, "batch d_vocab"], top_k: int | None = None,
-                  top_p: float | None = None, temperature: float = 1.0, freq_penalty: float = 0.0,
-                  token_counts: Float[torch.Tensor, "batch d_vocab"] | None = None) -> Int[torch.Tensor, "batch"]:
+def sample_logits(
+    final_logits: Float[torch.Tensor, "batch d_vocab"],
+    top_k: int | None = None,
+    top_p: float | None = None,
+    temperature: float = 1.0,
+    freq_penalty: float = 0.0,
+    token_counts: Float[torch.Tensor, "batch d_vocab"] | None = None,
+) -> Int[torch.Tensor, "batch"]:
     """One token per row, as TransformerLens samples.
 
     ``temperature == 0``: argmax. Otherwise logits / temperature, minus
@@ -71,8 +76,10 @@ def _stop_tokens(model: "HookedTransformer", eos_token_id: int | Sequence[int] |
     if eos_token_id is None:
         eos_token_id = tokenizer_eos if tokenizer_eos is not None else model.cfg.eos_token_id
     if eos_token_id is None:
-        raise ValueError("stop_at_eos=True but neither the tokenizer nor the config names an end-of-sequence "
-                         "token: pass eos_token_id=..., or stop_at_eos=False")
+        raise ValueError(
+            "stop_at_eos=True but neither the tokenizer nor the config names an end-of-sequence "
+            "token: pass eos_token_id=..., or stop_at_eos=False"
+        )
     if isinstance(eos_token_id, int):
         return [eos_token_id], eos_token_id
     stops = [int(t) for t in eos_token_id]
@@ -90,13 +97,24 @@ def _left_aligned(tokens: torch.Tensor, mask: torch.Tensor | None) -> tuple[torc
 
 
 @torch.inference_mode()
-def generate(model: "HookedTransformer", input: "ModelInput" = "", max_new_tokens: int = 10,
-             stop_at_eos: bool = True, eos_token_id: int | Sequence[int] | None = None, do_sample: bool = True,
-             top_k: int | None = None, top_p: float | None = None, temperature: float = 1.0,
-             freq_penalty: float = 0.0, use_past_kv_cache: bool = True, prepend_bos: bool | None = None,
-             padding_side: Literal["left", "right"] | None = "left",
-             return_type: Literal["input", "str", "tokens"] = "input", verbose: bool = True,
-             attention_mask: Int[torch.Tensor, "batch pos"] | None = None) -> Any:
+def generate(
+    model: "HookedTransformer",
+    input: "ModelInput" = "",
+    max_new_tokens: int = 10,
+    stop_at_eos: bool = True,
+    eos_token_id: int | Sequence[int] | None = None,
+    do_sample: bool = True,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    temperature: float = 1.0,
+    freq_penalty: float = 0.0,
+    use_past_kv_cache: bool = True,
+    prepend_bos: bool | None = None,
+    padding_side: Literal["left", "right"] | None = "left",
+    return_type: Literal["input", "str", "tokens"] = "input",
+    verbose: bool = True,
+    attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
+) -> Any:
     """Continue ``input`` by up to ``max_new_tokens`` tokens.
 
     ``input``: a string, a list of strings (padded on the left), or tokens [batch, pos]
@@ -123,9 +141,11 @@ def generate(model: "HookedTransformer", input: "ModelInput" = "", max_new_token
     tokens, mask = _left_aligned(tokens, mask)
     batch, prompt_len = tokens.shape
     if model.cfg.positional_embedding == "learned" and prompt_len + max_new_tokens > model.cfg.n_ctx:
-        raise ValueError(f"a prompt of {prompt_len} tokens plus max_new_tokens={max_new_tokens} exceeds this model's "
-                         f"context (n_ctx={model.cfg.n_ctx}, learned positions); lower max_new_tokens to at most "
-                         f"{max(model.cfg.n_ctx - prompt_len, 0)} or shorten the prompt")
+        raise ValueError(
+            f"a prompt of {prompt_len} tokens plus max_new_tokens={max_new_tokens} exceeds this model's "
+            f"context (n_ctx={model.cfg.n_ctx}, learned positions); lower max_new_tokens to at most "
+            f"{max(model.cfg.n_ctx - prompt_len, 0)} or shorten the prompt"
+        )
     stops, eos_for_padding = _stop_tokens(model, eos_token_id) if stop_at_eos else ([], 0)
     stops = torch.tensor(stops, device=tokens.device)
 
@@ -146,12 +166,16 @@ def generate(model: "HookedTransformer", input: "ModelInput" = "", max_new_token
     if use_past_kv_cache:
         cache = KVCache(model.cfg, batch, prompt_len + max_new_tokens, model.device, model.dtype)
         if prompt_len > 1:  # the prompt but its last token: only the cache is needed, not logits
-            model(tokens[:, :-1], attention_mask=None if mask is None else mask[:, :-1], past_kv_cache=cache,
-                  return_type=None)
+            model(
+                tokens[:, :-1],
+                attention_mask=None if mask is None else mask[:, :-1],
+                past_kv_cache=cache,
+                return_type=None,
+            )
     end = prompt_len
     for _ in tqdm(range(max_new_tokens), disable=not verbose, desc="generate"):
         if cache is not None:  # one token (the last column is real in every row: left-aligned)
-            final_logits = model(out[:, end - 1:end], past_kv_cache=cache)[:, -1]
+            final_logits = model(out[:, end - 1 : end], past_kv_cache=cache)[:, -1]
         else:
             final_logits = model(out[:, :end], attention_mask=None if out_mask is None else out_mask[:, :end])[:, -1]
         if do_sample:
@@ -172,13 +196,20 @@ def generate(model: "HookedTransformer", input: "ModelInput" = "", max_new_token
     if return_type == "tokens":
         return out
     prepended = text_input and (model.cfg.default_prepend_bos if prepend_bos is None else prepend_bos)
-    texts = _decode(model, out, None if out_mask is None else out_mask[:, :end], prompt_len, prepended,
-                    set(stops.tolist()))
+    texts = _decode(
+        model, out, None if out_mask is None else out_mask[:, :end], prompt_len, prepended, set(stops.tolist())
+    )
     return texts[0] if isinstance(input, str) else texts
 
 
-def _decode(model: "HookedTransformer", out: torch.Tensor, mask: torch.Tensor | None, prompt_len: int,
-            prepended: bool, stops: set[int]) -> list[str]:
+def _decode(
+    model: "HookedTransformer",
+    out: torch.Tensor,
+    mask: torch.Tensor | None,
+    prompt_len: int,
+    prepended: bool,
+    stops: set[int],
+) -> list[str]:
     """Each row as text: no left padding, no prepended BOS, nothing after the first end token."""
     tokenizer = require_tokenizer(model.tokenizer)
     texts = []

@@ -46,8 +46,12 @@ Targets = Union[str, int, Sequence[int], torch.Tensor, None]
 _CHUNK_LOGITS = 32 * 2**20  # logits held at once (x4 bytes, plus softmax temporaries)
 
 
-def lens_stack(cache: ActivationCache, sites: Sequence[str] = LENS_SITES, layers: Sequence[int] | None = None,
-               pos_slice: SliceInput | Slice = None) -> tuple[Stack, list[str], list[int], list[str]]:
+def lens_stack(
+    cache: ActivationCache,
+    sites: Sequence[str] = LENS_SITES,
+    layers: Sequence[int] | None = None,
+    pos_slice: SliceInput | Slice = None,
+) -> tuple[Stack, list[str], list[int], list[str]]:
     """The activations to decode, stacked: ``(stack, labels, layers, sites)``, one entry per
     row, layer-major and in ``LENS_SITES`` order within a layer (``"3_resid_pre"``).
     Parallel-residual blocks have no ``resid_mid``; it is skipped there.
@@ -73,9 +77,13 @@ def lens_stack(cache: ActivationCache, sites: Sequence[str] = LENS_SITES, layers
     return torch.stack(rows), labels, row_layers, row_sites
 
 
-def final_norm(model: Any, stack: Float[torch.Tensor, "... d_model"], norm: Norm = "recompute",
-               cache: ActivationCache | None = None, pos_slice: SliceInput | Slice = None
-               ) -> Float[torch.Tensor, "... d_model"]:
+def final_norm(
+    model: Any,
+    stack: Float[torch.Tensor, "... d_model"],
+    norm: Norm = "recompute",
+    cache: ActivationCache | None = None,
+    pos_slice: SliceInput | Slice = None,
+) -> Float[torch.Tensor, "... d_model"]:
     """``model.ln_final`` applied to each vector of ``stack`` (weight and bias included).
 
     ``recompute``: each vector's own mean and RMS (``eps`` as the model's). ``cached``:
@@ -150,9 +158,19 @@ class LogitLens:
         return build(self.top_tokens)
 
 
-def logit_lens(model: Any, input: Any, *, sites: Sequence[str] = LENS_SITES, layers: Sequence[int] | None = None,
-               pos_slice: SliceInput | Slice = None, top_k: int = 5, targets: Targets = None,
-               norm: Norm = "recompute", chunk_size: int | None = None, progress: bool = True) -> LogitLens:
+def logit_lens(
+    model: Any,
+    input: Any,
+    *,
+    sites: Sequence[str] = LENS_SITES,
+    layers: Sequence[int] | None = None,
+    pos_slice: SliceInput | Slice = None,
+    top_k: int = 5,
+    targets: Targets = None,
+    norm: Norm = "recompute",
+    chunk_size: int | None = None,
+    progress: bool = True,
+) -> LogitLens:
     """Decode every (layer, site) of ``sites`` through the final norm and unembedding.
 
     ``input``: an ``ActivationCache`` with the sites (and, for ``norm="cached"``, the final
@@ -182,7 +200,7 @@ def logit_lens(model: Any, input: Any, *, sites: Sequence[str] = LENS_SITES, lay
     chunks = range(0, stack.shape[0], chunk_size)
     with torch.no_grad():
         for start in tqdm(chunks, desc="logit lens", unit="chunk", delay=1.0, leave=False, disable=not progress):
-            rows = stack[start:start + chunk_size]
+            rows = stack[start : start + chunk_size]
             logits = unembed(model, final_norm(model, rows, norm, cache, pos_slice)).float()
             log_probs = logits.log_softmax(-1)
             top = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
@@ -211,8 +229,10 @@ def _targets(model: Any, targets: Targets, shape: torch.Size, device: torch.devi
     try:
         return ids.expand(shape)
     except RuntimeError:
-        raise ValueError(f"targets of shape {tuple(ids.shape)} do not match the decoded positions "
-                         f"{tuple(shape)} (batch and positions after pos_slice)") from None
+        raise ValueError(
+            f"targets of shape {tuple(ids.shape)} do not match the decoded positions "
+            f"{tuple(shape)} (batch and positions after pos_slice)"
+        ) from None
 
 
 # The text table of the ``logit-lens`` command ----------------------------------------------
@@ -225,14 +245,20 @@ def format_logit_lens(lens: LogitLens, model: Any, str_tokens: list[str], pos: i
     strings = lens.top_strings(model)
 
     def cell(row: int) -> str:
-        return "  ".join(f"{short_repr(strings[row][0][pos][k])} {float(lens.top_probs[row, 0, pos, k]):.2f}"
-                         for k in range(min(top, lens.top_tokens.shape[-1])))
+        return "  ".join(
+            f"{short_repr(strings[row][0][pos][k])} {float(lens.top_probs[row, 0, pos, k]):.2f}"
+            for k in range(min(top, lens.top_tokens.shape[-1]))
+        )
 
     index = {label: i for i, label in enumerate(lens.labels)}
     rows = [["embed", cell(index["0_resid_pre"]), "", ""]]
     for layer in sorted(set(lens.layers)):
         rows.append([str(layer)] + [cell(index[f"{layer}_{site}"]) for site in LENS_COLUMNS])
-    head = [f"Logit lens at position {pos} ({str_tokens[pos]!r}): top {top} tokens (probability) of each "
-            f"vector through the final norm and unembedding", ""]
-    return "\n".join(head + text_table(["layer", "residual stream after the layer", "attention output",
-                                        "MLP output"], rows))
+    head = [
+        f"Logit lens at position {pos} ({str_tokens[pos]!r}): top {top} tokens (probability) of each "
+        f"vector through the final norm and unembedding",
+        "",
+    ]
+    return "\n".join(
+        head + text_table(["layer", "residual stream after the layer", "attention output", "MLP output"], rows)
+    )

@@ -60,9 +60,18 @@ class HookedTransformer(HookedRootModule):
 
     # Loading (see loading.py) -----------------------------------------------------
     @classmethod
-    def from_pretrained(cls, name_or_path: str, *, fold_ln: bool = True, center_writing_weights: bool = True,
-                        center_unembed: bool = True, fold_value_biases: bool = True, device: Any = None,
-                        dtype: torch.dtype | str = torch.float32, **kwargs: Any) -> "HookedTransformer":
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        fold_ln: bool = True,
+        center_writing_weights: bool = True,
+        center_unembed: bool = True,
+        fold_value_biases: bool = True,
+        device: Any = None,
+        dtype: torch.dtype | str = torch.float32,
+        **kwargs: Any,
+    ) -> "HookedTransformer":
         """Load a preset name, HF repo id, local HF directory, converted checkpoint or .gguf
         file, with TransformerLens's default weight processing (see processing.py).
 
@@ -71,9 +80,16 @@ class HookedTransformer(HookedRootModule):
         ``move_to_device`` (see ``loading.load_model``)."""
         from .loading import load_model
 
-        return load_model(name_or_path, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
-                          center_unembed=center_unembed, fold_value_biases=fold_value_biases,
-                          device=device, dtype=dtype, **kwargs)
+        return load_model(
+            name_or_path,
+            fold_ln=fold_ln,
+            center_writing_weights=center_writing_weights,
+            center_unembed=center_unembed,
+            fold_value_biases=fold_value_biases,
+            device=device,
+            dtype=dtype,
+            **kwargs,
+        )
 
     @classmethod
     def from_pretrained_no_processing(cls, name_or_path: str, **kwargs: Any) -> "HookedTransformer":
@@ -94,13 +110,19 @@ class HookedTransformer(HookedRootModule):
         return self.embed.W_E.dtype
 
     # Forward --------------------------------------------------------------------------
-    def forward(self, input: ModelInput | Float[torch.Tensor, "batch pos d_model"], return_type: ReturnType = "logits",
-                loss_per_token: bool = False, prepend_bos: bool | None = None,
-                padding_side: Literal["left", "right"] | None = None,
-                attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
-                start_at_layer: int | None = None, stop_at_layer: int | None = None,
-                tokens: Int[torch.Tensor, "batch pos"] | None = None,
-                past_kv_cache: KVCache | None = None) -> Any:
+    def forward(
+        self,
+        input: ModelInput | Float[torch.Tensor, "batch pos d_model"],
+        return_type: ReturnType = "logits",
+        loss_per_token: bool = False,
+        prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None,
+        attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
+        start_at_layer: int | None = None,
+        stop_at_layer: int | None = None,
+        tokens: Int[torch.Tensor, "batch pos"] | None = None,
+        past_kv_cache: KVCache | None = None,
+    ) -> Any:
         """Run the model.
 
         ``input``: a string, a list of strings (padded; the mask comes with them), or tokens
@@ -117,8 +139,9 @@ class HookedTransformer(HookedRootModule):
         start = self._layer_index(start_at_layer, "start_at_layer") if start_at_layer is not None else 0
         stop = self._layer_index(stop_at_layer, "stop_at_layer", allow_end=True) if stop_at_layer is not None else n
         if start > stop:
-            raise ValueError(f"start_at_layer={start_at_layer} comes after stop_at_layer={stop_at_layer}: "
-                             f"nothing would run")
+            raise ValueError(
+                f"start_at_layer={start_at_layer} comes after stop_at_layer={stop_at_layer}: nothing would run"
+            )
 
         if start_at_layer is None:
             tokens, attention_mask = self.tokens_and_mask(input, prepend_bos, padding_side, attention_mask)
@@ -127,17 +150,19 @@ class HookedTransformer(HookedRootModule):
             resid = input
             if not isinstance(resid, torch.Tensor) or resid.ndim != 3 or resid.shape[-1] != self.cfg.d_model:
                 shape = tuple(resid.shape) if isinstance(resid, torch.Tensor) else type(resid).__name__
-                raise ValueError(f"with start_at_layer, input is the residual stream [batch, pos, d_model="
-                                 f"{self.cfg.d_model}], got {shape}")
+                raise ValueError(
+                    f"with start_at_layer, input is the residual stream [batch, pos, d_model="
+                    f"{self.cfg.d_model}], got {shape}"
+                )
             if resid.dtype != self.dtype:
-                raise ValueError(f"the residual stream is {resid.dtype} but the model is {self.dtype}; "
-                                 f"pass resid.to({self.dtype})")
+                raise ValueError(
+                    f"the residual stream is {resid.dtype} but the model is {self.dtype}; pass resid.to({self.dtype})"
+                )
             batch, q_len = resid.shape[:2]
             if attention_mask is not None:
                 attention_mask = self._check_mask(attention_mask, (batch, q_len))
 
-        positions, mask = self._positions_and_mask(batch, q_len, attention_mask, past_kv_cache,
-                                                   device=self.device)
+        positions, mask = self._positions_and_mask(batch, q_len, attention_mask, past_kv_cache, device=self.device)
         if start_at_layer is None:
             resid = self.hook_embed(self.embed(tokens))
             if self.cfg.positional_embedding == "learned":
@@ -169,8 +194,9 @@ class HookedTransformer(HookedRootModule):
     def _layer_index(self, layer: int, what: str, allow_end: bool = False) -> int:
         return check_layer(layer, self.cfg.n_layers, what, allow_end=allow_end)
 
-    def _positions_and_mask(self, batch: int, q_len: int, attention_mask: torch.Tensor | None,
-                            cache: KVCache | None, device: torch.device) -> tuple[torch.Tensor, AttentionMask]:
+    def _positions_and_mask(
+        self, batch: int, q_len: int, attention_mask: torch.Tensor | None, cache: KVCache | None, device: torch.device
+    ) -> tuple[torch.Tensor, AttentionMask]:
         if attention_mask is None:
             positions = torch.arange(q_len, device=device).expand(batch, q_len)
         else:
@@ -179,9 +205,11 @@ class HookedTransformer(HookedRootModule):
         if cache is not None:
             positions = cache.continue_positions(positions)
         if self.cfg.positional_embedding == "learned" and int(positions.max()) >= self.cfg.n_ctx:
-            raise ValueError(f"sequence of {int(positions.max()) + 1} positions is longer than this model's context "
-                             f"(n_ctx={self.cfg.n_ctx}, learned positions); truncate the input to "
-                             f"{self.cfg.n_ctx} tokens")
+            raise ValueError(
+                f"sequence of {int(positions.max()) + 1} positions is longer than this model's context "
+                f"(n_ctx={self.cfg.n_ctx}, learned positions); truncate the input to "
+                f"{self.cfg.n_ctx} tokens"
+            )
 
         if cache is not None:
             return positions, AttentionMask(q_len, cache.length + q_len, cache.key_mask(q_len, attention_mask), device)
@@ -189,25 +217,43 @@ class HookedTransformer(HookedRootModule):
         return positions, AttentionMask(q_len, q_len, key_is_real, device)
 
     # Tokens (see tokens.py) --------------------------------------------------------------
-    def tokens_and_mask(self, input: ModelInput, prepend_bos: bool | None = None,
-                        padding_side: Literal["left", "right"] | None = None,
-                        attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def tokens_and_mask(
+        self,
+        input: ModelInput,
+        prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Tokens [batch, pos] on the model's device, checked, and the padding mask (or None)."""
-        return tokens_lib.tokens_and_mask(self.tokenizer, self.cfg, input, prepend_bos, padding_side,
-                                          attention_mask, self.device)
+        return tokens_lib.tokens_and_mask(
+            self.tokenizer, self.cfg, input, prepend_bos, padding_side, attention_mask, self.device
+        )
 
     def _check_mask(self, attention_mask: Any, shape: tuple[int, int]) -> torch.Tensor:
         return tokens_lib.check_mask(attention_mask, shape, self.device)
 
-    def to_tokens(self, input: TextInput, prepend_bos: bool | None = None,
-                  padding_side: Literal["left", "right"] | None = None, move_to_device: bool = True,
-                  truncate: bool = True) -> Int[torch.Tensor, "batch pos"]:
+    def to_tokens(
+        self,
+        input: TextInput,
+        prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None,
+        move_to_device: bool = True,
+        truncate: bool = True,
+    ) -> Int[torch.Tensor, "batch pos"]:
         """Token ids [batch, pos]; a list of strings is padded (see ``to_tokens_and_mask``)."""
-        return tokens_lib.to_tokens(self.tokenizer, self.cfg, input, prepend_bos, padding_side,
-                                    self.device if move_to_device else "cpu", truncate)
+        return tokens_lib.to_tokens(
+            self.tokenizer,
+            self.cfg,
+            input,
+            prepend_bos,
+            padding_side,
+            self.device if move_to_device else "cpu",
+            truncate,
+        )
 
-    def to_tokens_and_mask(self, input: TextInput, prepend_bos: bool | None = None,
-                           padding_side: Literal["left", "right"] | None = None):
+    def to_tokens_and_mask(
+        self, input: TextInput, prepend_bos: bool | None = None, padding_side: Literal["left", "right"] | None = None
+    ):
         """(tokens, attention_mask) for a padded batch; the mask is all ones without padding."""
         tokens, mask = tokens_lib.tokenize(self.tokenizer, self.cfg, input, prepend_bos, padding_side, self.device)
         return tokens, torch.ones_like(tokens) if mask is None else mask
@@ -215,18 +261,28 @@ class HookedTransformer(HookedRootModule):
     def to_string(self, tokens: Int[torch.Tensor, "... pos"] | int | Sequence[int]) -> str | list[str]:
         return tokens_lib.to_string(self.tokenizer, tokens)
 
-    def to_str_tokens(self, input: str | torch.Tensor | Sequence[int], prepend_bos: bool | None = None,
-                      padding_side: Literal["left", "right"] | None = None) -> list[str] | list[list[str]]:
+    def to_str_tokens(
+        self,
+        input: str | torch.Tensor | Sequence[int],
+        prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None,
+    ) -> list[str] | list[list[str]]:
         return tokens_lib.to_str_tokens(self.tokenizer, self.cfg, input, prepend_bos, padding_side)
 
     def to_single_token(self, string: str) -> int:
         return tokens_lib.to_single_token(self.tokenizer, self.cfg, string)
 
-    def get_token_position(self, single_token: str | int, input: str | torch.Tensor,
-                           mode: Literal["first", "last"] = "first", prepend_bos: bool | None = None,
-                           padding_side: Literal["left", "right"] | None = None) -> int:
-        return tokens_lib.get_token_position(self.tokenizer, self.cfg, single_token, input, mode, prepend_bos,
-                                             padding_side)
+    def get_token_position(
+        self,
+        single_token: str | int,
+        input: str | torch.Tensor,
+        mode: Literal["first", "last"] = "first",
+        prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None,
+    ) -> int:
+        return tokens_lib.get_token_position(
+            self.tokenizer, self.cfg, single_token, input, mode, prepend_bos, padding_side
+        )
 
     # Weights stacked over layers -------------------------------------------------------
     def _stack(self, path: str) -> torch.Tensor:
@@ -278,14 +334,22 @@ class HookedTransformer(HookedRootModule):
     # value head h // group_size; these properties repeat each kv head for its query heads,
     # as a new tensor [n_layers, head, ...], so per-head circuits (W_Q[l, h] @ W_K[l, h].T,
     # W_V[l, h] @ W_O[l, h]) index one axis. For MHA they equal W_K / W_V.
-    W_K_per_query_head = property(lambda self: self.W_K.repeat_interleave(self.cfg.group_size, dim=1),
-                                  doc="[n_layers, head, d_model, d_head]: W_K repeated per query head")
-    W_V_per_query_head = property(lambda self: self.W_V.repeat_interleave(self.cfg.group_size, dim=1),
-                                  doc="[n_layers, head, d_model, d_head]: W_V repeated per query head")
-    b_K_per_query_head = property(lambda self: self.b_K.repeat_interleave(self.cfg.group_size, dim=1),
-                                  doc="[n_layers, head, d_head]: b_K repeated per query head")
-    b_V_per_query_head = property(lambda self: self.b_V.repeat_interleave(self.cfg.group_size, dim=1),
-                                  doc="[n_layers, head, d_head]: b_V repeated per query head")
+    W_K_per_query_head = property(
+        lambda self: self.W_K.repeat_interleave(self.cfg.group_size, dim=1),
+        doc="[n_layers, head, d_model, d_head]: W_K repeated per query head",
+    )
+    W_V_per_query_head = property(
+        lambda self: self.W_V.repeat_interleave(self.cfg.group_size, dim=1),
+        doc="[n_layers, head, d_model, d_head]: W_V repeated per query head",
+    )
+    b_K_per_query_head = property(
+        lambda self: self.b_K.repeat_interleave(self.cfg.group_size, dim=1),
+        doc="[n_layers, head, d_head]: b_K repeated per query head",
+    )
+    b_V_per_query_head = property(
+        lambda self: self.b_V.repeat_interleave(self.cfg.group_size, dim=1),
+        doc="[n_layers, head, d_head]: b_V repeated per query head",
+    )
 
     @property
     def QK(self) -> FactoredMatrix:
@@ -299,8 +363,9 @@ class HookedTransformer(HookedRootModule):
         ``x_src @ OV[l, h]`` is what that head writes for a source it attends to fully."""
         return FactoredMatrix(self.W_V_per_query_head, self.W_O)
 
-    def tokens_to_residual_directions(self, tokens: str | int | Sequence[int] | Sequence[str] | torch.Tensor
-                                      ) -> Float[torch.Tensor, "... d_model"]:
+    def tokens_to_residual_directions(
+        self, tokens: str | int | Sequence[int] | Sequence[str] | torch.Tensor
+    ) -> Float[torch.Tensor, "... d_model"]:
         """The residual direction each token's logit reads: ``W_U[:, token]``.
 
         A string (one token) or an int gives [d_model]; a tensor (or list) of ids of shape
@@ -319,8 +384,9 @@ class HookedTransformer(HookedRootModule):
             raise ValueError(f"token ids must be in [0, {self.cfg.d_vocab}), got {ids.tolist()}")
         return self.W_U[:, ids].movedim(0, -1)
 
-    def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True
-                         ) -> Float[torch.Tensor, "d_model"]:
+    def accumulated_bias(
+        self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True
+    ) -> Float[torch.Tensor, "d_model"]:
         """The sum of the output biases (``b_O``, and ``b_out`` with ``include_mlp_biases``)
         written into the residual stream that enters block ``layer`` (0..n_layers; n_layers
         is the input to the unembedding). ``mlp_input``: the stream that block's MLP reads,
@@ -333,11 +399,20 @@ class HookedTransformer(HookedRootModule):
         """
         n = self.cfg.n_layers
         if self.cfg.norm_placement != "pre":
-            raise ValueError(f"accumulated_bias: this model's biases pass through post-norms (norm_placement="
-                             f"{self.cfg.norm_placement!r}), so what they add depends on the input; use the "
-                             f"'bias' row of cache.get_full_resid_decomposition(...) instead")
-        check_index(layer, n, "layer", f"accumulated_bias of a model with {n} layers", allow_end=True,
-                    allow_negative=False, note=f"{n}: the unembedding")
+            raise ValueError(
+                f"accumulated_bias: this model's biases pass through post-norms (norm_placement="
+                f"{self.cfg.norm_placement!r}), so what they add depends on the input; use the "
+                f"'bias' row of cache.get_full_resid_decomposition(...) instead"
+            )
+        check_index(
+            layer,
+            n,
+            "layer",
+            f"accumulated_bias of a model with {n} layers",
+            allow_end=True,
+            allow_negative=False,
+            note=f"{n}: the unembedding",
+        )
         if mlp_input and layer == n:
             raise ValueError(f"mlp_input=True needs a block below {n}; layer={n} is the unembedding")
         bias = torch.zeros(self.cfg.d_model, device=self.device, dtype=self.dtype)
@@ -354,8 +429,13 @@ class HookedTransformer(HookedRootModule):
         ``cache.stack_head_results``."""
         return [f"L{l}H{h}" for l in range(self.cfg.n_layers) for h in range(self.cfg.n_heads)]
 
-    def loss_fn(self, logits: Float[torch.Tensor, "batch pos d_vocab"], tokens: Int[torch.Tensor, "batch pos"],
-                attention_mask: torch.Tensor | None = None, per_token: bool = False) -> torch.Tensor:
+    def loss_fn(
+        self,
+        logits: Float[torch.Tensor, "batch pos d_vocab"],
+        tokens: Int[torch.Tensor, "batch pos"],
+        attention_mask: torch.Tensor | None = None,
+        per_token: bool = False,
+    ) -> torch.Tensor:
         """Next-token cross-entropy of ``logits`` on ``tokens`` (as ``return_type="loss"``)."""
         return lm_cross_entropy_loss(logits, tokens, attention_mask, per_token=per_token)
 
@@ -367,12 +447,14 @@ class HookedTransformer(HookedRootModule):
         self.tokenizer = tokenizer
 
     # Caching ------------------------------------------------------------------------------
-    def run_with_cache(self, *model_args: Any, return_cache_object: bool = True, remove_batch_dim: bool = False,
-                       **kwargs: Any) -> tuple[Any, Any]:
+    def run_with_cache(
+        self, *model_args: Any, return_cache_object: bool = True, remove_batch_dim: bool = False, **kwargs: Any
+    ) -> tuple[Any, Any]:
         """``HookedRootModule.run_with_cache`` (same arguments), with the activations in an
         ``ActivationCache`` (DLA, stacking, TransformerLens's indexing) as TransformerLens does."""
-        out, store = super().run_with_cache(*model_args, return_cache_object=False,
-                                            remove_batch_dim=remove_batch_dim, **kwargs)
+        out, store = super().run_with_cache(
+            *model_args, return_cache_object=False, remove_batch_dim=remove_batch_dim, **kwargs
+        )
         if not return_cache_object:
             return out, store
         from .cache import ActivationCache  # the cache builds on the model: imported when used
@@ -406,9 +488,14 @@ class HookedTransformer(HookedRootModule):
         """Accepted so TransformerLens code runs: ``hook_mlp_in`` always exists here, and the
         default cache holds it at no cost (it shares storage with the residual the MLP reads)."""
 
-    def process_weights_(self, fold_ln: bool = True, center_writing_weights: bool = True,
-                         center_unembed: bool = True, fold_value_biases: bool = True,
-                         refactor_factored_attn_matrices: bool = False) -> "HookedTransformer":
+    def process_weights_(
+        self,
+        fold_ln: bool = True,
+        center_writing_weights: bool = True,
+        center_unembed: bool = True,
+        fold_value_biases: bool = True,
+        refactor_factored_attn_matrices: bool = False,
+    ) -> "HookedTransformer":
         """Apply TransformerLens's weight processing to this model, in place (see processing.py).
 
         Steps already applied are skipped, so a model loaded with ``from_pretrained`` is left as
@@ -418,14 +505,20 @@ class HookedTransformer(HookedRootModule):
         from .loading import processed_copy
         from .processing import ProcessingOptions
 
-        options = ProcessingOptions(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
-                                    center_unembed=center_unembed, fold_value_biases=fold_value_biases,
-                                    refactor_factored_attn_matrices=refactor_factored_attn_matrices)
+        options = ProcessingOptions(
+            fold_ln=fold_ln,
+            center_writing_weights=center_writing_weights,
+            center_unembed=center_unembed,
+            fold_value_biases=fold_value_biases,
+            refactor_factored_attn_matrices=refactor_factored_attn_matrices,
+        )
         hooked = sorted(n for n, hp in self.hook_dict.items() if hp.observed)
         if hooked:
-            raise ValueError(f"process_weights_ rebuilds the model's modules, and hooks are attached to "
-                             f"{', '.join(hooked[:5])}{' ...' if len(hooked) > 5 else ''}: call "
-                             f"model.reset_hooks(including_permanent=True) first, then add them again")
+            raise ValueError(
+                f"process_weights_ rebuilds the model's modules, and hooks are attached to "
+                f"{', '.join(hooked[:5])}{' ...' if len(hooked) > 5 else ''}: call "
+                f"model.reset_hooks(including_permanent=True) first, then add them again"
+            )
         processed = processed_copy(self, options)
         if processed is not self:
             self.cfg = processed.cfg
@@ -441,8 +534,12 @@ class HookedTransformer(HookedRootModule):
         return generate(self, *args, **kwargs)
 
 
-def lm_cross_entropy_loss(logits: Float[torch.Tensor, "batch pos d_vocab"], tokens: Int[torch.Tensor, "batch pos"],
-                          attention_mask: torch.Tensor | None = None, per_token: bool = False) -> torch.Tensor:
+def lm_cross_entropy_loss(
+    logits: Float[torch.Tensor, "batch pos d_vocab"],
+    tokens: Int[torch.Tensor, "batch pos"],
+    attention_mask: torch.Tensor | None = None,
+    per_token: bool = False,
+) -> torch.Tensor:
     """Next-token cross-entropy; with a mask, only predictions of real tokens from real tokens count."""
     if tokens.shape[1] < 2:
         raise ValueError("a next-token loss needs at least two tokens per row; got one")

@@ -29,11 +29,14 @@ def load_hf_model(name: str) -> Any:
 
     ckpt = resolve_checkpoint(name)
     if ckpt.kind == "converted":
-        raise ValueError(f"{name!r} is a checkpoint converted by transformer_hooks; HF transformers cannot load it. "
-                         f"Run parity on the original HF checkpoint or .gguf file")
+        raise ValueError(
+            f"{name!r} is a checkpoint converted by transformer_hooks; HF transformers cannot load it. "
+            f"Run parity on the original HF checkpoint or .gguf file"
+        )
     if ckpt.kind == "gguf":
-        return AutoModelForCausalLM.from_pretrained(str(ckpt.directory), gguf_file=ckpt.gguf_file.name,
-                                                    dtype=torch.float32).eval()
+        return AutoModelForCausalLM.from_pretrained(
+            str(ckpt.directory), gguf_file=ckpt.gguf_file.name, dtype=torch.float32
+        ).eval()
     return AutoModelForCausalLM.from_pretrained(str(ckpt.directory), dtype=torch.float32).eval()
 
 
@@ -43,8 +46,10 @@ def parity_errors(model: Any, hf_model: Any, tokens: torch.Tensor) -> list[Parit
     n = model.cfg.n_layers
     with torch.no_grad():
         ref = hf_model(tokens, output_hidden_states=True)
-        logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_resid_pre")
-                                             or name == f"blocks.{n - 1}.hook_resid_post")
+        logits, cache = model.run_with_cache(
+            tokens,
+            names_filter=lambda name: name.endswith("hook_resid_pre") or name == f"blocks.{n - 1}.hook_resid_post",
+        )
         final = model.ln_final(cache["resid_post", -1])
 
     def row(name: str, ours: torch.Tensor, theirs: torch.Tensor) -> ParityRow:
@@ -57,8 +62,10 @@ def parity_errors(model: Any, hf_model: Any, tokens: torch.Tensor) -> list[Parit
 
 
 def format_parity(rows: list[ParityRow], tol: float) -> str:
-    table = [[r.name, f"{r.max_abs_error:.3e}", f"{r.max_abs_value:.3g}", "ok" if r.max_abs_error <= tol else "FAIL"]
-             for r in rows]
+    table = [
+        [r.name, f"{r.max_abs_error:.3e}", f"{r.max_abs_value:.3g}", "ok" if r.max_abs_error <= tol else "FAIL"]
+        for r in rows
+    ]
     return "\n".join(text_table(["site", "max |ours - HF|", "max |HF|", f"tol {tol:g}"], table))
 
 

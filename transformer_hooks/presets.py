@@ -50,10 +50,7 @@ PRESETS: dict[str, str] = {
     "llama-3.2-3b-instruct": "meta-llama/Llama-3.2-3B-Instruct",
     # SmolLM2 (Llama architecture); smollm2-135m-instruct is the embedded default model
     **{f"smollm2-{size}": f"HuggingFaceTB/SmolLM2-{hf}" for size, hf in _SMOLLM2_SIZES.items()},
-    **{
-        f"smollm2-{size}-instruct": f"HuggingFaceTB/SmolLM2-{hf}-Instruct"
-        for size, hf in _SMOLLM2_SIZES.items()
-    },
+    **{f"smollm2-{size}-instruct": f"HuggingFaceTB/SmolLM2-{hf}-Instruct" for size, hf in _SMOLLM2_SIZES.items()},
     # Mistral
     "mistral-7b": "mistralai/Mistral-7B-v0.1",
     "mistral-7b-instruct": "mistralai/Mistral-7B-Instruct-v0.1",
@@ -74,7 +71,11 @@ PRESETS: dict[str, str] = {
     "gemma-3-270m-it": "google/gemma-3-270m-it",
     "gemma-3-1b-pt": "google/gemma-3-1b-pt",
     "gemma-3-1b-it": "google/gemma-3-1b-it",
-    **{f"gemma-3-{size}-{kind}": f"google/gemma-3-{size}-{kind}" for size in ("4b", "12b", "27b") for kind in ("pt", "it")},
+    **{
+        f"gemma-3-{size}-{kind}": f"google/gemma-3-{size}-{kind}"
+        for size in ("4b", "12b", "27b")
+        for kind in ("pt", "it")
+    },
     # OLMo 2
     "olmo-2-1b": "allenai/OLMo-2-0425-1B",
     "olmo-2-1b-instruct": "allenai/OLMo-2-0425-1B-Instruct",
@@ -85,9 +86,7 @@ PRESETS: dict[str, str] = {
 }
 
 # "llama-3.2-1b" and "Llama-3.2-1B" (the repo id's last component) both name a checkpoint.
-_REPO_BASENAMES: dict[str, str] = {
-    repo_id.rsplit("/", 1)[-1].lower(): repo_id for repo_id in PRESETS.values()
-}
+_REPO_BASENAMES: dict[str, str] = {repo_id.rsplit("/", 1)[-1].lower(): repo_id for repo_id in PRESETS.values()}
 
 
 def preset_repo_id(name: str) -> str | None:

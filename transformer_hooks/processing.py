@@ -67,8 +67,10 @@ class ProcessingOptions:
 
     def __post_init__(self) -> None:
         if self.refactor_factored_attn_matrices:
-            raise NotImplementedError("refactor_factored_attn_matrices is not supported: it rewrites W_Q/W_K and "
-                                      "W_V/W_O without changing the outputs, which rotary models cannot take")
+            raise NotImplementedError(
+                "refactor_factored_attn_matrices is not supported: it rewrites W_Q/W_K and "
+                "W_V/W_O without changing the outputs, which rotary models cannot take"
+            )
 
 
 def steps_for(cfg: ModelConfig, options: ProcessingOptions) -> tuple[str, ...]:
@@ -92,9 +94,12 @@ def processed_config(cfg: ModelConfig, options: ProcessingOptions) -> ModelConfi
     ``processing`` records the steps applied, in order."""
     applied = steps_for(cfg, options)
     if options.center_unembed and cfg.final_logit_softcap is not None and "center_unembed" not in cfg.processing:
-        logger.warning("center_unembed skipped: this model soft-caps its logits (final_logit_softcap=%s), and "
-                       "c * tanh(x / c) changes when x shifts, so centring the unembedding would change the "
-                       "log-probs", cfg.final_logit_softcap)
+        logger.warning(
+            "center_unembed skipped: this model soft-caps its logits (final_logit_softcap=%s), and "
+            "c * tanh(x / c) changes when x shifts, so centring the unembedding would change the "
+            "log-probs",
+            cfg.final_logit_softcap,
+        )
     norm = cfg.folded_normalization_type if "fold_ln" in applied else cfg.normalization_type
     return cfg.replace(normalization_type=norm, processing=cfg.processing + applied)
 
@@ -172,8 +177,12 @@ def center_writing_weights(cfg: ModelConfig, group: Group) -> None:
     LayerNorm, which subtracts the mean first, so nothing downstream changes; the
     residual stream itself then has zero mean (a direction nothing could read is gone).
     """
-    writers = [name for name in group if name in ("embed.W_E", "pos_embed.W_pos")
-               or re.search(r"\.(attn\.W_O|attn\.b_O|mlp\.W_out|mlp\.b_out)$", name)]
+    writers = [
+        name
+        for name in group
+        if name in ("embed.W_E", "pos_embed.W_pos")
+        or re.search(r"\.(attn\.W_O|attn\.b_O|mlp\.W_out|mlp\.b_out)$", name)
+    ]
     for name in writers:
         group[name] = _centred(group[name])
 
@@ -214,7 +223,8 @@ def fold_value_biases(cfg: ModelConfig, group: Group) -> None:
         b_V_per_head = repeat(b_V, "kv_head d_head -> (kv_head group) d_head", group=cfg.group_size)
         W_O: Float[torch.Tensor, "head d_head d_model"] = group[attn + "W_O"]
         group[attn + "b_O"] = group[attn + "b_O"] + einsum(
-            b_V_per_head, W_O, "head d_head, head d_head d_model -> d_model")
+            b_V_per_head, W_O, "head d_head, head d_head d_model -> d_model"
+        )
         group[attn + "b_V"] = torch.zeros_like(b_V)
 
 

@@ -38,19 +38,33 @@ class Condition:
 
 
 ALWAYS = Condition("always", lambda cfg: True, "")
-LEARNED_POSITIONS = Condition("learned positions", lambda cfg: cfg.positional_embedding == "learned",
-                              "rotary models have no position embedding in the residual stream")
+LEARNED_POSITIONS = Condition(
+    "learned positions",
+    lambda cfg: cfg.positional_embedding == "learned",
+    "rotary models have no position embedding in the residual stream",
+)
 ROTARY = Condition("rotary", lambda cfg: cfg.positional_embedding == "rotary", "only rotary models have rot_q/rot_k")
-SEQUENTIAL = Condition("sequential residual", lambda cfg: not cfg.parallel_residual,
-                       "parallel-residual blocks have no resid_mid: attention and MLP both read resid_pre")
+SEQUENTIAL = Condition(
+    "sequential residual",
+    lambda cfg: not cfg.parallel_residual,
+    "parallel-residual blocks have no resid_mid: attention and MLP both read resid_pre",
+)
 GATED_MLP = Condition("gated MLP", lambda cfg: cfg.gated_mlp, "only gated MLPs have pre_linear")
-PRE_NORM = Condition("norms before attention and MLP", lambda cfg: cfg.norm_placement in ("pre", "both"),
-                     "this model normalises only the outputs of attention and MLP (norm_placement='post'): "
-                     "it has no ln1/ln2")
-POST_NORM = Condition("norms after attention and MLP", lambda cfg: cfg.norm_placement in ("both", "post"),
-                      "only models with norms after attention and MLP (Gemma 2/3, OLMo 2) have ln1_post/ln2_post")
-QK_NORM = Condition("q/k norms", lambda cfg: cfg.qk_norm is not None,
-                    "only models that normalise queries and keys (Qwen 3, Gemma 3, OLMo 2) have q_norm/k_norm")
+PRE_NORM = Condition(
+    "norms before attention and MLP",
+    lambda cfg: cfg.norm_placement in ("pre", "both"),
+    "this model normalises only the outputs of attention and MLP (norm_placement='post'): it has no ln1/ln2",
+)
+POST_NORM = Condition(
+    "norms after attention and MLP",
+    lambda cfg: cfg.norm_placement in ("both", "post"),
+    "only models with norms after attention and MLP (Gemma 2/3, OLMo 2) have ln1_post/ln2_post",
+)
+QK_NORM = Condition(
+    "q/k norms",
+    lambda cfg: cfg.qk_norm is not None,
+    "only models that normalise queries and keys (Qwen 3, Gemma 3, OLMo 2) have q_norm/k_norm",
+)
 QK_NORM_OVER_ALL_HEADS = Condition("q/k norm over the whole projection", lambda cfg: cfg.qk_norm == "all", "")
 
 RESID = ("batch", "pos", "d_model")
@@ -114,9 +128,20 @@ class Site:
 
     def shape(self, cfg: Any, batch: int, pos: int) -> tuple[int, ...]:
         """The activation's shape for a model with ``cfg`` on ``batch`` sequences of ``pos`` tokens."""
-        sizes = {"batch": batch, "pos": pos, "query_pos": pos, "key_pos": pos, "head": cfg.n_heads,
-                 "kv_head": cfg.n_kv_heads, "d_model": cfg.d_model, "d_head": cfg.d_head, "d_mlp": cfg.d_mlp, "1": 1,
-                 "head*d_head": cfg.n_heads * cfg.d_head, "kv_head*d_head": cfg.n_kv_heads * cfg.d_head}
+        sizes = {
+            "batch": batch,
+            "pos": pos,
+            "query_pos": pos,
+            "key_pos": pos,
+            "head": cfg.n_heads,
+            "kv_head": cfg.n_kv_heads,
+            "d_model": cfg.d_model,
+            "d_head": cfg.d_head,
+            "d_mlp": cfg.d_mlp,
+            "1": 1,
+            "head*d_head": cfg.n_heads * cfg.d_head,
+            "kv_head*d_head": cfg.n_kv_heads * cfg.d_head,
+        }
         return tuple(sizes[a] for a in self.axes_in(cfg))
 
 
@@ -137,14 +162,24 @@ SITES: tuple[Site, ...] = (
     Site("attn.hook_q", True, PER_HEAD, ("q",)),
     Site("attn.hook_k", True, PER_KV_HEAD, ("k",)),
     Site("attn.hook_v", True, PER_KV_HEAD, ("v",)),
-    Site("attn.q_norm.hook_scale", True, HEAD_SCALE, (), when=QK_NORM,
-         other_axes=(QK_NORM_OVER_ALL_HEADS, SCALE)),
-    Site("attn.q_norm.hook_normalized", True, PER_HEAD, (), when=QK_NORM,
-         other_axes=(QK_NORM_OVER_ALL_HEADS, ("batch", "pos", "head*d_head"))),
-    Site("attn.k_norm.hook_scale", True, KV_HEAD_SCALE, (), when=QK_NORM,
-         other_axes=(QK_NORM_OVER_ALL_HEADS, SCALE)),
-    Site("attn.k_norm.hook_normalized", True, PER_KV_HEAD, (), when=QK_NORM,
-         other_axes=(QK_NORM_OVER_ALL_HEADS, ("batch", "pos", "kv_head*d_head"))),
+    Site("attn.q_norm.hook_scale", True, HEAD_SCALE, (), when=QK_NORM, other_axes=(QK_NORM_OVER_ALL_HEADS, SCALE)),
+    Site(
+        "attn.q_norm.hook_normalized",
+        True,
+        PER_HEAD,
+        (),
+        when=QK_NORM,
+        other_axes=(QK_NORM_OVER_ALL_HEADS, ("batch", "pos", "head*d_head")),
+    ),
+    Site("attn.k_norm.hook_scale", True, KV_HEAD_SCALE, (), when=QK_NORM, other_axes=(QK_NORM_OVER_ALL_HEADS, SCALE)),
+    Site(
+        "attn.k_norm.hook_normalized",
+        True,
+        PER_KV_HEAD,
+        (),
+        when=QK_NORM,
+        other_axes=(QK_NORM_OVER_ALL_HEADS, ("batch", "pos", "kv_head*d_head")),
+    ),
     Site("attn.hook_rot_q", True, PER_HEAD, ("rot_q",), when=ROTARY),
     Site("attn.hook_rot_k", True, PER_KV_HEAD, ("rot_k",), when=ROTARY),
     Site("attn.hook_attn_scores", True, ATTENTION, ("attn_scores", "scores")),
@@ -237,7 +272,9 @@ def markdown_table() -> str:
     """The table as the README shows it."""
     rows = ["| site | axes | short name | exists | cached by default |", "|---|---|---|---|---|"]
     for s in SITES:
-        rows.append(f"| `{s.full_name('{L}') if s.per_block else s.name}` | [{', '.join(s.axes)}] | "
-                    f"{', '.join(f'`{a}`' for a in s.aliases)} | {s.when.label} | "
-                    f"{'no (per-head expansion)' if s.per_head_expansion else 'yes'} |")
+        rows.append(
+            f"| `{s.full_name('{L}') if s.per_block else s.name}` | [{', '.join(s.axes)}] | "
+            f"{', '.join(f'`{a}`' for a in s.aliases)} | {s.when.label} | "
+            f"{'no (per-head expansion)' if s.per_head_expansion else 'yes'} |"
+        )
     return "\n".join(rows)

@@ -32,8 +32,12 @@ def require_tokenizer(tokenizer: Any) -> Any:
 
 def pad_id(tokenizer: Any, cfg: ModelConfig) -> int:
     """The id that fills padding: the tokenizer's pad token, else the config's, else an end token, else 0."""
-    for candidate in (getattr(tokenizer, "pad_token_id", None), cfg.pad_token_id,
-                      getattr(tokenizer, "eos_token_id", None), cfg.eos_token_id):
+    for candidate in (
+        getattr(tokenizer, "pad_token_id", None),
+        cfg.pad_token_id,
+        getattr(tokenizer, "eos_token_id", None),
+        cfg.eos_token_id,
+    ):
         if candidate is not None:
             return int(candidate)
     return 0
@@ -71,14 +75,18 @@ def check_tokens(tokens: Any, cfg: ModelConfig, device: Any = None) -> Int[torch
             raise ValueError("empty input: pass at least one token or a non-empty string")
         rows = tokens if isinstance(tokens[0], (list, tuple)) else [tokens]
         if len({len(r) for r in rows}) > 1:
-            raise ValueError(f"token lists of different lengths {sorted({len(r) for r in rows})}: pad them to "
-                             f"one length and pass attention_mask (or pass strings, which are padded for you)")
+            raise ValueError(
+                f"token lists of different lengths {sorted({len(r) for r in rows})}: pad them to "
+                f"one length and pass attention_mask (or pass strings, which are padded for you)"
+            )
         tokens = torch.tensor(tokens)
     if not isinstance(tokens, torch.Tensor):
         raise TypeError(f"input must be a string, a list of strings or a token tensor, got {type(tokens).__name__}")
     if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-        raise ValueError(f"tokens must be integer ids (torch.long), got dtype {tokens.dtype}; "
-                         f"use model.to_tokens(text) or tokens.long() if they are whole numbers")
+        raise ValueError(
+            f"tokens must be integer ids (torch.long), got dtype {tokens.dtype}; "
+            f"use model.to_tokens(text) or tokens.long() if they are whole numbers"
+        )
     if tokens.ndim == 1:
         tokens = tokens[None]
     if tokens.ndim != 2:
@@ -88,14 +96,21 @@ def check_tokens(tokens: Any, cfg: ModelConfig, device: Any = None) -> Int[torch
     lo, hi = int(tokens.min()), int(tokens.max())
     if lo < 0 or hi >= cfg.d_vocab:
         bad = lo if lo < 0 else hi
-        raise ValueError(f"token id {bad} is outside the vocabulary [0, {cfg.d_vocab}); "
-                         f"were these tokens made by another model's tokenizer?")
+        raise ValueError(
+            f"token id {bad} is outside the vocabulary [0, {cfg.d_vocab}); "
+            f"were these tokens made by another model's tokenizer?"
+        )
     return tokens.to(device, torch.long)
 
 
-def tokenize(tokenizer: Any, cfg: ModelConfig, input: TextInput, prepend_bos: bool | None = None,
-             padding_side: PaddingSide | None = None, device: Any = None
-             ) -> tuple[Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "batch pos"] | None]:
+def tokenize(
+    tokenizer: Any,
+    cfg: ModelConfig,
+    input: TextInput,
+    prepend_bos: bool | None = None,
+    padding_side: PaddingSide | None = None,
+    device: Any = None,
+) -> tuple[Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "batch pos"] | None]:
     """Tokens of one string or a padded batch of strings, and the padding mask (None without padding)."""
     tok = require_tokenizer(tokenizer)
     texts = [input] if isinstance(input, str) else list(input)
@@ -120,9 +135,15 @@ def tokenize(tokenizer: Any, cfg: ModelConfig, input: TextInput, prepend_bos: bo
     return tokens.to(device), mask
 
 
-def tokens_and_mask(tokenizer: Any, cfg: ModelConfig, input: ModelInput, prepend_bos: bool | None = None,
-                    padding_side: PaddingSide | None = None, attention_mask: Any = None, device: Any = None
-                    ) -> tuple[Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "batch pos"] | None]:
+def tokens_and_mask(
+    tokenizer: Any,
+    cfg: ModelConfig,
+    input: ModelInput,
+    prepend_bos: bool | None = None,
+    padding_side: PaddingSide | None = None,
+    attention_mask: Any = None,
+    device: Any = None,
+) -> tuple[Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "batch pos"] | None]:
     """Tokens [batch, pos] on ``device``, checked, and the padding mask (or None)."""
     if is_text(input):
         tokens, mask = tokenize(tokenizer, cfg, input, prepend_bos, padding_side, device)
@@ -133,9 +154,15 @@ def tokens_and_mask(tokenizer: Any, cfg: ModelConfig, input: ModelInput, prepend
     return tokens, mask
 
 
-def to_tokens(tokenizer: Any, cfg: ModelConfig, input: TextInput, prepend_bos: bool | None = None,
-              padding_side: PaddingSide | None = None, device: Any = None, truncate: bool = True
-              ) -> Int[torch.Tensor, "batch pos"]:
+def to_tokens(
+    tokenizer: Any,
+    cfg: ModelConfig,
+    input: TextInput,
+    prepend_bos: bool | None = None,
+    padding_side: PaddingSide | None = None,
+    device: Any = None,
+    truncate: bool = True,
+) -> Int[torch.Tensor, "batch pos"]:
     """Token ids [batch, pos]; a list of strings is padded. ``truncate`` cuts learned-position
     models' input to ``n_ctx``."""
     tokens, _ = tokenize(tokenizer, cfg, input, prepend_bos, padding_side, device)
@@ -153,15 +180,18 @@ def to_string(tokenizer: Any, tokens: Int[torch.Tensor, "... pos"] | int | Seque
     return [tok.decode(row.tolist()) for row in tokens]
 
 
-def to_str_tokens(tokenizer: Any, cfg: ModelConfig, input: str | torch.Tensor | Sequence[int] | Sequence[str],
-                  prepend_bos: bool | None = None, padding_side: PaddingSide | None = None
-                  ) -> list[str] | list[list[str]]:
+def to_str_tokens(
+    tokenizer: Any,
+    cfg: ModelConfig,
+    input: str | torch.Tensor | Sequence[int] | Sequence[str],
+    prepend_bos: bool | None = None,
+    padding_side: PaddingSide | None = None,
+) -> list[str] | list[list[str]]:
     """Each token as its own string (a list per sequence for a batch or a list of strings)."""
     tok = require_tokenizer(tokenizer)
     if isinstance(input, (list, tuple)) and input and isinstance(input[0], str):
         return [to_str_tokens(tok, cfg, s, prepend_bos, padding_side) for s in input]
-    tokens = (to_tokens(tok, cfg, input, prepend_bos, padding_side) if isinstance(input, str)
-              else torch.as_tensor(input))
+    tokens = to_tokens(tok, cfg, input, prepend_bos, padding_side) if isinstance(input, str) else torch.as_tensor(input)
     if tokens.ndim == 2:
         if tokens.shape[0] != 1:
             return [to_str_tokens(tok, cfg, row) for row in tokens]
@@ -173,17 +203,28 @@ def to_single_token(tokenizer: Any, cfg: ModelConfig, string: str) -> int:
     """The id of ``string``, which must be exactly one token (no BOS)."""
     tokens = to_tokens(tokenizer, cfg, string, prepend_bos=False)[0]
     if tokens.numel() != 1:
-        raise ValueError(f"{string!r} is not a single token: it tokenizes as "
-                         f"{to_str_tokens(tokenizer, cfg, tokens)} ({tokens.numel()} tokens)")
+        raise ValueError(
+            f"{string!r} is not a single token: it tokenizes as "
+            f"{to_str_tokens(tokenizer, cfg, tokens)} ({tokens.numel()} tokens)"
+        )
     return int(tokens[0])
 
 
-def get_token_position(tokenizer: Any, cfg: ModelConfig, single_token: str | int, input: str | torch.Tensor,
-                       mode: Literal["first", "last"] = "first", prepend_bos: bool | None = None,
-                       padding_side: PaddingSide | None = None) -> int:
+def get_token_position(
+    tokenizer: Any,
+    cfg: ModelConfig,
+    single_token: str | int,
+    input: str | torch.Tensor,
+    mode: Literal["first", "last"] = "first",
+    prepend_bos: bool | None = None,
+    padding_side: PaddingSide | None = None,
+) -> int:
     """The position of ``single_token`` (a string of one token, or an id) in one sequence."""
-    tokens = (to_tokens(tokenizer, cfg, input, prepend_bos, padding_side) if isinstance(input, str)
-              else torch.as_tensor(input))
+    tokens = (
+        to_tokens(tokenizer, cfg, input, prepend_bos, padding_side)
+        if isinstance(input, str)
+        else torch.as_tensor(input)
+    )
     if tokens.ndim == 2:
         if tokens.shape[0] != 1:
             raise ValueError(f"get_token_position takes one sequence, got a batch of {tokens.shape[0]}")

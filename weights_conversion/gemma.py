@@ -38,11 +38,22 @@ from .common import layer_windows, rope_parameters, rope_scaling
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
 _ARCHITECTURES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 # Gemma3TextConfig's defaults for the keys the hub's multimodal configs leave out of text_config.
-_GEMMA3_TEXT_DEFAULTS = {"vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216,
-                         "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
-                         "head_dim": 256, "rms_norm_eps": 1e-6, "max_position_embeddings": 131072,
-                         "query_pre_attn_scalar": 256, "sliding_window": 4096, "bos_token_id": 2,
-                         "eos_token_id": 1, "pad_token_id": 0}
+_GEMMA3_TEXT_DEFAULTS = {
+    "vocab_size": 262208,
+    "hidden_size": 2304,
+    "intermediate_size": 9216,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 131072,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+    "bos_token_id": 2,
+    "eos_token_id": 1,
+    "pad_token_id": 0,
+}
 # Where a multimodal checkpoint keeps its language model's "model.*" tensors and its lm_head.
 _TEXT_PREFIXES = ("model.", "language_model.model.", "model.language_model.")
 _HEAD_PREFIXES = ("", "language_model.")
@@ -50,6 +61,7 @@ _HEAD_PREFIXES = ("", "language_model.")
 
 def _text_model(get):
     """``get`` that finds ``model.*`` / ``lm_head.*`` names inside a multimodal checkpoint too."""
+
     def text_get(name: str) -> torch.Tensor:
         head = not name.startswith("model.")
         for prefix in _HEAD_PREFIXES if head else _TEXT_PREFIXES:
@@ -58,6 +70,7 @@ def _text_model(get):
             except KeyError:
                 continue
         raise KeyError(name)
+
     return text_get
 
 
@@ -72,8 +85,10 @@ def _rope(hf: dict) -> tuple[dict, float | None]:
     if "full_attention" in nested:  # transformers 5, Gemma 3: one entry per layer type
         local = nested.get("sliding_attention") or {}
         if local.get("rope_type", "default") != "default":
-            raise ValueError(f"unsupported rope scaling {local['rope_type']!r} on Gemma 3's local layers; "
-                             f"transformer_hooks scales only the global layers' rotary")
+            raise ValueError(
+                f"unsupported rope scaling {local['rope_type']!r} on Gemma 3's local layers; "
+                f"transformer_hooks scales only the global layers' rotary"
+            )
         return dict(nested["full_attention"]), float(local.get("rope_theta", 10000.0))
     params = rope_parameters(hf)
     if hf["model_type"] == "gemma3_text":
@@ -87,13 +102,16 @@ def config_from_hf(hf: dict) -> ModelConfig:
         ids = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings") if k in hf}
         text = {**_GEMMA3_TEXT_DEFAULTS, **hf["text_config"], **ids, "model_type": "gemma3_text"}
         # HF's Gemma3ForConditionalGeneration never soft-caps its logits (None in every released config).
-        return config_from_hf(text).replace(original_architecture="Gemma3ForConditionalGeneration",
-                                            final_logit_softcap=None)
+        return config_from_hf(text).replace(
+            original_architecture="Gemma3ForConditionalGeneration", final_logit_softcap=None
+        )
     model_type, n_layers, d_model = hf["model_type"], hf["num_hidden_layers"], hf["hidden_size"]
     later = model_type != "gemma"  # Gemma 2 and 3
     if hf.get("use_bidirectional_attention"):
-        raise ValueError("use_bidirectional_attention=True (an encoder-style Gemma) is not supported: "
-                         "transformer_hooks implements causal attention")
+        raise ValueError(
+            "use_bidirectional_attention=True (an encoder-style Gemma) is not supported: "
+            "transformer_hooks implements causal attention"
+        )
     rope, local_theta = _rope(hf)
     if model_type == "gemma2":
         implied = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n_layers)]
@@ -101,18 +119,27 @@ def config_from_hf(hf: dict) -> ModelConfig:
         pattern = hf.get("sliding_window_pattern", 6)
         implied = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)]
     softcaps = (50.0, 30.0) if model_type == "gemma2" else (None, None)
-    base = llama.config_from_hf({"head_dim": 256, "max_position_embeddings": 8192, "tie_word_embeddings": True,
-                                 **hf, "rope_parameters": rope, "rope_scaling": None})
+    base = llama.config_from_hf(
+        {
+            "head_dim": 256,
+            "max_position_embeddings": 8192,
+            "tie_word_embeddings": True,
+            **hf,
+            "rope_parameters": rope,
+            "rope_scaling": None,
+        }
+    )
     return base.replace(
         act_fn=_activation(hf),
-        embed_scale=float(torch.tensor(d_model ** 0.5, dtype=torch.float32)),  # HF's float32 buffer
+        embed_scale=float(torch.tensor(d_model**0.5, dtype=torch.float32)),  # HF's float32 buffer
         norm_placement="both" if later else "pre",
         attn_scale=math.sqrt(hf.get("query_pre_attn_scalar", 256)) if later else None,
         attn_windows=layer_windows({"sliding_window": 4096, **hf}, implied) if later else None,
         attn_logit_softcap=hf.get("attn_logit_softcapping", softcaps[0]) if later else None,
         final_logit_softcap=hf.get("final_logit_softcapping", softcaps[1]) if later else None,
         qk_norm="head" if model_type == "gemma3_text" else None,
-        local_rope_theta=local_theta, rope_scaling=rope_scaling(rope),
+        local_rope_theta=local_theta,
+        rope_scaling=rope_scaling(rope),
         original_architecture=_ARCHITECTURES[model_type],
     )
 

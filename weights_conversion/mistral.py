@@ -20,5 +20,6 @@ def config_from_hf(hf: dict) -> ModelConfig:
     n_layers = hf["num_hidden_layers"]
     return llama.config_from_hf(hf).replace(
         attn_windows=layer_windows({"sliding_window": hf.get("sliding_window")}, ["sliding_attention"] * n_layers),
-        n_ctx=hf.get("max_position_embeddings", 32768), original_architecture="MistralForCausalLM",
+        n_ctx=hf.get("max_position_embeddings", 32768),
+        original_architecture="MistralForCausalLM",
     )

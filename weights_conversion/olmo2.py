@@ -18,12 +18,16 @@ MODEL_TYPES = ("olmo2",)
 
 def config_from_hf(hf: dict) -> ModelConfig:
     return llama.config_from_hf({"rms_norm_eps": 1e-5, **hf}).replace(
-        norm_placement="post", qk_norm="all", original_architecture="Olmo2ForCausalLM")
+        norm_placement="post", qk_norm="all", original_architecture="Olmo2ForCausalLM"
+    )
 
 
 def convert_block(cfg: ModelConfig, get, layer: int) -> dict[str, torch.Tensor]:
     p = f"model.layers.{layer}."
-    return {"ln1_post.w": get(p + "post_attention_layernorm.weight"),
-            "ln2_post.w": get(p + "post_feedforward_layernorm.weight"),
-            "attn.q_norm.w": get(p + "self_attn.q_norm.weight"), "attn.k_norm.w": get(p + "self_attn.k_norm.weight"),
-            **llama.attention_and_mlp(cfg, get, layer)}
+    return {
+        "ln1_post.w": get(p + "post_attention_layernorm.weight"),
+        "ln2_post.w": get(p + "post_feedforward_layernorm.weight"),
+        "attn.q_norm.w": get(p + "self_attn.q_norm.weight"),
+        "attn.k_norm.w": get(p + "self_attn.k_norm.weight"),
+        **llama.attention_and_mlp(cfg, get, layer),
+    }

@@ -27,6 +27,8 @@ def qwen_windows(hf: dict) -> tuple[int | None, ...]:
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
-    return llama.config_from_hf(hf).replace(attn_windows=qwen_windows(hf),
-                                            n_ctx=hf.get("max_position_embeddings", 32768),
-                                            original_architecture="Qwen2ForCausalLM")
+    return llama.config_from_hf(hf).replace(
+        attn_windows=qwen_windows(hf),
+        n_ctx=hf.get("max_position_embeddings", 32768),
+        original_architecture="Qwen2ForCausalLM",
+    )

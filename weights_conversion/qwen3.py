@@ -17,12 +17,18 @@ MODEL_TYPES = ("qwen3",)
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
-    return llama.config_from_hf(hf).replace(attn_windows=qwen_windows(hf), qk_norm="head",
-                                            n_ctx=hf.get("max_position_embeddings", 32768),
-                                            original_architecture="Qwen3ForCausalLM")
+    return llama.config_from_hf(hf).replace(
+        attn_windows=qwen_windows(hf),
+        qk_norm="head",
+        n_ctx=hf.get("max_position_embeddings", 32768),
+        original_architecture="Qwen3ForCausalLM",
+    )
 
 
 def convert_block(cfg: ModelConfig, get, layer: int) -> dict[str, torch.Tensor]:
     a = f"model.layers.{layer}.self_attn."
-    return {**llama.convert_block(cfg, get, layer),
-            "attn.q_norm.w": get(a + "q_norm.weight"), "attn.k_norm.w": get(a + "k_norm.weight")}
+    return {
+        **llama.convert_block(cfg, get, layer),
+        "attn.q_norm.w": get(a + "q_norm.weight"),
+        "attn.k_norm.w": get(a + "k_norm.weight"),
+    }

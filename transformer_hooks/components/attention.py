@@ -99,9 +99,15 @@ class Attention(nn.Module):
         """Whether the pattern must be materialised for an observer."""
         return self.hook_attn_scores.observed or self.hook_pattern.observed or self.softcap is not None
 
-    def forward(self, q_in: Input, k_in: Input, v_in: Input, mask: AttentionMask,
-                cos_sin: CosSin | None = None, kv_cache: LayerKVCache | None = None
-                ) -> Float[torch.Tensor, "batch pos d_model"]:
+    def forward(
+        self,
+        q_in: Input,
+        k_in: Input,
+        v_in: Input,
+        mask: AttentionMask,
+        cos_sin: CosSin | None = None,
+        kv_cache: LayerKVCache | None = None,
+    ) -> Float[torch.Tensor, "batch pos d_model"]:
         q = self.hook_q(project(q_in, self.W_Q, self.b_Q))  # [batch, pos, head, d_head]
         k = self.hook_k(project(k_in, self.W_K, self.b_K))  # [batch, pos, kv_head, d_head]
         v = self.hook_v(project(v_in, self.W_V, self.b_V))
@@ -122,15 +128,22 @@ class Attention(nn.Module):
         z = self.hook_z(z.transpose(1, 2))  # [batch, pos, head, d_head]
 
         if self.hook_result.observed:
-            result = self.hook_result(einsum(z, self.W_O, "batch pos head d_head, head d_head d_model -> batch pos head d_model"))
+            result = self.hook_result(
+                einsum(z, self.W_O, "batch pos head d_head, head d_head d_model -> batch pos head d_model")
+            )
             return result.sum(-2) + self.b_O
         return linear(z.flatten(-2), self.W_O.flatten(0, 1).T, self.b_O)
 
     def _fused(self, q, k, v, mask: AttentionMask) -> Float[torch.Tensor, "batch head pos d_head"]:
         attn_mask = mask.sdpa_mask(self.window)
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and mask.is_causal_for_sdpa,
-            scale=self.scale, enable_gqa=self.n_kv_heads != self.n_heads,
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            is_causal=attn_mask is None and mask.is_causal_for_sdpa,
+            scale=self.scale,
+            enable_gqa=self.n_kv_heads != self.n_heads,
         )
 
     def _explicit(self, q, k, v, mask: AttentionMask) -> Float[torch.Tensor, "batch head pos d_head"]:

@@ -63,11 +63,16 @@ class Block(nn.Module):
         self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
 
-    def attention(self, resid: Resid, mask: AttentionMask, cos_sin: CosSin | None,
-                  kv_cache: LayerKVCache | None) -> Resid:
+    def attention(
+        self, resid: Resid, mask: AttentionMask, cos_sin: CosSin | None, kv_cache: LayerKVCache | None
+    ) -> Resid:
         """hook_attn_out(attn(ln1(resid))), with per-head inputs only when observed."""
-        if not (self.hook_attn_in.observed or self.hook_q_input.observed
-                or self.hook_k_input.observed or self.hook_v_input.observed):
+        if not (
+            self.hook_attn_in.observed
+            or self.hook_q_input.observed
+            or self.hook_k_input.observed
+            or self.hook_v_input.observed
+        ):
             x = self.ln1(resid)
             return self.hook_attn_out(self.ln1_post(self.attn(x, x, x, mask, cos_sin, kv_cache)))
         b, p, d = resid.shape
@@ -85,8 +90,9 @@ class SequentialBlock(Block):
         super().__init__(cfg, layer)
         self.hook_resid_mid = HookPoint()
 
-    def forward(self, resid_pre: Resid, mask: AttentionMask, cos_sin: CosSin | None = None,
-                kv_cache: LayerKVCache | None = None) -> Resid:
+    def forward(
+        self, resid_pre: Resid, mask: AttentionMask, cos_sin: CosSin | None = None, kv_cache: LayerKVCache | None = None
+    ) -> Resid:
         resid_pre = self.hook_resid_pre(resid_pre)
         resid_mid = self.hook_resid_mid(resid_pre + self.attention(resid_pre, mask, cos_sin, kv_cache))
         mlp_out = self.hook_mlp_out(self.ln2_post(self.mlp(self.ln2(self.hook_mlp_in(resid_mid)))))
@@ -94,8 +100,9 @@ class SequentialBlock(Block):
 
 
 class ParallelBlock(Block):
-    def forward(self, resid_pre: Resid, mask: AttentionMask, cos_sin: CosSin | None = None,
-                kv_cache: LayerKVCache | None = None) -> Resid:
+    def forward(
+        self, resid_pre: Resid, mask: AttentionMask, cos_sin: CosSin | None = None, kv_cache: LayerKVCache | None = None
+    ) -> Resid:
         resid_pre = self.hook_resid_pre(resid_pre)
         attn_out = self.attention(resid_pre, mask, cos_sin, kv_cache)
         mlp_out = self.hook_mlp_out(self.ln2_post(self.mlp(self.ln2(self.hook_mlp_in(resid_pre)))))

@@ -62,4 +62,3 @@ class Unembed(nn.Module):
     def forward(self, resid: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_vocab"]:
         logits = linear(resid, self.W_U.T, self.b_U)
         return logits if self.softcap is None else softcap(logits, self.softcap)
-

@@ -12,13 +12,16 @@ class LayerKVCache:
     def __init__(self, owner: "KVCache", k: torch.Tensor, v: torch.Tensor) -> None:
         self.owner, self.k, self.v = owner, k, v
 
-    def extend(self, k: Float[torch.Tensor, "batch kv_head pos d_head"],
-               v: Float[torch.Tensor, "batch kv_head pos d_head"]) -> tuple[torch.Tensor, torch.Tensor]:
+    def extend(
+        self, k: Float[torch.Tensor, "batch kv_head pos d_head"], v: Float[torch.Tensor, "batch kv_head pos d_head"]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's keys/values after the cached ones; return all of them."""
         start, end = self.owner.length, self.owner.length + k.shape[2]
         if end > self.k.shape[2]:
-            raise ValueError(f"KV cache holds {self.k.shape[2]} positions; this step needs {end}. "
-                             f"Make the cache with a larger max_len.")
+            raise ValueError(
+                f"KV cache holds {self.k.shape[2]} positions; this step needs {end}. "
+                f"Make the cache with a larger max_len."
+            )
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
@@ -34,11 +37,16 @@ class KVCache:
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32) -> None:
         shape = (batch, cfg.n_kv_heads, max_len, cfg.d_head)
-        self.layers = [LayerKVCache(self, torch.empty(shape, device=device, dtype=dtype),
-                                    torch.empty(shape, device=device, dtype=dtype)) for _ in range(cfg.n_layers)]
+        self.layers = [
+            LayerKVCache(
+                self, torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype)
+            )
+            for _ in range(cfg.n_layers)
+        ]
         self.length = 0
-        self.key_is_real: Bool[torch.Tensor, "batch key_pos"] = torch.ones(batch, max_len, dtype=torch.bool,
-                                                                           device=device)
+        self.key_is_real: Bool[torch.Tensor, "batch key_pos"] = torch.ones(
+            batch, max_len, dtype=torch.bool, device=device
+        )
         self.has_padding = False
         self.next_position: torch.Tensor | None = None  # [batch], position id of the next token
 
@@ -58,8 +66,9 @@ class KVCache:
         continues from its own count of real (unpadded) tokens so far."""
         return positions if self.next_position is None else positions + self.next_position[:, None]
 
-    def key_mask(self, q_len: int, attention_mask: Int[torch.Tensor, "batch pos"] | None = None
-                 ) -> Bool[torch.Tensor, "batch key_pos"] | None:
+    def key_mask(
+        self, q_len: int, attention_mask: Int[torch.Tensor, "batch pos"] | None = None
+    ) -> Bool[torch.Tensor, "batch key_pos"] | None:
         """Record which of this step's ``q_len`` keys are real (``attention_mask``; None: all), and
         return which keys in ``[0, length + q_len)`` are real, or None if none ever was padding."""
         start, end = self.length, self.length + q_len
@@ -74,7 +83,10 @@ class KVCache:
         """After a forward of ``q_len`` tokens: ``length += q_len``, and each row's next position
         moves on by its number of real tokens in the step."""
         real = attention_mask.sum(-1) if attention_mask is not None else q_len
-        start = self.next_position if self.next_position is not None else torch.zeros(
-            self.batch, dtype=torch.long, device=self.key_is_real.device)
+        start = (
+            self.next_position
+            if self.next_position is not None
+            else torch.zeros(self.batch, dtype=torch.long, device=self.key_is_real.device)
+        )
         self.next_position = start + real
         self.length += q_len

@@ -55,7 +55,9 @@ class Rotary(nn.Module):
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def rotate(x: Float[torch.Tensor, "batch pos head d_head"], cos_sin: CosSin) -> Float[torch.Tensor, "batch pos head d_head"]:
+def rotate(
+    x: Float[torch.Tensor, "batch pos head d_head"], cos_sin: CosSin
+) -> Float[torch.Tensor, "batch pos head d_head"]:
     cos, sin = (t[:, :, None, :] for t in cos_sin)  # broadcast over heads
     rd = cos.shape[-1]
     x_rot, x_pass = x[..., :rd], x[..., rd:]

@@ -23,8 +23,15 @@ from ..config import ModelConfig
 from ..memory import return_freed_memory
 from ..model import HookedTransformer
 
-_DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-                "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_DTYPE_NAMES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 
 
 def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -40,8 +47,16 @@ def build_on_meta(cfg: ModelConfig, tokenizer: Any = None) -> HookedTransformer:
         return HookedTransformer(cfg, tokenizer)
 
 
-def build_and_fill(cfg: ModelConfig, options: processing.ProcessingOptions, groups: list[Group], tokenizer: Any,
-                   device: Any, dtype: torch.dtype, desc: str, tied: bool) -> HookedTransformer:
+def build_and_fill(
+    cfg: ModelConfig,
+    options: processing.ProcessingOptions,
+    groups: list[Group],
+    tokenizer: Any,
+    device: Any,
+    dtype: torch.dtype,
+    desc: str,
+    tied: bool,
+) -> HookedTransformer:
     """Build the (processed) model on the meta device and stream ``groups`` into it.
 
     ``cfg`` describes the groups' tensors; processing turns it into the model's config.
@@ -49,20 +64,36 @@ def build_and_fill(cfg: ModelConfig, options: processing.ProcessingOptions, grou
     rewrites either side.
     """
     model_cfg = processing.processed_config(cfg, options)
-    applied = model_cfg.processing[len(cfg.processing):]
+    applied = model_cfg.processing[len(cfg.processing) :]
     process = (lambda group: processing.process_group(cfg, group, options)) if applied else None
     share = tied and not set(applied) & processing.REWRITE_EMBEDDINGS
     model = build_on_meta(model_cfg, tokenizer)
-    materialize(model, groups, device=device, dtype=dtype, process=process, n_groups=len(groups), desc=desc,
-                skip=frozenset({"unembed.W_U"}) if share else frozenset())
+    materialize(
+        model,
+        groups,
+        device=device,
+        dtype=dtype,
+        process=process,
+        n_groups=len(groups),
+        desc=desc,
+        skip=frozenset({"unembed.W_U"}) if share else frozenset(),
+    )
     if share:
         model.tie_embeddings()
     return finish(model, device)
 
 
-def materialize(model: HookedTransformer, groups: Iterable[Group], *, device: Any, dtype: torch.dtype,
-                process: Callable[[dict], dict] | None = None, n_groups: int | None = None,
-                desc: str = "loading", skip: frozenset[str] = frozenset()) -> None:
+def materialize(
+    model: HookedTransformer,
+    groups: Iterable[Group],
+    *,
+    device: Any,
+    dtype: torch.dtype,
+    process: Callable[[dict], dict] | None = None,
+    n_groups: int | None = None,
+    desc: str = "loading",
+    skip: frozenset[str] = frozenset(),
+) -> None:
     """Fill a meta-built model group by group; lists every missing tensor before failing.
 
     ``process`` takes and returns ``{full name: float32 tensor}`` for one group.
@@ -93,9 +124,11 @@ def materialize(model: HookedTransformer, groups: Iterable[Group], *, device: An
     finally:
         bar.close()
     if missing:
-        raise MissingWeightsError(f"the checkpoint is missing {len(missing)} tensor(s) this model needs: "
-                                  f"{', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}. "
-                                  f"Is it complete, and of the architecture its config.json names?")
+        raise MissingWeightsError(
+            f"the checkpoint is missing {len(missing)} tensor(s) this model needs: "
+            f"{', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}. "
+            f"Is it complete, and of the architecture its config.json names?"
+        )
     unfilled = expected - filled
     if unfilled:
         raise MissingWeightsError(f"no weights were provided for: {', '.join(sorted(unfilled))}")
@@ -124,12 +157,14 @@ def _process_group(label: str, process: Callable[[dict], dict], group: dict) -> 
 
 
 def _does_not_fit(label: str, error: Exception) -> WeightShapeError:
-    return WeightShapeError(f"{label}: the checkpoint's tensors do not fit its config ({error}); "
-                            f"the config does not match the weights")
+    return WeightShapeError(
+        f"{label}: the checkpoint's tensors do not fit its config ({error}); the config does not match the weights"
+    )
 
 
-def _assign(model: nn.Module, name: str, tensor: torch.Tensor, device: Any, dtype: torch.dtype,
-            adopted: set[int]) -> None:
+def _assign(
+    model: nn.Module, name: str, tensor: torch.Tensor, device: Any, dtype: torch.dtype, adopted: set[int]
+) -> None:
     module_name, _, param_name = name.rpartition(".")
     try:
         module = model.get_submodule(module_name)
@@ -137,8 +172,10 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor, device: Any, dtyp
     except (AttributeError, KeyError) as e:
         raise WeightShapeError(f"converted tensor {name!r} has no parameter in the model") from e
     if tuple(old.shape) != tuple(tensor.shape):
-        raise WeightShapeError(f"{name}: the checkpoint gives shape {tuple(tensor.shape)}, the config implies "
-                               f"{tuple(old.shape)}; the config does not match the weights")
+        raise WeightShapeError(
+            f"{name}: the checkpoint gives shape {tuple(tensor.shape)}, the config implies "
+            f"{tuple(old.shape)}; the config does not match the weights"
+        )
     device = torch.device(device or "cpu")
     if _can_adopt(tensor, old, device, dtype, adopted):
         new = tensor  # a fresh buffer already laid out as the parameter: no copy
@@ -150,15 +187,21 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor, device: Any, dtyp
     module._parameters[param_name] = nn.Parameter(new, requires_grad=old.requires_grad)
 
 
-def _can_adopt(tensor: torch.Tensor, old: torch.Tensor, device: torch.device, dtype: torch.dtype,
-               adopted: set[int]) -> bool:
+def _can_adopt(
+    tensor: torch.Tensor, old: torch.Tensor, device: torch.device, dtype: torch.dtype, adopted: set[int]
+) -> bool:
     """Whether ``tensor`` can be the parameter as it is: right dtype, device and strides,
     and sole owner of its memory (not a slice of a memory-mapped file, not a view of a
     buffer another parameter uses)."""
     storage = tensor.untyped_storage()
-    return (tensor.dtype == dtype and tensor.device == device and tensor.stride() == old.stride()
-            and tensor.storage_offset() == 0 and storage.nbytes() == tensor.numel() * tensor.element_size()
-            and storage.data_ptr() not in adopted)
+    return (
+        tensor.dtype == dtype
+        and tensor.device == device
+        and tensor.stride() == old.stride()
+        and tensor.storage_offset() == 0
+        and storage.nbytes() == tensor.numel() * tensor.element_size()
+        and storage.data_ptr() not in adopted
+    )
 
 
 def finish(model: HookedTransformer, device: Any) -> HookedTransformer:

@@ -42,8 +42,14 @@ def _layout(site: str) -> tuple[str, ...]:
 def _axis_sizes(model: Any, site: str, n_pos: int) -> dict[str, int]:
     row = sites.lookup(site)
     heads = model.cfg.n_kv_heads if row is not None and "kv_head" in row.axes else model.cfg.n_heads
-    return {"layer": model.cfg.n_layers, "pos": n_pos, "dest_pos": n_pos, "src_pos": n_pos,
-            "head": heads, "head_index": heads}
+    return {
+        "layer": model.cfg.n_layers,
+        "pos": n_pos,
+        "dest_pos": n_pos,
+        "src_pos": n_pos,
+        "head": heads,
+        "head_index": heads,
+    }
 
 
 # Patch setters (TransformerLens's): (corrupted activation [batch, ...], index, clean activation) -> patched.
@@ -99,8 +105,10 @@ def _pandas(what: str) -> Any:
     try:
         import pandas
     except ImportError as e:
-        raise ImportError(f"{what} returns a pandas DataFrame, but pandas is not installed: `pip install pandas`, "
-                          f"or pass index_df as an integer tensor of rows [n_patches, n_axes]") from e
+        raise ImportError(
+            f"{what} returns a pandas DataFrame, but pandas is not installed: `pip install pandas`, "
+            f"or pass index_df as an integer tensor of rows [n_patches, n_axes]"
+        ) from e
     return pandas
 
 
@@ -108,8 +116,10 @@ def _pandas(what: str) -> Any:
 def _corrupted_tokens(model: Any, corrupted_tokens: Any) -> Int[torch.Tensor, "batch pos"]:
     tokens, mask = model.tokens_and_mask(corrupted_tokens)
     if mask is not None:
-        raise ValueError("the corrupted prompts have different lengths (the batch is padded); patching compares "
-                         "positions across runs, so give prompts of equal token length")
+        raise ValueError(
+            "the corrupted prompts have different lengths (the batch is padded); patching compares "
+            "positions across runs, so give prompts of equal token length"
+        )
     return tokens
 
 
@@ -126,18 +136,24 @@ def _site(model: Any, activation_name: str, layer: int | None) -> str:
 def _clean_activation(model: Any, clean_cache: Any, site: str, tokens: torch.Tensor) -> torch.Tensor:
     """The clean activation of ``site``, checked against the corrupted tokens' shape."""
     if not getattr(clean_cache, "has_batch_dim", True):
-        raise ValueError("clean_cache has no batch dimension (made with remove_batch_dim=True); patching needs the "
-                         "batch axis: run run_with_cache(clean_tokens) without remove_batch_dim")
+        raise ValueError(
+            "clean_cache has no batch dimension (made with remove_batch_dim=True); patching needs the "
+            "batch axis: run run_with_cache(clean_tokens) without remove_batch_dim"
+        )
     if site not in clean_cache:
-        raise KeyError(f"clean_cache holds no {site!r}: cache it with model.run_with_cache(clean_tokens) (no "
-                       f"names_filter caches every standard site) or add it to names_filter")
+        raise KeyError(
+            f"clean_cache holds no {site!r}: cache it with model.run_with_cache(clean_tokens) (no "
+            f"names_filter caches every standard site) or add it to names_filter"
+        )
     act = clean_cache[site]
     batch, n_pos = tokens.shape
     pos_dims = [i for i, axis in enumerate(_layout(site)) if axis.endswith("pos")]
     if act.ndim <= max(pos_dims) or act.shape[0] != batch or any(act.shape[i] != n_pos for i in pos_dims):
-        raise ValueError(f"clean and corrupted inputs differ in shape: clean_cache[{site!r}] has shape "
-                         f"{tuple(act.shape)}, but the corrupted tokens are [batch={batch}, pos={n_pos}]; patching "
-                         f"needs clean and corrupted prompts of the same batch size and token length")
+        raise ValueError(
+            f"clean and corrupted inputs differ in shape: clean_cache[{site!r}] has shape "
+            f"{tuple(act.shape)}, but the corrupted tokens are [batch={batch}, pos={n_pos}]; patching "
+            f"needs clean and corrupted prompts of the same batch size and token length"
+        )
     return act.to(model.device)
 
 
@@ -149,15 +165,19 @@ def _check_metric_output(value: Any, n_patches: int, vectorized: bool) -> torch.
         raise TypeError(f"patching_metric returned {type(value).__name__}; it must return a tensor (or a float)")
     if vectorized:
         if value.shape != (n_patches,):
-            raise ValueError(f"patching_metric (vectorized_metric=True) returned shape {tuple(value.shape)} for logits "
-                             f"of {n_patches} patches; a vectorized metric takes [n_patches, batch, pos, d_vocab] and "
-                             f"returns [n_patches]")
+            raise ValueError(
+                f"patching_metric (vectorized_metric=True) returned shape {tuple(value.shape)} for logits "
+                f"of {n_patches} patches; a vectorized metric takes [n_patches, batch, pos, d_vocab] and "
+                f"returns [n_patches]"
+            )
         return value.detach().float()
     if value.numel() != 1:
-        raise ValueError(f"patching_metric returned shape {tuple(value.shape)}; it must return one number per patched "
-                         f"run (reduce over the batch, e.g. with .mean()). To score many patches in one call, "
-                         f"write a metric from [n_patches, batch, pos, d_vocab] to [n_patches] and pass "
-                         f"vectorized_metric=True")
+        raise ValueError(
+            f"patching_metric returned shape {tuple(value.shape)}; it must return one number per patched "
+            f"run (reduce over the batch, e.g. with .mean()). To score many patches in one call, "
+            f"write a metric from [n_patches, batch, pos, d_vocab] to [n_patches] and pass "
+            f"vectorized_metric=True"
+        )
     return value.detach().float().reshape(1)
 
 
@@ -167,10 +187,13 @@ def _trial_metric(model: Any, metric: PatchingMetric, tokens: torch.Tensor, vect
     try:
         value = metric(torch.zeros(shape, dtype=model.dtype, device=model.device))
     except Exception as e:
-        e.add_note(f"(raised by patching_metric on trial logits of shape {shape}, called before the sweep to "
-                   f"check what it returns)")
+        e.add_note(
+            f"(raised by patching_metric on trial logits of shape {shape}, called before the sweep to "
+            f"check what it returns)"
+        )
         raise
     _check_metric_output(value, 1, vectorized)
+
 
 def _check_axes(index_axis_names: Sequence[str]) -> None:
     unknown = [a for a in index_axis_names if a not in AXES]
@@ -185,9 +208,12 @@ def _index_rows(index_df: Any) -> list[tuple[int, ...]]:
     values = index_df.to_numpy() if hasattr(index_df, "to_numpy") else index_df
     rows = torch.as_tensor(values)
     if rows.ndim != 2 or rows.dtype.is_floating_point or rows.dtype == torch.bool:
-        raise ValueError(f"index_df must be a DataFrame or an integer table [n_patches, n_axes], got "
-                         f"{rows.dtype} of shape {tuple(rows.shape)}")
+        raise ValueError(
+            f"index_df must be a DataFrame or an integer table [n_patches, n_axes], got "
+            f"{rows.dtype} of shape {tuple(rows.shape)}"
+        )
     return [tuple(int(i) for i in row) for row in rows.tolist()]
+
 
 # The engine -------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -199,11 +225,19 @@ class Patch:
     setter: PatchSetter
 
 
-def run_patches(model: Any, corrupted_tokens: Int[torch.Tensor, "batch pos"],
-                clean_activations: dict[str, torch.Tensor], patches: Sequence[Patch],
-                patching_metric: PatchingMetric, *, batch_size: int | None = None,
-                max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES, vectorized_metric: bool = False,
-                progress: bool = True, desc: str = "patching") -> Float[torch.Tensor, "n_patches"]:
+def run_patches(
+    model: Any,
+    corrupted_tokens: Int[torch.Tensor, "batch pos"],
+    clean_activations: dict[str, torch.Tensor],
+    patches: Sequence[Patch],
+    patching_metric: PatchingMetric,
+    *,
+    batch_size: int | None = None,
+    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+    vectorized_metric: bool = False,
+    progress: bool = True,
+    desc: str = "patching",
+) -> Float[torch.Tensor, "n_patches"]:
     """The metric of each patched run, stacking patches on the batch axis.
 
     ``clean_activations`` maps each site to its clean activation; inputs are assumed
@@ -230,7 +264,7 @@ def run_patches(model: Any, corrupted_tokens: Int[torch.Tensor, "batch pos"],
     out = torch.empty(len(patches), dtype=torch.float32)
     with tqdm(total=len(patches), desc=desc, disable=not progress) as bar:
         for lo in range(0, len(order), per_chunk):
-            chunk = order[lo:lo + per_chunk]
+            chunk = order[lo : lo + per_chunk]
             start = min(start_of[i] for i in chunk)
             n = len(chunk)
             hooks = _chunk_hooks([patches[i] for i in chunk], clean_activations, n, batch)
@@ -259,8 +293,9 @@ def _chunk_size(model: Any, tokens: torch.Tensor, max_batch_bytes: int) -> int:
     return max(1, int(max_batch_bytes // (batch * n_pos * per_position * itemsize)))
 
 
-def _chunk_hooks(patches: list[Patch], clean_activations: dict[str, torch.Tensor], n: int, batch: int
-                 ) -> list[tuple[str, Callable]]:
+def _chunk_hooks(
+    patches: list[Patch], clean_activations: dict[str, torch.Tensor], n: int, batch: int
+) -> list[tuple[str, Callable]]:
     """One hook per site: row ``i`` of the stacked batch gets patch ``i`` (if it is at that site)."""
     by_site: dict[str, list[tuple[int, Patch]]] = {}
     for row, patch in enumerate(patches):
@@ -278,13 +313,15 @@ def _chunk_hooks(patches: list[Patch], clean_activations: dict[str, torch.Tensor
                 if patched is not None and patched is not slot:
                     slot.copy_(patched)
             return activation
+
         return patch_rows
 
     return [(site, make_hook(entries, clean_activations[site])) for site, entries in by_site.items()]
 
 
-def _metric_per_patch(metric: PatchingMetric, logits: Float[torch.Tensor, "patch batch pos d_vocab"],
-                      vectorized: bool) -> Float[torch.Tensor, "patch"]:
+def _metric_per_patch(
+    metric: PatchingMetric, logits: Float[torch.Tensor, "patch batch pos d_vocab"], vectorized: bool
+) -> Float[torch.Tensor, "patch"]:
     n = logits.shape[0]
     if vectorized:
         return _check_metric_output(metric(logits), n, vectorized=True)
@@ -292,12 +329,22 @@ def _metric_per_patch(metric: PatchingMetric, logits: Float[torch.Tensor, "patch
 
 
 # TransformerLens's API ----------------------------------------------------------------------
-def generic_activation_patch(model: Any, corrupted_tokens: Int[torch.Tensor, "batch pos"], clean_cache: Any,
-                             patching_metric: PatchingMetric, patch_setter: PatchSetter, activation_name: str,
-                             index_axis_names: Sequence[str] | None = None, index_df: Any = None,
-                             return_index_df: bool = False, *, batch_size: int | None = None,
-                             max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES, vectorized_metric: bool = False,
-                             progress: bool = True) -> Any:
+def generic_activation_patch(
+    model: Any,
+    corrupted_tokens: Int[torch.Tensor, "batch pos"],
+    clean_cache: Any,
+    patching_metric: PatchingMetric,
+    patch_setter: PatchSetter,
+    activation_name: str,
+    index_axis_names: Sequence[str] | None = None,
+    index_df: Any = None,
+    return_index_df: bool = False,
+    *,
+    batch_size: int | None = None,
+    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+    vectorized_metric: bool = False,
+    progress: bool = True,
+) -> Any:
     """Patch ``activation_name`` from ``clean_cache`` into the corrupted run at every index; return the metric.
 
     As TransformerLens: either ``index_axis_names`` (the full grid over those axes; the
@@ -336,9 +383,18 @@ def generic_activation_patch(model: Any, corrupted_tokens: Int[torch.Tensor, "ba
     clean = {site: _clean_activation(model, clean_cache, site, tokens) for site in sites}
     _trial_metric(model, patching_metric, tokens, vectorized_metric)
 
-    values = run_patches(model, tokens, clean, patches, patching_metric, batch_size=batch_size,
-                         max_batch_bytes=max_batch_bytes, vectorized_metric=vectorized_metric, progress=progress,
-                         desc=f"patching {activation_name}")
+    values = run_patches(
+        model,
+        tokens,
+        clean,
+        patches,
+        patching_metric,
+        batch_size=batch_size,
+        max_batch_bytes=max_batch_bytes,
+        vectorized_metric=vectorized_metric,
+        progress=progress,
+        desc=f"patching {activation_name}",
+    )
     if index_df is None:
         values = values.reshape(grid)
     if not return_index_df:

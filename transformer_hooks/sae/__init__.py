@@ -9,15 +9,54 @@
 - ``features``: a feature's top-activating contexts from a harvested dataset, as HTML.
 """
 
-from .core import (ARCHITECTURES, NORMALIZATIONS, PROCESSING_STEPS, SAE, SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME,
-                   SAEConfig, load_gemma_scope, load_llama_scope, site_width)
-from .splice import (SAEEvaluation, check_sae_fits, check_sae_processing, evaluate_sae, feature_direction,
-                     sae_splice_hook, sites_changed_by, splice_sae, steer_with_feature)
+from .core import (
+    ARCHITECTURES,
+    NORMALIZATIONS,
+    PROCESSING_STEPS,
+    SAE,
+    SAE_CFG_FILENAME,
+    SAE_WEIGHTS_FILENAME,
+    SAEConfig,
+    load_gemma_scope,
+    load_llama_scope,
+    site_width,
+)
+from .splice import (
+    SAEEvaluation,
+    check_sae_fits,
+    check_sae_processing,
+    evaluate_sae,
+    feature_direction,
+    sae_splice_hook,
+    sites_changed_by,
+    splice_sae,
+    steer_with_feature,
+)
 from .features import FeatureContext, feature_contexts_html, top_activations
 from .training import train_sae
 
-__all__ = ["ARCHITECTURES", "NORMALIZATIONS", "PROCESSING_STEPS", "SAE", "SAE_CFG_FILENAME", "SAE_WEIGHTS_FILENAME",
-           "SAEConfig", "SAEEvaluation", "check_sae_fits", "check_sae_processing", "evaluate_sae",
-           "feature_direction", "load_gemma_scope", "load_llama_scope", "sae_splice_hook", "site_width",
-           "sites_changed_by", "splice_sae", "steer_with_feature", "train_sae", "FeatureContext",
-           "feature_contexts_html", "top_activations"]
+__all__ = [
+    "ARCHITECTURES",
+    "NORMALIZATIONS",
+    "PROCESSING_STEPS",
+    "SAE",
+    "SAE_CFG_FILENAME",
+    "SAE_WEIGHTS_FILENAME",
+    "SAEConfig",
+    "SAEEvaluation",
+    "check_sae_fits",
+    "check_sae_processing",
+    "evaluate_sae",
+    "feature_direction",
+    "load_gemma_scope",
+    "load_llama_scope",
+    "sae_splice_hook",
+    "site_width",
+    "sites_changed_by",
+    "splice_sae",
+    "steer_with_feature",
+    "train_sae",
+    "FeatureContext",
+    "feature_contexts_html",
+    "top_activations",
+]

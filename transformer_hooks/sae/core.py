@@ -107,8 +107,12 @@ class TopKActivation(Activation):
         return 1 / sae.W_dec.norm(dim=-1) if sae.cfg.rescale_acts_by_decoder_norm else None
 
 
-ARCHITECTURES: dict[str, Activation] = {"standard": ReLUActivation(), "gated": GatedActivation(),
-                                        "jumprelu": JumpReLUActivation(), "topk": TopKActivation()}
+ARCHITECTURES: dict[str, Activation] = {
+    "standard": ReLUActivation(),
+    "gated": GatedActivation(),
+    "jumprelu": JumpReLUActivation(),
+    "topk": TopKActivation(),
+}
 
 
 # Config -------------------------------------------------------------------------------
@@ -138,13 +142,19 @@ class SAEConfig:
         if self.architecture == "batchtopk":  # SAELens runs (and saves) a BatchTopK SAE as a JumpReLU
             self.architecture = "jumprelu"
         if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"unknown SAE architecture {self.architecture!r}; known: "
-                             f"{sorted(ARCHITECTURES) + ['batchtopk']}")
+            raise ValueError(
+                f"unknown SAE architecture {self.architecture!r}; known: {sorted(ARCHITECTURES) + ['batchtopk']}"
+            )
         if self.normalize_activations not in NORMALIZATIONS:
-            raise ValueError(f"unknown normalize_activations={self.normalize_activations!r}; known: {NORMALIZATIONS}"
-                             + (". Fold the whitening into the weights first (SAELens's "
-                                "fold_activation_whitening) and set it to 'none'"
-                                if "whiten" in str(self.normalize_activations) else ""))
+            raise ValueError(
+                f"unknown normalize_activations={self.normalize_activations!r}; known: {NORMALIZATIONS}"
+                + (
+                    ". Fold the whitening into the weights first (SAELens's "
+                    "fold_activation_whitening) and set it to 'none'"
+                    if "whiten" in str(self.normalize_activations)
+                    else ""
+                )
+            )
         if self.architecture == "topk" and not self.k:
             raise ValueError("a topk SAE needs k (the number of active features per token) in its config")
         if self.reshape_activations is None:
@@ -182,20 +192,42 @@ class SAEConfig:
         hook_name = get("hook_name") or get("hook_point")
         if not hook_name:
             raise ValueError("the SAE config names no hook: it needs 'hook_name' (or the older 'hook_point')")
-        known = {"d_in", "d_sae", "hook_name", "hook_point", "apply_b_dec_to_input", "normalize_activations",
-                 "dtype", "model_name", "model_from_pretrained_kwargs", "meta", "metadata", "architecture", "k",
-                 "rescale_acts_by_decoder_norm", "reshape_activations", "norm_scaling_factor", "hook_layer"}
-        return cls(d_in=int(d["d_in"]), d_sae=int(d["d_sae"]), hook_name=hook_name,
-                   apply_b_dec_to_input=bool(d.get("apply_b_dec_to_input", True)),
-                   normalize_activations=d.get("normalize_activations") or "none",
-                   dtype=str(d.get("dtype", "float32")).replace("torch.", ""),
-                   model_name=get("model_name", "") or "",
-                   model_from_pretrained_kwargs=get("model_from_pretrained_kwargs"),
-                   architecture=arch, k=int(k) if k else None,
-                   rescale_acts_by_decoder_norm=bool(d.get("rescale_acts_by_decoder_norm", False)),
-                   reshape_activations=d.get("reshape_activations"), norm_scaling_factor=d.get("norm_scaling_factor"),
-                   hook_layer=get("hook_layer"),
-                   extra={k: v for k, v in d.items() if k not in known})
+        known = {
+            "d_in",
+            "d_sae",
+            "hook_name",
+            "hook_point",
+            "apply_b_dec_to_input",
+            "normalize_activations",
+            "dtype",
+            "model_name",
+            "model_from_pretrained_kwargs",
+            "meta",
+            "metadata",
+            "architecture",
+            "k",
+            "rescale_acts_by_decoder_norm",
+            "reshape_activations",
+            "norm_scaling_factor",
+            "hook_layer",
+        }
+        return cls(
+            d_in=int(d["d_in"]),
+            d_sae=int(d["d_sae"]),
+            hook_name=hook_name,
+            apply_b_dec_to_input=bool(d.get("apply_b_dec_to_input", True)),
+            normalize_activations=d.get("normalize_activations") or "none",
+            dtype=str(d.get("dtype", "float32")).replace("torch.", ""),
+            model_name=get("model_name", "") or "",
+            model_from_pretrained_kwargs=get("model_from_pretrained_kwargs"),
+            architecture=arch,
+            k=int(k) if k else None,
+            rescale_acts_by_decoder_norm=bool(d.get("rescale_acts_by_decoder_norm", False)),
+            reshape_activations=d.get("reshape_activations"),
+            norm_scaling_factor=d.get("norm_scaling_factor"),
+            hook_layer=get("hook_layer"),
+            extra={k: v for k, v in d.items() if k not in known},
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """SAELens-compatible: flat fields plus the ``metadata`` block newer SAELens reads."""
@@ -235,14 +267,26 @@ class SAE(HookedRootModule):
         self._norm_state: tuple[torch.Tensor, ...] | None = None
         self._head_shape: tuple[int, ...] | None = None
         if cfg.normalize_activations == "expected_average_only_in" and cfg.norm_scaling_factor is None:
-            warnings.warn("normalize_activations='expected_average_only_in' without norm_scaling_factor: the "
-                          "activations are used unscaled (as SAELens does); set cfg.norm_scaling_factor = "
-                          "sqrt(d_in) / E||x|| of the training data", stacklevel=2)
+            warnings.warn(
+                "normalize_activations='expected_average_only_in' without norm_scaling_factor: the "
+                "activations are used unscaled (as SAELens does); set cfg.norm_scaling_factor = "
+                "sqrt(d_in) / E||x|| of the training data",
+                stacklevel=2,
+            )
 
     @classmethod
-    def for_model(cls, model: Any, hook_name: str, d_sae: int, d_in: int | None = None,
-                  seed: int = 0, architecture: str = "standard", k: int | None = None,
-                  dtype: str = "float32", **cfg: Any) -> "SAE":
+    def for_model(
+        cls,
+        model: Any,
+        hook_name: str,
+        d_sae: int,
+        d_in: int | None = None,
+        seed: int = 0,
+        architecture: str = "standard",
+        k: int | None = None,
+        dtype: str = "float32",
+        **cfg: Any,
+    ) -> "SAE":
         """A freshly initialised SAE for ``model``'s site, recording the model's processing.
 
         Init as SAELens's defaults: decoder rows of norm 0.1 in random directions,
@@ -252,8 +296,17 @@ class SAE(HookedRootModule):
         if d_in is None:
             d_in = site_width(model, names[0])
         kwargs = {s: s in model.cfg.processing for s in PROCESSING_STEPS}
-        config = SAEConfig(d_in=d_in, d_sae=d_sae, hook_name=hook_name, model_name=model.cfg.model_name,
-                           model_from_pretrained_kwargs=kwargs, architecture=architecture, k=k, dtype=dtype, **cfg)
+        config = SAEConfig(
+            d_in=d_in,
+            d_sae=d_sae,
+            hook_name=hook_name,
+            model_name=model.cfg.model_name,
+            model_from_pretrained_kwargs=kwargs,
+            architecture=architecture,
+            k=k,
+            dtype=dtype,
+            **cfg,
+        )
         sae = cls(config).to(model.device)
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
@@ -298,7 +351,7 @@ class SAE(HookedRootModule):
             self._norm_state = (torch.tensor(s, dtype=x.dtype, device=x.device),)
             return x * s
         if mode == "constant_norm_rescale":
-            c = self.cfg.d_in ** 0.5 / x.norm(dim=-1, keepdim=True)
+            c = self.cfg.d_in**0.5 / x.norm(dim=-1, keepdim=True)
             self._norm_state = (c,)
             return x * c
         if mode == "layer_norm":
@@ -313,8 +366,10 @@ class SAE(HookedRootModule):
         if mode == "none":
             return y
         if self._norm_state is None:
-            raise RuntimeError(f"decode() of an SAE with normalize_activations={mode!r} needs the statistics of "
-                               f"the encode() before it: call encode first (or forward)")
+            raise RuntimeError(
+                f"decode() of an SAE with normalize_activations={mode!r} needs the statistics of "
+                f"the encode() before it: call encode first (or forward)"
+            )
         if mode == "layer_norm":
             mu, std = self._norm_state
             return y * std + mu
@@ -374,12 +429,16 @@ class SAE(HookedRootModule):
         expected = {n: tuple(p.shape) for n, p in sae.named_parameters()}
         missing = sorted(set(expected) - set(state_dict))
         if missing:
-            raise KeyError(f"SAE state dict lacks {missing} (a {cfg.architecture} SAE has {sorted(expected)}); "
-                           f"it has {sorted(state_dict)}")
+            raise KeyError(
+                f"SAE state dict lacks {missing} (a {cfg.architecture} SAE has {sorted(expected)}); "
+                f"it has {sorted(state_dict)}"
+            )
         for name, shape in expected.items():
             if tuple(state_dict[name].shape) != shape:
-                raise ValueError(f"SAE tensor {name} has shape {tuple(state_dict[name].shape)}, expected {shape} "
-                                 f"for d_in={cfg.d_in}, d_sae={cfg.d_sae}")
+                raise ValueError(
+                    f"SAE tensor {name} has shape {tuple(state_dict[name].shape)}, expected {shape} "
+                    f"for d_in={cfg.d_in}, d_sae={cfg.d_sae}"
+                )
         sae.load_state_dict({n: state_dict[n] for n in expected})
         return sae
 
@@ -403,9 +462,11 @@ class SAE(HookedRootModule):
         else:
             for name in (SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME):
                 if not (path / name).is_file():
-                    raise FileNotFoundError(f"{path} has no {name}; a SAELens SAE directory holds "
-                                            f"{SAE_CFG_FILENAME} and {SAE_WEIGHTS_FILENAME} (Gemma Scope: params.npz; "
-                                            f"Llama Scope: hyperparams.json and checkpoints/final.safetensors)")
+                    raise FileNotFoundError(
+                        f"{path} has no {name}; a SAELens SAE directory holds "
+                        f"{SAE_CFG_FILENAME} and {SAE_WEIGHTS_FILENAME} (Gemma Scope: params.npz; "
+                        f"Llama Scope: hyperparams.json and checkpoints/final.safetensors)"
+                    )
             cfg = SAEConfig.from_dict({**json.loads((path / SAE_CFG_FILENAME).read_text()), **overrides})
             sae = cls.from_state_dict(load_file(str(path / SAE_WEIGHTS_FILENAME)), cfg)
         return sae.to(device) if device is not None else sae
@@ -428,16 +489,19 @@ def load_gemma_scope(path: str | Path, hook_name: str | None = None, **cfg: Any)
     import numpy as np
 
     if not hook_name:
-        raise ValueError("a params.npz file names no hook: pass hook_name=..., e.g. 'blocks.12.hook_resid_post' "
-                         "(Gemma Scope's res SAEs), 'blocks.12.hook_mlp_out' (mlp) or 'blocks.12.attn.hook_z' (att)")
+        raise ValueError(
+            "a params.npz file names no hook: pass hook_name=..., e.g. 'blocks.12.hook_resid_post' "
+            "(Gemma Scope's res SAEs), 'blocks.12.hook_mlp_out' (mlp) or 'blocks.12.attn.hook_z' (att)"
+        )
     with np.load(path) as data:
         state = {("W_" + k[2:] if k.startswith("w_") else k): torch.from_numpy(np.array(data[k])).float() for k in data}
     scaling = state.pop("scaling_factor", None)
     if scaling is not None and not torch.allclose(scaling, torch.ones_like(scaling)):
         raise ValueError("this params.npz has a finetuning scaling_factor other than 1, which is not supported")
     d_in, d_sae = state["W_enc"].shape
-    config = SAEConfig(d_in=d_in, d_sae=d_sae, hook_name=hook_name, architecture="jumprelu",
-                       apply_b_dec_to_input=False, **cfg)
+    config = SAEConfig(
+        d_in=d_in, d_sae=d_sae, hook_name=hook_name, architecture="jumprelu", apply_b_dec_to_input=False, **cfg
+    )
     return SAE.from_state_dict(state, config)
 
 
@@ -452,13 +516,26 @@ def load_llama_scope(path: str | Path, **cfg: Any) -> SAE:
     hp = json.loads((path / "hyperparams.json").read_text())
     raw = load_file(str(path / "checkpoints" / "final.safetensors"))
     d_in, d_sae = int(hp["d_model"]), int(hp["d_sae"])
-    s = d_in ** 0.5 / float(hp["dataset_average_activation_norm"]["in"])
-    state = {"W_enc": raw["encoder.weight"].T.float(), "W_dec": raw["decoder.weight"].T.float(),
-             "b_enc": raw["encoder.bias"].float(), "b_dec": raw["decoder.bias"].float(),
-             "threshold": torch.full((d_sae,), float(hp["jump_relu_threshold"]) * s)}
-    config = SAEConfig(**{"d_in": d_in, "d_sae": d_sae, "hook_name": hp["hook_point_in"], "architecture": "jumprelu",
-                          "apply_b_dec_to_input": False, "normalize_activations": "expected_average_only_in",
-                          "norm_scaling_factor": s, **cfg})
+    s = d_in**0.5 / float(hp["dataset_average_activation_norm"]["in"])
+    state = {
+        "W_enc": raw["encoder.weight"].T.float(),
+        "W_dec": raw["decoder.weight"].T.float(),
+        "b_enc": raw["encoder.bias"].float(),
+        "b_dec": raw["decoder.bias"].float(),
+        "threshold": torch.full((d_sae,), float(hp["jump_relu_threshold"]) * s),
+    }
+    config = SAEConfig(
+        **{
+            "d_in": d_in,
+            "d_sae": d_sae,
+            "hook_name": hp["hook_point_in"],
+            "architecture": "jumprelu",
+            "apply_b_dec_to_input": False,
+            "normalize_activations": "expected_average_only_in",
+            "norm_scaling_factor": s,
+            **cfg,
+        }
+    )
     return SAE.from_state_dict(state, config)
 
 

@@ -35,7 +35,9 @@ class FeatureContext:
 
 
 @torch.no_grad()
-def top_activations(dataset: Any, sae: SAE, feature: int, top: int = 20, batch_size: int = 4096) -> list[FeatureContext]:
+def top_activations(
+    dataset: Any, sae: SAE, feature: int, top: int = 20, batch_size: int = 4096
+) -> list[FeatureContext]:
     """The ``top`` contexts where ``feature`` is largest, strongest first (see the module docstring)."""
     if not 0 <= feature < sae.cfg.d_sae:
         raise IndexError(f"feature {feature} is out of range: this SAE has d_sae={sae.cfg.d_sae}")
@@ -43,7 +45,7 @@ def top_activations(dataset: Any, sae: SAE, feature: int, top: int = 20, batch_s
     values = torch.empty(len(dataset))
     start = 0
     for batch in dataset.batches(site, batch_size, device=sae.device):
-        values[start:start + len(batch)] = sae.encode(batch.to(sae.W_enc.dtype))[:, feature].float().cpu()
+        values[start : start + len(batch)] = sae.encode(batch.to(sae.W_enc.dtype))[:, feature].float().cpu()
         start += len(batch)
     order = torch.argsort(values, descending=True, stable=True)
     chosen: list[FeatureContext] = []
@@ -63,16 +65,26 @@ def top_activations(dataset: Any, sae: SAE, feature: int, top: int = 20, batch_s
         acts = [0.0] * tokens.shape[1]
         for p, r in zip(pos.tolist(), same.tolist()):
             acts[p] = float(values[r])
-        mask = np.asarray(dataset._shard(shard)["token_mask"][context - dataset.manifest["shards"][shard]["first_context"]])
+        mask = np.asarray(
+            dataset._shard(shard)["token_mask"][context - dataset.manifest["shards"][shard]["first_context"]]
+        )
         n_real = int(mask.sum())
-        chosen.append(FeatureContext(row=row, context=context, position=int(positions[0]),
-                                     activation=float(values[row]), tokens=tokens[0, :n_real].tolist(),
-                                     activations=acts[:n_real]))
+        chosen.append(
+            FeatureContext(
+                row=row,
+                context=context,
+                position=int(positions[0]),
+                activation=float(values[row]),
+                tokens=tokens[0, :n_real].tolist(),
+                activations=acts[:n_real],
+            )
+        )
     return chosen
 
 
-def feature_contexts_html(contexts: list[FeatureContext], tokenizer: Any, title: str = "feature",
-                          path: str | Path | None = None) -> str:
+def feature_contexts_html(
+    contexts: list[FeatureContext], tokenizer: Any, title: str = "feature", path: str | Path | None = None
+) -> str:
     """A self-contained HTML page of ``contexts`` (written to ``path`` if given); returns it."""
     peak = max((c.activation for c in contexts), default=1.0) or 1.0
     rows = []
@@ -82,10 +94,14 @@ def feature_contexts_html(contexts: list[FeatureContext], tokenizer: Any, title:
             text = tokenizer.decode([tok]) if tokenizer is not None else f"<{tok}>"
             alpha = max(0.0, min(1.0, act / peak))
             cls = "tok top" if i == c.position else "tok"
-            spans.append(f'<span class="{cls}" title="{act:.4g}" style="background: rgba(255,110,0,{alpha:.3f})">'
-                         f"{html.escape(text).replace(' ', '&nbsp;') or '&nbsp;'}</span>")
-        rows.append(f'<li class="context" data-activation="{c.activation:.6g}" data-row="{c.row}">'
-                    f'<span class="act">{c.activation:.3f}</span> {"".join(spans)}</li>')
+            spans.append(
+                f'<span class="{cls}" title="{act:.4g}" style="background: rgba(255,110,0,{alpha:.3f})">'
+                f"{html.escape(text).replace(' ', '&nbsp;') or '&nbsp;'}</span>"
+            )
+        rows.append(
+            f'<li class="context" data-activation="{c.activation:.6g}" data-row="{c.row}">'
+            f'<span class="act">{c.activation:.3f}</span> {"".join(spans)}</li>'
+        )
     page = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>

@@ -60,9 +60,21 @@ from tqdm.auto import tqdm
 from ..hooks import HookPoint
 from .core import PROCESSING_STEPS, SAE, site_width
 
-_RESIDUAL_SITES = ("hook_embed", "hook_pos_embed", "hook_resid_pre", "hook_resid_mid", "hook_resid_post",
-                   "hook_attn_out", "hook_mlp_out", "hook_mlp_in", "hook_attn_in", "hook_q_input", "hook_k_input",
-                   "hook_v_input", "attn.hook_result")
+_RESIDUAL_SITES = (
+    "hook_embed",
+    "hook_pos_embed",
+    "hook_resid_pre",
+    "hook_resid_mid",
+    "hook_resid_post",
+    "hook_attn_out",
+    "hook_mlp_out",
+    "hook_mlp_in",
+    "hook_attn_in",
+    "hook_q_input",
+    "hook_k_input",
+    "hook_v_input",
+    "attn.hook_result",
+)
 
 
 def sites_changed_by(step: str, normalization_type: str) -> dict[str, str]:
@@ -79,10 +91,12 @@ def sites_changed_by(step: str, normalization_type: str) -> dict[str, str]:
     if step == "center_writing_weights":
         return {s: "centred: x - mean(x) over d_model" for s in _RESIDUAL_SITES} if layer_norm else {}
     if step == "fold_value_biases":
-        return {"attn.hook_v": "b_V removed", "attn.hook_z": "b_V removed",
-                "attn.hook_result": "b_V @ W_O removed per head (moved into b_O)"}
+        return {
+            "attn.hook_v": "b_V removed",
+            "attn.hook_z": "b_V removed",
+            "attn.hook_result": "b_V @ W_O removed per head (moved into b_O)",
+        }
     return {}  # center_unembed
-
 
 
 # Processing check ----------------------------------------------------------------------
@@ -110,7 +124,8 @@ def check_sae_processing(model: Any, sae: SAE, warn: bool = True) -> list[str]:
             f"the SAE on {sae.cfg.hook_name} was trained on a model loaded {trained} {step}, but this model was "
             f"loaded {'with' if step in applied else 'without'} it, which changes this site ({how}). Load the model "
             f"as the SAE expects: HookedTransformer.from_pretrained_no_processing(name, "
-            f"**{sae.cfg.model_from_pretrained_kwargs})")
+            f"**{sae.cfg.model_from_pretrained_kwargs})"
+        )
     if warn:
         for p in problems:
             warnings.warn(p, stacklevel=3)
@@ -123,8 +138,9 @@ def _to_sae_shape(act: torch.Tensor, d_in: int, name: str) -> torch.Tensor:
         return act
     if act.ndim >= 2 and act.shape[-2] * act.shape[-1] == d_in:  # hook_z SAEs: heads flattened
         return act.flatten(-2)
-    raise ValueError(f"the SAE has d_in={d_in}, but {name} has shape {tuple(act.shape)}; was it trained on "
-                     f"another site or model?")
+    raise ValueError(
+        f"the SAE has d_in={d_in}, but {name} has shape {tuple(act.shape)}; was it trained on another site or model?"
+    )
 
 
 Positions = Union[slice, Sequence[int], None]
@@ -141,6 +157,7 @@ def _chosen(n_pos: int, positions: Positions, device: Any) -> torch.Tensor:
 def sae_splice_hook(sae: SAE, positions: Positions = None):
     """A hook function replacing the activation by ``sae(activation)`` (same shape and
     dtype), at ``positions`` of each forward's input (all when None)."""
+
     def hook(act: torch.Tensor, hook: HookPoint) -> torch.Tensor:
         chosen = act if positions is None else act[:, positions]
         out = sae(_to_sae_shape(chosen, sae.cfg.d_in, hook.name)).reshape(chosen.shape).to(act.dtype)
@@ -149,6 +166,7 @@ def sae_splice_hook(sae: SAE, positions: Positions = None):
         act = act.clone()
         act[:, positions] = out
         return act
+
     return hook
 
 
@@ -160,9 +178,11 @@ def check_sae_fits(model: Any, sae: SAE) -> str:
         raise ValueError(f"the SAE's hook_name {sae.cfg.hook_name!r} names {len(names)} sites; it must name one")
     width = site_width(model, names[0])
     if width != sae.cfg.d_in:
-        raise ValueError(f"the SAE has d_in={sae.cfg.d_in}, but {names[0]} of this model has width {width}"
-                         f" (model {model.cfg.model_name or '?'}; the SAE was trained on "
-                         f"{sae.cfg.model_name or 'an unnamed model'}): was it trained on another site or model?")
+        raise ValueError(
+            f"the SAE has d_in={sae.cfg.d_in}, but {names[0]} of this model has width {width}"
+            f" (model {model.cfg.model_name or '?'}; the SAE was trained on "
+            f"{sae.cfg.model_name or 'an unnamed model'}): was it trained on another site or model?"
+        )
     return names[0]
 
 
@@ -181,12 +201,13 @@ def mounted(model: Any, sae: SAE, site: str) -> Iterator[None]:
     finally:
         for name, hp in added.items():
             model.hook_dict.pop(name, None)
-            hp.name = name[len(site) + 1:]
+            hp.name = name[len(site) + 1 :]
 
 
 @contextlib.contextmanager
-def splice_sae(model: Any, sae: SAE, use_error_term: bool | None = None, positions: Positions = None,
-               check: bool = True) -> Iterator[SAE]:
+def splice_sae(
+    model: Any, sae: SAE, use_error_term: bool | None = None, positions: Positions = None, check: bool = True
+) -> Iterator[SAE]:
     """Every forward in the block runs with ``sae.cfg.hook_name`` replaced by its
     reconstruction (plus the error term if ``use_error_term``; default: the SAE's own
     setting), at ``positions`` (default all; ``slice(1, None)`` leaves the first token
@@ -260,16 +281,19 @@ class SAEEvaluation:
     dense_fraction: float = math.nan
 
     def __str__(self) -> str:
-        return "\n".join(f"{k:>26}: {v:.4g}" if isinstance(v, float) else f"{k:>26}: {v}"
-                         for k, v in asdict(self).items())
+        return "\n".join(
+            f"{k:>26}: {v:.4g}" if isinstance(v, float) else f"{k:>26}: {v}" for k, v in asdict(self).items()
+        )
 
 
 def _replace_hook(positions: Positions, value: torch.Tensor | None):
     """Set the chosen positions to ``value`` (per-position shape; None: zero)."""
+
     def hook(act: torch.Tensor, hook: HookPoint) -> torch.Tensor:
         keep = ~_chosen(act.shape[1], positions, act.device).reshape(-1, *[1] * (act.ndim - 2))
         fill = 0 if value is None else value.reshape(act.shape[2:]).to(act.dtype)
         return torch.where(keep, act, fill) if value is not None else act * keep
+
     return hook
 
 
@@ -284,9 +308,16 @@ def _recovered(baseline: float, spliced: float, clean: float) -> float:
 
 
 @torch.no_grad()
-def evaluate_sae(model: Any, sae: SAE, tokens: Int[torch.Tensor, "batch pos"] | str | list[str],
-                 batch_size: int = 8, attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
-                 positions: Positions = None, check: bool = True, dense_threshold: float = 0.1) -> SAEEvaluation:
+def evaluate_sae(
+    model: Any,
+    sae: SAE,
+    tokens: Int[torch.Tensor, "batch pos"] | str | list[str],
+    batch_size: int = 8,
+    attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
+    positions: Positions = None,
+    check: bool = True,
+    dense_threshold: float = 0.1,
+) -> SAEEvaluation:
     """Splice ``sae`` into ``model`` on ``tokens`` (or strings; padded lists count only
     their real tokens) and report reconstruction MSE, L0, explained variance, dead and
     dense feature fractions, and the next-token loss clean, spliced, with the site zeroed
@@ -299,8 +330,10 @@ def evaluate_sae(model: Any, sae: SAE, tokens: Int[torch.Tensor, "batch pos"] | 
     else:
         site = model.resolve_hook_names(sae.cfg.hook_name)[0]
     tokens, mask = model.tokens_and_mask(tokens, attention_mask=attention_mask)
-    batches = [(tokens[s:s + batch_size], mask[s:s + batch_size] if mask is not None else None)
-               for s in range(0, tokens.shape[0], batch_size)]
+    batches = [
+        (tokens[s : s + batch_size], mask[s : s + batch_size] if mask is not None else None)
+        for s in range(0, tokens.shape[0], batch_size)
+    ]
     n = n_pred = 0
     sq_err = l0 = clean = 0.0
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.float64, device=sae.device)
@@ -313,7 +346,8 @@ def evaluate_sae(model: Any, sae: SAE, tokens: Int[torch.Tensor, "batch pos"] | 
         nll, cache = model.run_with_cache(tok, attention_mask=m, names_filter=site, **loss_kwargs)
         act = cache[site]
         measured = _chosen(tok.shape[1], positions, act.device)[None] & (
-            torch.ones(tok.shape, dtype=torch.bool, device=act.device) if m is None else m.bool())
+            torch.ones(tok.shape, dtype=torch.bool, device=act.device) if m is None else m.bool()
+        )
         rows = act[measured]  # [tokens, *site]
         sum_site = rows.double().sum(0) + (0 if sum_site is None else sum_site)
         x = _to_sae_shape(rows, sae.cfg.d_in, site).to(sae.W_enc.dtype)
@@ -342,21 +376,31 @@ def evaluate_sae(model: Any, sae: SAE, tokens: Int[torch.Tensor, "batch pos"] | 
     total_var = sum_sq - float(sum_x.pow(2).sum()) / n  # sum ||x - mean||^2
     clean, spliced, zero, mean = (v / max(n_pred, 1) for v in (clean, spliced, zero, mean))
     freq = fired / max(n, 1)
-    return SAEEvaluation(mse=sq_err / (n * sae.cfg.d_in), l0=l0 / n,
-                         explained_variance=1 - sq_err / total_var if total_var > 0 else math.nan,
-                         clean_loss=clean, spliced_loss=spliced, zero_ablation_loss=zero,
-                         ce_loss_recovered=_recovered(zero, spliced, clean), n_tokens=n,
-                         mean_ablation_loss=mean, ce_loss_recovered_vs_mean=_recovered(mean, spliced, clean),
-                         dead_fraction=float((freq == 0).double().mean()),
-                         dense_fraction=float((freq > dense_threshold).double().mean()))
+    return SAEEvaluation(
+        mse=sq_err / (n * sae.cfg.d_in),
+        l0=l0 / n,
+        explained_variance=1 - sq_err / total_var if total_var > 0 else math.nan,
+        clean_loss=clean,
+        spliced_loss=spliced,
+        zero_ablation_loss=zero,
+        ce_loss_recovered=_recovered(zero, spliced, clean),
+        n_tokens=n,
+        mean_ablation_loss=mean,
+        ce_loss_recovered_vs_mean=_recovered(mean, spliced, clean),
+        dead_fraction=float((freq == 0).double().mean()),
+        dense_fraction=float((freq > dense_threshold).double().mean()),
+    )
 
 
 # Command line (registered by cli.py) ----------------------------------------------------
 def add_sae_eval_arguments(p: Any) -> None:
     from ..resolution import DEFAULT_MODEL
 
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"preset, HF repo id, directory or .gguf (default: "
-                                                          f"{DEFAULT_MODEL}, embedded)")
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"preset, HF repo id, directory or .gguf (default: {DEFAULT_MODEL}, embedded)",
+    )
     p.add_argument("--no-processing", action="store_true", help="load the weights unprocessed (no fold_ln etc.)")
     p.add_argument("--device", default=None, help="torch device (default: cpu)")
     p.add_argument("--sae", required=True, help="an SAE directory (SAELens, Llama Scope) or Gemma Scope params.npz")
@@ -366,8 +410,11 @@ def add_sae_eval_arguments(p: Any) -> None:
     p.add_argument("--context-size", type=int, default=128)
     p.add_argument("--max-tokens", type=int, default=16384, help="evaluate on this many tokens (default: 16384)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--skip-first", action="store_true", help="leave each context's first position out (an "
-                                                             "attention sink the SAE was not trained on)")
+    p.add_argument(
+        "--skip-first",
+        action="store_true",
+        help="leave each context's first position out (an attention sink the SAE was not trained on)",
+    )
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
 
@@ -380,16 +427,22 @@ def run_sae_eval(args: Any) -> int:
 
     load = HookedTransformer.from_pretrained_no_processing if args.no_processing else HookedTransformer.from_pretrained
     model = load(args.model, device=args.device)
-    sae = SAE.load_from_disk(args.sae, device=model.device,
-                             **({"hook_name": args.hook_name} if args.hook_name else {}))
+    sae = SAE.load_from_disk(args.sae, device=model.device, **({"hook_name": args.hook_name} if args.hook_name else {}))
     rows = []
-    for i, (tokens, mask) in zip(range(max(1, args.max_tokens // args.context_size)),
-                                 _contexts(model, args.data, args.context_size, model.cfg.default_prepend_bos,
-                                           args.text_key, None)):
+    for i, (tokens, mask) in zip(
+        range(max(1, args.max_tokens // args.context_size)),
+        _contexts(model, args.data, args.context_size, model.cfg.default_prepend_bos, args.text_key, None),
+    ):
         rows.append((tokens, mask))
     tokens = torch.stack([t for t, _ in rows])
     mask = torch.stack([m for _, m in rows]).long()
-    result = evaluate_sae(model, sae, tokens, batch_size=args.batch_size, attention_mask=mask,
-                          positions=slice(1, None) if args.skip_first else None)
+    result = evaluate_sae(
+        model,
+        sae,
+        tokens,
+        batch_size=args.batch_size,
+        attention_mask=mask,
+        positions=slice(1, None) if args.skip_first else None,
+    )
     print(json.dumps(asdict(result)) if args.json else result)
     return 0

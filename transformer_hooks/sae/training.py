@@ -108,22 +108,44 @@ def _harvest_in_memory(model: Any, site: str, data: Any, batch_size: int = 8) ->
     tokens, mask = model.tokens_and_mask(data)
     rows = []
     for s in range(0, tokens.shape[0], batch_size):
-        m = None if mask is None else mask[s:s + batch_size]
-        _, cache = model.run_with_cache(tokens[s:s + batch_size], attention_mask=m, names_filter=site,
-                                        return_type=None)
+        m = None if mask is None else mask[s : s + batch_size]
+        _, cache = model.run_with_cache(
+            tokens[s : s + batch_size], attention_mask=m, names_filter=site, return_type=None
+        )
         act = cache[site].flatten(2) if cache[site].ndim == 4 else cache[site]
         rows.append(act.reshape(-1, act.shape[-1]) if m is None else act[m.bool()])
     return torch.cat(rows).float()
 
 
-def train_sae(source: Any, site: Any = None, d_sae: int | None = None, architecture: str = "standard", *,
-              data: Any = None, k: int | None = None, steps: int = 300, batch_size: int = 256, lr: float = 1e-3,
-              l1_coefficient: float = 1e-3, l0_coefficient: float = 1e-3, decoder: str = "norm_weighted",
-              l1_warm_up_steps: int = 0, lr_warm_up_steps: int = 0, adam_beta1: float = 0.9,
-              adam_beta2: float = 0.999, aux_coefficient: float = 1 / 32, dead_window: int = 50,
-              resample_every: int | None = None, jumprelu_bandwidth: float = 0.05,
-              jumprelu_init_threshold: float = 0.001, ghost_grads: bool = False, seed: int = 0,
-              save_to: str | Path | None = None, progress: bool = True, device: Any = None) -> Any:
+def train_sae(
+    source: Any,
+    site: Any = None,
+    d_sae: int | None = None,
+    architecture: str = "standard",
+    *,
+    data: Any = None,
+    k: int | None = None,
+    steps: int = 300,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    l1_coefficient: float = 1e-3,
+    l0_coefficient: float = 1e-3,
+    decoder: str = "norm_weighted",
+    l1_warm_up_steps: int = 0,
+    lr_warm_up_steps: int = 0,
+    adam_beta1: float = 0.9,
+    adam_beta2: float = 0.999,
+    aux_coefficient: float = 1 / 32,
+    dead_window: int = 50,
+    resample_every: int | None = None,
+    jumprelu_bandwidth: float = 0.05,
+    jumprelu_init_threshold: float = 0.001,
+    ghost_grads: bool = False,
+    seed: int = 0,
+    save_to: str | Path | None = None,
+    progress: bool = True,
+    device: Any = None,
+) -> Any:
     """Train an SAE on a site's activations; see the module docstring for each recipe.
 
     ``source``: an ``ActivationDataset`` (``site`` one of its sites; the SAE records its
@@ -138,9 +160,29 @@ def train_sae(source: Any, site: Any = None, d_sae: int | None = None, architect
     if isinstance(source, SAE):  # the older form: train_sae(sae, activations)
         sae = source
         acts = site.reshape(-1, sae.cfg.d_in).to(sae.device, sae.W_enc.dtype).detach()
-        _fit(sae, acts, None, "standard", None, steps, batch_size, lr, l1_coefficient, l0_coefficient, decoder,
-             l1_warm_up_steps, lr_warm_up_steps, adam_beta1, adam_beta2, aux_coefficient, dead_window,
-             resample_every, seed, progress, ghost_grads)
+        _fit(
+            sae,
+            acts,
+            None,
+            "standard",
+            None,
+            steps,
+            batch_size,
+            lr,
+            l1_coefficient,
+            l0_coefficient,
+            decoder,
+            l1_warm_up_steps,
+            lr_warm_up_steps,
+            adam_beta1,
+            adam_beta2,
+            aux_coefficient,
+            dead_window,
+            resample_every,
+            seed,
+            progress,
+            ghost_grads,
+        )
         return sae.training_log
     if architecture not in ARCHITECTURES_TRAINED:
         raise ValueError(f"unknown architecture {architecture!r} to train; known: {ARCHITECTURES_TRAINED}")
@@ -155,8 +197,10 @@ def train_sae(source: Any, site: Any = None, d_sae: int | None = None, architect
     if isinstance(source, ActivationDataset):
         site = source._site(site)
         d_in = source.width(site)
-        meta = {"model_name": source.manifest["model_name"],
-                "model_from_pretrained_kwargs": {s: s in source.manifest["processing"] for s in PROCESSING_STEPS}}
+        meta = {
+            "model_name": source.manifest["model_name"],
+            "model_from_pretrained_kwargs": {s: s in source.manifest["processing"] for s in PROCESSING_STEPS},
+        }
         device = device or "cpu"
     elif isinstance(source, torch.Tensor):
         d_in = source.shape[-1]
@@ -170,12 +214,19 @@ def train_sae(source: Any, site: Any = None, d_sae: int | None = None, architect
         with torch.no_grad():
             source = _harvest_in_memory(model, site, data)
         d_in = source.shape[-1]
-        meta = {"model_name": model.cfg.model_name,
-                "model_from_pretrained_kwargs": {s: s in model.cfg.processing for s in PROCESSING_STEPS}}
+        meta = {
+            "model_name": model.cfg.model_name,
+            "model_from_pretrained_kwargs": {s: s in model.cfg.processing for s in PROCESSING_STEPS},
+        }
         device = device or model.device
-    cfg = SAEConfig(d_in=d_in, d_sae=d_sae, hook_name=site,
-                    architecture="topk" if architecture in ("topk", "batchtopk") else architecture,
-                    k=k, **meta)
+    cfg = SAEConfig(
+        d_in=d_in,
+        d_sae=d_sae,
+        hook_name=site,
+        architecture="topk" if architecture in ("topk", "batchtopk") else architecture,
+        k=k,
+        **meta,
+    )
     sae = SAE(cfg).to(device)
     sae.bandwidth = jumprelu_bandwidth
     gen = torch.Generator().manual_seed(seed)
@@ -185,9 +236,29 @@ def train_sae(source: Any, site: Any = None, d_sae: int | None = None, architect
         sae.W_enc.copy_(sae.W_dec.T)
         if architecture == "jumprelu":
             sae.threshold.fill_(jumprelu_init_threshold)
-    batch_threshold = _fit(sae, source, site, architecture, k, steps, batch_size, lr, l1_coefficient, l0_coefficient,
-                           decoder, l1_warm_up_steps, lr_warm_up_steps, adam_beta1, adam_beta2, aux_coefficient,
-                           dead_window, resample_every, seed, progress, ghost_grads)
+    batch_threshold = _fit(
+        sae,
+        source,
+        site,
+        architecture,
+        k,
+        steps,
+        batch_size,
+        lr,
+        l1_coefficient,
+        l0_coefficient,
+        decoder,
+        l1_warm_up_steps,
+        lr_warm_up_steps,
+        adam_beta1,
+        adam_beta2,
+        aux_coefficient,
+        dead_window,
+        resample_every,
+        seed,
+        progress,
+        ghost_grads,
+    )
     if architecture == "batchtopk":  # inference form: a JumpReLU with the learnt global threshold
         state = {n: p.detach() for n, p in sae.named_parameters()}
         state["threshold"] = torch.full((d_sae,), float(batch_threshold), device=device)
@@ -199,10 +270,29 @@ def train_sae(source: Any, site: Any = None, d_sae: int | None = None, architect
     return sae
 
 
-def _fit(sae: SAE, source: Any, site: str | None, architecture: str, k: int | None, steps: int, batch_size: int,
-         lr: float, l1_coefficient: float, l0_coefficient: float, decoder: str, l1_warm_up_steps: int,
-         lr_warm_up_steps: int, adam_beta1: float, adam_beta2: float, aux_coefficient: float, dead_window: int,
-         resample_every: int | None, seed: int, progress: bool, ghost_grads: bool = False) -> float:
+def _fit(
+    sae: SAE,
+    source: Any,
+    site: str | None,
+    architecture: str,
+    k: int | None,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    l1_coefficient: float,
+    l0_coefficient: float,
+    decoder: str,
+    l1_warm_up_steps: int,
+    lr_warm_up_steps: int,
+    adam_beta1: float,
+    adam_beta2: float,
+    aux_coefficient: float,
+    dead_window: int,
+    resample_every: int | None,
+    seed: int,
+    progress: bool,
+    ghost_grads: bool = False,
+) -> float:
     """The training loop; returns BatchTopK's threshold (nan otherwise)."""
     if decoder not in ("norm_weighted", "unit_norm"):
         raise ValueError(f"decoder must be 'norm_weighted' or 'unit_norm', got {decoder!r}")
@@ -276,8 +366,11 @@ def _fit(sae: SAE, source: Any, site: str | None, architecture: str, k: int | No
                 since_fired[dead] = 0
         sae.training_log.append(loss.item())
         if progress and t % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4g}", L0=f"{float((feats > 0).sum(-1).float().mean()):.1f}",
-                            dead=f"{float(dead.float().mean()):.2f}")
+            bar.set_postfix(
+                loss=f"{loss.item():.4g}",
+                L0=f"{float((feats > 0).sum(-1).float().mean()):.1f}",
+                dead=f"{float(dead.float().mean()):.2f}",
+            )
         if t + 1 < steps:
             x = next(batches)
     sae.eval()
