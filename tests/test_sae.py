@@ -89,14 +89,15 @@ def test_saelens_files_round_trip_and_other_cfg_layouts(tmp_path):
 
 
 def test_bad_sae_files_fail_with_a_reason(tmp_path):
-    with pytest.raises(ValueError, match="jumprelu"):
-        SAEConfig.from_dict({"d_in": 4, "d_sae": 8, "hook_name": "x", "architecture": "jumprelu"})
+    # jumprelu and expected_average_only_in are supported now; unknown ones name the known.
+    with pytest.raises(ValueError, match="unknown SAE architecture 'jumpy'.*jumprelu"):
+        SAEConfig.from_dict({"d_in": 4, "d_sae": 8, "hook_name": "x", "architecture": "jumpy"})
     with pytest.raises(ValueError, match="hook_name"):
         SAEConfig.from_dict({"d_in": 4, "d_sae": 8})
-    with pytest.raises(ValueError, match="expected_average_only_in"):
-        SAEConfig.from_dict(
-            {"d_in": 4, "d_sae": 8, "hook_name": "x", "normalize_activations": "expected_average_only_in"}
-        )
+    with pytest.raises(ValueError, match="unknown normalize_activations='rms'.*expected_average_only_in"):
+        SAEConfig.from_dict({"d_in": 4, "d_sae": 8, "hook_name": "x", "normalize_activations": "rms"})
+    with pytest.raises(ValueError, match="needs k"):
+        SAEConfig.from_dict({"d_in": 4, "d_sae": 8, "hook_name": "x", "architecture": "topk"})
     cfg = SAEConfig(d_in=4, d_sae=8, hook_name="x")
     with pytest.raises(ValueError, match=r"W_dec has shape \(8, 5\)"):
         SAE.from_state_dict(

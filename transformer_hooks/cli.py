@@ -139,7 +139,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="transformer-hooks", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{dla,logit-lens,parity}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{dla,logit-lens,parity,harvest,sae-eval}")
 
     def model_args(p: argparse.ArgumentParser, top: int) -> None:
         p.add_argument(
@@ -171,6 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
     parity.add_argument("--tol", type=float, default=1e-3, help="max abs error allowed (default: 1e-3)")
     parity.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"text to run (default: {DEFAULT_PROMPT!r})")
     parity.set_defaults(func=cmd_parity)
+
+    from .activations import add_harvest_arguments, run_harvest
+
+    harvest = sub.add_parser("harvest", help="store sites' activations over a corpus (resumable)")
+    add_harvest_arguments(harvest)
+    harvest.set_defaults(func=run_harvest)
+    from .sae.splice import add_sae_eval_arguments, run_sae_eval
+
+    sae_eval = sub.add_parser("sae-eval", help="an SAE's reconstruction, sparsity and CE loss recovered on a corpus")
+    add_sae_eval_arguments(sae_eval)
+    sae_eval.set_defaults(func=run_sae_eval)
     return parser
 
 

@@ -1,0 +1,121 @@
+"""A feature's top-activating contexts from a harvested dataset, as data and as an HTML page.
+
+``top_activations(dataset, sae, feature)`` encodes every row of the SAE's site in the
+dataset (in batches, memory bounded) and keeps the ``top`` largest activations of the
+feature: one per context (the context's strongest token), as SAE dashboards show them.
+``feature_contexts_html(...)`` writes a self-contained page: one line per context, each
+token shaded by the feature's activation on it (its value on hover), the strongest token
+outlined.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .core import SAE
+
+
+@dataclass
+class FeatureContext:
+    """One context: its tokens, the feature's activation on each (0 where no row was kept,
+    e.g. BOS), and the position of the strongest."""
+
+    row: int
+    context: int
+    position: int
+    activation: float
+    tokens: list[int]
+    activations: list[float]
+
+
+@torch.no_grad()
+def top_activations(
+    dataset: Any, sae: SAE, feature: int, top: int = 20, batch_size: int = 4096
+) -> list[FeatureContext]:
+    """The ``top`` contexts where ``feature`` is largest, strongest first (see the module docstring)."""
+    if not 0 <= feature < sae.cfg.d_sae:
+        raise IndexError(f"feature {feature} is out of range: this SAE has d_sae={sae.cfg.d_sae}")
+    site = dataset._site(sae.cfg.hook_name)
+    values = torch.empty(len(dataset))
+    start = 0
+    for batch in dataset.batches(site, batch_size, device=sae.device):
+        values[start : start + len(batch)] = sae.encode(batch.to(sae.W_enc.dtype))[:, feature].float().cpu()
+        start += len(batch)
+    order = torch.argsort(values, descending=True, stable=True)
+    chosen: list[FeatureContext] = []
+    seen: set[int] = set()
+    for row in order.tolist():
+        if values[row] <= 0 or len(chosen) == top:
+            break
+        tokens, positions = dataset.tokens_of([row])
+        shard = int(np.searchsorted(dataset._row_starts, row, side="right") - 1)
+        row_context = np.asarray(dataset._shard(shard)["row_context"])
+        context = int(row_context[row - dataset._row_starts[shard]])
+        if context in seen:
+            continue
+        seen.add(context)
+        same = np.nonzero(row_context == context)[0] + dataset._row_starts[shard]  # the context's rows
+        _, pos = dataset.tokens_of(same)
+        acts = [0.0] * tokens.shape[1]
+        for p, r in zip(pos.tolist(), same.tolist()):
+            acts[p] = float(values[r])
+        mask = np.asarray(
+            dataset._shard(shard)["token_mask"][context - dataset.manifest["shards"][shard]["first_context"]]
+        )
+        n_real = int(mask.sum())
+        chosen.append(
+            FeatureContext(
+                row=row,
+                context=context,
+                position=int(positions[0]),
+                activation=float(values[row]),
+                tokens=tokens[0, :n_real].tolist(),
+                activations=acts[:n_real],
+            )
+        )
+    return chosen
+
+
+def feature_contexts_html(
+    contexts: list[FeatureContext], tokenizer: Any, title: str = "feature", path: str | Path | None = None
+) -> str:
+    """A self-contained HTML page of ``contexts`` (written to ``path`` if given); returns it."""
+    peak = max((c.activation for c in contexts), default=1.0) or 1.0
+    rows = []
+    for c in contexts:
+        spans = []
+        for i, (tok, act) in enumerate(zip(c.tokens, c.activations)):
+            text = tokenizer.decode([tok]) if tokenizer is not None else f"<{tok}>"
+            alpha = max(0.0, min(1.0, act / peak))
+            cls = "tok top" if i == c.position else "tok"
+            spans.append(
+                f'<span class="{cls}" title="{act:.4g}" style="background: rgba(255,110,0,{alpha:.3f})">'
+                f"{html.escape(text).replace(' ', '&nbsp;') or '&nbsp;'}</span>"
+            )
+        rows.append(
+            f'<li class="context" data-activation="{c.activation:.6g}" data-row="{c.row}">'
+            f'<span class="act">{c.activation:.3f}</span> {"".join(spans)}</li>'
+        )
+    page = f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; }}
+ol.contexts li {{ font-family: monospace; margin: 0.3em 0; white-space: nowrap; }}
+.act {{ display: inline-block; width: 5em; color: #555; }}
+.tok.top {{ outline: 2px solid #c40; }}
+</style></head>
+<body><h1>{html.escape(title)}</h1>
+<p>{len(contexts)} contexts, strongest first; each token shaded by the feature's activation (hover for the value).</p>
+<ol class="contexts">
+{chr(10).join(rows)}
+</ol></body></html>
+"""
+    if path is not None:
+        Path(path).write_text(page, encoding="utf-8")
+    return page
