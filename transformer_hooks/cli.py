@@ -386,7 +386,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="transformer-hooks", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{dla,logit-lens,parity}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{dla,logit-lens,parity,plan,sweep}")
 
     def model_args(p: argparse.ArgumentParser, top: int) -> None:
         p.add_argument("--model", default=DEFAULT_MODEL,
@@ -415,6 +415,12 @@ def build_parser() -> argparse.ArgumentParser:
     parity.add_argument("--tol", type=float, default=1e-3, help="max abs error allowed (default: 1e-3)")
     parity.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"text to run (default: {DEFAULT_PROMPT!r})")
     parity.set_defaults(func=cmd_parity)
+
+    from .distributed import add_sweep_parser
+    from .plan import add_plan_parser
+
+    add_plan_parser(sub)
+    add_sweep_parser(sub)
     return parser
 
 
