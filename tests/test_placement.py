@@ -1,0 +1,72 @@
+"""Placement across devices (placement.py, and from_pretrained(device_map=...)): blocks
+whole, embed first, final last; bad maps refused with a clear error. On a CPU-only
+machine every device is "cpu"; the tests that need GPUs are marked ``cuda``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from transformer_hooks.config import ModelConfig
+from transformer_hooks.placement import (
+    PlacementError, check_device, check_device_map, group_of, resolve_device_map,
+)
+
+CFG = ModelConfig(d_model=32, n_layers=4, n_heads=4, d_head=8, d_mlp=64, d_vocab=101, n_ctx=64, act_fn="gelu",
+                  normalization_type="LN", eps=1e-5, positional_embedding="learned")
+needs_two_gpus = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                                    reason="needs 2 CUDA devices")
+
+
+def test_group_of_names():
+    assert group_of("blocks.3.attn.W_Q") == "blocks.3"
+    assert group_of("blocks.12") == "blocks.12"
+    assert group_of("pos_embed.W_pos") == "embed" and group_of("unembed.W_U") == "final"
+    assert group_of("ln_final.w") == "final"
+
+
+def test_dict_map_with_rest_and_aliases():
+    placement = check_device_map(CFG, {"embed": "cpu", "blocks.0": "cpu", "unembed": "cpu", "ln_final": "cpu",
+                                       "": "cpu"})
+    assert list(placement) == ["embed", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "final"]
+    assert set(placement.values()) == {"cpu"}
+
+
+def test_bad_maps_have_clear_errors():
+    with pytest.raises(PlacementError, match="leaves blocks.2, blocks.3, final unplaced"):
+        check_device_map(CFG, {"embed": "cpu", "blocks.0": "cpu", "blocks.1": "cpu"})
+    with pytest.raises(PlacementError, match="key 'blocks.9' names no part of this model"):
+        check_device_map(CFG, {"blocks.9": "cpu", "": "cpu"})
+    with pytest.raises(PlacementError, match="unknown device 'gpu:0'"):
+        check_device_map(CFG, {"": "gpu:0"})
+    if torch.cuda.device_count() < 8:
+        with pytest.raises(PlacementError, match="names 'cuda:7', but this machine has"):
+            check_device_map(CFG, {"": "cuda:7"})
+    with pytest.raises(PlacementError, match="'meta', which holds no data"):
+        check_device("meta")
+    if torch.cuda.is_available():
+        with pytest.raises(PlacementError, match="a group is placed whole"):
+            check_device_map(CFG, {"ln_final": "cpu", "unembed": 0, "": "cpu"})
+
+
+def test_resolve_modes():
+    assert resolve_device_map(CFG) is None
+    placement = resolve_device_map(CFG, "auto")
+    assert placement == {g: placement["embed"] for g in placement}
+    assert resolve_device_map(CFG, {"": "cpu"}) == {g: "cpu" for g in placement}
+    with pytest.raises(PlacementError, match="device_map must be 'auto', 'balanced', 'sequential' or a dict"):
+        resolve_device_map(CFG, "everywhere")
+    with pytest.raises(PlacementError, match="more than its max_memory"):
+        resolve_device_map(CFG, {"": "cpu"}, max_memory={"cpu": "10KiB"})
+    with pytest.raises(PlacementError, match="does not fit max_memory"):
+        resolve_device_map(CFG, "auto", max_memory={"cpu": 1000})
+    with pytest.raises(PlacementError, match="n_devices=5"):
+        resolve_device_map(CFG, n_devices=5, max_memory={"cpu": "1GiB"})
+
+
+@needs_two_gpus
+def test_balanced_over_two_gpus_keeps_order():
+    placement = resolve_device_map(CFG, n_devices=2)
+    assert placement["embed"] == "cuda:0" and placement["final"] == "cuda:1"
+    devices = [placement[g] for g in placement]
+    assert devices == sorted(devices)
