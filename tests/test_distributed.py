@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 
 from transformer_hooks import HookedTransformer
 from transformer_hooks.distributed import (
-    RankFailedError, map_prompts, patching_sweep, read_pairs, shard_bounds,
+    RankFailedError, harvest, map_prompts, patching_sweep, read_pairs, shard_bounds,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,10 +86,12 @@ def _worker(rank: int, world: int, port: int, model_path: str, pairs: list, out:
         act = patching_sweep(model, pairs, "resid_pre", timeout=timeout, progress=False)
         attr = patching_sweep(model, pairs, "resid_pre", attribution=True, timeout=timeout, progress=False)
         squares = map_prompts(lambda i: torch.arange(i), list(range(5)), timeout=timeout, progress=False)
+        acts = harvest(model, [p["clean"] for p in pairs], ["blocks.1.hook_resid_post", "blocks.0.attn.hook_pattern"],
+                       timeout=timeout, progress=False)
         if rank == 0:
-            torch.save({"act": act, "attr": attr, "squares": squares}, out)
+            torch.save({"act": act, "attr": attr, "squares": squares, "harvest": acts}, out)
         else:
-            assert act is None and attr is None and squares is None
+            assert act is None and attr is None and squares is None and acts is None
     finally:
         if die_on is None:
             dist.destroy_process_group()
@@ -108,12 +110,18 @@ def test_two_gloo_processes_equal_one_process_bitwise(hf_checkpoint, tmp_path):
         model = HookedTransformer.from_pretrained(str(path))
         act = patching_sweep(model, pairs, "resid_pre", progress=False)
         attr = patching_sweep(model, pairs, "resid_pre", attribution=True, progress=False)
+        acts = harvest(model, [p["clean"] for p in pairs], ["blocks.1.hook_resid_post", "blocks.0.attn.hook_pattern"],
+                       progress=False)
     finally:
         torch.set_num_threads(threads)
     assert len(two["act"]) == len(pairs) == len(two["attr"])
     for mine, theirs in zip(act + attr, two["act"] + two["attr"]):
         assert mine.shape == theirs.shape and torch.equal(mine, theirs)
     assert [t.tolist() for t in two["squares"]] == [list(range(i)) for i in range(5)]
+    assert len(acts) == len(two["harvest"]) == len(pairs)
+    for mine, theirs in zip(acts, two["harvest"]):
+        assert mine.keys() == theirs.keys() == {"blocks.1.hook_resid_post", "blocks.0.attn.hook_pattern"}
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
 def test_a_rank_that_dies_fails_the_others_within_the_timeout(tmp_path):
@@ -183,3 +191,28 @@ def test_map_prompts_in_one_process_raises_the_error_itself():
     with pytest.raises(ZeroDivisionError):
         map_prompts(lambda x: 1 / x, [1, 0], progress=False)
     assert RankFailedError.__mro__[1] is RuntimeError
+
+
+def test_a_killed_run_resumes_with_the_same_results(tmp_path):
+    items = [3, 1, 4, 1, 5, 9]
+    calls = []
+    kill_at = [4]
+
+    def fn(x: int) -> torch.Tensor:
+        calls.append(x)
+        if len(calls) == kill_at[0]:
+            raise KeyboardInterrupt  # killed after three results were kept
+        return torch.full((2,), float(x)) ** 0.5
+
+    with pytest.raises(KeyboardInterrupt):
+        map_prompts(fn, items, resume_dir=tmp_path / "r", job={"what": "sqrt"}, progress=False)
+    assert len(list((tmp_path / "r").glob("*.pt"))) == 3 and not list((tmp_path / "r").glob("*.partial"))
+    calls.clear()
+    kill_at[0] = None
+    resumed = map_prompts(fn, items, resume_dir=tmp_path / "r", job={"what": "sqrt"}, progress=False)
+    assert calls == [1, 5, 9]  # only the items not kept before
+    assert all(torch.equal(r, torch.full((2,), float(x)) ** 0.5) for r, x in zip(resumed, items))
+    with pytest.raises(ValueError, match="holds results of another job"):
+        map_prompts(fn, items, resume_dir=tmp_path / "r", job={"what": "square"}, progress=False)
+    with pytest.raises(ValueError, match="holds results of another job"):
+        map_prompts(fn, items[:-1], resume_dir=tmp_path / "r", job={"what": "sqrt"}, progress=False)

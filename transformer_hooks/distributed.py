@@ -21,6 +21,7 @@ group (plain ``python``), everything runs in this process.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import traceback
@@ -103,25 +104,81 @@ def _barrier(timeout: datetime.timedelta) -> None:
         dist.barrier()
 
 
+class ResultStore:
+    """One file per finished item under ``directory``, so a run that was killed resumes where
+    it stopped: items found there are read back instead of computed again.
+
+    ``job`` (JSON) describes the work; a directory holding another job's results is refused,
+    never mixed in. Each file is written to a temporary name and renamed, so a kill leaves
+    no half-written result.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], job: dict[str, Any]) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        description = json.dumps(job, sort_keys=True, default=repr)
+        marker = self.directory / "job.json"
+        if marker.exists() and marker.read_text() != description:
+            raise ValueError(f"{self.directory} holds results of another job ({marker.read_text()[:200]}); "
+                             f"give a new resume directory or delete this one")
+        tmp = marker.with_name(f"job.json.{os.getpid()}.partial")
+        tmp.write_text(description)
+        os.replace(tmp, marker)
+
+    def path(self, index: int) -> Path:
+        return self.directory / f"{index:08d}.pt"
+
+    def has(self, index: int) -> bool:
+        return self.path(index).exists()
+
+    def load(self, index: int) -> Any:
+        return torch.load(self.path(index), weights_only=False)
+
+    def save(self, index: int, value: Any) -> None:
+        path = self.path(index)
+        tmp = path.with_name(path.name + f".{os.getpid()}.partial")
+        torch.save(value, tmp)
+        os.replace(tmp, path)
+
+
+def job_fingerprint(items: Sequence[Any], **job: Any) -> dict[str, Any]:
+    """What a ``ResultStore`` checks: the items (hashed) and whatever else defines the work."""
+    text = json.dumps(list(items), sort_keys=True, default=repr)
+    return {"n_items": len(items), "items_sha256": hashlib.sha256(text.encode()).hexdigest(), **job}
+
+
 def map_prompts(fn: Callable[[T], R], items: Sequence[T], *, timeout: datetime.timedelta = DEFAULT_TIMEOUT,
-                progress: bool = True, desc: str = "prompts") -> list[R] | None:
+                progress: bool = True, desc: str = "prompts", resume_dir: str | os.PathLike[str] | None = None,
+                job: dict[str, Any] | None = None) -> list[R] | None:
     """``[fn(x) for x in items]``, sharded over the ranks of the process group.
 
     Rank 0 returns the whole list in ``items`` order (results moved to the CPU); other
     ranks return None. Every rank must call this with the same ``items``. If any rank's
     ``fn`` raises, every rank raises ``RankFailedError`` with that rank's error.
-    ``progress``: a tqdm bar of rank 0's shard.
+    ``progress``: a tqdm bar of rank 0's shard. ``resume_dir``: keep each result there as
+    it is computed and reuse those found (see ``ResultStore``; ``job`` names what else,
+    beyond the items, the results depend on: the model, the site, ...).
     """
     rank, world = rank_and_world()
     lo, hi = shard_bounds(len(items), rank, world)
-    shard = tqdm(items[lo:hi], desc=desc if world == 1 else f"{desc} (rank 0 of {world})",
+    store = ResultStore(resume_dir, job_fingerprint(items, **(job or {}))) if resume_dir is not None else None
+
+    def run(index: int) -> R:
+        if store is not None and store.has(index):
+            return store.load(index)
+        result = _to_cpu(fn(items[index]))
+        if store is not None:
+            store.save(index, result)
+        return result
+
+    shard = tqdm(range(lo, hi), desc=desc if world == 1 else f"{desc} (rank 0 of {world})",
                  disable=not progress or rank != 0, delay=1.0, leave=False)
     if world == 1:
-        return [_to_cpu(fn(x)) for x in shard]
+        return [run(i) for i in shard]
     mine: list[R] | None = None
     error: str | None = None
     try:
-        mine = [_to_cpu(fn(x)) for x in shard]
+        mine = [run(i) for i in shard]
     except Exception as e:  # noqa: BLE001  (reported to every rank below, then raised)
         error = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
     _barrier(timeout)
@@ -139,6 +196,24 @@ def map_prompts(fn: Callable[[T], R], items: Sequence[T], *, timeout: datetime.t
     if rank != 0:
         return None
     return [result for shard in gathered for result in shard]
+
+
+def harvest(model: Any, prompts: Sequence[Any], names_filter: Any, *,
+            reduce: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+            timeout: datetime.timedelta = DEFAULT_TIMEOUT, progress: bool = True,
+            resume_dir: str | os.PathLike[str] | None = None) -> list[dict[str, torch.Tensor]] | None:
+    """Activations of ``names_filter``'s sites for every prompt (text or token ids), one
+    forward per prompt, sharded over the ranks; rank 0 gets ``[{name: activation}]`` in
+    prompt order. ``reduce(name, activation)`` shrinks each before it is kept (e.g. the
+    last position, a mean over positions)."""
+    def one(prompt: Any) -> dict[str, torch.Tensor]:
+        tokens = model.to_tokens(prompt) if isinstance(prompt, str) else torch.tensor([list(prompt)])
+        _, cache = model.run_with_cache(tokens.to(model.cfg.device or "cpu"), names_filter=names_filter)
+        return {name: (act if reduce is None else reduce(name, act)) for name, act in cache.items()}
+
+    return map_prompts(one, prompts, timeout=timeout, progress=progress, desc="harvest", resume_dir=resume_dir,
+                       job={"harvest": repr(names_filter) if not callable(names_filter) else "callable",
+                            "model": model.cfg.model_name})
 
 
 # Patching sweeps over prompt pairs ----------------------------------------------------------
@@ -199,11 +274,14 @@ def patch_pair(model: Any, pair: dict[str, Any], activation_name: str = "resid_p
 
 def patching_sweep(model: Any, pairs: Sequence[dict[str, Any]], activation_name: str = "resid_pre", *,
                    attribution: bool = False, timeout: datetime.timedelta = DEFAULT_TIMEOUT,
-                   progress: bool = True) -> list[torch.Tensor] | None:
+                   progress: bool = True, resume_dir: str | os.PathLike[str] | None = None
+                   ) -> list[torch.Tensor] | None:
     """``patch_pair`` for every pair, sharded over the ranks (``map_prompts``); rank 0
-    gets the list in pair order."""
+    gets the list in pair order. ``resume_dir``: results kept as they come, reused on a rerun."""
+    job = {"sweep": activation_name, "attribution": attribution, "model": model.cfg.model_name,
+           "dtype": str(model.dtype), "processing": list(model.cfg.processing)}
     return map_prompts(lambda pair: patch_pair(model, pair, activation_name, attribution), pairs, timeout=timeout,
-                       progress=progress, desc="prompt pairs")
+                       progress=progress, desc="prompt pairs", resume_dir=resume_dir, job=job)
 
 
 def read_pairs(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -253,6 +331,8 @@ def add_sweep_parser(sub: Any) -> None:
     p.add_argument("--attribution", action="store_true", help="attribution patching instead of activation patching")
     p.add_argument("--no-processing", action="store_true", help="load the weights unprocessed")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--resume-dir", default=None, help="keep each pair's result here as it is computed; a rerun "
+                                                      "after a kill computes only the missing ones")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT.total_seconds(),
                    help="seconds a rank waits for the others before failing (default: 600)")
     p.set_defaults(func=cmd_sweep)
@@ -268,7 +348,8 @@ def cmd_sweep(args: Any) -> int:
         load = HookedTransformer.from_pretrained_no_processing if args.no_processing else \
             HookedTransformer.from_pretrained
         model = load(args.model, dtype=args.dtype, device=local_device())
-        results = patching_sweep(model, pairs, args.site, attribution=args.attribution, timeout=timeout)
+        results = patching_sweep(model, pairs, args.site, attribution=args.attribution, timeout=timeout,
+                                 resume_dir=args.resume_dir)
         if rank == 0:
             path = write_results(results, args.out, {
                 "model": args.model, "site": args.site, "attribution": args.attribution, "n_prompts": len(pairs),
