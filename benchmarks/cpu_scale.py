@@ -56,7 +56,8 @@ def child(lib: str, path: str, tokens_n: int, runs: int, threads: int) -> dict:
         model = HookedTransformer.from_pretrained_no_processing(path, dtype=torch.bfloat16)
         vocab = model.cfg.d_vocab
     out = {"lib": lib, "load_s": time.perf_counter() - start,
-           "after_load_mb": (_status_kb("VmRSS") - baseline) / 1024, "load_peak_mb": (_status_kb("VmHWM") - baseline) / 1024}
+           "after_load_mb": (_status_kb("VmRSS") - baseline) / 1024,
+           "load_peak_mb": (_status_kb("VmHWM") - baseline) / 1024}
     tokens = torch.randint(0, vocab, (1, tokens_n), generator=torch.Generator().manual_seed(0))
 
     def median_time(fn) -> float:
@@ -76,10 +77,10 @@ def child(lib: str, path: str, tokens_n: int, runs: int, threads: int) -> dict:
             out["forward_s"] = median_time(lambda: model(tokens))
             out["cache_resid_s"] = median_time(
                 lambda: model.run_with_cache(tokens, names_filter=lambda n: "hook_resid_" in n))
-            dla_sites = lambda n: n.endswith(("hook_embed", "hook_attn_out", "hook_mlp_out", "ln_final.hook_scale"))  # noqa: E731
+            dla_sites = ("hook_embed", "hook_attn_out", "hook_mlp_out", "ln_final.hook_scale")
 
             def dla():
-                _, cache = model.run_with_cache(tokens, names_filter=dla_sites)
+                _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith(dla_sites))
                 stack = cache.decompose_resid(layer=None, apply_ln=True, pos_slice=-1)
                 return cache.logit_attrs(stack, tokens=3, incorrect_tokens=7, pos_slice=-1)
             out["dla_s"] = median_time(dla)

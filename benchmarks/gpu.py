@@ -189,7 +189,10 @@ def bench(name: str, path: Path, dtype: torch.dtype, device: str, args: argparse
         add("IOI residual sweep", paired(hf_sweep, ours_sweep, max(3, args.runs // 3)),
             f"HF: one forward per (layer, pos) with a pre-hook; max diff {diff:.2g}",
             shape=f"{args.ioi_batch}x15")
-    del hf, ours, clean_cache, clean_hidden
+
+
+def free_memory() -> None:
+    """After a bench function returned (its models are garbage now)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -215,9 +218,6 @@ def bench_multi_gpu(name: str, path: Path, dtype: torch.dtype, args: argparse.Na
     n = torch.cuda.device_count()
     rows.append(Row(name, dname, f"{args.batch}x{args.seq}", f"forward, device_map auto over {n} GPUs",
                     p.hf * 1e3, p.ours * 1e3, p.ratio, "ms", "HF: device_map='auto'"))
-    del hf, ours
-    gc.collect()
-    torch.cuda.empty_cache()
 
 
 def table(rows: list[Row]) -> str:
@@ -265,8 +265,10 @@ def main(argv: list[str] | None = None) -> int:
             for dtype in dtypes:
                 print(f"{name}, {dtype}:", flush=True)
                 bench(name, path, dtype, args.device, args, rows, checks)
+                free_memory()
                 if args.device.startswith("cuda") and torch.cuda.device_count() > 1:
                     bench_multi_gpu(name, path, dtype, args, rows, checks)
+                    free_memory()
     seconds = time.perf_counter() - started
     gpus = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) \
         if args.device.startswith("cuda") else "none (CPU run)"
