@@ -5,7 +5,12 @@ import pytest
 import torch
 
 from checkpoints import VOCAB
+from torch import nn
+
 from transformer_hooks import HookedTransformer, HookShapeError, UnknownHookError
+from transformer_hooks.cache import ActivationCache
+from transformer_hooks.hooks import HookCache, HookedRootModule, HookPoint
+from transformer_hooks.sae import SAE, SAEConfig
 
 FAMILIES = ["gpt2", "gpt-neo-local", "pythia", "neox-sequential-full-rotary", "llama-gqa"]
 B, P = 2, 7
@@ -243,3 +248,63 @@ def test_start_and_stop_at_layer_compose(hf_checkpoint, name):
     torch.testing.assert_close(model(resid, start_at_layer=1), full, atol=1e-6, rtol=0)
     loss = model(resid, start_at_layer=1, tokens=tokens(), return_type="loss")
     torch.testing.assert_close(loss, model(tokens(), return_type="loss"), atol=1e-6, rtol=0)
+
+
+# The registry works for any module built from HookPoints --------------------------------
+class ToyModel(HookedRootModule):
+    """TransformerLens's Main Demo toy: two linear layers with a ReLU, a hook on each step."""
+
+    def __init__(self, d=4, hidden=8):
+        super().__init__()
+        self.in_layer, self.out_layer = nn.Linear(d, hidden), nn.Linear(hidden, d)
+        self.hook_in, self.hook_mid, self.hook_out = HookPoint(), HookPoint(), HookPoint()
+        self.setup()  # TransformerLens's name for setup_hooks()
+
+    def forward(self, x):
+        return self.hook_out(self.out_layer(self.hook_mid(torch.relu(self.in_layer(self.hook_in(x))))))
+
+
+def test_toy_model_caches_and_hooks_like_a_transformer():
+    toy = ToyModel()
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out, cache = toy.run_with_cache(x)
+        mid = torch.relu(toy.in_layer(x))
+        assert isinstance(cache, HookCache) and not isinstance(cache, ActivationCache)
+        assert sorted(cache.keys()) == ["hook_in", "hook_mid", "hook_out"] and len(cache) == 3
+        assert "hook_mid" in cache and "hook_nope" not in cache
+        torch.testing.assert_close(cache["hook_mid"], mid)
+        torch.testing.assert_close(cache["hook_out"], out)
+        assert dict(cache.items())["hook_in"] is cache["hook_in"] and len(list(cache.values())) == 3
+        with pytest.raises(KeyError, match="'hook_mdi' is not in this cache.*hook_mid"):
+            cache["hook_mdi"]
+        # An edit at the middle changes the output as the hand computation says.
+        ablated = toy.run_with_hooks(x, fwd_hooks=[("hook_mid", lambda a, hook: torch.zeros_like(a))])
+        torch.testing.assert_close(ablated, toy.out_layer.bias.expand(3, 4))
+        _, store = toy.run_with_cache(x, names_filter="hook_mid", return_cache_object=False)
+        assert type(store) is dict and list(store) == ["hook_mid"]
+        _, one = toy.run_with_cache(x[:1], remove_batch_dim=True)
+        assert one["hook_mid"].shape == (8,) and not one.has_batch_dim
+        _, batch_one = toy.run_with_cache(x[:1])
+        torch.testing.assert_close(batch_one.remove_batch_dim()["hook_mid"], one["hook_mid"])
+        assert batch_one.to("cpu") is batch_one
+        picked = cache.apply_slice_to_batch_dim(1)
+        assert type(picked) is HookCache and not picked.has_batch_dim
+        torch.testing.assert_close(picked["hook_mid"], mid[1])
+    assert not any(hp.observed for hp in toy.hook_points())
+
+
+def test_sae_run_with_cache_and_hooks():
+    cfg = SAEConfig(d_in=6, d_sae=10, hook_name="blocks.0.hook_resid_pre")
+    sae = SAE(cfg)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        x = torch.randn(2, 3, 6, generator=torch.Generator().manual_seed(1))
+        out, cache = sae.run_with_cache(x)
+        assert isinstance(cache, HookCache)
+        torch.testing.assert_close(cache["hook_sae_acts_post"], sae.encode(x))
+        torch.testing.assert_close(cache["hook_sae_output"], out)
+        torch.testing.assert_close(out, sae.decode(sae.encode(x)))
+        off = sae.run_with_hooks(x, fwd_hooks=[("hook_sae_acts_post", lambda a, hook: torch.zeros_like(a))])
+        torch.testing.assert_close(off, sae.b_dec.expand(2, 3, 6))

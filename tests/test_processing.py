@@ -135,3 +135,23 @@ def test_processing_an_already_processed_config_applies_only_what_is_missing(hf_
     cfg = processed_config(folded.cfg, ProcessingOptions())
     assert cfg.processing == STEPS
     assert cfg.normalization_type == "LNPre"
+
+
+@pytest.mark.parametrize("centre", [True, False], ids=["LayerNorm", "RMSNorm"])
+def test_the_one_normalisation_formula_matches_torch_and_a_cached_scale(centre):
+    """``normalize`` (used by the norms, ``apply_ln_to_stack`` and the logit lens) equals
+    torch's layer_norm / rms_norm, and gives the same result from a given scale."""
+    import torch.nn.functional as F
+
+    from transformer_hooks.components.norms import normalize
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 7, 48, generator=g) * 3 + 1
+    w, b = torch.rand(48, generator=g) + 0.5, torch.randn(48, generator=g)
+    seen = []
+    out = normalize(x, centre, 1e-5, w, b if centre else None, hook_scale=lambda s: seen.append(s) or s)
+    expected = F.layer_norm(x, (48,), w, b, 1e-5) if centre else F.rms_norm(x, (48,), w, 1e-5)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    (scale,) = seen
+    assert scale.shape == (2, 7, 1)
+    torch.testing.assert_close(normalize(x, centre, w=w, b=b if centre else None, scale=scale), out)

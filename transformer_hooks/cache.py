@@ -28,20 +28,23 @@ Per-head results are computed from the cached ``z`` and ``W_O`` when
 from __future__ import annotations
 
 import logging
-import re
-from typing import Any, Iterator, Literal, Sequence, Union
+from typing import Any, Literal, Sequence, Union
 
 import torch
 from einops import einsum, rearrange
 from jaxtyping import Float, Int
 
-from .hooks import PER_HEAD_EXPANSIONS
-from .utils import Slice, SliceInput, check_layer, get_act_name
+from . import sites
+from .hooks import HookCache
+from .utils import Slice, SliceInput, check_index, check_layer, get_act_name
 
 Stack = Float[torch.Tensor, "component *batch_and_pos d_model"]
 Tokens = Union[str, int, Sequence[int], Sequence[str], Int[torch.Tensor, "..."]]
 
 logger = logging.getLogger(__name__)
+# Where the position axis is, counted from the end (so with or without the batch axis).
+_RESID_POS = sites.BY_NAME["hook_resid_pre"].position_dim
+_SCALE_POS = sites.BY_NAME["ln1.hook_scale"].position_dim
 
 
 class NotCachedError(KeyError):
@@ -51,7 +54,7 @@ class NotCachedError(KeyError):
         return str(self.args[0])
 
 
-class ActivationCache:
+class ActivationCache(HookCache):
     """Activations by hook name, with TransformerLens's indexing and decomposition helpers.
 
     Index by full name (``cache["blocks.3.hook_resid_post"]``), by ``(name, layer)``
@@ -60,13 +63,12 @@ class ActivationCache:
     """
 
     def __init__(self, cache_dict: dict[str, torch.Tensor], model: Any, has_batch_dim: bool = True) -> None:
-        self.cache_dict = cache_dict
+        super().__init__(cache_dict, has_batch_dim)
         self.model = model
-        self.has_batch_dim = has_batch_dim
         # From the architecture, not from what happens to be cached: a decomposition that
         # silently left out a part would not sum to the residual stream.
         self.has_embed = True
-        self.has_pos_embed = model.cfg.positional_embedding == "learned"
+        self.has_pos_embed = sites.BY_NAME["hook_pos_embed"].when.holds(model.cfg)
 
     # Dict-like access -----------------------------------------------------------------
     @property
@@ -95,27 +97,12 @@ class ActivationCache:
         except (ValueError, TypeError):
             return False
 
-    def __len__(self) -> int:
-        return len(self.cache_dict)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.cache_dict)
-
-    def keys(self):
-        return self.cache_dict.keys()
-
-    def values(self):
-        return self.cache_dict.values()
-
-    def items(self):
-        return self.cache_dict.items()
-
     def __repr__(self) -> str:
         return f"ActivationCache with {len(self)} activations: {_summarize(list(self.cache_dict))}"
 
     def to(self, device: Any, move_model: bool = False) -> "ActivationCache":
         """Move every activation (and, with ``move_model``, the model) to ``device``."""
-        self.cache_dict = {k: v.to(device) for k, v in self.cache_dict.items()}
+        super().to(device)
         if move_model:
             self.model.to(device)
         return self
@@ -126,41 +113,15 @@ class ActivationCache:
         logger.warning("toggle_autodiff(%s): autograd is now %s for all of torch", mode, "on" if mode else "off")
         torch.set_grad_enabled(mode)
 
-    def remove_batch_dim(self) -> "ActivationCache":
-        """Drop the batch dimension of a batch-of-one cache, in place."""
-        if not self.has_batch_dim:
-            logger.warning("remove_batch_dim: this cache has no batch dimension already")
-            return self
-        sizes = {v.shape[0] for v in self.cache_dict.values() if v.ndim > 0}
-        if sizes - {1}:
-            raise ValueError(f"remove_batch_dim needs a batch of one; this cache has batch size {max(sizes)}. "
-                             f"Use cache.apply_slice_to_batch_dim(i) to keep one example")
-        self.cache_dict = {k: v[0] if v.ndim > 0 else v for k, v in self.cache_dict.items()}
-        self.has_batch_dim = False
-        return self
-
-    def apply_slice_to_batch_dim(self, batch_slice: SliceInput | Slice) -> "ActivationCache":
-        """A new cache of some examples of the batch (an int index drops the batch dim)."""
-        if not self.has_batch_dim:
-            raise ValueError("this cache has no batch dimension to slice")
-        batch_slice = Slice.unwrap(batch_slice)
-        sliced = {k: batch_slice.apply(v, dim=0) for k, v in self.cache_dict.items()}
-        return ActivationCache(sliced, self.model, has_batch_dim=batch_slice.mode != "int")
-
     # Layer arguments --------------------------------------------------------------------
     def _stack_layer(self, layer: int | None, what: str = "layer") -> int:
         """A ``layer`` as stacking methods take it: the number of blocks included, 0..n_layers."""
         n = self.cfg.n_layers
         if layer is None:
             return n
-        if not isinstance(layer, int) or isinstance(layer, bool):
-            raise TypeError(f"{what} must be an int or None, got {type(layer).__name__}")
-        idx = layer + n + 1 if layer < 0 else layer
-        if not 0 <= idx <= n:
-            raise ValueError(f"{what}={layer} is out of range: here it counts the blocks whose outputs are included, "
-                             f"0..{n} ({n}, -1 or None: all of them, the input to the unembedding; "
-                             f"negative values count back from there, down to {-n - 1})")
-        return idx
+        return check_index(layer, n + 1, what, f"a model with {n} layers",
+                           note=f"here it counts the blocks whose outputs are included, 0..{n}; {n}, -1 or None: "
+                                f"all of them, the input to the unembedding; negative values count back from there")
 
     def _check_mlp_input(self, layer: int, mlp_input: bool) -> None:
         if mlp_input and layer == self.cfg.n_layers:
@@ -200,7 +161,7 @@ class ActivationCache:
         self._check_mlp_input(layer, mlp_input)
         pos_slice = Slice.unwrap(pos_slice)
         n = self.cfg.n_layers
-        has_mid = not self.cfg.parallel_residual
+        has_mid = sites.BY_NAME["hook_resid_mid"].when.holds(self.cfg)
         parts, labels = [], []
         for l in range(layer + 1):
             if l == n:
@@ -212,7 +173,7 @@ class ActivationCache:
             if has_mid and ((incl_mid and l < layer) or (mlp_input and l == layer)):
                 parts.append(self._get(("resid_mid", l), "accumulated_resid"))
                 labels.append(f"{l}_mid")
-        stack = torch.stack([pos_slice.apply(p, dim=-2) for p in parts])
+        stack = torch.stack([pos_slice.apply(p, dim=_RESID_POS) for p in parts])
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=pos_slice)
         return (stack, labels) if return_labels else stack
@@ -259,22 +220,22 @@ class ActivationCache:
 
     def _stack_parts(self, parts: list[torch.Tensor], pos_slice: Slice) -> Stack:
         if parts:
-            return torch.stack([pos_slice.apply(p, dim=-2) for p in parts])
+            return torch.stack([pos_slice.apply(p, dim=_RESID_POS) for p in parts])
         return self._empty_stack(pos_slice)
 
     def _empty_stack(self, pos_slice: Slice) -> Stack:
         """A stack with no components, shaped like the others (for layer=0)."""
-        like = pos_slice.apply(self._get("hook_embed"), dim=-2)
+        like = pos_slice.apply(self._get("hook_embed"), dim=_RESID_POS)
         return like.new_zeros((0, *like.shape))
 
     # Attention heads ------------------------------------------------------------------------
     def _head_results(self, layer: int, pos_slice: Slice, needed_by: str
                       ) -> Float[torch.Tensor, "*batch_and_pos head d_model"]:
         """result = z · W_O per head, from the cache if hook_result was cached."""
-        name = f"blocks.{layer}.attn.hook_result"
+        name = sites.BY_NAME["attn.hook_result"].full_name(layer)
         if name in self.cache_dict:
-            return pos_slice.apply(self.cache_dict[name], dim=-3)
-        z = pos_slice.apply(self._get(("z", layer), needed_by), dim=-3)
+            return pos_slice.apply(self.cache_dict[name], dim=sites.BY_NAME["attn.hook_result"].position_dim)
+        z = pos_slice.apply(self._get(("z", layer), needed_by), dim=sites.BY_NAME["attn.hook_z"].position_dim)
         W_O = _like(self.model.blocks[layer].attn.W_O, z)
         return einsum(z, W_O, "... head d_head, head d_head d_model -> ... head d_model")
 
@@ -318,7 +279,7 @@ class ActivationCache:
 
     def _with_remainder(self, stack: Stack, labels: list[str], layer: int, mlp_input: bool,
                         pos_slice: Slice) -> tuple[Stack, list[str]]:
-        total = pos_slice.apply(self._resid_entering(layer, mlp_input), dim=-2)
+        total = pos_slice.apply(self._resid_entering(layer, mlp_input), dim=_RESID_POS)
         return torch.cat([stack, (total - stack.sum(0))[None]]), labels + ["remainder"]
 
     # MLP neurons ----------------------------------------------------------------------------
@@ -328,7 +289,8 @@ class ActivationCache:
         """Each neuron's write to the residual stream, ``post[..., n] * W_out[n]``, for block ``layer``."""
         layer = check_layer(layer, self.cfg.n_layers)
         neuron_slice, pos_slice = _keep_dim(Slice.unwrap(neuron_slice)), Slice.unwrap(pos_slice)
-        post = pos_slice.apply(self._get(("post", layer), "get_neuron_results"), dim=-2)
+        post = self._get(("post", layer), "get_neuron_results")
+        post = pos_slice.apply(post, dim=sites.BY_NAME["mlp.hook_post"].position_dim)
         post = neuron_slice.apply(post, dim=-1)
         W_out = neuron_slice.apply(_like(self.model.blocks[layer].mlp.W_out, post), dim=0)
         return post[..., None] * W_out
@@ -431,7 +393,7 @@ class ActivationCache:
         norm = self._norm(layer, mlp_input)
         scale_name = "ln_final.hook_scale" if layer == self.cfg.n_layers else \
             f"blocks.{layer}.{'ln2' if mlp_input else 'ln1'}.hook_scale"
-        scale = pos_slice.apply(self._get(scale_name, "apply_ln_to_stack"), dim=-2)  # [*batch_and_pos, 1]
+        scale = pos_slice.apply(self._get(scale_name, "apply_ln_to_stack"), dim=_SCALE_POS)  # [*batch_and_pos, 1]
         if self.has_batch_dim and batch_slice.mode != "empty":
             if has_batch_dim:
                 residual_stack = batch_slice.apply(residual_stack, dim=residual_stack.ndim - scale.ndim)
@@ -442,9 +404,9 @@ class ActivationCache:
                              f"cached {scale_name} has batch/pos dims {tuple(scale.shape[:-1])} after "
                              f"pos_slice={pos_slice!r}, batch_slice={batch_slice!r}: pass the pos_slice (and "
                              f"batch_slice) the stack was built with")
-        if self.cfg.normalization_type in ("LN", "LNPre"):
-            residual_stack = residual_stack - residual_stack.mean(-1, keepdim=True)
-        out = residual_stack / scale  # the cached scale is float32 whatever the model's dtype
+        from .components.norms import normalize
+
+        out = normalize(residual_stack, self.cfg.norm_centres, scale=scale)  # float32, as the cached scale is
         w = getattr(norm, "w", None)
         if w is not None:
             out = out * _like(w, out)
@@ -487,10 +449,12 @@ class ActivationCache:
         who = f"{needed_by} needs {name!r}, which" if needed_by else f"{name!r}"
         hook_dict = getattr(self.model, "hook_dict", {})
         if name not in hook_dict:
-            return (f"{who} is not a hook point of this model{_why_absent(name, self.cfg)}. "
+            why = sites.why_absent(name, self.cfg)
+            return (f"{who} is not a hook point of this model{f' ({why})' if why else ''}. "
                     f"Cached: {_summarize(list(self.cache_dict))}")
-        glob = re.sub(r"^blocks\.\d+\.", "blocks.*.", name)
-        expansion = name.endswith(PER_HEAD_EXPANSIONS)
+        layer, rel = sites.split_name(name)
+        glob = name if layer is None else f"blocks.*.{rel}"
+        expansion = sites.is_per_head_expansion(name)
         why = (" (run_with_cache leaves per-head expansions out unless names_filter names them, or "
                "model.set_use_attn_result(True) and friends switch them on)") if expansion else ""
         default = "" if expansion else ", or leave names_filter out to cache every site"
@@ -511,30 +475,15 @@ def _keep_dim(s: Slice) -> Slice:
     return Slice([s.slice]) if s.mode == "int" else s
 
 
-def _why_absent(name: str, cfg: Any) -> str:
-    if name.endswith("hook_resid_mid") and cfg.parallel_residual:
-        return " (parallel-residual blocks have no resid_mid: attention and MLP both read resid_pre)"
-    if name == "hook_pos_embed" and cfg.positional_embedding != "learned":
-        return " (rotary models have no position embedding in the residual stream)"
-    if "rot_" in name and cfg.positional_embedding != "rotary":
-        return " (only rotary models have rot_q/rot_k)"
-    if name.endswith("pre_linear") and not cfg.gated_mlp:
-        return " (only gated MLPs have pre_linear)"
-    m = re.match(r"^blocks\.(\d+)\.", name)
-    if m and int(m.group(1)) >= cfg.n_layers:
-        return f" (the model has {cfg.n_layers} layers, 0..{cfg.n_layers - 1})"
-    return ""
-
-
 def _summarize(names: list[str], limit: int = 12) -> str:
     """``['blocks.0.hook_z', 'blocks.1.hook_z']`` -> ``'blocks.{0-1}.hook_z'``, compactly."""
     if not names:
         return "nothing"
     layers: dict[str, list[int]] = {}
     for name in names:
-        m = re.match(r"^blocks\.(\d+)\.(.*)$", name)
-        key = f"blocks.{{}}.{m.group(2)}" if m else name
-        layers.setdefault(key, []).append(int(m.group(1)) if m else -1)
+        layer, rel = sites.split_name(name)
+        key = f"blocks.{{}}.{rel}" if layer is not None else name
+        layers.setdefault(key, []).append(-1 if layer is None else layer)
     shown = []
     for key, ls in layers.items():
         if "{}" not in key:

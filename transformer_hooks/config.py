@@ -109,6 +109,26 @@ class ModelConfig:
         """Query heads that share one key/value head (1 for MHA)."""
         return self.n_heads // self.n_kv_heads
 
+    @property
+    def norm_centres(self) -> bool:
+        """Whether the norms subtract the mean (LayerNorm, folded or not; RMSNorm does not)."""
+        return self.normalization_type in ("LN", "LNPre")
+
+    @property
+    def norm_folded(self) -> bool:
+        """Whether the norms' weights (and biases) were folded into the weights that read them."""
+        return self.normalization_type in ("LNPre", "RMSPre")
+
+    @property
+    def folded_normalization_type(self) -> NormType:
+        """The norm left after ``fold_ln``: ``LNPre`` or ``RMSPre``."""
+        return "LNPre" if self.norm_centres else "RMSPre"
+
+    @property
+    def unfolded_normalization_type(self) -> NormType:
+        """The norm before ``fold_ln``: ``LN`` or ``RMS``."""
+        return "LN" if self.norm_centres else "RMS"
+
     # TransformerLens spellings, so ported code keeps working.
     @property
     def n_key_value_heads(self) -> int:

@@ -9,28 +9,33 @@ per-head results, per-head inputs).
 ``HookedRootModule`` gives a model the registry: ``hook_dict``, ``add_hook``,
 ``reset_hooks``, the ``hooks()`` context manager, ``run_with_hooks`` and
 ``run_with_cache``. Hooks added inside a context are removed when it exits, on success
-or on any exception, so a failing hook never stays attached.
+or on any exception, so a failing hook never stays attached. It works for any module
+built from ``HookPoint``s (an SAE, a toy model): ``run_with_cache`` returns a plain
+``HookCache`` of tensors by name, which ``HookedTransformer`` wraps in its
+``ActivationCache``. Which transformer sites exist, their axes and which are per-head
+expansions is ``sites.py``'s table.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 import fnmatch
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 
 import torch
 from torch import nn
 
+from . import sites
+from .sites import PER_HEAD_EXPANSIONS  # noqa: F401  (re-exported: its old home)
 from .utils import Slice
 
 HookFn = Callable[..., Any]
+logger = logging.getLogger(__name__)
 NameFilter = Union[str, Sequence[str], Callable[[str], bool], None]
-
-# Sites that hold a per-head copy of a residual-sized tensor (n_heads times d_model).
-# run_with_cache() leaves them out unless a filter names them.
-PER_HEAD_EXPANSIONS = ("attn.hook_result", "hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input")
 
 
 class UnknownHookError(ValueError):
@@ -158,18 +163,87 @@ class HookPoint(nn.Module):
 
 
 def _position_dim(name: str, act: torch.Tensor) -> int:
-    """Where the (query) position is: [batch, pos, head, d] per-head sites, [batch, head,
-    query, key] scores and patterns, and [batch, pos, ...] everywhere else."""
-    if name.endswith(("hook_attn_scores", "hook_pattern")):
-        return -2
-    return -3 if act.ndim == 4 else -2
+    """Where the (query) position is in a cached activation (with its batch axis): the site
+    table's position axis; [batch, pos, ...] for a site that is not a transformer's."""
+    dim = sites.position_dim(name)
+    return 1 if dim is None else dim
+
+
+class HookCache:
+    """Activations by hook name: what ``HookedRootModule.run_with_cache`` returns for any
+    hooked module (``HookedTransformer`` wraps it in ``ActivationCache``).
+
+    Dict-like (``cache[name]``, ``keys``, ``items``, ``values``, ``len``, ``in``), with
+    ``to(device)`` and ``remove_batch_dim()``; the tensors are in ``cache_dict``.
+    """
+
+    def __init__(self, cache_dict: dict[str, torch.Tensor], has_batch_dim: bool = True) -> None:
+        self.cache_dict = cache_dict
+        self.has_batch_dim = has_batch_dim
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.cache_dict:
+            close = difflib.get_close_matches(str(key), list(self.cache_dict), n=3, cutoff=0.5)
+            raise KeyError(f"{key!r} is not in this cache{' (closest: ' + ', '.join(close) + ')' if close else ''}; "
+                           f"it holds {len(self.cache_dict)} activations (see cache.keys())")
+        return self.cache_dict[key]
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self.cache_dict
+
+    def __len__(self) -> int:
+        return len(self.cache_dict)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.cache_dict)
+
+    def keys(self):
+        return self.cache_dict.keys()
+
+    def values(self):
+        return self.cache_dict.values()
+
+    def items(self):
+        return self.cache_dict.items()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__} with {len(self)} activations: {list(self.cache_dict)}"
+
+    def to(self, device: Any) -> "HookCache":
+        """Move every activation to ``device``, in place."""
+        self.cache_dict = {k: v.to(device) for k, v in self.cache_dict.items()}
+        return self
+
+    def apply_slice_to_batch_dim(self, batch_slice: Any) -> "HookCache":
+        """A new cache (of the same class) of some examples of the batch: an int, a (start, stop)
+        tuple, a slice or indices, as ``utils.Slice``; an int index drops the batch dim."""
+        if not self.has_batch_dim:
+            raise ValueError("this cache has no batch dimension to slice")
+        batch_slice = Slice.unwrap(batch_slice)
+        sliced = copy.copy(self)
+        sliced.cache_dict = {k: batch_slice.apply(v, dim=0) for k, v in self.cache_dict.items()}
+        sliced.has_batch_dim = batch_slice.mode != "int"
+        return sliced
+
+    def remove_batch_dim(self) -> "HookCache":
+        """Drop the batch dimension of a batch-of-one cache, in place."""
+        if not self.has_batch_dim:
+            logger.warning("remove_batch_dim: this cache has no batch dimension already")
+            return self
+        sizes = {v.shape[0] for v in self.cache_dict.values() if v.ndim > 0}
+        if sizes - {1}:
+            raise ValueError(f"remove_batch_dim needs a batch of one; this cache has batch size {max(sizes)}. "
+                             f"Use cache.apply_slice_to_batch_dim(i) to keep one example")
+        self.cache_dict = {k: v[0] if v.ndim > 0 else v for k, v in self.cache_dict.items()}
+        self.has_batch_dim = False
+        return self
 
 
 class HookedRootModule(nn.Module):
     """Registry of a model's hook points, keyed by TransformerLens names."""
 
-    # Per-head expansions (suffixes from PER_HEAD_EXPANSIONS) that run_with_cache() stores
-    # when no names_filter is given; set through TransformerLens's set_use_attn_result & co.
+    # Per-head expansions (relative names from sites.PER_HEAD_EXPANSIONS) that run_with_cache()
+    # stores when no names_filter is given; set through TransformerLens's set_use_attn_result & co.
     cached_expansions: frozenset[str] = frozenset()
 
     def setup_hooks(self) -> None:
@@ -181,6 +255,10 @@ class HookedRootModule(nn.Module):
                 self.hook_dict[name] = module
         self._hook_level = 0
 
+    def setup(self) -> None:
+        """TransformerLens's name for ``setup_hooks``."""
+        self.setup_hooks()
+
     def hook_points(self) -> Iterable[HookPoint]:
         return self.hook_dict.values()
 
@@ -190,9 +268,14 @@ class HookedRootModule(nn.Module):
         return {name: module for name, module in self.named_modules() if name}
 
     # Name resolution -----------------------------------------------------------------
+    def _why_no_hook(self, name: str) -> str:
+        """Why this model has no site ``name``, when its architecture explains it ("" otherwise)."""
+        return ""
+
     def _unknown(self, name: str) -> UnknownHookError:
         close = difflib.get_close_matches(name, list(self.hook_dict), n=5, cutoff=0.5)
-        hint = f" Closest: {', '.join(close)}." if close else ""
+        why = self._why_no_hook(name)
+        hint = (f" ({why})" if why else "") + (f" Closest: {', '.join(close)}." if close else "")
         return UnknownHookError(
             f"this model has no hook point {name!r}.{hint} "
             f"See model.hook_dict for all {len(self.hook_dict)} names (e.g. 'blocks.0.hook_resid_pre')."
@@ -282,8 +365,8 @@ class HookedRootModule(nn.Module):
         except the per-head expansions (each is n_heads copies of a residual) that are not
         switched on (``set_use_attn_result`` and friends)."""
         if names_filter is None:
-            left_out = tuple(s for s in PER_HEAD_EXPANSIONS if s not in self.cached_expansions)
-            return [n for n in self.hook_dict if not n.endswith(left_out)]
+            return [n for n in self.hook_dict if not sites.is_per_head_expansion(n)
+                    or sites.split_name(n)[1] in self.cached_expansions]
         return self.resolve_hook_names(names_filter)
 
     def run_with_cache(self, *model_args: Any, names_filter: NameFilter = None, device: Any = None,
@@ -332,6 +415,4 @@ class HookedRootModule(nn.Module):
                 out.backward()
         if not return_cache_object:
             return out, store
-        from .cache import ActivationCache
-
-        return out, ActivationCache(store, self, has_batch_dim=not remove_batch_dim)
+        return out, HookCache(store, has_batch_dim=not remove_batch_dim)

@@ -31,6 +31,7 @@ from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
 from .cache import ActivationCache
+from .components.norms import normalize
 from .utils import Slice, SliceInput, check_layer
 
 # The sites a block writes or passes on, in the order they happen.
@@ -83,12 +84,8 @@ def final_norm(model: Any, stack: Float[torch.Tensor, "... d_model"], norm: Norm
             raise ValueError("norm='cached' needs the cache the stack came from")
         out = cache.apply_ln_to_stack(stack, -1, pos_slice=pos_slice)
     elif norm == "recompute":
-        x = stack.float()
-        if model.cfg.normalization_type in ("LN", "LNPre"):
-            x = x - x.mean(-1, keepdim=True)
-        out = x / (x.pow(2).mean(-1, keepdim=True) + ln.eps).sqrt()
-        if getattr(ln, "w", None) is not None:
-            out = out * ln.w.detach().float()
+        w = getattr(ln, "w", None)
+        out = normalize(stack, model.cfg.norm_centres, ln.eps, w=None if w is None else w.detach().float())
     else:
         raise ValueError(f"norm must be 'recompute' or 'cached', got {norm!r}")
     if getattr(ln, "b", None) is not None:

@@ -16,10 +16,12 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import nn
 
+from . import sites
 from .components import AttentionMask, Embed, KVCache, PosEmbed, Rotary, Unembed, make_block, make_norm
 from .config import ModelConfig
 from .factored_matrix import FactoredMatrix
 from .hooks import HookedRootModule, HookPoint
+from .utils import check_index, check_layer
 
 TextInput = Union[str, Sequence[str]]
 ModelInput = Union[TextInput, Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "pos"]]
@@ -160,13 +162,7 @@ class HookedTransformer(HookedRootModule):
         return loss if return_type == "loss" else (logits, loss)
 
     def _layer_index(self, layer: int, what: str, allow_end: bool = False) -> int:
-        n = self.cfg.n_layers
-        hi = n if allow_end else n - 1
-        idx = layer + n if layer < 0 else layer
-        if not 0 <= idx <= hi:
-            raise ValueError(f"{what}={layer} is out of range for a model with {n} layers "
-                             f"(valid: {-n}..{hi})")
-        return idx
+        return check_layer(layer, self.cfg.n_layers, what, allow_end=allow_end)
 
     def _positions_and_mask(self, batch: int, q_len: int, attention_mask: torch.Tensor | None,
                             cache: KVCache | None, device: torch.device) -> tuple[torch.Tensor, AttentionMask]:
@@ -454,8 +450,8 @@ class HookedTransformer(HookedRootModule):
         ``resid_pre``, so nothing is added there).
         """
         n = self.cfg.n_layers
-        if not 0 <= layer <= n:
-            raise ValueError(f"layer={layer} is out of range: accumulated_bias takes 0..{n} ({n}: the unembedding)")
+        check_index(layer, n, "layer", f"accumulated_bias of a model with {n} layers", allow_end=True,
+                    allow_negative=False, note=f"{n}: the unembedding")
         if mlp_input and layer == n:
             raise ValueError(f"mlp_input=True needs a block below {n}; layer={n} is the unembedding")
         bias = torch.zeros(self.cfg.d_model, device=self.device, dtype=self.dtype)
@@ -484,25 +480,41 @@ class HookedTransformer(HookedRootModule):
         tokenizer.padding_side = default_padding_side
         self.tokenizer = tokenizer
 
+    # Caching ------------------------------------------------------------------------------
+    def run_with_cache(self, *model_args: Any, return_cache_object: bool = True, remove_batch_dim: bool = False,
+                       **kwargs: Any) -> tuple[Any, Any]:
+        """``HookedRootModule.run_with_cache`` (same arguments), with the activations in an
+        ``ActivationCache`` (DLA, stacking, TransformerLens's indexing) as TransformerLens does."""
+        out, store = super().run_with_cache(*model_args, return_cache_object=False,
+                                            remove_batch_dim=remove_batch_dim, **kwargs)
+        if not return_cache_object:
+            return out, store
+        from .cache import ActivationCache  # the cache builds on the model: imported when used
+
+        return out, ActivationCache(store, self, has_batch_dim=not remove_batch_dim)
+
+    def _why_no_hook(self, name: str) -> str:
+        return sites.why_absent(name, self.cfg)
+
     # TransformerLens switches ------------------------------------------------------------
     # In TransformerLens these sites exist only once switched on. Here every site always
     # exists and costs nothing until observed; a switch only decides whether run_with_cache()
     # with no names_filter stores it (each is n_heads copies of an activation, so they start off).
-    def _cache_by_default(self, suffixes: tuple[str, ...], on: bool) -> None:
-        self.cached_expansions = (self.cached_expansions | set(suffixes)) if on else (
-            self.cached_expansions - set(suffixes))
+    def _cache_by_default(self, short_names: tuple[str, ...], on: bool) -> None:
+        names = {row.name for a in short_names for row in sites.by_alias(a) if row.per_head_expansion}
+        self.cached_expansions = frozenset(self.cached_expansions | names if on else self.cached_expansions - names)
 
     def set_use_attn_result(self, use_attn_result: bool) -> None:
         """Cache ``attn.hook_result`` (each head's output, [batch, pos, head, d_model]) by default."""
-        self._cache_by_default(("attn.hook_result",), use_attn_result)
+        self._cache_by_default(("result",), use_attn_result)
 
     def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
         """Cache ``hook_q_input``, ``hook_k_input`` and ``hook_v_input`` (per head) by default."""
-        self._cache_by_default(("hook_q_input", "hook_k_input", "hook_v_input"), use_split_qkv_input)
+        self._cache_by_default(("q_input", "k_input", "v_input"), use_split_qkv_input)
 
     def set_use_attn_in(self, use_attn_in: bool) -> None:
         """Cache ``hook_attn_in`` (the attention input, per head) by default."""
-        self._cache_by_default(("hook_attn_in",), use_attn_in)
+        self._cache_by_default(("attn_in",), use_attn_in)
 
     def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
         """Accepted so TransformerLens code runs: ``hook_mlp_in`` always exists here, and the

@@ -66,6 +66,7 @@ from einops import rearrange
 from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
+from . import sites
 from .hooks import HookPoint
 from .utils import get_act_name
 
@@ -76,12 +77,9 @@ PatchSetter = Callable[[torch.Tensor, Sequence[int], torch.Tensor], torch.Tensor
 AXES = ("layer", "pos", "head_index", "head", "src_pos", "dest_pos")
 DEFAULT_MAX_BATCH_BYTES = 512 * 2**20
 
-# Sites laid out [batch, head, dest_pos, src_pos]; every other site is [batch, pos, ...].
-_PATTERN_SITES = ("attn.hook_pattern", "attn.hook_attn_scores")
-# Sites laid out [batch, pos, head, ...]; the key/value ones count kv heads.
-_HEAD_SITES = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z", "attn.hook_rot_q", "attn.hook_rot_k",
-               "attn.hook_result", "hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input")
-_KV_SITES = ("attn.hook_k", "attn.hook_v", "attn.hook_rot_k", "hook_k_input", "hook_v_input")
+# sites.py's axis names as TL's sweeps call them: a pattern's query/key positions are
+# dest_pos/src_pos, kv heads are indexed as heads, and every feature axis is one "d".
+_SWEEP_AXIS = {"query_pos": "dest_pos", "key_pos": "src_pos", "kv_head": "head"}
 
 
 # Patch setters (TransformerLens's): (corrupted activation [batch, ...], index, clean activation) -> patched.
@@ -152,12 +150,10 @@ def _corrupted_tokens(model: Any, corrupted_tokens: Any) -> Int[torch.Tensor, "b
 
 
 def _layout(site: str) -> tuple[str, ...]:
-    """Axis names of a site's activation."""
-    if site.endswith(_PATTERN_SITES):
-        return ("batch", "head", "dest_pos", "src_pos")
-    if site.endswith(_HEAD_SITES):
-        return ("batch", "pos", "head", "d")
-    return ("batch", "pos", "d")
+    """Axis names of a site's activation (sites.py's, in TL's sweep vocabulary)."""
+    row = sites.lookup(site)
+    axes = row.axes if row is not None else ("batch", "pos", "d")
+    return tuple(_SWEEP_AXIS.get(a, a if a in ("batch", "pos", "head") else "d") for a in axes)
 
 
 def _site(model: Any, activation_name: str, layer: int | None) -> str:
@@ -221,7 +217,8 @@ def _trial_metric(model: Any, metric: PatchingMetric, tokens: torch.Tensor, vect
 
 
 def _axis_sizes(model: Any, site: str, n_pos: int) -> dict[str, int]:
-    heads = model.cfg.n_kv_heads if site.endswith(_KV_SITES) else model.cfg.n_heads
+    row = sites.lookup(site)
+    heads = model.cfg.n_kv_heads if row is not None and "kv_head" in row.axes else model.cfg.n_heads
     return {"layer": model.cfg.n_layers, "pos": n_pos, "dest_pos": n_pos, "src_pos": n_pos,
             "head": heads, "head_index": heads}
 

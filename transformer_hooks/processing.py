@@ -39,7 +39,9 @@ from .config import ModelConfig
 
 Group = dict[str, torch.Tensor]
 STEPS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
-_FOLDED_NORM = {"LN": "LNPre", "RMS": "RMSPre"}
+# Steps that rewrite W_E (centring) or W_U (folding ln_final, centring): after them a tied
+# unembedding is its own tensor.
+REWRITE_EMBEDDINGS = frozenset({"fold_ln", "center_writing_weights", "center_unembed"})
 
 
 @dataclass(frozen=True)
@@ -65,9 +67,9 @@ def steps_for(cfg: ModelConfig, options: ProcessingOptions) -> tuple[str, ...]:
     mean, which only LayerNorm does: for RMSNorm models it is skipped (and not recorded).
     """
     wanted = [step for step in STEPS if getattr(options, step)]
-    if cfg.normalization_type not in ("LN", "LNPre"):
+    if not cfg.norm_centres:
         wanted = [step for step in wanted if step != "center_writing_weights"]
-    if cfg.normalization_type in ("LNPre", "RMSPre"):  # already folded
+    if cfg.norm_folded:
         wanted = [step for step in wanted if step != "fold_ln"]
     return tuple(step for step in wanted if step not in cfg.processing)
 
@@ -76,9 +78,7 @@ def processed_config(cfg: ModelConfig, options: ProcessingOptions) -> ModelConfi
     """The config of the processed model: folded norms become LNPre/RMSPre, and
     ``processing`` records the steps applied, in order."""
     applied = steps_for(cfg, options)
-    norm = cfg.normalization_type
-    if "fold_ln" in applied:
-        norm = _FOLDED_NORM[norm]
+    norm = cfg.folded_normalization_type if "fold_ln" in applied else cfg.normalization_type
     return cfg.replace(normalization_type=norm, processing=cfg.processing + applied)
 
 
@@ -114,7 +114,7 @@ def fold_ln(cfg: ModelConfig, group: Group) -> None:
     RMSNorm has no bias and does not centre: only ``W' = diag(w) W``. Readers: q, k, v
     read ``ln1``; the MLP's ``W_in`` (and ``W_gate``) read ``ln2``; ``W_U`` reads ``ln_final``.
     """
-    centre = cfg.normalization_type == "LN"
+    centre = cfg.norm_centres
     for block in _blocks_in(group):
         attn, mlp = f"{block}attn.", f"{block}mlp."
         attn_readers = [(attn + f"W_{x}", attn + f"b_{x}") for x in "QKV"]

@@ -29,10 +29,10 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Literal
 
 from transformer_hooks.presets import PRESETS, closest_presets, preset_repo_id
+from weights_conversion.converted import CONVERTED_CONFIG
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
-CONVERTED_CONFIG = "transformer_hooks_config.json"
 HF_CONFIG = "config.json"
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"

@@ -72,10 +72,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .hooks import HookedRootModule, HookPoint
+from .processing import STEPS
 
 SAE_CFG_FILENAME = "cfg.json"
 SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"
-PROCESSING_STEPS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
+PROCESSING_STEPS = STEPS  # processing.py's step names, in order
 
 _RESIDUAL_SITES = ("hook_embed", "hook_pos_embed", "hook_resid_pre", "hook_resid_mid", "hook_resid_post",
                    "hook_attn_out", "hook_mlp_out", "hook_mlp_in", "hook_attn_in", "hook_q_input", "hook_k_input",

@@ -9,21 +9,8 @@ from typing import Any, Sequence, Union
 import numpy as np
 import torch
 
-# Short names -> the hook name within a block (or at top level, for _TOP_LEVEL).
-_ALIASES = {
-    "embed": "hook_embed", "pos_embed": "hook_pos_embed",
-    "resid_pre": "hook_resid_pre", "resid_mid": "hook_resid_mid", "resid_post": "hook_resid_post",
-    "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out", "mlp_in": "hook_mlp_in", "attn_in": "hook_attn_in",
-    "q_input": "hook_q_input", "k_input": "hook_k_input", "v_input": "hook_v_input",
-    "q": "attn.hook_q", "k": "attn.hook_k", "v": "attn.hook_v", "z": "attn.hook_z",
-    "rot_q": "attn.hook_rot_q", "rot_k": "attn.hook_rot_k",
-    "attn_scores": "attn.hook_attn_scores", "scores": "attn.hook_attn_scores",
-    "pattern": "attn.hook_pattern", "attn": "attn.hook_pattern", "result": "attn.hook_result",
-    "pre": "mlp.hook_pre", "pre_linear": "mlp.hook_pre_linear", "post": "mlp.hook_post",
-    "mlp_pre": "mlp.hook_pre", "mlp_post": "mlp.hook_post",
-}
-_TOP_LEVEL = {"embed", "pos_embed"}
-_NORM_SITES = ("scale", "normalized")
+from . import sites
+
 # TransformerLens's compact form: "k6" -> ("k", 6), "scale4ln1" -> ("scale", 4, "ln1").
 _COMPACT = re.compile(r"^([a-z_]+?)(\d+)(ln1|ln2|ln_final|a|m|b|block|attn|mlp)?$")
 
@@ -36,43 +23,61 @@ def get_act_name(name: str, layer: int | None = None, layer_type: str | None = N
     ``("normalized", 2, "ln2")`` likewise. ``"k6"`` means ``("k", 6)`` and ``"scale4ln1"``
     ``("scale", 4, "ln1")``, as in TL. A full hook name passes through. Negative layers
     count from the end when ``n_layers`` is given; with ``n_layers``, a layer out of range
-    is an error.
+    is an error. The short names are the ``aliases`` of ``sites.SITES``.
     """
     if "." in name or name.startswith("hook_"):
         return name
-    if name not in _ALIASES and name not in _NORM_SITES and layer is None and (m := _COMPACT.match(name)):
+    if name not in sites.ALIASES and layer is None and (m := _COMPACT.match(name)):
         name, layer, layer_type = m.group(1), int(m.group(2)), m.group(3) or layer_type
+    rows = sites.by_alias(name)
+    if not rows:
+        raise ValueError(f"unknown activation name {name!r}; known short names: "
+                         f"{sorted(sites.ALIASES)}, or a full hook name like 'blocks.0.hook_resid_pre'")
     if layer is not None:
         layer = check_layer(layer, n_layers) if n_layers is not None else layer
         if layer < 0:
             raise ValueError(f"negative layer {layer} needs n_layers to count from the end")
-    if name in _NORM_SITES:
-        if layer is None:
-            return f"ln_final.hook_{name}"
-        ln = layer_type or "ln1"
-        if ln not in ("ln1", "ln2"):
-            raise ValueError(f"layer_type for {name!r} must be 'ln1' or 'ln2', got {ln!r}")
-        return f"blocks.{layer}.{ln}.hook_{name}"
-    if name not in _ALIASES:
-        raise ValueError(f"unknown activation name {name!r}; known short names: "
-                         f"{sorted(_ALIASES) + list(_NORM_SITES)}, or a full hook name like 'blocks.0.hook_resid_pre'")
-    site = _ALIASES[name]
-    if name in _TOP_LEVEL:
-        return site
-    if layer is None:
-        raise ValueError(f"{name!r} is a per-layer site: give a layer, e.g. get_act_name({name!r}, 0)")
-    return f"blocks.{layer}.{site}"
+    top = [s for s in rows if not s.per_block]
+    block = [s for s in rows if s.per_block]
+    if layer is None or not block:
+        if not top:
+            raise ValueError(f"{name!r} is a per-layer site: give a layer, e.g. get_act_name({name!r}, 0)")
+        return top[0].name
+    if len(block) > 1:  # one per norm of the block: layer_type picks it (TL's default: ln1)
+        owners = [s.sublayer for s in block]
+        owner = layer_type or owners[0]
+        if owner not in owners:
+            raise ValueError(f"layer_type for {name!r} must be {' or '.join(map(repr, owners))}, got {owner!r}")
+        return block[owners.index(owner)].full_name(layer)
+    return block[0].full_name(layer)
 
 
-def check_layer(layer: int, n_layers: int, what: str = "layer") -> int:
-    """A block index in ``[0, n_layers)``; negative counts from the end. Raises when out of range."""
-    if not isinstance(layer, int) or isinstance(layer, bool):
-        raise TypeError(f"{what} must be an int, got {type(layer).__name__}")
-    idx = layer + n_layers if layer < 0 else layer
-    if not 0 <= idx < n_layers:
-        raise ValueError(f"{what}={layer} is out of range for a model with {n_layers} layers "
-                         f"(valid: {-n_layers}..{n_layers - 1})")
+class IndexOutOfRangeError(IndexError, ValueError):
+    """An index (layer, position, ...) outside its range; both an IndexError and a ValueError."""
+
+
+def check_index(index: int, size: int, what: str, of: str, allow_end: bool = False, allow_negative: bool = True,
+                note: str = "") -> int:
+    """``index`` into ``range(size)`` (``range(size + 1)`` with ``allow_end``), negative values
+    counting back from ``size`` (unless not ``allow_negative``); the one range check of the package.
+
+    The error names the value, what it indexes (``of``, e.g. "a model with 4 layers") and the
+    valid range: ``layer=5 is out of range for a model with 4 layers (valid: -4..3)``.
+    """
+    if not isinstance(index, int) or isinstance(index, bool):
+        raise TypeError(f"{what} must be an int, got {type(index).__name__}")
+    idx = index + size if index < 0 and allow_negative else index
+    lo, hi = (-size if allow_negative else 0), (size if allow_end else size - 1)
+    if not 0 <= idx <= hi:
+        raise IndexOutOfRangeError(f"{what}={index} is out of range for {of} (valid: {lo}..{hi}"
+                                   f"{'; ' + note if note else ''})")
     return idx
+
+
+def check_layer(layer: int, n_layers: int, what: str = "layer", allow_end: bool = False) -> int:
+    """A block index in ``[0, n_layers)`` (``allow_end``: up to ``n_layers``, the unembedding);
+    negative counts from the end. Raises when out of range."""
+    return check_index(layer, n_layers, what, f"a model with {n_layers} layers", allow_end=allow_end)
 
 
 SliceInput = Union[None, int, slice, tuple, Sequence[int], torch.Tensor]
@@ -109,9 +114,7 @@ class Slice:
         if self.mode == "empty":
             return tensor
         if self.mode == "int":
-            size = tensor.shape[dim]
-            if not -size <= self.slice < size:
-                raise IndexError(f"position/index {self.slice} is out of range for a dimension of size {size}")
+            check_index(self.slice, tensor.shape[dim], "position/index", f"a dimension of size {tensor.shape[dim]}")
             return tensor.select(dim, self.slice)
         if self.mode == "array":
             return tensor.index_select(dim, self.slice.to(tensor.device) % tensor.shape[dim])

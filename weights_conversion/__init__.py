@@ -9,13 +9,17 @@ Each family module has:
   shared DESIGN.md) from ``get(hf_name) -> Tensor``, one group at a time, so a
   loader can stream a checkpoint at about one copy of memory.
 
-Architecture quirks live here and in a few ModelConfig fields, nowhere else.
+Architecture quirks live here and in a few ModelConfig fields, nowhere else. Beside the
+families: ``groups.py`` (the groups a load streams, in order), ``sources.py`` (checkpoint
+readers and errors), ``gguf.py`` (GGUF files), ``converted.py`` (the converted-checkpoint
+format) and ``__main__.py`` (the command that writes it). The package imports
+``transformer_hooks.config`` only; the loader imports it, never the reverse.
 """
 
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
@@ -49,13 +53,5 @@ def config_from_hf(hf_config: dict):
     return family_for(hf_config).config_from_hf(hf_config)
 
 
-def convert_groups(cfg, get: GetTensor, family: ModuleType) -> Iterator[tuple[str, Callable[[], dict]]]:
-    """(prefix, thunk) per group: embeddings, each block, final norm + unembed.
-
-    A thunk returns ``{name relative to prefix: tensor}``; calling them one at a time keeps
-    one group's tensors alive at once.
-    """
-    yield "", lambda: family.convert_embeddings(cfg, get)
-    for layer in range(cfg.n_layers):
-        yield f"blocks.{layer}.", (lambda layer=layer: family.convert_block(cfg, get, layer))
-    yield "", lambda: family.convert_final(cfg, get)
+# The groups a load streams, and their order (defined once, in groups.py).
+from .groups import convert_groups, load_order  # noqa: E402,F401

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from transformer_hooks.loading import CorruptCheckpointError, TensorSource
+from .sources import CorruptCheckpointError, TensorSource
 
 from . import UnsupportedArchitectureError, supported_model_types
 

@@ -13,7 +13,7 @@ from einops import rearrange
 
 from transformer_hooks.config import ModelConfig
 
-from .common import head_dim
+from .common import head_dim, special_token_ids
 
 MODEL_TYPES = ("gpt2",)
 
@@ -28,7 +28,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         attn_scale=None if hf.get("scale_attn_weights", True) else 1.0,
         scale_attn_by_inverse_layer_idx=hf.get("scale_attn_by_inverse_layer_idx", False),
         tie_word_embeddings=hf.get("tie_word_embeddings", True), original_architecture="GPT2LMHeadModel",
-        bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"), pad_token_id=hf.get("pad_token_id"),
+        **special_token_ids(hf),
     )
 
 

@@ -11,9 +11,12 @@ import torch
 
 from transformer_hooks.config import ModelConfig
 
-from .common import head_dim, heads_from_bias, heads_from_linear, out_from_linear
+from . import gpt2
+from .common import head_dim, heads_from_bias, heads_from_linear, out_from_linear, special_token_ids
 
 MODEL_TYPES = ("gpt_neo",)
+# The embeddings, final norm and unembedding are stored under GPT-2's names.
+convert_embeddings, convert_final = gpt2.convert_embeddings, gpt2.convert_final
 
 
 def attention_layers(hf: dict) -> list[str]:
@@ -32,12 +35,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
         normalization_type="LN", eps=hf.get("layer_norm_epsilon", 1e-5), positional_embedding="learned",
         attn_scale=1.0, attn_windows=tuple(window if kind == "local" else None for kind in attention_layers(hf)),
         tie_word_embeddings=hf.get("tie_word_embeddings", True), original_architecture="GPTNeoForCausalLM",
-        bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"), pad_token_id=hf.get("pad_token_id"),
+        **special_token_ids(hf),
     )
-
-
-def convert_embeddings(cfg: ModelConfig, get) -> dict[str, torch.Tensor]:
-    return {"embed.W_E": get("transformer.wte.weight"), "pos_embed.W_pos": get("transformer.wpe.weight")}
 
 
 def convert_block(cfg: ModelConfig, get, layer: int) -> dict[str, torch.Tensor]:
@@ -55,9 +54,3 @@ def convert_block(cfg: ModelConfig, get, layer: int) -> dict[str, torch.Tensor]:
         "mlp.W_in": get(p + "mlp.c_fc.weight").T, "mlp.b_in": get(p + "mlp.c_fc.bias"),
         "mlp.W_out": get(p + "mlp.c_proj.weight").T, "mlp.b_out": get(p + "mlp.c_proj.bias"),
     }
-
-
-def convert_final(cfg: ModelConfig, get) -> dict[str, torch.Tensor]:
-    W_U = get("transformer.wte.weight" if cfg.tie_word_embeddings else "lm_head.weight").T
-    return {"ln_final.w": get("transformer.ln_f.weight"), "ln_final.b": get("transformer.ln_f.bias"),
-            "unembed.W_U": W_U, "unembed.b_U": torch.zeros(cfg.d_vocab)}

@@ -14,7 +14,7 @@ from einops import rearrange
 
 from transformer_hooks.config import ModelConfig
 
-from .common import head_dim, out_from_linear, rope_parameters, rope_scaling
+from .common import head_dim, out_from_linear, rope_parameters, rope_scaling, special_token_ids
 
 MODEL_TYPES = ("gpt_neox",)
 
@@ -33,7 +33,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         rope_theta=float(theta), rope_scaling=rope_scaling(rope),
         parallel_residual=hf.get("use_parallel_residual", True),
         tie_word_embeddings=hf.get("tie_word_embeddings", False), original_architecture="GPTNeoXForCausalLM",
-        bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"), pad_token_id=hf.get("pad_token_id"),
+        **special_token_ids(hf),
     )
 
 

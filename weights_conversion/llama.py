@@ -12,7 +12,7 @@ import torch
 
 from transformer_hooks.config import ModelConfig
 
-from .common import head_dim, heads_from_linear, out_from_linear, rope_parameters, rope_scaling
+from .common import head_dim, heads_from_linear, out_from_linear, rope_parameters, rope_scaling, special_token_ids
 
 MODEL_TYPES = ("llama",)
 
@@ -28,7 +28,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         positional_embedding="rotary", rope_theta=float(rope.get("rope_theta", 10000.0)),
         rope_scaling=rope_scaling(rope), gated_mlp=True, tie_word_embeddings=hf.get("tie_word_embeddings", False),
         original_architecture="LlamaForCausalLM",
-        bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"), pad_token_id=hf.get("pad_token_id"),
+        **special_token_ids(hf),
     )
 
 

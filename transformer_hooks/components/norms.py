@@ -11,6 +11,8 @@ As in TransformerLens, ``LayerNorm.hook_normalized`` is after the weight and bia
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
@@ -20,6 +22,38 @@ from ..config import ModelConfig
 from ..hooks import HookPoint
 
 Resid = Float[torch.Tensor, "... d_model"]
+Scale = Float[torch.Tensor, "... 1"]
+
+
+def normalize(x: Resid, centre: bool, eps: float = 0.0, w: torch.Tensor | None = None,
+              b: torch.Tensor | None = None, scale: Scale | None = None,
+              hook_scale: Callable[[Scale], Scale] | None = None) -> Resid:
+    """The norm's formula, in float32 (the one implementation: the norms, the cache's
+    ``apply_ln_to_stack`` and the logit lens use it)::
+
+        x_c = x - mean(x)   (LayerNorm, ``centre``; RMSNorm: x_c = x)
+        s   = sqrt(mean(x_c^2) + eps)
+        out = x_c / s * w + b        (w, b when given)
+
+    ``scale`` gives ``s`` instead (a cached one); ``hook_scale`` sees, and may replace, the
+    computed ``s``.
+    """
+    x = x.float()
+    if scale is None:
+        if centre:
+            mean_square, mean = torch.var_mean(x, -1, correction=0, keepdim=True)  # of the centred x; one pass
+            x = x - mean
+        else:
+            mean_square = x.pow(2).mean(-1, keepdim=True)
+        scale = (mean_square + eps).sqrt()
+        if hook_scale is not None:
+            scale = hook_scale(scale)
+    elif centre:
+        x = x - x.mean(-1, keepdim=True)
+    out = x / scale
+    if w is None:
+        return out if b is None else out + b
+    return out * w if b is None else torch.addcmul(b, out, w)  # b + x̂ w
 
 
 class _Norm(nn.Module):
@@ -36,16 +70,9 @@ class _Norm(nn.Module):
     def observed(self) -> bool:
         return self.hook_scale.observed or self.hook_normalized.observed
 
-    def _scaled(self, x: Resid) -> Resid:
-        """x (centred for LayerNorm) / hook_scale(sqrt(mean(x^2) + eps)), in float32."""
-        x = x.float()
-        if self.centre:
-            mean_square, mean = torch.var_mean(x, -1, correction=0, keepdim=True)  # of the centred x; one pass
-            x = x - mean
-        else:
-            mean_square = x.pow(2).mean(-1, keepdim=True)
-        scale = self.hook_scale((mean_square + self.eps).sqrt())
-        return x / scale
+    def _scaled(self, x: Resid, w: torch.Tensor | None = None, b: torch.Tensor | None = None) -> Resid:
+        """``normalize``, with ``hook_scale`` seeing the scale, in float32."""
+        return normalize(x, self.centre, self.eps, w, b, hook_scale=self.hook_scale)
 
 
 class LayerNorm(_Norm):
@@ -57,7 +84,7 @@ class LayerNorm(_Norm):
     def forward(self, x: Resid) -> Resid:
         if not self.observed:
             return F.layer_norm(x, (self.d_model,), self.w, self.b, self.eps)
-        return self.hook_normalized(torch.addcmul(self.b, self._scaled(x), self.w).to(x.dtype))  # b + x̂ w
+        return self.hook_normalized(self._scaled(x, self.w, self.b).to(x.dtype))
 
 
 class LayerNormPre(_Norm):

@@ -1,0 +1,211 @@
+"""The one table of hook sites: every site a transformer has, its axes, and when it exists.
+
+A row names a site relative to its owner: the model for top-level sites (``hook_embed``,
+``ln_final.hook_scale``), a block for per-block sites (``attn.hook_z`` is
+``blocks.{L}.attn.hook_z``). Everything that lists sites reads this table: the default
+cache (which leaves per-head expansions out), ``pos_slice`` (which axis is the position),
+``utils.get_act_name``'s short names, the cache's messages, patching's axis layouts, and
+the README's table (tested to match). A new site is one new row here (and the
+``HookPoint`` in its component).
+
+Axis vocabulary (sizes from the config): ``batch``; ``pos`` (the sequence); ``query_pos``
+and ``key_pos`` (attention scores and pattern); ``head`` (``n_heads``); ``kv_head``
+(``n_kv_heads``: keys and values under GQA); ``d_model``, ``d_head``, ``d_mlp``; and ``1``
+(a norm's scale keeps a size-one feature axis, as jaxtyping writes it).
+
+One shape is not in the table: while a per-head input (``hook_attn_in``, ``hook_q/k/v_input``)
+is observed, ``ln1`` reads the per-head copies and its sites gain a ``head`` axis before the
+last ([batch, pos, head, 1] for the scale); the position axis stays where the table says.
+
+This module imports nothing from the package: configs are read by duck typing.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+
+@dataclass(frozen=True)
+class Condition:
+    """When a site exists: a test on the config, and the reason a site is absent otherwise."""
+
+    label: str
+    holds: Callable[[Any], bool]
+    absent_because: str
+
+
+ALWAYS = Condition("always", lambda cfg: True, "")
+LEARNED_POSITIONS = Condition("learned positions", lambda cfg: cfg.positional_embedding == "learned",
+                              "rotary models have no position embedding in the residual stream")
+ROTARY = Condition("rotary", lambda cfg: cfg.positional_embedding == "rotary", "only rotary models have rot_q/rot_k")
+SEQUENTIAL = Condition("sequential residual", lambda cfg: not cfg.parallel_residual,
+                       "parallel-residual blocks have no resid_mid: attention and MLP both read resid_pre")
+GATED_MLP = Condition("gated MLP", lambda cfg: cfg.gated_mlp, "only gated MLPs have pre_linear")
+
+RESID = ("batch", "pos", "d_model")
+SCALE = ("batch", "pos", "1")
+PER_HEAD = ("batch", "pos", "head", "d_head")
+PER_KV_HEAD = ("batch", "pos", "kv_head", "d_head")
+ATTENTION = ("batch", "head", "query_pos", "key_pos")
+NEURONS = ("batch", "pos", "d_mlp")
+
+
+@dataclass(frozen=True)
+class Site:
+    """One kind of hook site.
+
+    ``name``: relative to its owner; ``per_block``: one per block (``blocks.{L}.name``) or
+    one for the model; ``axes``: the activation's axes; ``per_head_expansion``: n_heads
+    copies of a residual-sized tensor, so the default cache leaves it out; ``when``: the
+    architectures that have it; ``aliases``: TransformerLens's short names
+    (``utils.get_act_name``), the first one canonical.
+    """
+
+    name: str
+    per_block: bool
+    axes: tuple[str, ...]
+    aliases: tuple[str, ...] = ()
+    per_head_expansion: bool = False
+    when: Condition = ALWAYS
+
+    @property
+    def position_axis(self) -> int:
+        """Index of the (query) position axis in ``axes``."""
+        return self.axes.index("query_pos" if "query_pos" in self.axes else "pos")
+
+    @property
+    def position_dim(self) -> int:
+        """The (query) position axis counted from the end: right with or without the batch axis."""
+        return self.position_axis - len(self.axes)
+
+    @property
+    def sublayer(self) -> str | None:
+        """The submodule that owns the site (``"ln1"`` for ``ln1.hook_scale``), None for the block or model."""
+        return self.name.rsplit(".", 1)[0] if "." in self.name else None
+
+    def full_name(self, layer: int | None = None) -> str:
+        if not self.per_block:
+            return self.name
+        if layer is None:
+            raise ValueError(f"{self.name} is a per-block site: give a layer")
+        return f"blocks.{layer}.{self.name}"
+
+    def shape(self, cfg: Any, batch: int, pos: int) -> tuple[int, ...]:
+        """The activation's shape for a model with ``cfg`` on ``batch`` sequences of ``pos`` tokens."""
+        sizes = {"batch": batch, "pos": pos, "query_pos": pos, "key_pos": pos, "head": cfg.n_heads,
+                 "kv_head": cfg.n_kv_heads, "d_model": cfg.d_model, "d_head": cfg.d_head, "d_mlp": cfg.d_mlp, "1": 1}
+        return tuple(sizes[a] for a in self.axes)
+
+
+SITES: tuple[Site, ...] = (
+    # Top level.
+    Site("hook_embed", False, RESID, ("embed",)),
+    Site("hook_pos_embed", False, RESID, ("pos_embed",), when=LEARNED_POSITIONS),
+    Site("ln_final.hook_scale", False, SCALE, ("scale",)),
+    Site("ln_final.hook_normalized", False, RESID, ("normalized",)),
+    # Per block, in the order the forward reaches them.
+    Site("hook_resid_pre", True, RESID, ("resid_pre",)),
+    Site("hook_attn_in", True, ("batch", "pos", "head", "d_model"), ("attn_in",), per_head_expansion=True),
+    Site("hook_q_input", True, ("batch", "pos", "head", "d_model"), ("q_input",), per_head_expansion=True),
+    Site("hook_k_input", True, ("batch", "pos", "kv_head", "d_model"), ("k_input",), per_head_expansion=True),
+    Site("hook_v_input", True, ("batch", "pos", "kv_head", "d_model"), ("v_input",), per_head_expansion=True),
+    Site("ln1.hook_scale", True, SCALE, ("scale",)),
+    Site("ln1.hook_normalized", True, RESID, ("normalized",)),
+    Site("attn.hook_q", True, PER_HEAD, ("q",)),
+    Site("attn.hook_k", True, PER_KV_HEAD, ("k",)),
+    Site("attn.hook_v", True, PER_KV_HEAD, ("v",)),
+    Site("attn.hook_rot_q", True, PER_HEAD, ("rot_q",), when=ROTARY),
+    Site("attn.hook_rot_k", True, PER_KV_HEAD, ("rot_k",), when=ROTARY),
+    Site("attn.hook_attn_scores", True, ATTENTION, ("attn_scores", "scores")),
+    Site("attn.hook_pattern", True, ATTENTION, ("pattern", "attn")),
+    Site("attn.hook_z", True, PER_HEAD, ("z",)),
+    Site("attn.hook_result", True, ("batch", "pos", "head", "d_model"), ("result",), per_head_expansion=True),
+    Site("hook_attn_out", True, RESID, ("attn_out",)),
+    Site("hook_resid_mid", True, RESID, ("resid_mid",), when=SEQUENTIAL),
+    Site("ln2.hook_scale", True, SCALE, ("scale",)),
+    Site("ln2.hook_normalized", True, RESID, ("normalized",)),
+    Site("hook_mlp_in", True, RESID, ("mlp_in",)),
+    Site("mlp.hook_pre", True, NEURONS, ("pre", "mlp_pre")),
+    Site("mlp.hook_pre_linear", True, NEURONS, ("pre_linear",), when=GATED_MLP),
+    Site("mlp.hook_post", True, NEURONS, ("post", "mlp_post")),
+    Site("hook_mlp_out", True, RESID, ("mlp_out",)),
+    Site("hook_resid_post", True, RESID, ("resid_post",)),
+)
+
+# Derived views ------------------------------------------------------------------------------
+# Relative names of the per-head expansions (each n_heads copies of a residual-sized tensor).
+PER_HEAD_EXPANSIONS: tuple[str, ...] = tuple(s.name for s in SITES if s.per_head_expansion)
+BY_NAME: dict[str, Site] = {s.name: s for s in SITES}  # relative names are unique
+_TOP = {s.name: s for s in SITES if not s.per_block}
+_BLOCK = {s.name: s for s in SITES if s.per_block}
+_IN_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+@functools.lru_cache(maxsize=None)
+def split_name(name: str) -> tuple[int | None, str]:
+    """``"blocks.3.attn.hook_z"`` -> ``(3, "attn.hook_z")``; a top-level name -> ``(None, name)``."""
+    m = _IN_BLOCK.match(name)
+    return (int(m.group(1)), m.group(2)) if m else (None, name)
+
+
+@functools.lru_cache(maxsize=None)
+def lookup(name: str) -> Site | None:
+    """The row of a full hook name (``blocks.3.attn.hook_z``, ``hook_embed``), or None."""
+    layer, rel = split_name(name)
+    return _BLOCK.get(rel) if layer is not None else _TOP.get(rel)
+
+
+def is_per_head_expansion(name: str) -> bool:
+    site = lookup(name)
+    return site is not None and site.per_head_expansion
+
+
+def position_dim(name: str) -> int | None:
+    """The (query) position axis of a full hook name's activation (with its batch axis), or None
+    for a name that is not a transformer site."""
+    site = lookup(name)
+    return site.position_axis if site is not None else None
+
+
+def sites_of(cfg: Any) -> Iterator[Site]:
+    """The rows that exist in a model with ``cfg``."""
+    return (s for s in SITES if s.when.holds(cfg))
+
+
+def hook_names(cfg: Any) -> list[str]:
+    """Every full hook name a model with ``cfg`` has."""
+    top = [s.name for s in sites_of(cfg) if not s.per_block]
+    block = [s.name for s in sites_of(cfg) if s.per_block]
+    return top + [f"blocks.{layer}.{name}" for layer in range(cfg.n_layers) for name in block]
+
+
+def why_absent(name: str, cfg: Any) -> str:
+    """Why a model with ``cfg`` has no hook ``name`` (a phrase, or "" when the table cannot tell)."""
+    layer, _ = split_name(name)
+    site = lookup(name)
+    if site is not None and not site.when.holds(cfg):
+        return site.when.absent_because
+    if layer is not None and not 0 <= layer < cfg.n_layers:
+        return f"the model has {cfg.n_layers} layers, 0..{cfg.n_layers - 1}"
+    return ""
+
+
+def by_alias(alias: str) -> list[Site]:
+    """The rows with TransformerLens short name ``alias`` (several for the norms' ``scale``)."""
+    return [s for s in SITES if alias in s.aliases]
+
+
+ALIASES: tuple[str, ...] = tuple(dict.fromkeys(a for s in SITES for a in s.aliases))
+
+
+def markdown_table() -> str:
+    """The table as the README shows it."""
+    rows = ["| site | axes | short name | exists | cached by default |", "|---|---|---|---|---|"]
+    for s in SITES:
+        rows.append(f"| `{s.full_name('{L}') if s.per_block else s.name}` | [{', '.join(s.axes)}] | "
+                    f"{', '.join(f'`{a}`' for a in s.aliases)} | {s.when.label} | "
+                    f"{'no (per-head expansion)' if s.per_head_expansion else 'yes'} |")
+    return "\n".join(rows)

@@ -1,0 +1,205 @@
+"""Checkpoint readers: named tensors read on demand, and the errors a bad checkpoint raises.
+
+- ``SafetensorsFile``: one ``.safetensors`` file, each tensor read into a fresh buffer
+  (``write_safetensors`` writes the same format, from the same dtype table);
+- ``tensor_source(weight_files)``: a ``TensorSource`` over safetensors files (single or
+  sharded) or ``.bin`` files (``torch.load(weights_only=True)``: no pickled code runs;
+  the memory-mapped file stays resident while loading, so about two copies at the peak);
+- ``in_memory_source(hf_model)``: a transformers model already in memory.
+
+GGUF files have their own ``TensorSource`` in ``gguf.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, NoReturn
+
+import torch
+from tqdm.auto import tqdm
+
+
+class MissingWeightsError(KeyError):
+    def __str__(self) -> str:  # KeyError quotes its message; this one is prose
+        return str(self.args[0])
+
+
+class CorruptCheckpointError(ValueError):
+    pass
+
+
+class WeightShapeError(ValueError):
+    pass
+
+
+class TensorSource:
+    """Named tensors of a checkpoint, read on demand; remembers which were read."""
+
+    def __init__(self, names: dict[str, Callable[[], torch.Tensor]], where: str) -> None:
+        self._readers = names
+        self.where = where
+        self.used: set[str] = set()
+
+    def names(self) -> set[str]:
+        return set(self._readers)
+
+    def __call__(self, name: str) -> torch.Tensor:
+        key = name
+        if key not in self._readers:
+            # Old hub checkpoints drop the base-model prefix ("h.0..." instead of "transformer.h.0...").
+            key = name.split(".", 1)[1] if "." in name else name
+        if key not in self._readers:
+            raise KeyError(name)
+        self.used.add(key)
+        return self._readers[key]()
+
+
+# The safetensors dtype names, for reading and writing.
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+SAFETENSORS_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+
+class SafetensorsFile:
+    """One ``.safetensors`` file: the header is read and checked against the file size
+    up front; each tensor is then read into a fresh buffer of its own.
+
+    Why not ``safetensors.safe_open``: it memory-maps the file, and every page a tensor
+    was read from stays in this process's resident set while the handle lives, so a
+    streaming load would peak at the file *plus* the model. A plain read goes through
+    the kernel's page cache (not our RSS), and the buffer it fills can become the
+    parameter itself. The format is an 8-byte little-endian header length, a JSON header
+    ``{name: {"dtype", "shape", "data_offsets": [begin, end]}}``, then the data.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.entries: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
+        try:
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                n = int.from_bytes(f.read(8), "little")
+                if size < 8 or n > size - 8:
+                    self._corrupt(f"its header claims {n} bytes but the file has only {size}")
+                header = json.loads(f.read(n))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            self._corrupt(str(e))
+        if not isinstance(header, dict):
+            self._corrupt("its header is not a JSON object")
+        header.pop("__metadata__", None)
+        self.data_start = 8 + n
+        for name, entry in header.items():
+            self.entries[name] = self._check_entry(name, entry, size - self.data_start)
+
+    def _check_entry(self, name: str, entry: Any, data_size: int) -> tuple[torch.dtype, list[int], int, int]:
+        try:
+            dtype, shape = SAFETENSORS_DTYPES[entry["dtype"]], list(entry["shape"])
+            begin, end = entry["data_offsets"]
+            numel = int(torch.Size(shape).numel())
+        except (KeyError, TypeError, ValueError):
+            self._corrupt(f"its header entry for {name!r} is malformed: {entry!r}")
+        if end - begin != numel * dtype.itemsize or begin < 0:
+            self._corrupt(f"tensor {name!r} of shape {shape} ({entry['dtype']}) has {end - begin} bytes of data")
+        if end > data_size:
+            self._corrupt(f"tensor {name!r} ends at byte {end} of the data but the file holds only {data_size}")
+        return dtype, shape, begin, end
+
+    def _corrupt(self, why: str) -> NoReturn:
+        raise CorruptCheckpointError(f"cannot read {self.path}: {why}. The file is truncated or corrupt; "
+                                     f"download or convert it again.")
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def read(self, name: str) -> torch.Tensor:
+        dtype, shape, begin, end = self.entries[name]
+        buffer = torch.empty(end - begin, dtype=torch.uint8)
+        view, done = memoryview(buffer.numpy()), 0
+        try:
+            with open(self.path, "rb", buffering=0) as f:
+                f.seek(self.data_start + begin)
+                while done < len(view):  # a read may return less than asked (over 2 GB on Linux)
+                    got = f.readinto(view[done:])
+                    if not got:
+                        self._corrupt(f"tensor {name!r} is cut short (the file shrank while loading?)")
+                    done += got
+        except OSError as e:
+            self._corrupt(f"reading tensor {name!r} failed: {e}")
+        return buffer.view(dtype).reshape(shape)
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A ``.safetensors`` file written one tensor at a time (a contiguous copy of one tensor
+    at most), where ``safetensors.torch.save_file`` would serialize them all in memory first.
+
+    Format: 8-byte little-endian header length, a JSON header of dtype, shape and
+    [begin, end) byte offsets per tensor (padded with spaces to 8 bytes), then the data.
+    """
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, t in tensors.items():
+        if t.dtype not in SAFETENSORS_NAMES:
+            raise ValueError(f"{name}: dtype {t.dtype} cannot be stored in safetensors; "
+                             f"cast it to one of {sorted(map(str, SAFETENSORS_NAMES))}")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": SAFETENSORS_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # tensors start 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        for t in tqdm(tensors.values(), desc=f"writing {Path(path).name}", unit="tensor", delay=1.0, leave=False):
+            f.write(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def safetensors_source(files: Iterable[Path]) -> TensorSource:
+    files = tuple(files)
+    readers: dict[str, Callable[[], torch.Tensor]] = {}
+    for file in files:
+        handle = SafetensorsFile(file)
+        for key in handle.keys():
+            readers.setdefault(key, lambda key=key, handle=handle: handle.read(key))
+    return TensorSource(readers, ", ".join(str(f) for f in files))
+
+
+def torch_bin_source(files: Iterable[Path]) -> TensorSource:
+    files = tuple(files)
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:  # weights_only: no pickled code runs
+            tensors.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+        except Exception as e:
+            raise CorruptCheckpointError(f"cannot read {file}: {e}. Only plain tensors are loaded from .bin "
+                                         f"files (weights_only=True); prefer safetensors.") from e
+    # A clone per tensor: parameters must not alias the memory-mapped file (the loader may
+    # adopt a tensor as a parameter without copying it).
+    return TensorSource({k: (lambda t=t: t.clone()) for k, t in tensors.items()}, ", ".join(map(str, files)))
+
+
+def in_memory_source(hf_model: Any) -> tuple[dict, TensorSource]:
+    """The config and tensors of a transformers model in memory. Each tensor is copied as
+    it is converted, so the new model never shares memory with ``hf_model``."""
+    config = getattr(hf_model, "config", None)
+    if config is None or not hasattr(hf_model, "state_dict"):
+        raise TypeError(f"hf_model must be a transformers model (with .config and .state_dict()), "
+                        f"got {type(hf_model).__name__}")
+    state = hf_model.state_dict()
+    readers = {name: (lambda t=t: t.detach().to("cpu", copy=True)) for name, t in state.items()}
+    return config.to_dict(), TensorSource(readers, f"the {type(hf_model).__name__} passed as hf_model")
+
+
+def tensor_source(weight_files: Any) -> TensorSource:
+    """The tensors of safetensors or ``.bin`` files (or of a ``Checkpoint``: its ``weight_files``)."""
+    files = tuple(getattr(weight_files, "weight_files", weight_files))
+    if all(Path(f).suffix == ".safetensors" for f in files):
+        return safetensors_source(files)
+    return torch_bin_source(files)
