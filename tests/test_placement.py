@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from transformer_hooks.config import ModelConfig
-from transformer_hooks.placement import (
+from transformer_hooks.loading.placement import (
     PlacementError, check_device, check_device_map, group_of, resolve_device_map,
 )
 
@@ -92,7 +92,7 @@ def _same_everything(a, b, tokens):
 @pytest.mark.parametrize("kind", ["cpu", "disk"])
 def test_offload_is_exact_on_cpu(hf_checkpoint, tmp_path, kind):
     from transformer_hooks import HookedTransformer
-    from transformer_hooks.offload import offload_blocks
+    from transformer_hooks.loading.offload import offload_blocks
 
     path, _ = hf_checkpoint("llama-gqa")
     plain = HookedTransformer.from_pretrained(str(path))
@@ -108,7 +108,7 @@ def test_offload_is_exact_on_cpu(hf_checkpoint, tmp_path, kind):
 
 
 def test_offload_disk_needs_a_directory():
-    from transformer_hooks.offload import BlockOffload
+    from transformer_hooks.loading.offload import BlockOffload
 
     with pytest.raises(ValueError, match="offload='disk' needs offload_dir"):
         BlockOffload("disk", "cpu")
@@ -121,7 +121,7 @@ def test_offload_disk_needs_a_directory():
 @pytest.mark.parametrize("kind", ["cpu", "disk"])
 def test_offload_to_cuda_matches_cuda(hf_checkpoint, tmp_path, kind):
     from transformer_hooks import HookedTransformer
-    from transformer_hooks.offload import offload_blocks
+    from transformer_hooks.loading.offload import offload_blocks
 
     path, _ = hf_checkpoint("llama-gqa")
     plain = HookedTransformer.from_pretrained(str(path), device="cuda")
@@ -130,3 +130,87 @@ def test_offload_to_cuda_matches_cuda(hf_checkpoint, tmp_path, kind):
     assert offloaded.blocks[0].attn.W_Q.device.type == "cpu"
     tokens = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(0)).cuda()
     torch.testing.assert_close(plain(tokens), offloaded(tokens), rtol=0, atol=1e-5)
+
+
+# from_pretrained(device_map=...) ---------------------------------------------------------------
+def test_from_pretrained_with_a_cpu_device_map_is_exact(hf_checkpoint):
+    from transformer_hooks import HookedTransformer
+
+    path, _ = hf_checkpoint("llama-gqa")
+    plain = HookedTransformer.from_pretrained(str(path))
+    tokens = torch.randint(0, 101, (2, 7), generator=torch.Generator().manual_seed(1))
+    cpu_map = {"embed": "cpu", "blocks.0": "cpu", "blocks.1": "cpu", "ln_final": "cpu", "unembed": "cpu"}
+    for kwargs in (dict(device_map=cpu_map), dict(device_map="auto"), dict(device_map="balanced"),
+                   dict(n_devices=1, max_memory={"cpu": "1GiB"})):
+        placed = HookedTransformer.from_pretrained(str(path), **kwargs)
+        assert placed.cfg.device_map == {"embed": "cpu", "blocks.0": "cpu", "blocks.1": "cpu", "final": "cpu"}
+        assert torch.equal(placed(tokens), plain(tokens))
+        assert torch.equal(placed.generate(tokens, max_new_tokens=4, do_sample=False, verbose=False),
+                           plain.generate(tokens, max_new_tokens=4, do_sample=False, verbose=False))
+    assert plain.cfg.device_map is None
+
+
+def test_from_pretrained_refuses_bad_placement_before_reading_weights(hf_checkpoint):
+    from transformer_hooks import HookedTransformer
+
+    path, _ = hf_checkpoint("llama-gqa")
+    with pytest.raises(PlacementError, match="leaves blocks.1, final unplaced"):
+        HookedTransformer.from_pretrained(str(path), device_map={"embed": "cpu", "blocks.0": "cpu"})
+    with pytest.raises(PlacementError, match="does not fit max_memory"):
+        HookedTransformer.from_pretrained(str(path), device_map="auto", max_memory={"cpu": "1KiB"})
+    with pytest.raises(PlacementError, match="unknown device"):
+        HookedTransformer.from_pretrained(str(path), device_map={"": "npu:0"})
+    with pytest.raises(PlacementError, match="n_devices=2"):
+        HookedTransformer.from_pretrained(str(path), n_devices=2, max_memory={"cpu": "1GiB"})
+
+
+def test_place_model_on_a_model_built_in_memory(hf_checkpoint):
+    from transformer_hooks import HookedTransformer
+    from transformer_hooks.loading.placement import place_model
+
+    path, _ = hf_checkpoint("gpt2")
+    model = HookedTransformer.from_pretrained(str(path))
+    tokens = torch.randint(0, 101, (1, 6), generator=torch.Generator().manual_seed(2))
+    before = model(tokens)
+    place_model(model, {"": "cpu"})
+    assert model.cfg.device_map["final"] == "cpu" and torch.equal(model(tokens), before)
+
+
+@pytest.mark.cuda
+@needs_two_gpus
+def test_two_gpus_match_one(hf_checkpoint):
+    from transformer_hooks import HookedTransformer
+
+    path, _ = hf_checkpoint("llama-gqa")
+    one = HookedTransformer.from_pretrained(str(path), device="cuda:0")
+    two = HookedTransformer.from_pretrained(str(path), device_map={"embed": 0, "blocks.0": 0, "blocks.1": 1,
+                                                                   "final": 1})
+    assert two.blocks[1].attn.W_Q.device == torch.device("cuda:1")
+    tokens = torch.randint(0, 101, (2, 7), generator=torch.Generator().manual_seed(1)).cuda()
+    seen = {}
+    two.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_resid_pre", lambda a, hook: seen.update(d=a.device))])
+    assert seen["d"] == torch.device("cuda:1")
+    torch.testing.assert_close(two(tokens).to("cuda:0"), one(tokens), rtol=0, atol=1e-5)
+    _, cache = two.run_with_cache(tokens, device="cpu")
+    _, ref = one.run_with_cache(tokens, device="cpu")
+    for k in ref.keys():
+        torch.testing.assert_close(cache[k], ref[k], rtol=0, atol=1e-5)
+    assert torch.equal(two.generate(tokens, max_new_tokens=5, do_sample=False, verbose=False).cpu(),
+                       one.generate(tokens, max_new_tokens=5, do_sample=False, verbose=False).cpu())
+
+
+def test_from_pretrained_offload_streams_blocks_to_disk(hf_checkpoint, tmp_path):
+    from transformer_hooks import HookedTransformer
+
+    path, _ = hf_checkpoint("pythia")
+    plain = HookedTransformer.from_pretrained(str(path))
+    off = HookedTransformer.from_pretrained(str(path), offload="disk", offload_dir=tmp_path / "off")
+    tokens = torch.randint(0, 101, (2, 7), generator=torch.Generator().manual_seed(3))
+    _same_everything(plain, off, tokens)
+    assert sorted(f.name for f in (tmp_path / "off").iterdir()) == ["blocks.0.safetensors", "blocks.1.safetensors"]
+    with pytest.raises(PlacementError, match="does not combine with a device_map"):
+        HookedTransformer.from_pretrained(str(path), offload="cpu", device_map={"": "cpu"})
+    with pytest.raises(PlacementError, match="either device='cpu' or a device_map"):
+        HookedTransformer.from_pretrained(str(path), device="cpu", device_map="auto")
+    with pytest.raises(ValueError, match="offload='disk' needs offload_dir"):
+        HookedTransformer.from_pretrained(str(path), offload="disk")

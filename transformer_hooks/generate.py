@@ -143,7 +143,8 @@ def generate(model: "HookedTransformer", input: "ModelInput" = "", max_new_token
 
     cache = None
     if use_past_kv_cache:
-        cache = KVCache(model.cfg, batch, prompt_len + max_new_tokens, model.device, model.dtype)
+        cache = KVCache(model.cfg, batch, prompt_len + max_new_tokens, model.device, model.dtype,
+                        layer_devices=model.block_devices)
         if prompt_len > 1:  # the prompt but its last token: only the cache is needed, not logits
             model(tokens[:, :-1], attention_mask=None if mask is None else mask[:, :-1], past_kv_cache=cache,
                   return_type=None)
@@ -153,6 +154,7 @@ def generate(model: "HookedTransformer", input: "ModelInput" = "", max_new_token
             final_logits = model(out[:, end - 1:end], past_kv_cache=cache)[:, -1]
         else:
             final_logits = model(out[:, :end], attention_mask=None if out_mask is None else out_mask[:, :end])[:, -1]
+        final_logits = final_logits.to(out.device)  # from the last block's device, when placed over several
         if do_sample:
             next_tokens = sample_logits(final_logits, top_k, top_p, temperature, freq_penalty, counts)
         else:

@@ -85,7 +85,7 @@ def group_parameters(cfg: ModelConfig, shared_unembed: bool | None = None) -> di
     both as they are); None reads it from the config: tied and not processed.
     """
     if shared_unembed is None:
-        from .loading import REWRITE_EMBEDDINGS
+        from .processing import REWRITE_EMBEDDINGS
 
         shared_unembed = cfg.tie_word_embeddings and not set(cfg.processing) & REWRITE_EMBEDDINGS
     embed = cfg.d_vocab * cfg.d_model + (cfg.n_ctx * cfg.d_model if cfg.positional_embedding == "learned" else 0)
@@ -117,36 +117,11 @@ def checkpoint_parameters(hf_config: dict[str, Any]) -> int:
 # Activations ------------------------------------------------------------------------------
 def site_shapes(cfg: ModelConfig, batch: int, seq: int) -> dict[str, tuple[int, ...]]:
     """Shape of every site ``run_with_cache()`` caches with no filter (every hook point but
-    the per-head expansions ``hook_result``, ``hook_attn_in``, ``hook_q/k/v_input``).
+    the per-head expansions), from the site table (``sites.py``)."""
+    from . import sites
 
-    SWITCH TO sites.py: this is the one place that spells the site table out from the
-    config; when ``transformer_hooks/sites.py`` (the table of hook sites with their axes)
-    lands, derive this dict from it instead. The tests compare it with a real cache.
-    """
-    b, p, d, h, kv, dh, m = batch, seq, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_mlp
-    top = {"hook_embed": (b, p, d)}
-    if cfg.positional_embedding == "learned":
-        top["hook_pos_embed"] = (b, p, d)
-    block: dict[str, tuple[int, ...]] = {
-        "hook_resid_pre": (b, p, d), "ln1.hook_scale": (b, p, 1), "ln1.hook_normalized": (b, p, d),
-        "attn.hook_q": (b, p, h, dh), "attn.hook_k": (b, p, kv, dh), "attn.hook_v": (b, p, kv, dh),
-    }
-    if cfg.positional_embedding == "rotary":
-        block.update({"attn.hook_rot_q": (b, p, h, dh), "attn.hook_rot_k": (b, p, kv, dh)})
-    block.update({"attn.hook_attn_scores": (b, h, p, p), "attn.hook_pattern": (b, h, p, p),
-                  "attn.hook_z": (b, p, h, dh), "hook_attn_out": (b, p, d)})
-    if not cfg.parallel_residual:
-        block["hook_resid_mid"] = (b, p, d)
-    block.update({"hook_mlp_in": (b, p, d), "ln2.hook_scale": (b, p, 1), "ln2.hook_normalized": (b, p, d),
-                  "mlp.hook_pre": (b, p, m)})
-    if cfg.gated_mlp:
-        block["mlp.hook_pre_linear"] = (b, p, m)
-    block.update({"mlp.hook_post": (b, p, m), "hook_mlp_out": (b, p, d), "hook_resid_post": (b, p, d)})
-    shapes = dict(top)
-    for L in range(cfg.n_layers):
-        shapes.update({f"blocks.{L}.{name}": shape for name, shape in block.items()})
-    shapes.update({"ln_final.hook_scale": (b, p, 1), "ln_final.hook_normalized": (b, p, d)})
-    return shapes
+    return {name: sites.lookup(name).shape(cfg, batch, seq) for name in sites.hook_names(cfg)
+            if not sites.is_per_head_expansion(name)}
 
 
 _RESID = re.compile(r"hook_resid_(pre|mid|post)$")
@@ -313,9 +288,9 @@ def plan_memory(cfg: ModelConfig, dtype: torch.dtype | str = torch.float32, *, b
     ``seq``, the logits and one block's workspace. ``devices`` default to one, ``cpu``;
     a device without a ``max_memory`` entry has unknown capacity unless it can be asked
     (CUDA's free memory, the machine's RAM for cpu)."""
-    from .loading import _as_dtype
+    from .loading.build import as_dtype
 
-    dtype = _as_dtype(dtype)
+    dtype = as_dtype(dtype)
     size = dtype.itemsize
     devices = list(devices or (list(max_memory) if max_memory else ["cpu"]))
     params = group_parameters(cfg)

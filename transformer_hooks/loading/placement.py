@@ -23,8 +23,8 @@ from typing import Any, Mapping
 
 import torch
 
-from .config import ModelConfig
-from .plan import PlacementError, fmt_bytes, group_parameters, place_groups
+from ..config import ModelConfig
+from ..plan import PlacementError, fmt_bytes, group_parameters, place_groups
 
 DeviceMap = dict[str, str]
 _GROUP_KEY = re.compile(r"^(embed|final|blocks\.\d+)$")
@@ -109,7 +109,7 @@ def resolve_device_map(cfg: ModelConfig, device_map: str | Mapping[str, Any] | N
                        dtype: torch.dtype = torch.float32) -> DeviceMap | None:
     """{group: device} for a model of config ``cfg`` (the processed config: its weights'
     bytes decide "auto"), or None when nothing asks for placement."""
-    from .plan import parse_bytes
+    from ..plan import parse_bytes
 
     if device_map is None and n_devices is None:
         return None
@@ -152,3 +152,39 @@ def _check_fits(cfg: ModelConfig, placement: DeviceMap, limits: dict[str, int], 
 def devices_in_order(placement: DeviceMap) -> list[str]:
     """The distinct devices of a placement, in the order the forward pass visits them."""
     return list(dict.fromkeys(placement.values()))
+
+
+def modules_of_group(model: Any, group: str) -> list[Any]:
+    """The submodules of ``model`` that make up a placement group."""
+    if group.startswith("blocks."):
+        return [model.blocks[int(group.split(".")[1])]]
+    names = ("embed", "pos_embed", "rotary", "hook_embed", "hook_pos_embed") if group == "embed" \
+        else ("ln_final", "unembed")
+    return [getattr(model, n) for n in names if hasattr(model, n)]
+
+
+def place_model(model: Any, device_map: str | Mapping[str, Any] | None = None, *,
+                max_memory: Mapping[Any, Any] | None = None, n_devices: int | None = None) -> Any:
+    """Move a built model's groups to the devices of a placement (in place; returns it) and
+    record it in ``model.cfg.device_map``. ``from_pretrained(device_map=...)`` places each
+    tensor as it is read instead; this serves models already in memory."""
+    placement = resolve_device_map(model.cfg, device_map, max_memory=max_memory, n_devices=n_devices,
+                                   dtype=model.dtype)
+    if placement is None:
+        return model
+    tied = model.unembed.W_U.untyped_storage().data_ptr() == model.embed.W_E.untyped_storage().data_ptr()
+    if tied and placement["embed"] != placement["final"]:
+        # A tied unembedding on another device is its own copy there (W_U reads no gradient back into W_E).
+        model.unembed.W_U = torch.nn.Parameter(model.embed.W_E.detach().T.clone(),
+                                               requires_grad=model.embed.W_E.requires_grad)
+    for group, device in placement.items():
+        for module in modules_of_group(model, group):
+            for sub in module.modules():  # nn.Module.to without the model's own _apply bookkeeping
+                for name, p in list(sub._parameters.items()):
+                    if p is not None and p.device != torch.device(device):
+                        sub._parameters[name] = torch.nn.Parameter(p.detach().to(device), requires_grad=p.requires_grad)
+                for name, b in list(sub._buffers.items()):
+                    if b is not None:
+                        sub._buffers[name] = b.to(device)
+    model._set_placement(placement)
+    return model

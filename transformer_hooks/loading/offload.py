@@ -60,7 +60,7 @@ def _write_block(path: Path, params: dict[str, torch.Tensor]) -> None:
 
 def _map_block(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of ``_write_block``'s file, memory-mapped copy-on-write, in their original layout."""
-    from .loading import SafetensorsFile
+    from weights_conversion.sources import SafetensorsFile
 
     handle = SafetensorsFile(path)
     with open(path, "rb") as f:
