@@ -210,7 +210,9 @@ def test_from_pretrained_offload_streams_blocks_to_disk(hf_checkpoint, tmp_path)
     assert sorted(f.name for f in (tmp_path / "off").iterdir()) == ["blocks.0.safetensors", "blocks.1.safetensors"]
     with pytest.raises(PlacementError, match="does not combine with a device_map"):
         HookedTransformer.from_pretrained(str(path), offload="cpu", device_map={"": "cpu"})
-    with pytest.raises(PlacementError, match="either device='cpu' or a device_map"):
-        HookedTransformer.from_pretrained(str(path), device="cpu", device_map="auto")
+    assert HookedTransformer.from_pretrained(str(path), device="cpu", n_devices=1).cfg.device_map["final"] == "cpu"
+    if torch.cuda.is_available():
+        with pytest.raises(PlacementError, match="device='cpu' disagrees with the placement"):
+            HookedTransformer.from_pretrained(str(path), device="cpu", device_map={"": 0})
     with pytest.raises(ValueError, match="offload='disk' needs offload_dir"):
         HookedTransformer.from_pretrained(str(path), offload="disk")

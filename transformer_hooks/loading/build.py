@@ -60,8 +60,10 @@ def build_and_fill(cfg: ModelConfig, options: processing.ProcessingOptions, grou
     model_cfg = processing.processed_config(cfg, options)
     placement = resolve_device_map(model_cfg, device_map, max_memory=max_memory, n_devices=n_devices,
                                    dtype=dtype)
-    if placement is not None and device is not None:
-        raise PlacementError(f"give either device={device!r} or a device_map, not both")
+    if placement is not None and device is not None and {torch.device(d).type for d in placement.values()} != {
+            torch.device(device).type}:  # TransformerLens passes device="cuda" with n_devices: that agrees
+        raise PlacementError(f"device={device!r} disagrees with the placement {placement}; give either a device "
+                             f"or a device_map")
     store = None
     if offload is not None:
         if placement is not None:
