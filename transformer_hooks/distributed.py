@@ -34,7 +34,10 @@ from tqdm.auto import tqdm
 
 T = TypeVar("T")
 R = TypeVar("R")
-DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
+# How long a rank that finished its shard waits for the others. A rank that dies is noticed
+# at once (its connections close); the timeout catches one that hangs. It must exceed the
+# spread of the ranks' finishing times, which grows with the length of the run.
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
 
 
 class RankFailedError(RuntimeError):
@@ -334,7 +337,8 @@ def add_sweep_parser(sub: Any) -> None:
     p.add_argument("--resume-dir", default=None, help="keep each pair's result here as it is computed; a rerun "
                                                       "after a kill computes only the missing ones")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT.total_seconds(),
-                   help="seconds a rank waits for the others before failing (default: 600)")
+                   help="seconds a rank that finished waits for the others before failing (default: 1800; a "
+                        "rank that dies is noticed at once)")
     p.set_defaults(func=cmd_sweep)
 
 
