@@ -43,8 +43,8 @@ def child(lib: str, path: str, tokens_n: int, runs: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     from transformers import AutoModelForCausalLM
 
-    from transformer_hooks import HookedTransformer
     import transformer_hooks.loading  # noqa: F401
+    from transformer_hooks import HookedTransformer
 
     baseline = _status_kb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")
@@ -55,9 +55,12 @@ def child(lib: str, path: str, tokens_n: int, runs: int, threads: int) -> dict:
     else:
         model = HookedTransformer.from_pretrained_no_processing(path, dtype=torch.bfloat16)
         vocab = model.cfg.d_vocab
-    out = {"lib": lib, "load_s": time.perf_counter() - start,
-           "after_load_mb": (_status_kb("VmRSS") - baseline) / 1024,
-           "load_peak_mb": (_status_kb("VmHWM") - baseline) / 1024}
+    out = {
+        "lib": lib,
+        "load_s": time.perf_counter() - start,
+        "after_load_mb": (_status_kb("VmRSS") - baseline) / 1024,
+        "load_peak_mb": (_status_kb("VmHWM") - baseline) / 1024,
+    }
     tokens = torch.randint(0, vocab, (1, tokens_n), generator=torch.Generator().manual_seed(0))
 
     def median_time(fn) -> float:
@@ -76,13 +79,15 @@ def child(lib: str, path: str, tokens_n: int, runs: int, threads: int) -> dict:
         else:
             out["forward_s"] = median_time(lambda: model(tokens))
             out["cache_resid_s"] = median_time(
-                lambda: model.run_with_cache(tokens, names_filter=lambda n: "hook_resid_" in n))
+                lambda: model.run_with_cache(tokens, names_filter=lambda n: "hook_resid_" in n)
+            )
             dla_sites = ("hook_embed", "hook_attn_out", "hook_mlp_out", "ln_final.hook_scale")
 
             def dla():
                 _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith(dla_sites))
                 stack = cache.decompose_resid(layer=None, apply_ln=True, pos_slice=-1)
                 return cache.logit_attrs(stack, tokens=3, incorrect_tokens=7, pos_slice=-1)
+
             out["dla_s"] = median_time(dla)
             attrs = dla()
             logits = model(tokens)[0, -1].float()
@@ -117,43 +122,89 @@ def main() -> int:
         path = build_checkpoint("Llama-3.2-1B", PUBLISHED_CONFIGS["llama-3.2-1b"], Path(tmp))
         size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         for lib in ("hf", "ours"):
-            proc = subprocess.run([sys.executable, __file__, "--child", lib, str(path), "--tokens", str(args.tokens),
-                                   "--runs", str(args.runs), "--threads", str(args.threads)],
-                                  capture_output=True, text=True)
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    lib,
+                    str(path),
+                    "--tokens",
+                    str(args.tokens),
+                    "--runs",
+                    str(args.runs),
+                    "--threads",
+                    str(args.threads),
+                ],
+                capture_output=True,
+                text=True,
+            )
             if proc.returncode:
                 print(proc.stderr, file=sys.stderr)
                 return 1
             results[lib] = json.loads(proc.stdout.strip().splitlines()[-1])
             print(lib, results[lib], flush=True)
     hf, ours = results["hf"], results["ours"]
-    rows = [("load", f"{hf['load_s']:.1f} s", f"{ours['load_s']:.1f} s", ours["load_s"] / hf["load_s"]),
-            ("RSS after load", f"{hf['after_load_mb']:.0f} MiB", f"{ours['after_load_mb']:.0f} MiB",
-             ours["after_load_mb"] / hf["after_load_mb"]),
-            ("peak RSS during load", f"{hf['load_peak_mb']:.0f} MiB", f"{ours['load_peak_mb']:.0f} MiB",
-             ours["load_peak_mb"] / hf["load_peak_mb"]),
-            (f"forward 1x{args.tokens}", f"{hf['forward_s']:.2f} s", f"{ours['forward_s']:.2f} s",
-             ours["forward_s"] / hf["forward_s"]),
-            (f"cache resid 1x{args.tokens}", f"{hf['cache_resid_s']:.2f} s", f"{ours['cache_resid_s']:.2f} s",
-             ours["cache_resid_s"] / hf["cache_resid_s"]),
-            ("peak RSS (all runs)", f"{hf['peak_mb']:.0f} MiB", f"{ours['peak_mb']:.0f} MiB",
-             ours["peak_mb"] / hf["peak_mb"])]
-    body = "\n".join([
-        f"Machine: {machine()}; {args.threads} threads; bf16; checkpoint {fmt_bytes(size)} (safetensors, bf16); "
-        f"medians of {args.runs} runs after a warm-up; each library in a fresh process, memory above the RSS after "
-        f"the imports. Load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (a shared "
-        f"machine makes times noisy; memory is not).", "",
-        "| measure | HF transformers (SDPA) | transformer_hooks | ratio |", "|---|---|---|---|",
-        *(f"| {m} | {a} | {b} | {r:.2f}x |" for m, a, b, r in rows),
-        "", f"Ours only: one DLA (cache the sites it reads, decompose_resid with apply_ln, logit_attrs of one "
+    rows = [
+        ("load", f"{hf['load_s']:.1f} s", f"{ours['load_s']:.1f} s", ours["load_s"] / hf["load_s"]),
+        (
+            "RSS after load",
+            f"{hf['after_load_mb']:.0f} MiB",
+            f"{ours['after_load_mb']:.0f} MiB",
+            ours["after_load_mb"] / hf["after_load_mb"],
+        ),
+        (
+            "peak RSS during load",
+            f"{hf['load_peak_mb']:.0f} MiB",
+            f"{ours['load_peak_mb']:.0f} MiB",
+            ours["load_peak_mb"] / hf["load_peak_mb"],
+        ),
+        (
+            f"forward 1x{args.tokens}",
+            f"{hf['forward_s']:.2f} s",
+            f"{ours['forward_s']:.2f} s",
+            ours["forward_s"] / hf["forward_s"],
+        ),
+        (
+            f"cache resid 1x{args.tokens}",
+            f"{hf['cache_resid_s']:.2f} s",
+            f"{ours['cache_resid_s']:.2f} s",
+            ours["cache_resid_s"] / hf["cache_resid_s"],
+        ),
+        (
+            "peak RSS (all runs)",
+            f"{hf['peak_mb']:.0f} MiB",
+            f"{ours['peak_mb']:.0f} MiB",
+            ours["peak_mb"] / hf["peak_mb"],
+        ),
+    ]
+    body = "\n".join(
+        [
+            f"Machine: {machine()}; {args.threads} threads; bf16; checkpoint {fmt_bytes(size)} (safetensors, bf16); "
+            f"medians of {args.runs} runs after a warm-up; each library in a fresh process, memory above the RSS after "
+            f"the imports. Load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (a shared "
+            f"machine makes times noisy; memory is not).",
+            "",
+            "| measure | HF transformers (SDPA) | transformer_hooks | ratio |",
+            "|---|---|---|---|",
+            *(f"| {m} | {a} | {b} | {r:.2f}x |" for m, a, b, r in rows),
+            "",
+            f"Ours only: one DLA (cache the sites it reads, decompose_resid with apply_ln, logit_attrs of one "
             f"answer vs one contrast) {ours['dla_s']:.2f} s. Load peak / checkpoint size: ours "
             f"{ours['load_peak_mb'] * 2**20 / size:.2f}, HF {hf['load_peak_mb'] * 2**20 / size:.2f}. HF memory-maps "
             f"the checkpoint and reads pages as the first forward touches them, so its RSS after the load is small "
-            f"and its weights appear in the peak; compare the peaks."])
+            f"and its weights appear in the peak; compare the peaks.",
+        ]
+    )
     print("\n" + body)
     if args.write:
         flags = [a for a in sys.argv[1:] if a not in ("--write", str(args.write))]
-        write_section(args.write, body, "CPU at scale (Llama-3.2-1B-shaped, bf16)",
-                      shlex.join(["python", "benchmarks/cpu_scale.py", *flags]))
+        write_section(
+            args.write,
+            body,
+            "CPU at scale (Llama-3.2-1B-shaped, bf16)",
+            shlex.join(["python", "benchmarks/cpu_scale.py", *flags]),
+        )
     return 0
 
 

@@ -140,8 +140,13 @@ def build_checkpoints(directory: Path) -> dict[str, Path]:
 
 
 def measure_one(case: str, path: str, threads: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", case, path, str(threads)], check=True,
-                         capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", case, path, str(threads)],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TQDM_DISABLE": "1"},
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -152,23 +157,48 @@ def measure(cases: tuple[str, ...], path: str, repeat: int, threads: int) -> lis
         for case in cases:
             runs[case].append(measure_one(case, path, threads))
     memory = ("load_peak_mb", "peak_mb", "after_load_mb", "rss_file_mb")
-    return [{"case": case, **{key: statistics.median(r[key] for r in results) for key in memory},
-             "load_seconds": min(r["load_seconds"] for r in results),
-             "load_cpu": min(r["load_cpu"] for r in results)} for case, results in runs.items()]
+    return [
+        {
+            "case": case,
+            **{key: statistics.median(r[key] for r in results) for key in memory},
+            "load_seconds": min(r["load_seconds"] for r in results),
+            "load_cpu": min(r["load_cpu"] for r in results),
+        }
+        for case, results in runs.items()
+    ]
 
 
 def report(results: list[dict], checkpoint_mb: float | None, baseline: str) -> str:
     ref = next(r for r in results if r["case"] == baseline)
     size = [] if checkpoint_mb is None else ["x checkpoint"]
-    head = ["case", "load peak MiB", "peak MiB", *size, f"x {baseline}", "RSS after load MiB", "file pages MiB",
-            "load s", f"x {baseline}", "load CPU s", f"x {baseline}"]
+    head = [
+        "case",
+        "load peak MiB",
+        "peak MiB",
+        *size,
+        f"x {baseline}",
+        "RSS after load MiB",
+        "file pages MiB",
+        "load s",
+        f"x {baseline}",
+        "load CPU s",
+        f"x {baseline}",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
-        cells = [r["case"], f"{r['load_peak_mb']:.0f}", f"{r['peak_mb']:.0f}",
-                 *([] if checkpoint_mb is None else [f"{r['peak_mb'] / checkpoint_mb:.2f}"]),
-                 f"{r['peak_mb'] / ref['peak_mb']:.2f}", f"{r['after_load_mb']:.0f}", f"{r['rss_file_mb']:.0f}",
-                 f"{r['load_seconds']:.2f}", f"{r['load_seconds'] / ref['load_seconds']:.2f}",
-                 f"{r['load_cpu']:.2f}", f"{r['load_cpu'] / ref['load_cpu']:.2f}"]
+        cells = [
+            r["case"],
+            f"{r['load_peak_mb']:.0f}",
+            f"{r['peak_mb']:.0f}",
+            *([] if checkpoint_mb is None else [f"{r['peak_mb'] / checkpoint_mb:.2f}"]),
+            f"{r['peak_mb'] / ref['peak_mb']:.2f}",
+            f"{r['after_load_mb']:.0f}",
+            f"{r['rss_file_mb']:.0f}",
+            f"{r['load_seconds']:.2f}",
+            f"{r['load_seconds'] / ref['load_seconds']:.2f}",
+            f"{r['load_cpu']:.2f}",
+            f"{r['load_cpu'] / ref['load_cpu']:.2f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -186,17 +216,23 @@ def main() -> None:
         print(json.dumps(run_case(case, path, int(threads))))
         return
 
-    print(f"Fresh process per run, {args.repeat} runs per case, torch.set_num_threads({args.threads}); "
-          f"memory is RSS above the post-import baseline, 'peak' includes one forward of 128 tokens.")
+    print(
+        f"Fresh process per run, {args.repeat} runs per case, torch.set_num_threads({args.threads}); "
+        f"memory is RSS above the post-import baseline, 'peak' includes one forward of 128 tokens."
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for kind, path in build_checkpoints(args.keep or Path(tmp)).items():
             checkpoint_mb = (path / "model.safetensors").stat().st_size / 2**20
-            print(f"\nGPT-2-small-shaped random checkpoint, {kind} embeddings: {checkpoint_mb:.0f} MiB "
-                  f"(model.safetensors, float32).\n")
+            print(
+                f"\nGPT-2-small-shaped random checkpoint, {kind} embeddings: {checkpoint_mb:.0f} MiB "
+                f"(model.safetensors, float32).\n"
+            )
             print(report(measure(CASES, str(path), args.repeat, args.threads), checkpoint_mb, "hf"))
     if args.gguf:
-        print("\nSmolLM2-135M-Instruct Q4_1 GGUF (the embedded default), dequantized to float32, tokenizer "
-              "included; gguf-hf is AutoModelForCausalLM.from_pretrained(gguf_file=...) + AutoTokenizer.\n")
+        print(
+            "\nSmolLM2-135M-Instruct Q4_1 GGUF (the embedded default), dequantized to float32, tokenizer "
+            "included; gguf-hf is AutoModelForCausalLM.from_pretrained(gguf_file=...) + AutoTokenizer.\n"
+        )
         print(report(measure(GGUF_CASES, "smollm2-135m-instruct", args.repeat, args.threads), None, "gguf-hf"))
 
 

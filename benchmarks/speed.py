@@ -58,13 +58,30 @@ NEW_TOKENS = 32  # --quick: 8
 # Real sizes of the three models (weights are random: speed does not depend on them).
 CONFIGS = {
     "GPT-2 small": lambda: GPT2Config(),
-    "Pythia-160m": lambda: GPTNeoXConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                                         intermediate_size=3072, rotary_pct=0.25, vocab_size=50304,
-                                         max_position_embeddings=2048, rotary_emb_base=10000),
-    "SmolLM2-135M": lambda: LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                                        num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
-                                        max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
-                                        tie_word_embeddings=True, bos_token_id=0, eos_token_id=0),
+    "Pythia-160m": lambda: GPTNeoXConfig(
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        rotary_pct=0.25,
+        vocab_size=50304,
+        max_position_embeddings=2048,
+        rotary_emb_base=10000,
+    ),
+    "SmolLM2-135M": lambda: LlamaConfig(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
+    ),
 }
 
 
@@ -135,8 +152,9 @@ def paired(hf_fn: Callable[[], object], ours_fn: Callable[[], object], runs: int
             gc.collect()
             times.append(timed(fn))
     ratio = lambda k: statistics.median(o[k] / h[k] for h, o in zip(hf_times, our_times))  # noqa: E731
-    return Paired(statistics.median(t[0] for t in hf_times), statistics.median(t[0] for t in our_times),
-                  ratio(0), ratio(1))
+    return Paired(
+        statistics.median(t[0] for t in hf_times), statistics.median(t[0] for t in our_times), ratio(0), ratio(1)
+    )
 
 
 def unique_bytes(tensors) -> int:
@@ -170,8 +188,9 @@ def load_both(path: Path, device: str, dtype: torch.dtype):
     return hf, ours
 
 
-def bench_model(name: str, path: Path, shapes: list[tuple[int, int]], runs: int, device: str,
-                dtype: torch.dtype, results: Results) -> None:
+def bench_model(
+    name: str, path: Path, shapes: list[tuple[int, int]], runs: int, device: str, dtype: torch.dtype, results: Results
+) -> None:
     hf, ours = load_both(path, device, dtype)
     noop = lambda act, hook: None  # noqa: E731
     resid_post = lambda n: n.endswith("hook_resid_post")  # noqa: E731
@@ -179,20 +198,35 @@ def bench_model(name: str, path: Path, shapes: list[tuple[int, int]], runs: int,
         shape = f"{batch}x{pos}"
         tokens = torch.randint(0, ours.cfg.d_vocab, (batch, pos), generator=torch.Generator().manual_seed(0)).to(device)
         add = lambda scenario, p, note="": results.rows.append(  # noqa: E731
-            Row(name, shape, scenario, p.hf * 1e3, p.ours * 1e3, p.ratio, p.cpu_ratio, "ms", note))
+            Row(name, shape, scenario, p.hf * 1e3, p.ours * 1e3, p.ratio, p.cpu_ratio, "ms", note)
+        )
         with torch.inference_mode():
             for _ in range(2):  # a fresh process's heap grows over the first runs: not part of any scenario
                 hf(tokens), ours(tokens)
             add("forward", paired(lambda: hf(tokens).logits, lambda: ours(tokens), runs))
-            add("cache resid_post", paired(lambda: hf(tokens, output_hidden_states=True),
-                                           lambda: ours.run_with_cache(tokens, names_filter=resid_post), runs),
-                "HF: output_hidden_states=True")
-            add("cache all sites", paired(lambda: hf(tokens).logits, lambda: ours.run_with_cache(tokens), runs),
-                "HF: plain forward; " + kernel_time(lambda: ours.run_with_cache(tokens)))
-            add("pattern hook, 1 layer", paired(
-                lambda: hf(tokens).logits,
-                lambda: ours.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn.hook_pattern", noop)]), runs),
-                "HF: plain forward (SDPA)")
+            add(
+                "cache resid_post",
+                paired(
+                    lambda: hf(tokens, output_hidden_states=True),
+                    lambda: ours.run_with_cache(tokens, names_filter=resid_post),
+                    runs,
+                ),
+                "HF: output_hidden_states=True",
+            )
+            add(
+                "cache all sites",
+                paired(lambda: hf(tokens).logits, lambda: ours.run_with_cache(tokens), runs),
+                "HF: plain forward; " + kernel_time(lambda: ours.run_with_cache(tokens)),
+            )
+            add(
+                "pattern hook, 1 layer",
+                paired(
+                    lambda: hf(tokens).logits,
+                    lambda: ours.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn.hook_pattern", noop)]),
+                    runs,
+                ),
+                "HF: plain forward (SDPA)",
+            )
 
             _, cache = ours.run_with_cache(tokens)
             hidden = hf(tokens, output_hidden_states=True).hidden_states
@@ -200,16 +234,37 @@ def bench_model(name: str, path: Path, shapes: list[tuple[int, int]], runs: int,
             del cache, hidden
 
             prompt = tokens[:, : pos - NEW_TOKENS]
-            hf_gen = lambda: hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,  # noqa: E731
-                                         max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=0)
-            our_gen = lambda: ours.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False,  # noqa: E731
-                                            stop_at_eos=False, verbose=False)
+            hf_gen = lambda: hf.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                do_sample=False,  # noqa: E731
+                max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS,
+                pad_token_id=0,
+            )
+            our_gen = lambda: ours.generate(
+                prompt,
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,  # noqa: E731
+                stop_at_eos=False,
+                verbose=False,
+            )
             same = torch.equal(hf_gen(), our_gen())
             p = paired(hf_gen, our_gen, max(3, runs // 2))
             n = batch * NEW_TOKENS
-            results.rows.append(Row(name, shape, f"generate {NEW_TOKENS} tokens", n / p.hf, n / p.ours, 1 / p.ratio,
-                                    1 / p.cpu_ratio, "tok/s",
-                                    "greedy tokens equal HF's" if same else "greedy tokens DIFFER from HF's"))
+            results.rows.append(
+                Row(
+                    name,
+                    shape,
+                    f"generate {NEW_TOKENS} tokens",
+                    n / p.hf,
+                    n / p.ours,
+                    1 / p.ratio,
+                    1 / p.cpu_ratio,
+                    "tok/s",
+                    "greedy tokens equal HF's" if same else "greedy tokens DIFFER from HF's",
+                )
+            )
         print(format_rows([r for r in results.rows if r.model == name and r.shape == shape]), flush=True)
     del hf, ours
     gc.collect()
@@ -239,26 +294,34 @@ def load_time_and_peak_memory(path: Path, threads: int) -> dict[str, tuple[float
     script = LOAD_SCRIPT.format(threads=threads)
     out = {}
     for lib in ("hf", "ours"):
-        proc = subprocess.run([sys.executable, "-c", script, lib, str(path)], capture_output=True, text=True,
-                              check=True)
+        proc = subprocess.run(
+            [sys.executable, "-c", script, lib, str(path)], capture_output=True, text=True, check=True
+        )
         seconds, rss = proc.stdout.split()[-2:]
         out[lib] = (float(seconds), int(rss))
     return out
 
 
 def format_rows(rows: list[Row]) -> str:
-    lines = ["| model | shape | scenario | HF | transformer_hooks | ratio | CPU-time ratio | note |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | shape | scenario | HF | transformer_hooks | ratio | CPU-time ratio | note |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r.model} | {r.shape} | {r.scenario} | {r.hf:.1f} {r.unit} | {r.ours:.1f} {r.unit} | "
-                     f"{r.ratio:.2f}x | {r.cpu_ratio:.2f}x | {r.note} |")
+        lines.append(
+            f"| {r.model} | {r.shape} | {r.scenario} | {r.hf:.1f} {r.unit} | {r.ours:.1f} {r.unit} | "
+            f"{r.ratio:.2f}x | {r.cpu_ratio:.2f}x | {r.note} |"
+        )
     return "\n".join(lines)
 
 
 def machine() -> str:
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in subprocess.run(
-            ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+            if line.startswith("Model name")
+        )
     except (StopIteration, FileNotFoundError):
         cpu = platform.processor() or "unknown CPU"
     return f"{cpu}; torch {torch.__version__}; Python {platform.python_version()}"
@@ -267,27 +330,46 @@ def machine() -> str:
 def report(results: Results, loads: dict, args: argparse.Namespace) -> str:
     import transformers
 
-    lines = [f"Machine: {machine()}; transformers {transformers.__version__}; device {args.device}, "
-             f"{args.dtype}, {torch.get_num_threads()} threads; medians of {args.runs} interleaved runs "
-             f"(generation: {max(3, args.runs // 2)})"
-             + ("; glibc keeps freed memory (" + ", ".join(f"{k}={v}" for k, v in KEEP_FREED_MEMORY.items()) + ")."
-                if args.keep_freed_memory else "."), "",
-             "Ratio = transformer_hooks / HF, the median of the ratios of runs made back to back: times "
-             "(lower is better), except generation, which compares tokens per second (higher is better). "
-             "The CPU-time ratio compares process CPU seconds instead of wall time. HF and "
-             "transformer_hooks columns are median wall times.", "",
-             "Goals: forward <= 1.05x, cache resid_post <= 1.10x, cache all sites <= 2x, pattern hook "
-             "<= 1.10x, generation >= 1x.", "", format_rows(results.rows), "",
-             "Full cache (`run_with_cache()`, default filter), unique storages:", "",
-             "| model | shape | cache bytes | HF hidden_states bytes |", "|---|---|---|---|"]
+    lines = [
+        f"Machine: {machine()}; transformers {transformers.__version__}; device {args.device}, "
+        f"{args.dtype}, {torch.get_num_threads()} threads; medians of {args.runs} interleaved runs "
+        f"(generation: {max(3, args.runs // 2)})"
+        + (
+            "; glibc keeps freed memory (" + ", ".join(f"{k}={v}" for k, v in KEEP_FREED_MEMORY.items()) + ")."
+            if args.keep_freed_memory
+            else "."
+        ),
+        "",
+        "Ratio = transformer_hooks / HF, the median of the ratios of runs made back to back: times "
+        "(lower is better), except generation, which compares tokens per second (higher is better). "
+        "The CPU-time ratio compares process CPU seconds instead of wall time. HF and "
+        "transformer_hooks columns are median wall times.",
+        "",
+        "Goals: forward <= 1.05x, cache resid_post <= 1.10x, cache all sites <= 2x, pattern hook "
+        "<= 1.10x, generation >= 1x.",
+        "",
+        format_rows(results.rows),
+        "",
+        "Full cache (`run_with_cache()`, default filter), unique storages:",
+        "",
+        "| model | shape | cache bytes | HF hidden_states bytes |",
+        "|---|---|---|---|",
+    ]
     for model, shape, ours, hf in results.sizes:
         lines.append(f"| {model} | {shape} | {ours / 1e9:.3f} GB | {hf / 1e9:.3f} GB |")
     if loads:
-        lines += ["", "Load (fresh process, imports excluded) and peak RSS after one 8x128 forward:", "",
-                  "| model | HF load | ours load | HF peak RSS | ours peak RSS |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Load (fresh process, imports excluded) and peak RSS after one 8x128 forward:",
+            "",
+            "| model | HF load | ours load | HF peak RSS | ours peak RSS |",
+            "|---|---|---|---|---|",
+        ]
         for model, d in loads.items():
-            lines.append(f"| {model} | {d['hf'][0]:.2f} s | {d['ours'][0]:.2f} s | {d['hf'][1] / 1e9:.2f} GB | "
-                         f"{d['ours'][1] / 1e9:.2f} GB |")
+            lines.append(
+                f"| {model} | {d['hf'][0]:.2f} s | {d['ours'][0]:.2f} s | {d['hf'][1] / 1e9:.2f} GB | "
+                f"{d['ours'][1] / 1e9:.2f} GB |"
+            )
     return "\n".join(lines)
 
 
@@ -299,8 +381,11 @@ def write_section(path: Path, body: str, title: str, command: str) -> None:
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     section = f"## {title}\n\nWritten by `{command}`.\n\n{body}\n"
     pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section + "\n", text, count=1) if pattern.search(text) else (
-        text.rstrip("\n") + "\n\n" + section)
+    text = (
+        pattern.sub(lambda _: section + "\n", text, count=1)
+        if pattern.search(text)
+        else (text.rstrip("\n") + "\n\n" + section)
+    )
     path.write_text(text)
 
 
@@ -314,8 +399,11 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(CONFIGS), help="comma-separated, from: " + ", ".join(CONFIGS))
     parser.add_argument("--shapes", default=None, help="e.g. 8x128,1x1024 (the default)")
     parser.add_argument("--write", type=Path, default=None, help="write the table into this RESULTS.md")
-    parser.add_argument("--keep-freed-memory", action="store_true",
-                        help="rerun with glibc keeping freed memory for reuse (no page faults on reused memory)")
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="rerun with glibc keeping freed memory for reuse (no page faults on reused memory)",
+    )
     args = parser.parse_args()
     if args.keep_freed_memory and any(os.environ.get(k) != v for k, v in KEEP_FREED_MEMORY.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **KEEP_FREED_MEMORY})

@@ -111,15 +111,19 @@ def test_add_hook_misspelt_name_lists_close_names(model, rejected):
 
 def test_run_with_hooks_misspelt_name_attaches_none_of_the_hooks(model, tokens, rejected):
     with rejected(UnknownHookError, r"'blocks\.1\.attn\.hook_patern'.*Closest: blocks\.1\.attn\.hook_pattern"):
-        model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_pre", never_called),
-                                                ("blocks.1.attn.hook_patern", never_called)])
+        model.run_with_hooks(
+            tokens, fwd_hooks=[("blocks.0.hook_resid_pre", never_called), ("blocks.1.attn.hook_patern", never_called)]
+        )
 
 
 def test_run_with_hooks_misspelt_bwd_name_attaches_nothing_even_without_reset(model, tokens, rejected):
     """reset_hooks_end=False keeps hooks after the call; a typo must still attach none."""
     with rejected(UnknownHookError, r"'blocks\.0\.hook_mlp_outt'.*Closest: blocks\.0\.hook_mlp_out"):
-        model.run_with_hooks(tokens, reset_hooks_end=False,
-                             bwd_hooks=[("blocks.0.hook_resid_pre", never_called), ("blocks.0.hook_mlp_outt", never_called)])
+        model.run_with_hooks(
+            tokens,
+            reset_hooks_end=False,
+            bwd_hooks=[("blocks.0.hook_resid_pre", never_called), ("blocks.0.hook_mlp_outt", never_called)],
+        )
 
 
 def test_run_with_cache_misspelt_names_filter(model, tokens, rejected):
@@ -249,8 +253,11 @@ def test_empty_list(model, rejected):
 
 # Context length, layers, masks -------------------------------------------------------------
 def test_tokens_longer_than_the_learned_context(model, rejected):
-    with rejected(ValueError, rf"{N_CTX + 1} positions is longer than this model's context \(n_ctx={N_CTX}.*"
-                              rf"truncate the input to {N_CTX} tokens"):
+    with rejected(
+        ValueError,
+        rf"{N_CTX + 1} positions is longer than this model's context \(n_ctx={N_CTX}.*"
+        rf"truncate the input to {N_CTX} tokens",
+    ):
         model(torch.zeros(1, N_CTX + 1, dtype=torch.long))
 
 
@@ -265,15 +272,19 @@ def test_generation_past_the_learned_context_fails_before_generating(model, reje
     calls = []
     with rejected(ValueError, r"max_new_tokens"):
         with model.hooks(fwd_hooks=[("hook_embed", lambda x, hook: calls.append(1))]):
-            model.generate(torch.zeros(1, N_CTX - 4, dtype=torch.long), max_new_tokens=10, do_sample=False,
-                           verbose=False)
+            model.generate(
+                torch.zeros(1, N_CTX - 4, dtype=torch.long), max_new_tokens=10, do_sample=False, verbose=False
+            )
     assert not calls, "the model ran before the length was checked"
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(stop_at_layer=N_LAYERS + 1), rf"stop_at_layer={N_LAYERS + 1} is out of range.*{N_LAYERS} layers"),
-    (dict(stop_at_layer=-N_LAYERS - 1), rf"stop_at_layer={-N_LAYERS - 1} is out of range"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(stop_at_layer=N_LAYERS + 1), rf"stop_at_layer={N_LAYERS + 1} is out of range.*{N_LAYERS} layers"),
+        (dict(stop_at_layer=-N_LAYERS - 1), rf"stop_at_layer={-N_LAYERS - 1} is out of range"),
+    ],
+)
 def test_stop_at_layer_out_of_range(model, tokens, rejected, kwargs, match):
     with rejected(ValueError, match):
         model(tokens, **kwargs)
@@ -315,8 +326,9 @@ def test_remove_batch_dim_on_a_batch_of_two(model, tokens, rejected):
 def test_hook_that_is_not_callable(model, tokens, rejected):
     calls = []
     with rejected(TypeError, r"(?i)hook.*hook_embed.*(callable|function)"):
-        model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_pre", lambda x, hook: calls.append(1)),
-                                                ("hook_embed", 3)])
+        model.run_with_hooks(
+            tokens, fwd_hooks=[("blocks.0.hook_resid_pre", lambda x, hook: calls.append(1)), ("hook_embed", 3)]
+        )
     assert not calls, "the forward ran before the hooks were checked"
 
 
@@ -360,7 +372,9 @@ def small_cache(model, tokens):
 
 
 def test_cache_site_that_was_not_cached_says_which_filter_would_cache_it(small_cache, rejected):
-    with rejected(KeyError, r"'blocks\.1\.hook_resid_post' is not in this cache.*names_filter=.*blocks\.\*\.hook_resid_post"):
+    with rejected(
+        KeyError, r"'blocks\.1\.hook_resid_post' is not in this cache.*names_filter=.*blocks\.\*\.hook_resid_post"
+    ):
         small_cache["resid_post", 1]
 
 
@@ -425,11 +439,21 @@ def test_unsupported_architecture_is_named_with_the_supported_ones(tmp_path):
 
     from transformer_hooks.loading import UnsupportedArchitectureError
 
-    config = OPTConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
-                       word_embed_proj_dim=16, max_position_embeddings=32)
+    config = OPTConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=1,
+        ffn_dim=32,
+        num_attention_heads=2,
+        word_embed_proj_dim=16,
+        max_position_embeddings=32,
+    )
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "opt")
-    with pytest.raises(UnsupportedArchitectureError, match=r"model_type='opt'.*OPTForCausalLM.*gpt2.*gpt_neo.*"
-                                                          r"gpt_neox.*llama"):
+    with pytest.raises(
+        UnsupportedArchitectureError,
+        match=r"model_type='opt'.*OPTForCausalLM.*gpt2.*gpt_neo.*"
+        r"gpt_neox.*llama",
+    ):
         load(tmp_path / "opt")
 
 
@@ -477,8 +501,11 @@ def test_weight_file_of_another_family_lists_what_is_missing(good_checkpoint, hf
 
 def test_weight_of_the_wrong_shape_names_it_and_both_shapes(good_checkpoint):
     edit_weights(good_checkpoint, transformer__h__0__mlp__c_fc__weight=torch.zeros(D_MODEL, 100))
-    with pytest.raises(ValueError, match=r"blocks\.0\.mlp\.W_in: the checkpoint gives shape \(48, 100\), the config "
-                                         r"implies \(48, 192\); the config does not match the weights"):
+    with pytest.raises(
+        ValueError,
+        match=r"blocks\.0\.mlp\.W_in: the checkpoint gives shape \(48, 100\), the config "
+        r"implies \(48, 192\); the config does not match the weights",
+    ):
         load(good_checkpoint)
 
 
@@ -488,12 +515,19 @@ def test_unexpected_tensors_are_named_in_a_warning(good_checkpoint):
         load(good_checkpoint)
 
 
-@pytest.mark.parametrize("change,match", [
-    (dict(n_embd=64), r"embed\.W_E: the checkpoint gives shape \(101, 48\), the config implies \(101, 64\)"),
-    (dict(vocab_size=100), r"embed\.W_E: the checkpoint gives shape \(101, 48\), the config implies \(100, 48\)"),
-    (dict(n_positions=128), r"pos_embed\.W_pos: the checkpoint gives shape \(64, 48\), the config implies \(128, 48\)"),
-    (dict(n_inner=64), r"blocks\.0\.mlp\.W_in: .*\(48, 192\).*\(48, 64\)"),
-], ids=["width", "vocab", "context", "mlp"])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(n_embd=64), r"embed\.W_E: the checkpoint gives shape \(101, 48\), the config implies \(101, 64\)"),
+        (dict(vocab_size=100), r"embed\.W_E: the checkpoint gives shape \(101, 48\), the config implies \(100, 48\)"),
+        (
+            dict(n_positions=128),
+            r"pos_embed\.W_pos: the checkpoint gives shape \(64, 48\), the config implies \(128, 48\)",
+        ),
+        (dict(n_inner=64), r"blocks\.0\.mlp\.W_in: .*\(48, 192\).*\(48, 64\)"),
+    ],
+    ids=["width", "vocab", "context", "mlp"],
+)
 def test_config_inconsistent_with_the_weights(good_checkpoint, change, match):
     edit_config(good_checkpoint, **change)
     with pytest.raises(ValueError, match=match):
@@ -572,4 +606,3 @@ def test_index_naming_a_shard_outside_the_directory_is_refused(good_checkpoint, 
     (good_checkpoint / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match=r"outside the checkpoint directory.*refusing to read it"):
         load(good_checkpoint)
-

@@ -29,8 +29,11 @@ def run(hf_checkpoint):
     def get(name, folded):
         if (name, folded) not in made:
             path = str(hf_checkpoint(name)[0])
-            model = (HookedTransformer.from_pretrained(path) if folded
-                     else HookedTransformer.from_pretrained_no_processing(path))
+            model = (
+                HookedTransformer.from_pretrained(path)
+                if folded
+                else HookedTransformer.from_pretrained_no_processing(path)
+            )
             with torch.no_grad():
                 logits, cache = model.run_with_cache(tokens())
             made[name, folded] = model, logits, cache
@@ -51,8 +54,9 @@ def test_full_decomposition_through_the_final_norm_gives_the_logits(run, name, f
     assert model.cfg.normalization_type.endswith("Pre") == folded  # fold_ln really applied (or not)
     assert ("fold_ln" in model.cfg.processing) == folded
     for expand_neurons in (False, True):
-        stack, labels = cache.get_full_resid_decomposition(apply_ln=True, expand_neurons=expand_neurons,
-                                                           return_labels=True)
+        stack, labels = cache.get_full_resid_decomposition(
+            apply_ln=True, expand_neurons=expand_neurons, return_labels=True
+        )
         assert len(labels) == stack.shape[0] and labels[-1] == "bias"
         close(stack.sum(0) @ model.W_U + model.b_U, logits)
 
@@ -66,10 +70,12 @@ def test_inner_decompositions_through_each_norm_give_its_output(run, name, folde
     for layer in range(model.cfg.n_layers):
         block = model.blocks[layer]
         for mlp_input, norm in ((False, block.ln1), (True, block.ln2)):
-            stack = cache.get_full_resid_decomposition(layer, mlp_input=mlp_input, apply_ln=True,
-                                                       expand_neurons=False)
-            resid = cache["resid_mid", layer] if mlp_input and not model.cfg.parallel_residual \
+            stack = cache.get_full_resid_decomposition(layer, mlp_input=mlp_input, apply_ln=True, expand_neurons=False)
+            resid = (
+                cache["resid_mid", layer]
+                if mlp_input and not model.cfg.parallel_residual
                 else cache["resid_pre", layer]
+            )
             with torch.no_grad():
                 close(stack.sum(0), norm(resid))
 
@@ -134,8 +140,9 @@ def test_accumulated_resid_ends_at_the_last_resid_post(run, name):
 def test_head_results_from_z_equal_the_cached_hook_result(run, name):
     model, _, full = run(name, False)
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens(), names_filter=["blocks.*.attn.hook_result", "blocks.*.attn.hook_z",
-                                                                "hook_embed"])
+        _, cache = model.run_with_cache(
+            tokens(), names_filter=["blocks.*.attn.hook_result", "blocks.*.attn.hook_z", "hook_embed"]
+        )
     from_z = ActivationCache({k: v for k, v in cache.items() if "hook_result" not in k}, model)
     assert "blocks.0.attn.hook_result" not in from_z
     close(from_z.stack_head_results(pos_slice=-1), cache.stack_head_results(pos_slice=-1), tol=1e-5)
@@ -225,8 +232,11 @@ def test_batch_slicing_removing_the_batch_dim_and_moving(run):
     assert not one.has_batch_dim and one["resid_pre", 0].shape == (P, model.cfg.d_model)
     # The methods work without a batch dim, and agree with the batched cache.
     close(one.decompose_resid(pos_slice=-1), expected)
-    close(one.get_full_resid_decomposition(apply_ln=True).sum(0) @ model.W_U + model.b_U,
-          model(tokens()[1:2])[0], tol=1e-4)
+    close(
+        one.get_full_resid_decomposition(apply_ln=True).sum(0) @ model.W_U + model.b_U,
+        model(tokens()[1:2])[0],
+        tol=1e-4,
+    )
     with pytest.raises(ValueError, match="batch of one"):
         cache.apply_slice_to_batch_dim([0, 1]).remove_batch_dim()
     moved = one.to("cpu")
@@ -287,8 +297,9 @@ def test_transformer_lens_dla_workflow_on_the_embedded_model(embedded_model):
             diffs = einops.einsum(scaled, logit_diff_directions, "... batch d_model, batch d_model -> ...")
             return diffs / len(prompts)
 
-        accumulated_residual, labels = cache.accumulated_resid(layer=-1, incl_mid=True, pos_slice=-1,
-                                                               return_labels=True)
+        accumulated_residual, labels = cache.accumulated_resid(
+            layer=-1, incl_mid=True, pos_slice=-1, return_labels=True
+        )
         logit_lens_logit_diffs = residual_stack_to_logit_diff(accumulated_residual, cache)
         assert labels[-1] == "final_post" and len(labels) == 2 * model.cfg.n_layers + 1
         assert abs(float(logit_lens_logit_diffs[-1]) - float(logit_diff)) < 1e-3
@@ -298,8 +309,9 @@ def test_transformer_lens_dla_workflow_on_the_embedded_model(embedded_model):
         assert abs(float(per_layer_logit_diffs.sum()) - float(logit_diff)) < 1e-3  # Llama: no b_U, no norm bias
 
         per_head_residual, labels = cache.stack_head_results(layer=-1, pos_slice=-1, return_labels=True)
-        per_head_residual = einops.rearrange(per_head_residual, "(layer head) ... -> layer head ...",
-                                             layer=model.cfg.n_layers)
+        per_head_residual = einops.rearrange(
+            per_head_residual, "(layer head) ... -> layer head ...", layer=model.cfg.n_layers
+        )
         per_head_logit_diffs = residual_stack_to_logit_diff(per_head_residual, cache)
         assert per_head_logit_diffs.shape == (model.cfg.n_layers, model.cfg.n_heads)
         # Each layer's heads plus its b_O are that layer's attention output.
@@ -346,8 +358,15 @@ def test_pos_slice_keeps_those_positions_of_every_site(hf_checkpoint, pos_slice)
     path, _ = hf_checkpoint("llama-gqa")
     model = HookedTransformer.from_pretrained_no_processing(str(path))
     toks = torch.randint(0, 101, (2, 6), generator=torch.Generator().manual_seed(0))
-    names = ["blocks.0.hook_resid_pre", "blocks.0.attn.hook_z", "blocks.0.attn.hook_pattern", "blocks.0.attn.hook_k",
-             "blocks.0.ln1.hook_scale", "blocks.1.mlp.hook_post", "blocks.0.hook_q_input"]
+    names = [
+        "blocks.0.hook_resid_pre",
+        "blocks.0.attn.hook_z",
+        "blocks.0.attn.hook_pattern",
+        "blocks.0.attn.hook_k",
+        "blocks.0.ln1.hook_scale",
+        "blocks.1.mlp.hook_post",
+        "blocks.0.hook_q_input",
+    ]
     _, full = model.run_with_cache(toks, names_filter=names)
     _, sliced = model.run_with_cache(toks, names_filter=names, pos_slice=pos_slice)
     s = Slice(pos_slice)

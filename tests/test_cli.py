@@ -51,8 +51,22 @@ def assert_png(path):
 @pytest.mark.parametrize("name", ["llama-gqa", "gpt2"])
 def test_dla_prints_what_the_python_api_computes(checkpoint, capsys, tmp_path, name):
     path = checkpoint(name)
-    code, out, err = run_cli(capsys, "dla", "--prompt", PROMPT, "--answer", " Paris", "--contrast", " London",
-                             "--model", path, "--out", str(tmp_path), "--top", "5")
+    code, out, err = run_cli(
+        capsys,
+        "dla",
+        "--prompt",
+        PROMPT,
+        "--answer",
+        " Paris",
+        "--contrast",
+        " London",
+        "--model",
+        path,
+        "--out",
+        str(tmp_path),
+        "--top",
+        "5",
+    )
     assert code == 0, err
     assert_png(tmp_path / "dla.png")
 
@@ -87,8 +101,9 @@ def test_dla_prints_what_the_python_api_computes(checkpoint, capsys, tmp_path, n
 
 def test_logit_lens_prints_the_model_prediction_last(checkpoint, capsys, tmp_path):
     path = checkpoint("llama-gqa")
-    code, out, err = run_cli(capsys, "logit-lens", "--prompt", PROMPT, "--pos", "-2", "--model", path,
-                             "--out", str(tmp_path))
+    code, out, err = run_cli(
+        capsys, "logit-lens", "--prompt", PROMPT, "--pos", "-2", "--model", path, "--out", str(tmp_path)
+    )
     assert code == 0, err
     assert_png(tmp_path / "logit_lens.png")
 
@@ -133,24 +148,49 @@ def test_entry_point_runs_dla_end_to_end(checkpoint, tmp_path):
     (script,) = entry_points(group="console_scripts", name="transformer-hooks")
     assert script.load() is main
     path = checkpoint("pythia")
-    proc = subprocess.run([sys.executable, "-m", "transformer_hooks", "dla", "--prompt", PROMPT, "--answer", " Rome",
-                           "--contrast", " Madrid", "--model", path, "--out", str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "transformer_hooks",
+            "dla",
+            "--prompt",
+            PROMPT,
+            "--answer",
+            " Rome",
+            "--contrast",
+            " Madrid",
+            "--model",
+            path,
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "logit difference =" in proc.stdout and re.search(r"^Top 8 heads", proc.stdout, re.M)  # 2 layers x 4
     assert_png(tmp_path / "out" / "dla.png")
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["dla", "--prompt", "", "--answer", " Paris", "--contrast", " London"], "empty prompt"),
-    (["logit-lens", "--prompt", ""], "empty prompt"),
-    (["dla", "--prompt", PROMPT, "--answer", " Paris London", "--contrast", " Rome"],
-     r"' Paris London' is not a single token: it tokenizes as \[' Paris', ' London'\]"),
-    (["dla", "--prompt", PROMPT, "--answer", " Paris", "--contrast", " Paris"], "the same token"),
-    (["dla", "--prompt", PROMPT, "--answer", " Paris", "--contrast", " London", "--pos", "9"],
-     r"--pos 9 is out of range for a prompt of 6 tokens \(valid: -6..5\)"),
-    (["logit-lens", "--prompt", PROMPT, "--model", "no-such-model-xyz"], "no-such-model-xyz"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["dla", "--prompt", "", "--answer", " Paris", "--contrast", " London"], "empty prompt"),
+        (["logit-lens", "--prompt", ""], "empty prompt"),
+        (
+            ["dla", "--prompt", PROMPT, "--answer", " Paris London", "--contrast", " Rome"],
+            r"' Paris London' is not a single token: it tokenizes as \[' Paris', ' London'\]",
+        ),
+        (["dla", "--prompt", PROMPT, "--answer", " Paris", "--contrast", " Paris"], "the same token"),
+        (
+            ["dla", "--prompt", PROMPT, "--answer", " Paris", "--contrast", " London", "--pos", "9"],
+            r"--pos 9 is out of range for a prompt of 6 tokens \(valid: -6..5\)",
+        ),
+        (["logit-lens", "--prompt", PROMPT, "--model", "no-such-model-xyz"], "no-such-model-xyz"),
+    ],
+)
 def test_bad_input_is_one_clear_line(checkpoint, capsys, argv, message):
     if "--model" not in argv:
         argv = argv + ["--model", checkpoint("llama-gqa")]

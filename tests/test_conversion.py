@@ -64,8 +64,15 @@ def test_rope_scaling_changes_the_frequencies(hf_checkpoint):
 
 
 def test_unsupported_rope_scaling_is_named():
-    config = {"model_type": "llama", "hidden_size": 8, "num_attention_heads": 2, "num_hidden_layers": 1,
-              "intermediate_size": 16, "vocab_size": 10, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}
+    config = {
+        "model_type": "llama",
+        "hidden_size": 8,
+        "num_attention_heads": 2,
+        "num_hidden_layers": 1,
+        "intermediate_size": 16,
+        "vocab_size": 10,
+        "rope_scaling": {"rope_type": "yarn", "factor": 4.0},
+    }
     with pytest.raises(ValueError, match="yarn"):
         weights_conversion.config_from_hf(config)
 
@@ -90,8 +97,9 @@ def test_weights_conversion_imports_only_config_from_transformer_hooks():
             else:
                 continue
             upward = [m for m in modules if m.split(".")[0] == "transformer_hooks" and m != "transformer_hooks.config"]
-            assert not upward, (f"weights_conversion/{file.name} imports {upward}: "
-                                f"it may import transformer_hooks.config only")
+            assert not upward, (
+                f"weights_conversion/{file.name} imports {upward}: it may import transformer_hooks.config only"
+            )
 
 
 def test_safetensors_writer_and_reader_agree_with_the_reference_reader(tmp_path):

@@ -7,8 +7,15 @@ import torch
 
 from checkpoints import VOCAB
 from transformer_hooks import HookedTransformer
-from transformer_hooks.das import (RotatedSubspaceInterchange, evaluate_das, frozen, interchange_hook,
-                                   interchange_logits, source_activations, train_das)
+from transformer_hooks.das import (
+    RotatedSubspaceInterchange,
+    evaluate_das,
+    frozen,
+    interchange_hook,
+    interchange_logits,
+    source_activations,
+    train_das,
+)
 
 SITE = "blocks.0.hook_resid_post"
 
@@ -38,8 +45,9 @@ def test_gradients_reach_the_rotation_and_not_the_model(model):
     flags = [p.requires_grad for p in model.parameters()]
     with frozen(model):
         assert not any(p.requires_grad for p in model.parameters())
-        logits = interchange_logits(model, das, SITE, base, source_activations(model, SITE, source), base_pos=2,
-                                    source_pos=2)
+        logits = interchange_logits(
+            model, das, SITE, base, source_activations(model, SITE, source), base_pos=2, source_pos=2
+        )
         torch.nn.functional.cross_entropy(logits, target).backward()
     assert all(p.grad is None for p in model.parameters())
     grads = [p.grad for p in das.parameters()]

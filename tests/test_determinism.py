@@ -29,9 +29,13 @@ def outputs(model: HookedTransformer) -> dict[str, torch.Tensor]:
     """Everything a user reads back: logits on both attention paths and the full cache."""
     tokens, mask = padded_batch()
     with torch.no_grad():
-        out = {"logits": model(tokens), "padded": model(tokens, attention_mask=mask),
-               "explicit": model.run_with_hooks(tokens, attention_mask=mask,
-                                                fwd_hooks=[(lambda n: n.endswith("hook_pattern"), lambda x, hook: None)])}
+        out = {
+            "logits": model(tokens),
+            "padded": model(tokens, attention_mask=mask),
+            "explicit": model.run_with_hooks(
+                tokens, attention_mask=mask, fwd_hooks=[(lambda n: n.endswith("hook_pattern"), lambda x, hook: None)]
+            ),
+        }
         _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=lambda n: True)
     out.update({f"cache:{k}": v for k, v in cache.items()})
     return out
@@ -59,12 +63,14 @@ def test_generation_is_reproducible(hf_checkpoint):
     path, _ = hf_checkpoint("llama-gqa")
     model = HookedTransformer.from_pretrained_no_processing(str(path))
     tokens, mask = padded_batch()
-    greedy = [model.generate(tokens, attention_mask=mask, max_new_tokens=6, do_sample=False, verbose=False)
-              for _ in range(2)]
+    greedy = [
+        model.generate(tokens, attention_mask=mask, max_new_tokens=6, do_sample=False, verbose=False) for _ in range(2)
+    ]
     assert torch.equal(*greedy)
     sampled = []
     for _ in range(2):
         torch.manual_seed(123)
-        sampled.append(model.generate(tokens, attention_mask=mask, max_new_tokens=6, temperature=1.0, top_k=20,
-                                      verbose=False))
+        sampled.append(
+            model.generate(tokens, attention_mask=mask, max_new_tokens=6, temperature=1.0, top_k=20, verbose=False)
+        )
     assert torch.equal(*sampled), "same seed, same samples"

@@ -20,7 +20,12 @@ import torch.multiprocessing as mp
 
 from transformer_hooks import HookedTransformer
 from transformer_hooks.distributed import (
-    RankFailedError, harvest, map_prompts, patching_sweep, read_pairs, shard_bounds,
+    RankFailedError,
+    harvest,
+    map_prompts,
+    patching_sweep,
+    read_pairs,
+    shard_bounds,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +59,7 @@ def test_shards_are_contiguous_and_cover_everything():
         for world in range(1, 5):
             bounds = [shard_bounds(n, r, world) for r in range(world)]
             assert bounds[0][0] == 0 and bounds[-1][1] == n
-            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
             sizes = [hi - lo for lo, hi in bounds]
             assert max(sizes) - min(sizes) <= 1
 
@@ -69,11 +74,13 @@ def _worker(rank: int, world: int, port: int, model_path: str, pairs: list, out:
     timeout = datetime.timedelta(seconds=5)
     try:
         if die_on is not None:
+
             def fn(i: int) -> int:
                 if rank == die_on:
                     os._exit(3)  # a hard death: no exception, no goodbye to the other ranks
                 time.sleep(0.2)
                 return i * i
+
             started = time.monotonic()
             try:
                 map_prompts(fn, list(range(8)), timeout=timeout, progress=False)
@@ -86,8 +93,13 @@ def _worker(rank: int, world: int, port: int, model_path: str, pairs: list, out:
         act = patching_sweep(model, pairs, "resid_pre", timeout=timeout, progress=False)
         attr = patching_sweep(model, pairs, "resid_pre", attribution=True, timeout=timeout, progress=False)
         squares = map_prompts(lambda i: torch.arange(i), list(range(5)), timeout=timeout, progress=False)
-        acts = harvest(model, [p["clean"] for p in pairs], ["blocks.1.hook_resid_post", "blocks.0.attn.hook_pattern"],
-                       timeout=timeout, progress=False)
+        acts = harvest(
+            model,
+            [p["clean"] for p in pairs],
+            ["blocks.1.hook_resid_post", "blocks.0.attn.hook_pattern"],
+            timeout=timeout,
+            progress=False,
+        )
         if rank == 0:
             torch.save({"act": act, "attr": attr, "squares": squares, "harvest": acts}, out)
         else:
@@ -110,16 +122,20 @@ def test_two_gloo_processes_equal_one_process_bitwise(hf_checkpoint, tmp_path):
         model = HookedTransformer.from_pretrained(str(path))
         act = patching_sweep(model, pairs, "resid_pre", progress=False)
         attr = patching_sweep(model, pairs, "resid_pre", attribution=True, progress=False)
-        acts = harvest(model, [p["clean"] for p in pairs], ["blocks.1.hook_resid_post", "blocks.0.attn.hook_pattern"],
-                       progress=False)
+        acts = harvest(
+            model,
+            [p["clean"] for p in pairs],
+            ["blocks.1.hook_resid_post", "blocks.0.attn.hook_pattern"],
+            progress=False,
+        )
     finally:
         torch.set_num_threads(threads)
     assert len(two["act"]) == len(pairs) == len(two["attr"])
-    for mine, theirs in zip(act + attr, two["act"] + two["attr"]):
+    for mine, theirs in zip(act + attr, two["act"] + two["attr"], strict=True):
         assert mine.shape == theirs.shape and torch.equal(mine, theirs)
     assert [t.tolist() for t in two["squares"]] == [list(range(i)) for i in range(5)]
     assert len(acts) == len(two["harvest"]) == len(pairs)
-    for mine, theirs in zip(acts, two["harvest"]):
+    for mine, theirs in zip(acts, two["harvest"], strict=True):
         assert mine.keys() == theirs.keys() == {"blocks.1.hook_resid_post", "blocks.0.attn.hook_pattern"}
         assert all(torch.equal(mine[k], theirs[k]) for k in mine)
 
@@ -151,12 +167,33 @@ def test_sweep_command_same_under_python_and_torchrun(hf_checkpoint, tmp_path):
     model_path, _ = hf_checkpoint("gpt2")
     prompts = _write_pairs(tmp_path / "pairs.jsonl", _pairs(5, seed=1))
     common = ["sweep", "--prompts", str(prompts), "--model", str(model_path)]
-    one = subprocess.run([sys.executable, "-m", "transformer_hooks", *common, "--out", str(tmp_path / "one.json")],
-                         env=_env(), capture_output=True, text=True, timeout=120)
+    one = subprocess.run(
+        [sys.executable, "-m", "transformer_hooks", *common, "--out", str(tmp_path / "one.json")],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "transformer_hooks", *common, "--out", str(tmp_path / "two.json")],
-                         env=_env(), capture_output=True, text=True, timeout=120)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "transformer_hooks",
+            *common,
+            "--out",
+            str(tmp_path / "two.json"),
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert two.returncode == 0, two.stderr
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert a["complete"] and b["complete"] and (a["world_size"], b["world_size"]) == (1, 2)
@@ -170,10 +207,31 @@ def test_sweep_command_rank_that_raises_leaves_no_output(hf_checkpoint, tmp_path
     pairs[3]["corrupt"] = [VOCAB + 5] * len(pairs[3]["clean"])  # in rank 1's shard [2, 4)
     prompts = _write_pairs(tmp_path / "pairs.jsonl", pairs)
     out = tmp_path / "out.pt"
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "transformer_hooks", "sweep", "--prompts", str(prompts), "--model", str(model_path),
-                          "--out", str(out), "--timeout", "30"],
-                         env=_env(), capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "transformer_hooks",
+            "sweep",
+            "--prompts",
+            str(prompts),
+            "--model",
+            str(model_path),
+            "--out",
+            str(out),
+            "--timeout",
+            "30",
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode != 0
     assert "rank 1 failed on its prompts [2, 4)" in run.stderr
     assert "outside the vocabulary" in run.stderr
@@ -211,7 +269,7 @@ def test_a_killed_run_resumes_with_the_same_results(tmp_path):
     kill_at[0] = None
     resumed = map_prompts(fn, items, resume_dir=tmp_path / "r", job={"what": "sqrt"}, progress=False)
     assert calls == [1, 5, 9]  # only the items not kept before
-    assert all(torch.equal(r, torch.full((2,), float(x)) ** 0.5) for r, x in zip(resumed, items))
+    assert all(torch.equal(r, torch.full((2,), float(x)) ** 0.5) for r, x in zip(resumed, items, strict=True))
     with pytest.raises(ValueError, match="holds results of another job"):
         map_prompts(fn, items, resume_dir=tmp_path / "r", job={"what": "square"}, progress=False)
     with pytest.raises(ValueError, match="holds results of another job"):

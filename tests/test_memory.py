@@ -68,8 +68,10 @@ def test_rss_stays_flat_over_200_run_with_cache_calls(model, capsys):
             assert peak - start < MAX_GROWTH * start, f"RSS grew {(peak - start) / 2**20:.1f} MiB after {i + 1} calls"
     growth = (rss_bytes() - start) / start
     with capsys.disabled():
-        print(f"\n[memory] {CALLS} x run_with_cache ({one_cache / 2**20:.1f} MiB each): RSS {start / 2**20:.0f} MiB "
-              f"-> {rss_bytes() / 2**20:.0f} MiB ({100 * growth:+.2f}%), peak {(peak - start) / 2**20:+.1f} MiB")
+        print(
+            f"\n[memory] {CALLS} x run_with_cache ({one_cache / 2**20:.1f} MiB each): RSS {start / 2**20:.0f} MiB "
+            f"-> {rss_bytes() / 2**20:.0f} MiB ({100 * growth:+.2f}%), peak {(peak - start) / 2**20:+.1f} MiB"
+        )
     assert growth < MAX_GROWTH
 
 
@@ -95,9 +97,14 @@ def test_deleted_model_is_freed_without_the_cycle_collector(hf_checkpoint, proce
     model = load(str(path))
     tokens = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))
     cached = _exercise(model, tokens)
-    refs = {"model": weakref.ref(model), "W_E": weakref.ref(model.embed.W_E),
-            "W_Q[0]": weakref.ref(model.blocks[0].attn.W_Q), "grad": weakref.ref(model.embed.W_E.grad),
-            "hook point": weakref.ref(model.blocks[0].hook_resid_pre), "cached": weakref.ref(cached)}
+    refs = {
+        "model": weakref.ref(model),
+        "W_E": weakref.ref(model.embed.W_E),
+        "W_Q[0]": weakref.ref(model.blocks[0].attn.W_Q),
+        "grad": weakref.ref(model.embed.W_E.grad),
+        "hook point": weakref.ref(model.blocks[0].hook_resid_pre),
+        "cached": weakref.ref(cached),
+    }
     gc.collect()
     gc.disable()  # reference counting alone must free it: a cycle would keep it until a collection
     try:
@@ -112,13 +119,21 @@ def test_deleted_model_is_freed_without_the_cycle_collector(hf_checkpoint, proce
 def test_cached_activations_are_detached_by_default(model):
     assert model.embed.W_E.requires_grad, "weights must require grad for this test to mean anything"
     tokens = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(2))
-    for kwargs in (dict(), dict(names_filter=lambda n: True), dict(remove_batch_dim=True, input=tokens[:1]),
-                   dict(device="cpu")):
+    for kwargs in (
+        dict(),
+        dict(names_filter=lambda n: True),
+        dict(remove_batch_dim=True, input=tokens[:1]),
+        dict(device="cpu"),
+    ):
         _, cache = model.run_with_cache(kwargs.pop("input", tokens), **kwargs)
         graph = [name for name, t in cache.items() if t.requires_grad or t.grad_fn is not None]
         assert not graph, f"{kwargs}: cached with an autograd graph: {graph}"
-        stacks = (cache.accumulated_resid(), cache.decompose_resid(), cache.stack_head_results(),
-                  cache.get_full_resid_decomposition(expand_neurons=True))
+        stacks = (
+            cache.accumulated_resid(),
+            cache.decompose_resid(),
+            cache.stack_head_results(),
+            cache.get_full_resid_decomposition(expand_neurons=True),
+        )
         assert not any(s.requires_grad for s in stacks), "a stack built from a detached cache carries a graph"
 
 
@@ -169,8 +184,7 @@ def test_keep_freed_memory_reuses_freed_blocks_instead_of_faulting_them_in_again
     import sys
 
     def faults_per_allocation(mode: str) -> float:
-        out = subprocess.run([sys.executable, "-c", KEEP_FREED_PROBE, mode], capture_output=True, text=True,
-                             check=True)
+        out = subprocess.run([sys.executable, "-c", KEEP_FREED_PROBE, mode], capture_output=True, text=True, check=True)
         return float(out.stdout.strip().splitlines()[-1])
 
     pages = 64 * 2**20 / PAGE

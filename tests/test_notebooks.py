@@ -26,8 +26,13 @@ EXPECTED = {"activation_patching", "direct_logit_attribution", "logit_lens", "st
 
 def execute(path: Path) -> None:
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name="python3", allow_errors=False,
-                            resources={"metadata": {"path": str(path.parent)}})
+    client = NotebookClient(
+        nb,
+        timeout=CELL_TIMEOUT,
+        kernel_name="python3",
+        allow_errors=False,
+        resources={"metadata": {"path": str(path.parent)}},
+    )
     # One thread per kernel while PARALLEL kernels share the cores: oversubscribed torch
     # threads spin against each other.
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // PARALLEL))}
@@ -43,8 +48,11 @@ def execute(path: Path) -> None:
 @pytest.fixture(scope="module")
 def runs(request) -> dict[Path, Future]:
     """Start every selected notebook at once (PARALLEL at a time); each test waits for its own."""
-    selected = [item.callspec.params["path"] for item in request.session.items
-                if getattr(item, "originalname", None) == "test_notebook_runs"]
+    selected = [
+        item.callspec.params["path"]
+        for item in request.session.items
+        if getattr(item, "originalname", None) == "test_notebook_runs"
+    ]
     pool = ThreadPoolExecutor(max_workers=PARALLEL)
     futures = {path: pool.submit(execute, path) for path in selected}
     yield futures
@@ -58,10 +66,15 @@ def test_the_seed_notebooks_are_there():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_is_committed_without_outputs(path):
     nb = nbformat.read(path, as_version=4)
-    dirty = [i for i, cell in enumerate(nb.cells)
-             if cell.cell_type == "code" and (cell.outputs or cell.execution_count is not None)]
-    assert not dirty, f"{path.name}: cells {dirty} have outputs; clear them before committing " \
-                      f"(jupyter nbconvert --clear-output --inplace {path.name})"
+    dirty = [
+        i
+        for i, cell in enumerate(nb.cells)
+        if cell.cell_type == "code" and (cell.outputs or cell.execution_count is not None)
+    ]
+    assert not dirty, (
+        f"{path.name}: cells {dirty} have outputs; clear them before committing "
+        f"(jupyter nbconvert --clear-output --inplace {path.name})"
+    )
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])

@@ -31,8 +31,9 @@ def test_padded_rows_match_rows_alone(hf_checkpoint, name, side):
             alone = model(row)[0]
             torch.testing.assert_close(batch[i][mask[i].bool()], alone, atol=1e-5, rtol=0)
         # Padding also leaves explicit attention (pattern observed) exact and finite.
-        explicit = model.run_with_hooks(tokens, attention_mask=mask,
-                                        fwd_hooks=[(lambda n: n.endswith("hook_pattern"), lambda a, hook: a)])
+        explicit = model.run_with_hooks(
+            tokens, attention_mask=mask, fwd_hooks=[(lambda n: n.endswith("hook_pattern"), lambda a, hook: a)]
+        )
     assert torch.isfinite(explicit).all()
     torch.testing.assert_close(explicit[mask.bool()], batch[mask.bool()], atol=1e-5, rtol=0)
 
@@ -48,3 +49,21 @@ def test_string_batches_pad_on_either_side(embedded_model):
             last = mask.sum(-1) - 1 if side == "right" else torch.full((2,), tokens.shape[1] - 1)
             for i in range(2):
                 torch.testing.assert_close(logits[i, last[i]], alone[i], atol=1e-4, rtol=0)
+
+
+def test_tokens_functions_need_only_the_tokenizer_and_config(embedded_model):
+    """tokens.py works without a model: a padded batch holds each prompt's own tokens, on
+    either side, as the model's methods give them; decoding undoes tokenizing."""
+    from transformer_hooks import tokens
+
+    tok, cfg = embedded_model.tokenizer, embedded_model.cfg
+    prompts = ["The capital of France is", "Hello"]
+    for side in ("left", "right"):
+        ids, mask = tokens.tokenize(tok, cfg, prompts, padding_side=side)
+        model_ids, model_mask = embedded_model.tokens_and_mask(prompts, padding_side=side)
+        assert torch.equal(ids, model_ids.cpu()) and torch.equal(mask, model_mask.cpu())
+        for i, prompt in enumerate(prompts):
+            assert ids[i][mask[i].bool()].tolist() == tokens.to_tokens(tok, cfg, prompt)[0].tolist()
+    text = "The capital of France is"
+    assert tokens.to_string(tok, tokens.to_tokens(tok, cfg, text, prepend_bos=False)[0]) == text
+    assert "".join(tokens.to_str_tokens(tok, cfg, text, prepend_bos=False)) == text

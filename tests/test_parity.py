@@ -9,8 +9,12 @@ from checkpoints import CONFIGS, VOCAB
 from transformer_hooks import HookedTransformer
 
 TOL = 1e-4
-CASES = [(name, impl) for name in CONFIGS for impl in ("eager", "sdpa")
-         if not (name.startswith("gpt-neo") and impl == "sdpa")]  # HF has no SDPA for GPT-Neo
+CASES = [
+    (name, impl)
+    for name in CONFIGS
+    for impl in ("eager", "sdpa")
+    if not (name.startswith("gpt-neo") and impl == "sdpa")
+]  # HF has no SDPA for GPT-Neo
 
 
 @pytest.mark.parametrize("name,impl", CASES)
@@ -27,8 +31,13 @@ def test_logits_and_residuals_match_hf(hf_checkpoint, name, impl):
     torch.testing.assert_close(logits, ref.logits, atol=TOL, rtol=0)
     # HF's hidden_states[i] enters layer i; the last one is after the final norm.
     for layer in range(model.cfg.n_layers):
-        torch.testing.assert_close(cache["resid_pre", layer], ref.hidden_states[layer], atol=TOL, rtol=0,
-                                   msg=lambda m: f"layer {layer} resid_pre: {m}")
+        torch.testing.assert_close(
+            cache["resid_pre", layer],
+            ref.hidden_states[layer],
+            atol=TOL,
+            rtol=0,
+            msg=lambda m: f"layer {layer} resid_pre: {m}",
+        )
     # The last hidden state is the last resid_post through the final norm.
     with torch.no_grad():
         torch.testing.assert_close(model.ln_final(cache["resid_post", -1]), ref.hidden_states[-1], atol=TOL, rtol=0)

@@ -124,8 +124,9 @@ def test_every_sweeps_stack_the_single_sweeps(models):
     kw = dict(progress=False)
     block = P.get_act_patch_block_every(model, corrupted, cache, logit_diff, **kw)
     single = [P.get_act_patch_resid_pre, P.get_act_patch_attn_out, P.get_act_patch_mlp_out]
-    torch.testing.assert_close(block, torch.stack([f(model, corrupted, cache, logit_diff, **kw) for f in single]),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        block, torch.stack([f(model, corrupted, cache, logit_diff, **kw) for f in single]), atol=1e-5, rtol=0
+    )
 
     heads = P.get_act_patch_attn_head_all_pos_every(model, corrupted, cache, logit_diff, **kw)
     assert heads.shape == (5, model.cfg.n_layers, model.cfg.n_heads)
@@ -147,16 +148,19 @@ def test_index_df_vectorized_metric_and_memory_budget_give_the_grid_values(model
     grid = P.get_act_patch_attn_head_out_by_pos(model, corrupted, cache, logit_diff, progress=False)
 
     rows = torch.tensor([[1, 3, 0], [0, DIFF_POS, 2], [1, 0, 3], [0, 5, 1]])
-    flat = P.generic_activation_patch(model, corrupted, cache, logit_diff, P.layer_pos_head_vector_patch_setter,
-                                      "z", index_df=rows, progress=False)
+    flat = P.generic_activation_patch(
+        model, corrupted, cache, logit_diff, P.layer_pos_head_vector_patch_setter, "z", index_df=rows, progress=False
+    )
     assert flat.shape == (4,)
     torch.testing.assert_close(flat, grid[tuple(rows.T)], atol=1e-5, rtol=0)
 
-    vectorized = P.get_act_patch_attn_head_out_by_pos(model, corrupted, cache, logit_diff, vectorized_metric=True,
-                                                      progress=False)
+    vectorized = P.get_act_patch_attn_head_out_by_pos(
+        model, corrupted, cache, logit_diff, vectorized_metric=True, progress=False
+    )
     torch.testing.assert_close(vectorized, grid, atol=1e-5, rtol=0)
-    one_per_forward = P.get_act_patch_attn_head_out_by_pos(model, corrupted, cache, logit_diff, max_batch_bytes=1,
-                                                           progress=False)
+    one_per_forward = P.get_act_patch_attn_head_out_by_pos(
+        model, corrupted, cache, logit_diff, max_batch_bytes=1, progress=False
+    )
     torch.testing.assert_close(one_per_forward, grid, atol=1e-5, rtol=0)
 
 
@@ -193,17 +197,28 @@ def test_bad_input_fails_before_any_forward(models, monkeypatch):
     with pytest.raises(KeyError, match="clean_cache holds no 'blocks.0.hook_attn_out'"):
         P.get_act_patch_attn_out(model, corrupted, resid_only, logit_diff)
     with pytest.raises(ValueError, match="unknown activation name 'resid_middle'"):
-        P.generic_activation_patch(model, corrupted, cache, logit_diff, P.layer_pos_patch_setter, "resid_middle",
-                                   ("layer", "pos"))
+        P.generic_activation_patch(
+            model, corrupted, cache, logit_diff, P.layer_pos_patch_setter, "resid_middle", ("layer", "pos")
+        )
     with pytest.raises(UnknownHookError, match="blocks.0.hook_pos_embedding"):
-        P.generic_activation_patch(model, corrupted, cache, logit_diff, P.layer_pos_patch_setter,
-                                   "blocks.0.hook_pos_embedding", ("layer", "pos"))
+        P.generic_activation_patch(
+            model,
+            corrupted,
+            cache,
+            logit_diff,
+            P.layer_pos_patch_setter,
+            "blocks.0.hook_pos_embedding",
+            ("layer", "pos"),
+        )
     with pytest.raises(ValueError, match="unknown index axis names \\['position'\\]"):
-        P.generic_activation_patch(model, corrupted, cache, logit_diff, P.layer_pos_patch_setter, "resid_pre",
-                                   ("layer", "position"))
+        P.generic_activation_patch(
+            model, corrupted, cache, logit_diff, P.layer_pos_patch_setter, "resid_pre", ("layer", "position")
+        )
     with pytest.raises(ValueError, match="metric raised"):
+
         def broken(logits):
             raise ValueError("metric raised")
+
         P.get_act_patch_resid_pre(model, corrupted, cache, broken)
     with pytest.raises(ValueError, match="one number per patched run"):
         P.get_attr_patch_resid_pre(model, corrupted, cache, lambda lg: lg[:, -1, 3])
@@ -232,16 +247,18 @@ def test_an_exception_mid_sweep_leaves_no_hook(models, error):
         return logit_diff(logits)
 
     with pytest.raises(error):
-        P.get_act_patch_attn_head_out_by_pos(model, corrupted, cache, fails_on_the_fourth_patch, batch_size=2,
-                                             progress=False)
+        P.get_act_patch_attn_head_out_by_pos(
+            model, corrupted, cache, fails_on_the_fourth_patch, batch_size=2, progress=False
+        )
     assert len(calls) == 5 and no_hooks_attached(model)
 
     def setter_fails(corrupted_activation, index, clean_activation):
         raise error("stop")
 
     with pytest.raises(error):
-        P.generic_activation_patch(model, corrupted, cache, logit_diff, setter_fails, "resid_pre", ("layer", "pos"),
-                                   progress=False)
+        P.generic_activation_patch(
+            model, corrupted, cache, logit_diff, setter_fails, "resid_pre", ("layer", "pos"), progress=False
+        )
     assert no_hooks_attached(model)
 
 
@@ -277,8 +294,7 @@ def test_attribution_is_exact_where_the_metric_is_affine_in_the_site(hf_checkpoi
         attr = attr_fn(model, corrupted, cache, metric)
         assert attr.shape == exact.shape
         assert exact[-1].abs().max() > 0.01, f"{sweep_fn.__name__}: the patches must move the metric"
-        torch.testing.assert_close(attr[-1], exact[-1], atol=2e-5, rtol=1e-4,
-                                   msg=lambda m: f"{attr_fn.__name__}: {m}")
+        torch.testing.assert_close(attr[-1], exact[-1], atol=2e-5, rtol=1e-4, msg=lambda m: f"{attr_fn.__name__}: {m}")
 
     with model.hooks(fwd_hooks=[freeze_final_scale(model, corrupted)]):
         check(P.get_attr_patch_resid_post, P.get_act_patch_resid_post)
@@ -314,11 +330,21 @@ def test_attribution_approaches_the_sweep_to_second_order(models, name):
     for eps in (0.02, 0.01):
         with model.hooks(fwd_hooks=[("hook_embed", lambda x, hook: x + eps * x.std() * noise)]):
             _, cache = model.run_with_cache(corrupted)
-        exact = torch.cat([P.get_act_patch_block_every(model, corrupted, cache, logit_diff, progress=False).flatten(),
-                           P.get_act_patch_attn_head_out_by_pos(model, corrupted, cache, logit_diff,
-                                                                progress=False).flatten()]) - base
-        attr = torch.cat([P.get_attr_patch_block_every(model, corrupted, cache, logit_diff).flatten(),
-                          P.get_attr_patch_attn_head_out_by_pos(model, corrupted, cache, logit_diff).flatten()])
+        exact = (
+            torch.cat(
+                [
+                    P.get_act_patch_block_every(model, corrupted, cache, logit_diff, progress=False).flatten(),
+                    P.get_act_patch_attn_head_out_by_pos(model, corrupted, cache, logit_diff, progress=False).flatten(),
+                ]
+            )
+            - base
+        )
+        attr = torch.cat(
+            [
+                P.get_attr_patch_block_every(model, corrupted, cache, logit_diff).flatten(),
+                P.get_attr_patch_attn_head_out_by_pos(model, corrupted, cache, logit_diff).flatten(),
+            ]
+        )
         errors.append(float((attr - exact).norm()))
         correlations.append(pearson(attr, exact))
     assert 3.0 < errors[0] / errors[1] < 5.0, f"error should shrink as eps^2: {errors}"
@@ -330,9 +356,13 @@ def test_attribution_every_matches_the_single_estimates(models):
     clean, corrupted = tokens_pair()
     _, cache = model.run_with_cache(clean)
     every = P.get_attr_patch_attn_head_all_pos_every(model, corrupted, cache, logit_diff)
-    singles = [P.get_attr_patch_attn_head_out_all_pos, P.get_attr_patch_attn_head_q_all_pos,
-               P.get_attr_patch_attn_head_k_all_pos, P.get_attr_patch_attn_head_v_all_pos,
-               P.get_attr_patch_attn_head_pattern_all_pos]
+    singles = [
+        P.get_attr_patch_attn_head_out_all_pos,
+        P.get_attr_patch_attn_head_q_all_pos,
+        P.get_attr_patch_attn_head_k_all_pos,
+        P.get_attr_patch_attn_head_v_all_pos,
+        P.get_attr_patch_attn_head_pattern_all_pos,
+    ]
     kv = model.cfg.n_kv_heads
     for i, fn in enumerate(singles):
         single = fn(model, corrupted, cache, logit_diff)
@@ -358,10 +388,72 @@ def test_real_model_patches_in_one_forward(embedded_model):
 
     clean_logits, cache = model.run_with_cache(clean, names_filter=["blocks.0.hook_resid_pre"])
     rows = [(0, diff), (0, diff + 1)]
-    out = P.generic_activation_patch(model, corrupted, cache, metric, P.layer_pos_patch_setter, "resid_pre",
-                                     index_df=rows, batch_size=2, progress=False)
+    out = P.generic_activation_patch(
+        model,
+        corrupted,
+        cache,
+        metric,
+        P.layer_pos_patch_setter,
+        "resid_pre",
+        index_df=rows,
+        batch_size=2,
+        progress=False,
+    )
     corrupted_metric = effect(model, corrupted, metric)
     assert (metric(clean_logits) - corrupted_metric).abs() > 0.5
     torch.testing.assert_close(out[0], metric(clean_logits), atol=1e-3, rtol=1e-4)
     torch.testing.assert_close(out[1], corrupted_metric, atol=1e-3, rtol=1e-4)
     assert no_hooks_attached(model)
+
+
+# TransformerLens's transformer_lens/patching.py public functions (TL 2.x/3.x).
+TL_PATCHING_NAMES = [
+    "make_df_from_ranges",
+    "generic_activation_patch",
+    "layer_pos_patch_setter",
+    "layer_pos_head_vector_patch_setter",
+    "layer_head_vector_patch_setter",
+    "layer_head_pattern_patch_setter",
+    "layer_head_pos_pattern_patch_setter",
+    "layer_head_dest_src_pos_pattern_patch_setter",
+    "get_act_patch_resid_pre",
+    "get_act_patch_resid_mid",
+    "get_act_patch_attn_out",
+    "get_act_patch_mlp_out",
+    "get_act_patch_attn_head_out_by_pos",
+    "get_act_patch_attn_head_q_by_pos",
+    "get_act_patch_attn_head_k_by_pos",
+    "get_act_patch_attn_head_v_by_pos",
+    "get_act_patch_attn_head_pattern_by_pos",
+    "get_act_patch_attn_head_pattern_dest_src_pos",
+    "get_act_patch_attn_head_out_all_pos",
+    "get_act_patch_attn_head_q_all_pos",
+    "get_act_patch_attn_head_k_all_pos",
+    "get_act_patch_attn_head_v_all_pos",
+    "get_act_patch_attn_head_pattern_all_pos",
+    "get_act_patch_attn_head_all_pos_every",
+    "get_act_patch_attn_head_by_pos_every",
+    "get_act_patch_block_every",
+]
+
+
+def test_public_names_are_transformer_lens_s_and_each_sweep_is_a_real_function():
+    """Every TL name imports from the package; each sweep is its own named, documented function
+    with TL's leading parameters, and every get_attr_patch_X has its get_act_patch_X."""
+    import inspect
+
+    public = {n for n in dir(P) if not n.startswith("_")}
+    assert set(TL_PATCHING_NAMES) <= public, sorted(set(TL_PATCHING_NAMES) - public)
+    sweeps = sorted(n for n in public if n.startswith(("get_act_patch_", "get_attr_patch_")))
+    for name in sweeps:
+        fn = getattr(P, name)
+        assert fn.__name__ == fn.__qualname__ == name
+        assert fn.__module__.startswith("transformer_hooks.patching.")
+        assert fn.__doc__ and fn.__doc__.strip()
+        params = list(inspect.signature(fn).parameters)
+        assert params[:3] == ["model", "corrupted_tokens", "clean_cache"], (name, params)
+        assert params[3] in ("patching_metric", "metric"), (name, params)
+    acts = {n.removeprefix("get_act_patch_") for n in sweeps if n.startswith("get_act_patch_")}
+    attrs = {n.removeprefix("get_attr_patch_") for n in sweeps if n.startswith("get_attr_patch_")}
+    assert attrs == acts
+    assert "globals()" not in inspect.getsource(P.sweeps) + inspect.getsource(P.attribution)

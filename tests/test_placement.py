@@ -9,13 +9,29 @@ import torch
 
 from transformer_hooks.config import ModelConfig
 from transformer_hooks.loading.placement import (
-    PlacementError, check_device, check_device_map, group_of, resolve_device_map,
+    PlacementError,
+    check_device,
+    check_device_map,
+    group_of,
+    resolve_device_map,
 )
 
-CFG = ModelConfig(d_model=32, n_layers=4, n_heads=4, d_head=8, d_mlp=64, d_vocab=101, n_ctx=64, act_fn="gelu",
-                  normalization_type="LN", eps=1e-5, positional_embedding="learned")
-needs_two_gpus = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
-                                    reason="needs 2 CUDA devices")
+CFG = ModelConfig(
+    d_model=32,
+    n_layers=4,
+    n_heads=4,
+    d_head=8,
+    d_mlp=64,
+    d_vocab=101,
+    n_ctx=64,
+    act_fn="gelu",
+    normalization_type="LN",
+    eps=1e-5,
+    positional_embedding="learned",
+)
+needs_two_gpus = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA devices"
+)
 
 
 def test_group_of_names():
@@ -26,8 +42,9 @@ def test_group_of_names():
 
 
 def test_dict_map_with_rest_and_aliases():
-    placement = check_device_map(CFG, {"embed": "cpu", "blocks.0": "cpu", "unembed": "cpu", "ln_final": "cpu",
-                                       "": "cpu"})
+    placement = check_device_map(
+        CFG, {"embed": "cpu", "blocks.0": "cpu", "unembed": "cpu", "ln_final": "cpu", "": "cpu"}
+    )
     assert list(placement) == ["embed", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "final"]
     assert set(placement.values()) == {"cpu"}
 
@@ -82,7 +99,7 @@ def _same_everything(a, b, tokens):
     grads = []
     for model in (a, b):  # gradients through a hook: d loss / d resid_pre of block 1
         seen = {}
-        with model.hooks(bwd_hooks=[("blocks.1.hook_resid_pre", lambda g, hook: seen.update(g=g.clone()))]):
+        with model.hooks(bwd_hooks=[("blocks.1.hook_resid_pre", lambda g, hook, seen=seen: seen.update(g=g.clone()))]):
             model(tokens, return_type="loss").backward()
         grads.append(seen["g"])
         model.zero_grad(set_to_none=True)
@@ -125,8 +142,9 @@ def test_offload_to_cuda_matches_cuda(hf_checkpoint, tmp_path, kind):
 
     path, _ = hf_checkpoint("llama-gqa")
     plain = HookedTransformer.from_pretrained(str(path), device="cuda")
-    offloaded = offload_blocks(HookedTransformer.from_pretrained(str(path)), kind, device="cuda",
-                               offload_dir=tmp_path / "off")
+    offloaded = offload_blocks(
+        HookedTransformer.from_pretrained(str(path)), kind, device="cuda", offload_dir=tmp_path / "off"
+    )
     assert offloaded.blocks[0].attn.W_Q.device.type == "cpu"
     tokens = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(0)).cuda()
     torch.testing.assert_close(plain(tokens), offloaded(tokens), rtol=0, atol=1e-5)
@@ -140,13 +158,19 @@ def test_from_pretrained_with_a_cpu_device_map_is_exact(hf_checkpoint):
     plain = HookedTransformer.from_pretrained(str(path))
     tokens = torch.randint(0, 101, (2, 7), generator=torch.Generator().manual_seed(1))
     cpu_map = {"embed": "cpu", "blocks.0": "cpu", "blocks.1": "cpu", "ln_final": "cpu", "unembed": "cpu"}
-    for kwargs in (dict(device_map=cpu_map), dict(device_map="auto"), dict(device_map="balanced"),
-                   dict(n_devices=1, max_memory={"cpu": "1GiB"})):
+    for kwargs in (
+        dict(device_map=cpu_map),
+        dict(device_map="auto"),
+        dict(device_map="balanced"),
+        dict(n_devices=1, max_memory={"cpu": "1GiB"}),
+    ):
         placed = HookedTransformer.from_pretrained(str(path), **kwargs)
         assert placed.cfg.device_map == {"embed": "cpu", "blocks.0": "cpu", "blocks.1": "cpu", "final": "cpu"}
         assert torch.equal(placed(tokens), plain(tokens))
-        assert torch.equal(placed.generate(tokens, max_new_tokens=4, do_sample=False, verbose=False),
-                           plain.generate(tokens, max_new_tokens=4, do_sample=False, verbose=False))
+        assert torch.equal(
+            placed.generate(tokens, max_new_tokens=4, do_sample=False, verbose=False),
+            plain.generate(tokens, max_new_tokens=4, do_sample=False, verbose=False),
+        )
     assert plain.cfg.device_map is None
 
 
@@ -183,8 +207,9 @@ def test_two_gpus_match_one(hf_checkpoint):
 
     path, _ = hf_checkpoint("llama-gqa")
     one = HookedTransformer.from_pretrained(str(path), device="cuda:0")
-    two = HookedTransformer.from_pretrained(str(path), device_map={"embed": 0, "blocks.0": 0, "blocks.1": 1,
-                                                                   "final": 1})
+    two = HookedTransformer.from_pretrained(
+        str(path), device_map={"embed": 0, "blocks.0": 0, "blocks.1": 1, "final": 1}
+    )
     assert two.blocks[1].attn.W_Q.device == torch.device("cuda:1")
     tokens = torch.randint(0, 101, (2, 7), generator=torch.Generator().manual_seed(1)).cuda()
     seen = {}
@@ -195,8 +220,10 @@ def test_two_gpus_match_one(hf_checkpoint):
     _, ref = one.run_with_cache(tokens, device="cpu")
     for k in ref.keys():
         torch.testing.assert_close(cache[k], ref[k], rtol=0, atol=1e-5)
-    assert torch.equal(two.generate(tokens, max_new_tokens=5, do_sample=False, verbose=False).cpu(),
-                       one.generate(tokens, max_new_tokens=5, do_sample=False, verbose=False).cpu())
+    assert torch.equal(
+        two.generate(tokens, max_new_tokens=5, do_sample=False, verbose=False).cpu(),
+        one.generate(tokens, max_new_tokens=5, do_sample=False, verbose=False).cpu(),
+    )
 
 
 def test_from_pretrained_offload_streams_blocks_to_disk(hf_checkpoint, tmp_path):

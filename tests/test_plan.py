@@ -8,14 +8,23 @@ import math
 
 import pytest
 import torch
-
 from checkpoints import CONFIGS, make_hf_model, save_checkpoint
+
 from transformer_hooks import HookedTransformer
 from transformer_hooks.cli import main
 from transformer_hooks.components import KVCache
 from transformer_hooks.plan import (
-    PUBLISHED_CONFIGS, PlacementError, cached_sites, checkpoint_parameters, config_for_plan, group_parameters,
-    parse_max_memory, place_groups, plan_memory, run_plan, site_shapes,
+    PUBLISHED_CONFIGS,
+    PlacementError,
+    cached_sites,
+    checkpoint_parameters,
+    config_for_plan,
+    group_parameters,
+    parse_max_memory,
+    place_groups,
+    plan_memory,
+    run_plan,
+    site_shapes,
 )
 
 
@@ -41,13 +50,14 @@ def loaded(tmp_path_factory):
     out = {}
     for name in ("gpt2", "pythia", "llama-gqa", "neox-sequential-full-rotary", "llama-head-dim-bias"):
         path, _ = save_checkpoint(name, root)
-        out[name] = (HookedTransformer.from_pretrained(str(path)),
-                     HookedTransformer.from_pretrained_no_processing(str(path)))
+        out[name] = (
+            HookedTransformer.from_pretrained(str(path)),
+            HookedTransformer.from_pretrained_no_processing(str(path)),
+        )
     return out
 
 
-@pytest.mark.parametrize("name", ["gpt2", "pythia", "llama-gqa", "neox-sequential-full-rotary",
-                                  "llama-head-dim-bias"])
+@pytest.mark.parametrize("name", ["gpt2", "pythia", "llama-gqa", "neox-sequential-full-rotary", "llama-head-dim-bias"])
 def test_weight_bytes_match_the_loaded_model(loaded, name):
     for model in loaded[name]:
         groups = group_parameters(model.cfg)
@@ -78,8 +88,13 @@ def test_kv_cache_bytes_match_the_generation_cache(loaded):
 
 
 # Published counts, from the model cards (the configs are the hub's config.json values).
-PUBLISHED = {"gpt2": 124.4e6, "pythia-2.8b": 2.78e9, "llama-3.2-1b": 1.24e9, "llama-3.1-8b": 8.03e9,
-             "llama-3.1-70b": 70.6e9}
+PUBLISHED = {
+    "gpt2": 124.4e6,
+    "pythia-2.8b": 2.78e9,
+    "llama-3.2-1b": 1.24e9,
+    "llama-3.1-8b": 8.03e9,
+    "llama-3.1-70b": 70.6e9,
+}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -115,8 +130,9 @@ def test_placement_keeps_blocks_whole_and_in_order():
 def test_plan_splits_a_model_over_devices_and_sums(loaded):
     model = loaded["gpt2"][1]
     one = plan_memory(model.cfg, torch.float32, batch=2, seq=16, cache="all")
-    two = plan_memory(model.cfg, torch.float32, batch=2, seq=16, cache="all", devices=["cpu:0", "cpu:1"],
-                      mode="balanced")
+    two = plan_memory(
+        model.cfg, torch.float32, batch=2, seq=16, cache="all", devices=["cpu:0", "cpu:1"], mode="balanced"
+    )
     assert len(two.devices) == 2
     for what in ("weights", "kv_cache", "activation_cache"):
         assert getattr(two, what) == getattr(one, what)
@@ -130,8 +146,25 @@ def test_parse_max_memory():
 
 
 def test_plan_command(capsys, tmp_path):
-    assert main(["plan", "llama-3.1-8b", "--dtype", "bfloat16", "--max-memory", "cuda:0=20GiB,cuda:1=20GiB",
-                 "--batch", "8", "--seq", "1024", "--cache", "resid"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "llama-3.1-8b",
+                "--dtype",
+                "bfloat16",
+                "--max-memory",
+                "cuda:0=20GiB,cuda:1=20GiB",
+                "--batch",
+                "8",
+                "--seq",
+                "1024",
+                "--cache",
+                "resid",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "cuda:0" in out and "cuda:1" in out and "verdict: fits" in out
     assert main(["plan", "llama-3.1-70b", "--dtype", "bfloat16", "--max-memory", "cuda:0=24GiB,cuda:1=24GiB"]) == 1

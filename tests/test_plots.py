@@ -54,8 +54,13 @@ def test_panels_share_one_scale_and_nan_cells_are_masked(tmp_path):
 
 def test_lines_png_and_label_checks(tmp_path):
     values = torch.randn(2, 7).cumsum(-1)
-    fig = plots.plot_lines(values, labels=["Mary", "John"], x_labels=[f"{i}_pre" for i in range(7)],
-                           ylabel="logit", path=tmp_path / "lens.png")
+    fig = plots.plot_lines(
+        values,
+        labels=["Mary", "John"],
+        x_labels=[f"{i}_pre" for i in range(7)],
+        ylabel="logit",
+        path=tmp_path / "lens.png",
+    )
     assert_png(tmp_path / "lens.png")
     ax = fig.axes[0]
     np.testing.assert_allclose(ax.lines[1].get_ydata(), values[1].numpy(), rtol=1e-6)

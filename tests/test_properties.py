@@ -49,8 +49,7 @@ from transformer_hooks import HookedTransformer
 TOL = 1e-4  # parity with HF, fp32
 PATH_TOL = 1e-5  # two code paths of this library (fused vs explicit attention)
 
-_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-               print_blob=True)
+_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], print_blob=True)
 settings.register_profile("ci", derandomize=True, database=None, **_COMMON)
 settings.register_profile("dev", **_COMMON)
 settings.register_profile("thorough", **_COMMON)
@@ -96,9 +95,19 @@ def rope_scalings(llama3: bool) -> st.SearchStrategy[dict | None]:
     """None, linear position interpolation, or Llama 3.1's per-frequency scaling."""
     options = [st.none(), st.builds(lambda f: {"rope_type": "linear", "factor": f}, st.sampled_from((2.0, 4.0)))]
     if llama3:
-        options.append(st.builds(lambda f, orig: {"rope_type": "llama3", "factor": f, "low_freq_factor": 1.0,
-                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": orig},
-                                 st.sampled_from((2.0, 8.0)), st.sampled_from((4, 16))))
+        options.append(
+            st.builds(
+                lambda f, orig: {
+                    "rope_type": "llama3",
+                    "factor": f,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": orig,
+                },
+                st.sampled_from((2.0, 8.0)),
+                st.sampled_from((4, 16)),
+            )
+        )
     return st.one_of(options)
 
 
@@ -113,36 +122,67 @@ def specs(draw, families: tuple[str, ...] = FAMILIES) -> Spec:
     n_ctx = draw(st.integers(20, 64))
     tie = draw(st.booleans())
     if family == "gpt2":
-        kwargs = dict(n_embd=d_model, n_layer=n_layers, n_head=n_heads, n_positions=n_ctx, n_inner=d_mlp,
-                      activation_function=draw(st.sampled_from(GELU_FAMILY_ACTS)), tie_word_embeddings=tie,
-                      scale_attn_weights=draw(st.booleans()),
-                      scale_attn_by_inverse_layer_idx=draw(st.booleans()))
+        kwargs = dict(
+            n_embd=d_model,
+            n_layer=n_layers,
+            n_head=n_heads,
+            n_positions=n_ctx,
+            n_inner=d_mlp,
+            activation_function=draw(st.sampled_from(GELU_FAMILY_ACTS)),
+            tie_word_embeddings=tie,
+            scale_attn_weights=draw(st.booleans()),
+            scale_attn_by_inverse_layer_idx=draw(st.booleans()),
+        )
     elif family == "gpt_neo":
         kinds = draw(st.lists(st.sampled_from(("global", "local")), min_size=n_layers, max_size=n_layers))
-        kwargs = dict(hidden_size=d_model, num_layers=n_layers, num_heads=n_heads, max_position_embeddings=n_ctx,
-                      attention_types=[[[kind], 1] for kind in kinds], window_size=draw(st.integers(1, 12)),
-                      intermediate_size=d_mlp, activation_function=draw(st.sampled_from(GELU_FAMILY_ACTS)),
-                      tie_word_embeddings=tie)
+        kwargs = dict(
+            hidden_size=d_model,
+            num_layers=n_layers,
+            num_heads=n_heads,
+            max_position_embeddings=n_ctx,
+            attention_types=[[[kind], 1] for kind in kinds],
+            window_size=draw(st.integers(1, 12)),
+            intermediate_size=d_mlp,
+            activation_function=draw(st.sampled_from(GELU_FAMILY_ACTS)),
+            tie_word_embeddings=tie,
+        )
     elif family == "gpt_neox":
         # HF takes int(d_head * rotary_pct) dims; the rotate-half layout needs an even count.
         rotary_dim = draw(st.sampled_from([r for r in range(2, d_head + 1, 2)]))
-        kwargs = dict(hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=n_heads,
-                      intermediate_size=d_mlp, max_position_embeddings=n_ctx, rotary_pct=rotary_dim / d_head,
-                      rotary_emb_base=draw(st.sampled_from((100.0, 10000.0))),
-                      rope_scaling=draw(rope_scalings(llama3=False)),
-                      use_parallel_residual=draw(st.booleans()), attention_bias=draw(st.booleans()),
-                      hidden_act=draw(st.sampled_from(GELU_FAMILY_ACTS)), tie_word_embeddings=tie)
+        kwargs = dict(
+            hidden_size=d_model,
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            intermediate_size=d_mlp,
+            max_position_embeddings=n_ctx,
+            rotary_pct=rotary_dim / d_head,
+            rotary_emb_base=draw(st.sampled_from((100.0, 10000.0))),
+            rope_scaling=draw(rope_scalings(llama3=False)),
+            use_parallel_residual=draw(st.booleans()),
+            attention_bias=draw(st.booleans()),
+            hidden_act=draw(st.sampled_from(GELU_FAMILY_ACTS)),
+            tie_word_embeddings=tie,
+        )
         assert int(d_head * kwargs["rotary_pct"]) == rotary_dim  # no float rounding to an odd count
     else:
         n_kv_heads = draw(st.sampled_from([k for k in range(1, n_heads + 1) if n_heads % k == 0]))
         # head_dim need not be hidden_size / heads (HF still wants hidden_size a multiple of heads)
         hidden_size = n_heads * draw(st.sampled_from((d_head, 6, 10)))
-        kwargs = dict(hidden_size=hidden_size, num_hidden_layers=n_layers, num_attention_heads=n_heads,
-                      num_key_value_heads=n_kv_heads, head_dim=d_head, intermediate_size=d_mlp,
-                      max_position_embeddings=n_ctx, rope_theta=draw(st.sampled_from((500.0, 10000.0))),
-                      rope_scaling=draw(rope_scalings(llama3=True)),
-                      attention_bias=draw(st.booleans()), mlp_bias=draw(st.booleans()),
-                      hidden_act=draw(st.sampled_from(GATED_ACTS)), tie_word_embeddings=tie)
+        kwargs = dict(
+            hidden_size=hidden_size,
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            num_key_value_heads=n_kv_heads,
+            head_dim=d_head,
+            intermediate_size=d_mlp,
+            max_position_embeddings=n_ctx,
+            rope_theta=draw(st.sampled_from((500.0, 10000.0))),
+            rope_scaling=draw(rope_scalings(llama3=True)),
+            attention_bias=draw(st.booleans()),
+            mlp_bias=draw(st.booleans()),
+            hidden_act=draw(st.sampled_from(GATED_ACTS)),
+            tie_word_embeddings=tie,
+        )
     return Spec(family, kwargs, draw(st.integers(0, 2**16)))
 
 
@@ -232,7 +272,11 @@ def assert_config_read(spec: Spec, model: HookedTransformer) -> None:
         if scaling is not None:
             assert (cfg.rope_scaling.kind, cfg.rope_scaling.factor) == (scaling["rope_type"], scaling["factor"])
     if spec.family == "llama":
-        assert (cfg.n_kv_heads, cfg.d_head, cfg.d_model) == (kw["num_key_value_heads"], kw["head_dim"], kw["hidden_size"])
+        assert (cfg.n_kv_heads, cfg.d_head, cfg.d_model) == (
+            kw["num_key_value_heads"],
+            kw["head_dim"],
+            kw["hidden_size"],
+        )
 
 
 # Properties --------------------------------------------------------------------------
@@ -251,14 +295,24 @@ def test_parity_with_hf(data, spec: Spec, hf_attn: str):
             logits, cache = model.run_with_cache(batch.tokens, names_filter=lambda n: n.endswith("hook_resid_pre"))
             torch.testing.assert_close(logits, ref.logits, atol=TOL, rtol=0)
             for layer in range(model.cfg.n_layers):
-                torch.testing.assert_close(cache[f"blocks.{layer}.hook_resid_pre"], ref.hidden_states[layer],
-                                           atol=TOL, rtol=0, msg=lambda m: f"resid_pre {layer}: {m}")
+                torch.testing.assert_close(
+                    cache[f"blocks.{layer}.hook_resid_pre"],
+                    ref.hidden_states[layer],
+                    atol=TOL,
+                    rtol=0,
+                    msg=lambda m: f"resid_pre {layer}: {m}",
+                )
         else:
             logits = model(batch.tokens, attention_mask=batch.mask)
             for row in range(batch.tokens.shape[0]):
                 alone = batch.tokens[row : row + 1, batch.real(row)]
-                torch.testing.assert_close(logits[row : row + 1, batch.real(row)], hf(alone).logits,
-                                           atol=TOL, rtol=0, msg=lambda m: f"row {row} ({batch.side} padded): {m}")
+                torch.testing.assert_close(
+                    logits[row : row + 1, batch.real(row)],
+                    hf(alone).logits,
+                    atol=TOL,
+                    rtol=0,
+                    msg=lambda m: f"row {row} ({batch.side} padded): {m}",
+                )
         assert torch.isfinite(logits).all(), "padding rows must stay finite too"
         assert_no_hooks(model)
 
@@ -271,8 +325,11 @@ def test_fused_attention_equals_explicit_and_observing_changes_nothing(data, spe
     with Built(spec) as built, torch.no_grad():
         model = built.model
         fused = model(batch.tokens, attention_mask=batch.mask)
-        explicit = model.run_with_hooks(batch.tokens, attention_mask=batch.mask,
-                                        fwd_hooks=[(lambda n: n.endswith("hook_pattern"), lambda x, hook: None)])
+        explicit = model.run_with_hooks(
+            batch.tokens,
+            attention_mask=batch.mask,
+            fwd_hooks=[(lambda n: n.endswith("hook_pattern"), lambda x, hook: None)],
+        )
         # Observing every site, per-head inputs and results included, takes every slow path.
         everything, cache = model.run_with_cache(batch.tokens, attention_mask=batch.mask, names_filter=lambda n: True)
         assert "blocks.0.hook_q_input" in cache and "blocks.0.attn.hook_result" in cache
@@ -315,8 +372,13 @@ def test_full_resid_decomposition_sums_to_the_residual(data, spec: Spec):
         scale = resid.abs().max().item()
         for expand_neurons in (True, False):
             parts = cache.get_full_resid_decomposition(expand_neurons=expand_neurons)
-            torch.testing.assert_close(parts.sum(0), resid, atol=TOL * max(1.0, scale), rtol=0,
-                                       msg=lambda m: f"expand_neurons={expand_neurons}: {m}")
+            torch.testing.assert_close(
+                parts.sum(0),
+                resid,
+                atol=TOL * max(1.0, scale),
+                rtol=0,
+                msg=lambda m: f"expand_neurons={expand_neurons}: {m}",
+            )
         # Any intermediate layer too: the decomposition of the stream entering it.
         layer = data.draw(st.integers(0, model.cfg.n_layers - 1), label="layer")
         parts = cache.get_full_resid_decomposition(layer=layer, expand_neurons=False)
@@ -357,9 +419,11 @@ def test_batched_patching_equals_one_patch_per_forward(data, spec: Spec):
     def metric(logits: torch.Tensor) -> torch.Tensor:
         return logits[:, -1, answer].mean()
 
-    sweeps = (("hook_resid_pre", patching.get_act_patch_resid_pre, False),
-              ("hook_mlp_out", patching.get_act_patch_mlp_out, False),
-              ("attn.hook_z", patching.get_act_patch_attn_head_out_by_pos, True))
+    sweeps = (
+        ("hook_resid_pre", patching.get_act_patch_resid_pre, False),
+        ("hook_mlp_out", patching.get_act_patch_mlp_out, False),
+        ("attn.hook_z", patching.get_act_patch_attn_head_out_by_pos, True),
+    )
     with Built(spec) as built, torch.no_grad():
         model = built.model
         _, clean_cache = model.run_with_cache(clean)
@@ -378,8 +442,9 @@ def test_stop_and_start_at_layer_compose(data, spec: Spec):
     with Built(spec) as built, torch.no_grad():
         model = built.model
         layer = data.draw(st.integers(0, model.cfg.n_layers), label="layer")
-        logits, cache = model.run_with_cache(batch.tokens, attention_mask=batch.mask,
-                                             names_filter=lambda n: n.endswith("hook_resid_pre"))
+        logits, cache = model.run_with_cache(
+            batch.tokens, attention_mask=batch.mask, names_filter=lambda n: n.endswith("hook_resid_pre")
+        )
         resid = model(batch.tokens, attention_mask=batch.mask, stop_at_layer=layer)
         if layer < model.cfg.n_layers:
             torch.testing.assert_close(resid, cache["resid_pre", layer], atol=0, rtol=0)
@@ -395,8 +460,18 @@ def test_generation_with_the_kv_cache_equals_rerunning_the_sequence(data, spec: 
     new = data.draw(st.integers(1, min(6, spec.n_ctx - batch.tokens.shape[1])), label="max_new_tokens")
     with Built(spec) as built, torch.no_grad():
         model = built.model
-        runs = [model.generate(batch.tokens, attention_mask=batch.mask, max_new_tokens=new, do_sample=False,
-                               stop_at_eos=False, use_past_kv_cache=kv, verbose=False) for kv in (True, False)]
+        runs = [
+            model.generate(
+                batch.tokens,
+                attention_mask=batch.mask,
+                max_new_tokens=new,
+                do_sample=False,
+                stop_at_eos=False,
+                use_past_kv_cache=kv,
+                verbose=False,
+            )
+            for kv in (True, False)
+        ]
         assert runs[0].shape == (batch.tokens.shape[0], batch.tokens.shape[1] + new)
         differ = (runs[0] != runs[1]).any(0).nonzero()
         if len(differ):  # only a near-tie of the two top logits (float rounding) may flip a greedy choice

@@ -87,9 +87,7 @@ def make_hf_dir(directory: Path, sharded: bool = False) -> Path:
     return directory
 
 
-def make_hub_cache(
-    cache: Path, repo_id: str, files: dict[str, bytes], commit: str = "a" * 40
-) -> Path:
+def make_hub_cache(cache: Path, repo_id: str, files: dict[str, bytes], commit: str = "a" * 40) -> Path:
     """Lay out a repo exactly as huggingface_hub does: refs/main, blobs/, snapshot symlinks."""
     repo = cache / ("models--" + repo_id.replace("/", "--"))
     (repo / "refs").mkdir(parents=True, exist_ok=True)
@@ -329,9 +327,7 @@ def test_missing_repo_offline_says_how_to_fix(tmp_path: Path) -> None:
     assert isinstance(info.value, FileNotFoundError)
 
 
-def test_partial_cache_offline_names_missing_weights(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_partial_cache_offline_names_missing_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cache = tmp_path / "hub"
     make_hub_cache(cache, "openai-community/gpt2", {"config.json": json.dumps(CONFIG).encode()})
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))

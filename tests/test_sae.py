@@ -11,8 +11,16 @@ import torch
 
 from checkpoints import VOCAB
 from transformer_hooks import HookedTransformer
-from transformer_hooks.sae import (PROCESSING_STEPS, SAE, SAEConfig, check_sae_processing, evaluate_sae,
-                                   sites_changed_by, splice_sae, train_sae)
+from transformer_hooks.sae import (
+    PROCESSING_STEPS,
+    SAE,
+    SAEConfig,
+    check_sae_processing,
+    evaluate_sae,
+    sites_changed_by,
+    splice_sae,
+    train_sae,
+)
 
 SITE = "blocks.1.hook_resid_pre"
 
@@ -29,10 +37,12 @@ def tokens(batch=3, pos=10, seed=0):
 
 def random_sae(d_in, d_sae=64, hook_name=SITE, seed=0, **cfg):
     gen = torch.Generator().manual_seed(seed)
-    state = {"W_enc": torch.randn(d_in, d_sae, generator=gen) / d_in ** 0.5,
-             "b_enc": torch.randn(d_sae, generator=gen) * 0.1,
-             "W_dec": torch.randn(d_sae, d_in, generator=gen) / d_sae ** 0.5,
-             "b_dec": torch.randn(d_in, generator=gen) * 0.1}
+    state = {
+        "W_enc": torch.randn(d_in, d_sae, generator=gen) / d_in**0.5,
+        "b_enc": torch.randn(d_sae, generator=gen) * 0.1,
+        "W_dec": torch.randn(d_sae, d_in, generator=gen) / d_sae**0.5,
+        "b_dec": torch.randn(d_in, generator=gen) * 0.1,
+    }
     return SAE.from_state_dict(state, SAEConfig(d_in=d_in, d_sae=d_sae, hook_name=hook_name, **cfg))
 
 
@@ -63,9 +73,14 @@ def test_saelens_files_round_trip_and_other_cfg_layouts(tmp_path):
         assert torch.equal(p, getattr(loaded, name))
     assert loaded.cfg.expected_processing == ("center_writing_weights",)
 
-    newer = {"d_in": 16, "d_sae": 40, "architecture": "standard", "apply_b_dec_to_input": False,
-             "normalize_activations": "none", "metadata": {"hook_name": "blocks.3.hook_resid_post",
-                                                           "model_from_pretrained_kwargs": {}}}
+    newer = {
+        "d_in": 16,
+        "d_sae": 40,
+        "architecture": "standard",
+        "apply_b_dec_to_input": False,
+        "normalize_activations": "none",
+        "metadata": {"hook_name": "blocks.3.hook_resid_post", "model_from_pretrained_kwargs": {}},
+    }
     assert SAEConfig.from_dict(newer).hook_name == "blocks.3.hook_resid_post"
     assert SAEConfig.from_dict(newer).expected_processing == ()
     older = {"d_in": 16, "d_sae": 40, "hook_point": "blocks.2.hook_resid_pre", "dtype": "torch.float32"}
@@ -79,12 +94,15 @@ def test_bad_sae_files_fail_with_a_reason(tmp_path):
     with pytest.raises(ValueError, match="hook_name"):
         SAEConfig.from_dict({"d_in": 4, "d_sae": 8})
     with pytest.raises(ValueError, match="expected_average_only_in"):
-        SAEConfig.from_dict({"d_in": 4, "d_sae": 8, "hook_name": "x",
-                             "normalize_activations": "expected_average_only_in"})
+        SAEConfig.from_dict(
+            {"d_in": 4, "d_sae": 8, "hook_name": "x", "normalize_activations": "expected_average_only_in"}
+        )
     cfg = SAEConfig(d_in=4, d_sae=8, hook_name="x")
     with pytest.raises(ValueError, match=r"W_dec has shape \(8, 5\)"):
-        SAE.from_state_dict({"W_enc": torch.zeros(4, 8), "b_enc": torch.zeros(8), "W_dec": torch.zeros(8, 5),
-                             "b_dec": torch.zeros(4)}, cfg)
+        SAE.from_state_dict(
+            {"W_enc": torch.zeros(4, 8), "b_enc": torch.zeros(8), "W_dec": torch.zeros(8, 5), "b_dec": torch.zeros(4)},
+            cfg,
+        )
     with pytest.raises(KeyError, match="b_dec"):
         SAE.from_state_dict({"W_enc": torch.zeros(4, 8), "b_enc": torch.zeros(8), "W_dec": torch.zeros(8, 4)}, cfg)
     with pytest.raises(FileNotFoundError, match="cfg.json"):
@@ -143,9 +161,15 @@ def test_evaluation_of_a_perfect_and_an_empty_sae(model):
     d = model.cfg.d_model
     eye = torch.eye(d)
     # relu(x) - relu(-x) = x: reconstructs exactly.
-    perfect = SAE.from_state_dict({"W_enc": torch.cat([eye, -eye], 1), "b_enc": torch.zeros(2 * d),
-                                   "W_dec": torch.cat([eye, -eye], 0), "b_dec": torch.zeros(d)},
-                                  SAEConfig(d_in=d, d_sae=2 * d, hook_name=SITE))
+    perfect = SAE.from_state_dict(
+        {
+            "W_enc": torch.cat([eye, -eye], 1),
+            "b_enc": torch.zeros(2 * d),
+            "W_dec": torch.cat([eye, -eye], 0),
+            "b_dec": torch.zeros(d),
+        },
+        SAEConfig(d_in=d, d_sae=2 * d, hook_name=SITE),
+    )
     toks = tokens(5)
     ev = evaluate_sae(model, perfect, toks, batch_size=2)
     assert ev.mse == 0 and ev.explained_variance == 1.0 and ev.spliced_loss == pytest.approx(ev.clean_loss, abs=1e-6)
@@ -177,8 +201,9 @@ def test_evaluation_matches_the_definitions_on_a_random_sae(model):
     ev_ref = 1 - (x - recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
     assert ev.explained_variance == pytest.approx(float(ev_ref), rel=1e-4)
     assert ev.spliced_loss == pytest.approx(spliced, rel=1e-5)
-    assert ev.ce_loss_recovered == pytest.approx((ev.zero_ablation_loss - spliced) /
-                                                 (ev.zero_ablation_loss - ev.clean_loss), rel=1e-4)
+    assert ev.ce_loss_recovered == pytest.approx(
+        (ev.zero_ablation_loss - spliced) / (ev.zero_ablation_loss - ev.clean_loss), rel=1e-4
+    )
 
 
 def test_padded_prompts_count_only_real_tokens(model):

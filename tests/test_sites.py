@@ -2,6 +2,7 @@
 the sites the table says, with the axes it says; the short names, the default cache,
 pos_slice, patching's layouts and the error messages all follow the table; the README shows it."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -10,11 +11,21 @@ import torch
 from checkpoints import VOCAB
 from transformer_hooks import HookedTransformer, UnknownHookError, sites
 from transformer_hooks.cache import NotCachedError
-from transformer_hooks.patching import _axis_sizes, _layout
+from transformer_hooks.patching.engine import _axis_sizes, _layout
 from transformer_hooks.utils import IndexOutOfRangeError, check_index, get_act_name
 
 # GPT-2, GPT-Neo, NeoX parallel (Pythia), NeoX sequential, Llama (gated MLP, GQA).
-FAMILIES = ["gpt2", "gpt-neo-local", "pythia", "neox-sequential-full-rotary", "llama-gqa"]
+FAMILIES = [
+    "gpt2",
+    "gpt-neo-local",
+    "pythia",
+    "neox-sequential-full-rotary",
+    "llama-gqa",
+    "qwen3",
+    "gemma2",
+    "gemma3",
+    "olmo2",
+]
 B, P = 2, 5
 PER_HEAD_INPUTS = ("hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input")
 
@@ -44,8 +55,8 @@ def test_the_model_has_exactly_the_sites_of_the_table_with_their_axes(model):
     assert sorted(acts) == sorted(model.hook_dict)
     for name, act in acts.items():
         row = sites.lookup(name)
-        assert act.ndim == len(row.axes), (name, row.axes, tuple(act.shape))
-        assert tuple(act.shape) == row.shape(cfg, B, P), (name, row.axes)
+        assert act.ndim == len(row.axes_in(cfg)), (name, row.axes_in(cfg), tuple(act.shape))
+        assert tuple(act.shape) == row.shape(cfg, B, P), (name, row.axes_in(cfg))
 
 
 def test_the_conditions_are_the_architecture(model):
@@ -55,13 +66,16 @@ def test_the_conditions_are_the_architecture(model):
     assert ("attn.hook_rot_q" in present) == (cfg.positional_embedding == "rotary")
     assert ("hook_resid_mid" in present) == (not cfg.parallel_residual)
     assert ("mlp.hook_pre_linear" in present) == cfg.gated_mlp
+    assert ("ln1.hook_scale" in present) == hasattr(model.blocks[0].ln1, "hook_scale")
+    assert ("ln2_post.hook_normalized" in present) == hasattr(model.blocks[0].ln2_post, "hook_normalized")
+    assert ("attn.k_norm.hook_scale" in present) == hasattr(model.blocks[0].attn, "k_norm")
     for row in sites.SITES:
         if not row.when.holds(cfg):
             name = row.full_name(0)
-            with pytest.raises(UnknownHookError, match=row.when.absent_because.split(":")[0]):
+            with pytest.raises(UnknownHookError, match=re.escape(row.when.absent_because.split(":")[0])):
                 model.run_with_hooks(tokens(), fwd_hooks=[(name, lambda a, hook: None)])
             _, cache = model.run_with_cache(tokens(), names_filter="hook_embed")
-            with pytest.raises(NotCachedError, match=row.when.absent_because.split(":")[0]):
+            with pytest.raises(NotCachedError, match=re.escape(row.when.absent_because.split(":")[0])):
                 cache[name]
 
 
@@ -118,8 +132,11 @@ def test_readme_shows_the_table():
 def test_one_range_check_with_one_message():
     assert check_index(-1, 4, "layer", "a model with 4 layers") == 3
     assert check_index(4, 4, "stop", "a model with 4 layers", allow_end=True) == 4
-    with pytest.raises(IndexOutOfRangeError, match=r"^layer=4 is out of range for a model with 4 layers "
-                                                   r"\(valid: -4\.\.3\)$"):
+    with pytest.raises(
+        IndexOutOfRangeError,
+        match=r"^layer=4 is out of range for a model with 4 layers "
+        r"\(valid: -4\.\.3\)$",
+    ):
         check_index(4, 4, "layer", "a model with 4 layers")
     with pytest.raises(ValueError, match=r"layer=-1 is out of range.*valid: 0\.\.4; 4: the unembedding"):
         check_index(-1, 4, "layer", "x", allow_end=True, allow_negative=False, note="4: the unembedding")

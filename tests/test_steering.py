@@ -30,8 +30,10 @@ def greedy(model, toks, **kwargs):
     return model.generate(toks, max_new_tokens=8, do_sample=False, stop_at_eos=False, verbose=False, **kwargs)
 
 
-@pytest.mark.parametrize("positions,chosen", [(None, range(7)), ("all", range(7)), (2, [2]), (-1, [6]),
-                                              (slice(1, 4), [1, 2, 3]), ([0, 5], [0, 5])])
+@pytest.mark.parametrize(
+    "positions,chosen",
+    [(None, range(7)), ("all", range(7)), (2, [2]), (-1, [6]), (slice(1, 4), [1, 2, 3]), ([0, 5], [0, 5])],
+)
 def test_adds_exactly_coeff_times_vector_at_the_chosen_positions(model, positions, chosen):
     toks = tokens()
     vector = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(1))

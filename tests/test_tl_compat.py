@@ -142,7 +142,7 @@ def test_loss_fn_equals_the_forward_loss(gpt2):
 def test_W_E_pos_stacks_token_and_position_embeddings(gpt2):
     assert gpt2.W_E_pos.shape == (gpt2.cfg.d_vocab + gpt2.cfg.n_ctx, gpt2.cfg.d_model)
     torch.testing.assert_close(gpt2.W_E_pos[: gpt2.cfg.d_vocab], gpt2.W_E, atol=0, rtol=0)
-    torch.testing.assert_close(gpt2.W_E_pos[gpt2.cfg.d_vocab:], gpt2.W_pos, atol=0, rtol=0)
+    torch.testing.assert_close(gpt2.W_E_pos[gpt2.cfg.d_vocab :], gpt2.W_pos, atol=0, rtol=0)
 
 
 def test_set_tokenizer_sets_the_padding_side(gpt2):
@@ -179,16 +179,20 @@ def test_QK_and_OV_circuits_reproduce_scores_and_head_outputs(hf_checkpoint, nam
     model.set_use_attn_result(True)
     _, cache = model.run_with_cache(TOKENS)
     layer, head = 1, model.cfg.n_heads - 1
-    assert model.QK.shape == model.OV.shape == (model.cfg.n_layers, model.cfg.n_heads,
-                                                model.cfg.d_model, model.cfg.d_model)
+    assert (
+        model.QK.shape
+        == model.OV.shape
+        == (model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_model, model.cfg.d_model)
+    )
     x = cache["normalized", layer, "ln1"]  # [batch, pos, d_model]
     if model.cfg.positional_embedding == "learned":
         q_part = x @ model.QK[layer, head].A + model.b_Q[layer, head]
         k_part = x @ model.QK[layer, head].B.T + model.b_K_per_query_head[layer, head]
         scores = q_part @ k_part.transpose(-1, -2) * model.cfg.scores_scale
         causal = torch.ones(TOKENS.shape[1], TOKENS.shape[1], dtype=torch.bool).tril()
-        torch.testing.assert_close(scores[:, causal], cache["attn_scores", layer][:, head][:, causal],
-                                   atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            scores[:, causal], cache["attn_scores", layer][:, head][:, causal], atol=1e-4, rtol=0
+        )
     values = x @ model.OV[layer, head].A + model.b_V_per_query_head[layer, head]  # [batch, pos, d_head]
     written = cache["pattern", layer][:, head] @ values @ model.W_O[layer, head]
     torch.testing.assert_close(written, cache["result", layer][:, :, head], atol=1e-4, rtol=0)

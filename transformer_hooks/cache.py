@@ -23,6 +23,15 @@ the last block). Architecture notes: parallel-residual blocks (Pythia) have no
 
 Per-head results are computed from the cached ``z`` and ``W_O`` when
 ``attn.hook_result`` was not cached (run_with_cache leaves it out by default).
+
+Post-norms (Gemma 2/3, OLMo 2: ``ln1_post`` / ``ln2_post`` on each output before it is
+added): ``attn_out`` and ``mlp_out`` are after them, and a head's, a neuron's or a bias's
+*direct* contribution is what it adds to the residual stream through the post-norm with the
+scale ``s`` cached in the forward pass, ``result · w / s`` (RMSNorm), the way
+``apply_ln_to_stack`` treats the final norm. With ``s`` fixed the post-norm is linear, so
+every decomposition above still sums exactly; the ``bias`` row then varies with position.
+With ``final_logit_softcap`` the logits are ``c * tanh(x / c)`` of the unembedded
+residual ``x``: the attributions here (``logit_attrs``) are of ``x``, before the cap.
 """
 
 from __future__ import annotations
@@ -119,14 +128,21 @@ class ActivationCache(HookCache):
         n = self.cfg.n_layers
         if layer is None:
             return n
-        return check_index(layer, n + 1, what, f"a model with {n} layers",
-                           note=f"here it counts the blocks whose outputs are included, 0..{n}; {n}, -1 or None: "
-                                f"all of them, the input to the unembedding; negative values count back from there")
+        return check_index(
+            layer,
+            n + 1,
+            what,
+            f"a model with {n} layers",
+            note=f"here it counts the blocks whose outputs are included, 0..{n}; {n}, -1 or None: "
+            f"all of them, the input to the unembedding; negative values count back from there",
+        )
 
     def _check_mlp_input(self, layer: int, mlp_input: bool) -> None:
         if mlp_input and layer == self.cfg.n_layers:
-            raise ValueError(f"mlp_input=True means the input to layer {layer}'s MLP, but layer={layer} is the "
-                             f"unembedding (there are {self.cfg.n_layers} layers); pass a layer below {layer}")
+            raise ValueError(
+                f"mlp_input=True means the input to layer {layer}'s MLP, but layer={layer} is the "
+                f"unembedding (there are {self.cfg.n_layers} layers); pass a layer below {layer}"
+            )
 
     def _attn_before_mlp(self, layer: int, mlp_input: bool) -> bool:
         """Whether layer's attention output is in the residual stream its MLP reads."""
@@ -141,9 +157,15 @@ class ActivationCache(HookCache):
         return self._get(("resid_pre", layer))
 
     # Residual stream stacks ---------------------------------------------------------------
-    def accumulated_resid(self, layer: int | None = None, incl_mid: bool = False, apply_ln: bool = False,
-                          pos_slice: SliceInput | Slice = None, mlp_input: bool = False,
-                          return_labels: bool = False) -> Stack | tuple[Stack, list[str]]:
+    def accumulated_resid(
+        self,
+        layer: int | None = None,
+        incl_mid: bool = False,
+        apply_ln: bool = False,
+        pos_slice: SliceInput | Slice = None,
+        mlp_input: bool = False,
+        return_labels: bool = False,
+    ) -> Stack | tuple[Stack, list[str]]:
         """The residual stream at each point up to the input of ``layer``: ``[component, ..., d_model]``.
 
         Rows are ``resid_pre`` of each block (``"3_pre"``), with ``incl_mid`` also
@@ -178,10 +200,16 @@ class ActivationCache(HookCache):
             stack = self.apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=pos_slice)
         return (stack, labels) if return_labels else stack
 
-    def decompose_resid(self, layer: int | None = None, mlp_input: bool = False,
-                        mode: Literal["all", "mlp", "attn"] = "all", apply_ln: bool = False,
-                        pos_slice: SliceInput | Slice = None, incl_embeds: bool = True,
-                        return_labels: bool = False) -> Stack | tuple[Stack, list[str]]:
+    def decompose_resid(
+        self,
+        layer: int | None = None,
+        mlp_input: bool = False,
+        mode: Literal["all", "mlp", "attn"] = "all",
+        apply_ln: bool = False,
+        pos_slice: SliceInput | Slice = None,
+        incl_embeds: bool = True,
+        return_labels: bool = False,
+    ) -> Stack | tuple[Stack, list[str]]:
         """The residual stream entering ``layer`` as the outputs that wrote it.
 
         ``embed``, ``pos_embed`` (learned positions), then ``attn_out`` and ``mlp_out`` of
@@ -229,8 +257,9 @@ class ActivationCache(HookCache):
         return like.new_zeros((0, *like.shape))
 
     # Attention heads ------------------------------------------------------------------------
-    def _head_results(self, layer: int, pos_slice: Slice, needed_by: str
-                      ) -> Float[torch.Tensor, "*batch_and_pos head d_model"]:
+    def _head_results(
+        self, layer: int, pos_slice: Slice, needed_by: str
+    ) -> Float[torch.Tensor, "*batch_and_pos head d_model"]:
         """result = z · W_O per head, from the cache if hook_result was cached."""
         name = sites.BY_NAME["attn.hook_result"].full_name(layer)
         if name in self.cache_dict:
@@ -247,9 +276,14 @@ class ActivationCache(HookCache):
         for l in missing:
             self.cache_dict[f"blocks.{l}.attn.hook_result"] = self._head_results(l, Slice(None), "compute_head_results")
 
-    def stack_head_results(self, layer: int | None = -1, return_labels: bool = False, incl_remainder: bool = False,
-                           pos_slice: SliceInput | Slice = None, apply_ln: bool = False
-                           ) -> Stack | tuple[Stack, list[str]]:
+    def stack_head_results(
+        self,
+        layer: int | None = -1,
+        return_labels: bool = False,
+        incl_remainder: bool = False,
+        pos_slice: SliceInput | Slice = None,
+        apply_ln: bool = False,
+    ) -> Stack | tuple[Stack, list[str]]:
         """Each head's output (``z · W_O``, without ``b_O``) for the blocks before ``layer``:
         ``[layer * n_heads, ..., d_model]``, ordered layer-major (``"L0H0", "L0H1", ...``).
 
@@ -259,17 +293,30 @@ class ActivationCache(HookCache):
         layer = self._stack_layer(layer)
         pos_slice = Slice.unwrap(pos_slice)
         labels = [f"L{l}H{h}" for l in range(layer) for h in range(self.cfg.n_heads)]
-        per_layer = [self._head_results(l, pos_slice, "stack_head_results") for l in range(layer)]
+        per_layer = [
+            self._through_post_norm(
+                self._head_results(l, pos_slice, "stack_head_results"), l, "ln1_post", pos_slice, "stack_head_results"
+            )
+            for l in range(layer)
+        ]
         return self._components_stack(per_layer, labels, layer, pos_slice, incl_remainder, apply_ln, return_labels)
 
-    def _components_stack(self, per_layer: list[torch.Tensor], labels: list[str], layer: int, pos_slice: Slice,
-                          incl_remainder: bool, apply_ln: bool, return_labels: bool
-                          ) -> Stack | tuple[Stack, list[str]]:
+    def _components_stack(
+        self,
+        per_layer: list[torch.Tensor],
+        labels: list[str],
+        layer: int,
+        pos_slice: Slice,
+        incl_remainder: bool,
+        apply_ln: bool,
+        return_labels: bool,
+    ) -> Stack | tuple[Stack, list[str]]:
         """Per-layer [..., component, d_model] results -> [component, ..., d_model], with the
         optional remainder row and final norm."""
         if per_layer:
-            stack = rearrange(torch.cat(_one_device(per_layer), dim=-2),
-                              "... component d_model -> component ... d_model")
+            stack = rearrange(
+                torch.cat(_one_device(per_layer), dim=-2), "... component d_model -> component ... d_model"
+            )
         else:
             stack = self._empty_stack(pos_slice)
         if incl_remainder:
@@ -278,29 +325,36 @@ class ActivationCache(HookCache):
             stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice)
         return (stack, labels) if return_labels else stack
 
-    def _with_remainder(self, stack: Stack, labels: list[str], layer: int, mlp_input: bool,
-                        pos_slice: Slice) -> tuple[Stack, list[str]]:
+    def _with_remainder(
+        self, stack: Stack, labels: list[str], layer: int, mlp_input: bool, pos_slice: Slice
+    ) -> tuple[Stack, list[str]]:
         total = pos_slice.apply(self._resid_entering(layer, mlp_input), dim=_RESID_POS)
         total = total.to(stack.device)
         return torch.cat([stack, (total - stack.sum(0))[None]]), labels + ["remainder"]
 
     # MLP neurons ----------------------------------------------------------------------------
-    def get_neuron_results(self, layer: int, neuron_slice: SliceInput | Slice = None,
-                           pos_slice: SliceInput | Slice = None
-                           ) -> Float[torch.Tensor, "*batch_and_pos neuron d_model"]:
-        """Each neuron's write to the residual stream, ``post[..., n] * W_out[n]``, for block ``layer``."""
+    def get_neuron_results(
+        self, layer: int, neuron_slice: SliceInput | Slice = None, pos_slice: SliceInput | Slice = None
+    ) -> Float[torch.Tensor, "*batch_and_pos neuron d_model"]:
+        """Each neuron's write to the residual stream, ``post[..., n] * W_out[n]`` (through ``ln2_post``
+        with its cached scale, if the block has one), for block ``layer``."""
         layer = check_layer(layer, self.cfg.n_layers)
         neuron_slice, pos_slice = _keep_dim(Slice.unwrap(neuron_slice)), Slice.unwrap(pos_slice)
         post = self._get(("post", layer), "get_neuron_results")
         post = pos_slice.apply(post, dim=sites.BY_NAME["mlp.hook_post"].position_dim)
         post = neuron_slice.apply(post, dim=-1)
         W_out = neuron_slice.apply(_like(self.model.blocks[layer].mlp.W_out, post), dim=0)
-        return post[..., None] * W_out
+        return self._through_post_norm(post[..., None] * W_out, layer, "ln2_post", pos_slice, "get_neuron_results")
 
-    def stack_neuron_results(self, layer: int | None, pos_slice: SliceInput | Slice = None,
-                             neuron_slice: SliceInput | Slice = None, return_labels: bool = False,
-                             incl_remainder: bool = False, apply_ln: bool = False
-                             ) -> Stack | tuple[Stack, list[str]]:
+    def stack_neuron_results(
+        self,
+        layer: int | None,
+        pos_slice: SliceInput | Slice = None,
+        neuron_slice: SliceInput | Slice = None,
+        return_labels: bool = False,
+        incl_remainder: bool = False,
+        apply_ln: bool = False,
+    ) -> Stack | tuple[Stack, list[str]]:
         """Each neuron's output (without ``b_out``) for the blocks before ``layer``:
         ``[layer * neurons, ..., d_model]``, labels ``"L3N7"``. Memory grows as
         d_mlp x d_model per position: slice positions or neurons for large models.
@@ -313,10 +367,15 @@ class ActivationCache(HookCache):
         return self._components_stack(per_layer, labels, layer, pos_slice, incl_remainder, apply_ln, return_labels)
 
     # The whole residual stream --------------------------------------------------------------
-    def get_full_resid_decomposition(self, layer: int | None = None, mlp_input: bool = False,
-                                     expand_neurons: bool = True, apply_ln: bool = False,
-                                     pos_slice: SliceInput | Slice = None, return_labels: bool = False
-                                     ) -> Stack | tuple[Stack, list[str]]:
+    def get_full_resid_decomposition(
+        self,
+        layer: int | None = None,
+        mlp_input: bool = False,
+        expand_neurons: bool = True,
+        apply_ln: bool = False,
+        pos_slice: SliceInput | Slice = None,
+        return_labels: bool = False,
+    ) -> Stack | tuple[Stack, list[str]]:
         """The residual stream entering ``layer`` as every head, every neuron (or, without
         ``expand_neurons``, every MLP), the embeddings and one ``"bias"`` row, in that order.
 
@@ -336,15 +395,15 @@ class ActivationCache(HookCache):
             if expand_neurons:
                 mlps, mlp_labels = self.stack_neuron_results(layer, pos_slice=pos_slice, return_labels=True)
             else:
-                mlps, mlp_labels = self.decompose_resid(layer, mode="mlp", pos_slice=pos_slice, incl_embeds=False,
-                                                        return_labels=True)
+                mlps, mlp_labels = self.decompose_resid(
+                    layer, mode="mlp", pos_slice=pos_slice, incl_embeds=False, return_labels=True
+                )
             parts.append(mlps)
             labels += mlp_labels
         embeds, embed_labels = self.decompose_resid(0, pos_slice=pos_slice, return_labels=True)
         parts.append(embeds)
         labels += embed_labels
-        bias = self.model.accumulated_bias(layer, mlp_input, include_mlp_biases=expand_neurons)
-        parts.append(_like(bias, embeds).expand(embeds.shape[1:])[None])
+        parts.append(self._bias_row(layer, mlp_input, expand_neurons, pos_slice, embeds)[None])
         labels.append("bias")
         stack = torch.cat(_one_device(parts))
         if apply_ln:
@@ -354,6 +413,48 @@ class ActivationCache(HookCache):
                 stack = torch.cat([stack[:-1], stack[-1:] + _like(norm_bias, stack)])
         return (stack, labels) if return_labels else stack
 
+    def _bias_row(
+        self, layer: int, mlp_input: bool, include_mlp_biases: bool, pos_slice: Slice, like: torch.Tensor
+    ) -> Float[torch.Tensor, "*batch_and_pos d_model"]:
+        """The output biases in the residual stream entering ``layer`` (``model.accumulated_bias``);
+        with post-norms, each through its post-norm with the cached scale, so it depends on the position."""
+        shape = like.shape[1:]
+        if self.cfg.norm_placement == "pre":
+            return _like(self.model.accumulated_bias(layer, mlp_input, include_mlp_biases), like).expand(shape)
+        biases = [(l, "ln1_post", "attn.b_O") for l in range(layer)]
+        biases += [(l, "ln2_post", "mlp.b_out") for l in range(layer) if include_mlp_biases]
+        if self._attn_before_mlp(layer, mlp_input):
+            biases.append((layer, "ln1_post", "attn.b_O"))
+        row = like.new_zeros(shape)
+        for l, norm_name, bias_name in biases:
+            bias = _like(self.model.blocks[l].get_parameter(bias_name), like).expand(shape)
+            row = row + self._through_post_norm(bias, l, norm_name, pos_slice, "get_full_resid_decomposition")
+        return row
+
+    def _through_post_norm(
+        self,
+        x: Float[torch.Tensor, "*batch_and_pos ... d_model"],
+        layer: int,
+        norm_name: str,
+        pos_slice: Slice,
+        needed_by: str,
+    ) -> Float[torch.Tensor, "*batch_and_pos ... d_model"]:
+        """``x`` (a part of what block ``layer``'s attention or MLP outputs) through that output's
+        post-norm (RMSNorm) with its cached scale: ``w * x / s``. Unchanged without a post-norm."""
+        norm = getattr(self.model.blocks[layer], norm_name)
+        if not hasattr(norm, "hook_scale"):
+            return x
+        if getattr(norm, "centre", False):
+            raise NotImplementedError(
+                f"blocks.{layer}.{norm_name} is a LayerNorm post-norm; the decomposition "
+                f"through post-norms is implemented for RMSNorm (Gemma 2/3, OLMo 2)"
+            )
+        scale = pos_slice.apply(self._get(f"blocks.{layer}.{norm_name}.hook_scale", needed_by), dim=-2)
+        scale = scale.reshape(*scale.shape[:-1], *[1] * (x.ndim - scale.ndim + 1))  # over x's component dims
+        out = x / scale  # the cached scale is float32
+        w = getattr(norm, "w", None)
+        return (out if w is None else out * _like(w, out)).to(x.dtype)
+
     # Norms ------------------------------------------------------------------------------------
     def _norm(self, layer: int, mlp_input: bool) -> Any:
         if layer == self.cfg.n_layers:
@@ -361,17 +462,23 @@ class ActivationCache(HookCache):
         block = self.model.blocks[layer]
         return block.ln2 if mlp_input else block.ln1
 
-    def apply_ln_to_stack(self, residual_stack: Float[torch.Tensor, "... d_model"], layer: int | None = None,
-                          mlp_input: bool = False, pos_slice: SliceInput | Slice = None,
-                          batch_slice: SliceInput | Slice = None, has_batch_dim: bool = True
-                          ) -> Float[torch.Tensor, "... d_model"]:
+    def apply_ln_to_stack(
+        self,
+        residual_stack: Float[torch.Tensor, "... d_model"],
+        layer: int | None = None,
+        mlp_input: bool = False,
+        pos_slice: SliceInput | Slice = None,
+        batch_slice: SliceInput | Slice = None,
+        has_batch_dim: bool = True,
+    ) -> Float[torch.Tensor, "... d_model"]:
         """What each component of a residual stack contributes to the output of the norm
         that reads ``layer``'s input (``ln_final`` for the full model; ``ln1``, or ``ln2``
         with ``mlp_input``), using the scale ``s`` cached in the forward pass::
 
             LayerNorm: c -> w * (c - mean(c)) / s         RMSNorm: c -> w * c / s
 
-        (no ``w`` on a folded model). The norm is linear in its input once ``s`` is fixed,
+        (no ``w`` on a folded model; the identity where no norm reads the stream, as in
+        OLMo 2's blocks). The norm is linear in its input once ``s`` is fixed,
         so for a stack that sums to the residual stream the rows sum *exactly* to the
         norm's output minus its bias ``b`` (unfolded LayerNorm only). ``b`` belongs to no
         component and is left out here; ``get_full_resid_decomposition(apply_ln=True)``
@@ -386,26 +493,36 @@ class ActivationCache(HookCache):
         """
         d_model = self.cfg.d_model
         if residual_stack.shape[-1] != d_model:
-            raise ValueError(f"apply_ln_to_stack takes a stack of residual-stream vectors [..., d_model={d_model}], "
-                             f"got shape {tuple(residual_stack.shape)}. Apply the norm before projecting onto a "
-                             f"direction, and keep d_model as the last dimension")
+            raise ValueError(
+                f"apply_ln_to_stack takes a stack of residual-stream vectors [..., d_model={d_model}], "
+                f"got shape {tuple(residual_stack.shape)}. Apply the norm before projecting onto a "
+                f"direction, and keep d_model as the last dimension"
+            )
         layer = self._stack_layer(layer)
         self._check_mlp_input(layer, mlp_input)
         pos_slice, batch_slice = Slice.unwrap(pos_slice), Slice.unwrap(batch_slice)
         norm = self._norm(layer, mlp_input)
-        scale_name = "ln_final.hook_scale" if layer == self.cfg.n_layers else \
-            f"blocks.{layer}.{'ln2' if mlp_input else 'ln1'}.hook_scale"
-        scale = pos_slice.apply(self._get(scale_name, "apply_ln_to_stack"), dim=_SCALE_POS)  # [*batch_and_pos, 1]
+        scale_name = (
+            "ln_final.hook_scale"
+            if layer == self.cfg.n_layers
+            else f"blocks.{layer}.{'ln2' if mlp_input else 'ln1'}.hook_scale"
+        )
+        if hasattr(norm, "hook_scale"):
+            scale = pos_slice.apply(self._get(scale_name, "apply_ln_to_stack"), dim=_SCALE_POS)  # [*batch_and_pos, 1]
+        else:  # no norm reads this stream (OLMo 2's blocks normalise only their outputs): the identity
+            scale = torch.ones_like(pos_slice.apply(self._resid_entering(layer, mlp_input)[..., :1], dim=_SCALE_POS))
         if self.has_batch_dim and batch_slice.mode != "empty":
             if has_batch_dim:
                 residual_stack = batch_slice.apply(residual_stack, dim=residual_stack.ndim - scale.ndim)
             scale = batch_slice.apply(scale, dim=0)
         k = scale.ndim - 1
-        if residual_stack.ndim < k + 1 or residual_stack.shape[residual_stack.ndim - 1 - k:-1] != scale.shape[:-1]:
-            raise ValueError(f"the stack's batch/pos dims end in {tuple(residual_stack.shape[:-1])}, but the "
-                             f"cached {scale_name} has batch/pos dims {tuple(scale.shape[:-1])} after "
-                             f"pos_slice={pos_slice!r}, batch_slice={batch_slice!r}: pass the pos_slice (and "
-                             f"batch_slice) the stack was built with")
+        if residual_stack.ndim < k + 1 or residual_stack.shape[residual_stack.ndim - 1 - k : -1] != scale.shape[:-1]:
+            raise ValueError(
+                f"the stack's batch/pos dims end in {tuple(residual_stack.shape[:-1])}, but the "
+                f"cached {scale_name} has batch/pos dims {tuple(scale.shape[:-1])} after "
+                f"pos_slice={pos_slice!r}, batch_slice={batch_slice!r}: pass the pos_slice (and "
+                f"batch_slice) the stack was built with"
+            )
         from .components.norms import normalize
 
         out = normalize(residual_stack, self.cfg.norm_centres, scale=scale)  # float32, as the cached scale is
@@ -415,10 +532,15 @@ class ActivationCache(HookCache):
         return out.to(residual_stack.dtype)
 
     # Logits -----------------------------------------------------------------------------------
-    def logit_attrs(self, residual_stack: Float[torch.Tensor, "... d_model"], tokens: Tokens,
-                    incorrect_tokens: Tokens | None = None, pos_slice: SliceInput | Slice = None,
-                    batch_slice: SliceInput | Slice = None, has_batch_dim: bool = True
-                    ) -> Float[torch.Tensor, "..."]:
+    def logit_attrs(
+        self,
+        residual_stack: Float[torch.Tensor, "... d_model"],
+        tokens: Tokens,
+        incorrect_tokens: Tokens | None = None,
+        pos_slice: SliceInput | Slice = None,
+        batch_slice: SliceInput | Slice = None,
+        has_batch_dim: bool = True,
+    ) -> Float[torch.Tensor, "..."]:
         """Each component's direct effect on the logit of ``tokens`` (minus that of
         ``incorrect_tokens``): ``apply_ln_to_stack(stack) · (W_U[:, tokens] - W_U[:, incorrect])``.
 
@@ -429,23 +551,27 @@ class ActivationCache(HookCache):
         if incorrect_tokens is not None:
             wrong = self.model.tokens_to_residual_directions(incorrect_tokens)
             if wrong.shape != directions.shape:
-                raise ValueError(f"tokens and incorrect_tokens must have the same shape, got directions of shape "
-                                 f"{tuple(directions.shape)} and {tuple(wrong.shape)}")
+                raise ValueError(
+                    f"tokens and incorrect_tokens must have the same shape, got directions of shape "
+                    f"{tuple(directions.shape)} and {tuple(wrong.shape)}"
+                )
             directions = directions - wrong
-        scaled = self.apply_ln_to_stack(residual_stack, -1, pos_slice=pos_slice, batch_slice=batch_slice,
-                                        has_batch_dim=has_batch_dim)
-        if (has_batch_dim and scaled.ndim == 4 and directions.ndim == 2
-                and directions.shape[0] == scaled.shape[1]):
+        scaled = self.apply_ln_to_stack(
+            residual_stack, -1, pos_slice=pos_slice, batch_slice=batch_slice, has_batch_dim=has_batch_dim
+        )
+        if has_batch_dim and scaled.ndim == 4 and directions.ndim == 2 and directions.shape[0] == scaled.shape[1]:
             directions = directions[:, None]  # one direction per example, the same at every position
         return (scaled * _like(directions, scaled)).sum(-1)
 
     # Any activation ---------------------------------------------------------------------------
-    def stack_activation(self, activation_name: str, layer: int | None = -1, sublayer_type: str | None = None
-                         ) -> Float[torch.Tensor, "layer ..."]:
+    def stack_activation(
+        self, activation_name: str, layer: int | None = -1, sublayer_type: str | None = None
+    ) -> Float[torch.Tensor, "layer ..."]:
         """``activation_name`` (a short name, e.g. ``"pattern"``) of every block before ``layer``, stacked."""
         layer = self._stack_layer(layer)
-        return torch.stack(_one_device([self._get((activation_name, l, sublayer_type), "stack_activation")
-                                        for l in range(layer)]))
+        return torch.stack(
+            _one_device([self._get((activation_name, l, sublayer_type), "stack_activation") for l in range(layer)])
+        )
 
     # Error messages -----------------------------------------------------------------------------
     def _not_cached_message(self, name: str, needed_by: str | None) -> str:
@@ -453,17 +579,27 @@ class ActivationCache(HookCache):
         hook_dict = getattr(self.model, "hook_dict", {})
         if name not in hook_dict:
             why = sites.why_absent(name, self.cfg)
-            return (f"{who} is not a hook point of this model{f' ({why})' if why else ''}. "
-                    f"Cached: {_summarize(list(self.cache_dict))}")
+            return (
+                f"{who} is not a hook point of this model{f' ({why})' if why else ''}. "
+                f"Cached: {_summarize(list(self.cache_dict))}"
+            )
         layer, rel = sites.split_name(name)
         glob = name if layer is None else f"blocks.*.{rel}"
         expansion = sites.is_per_head_expansion(name)
-        why = (" (run_with_cache leaves per-head expansions out unless names_filter names them, or "
-               "model.set_use_attn_result(True) and friends switch them on)") if expansion else ""
+        why = (
+            (
+                " (run_with_cache leaves per-head expansions out unless names_filter names them, or "
+                "model.set_use_attn_result(True) and friends switch them on)"
+            )
+            if expansion
+            else ""
+        )
         default = "" if expansion else ", or leave names_filter out to cache every site"
-        return (f"{who} is not in this cache{why}. It holds {len(self)} activations: "
-                f"{_summarize(list(self.cache_dict))}. To cache it, run model.run_with_cache(..., "
-                f"names_filter=[..., {glob!r}]) (names and globs){default}")
+        return (
+            f"{who} is not in this cache{why}. It holds {len(self)} activations: "
+            f"{_summarize(list(self.cache_dict))}. To cache it, run model.run_with_cache(..., "
+            f"names_filter=[..., {glob!r}]) (names and globs){default}"
+        )
 
 
 def _one_device(parts: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -499,8 +635,11 @@ def _summarize(names: list[str], limit: int = 12) -> str:
             shown.append(key)
             continue
         ls = sorted(set(ls))
-        span = str(ls[0]) if len(ls) == 1 else (f"{ls[0]}-{ls[-1]}" if ls == list(range(ls[0], ls[-1] + 1))
-                                                 else ",".join(map(str, ls)))
+        span = (
+            str(ls[0])
+            if len(ls) == 1
+            else (f"{ls[0]}-{ls[-1]}" if ls == list(range(ls[0], ls[-1] + 1)) else ",".join(map(str, ls)))
+        )
         shown.append(key.replace("{}", "{" + span + "}") if len(ls) > 1 else key.replace("{}", span))
     more = f", ... ({len(shown) - limit} more kinds; see cache.keys())" if len(shown) > limit else ""
     return ", ".join(shown[:limit]) + more

@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 NormType = Literal["LN", "LNPre", "RMS", "RMSPre"]
 PositionalEmbedding = Literal["learned", "rotary"]
+NormPlacement = Literal["pre", "both", "post"]
+QKNorm = Literal["head", "all"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,23 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    # Quirks of the newer families (Mistral/Qwen use only attn_windows; see weights_conversion/).
+    # The token embedding is multiplied by this (cast to the model's dtype first; Gemma: sqrt(d_model)).
+    embed_scale: float = 1.0
+    # Where each block's norms sit. "pre": ln1 before attention, ln2 before the MLP (GPT-2 ... Llama);
+    # "both": also ln1_post / ln2_post on the attention and MLP outputs before they are added
+    # (Gemma 2/3); "post": only ln1_post / ln2_post (OLMo 2).
+    norm_placement: NormPlacement = "pre"
+    # RMSNorm on queries and keys after the projection, before rotary: "head" over each head's
+    # d_head (Qwen 3, Gemma 3), "all" over the whole projection, head*d_head (OLMo 2).
+    qk_norm: QKNorm | None = None
+    # Soft-capping c: x -> c * tanh(x / c), on the scaled attention scores (before the mask) and
+    # on the logits (Gemma 2). None: off.
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    # Rotary base of the layers with an attention window (Gemma 3), without rope_scaling.
+    # None: every layer uses rope_theta and rope_scaling.
+    local_rope_theta: float | None = None
     # Weight processing applied to this model's weights (see processing.py), in order.
     processing: tuple[str, ...] = ()
     model_name: str = ""
@@ -98,6 +117,10 @@ class ModelConfig:
             raise ValueError(f"attn_windows has {len(self.attn_windows)} entries for {self.n_layers} layers")
         if self.normalization_type not in ("LN", "LNPre", "RMS", "RMSPre"):
             raise ValueError(f"unknown normalization_type {self.normalization_type!r}")
+        if self.norm_placement not in ("pre", "both", "post"):
+            raise ValueError(f"norm_placement must be 'pre', 'both' or 'post', got {self.norm_placement!r}")
+        if self.qk_norm not in (None, "head", "all"):
+            raise ValueError(f"qk_norm must be None, 'head' or 'all', got {self.qk_norm!r}")
         if self.positional_embedding == "rotary" and (self.rotary_dim % 2 or self.rotary_dim > self.d_head):
             raise ValueError(f"rotary_dim={self.rotary_dim} must be even and at most d_head={self.d_head}")
 

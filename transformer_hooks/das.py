@@ -52,8 +52,16 @@ class RotatedSubspaceInterchange(nn.Module):
     (``"matrix_exp"``, ``"cayley"``, ``"householder"``; default: torch's choice).
     """
 
-    def __init__(self, d: int, k: int, low_rank: bool = False, orthogonal_map: str | None = None,
-                 dtype: torch.dtype = torch.float32, device: Any = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        d: int,
+        k: int,
+        low_rank: bool = False,
+        orthogonal_map: str | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: Any = None,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         if not 0 < k <= d:
             raise ValueError(f"k={k} must be between 1 and d={d}")
@@ -61,8 +69,10 @@ class RotatedSubspaceInterchange(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             # nn.Linear(d, n).weight is [n, d]; its rows are the learned basis vectors.
-            self.rotation = orthogonal(nn.Linear(d, k if low_rank else d, bias=False, dtype=dtype, device=device),
-                                       orthogonal_map=orthogonal_map)
+            self.rotation = orthogonal(
+                nn.Linear(d, k if low_rank else d, bias=False, dtype=dtype, device=device),
+                orthogonal_map=orthogonal_map,
+            )
 
     @property
     def R(self) -> Float[torch.Tensor, "d d"]:
@@ -76,8 +86,9 @@ class RotatedSubspaceInterchange(nn.Module):
         """Orthonormal columns spanning the interchanged subspace."""
         return self.rotation.weight[: self.k].T
 
-    def forward(self, base: Float[torch.Tensor, "... d"], source: Float[torch.Tensor, "... d"]
-                ) -> Float[torch.Tensor, "... d"]:
+    def forward(
+        self, base: Float[torch.Tensor, "... d"], source: Float[torch.Tensor, "... d"]
+    ) -> Float[torch.Tensor, "... d"]:
         """Rotate, take the first k coordinates from the source, rotate back; with Q the
         first k columns of R this is ``base + (source - base) @ Q @ Q^T``."""
         Q = self.basis
@@ -100,15 +111,22 @@ def _checked(pos: torch.Tensor, n_pos: int) -> torch.Tensor:
     return pos % n_pos
 
 
-def interchange_hook(intervention: nn.Module, source_act: Float[torch.Tensor, "batch src_pos d"],
-                     base_pos: PositionIndex = -1, source_pos: PositionIndex = -1):
+def interchange_hook(
+    intervention: nn.Module,
+    source_act: Float[torch.Tensor, "batch src_pos d"],
+    base_pos: PositionIndex = -1,
+    source_pos: PositionIndex = -1,
+):
     """A hook function: at ``base_pos`` of each row, the site becomes
     ``intervention(base, source_act[row, source_pos])``; other positions are untouched."""
+
     def hook(act: Float[torch.Tensor, "batch pos d"], hook: HookPoint) -> torch.Tensor:
         batch = act.shape[0]
         if source_act.shape[0] != batch or source_act.shape[2:] != act.shape[2:]:
-            raise ValueError(f"source activations {tuple(source_act.shape)} do not match {hook.name} "
-                             f"{tuple(act.shape)} (batch and per-position shape must agree)")
+            raise ValueError(
+                f"source activations {tuple(source_act.shape)} do not match {hook.name} "
+                f"{tuple(act.shape)} (batch and per-position shape must agree)"
+            )
         rows = torch.arange(batch, device=act.device)
         b_pos = _checked(_per_row(base_pos, batch, act.device), act.shape[1])
         s_pos = _checked(_per_row(source_pos, batch, act.device), source_act.shape[1])
@@ -116,6 +134,7 @@ def interchange_hook(intervention: nn.Module, source_act: Float[torch.Tensor, "b
         out = act.clone()
         out[rows, b_pos] = new.to(act.dtype)
         return out
+
     return hook
 
 
@@ -156,9 +175,16 @@ def resume_point(model: Any, site: str) -> tuple[int, str] | None:
     return (layer, f"blocks.{layer}.hook_resid_pre") if layer < model.cfg.n_layers else None
 
 
-def interchange_logits(model: Any, intervention: nn.Module, site: str, base_tokens: Int[torch.Tensor, "batch pos"],
-                       source_act: torch.Tensor, base_pos: PositionIndex = -1, source_pos: PositionIndex = -1,
-                       base_act: torch.Tensor | None = None) -> Float[torch.Tensor, "batch d_vocab"]:
+def interchange_logits(
+    model: Any,
+    intervention: nn.Module,
+    site: str,
+    base_tokens: Int[torch.Tensor, "batch pos"],
+    source_act: torch.Tensor,
+    base_pos: PositionIndex = -1,
+    source_pos: PositionIndex = -1,
+    base_act: torch.Tensor | None = None,
+) -> Float[torch.Tensor, "batch d_vocab"]:
     """Next-token logits of the intervened base run, at its last position.
 
     With ``base_act`` (the base run's cached value of a residual-stream ``site``), the run
@@ -173,10 +199,20 @@ def interchange_logits(model: Any, intervention: nn.Module, site: str, base_toke
     return model.run_with_hooks(base_act, start_at_layer=start, fwd_hooks=[(hook_name, hook)])[:, -1]
 
 
-def train_das(model: Any, intervention: nn.Module, site: str, base_tokens: Int[torch.Tensor, "batch pos"],
-              source_tokens: Int[torch.Tensor, "batch src_pos"], target_tokens: Int[torch.Tensor, "batch"],
-              base_pos: PositionIndex = -1, source_pos: PositionIndex = -1, steps: int = 100, lr: float = 1e-2,
-              batch_size: int | None = None, seed: int = 0) -> list[float]:
+def train_das(
+    model: Any,
+    intervention: nn.Module,
+    site: str,
+    base_tokens: Int[torch.Tensor, "batch pos"],
+    source_tokens: Int[torch.Tensor, "batch src_pos"],
+    target_tokens: Int[torch.Tensor, "batch"],
+    base_pos: PositionIndex = -1,
+    source_pos: PositionIndex = -1,
+    steps: int = 100,
+    lr: float = 1e-2,
+    batch_size: int | None = None,
+    seed: int = 0,
+) -> list[float]:
     """Fit the rotation so the intervened base run predicts ``target_tokens`` (cross-entropy
     at the last position), with the model frozen. Returns the loss per step.
 
@@ -196,9 +232,16 @@ def train_das(model: Any, intervention: nn.Module, site: str, base_tokens: Int[t
     with frozen(model):
         for _ in tqdm(range(steps), desc="training DAS rotation", leave=False, delay=1.0):
             idx = torch.randperm(n, generator=gen)[:batch_size]
-            logits = interchange_logits(model, intervention, site, base_tokens[idx], source_act[idx],
-                                        base_pos[idx], source_pos[idx],
-                                        base_act=None if base_act is None else base_act[idx])
+            logits = interchange_logits(
+                model,
+                intervention,
+                site,
+                base_tokens[idx],
+                source_act[idx],
+                base_pos[idx],
+                source_pos[idx],
+                base_act=None if base_act is None else base_act[idx],
+            )
             loss = F.cross_entropy(logits.float(), target_tokens[idx])
             opt.zero_grad()
             loss.backward()
@@ -208,12 +251,21 @@ def train_das(model: Any, intervention: nn.Module, site: str, base_tokens: Int[t
 
 
 @torch.no_grad()
-def evaluate_das(model: Any, intervention: nn.Module, site: str, base_tokens: torch.Tensor,
-                 source_tokens: torch.Tensor, target_tokens: torch.Tensor, base_pos: PositionIndex = -1,
-                 source_pos: PositionIndex = -1) -> dict[str, float]:
+def evaluate_das(
+    model: Any,
+    intervention: nn.Module,
+    site: str,
+    base_tokens: torch.Tensor,
+    source_tokens: torch.Tensor,
+    target_tokens: torch.Tensor,
+    base_pos: PositionIndex = -1,
+    source_pos: PositionIndex = -1,
+) -> dict[str, float]:
     """Loss and interchange accuracy (argmax == target) of the intervened base runs."""
     source_act = source_activations(model, site, source_tokens)
     logits = interchange_logits(model, intervention, site, base_tokens, source_act, base_pos, source_pos)
     target_tokens = torch.as_tensor(target_tokens, device=logits.device)
-    return {"loss": float(F.cross_entropy(logits.float(), target_tokens)),
-            "accuracy": float((logits.argmax(-1) == target_tokens).float().mean())}
+    return {
+        "loss": float(F.cross_entropy(logits.float(), target_tokens)),
+        "accuracy": float((logits.argmax(-1) == target_tokens).float().mean()),
+    }

@@ -25,8 +25,9 @@ import hashlib
 import json
 import os
 import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -101,8 +102,10 @@ def _barrier(timeout: datetime.timedelta) -> None:
         try:
             dist.monitored_barrier(timeout=timeout, wait_all_ranks=True)
         except RuntimeError as e:
-            raise RankFailedError(f"rank {dist.get_rank()}: not every rank reached the end of its shard within "
-                                  f"{timeout} (a rank died or hung): {e}. No result was gathered.") from e
+            raise RankFailedError(
+                f"rank {dist.get_rank()}: not every rank reached the end of its shard within "
+                f"{timeout} (a rank died or hung): {e}. No result was gathered."
+            ) from e
     else:
         dist.barrier()
 
@@ -122,8 +125,10 @@ class ResultStore:
         description = json.dumps(job, sort_keys=True, default=repr)
         marker = self.directory / "job.json"
         if marker.exists() and marker.read_text() != description:
-            raise ValueError(f"{self.directory} holds results of another job ({marker.read_text()[:200]}); "
-                             f"give a new resume directory or delete this one")
+            raise ValueError(
+                f"{self.directory} holds results of another job ({marker.read_text()[:200]}); "
+                f"give a new resume directory or delete this one"
+            )
         tmp = marker.with_name(f"job.json.{os.getpid()}.partial")
         tmp.write_text(description)
         os.replace(tmp, marker)
@@ -150,9 +155,16 @@ def job_fingerprint(items: Sequence[Any], **job: Any) -> dict[str, Any]:
     return {"n_items": len(items), "items_sha256": hashlib.sha256(text.encode()).hexdigest(), **job}
 
 
-def map_prompts(fn: Callable[[T], R], items: Sequence[T], *, timeout: datetime.timedelta = DEFAULT_TIMEOUT,
-                progress: bool = True, desc: str = "prompts", resume_dir: str | os.PathLike[str] | None = None,
-                job: dict[str, Any] | None = None) -> list[R] | None:
+def map_prompts(
+    fn: Callable[[T], R],
+    items: Sequence[T],
+    *,
+    timeout: datetime.timedelta = DEFAULT_TIMEOUT,
+    progress: bool = True,
+    desc: str = "prompts",
+    resume_dir: str | os.PathLike[str] | None = None,
+    job: dict[str, Any] | None = None,
+) -> list[R] | None:
     """``[fn(x) for x in items]``, sharded over the ranks of the process group.
 
     Rank 0 returns the whole list in ``items`` order (results moved to the CPU); other
@@ -174,8 +186,13 @@ def map_prompts(fn: Callable[[T], R], items: Sequence[T], *, timeout: datetime.t
             store.save(index, result)
         return result
 
-    shard = tqdm(range(lo, hi), desc=desc if world == 1 else f"{desc} (rank 0 of {world})",
-                 disable=not progress or rank != 0, delay=1.0, leave=False)
+    shard = tqdm(
+        range(lo, hi),
+        desc=desc if world == 1 else f"{desc} (rank 0 of {world})",
+        disable=not progress or rank != 0,
+        delay=1.0,
+        leave=False,
+    )
     if world == 1:
         return [run(i) for i in shard]
     mine: list[R] | None = None
@@ -192,8 +209,9 @@ def map_prompts(fn: Callable[[T], R], items: Sequence[T], *, timeout: datetime.t
         r, err = failed[0]
         lo_r, hi_r = shard_bounds(len(items), r, world)
         others = f" (and ranks {[f for f, _ in failed[1:]]})" if len(failed) > 1 else ""
-        raise RankFailedError(f"rank {r}{others} failed on its prompts [{lo_r}, {hi_r}); no result was gathered. "
-                              f"Its error: {err}")
+        raise RankFailedError(
+            f"rank {r}{others} failed on its prompts [{lo_r}, {hi_r}); no result was gathered. Its error: {err}"
+        )
     gathered: list[list[R] | None] | None = [None] * world if rank == 0 else None
     dist.gather_object(mine, gathered, dst=0)
     if rank != 0:
@@ -201,29 +219,47 @@ def map_prompts(fn: Callable[[T], R], items: Sequence[T], *, timeout: datetime.t
     return [result for shard in gathered for result in shard]
 
 
-def harvest(model: Any, prompts: Sequence[Any], names_filter: Any, *,
-            reduce: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
-            timeout: datetime.timedelta = DEFAULT_TIMEOUT, progress: bool = True,
-            resume_dir: str | os.PathLike[str] | None = None) -> list[dict[str, torch.Tensor]] | None:
+def harvest(
+    model: Any,
+    prompts: Sequence[Any],
+    names_filter: Any,
+    *,
+    reduce: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    timeout: datetime.timedelta = DEFAULT_TIMEOUT,
+    progress: bool = True,
+    resume_dir: str | os.PathLike[str] | None = None,
+) -> list[dict[str, torch.Tensor]] | None:
     """Activations of ``names_filter``'s sites for every prompt (text or token ids), one
     forward per prompt, sharded over the ranks; rank 0 gets ``[{name: activation}]`` in
     prompt order. ``reduce(name, activation)`` shrinks each before it is kept (e.g. the
     last position, a mean over positions)."""
+
     def one(prompt: Any) -> dict[str, torch.Tensor]:
         tokens = model.to_tokens(prompt) if isinstance(prompt, str) else torch.tensor([list(prompt)])
         _, cache = model.run_with_cache(tokens.to(model.cfg.device or "cpu"), names_filter=names_filter)
         return {name: (act if reduce is None else reduce(name, act)) for name, act in cache.items()}
 
-    return map_prompts(one, prompts, timeout=timeout, progress=progress, desc="harvest", resume_dir=resume_dir,
-                       job={"harvest": repr(names_filter) if not callable(names_filter) else "callable",
-                            "model": model.cfg.model_name})
+    return map_prompts(
+        one,
+        prompts,
+        timeout=timeout,
+        progress=progress,
+        desc="harvest",
+        resume_dir=resume_dir,
+        job={
+            "harvest": repr(names_filter) if not callable(names_filter) else "callable",
+            "model": model.cfg.model_name,
+        },
+    )
 
 
 # Patching sweeps over prompt pairs ----------------------------------------------------------
 def logit_diff_metric(answer: int, contrast: int, pos: int = -1) -> Callable[[torch.Tensor], torch.Tensor]:
     """logits[:, pos, answer] - logits[:, pos, contrast], averaged over the batch."""
+
     def metric(logits: torch.Tensor) -> torch.Tensor:
         return (logits[:, pos, answer] - logits[:, pos, contrast]).mean()
+
     return metric
 
 
@@ -232,6 +268,7 @@ def _pair_tokens(model: Any, pair: dict[str, Any]) -> tuple[torch.Tensor, torch.
 
     A pair gives ``clean`` / ``corrupt`` as text or token-id lists, and ``answer`` /
     ``contrast`` as a single-token string or a token id."""
+
     def tokens(key: str) -> torch.Tensor:
         value = pair.get(key)
         if value is None:
@@ -248,16 +285,19 @@ def _pair_tokens(model: Any, pair: dict[str, Any]) -> tuple[torch.Tensor, torch.
 
     clean, corrupt = tokens("clean"), tokens("corrupt")
     if clean.shape != corrupt.shape:
-        raise ValueError(f"clean and corrupt prompts must have the same number of tokens to patch position by "
-                         f"position; got {clean.shape[1]} and {corrupt.shape[1]} in {pair!r}")
+        raise ValueError(
+            f"clean and corrupt prompts must have the same number of tokens to patch position by "
+            f"position; got {clean.shape[1]} and {corrupt.shape[1]} in {pair!r}"
+        )
     for t in (clean, corrupt):
         if int(t.max()) >= model.cfg.d_vocab or int(t.min()) < 0:
             raise ValueError(f"token ids of {pair!r} are outside the vocabulary [0, {model.cfg.d_vocab})")
     return clean, corrupt, token_id("answer"), token_id("contrast")
 
 
-def patch_pair(model: Any, pair: dict[str, Any], activation_name: str = "resid_pre",
-               attribution: bool = False) -> torch.Tensor:
+def patch_pair(
+    model: Any, pair: dict[str, Any], activation_name: str = "resid_pre", attribution: bool = False
+) -> torch.Tensor:
     """One pair's sweep: TransformerLens's ``get_act_patch_{activation_name}`` (or
     ``get_attr_patch_...`` with ``attribution``) with the logit-difference metric."""
     from . import patching
@@ -275,16 +315,34 @@ def patch_pair(model: Any, pair: dict[str, Any], activation_name: str = "resid_p
     return sweep(model, corrupt, clean_cache, logit_diff_metric(answer, contrast), **options)
 
 
-def patching_sweep(model: Any, pairs: Sequence[dict[str, Any]], activation_name: str = "resid_pre", *,
-                   attribution: bool = False, timeout: datetime.timedelta = DEFAULT_TIMEOUT,
-                   progress: bool = True, resume_dir: str | os.PathLike[str] | None = None
-                   ) -> list[torch.Tensor] | None:
+def patching_sweep(
+    model: Any,
+    pairs: Sequence[dict[str, Any]],
+    activation_name: str = "resid_pre",
+    *,
+    attribution: bool = False,
+    timeout: datetime.timedelta = DEFAULT_TIMEOUT,
+    progress: bool = True,
+    resume_dir: str | os.PathLike[str] | None = None,
+) -> list[torch.Tensor] | None:
     """``patch_pair`` for every pair, sharded over the ranks (``map_prompts``); rank 0
     gets the list in pair order. ``resume_dir``: results kept as they come, reused on a rerun."""
-    job = {"sweep": activation_name, "attribution": attribution, "model": model.cfg.model_name,
-           "dtype": str(model.dtype), "processing": list(model.cfg.processing)}
-    return map_prompts(lambda pair: patch_pair(model, pair, activation_name, attribution), pairs, timeout=timeout,
-                       progress=progress, desc="prompt pairs", resume_dir=resume_dir, job=job)
+    job = {
+        "sweep": activation_name,
+        "attribution": attribution,
+        "model": model.cfg.model_name,
+        "dtype": str(model.dtype),
+        "processing": list(model.cfg.processing),
+    }
+    return map_prompts(
+        lambda pair: patch_pair(model, pair, activation_name, attribution),
+        pairs,
+        timeout=timeout,
+        progress=progress,
+        desc="prompt pairs",
+        resume_dir=resume_dir,
+        job=job,
+    )
 
 
 def read_pairs(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -299,8 +357,10 @@ def read_pairs(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{number}: not JSON ({e})") from e
         if not isinstance(pair, dict) or not {"clean", "corrupt", "answer", "contrast"} <= set(pair):
-            raise ValueError(f"{path}:{number}: each line must be an object with clean, corrupt, answer and "
-                             f"contrast, got {line.strip()[:80]!r}")
+            raise ValueError(
+                f"{path}:{number}: each line must be an object with clean, corrupt, answer and "
+                f"contrast, got {line.strip()[:80]!r}"
+            )
         pairs.append(pair)
     if not pairs:
         raise ValueError(f"{path} holds no prompt pairs")
@@ -324,21 +384,30 @@ def write_results(results: list[torch.Tensor], path: str | os.PathLike[str], met
 # The `sweep` command -------------------------------------------------------------------------
 def add_sweep_parser(sub: Any) -> None:
     """Register ``sweep`` on the CLI's subparsers."""
-    p = sub.add_parser("sweep", help="activation-patching sweep over prompt pairs from a JSONL file "
-                                     "(data-parallel under torchrun)")
+    p = sub.add_parser(
+        "sweep", help="activation-patching sweep over prompt pairs from a JSONL file (data-parallel under torchrun)"
+    )
     p.add_argument("--prompts", required=True, help="JSONL: one {clean, corrupt, answer, contrast} per line")
     p.add_argument("--model", required=True, help="preset, HF repo id, local directory or .gguf file")
     p.add_argument("--out", required=True, help="result file: .json (lists) or anything else (torch.save)")
-    p.add_argument("--site", default="resid_pre", help="the patched site, as in get_act_patch_<site> "
-                                                       "(default: resid_pre)")
+    p.add_argument(
+        "--site", default="resid_pre", help="the patched site, as in get_act_patch_<site> (default: resid_pre)"
+    )
     p.add_argument("--attribution", action="store_true", help="attribution patching instead of activation patching")
     p.add_argument("--no-processing", action="store_true", help="load the weights unprocessed")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--resume-dir", default=None, help="keep each pair's result here as it is computed; a rerun "
-                                                      "after a kill computes only the missing ones")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT.total_seconds(),
-                   help="seconds a rank that finished waits for the others before failing (default: 1800; a "
-                        "rank that dies is noticed at once)")
+    p.add_argument(
+        "--resume-dir",
+        default=None,
+        help="keep each pair's result here as it is computed; a rerun after a kill computes only the missing ones",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT.total_seconds(),
+        help="seconds a rank that finished waits for the others before failing (default: 1800; a "
+        "rank that dies is noticed at once)",
+    )
     p.set_defaults(func=cmd_sweep)
 
 
@@ -349,15 +418,27 @@ def cmd_sweep(args: Any) -> int:
     rank, world = init_distributed(timeout=timeout)
     try:
         pairs = read_pairs(args.prompts)
-        load = HookedTransformer.from_pretrained_no_processing if args.no_processing else \
-            HookedTransformer.from_pretrained
+        load = (
+            HookedTransformer.from_pretrained_no_processing if args.no_processing else HookedTransformer.from_pretrained
+        )
         model = load(args.model, dtype=args.dtype, device=local_device())
-        results = patching_sweep(model, pairs, args.site, attribution=args.attribution, timeout=timeout,
-                                 resume_dir=args.resume_dir)
+        results = patching_sweep(
+            model, pairs, args.site, attribution=args.attribution, timeout=timeout, resume_dir=args.resume_dir
+        )
         if rank == 0:
-            path = write_results(results, args.out, {
-                "model": args.model, "site": args.site, "attribution": args.attribution, "n_prompts": len(pairs),
-                "world_size": world, "metric": "logits[:, -1, answer] - logits[:, -1, contrast]", "complete": True})
+            path = write_results(
+                results,
+                args.out,
+                {
+                    "model": args.model,
+                    "site": args.site,
+                    "attribution": args.attribution,
+                    "n_prompts": len(pairs),
+                    "world_size": world,
+                    "metric": "logits[:, -1, answer] - logits[:, -1, contrast]",
+                    "complete": True,
+                },
+            )
             print(f"sweep: {len(pairs)} prompt pairs over {world} process(es) -> {path}")
         return 0
     finally:

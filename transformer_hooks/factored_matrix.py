@@ -53,16 +53,18 @@ class FactoredMatrix:
 
     def __init__(self, A: Float[torch.Tensor, "... ldim mdim"], B: Float[torch.Tensor, "... mdim rdim"]):
         if A.ndim < 2 or B.ndim < 2:
-            raise ValueError(f"FactoredMatrix factors must be at least 2-D, got A {tuple(A.shape)}, "
-                             f"B {tuple(B.shape)}")
+            raise ValueError(f"FactoredMatrix factors must be at least 2-D, got A {tuple(A.shape)}, B {tuple(B.shape)}")
         if A.shape[-1] != B.shape[-2]:
-            raise ValueError(f"FactoredMatrix factors must match on the inner dimension: A {tuple(A.shape)} "
-                             f"has {A.shape[-1]} columns, B {tuple(B.shape)} has {B.shape[-2]} rows")
+            raise ValueError(
+                f"FactoredMatrix factors must match on the inner dimension: A {tuple(A.shape)} "
+                f"has {A.shape[-1]} columns, B {tuple(B.shape)} has {B.shape[-2]} rows"
+            )
         try:
             leading = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
         except RuntimeError as error:
-            raise ValueError(f"FactoredMatrix leading dims do not broadcast: A {tuple(A.shape)}, "
-                             f"B {tuple(B.shape)}") from error
+            raise ValueError(
+                f"FactoredMatrix leading dims do not broadcast: A {tuple(A.shape)}, B {tuple(B.shape)}"
+            ) from error
         self.ldim = A.shape[-2]
         self.mdim = A.shape[-1]
         self.rdim = B.shape[-1]
@@ -110,8 +112,10 @@ class FactoredMatrix:
             return NotImplemented
         inner = other.shape[0] if other.ndim == 1 else other.shape[-2]
         if inner != self.rdim:
-            raise ValueError(f"Cannot multiply FactoredMatrix of shape {tuple(self.shape)} by a tensor of "
-                             f"shape {tuple(other.shape)}: {self.rdim} != {inner}")
+            raise ValueError(
+                f"Cannot multiply FactoredMatrix of shape {tuple(self.shape)} by a tensor of "
+                f"shape {tuple(other.shape)}: {self.rdim} != {inner}"
+            )
         if other.ndim == 1:
             return (self.A @ (self.B @ other.unsqueeze(-1))).squeeze(-1)
         if self.rdim > self.mdim:
@@ -123,8 +127,10 @@ class FactoredMatrix:
         if not isinstance(other, torch.Tensor):
             return NotImplemented
         if other.shape[-1] != self.ldim:
-            raise ValueError(f"Cannot multiply a tensor of shape {tuple(other.shape)} by FactoredMatrix of "
-                             f"shape {tuple(self.shape)}: {other.shape[-1]} != {self.ldim}")
+            raise ValueError(
+                f"Cannot multiply a tensor of shape {tuple(other.shape)} by FactoredMatrix of "
+                f"shape {tuple(self.shape)}: {other.shape[-1]} != {self.ldim}"
+            )
         if other.ndim == 1:
             return ((other.unsqueeze(-2) @ self.A) @ self.B).squeeze(-2)
         if self.ldim > self.mdim:
@@ -134,16 +140,23 @@ class FactoredMatrix:
     def __mul__(self, scalar: Scalar) -> FactoredMatrix:
         """Multiply by a scalar, which scales A."""
         if isinstance(scalar, torch.Tensor) and scalar.numel() != 1:
-            raise ValueError(f"FactoredMatrix * needs a scalar, got a tensor of shape {tuple(scalar.shape)}; "
-                             f"use @ for matrix multiplication")
+            raise ValueError(
+                f"FactoredMatrix * needs a scalar, got a tensor of shape {tuple(scalar.shape)}; "
+                f"use @ for matrix multiplication"
+            )
         return FactoredMatrix(self.A * scalar, self.B)
 
     def __rmul__(self, scalar: Scalar) -> FactoredMatrix:
         return self * scalar
 
     # Spectrum ----------------------------------------------------------------------
-    def svd(self) -> tuple[Float[torch.Tensor, "*leading ldim rank"], Float[torch.Tensor, "*leading rank"],
-                           Float[torch.Tensor, "*leading rdim rank"]]:
+    def svd(
+        self,
+    ) -> tuple[
+        Float[torch.Tensor, "*leading ldim rank"],
+        Float[torch.Tensor, "*leading rank"],
+        Float[torch.Tensor, "*leading rdim rank"],
+    ]:
         """Thin SVD (U, S, V) with AB == U @ diag(S) @ V.mT and rank = min(ldim, mdim, rdim).
 
         As in TransformerLens the third factor is V, not V transposed, although it is
@@ -202,7 +215,7 @@ class FactoredMatrix:
         fill = (slice(None),) * (self.ndim - used)
         if n_ellipses:
             at = next(i for i, entry in enumerate(index) if entry is Ellipsis)
-            index = index[:at] + fill + index[at + 1:]
+            index = index[:at] + fill + index[at + 1 :]
         else:
             index = index + fill
         if any(_axes_used(entry) != 1 for entry in index[-2:]):

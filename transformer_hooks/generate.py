@@ -25,14 +25,21 @@ from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
 from .components import KVCache
+from .tokens import is_text, require_tokenizer
 
 if TYPE_CHECKING:
-    from .model import HookedTransformer, ModelInput
+    from .model import HookedTransformer
+    from .tokens import ModelInput
 
 
-def sample_logits(final_logits: Float[torch.Tensor, "batch d_vocab"], top_k: int | None = None,
-                  top_p: float | None = None, temperature: float = 1.0, freq_penalty: float = 0.0,
-                  token_counts: Float[torch.Tensor, "batch d_vocab"] | None = None) -> Int[torch.Tensor, "batch"]:
+def sample_logits(
+    final_logits: Float[torch.Tensor, "batch d_vocab"],
+    top_k: int | None = None,
+    top_p: float | None = None,
+    temperature: float = 1.0,
+    freq_penalty: float = 0.0,
+    token_counts: Float[torch.Tensor, "batch d_vocab"] | None = None,
+) -> Int[torch.Tensor, "batch"]:
     """One token per row, as TransformerLens samples.
 
     ``temperature == 0``: argmax. Otherwise logits / temperature, minus
@@ -69,8 +76,10 @@ def _stop_tokens(model: "HookedTransformer", eos_token_id: int | Sequence[int] |
     if eos_token_id is None:
         eos_token_id = tokenizer_eos if tokenizer_eos is not None else model.cfg.eos_token_id
     if eos_token_id is None:
-        raise ValueError("stop_at_eos=True but neither the tokenizer nor the config names an end-of-sequence "
-                         "token: pass eos_token_id=..., or stop_at_eos=False")
+        raise ValueError(
+            "stop_at_eos=True but neither the tokenizer nor the config names an end-of-sequence "
+            "token: pass eos_token_id=..., or stop_at_eos=False"
+        )
     if isinstance(eos_token_id, int):
         return [eos_token_id], eos_token_id
     stops = [int(t) for t in eos_token_id]
@@ -88,13 +97,24 @@ def _left_aligned(tokens: torch.Tensor, mask: torch.Tensor | None) -> tuple[torc
 
 
 @torch.inference_mode()
-def generate(model: "HookedTransformer", input: "ModelInput" = "", max_new_tokens: int = 10,
-             stop_at_eos: bool = True, eos_token_id: int | Sequence[int] | None = None, do_sample: bool = True,
-             top_k: int | None = None, top_p: float | None = None, temperature: float = 1.0,
-             freq_penalty: float = 0.0, use_past_kv_cache: bool = True, prepend_bos: bool | None = None,
-             padding_side: Literal["left", "right"] | None = "left",
-             return_type: Literal["input", "str", "tokens"] = "input", verbose: bool = True,
-             attention_mask: Int[torch.Tensor, "batch pos"] | None = None) -> Any:
+def generate(
+    model: "HookedTransformer",
+    input: "ModelInput" = "",
+    max_new_tokens: int = 10,
+    stop_at_eos: bool = True,
+    eos_token_id: int | Sequence[int] | None = None,
+    do_sample: bool = True,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    temperature: float = 1.0,
+    freq_penalty: float = 0.0,
+    use_past_kv_cache: bool = True,
+    prepend_bos: bool | None = None,
+    padding_side: Literal["left", "right"] | None = "left",
+    return_type: Literal["input", "str", "tokens"] = "input",
+    verbose: bool = True,
+    attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
+) -> Any:
     """Continue ``input`` by up to ``max_new_tokens`` tokens.
 
     ``input``: a string, a list of strings (padded on the left), or tokens [batch, pos]
@@ -114,17 +134,18 @@ def generate(model: "HookedTransformer", input: "ModelInput" = "", max_new_token
         raise ValueError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
     if do_sample and temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-    text_input = isinstance(input, str) or (isinstance(input, (list, tuple)) and bool(input)
-                                            and isinstance(input[0], str))
+    text_input = is_text(input)
     if return_type == "input":
         return_type = "str" if text_input else "tokens"
     tokens, mask = model.tokens_and_mask(input, prepend_bos, padding_side, attention_mask)
     tokens, mask = _left_aligned(tokens, mask)
     batch, prompt_len = tokens.shape
     if model.cfg.positional_embedding == "learned" and prompt_len + max_new_tokens > model.cfg.n_ctx:
-        raise ValueError(f"a prompt of {prompt_len} tokens plus max_new_tokens={max_new_tokens} exceeds this model's "
-                         f"context (n_ctx={model.cfg.n_ctx}, learned positions); lower max_new_tokens to at most "
-                         f"{max(model.cfg.n_ctx - prompt_len, 0)} or shorten the prompt")
+        raise ValueError(
+            f"a prompt of {prompt_len} tokens plus max_new_tokens={max_new_tokens} exceeds this model's "
+            f"context (n_ctx={model.cfg.n_ctx}, learned positions); lower max_new_tokens to at most "
+            f"{max(model.cfg.n_ctx - prompt_len, 0)} or shorten the prompt"
+        )
     stops, eos_for_padding = _stop_tokens(model, eos_token_id) if stop_at_eos else ([], 0)
     stops = torch.tensor(stops, device=tokens.device)
 
@@ -143,15 +164,20 @@ def generate(model: "HookedTransformer", input: "ModelInput" = "", max_new_token
 
     cache = None
     if use_past_kv_cache:
-        cache = KVCache(model.cfg, batch, prompt_len + max_new_tokens, model.device, model.dtype,
-                        layer_devices=model.block_devices)
+        cache = KVCache(
+            model.cfg, batch, prompt_len + max_new_tokens, model.device, model.dtype, layer_devices=model.block_devices
+        )
         if prompt_len > 1:  # the prompt but its last token: only the cache is needed, not logits
-            model(tokens[:, :-1], attention_mask=None if mask is None else mask[:, :-1], past_kv_cache=cache,
-                  return_type=None)
+            model(
+                tokens[:, :-1],
+                attention_mask=None if mask is None else mask[:, :-1],
+                past_kv_cache=cache,
+                return_type=None,
+            )
     end = prompt_len
     for _ in tqdm(range(max_new_tokens), disable=not verbose, desc="generate"):
         if cache is not None:  # one token (the last column is real in every row: left-aligned)
-            final_logits = model(out[:, end - 1:end], past_kv_cache=cache)[:, -1]
+            final_logits = model(out[:, end - 1 : end], past_kv_cache=cache)[:, -1]
         else:
             final_logits = model(out[:, :end], attention_mask=None if out_mask is None else out_mask[:, :end])[:, -1]
         final_logits = final_logits.to(out.device)  # from the last block's device, when placed over several
@@ -173,15 +199,22 @@ def generate(model: "HookedTransformer", input: "ModelInput" = "", max_new_token
     if return_type == "tokens":
         return out
     prepended = text_input and (model.cfg.default_prepend_bos if prepend_bos is None else prepend_bos)
-    texts = _decode(model, out, None if out_mask is None else out_mask[:, :end], prompt_len, prepended,
-                    set(stops.tolist()))
+    texts = _decode(
+        model, out, None if out_mask is None else out_mask[:, :end], prompt_len, prepended, set(stops.tolist())
+    )
     return texts[0] if isinstance(input, str) else texts
 
 
-def _decode(model: "HookedTransformer", out: torch.Tensor, mask: torch.Tensor | None, prompt_len: int,
-            prepended: bool, stops: set[int]) -> list[str]:
+def _decode(
+    model: "HookedTransformer",
+    out: torch.Tensor,
+    mask: torch.Tensor | None,
+    prompt_len: int,
+    prepended: bool,
+    stops: set[int],
+) -> list[str]:
     """Each row as text: no left padding, no prepended BOS, nothing after the first end token."""
-    tokenizer = model._require_tokenizer()
+    tokenizer = require_tokenizer(model.tokenizer)
     texts = []
     for row in range(out.shape[0]):
         ids = out[row] if mask is None else out[row][mask[row].bool()]

@@ -55,8 +55,10 @@ class _Hook:
 
 def _check_callable(fn: Any, site: str) -> None:
     if not callable(fn):
-        raise TypeError(f"the hook for {site} is a {type(fn).__name__}, not a function: "
-                        f"pass (name, fn) pairs with fn(activation, hook) -> activation | None")
+        raise TypeError(
+            f"the hook for {site} is a {type(fn).__name__}, not a function: "
+            f"pass (name, fn) pairs with fn(activation, hook) -> activation | None"
+        )
 
 
 def _fn_name(fn: HookFn) -> str:
@@ -78,8 +80,9 @@ class HookPoint(nn.Module):
     def observed(self) -> bool:
         return bool(self.fwd_hooks or self.bwd_hooks)
 
-    def add_hook(self, fn: HookFn, dir: str = "fwd", is_permanent: bool = False,
-                 level: int | None = None, prepend: bool = False) -> None:
+    def add_hook(
+        self, fn: HookFn, dir: str = "fwd", is_permanent: bool = False, level: int | None = None, prepend: bool = False
+    ) -> None:
         if dir not in ("fwd", "bwd"):
             raise ValueError(f"dir must be 'fwd' or 'bwd', got {dir!r}")
         _check_callable(fn, self.name)
@@ -87,8 +90,7 @@ class HookPoint(nn.Module):
         entry = _Hook(fn, level, is_permanent)
         hooks.insert(0, entry) if prepend else hooks.append(entry)
 
-    def remove_hooks(self, dir: str = "both", including_permanent: bool = False,
-                     level: int | None = None) -> None:
+    def remove_hooks(self, dir: str = "both", including_permanent: bool = False, level: int | None = None) -> None:
         def keep(h: _Hook) -> bool:
             if h.permanent and not including_permanent:
                 return True
@@ -184,8 +186,10 @@ class HookCache:
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self.cache_dict:
             close = difflib.get_close_matches(str(key), list(self.cache_dict), n=3, cutoff=0.5)
-            raise KeyError(f"{key!r} is not in this cache{' (closest: ' + ', '.join(close) + ')' if close else ''}; "
-                           f"it holds {len(self.cache_dict)} activations (see cache.keys())")
+            raise KeyError(
+                f"{key!r} is not in this cache{' (closest: ' + ', '.join(close) + ')' if close else ''}; "
+                f"it holds {len(self.cache_dict)} activations (see cache.keys())"
+            )
         return self.cache_dict[key]
 
     def __contains__(self, key: Any) -> bool:
@@ -232,8 +236,10 @@ class HookCache:
             return self
         sizes = {v.shape[0] for v in self.cache_dict.values() if v.ndim > 0}
         if sizes - {1}:
-            raise ValueError(f"remove_batch_dim needs a batch of one; this cache has batch size {max(sizes)}. "
-                             f"Use cache.apply_slice_to_batch_dim(i) to keep one example")
+            raise ValueError(
+                f"remove_batch_dim needs a batch of one; this cache has batch size {max(sizes)}. "
+                f"Use cache.apply_slice_to_batch_dim(i) to keep one example"
+            )
         self.cache_dict = {k: v[0] if v.ndim > 0 else v for k, v in self.cache_dict.items()}
         self.has_batch_dim = False
         return self
@@ -303,8 +309,15 @@ class HookedRootModule(nn.Module):
         return list(dict.fromkeys(selected))
 
     # Adding and removing -------------------------------------------------------------
-    def add_hook(self, name: str | Callable[[str], bool], hook: HookFn, dir: str = "fwd",
-                 is_permanent: bool = False, level: int | None = None, prepend: bool = False) -> None:
+    def add_hook(
+        self,
+        name: str | Callable[[str], bool],
+        hook: HookFn,
+        dir: str = "fwd",
+        is_permanent: bool = False,
+        level: int | None = None,
+        prepend: bool = False,
+    ) -> None:
         """Attach ``hook`` to one site (a name) or every site a predicate accepts. Stays until
         ``reset_hooks()``."""
         for n in self.resolve_hook_names(name):
@@ -313,8 +326,13 @@ class HookedRootModule(nn.Module):
     def add_perma_hook(self, name: str | Callable[[str], bool], hook: HookFn, dir: str = "fwd") -> None:
         self.add_hook(name, hook, dir=dir, is_permanent=True)
 
-    def reset_hooks(self, clear_contexts: bool = True, direction: str = "both",
-                    including_permanent: bool = False, level: int | None = None) -> None:
+    def reset_hooks(
+        self,
+        clear_contexts: bool = True,
+        direction: str = "both",
+        including_permanent: bool = False,
+        level: int | None = None,
+    ) -> None:
         for hp in self.hook_dict.values():
             hp.remove_hooks(direction, including_permanent=including_permanent, level=level)
             if clear_contexts:
@@ -324,14 +342,22 @@ class HookedRootModule(nn.Module):
         self.reset_hooks(clear_contexts=False, direction=direction, including_permanent=including_permanent)
 
     @contextlib.contextmanager
-    def hooks(self, fwd_hooks: Sequence[tuple[Any, HookFn]] = (), bwd_hooks: Sequence[tuple[Any, HookFn]] = (),
-              reset_hooks_end: bool = True, clear_contexts: bool = False) -> Iterator["HookedRootModule"]:
+    def hooks(
+        self,
+        fwd_hooks: Sequence[tuple[Any, HookFn]] = (),
+        bwd_hooks: Sequence[tuple[Any, HookFn]] = (),
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
+    ) -> Iterator["HookedRootModule"]:
         """Hooks that live for the ``with`` block; removed on exit, also after an exception.
 
         Every name is checked before any hook is attached, so a typo attaches nothing.
         """
-        resolved = [(self.resolve_hook_names(n), fn, d) for hooks, d in ((fwd_hooks, "fwd"), (bwd_hooks, "bwd"))
-                    for n, fn in hooks]
+        resolved = [
+            (self.resolve_hook_names(n), fn, d)
+            for hooks, d in ((fwd_hooks, "fwd"), (bwd_hooks, "bwd"))
+            for n, fn in hooks
+        ]
         for names, fn, _ in resolved:  # check all before attaching any
             _check_callable(fn, names[0] if names else "?")
         self._hook_level += 1
@@ -349,14 +375,22 @@ class HookedRootModule(nn.Module):
                         hp.clear_context()
             self._hook_level -= 1
 
-    def run_with_hooks(self, *model_args: Any, fwd_hooks: Sequence[tuple[Any, HookFn]] = (),
-                       bwd_hooks: Sequence[tuple[Any, HookFn]] = (), reset_hooks_end: bool = True,
-                       clear_contexts: bool = False, **model_kwargs: Any) -> Any:
+    def run_with_hooks(
+        self,
+        *model_args: Any,
+        fwd_hooks: Sequence[tuple[Any, HookFn]] = (),
+        bwd_hooks: Sequence[tuple[Any, HookFn]] = (),
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
+        **model_kwargs: Any,
+    ) -> Any:
         """One forward with temporary hooks (TransformerLens signature)."""
         if bwd_hooks and reset_hooks_end:
-            raise ValueError("bwd_hooks fire during backward(), after run_with_hooks returns and has removed them: "
-                             "pass reset_hooks_end=False and call model.reset_hooks() after backward(), or put "
-                             "forward and backward inside `with model.hooks(bwd_hooks=...)`")
+            raise ValueError(
+                "bwd_hooks fire during backward(), after run_with_hooks returns and has removed them: "
+                "pass reset_hooks_end=False and call model.reset_hooks() after backward(), or put "
+                "forward and backward inside `with model.hooks(bwd_hooks=...)`"
+            )
         with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts):
             return self(*model_args, **model_kwargs)
 
@@ -365,14 +399,27 @@ class HookedRootModule(nn.Module):
         except the per-head expansions (each is n_heads copies of a residual) that are not
         switched on (``set_use_attn_result`` and friends)."""
         if names_filter is None:
-            return [n for n in self.hook_dict if not sites.is_per_head_expansion(n)
-                    or sites.split_name(n)[1] in self.cached_expansions]
+            return [
+                n
+                for n in self.hook_dict
+                if not sites.is_per_head_expansion(n) or sites.split_name(n)[1] in self.cached_expansions
+            ]
         return self.resolve_hook_names(names_filter)
 
-    def run_with_cache(self, *model_args: Any, names_filter: NameFilter = None, device: Any = None,
-                       remove_batch_dim: bool = False, incl_bwd: bool = False, reset_hooks_end: bool = True,
-                       clear_contexts: bool = False, detach: bool = True, return_cache_object: bool = True,
-                       pos_slice: Any = None, **model_kwargs: Any) -> tuple[Any, Any]:
+    def run_with_cache(
+        self,
+        *model_args: Any,
+        names_filter: NameFilter = None,
+        device: Any = None,
+        remove_batch_dim: bool = False,
+        incl_bwd: bool = False,
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
+        detach: bool = True,
+        return_cache_object: bool = True,
+        pos_slice: Any = None,
+        **model_kwargs: Any,
+    ) -> tuple[Any, Any]:
         """Run forward and store the activations of the selected sites.
 
         ``names_filter``: a name, a list of names (globs allowed), or a predicate on names.
@@ -388,11 +435,15 @@ class HookedRootModule(nn.Module):
         store: dict[str, torch.Tensor] = {}
         if remove_batch_dim:
             tokens = model_args[0] if model_args else model_kwargs.get("input")
-            batch = tokens.shape[0] if isinstance(tokens, torch.Tensor) and tokens.ndim >= 2 else (
-                len(tokens) if isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], str) else 1)
+            batch = (
+                tokens.shape[0]
+                if isinstance(tokens, torch.Tensor) and tokens.ndim >= 2
+                else (len(tokens) if isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], str) else 1)
+            )
             if batch != 1:
-                raise ValueError(f"remove_batch_dim=True needs a batch of one, got {batch}; "
-                                 f"index the cache per example instead")
+                raise ValueError(
+                    f"remove_batch_dim=True needs a batch of one, got {batch}; index the cache per example instead"
+                )
 
         def saver(key: str) -> HookFn:
             def save(act: torch.Tensor, hook: HookPoint) -> None:
@@ -402,6 +453,7 @@ class HookedRootModule(nn.Module):
                 if remove_batch_dim:
                     t = t[0]
                 store[key] = t if device is None else t.to(device)
+
             return save
 
         fwd = [(n, saver(n)) for n in names]
@@ -410,8 +462,10 @@ class HookedRootModule(nn.Module):
             out = self(*model_args, **model_kwargs)
             if incl_bwd:
                 if not (isinstance(out, torch.Tensor) and out.numel() == 1):
-                    raise ValueError("incl_bwd=True needs a scalar output to call backward() on: "
-                                     "pass return_type='loss', or hook the gradients with bwd_hooks")
+                    raise ValueError(
+                        "incl_bwd=True needs a scalar output to call backward() on: "
+                        "pass return_type='loss', or hook the gradients with bwd_hooks"
+                    )
                 out.backward()
         if not return_cache_object:
             return out, store

@@ -10,7 +10,9 @@ to what the model would predict if that output were the whole residual stream.
 ``norm="cached"`` divides every vector by the final norm's scale cached in the forward
 pass instead (``ActivationCache.apply_ln_to_stack``): linear, so the decoded
 ``attn_out`` and ``mlp_out`` of all layers plus the embeddings add up to the final
-logits (direct logit attribution in vocabulary space).
+logits (direct logit attribution in vocabulary space) — before a final soft-cap
+(``final_logit_softcap``, Gemma 2), which every decoding goes through as the model's logits
+do: ranks and top tokens are the cap's, but capped parts no longer add up.
 
 ``logit_lens(model, "The capital of France is")`` returns a ``LogitLens``: top-k tokens,
 logits and probabilities for every (layer, site) and position, plus, when ``targets``
@@ -32,6 +34,8 @@ from tqdm.auto import tqdm
 
 from .cache import ActivationCache
 from .components.norms import normalize
+from .components.softcap import softcap
+from .tables import short_repr, text_table
 from .utils import Slice, SliceInput, check_layer
 
 # The sites a block writes or passes on, in the order they happen.
@@ -42,8 +46,12 @@ Targets = Union[str, int, Sequence[int], torch.Tensor, None]
 _CHUNK_LOGITS = 32 * 2**20  # logits held at once (x4 bytes, plus softmax temporaries)
 
 
-def lens_stack(cache: ActivationCache, sites: Sequence[str] = LENS_SITES, layers: Sequence[int] | None = None,
-               pos_slice: SliceInput | Slice = None) -> tuple[Stack, list[str], list[int], list[str]]:
+def lens_stack(
+    cache: ActivationCache,
+    sites: Sequence[str] = LENS_SITES,
+    layers: Sequence[int] | None = None,
+    pos_slice: SliceInput | Slice = None,
+) -> tuple[Stack, list[str], list[int], list[str]]:
     """The activations to decode, stacked: ``(stack, labels, layers, sites)``, one entry per
     row, layer-major and in ``LENS_SITES`` order within a layer (``"3_resid_pre"``).
     Parallel-residual blocks have no ``resid_mid``; it is skipped there.
@@ -69,9 +77,13 @@ def lens_stack(cache: ActivationCache, sites: Sequence[str] = LENS_SITES, layers
     return torch.stack(rows), labels, row_layers, row_sites
 
 
-def final_norm(model: Any, stack: Float[torch.Tensor, "... d_model"], norm: Norm = "recompute",
-               cache: ActivationCache | None = None, pos_slice: SliceInput | Slice = None
-               ) -> Float[torch.Tensor, "... d_model"]:
+def final_norm(
+    model: Any,
+    stack: Float[torch.Tensor, "... d_model"],
+    norm: Norm = "recompute",
+    cache: ActivationCache | None = None,
+    pos_slice: SliceInput | Slice = None,
+) -> Float[torch.Tensor, "... d_model"]:
     """``model.ln_final`` applied to each vector of ``stack`` (weight and bias included).
 
     ``recompute``: each vector's own mean and RMS (``eps`` as the model's). ``cached``:
@@ -94,9 +106,11 @@ def final_norm(model: Any, stack: Float[torch.Tensor, "... d_model"], norm: Norm
 
 
 def unembed(model: Any, normalized: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... d_vocab"]:
-    """``normalized · W_U + b_U``."""
+    """``normalized · W_U + b_U``, soft-capped as the model caps its logits (Gemma 2)."""
     W_U, b_U = model.W_U.detach(), model.b_U.detach()
-    return normalized.to(W_U.dtype) @ W_U + b_U
+    logits = normalized.to(W_U.dtype) @ W_U + b_U
+    cap = model.cfg.final_logit_softcap
+    return logits if cap is None else softcap(logits, cap)
 
 
 @dataclass
@@ -144,9 +158,19 @@ class LogitLens:
         return build(self.top_tokens)
 
 
-def logit_lens(model: Any, input: Any, *, sites: Sequence[str] = LENS_SITES, layers: Sequence[int] | None = None,
-               pos_slice: SliceInput | Slice = None, top_k: int = 5, targets: Targets = None,
-               norm: Norm = "recompute", chunk_size: int | None = None, progress: bool = True) -> LogitLens:
+def logit_lens(
+    model: Any,
+    input: Any,
+    *,
+    sites: Sequence[str] = LENS_SITES,
+    layers: Sequence[int] | None = None,
+    pos_slice: SliceInput | Slice = None,
+    top_k: int = 5,
+    targets: Targets = None,
+    norm: Norm = "recompute",
+    chunk_size: int | None = None,
+    progress: bool = True,
+) -> LogitLens:
     """Decode every (layer, site) of ``sites`` through the final norm and unembedding.
 
     ``input``: an ``ActivationCache`` with the sites (and, for ``norm="cached"``, the final
@@ -176,7 +200,7 @@ def logit_lens(model: Any, input: Any, *, sites: Sequence[str] = LENS_SITES, lay
     chunks = range(0, stack.shape[0], chunk_size)
     with torch.no_grad():
         for start in tqdm(chunks, desc="logit lens", unit="chunk", delay=1.0, leave=False, disable=not progress):
-            rows = stack[start:start + chunk_size]
+            rows = stack[start : start + chunk_size]
             logits = unembed(model, final_norm(model, rows, norm, cache, pos_slice)).float()
             log_probs = logits.log_softmax(-1)
             top = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
@@ -205,6 +229,36 @@ def _targets(model: Any, targets: Targets, shape: torch.Size, device: torch.devi
     try:
         return ids.expand(shape)
     except RuntimeError:
-        raise ValueError(f"targets of shape {tuple(ids.shape)} do not match the decoded positions "
-                         f"{tuple(shape)} (batch and positions after pos_slice)") from None
+        raise ValueError(
+            f"targets of shape {tuple(ids.shape)} do not match the decoded positions "
+            f"{tuple(shape)} (batch and positions after pos_slice)"
+        ) from None
 
+
+# The text table of the ``logit-lens`` command ----------------------------------------------
+LENS_COLUMNS = ("resid_post", "attn_out", "mlp_out")  # its columns; a lens for it decodes resid_pre too
+
+
+def format_logit_lens(lens: LogitLens, model: Any, str_tokens: list[str], pos: int, top: int = 3) -> str:
+    """Top tokens (probability) at ``pos`` per layer: the embeddings, then each layer's
+    residual stream after it, and its attention and MLP outputs decoded alone."""
+    strings = lens.top_strings(model)
+
+    def cell(row: int) -> str:
+        return "  ".join(
+            f"{short_repr(strings[row][0][pos][k])} {float(lens.top_probs[row, 0, pos, k]):.2f}"
+            for k in range(min(top, lens.top_tokens.shape[-1]))
+        )
+
+    index = {label: i for i, label in enumerate(lens.labels)}
+    rows = [["embed", cell(index["0_resid_pre"]), "", ""]]
+    for layer in sorted(set(lens.layers)):
+        rows.append([str(layer)] + [cell(index[f"{layer}_{site}"]) for site in LENS_COLUMNS])
+    head = [
+        f"Logit lens at position {pos} ({str_tokens[pos]!r}): top {top} tokens (probability) of each "
+        f"vector through the final norm and unembedding",
+        "",
+    ]
+    return "\n".join(
+        head + text_table(["layer", "residual stream after the layer", "attention output", "MLP output"], rows)
+    )

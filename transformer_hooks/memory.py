@@ -53,9 +53,9 @@ def keep_freed_memory(keep: bool = True) -> bool:
     next one. Returns whether the setting took effect (False without glibc).
     """
     if _LIBC is None:
-        warnings.warn("keep_freed_memory: this process does not use glibc's malloc; nothing was changed",
-                      stacklevel=2)
+        warnings.warn("keep_freed_memory: this process does not use glibc's malloc; nothing was changed", stacklevel=2)
         return False
     mmap_threshold, trim_threshold = (1 << 30, (1 << 31) - 1) if keep else (_GLIBC_DEFAULT_THRESHOLD,) * 2
     return bool(_LIBC.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(
-        _LIBC.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+        _LIBC.mallopt(_M_TRIM_THRESHOLD, trim_threshold)
+    )

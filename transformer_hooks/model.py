@@ -9,7 +9,7 @@ layers.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence, Union
+from typing import Any, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,14 +17,14 @@ from jaxtyping import Float, Int
 from torch import nn
 
 from . import sites
+from . import tokens as tokens_lib  # as a module: `tokens` names the token tensor in forward
 from .components import AttentionMask, Embed, KVCache, PosEmbed, Rotary, Unembed, make_block, make_norm
 from .config import ModelConfig
 from .factored_matrix import FactoredMatrix
 from .hooks import HookedRootModule, HookPoint
 from .utils import check_index, check_layer
+from .tokens import ModelInput, TextInput
 
-TextInput = Union[str, Sequence[str]]
-ModelInput = Union[TextInput, Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "pos"]]
 ReturnType = Literal["logits", "loss", "both", None]
 
 
@@ -40,6 +40,8 @@ class HookedTransformer(HookedRootModule):
             self.hook_pos_embed = HookPoint()
         else:
             self.rotary = Rotary(cfg)
+            if cfg.local_rope_theta is not None:
+                self.rotary_local = Rotary(cfg, local=True)
         self.blocks = nn.ModuleList(make_block(cfg, layer) for layer in range(cfg.n_layers))
         self.ln_final = make_norm(cfg)
         self.unembed = Unembed(cfg)
@@ -81,22 +83,38 @@ class HookedTransformer(HookedRootModule):
         return [offload.device if offload is not None else self.device] * self.cfg.n_layers
 
     @staticmethod
-    def _moved_to(device: torch.device, mask: AttentionMask, cos_sin: Any,
-                  copies: dict[torch.device, tuple[AttentionMask, Any]]) -> tuple[AttentionMask, Any]:
-        """The mask and rotary tables on ``device`` (made once per forward per device)."""
+    def _moved_to(
+        device: torch.device,
+        mask: AttentionMask,
+        cos_sin: Any,
+        copies: dict[tuple[torch.device, int], tuple[AttentionMask, Any]],
+    ) -> tuple[AttentionMask, Any]:
+        """The mask and rotary tables on ``device`` (made once per forward per device and table)."""
         if device == mask.device:
             return mask, cos_sin
-        if device not in copies:
+        key = (device, id(cos_sin))
+        if key not in copies:
             key_is_real = mask.key_is_real.to(device) if mask.key_is_real is not None else None
-            copies[device] = (AttentionMask(mask.q_len, mask.k_len, key_is_real, device),
-                              tuple(t.to(device) for t in cos_sin) if cos_sin is not None else None)
-        return copies[device]
+            copies[key] = (
+                AttentionMask(mask.q_len, mask.k_len, key_is_real, device),
+                tuple(t.to(device) for t in cos_sin) if cos_sin is not None else None,
+            )
+        return copies[key]
 
     # Loading (see loading.py) -----------------------------------------------------
     @classmethod
-    def from_pretrained(cls, name_or_path: str, *, fold_ln: bool = True, center_writing_weights: bool = True,
-                        center_unembed: bool = True, fold_value_biases: bool = True, device: Any = None,
-                        dtype: torch.dtype | str = torch.float32, **kwargs: Any) -> "HookedTransformer":
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        fold_ln: bool = True,
+        center_writing_weights: bool = True,
+        center_unembed: bool = True,
+        fold_value_biases: bool = True,
+        device: Any = None,
+        dtype: torch.dtype | str = torch.float32,
+        **kwargs: Any,
+    ) -> "HookedTransformer":
         """Load a preset name, HF repo id, local HF directory, converted checkpoint or .gguf
         file, with TransformerLens's default weight processing (see processing.py).
 
@@ -105,9 +123,16 @@ class HookedTransformer(HookedRootModule):
         ``move_to_device`` (see ``loading.load_model``)."""
         from .loading import load_model
 
-        return load_model(name_or_path, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
-                          center_unembed=center_unembed, fold_value_biases=fold_value_biases,
-                          device=device, dtype=dtype, **kwargs)
+        return load_model(
+            name_or_path,
+            fold_ln=fold_ln,
+            center_writing_weights=center_writing_weights,
+            center_unembed=center_unembed,
+            fold_value_biases=fold_value_biases,
+            device=device,
+            dtype=dtype,
+            **kwargs,
+        )
 
     @classmethod
     def from_pretrained_no_processing(cls, name_or_path: str, **kwargs: Any) -> "HookedTransformer":
@@ -128,13 +153,19 @@ class HookedTransformer(HookedRootModule):
         return self.embed.W_E.dtype
 
     # Forward --------------------------------------------------------------------------
-    def forward(self, input: ModelInput | Float[torch.Tensor, "batch pos d_model"], return_type: ReturnType = "logits",
-                loss_per_token: bool = False, prepend_bos: bool | None = None,
-                padding_side: Literal["left", "right"] | None = None,
-                attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
-                start_at_layer: int | None = None, stop_at_layer: int | None = None,
-                tokens: Int[torch.Tensor, "batch pos"] | None = None,
-                past_kv_cache: KVCache | None = None) -> Any:
+    def forward(
+        self,
+        input: ModelInput | Float[torch.Tensor, "batch pos d_model"],
+        return_type: ReturnType = "logits",
+        loss_per_token: bool = False,
+        prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None,
+        attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
+        start_at_layer: int | None = None,
+        stop_at_layer: int | None = None,
+        tokens: Int[torch.Tensor, "batch pos"] | None = None,
+        past_kv_cache: KVCache | None = None,
+    ) -> Any:
         """Run the model.
 
         ``input``: a string, a list of strings (padded; the mask comes with them), or tokens
@@ -151,8 +182,9 @@ class HookedTransformer(HookedRootModule):
         start = self._layer_index(start_at_layer, "start_at_layer") if start_at_layer is not None else 0
         stop = self._layer_index(stop_at_layer, "stop_at_layer", allow_end=True) if stop_at_layer is not None else n
         if start > stop:
-            raise ValueError(f"start_at_layer={start_at_layer} comes after stop_at_layer={stop_at_layer}: "
-                             f"nothing would run")
+            raise ValueError(
+                f"start_at_layer={start_at_layer} comes after stop_at_layer={stop_at_layer}: nothing would run"
+            )
 
         if start_at_layer is None:
             tokens, attention_mask = self.tokens_and_mask(input, prepend_bos, padding_side, attention_mask)
@@ -161,33 +193,39 @@ class HookedTransformer(HookedRootModule):
             resid = input
             if not isinstance(resid, torch.Tensor) or resid.ndim != 3 or resid.shape[-1] != self.cfg.d_model:
                 shape = tuple(resid.shape) if isinstance(resid, torch.Tensor) else type(resid).__name__
-                raise ValueError(f"with start_at_layer, input is the residual stream [batch, pos, d_model="
-                                 f"{self.cfg.d_model}], got {shape}")
+                raise ValueError(
+                    f"with start_at_layer, input is the residual stream [batch, pos, d_model="
+                    f"{self.cfg.d_model}], got {shape}"
+                )
             if resid.dtype != self.dtype:
-                raise ValueError(f"the residual stream is {resid.dtype} but the model is {self.dtype}; "
-                                 f"pass resid.to({self.dtype})")
+                raise ValueError(
+                    f"the residual stream is {resid.dtype} but the model is {self.dtype}; pass resid.to({self.dtype})"
+                )
             batch, q_len = resid.shape[:2]
             if attention_mask is not None:
                 attention_mask = self._check_mask(attention_mask, (batch, q_len))
 
-        positions, mask = self._positions_and_mask(batch, q_len, attention_mask, past_kv_cache,
-                                                   device=self.device)
+        positions, mask = self._positions_and_mask(batch, q_len, attention_mask, past_kv_cache, device=self.device)
         if start_at_layer is None:
             resid = self.hook_embed(self.embed(tokens))
             if self.cfg.positional_embedding == "learned":
                 resid = resid + self.hook_pos_embed(self.pos_embed(positions))
         cos_sin = self.rotary(positions, resid.dtype) if self.cfg.positional_embedding == "rotary" else None
+        # Gemma 3: the windowed layers rotate with their own base.
+        cos_sin_local = self.rotary_local(positions, resid.dtype) if hasattr(self, "rotary_local") else cos_sin
 
         placed, copies = self._block_devices, {}
         for layer in range(start, stop):
             kv = past_kv_cache[layer] if past_kv_cache is not None else None
+            local = self.cfg.attn_windows[layer] is not None
+            layer_cos_sin = cos_sin_local if local else cos_sin
             if placed is None:
-                resid = self.blocks[layer](resid, mask, cos_sin, kv)
+                resid = self.blocks[layer](resid, mask, layer_cos_sin, kv)
             else:  # the residual stream moves between blocks, only here
                 resid = resid.to(placed[layer])
-                resid = self.blocks[layer](resid, *self._moved_to(placed[layer], mask, cos_sin, copies), kv)
+                resid = self.blocks[layer](resid, *self._moved_to(placed[layer], mask, layer_cos_sin, copies), kv)
         if past_kv_cache is not None:
-            self._advance(past_kv_cache, q_len, attention_mask)
+            past_kv_cache.advance(q_len, attention_mask)
         if stop < n:
             return resid
 
@@ -210,191 +248,95 @@ class HookedTransformer(HookedRootModule):
     def _layer_index(self, layer: int, what: str, allow_end: bool = False) -> int:
         return check_layer(layer, self.cfg.n_layers, what, allow_end=allow_end)
 
-    def _positions_and_mask(self, batch: int, q_len: int, attention_mask: torch.Tensor | None,
-                            cache: KVCache | None, device: torch.device) -> tuple[torch.Tensor, AttentionMask]:
-        past = cache.length if cache is not None else 0
+    def _positions_and_mask(
+        self, batch: int, q_len: int, attention_mask: torch.Tensor | None, cache: KVCache | None, device: torch.device
+    ) -> tuple[torch.Tensor, AttentionMask]:
         if attention_mask is None:
-            positions = torch.arange(past, past + q_len, device=device).expand(batch, q_len)
-            if cache is not None and cache.next_position is not None:
-                positions = cache.next_position[:, None] + torch.arange(q_len, device=device)
+            positions = torch.arange(q_len, device=device).expand(batch, q_len)
         else:
             # Count real tokens only: a left-padded row starts at position 0 like an unpadded one.
             positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-            if cache is not None and cache.next_position is not None:
-                positions = positions + cache.next_position[:, None]
-        if self.cfg.positional_embedding == "learned" and int(positions.max()) >= self.cfg.n_ctx:
-            raise ValueError(f"sequence of {int(positions.max()) + 1} positions is longer than this model's context "
-                             f"(n_ctx={self.cfg.n_ctx}, learned positions); truncate the input to {self.cfg.n_ctx} tokens")
-
-        key_is_real = None
         if cache is not None:
-            if attention_mask is not None:
-                cache.key_is_real[:, past:past + q_len] = attention_mask.bool()
-                cache.has_padding = cache.has_padding or not bool(attention_mask.all())
-            if cache.has_padding:
-                key_is_real = cache.key_is_real[:, :past + q_len]
-        elif attention_mask is not None and not bool(attention_mask.all()):
-            key_is_real = attention_mask.bool()
-        return positions, AttentionMask(q_len, past + q_len, key_is_real, device)
+            positions = cache.continue_positions(positions)
+        if self.cfg.positional_embedding == "learned" and int(positions.max()) >= self.cfg.n_ctx:
+            raise ValueError(
+                f"sequence of {int(positions.max()) + 1} positions is longer than this model's context "
+                f"(n_ctx={self.cfg.n_ctx}, learned positions); truncate the input to "
+                f"{self.cfg.n_ctx} tokens"
+            )
 
-    @staticmethod
-    def _advance(cache: KVCache, q_len: int, attention_mask: torch.Tensor | None) -> None:
-        real = attention_mask.sum(-1) if attention_mask is not None else q_len
-        start = cache.next_position if cache.next_position is not None else torch.zeros(
-            cache.layers[0].k.shape[0], dtype=torch.long, device=cache.key_is_real.device)
-        cache.next_position = start + real
-        cache.length += q_len
+        if cache is not None:
+            return positions, AttentionMask(q_len, cache.length + q_len, cache.key_mask(q_len, attention_mask), device)
+        key_is_real = attention_mask.bool() if attention_mask is not None and not bool(attention_mask.all()) else None
+        return positions, AttentionMask(q_len, q_len, key_is_real, device)
 
-    # Tokens ---------------------------------------------------------------------------
-    def _require_tokenizer(self) -> Any:
-        if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer: pass token ids, or set model.tokenizer")
-        return self.tokenizer
-
-    def _pad_id(self) -> int:
-        tok = self.tokenizer
-        for candidate in (getattr(tok, "pad_token_id", None), self.cfg.pad_token_id,
-                          getattr(tok, "eos_token_id", None), self.cfg.eos_token_id):
-            if candidate is not None:
-                return int(candidate)
-        return 0
-
-    def _bos_id(self) -> int:
-        bos = getattr(self.tokenizer, "bos_token_id", None)
-        bos = self.cfg.bos_token_id if bos is None else bos
-        if bos is None:
-            raise ValueError("this tokenizer has no BOS token; pass prepend_bos=False")
-        return int(bos)
-
-    def tokens_and_mask(self, input: ModelInput, prepend_bos: bool | None = None,
-                        padding_side: Literal["left", "right"] | None = None,
-                        attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    # Tokens (see tokens.py) --------------------------------------------------------------
+    def tokens_and_mask(
+        self,
+        input: ModelInput,
+        prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Tokens [batch, pos] on the model's device, checked, and the padding mask (or None)."""
-        if isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str)):
-            tokens, mask = self._tokenize(input, prepend_bos, padding_side)
-        else:
-            tokens, mask = self._check_tokens(input), None
-        if attention_mask is not None:
-            mask = self._check_mask(attention_mask, tuple(tokens.shape))
-        return tokens, mask
+        return tokens_lib.tokens_and_mask(
+            self.tokenizer, self.cfg, input, prepend_bos, padding_side, attention_mask, self.device
+        )
 
     def _check_mask(self, attention_mask: Any, shape: tuple[int, int]) -> torch.Tensor:
-        """An attention mask as 0/1 longs on the model's device, of the tokens' shape."""
-        mask = torch.as_tensor(attention_mask, device=self.device)
-        if mask.ndim == 1:
-            mask = mask[None]
-        if tuple(mask.shape) != shape:
-            raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, tokens {shape}; they must match")
-        if not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError("attention_mask must hold only 0 and 1 (0 for padding, 1 for a real token); got other values")
-        return mask.long()
+        return tokens_lib.check_mask(attention_mask, shape, self.device)
 
-    def _check_tokens(self, tokens: Any) -> torch.Tensor:
-        if isinstance(tokens, (list, tuple)):
-            if not tokens:
-                raise ValueError("empty input: pass at least one token or a non-empty string")
-            rows = tokens if isinstance(tokens[0], (list, tuple)) else [tokens]
-            if len({len(r) for r in rows}) > 1:
-                raise ValueError(f"token lists of different lengths {sorted({len(r) for r in rows})}: pad them to "
-                                 f"one length and pass attention_mask (or pass strings, which are padded for you)")
-            tokens = torch.tensor(tokens)
-        if not isinstance(tokens, torch.Tensor):
-            raise TypeError(f"input must be a string, a list of strings or a token tensor, got {type(tokens).__name__}")
-        if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-            raise ValueError(f"tokens must be integer ids (torch.long), got dtype {tokens.dtype}; "
-                             f"use model.to_tokens(text) or tokens.long() if they are whole numbers")
-        if tokens.ndim == 1:
-            tokens = tokens[None]
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must be [batch, pos] or [pos], got shape {tuple(tokens.shape)}")
-        if tokens.numel() == 0:
-            raise ValueError(f"empty input (tokens of shape {tuple(tokens.shape)}): pass at least one token")
-        lo, hi = int(tokens.min()), int(tokens.max())
-        if lo < 0 or hi >= self.cfg.d_vocab:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.cfg.d_vocab}); "
-                             f"were these tokens made by another model's tokenizer?")
-        return tokens.to(self.device, torch.long)
-
-    def _tokenize(self, input: TextInput, prepend_bos: bool | None, padding_side: str | None
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        tok = self._require_tokenizer()
-        texts = [input] if isinstance(input, str) else list(input)
-        prepend_bos = self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
-        ids = tok(texts, add_special_tokens=False)["input_ids"]
-        if prepend_bos:
-            bos = self._bos_id()
-            ids = [[bos] + row for row in ids]
-        if any(len(row) == 0 for row in ids):
-            raise ValueError("empty prompt: a string with no tokens (and prepend_bos=False) cannot be run")
-        width = max(len(row) for row in ids)
-        side = padding_side or getattr(tok, "padding_side", "right") or "right"
-        if side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
-        pad = self._pad_id()
-        tokens = torch.full((len(ids), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for i, row in enumerate(ids):
-            cols = slice(width - len(row), width) if side == "left" else slice(0, len(row))
-            tokens[i, cols] = torch.tensor(row)
-            mask[i, cols] = 1
-        mask = None if bool(mask.all()) else mask.to(self.device)
-        return tokens.to(self.device), mask
-
-    def to_tokens(self, input: TextInput, prepend_bos: bool | None = None,
-                  padding_side: Literal["left", "right"] | None = None, move_to_device: bool = True,
-                  truncate: bool = True) -> Int[torch.Tensor, "batch pos"]:
+    def to_tokens(
+        self,
+        input: TextInput,
+        prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None,
+        move_to_device: bool = True,
+        truncate: bool = True,
+    ) -> Int[torch.Tensor, "batch pos"]:
         """Token ids [batch, pos]; a list of strings is padded (see ``to_tokens_and_mask``)."""
-        tokens, _ = self._tokenize(input, prepend_bos, padding_side)
-        if truncate and self.cfg.positional_embedding == "learned":
-            tokens = tokens[:, : self.cfg.n_ctx]
-        return tokens if move_to_device else tokens.cpu()
+        return tokens_lib.to_tokens(
+            self.tokenizer,
+            self.cfg,
+            input,
+            prepend_bos,
+            padding_side,
+            self.device if move_to_device else "cpu",
+            truncate,
+        )
 
-    def to_tokens_and_mask(self, input: TextInput, prepend_bos: bool | None = None,
-                           padding_side: Literal["left", "right"] | None = None):
+    def to_tokens_and_mask(
+        self, input: TextInput, prepend_bos: bool | None = None, padding_side: Literal["left", "right"] | None = None
+    ):
         """(tokens, attention_mask) for a padded batch; the mask is all ones without padding."""
-        tokens, mask = self._tokenize(input, prepend_bos, padding_side)
+        tokens, mask = tokens_lib.tokenize(self.tokenizer, self.cfg, input, prepend_bos, padding_side, self.device)
         return tokens, torch.ones_like(tokens) if mask is None else mask
 
     def to_string(self, tokens: Int[torch.Tensor, "... pos"] | int | Sequence[int]) -> str | list[str]:
-        tok = self._require_tokenizer()
-        tokens = torch.as_tensor(tokens)
-        if tokens.ndim <= 1:
-            return tok.decode(tokens.reshape(-1).tolist())
-        return [tok.decode(row.tolist()) for row in tokens]
+        return tokens_lib.to_string(self.tokenizer, tokens)
 
-    def to_str_tokens(self, input: str | torch.Tensor | Sequence[int], prepend_bos: bool | None = None,
-                      padding_side: Literal["left", "right"] | None = None) -> list[str] | list[list[str]]:
-        tok = self._require_tokenizer()
-        if isinstance(input, (list, tuple)) and input and isinstance(input[0], str):
-            return [self.to_str_tokens(s, prepend_bos, padding_side) for s in input]
-        tokens = self.to_tokens(input, prepend_bos, padding_side) if isinstance(input, str) else torch.as_tensor(input)
-        if tokens.ndim == 2:
-            if tokens.shape[0] != 1:
-                return [self.to_str_tokens(row) for row in tokens]
-            tokens = tokens[0]
-        return [tok.decode([t]) for t in tokens.reshape(-1).tolist()]
+    def to_str_tokens(
+        self,
+        input: str | torch.Tensor | Sequence[int],
+        prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None,
+    ) -> list[str] | list[list[str]]:
+        return tokens_lib.to_str_tokens(self.tokenizer, self.cfg, input, prepend_bos, padding_side)
 
     def to_single_token(self, string: str) -> int:
-        tokens = self.to_tokens(string, prepend_bos=False)[0]
-        if tokens.numel() != 1:
-            raise ValueError(f"{string!r} is not a single token: it tokenizes as "
-                             f"{self.to_str_tokens(tokens)} ({tokens.numel()} tokens)")
-        return int(tokens[0])
+        return tokens_lib.to_single_token(self.tokenizer, self.cfg, string)
 
-    def get_token_position(self, single_token: str | int, input: str | torch.Tensor,
-                           mode: Literal["first", "last"] = "first", prepend_bos: bool | None = None,
-                           padding_side: Literal["left", "right"] | None = None) -> int:
-        tokens = self.to_tokens(input, prepend_bos, padding_side) if isinstance(input, str) else torch.as_tensor(input)
-        if tokens.ndim == 2:
-            if tokens.shape[0] != 1:
-                raise ValueError(f"get_token_position takes one sequence, got a batch of {tokens.shape[0]}")
-            tokens = tokens[0]
-        token = self.to_single_token(single_token) if isinstance(single_token, str) else int(single_token)
-        hits = (tokens == token).nonzero().flatten().tolist()
-        if not hits:
-            raise ValueError(f"token {single_token!r} ({token}) does not occur in the input")
-        return hits[0] if mode == "first" else hits[-1]
+    def get_token_position(
+        self,
+        single_token: str | int,
+        input: str | torch.Tensor,
+        mode: Literal["first", "last"] = "first",
+        prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None,
+    ) -> int:
+        return tokens_lib.get_token_position(
+            self.tokenizer, self.cfg, single_token, input, mode, prepend_bos, padding_side
+        )
 
     # Weights stacked over layers -------------------------------------------------------
     def _stack(self, path: str) -> torch.Tensor:
@@ -446,14 +388,22 @@ class HookedTransformer(HookedRootModule):
     # value head h // group_size; these properties repeat each kv head for its query heads,
     # as a new tensor [n_layers, head, ...], so per-head circuits (W_Q[l, h] @ W_K[l, h].T,
     # W_V[l, h] @ W_O[l, h]) index one axis. For MHA they equal W_K / W_V.
-    W_K_per_query_head = property(lambda self: self.W_K.repeat_interleave(self.cfg.group_size, dim=1),
-                                  doc="[n_layers, head, d_model, d_head]: W_K repeated per query head")
-    W_V_per_query_head = property(lambda self: self.W_V.repeat_interleave(self.cfg.group_size, dim=1),
-                                  doc="[n_layers, head, d_model, d_head]: W_V repeated per query head")
-    b_K_per_query_head = property(lambda self: self.b_K.repeat_interleave(self.cfg.group_size, dim=1),
-                                  doc="[n_layers, head, d_head]: b_K repeated per query head")
-    b_V_per_query_head = property(lambda self: self.b_V.repeat_interleave(self.cfg.group_size, dim=1),
-                                  doc="[n_layers, head, d_head]: b_V repeated per query head")
+    W_K_per_query_head = property(
+        lambda self: self.W_K.repeat_interleave(self.cfg.group_size, dim=1),
+        doc="[n_layers, head, d_model, d_head]: W_K repeated per query head",
+    )
+    W_V_per_query_head = property(
+        lambda self: self.W_V.repeat_interleave(self.cfg.group_size, dim=1),
+        doc="[n_layers, head, d_model, d_head]: W_V repeated per query head",
+    )
+    b_K_per_query_head = property(
+        lambda self: self.b_K.repeat_interleave(self.cfg.group_size, dim=1),
+        doc="[n_layers, head, d_head]: b_K repeated per query head",
+    )
+    b_V_per_query_head = property(
+        lambda self: self.b_V.repeat_interleave(self.cfg.group_size, dim=1),
+        doc="[n_layers, head, d_head]: b_V repeated per query head",
+    )
 
     @property
     def QK(self) -> FactoredMatrix:
@@ -467,8 +417,9 @@ class HookedTransformer(HookedRootModule):
         ``x_src @ OV[l, h]`` is what that head writes for a source it attends to fully."""
         return FactoredMatrix(self.W_V_per_query_head, self.W_O)
 
-    def tokens_to_residual_directions(self, tokens: str | int | Sequence[int] | Sequence[str] | torch.Tensor
-                                      ) -> Float[torch.Tensor, "... d_model"]:
+    def tokens_to_residual_directions(
+        self, tokens: str | int | Sequence[int] | Sequence[str] | torch.Tensor
+    ) -> Float[torch.Tensor, "... d_model"]:
         """The residual direction each token's logit reads: ``W_U[:, token]``.
 
         A string (one token) or an int gives [d_model]; a tensor (or list) of ids of shape
@@ -487,17 +438,35 @@ class HookedTransformer(HookedRootModule):
             raise ValueError(f"token ids must be in [0, {self.cfg.d_vocab}), got {ids.tolist()}")
         return self.W_U[:, ids].movedim(0, -1)
 
-    def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True
-                         ) -> Float[torch.Tensor, "d_model"]:
+    def accumulated_bias(
+        self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True
+    ) -> Float[torch.Tensor, "d_model"]:
         """The sum of the output biases (``b_O``, and ``b_out`` with ``include_mlp_biases``)
         written into the residual stream that enters block ``layer`` (0..n_layers; n_layers
         is the input to the unembedding). ``mlp_input``: the stream that block's MLP reads,
         which in a sequential block also holds its own ``b_O`` (a parallel block's MLP reads
         ``resid_pre``, so nothing is added there).
+
+        With post-norms (Gemma 2/3, OLMo 2) a bias reaches the residual stream scaled by its
+        post-norm, differently at each position: that needs a forward pass, and
+        ``cache.get_full_resid_decomposition`` gives it (its ``"bias"`` row).
         """
         n = self.cfg.n_layers
-        check_index(layer, n, "layer", f"accumulated_bias of a model with {n} layers", allow_end=True,
-                    allow_negative=False, note=f"{n}: the unembedding")
+        if self.cfg.norm_placement != "pre":
+            raise ValueError(
+                f"accumulated_bias: this model's biases pass through post-norms (norm_placement="
+                f"{self.cfg.norm_placement!r}), so what they add depends on the input; use the "
+                f"'bias' row of cache.get_full_resid_decomposition(...) instead"
+            )
+        check_index(
+            layer,
+            n,
+            "layer",
+            f"accumulated_bias of a model with {n} layers",
+            allow_end=True,
+            allow_negative=False,
+            note=f"{n}: the unembedding",
+        )
         if mlp_input and layer == n:
             raise ValueError(f"mlp_input=True needs a block below {n}; layer={n} is the unembedding")
         bias = torch.zeros(self.cfg.d_model, device=self.device, dtype=self.dtype)
@@ -514,8 +483,13 @@ class HookedTransformer(HookedRootModule):
         ``cache.stack_head_results``."""
         return [f"L{l}H{h}" for l in range(self.cfg.n_layers) for h in range(self.cfg.n_heads)]
 
-    def loss_fn(self, logits: Float[torch.Tensor, "batch pos d_vocab"], tokens: Int[torch.Tensor, "batch pos"],
-                attention_mask: torch.Tensor | None = None, per_token: bool = False) -> torch.Tensor:
+    def loss_fn(
+        self,
+        logits: Float[torch.Tensor, "batch pos d_vocab"],
+        tokens: Int[torch.Tensor, "batch pos"],
+        attention_mask: torch.Tensor | None = None,
+        per_token: bool = False,
+    ) -> torch.Tensor:
         """Next-token cross-entropy of ``logits`` on ``tokens`` (as ``return_type="loss"``)."""
         return lm_cross_entropy_loss(logits, tokens, attention_mask, per_token=per_token)
 
@@ -527,12 +501,14 @@ class HookedTransformer(HookedRootModule):
         self.tokenizer = tokenizer
 
     # Caching ------------------------------------------------------------------------------
-    def run_with_cache(self, *model_args: Any, return_cache_object: bool = True, remove_batch_dim: bool = False,
-                       **kwargs: Any) -> tuple[Any, Any]:
+    def run_with_cache(
+        self, *model_args: Any, return_cache_object: bool = True, remove_batch_dim: bool = False, **kwargs: Any
+    ) -> tuple[Any, Any]:
         """``HookedRootModule.run_with_cache`` (same arguments), with the activations in an
         ``ActivationCache`` (DLA, stacking, TransformerLens's indexing) as TransformerLens does."""
-        out, store = super().run_with_cache(*model_args, return_cache_object=False,
-                                            remove_batch_dim=remove_batch_dim, **kwargs)
+        out, store = super().run_with_cache(
+            *model_args, return_cache_object=False, remove_batch_dim=remove_batch_dim, **kwargs
+        )
         if not return_cache_object:
             return out, store
         from .cache import ActivationCache  # the cache builds on the model: imported when used
@@ -566,9 +542,14 @@ class HookedTransformer(HookedRootModule):
         """Accepted so TransformerLens code runs: ``hook_mlp_in`` always exists here, and the
         default cache holds it at no cost (it shares storage with the residual the MLP reads)."""
 
-    def process_weights_(self, fold_ln: bool = True, center_writing_weights: bool = True,
-                         center_unembed: bool = True, fold_value_biases: bool = True,
-                         refactor_factored_attn_matrices: bool = False) -> "HookedTransformer":
+    def process_weights_(
+        self,
+        fold_ln: bool = True,
+        center_writing_weights: bool = True,
+        center_unembed: bool = True,
+        fold_value_biases: bool = True,
+        refactor_factored_attn_matrices: bool = False,
+    ) -> "HookedTransformer":
         """Apply TransformerLens's weight processing to this model, in place (see processing.py).
 
         Steps already applied are skipped, so a model loaded with ``from_pretrained`` is left as
@@ -578,14 +559,20 @@ class HookedTransformer(HookedRootModule):
         from .loading import processed_copy
         from .processing import ProcessingOptions
 
-        options = ProcessingOptions(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
-                                    center_unembed=center_unembed, fold_value_biases=fold_value_biases,
-                                    refactor_factored_attn_matrices=refactor_factored_attn_matrices)
+        options = ProcessingOptions(
+            fold_ln=fold_ln,
+            center_writing_weights=center_writing_weights,
+            center_unembed=center_unembed,
+            fold_value_biases=fold_value_biases,
+            refactor_factored_attn_matrices=refactor_factored_attn_matrices,
+        )
         hooked = sorted(n for n, hp in self.hook_dict.items() if hp.observed)
         if hooked:
-            raise ValueError(f"process_weights_ rebuilds the model's modules, and hooks are attached to "
-                             f"{', '.join(hooked[:5])}{' ...' if len(hooked) > 5 else ''}: call "
-                             f"model.reset_hooks(including_permanent=True) first, then add them again")
+            raise ValueError(
+                f"process_weights_ rebuilds the model's modules, and hooks are attached to "
+                f"{', '.join(hooked[:5])}{' ...' if len(hooked) > 5 else ''}: call "
+                f"model.reset_hooks(including_permanent=True) first, then add them again"
+            )
         processed = processed_copy(self, options)
         if processed is not self:
             self.cfg = processed.cfg
@@ -601,8 +588,12 @@ class HookedTransformer(HookedRootModule):
         return generate(self, *args, **kwargs)
 
 
-def lm_cross_entropy_loss(logits: Float[torch.Tensor, "batch pos d_vocab"], tokens: Int[torch.Tensor, "batch pos"],
-                          attention_mask: torch.Tensor | None = None, per_token: bool = False) -> torch.Tensor:
+def lm_cross_entropy_loss(
+    logits: Float[torch.Tensor, "batch pos d_vocab"],
+    tokens: Int[torch.Tensor, "batch pos"],
+    attention_mask: torch.Tensor | None = None,
+    per_token: bool = False,
+) -> torch.Tensor:
     """Next-token cross-entropy; with a mask, only predictions of real tokens from real tokens count."""
     if tokens.shape[1] < 2:
         raise ValueError("a next-token loss needs at least two tokens per row; got one")

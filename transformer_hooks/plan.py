@@ -20,9 +20,10 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 import torch
 
@@ -34,33 +35,95 @@ PlacementMode = Literal["auto", "balanced"]
 # Published configs (each model's config.json on the hub, as HF dicts), so a plan for
 # them needs no download. Parameter counts their model cards give: GPT-2 124M,
 # Pythia-2.8B 2.78e9, Llama-3.2-1B 1.24e9, Llama-3.1-8B 8.03e9, Llama-3.1-70B 70.6e9.
-_LLAMA3 = dict(model_type="llama", hidden_act="silu", rms_norm_eps=1e-5, rope_theta=500000.0,
-               max_position_embeddings=131072, vocab_size=128256, bos_token_id=128000, eos_token_id=128001,
-               attention_bias=False, mlp_bias=False)
-_LLAMA31_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                     original_max_position_embeddings=8192)
+_LLAMA3 = dict(
+    model_type="llama",
+    hidden_act="silu",
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    max_position_embeddings=131072,
+    vocab_size=128256,
+    bos_token_id=128000,
+    eos_token_id=128001,
+    attention_bias=False,
+    mlp_bias=False,
+)
+_LLAMA31_ROPE = dict(
+    rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+)
 PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
-    "gpt2": dict(model_type="gpt2", n_embd=768, n_layer=12, n_head=12, n_positions=1024, n_ctx=1024,
-                 vocab_size=50257, activation_function="gelu_new", layer_norm_epsilon=1e-5,
-                 bos_token_id=50256, eos_token_id=50256, tie_word_embeddings=True),
-    "pythia-2.8b": dict(model_type="gpt_neox", hidden_size=2560, num_hidden_layers=32, num_attention_heads=32,
-                        intermediate_size=10240, vocab_size=50304, max_position_embeddings=2048, rotary_pct=0.25,
-                        rotary_emb_base=10000, use_parallel_residual=True, hidden_act="gelu",
-                        layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=0, tie_word_embeddings=False),
-    "llama-3.2-1b": dict(_LLAMA3, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
-                         rope_scaling=dict(_LLAMA31_ROPE, factor=32.0)),
-    "llama-3.1-8b": dict(_LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False,
-                         rope_scaling=_LLAMA31_ROPE),
-    "llama-3.1-70b": dict(_LLAMA3, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                          num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False,
-                          rope_scaling=_LLAMA31_ROPE),
+    "gpt2": dict(
+        model_type="gpt2",
+        n_embd=768,
+        n_layer=12,
+        n_head=12,
+        n_positions=1024,
+        n_ctx=1024,
+        vocab_size=50257,
+        activation_function="gelu_new",
+        layer_norm_epsilon=1e-5,
+        bos_token_id=50256,
+        eos_token_id=50256,
+        tie_word_embeddings=True,
+    ),
+    "pythia-2.8b": dict(
+        model_type="gpt_neox",
+        hidden_size=2560,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        intermediate_size=10240,
+        vocab_size=50304,
+        max_position_embeddings=2048,
+        rotary_pct=0.25,
+        rotary_emb_base=10000,
+        use_parallel_residual=True,
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=False,
+    ),
+    "llama-3.2-1b": dict(
+        _LLAMA3,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        tie_word_embeddings=True,
+        rope_scaling=dict(_LLAMA31_ROPE, factor=32.0),
+    ),
+    "llama-3.1-8b": dict(
+        _LLAMA3,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+        rope_scaling=_LLAMA31_ROPE,
+    ),
+    "llama-3.1-70b": dict(
+        _LLAMA3,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+        rope_scaling=_LLAMA31_ROPE,
+    ),
 }
-_ALIASES = {"gpt2-small": "gpt2", "openai-community/gpt2": "gpt2", "eleutherai/pythia-2.8b": "pythia-2.8b",
-            "meta-llama/llama-3.2-1b": "llama-3.2-1b", "meta-llama/llama-3.1-8b": "llama-3.1-8b",
-            "meta-llama/llama-3.1-70b": "llama-3.1-70b", "meta-llama/meta-llama-3.1-8b": "llama-3.1-8b",
-            "meta-llama/meta-llama-3.1-70b": "llama-3.1-70b"}
+_ALIASES = {
+    "gpt2-small": "gpt2",
+    "openai-community/gpt2": "gpt2",
+    "eleutherai/pythia-2.8b": "pythia-2.8b",
+    "meta-llama/llama-3.2-1b": "llama-3.2-1b",
+    "meta-llama/llama-3.1-8b": "llama-3.1-8b",
+    "meta-llama/llama-3.1-70b": "llama-3.1-70b",
+    "meta-llama/meta-llama-3.1-8b": "llama-3.1-8b",
+    "meta-llama/meta-llama-3.1-70b": "llama-3.1-70b",
+}
 
 
 # Parameters -----------------------------------------------------------------------------
@@ -120,8 +183,11 @@ def site_shapes(cfg: ModelConfig, batch: int, seq: int) -> dict[str, tuple[int, 
     the per-head expansions), from the site table (``sites.py``)."""
     from . import sites
 
-    return {name: sites.lookup(name).shape(cfg, batch, seq) for name in sites.hook_names(cfg)
-            if not sites.is_per_head_expansion(name)}
+    return {
+        name: sites.lookup(name).shape(cfg, batch, seq)
+        for name in sites.hook_names(cfg)
+        if not sites.is_per_head_expansion(name)
+    }
 
 
 _RESID = re.compile(r"hook_resid_(pre|mid|post)$")
@@ -154,8 +220,12 @@ def _group_order(n_layers: int) -> list[str]:
     return ["embed", *(f"blocks.{L}" for L in range(n_layers)), "final"]
 
 
-def place_groups(group_bytes: dict[str, int], devices: list[str], max_memory: dict[str, int] | None = None,
-                 mode: PlacementMode = "auto") -> dict[str, str]:
+def place_groups(
+    group_bytes: dict[str, int],
+    devices: list[str],
+    max_memory: dict[str, int] | None = None,
+    mode: PlacementMode = "auto",
+) -> dict[str, str]:
     """Device of each group (``embed``, ``blocks.{L}``, ``final``), blocks in order and whole.
 
     ``auto``: fill each device up to its ``max_memory`` before the next (as accelerate's
@@ -192,7 +262,8 @@ def place_groups(group_bytes: dict[str, int], devices: list[str], max_memory: di
             raise PlacementError(
                 f"the model does not fit max_memory: {d} would hold {fmt_bytes(held)} "
                 f"({_groups_label([g for g in order if placement[g] == d])}), more than its {fmt_bytes(limit[d])}; "
-                f"give more devices or memory, offload, or use a smaller dtype")
+                f"give more devices or memory, offload, or use a smaller dtype"
+            )
     return placement
 
 
@@ -247,22 +318,38 @@ class MemoryPlan:
 
     def format(self) -> str:
         name = self.cfg.model_name or self.cfg.original_architecture
-        lines = [f"memory plan for {name}: {self.cfg.n_layers} layers, d_model {self.cfg.d_model}, "
-                 f"{str(self.dtype).removeprefix('torch.')}, batch {self.batch} x seq {self.seq}, cache {self.cache}",
-                 f"parameters: {self.parameters:,} in memory"
-                 + (f" ({self.checkpoint_parameters:,} in the checkpoint)"
-                    if self.checkpoint_parameters is not None else ""),
-                 f"weights {fmt_bytes(self.weights)}, KV cache (generation) {fmt_bytes(self.kv_cache)}, "
-                 f"activation cache {fmt_bytes(self.activation_cache)}", ""]
+        lines = [
+            f"memory plan for {name}: {self.cfg.n_layers} layers, d_model {self.cfg.d_model}, "
+            f"{str(self.dtype).removeprefix('torch.')}, batch {self.batch} x seq {self.seq}, cache {self.cache}",
+            f"parameters: {self.parameters:,} in memory"
+            + (
+                f" ({self.checkpoint_parameters:,} in the checkpoint)" if self.checkpoint_parameters is not None else ""
+            ),
+            f"weights {fmt_bytes(self.weights)}, KV cache (generation) {fmt_bytes(self.kv_cache)}, "
+            f"activation cache {fmt_bytes(self.activation_cache)}",
+            "",
+        ]
         headers = ["device", "groups", "weights", "kv_cache", "act_cache", "workspace", "total", "capacity", "fits"]
-        rows = [[d.device, _groups_label(d.groups), fmt_bytes(d.weights), fmt_bytes(d.kv_cache),
-                 fmt_bytes(d.activation_cache), fmt_bytes(d.workspace), fmt_bytes(d.total),
-                 "?" if d.capacity is None else fmt_bytes(d.capacity),
-                 {True: "yes", False: "NO", None: "?"}[d.fits]] for d in self.devices]
+        rows = [
+            [
+                d.device,
+                _groups_label(d.groups),
+                fmt_bytes(d.weights),
+                fmt_bytes(d.kv_cache),
+                fmt_bytes(d.activation_cache),
+                fmt_bytes(d.workspace),
+                fmt_bytes(d.total),
+                "?" if d.capacity is None else fmt_bytes(d.capacity),
+                {True: "yes", False: "NO", None: "?"}[d.fits],
+            ]
+            for d in self.devices
+        ]
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-        lines += ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip(),
-                  "  ".join("-" * w for w in widths)]
-        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines += [
+            "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip(),
+            "  ".join("-" * w for w in widths),
+        ]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
         verdict = {True: "fits", False: "does NOT fit", None: "fit unknown (no capacity given for some device)"}
         lines += ["", f"verdict: {verdict[self.fits]}"]
         return "\n".join(lines)
@@ -278,10 +365,18 @@ def _groups_label(groups: list[str]) -> str:
     return ", ".join(parts) or "-"
 
 
-def plan_memory(cfg: ModelConfig, dtype: torch.dtype | str = torch.float32, *, batch: int = 1, seq: int = 1024,
-                cache: CacheKind = "none", devices: list[str] | None = None,
-                max_memory: dict[str, int] | None = None, mode: PlacementMode = "auto",
-                hf_config: dict[str, Any] | None = None) -> MemoryPlan:
+def plan_memory(
+    cfg: ModelConfig,
+    dtype: torch.dtype | str = torch.float32,
+    *,
+    batch: int = 1,
+    seq: int = 1024,
+    cache: CacheKind = "none",
+    devices: list[str] | None = None,
+    max_memory: dict[str, int] | None = None,
+    mode: PlacementMode = "auto",
+    hf_config: dict[str, Any] | None = None,
+) -> MemoryPlan:
     """Bytes per device for ``cfg`` (the model's config as it will be loaded: pass a
     processed config for processed weights) at ``dtype``: weights, KV cache for
     generating ``batch`` x ``seq`` tokens, a ``cache`` of one forward on ``batch`` x
@@ -318,8 +413,17 @@ def plan_memory(cfg: ModelConfig, dtype: torch.dtype | str = torch.float32, *, b
     for p in plans.values():
         p.workspace = workspace if p.groups else 0
     used = [plans[d] for d in devices if plans[d].groups]
-    return MemoryPlan(cfg, dtype, batch, seq, cache, sum(params.values()),
-                      checkpoint_parameters(hf_config) if hf_config is not None else None, used, placement)
+    return MemoryPlan(
+        cfg,
+        dtype,
+        batch,
+        seq,
+        cache,
+        sum(params.values()),
+        checkpoint_parameters(hf_config) if hf_config is not None else None,
+        used,
+        placement,
+    )
 
 
 def _workspace(cfg: ModelConfig, batch: int, seq: int, size: int) -> int:
@@ -344,8 +448,18 @@ def _capacity(device: str) -> int | None:
 
 
 # Input -----------------------------------------------------------------------------------------
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_bytes(text: str | int) -> int:
@@ -402,8 +516,10 @@ def config_for_plan(name_or_config: str | os.PathLike[str]) -> tuple[ModelConfig
             return ModelConfig.from_dict(data["model_config"]), None
         hf = data
     if hf is None:
-        raise ValueError(f"no config for {str(name_or_config)!r}: give a config.json, a model directory, or one of "
-                         f"the built-in published configs {sorted(PUBLISHED_CONFIGS)}")
+        raise ValueError(
+            f"no config for {str(name_or_config)!r}: give a config.json, a model directory, or one of "
+            f"the built-in published configs {sorted(PUBLISHED_CONFIGS)}"
+        )
     cfg = weights_conversion.config_from_hf(hf)
     return cfg.replace(model_name=str(name_or_config)), hf
 
@@ -413,43 +529,81 @@ def processed_for_plan(cfg: ModelConfig, processing: bool = True) -> ModelConfig
     ``from_pretrained_no_processing`` builds."""
     from .processing import ProcessingOptions, processed_config
 
-    return processed_config(cfg, ProcessingOptions() if processing else ProcessingOptions(
-        fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False))
+    return processed_config(
+        cfg,
+        ProcessingOptions()
+        if processing
+        else ProcessingOptions(
+            fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False
+        ),
+    )
 
 
-def run_plan(name_or_config: str, *, dtype: str = "float32", devices: Iterable[str] | None = None,
-             max_memory: str | dict[str, int] | None = None, batch: int = 1, seq: int = 1024,
-             cache: CacheKind = "none", mode: PlacementMode = "auto", processing: bool = True) -> MemoryPlan:
+def run_plan(
+    name_or_config: str,
+    *,
+    dtype: str = "float32",
+    devices: Iterable[str] | None = None,
+    max_memory: str | dict[str, int] | None = None,
+    batch: int = 1,
+    seq: int = 1024,
+    cache: CacheKind = "none",
+    mode: PlacementMode = "auto",
+    processing: bool = True,
+) -> MemoryPlan:
     """The ``plan`` command's work: read the config, plan, return the plan."""
     cfg, hf = config_for_plan(name_or_config)
     if isinstance(max_memory, str):
         max_memory = parse_max_memory(max_memory)
-    return plan_memory(processed_for_plan(cfg, processing), dtype, batch=batch, seq=seq, cache=cache,
-                       devices=list(devices) if devices else None, max_memory=max_memory, mode=mode,
-                       hf_config=hf)
+    return plan_memory(
+        processed_for_plan(cfg, processing),
+        dtype,
+        batch=batch,
+        seq=seq,
+        cache=cache,
+        devices=list(devices) if devices else None,
+        max_memory=max_memory,
+        mode=mode,
+        hf_config=hf,
+    )
 
 
 def add_plan_parser(sub: Any) -> None:
     """Register ``plan`` on the CLI's subparsers."""
-    p = sub.add_parser("plan", help="memory per device for a model (weights, KV cache, activation cache), "
-                                    "from its config alone")
-    p.add_argument("model", help=f"config.json, model directory, converted checkpoint, or one of "
-                                 f"{', '.join(sorted(PUBLISHED_CONFIGS))}")
+    p = sub.add_parser(
+        "plan", help="memory per device for a model (weights, KV cache, activation cache), from its config alone"
+    )
+    p.add_argument(
+        "model",
+        help=f"config.json, model directory, converted checkpoint, or one of {', '.join(sorted(PUBLISHED_CONFIGS))}",
+    )
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)")
     p.add_argument("--devices", default=None, help="comma-separated devices, e.g. cuda:0,cuda:1 (default: cpu)")
     p.add_argument("--max-memory", default=None, help="per-device capacity, e.g. cuda:0=20GiB,cuda:1=20GiB")
     p.add_argument("--balanced", action="store_true", help="split the blocks evenly instead of filling in order")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=1024)
-    p.add_argument("--cache", default="none", choices=("all", "resid", "none"),
-                   help="activation cache of one forward: every site, the residual stream, or none")
+    p.add_argument(
+        "--cache",
+        default="none",
+        choices=("all", "resid", "none"),
+        help="activation cache of one forward: every site, the residual stream, or none",
+    )
     p.add_argument("--no-processing", action="store_true", help="plan for unprocessed weights")
     p.set_defaults(func=cmd_plan)
 
 
 def cmd_plan(args: Any) -> int:
-    plan = run_plan(args.model, dtype=args.dtype, devices=args.devices.split(",") if args.devices else None,
-                    max_memory=args.max_memory, batch=args.batch, seq=args.seq, cache=args.cache,
-                    mode="balanced" if args.balanced else "auto", processing=not args.no_processing)
+    plan = run_plan(
+        args.model,
+        dtype=args.dtype,
+        devices=args.devices.split(",") if args.devices else None,
+        max_memory=args.max_memory,
+        batch=args.batch,
+        seq=args.seq,
+        cache=args.cache,
+        mode="balanced" if args.balanced else "auto",
+        processing=not args.no_processing,
+    )
     print(plan.format())
     return 0 if plan.fits is not False else 1

@@ -15,6 +15,9 @@ import difflib
 
 _PYTHIA_SIZES = ("14m", "31m", "70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b")
 _SMOLLM2_SIZES = {"135m": "135M", "360m": "360M", "1.7b": "1.7B"}
+_QWEN2_SIZES = {"0.5b": "0.5B", "1.5b": "1.5B", "7b": "7B"}
+_QWEN25_SIZES = {"0.5b": "0.5B", "1.5b": "1.5B", "3b": "3B", "7b": "7B", "14b": "14B"}
+_QWEN3_SIZES = {"0.6b": "0.6B", "1.7b": "1.7B", "4b": "4B", "8b": "8B", "14b": "14B"}
 
 PRESETS: dict[str, str] = {
     # GPT-2
@@ -47,16 +50,43 @@ PRESETS: dict[str, str] = {
     "llama-3.2-3b-instruct": "meta-llama/Llama-3.2-3B-Instruct",
     # SmolLM2 (Llama architecture); smollm2-135m-instruct is the embedded default model
     **{f"smollm2-{size}": f"HuggingFaceTB/SmolLM2-{hf}" for size, hf in _SMOLLM2_SIZES.items()},
+    **{f"smollm2-{size}-instruct": f"HuggingFaceTB/SmolLM2-{hf}-Instruct" for size, hf in _SMOLLM2_SIZES.items()},
+    # Mistral
+    "mistral-7b": "mistralai/Mistral-7B-v0.1",
+    "mistral-7b-instruct": "mistralai/Mistral-7B-Instruct-v0.1",
+    "mistral-7b-v0.3": "mistralai/Mistral-7B-v0.3",
+    "mistral-7b-instruct-v0.3": "mistralai/Mistral-7B-Instruct-v0.3",
+    "mistral-nemo-base-2407": "mistralai/Mistral-Nemo-Base-2407",
+    # Qwen 2 / 2.5 / 3 (base and instruct; Qwen 3's unsuffixed repos are the post-trained ones)
+    **{f"qwen2-{size}": f"Qwen/Qwen2-{hf}" for size, hf in _QWEN2_SIZES.items()},
+    **{f"qwen2-{size}-instruct": f"Qwen/Qwen2-{hf}-Instruct" for size, hf in _QWEN2_SIZES.items()},
+    **{f"qwen2.5-{size}": f"Qwen/Qwen2.5-{hf}" for size, hf in _QWEN25_SIZES.items()},
+    **{f"qwen2.5-{size}-instruct": f"Qwen/Qwen2.5-{hf}-Instruct" for size, hf in _QWEN25_SIZES.items()},
+    **{f"qwen3-{size}": f"Qwen/Qwen3-{hf}" for size, hf in _QWEN3_SIZES.items()},
+    **{f"qwen3-{size}-base": f"Qwen/Qwen3-{hf}-Base" for size, hf in _QWEN3_SIZES.items()},
+    # Gemma 1 / 2 / 3 (Gemma 3 4B and up are multimodal: their language model loads)
+    **{f"gemma-{size}{it}": f"google/gemma-{size}{it}" for size in ("2b", "7b") for it in ("", "-it")},
+    **{f"gemma-2-{size}{it}": f"google/gemma-2-{size}{it}" for size in ("2b", "9b", "27b") for it in ("", "-it")},
+    "gemma-3-270m": "google/gemma-3-270m",
+    "gemma-3-270m-it": "google/gemma-3-270m-it",
+    "gemma-3-1b-pt": "google/gemma-3-1b-pt",
+    "gemma-3-1b-it": "google/gemma-3-1b-it",
     **{
-        f"smollm2-{size}-instruct": f"HuggingFaceTB/SmolLM2-{hf}-Instruct"
-        for size, hf in _SMOLLM2_SIZES.items()
+        f"gemma-3-{size}-{kind}": f"google/gemma-3-{size}-{kind}"
+        for size in ("4b", "12b", "27b")
+        for kind in ("pt", "it")
     },
+    # OLMo 2
+    "olmo-2-1b": "allenai/OLMo-2-0425-1B",
+    "olmo-2-1b-instruct": "allenai/OLMo-2-0425-1B-Instruct",
+    "olmo-2-7b": "allenai/OLMo-2-1124-7B",
+    "olmo-2-7b-instruct": "allenai/OLMo-2-1124-7B-Instruct",
+    "olmo-2-13b": "allenai/OLMo-2-1124-13B",
+    "olmo-2-13b-instruct": "allenai/OLMo-2-1124-13B-Instruct",
 }
 
 # "llama-3.2-1b" and "Llama-3.2-1B" (the repo id's last component) both name a checkpoint.
-_REPO_BASENAMES: dict[str, str] = {
-    repo_id.rsplit("/", 1)[-1].lower(): repo_id for repo_id in PRESETS.values()
-}
+_REPO_BASENAMES: dict[str, str] = {repo_id.rsplit("/", 1)[-1].lower(): repo_id for repo_id in PRESETS.values()}
 
 
 def preset_repo_id(name: str) -> str | None:

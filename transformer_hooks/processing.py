@@ -16,17 +16,27 @@ The steps, in the order they run (and are recorded in ``ModelConfig.processing``
 2. ``center_writing_weights`` (LayerNorm models only): everything that writes to the
    residual stream writes a zero-mean vector.
 3. ``center_unembed``: logits lose their mean over the vocabulary, which softmax
-   ignores: log-probs (and logit differences) are kept, raw logits are not.
+   ignores: log-probs (and logit differences) are kept, raw logits are not. Skipped (and
+   not recorded, with a warning) when the logits are soft-capped (Gemma 2): ``c * tanh(x / c)``
+   does not ignore a shift of x, so centring would change the log-probs.
 4. ``fold_value_biases``: the value bias becomes part of the output bias.
 
 Convention: tensors arriving in a group are never modified in place (they may be
 memory-mapped, or views shared with another tensor); a step replaces the group's entry
 with a new tensor, so the old one is freed as soon as nothing else holds it. Steps run
 in float32; the caller casts afterwards.
+
+Post-norms (``ln1_post`` / ``ln2_post``: Gemma 2/3, OLMo 2) sit after the weights that
+write into them and before the residual stream, so no step folds them: they keep their
+weights, and ``fold_ln`` folds the pre-norms (none in OLMo 2's blocks) and ``ln_final``.
+Every other step is exact with them: ``fold_value_biases`` moves a constant within the
+attention output before its post-norm; q/k norms read q and k, which ``fold_ln`` rewrites
+linearly before them.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -37,6 +47,7 @@ from jaxtyping import Float
 
 from .config import ModelConfig
 
+logger = logging.getLogger(__name__)
 Group = dict[str, torch.Tensor]
 STEPS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
 # Steps that rewrite W_E (centring) or W_U (folding ln_final, centring): after them a tied
@@ -56,8 +67,10 @@ class ProcessingOptions:
 
     def __post_init__(self) -> None:
         if self.refactor_factored_attn_matrices:
-            raise NotImplementedError("refactor_factored_attn_matrices is not supported: it rewrites W_Q/W_K and "
-                                      "W_V/W_O without changing the outputs, which rotary models cannot take")
+            raise NotImplementedError(
+                "refactor_factored_attn_matrices is not supported: it rewrites W_Q/W_K and "
+                "W_V/W_O without changing the outputs, which rotary models cannot take"
+            )
 
 
 def steps_for(cfg: ModelConfig, options: ProcessingOptions) -> tuple[str, ...]:
@@ -71,6 +84,8 @@ def steps_for(cfg: ModelConfig, options: ProcessingOptions) -> tuple[str, ...]:
         wanted = [step for step in wanted if step != "center_writing_weights"]
     if cfg.norm_folded:
         wanted = [step for step in wanted if step != "fold_ln"]
+    if cfg.final_logit_softcap is not None:  # tanh is not shift-invariant: centring would change log-probs
+        wanted = [step for step in wanted if step != "center_unembed"]
     return tuple(step for step in wanted if step not in cfg.processing)
 
 
@@ -78,6 +93,13 @@ def processed_config(cfg: ModelConfig, options: ProcessingOptions) -> ModelConfi
     """The config of the processed model: folded norms become LNPre/RMSPre, and
     ``processing`` records the steps applied, in order."""
     applied = steps_for(cfg, options)
+    if options.center_unembed and cfg.final_logit_softcap is not None and "center_unembed" not in cfg.processing:
+        logger.warning(
+            "center_unembed skipped: this model soft-caps its logits (final_logit_softcap=%s), and "
+            "c * tanh(x / c) changes when x shifts, so centring the unembedding would change the "
+            "log-probs",
+            cfg.final_logit_softcap,
+        )
     norm = cfg.folded_normalization_type if "fold_ln" in applied else cfg.normalization_type
     return cfg.replace(normalization_type=norm, processing=cfg.processing + applied)
 
@@ -121,8 +143,9 @@ def fold_ln(cfg: ModelConfig, group: Group) -> None:
         mlp_readers = [(mlp + "W_in", mlp + "b_in")]
         if mlp + "W_gate" in group:
             mlp_readers.append((mlp + "W_gate", mlp + "b_gate"))
-        _fold_norm(group, block + "ln1", attn_readers, centre)
-        _fold_norm(group, block + "ln2", mlp_readers, centre)
+        if block + "ln1.w" in group:  # OLMo 2's blocks have no pre-norms
+            _fold_norm(group, block + "ln1", attn_readers, centre)
+            _fold_norm(group, block + "ln2", mlp_readers, centre)
     if "ln_final.w" in group:
         _fold_norm(group, "ln_final", [("unembed.W_U", "unembed.b_U")], centre)
 
@@ -154,8 +177,12 @@ def center_writing_weights(cfg: ModelConfig, group: Group) -> None:
     LayerNorm, which subtracts the mean first, so nothing downstream changes; the
     residual stream itself then has zero mean (a direction nothing could read is gone).
     """
-    writers = [name for name in group if name in ("embed.W_E", "pos_embed.W_pos")
-               or re.search(r"\.(attn\.W_O|attn\.b_O|mlp\.W_out|mlp\.b_out)$", name)]
+    writers = [
+        name
+        for name in group
+        if name in ("embed.W_E", "pos_embed.W_pos")
+        or re.search(r"\.(attn\.W_O|attn\.b_O|mlp\.W_out|mlp\.b_out)$", name)
+    ]
     for name in writers:
         group[name] = _centred(group[name])
 
@@ -196,7 +223,8 @@ def fold_value_biases(cfg: ModelConfig, group: Group) -> None:
         b_V_per_head = repeat(b_V, "kv_head d_head -> (kv_head group) d_head", group=cfg.group_size)
         W_O: Float[torch.Tensor, "head d_head d_model"] = group[attn + "W_O"]
         group[attn + "b_O"] = group[attn + "b_O"] + einsum(
-            b_V_per_head, W_O, "head d_head, head d_head d_model -> d_model")
+            b_V_per_head, W_O, "head d_head, head d_head d_model -> d_model"
+        )
         group[attn + "b_V"] = torch.zeros_like(b_V)
 
 

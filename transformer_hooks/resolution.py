@@ -193,9 +193,7 @@ def _local_directory(source: str, directory: Path) -> Checkpoint:
         return _gguf_checkpoint(source, ggufs[0])
     if len(ggufs) > 1:
         names = ", ".join(p.name for p in ggufs)
-        raise UnknownModelError(
-            f"{directory} holds several .gguf files ({names}); pass the path of the one to load."
-        )
+        raise UnknownModelError(f"{directory} holds several .gguf files ({names}); pass the path of the one to load.")
     raise CheckpointNotFoundError(
         f"{directory} is not a checkpoint: it has no {HF_CONFIG} (Hugging Face), no "
         f"{CONVERTED_CONFIG} (converted by transformer_hooks) and no .gguf file."
@@ -229,8 +227,7 @@ def _find_weights(directory: Path) -> tuple[tuple[Path, ...], dict[str, Path] | 
         if (directory / index).is_file():
             return _read_index(directory, directory / index)
     raise CheckpointNotFoundError(
-        f"No weights in {directory}: expected {SAFE_WEIGHTS} or {SAFE_INDEX} "
-        f"(or {BIN_WEIGHTS} / {BIN_INDEX})."
+        f"No weights in {directory}: expected {SAFE_WEIGHTS} or {SAFE_INDEX} (or {BIN_WEIGHTS} / {BIN_INDEX})."
     )
 
 
@@ -344,9 +341,7 @@ def _download(repo_id: str, cache_dir: Path) -> Path:
 
     def fetch(weight_patterns: list[str]) -> Path:
         patterns = _METADATA_PATTERNS + weight_patterns
-        folder = huggingface_hub.snapshot_download(
-            repo_id, cache_dir=cache_dir, allow_patterns=patterns
-        )
+        folder = huggingface_hub.snapshot_download(repo_id, cache_dir=cache_dir, allow_patterns=patterns)
         return Path(folder)
 
     try:
@@ -384,12 +379,7 @@ def _offline_fix(repo_id: str) -> str:
 
 def _looks_like_path(name: str) -> bool:
     """Names that can only be paths: never confused with `org/name` repo ids."""
-    return (
-        name.startswith((".", "~", "/", "\\"))
-        or os.path.isabs(name)
-        or name.count("/") > 1
-        or "\\" in name
-    )
+    return name.startswith((".", "~", "/", "\\")) or os.path.isabs(name) or name.count("/") > 1 or "\\" in name
 
 
 def _unknown_model_message(name: str) -> str:

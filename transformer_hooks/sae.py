@@ -78,9 +78,21 @@ SAE_CFG_FILENAME = "cfg.json"
 SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"
 PROCESSING_STEPS = STEPS  # processing.py's step names, in order
 
-_RESIDUAL_SITES = ("hook_embed", "hook_pos_embed", "hook_resid_pre", "hook_resid_mid", "hook_resid_post",
-                   "hook_attn_out", "hook_mlp_out", "hook_mlp_in", "hook_attn_in", "hook_q_input", "hook_k_input",
-                   "hook_v_input", "attn.hook_result")
+_RESIDUAL_SITES = (
+    "hook_embed",
+    "hook_pos_embed",
+    "hook_resid_pre",
+    "hook_resid_mid",
+    "hook_resid_post",
+    "hook_attn_out",
+    "hook_mlp_out",
+    "hook_mlp_in",
+    "hook_attn_in",
+    "hook_q_input",
+    "hook_k_input",
+    "hook_v_input",
+    "attn.hook_result",
+)
 
 
 def sites_changed_by(step: str, normalization_type: str) -> dict[str, str]:
@@ -97,8 +109,11 @@ def sites_changed_by(step: str, normalization_type: str) -> dict[str, str]:
     if step == "center_writing_weights":
         return {s: "centred: x - mean(x) over d_model" for s in _RESIDUAL_SITES} if layer_norm else {}
     if step == "fold_value_biases":
-        return {"attn.hook_v": "b_V removed", "attn.hook_z": "b_V removed",
-                "attn.hook_result": "b_V @ W_O removed per head (moved into b_O)"}
+        return {
+            "attn.hook_v": "b_V removed",
+            "attn.hook_z": "b_V removed",
+            "attn.hook_result": "b_V @ W_O removed per head (moved into b_O)",
+        }
     return {}  # center_unembed
 
 
@@ -121,9 +136,11 @@ class SAEConfig:
 
     def __post_init__(self) -> None:
         if self.normalize_activations != "none":
-            raise ValueError(f"normalize_activations={self.normalize_activations!r} is not supported (only 'none'); "
-                             f"for 'expected_average_only_in' fold the scaling factor s into the weights "
-                             f"(W_enc * s, W_dec / s, b_dec / s) and set it to 'none'")
+            raise ValueError(
+                f"normalize_activations={self.normalize_activations!r} is not supported (only 'none'); "
+                f"for 'expected_average_only_in' fold the scaling factor s into the weights "
+                f"(W_enc * s, W_dec / s, b_dec / s) and set it to 'none'"
+            )
 
     @property
     def expected_processing(self) -> tuple[str, ...] | None:
@@ -151,15 +168,30 @@ class SAEConfig:
         hook_name = get("hook_name") or get("hook_point")
         if not hook_name:
             raise ValueError("the SAE config names no hook: it needs 'hook_name' (or the older 'hook_point')")
-        known = {"d_in", "d_sae", "hook_name", "hook_point", "apply_b_dec_to_input", "normalize_activations",
-                 "dtype", "model_name", "model_from_pretrained_kwargs", "meta", "metadata"}
-        return cls(d_in=int(d["d_in"]), d_sae=int(d["d_sae"]), hook_name=hook_name,
-                   apply_b_dec_to_input=bool(d.get("apply_b_dec_to_input", True)),
-                   normalize_activations=d.get("normalize_activations") or "none",
-                   dtype=str(d.get("dtype", "float32")).replace("torch.", ""),
-                   model_name=get("model_name", "") or "",
-                   model_from_pretrained_kwargs=get("model_from_pretrained_kwargs"),
-                   extra={k: v for k, v in d.items() if k not in known})
+        known = {
+            "d_in",
+            "d_sae",
+            "hook_name",
+            "hook_point",
+            "apply_b_dec_to_input",
+            "normalize_activations",
+            "dtype",
+            "model_name",
+            "model_from_pretrained_kwargs",
+            "meta",
+            "metadata",
+        }
+        return cls(
+            d_in=int(d["d_in"]),
+            d_sae=int(d["d_sae"]),
+            hook_name=hook_name,
+            apply_b_dec_to_input=bool(d.get("apply_b_dec_to_input", True)),
+            normalize_activations=d.get("normalize_activations") or "none",
+            dtype=str(d.get("dtype", "float32")).replace("torch.", ""),
+            model_name=get("model_name", "") or "",
+            model_from_pretrained_kwargs=get("model_from_pretrained_kwargs"),
+            extra={k: v for k, v in d.items() if k not in known},
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """SAELens-compatible: flat fields, the ``metadata`` block newer SAELens reads, ``architecture``."""
@@ -192,8 +224,7 @@ class SAE(HookedRootModule):
         self.setup_hooks()
 
     @classmethod
-    def for_model(cls, model: Any, hook_name: str, d_sae: int, d_in: int | None = None,
-                  seed: int = 0) -> "SAE":
+    def for_model(cls, model: Any, hook_name: str, d_sae: int, d_in: int | None = None, seed: int = 0) -> "SAE":
         """A freshly initialised SAE for ``model``'s site, recording the model's processing.
 
         Init as SAELens's defaults: decoder rows of norm 0.1 in random directions,
@@ -201,8 +232,13 @@ class SAE(HookedRootModule):
         """
         model.resolve_hook_names(hook_name)
         kwargs = {s: s in model.cfg.processing for s in PROCESSING_STEPS}
-        cfg = SAEConfig(d_in=d_in or model.cfg.d_model, d_sae=d_sae, hook_name=hook_name,
-                        model_name=model.cfg.model_name, model_from_pretrained_kwargs=kwargs)
+        cfg = SAEConfig(
+            d_in=d_in or model.cfg.d_model,
+            d_sae=d_sae,
+            hook_name=hook_name,
+            model_name=model.cfg.model_name,
+            model_from_pretrained_kwargs=kwargs,
+        )
         sae = cls(cfg).to(model.device)
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
@@ -266,8 +302,10 @@ class SAE(HookedRootModule):
             raise KeyError(f"SAE state dict lacks {missing}; it has {sorted(state_dict)}")
         for name, shape in expected.items():
             if tuple(state_dict[name].shape) != shape:
-                raise ValueError(f"SAE tensor {name} has shape {tuple(state_dict[name].shape)}, expected {shape} "
-                                 f"for d_in={cfg.d_in}, d_sae={cfg.d_sae}")
+                raise ValueError(
+                    f"SAE tensor {name} has shape {tuple(state_dict[name].shape)}, expected {shape} "
+                    f"for d_in={cfg.d_in}, d_sae={cfg.d_sae}"
+                )
         sae.load_state_dict({n: state_dict[n] for n in expected})
         return sae
 
@@ -279,8 +317,9 @@ class SAE(HookedRootModule):
         path = Path(path)
         for name in (SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME):
             if not (path / name).is_file():
-                raise FileNotFoundError(f"{path} has no {name}; a SAELens SAE directory holds "
-                                        f"{SAE_CFG_FILENAME} and {SAE_WEIGHTS_FILENAME}")
+                raise FileNotFoundError(
+                    f"{path} has no {name}; a SAELens SAE directory holds {SAE_CFG_FILENAME} and {SAE_WEIGHTS_FILENAME}"
+                )
         cfg = SAEConfig.from_dict(json.loads((path / SAE_CFG_FILENAME).read_text()))
         sae = cls.from_state_dict(load_file(str(path / SAE_WEIGHTS_FILENAME)), cfg)
         return sae.to(device) if device is not None else sae
@@ -322,7 +361,8 @@ def check_sae_processing(model: Any, sae: SAE, warn: bool = True) -> list[str]:
             f"the SAE on {sae.cfg.hook_name} was trained on a model loaded {trained} {step}, but this model was "
             f"loaded {'with' if step in applied else 'without'} it, which changes this site ({how}). Load the model "
             f"as the SAE expects: HookedTransformer.from_pretrained_no_processing(name, "
-            f"**{sae.cfg.model_from_pretrained_kwargs})")
+            f"**{sae.cfg.model_from_pretrained_kwargs})"
+        )
     if warn:
         for p in problems:
             warnings.warn(p, stacklevel=3)
@@ -335,8 +375,9 @@ def _to_sae_shape(act: torch.Tensor, d_in: int, name: str) -> torch.Tensor:
         return act
     if act.ndim >= 2 and act.shape[-2] * act.shape[-1] == d_in:  # hook_z SAEs: heads flattened
         return act.flatten(-2)
-    raise ValueError(f"the SAE has d_in={d_in}, but {name} has shape {tuple(act.shape)}; was it trained on "
-                     f"another site or model?")
+    raise ValueError(
+        f"the SAE has d_in={d_in}, but {name} has shape {tuple(act.shape)}; was it trained on another site or model?"
+    )
 
 
 Positions = Union[slice, Sequence[int], None]
@@ -353,6 +394,7 @@ def _chosen(n_pos: int, positions: Positions, device: Any) -> torch.Tensor:
 def sae_splice_hook(sae: SAE, positions: Positions = None):
     """A hook function replacing the activation by ``sae(activation)`` (same shape and
     dtype), at ``positions`` of each forward's input (all when None)."""
+
     def hook(act: torch.Tensor, hook: HookPoint) -> torch.Tensor:
         chosen = act if positions is None else act[:, positions]
         out = sae(_to_sae_shape(chosen, sae.cfg.d_in, hook.name)).reshape(chosen.shape).to(act.dtype)
@@ -361,12 +403,14 @@ def sae_splice_hook(sae: SAE, positions: Positions = None):
         act = act.clone()
         act[:, positions] = out
         return act
+
     return hook
 
 
 @contextlib.contextmanager
-def splice_sae(model: Any, sae: SAE, use_error_term: bool | None = None, positions: Positions = None,
-               check: bool = True) -> Iterator[SAE]:
+def splice_sae(
+    model: Any, sae: SAE, use_error_term: bool | None = None, positions: Positions = None, check: bool = True
+) -> Iterator[SAE]:
     """Every forward in the block runs with ``sae.cfg.hook_name`` replaced by its
     reconstruction (plus the error term if ``use_error_term``; default: the SAE's own
     setting), at ``positions`` (default all; ``slice(1, None)`` leaves the first token
@@ -406,13 +450,15 @@ class SAEEvaluation:
     n_tokens: int
 
     def __str__(self) -> str:
-        return "\n".join(f"{k:>20}: {v:.4g}" if isinstance(v, float) else f"{k:>20}: {v}"
-                         for k, v in asdict(self).items())
+        return "\n".join(
+            f"{k:>20}: {v:.4g}" if isinstance(v, float) else f"{k:>20}: {v}" for k, v in asdict(self).items()
+        )
 
 
 def _zero_hook(positions: Positions):
     def hook(act: torch.Tensor, hook: HookPoint) -> torch.Tensor:
         return act * ~_chosen(act.shape[1], positions, act.device).reshape(-1, *[1] * (act.ndim - 2))
+
     return hook
 
 
@@ -423,9 +469,15 @@ def _loss_sum(nll: torch.Tensor, mask: torch.Tensor | None) -> tuple[float, int]
 
 
 @torch.no_grad()
-def evaluate_sae(model: Any, sae: SAE, tokens: Int[torch.Tensor, "batch pos"] | str | list[str],
-                 batch_size: int = 8, attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
-                 positions: Positions = None, check: bool = True) -> SAEEvaluation:
+def evaluate_sae(
+    model: Any,
+    sae: SAE,
+    tokens: Int[torch.Tensor, "batch pos"] | str | list[str],
+    batch_size: int = 8,
+    attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
+    positions: Positions = None,
+    check: bool = True,
+) -> SAEEvaluation:
     """Splice ``sae`` into ``model`` on ``tokens`` (or strings; padded lists count only
     their real tokens) and report reconstruction MSE, L0, explained variance, and the
     next-token loss clean, spliced and with the site zeroed. ``positions``: splice, zero
@@ -441,12 +493,13 @@ def evaluate_sae(model: Any, sae: SAE, tokens: Int[torch.Tensor, "batch pos"] | 
     sum_sq = 0.0
     loss_kwargs = dict(return_type="loss", loss_per_token=True)
     for start in tqdm(range(0, tokens.shape[0], batch_size), desc="evaluating SAE", leave=False, delay=1.0):
-        tok = tokens[start:start + batch_size]
-        m = mask[start:start + batch_size] if mask is not None else None
+        tok = tokens[start : start + batch_size]
+        m = mask[start : start + batch_size] if mask is not None else None
         nll, cache = model.run_with_cache(tok, attention_mask=m, names_filter=site, **loss_kwargs)
         x = _to_sae_shape(cache[site], sae.cfg.d_in, site).to(sae.W_enc.dtype)
         measured = _chosen(tok.shape[1], positions, x.device)[None] & (
-            torch.ones(tok.shape, dtype=torch.bool, device=x.device) if m is None else m.bool())
+            torch.ones(tok.shape, dtype=torch.bool, device=x.device) if m is None else m.bool()
+        )
         x = x[measured]  # [tokens, d_in]
         feats = sae.encode(x)
         sq_err += float((x - sae.decode(feats)).double().pow(2).sum())
@@ -464,16 +517,28 @@ def evaluate_sae(model: Any, sae: SAE, tokens: Int[torch.Tensor, "batch pos"] | 
         n_pred += batch_pred
     total_var = sum_sq - float(sum_x.pow(2).sum()) / n  # sum ||x - mean||^2
     clean, spliced, zero = clean / max(n_pred, 1), spliced / max(n_pred, 1), zero / max(n_pred, 1)
-    return SAEEvaluation(mse=sq_err / (n * sae.cfg.d_in), l0=l0 / n,
-                         explained_variance=1 - sq_err / total_var if total_var > 0 else math.nan,
-                         clean_loss=clean, spliced_loss=spliced, zero_ablation_loss=zero,
-                         ce_loss_recovered=(zero - spliced) / (zero - clean) if zero != clean else math.nan,
-                         n_tokens=n)
+    return SAEEvaluation(
+        mse=sq_err / (n * sae.cfg.d_in),
+        l0=l0 / n,
+        explained_variance=1 - sq_err / total_var if total_var > 0 else math.nan,
+        clean_loss=clean,
+        spliced_loss=spliced,
+        zero_ablation_loss=zero,
+        ce_loss_recovered=(zero - spliced) / (zero - clean) if zero != clean else math.nan,
+        n_tokens=n,
+    )
 
 
 # Training (a small loop for notebooks and tests, not a SAELens replacement) ------------
-def train_sae(sae: SAE, activations: Float[torch.Tensor, "n d_in"], steps: int = 300, batch_size: int = 256,
-              lr: float = 1e-3, l1_coefficient: float = 1e-3, seed: int = 0) -> list[float]:
+def train_sae(
+    sae: SAE,
+    activations: Float[torch.Tensor, "n d_in"],
+    steps: int = 300,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    l1_coefficient: float = 1e-3,
+    seed: int = 0,
+) -> list[float]:
     """Adam on ``||x - x_hat||^2 (summed over d_in) + l1 * sum_i f_i ||W_dec[i]||``, SAELens's
     standard loss. ``b_dec`` starts at the activations' mean. Returns the loss per step."""
     activations = activations.reshape(-1, sae.cfg.d_in).to(sae.W_enc.device, sae.W_enc.dtype).detach()

@@ -38,17 +38,41 @@ class Condition:
 
 
 ALWAYS = Condition("always", lambda cfg: True, "")
-LEARNED_POSITIONS = Condition("learned positions", lambda cfg: cfg.positional_embedding == "learned",
-                              "rotary models have no position embedding in the residual stream")
+LEARNED_POSITIONS = Condition(
+    "learned positions",
+    lambda cfg: cfg.positional_embedding == "learned",
+    "rotary models have no position embedding in the residual stream",
+)
 ROTARY = Condition("rotary", lambda cfg: cfg.positional_embedding == "rotary", "only rotary models have rot_q/rot_k")
-SEQUENTIAL = Condition("sequential residual", lambda cfg: not cfg.parallel_residual,
-                       "parallel-residual blocks have no resid_mid: attention and MLP both read resid_pre")
+SEQUENTIAL = Condition(
+    "sequential residual",
+    lambda cfg: not cfg.parallel_residual,
+    "parallel-residual blocks have no resid_mid: attention and MLP both read resid_pre",
+)
 GATED_MLP = Condition("gated MLP", lambda cfg: cfg.gated_mlp, "only gated MLPs have pre_linear")
+PRE_NORM = Condition(
+    "norms before attention and MLP",
+    lambda cfg: cfg.norm_placement in ("pre", "both"),
+    "this model normalises only the outputs of attention and MLP (norm_placement='post'): it has no ln1/ln2",
+)
+POST_NORM = Condition(
+    "norms after attention and MLP",
+    lambda cfg: cfg.norm_placement in ("both", "post"),
+    "only models with norms after attention and MLP (Gemma 2/3, OLMo 2) have ln1_post/ln2_post",
+)
+QK_NORM = Condition(
+    "q/k norms",
+    lambda cfg: cfg.qk_norm is not None,
+    "only models that normalise queries and keys (Qwen 3, Gemma 3, OLMo 2) have q_norm/k_norm",
+)
+QK_NORM_OVER_ALL_HEADS = Condition("q/k norm over the whole projection", lambda cfg: cfg.qk_norm == "all", "")
 
 RESID = ("batch", "pos", "d_model")
 SCALE = ("batch", "pos", "1")
 PER_HEAD = ("batch", "pos", "head", "d_head")
 PER_KV_HEAD = ("batch", "pos", "kv_head", "d_head")
+HEAD_SCALE = ("batch", "pos", "head", "1")
+KV_HEAD_SCALE = ("batch", "pos", "kv_head", "1")
 ATTENTION = ("batch", "head", "query_pos", "key_pos")
 NEURONS = ("batch", "pos", "d_mlp")
 
@@ -61,7 +85,9 @@ class Site:
     one for the model; ``axes``: the activation's axes; ``per_head_expansion``: n_heads
     copies of a residual-sized tensor, so the default cache leaves it out; ``when``: the
     architectures that have it; ``aliases``: TransformerLens's short names
-    (``utils.get_act_name``), the first one canonical.
+    (``utils.get_act_name``), the first one canonical; ``other_axes``: the axes instead of
+    ``axes`` in models where its condition holds (OLMo 2's q/k norms read all heads at once).
+    The position axis is the same in both.
     """
 
     name: str
@@ -70,6 +96,13 @@ class Site:
     aliases: tuple[str, ...] = ()
     per_head_expansion: bool = False
     when: Condition = ALWAYS
+    other_axes: tuple[Condition, tuple[str, ...]] | None = None
+
+    def axes_in(self, cfg: Any) -> tuple[str, ...]:
+        """The activation's axes in a model with ``cfg``."""
+        if self.other_axes is not None and self.other_axes[0].holds(cfg):
+            return self.other_axes[1]
+        return self.axes
 
     @property
     def position_axis(self) -> int:
@@ -95,9 +128,21 @@ class Site:
 
     def shape(self, cfg: Any, batch: int, pos: int) -> tuple[int, ...]:
         """The activation's shape for a model with ``cfg`` on ``batch`` sequences of ``pos`` tokens."""
-        sizes = {"batch": batch, "pos": pos, "query_pos": pos, "key_pos": pos, "head": cfg.n_heads,
-                 "kv_head": cfg.n_kv_heads, "d_model": cfg.d_model, "d_head": cfg.d_head, "d_mlp": cfg.d_mlp, "1": 1}
-        return tuple(sizes[a] for a in self.axes)
+        sizes = {
+            "batch": batch,
+            "pos": pos,
+            "query_pos": pos,
+            "key_pos": pos,
+            "head": cfg.n_heads,
+            "kv_head": cfg.n_kv_heads,
+            "d_model": cfg.d_model,
+            "d_head": cfg.d_head,
+            "d_mlp": cfg.d_mlp,
+            "1": 1,
+            "head*d_head": cfg.n_heads * cfg.d_head,
+            "kv_head*d_head": cfg.n_kv_heads * cfg.d_head,
+        }
+        return tuple(sizes[a] for a in self.axes_in(cfg))
 
 
 SITES: tuple[Site, ...] = (
@@ -112,25 +157,47 @@ SITES: tuple[Site, ...] = (
     Site("hook_q_input", True, ("batch", "pos", "head", "d_model"), ("q_input",), per_head_expansion=True),
     Site("hook_k_input", True, ("batch", "pos", "kv_head", "d_model"), ("k_input",), per_head_expansion=True),
     Site("hook_v_input", True, ("batch", "pos", "kv_head", "d_model"), ("v_input",), per_head_expansion=True),
-    Site("ln1.hook_scale", True, SCALE, ("scale",)),
-    Site("ln1.hook_normalized", True, RESID, ("normalized",)),
+    Site("ln1.hook_scale", True, SCALE, ("scale",), when=PRE_NORM),
+    Site("ln1.hook_normalized", True, RESID, ("normalized",), when=PRE_NORM),
     Site("attn.hook_q", True, PER_HEAD, ("q",)),
     Site("attn.hook_k", True, PER_KV_HEAD, ("k",)),
     Site("attn.hook_v", True, PER_KV_HEAD, ("v",)),
+    Site("attn.q_norm.hook_scale", True, HEAD_SCALE, (), when=QK_NORM, other_axes=(QK_NORM_OVER_ALL_HEADS, SCALE)),
+    Site(
+        "attn.q_norm.hook_normalized",
+        True,
+        PER_HEAD,
+        (),
+        when=QK_NORM,
+        other_axes=(QK_NORM_OVER_ALL_HEADS, ("batch", "pos", "head*d_head")),
+    ),
+    Site("attn.k_norm.hook_scale", True, KV_HEAD_SCALE, (), when=QK_NORM, other_axes=(QK_NORM_OVER_ALL_HEADS, SCALE)),
+    Site(
+        "attn.k_norm.hook_normalized",
+        True,
+        PER_KV_HEAD,
+        (),
+        when=QK_NORM,
+        other_axes=(QK_NORM_OVER_ALL_HEADS, ("batch", "pos", "kv_head*d_head")),
+    ),
     Site("attn.hook_rot_q", True, PER_HEAD, ("rot_q",), when=ROTARY),
     Site("attn.hook_rot_k", True, PER_KV_HEAD, ("rot_k",), when=ROTARY),
     Site("attn.hook_attn_scores", True, ATTENTION, ("attn_scores", "scores")),
     Site("attn.hook_pattern", True, ATTENTION, ("pattern", "attn")),
     Site("attn.hook_z", True, PER_HEAD, ("z",)),
     Site("attn.hook_result", True, ("batch", "pos", "head", "d_model"), ("result",), per_head_expansion=True),
+    Site("ln1_post.hook_scale", True, SCALE, ("scale",), when=POST_NORM),
+    Site("ln1_post.hook_normalized", True, RESID, ("normalized",), when=POST_NORM),
     Site("hook_attn_out", True, RESID, ("attn_out",)),
     Site("hook_resid_mid", True, RESID, ("resid_mid",), when=SEQUENTIAL),
-    Site("ln2.hook_scale", True, SCALE, ("scale",)),
-    Site("ln2.hook_normalized", True, RESID, ("normalized",)),
+    Site("ln2.hook_scale", True, SCALE, ("scale",), when=PRE_NORM),
+    Site("ln2.hook_normalized", True, RESID, ("normalized",), when=PRE_NORM),
     Site("hook_mlp_in", True, RESID, ("mlp_in",)),
     Site("mlp.hook_pre", True, NEURONS, ("pre", "mlp_pre")),
     Site("mlp.hook_pre_linear", True, NEURONS, ("pre_linear",), when=GATED_MLP),
     Site("mlp.hook_post", True, NEURONS, ("post", "mlp_post")),
+    Site("ln2_post.hook_scale", True, SCALE, ("scale",), when=POST_NORM),
+    Site("ln2_post.hook_normalized", True, RESID, ("normalized",), when=POST_NORM),
     Site("hook_mlp_out", True, RESID, ("mlp_out",)),
     Site("hook_resid_post", True, RESID, ("resid_post",)),
 )
@@ -205,7 +272,9 @@ def markdown_table() -> str:
     """The table as the README shows it."""
     rows = ["| site | axes | short name | exists | cached by default |", "|---|---|---|---|---|"]
     for s in SITES:
-        rows.append(f"| `{s.full_name('{L}') if s.per_block else s.name}` | [{', '.join(s.axes)}] | "
-                    f"{', '.join(f'`{a}`' for a in s.aliases)} | {s.when.label} | "
-                    f"{'no (per-head expansion)' if s.per_head_expansion else 'yes'} |")
+        rows.append(
+            f"| `{s.full_name('{L}') if s.per_block else s.name}` | [{', '.join(s.axes)}] | "
+            f"{', '.join(f'`{a}`' for a in s.aliases)} | {s.when.label} | "
+            f"{'no (per-head expansion)' if s.per_head_expansion else 'yes'} |"
+        )
     return "\n".join(rows)

@@ -105,8 +105,10 @@ class SteeringHook:
 
     def __call__(self, act: torch.Tensor, hook: HookPoint) -> torch.Tensor:
         if act.ndim < 2:
-            raise ValueError(f"steering needs a site with a position axis [batch, pos, ...]; {hook.name} has "
-                             f"shape {tuple(act.shape)}")
+            raise ValueError(
+                f"steering needs a site with a position axis [batch, pos, ...]; {hook.name} has "
+                f"shape {tuple(act.shape)}"
+            )
         local, rows = self._select(act.shape[1])
         if local == []:
             return act
@@ -122,20 +124,25 @@ class SteeringHook:
         if tuple(v.shape) == site_shape:
             return v
         if tuple(v.shape[1:]) != site_shape:
-            raise ValueError(f"steering vector has shape {tuple(v.shape)}, but {name} has shape {site_shape} per "
-                             f"position; pass a vector of shape {site_shape} (or [n_positions, *{site_shape}])")
+            raise ValueError(
+                f"steering vector has shape {tuple(v.shape)}, but {name} has shape {site_shape} per "
+                f"position; pass a vector of shape {site_shape} (or [n_positions, *{site_shape}])"
+            )
         if rows is None:
-            raise ValueError(f"a per-position steering vector {tuple(v.shape)} needs explicit positions "
-                             f"(e.g. positions=slice(0, {v.shape[0]})), not all or new positions")
+            raise ValueError(
+                f"a per-position steering vector {tuple(v.shape)} needs explicit positions "
+                f"(e.g. positions=slice(0, {v.shape[0]})), not all or new positions"
+            )
         n_chosen = len(rows) if self.past == 0 else max(rows) + 1
         if (self.past == 0 and n_chosen != v.shape[0]) or n_chosen > v.shape[0]:
-            raise ValueError(f"steering vector has {v.shape[0]} positions but {n_chosen} positions of {name} "
-                             f"were chosen; make them match")
+            raise ValueError(
+                f"steering vector has {v.shape[0]} positions but {n_chosen} positions of {name} "
+                f"were chosen; make them match"
+            )
         return v[rows]
 
 
-def steering_hook(vector: Float[torch.Tensor, "..."], coeff: float = 1.0, positions: Positions = None
-                  ) -> SteeringHook:
+def steering_hook(vector: Float[torch.Tensor, "..."], coeff: float = 1.0, positions: Positions = None) -> SteeringHook:
     """A hook function adding ``coeff * vector`` at ``positions`` of one forward.
 
     Use it with ``model.run_with_hooks(tokens, fwd_hooks=[(site, steering_hook(v, 4.0))])``.
@@ -143,14 +150,17 @@ def steering_hook(vector: Float[torch.Tensor, "..."], coeff: float = 1.0, positi
     across cached decoding steps (and is the only way ``positions="new"`` can work).
     """
     if isinstance(positions, str) and positions == "new":
-        raise ValueError("positions='new' needs to see the KV cache of each forward: use the steering(...) "
-                         "context manager instead of steering_hook")
+        raise ValueError(
+            "positions='new' needs to see the KV cache of each forward: use the steering(...) "
+            "context manager instead of steering_hook"
+        )
     return SteeringHook(vector, coeff, positions)
 
 
 @contextlib.contextmanager
-def steering(model: Any, site: str, vector: Float[torch.Tensor, "..."], coeff: float = 1.0,
-             positions: Positions = None) -> Iterator[SteeringHook]:
+def steering(
+    model: Any, site: str, vector: Float[torch.Tensor, "..."], coeff: float = 1.0, positions: Positions = None
+) -> Iterator[SteeringHook]:
     """Steer every forward run inside the ``with`` block, including ``model.generate``.
 
         with steering(model, "blocks.6.hook_resid_post", vector, coeff=4.0):
@@ -160,8 +170,9 @@ def steering(model: Any, site: str, vector: Float[torch.Tensor, "..."], coeff: f
     """
     hook = SteeringHook(vector, coeff, positions)
     if model.resolve_hook_names(site) != [site]:
-        raise ValueError(f"steering takes one hook name, got {site!r}, which names "
-                         f"{len(model.resolve_hook_names(site))} sites")
+        raise ValueError(
+            f"steering takes one hook name, got {site!r}, which names {len(model.resolve_hook_names(site))} sites"
+        )
     hook.vector = hook.vector.to(model.device)
     signature = inspect.signature(model.forward)
 
@@ -180,8 +191,9 @@ def steering(model: Any, site: str, vector: Float[torch.Tensor, "..."], coeff: f
         hook.past, hook.continues_cache = 0, False
 
 
-def steering_vector(model: Any, positive: str | Sequence[str], negative: str | Sequence[str], site: str,
-                    reduce: Reduce = "mean") -> torch.Tensor:
+def steering_vector(
+    model: Any, positive: str | Sequence[str], negative: str | Sequence[str], site: str, reduce: Reduce = "mean"
+) -> torch.Tensor:
     """``act(positive) - act(negative)`` at ``site`` (the ActAdd "Love" - "Hate" recipe).
 
     ``reduce="mean"``: mean over the (non-padding) positions of each prompt -> site shape;
@@ -194,9 +206,11 @@ def steering_vector(model: Any, positive: str | Sequence[str], negative: str | S
     model.resolve_hook_names(site)  # an unknown site fails here, before any forward
     pos_acts, neg_acts = (_site_activation(model, p, site, reduce) for p in (positive, negative))
     if pos_acts.shape != neg_acts.shape:
-        raise ValueError(f"per-position activations differ in length: {tuple(pos_acts.shape)} vs "
-                         f"{tuple(neg_acts.shape)}; pad the shorter prompt (ActAdd pads with spaces) or use "
-                         f"reduce='mean' / 'last'")
+        raise ValueError(
+            f"per-position activations differ in length: {tuple(pos_acts.shape)} vs "
+            f"{tuple(neg_acts.shape)}; pad the shorter prompt (ActAdd pads with spaces) or use "
+            f"reduce='mean' / 'last'"
+        )
     return pos_acts - neg_acts
 
 

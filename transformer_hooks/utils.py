@@ -15,8 +15,9 @@ from . import sites
 _COMPACT = re.compile(r"^([a-z_]+?)(\d+)(ln1|ln2|ln_final|a|m|b|block|attn|mlp)?$")
 
 
-def get_act_name(name: str, layer: int | None = None, layer_type: str | None = None,
-                 n_layers: int | None = None) -> str:
+def get_act_name(
+    name: str, layer: int | None = None, layer_type: str | None = None, n_layers: int | None = None
+) -> str:
     """TransformerLens's shorthand: ``get_act_name("resid_post", 3) == "blocks.3.hook_resid_post"``.
 
     ``("scale", 2, "ln1")`` -> ``blocks.2.ln1.hook_scale``; ``("scale",)`` -> ``ln_final.hook_scale``;
@@ -31,8 +32,10 @@ def get_act_name(name: str, layer: int | None = None, layer_type: str | None = N
         name, layer, layer_type = m.group(1), int(m.group(2)), m.group(3) or layer_type
     rows = sites.by_alias(name)
     if not rows:
-        raise ValueError(f"unknown activation name {name!r}; known short names: "
-                         f"{sorted(sites.ALIASES)}, or a full hook name like 'blocks.0.hook_resid_pre'")
+        raise ValueError(
+            f"unknown activation name {name!r}; known short names: "
+            f"{sorted(sites.ALIASES)}, or a full hook name like 'blocks.0.hook_resid_pre'"
+        )
     if layer is not None:
         layer = check_layer(layer, n_layers) if n_layers is not None else layer
         if layer < 0:
@@ -56,8 +59,9 @@ class IndexOutOfRangeError(IndexError, ValueError):
     """An index (layer, position, ...) outside its range; both an IndexError and a ValueError."""
 
 
-def check_index(index: int, size: int, what: str, of: str, allow_end: bool = False, allow_negative: bool = True,
-                note: str = "") -> int:
+def check_index(
+    index: int, size: int, what: str, of: str, allow_end: bool = False, allow_negative: bool = True, note: str = ""
+) -> int:
     """``index`` into ``range(size)`` (``range(size + 1)`` with ``allow_end``), negative values
     counting back from ``size`` (unless not ``allow_negative``); the one range check of the package.
 
@@ -69,8 +73,9 @@ def check_index(index: int, size: int, what: str, of: str, allow_end: bool = Fal
     idx = index + size if index < 0 and allow_negative else index
     lo, hi = (-size if allow_negative else 0), (size if allow_end else size - 1)
     if not 0 <= idx <= hi:
-        raise IndexOutOfRangeError(f"{what}={index} is out of range for {of} (valid: {lo}..{hi}"
-                                   f"{'; ' + note if note else ''})")
+        raise IndexOutOfRangeError(
+            f"{what}={index} is out of range for {of} (valid: {lo}..{hi}{'; ' + note if note else ''})"
+        )
     return idx
 
 
@@ -106,8 +111,10 @@ class Slice:
         elif isinstance(input_slice, (list, torch.Tensor)) or hasattr(input_slice, "__len__"):
             self.slice, self.mode = torch.as_tensor(input_slice, dtype=torch.long), "array"
         else:
-            raise ValueError(f"cannot make a slice from {input_slice!r}: pass None, an int, a (start, stop) tuple, "
-                             f"a slice, or a list of indices")
+            raise ValueError(
+                f"cannot make a slice from {input_slice!r}: pass None, an int, a (start, stop) tuple, "
+                f"a slice, or a list of indices"
+            )
 
     def apply(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """``tensor`` with this slice applied along ``dim``."""
@@ -141,9 +148,15 @@ def to_numpy(tensor: Any) -> np.ndarray:
     return np.asarray(tensor)
 
 
-def test_prompt(prompt: str, answer: str | Sequence[str], model: Any, prepend_space_to_answer: bool = True,
-                print_details: bool = True, prepend_bos: bool | None = None, top_k: int = 10
-                ) -> list[list[tuple[str, int]]]:
+def test_prompt(
+    prompt: str,
+    answer: str | Sequence[str],
+    model: Any,
+    prepend_space_to_answer: bool = True,
+    print_details: bool = True,
+    prepend_bos: bool | None = None,
+    top_k: int = 10,
+) -> list[list[tuple[str, int]]]:
     """Print how ``model`` ranks ``answer`` after ``prompt`` (TransformerLens's ``test_prompt``).
 
     For each token of the answer (fed to the model after the prompt, so a multi-token answer
@@ -161,7 +174,7 @@ def test_prompt(prompt: str, answer: str | Sequence[str], model: Any, prepend_sp
         with torch.no_grad():
             logits = model(torch.cat([prompt_tokens, answer_tokens])[None])[0].float()
         # The prediction of answer token i is at the position before it.
-        predictions = logits[len(prompt_tokens) - 1: -1]
+        predictions = logits[len(prompt_tokens) - 1 : -1]
         probs = predictions.softmax(-1)
         str_answer = model.to_str_tokens(answer_tokens)
         if print_details:
@@ -173,11 +186,15 @@ def test_prompt(prompt: str, answer: str | Sequence[str], model: Any, prepend_sp
             ranks.append((token_str, rank))
             if print_details:
                 print("Performance on answer token:")
-                print(f"Rank: {rank: <8} Logit: {predictions[i, token]:5.2f} Prob: {probs[i, token]:6.2%} "
-                      f"Token: |{token_str}|")
+                print(
+                    f"Rank: {rank: <8} Logit: {predictions[i, token]:5.2f} Prob: {probs[i, token]:6.2%} "
+                    f"Token: |{token_str}|"
+                )
                 for k, top in enumerate(predictions[i].topk(min(top_k, predictions.shape[-1])).indices.tolist()):
-                    print(f"Top {k}th token. Logit: {predictions[i, top]:5.2f} Prob: {probs[i, top]:6.2%} "
-                          f"Token: |{model.to_string([top])}|")
+                    print(
+                        f"Top {k}th token. Logit: {predictions[i, top]:5.2f} Prob: {probs[i, top]:6.2%} "
+                        f"Token: |{model.to_string([top])}|"
+                    )
         print("Ranks of the answer tokens:", ranks)
         ranks_per_answer.append(ranks)
     return ranks_per_answer

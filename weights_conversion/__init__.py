@@ -23,9 +23,9 @@ from typing import Callable
 
 import torch
 
-from . import gpt2, gpt_neo, gpt_neox, llama
+from . import gemma, gpt2, gpt_neo, gpt_neox, llama, mistral, olmo2, qwen2, qwen3
 
-FAMILIES: tuple[ModuleType, ...] = (gpt2, gpt_neo, gpt_neox, llama)
+FAMILIES: tuple[ModuleType, ...] = (gpt2, gpt_neo, gpt_neox, llama, mistral, qwen2, qwen3, gemma, olmo2)
 GetTensor = Callable[[str], torch.Tensor]
 
 

@@ -27,8 +27,9 @@ from .converted import canonical_tensors, write_converted  # noqa: F401  (canoni
 from .sources import write_safetensors
 
 
-def convert(src: str | Path, dst: str | Path, *, dtype: str = "float32", processing: bool = True,
-            overwrite: bool = False) -> Path:
+def convert(
+    src: str | Path, dst: str | Path, *, dtype: str = "float32", processing: bool = True, overwrite: bool = False
+) -> Path:
     """Load ``src`` (with TransformerLens's processing unless ``processing=False``) and
     write it to ``dst`` as a converted checkpoint. Returns ``dst``.
 
@@ -79,19 +80,26 @@ def _move_into_place(tmp: Path, dst: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m weights_conversion", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m weights_conversion", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("src", help="preset name, HF repo id, HF checkpoint directory or .gguf file")
     parser.add_argument("dst", type=Path, help="directory to create")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                        help="dtype of the stored tensors (processing itself runs in float32)")
-    parser.add_argument("--no-processing", action="store_true",
-                        help="store the weights as the checkpoint has them (no fold_ln, centring or value-bias fold)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float16", "bfloat16"],
+        help="dtype of the stored tensors (processing itself runs in float32)",
+    )
+    parser.add_argument(
+        "--no-processing",
+        action="store_true",
+        help="store the weights as the checkpoint has them (no fold_ln, centring or value-bias fold)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     args = parser.parse_args(argv)
     try:
-        dst = convert(args.src, args.dst, dtype=args.dtype, processing=not args.no_processing,
-                      overwrite=args.overwrite)
+        dst = convert(args.src, args.dst, dtype=args.dtype, processing=not args.no_processing, overwrite=args.overwrite)
     except (FileExistsError, FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

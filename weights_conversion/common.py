@@ -9,8 +9,10 @@ from einops import rearrange
 def head_dim(d_model: int, n_heads: int, width_key: str, heads_key: str) -> int:
     """d_model / n_heads, refusing a head count that does not divide the width."""
     if n_heads <= 0 or d_model % n_heads:
-        raise ValueError(f"{width_key}={d_model} is not a multiple of {heads_key}={n_heads}: the config is "
-                         f"inconsistent (each head gets d_model / n_heads dims)")
+        raise ValueError(
+            f"{width_key}={d_model} is not a multiple of {heads_key}={n_heads}: the config is "
+            f"inconsistent (each head gets d_model / n_heads dims)"
+        )
     return d_model // n_heads
 
 
@@ -57,7 +59,30 @@ def rope_scaling(params: dict):
         return RopeScaling("linear", float(params["factor"]))
     if kind == "llama3":
         return RopeScaling(
-            "llama3", float(params["factor"]), float(params.get("low_freq_factor", 1.0)),
-            float(params.get("high_freq_factor", 4.0)), int(params.get("original_max_position_embeddings", 8192)),
+            "llama3",
+            float(params["factor"]),
+            float(params.get("low_freq_factor", 1.0)),
+            float(params.get("high_freq_factor", 4.0)),
+            int(params.get("original_max_position_embeddings", 8192)),
         )
     raise ValueError(f"unsupported rope scaling {kind!r}; transformer_hooks implements default, linear and llama3")
+
+
+def layer_windows(hf: dict, layer_types: list[str]) -> tuple[int | None, ...]:
+    """Per-layer attention windows from HF's ``layer_types`` (transformers 5 writes them into
+    the config; older configs imply them, given here as ``layer_types``) and ``sliding_window``.
+    HF's window w lets a query see keys q - w < k <= q, as ``ModelConfig.attn_windows``."""
+    types = hf.get("layer_types") or layer_types
+    unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise ValueError(
+            f"unsupported attention layer types {unknown}; transformer_hooks implements "
+            f"full_attention and sliding_attention"
+        )
+    window = hf.get("sliding_window")
+    return tuple(window if kind == "sliding_attention" else None for kind in types)
+
+
+def token_ids(hf: dict) -> dict:
+    """bos/eos/pad ids as ModelConfig takes them."""
+    return {f"{kind}_token_id": hf.get(f"{kind}_token_id") for kind in ("bos", "eos", "pad")}

@@ -36,8 +36,12 @@ def canonical_tensors(model: Any) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def write_converted(directory: Path, model: Any, source: Any = None,
-                    write_tensors: Callable[[Path, dict[str, torch.Tensor]], None] = write_safetensors) -> None:
+def write_converted(
+    directory: Path,
+    model: Any,
+    source: Any = None,
+    write_tensors: Callable[[Path, dict[str, torch.Tensor]], None] = write_safetensors,
+) -> None:
     """Write ``model`` (a ``HookedTransformer``) into the existing, empty ``directory``."""
     write_tensors(directory / CONVERTED_WEIGHTS, canonical_tensors(model))
     config = {"format_version": CONVERTED_FORMAT_VERSION, "model_config": model.cfg.to_dict(), "source": source}
@@ -49,13 +53,14 @@ def write_converted(directory: Path, model: Any, source: Any = None,
 def converted_config(directory: Path, meta: dict) -> ModelConfig:
     """The ModelConfig in a converted checkpoint's metadata ``meta``, if this format version reads it."""
     if meta.get("format_version") != CONVERTED_FORMAT_VERSION:
-        raise ValueError(f"{Path(directory) / CONVERTED_CONFIG} has format_version {meta.get('format_version')!r}; "
-                         f"this transformer_hooks reads version {CONVERTED_FORMAT_VERSION}. Convert the model again.")
+        raise ValueError(
+            f"{Path(directory) / CONVERTED_CONFIG} has format_version {meta.get('format_version')!r}; "
+            f"this transformer_hooks reads version {CONVERTED_FORMAT_VERSION}. Convert the model again."
+        )
     return ModelConfig.from_dict(meta["model_config"])
 
 
-def converted_groups(n_layers: int, names: Iterable[str], source: TensorSource, tied: bool, untie: bool
-                     ) -> list[Group]:
+def converted_groups(n_layers: int, names: Iterable[str], source: TensorSource, tied: bool, untie: bool) -> list[Group]:
     """The groups of a converted checkpoint, in ``load_order``, under canonical names.
 
     ``names``: the model's parameter names; ``tied``: the file has no ``unembed.W_U``;
@@ -71,6 +76,7 @@ def converted_groups(n_layers: int, names: Iterable[str], source: TensorSource, 
             if untie and "unembed." in prefixes:
                 tensors["unembed.W_U"] = source("embed.W_E").T
             return tensors
+
         return read
 
     return [(part.label, "", group(part.prefixes)) for part in load_order(n_layers)]

@@ -64,8 +64,9 @@ def read_gguf(path: Path) -> tuple[dict, Any, Callable[[], Any]]:
 
 
 def _truncated(path: Path, error: Exception) -> CorruptCheckpointError:
-    return CorruptCheckpointError(f"cannot read GGUF file {path}: {error}. The file is truncated or corrupt; "
-                                  f"download it again.")
+    return CorruptCheckpointError(
+        f"cannot read GGUF file {path}: {error}. The file is truncated or corrupt; download it again."
+    )
 
 
 def _check_tensors_inside(path: Path, header: Any) -> None:
@@ -77,7 +78,8 @@ def _check_tensors_inside(path: Path, header: Any) -> None:
         if end > size:
             raise CorruptCheckpointError(
                 f"cannot read GGUF file {path}: tensor {info.name!r} ends at byte {end} but the file has only "
-                f"{size} bytes. The file is truncated; download it again.")
+                f"{size} bytes. The file is truncated; download it again."
+            )
 
 
 def hf_config_from_metadata(metadata: dict, tensor_names: tuple[str, ...]) -> dict:
@@ -89,7 +91,8 @@ def hf_config_from_metadata(metadata: dict, tensor_names: tuple[str, ...]) -> di
     if arch not in GGUF_CONFIG_MAPPING:
         raise UnsupportedArchitectureError(
             f"unsupported GGUF architecture {arch!r}: transformers cannot read it, and transformer_hooks "
-            f"implements {', '.join(supported_model_types())}.")
+            f"implements {', '.join(supported_model_types())}."
+        )
     config: dict[str, Any] = dict(GGUF_CONFIG_DEFAULTS_MAPPING.get(arch, {}))
     # llama.cpp writes the output projection only when it is not the embedding matrix.
     config["tie_word_embeddings"] = "output.weight" not in tensor_names
@@ -122,8 +125,10 @@ class GgufTensors(TensorSource):
         super().__init__({}, str(path))
         arch = {name: arch for arch, name in MODEL_ARCH_NAMES.items()}.get(header.architecture)
         if arch is None:
-            raise UnsupportedArchitectureError(f"GGUF architecture {header.architecture!r} is unknown to the "
-                                               f"installed gguf package; upgrade it (pip install -U gguf)")
+            raise UnsupportedArchitectureError(
+                f"GGUF architecture {header.architecture!r} is unknown to the "
+                f"installed gguf package; upgrade it (pip install -U gguf)"
+            )
         self.path = path
         self.name_map = get_tensor_name_map(arch, int(hf_config.get("num_hidden_layers") or hf_config["n_layer"]))
         self.lazy = load_gguf_state_dict(header)

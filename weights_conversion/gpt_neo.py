@@ -29,12 +29,21 @@ def config_from_hf(hf: dict) -> ModelConfig:
     d_model, n_heads = hf["hidden_size"], hf["num_heads"]
     window = hf.get("window_size", 256)
     return ModelConfig(
-        d_model=d_model, n_layers=hf["num_layers"], n_heads=n_heads, d_head=head_dim(d_model, n_heads, "hidden_size", "num_heads"),
-        d_mlp=hf.get("intermediate_size") or 4 * d_model, d_vocab=hf["vocab_size"],
-        n_ctx=hf["max_position_embeddings"], act_fn=hf.get("activation_function", "gelu_new"),
-        normalization_type="LN", eps=hf.get("layer_norm_epsilon", 1e-5), positional_embedding="learned",
-        attn_scale=1.0, attn_windows=tuple(window if kind == "local" else None for kind in attention_layers(hf)),
-        tie_word_embeddings=hf.get("tie_word_embeddings", True), original_architecture="GPTNeoForCausalLM",
+        d_model=d_model,
+        n_layers=hf["num_layers"],
+        n_heads=n_heads,
+        d_head=head_dim(d_model, n_heads, "hidden_size", "num_heads"),
+        d_mlp=hf.get("intermediate_size") or 4 * d_model,
+        d_vocab=hf["vocab_size"],
+        n_ctx=hf["max_position_embeddings"],
+        act_fn=hf.get("activation_function", "gelu_new"),
+        normalization_type="LN",
+        eps=hf.get("layer_norm_epsilon", 1e-5),
+        positional_embedding="learned",
+        attn_scale=1.0,
+        attn_windows=tuple(window if kind == "local" else None for kind in attention_layers(hf)),
+        tie_word_embeddings=hf.get("tie_word_embeddings", True),
+        original_architecture="GPTNeoForCausalLM",
         **special_token_ids(hf),
     )
 
@@ -43,14 +52,20 @@ def convert_block(cfg: ModelConfig, get, layer: int) -> dict[str, torch.Tensor]:
     p, h, dh = f"transformer.h.{layer}.", cfg.n_heads, cfg.d_head
     a = p + "attn.attention."
     return {
-        "ln1.w": get(p + "ln_1.weight"), "ln1.b": get(p + "ln_1.bias"),
+        "ln1.w": get(p + "ln_1.weight"),
+        "ln1.b": get(p + "ln_1.bias"),
         "attn.W_Q": heads_from_linear(get(a + "q_proj.weight"), h),
         "attn.W_K": heads_from_linear(get(a + "k_proj.weight"), h),
         "attn.W_V": heads_from_linear(get(a + "v_proj.weight"), h),
-        "attn.b_Q": heads_from_bias(None, h, dh), "attn.b_K": heads_from_bias(None, h, dh),
+        "attn.b_Q": heads_from_bias(None, h, dh),
+        "attn.b_K": heads_from_bias(None, h, dh),
         "attn.b_V": heads_from_bias(None, h, dh),
-        "attn.W_O": out_from_linear(get(a + "out_proj.weight"), h), "attn.b_O": get(a + "out_proj.bias"),
-        "ln2.w": get(p + "ln_2.weight"), "ln2.b": get(p + "ln_2.bias"),
-        "mlp.W_in": get(p + "mlp.c_fc.weight").T, "mlp.b_in": get(p + "mlp.c_fc.bias"),
-        "mlp.W_out": get(p + "mlp.c_proj.weight").T, "mlp.b_out": get(p + "mlp.c_proj.bias"),
+        "attn.W_O": out_from_linear(get(a + "out_proj.weight"), h),
+        "attn.b_O": get(a + "out_proj.bias"),
+        "ln2.w": get(p + "ln_2.weight"),
+        "ln2.b": get(p + "ln_2.bias"),
+        "mlp.W_in": get(p + "mlp.c_fc.weight").T,
+        "mlp.b_in": get(p + "mlp.c_fc.bias"),
+        "mlp.W_out": get(p + "mlp.c_proj.weight").T,
+        "mlp.b_out": get(p + "mlp.c_proj.bias"),
     }

@@ -26,13 +26,23 @@ def config_from_hf(hf: dict) -> ModelConfig:
     fraction = rope.get("partial_rotary_factor", hf.get("rotary_pct", hf.get("partial_rotary_factor", 0.25)))
     theta = rope.get("rope_theta", hf.get("rotary_emb_base", 10000.0))
     return ModelConfig(
-        d_model=d_model, n_layers=hf["num_hidden_layers"], n_heads=n_heads, d_head=d_head,
-        d_mlp=hf.get("intermediate_size") or 4 * d_model, d_vocab=hf["vocab_size"],
-        n_ctx=hf["max_position_embeddings"], act_fn=hf.get("hidden_act", "gelu"), normalization_type="LN",
-        eps=hf.get("layer_norm_eps", 1e-5), positional_embedding="rotary", rotary_dim=int(d_head * fraction),
-        rope_theta=float(theta), rope_scaling=rope_scaling(rope),
+        d_model=d_model,
+        n_layers=hf["num_hidden_layers"],
+        n_heads=n_heads,
+        d_head=d_head,
+        d_mlp=hf.get("intermediate_size") or 4 * d_model,
+        d_vocab=hf["vocab_size"],
+        n_ctx=hf["max_position_embeddings"],
+        act_fn=hf.get("hidden_act", "gelu"),
+        normalization_type="LN",
+        eps=hf.get("layer_norm_eps", 1e-5),
+        positional_embedding="rotary",
+        rotary_dim=int(d_head * fraction),
+        rope_theta=float(theta),
+        rope_scaling=rope_scaling(rope),
         parallel_residual=hf.get("use_parallel_residual", True),
-        tie_word_embeddings=hf.get("tie_word_embeddings", False), original_architecture="GPTNeoXForCausalLM",
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        original_architecture="GPTNeoXForCausalLM",
         **special_token_ids(hf),
     )
 
@@ -50,28 +60,45 @@ def convert_embeddings(cfg: ModelConfig, get) -> dict[str, torch.Tensor]:
 
 def convert_block(cfg: ModelConfig, get, layer: int) -> dict[str, torch.Tensor]:
     p, h = f"gpt_neox.layers.{layer}.", cfg.n_heads
-    W_Q, W_K, W_V = rearrange(get(p + "attention.query_key_value.weight"),
-                              "(head qkv d_head) d_model -> qkv head d_model d_head", head=h, qkv=3)
+    W_Q, W_K, W_V = rearrange(
+        get(p + "attention.query_key_value.weight"),
+        "(head qkv d_head) d_model -> qkv head d_model d_head",
+        head=h,
+        qkv=3,
+    )
     qkv_bias = _maybe(get, p + "attention.query_key_value.bias")
     if qkv_bias is None:  # attention_bias=False
         qkv_bias = torch.zeros(3 * cfg.d_model)
     b_Q, b_K, b_V = rearrange(qkv_bias, "(head qkv d_head) -> qkv head d_head", head=h, qkv=3)
     b_O = _maybe(get, p + "attention.dense.bias")
     return {
-        "ln1.w": get(p + "input_layernorm.weight"), "ln1.b": get(p + "input_layernorm.bias"),
-        "attn.W_Q": W_Q, "attn.W_K": W_K, "attn.W_V": W_V, "attn.b_Q": b_Q, "attn.b_K": b_K, "attn.b_V": b_V,
+        "ln1.w": get(p + "input_layernorm.weight"),
+        "ln1.b": get(p + "input_layernorm.bias"),
+        "attn.W_Q": W_Q,
+        "attn.W_K": W_K,
+        "attn.W_V": W_V,
+        "attn.b_Q": b_Q,
+        "attn.b_K": b_K,
+        "attn.b_V": b_V,
         "attn.W_O": out_from_linear(get(p + "attention.dense.weight"), h),
         "attn.b_O": torch.zeros(cfg.d_model) if b_O is None else b_O,
-        "ln2.w": get(p + "post_attention_layernorm.weight"), "ln2.b": get(p + "post_attention_layernorm.bias"),
-        "mlp.W_in": get(p + "mlp.dense_h_to_4h.weight").T, "mlp.b_in": get(p + "mlp.dense_h_to_4h.bias"),
-        "mlp.W_out": get(p + "mlp.dense_4h_to_h.weight").T, "mlp.b_out": get(p + "mlp.dense_4h_to_h.bias"),
+        "ln2.w": get(p + "post_attention_layernorm.weight"),
+        "ln2.b": get(p + "post_attention_layernorm.bias"),
+        "mlp.W_in": get(p + "mlp.dense_h_to_4h.weight").T,
+        "mlp.b_in": get(p + "mlp.dense_h_to_4h.bias"),
+        "mlp.W_out": get(p + "mlp.dense_4h_to_h.weight").T,
+        "mlp.b_out": get(p + "mlp.dense_4h_to_h.bias"),
     }
 
 
 def convert_final(cfg: ModelConfig, get) -> dict[str, torch.Tensor]:
     W_U = (get("gpt_neox.embed_in.weight") if cfg.tie_word_embeddings else _unembedding(get)).T
-    return {"ln_final.w": get("gpt_neox.final_layer_norm.weight"), "ln_final.b": get("gpt_neox.final_layer_norm.bias"),
-            "unembed.W_U": W_U, "unembed.b_U": torch.zeros(cfg.d_vocab)}
+    return {
+        "ln_final.w": get("gpt_neox.final_layer_norm.weight"),
+        "ln_final.b": get("gpt_neox.final_layer_norm.bias"),
+        "unembed.W_U": W_U,
+        "unembed.b_U": torch.zeros(cfg.d_vocab),
+    }
 
 
 def _unembedding(get) -> torch.Tensor:

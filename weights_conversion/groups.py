@@ -50,6 +50,7 @@ def convert_groups(cfg, get: Callable[[str], torch.Tensor], family: ModuleType) 
     A thunk returns ``{name relative to prefix: tensor}``; calling them one at a time keeps
     one group's tensors alive at once.
     """
+
     def group(part: Part) -> Group:
         if part.kind == "embeddings":
             return part.label, "", lambda: family.convert_embeddings(cfg, get)

@@ -21,12 +21,22 @@ def config_from_hf(hf: dict) -> ModelConfig:
     d_model, n_heads = hf["hidden_size"], hf["num_attention_heads"]
     rope = rope_parameters(hf)
     return ModelConfig(
-        d_model=d_model, n_layers=hf["num_hidden_layers"], n_heads=n_heads,
-        d_head=hf.get("head_dim") or head_dim(d_model, n_heads, "hidden_size", "num_attention_heads"), n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-        d_mlp=hf["intermediate_size"], d_vocab=hf["vocab_size"], n_ctx=hf.get("max_position_embeddings", 2048),
-        act_fn=hf.get("hidden_act", "silu"), normalization_type="RMS", eps=hf.get("rms_norm_eps", 1e-6),
-        positional_embedding="rotary", rope_theta=float(rope.get("rope_theta", 10000.0)),
-        rope_scaling=rope_scaling(rope), gated_mlp=True, tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        d_model=d_model,
+        n_layers=hf["num_hidden_layers"],
+        n_heads=n_heads,
+        d_head=hf.get("head_dim") or head_dim(d_model, n_heads, "hidden_size", "num_attention_heads"),
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        d_mlp=hf["intermediate_size"],
+        d_vocab=hf["vocab_size"],
+        n_ctx=hf.get("max_position_embeddings", 2048),
+        act_fn=hf.get("hidden_act", "silu"),
+        normalization_type="RMS",
+        eps=hf.get("rms_norm_eps", 1e-6),
+        positional_embedding="rotary",
+        rope_theta=float(rope.get("rope_theta", 10000.0)),
+        rope_scaling=rope_scaling(rope),
+        gated_mlp=True,
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
         original_architecture="LlamaForCausalLM",
         **special_token_ids(hf),
     )
@@ -37,6 +47,17 @@ def convert_embeddings(cfg: ModelConfig, get) -> dict[str, torch.Tensor]:
 
 
 def convert_block(cfg: ModelConfig, get, layer: int) -> dict[str, torch.Tensor]:
+    p = f"model.layers.{layer}."
+    return {
+        "ln1.w": get(p + "input_layernorm.weight"),
+        "ln2.w": get(p + "post_attention_layernorm.weight"),
+        **attention_and_mlp(cfg, get, layer),
+    }
+
+
+def attention_and_mlp(cfg: ModelConfig, get, layer: int) -> dict[str, torch.Tensor]:
+    """A block's q/k/v/o and gated-MLP tensors under HF's Llama key names (shared by the
+    Llama-like families: Mistral, Qwen, Gemma, OLMo 2); absent biases are zeros."""
     p, a = f"model.layers.{layer}.", f"model.layers.{layer}.self_attn."
     h, kv, dh = cfg.n_heads, cfg.n_kv_heads, cfg.d_head
 
@@ -47,17 +68,20 @@ def convert_block(cfg: ModelConfig, get, layer: int) -> dict[str, torch.Tensor]:
             return torch.zeros(shape)
 
     return {
-        "ln1.w": get(p + "input_layernorm.weight"),
         "attn.W_Q": heads_from_linear(get(a + "q_proj.weight"), h),
         "attn.W_K": heads_from_linear(get(a + "k_proj.weight"), kv),
         "attn.W_V": heads_from_linear(get(a + "v_proj.weight"), kv),
-        "attn.b_Q": bias(a + "q_proj.bias", (h, dh)), "attn.b_K": bias(a + "k_proj.bias", (kv, dh)),
+        "attn.b_Q": bias(a + "q_proj.bias", (h, dh)),
+        "attn.b_K": bias(a + "k_proj.bias", (kv, dh)),
         "attn.b_V": bias(a + "v_proj.bias", (kv, dh)),
-        "attn.W_O": out_from_linear(get(a + "o_proj.weight"), h), "attn.b_O": bias(a + "o_proj.bias", (cfg.d_model,)),
-        "ln2.w": get(p + "post_attention_layernorm.weight"),
-        "mlp.W_gate": get(p + "mlp.gate_proj.weight").T, "mlp.b_gate": bias(p + "mlp.gate_proj.bias", (cfg.d_mlp,)),
-        "mlp.W_in": get(p + "mlp.up_proj.weight").T, "mlp.b_in": bias(p + "mlp.up_proj.bias", (cfg.d_mlp,)),
-        "mlp.W_out": get(p + "mlp.down_proj.weight").T, "mlp.b_out": bias(p + "mlp.down_proj.bias", (cfg.d_model,)),
+        "attn.W_O": out_from_linear(get(a + "o_proj.weight"), h),
+        "attn.b_O": bias(a + "o_proj.bias", (cfg.d_model,)),
+        "mlp.W_gate": get(p + "mlp.gate_proj.weight").T,
+        "mlp.b_gate": bias(p + "mlp.gate_proj.bias", (cfg.d_mlp,)),
+        "mlp.W_in": get(p + "mlp.up_proj.weight").T,
+        "mlp.b_in": bias(p + "mlp.up_proj.bias", (cfg.d_mlp,)),
+        "mlp.W_out": get(p + "mlp.down_proj.weight").T,
+        "mlp.b_out": bias(p + "mlp.down_proj.bias", (cfg.d_model,)),
     }
 
 

@@ -58,9 +58,18 @@ class TensorSource:
 
 # The safetensors dtype names, for reading and writing.
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 SAFETENSORS_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
@@ -110,8 +119,9 @@ class SafetensorsFile:
         return dtype, shape, begin, end
 
     def _corrupt(self, why: str) -> NoReturn:
-        raise CorruptCheckpointError(f"cannot read {self.path}: {why}. The file is truncated or corrupt; "
-                                     f"download or convert it again.")
+        raise CorruptCheckpointError(
+            f"cannot read {self.path}: {why}. The file is truncated or corrupt; download or convert it again."
+        )
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -144,11 +154,16 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     offset = 0
     for name, t in tensors.items():
         if t.dtype not in SAFETENSORS_NAMES:
-            raise ValueError(f"{name}: dtype {t.dtype} cannot be stored in safetensors; "
-                             f"cast it to one of {sorted(map(str, SAFETENSORS_NAMES))}")
+            raise ValueError(
+                f"{name}: dtype {t.dtype} cannot be stored in safetensors; "
+                f"cast it to one of {sorted(map(str, SAFETENSORS_NAMES))}"
+            )
         nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": SAFETENSORS_NAMES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": SAFETENSORS_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # tensors start 8-byte aligned
@@ -178,8 +193,10 @@ def torch_bin_source(files: Iterable[Path]) -> TensorSource:
         try:  # weights_only: no pickled code runs
             tensors.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
         except Exception as e:
-            raise CorruptCheckpointError(f"cannot read {file}: {e}. Only plain tensors are loaded from .bin "
-                                         f"files (weights_only=True); prefer safetensors.") from e
+            raise CorruptCheckpointError(
+                f"cannot read {file}: {e}. Only plain tensors are loaded from .bin "
+                f"files (weights_only=True); prefer safetensors."
+            ) from e
     # A clone per tensor: parameters must not alias the memory-mapped file (the loader may
     # adopt a tensor as a parameter without copying it).
     return TensorSource({k: (lambda t=t: t.clone()) for k, t in tensors.items()}, ", ".join(map(str, files)))
@@ -190,8 +207,9 @@ def in_memory_source(hf_model: Any) -> tuple[dict, TensorSource]:
     it is converted, so the new model never shares memory with ``hf_model``."""
     config = getattr(hf_model, "config", None)
     if config is None or not hasattr(hf_model, "state_dict"):
-        raise TypeError(f"hf_model must be a transformers model (with .config and .state_dict()), "
-                        f"got {type(hf_model).__name__}")
+        raise TypeError(
+            f"hf_model must be a transformers model (with .config and .state_dict()), got {type(hf_model).__name__}"
+        )
     state = hf_model.state_dict()
     readers = {name: (lambda t=t: t.detach().to("cpu", copy=True)) for name, t in state.items()}
     return config.to_dict(), TensorSource(readers, f"the {type(hf_model).__name__} passed as hf_model")

@@ -9,6 +9,24 @@ from .mlp import MLP, GatedMLP, make_mlp
 from .norms import LayerNorm, LayerNormPre, RMSNorm, RMSNormPre, make_norm
 from .rotary import Rotary
 
-__all__ = ["Attention", "AttentionMask", "Block", "Embed", "GatedMLP", "KVCache", "LayerNorm", "LayerNormPre", "MLP",
-           "ParallelBlock", "PosEmbed", "RMSNorm", "RMSNormPre", "Rotary", "SequentialBlock", "Unembed",
-           "make_block", "make_mlp", "make_norm"]
+__all__ = [
+    "Attention",
+    "AttentionMask",
+    "Block",
+    "Embed",
+    "GatedMLP",
+    "KVCache",
+    "LayerNorm",
+    "LayerNormPre",
+    "MLP",
+    "ParallelBlock",
+    "PosEmbed",
+    "RMSNorm",
+    "RMSNormPre",
+    "Rotary",
+    "SequentialBlock",
+    "Unembed",
+    "make_block",
+    "make_mlp",
+    "make_norm",
+]

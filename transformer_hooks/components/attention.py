@@ -14,9 +14,15 @@ Shapes (axis names as in config.py)::
                      | | | | | |
        kv heads      0 0 1 1 2 2      group_size = 2
 
+Variants, from ModelConfig: ``qk_norm`` puts an RMSNorm (``q_norm``, ``k_norm``, with
+TransformerLens's hook names) on q and k after ``hook_q`` / ``hook_k`` and before rotary,
+over each head's d_head ("head") or the whole projection ("all"); ``attn_logit_softcap``
+caps the scaled scores, ``c * tanh(scores / c)``, before the mask.
+
 The fused kernel (``scaled_dot_product_attention``) runs unless this layer's
-``hook_attn_scores`` or ``hook_pattern`` is observed; then the explicit softmax path
-runs for this layer alone. The two agree to float rounding (tested).
+``hook_attn_scores`` or ``hook_pattern`` is observed (or the scores are soft-capped,
+which the kernel cannot do); then the explicit softmax path runs for this layer alone.
+The two agree to float rounding (tested).
 
 Weights are stored in the [out, in] layout that ``F.linear`` reads without a copy
 (HF's ``nn.Linear`` layout); ``W_Q`` etc. are views of them in TransformerLens's
@@ -36,7 +42,9 @@ from ..hooks import HookPoint
 from .kv_cache import LayerKVCache
 from .linear import linear
 from .masks import AttentionMask
+from .norms import RMSNorm
 from .rotary import CosSin, rotate
+from .softcap import softcap
 
 Input = Float[torch.Tensor, "batch pos d_model"] | Float[torch.Tensor, "batch pos head d_model"]
 
@@ -72,6 +80,11 @@ class Attention(nn.Module):
         self.window = cfg.attn_windows[layer]
         self.scale = cfg.scores_scale / (layer + 1 if cfg.scale_attn_by_inverse_layer_idx else 1)
         self.rotary = cfg.positional_embedding == "rotary"
+        self.softcap = cfg.attn_logit_softcap
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm is not None:  # never folded: an RMSNorm with its own weight, whatever the model's norms
+            self.q_norm = RMSNorm(cfg.replace(d_model=dh if cfg.qk_norm == "head" else h * dh))
+            self.k_norm = RMSNorm(cfg.replace(d_model=dh if cfg.qk_norm == "head" else kv * dh))
 
         self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
         if self.rotary:
@@ -84,14 +97,25 @@ class Attention(nn.Module):
     @property
     def explicit(self) -> bool:
         """Whether the pattern must be materialised for an observer."""
-        return self.hook_attn_scores.observed or self.hook_pattern.observed
+        return self.hook_attn_scores.observed or self.hook_pattern.observed or self.softcap is not None
 
-    def forward(self, q_in: Input, k_in: Input, v_in: Input, mask: AttentionMask,
-                cos_sin: CosSin | None = None, kv_cache: LayerKVCache | None = None
-                ) -> Float[torch.Tensor, "batch pos d_model"]:
+    def forward(
+        self,
+        q_in: Input,
+        k_in: Input,
+        v_in: Input,
+        mask: AttentionMask,
+        cos_sin: CosSin | None = None,
+        kv_cache: LayerKVCache | None = None,
+    ) -> Float[torch.Tensor, "batch pos d_model"]:
         q = self.hook_q(project(q_in, self.W_Q, self.b_Q))  # [batch, pos, head, d_head]
         k = self.hook_k(project(k_in, self.W_K, self.b_K))  # [batch, pos, kv_head, d_head]
         v = self.hook_v(project(v_in, self.W_V, self.b_V))
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        elif self.qk_norm == "all":  # over [head * d_head]
+            q = self.q_norm(q.flatten(-2)).unflatten(-1, q.shape[-2:])
+            k = self.k_norm(k.flatten(-2)).unflatten(-1, k.shape[-2:])
         if self.rotary:
             q = self.hook_rot_q(rotate(q, cos_sin))
             k = self.hook_rot_k(rotate(k, cos_sin))
@@ -104,15 +128,22 @@ class Attention(nn.Module):
         z = self.hook_z(z.transpose(1, 2))  # [batch, pos, head, d_head]
 
         if self.hook_result.observed:
-            result = self.hook_result(einsum(z, self.W_O, "batch pos head d_head, head d_head d_model -> batch pos head d_model"))
+            result = self.hook_result(
+                einsum(z, self.W_O, "batch pos head d_head, head d_head d_model -> batch pos head d_model")
+            )
             return result.sum(-2) + self.b_O
         return linear(z.flatten(-2), self.W_O.flatten(0, 1).T, self.b_O)
 
     def _fused(self, q, k, v, mask: AttentionMask) -> Float[torch.Tensor, "batch head pos d_head"]:
         attn_mask = mask.sdpa_mask(self.window)
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and mask.is_causal_for_sdpa,
-            scale=self.scale, enable_gqa=self.n_kv_heads != self.n_heads,
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            is_causal=attn_mask is None and mask.is_causal_for_sdpa,
+            scale=self.scale,
+            enable_gqa=self.n_kv_heads != self.n_heads,
         )
 
     def _explicit(self, q, k, v, mask: AttentionMask) -> Float[torch.Tensor, "batch head pos d_head"]:
@@ -122,6 +153,8 @@ class Attention(nn.Module):
         # Scaling q (pos x d_head) is cheaper than scaling the scores (pos x key_pos).
         q = (q * self.scale).reshape(batch, self.n_kv_heads, -1, d_head)
         scores = (q @ k.transpose(-1, -2)).view(batch, n_heads, pos, -1)  # [batch, head, pos, key_pos]
+        if self.softcap is not None:
+            scores = softcap(scores, self.softcap)
         scores.masked_fill_(mask.disallowed(self.window), float("-inf"))  # in place: a fresh tensor
         scores = self.hook_attn_scores(scores)
         pattern = self.hook_pattern(scores.softmax(-1, dtype=torch.float32).to(q.dtype))

@@ -10,6 +10,12 @@ residual) and parallel residual (Pythia / NeoX).
                └─── + ◄───────┘
     resid_post
 
+Norm placement (``cfg.norm_placement``): "pre" as drawn; "both" (Gemma 2/3) also normalises
+each output before it is added, ``resid + ln1_post(attn(ln1(resid)))`` and likewise
+``ln2_post`` for the MLP; "post" (OLMo 2) has only those, ``resid + ln1_post(attn(resid))``
+(``ln1`` / ``ln2`` are then identities without hooks). ``hook_attn_out`` / ``hook_mlp_out``
+are after the post-norms: what the block adds to the residual stream, as in TransformerLens.
+
 Per-head inputs: when ``hook_attn_in`` / ``hook_q_input`` / ``hook_k_input`` /
 ``hook_v_input`` is observed, the block gives every head its own copy of the residual
 ([batch, pos, head, d_model]) so a hook can patch one head's input; otherwise all
@@ -29,7 +35,7 @@ from .attention import Attention
 from .kv_cache import LayerKVCache
 from .masks import AttentionMask
 from .mlp import make_mlp
-from .norms import make_norm
+from .norms import NORMS, make_norm
 from .rotary import CosSin
 
 Resid = Float[torch.Tensor, "batch pos d_model"]
@@ -40,10 +46,15 @@ class Block(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_heads, self.group_size = cfg.n_heads, cfg.group_size
-        self.ln1 = make_norm(cfg)
+        pre, post = cfg.norm_placement in ("pre", "both"), cfg.norm_placement in ("both", "post")
+        self.ln1 = make_norm(cfg) if pre else nn.Identity()
         self.attn = Attention(cfg, layer)
-        self.ln2 = make_norm(cfg)
+        self.ln2 = make_norm(cfg) if pre else nn.Identity()
         self.mlp = make_mlp(cfg)
+        if post:  # fold_ln cannot fold a norm that sits after its writer: these keep their weight
+            self.ln1_post, self.ln2_post = post_norm(cfg), post_norm(cfg)
+        else:
+            self.ln1_post, self.ln2_post = nn.Identity(), nn.Identity()
         self.hook_resid_pre = HookPoint()
         self.hook_attn_in = HookPoint()
         self.hook_q_input, self.hook_k_input, self.hook_v_input = HookPoint(), HookPoint(), HookPoint()
@@ -52,13 +63,18 @@ class Block(nn.Module):
         self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
 
-    def attention(self, resid: Resid, mask: AttentionMask, cos_sin: CosSin | None,
-                  kv_cache: LayerKVCache | None) -> Resid:
+    def attention(
+        self, resid: Resid, mask: AttentionMask, cos_sin: CosSin | None, kv_cache: LayerKVCache | None
+    ) -> Resid:
         """hook_attn_out(attn(ln1(resid))), with per-head inputs only when observed."""
-        if not (self.hook_attn_in.observed or self.hook_q_input.observed
-                or self.hook_k_input.observed or self.hook_v_input.observed):
+        if not (
+            self.hook_attn_in.observed
+            or self.hook_q_input.observed
+            or self.hook_k_input.observed
+            or self.hook_v_input.observed
+        ):
             x = self.ln1(resid)
-            return self.hook_attn_out(self.attn(x, x, x, mask, cos_sin, kv_cache))
+            return self.hook_attn_out(self.ln1_post(self.attn(x, x, x, mask, cos_sin, kv_cache)))
         b, p, d = resid.shape
         attn_in = self.hook_attn_in(resid[:, :, None, :].expand(b, p, self.n_heads, d).clone())
         kv_in = attn_in[:, :, :: self.group_size]
@@ -66,7 +82,7 @@ class Block(nn.Module):
         k_in = self.hook_k_input(kv_in.clone())
         v_in = self.hook_v_input(kv_in.clone())
         out = self.attn(self.ln1(q_in), self.ln1(k_in), self.ln1(v_in), mask, cos_sin, kv_cache)
-        return self.hook_attn_out(out)
+        return self.hook_attn_out(self.ln1_post(out))
 
 
 class SequentialBlock(Block):
@@ -74,21 +90,28 @@ class SequentialBlock(Block):
         super().__init__(cfg, layer)
         self.hook_resid_mid = HookPoint()
 
-    def forward(self, resid_pre: Resid, mask: AttentionMask, cos_sin: CosSin | None = None,
-                kv_cache: LayerKVCache | None = None) -> Resid:
+    def forward(
+        self, resid_pre: Resid, mask: AttentionMask, cos_sin: CosSin | None = None, kv_cache: LayerKVCache | None = None
+    ) -> Resid:
         resid_pre = self.hook_resid_pre(resid_pre)
         resid_mid = self.hook_resid_mid(resid_pre + self.attention(resid_pre, mask, cos_sin, kv_cache))
-        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(self.hook_mlp_in(resid_mid))))
+        mlp_out = self.hook_mlp_out(self.ln2_post(self.mlp(self.ln2(self.hook_mlp_in(resid_mid)))))
         return self.hook_resid_post(resid_mid + mlp_out)
 
 
 class ParallelBlock(Block):
-    def forward(self, resid_pre: Resid, mask: AttentionMask, cos_sin: CosSin | None = None,
-                kv_cache: LayerKVCache | None = None) -> Resid:
+    def forward(
+        self, resid_pre: Resid, mask: AttentionMask, cos_sin: CosSin | None = None, kv_cache: LayerKVCache | None = None
+    ) -> Resid:
         resid_pre = self.hook_resid_pre(resid_pre)
         attn_out = self.attention(resid_pre, mask, cos_sin, kv_cache)
-        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(self.hook_mlp_in(resid_pre))))
+        mlp_out = self.hook_mlp_out(self.ln2_post(self.mlp(self.ln2(self.hook_mlp_in(resid_pre)))))
         return self.hook_resid_post(resid_pre + attn_out + mlp_out)
+
+
+def post_norm(cfg: ModelConfig) -> nn.Module:
+    """The model's norm with its weight, also after ``fold_ln`` (which leaves post-norms alone)."""
+    return NORMS[cfg.normalization_type.removesuffix("Pre")](cfg)
 
 
 def make_block(cfg: ModelConfig, layer: int) -> Block:

@@ -9,17 +9,26 @@ from torch import nn
 
 from ..config import ModelConfig
 from .linear import linear
+from .softcap import softcap
 
 
 class Embed(nn.Module):
-    """tokens -> residual. ``W_E``: [d_vocab, d_model]."""
+    """tokens -> residual: ``W_E[tokens] * embed_scale``. ``W_E``: [d_vocab, d_model].
+
+    Gemma scales by sqrt(d_model), rounded to the model's dtype first as HF does. ``W_E``
+    stays unscaled (it is also the tied unembedding), so ``hook_embed`` is after the scale.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
+        self.scale = cfg.embed_scale
 
     def forward(self, tokens: Int[torch.Tensor, "batch pos"]) -> Float[torch.Tensor, "batch pos d_model"]:
-        return F.embedding(tokens, self.W_E)
+        embedded = F.embedding(tokens, self.W_E)
+        if self.scale == 1.0:
+            return embedded
+        return embedded * torch.tensor(self.scale, dtype=embedded.dtype)
 
 
 class PosEmbed(nn.Module):
@@ -36,6 +45,9 @@ class PosEmbed(nn.Module):
 class Unembed(nn.Module):
     """residual -> logits. ``W_U``: [d_model, d_vocab], ``b_U``: [d_vocab].
 
+    With ``final_logit_softcap`` c, logits are ``c * tanh((resid · W_U + b_U) / c)``: direct
+    logit attributions (linear in the residual) are of the logits before the cap.
+
     ``W_U`` is stored as the transpose of a [d_vocab, d_model] matrix (the layout of
     ``W_E`` and of HF's ``lm_head``), so a tied checkpoint can share one copy with
     ``W_E`` and ``F.linear`` reads it without a copy.
@@ -45,6 +57,8 @@ class Unembed(nn.Module):
         super().__init__()
         self.W_U = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model).T)
         self.b_U = nn.Parameter(torch.empty(cfg.d_vocab))
+        self.softcap = cfg.final_logit_softcap
 
     def forward(self, resid: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_vocab"]:
-        return linear(resid, self.W_U.T, self.b_U)
+        logits = linear(resid, self.W_U.T, self.b_U)
+        return logits if self.softcap is None else softcap(logits, self.softcap)

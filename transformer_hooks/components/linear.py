@@ -17,9 +17,16 @@ import torch.nn.functional as F
 from jaxtyping import Float
 
 
-def linear(x: Float[torch.Tensor, "... d_in"], weight: Float[torch.Tensor, "d_out d_in"],
-           bias: Float[torch.Tensor, "d_out"] | None) -> Float[torch.Tensor, "... d_out"]:
-    if (bias is not None and bias.device.type == "cpu" and not (bias.requires_grad and torch.is_grad_enabled())
-            and not bias.any()):
+def linear(
+    x: Float[torch.Tensor, "... d_in"],
+    weight: Float[torch.Tensor, "d_out d_in"],
+    bias: Float[torch.Tensor, "d_out"] | None,
+) -> Float[torch.Tensor, "... d_out"]:
+    if (
+        bias is not None
+        and bias.device.type == "cpu"
+        and not (bias.requires_grad and torch.is_grad_enabled())
+        and not bias.any()
+    ):
         bias = None
     return F.linear(x, weight, bias)

@@ -25,9 +25,15 @@ Resid = Float[torch.Tensor, "... d_model"]
 Scale = Float[torch.Tensor, "... 1"]
 
 
-def normalize(x: Resid, centre: bool, eps: float = 0.0, w: torch.Tensor | None = None,
-              b: torch.Tensor | None = None, scale: Scale | None = None,
-              hook_scale: Callable[[Scale], Scale] | None = None) -> Resid:
+def normalize(
+    x: Resid,
+    centre: bool,
+    eps: float = 0.0,
+    w: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
+    scale: Scale | None = None,
+    hook_scale: Callable[[Scale], Scale] | None = None,
+) -> Resid:
     """The norm's formula, in float32 (the one implementation: the norms, the cache's
     ``apply_ln_to_stack`` and the logit lens use it)::
 

@@ -2,7 +2,8 @@
 
 Dims ``[0, rotary_dim)`` of each head rotate; the rest pass through (NeoX/Pythia rotate
 a fraction, Llama all). Pair ``i`` is ``(x[i], x[i + rotary_dim/2])`` and turns by
-``position * inv_freq[i]``. cos/sin are computed once per forward for all layers.
+``position * inv_freq[i]``. cos/sin are computed once per forward for all layers (twice
+when the windowed layers have their own base, ``local_rope_theta``: Gemma 3).
 """
 
 from __future__ import annotations
@@ -37,12 +38,15 @@ def inverse_frequencies(rotary_dim: int, theta: float, scaling: RopeScaling | No
 
 
 class Rotary(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, local: bool = False) -> None:
+        """``local``: the rotary of the windowed layers, base ``local_rope_theta``, unscaled."""
         super().__init__()
         self.rotary_dim = cfg.rotary_dim
-        self.register_buffer(
-            "inv_freq", inverse_frequencies(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling), persistent=False
-        )
+        self.theta, self.scaling = (cfg.local_rope_theta, None) if local else (cfg.rope_theta, cfg.rope_scaling)
+        self.register_buffer("inv_freq", self.frequencies(), persistent=False)
+
+    def frequencies(self) -> Float[torch.Tensor, "half"]:
+        return inverse_frequencies(self.rotary_dim, self.theta, self.scaling)
 
     def forward(self, positions: Int[torch.Tensor, "batch pos"], dtype: torch.dtype) -> CosSin:
         # float32 whatever the model dtype, as HF does, then cast.
@@ -51,7 +55,9 @@ class Rotary(nn.Module):
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def rotate(x: Float[torch.Tensor, "batch pos head d_head"], cos_sin: CosSin) -> Float[torch.Tensor, "batch pos head d_head"]:
+def rotate(
+    x: Float[torch.Tensor, "batch pos head d_head"], cos_sin: CosSin
+) -> Float[torch.Tensor, "batch pos head d_head"]:
     cos, sin = (t[:, :, None, :] for t in cos_sin)  # broadcast over heads
     rd = cos.shape[-1]
     x_rot, x_pass = x[..., :rd], x[..., rd:]

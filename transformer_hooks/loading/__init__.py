@@ -29,11 +29,25 @@ import torch
 import weights_conversion
 from weights_conversion import UnsupportedArchitectureError  # noqa: F401  (re-exported for users)
 from weights_conversion.converted import (  # noqa: F401  (re-exported: the format's names)
-    CONVERTED_CONFIG, CONVERTED_FORMAT_VERSION, CONVERTED_WEIGHTS, converted_config, converted_groups)
+    CONVERTED_CONFIG,
+    CONVERTED_FORMAT_VERSION,
+    CONVERTED_WEIGHTS,
+    converted_config,
+    converted_groups,
+)
 from weights_conversion.groups import Group  # noqa: F401
 from weights_conversion.sources import (  # noqa: F401  (re-exported: the readers and checkpoint errors)
-    SAFETENSORS_DTYPES, CorruptCheckpointError, MissingWeightsError, SafetensorsFile, TensorSource,
-    WeightShapeError, in_memory_source, safetensors_source, tensor_source, torch_bin_source)
+    SAFETENSORS_DTYPES,
+    CorruptCheckpointError,
+    MissingWeightsError,
+    SafetensorsFile,
+    TensorSource,
+    WeightShapeError,
+    in_memory_source,
+    safetensors_source,
+    tensor_source,
+    torch_bin_source,
+)
 
 from ..config import ModelConfig
 from ..model import HookedTransformer
@@ -42,19 +56,35 @@ from ..resolution import Checkpoint, resolve_checkpoint
 from .build import as_dtype, build_and_fill, build_on_meta, finish, materialize  # noqa: F401
 
 # Buffers some HF checkpoints store that are not weights (causal masks, rotary tables).
-IGNORED_HF_TENSORS = re.compile(r"(\.attn\.bias|\.attn\.masked_bias|\.attention\.bias|\.attention\.masked_bias|"
-                                r"rotary_emb\.inv_freq)$")
+IGNORED_HF_TENSORS = re.compile(
+    r"(\.attn\.bias|\.attn\.masked_bias|\.attention\.bias|\.attention\.masked_bias|"
+    r"rotary_emb\.inv_freq)$"
+)
 
 
 # Entry point ----------------------------------------------------------------------
-def load_model(name_or_path: str | Path, *, fold_ln: bool = True, center_writing_weights: bool = True,
-               center_unembed: bool = True, fold_value_biases: bool = True, device: Any = None,
-               dtype: torch.dtype | str = torch.float32, tokenizer: Any = None, hf_model: Any = None,
-               default_prepend_bos: bool | None = None, default_padding_side: str | None = None,
-               torch_dtype: torch.dtype | str | None = None, move_to_device: bool = True,
-               refactor_factored_attn_matrices: bool = False, device_map: Any = None, max_memory: Any = None,
-               n_devices: int | None = None, offload: str | None = None, offload_dir: Any = None
-               ) -> HookedTransformer:
+def load_model(
+    name_or_path: str | Path,
+    *,
+    fold_ln: bool = True,
+    center_writing_weights: bool = True,
+    center_unembed: bool = True,
+    fold_value_biases: bool = True,
+    device: Any = None,
+    dtype: torch.dtype | str = torch.float32,
+    tokenizer: Any = None,
+    hf_model: Any = None,
+    default_prepend_bos: bool | None = None,
+    default_padding_side: str | None = None,
+    torch_dtype: torch.dtype | str | None = None,
+    move_to_device: bool = True,
+    refactor_factored_attn_matrices: bool = False,
+    device_map: Any = None,
+    max_memory: Any = None,
+    n_devices: int | None = None,
+    offload: str | None = None,
+    offload_dir: Any = None,
+) -> HookedTransformer:
     """Load a preset, HF repo id, HF directory, converted directory or .gguf file (see
     resolution.py), with the weight processing the flags ask for (see processing.py).
 
@@ -73,13 +103,25 @@ def load_model(name_or_path: str | Path, *, fold_ln: bool = True, center_writing
         raise ValueError(f"default_padding_side must be 'left' or 'right', got {default_padding_side!r}")
     if torch_dtype is not None:
         dtype = torch_dtype
-    options = ProcessingOptions(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
-                                center_unembed=center_unembed, fold_value_biases=fold_value_biases,
-                                refactor_factored_attn_matrices=refactor_factored_attn_matrices)
-    size = dict(device_map=device_map, max_memory=max_memory, n_devices=n_devices, offload=offload,
-                offload_dir=offload_dir)
-    model = _load(name_or_path, options, device=device if move_to_device else "cpu", dtype=dtype,
-                  tokenizer=tokenizer, hf_model=hf_model, size=size)
+    options = ProcessingOptions(
+        fold_ln=fold_ln,
+        center_writing_weights=center_writing_weights,
+        center_unembed=center_unembed,
+        fold_value_biases=fold_value_biases,
+        refactor_factored_attn_matrices=refactor_factored_attn_matrices,
+    )
+    size = dict(
+        device_map=device_map, max_memory=max_memory, n_devices=n_devices, offload=offload, offload_dir=offload_dir
+    )
+    model = _load(
+        name_or_path,
+        options,
+        device=device if move_to_device else "cpu",
+        dtype=dtype,
+        tokenizer=tokenizer,
+        hf_model=hf_model,
+        size=size,
+    )
     if default_prepend_bos is not None:
         model.cfg = model.cfg.replace(default_prepend_bos=default_prepend_bos)
     if default_padding_side is not None and model.tokenizer is not None:
@@ -87,8 +129,16 @@ def load_model(name_or_path: str | Path, *, fold_ln: bool = True, center_writing
     return model
 
 
-def _load(name_or_path: str | Path, options: ProcessingOptions, *, device: Any, dtype: torch.dtype | str,
-          tokenizer: Any, hf_model: Any, size: dict[str, Any]) -> HookedTransformer:
+def _load(
+    name_or_path: str | Path,
+    options: ProcessingOptions,
+    *,
+    device: Any,
+    dtype: torch.dtype | str,
+    tokenizer: Any,
+    hf_model: Any,
+    size: dict[str, Any],
+) -> HookedTransformer:
     dtype = as_dtype(dtype)
     if hf_model is not None:
         hf_config, source = in_memory_source(hf_model)
@@ -116,8 +166,17 @@ def _load(name_or_path: str | Path, options: ProcessingOptions, *, device: Any, 
         cfg = cfg.replace(default_prepend_bos=False)
 
     groups = weights_conversion.convert_groups(cfg, source, family)
-    model = build_and_fill(cfg, options, groups, tokenizer, device, dtype,
-                           desc=f"loading {Path(str(name_or_path)).name}", tied=cfg.tie_word_embeddings, **size)
+    model = build_and_fill(
+        cfg,
+        options,
+        groups,
+        tokenizer,
+        device,
+        dtype,
+        desc=f"loading {Path(str(name_or_path)).name}",
+        tied=cfg.tie_word_embeddings,
+        **size,
+    )
     _warn_unused(source, cfg)
     return model
 
@@ -133,9 +192,17 @@ def processed_copy(model: HookedTransformer, options: ProcessingOptions) -> Hook
     frozen = {name for name, p in params.items() if not p.requires_grad}
     tied = model.unembed.W_U.untyped_storage().data_ptr() == model.embed.W_E.untyped_storage().data_ptr()
     placed = model.cfg.device_map
-    new = build_and_fill(model.cfg, options, [("weights", "", lambda: dict(weights))], model.tokenizer,
-                         device=None if placed else model.device, dtype=model.dtype, desc="processing", tied=tied,
-                         device_map=placed)
+    new = build_and_fill(
+        model.cfg,
+        options,
+        [("weights", "", lambda: dict(weights))],
+        model.tokenizer,
+        device=None if placed else model.device,
+        dtype=model.dtype,
+        desc="processing",
+        tied=tied,
+        device_map=placed,
+    )
     for name, param in new.named_parameters(remove_duplicate=False):
         param.requires_grad_(name not in frozen)
     new.train(model.training)
@@ -161,20 +228,22 @@ def _hf_tokenizer(directory: Path) -> Any:
 
 
 # Converted checkpoints (weights_conversion/converted.py) ----------------------------
-def _load_converted(ckpt: Checkpoint, options: ProcessingOptions, device: Any, dtype: torch.dtype, tokenizer: Any,
-                    size: dict[str, Any]) -> HookedTransformer:
+def _load_converted(
+    ckpt: Checkpoint, options: ProcessingOptions, device: Any, dtype: torch.dtype, tokenizer: Any, size: dict[str, Any]
+) -> HookedTransformer:
     """Canonical tensors under their parameter names: no conversion; processing that the
     checkpoint does not have yet is applied on the way in."""
     cfg = converted_config(ckpt.directory, ckpt.config)
     unprocessed = cfg.replace(processing=(), normalization_type=cfg.unfolded_normalization_type)
     wanted = steps_for(unprocessed, options)
-    if wanted[:len(cfg.processing)] != cfg.processing:
+    if wanted[: len(cfg.processing)] != cfg.processing:
         asked = {step: step in wanted for step in STEPS}
         raise ValueError(
             f"{ckpt.directory} was converted with processing {list(cfg.processing)}, which cannot be undone, "
             f"and this load asks for {list(wanted)} ({asked}). Load it with the processing it has "
             f"(e.g. from_pretrained(path) for the defaults), or convert the original checkpoint again with "
-            f"`python -m weights_conversion SRC DST --no-processing`.")
+            f"`python -m weights_conversion SRC DST --no-processing`."
+        )
 
     source = tensor_source(ckpt.weight_files)
     if tokenizer is None:
@@ -184,7 +253,8 @@ def _load_converted(ckpt: Checkpoint, options: ProcessingOptions, device: Any, d
     untie = stored_tied and bool(set(steps_for(cfg, options)) & REWRITE_EMBEDDINGS)
     names = [name for name, _ in build_on_meta(cfg).named_parameters()]
     groups = converted_groups(cfg.n_layers, names, source, stored_tied, untie)
-    model = build_and_fill(cfg, options, groups, tokenizer, device, dtype, desc=f"loading {ckpt.directory.name}",
-                           tied=stored_tied, **size)
+    model = build_and_fill(
+        cfg, options, groups, tokenizer, device, dtype, desc=f"loading {ckpt.directory.name}", tied=stored_tied, **size
+    )
     _warn_unused(source, cfg)
     return model

@@ -23,8 +23,15 @@ from ..config import ModelConfig
 from ..memory import return_freed_memory
 from ..model import HookedTransformer
 
-_DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-                "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_DTYPE_NAMES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 
 
 def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -40,10 +47,21 @@ def build_on_meta(cfg: ModelConfig, tokenizer: Any = None) -> HookedTransformer:
         return HookedTransformer(cfg, tokenizer)
 
 
-def build_and_fill(cfg: ModelConfig, options: processing.ProcessingOptions, groups: list[Group], tokenizer: Any,
-                   device: Any, dtype: torch.dtype, desc: str, tied: bool, device_map: Any = None,
-                   max_memory: Any = None, n_devices: int | None = None, offload: str | None = None,
-                   offload_dir: Any = None) -> HookedTransformer:
+def build_and_fill(
+    cfg: ModelConfig,
+    options: processing.ProcessingOptions,
+    groups: list[Group],
+    tokenizer: Any,
+    device: Any,
+    dtype: torch.dtype,
+    desc: str,
+    tied: bool,
+    device_map: Any = None,
+    max_memory: Any = None,
+    n_devices: int | None = None,
+    offload: str | None = None,
+    offload_dir: Any = None,
+) -> HookedTransformer:
     """Build the (processed) model on the meta device and stream ``groups`` into it.
 
     ``cfg`` describes the groups' tensors; processing turns it into the model's config.
@@ -58,19 +76,23 @@ def build_and_fill(cfg: ModelConfig, options: processing.ProcessingOptions, grou
     from .placement import PlacementError, group_of, resolve_device_map
 
     model_cfg = processing.processed_config(cfg, options)
-    placement = resolve_device_map(model_cfg, device_map, max_memory=max_memory, n_devices=n_devices,
-                                   dtype=dtype)
-    if placement is not None and device is not None and {torch.device(d).type for d in placement.values()} != {
-            torch.device(device).type}:  # TransformerLens passes device="cuda" with n_devices: that agrees
-        raise PlacementError(f"device={device!r} disagrees with the placement {placement}; give either a device "
-                             f"or a device_map")
+    placement = resolve_device_map(model_cfg, device_map, max_memory=max_memory, n_devices=n_devices, dtype=dtype)
+    if (
+        placement is not None
+        and device is not None
+        and {torch.device(d).type for d in placement.values()} != {torch.device(device).type}
+    ):  # TransformerLens passes device="cuda" with n_devices: that agrees
+        raise PlacementError(
+            f"device={device!r} disagrees with the placement {placement}; give either a device or a device_map"
+        )
     store = None
     if offload is not None:
         if placement is not None:
-            raise PlacementError("offload= runs every block on one compute device (device=...); it does not "
-                                 "combine with a device_map")
+            raise PlacementError(
+                "offload= runs every block on one compute device (device=...); it does not combine with a device_map"
+            )
         store = BlockOffload(offload, device or "cpu", offload_dir)
-    applied = model_cfg.processing[len(cfg.processing):]
+    applied = model_cfg.processing[len(cfg.processing) :]
     process = (lambda group: processing.process_group(cfg, group, options)) if applied else None
     share = tied and not set(applied) & processing.REWRITE_EMBEDDINGS
     model = build_on_meta(model_cfg, tokenizer)
@@ -82,11 +104,22 @@ def build_and_fill(cfg: ModelConfig, options: processing.ProcessingOptions, grou
         target = device
     after_group = None
     if store is not None:
+
         def after_group(names: list[str]) -> None:
             for layer in sorted({int(n.split(".")[1]) for n in names if n.startswith("blocks.")}):
                 store.keep(model.blocks[layer], layer)
-    materialize(model, groups, device=target, dtype=dtype, process=process, n_groups=len(groups), desc=desc,
-                skip=frozenset({"unembed.W_U"}) if share else frozenset(), after_group=after_group)
+
+    materialize(
+        model,
+        groups,
+        device=target,
+        dtype=dtype,
+        process=process,
+        n_groups=len(groups),
+        desc=desc,
+        skip=frozenset({"unembed.W_U"}) if share else frozenset(),
+        after_group=after_group,
+    )
     if share and (placement is None or placement["embed"] == placement["final"]):
         model.tie_embeddings()
     elif share:  # tied, but the unembedding lives on another device: its own copy there
@@ -101,10 +134,18 @@ def build_and_fill(cfg: ModelConfig, options: processing.ProcessingOptions, grou
     return model
 
 
-def materialize(model: HookedTransformer, groups: Iterable[Group], *, device: Any, dtype: torch.dtype,
-                process: Callable[[dict], dict] | None = None, n_groups: int | None = None,
-                desc: str = "loading", skip: frozenset[str] = frozenset(),
-                after_group: Callable[[list[str]], None] | None = None) -> None:
+def materialize(
+    model: HookedTransformer,
+    groups: Iterable[Group],
+    *,
+    device: Any,
+    dtype: torch.dtype,
+    process: Callable[[dict], dict] | None = None,
+    n_groups: int | None = None,
+    desc: str = "loading",
+    skip: frozenset[str] = frozenset(),
+    after_group: Callable[[list[str]], None] | None = None,
+) -> None:
     """Fill a meta-built model group by group; lists every missing tensor before failing.
 
     ``device``: a device, or a function of the parameter name giving its device (placement).
@@ -139,9 +180,11 @@ def materialize(model: HookedTransformer, groups: Iterable[Group], *, device: An
     finally:
         bar.close()
     if missing:
-        raise MissingWeightsError(f"the checkpoint is missing {len(missing)} tensor(s) this model needs: "
-                                  f"{', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}. "
-                                  f"Is it complete, and of the architecture its config.json names?")
+        raise MissingWeightsError(
+            f"the checkpoint is missing {len(missing)} tensor(s) this model needs: "
+            f"{', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}. "
+            f"Is it complete, and of the architecture its config.json names?"
+        )
     unfilled = expected - filled
     if unfilled:
         raise MissingWeightsError(f"no weights were provided for: {', '.join(sorted(unfilled))}")
@@ -170,12 +213,14 @@ def _process_group(label: str, process: Callable[[dict], dict], group: dict) -> 
 
 
 def _does_not_fit(label: str, error: Exception) -> WeightShapeError:
-    return WeightShapeError(f"{label}: the checkpoint's tensors do not fit its config ({error}); "
-                            f"the config does not match the weights")
+    return WeightShapeError(
+        f"{label}: the checkpoint's tensors do not fit its config ({error}); the config does not match the weights"
+    )
 
 
-def _assign(model: nn.Module, name: str, tensor: torch.Tensor, device: Any, dtype: torch.dtype,
-            adopted: set[int]) -> None:
+def _assign(
+    model: nn.Module, name: str, tensor: torch.Tensor, device: Any, dtype: torch.dtype, adopted: set[int]
+) -> None:
     module_name, _, param_name = name.rpartition(".")
     try:
         module = model.get_submodule(module_name)
@@ -183,8 +228,10 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor, device: Any, dtyp
     except (AttributeError, KeyError) as e:
         raise WeightShapeError(f"converted tensor {name!r} has no parameter in the model") from e
     if tuple(old.shape) != tuple(tensor.shape):
-        raise WeightShapeError(f"{name}: the checkpoint gives shape {tuple(tensor.shape)}, the config implies "
-                               f"{tuple(old.shape)}; the config does not match the weights")
+        raise WeightShapeError(
+            f"{name}: the checkpoint gives shape {tuple(tensor.shape)}, the config implies "
+            f"{tuple(old.shape)}; the config does not match the weights"
+        )
     device = torch.device(device or "cpu")
     if _can_adopt(tensor, old, device, dtype, adopted):
         new = tensor  # a fresh buffer already laid out as the parameter: no copy
@@ -196,25 +243,28 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor, device: Any, dtyp
     module._parameters[param_name] = nn.Parameter(new, requires_grad=old.requires_grad)
 
 
-def _can_adopt(tensor: torch.Tensor, old: torch.Tensor, device: torch.device, dtype: torch.dtype,
-               adopted: set[int]) -> bool:
+def _can_adopt(
+    tensor: torch.Tensor, old: torch.Tensor, device: torch.device, dtype: torch.dtype, adopted: set[int]
+) -> bool:
     """Whether ``tensor`` can be the parameter as it is: right dtype, device and strides,
     and sole owner of its memory (not a slice of a memory-mapped file, not a view of a
     buffer another parameter uses)."""
     storage = tensor.untyped_storage()
-    return (tensor.dtype == dtype and tensor.device == device and tensor.stride() == old.stride()
-            and tensor.storage_offset() == 0 and storage.nbytes() == tensor.numel() * tensor.element_size()
-            and storage.data_ptr() not in adopted)
+    return (
+        tensor.dtype == dtype
+        and tensor.device == device
+        and tensor.stride() == old.stride()
+        and tensor.storage_offset() == 0
+        and storage.nbytes() == tensor.numel() * tensor.element_size()
+        and storage.data_ptr() not in adopted
+    )
 
 
 def finish(model: HookedTransformer, device: Any) -> HookedTransformer:
     """Recompute the non-persistent buffers (rotary frequencies, not loaded), note the device, eval mode."""
-    if hasattr(model, "rotary"):
-        from ..components.rotary import inverse_frequencies
-
-        cfg = model.cfg
-        inv_freq = inverse_frequencies(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling)
-        model.rotary.inv_freq = inv_freq.to(device or "cpu")
+    for name in ("rotary", "rotary_local"):
+        if hasattr(model, name):
+            getattr(model, name).inv_freq = getattr(model, name).frequencies().to(device or "cpu")
     model._note_device()
     model.eval()
     return model

@@ -39,8 +39,9 @@ def _storage_order(t: torch.Tensor) -> list[int]:
 def _check_dense(name: str, t: torch.Tensor) -> list[int]:
     order = _storage_order(t)
     if not t.permute(order).is_contiguous():
-        raise ValueError(f"cannot offload {name}: its memory is not one dense block (shape {tuple(t.shape)}, "
-                         f"strides {t.stride()})")
+        raise ValueError(
+            f"cannot offload {name}: its memory is not one dense block (shape {tuple(t.shape)}, strides {t.stride()})"
+        )
     return order
 
 
@@ -87,8 +88,10 @@ class BlockOffload:
         if kind not in ("cpu", "disk"):
             raise ValueError(f"offload must be 'cpu' or 'disk', got {kind!r}")
         if kind == "disk" and offload_dir is None:
-            raise ValueError("offload='disk' needs offload_dir=..., a directory for the memory-mapped block files "
-                             "(as large as the blocks' weights)")
+            raise ValueError(
+                "offload='disk' needs offload_dir=..., a directory for the memory-mapped block files "
+                "(as large as the blocks' weights)"
+            )
         self.kind = kind
         self.device = torch.device(device or "cpu")
         self.directory = Path(offload_dir) if offload_dir is not None else None
@@ -127,10 +130,10 @@ class BlockOffload:
         if self.device.type == "cpu":
             return
         for layer, block in enumerate(blocks):
-            self._handles.append(block.register_forward_pre_hook(
-                lambda module, args, layer=layer: self._bring(layer)))
-            self._handles.append(block.register_forward_hook(
-                lambda module, args, out, layer=layer: self._release(layer)))
+            self._handles.append(block.register_forward_pre_hook(lambda module, args, layer=layer: self._bring(layer)))
+            self._handles.append(
+                block.register_forward_hook(lambda module, args, out, layer=layer: self._release(layer))
+            )
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -138,8 +141,9 @@ class BlockOffload:
         self._handles.clear()
 
     def _copies(self, layer: int) -> dict[str, torch.Tensor]:
-        return {name: p.detach().to(self.device, non_blocking=True)
-                for name, p in self._blocks[layer].named_parameters()}
+        return {
+            name: p.detach().to(self.device, non_blocking=True) for name, p in self._blocks[layer].named_parameters()
+        }
 
     def _bring(self, layer: int) -> None:
         if layer in self._prefetched:
@@ -171,15 +175,16 @@ class BlockOffload:
         block._offload_stored = {}  # type: ignore[attr-defined]
 
 
-def offload_blocks(model: Any, offload: OffloadKind, *, device: Any = None,
-                   offload_dir: str | Path | None = None) -> Any:
+def offload_blocks(
+    model: Any, offload: OffloadKind, *, device: Any = None, offload_dir: str | Path | None = None
+) -> Any:
     """Offload the blocks of a loaded ``HookedTransformer`` (in place; returns it). The
     embeddings, final norm and unembedding go to ``device`` (default: where the model is)."""
     device = torch.device(device or model.device)
     store = BlockOffload(offload, device, offload_dir)
     for layer, block in enumerate(model.blocks):
         store.keep(block, layer)
-    for name in ("embed", "pos_embed", "rotary", "ln_final", "unembed"):
+    for name in ("embed", "pos_embed", "rotary", "rotary_local", "ln_final", "unembed"):
         if hasattr(model, name):
             getattr(model, name).to(device)
     store.attach(model.blocks)

@@ -1,0 +1,236 @@
+"""Text <-> tokens for a model: tokenizing with BOS and padding, checking token ids and
+attention masks, and TransformerLens's ``to_tokens`` / ``to_string`` / ``to_str_tokens`` /
+``to_single_token`` / ``get_token_position``.
+
+Plain functions of ``(tokenizer, cfg)``: they need the tokenizer (a HF tokenizer, or None
+for a model run on token ids) and a few config facts (``default_prepend_bos``,
+``bos_token_id``, ``pad_token_id``/``eos_token_id``, ``d_vocab``, ``n_ctx`` for learned
+positions), not the model. ``HookedTransformer``'s methods of the same names call
+them with its own tokenizer, config and device.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Sequence, Union
+
+import torch
+from jaxtyping import Int
+
+from .config import ModelConfig
+
+TextInput = Union[str, Sequence[str]]
+ModelInput = Union[TextInput, Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "pos"]]
+PaddingSide = Literal["left", "right"]
+
+
+def require_tokenizer(tokenizer: Any) -> Any:
+    """``tokenizer``, or an error saying what to pass instead."""
+    if tokenizer is None:
+        raise ValueError("this model has no tokenizer: pass token ids, or set model.tokenizer")
+    return tokenizer
+
+
+def pad_id(tokenizer: Any, cfg: ModelConfig) -> int:
+    """The id that fills padding: the tokenizer's pad token, else the config's, else an end token, else 0."""
+    for candidate in (
+        getattr(tokenizer, "pad_token_id", None),
+        cfg.pad_token_id,
+        getattr(tokenizer, "eos_token_id", None),
+        cfg.eos_token_id,
+    ):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def bos_id(tokenizer: Any, cfg: ModelConfig) -> int:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    bos = cfg.bos_token_id if bos is None else bos
+    if bos is None:
+        raise ValueError("this tokenizer has no BOS token; pass prepend_bos=False")
+    return int(bos)
+
+
+def is_text(input: Any) -> bool:
+    """A string or a non-empty list of strings (as opposed to token ids)."""
+    return isinstance(input, str) or (isinstance(input, (list, tuple)) and bool(input) and isinstance(input[0], str))
+
+
+def check_mask(attention_mask: Any, shape: tuple[int, int], device: Any = None) -> Int[torch.Tensor, "batch pos"]:
+    """An attention mask as 0/1 longs on ``device``, of the tokens' shape."""
+    mask = torch.as_tensor(attention_mask, device=device)
+    if mask.ndim == 1:
+        mask = mask[None]
+    if tuple(mask.shape) != shape:
+        raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, tokens {shape}; they must match")
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("attention_mask must hold only 0 and 1 (0 for padding, 1 for a real token); got other values")
+    return mask.long()
+
+
+def check_tokens(tokens: Any, cfg: ModelConfig, device: Any = None) -> Int[torch.Tensor, "batch pos"]:
+    """Token ids as a long tensor [batch, pos] on ``device``, each inside the vocabulary."""
+    if isinstance(tokens, (list, tuple)):
+        if not tokens:
+            raise ValueError("empty input: pass at least one token or a non-empty string")
+        rows = tokens if isinstance(tokens[0], (list, tuple)) else [tokens]
+        if len({len(r) for r in rows}) > 1:
+            raise ValueError(
+                f"token lists of different lengths {sorted({len(r) for r in rows})}: pad them to "
+                f"one length and pass attention_mask (or pass strings, which are padded for you)"
+            )
+        tokens = torch.tensor(tokens)
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"input must be a string, a list of strings or a token tensor, got {type(tokens).__name__}")
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise ValueError(
+            f"tokens must be integer ids (torch.long), got dtype {tokens.dtype}; "
+            f"use model.to_tokens(text) or tokens.long() if they are whole numbers"
+        )
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, pos] or [pos], got shape {tuple(tokens.shape)}")
+    if tokens.numel() == 0:
+        raise ValueError(f"empty input (tokens of shape {tuple(tokens.shape)}): pass at least one token")
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= cfg.d_vocab:
+        bad = lo if lo < 0 else hi
+        raise ValueError(
+            f"token id {bad} is outside the vocabulary [0, {cfg.d_vocab}); "
+            f"were these tokens made by another model's tokenizer?"
+        )
+    return tokens.to(device, torch.long)
+
+
+def tokenize(
+    tokenizer: Any,
+    cfg: ModelConfig,
+    input: TextInput,
+    prepend_bos: bool | None = None,
+    padding_side: PaddingSide | None = None,
+    device: Any = None,
+) -> tuple[Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "batch pos"] | None]:
+    """Tokens of one string or a padded batch of strings, and the padding mask (None without padding)."""
+    tok = require_tokenizer(tokenizer)
+    texts = [input] if isinstance(input, str) else list(input)
+    prepend_bos = cfg.default_prepend_bos if prepend_bos is None else prepend_bos
+    ids = tok(texts, add_special_tokens=False)["input_ids"]
+    if prepend_bos:
+        bos = bos_id(tok, cfg)
+        ids = [[bos] + row for row in ids]
+    if any(len(row) == 0 for row in ids):
+        raise ValueError("empty prompt: a string with no tokens (and prepend_bos=False) cannot be run")
+    width = max(len(row) for row in ids)
+    side = padding_side or getattr(tok, "padding_side", "right") or "right"
+    if side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+    tokens = torch.full((len(ids), width), pad_id(tok, cfg), dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, row in enumerate(ids):
+        cols = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        tokens[i, cols] = torch.tensor(row)
+        mask[i, cols] = 1
+    mask = None if bool(mask.all()) else mask.to(device)
+    return tokens.to(device), mask
+
+
+def tokens_and_mask(
+    tokenizer: Any,
+    cfg: ModelConfig,
+    input: ModelInput,
+    prepend_bos: bool | None = None,
+    padding_side: PaddingSide | None = None,
+    attention_mask: Any = None,
+    device: Any = None,
+) -> tuple[Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "batch pos"] | None]:
+    """Tokens [batch, pos] on ``device``, checked, and the padding mask (or None)."""
+    if is_text(input):
+        tokens, mask = tokenize(tokenizer, cfg, input, prepend_bos, padding_side, device)
+    else:
+        tokens, mask = check_tokens(input, cfg, device), None
+    if attention_mask is not None:
+        mask = check_mask(attention_mask, tuple(tokens.shape), device)
+    return tokens, mask
+
+
+def to_tokens(
+    tokenizer: Any,
+    cfg: ModelConfig,
+    input: TextInput,
+    prepend_bos: bool | None = None,
+    padding_side: PaddingSide | None = None,
+    device: Any = None,
+    truncate: bool = True,
+) -> Int[torch.Tensor, "batch pos"]:
+    """Token ids [batch, pos]; a list of strings is padded. ``truncate`` cuts learned-position
+    models' input to ``n_ctx``."""
+    tokens, _ = tokenize(tokenizer, cfg, input, prepend_bos, padding_side, device)
+    if truncate and cfg.positional_embedding == "learned":
+        tokens = tokens[:, : cfg.n_ctx]
+    return tokens
+
+
+def to_string(tokenizer: Any, tokens: Int[torch.Tensor, "... pos"] | int | Sequence[int]) -> str | list[str]:
+    """One string for a single sequence, a list of strings for a batch."""
+    tok = require_tokenizer(tokenizer)
+    tokens = torch.as_tensor(tokens)
+    if tokens.ndim <= 1:
+        return tok.decode(tokens.reshape(-1).tolist())
+    return [tok.decode(row.tolist()) for row in tokens]
+
+
+def to_str_tokens(
+    tokenizer: Any,
+    cfg: ModelConfig,
+    input: str | torch.Tensor | Sequence[int] | Sequence[str],
+    prepend_bos: bool | None = None,
+    padding_side: PaddingSide | None = None,
+) -> list[str] | list[list[str]]:
+    """Each token as its own string (a list per sequence for a batch or a list of strings)."""
+    tok = require_tokenizer(tokenizer)
+    if isinstance(input, (list, tuple)) and input and isinstance(input[0], str):
+        return [to_str_tokens(tok, cfg, s, prepend_bos, padding_side) for s in input]
+    tokens = to_tokens(tok, cfg, input, prepend_bos, padding_side) if isinstance(input, str) else torch.as_tensor(input)
+    if tokens.ndim == 2:
+        if tokens.shape[0] != 1:
+            return [to_str_tokens(tok, cfg, row) for row in tokens]
+        tokens = tokens[0]
+    return [tok.decode([t]) for t in tokens.reshape(-1).tolist()]
+
+
+def to_single_token(tokenizer: Any, cfg: ModelConfig, string: str) -> int:
+    """The id of ``string``, which must be exactly one token (no BOS)."""
+    tokens = to_tokens(tokenizer, cfg, string, prepend_bos=False)[0]
+    if tokens.numel() != 1:
+        raise ValueError(
+            f"{string!r} is not a single token: it tokenizes as "
+            f"{to_str_tokens(tokenizer, cfg, tokens)} ({tokens.numel()} tokens)"
+        )
+    return int(tokens[0])
+
+
+def get_token_position(
+    tokenizer: Any,
+    cfg: ModelConfig,
+    single_token: str | int,
+    input: str | torch.Tensor,
+    mode: Literal["first", "last"] = "first",
+    prepend_bos: bool | None = None,
+    padding_side: PaddingSide | None = None,
+) -> int:
+    """The position of ``single_token`` (a string of one token, or an id) in one sequence."""
+    tokens = (
+        to_tokens(tokenizer, cfg, input, prepend_bos, padding_side)
+        if isinstance(input, str)
+        else torch.as_tensor(input)
+    )
+    if tokens.ndim == 2:
+        if tokens.shape[0] != 1:
+            raise ValueError(f"get_token_position takes one sequence, got a batch of {tokens.shape[0]}")
+        tokens = tokens[0]
+    token = to_single_token(tokenizer, cfg, single_token) if isinstance(single_token, str) else int(single_token)
+    hits = (tokens == token).nonzero().flatten().tolist()
+    if not hits:
+        raise ValueError(f"token {single_token!r} ({token}) does not occur in the input")
+    return hits[0] if mode == "first" else hits[-1]
