@@ -1,14 +1,15 @@
-"""The memory plan (plan.py) against independent counts: transformers' parameter count of
-tiny random checkpoints, the parameters and cache of the model this library builds, and
-the parameter counts the big models' cards publish."""
+"""The memory plan (plan.py) against independent counts: the tensors saved in tiny random
+checkpoints (read from the files), the parameters and cache of the model this library
+loads from them, and the parameter counts the big models' cards publish."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
-from checkpoints import CONFIGS, make_hf_model, save_checkpoint
+from checkpoints import CONFIGS, FAMILY_CONFIGS, save_checkpoint
 
 from transformer_hooks import HookedTransformer
 from transformer_hooks.cli import main
@@ -38,17 +39,34 @@ def _unique_numel(model: torch.nn.Module) -> int:
     return total
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_checkpoint_parameters_match_transformers(name):
-    hf = make_hf_model(name)
-    assert checkpoint_parameters(hf.config.to_dict()) == sum(p.numel() for p in hf.parameters())
+ALL = sorted({**CONFIGS, **FAMILY_CONFIGS})
+LOADED = [
+    "gpt2",
+    "pythia",
+    "llama-gqa",
+    "neox-sequential-full-rotary",
+    "llama-head-dim-bias",
+    "gemma3",
+    "olmo2",
+    "qwen3",
+    "qwen2-tied",
+]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_checkpoint_parameters_match_the_saved_file(name, tmp_path):
+    from weights_conversion.sources import SafetensorsFile
+
+    path, _ = save_checkpoint(name, tmp_path)
+    stored = sum(math.prod(shape) for _, shape, _, _ in SafetensorsFile(path / "model.safetensors").entries.values())
+    assert checkpoint_parameters(json.loads((path / "config.json").read_text())) == stored
 
 
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
     root = tmp_path_factory.mktemp("plan")
     out = {}
-    for name in ("gpt2", "pythia", "llama-gqa", "neox-sequential-full-rotary", "llama-head-dim-bias"):
+    for name in LOADED:
         path, _ = save_checkpoint(name, root)
         out[name] = (
             HookedTransformer.from_pretrained(str(path)),
@@ -57,7 +75,7 @@ def loaded(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("name", ["gpt2", "pythia", "llama-gqa", "neox-sequential-full-rotary", "llama-head-dim-bias"])
+@pytest.mark.parametrize("name", LOADED)
 def test_weight_bytes_match_the_loaded_model(loaded, name):
     for model in loaded[name]:
         groups = group_parameters(model.cfg)
@@ -67,7 +85,7 @@ def test_weight_bytes_match_the_loaded_model(loaded, name):
         assert plan.weights == _unique_numel(model) * 2
 
 
-@pytest.mark.parametrize("name", ["gpt2", "pythia", "llama-gqa", "neox-sequential-full-rotary"])
+@pytest.mark.parametrize("name", LOADED)
 def test_site_shapes_match_a_real_cache(loaded, name):
     model = loaded[name][0]
     tokens = torch.zeros(2, 7, dtype=torch.long)

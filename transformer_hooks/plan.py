@@ -16,6 +16,7 @@ logits (attention scores of one layer, the MLP hidden of one layer) is listed as
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -127,54 +128,46 @@ _ALIASES = {
 
 
 # Parameters -----------------------------------------------------------------------------
-def _norm_parameters(cfg: ModelConfig) -> int:
-    """LayerNorm has w and b, RMSNorm w; folded norms (LNPre, RMSPre) have none."""
-    return {"LN": 2, "RMS": 1}.get(cfg.normalization_type, 0) * cfg.d_model
-
-
-def block_parameters(cfg: ModelConfig) -> int:
-    """One block as ``HookedTransformer`` holds it (every bias is a tensor, zero if absent)."""
-    d, h, kv, dh, m = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_mlp
-    attn = (h + 2 * kv) * d * dh + (h + 2 * kv) * dh + h * dh * d + d  # W_Q W_K W_V, b_Q b_K b_V, W_O, b_O
-    mlp = (2 if cfg.gated_mlp else 1) * (d * m + m) + m * d + d  # W_in (W_gate) + biases, W_out, b_out
-    return attn + mlp + 2 * _norm_parameters(cfg)
-
-
 def group_parameters(cfg: ModelConfig, shared_unembed: bool | None = None) -> dict[str, int]:
     """Parameters per placement group: ``embed`` (W_E, W_pos), ``blocks.{L}``, ``final``
-    (ln_final, W_U, b_U).
+    (ln_final, W_U, b_U), as ``HookedTransformer`` holds them (every bias a tensor, zero
+    if the checkpoint has none), counted on a model built on the meta device (no memory).
 
     ``shared_unembed``: W_U is a view of W_E (a tied checkpoint whose processing leaves
-    both as they are); None reads it from the config: tied and not processed.
+    both as they are); None reads it from the config: tied and not rewritten by processing.
     """
     if shared_unembed is None:
         from .processing import REWRITE_EMBEDDINGS
 
         shared_unembed = cfg.tie_word_embeddings and not set(cfg.processing) & REWRITE_EMBEDDINGS
-    embed = cfg.d_vocab * cfg.d_model + (cfg.n_ctx * cfg.d_model if cfg.positional_embedding == "learned" else 0)
-    final = _norm_parameters(cfg) + cfg.d_vocab + (0 if shared_unembed else cfg.d_model * cfg.d_vocab)
-    return {"embed": embed, **{f"blocks.{L}": block_parameters(cfg) for L in range(cfg.n_layers)}, "final": final}
+    counts = dict(_meta_counts(cfg.replace(device=None, device_map=None)))
+    if shared_unembed:
+        counts["final"] -= cfg.d_model * cfg.d_vocab
+    return counts
+
+
+@functools.lru_cache(maxsize=16)
+def _meta_counts(cfg: ModelConfig) -> tuple[tuple[str, int], ...]:
+    from .loading.build import build_on_meta
+    from .loading.placement import group_names, group_of
+
+    counts = dict.fromkeys(group_names(cfg.n_layers), 0)
+    for name, p in build_on_meta(cfg).named_parameters():
+        counts[group_of(name)] += p.numel()
+    return tuple(counts.items())
 
 
 def checkpoint_parameters(hf_config: dict[str, Any]) -> int:
-    """Parameters the Hugging Face checkpoint stores (the figure model cards publish):
-    this library's unprocessed model minus the biases the family does not have (which
-    the converters fill with zeros) and minus W_U when it is tied to W_E."""
-    import weights_conversion
+    """Parameters the Hugging Face checkpoint stores (the figure model cards publish; a tied
+    unembedding counted once): transformers' own model for the config, built on the meta
+    device (no memory, no download)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = weights_conversion.config_from_hf(hf_config)
-    total = sum(group_parameters(cfg, shared_unembed=cfg.tie_word_embeddings).values())
-    d, h, kv, dh, m = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_mlp
-    absent_per_block = 0
-    model_type = hf_config.get("model_type")
-    if model_type == "gpt_neo":  # q, k, v projections without bias
-        absent_per_block += (h + 2 * kv) * dh
-    if model_type == "llama":
-        if not hf_config.get("attention_bias", False):
-            absent_per_block += (h + 2 * kv) * dh + d
-        if not hf_config.get("mlp_bias", False):
-            absent_per_block += 2 * m + d
-    return total - cfg.n_layers * absent_per_block - cfg.d_vocab  # no family has an unembedding bias
+    kwargs = {k: v for k, v in hf_config.items() if k != "model_type"}
+    config = AutoConfig.for_model(hf_config["model_type"], **kwargs)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
 
 
 # Activations ------------------------------------------------------------------------------
