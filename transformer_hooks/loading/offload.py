@@ -148,7 +148,10 @@ class BlockOffload:
     def _bring(self, layer: int) -> None:
         if layer in self._prefetched:
             copies, event = self._prefetched.pop(layer)
-            torch.cuda.current_stream(self.device).wait_event(event)
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(event)
+            for t in copies.values():  # made on the side stream, used on this one: keep the allocator from reusing it
+                t.record_stream(stream)
         else:
             copies = self._copies(layer)
         block = self._blocks[layer]
