@@ -243,3 +243,27 @@ def test_from_pretrained_offload_streams_blocks_to_disk(hf_checkpoint, tmp_path)
             HookedTransformer.from_pretrained(str(path), device="cpu", device_map={"": 0})
     with pytest.raises(ValueError, match="offload='disk' needs offload_dir"):
         HookedTransformer.from_pretrained(str(path), offload="disk")
+
+
+def test_a_placed_model_caches_patches_and_processes_as_one_device(hf_checkpoint):
+    from transformer_hooks import HookedTransformer
+    from transformer_hooks.patching import get_act_patch_resid_pre
+
+    path, _ = hf_checkpoint("gpt2")
+    plain = HookedTransformer.from_pretrained_no_processing(str(path))
+    placed = HookedTransformer.from_pretrained_no_processing(str(path), device_map={"": "cpu"})
+    assert placed.block_devices == [torch.device("cpu")] * placed.cfg.n_layers
+    tokens = torch.randint(0, 101, (2, 6), generator=torch.Generator().manual_seed(4))
+    _same_everything(plain, placed, tokens)
+    corrupted = tokens.flip(0)
+    _, clean = plain.run_with_cache(tokens)
+    _, clean_placed = placed.run_with_cache(tokens)
+    metric = lambda logits: logits[:, -1, 3].mean()  # noqa: E731
+    assert torch.equal(
+        get_act_patch_resid_pre(plain, corrupted, clean, metric, progress=False),
+        get_act_patch_resid_pre(placed, corrupted, clean_placed, metric, progress=False),
+    )
+    plain.process_weights_()
+    placed.process_weights_()
+    assert placed.cfg.device_map == {"embed": "cpu", "blocks.0": "cpu", "blocks.1": "cpu", "final": "cpu"}
+    assert torch.equal(plain(tokens), placed(tokens))
