@@ -193,3 +193,16 @@ def test_plan_command(capsys, tmp_path):
     assert main(["plan", "no-such-model"]) == 2
     assert "built-in published configs" in capsys.readouterr().err
     assert math.isfinite(run_plan(str(path)).weights)
+
+
+def test_auto_is_balanced_unless_only_sequential_fits():
+    sizes = {"embed": 50, **{f"blocks.{i}": 10 for i in range(8)}, "final": 50}
+    even = {"a": 100, "b": 100}
+    assert place_groups(sizes, ["a", "b"], even, "auto") == place_groups(sizes, ["a", "b"], even, "balanced")
+    on_a = lambda placement: sum(sizes[g] for g, d in placement.items() if d == "a")  # noqa: E731
+    assert on_a(place_groups(sizes, ["a", "b"], even, "sequential")) == 100  # filled first
+    assert 80 <= on_a(place_groups(sizes, ["a", "b"], even, "balanced")) <= 100
+    uneven = {"a": 140, "b": 60}
+    with pytest.raises(PlacementError, match="does not fit max_memory"):
+        place_groups(sizes, ["a", "b"], uneven, "balanced")
+    assert place_groups(sizes, ["a", "b"], uneven, "auto") == place_groups(sizes, ["a", "b"], uneven, "sequential")

@@ -31,7 +31,7 @@ import torch
 from .config import ModelConfig
 
 CacheKind = Literal["all", "resid", "none"]
-PlacementMode = Literal["auto", "balanced"]
+PlacementMode = Literal["auto", "balanced", "sequential"]
 
 # Published configs (each model's config.json on the hub, as HF dicts), so a plan for
 # them needs no download. Parameter counts their model cards give: GPT-2 124M,
@@ -221,16 +221,21 @@ def place_groups(
 ) -> dict[str, str]:
     """Device of each group (``embed``, ``blocks.{L}``, ``final``), blocks in order and whole.
 
-    ``auto``: fill each device up to its ``max_memory`` before the next (as accelerate's
-    sequential map); ``balanced``: cut the run of groups into contiguous pieces of about
-    equal bytes, one per device. The embeddings go on the first device; the final norm
-    and unembedding on the last device used (``balanced``: the last device). Raises
-    ``PlacementError`` if the groups cannot fit ``max_memory``.
+    ``balanced``: cut the run of groups into contiguous pieces of about equal bytes, one
+    per device; ``sequential``: fill each device up to its ``max_memory`` before the next;
+    ``auto`` (as transformers' ``device_map="auto"``): balanced if that fits ``max_memory``,
+    else sequential. The embeddings go on the first device; the final norm and unembedding
+    on the last device used. Raises ``PlacementError`` if the groups cannot fit ``max_memory``.
     """
     if not devices:
         raise PlacementError("no devices to place the model on")
-    if mode not in ("auto", "balanced"):
-        raise PlacementError(f"device_map must be 'auto', 'balanced' or a dict, got {mode!r}")
+    if mode not in ("auto", "balanced", "sequential"):
+        raise PlacementError(f"device_map must be 'auto', 'balanced', 'sequential' or a dict, got {mode!r}")
+    if mode == "auto":
+        try:
+            return place_groups(group_bytes, devices, max_memory, "balanced")
+        except PlacementError:
+            return place_groups(group_bytes, devices, max_memory, "sequential")
     order = _group_order(sum(g.startswith("blocks.") for g in group_bytes))
     if set(order) != set(group_bytes):
         raise PlacementError(f"groups {sorted(group_bytes)} are not embed, blocks.0..N-1 and final")
@@ -573,7 +578,13 @@ def add_plan_parser(sub: Any) -> None:
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)")
     p.add_argument("--devices", default=None, help="comma-separated devices, e.g. cuda:0,cuda:1 (default: cpu)")
     p.add_argument("--max-memory", default=None, help="per-device capacity, e.g. cuda:0=20GiB,cuda:1=20GiB")
-    p.add_argument("--balanced", action="store_true", help="split the blocks evenly instead of filling in order")
+    p.add_argument(
+        "--placement",
+        default="auto",
+        choices=("auto", "balanced", "sequential"),
+        help="balanced: about equal bytes per device; sequential: fill each device in order; "
+        "auto (default): balanced if it fits, else sequential",
+    )
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument(
@@ -595,7 +606,7 @@ def cmd_plan(args: Any) -> int:
         batch=args.batch,
         seq=args.seq,
         cache=args.cache,
-        mode="balanced" if args.balanced else "auto",
+        mode=args.placement,
         processing=not args.no_processing,
     )
     print(plan.format())

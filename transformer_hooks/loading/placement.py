@@ -8,8 +8,9 @@ the block sees its activation there; components never move tensors.
 
 Accepted forms (transformers' names, TransformerLens 3's ``n_devices``):
 
-- ``"auto"``: fill the devices in order up to ``max_memory`` (default: each GPU's free
-  memory) with the groups' bytes; ``"balanced"``: about equal bytes per device;
+- ``"balanced"``: about equal bytes of weights per device; ``"sequential"``: fill the
+  devices in order up to ``max_memory`` (default: 90% of each GPU's free memory);
+  ``"auto"``: balanced if that fits, else sequential (transformers' meaning);
 - ``n_devices=k``: balanced over the first k GPUs (TransformerLens's split);
 - a dict: ``{"embed": "cuda:0", "blocks.0": 0, ..., "ln_final": "cuda:1", "unembed": "cuda:1"}``
   (ints are CUDA indices; ``""`` places everything not named; ``final`` names both
@@ -147,13 +148,13 @@ def resolve_device_map(
         return placement
     if device_map not in (None, "auto", "balanced", "sequential"):
         raise PlacementError(f"device_map must be 'auto', 'balanced', 'sequential' or a dict, got {device_map!r}")
-    mode = "auto" if device_map in ("auto", "sequential") else "balanced"
+    mode = device_map or "balanced"  # n_devices alone: TransformerLens's even split
     limits = {check_device(d): parse_bytes(b) for d, b in (max_memory or {}).items()}
     if limits:
         devices = list(limits)
     elif torch.cuda.is_available():
         devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-        limits = {d: int(torch.cuda.mem_get_info(i)[0] * 0.9) for i, d in enumerate(devices)} if mode == "auto" else {}
+        limits = {d: int(torch.cuda.mem_get_info(i)[0] * 0.9) for i, d in enumerate(devices)}
     else:
         devices = ["cpu"]
     if n_devices is not None:
@@ -162,7 +163,6 @@ def resolve_device_map(
                 f"n_devices={n_devices}, but {len(devices)} device(s) are available ({', '.join(devices)})"
             )
         devices = devices[:n_devices]
-        mode = "balanced" if device_map is None else mode
     return place_groups(group_bytes(cfg, dtype), devices, {d: limits[d] for d in devices if d in limits}, mode)
 
 
