@@ -195,7 +195,7 @@ class ActivationCache(HookCache):
             if has_mid and ((incl_mid and l < layer) or (mlp_input and l == layer)):
                 parts.append(self._get(("resid_mid", l), "accumulated_resid"))
                 labels.append(f"{l}_mid")
-        stack = torch.stack([pos_slice.apply(p, dim=_RESID_POS) for p in parts])
+        stack = torch.stack(_one_device([pos_slice.apply(p, dim=_RESID_POS) for p in parts]))
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=pos_slice)
         return (stack, labels) if return_labels else stack
@@ -248,7 +248,7 @@ class ActivationCache(HookCache):
 
     def _stack_parts(self, parts: list[torch.Tensor], pos_slice: Slice) -> Stack:
         if parts:
-            return torch.stack([pos_slice.apply(p, dim=_RESID_POS) for p in parts])
+            return torch.stack(_one_device([pos_slice.apply(p, dim=_RESID_POS) for p in parts]))
         return self._empty_stack(pos_slice)
 
     def _empty_stack(self, pos_slice: Slice) -> Stack:
@@ -314,7 +314,9 @@ class ActivationCache(HookCache):
         """Per-layer [..., component, d_model] results -> [component, ..., d_model], with the
         optional remainder row and final norm."""
         if per_layer:
-            stack = rearrange(torch.cat(per_layer, dim=-2), "... component d_model -> component ... d_model")
+            stack = rearrange(
+                torch.cat(_one_device(per_layer), dim=-2), "... component d_model -> component ... d_model"
+            )
         else:
             stack = self._empty_stack(pos_slice)
         if incl_remainder:
@@ -327,6 +329,7 @@ class ActivationCache(HookCache):
         self, stack: Stack, labels: list[str], layer: int, mlp_input: bool, pos_slice: Slice
     ) -> tuple[Stack, list[str]]:
         total = pos_slice.apply(self._resid_entering(layer, mlp_input), dim=_RESID_POS)
+        total = total.to(stack.device)
         return torch.cat([stack, (total - stack.sum(0))[None]]), labels + ["remainder"]
 
     # MLP neurons ----------------------------------------------------------------------------
@@ -402,7 +405,7 @@ class ActivationCache(HookCache):
         labels += embed_labels
         parts.append(self._bias_row(layer, mlp_input, expand_neurons, pos_slice, embeds)[None])
         labels.append("bias")
-        stack = torch.cat(parts)
+        stack = torch.cat(_one_device(parts))
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=pos_slice)
             norm_bias = getattr(self._norm(layer, mlp_input), "b", None)
@@ -566,7 +569,9 @@ class ActivationCache(HookCache):
     ) -> Float[torch.Tensor, "layer ..."]:
         """``activation_name`` (a short name, e.g. ``"pattern"``) of every block before ``layer``, stacked."""
         layer = self._stack_layer(layer)
-        return torch.stack([self._get((activation_name, l, sublayer_type), "stack_activation") for l in range(layer)])
+        return torch.stack(
+            _one_device([self._get((activation_name, l, sublayer_type), "stack_activation") for l in range(layer)])
+        )
 
     # Error messages -----------------------------------------------------------------------------
     def _not_cached_message(self, name: str, needed_by: str | None) -> str:
@@ -595,6 +600,12 @@ class ActivationCache(HookCache):
             f"{_summarize(list(self.cache_dict))}. To cache it, run model.run_with_cache(..., "
             f"names_filter=[..., {glob!r}]) (names and globs){default}"
         )
+
+
+def _one_device(parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Activations of a model placed over several devices, all on the first one's device
+    (a no-op on one device), so they stack."""
+    return [p.to(parts[0].device) for p in parts] if parts else parts
 
 
 def _like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -139,7 +139,9 @@ def cmd_parity(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="transformer-hooks", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{dla,logit-lens,parity,harvest,sae-eval}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{dla,logit-lens,parity,harvest,sae-eval,plan,sweep}"
+    )
 
     def model_args(p: argparse.ArgumentParser, top: int) -> None:
         p.add_argument(
@@ -182,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     sae_eval = sub.add_parser("sae-eval", help="an SAE's reconstruction, sparsity and CE loss recovered on a corpus")
     add_sae_eval_arguments(sae_eval)
     sae_eval.set_defaults(func=run_sae_eval)
+    from .distributed import add_sweep_parser
+    from .plan import add_plan_parser
+
+    add_plan_parser(sub)
+    add_sweep_parser(sub)
     return parser
 
 

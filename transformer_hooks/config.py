@@ -92,6 +92,9 @@ class ModelConfig:
     # Where the model's weights are, for TransformerLens code that reads model.cfg.device.
     # Not an architecture fact: the model keeps it current, and it is neither saved nor compared.
     device: str | None = field(default=None, compare=False)
+    # Where each group is when the model is placed over several devices ({"embed": ..., "blocks.0": ...,
+    # "final": ...}; see loading/placement.py), None on one device. Like ``device``: not saved, not compared.
+    device_map: dict[str, str] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -174,7 +177,7 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        del d["device"]
+        del d["device"], d["device_map"]
         d["attn_windows"] = list(self.attn_windows)
         d["processing"] = list(self.processing)
         return d

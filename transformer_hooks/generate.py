@@ -164,7 +164,9 @@ def generate(
 
     cache = None
     if use_past_kv_cache:
-        cache = KVCache(model.cfg, batch, prompt_len + max_new_tokens, model.device, model.dtype)
+        cache = KVCache(
+            model.cfg, batch, prompt_len + max_new_tokens, model.device, model.dtype, layer_devices=model.block_devices
+        )
         if prompt_len > 1:  # the prompt but its last token: only the cache is needed, not logits
             model(
                 tokens[:, :-1],
@@ -178,6 +180,7 @@ def generate(
             final_logits = model(out[:, end - 1 : end], past_kv_cache=cache)[:, -1]
         else:
             final_logits = model(out[:, :end], attention_mask=None if out_mask is None else out_mask[:, :end])[:, -1]
+        final_logits = final_logits.to(out.device)  # from the last block's device, when placed over several
         if do_sample:
             next_tokens = sample_logits(final_logits, top_k, top_p, temperature, freq_penalty, counts)
         else:

@@ -53,10 +53,53 @@ class HookedTransformer(HookedRootModule):
             self.cfg = self.cfg.replace(device=str(self.device))
 
     def _apply(self, fn: Any, recurse: bool = True) -> "HookedTransformer":
-        """nn.Module's ``to``, ``cuda``, ``half``, ... all end here: keep ``cfg.device`` current."""
+        """nn.Module's ``to``, ``cuda``, ``half``, ... all end here: keep ``cfg.device`` current
+        (and drop a placement over devices once everything is on one)."""
         super()._apply(fn, recurse)
         self._note_device()
+        if self.cfg.device_map is not None and len({p.device for p in self.parameters()}) == 1:
+            self._set_placement(None)
         return self
+
+    # Placement over devices (see loading/placement.py) ---------------------------------
+    def _set_placement(self, device_map: dict[str, str] | None) -> None:
+        """Record where each group is; the forward moves the residual stream to each block's
+        device before the block runs (and nowhere else). None: one device."""
+        self.cfg = self.cfg.replace(device_map=dict(device_map) if device_map is not None else None)
+        if device_map is None:
+            self._block_devices = None
+            return
+        self._block_devices = [torch.device(device_map[f"blocks.{L}"]) for L in range(self.cfg.n_layers)]
+        self._final_device = torch.device(device_map["final"])
+
+    _block_devices: list[torch.device] | None = None
+
+    @property
+    def block_devices(self) -> list[torch.device]:
+        """The device each block runs on (where its KV cache lives)."""
+        if self._block_devices is not None:
+            return list(self._block_devices)
+        offload = getattr(self, "_offload", None)
+        return [offload.device if offload is not None else self.device] * self.cfg.n_layers
+
+    @staticmethod
+    def _moved_to(
+        device: torch.device,
+        mask: AttentionMask,
+        cos_sin: Any,
+        copies: dict[tuple[torch.device, int], tuple[AttentionMask, Any]],
+    ) -> tuple[AttentionMask, Any]:
+        """The mask and rotary tables on ``device`` (made once per forward per device and table)."""
+        if device == mask.device:
+            return mask, cos_sin
+        key = (device, id(cos_sin))
+        if key not in copies:
+            key_is_real = mask.key_is_real.to(device) if mask.key_is_real is not None else None
+            copies[key] = (
+                AttentionMask(mask.q_len, mask.k_len, key_is_real, device),
+                tuple(t.to(device) for t in cos_sin) if cos_sin is not None else None,
+            )
+        return copies[key]
 
     # Loading (see loading.py) -----------------------------------------------------
     @classmethod
@@ -171,15 +214,23 @@ class HookedTransformer(HookedRootModule):
         # Gemma 3: the windowed layers rotate with their own base.
         cos_sin_local = self.rotary_local(positions, resid.dtype) if hasattr(self, "rotary_local") else cos_sin
 
+        placed, copies = self._block_devices, {}
         for layer in range(start, stop):
             kv = past_kv_cache[layer] if past_kv_cache is not None else None
             local = self.cfg.attn_windows[layer] is not None
-            resid = self.blocks[layer](resid, mask, cos_sin_local if local else cos_sin, kv)
+            layer_cos_sin = cos_sin_local if local else cos_sin
+            if placed is None:
+                resid = self.blocks[layer](resid, mask, layer_cos_sin, kv)
+            else:  # the residual stream moves between blocks, only here
+                resid = resid.to(placed[layer])
+                resid = self.blocks[layer](resid, *self._moved_to(placed[layer], mask, layer_cos_sin, copies), kv)
         if past_kv_cache is not None:
             past_kv_cache.advance(q_len, attention_mask)
         if stop < n:
             return resid
 
+        if placed is not None:
+            resid = resid.to(self._final_device)
         resid = self.ln_final(resid)
         if return_type is None:  # e.g. a prefill, or a run for its hooks: skip the unembedding
             return None
@@ -188,6 +239,9 @@ class HookedTransformer(HookedRootModule):
             return logits
         if tokens is None:
             raise ValueError("a loss needs the tokens: pass tokens=... together with start_at_layer")
+        if placed is not None:
+            tokens = tokens.to(logits.device)
+            attention_mask = attention_mask.to(logits.device) if attention_mask is not None else None
         loss = lm_cross_entropy_loss(logits, tokens, attention_mask, per_token=loss_per_token)
         return loss if return_type == "loss" else (logits, loss)
 

@@ -112,7 +112,7 @@ class SteeringHook:
         local, rows = self._select(act.shape[1])
         if local == []:
             return act
-        delta = (self.coeff * self._vector_for(tuple(act.shape[2:]), rows, hook.name)).to(act.dtype)
+        delta = (self.coeff * self._vector_for(tuple(act.shape[2:]), rows, hook.name)).to(act.device, act.dtype)
         if local is None:
             return act + delta
         act = act.clone()  # the activation may be a view other sites share

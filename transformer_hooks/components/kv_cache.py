@@ -35,13 +35,16 @@ class KVCache:
     ones (``cache[layer].extend``), then calls ``advance``. Nothing else writes its fields.
     """
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32) -> None:
+    def __init__(
+        self, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32, layer_devices=None
+    ) -> None:
+        """``layer_devices``: each layer's buffers where that block runs (a model placed over
+        devices); default ``device`` for all. The padding record stays on ``device``."""
         shape = (batch, cfg.n_kv_heads, max_len, cfg.d_head)
+        devices = list(layer_devices) if layer_devices is not None else [device] * cfg.n_layers
         self.layers = [
-            LayerKVCache(
-                self, torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype)
-            )
-            for _ in range(cfg.n_layers)
+            LayerKVCache(self, torch.empty(shape, device=d, dtype=dtype), torch.empty(shape, device=d, dtype=dtype))
+            for d in devices
         ]
         self.length = 0
         self.key_is_real: Bool[torch.Tensor, "batch key_pos"] = torch.ones(

@@ -79,6 +79,11 @@ def load_model(
     torch_dtype: torch.dtype | str | None = None,
     move_to_device: bool = True,
     refactor_factored_attn_matrices: bool = False,
+    device_map: Any = None,
+    max_memory: Any = None,
+    n_devices: int | None = None,
+    offload: str | None = None,
+    offload_dir: Any = None,
 ) -> HookedTransformer:
     """Load a preset, HF repo id, HF directory, converted directory or .gguf file (see
     resolution.py), with the weight processing the flags ask for (see processing.py).
@@ -87,6 +92,12 @@ def load_model(
     (``name_or_path`` then only names it; pass ``tokenizer`` for strings);
     ``default_prepend_bos`` and ``default_padding_side`` override the tokenizer's defaults;
     ``torch_dtype`` is ``dtype``; ``move_to_device=False`` keeps the weights on the CPU.
+
+    Size (see placement.py and offload.py): ``device_map`` ("auto", "balanced" or a dict
+    {group: device}), ``max_memory`` ({device: bytes or "20GiB"}) and ``n_devices`` place
+    whole blocks over devices, each tensor read straight to its device, and record the
+    placement in ``model.cfg.device_map``; ``offload="cpu"|"disk"`` (with ``offload_dir``
+    for disk) keeps block weights off ``device`` and brings each block in as it runs.
     """
     if default_padding_side not in (None, "left", "right"):
         raise ValueError(f"default_padding_side must be 'left' or 'right', got {default_padding_side!r}")
@@ -99,6 +110,9 @@ def load_model(
         fold_value_biases=fold_value_biases,
         refactor_factored_attn_matrices=refactor_factored_attn_matrices,
     )
+    size = dict(
+        device_map=device_map, max_memory=max_memory, n_devices=n_devices, offload=offload, offload_dir=offload_dir
+    )
     model = _load(
         name_or_path,
         options,
@@ -106,6 +120,7 @@ def load_model(
         dtype=dtype,
         tokenizer=tokenizer,
         hf_model=hf_model,
+        size=size,
     )
     if default_prepend_bos is not None:
         model.cfg = model.cfg.replace(default_prepend_bos=default_prepend_bos)
@@ -122,6 +137,7 @@ def _load(
     dtype: torch.dtype | str,
     tokenizer: Any,
     hf_model: Any,
+    size: dict[str, Any],
 ) -> HookedTransformer:
     dtype = as_dtype(dtype)
     if hf_model is not None:
@@ -130,7 +146,7 @@ def _load(
     else:
         ckpt = resolve_checkpoint(name_or_path)
         if ckpt.kind == "converted":
-            return _load_converted(ckpt, options, device, dtype, tokenizer)
+            return _load_converted(ckpt, options, device, dtype, tokenizer, size)
         if ckpt.kind == "gguf":
             from weights_conversion.gguf import read_gguf
 
@@ -159,6 +175,7 @@ def _load(
         dtype,
         desc=f"loading {Path(str(name_or_path)).name}",
         tied=cfg.tie_word_embeddings,
+        **size,
     )
     _warn_unused(source, cfg)
     return model
@@ -174,15 +191,17 @@ def processed_copy(model: HookedTransformer, options: ProcessingOptions) -> Hook
     weights = {name: p.detach() for name, p in params.items()}
     frozen = {name for name, p in params.items() if not p.requires_grad}
     tied = model.unembed.W_U.untyped_storage().data_ptr() == model.embed.W_E.untyped_storage().data_ptr()
+    placed = model.cfg.device_map
     new = build_and_fill(
         model.cfg,
         options,
         [("weights", "", lambda: dict(weights))],
         model.tokenizer,
-        device=model.device,
+        device=None if placed else model.device,
         dtype=model.dtype,
         desc="processing",
         tied=tied,
+        device_map=placed,
     )
     for name, param in new.named_parameters(remove_duplicate=False):
         param.requires_grad_(name not in frozen)
@@ -210,7 +229,7 @@ def _hf_tokenizer(directory: Path) -> Any:
 
 # Converted checkpoints (weights_conversion/converted.py) ----------------------------
 def _load_converted(
-    ckpt: Checkpoint, options: ProcessingOptions, device: Any, dtype: torch.dtype, tokenizer: Any
+    ckpt: Checkpoint, options: ProcessingOptions, device: Any, dtype: torch.dtype, tokenizer: Any, size: dict[str, Any]
 ) -> HookedTransformer:
     """Canonical tensors under their parameter names: no conversion; processing that the
     checkpoint does not have yet is applied on the way in."""
@@ -235,7 +254,7 @@ def _load_converted(
     names = [name for name, _ in build_on_meta(cfg).named_parameters()]
     groups = converted_groups(cfg.n_layers, names, source, stored_tied, untie)
     model = build_and_fill(
-        cfg, options, groups, tokenizer, device, dtype, desc=f"loading {ckpt.directory.name}", tied=stored_tied
+        cfg, options, groups, tokenizer, device, dtype, desc=f"loading {ckpt.directory.name}", tied=stored_tied, **size
     )
     _warn_unused(source, cfg)
     return model

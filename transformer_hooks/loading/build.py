@@ -56,31 +56,82 @@ def build_and_fill(
     dtype: torch.dtype,
     desc: str,
     tied: bool,
+    device_map: Any = None,
+    max_memory: Any = None,
+    n_devices: int | None = None,
+    offload: str | None = None,
+    offload_dir: Any = None,
 ) -> HookedTransformer:
     """Build the (processed) model on the meta device and stream ``groups`` into it.
 
     ``cfg`` describes the groups' tensors; processing turns it into the model's config.
     ``tied``: the unembedding is ``W_E.T``; it stays one shared tensor unless processing
-    rewrites either side.
+    rewrites either side (or the two sides are placed on different devices).
+    ``device_map`` / ``max_memory`` / ``n_devices``: placement over devices, resolved and
+    checked before any tensor is read (placement.py); each tensor goes straight to its
+    group's device. ``offload``: "cpu" or "disk" keeps each block's weights off ``device``
+    (offload.py), stored as soon as the block is read.
     """
+    from .offload import BlockOffload
+    from .placement import PlacementError, group_of, resolve_device_map
+
     model_cfg = processing.processed_config(cfg, options)
+    placement = resolve_device_map(model_cfg, device_map, max_memory=max_memory, n_devices=n_devices, dtype=dtype)
+    if (
+        placement is not None
+        and device is not None
+        and {torch.device(d).type for d in placement.values()} != {torch.device(device).type}
+    ):  # TransformerLens passes device="cuda" with n_devices: that agrees
+        raise PlacementError(
+            f"device={device!r} disagrees with the placement {placement}; give either a device or a device_map"
+        )
+    store = None
+    if offload is not None:
+        if placement is not None:
+            raise PlacementError(
+                "offload= runs every block on one compute device (device=...); it does not combine with a device_map"
+            )
+        store = BlockOffload(offload, device or "cpu", offload_dir)
     applied = model_cfg.processing[len(cfg.processing) :]
     process = (lambda group: processing.process_group(cfg, group, options)) if applied else None
     share = tied and not set(applied) & processing.REWRITE_EMBEDDINGS
     model = build_on_meta(model_cfg, tokenizer)
+    if placement is not None:
+        target: Any = lambda name: placement[group_of(name)]  # noqa: E731
+    elif store is not None:
+        target = lambda name: "cpu" if name.startswith("blocks.") else device  # noqa: E731
+    else:
+        target = device
+    after_group = None
+    if store is not None:
+
+        def after_group(names: list[str]) -> None:
+            for layer in sorted({int(n.split(".")[1]) for n in names if n.startswith("blocks.")}):
+                store.keep(model.blocks[layer], layer)
+
     materialize(
         model,
         groups,
-        device=device,
+        device=target,
         dtype=dtype,
         process=process,
         n_groups=len(groups),
         desc=desc,
         skip=frozenset({"unembed.W_U"}) if share else frozenset(),
+        after_group=after_group,
     )
-    if share:
+    if share and (placement is None or placement["embed"] == placement["final"]):
         model.tie_embeddings()
-    return finish(model, device)
+    elif share:  # tied, but the unembedding lives on another device: its own copy there
+        W_E = model.embed.W_E
+        model.unembed.W_U = nn.Parameter(W_E.detach().T.to(placement["final"]), requires_grad=W_E.requires_grad)
+    model = finish(model, placement["embed"] if placement is not None else device)
+    if placement is not None:
+        model._set_placement(placement)
+    if store is not None:
+        store.attach(model.blocks)
+        model._offload = store
+    return model
 
 
 def materialize(
@@ -93,11 +144,14 @@ def materialize(
     n_groups: int | None = None,
     desc: str = "loading",
     skip: frozenset[str] = frozenset(),
+    after_group: Callable[[list[str]], None] | None = None,
 ) -> None:
     """Fill a meta-built model group by group; lists every missing tensor before failing.
 
+    ``device``: a device, or a function of the parameter name giving its device (placement).
     ``process`` takes and returns ``{full name: float32 tensor}`` for one group.
     ``skip``: parameters filled otherwise (a tied ``unembed.W_U`` becomes a view of ``W_E``).
+    ``after_group(names)``: called with each group's parameter names once they are filled.
     """
     missing: list[str] = []
     expected = {name for name, _ in model.named_parameters()} - skip
@@ -111,11 +165,13 @@ def materialize(
                 continue
             if process is not None:
                 group = _process_group(label, process, group)
-            for name in list(group):
-                if name not in skip:
-                    _assign(model, name, group.pop(name), device, dtype, adopted)
-                    filled.add(name)
+            names = [name for name in group if name not in skip]
+            for name in names:
+                _assign(model, name, group.pop(name), device(name) if callable(device) else device, dtype, adopted)
+                filled.add(name)
             del group
+            if after_group is not None:
+                after_group(names)
             # glibc would keep the group's freed temporaries, and the next group's tensors rarely fit
             # the holes, so the resident set would grow by one group's temporaries per group
             # (measured: +60 MB on GPT-2 small).

@@ -160,7 +160,9 @@ def sae_splice_hook(sae: SAE, positions: Positions = None):
 
     def hook(act: torch.Tensor, hook: HookPoint) -> torch.Tensor:
         chosen = act if positions is None else act[:, positions]
-        out = sae(_to_sae_shape(chosen, sae.cfg.d_in, hook.name)).reshape(chosen.shape).to(act.dtype)
+        # The SAE sits where it was made; a model placed over devices runs this block elsewhere.
+        sae_in = _to_sae_shape(chosen, sae.cfg.d_in, hook.name).to(sae.W_enc.device)
+        out = sae(sae_in).reshape(chosen.shape).to(act.device, act.dtype)
         if positions is None:
             return out
         act = act.clone()

@@ -1,0 +1,208 @@
+"""The memory plan (plan.py) against independent counts: the tensors saved in tiny random
+checkpoints (read from the files), the parameters and cache of the model this library
+loads from them, and the parameter counts the big models' cards publish."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from checkpoints import CONFIGS, FAMILY_CONFIGS, save_checkpoint
+
+from transformer_hooks import HookedTransformer
+from transformer_hooks.cli import main
+from transformer_hooks.components import KVCache
+from transformer_hooks.plan import (
+    PUBLISHED_CONFIGS,
+    PlacementError,
+    cached_sites,
+    checkpoint_parameters,
+    config_for_plan,
+    group_parameters,
+    parse_max_memory,
+    place_groups,
+    plan_memory,
+    run_plan,
+    site_shapes,
+)
+
+
+def _unique_numel(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        key = (p.untyped_storage().data_ptr(), p.storage_offset())
+        if key not in seen:
+            seen.add(key)
+            total += p.numel()
+    return total
+
+
+ALL = sorted({**CONFIGS, **FAMILY_CONFIGS})
+LOADED = [
+    "gpt2",
+    "pythia",
+    "llama-gqa",
+    "neox-sequential-full-rotary",
+    "llama-head-dim-bias",
+    "gemma3",
+    "olmo2",
+    "qwen3",
+    "qwen2-tied",
+]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_checkpoint_parameters_match_the_saved_file(name, tmp_path):
+    from weights_conversion.sources import SafetensorsFile
+
+    path, _ = save_checkpoint(name, tmp_path)
+    stored = sum(math.prod(shape) for _, shape, _, _ in SafetensorsFile(path / "model.safetensors").entries.values())
+    assert checkpoint_parameters(json.loads((path / "config.json").read_text())) == stored
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    root = tmp_path_factory.mktemp("plan")
+    out = {}
+    for name in LOADED:
+        path, _ = save_checkpoint(name, root)
+        out[name] = (
+            HookedTransformer.from_pretrained(str(path)),
+            HookedTransformer.from_pretrained_no_processing(str(path)),
+        )
+    return out
+
+
+@pytest.mark.parametrize("name", LOADED)
+def test_weight_bytes_match_the_loaded_model(loaded, name):
+    for model in loaded[name]:
+        groups = group_parameters(model.cfg)
+        assert sum(groups.values()) == _unique_numel(model)
+        assert groups[f"blocks.{model.cfg.n_layers - 1}"] == sum(p.numel() for p in model.blocks[-1].parameters())
+        plan = plan_memory(model.cfg, torch.bfloat16)
+        assert plan.weights == _unique_numel(model) * 2
+
+
+@pytest.mark.parametrize("name", LOADED)
+def test_site_shapes_match_a_real_cache(loaded, name):
+    model = loaded[name][0]
+    tokens = torch.zeros(2, 7, dtype=torch.long)
+    _, cache = model.run_with_cache(tokens)
+    assert site_shapes(model.cfg, 2, 7) == {k: tuple(v.shape) for k, v in cache.items()}
+    _, resid = model.run_with_cache(tokens, names_filter=lambda n: "resid" in n)
+    assert set(cached_sites(model.cfg, 2, 7, "resid")) == set(resid.keys())
+    plan = plan_memory(model.cfg, torch.float32, batch=2, seq=7, cache="all")
+    logits = 2 * 7 * model.cfg.d_vocab * 4
+    assert plan.activation_cache == sum(v.numel() * 4 for v in cache.values()) + logits
+
+
+def test_kv_cache_bytes_match_the_generation_cache(loaded):
+    model = loaded["llama-gqa"][0]
+    kv = KVCache(model.cfg, batch=3, max_len=11, dtype=torch.bfloat16)
+    held = sum(layer.k.nbytes + layer.v.nbytes for layer in kv.layers)
+    assert plan_memory(model.cfg, torch.bfloat16, batch=3, seq=11).kv_cache == held
+
+
+# Published counts, from the model cards (the configs are the hub's config.json values).
+PUBLISHED = {
+    "gpt2": 124.4e6,
+    "pythia-2.8b": 2.78e9,
+    "llama-3.2-1b": 1.24e9,
+    "llama-3.1-8b": 8.03e9,
+    "llama-3.1-70b": 70.6e9,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_big_models_match_their_published_parameter_counts(name):
+    cfg, hf = config_for_plan(name)
+    assert checkpoint_parameters(hf) == pytest.approx(PUBLISHED[name], rel=5e-3)
+    plan = run_plan(name, dtype="bfloat16", processing=False)
+    # In memory: the checkpoint plus the zero biases this model keeps, plus an untied W_U.
+    extra = plan.parameters - checkpoint_parameters(hf)
+    assert 0 <= extra <= (cfg.d_model * cfg.d_vocab if cfg.tie_word_embeddings else 0) + 0.002 * plan.parameters
+    assert plan.weights == plan.parameters * 2
+
+
+def test_published_configs_all_convert():
+    for name in PUBLISHED_CONFIGS:
+        cfg, _ = config_for_plan(name)
+        assert cfg.n_layers > 0
+
+
+def test_placement_keeps_blocks_whole_and_in_order():
+    sizes = {"embed": 50, **{f"blocks.{i}": 10 for i in range(8)}, "final": 50}
+    for mode in ("auto", "balanced"):
+        placement = place_groups(sizes, ["a", "b", "c"], {"a": 100, "b": 100, "c": 100}, mode)
+        order = ["embed", *(f"blocks.{i}" for i in range(8)), "final"]
+        devices = [placement[g] for g in order]
+        assert devices == sorted(devices)  # contiguous, in device order
+        assert devices[0] == "a"
+    assert place_groups(sizes, ["a", "b", "c"], mode="balanced")["final"] == "c"
+    with pytest.raises(PlacementError, match="does not fit max_memory: b"):
+        place_groups(sizes, ["a", "b"], {"a": 60, "b": 60})
+
+
+def test_plan_splits_a_model_over_devices_and_sums(loaded):
+    model = loaded["gpt2"][1]
+    one = plan_memory(model.cfg, torch.float32, batch=2, seq=16, cache="all")
+    two = plan_memory(
+        model.cfg, torch.float32, batch=2, seq=16, cache="all", devices=["cpu:0", "cpu:1"], mode="balanced"
+    )
+    assert len(two.devices) == 2
+    for what in ("weights", "kv_cache", "activation_cache"):
+        assert getattr(two, what) == getattr(one, what)
+    assert two.placement["embed"] == "cpu:0" and two.placement["final"] == "cpu:1"
+
+
+def test_parse_max_memory():
+    assert parse_max_memory("cuda:0=20GiB, cuda:1=1.5e9") == {"cuda:0": 20 * 2**30, "cuda:1": 1_500_000_000}
+    with pytest.raises(ValueError, match="DEVICE=SIZE"):
+        parse_max_memory("cuda:0")
+
+
+def test_plan_command(capsys, tmp_path):
+    assert (
+        main(
+            [
+                "plan",
+                "llama-3.1-8b",
+                "--dtype",
+                "bfloat16",
+                "--max-memory",
+                "cuda:0=20GiB,cuda:1=20GiB",
+                "--batch",
+                "8",
+                "--seq",
+                "1024",
+                "--cache",
+                "resid",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "cuda:0" in out and "cuda:1" in out and "verdict: fits" in out
+    assert main(["plan", "llama-3.1-70b", "--dtype", "bfloat16", "--max-memory", "cuda:0=24GiB,cuda:1=24GiB"]) == 1
+    assert "does NOT fit" in capsys.readouterr().out
+    path, _ = save_checkpoint("gpt2", tmp_path)
+    assert main(["plan", str(path / "config.json"), "--max-memory", "cpu=1KiB"]) == 1
+    assert "does NOT fit" in capsys.readouterr().out
+    assert main(["plan", "no-such-model"]) == 2
+    assert "built-in published configs" in capsys.readouterr().err
+    assert math.isfinite(run_plan(str(path)).weights)
+
+
+def test_auto_is_balanced_unless_only_sequential_fits():
+    sizes = {"embed": 50, **{f"blocks.{i}": 10 for i in range(8)}, "final": 50}
+    even = {"a": 100, "b": 100}
+    assert place_groups(sizes, ["a", "b"], even, "auto") == place_groups(sizes, ["a", "b"], even, "balanced")
+    on_a = lambda placement: sum(sizes[g] for g, d in placement.items() if d == "a")  # noqa: E731
+    assert on_a(place_groups(sizes, ["a", "b"], even, "sequential")) == 100  # filled first
+    assert 80 <= on_a(place_groups(sizes, ["a", "b"], even, "balanced")) <= 100
+    uneven = {"a": 140, "b": 60}
+    with pytest.raises(PlacementError, match="does not fit max_memory"):
+        place_groups(sizes, ["a", "b"], uneven, "balanced")
+    assert place_groups(sizes, ["a", "b"], uneven, "auto") == place_groups(sizes, ["a", "b"], uneven, "sequential")

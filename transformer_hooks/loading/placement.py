@@ -1,0 +1,226 @@
+"""Where each part of a model lives: ``device_map`` / ``max_memory`` / ``n_devices`` ->
+{group: device}, checked, before any weight is read.
+
+Groups are placed whole: ``embed`` (token and learned position embeddings, rotary
+tables), ``blocks.{L}`` (one block), ``final`` (final norm and unembedding). The model
+moves the residual stream to a block's device before the block runs, so every hook of
+the block sees its activation there; components never move tensors.
+
+Accepted forms (transformers' names, TransformerLens 3's ``n_devices``):
+
+- ``"balanced"``: about equal bytes of weights per device; ``"sequential"``: fill the
+  devices in order up to ``max_memory`` (default: 90% of each GPU's free memory);
+  ``"auto"``: balanced if that fits, else sequential (transformers' meaning);
+- ``n_devices=k``: balanced over the first k GPUs (TransformerLens's split);
+- a dict: ``{"embed": "cuda:0", "blocks.0": 0, ..., "ln_final": "cuda:1", "unembed": "cuda:1"}``
+  (ints are CUDA indices; ``""`` places everything not named; ``final`` names both
+  ``ln_final`` and ``unembed``, which must share a device).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ..config import ModelConfig
+from ..plan import PlacementError, fmt_bytes, group_parameters, place_groups
+
+DeviceMap = dict[str, str]
+_GROUP_KEY = re.compile(r"^(embed|final|blocks\.\d+)$")
+# Module names a user may write, and the group each belongs to.
+_ALIASES = {
+    "embed": "embed",
+    "pos_embed": "embed",
+    "rotary": "embed",
+    "rotary_local": "embed",
+    "hook_embed": "embed",
+    "hook_pos_embed": "embed",
+    "ln_final": "final",
+    "unembed": "final",
+    "final": "final",
+}
+
+
+def group_names(n_layers: int) -> list[str]:
+    return ["embed", *(f"blocks.{L}" for L in range(n_layers)), "final"]
+
+
+def group_of(module_name: str) -> str:
+    """The placement group of a parameter or module name (``blocks.3.attn.W_Q`` -> ``blocks.3``)."""
+    m = re.match(r"blocks\.(\d+)(\.|$)", module_name)
+    if m:
+        return f"blocks.{m.group(1)}"
+    head = module_name.split(".", 1)[0]
+    if head not in _ALIASES:
+        raise KeyError(f"{module_name!r} belongs to no placement group")
+    return _ALIASES[head]
+
+
+def check_device(device: Any) -> str:
+    """A device name that exists on this machine, or a ``PlacementError`` that says why not."""
+    if isinstance(device, int) and not isinstance(device, bool):
+        device = f"cuda:{device}"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise PlacementError(f"unknown device {device!r} in the device map: {e}") from None
+    if dev.type == "meta":
+        raise PlacementError(
+            "the device map places weights on 'meta', which holds no data; use a real device "
+            "(or offload= for weights kept off the compute device)"
+        )
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = 0 if dev.index is None else dev.index
+        if index >= count:
+            raise PlacementError(
+                f"the device map names {device!r}, but this machine has "
+                f"{count} CUDA device(s){'' if count else ' (CUDA is not available)'}"
+            )
+        return f"cuda:{index}"
+    if dev.type not in ("cpu", "mps", "xpu"):
+        raise PlacementError(
+            f"device {device!r} in the device map is not one this library places weights on (cpu, cuda:N, mps, xpu)"
+        )
+    if dev.type == "cpu":
+        return "cpu"
+    return str(dev)
+
+
+def check_device_map(cfg: ModelConfig, device_map: Mapping[str, Any]) -> DeviceMap:
+    """A user's dict, as {group: device}: every block placed, every name known, every device real."""
+    out: dict[str, str] = {}
+    rest = None
+    for key, device in device_map.items():
+        key = str(key)
+        if key == "":
+            rest = check_device(device)
+            continue
+        group = _ALIASES.get(key, key)
+        if not _GROUP_KEY.match(group) or (group.startswith("blocks.") and int(group.split(".")[1]) >= cfg.n_layers):
+            raise PlacementError(
+                f"device map key {key!r} names no part of this model; use embed, blocks.0 .. "
+                f"blocks.{cfg.n_layers - 1}, ln_final / unembed (or final), or '' for the rest"
+            )
+        dev = check_device(device)
+        if group in out and out[group] != dev:
+            raise PlacementError(
+                f"device map puts {key!r} on {dev} but another part of {group} on {out[group]}; "
+                f"a group is placed whole (ln_final and unembed together; embed and pos_embed "
+                f"together)"
+            )
+        out[group] = dev
+    unplaced = [g for g in group_names(cfg.n_layers) if g not in out]
+    if unplaced and rest is None:
+        raise PlacementError(
+            f"the device map leaves {', '.join(unplaced)} unplaced; give each a device (or '' for everything not named)"
+        )
+    return {g: out.get(g, rest) for g in group_names(cfg.n_layers)}
+
+
+def group_bytes(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, int]:
+    return {g: n * dtype.itemsize for g, n in group_parameters(cfg).items()}
+
+
+def resolve_device_map(
+    cfg: ModelConfig,
+    device_map: str | Mapping[str, Any] | None = None,
+    *,
+    max_memory: Mapping[Any, Any] | None = None,
+    n_devices: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> DeviceMap | None:
+    """{group: device} for a model of config ``cfg`` (the processed config: its weights'
+    bytes decide "auto"), or None when nothing asks for placement."""
+    from ..plan import parse_bytes
+
+    if device_map is None and n_devices is None:
+        return None
+    if isinstance(device_map, Mapping):
+        if n_devices is not None:
+            raise PlacementError("give either a device_map dict or n_devices, not both")
+        placement = check_device_map(cfg, device_map)
+        if max_memory:
+            _check_fits(cfg, placement, {check_device(d): parse_bytes(b) for d, b in max_memory.items()}, dtype)
+        return placement
+    if device_map not in (None, "auto", "balanced", "sequential"):
+        raise PlacementError(f"device_map must be 'auto', 'balanced', 'sequential' or a dict, got {device_map!r}")
+    mode = device_map or "balanced"  # n_devices alone: TransformerLens's even split
+    limits = {check_device(d): parse_bytes(b) for d, b in (max_memory or {}).items()}
+    if limits:
+        devices = list(limits)
+    elif torch.cuda.is_available():
+        devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        limits = {d: int(torch.cuda.mem_get_info(i)[0] * 0.9) for i, d in enumerate(devices)}
+    else:
+        devices = ["cpu"]
+    if n_devices is not None:
+        if n_devices < 1 or n_devices > len(devices):
+            raise PlacementError(
+                f"n_devices={n_devices}, but {len(devices)} device(s) are available ({', '.join(devices)})"
+            )
+        devices = devices[:n_devices]
+    return place_groups(group_bytes(cfg, dtype), devices, {d: limits[d] for d in devices if d in limits}, mode)
+
+
+def _check_fits(cfg: ModelConfig, placement: DeviceMap, limits: dict[str, int], dtype: torch.dtype) -> None:
+    sizes = group_bytes(cfg, dtype)
+    for device, limit in limits.items():
+        held = sum(sizes[g] for g, d in placement.items() if d == device)
+        if held > limit:
+            raise PlacementError(
+                f"the device map puts {fmt_bytes(held)} of weights on {device}, more than its "
+                f"max_memory {fmt_bytes(limit)}"
+            )
+
+
+def devices_in_order(placement: DeviceMap) -> list[str]:
+    """The distinct devices of a placement, in the order the forward pass visits them."""
+    return list(dict.fromkeys(placement.values()))
+
+
+def modules_of_group(model: Any, group: str) -> list[Any]:
+    """The submodules of ``model`` that make up a placement group."""
+    if group.startswith("blocks."):
+        return [model.blocks[int(group.split(".")[1])]]
+    names = (
+        ("embed", "pos_embed", "rotary", "rotary_local", "hook_embed", "hook_pos_embed")
+        if group == "embed"
+        else ("ln_final", "unembed")
+    )
+    return [getattr(model, n) for n in names if hasattr(model, n)]
+
+
+def place_model(
+    model: Any,
+    device_map: str | Mapping[str, Any] | None = None,
+    *,
+    max_memory: Mapping[Any, Any] | None = None,
+    n_devices: int | None = None,
+) -> Any:
+    """Move a built model's groups to the devices of a placement (in place; returns it) and
+    record it in ``model.cfg.device_map``. ``from_pretrained(device_map=...)`` places each
+    tensor as it is read instead; this serves models already in memory."""
+    placement = resolve_device_map(model.cfg, device_map, max_memory=max_memory, n_devices=n_devices, dtype=model.dtype)
+    if placement is None:
+        return model
+    tied = model.unembed.W_U.untyped_storage().data_ptr() == model.embed.W_E.untyped_storage().data_ptr()
+    if tied and placement["embed"] != placement["final"]:
+        # A tied unembedding on another device is its own copy there (W_U reads no gradient back into W_E).
+        model.unembed.W_U = torch.nn.Parameter(
+            model.embed.W_E.detach().T.clone(), requires_grad=model.embed.W_E.requires_grad
+        )
+    for group, device in placement.items():
+        for module in modules_of_group(model, group):
+            for sub in module.modules():  # nn.Module.to without the model's own _apply bookkeeping
+                for name, p in list(sub._parameters.items()):
+                    if p is not None and p.device != torch.device(device):
+                        sub._parameters[name] = torch.nn.Parameter(p.detach().to(device), requires_grad=p.requires_grad)
+                for name, b in list(sub._buffers.items()):
+                    if b is not None:
+                        sub._buffers[name] = b.to(device)
+    model._set_placement(placement)
+    return model
