@@ -223,7 +223,8 @@ class ActivationCache(HookCache):
         layer = self._stack_layer(layer)
         self._check_mlp_input(layer, mlp_input)
         pos_slice = Slice.unwrap(pos_slice)
-        incl_attn, incl_mlp = mode != "mlp", mode != "attn"
+        incl_attn = mode != "mlp"
+        incl_mlp = mode != "attn" and sites.BY_NAME["hook_mlp_out"].when.holds(self.cfg)  # not attention-only
         parts, labels = [], []
         if incl_embeds:
             parts.append(self._get("hook_embed", "decompose_resid"))

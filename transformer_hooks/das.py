@@ -65,6 +65,12 @@ class RotatedSubspaceInterchange(nn.Module):
         super().__init__()
         if not 0 < k <= d:
             raise ValueError(f"k={k} must be between 1 and d={d}")
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(
+                f"dtype={dtype}: the rotation must be float32 or float64 (torch's orthogonal parametrization "
+                f"is not implemented or drifts in half precision). Keep the default float32: on a "
+                f"{dtype} model the interchange runs in float32 and its result is cast back to {dtype}."
+            )
         self.d, self.k, self.low_rank = d, k, low_rank
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -130,7 +136,10 @@ def interchange_hook(
         rows = torch.arange(batch, device=act.device)
         b_pos = _checked(_per_row(base_pos, batch, act.device), act.shape[1])
         s_pos = _checked(_per_row(source_pos, batch, act.device), source_act.shape[1])
-        new = intervention(act[rows, b_pos], source_act[rows, s_pos].to(act.dtype))
+        # The rotation runs in its own dtype (float32 by default, also on a bfloat16 model: an
+        # orthogonal parametrization in bfloat16 drifts), and its result returns in the model's.
+        dtype = next(intervention.parameters(), act).dtype
+        new = intervention(act[rows, b_pos].to(dtype), source_act[rows, s_pos].to(dtype))
         out = act.clone()
         out[rows, b_pos] = new.to(act.dtype)
         return out

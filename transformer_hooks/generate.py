@@ -32,6 +32,24 @@ if TYPE_CHECKING:
     from .tokens import ModelInput
 
 
+# Below this, logits / temperature can overflow float32 (and sampling is argmax anyway).
+MIN_TEMPERATURE = 1e-4
+
+
+def check_temperature(temperature: Any) -> float:
+    """``temperature`` if it can be sampled with: 0 (greedy) or a number >= ``MIN_TEMPERATURE``."""
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or temperature != temperature:
+        raise ValueError(f"temperature must be a number (0 is greedy), got {temperature!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise ValueError(
+            f"temperature={temperature:g} is too small to sample with: logits / temperature overflow. "
+            f"Use temperature=0 (or do_sample=False) for greedy decoding, or a temperature >= {MIN_TEMPERATURE:g}"
+        )
+    return float(temperature)
+
+
 def sample_logits(
     final_logits: Float[torch.Tensor, "batch d_vocab"],
     top_k: int | None = None,
@@ -47,7 +65,7 @@ def sample_logits(
     ``top_k`` largest or to the smallest set whose probability reaches ``top_p`` (the
     top token always stays), then sampled from the softmax.
     """
-    if temperature == 0.0:
+    if check_temperature(temperature) == 0.0:
         return final_logits.argmax(dim=-1)
     logits = final_logits.float() / temperature
     if freq_penalty > 0:
@@ -132,8 +150,8 @@ def generate(
         raise ValueError(f"return_type must be 'input', 'str' or 'tokens', got {return_type!r}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
-    if do_sample and temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if do_sample:
+        check_temperature(temperature)
     text_input = is_text(input)
     if return_type == "input":
         return_type = "str" if text_input else "tokens"

@@ -19,7 +19,8 @@ from torch import nn
 from . import sites
 from . import tokens as tokens_lib  # as a module: `tokens` names the token tensor in forward
 from .components import AttentionMask, Embed, KVCache, PosEmbed, Rotary, Unembed, make_block, make_norm
-from .config import ModelConfig
+from .config import HookedTransformerConfig, ModelConfig
+from .tl_config import init_weights as init_tl_weights
 from .factored_matrix import FactoredMatrix
 from .hooks import HookedRootModule, HookPoint
 from .utils import check_index, check_layer
@@ -29,8 +30,22 @@ ReturnType = Literal["logits", "loss", "both", None]
 
 
 class HookedTransformer(HookedRootModule):
-    def __init__(self, cfg: ModelConfig, tokenizer: Any = None) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig | HookedTransformerConfig | dict,
+        tokenizer: Any = None,
+        move_to_device: bool = True,
+        default_padding_side: Literal["left", "right"] | None = None,
+    ) -> None:
+        """A model of the architecture ``cfg``. A ``ModelConfig`` builds it with uninitialised
+        weights (loaders fill them); a TransformerLens ``HookedTransformerConfig`` (or its dict)
+        builds it as TransformerLens does: weights initialised by ``init_weights`` (unless
+        ``cfg.init_weights`` is False), in ``cfg.dtype``, moved to ``cfg.device``."""
         super().__init__()
+        tl_cfg = None
+        if not isinstance(cfg, ModelConfig):
+            tl_cfg = HookedTransformerConfig.unwrap(cfg)
+            cfg = tl_cfg.to_model_config()
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.embed = Embed(cfg)
@@ -47,6 +62,15 @@ class HookedTransformer(HookedRootModule):
         self.unembed = Unembed(cfg)
         self.setup_hooks()
         self._note_device()
+        if tl_cfg is not None:
+            if tl_cfg.init_weights:
+                init_tl_weights(self, tl_cfg)
+            if tl_cfg.dtype is not None:
+                self.to(tl_cfg.dtype)
+            if move_to_device and tl_cfg.device is not None:
+                self.to(tl_cfg.device)
+        if default_padding_side is not None and tokenizer is not None:
+            self.set_tokenizer(tokenizer, default_padding_side)
 
     def _note_device(self) -> None:
         if self.cfg.device != str(self.device):
@@ -472,7 +496,7 @@ class HookedTransformer(HookedRootModule):
         bias = torch.zeros(self.cfg.d_model, device=self.device, dtype=self.dtype)
         for block in self.blocks[:layer]:
             bias = bias + block.attn.b_O
-            if include_mlp_biases:
+            if include_mlp_biases and not self.cfg.attn_only:
                 bias = bias + block.mlp.b_out
         if mlp_input and not self.cfg.parallel_residual:
             bias = bias + self.blocks[layer].attn.b_O

@@ -145,6 +145,7 @@ def fold_ln(cfg: ModelConfig, group: Group) -> None:
             mlp_readers.append((mlp + "W_gate", mlp + "b_gate"))
         if block + "ln1.w" in group:  # OLMo 2's blocks have no pre-norms
             _fold_norm(group, block + "ln1", attn_readers, centre)
+        if block + "ln2.w" in group:  # attention-only blocks have no ln2
             _fold_norm(group, block + "ln2", mlp_readers, centre)
     if "ln_final.w" in group:
         _fold_norm(group, "ln_final", [("unembed.W_U", "unembed.b_U")], centre)

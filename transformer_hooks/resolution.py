@@ -29,7 +29,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Literal
 
 from transformer_hooks.presets import PRESETS, closest_presets, preset_repo_id
-from weights_conversion.converted import CONVERTED_CONFIG
+from weights_conversion import checked_family
+from weights_conversion.converted import CONVERTED_CONFIG, converted_config
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -204,7 +205,15 @@ def _checkpoint_from_directory(
     source: str, kind: Literal["hf", "converted"], directory: Path, config_name: str
 ) -> Checkpoint:
     config = _read_json(directory / config_name)
-    weight_files, weight_map = _find_weights(directory)
+    try:
+        weight_files, weight_map = _find_weights(directory)
+    except CheckpointNotFoundError:
+        # A bad config is the first thing to fix: say so rather than that the weights are missing.
+        if kind == "hf":
+            checked_family(config, str(directory / config_name))
+        else:
+            converted_config(directory, config)
+        raise
     return Checkpoint(
         source=source,
         kind=kind,
@@ -226,8 +235,13 @@ def _find_weights(directory: Path) -> tuple[tuple[Path, ...], dict[str, Path] | 
             return (directory / single,), None
         if (directory / index).is_file():
             return _read_index(directory, directory / index)
+    # TransformerLens's toy models ship their state dict as one .pth (checkpoints in a subfolder).
+    pth = sorted(directory.glob("*.pth"), key=lambda p: (not p.stem.endswith("final"), p.name))
+    if pth:
+        return (pth[0],), None
     raise CheckpointNotFoundError(
-        f"No weights in {directory}: expected {SAFE_WEIGHTS} or {SAFE_INDEX} (or {BIN_WEIGHTS} / {BIN_INDEX})."
+        f"No weights in {directory}: expected {SAFE_WEIGHTS} or {SAFE_INDEX} (or {BIN_WEIGHTS} / {BIN_INDEX}, "
+        f"or a TransformerLens .pth)."
     )
 
 

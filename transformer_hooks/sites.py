@@ -67,6 +67,18 @@ QK_NORM = Condition(
 )
 QK_NORM_OVER_ALL_HEADS = Condition("q/k norm over the whole projection", lambda cfg: cfg.qk_norm == "all", "")
 
+HAS_MLP = Condition("an MLP", lambda cfg: not getattr(cfg, "attn_only", False), "attention-only models have no MLP")
+
+
+def all_of(*conditions: Condition) -> Condition:
+    """A site that needs every one of ``conditions``."""
+    return Condition(
+        " and ".join(c.label for c in conditions),
+        lambda cfg: all(c.holds(cfg) for c in conditions),
+        "; ".join(c.absent_because for c in conditions if c.absent_because),
+    )
+
+
 RESID = ("batch", "pos", "d_model")
 SCALE = ("batch", "pos", "1")
 PER_HEAD = ("batch", "pos", "head", "d_head")
@@ -189,16 +201,16 @@ SITES: tuple[Site, ...] = (
     Site("ln1_post.hook_scale", True, SCALE, ("scale",), when=POST_NORM),
     Site("ln1_post.hook_normalized", True, RESID, ("normalized",), when=POST_NORM),
     Site("hook_attn_out", True, RESID, ("attn_out",)),
-    Site("hook_resid_mid", True, RESID, ("resid_mid",), when=SEQUENTIAL),
-    Site("ln2.hook_scale", True, SCALE, ("scale",), when=PRE_NORM),
-    Site("ln2.hook_normalized", True, RESID, ("normalized",), when=PRE_NORM),
-    Site("hook_mlp_in", True, RESID, ("mlp_in",)),
-    Site("mlp.hook_pre", True, NEURONS, ("pre", "mlp_pre")),
-    Site("mlp.hook_pre_linear", True, NEURONS, ("pre_linear",), when=GATED_MLP),
-    Site("mlp.hook_post", True, NEURONS, ("post", "mlp_post")),
-    Site("ln2_post.hook_scale", True, SCALE, ("scale",), when=POST_NORM),
-    Site("ln2_post.hook_normalized", True, RESID, ("normalized",), when=POST_NORM),
-    Site("hook_mlp_out", True, RESID, ("mlp_out",)),
+    Site("hook_resid_mid", True, RESID, ("resid_mid",), when=all_of(SEQUENTIAL, HAS_MLP)),
+    Site("ln2.hook_scale", True, SCALE, ("scale",), when=all_of(PRE_NORM, HAS_MLP)),
+    Site("ln2.hook_normalized", True, RESID, ("normalized",), when=all_of(PRE_NORM, HAS_MLP)),
+    Site("hook_mlp_in", True, RESID, ("mlp_in",), when=HAS_MLP),
+    Site("mlp.hook_pre", True, NEURONS, ("pre", "mlp_pre"), when=HAS_MLP),
+    Site("mlp.hook_pre_linear", True, NEURONS, ("pre_linear",), when=all_of(GATED_MLP, HAS_MLP)),
+    Site("mlp.hook_post", True, NEURONS, ("post", "mlp_post"), when=HAS_MLP),
+    Site("ln2_post.hook_scale", True, SCALE, ("scale",), when=all_of(POST_NORM, HAS_MLP)),
+    Site("ln2_post.hook_normalized", True, RESID, ("normalized",), when=all_of(POST_NORM, HAS_MLP)),
+    Site("hook_mlp_out", True, RESID, ("mlp_out",), when=HAS_MLP),
     Site("hook_resid_post", True, RESID, ("resid_post",)),
 )
 

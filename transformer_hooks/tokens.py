@@ -115,7 +115,7 @@ def tokenize(
     tok = require_tokenizer(tokenizer)
     texts = [input] if isinstance(input, str) else list(input)
     prepend_bos = cfg.default_prepend_bos if prepend_bos is None else prepend_bos
-    ids = tok(texts, add_special_tokens=False)["input_ids"]
+    ids = _encode(tok, texts)
     if prepend_bos:
         bos = bos_id(tok, cfg)
         ids = [[bos] + row for row in ids]
@@ -133,6 +133,24 @@ def tokenize(
         mask[i, cols] = 1
     mask = None if bool(mask.all()) else mask.to(device)
     return tokens.to(device), mask
+
+
+def _encode(tok: Any, texts: list[Any]) -> list[list[int]]:
+    """Token ids of each text; a text the tokenizer cannot encode is a ValueError naming it."""
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ValueError(f"text input {i} is a {type(text).__name__}, not a string: {text!r}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(
+                f"the tokenizer cannot encode {text!r}: {error.reason} at character {error.start} "
+                f"({text[error.start : error.end]!r}); text must be valid Unicode (no lone surrogates)"
+            ) from None
+    try:
+        return tok(texts, add_special_tokens=False)["input_ids"]
+    except Exception as error:  # the tokenizer's own errors are terse (e.g. "TextEncodeInput must be ...")
+        raise ValueError(f"the tokenizer cannot encode {texts!r}: {type(error).__name__}: {error}") from error
 
 
 def tokens_and_mask(

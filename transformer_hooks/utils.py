@@ -59,6 +59,10 @@ class IndexOutOfRangeError(IndexError, ValueError):
     """An index (layer, position, ...) outside its range; both an IndexError and a ValueError."""
 
 
+class IndexTypeError(TypeError, ValueError):
+    """An index (layer, position, ...) that is not an integer; both a TypeError and a ValueError."""
+
+
 def check_index(
     index: int, size: int, what: str, of: str, allow_end: bool = False, allow_negative: bool = True, note: str = ""
 ) -> int:
@@ -68,8 +72,13 @@ def check_index(
     The error names the value, what it indexes (``of``, e.g. "a model with 4 layers") and the
     valid range: ``layer=5 is out of range for a model with 4 layers (valid: -4..3)``.
     """
+    if isinstance(index, torch.Tensor) and index.ndim == 0 and not index.is_floating_point():
+        index = int(index)  # a 0-d integer tensor, as TransformerLens code often passes
     if not isinstance(index, int) or isinstance(index, bool):
-        raise TypeError(f"{what} must be an int, got {type(index).__name__}")
+        raise IndexTypeError(
+            f"{what} must be an int, got {type(index).__name__} {index!r} "
+            f"(valid: {-size if allow_negative else 0}..{size if allow_end else size - 1})"
+        )
     idx = index + size if index < 0 and allow_negative else index
     lo, hi = (-size if allow_negative else 0), (size if allow_end else size - 1)
     if not 0 <= idx <= hi:
@@ -198,3 +207,240 @@ def test_prompt(
         print("Ranks of the answer tokens:", ranks)
         ranks_per_answer.append(ranks)
     return ranks_per_answer
+
+
+# More of TransformerLens's ``utils`` (the names its tutorials import) -----------------------------
+def get_device() -> torch.device:
+    """The best device here: CUDA, then Apple's MPS, else the CPU (TransformerLens's choice)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def get_corner(tensor: Any, n: int = 3) -> Any:
+    """The top-left ``n x n x ...`` corner of a tensor (or a ``FactoredMatrix``, via its ``get_corner``)."""
+    if hasattr(tensor, "get_corner"):
+        return tensor.get_corner(n)
+    return tensor[tuple(slice(n) for _ in range(tensor.ndim))]
+
+
+def remove_batch_dim(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` without its first axis if that axis has size 1; otherwise unchanged."""
+    return tensor.squeeze(0) if tensor.shape[0] == 1 else tensor
+
+
+def transpose(tensor: torch.Tensor) -> torch.Tensor:
+    """The last two axes swapped."""
+    return tensor.transpose(-1, -2)
+
+
+def is_square(x: torch.Tensor) -> bool:
+    return x.ndim == 2 and x.shape[0] == x.shape[1]
+
+
+def is_lower_triangular(x: torch.Tensor) -> bool:
+    return is_square(x) and bool(x.equal(x.tril()))
+
+
+def get_cumsum_along_dim(tensor: torch.Tensor, dim: int, reverse: bool = False) -> torch.Tensor:
+    """Cumulative sum along ``dim`` (from the end with ``reverse``)."""
+    if reverse:
+        return tensor.flip(dims=(dim,)).cumsum(dim=dim).flip(dims=(dim,))
+    return tensor.cumsum(dim=dim)
+
+
+def get_offset_position_ids(past_kv_pos_offset: int, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counting real tokens only (padding gets 0), from ``past_kv_pos_offset`` on."""
+    positions = attention_mask.cumsum(dim=1) - 1
+    return positions.masked_fill(positions < 0, 0)[:, past_kv_pos_offset:]
+
+
+def repeat_along_head_dimension(tensor: torch.Tensor, n_heads: int, clone_tensor: bool = True) -> torch.Tensor:
+    """[batch, pos, d_model] -> [batch, pos, head, d_model] (a copy per head unless not ``clone_tensor``)."""
+    repeated = tensor[:, :, None, :].expand(-1, -1, n_heads, -1)
+    return repeated.clone() if clone_tensor else repeated
+
+
+def filter_dict_by_prefix(dictionary: dict, prefix: str) -> dict:
+    """The entries whose key starts with ``prefix`` (a dot is implied), with the prefix removed."""
+    prefix = prefix if prefix.endswith(".") else prefix + "."
+    return {k[len(prefix) :]: v for k, v in dictionary.items() if k.startswith(prefix)}
+
+
+def get_nested_attr(obj: Any, attr_str: str) -> Any:
+    """``get_nested_attr(model, "blocks.0.attn")``; integer parts index sequences."""
+    for part in attr_str.split("."):
+        obj = obj[int(part)] if part.isdigit() and not hasattr(obj, part) else getattr(obj, part)
+    return obj
+
+
+def set_nested_attr(obj: Any, attr_str: str, value: Any) -> None:
+    head, _, leaf = attr_str.rpartition(".")
+    setattr(get_nested_attr(obj, head) if head else obj, leaf, value)
+
+
+def gelu_new(input: torch.Tensor) -> torch.Tensor:
+    """GPT-2's GELU (the tanh approximation)."""
+    return 0.5 * input * (1.0 + torch.tanh(np.sqrt(2.0 / np.pi) * (input + 0.044715 * torch.pow(input, 3.0))))
+
+
+def gelu_fast(input: torch.Tensor) -> torch.Tensor:
+    return 0.5 * input * (1.0 + torch.tanh(input * 0.7978845608 * (1.0 + 0.044715 * input * input)))
+
+
+def solu(input: torch.Tensor) -> torch.Tensor:
+    """SoLU: x * softmax(x) over the last axis."""
+    return input * input.softmax(dim=-1)
+
+
+def is_library_available(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def print_gpu_mem(step_name: str = "") -> None:
+    if torch.cuda.is_available():
+        print(f"{step_name} ~ {np.round(torch.cuda.memory_allocated() / 2e30, 2)} GiB allocated on GPU.")
+    else:
+        print(f"{step_name}: no CUDA device")
+
+
+def lm_cross_entropy_loss(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    per_token: bool = False,
+) -> torch.Tensor:
+    """Next-token cross-entropy: -log p(tokens[:, i+1] | logits[:, i]). ``per_token``: [batch, pos-1];
+    otherwise the mean over the predicted tokens (with ``attention_mask``, only pairs whose
+    token and next token are both real; masked pairs are 0 in the per-token loss)."""
+    log_probs = logits.log_softmax(dim=-1)
+    predicted = log_probs[..., :-1, :].gather(dim=-1, index=tokens[..., 1:, None])[..., 0]
+    if attention_mask is not None:
+        if attention_mask.shape != tokens.shape:
+            raise ValueError(
+                f"attention_mask must have the shape of tokens {tuple(tokens.shape)}, got {tuple(attention_mask.shape)}"
+            )
+        keep = attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()
+        predicted = predicted.masked_fill(~keep, 0.0)
+        n_tokens = keep.sum()
+    else:
+        n_tokens = predicted.numel()
+    return -predicted if per_token else -predicted.sum() / n_tokens
+
+
+def lm_accuracy(logits: torch.Tensor, tokens: torch.Tensor, per_token: bool = False) -> torch.Tensor:
+    """Top-1 next-token accuracy (per token: bool [batch, pos-1])."""
+    correct = logits.argmax(dim=-1)[:, :-1] == tokens[:, 1:]
+    return correct if per_token else correct.sum() / correct.numel()
+
+
+def get_attention_mask(tokenizer: Any, tokens: torch.Tensor, prepend_bos: bool, padding_side: str | None = None):
+    """TransformerLens's rule for the mask of tokens padded by ``tokenizer``: 1 for real tokens,
+    0 for the run of pad tokens at the padded end (left: the leading ones; right: the trailing
+    ones). Pad tokens inside the text stay attended. With left padding and ``prepend_bos``, a BOS
+    that equals the pad token is unmasked (the last of the leading pad run)."""
+    mask = torch.ones_like(tokens)
+    if tokenizer is None:
+        return mask
+    side = padding_side or tokenizer.padding_side
+    is_real = tokens.ne(tokenizer.pad_token_id)
+    if side == "right":
+        mask[get_cumsum_along_dim(is_real, -1, reverse=True) == 0] = 0
+    else:
+        leading = get_cumsum_along_dim(is_real, -1) == 0
+        mask[leading] = 0
+        if prepend_bos and tokenizer.bos_token_id == tokenizer.pad_token_id:
+            mask[torch.arange(mask.shape[0]), leading.sum(-1) - 1] = 1
+    return mask
+
+
+def get_input_with_manually_prepended_bos(bos_token: str | None, input: str | list[str]) -> str | list[str]:
+    if bos_token is None:
+        return input
+    return bos_token + input if isinstance(input, str) else [bos_token + s for s in input]
+
+
+def get_tokens_with_bos_removed(tokenizer: Any, tokens: torch.Tensor, padding_side: str | None = None):
+    """``tokens`` without the BOS of each row (with left padding, the BOS after the padding)."""
+    if tokenizer.bos_token_id is None:
+        return tokens
+    if (padding_side or tokenizer.padding_side) == "right":
+        return tokens[..., 1:]
+    shape = list(tokens.shape)
+    shape[-1] -= 1
+    if tokenizer.bos_token_id == tokenizer.pad_token_id:
+        leading = get_cumsum_along_dim(tokens.ne(tokenizer.pad_token_id), -1) == 0
+        bos_positions = leading.sum(-1) - 1
+    else:
+        bos_positions = (tokens == tokenizer.bos_token_id).int().argmax(-1)
+    keep = torch.ones_like(tokens, dtype=torch.bool).scatter(-1, bos_positions.unsqueeze(-1), False)
+    return tokens[keep].view(*shape)
+
+
+def get_tokenizer_with_bos(tokenizer: Any) -> Any:
+    """The tokenizer itself: this library prepends BOS itself (``prepend_bos``), never the tokenizer."""
+    return tokenizer
+
+
+def keep_single_column(dataset: Any, col_name: str) -> Any:
+    """A ``datasets.Dataset`` with only ``col_name`` (TransformerLens's helper)."""
+    return dataset.remove_columns([c for c in dataset.features if c != col_name])
+
+
+def tokenize_and_concatenate(
+    dataset: Any,
+    tokenizer: Any,
+    streaming: bool = False,
+    max_length: int = 1024,
+    column_name: str = "text",
+    add_bos_token: bool = True,
+    num_proc: int | None = 10,
+) -> Any:
+    """Tokenize each document, join them with an EOS token between documents, and cut the
+    stream into rows of ``max_length`` tokens (each starting with BOS if ``add_bos_token``);
+    the incomplete last row is dropped, as in TransformerLens 3.9.
+
+    ``dataset``: a ``datasets.Dataset`` (returns one, with a ``"tokens"`` column in torch
+    format), a list of strings or of ``{column_name: text}`` dicts (returns a dict
+    ``{"tokens": LongTensor [rows, max_length]}``). Needs no network."""
+    texts = _texts_of(dataset, column_name)
+    seq_len = max_length - 1 if add_bos_token else max_length
+    if seq_len < 1:
+        raise ValueError(f"max_length={max_length} leaves no room for tokens")
+    if tokenizer.eos_token_id is None:
+        raise ValueError("tokenize_and_concatenate needs a tokenizer with an EOS token (it separates documents)")
+    ids: list[int] = []
+    for i, row in enumerate(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []):
+        ids.extend(row)
+        if i < len(texts) - 1:
+            ids.append(tokenizer.eos_token_id)
+    if len(ids) < seq_len:  # TransformerLens pads one short row with EOS (or the pad token)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        ids = ids + [pad] * (seq_len - len(ids))
+    n_rows = len(ids) // seq_len
+    tokens = torch.tensor(ids[: n_rows * seq_len], dtype=torch.long).reshape(n_rows, seq_len)
+    if add_bos_token:
+        bos = torch.full((n_rows, 1), tokenizer.bos_token_id, dtype=torch.long)
+        tokens = torch.cat([bos, tokens], dim=1)
+    if _is_hf_dataset(dataset):
+        import datasets
+
+        return datasets.Dataset.from_dict({"tokens": tokens.tolist()}).with_format("torch")
+    return {"tokens": tokens}
+
+
+def _is_hf_dataset(dataset: Any) -> bool:
+    return type(dataset).__module__.startswith("datasets")
+
+
+def _texts_of(dataset: Any, column_name: str) -> list[str]:
+    if _is_hf_dataset(dataset):
+        return list(dataset[column_name])
+    if isinstance(dataset, str):
+        return [dataset]
+    rows = list(dataset)
+    return [row[column_name] if isinstance(row, dict) else row for row in rows]

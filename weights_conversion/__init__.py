@@ -23,7 +23,8 @@ from typing import Callable
 
 import torch
 
-from . import gemma, gpt2, gpt_neo, gpt_neox, llama, mistral, olmo2, qwen2, qwen3
+from . import gemma, gpt2, gpt_neo, gpt_neox, llama, mistral, olmo2, qwen2, qwen3, transformer_lens
+from .common import InvalidConfigError, check_hf_config
 
 FAMILIES: tuple[ModuleType, ...] = (gpt2, gpt_neo, gpt_neox, llama, mistral, qwen2, qwen3, gemma, olmo2)
 GetTensor = Callable[[str], torch.Tensor]
@@ -38,6 +39,8 @@ def supported_model_types() -> list[str]:
 
 
 def family_for(hf_config: dict) -> ModuleType:
+    if transformer_lens.is_transformer_lens_config(hf_config):
+        return transformer_lens
     model_type = hf_config.get("model_type")
     for family in FAMILIES:
         if model_type in family.MODEL_TYPES:
@@ -45,12 +48,29 @@ def family_for(hf_config: dict) -> ModuleType:
     arch = ", ".join(hf_config.get("architectures") or []) or "?"
     raise UnsupportedArchitectureError(
         f"unsupported architecture: model_type={model_type!r} (architectures: {arch}). "
-        f"transformer_hooks implements {', '.join(supported_model_types())}."
+        f"transformer_hooks implements {', '.join(supported_model_types())}, and TransformerLens-native "
+        f"checkpoints (a config.json with n_layers, d_model and d_head, and no model_type)."
     )
 
 
-def config_from_hf(hf_config: dict):
-    return family_for(hf_config).config_from_hf(hf_config)
+def checked_family(hf_config: dict, where: str = "config.json") -> ModuleType:
+    """The family that reads ``hf_config``, after ``check_hf_config`` found its values sound."""
+    family = family_for(hf_config)
+    check_hf_config(hf_config, where)
+    return family
+
+
+def config_from_hf(hf_config: dict, where: str = "config.json"):
+    """``ModelConfig`` of an HF config: checked once here, then read by its family. A key the
+    family needs and the config lacks is an ``InvalidConfigError`` naming it."""
+    family = checked_family(hf_config, where)
+    try:
+        return family.config_from_hf(hf_config)
+    except KeyError as error:
+        key = error.args[0] if error.args else "?"
+        raise InvalidConfigError(
+            f"{where} has no {key!r}, which a model_type={hf_config.get('model_type')!r} config needs"
+        ) from None
 
 
 # The groups a load streams, and their order (defined once, in groups.py).

@@ -1,9 +1,91 @@
-"""Small reshapes shared by the family converters (HF layouts -> canonical shapes)."""
+"""Small reshapes shared by the family converters (HF layouts -> canonical shapes), and the one
+check of an HF config's values (``check_hf_config``) that runs before any family reads it."""
 
 from __future__ import annotations
 
+import numbers
+from typing import Any
+
 import torch
 from einops import rearrange
+
+
+class InvalidConfigError(ValueError):
+    """A checkpoint's config has a missing, mistyped or out-of-range value."""
+
+
+# Counts and sizes: a positive integer (JSON ``2.0`` is a float, and refused).
+POSITIVE_INT_KEYS = frozenset(
+    {
+        "n_layer", "n_embd", "n_head", "n_inner", "n_positions", "n_ctx", "vocab_size", "hidden_size",
+        "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+        "max_position_embeddings", "head_dim", "num_layers", "num_heads", "window_size", "sliding_window",
+        "rotary_dim", "original_max_position_embeddings", "query_pre_attn_scalar", "max_window_layers",
+        "sliding_window_pattern",
+    }
+)  # fmt: skip
+# Real numbers (an int is fine): epsilons, rotary bases, fractions, soft caps.
+NUMBER_KEYS = frozenset(
+    {
+        "layer_norm_epsilon", "layer_norm_eps", "rms_norm_eps", "rope_theta", "rotary_emb_base",
+        "rotary_pct", "partial_rotary_factor", "attn_logit_softcapping", "final_logit_softcapping",
+        "rope_local_base_freq", "factor", "low_freq_factor", "high_freq_factor",
+    }
+)  # fmt: skip
+OPTIONAL_INT_KEYS = frozenset({"bos_token_id", "eos_token_id", "pad_token_id"})
+ROPE_KINDS_WITH_FACTOR = ("linear", "llama3", "dynamic", "yarn", "longrope")
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def check_hf_config(hf: Any, where: str = "config.json") -> None:
+    """Refuse an HF config whose values cannot mean a model, naming the key, the value found
+    and what is accepted: counts and sizes must be positive integers, epsilons and rotary
+    settings numbers, ``rope_scaling`` a dict with a numeric ``factor``. Run before a family
+    reads the config, so no bad value reaches arithmetic or the first forward."""
+    if not isinstance(hf, dict):
+        raise InvalidConfigError(f"{where} should hold a JSON object, found {_type_name(hf)}")
+    for key, value in hf.items():
+        if value is None:
+            continue
+        if key in POSITIVE_INT_KEYS:
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise InvalidConfigError(
+                    f"{where}: {key} must be an integer, found {value!r} ({_type_name(value)}); "
+                    f"write it as a whole number without a decimal point"
+                )
+            if value <= 0:
+                raise InvalidConfigError(f"{where}: {key} must be a positive integer (at least 1), found {value}")
+        elif key in NUMBER_KEYS:
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                raise InvalidConfigError(f"{where}: {key} must be a number, found {value!r} ({_type_name(value)})")
+        elif key in OPTIONAL_INT_KEYS:
+            ids = value if isinstance(value, list) else [value]
+            if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in ids):
+                raise InvalidConfigError(
+                    f"{where}: {key} must be a token id (an integer) or null, found {value!r} ({_type_name(value)})"
+                )
+    for key in ("rope_scaling", "rope_parameters"):
+        _check_rope(hf.get(key), f"{where}: {key}")
+    if isinstance(hf.get("text_config"), dict):
+        check_hf_config(hf["text_config"], f"{where} (text_config)")
+
+
+def _check_rope(value: Any, where: str) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise InvalidConfigError(
+            f"{where} must be a dict like {{'rope_type': 'linear', 'factor': 2.0}} or null, "
+            f"found {value!r} ({_type_name(value)})"
+        )
+    kind = value.get("rope_type", value.get("type", "default"))
+    if kind in ROPE_KINDS_WITH_FACTOR:
+        if "factor" not in value:
+            raise InvalidConfigError(f"{where} has rope_type {kind!r} but no 'factor' (the scaling factor, a number)")
+    check_hf_config({k: v for k, v in value.items() if k in NUMBER_KEYS or k in POSITIVE_INT_KEYS}, where)
 
 
 def head_dim(d_model: int, n_heads: int, width_key: str, heads_key: str) -> int:

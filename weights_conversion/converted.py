@@ -51,13 +51,26 @@ def write_converted(
 
 
 def converted_config(directory: Path, meta: dict) -> ModelConfig:
-    """The ModelConfig in a converted checkpoint's metadata ``meta``, if this format version reads it."""
+    """The ModelConfig in a converted checkpoint's metadata ``meta``, if this format version reads it.
+    Missing or malformed metadata is a ``ValueError`` naming the file and the field."""
+    where = Path(directory) / CONVERTED_CONFIG
+    if not isinstance(meta, dict):
+        raise ValueError(f"{where} should hold a JSON object, found {type(meta).__name__}. Convert the model again.")
     if meta.get("format_version") != CONVERTED_FORMAT_VERSION:
         raise ValueError(
-            f"{Path(directory) / CONVERTED_CONFIG} has format_version {meta.get('format_version')!r}; "
+            f"{where} has format_version {meta.get('format_version')!r}; "
             f"this transformer_hooks reads version {CONVERTED_FORMAT_VERSION}. Convert the model again."
         )
-    return ModelConfig.from_dict(meta["model_config"])
+    model_config = meta.get("model_config")
+    if not isinstance(model_config, dict):
+        raise ValueError(
+            f"{where} has no 'model_config' object (found {model_config!r}): the ModelConfig fields of the "
+            f"converted model. Convert the model again."
+        )
+    try:
+        return ModelConfig.from_dict(model_config)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where}: model_config is malformed: {error}. Convert the model again.") from None
 
 
 def converted_groups(n_layers: int, names: Iterable[str], source: TensorSource, tied: bool, untie: bool) -> list[Group]:

@@ -191,7 +191,7 @@ def torch_bin_source(files: Iterable[Path]) -> TensorSource:
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
         try:  # weights_only: no pickled code runs
-            tensors.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+            tensors.update(_torch_load(file))
         except Exception as e:
             raise CorruptCheckpointError(
                 f"cannot read {file}: {e}. Only plain tensors are loaded from .bin "
@@ -200,6 +200,18 @@ def torch_bin_source(files: Iterable[Path]) -> TensorSource:
     # A clone per tensor: parameters must not alias the memory-mapped file (the loader may
     # adopt a tensor as a parameter without copying it).
     return TensorSource({k: (lambda t=t: t.clone()) for k, t in tensors.items()}, ", ".join(map(str, files)))
+
+
+def _torch_load(file: Path) -> dict[str, torch.Tensor]:
+    """A ``.bin`` state dict, memory-mapped when it is in torch's zip format; the legacy
+    (pre-1.6, non-zip) format cannot be memory-mapped and is read into memory."""
+    import zipfile
+
+    mmap = zipfile.is_zipfile(file)
+    state = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    if not isinstance(state, dict):
+        raise ValueError(f"it holds a {type(state).__name__}, not a state dict of named tensors")
+    return state
 
 
 def in_memory_source(hf_model: Any) -> tuple[dict, TensorSource]:

@@ -49,8 +49,9 @@ class Block(nn.Module):
         pre, post = cfg.norm_placement in ("pre", "both"), cfg.norm_placement in ("both", "post")
         self.ln1 = make_norm(cfg) if pre else nn.Identity()
         self.attn = Attention(cfg, layer)
-        self.ln2 = make_norm(cfg) if pre else nn.Identity()
-        self.mlp = make_mlp(cfg)
+        has_mlp = not cfg.attn_only
+        self.ln2 = make_norm(cfg) if pre and has_mlp else nn.Identity()
+        self.mlp = make_mlp(cfg) if has_mlp else nn.Identity()
         if post:  # fold_ln cannot fold a norm that sits after its writer: these keep their weight
             self.ln1_post, self.ln2_post = post_norm(cfg), post_norm(cfg)
         else:
@@ -109,10 +110,23 @@ class ParallelBlock(Block):
         return self.hook_resid_post(resid_pre + attn_out + mlp_out)
 
 
+class AttnOnlyBlock(Block):
+    """An attention-only block (TransformerLens's toy models): ``resid_post = resid_pre + attn_out``;
+    no MLP, no ln2, and its MLP sites and resid_mid never fire."""
+
+    def forward(
+        self, resid_pre: Resid, mask: AttentionMask, cos_sin: CosSin | None = None, kv_cache: LayerKVCache | None = None
+    ) -> Resid:
+        resid_pre = self.hook_resid_pre(resid_pre)
+        return self.hook_resid_post(resid_pre + self.attention(resid_pre, mask, cos_sin, kv_cache))
+
+
 def post_norm(cfg: ModelConfig) -> nn.Module:
     """The model's norm with its weight, also after ``fold_ln`` (which leaves post-norms alone)."""
     return NORMS[cfg.normalization_type.removesuffix("Pre")](cfg)
 
 
 def make_block(cfg: ModelConfig, layer: int) -> Block:
+    if cfg.attn_only:
+        return AttnOnlyBlock(cfg, layer)
     return ParallelBlock(cfg, layer) if cfg.parallel_residual else SequentialBlock(cfg, layer)

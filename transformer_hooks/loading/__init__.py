@@ -58,7 +58,7 @@ from .build import as_dtype, build_and_fill, build_on_meta, finish, materialize 
 # Buffers some HF checkpoints store that are not weights (causal masks, rotary tables).
 IGNORED_HF_TENSORS = re.compile(
     r"(\.attn\.bias|\.attn\.masked_bias|\.attention\.bias|\.attention\.masked_bias|"
-    r"rotary_emb\.inv_freq)$"
+    r"rotary_emb\.inv_freq|\.attn\.IGNORE|\.attn\.mask|\.attn\.rotary_sin|\.attn\.rotary_cos)$"
 )
 
 
@@ -143,6 +143,7 @@ def _load(
     if hf_model is not None:
         hf_config, source = in_memory_source(hf_model)
         make_tokenizer = lambda: None  # noqa: E731
+        where = "hf_model.config"
     else:
         ckpt = resolve_checkpoint(name_or_path)
         if ckpt.kind == "converted":
@@ -151,12 +152,14 @@ def _load(
             from weights_conversion.gguf import read_gguf
 
             hf_config, source, make_tokenizer = read_gguf(ckpt.gguf_file)
+            where = f"the metadata of {ckpt.gguf_file}"
         else:
             hf_config, source = ckpt.config, tensor_source(ckpt.weight_files)
+            where = str(ckpt.directory / "config.json")
             make_tokenizer = lambda: _hf_tokenizer(ckpt.directory)  # noqa: E731
 
     family = weights_conversion.family_for(hf_config)
-    cfg = family.config_from_hf(hf_config).replace(model_name=str(name_or_path))
+    cfg = weights_conversion.config_from_hf(hf_config, where).replace(model_name=str(name_or_path))
     if tokenizer is None:
         tokenizer = make_tokenizer()
     # As in TransformerLens, prompts start with BOS unless the checkpoint says otherwise. Only

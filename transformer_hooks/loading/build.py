@@ -35,10 +35,18 @@ _DTYPE_NAMES = {
 
 
 def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """The model's dtype: a floating-point ``torch.dtype`` or one of the names in ``_DTYPE_NAMES``."""
     if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ValueError(
+                f"dtype={dtype} is not a floating-point type: a model's weights need one of "
+                f"torch.float32, torch.float16, torch.bfloat16 or torch.float64"
+            )
         return dtype
-    if dtype not in _DTYPE_NAMES:
-        raise ValueError(f"unsupported dtype {dtype!r}; use one of {sorted(_DTYPE_NAMES)}")
+    if not isinstance(dtype, str) or dtype not in _DTYPE_NAMES:
+        raise ValueError(
+            f"unsupported dtype {dtype!r}; use a floating-point torch.dtype or one of {sorted(_DTYPE_NAMES)}"
+        )
     return _DTYPE_NAMES[dtype]
 
 
