@@ -5,7 +5,9 @@ dataset (in batches, memory bounded) and keeps the ``top`` largest activations o
 feature: one per context (the context's strongest token), as SAE dashboards show them.
 ``feature_contexts_html(...)`` writes a self-contained page: one line per context, each
 token shaded by the feature's activation on it (its value on hover), the strongest token
-outlined.
+outlined. Token text is HTML-escaped (a ``<b>`` token shows as ``<b>``), spaces are kept,
+and newlines, tabs and other control characters show as grey escapes (``\\n``, ``\\t``,
+``\\x00``...) instead of vanishing; long contexts wrap at token boundaries.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def top_activations(
         same = np.nonzero(row_context == context)[0] + dataset._row_starts[shard]  # the context's rows
         _, pos = dataset.tokens_of(same)
         acts = [0.0] * tokens.shape[1]
-        for p, r in zip(pos.tolist(), same.tolist()):
+        for p, r in zip(pos.tolist(), same.tolist(), strict=True):
             acts[p] = float(values[r])
         mask = np.asarray(
             dataset._shard(shard)["token_mask"][context - dataset.manifest["shards"][shard]["first_context"]]
@@ -82,6 +84,24 @@ def top_activations(
     return chosen
 
 
+_VISIBLE = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def token_html(text: str) -> str:
+    """``text`` as HTML: escaped, control characters as grey escapes (``\\n``, ``\\t``, ``\\r``,
+    ``\\x00``...; plain ASCII, which every monospace font draws), an empty token as a grey ``∅``."""
+    if text == "":
+        return '<span class="ws">∅</span>'
+    out = []
+    for ch in text:
+        if ch in _VISIBLE or ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0:
+            shown = _VISIBLE.get(ch, f"\\x{ord(ch):02x}")
+            out.append(f'<span class="ws">{shown}</span>')
+        else:
+            out.append(html.escape(ch))
+    return "".join(out)
+
+
 def feature_contexts_html(
     contexts: list[FeatureContext], tokenizer: Any, title: str = "feature", path: str | Path | None = None
 ) -> str:
@@ -90,25 +110,29 @@ def feature_contexts_html(
     rows = []
     for c in contexts:
         spans = []
-        for i, (tok, act) in enumerate(zip(c.tokens, c.activations)):
+        for i, (tok, act) in enumerate(zip(c.tokens, c.activations, strict=True)):
             text = tokenizer.decode([tok]) if tokenizer is not None else f"<{tok}>"
             alpha = max(0.0, min(1.0, act / peak))
             cls = "tok top" if i == c.position else "tok"
             spans.append(
                 f'<span class="{cls}" title="{act:.4g}" style="background: rgba(255,110,0,{alpha:.3f})">'
-                f"{html.escape(text).replace(' ', '&nbsp;') or '&nbsp;'}</span>"
+                f"{token_html(text)}</span>"
             )
         rows.append(
             f'<li class="context" data-activation="{c.activation:.6g}" data-row="{c.row}">'
-            f'<span class="act">{c.activation:.3f}</span> {"".join(spans)}</li>'
+            f'<span class="act">{c.activation:.3f}</span><span class="text">{"".join(spans)}</span></li>'
         )
     page = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
 body {{ font-family: sans-serif; margin: 2em; }}
-ol.contexts li {{ font-family: monospace; margin: 0.3em 0; white-space: nowrap; }}
-.act {{ display: inline-block; width: 5em; color: #555; }}
-.tok.top {{ outline: 2px solid #c40; }}
+ol.contexts {{ padding-left: 3em; }}
+ol.contexts li {{ font-family: monospace; margin: 0.4em 0; line-height: 1.6; }}
+.act {{ float: left; width: 5em; color: #555; }}
+.text {{ display: block; margin-left: 5em; }}
+.tok {{ display: inline-block; white-space: pre; min-width: 0.4em; }}
+.tok.top {{ box-shadow: inset 0 0 0 2px #c40; padding: 0 2px; }}
+.ws {{ color: #777; }}
 </style></head>
 <body><h1>{html.escape(title)}</h1>
 <p>{len(contexts)} contexts, strongest first; each token shaded by the feature's activation (hover for the value).</p>
