@@ -224,7 +224,8 @@ with torch.inference_mode():
         before = faults()
         _, cache = model.run_with_cache(tokens)
         counts.append(faults() - before)
-        nbytes = sum(t.untyped_storage().nbytes() for t in {t.untyped_storage().data_ptr(): t for t in cache.values()}.values())
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in cache.values()}
+        nbytes = sum(storages.values())
         del cache
         gc.collect()
 print(statistics.median(counts[3:]), nbytes / os.sysconf("SC_PAGE_SIZE"), memory.keep_freed_memory_by_default())
