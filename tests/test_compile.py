@@ -1,6 +1,6 @@
 """model.compile(): the forward through torch.compile gives the eager numbers, hooks still
-fire (and edit), and changing which sites are observed compiles once per set of sites,
-never reusing a graph built for another set.
+fire (and edit), and changing which sites are observed compiles a bounded number of times
+per set of sites (then never again), never reusing a graph built for another set.
 
 One-layer Llama-shaped model (rotary, GQA, gated MLP): inductor's compile on CPU takes
 seconds per graph, so the recompile bookkeeping is checked with a counting backend.
@@ -85,12 +85,17 @@ def test_changing_the_observed_sites_compiles_once_per_set_and_never_reuses_anot
 
     for label in runs:
         check(label)
-    compiles = counter.frame_count
-    assert compiles > 0, "nothing was compiled"
-    print("SECOND ROUND")
-    for label in [*runs, *reversed(runs)]:  # every set again, in both orders
+    first = counter.frame_count
+    assert first > 0, "nothing was compiled"
+    for label in [*runs, *reversed(runs)]:  # every set again, after each other set
         check(label)
-    assert counter.frame_count == compiles, "a set of observed sites seen before was compiled again"
+    # A resume function after a graph break (an observed site) can be reached first from
+    # another set's frame: at most one more compile per set, and then none.
+    second = counter.frame_count
+    assert second - first <= len(runs), f"{second - first} compiles for {len(runs)} sets seen before"
+    for label in [*runs, *reversed(runs)]:
+        check(label)
+    assert counter.frame_count == second, "sets of observed sites seen before were compiled again"
 
 
 def test_generation_with_a_compiled_model_gives_the_eager_tokens(path, tokens):

@@ -537,8 +537,10 @@ class HookedTransformer(HookedRootModule):
         eagerly (``torch.compiler.disable``), so the compiled graph never traces user code and
         a hook sees and replaces the real activation. Which sites are observed is part of the
         compiled function's guards (a site's hook lists are read to choose the path): a new
-        set of observed sites compiles once, a set seen before reuses its graph, and past
-        torch's recompile limit (8 per frame) the frame runs eagerly, never wrongly. Decoding
+        set of observed sites compiles its graphs (an observed site is a graph break), a set
+        seen before reuses them (the code resuming after a break may compile once more when
+        first reached from another set), and past torch's recompile limit (8 per frame) a
+        frame runs eagerly: slower, never wrong. Decoding
         steps with a KV cache (``generate``) run eagerly: every step has a new length.
         """
         for hook_point in self.hook_dict.values():
