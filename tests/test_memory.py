@@ -191,3 +191,89 @@ def test_keep_freed_memory_reuses_freed_blocks_instead_of_faulting_them_in_again
     assert faults_per_allocation("default") > 0.9 * pages
     assert faults_per_allocation("keep") < 0.01 * pages
     assert faults_per_allocation("restored") > 0.9 * pages
+
+
+# Reusing freed memory by default -------------------------------------------------------------
+def test_a_held_cache_is_never_overwritten_by_later_runs(model):
+    """run_with_cache keeps freed memory for reuse: the runs after it must reuse only what
+    was freed, never a tensor of a cache still held."""
+    first, other = (torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(s)) for s in (5, 6))
+    _, held = model.run_with_cache(first)
+    copies = {name: t.clone() for name, t in held.items()}
+    for _ in range(5):
+        _, cache = model.run_with_cache(other)
+        del cache
+        gc.collect()
+    changed = [name for name, t in held.items() if not torch.equal(t, copies[name])]
+    assert not changed, f"a later run wrote into a held cache: {changed}"
+    _, again = model.run_with_cache(first)
+    assert all(torch.equal(again[name], t) for name, t in held.items())
+
+
+REUSE_PROBE = """
+import gc, os, resource, statistics, sys, torch
+from transformer_hooks import HookedTransformer, memory
+if sys.argv[2] == "opt-out":
+    memory.keep_freed_memory(False)
+model = HookedTransformer.from_pretrained_no_processing(sys.argv[1])
+tokens = torch.randint(0, int(sys.argv[3]), (16, 64), generator=torch.Generator().manual_seed(0))
+faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+counts = []
+with torch.inference_mode():
+    for _ in range(9):
+        before = faults()
+        _, cache = model.run_with_cache(tokens)
+        counts.append(faults() - before)
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in cache.values()}
+        nbytes = sum(storages.values())
+        del cache
+        gc.collect()
+print(statistics.median(counts[3:]), nbytes / os.sysconf("SC_PAGE_SIZE"), memory.keep_freed_memory_by_default())
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="glibc's malloc: Linux only")
+def test_repeated_run_with_cache_reuses_memory_by_default(hf_checkpoint):
+    """With no setting, the fourth and later run_with_cache calls in a fresh process fault in
+    almost none of the cache's pages (they reuse the previous cache's); after
+    keep_freed_memory(False) each call faults most of them in again (in a child process:
+    the setting is process-wide)."""
+    import subprocess
+    import sys
+
+    path, _ = hf_checkpoint("gpt2")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("MALLOC_") and k != "TRANSFORMER_HOOKS_KEEP_FREED_MEMORY"
+    }
+
+    def probe(mode: str, **extra: str) -> tuple[float, float, str]:
+        out = subprocess.run(
+            [sys.executable, "-c", REUSE_PROBE, str(path), mode, str(VOCAB)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**env, **extra},
+        )
+        faults, pages, again = out.stdout.split()[-3:]
+        return float(faults), float(pages), again
+
+    faults, pages, again = probe("default")
+    assert faults < 0.05 * pages, f"{faults:.0f} page faults per run_with_cache for a cache of {pages:.0f} pages"
+    assert again == "False", "the default must apply once per process"
+    faults, pages, _ = probe("opt-out")
+    assert faults > 0.5 * pages, (
+        f"opted out, yet only {faults:.0f} faults for {pages:.0f} pages: is the probe measuring?"
+    )
+
+
+def test_the_default_leaves_a_choice_made_by_the_environment_alone(hf_checkpoint):
+    import subprocess
+    import sys
+
+    script = "from transformer_hooks import memory; print(memory.keep_freed_memory_by_default())"
+    for variable, value in (("TRANSFORMER_HOOKS_KEEP_FREED_MEMORY", "0"), ("MALLOC_MMAP_THRESHOLD_", "131072")):
+        env = {**os.environ, variable: value}
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
+        assert out.stdout.split()[-1] == "False", f"{variable}={value} must leave glibc's settings alone"

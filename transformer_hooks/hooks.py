@@ -429,7 +429,14 @@ class HookedRootModule(nn.Module):
         ``pos_slice`` (an int, a (start, stop) tuple, a slice or indices, as TransformerLens's
         ``Slice``) keeps only those positions: the query positions of attention scores and
         patterns. An int drops the position dim, as in TransformerLens.
+
+        The first call in a process lets glibc keep freed memory for reuse, so repeated
+        caches reuse pages instead of faulting fresh ones in (``memory.keep_freed_memory``;
+        opt out with ``keep_freed_memory(False)`` or ``TRANSFORMER_HOOKS_KEEP_FREED_MEMORY=0``).
         """
+        from .memory import keep_freed_memory_by_default  # memory imports nothing of ours
+
+        keep_freed_memory_by_default()
         names = self.cache_names(names_filter)
         positions = Slice.unwrap(pos_slice)
         store: dict[str, torch.Tensor] = {}

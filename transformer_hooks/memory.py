@@ -8,11 +8,21 @@ SmolLM2-135M at 1 x 1024 tokens stores 3.5 GB per forward, about 900k page fault
 VM that is half the run's CPU time (see ``benchmarks/RESULTS.md``). ``keep_freed_memory()``
 tells glibc to keep freed blocks on its heap instead, so the next run reuses pages
 that are already mapped. On other C libraries and systems these functions do nothing.
+
+``run_with_cache`` turns this on the first time it runs (``keep_freed_memory_by_default``),
+unless the process already chose: ``keep_freed_memory(False)`` called before (or at any
+time after, which also restores glibc's thresholds), ``TRANSFORMER_HOOKS_KEEP_FREED_MEMORY=0``
+in the environment, or glibc's own ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``
+set. The cost is memory held, not memory lost: after a cache is deleted the resident set
+stays near its peak (up to 2 GiB of free heap is kept), and that memory serves the next
+cache instead of being faulted in again. Reuse never touches a live tensor: the allocator
+only hands out blocks that were freed, so a cache the user holds is never overwritten.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 import warnings
 from typing import Any
@@ -35,6 +45,9 @@ def _glibc() -> Any:
 
 
 _LIBC = _glibc()
+OPT_OUT_VARIABLE = "TRANSFORMER_HOOKS_KEEP_FREED_MEMORY"  # "0": run_with_cache leaves glibc's defaults alone
+_GLIBC_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+_chosen = False  # the process chose (a call of keep_freed_memory, or the default applied once)
 
 
 def return_freed_memory() -> None:
@@ -52,9 +65,28 @@ def keep_freed_memory(keep: bool = True) -> bool:
     set then stays near its peak after a large cache is deleted; that memory serves the
     next one. Returns whether the setting took effect (False without glibc).
     """
+    global _chosen
+    _chosen = True
     if _LIBC is None:
         warnings.warn("keep_freed_memory: this process does not use glibc's malloc; nothing was changed", stacklevel=2)
         return False
+    return _set_thresholds(keep)
+
+
+def keep_freed_memory_by_default() -> bool:
+    """``keep_freed_memory()``, once per process, unless the process chose otherwise (see the
+    module docstring): what ``run_with_cache`` calls. Returns whether freed memory is now kept
+    by this call."""
+    global _chosen
+    if _chosen:
+        return False
+    _chosen = True
+    if _LIBC is None or os.environ.get(OPT_OUT_VARIABLE, "1") == "0" or any(v in os.environ for v in _GLIBC_VARIABLES):
+        return False
+    return _set_thresholds(True)
+
+
+def _set_thresholds(keep: bool) -> bool:
     mmap_threshold, trim_threshold = (1 << 30, (1 << 31) - 1) if keep else (_GLIBC_DEFAULT_THRESHOLD,) * 2
     return bool(_LIBC.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(
         _LIBC.mallopt(_M_TRIM_THRESHOLD, trim_threshold)

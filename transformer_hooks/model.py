@@ -605,6 +605,34 @@ class HookedTransformer(HookedRootModule):
             self.setup_hooks()
         return self
 
+    # Compiling (opt in) ---------------------------------------------------------------------
+    def compile(self, **compile_kwargs: Any) -> "HookedTransformer":
+        """Run calls of the model through ``torch.compile`` (its keyword arguments, e.g.
+        ``backend``, ``mode``), and return the model. Call it last (after loading, processing
+        and moving).
+
+        Hooks still fire, with the numbers of the eager path: each site's hook functions run
+        eagerly (``torch.compiler.disable``), so the compiled graph never traces user code and
+        a hook sees and replaces the real activation. Which sites are observed is part of the
+        compiled function's guards (a site's hook lists are read to choose the path): a new
+        set of observed sites compiles its graphs (an observed site is a graph break), a set
+        seen before reuses them (the code resuming after a break may compile once more when
+        first reached from another set), and past torch's recompile limit (8 per frame) a
+        frame runs eagerly: slower, never wrong. Decoding
+        steps with a KV cache (``generate``) run eagerly: every step has a new length.
+        """
+        for hook_point in self.hook_dict.values():
+            hook_point.forward = torch.compiler.disable(type(hook_point).forward.__get__(hook_point))
+        compiled = torch.compile(self._call_impl, **compile_kwargs)
+        eager = self._call_impl
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return eager(*args, **kwargs) if kwargs.get("past_kv_cache") is not None else compiled(*args, **kwargs)
+
+        # nn.Module.__call__ runs this when set, as nn.Module.compile sets it.
+        self._compiled_call_impl = call
+        return self
+
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """Sample a continuation with a preallocated KV cache; see generate.generate."""
         from .generate import generate
