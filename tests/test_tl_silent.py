@@ -1,0 +1,168 @@
+"""TransformerLens code must give the numbers it gave there: the silent differences of issue 12.
+
+1. a hook owns its tensor (in-place edit == returned edit, other sites untouched);
+7. hooks of run_with_hooks / run_with_cache / hooks() belong to the calling thread.
+"""
+
+import threading
+
+import pytest
+import torch
+from checkpoints import VOCAB
+
+from transformer_hooks import HookedTransformer, sites
+
+FAMILIES = ["gpt2", "pythia", "llama-gqa", "gemma2", "olmo2"]  # learned/rotary, parallel, GQA, both/post norms
+
+
+@pytest.fixture(scope="module")
+def models(hf_checkpoint, one_thread):
+    made: dict = {}
+
+    def get(name: str) -> HookedTransformer:
+        if name not in made:
+            made[name] = HookedTransformer.from_pretrained_no_processing(str(hf_checkpoint(name)[0]))
+        return made[name]
+
+    return get
+
+
+def tokens(batch: int = 2, pos: int = 7, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, pos), generator=torch.Generator().manual_seed(seed))
+
+
+# 1. A hook owns its tensor ----------------------------------------------------------------------
+def in_place(act, hook):
+    act.mul_(1.5)  # returns None: the edit is made in place
+
+
+def returned(act, hook):
+    return act * 1.5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_in_place_edit_equals_returned_edit_at_every_site(models, family):
+    """At every site, an in-place edit changes the logits and every cached site exactly as
+    returning the edited tensor does (bit for bit): no other site sees the edit, whether the
+    per-head expansions are observed or not."""
+    model = models(family)
+    assert model.cfg.parallel_residual == (family == "pythia")
+    toks = tokens()
+    everything = list(model.hook_dict)
+    unexpanded = [n for n in everything if not sites.is_per_head_expansion(n)]
+    failures = []
+    for cached in (unexpanded, everything):
+        for site in cached:
+
+            def run(edit, site=site, cached=cached):
+                with model.hooks(fwd_hooks=[(site, edit)]):
+                    return model.run_with_cache(toks, names_filter=cached)
+
+            logits_a, cache_a = run(in_place)
+            logits_b, cache_b = run(returned)
+            if not torch.equal(logits_a, logits_b):
+                failures.append((site, "logits"))
+            failures += [(site, name) for name in cached if not torch.equal(cache_a[name], cache_b[name])]
+    assert not failures, f"in-place edits differ from returned ones at (edited site, differing site): {failures[:8]}"
+
+
+def test_in_place_edit_of_mlp_in_leaves_the_skip_connection(models):
+    """The case found by porting: editing hook_mlp_in in place also edited resid_mid."""
+    model = models("gpt2")
+    toks = tokens()
+    _, clean = model.run_with_cache(toks, names_filter="blocks.0.hook_resid_mid")
+
+    def zero(act, hook):
+        act.zero_()
+
+    with model.hooks(fwd_hooks=[("blocks.0.hook_mlp_in", zero)]):
+        _, cache = model.run_with_cache(toks, names_filter=["blocks.0.hook_resid_mid", "blocks.0.hook_mlp_in"])
+    assert torch.equal(cache["blocks.0.hook_resid_mid"], clean["blocks.0.hook_resid_mid"])
+    assert bool((cache["blocks.0.hook_mlp_in"] == 0).all())
+
+
+# 7. Threads ---------------------------------------------------------------------------------------
+def test_threads_each_see_only_their_own_hooks(models):
+    """Threads running the same model at once with different temporary hooks (run_with_hooks,
+    run_with_cache, hooks()) each get exactly their single-threaded result; a permanent hook
+    (add_hook) is seen by all of them."""
+    model = models("llama-gqa")
+    toks = tokens()
+    n_threads, iterations = 4, 25
+
+    def shift(k):
+        def hook(act, hook):
+            return act + k
+
+        return hook
+
+    def work(k):
+        """Thread k's three kinds of call; k > 0 edits, and observes a different site set."""
+        site = f"blocks.{k % 2}.hook_resid_pre"
+        a = model.run_with_hooks(toks, fwd_hooks=[(site, shift(k))])
+        _, cache = model.run_with_cache(toks, names_filter=lambda n: n.endswith("hook_pattern") == bool(k % 2))
+        with model.hooks(fwd_hooks=[("blocks.1.attn.hook_pattern", lambda act, hook: act * 0 + k)]):
+            b = model(toks)
+        return a, {n: v for n, v in cache.items()}, b
+
+    def check(got, want):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
+        assert got[1].keys() == want[1].keys()
+        assert all(torch.equal(got[1][n], want[1][n]) for n in want[1])
+
+    def scenario(permanent=()):
+        expected = {k: work(k) for k in range(n_threads)}
+        errors: list = []
+
+        def loop(k):
+            try:
+                for _ in range(iterations):
+                    check(work(k), expected[k])
+            except Exception as e:  # noqa: BLE001  (reported below, with the thread)
+                errors.append((k, repr(e)[:300]))
+
+        threads = [threading.Thread(target=loop, args=(k,)) for k in range(n_threads)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        assert [n for n, hp in model.hook_dict.items() if hp.observed] == list(permanent)
+
+    scenario()
+    model.add_hook("blocks.0.hook_mlp_out", lambda act, hook: act * 0.5)  # model-wide: every thread
+    try:
+        with_permanent = model(toks)
+        scenario(["blocks.0.hook_mlp_out"])
+        assert torch.equal(model(toks), with_permanent)
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(model(toks)))
+        t.start()
+        t.join()
+        assert torch.equal(seen[0], with_permanent)
+    finally:
+        model.reset_hooks(including_permanent=True)
+    assert not torch.equal(model(toks), with_permanent)
+
+
+def test_a_scoped_hook_is_invisible_to_another_thread(models):
+    model = models("gpt2")
+    toks = tokens()
+    clean = model(toks)
+    inside, seen_inside = threading.Event(), threading.Event()
+    other: list = []
+
+    def other_thread():
+        inside.wait()
+        other.append((model(toks), model.hook_dict["blocks.0.hook_resid_pre"].observed))
+        seen_inside.set()
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", lambda act, hook: act * 0)]):
+        assert model.hook_dict["blocks.0.hook_resid_pre"].observed
+        inside.set()
+        seen_inside.wait()
+        assert not torch.equal(model(toks), clean)
+    t.join()
+    assert torch.equal(other[0][0], clean) and other[0][1] is False
