@@ -166,3 +166,21 @@ def test_a_scoped_hook_is_invisible_to_another_thread(models):
         assert not torch.equal(model(toks), clean)
     t.join()
     assert torch.equal(other[0][0], clean) and other[0][1] is False
+
+
+# 5. The explicit attention path in TransformerLens's order -----------------------------------------
+@pytest.mark.parametrize("family", ["gpt2", "gpt2-untied-inverse-layer"])
+def test_main_demo_pattern_from_q_and_k_equals_the_cached_pattern(models, family):
+    """TransformerLens's Main Demo recomputes layer 0's pattern from the cached q and k and
+    checks torch.equal with cache["pattern", 0]."""
+    model = models(family)
+    _, cache = model.run_with_cache(tokens(batch=1, pos=9), remove_batch_dim=True)
+    for layer in range(model.cfg.n_layers):
+        q, k = cache["q", layer], cache["k", layer]
+        seq_len = q.shape[0]
+        scores = torch.einsum("qnh,knh->nqk", q, k)  # "seqQ n h, seqK n h -> n seqQ seqK"
+        mask = torch.triu(torch.ones((seq_len, seq_len), dtype=torch.bool), diagonal=1)
+        scores.masked_fill_(mask, -1e9)
+        attn_scale = model.cfg.d_head**0.5 * (layer + 1 if model.cfg.scale_attn_by_inverse_layer_idx else 1)
+        pattern = (scores / attn_scale).softmax(-1)
+        assert torch.equal(pattern, cache["pattern", layer])
