@@ -184,3 +184,31 @@ def test_main_demo_pattern_from_q_and_k_equals_the_cached_pattern(models, family
         attn_scale = model.cfg.d_head**0.5 * (layer + 1 if model.cfg.scale_attn_by_inverse_layer_idx else 1)
         pattern = (scores / attn_scale).softmax(-1)
         assert torch.equal(pattern, cache["pattern", layer])
+
+
+# 6. Per-head sites and broad filters ---------------------------------------------------------------
+def test_a_broad_callable_filter_keeps_transformer_lens_shapes(models):
+    """``lambda name: "_input" not in name`` (TransformerLens code) must not observe hook_attn_in,
+    which would switch ln1 to per-head shapes; a callable selects the switched sites only once
+    their set_use_* switch is on, and a name always selects them."""
+    model = models("llama-gqa")
+    b, p, d = 2, 7, model.cfg.d_model
+    _, cache = model.run_with_cache(tokens(), names_filter=lambda name: "_input" not in name)
+    assert tuple(cache["blocks.0.ln1.hook_scale"].shape) == (b, p, 1)
+    assert tuple(cache["blocks.0.ln1.hook_normalized"].shape) == (b, p, d)
+    switched = ("hook_attn_in", "hook_mlp_in", "attn.hook_result")
+    assert not [n for n in cache.keys() if n.endswith(switched)]
+    seen = []
+    model.run_with_hooks(tokens(), fwd_hooks=[(lambda n: n.endswith("hook_attn_in"), lambda a, hook: seen.append(1))])
+    assert seen == []
+    model.set_use_attn_in(True)
+    model.set_use_hook_mlp_in(True)
+    try:
+        _, cache = model.run_with_cache(tokens(), names_filter=lambda name: "_input" not in name)
+        assert tuple(cache["blocks.0.hook_attn_in"].shape) == (b, p, model.cfg.n_heads, d)
+        assert "blocks.0.hook_mlp_in" in cache and "blocks.0.attn.hook_result" not in cache
+    finally:
+        model.set_use_attn_in(False)
+        model.set_use_hook_mlp_in(False)
+    _, named = model.run_with_cache(tokens(), names_filter=["blocks.0.hook_attn_in", "blocks.1.attn.hook_result"])
+    assert set(named.keys()) == {"blocks.0.hook_attn_in", "blocks.1.attn.hook_result"}

@@ -346,9 +346,20 @@ class HookCache:
 class HookedRootModule(nn.Module):
     """Registry of a model's hook points, keyed by TransformerLens names."""
 
-    # Per-head expansions (relative names from sites.PER_HEAD_EXPANSIONS) that run_with_cache()
-    # stores when no names_filter is given; set through TransformerLens's set_use_attn_result & co.
-    cached_expansions: frozenset[str] = frozenset()
+    # TransformerLens switches that are on (sites.TL_FLAGS: "use_attn_result", ...; set through
+    # set_use_attn_result & co.). A site whose row names a switch that is off is left out of the
+    # default cache and of callable filters, as TransformerLens never runs its hook.
+    tl_flags: frozenset[str] = frozenset()
+
+    @property
+    def cached_expansions(self) -> frozenset[str]:
+        """The per-head expansions (relative names) whose switch is on."""
+        return frozenset(s.name for s in sites.SITES if s.per_head_expansion and s.tl_flag in self.tl_flags)
+
+    def switched_off(self, name: str) -> bool:
+        """Whether site ``name`` needs a TransformerLens switch that is off (see ``tl_flags``)."""
+        flag = sites.tl_flag(name)
+        return flag is not None and flag not in self.tl_flags
 
     def setup_hooks(self) -> None:
         """Name every HookPoint after its module path. Call at the end of ``__init__``."""
@@ -386,11 +397,13 @@ class HookedRootModule(nn.Module):
         )
 
     def resolve_hook_names(self, names: NameFilter) -> list[str]:
-        """Hook names selected by a name, a list of names, a glob, or a predicate."""
+        """Hook names selected by a name, a list of names, a glob, or a predicate. A predicate
+        never selects a site whose TransformerLens switch is off (``switched_off``): ported code
+        such as ``lambda name: "_input" not in name`` then sees TransformerLens's sites and shapes."""
         if names is None:
             return list(self.hook_dict)
         if callable(names):
-            return [n for n in self.hook_dict if names(n)]
+            return [n for n in self.hook_dict if not self.switched_off(n) and names(n)]
         if isinstance(names, str):
             names = [names]
         selected: list[str] = []
@@ -504,14 +517,10 @@ class HookedRootModule(nn.Module):
 
     def cache_names(self, names_filter: NameFilter) -> list[str]:
         """The sites ``run_with_cache(names_filter=...)`` stores. With no filter: every site
-        except the per-head expansions (each is n_heads copies of a residual) that are not
-        switched on (``set_use_attn_result`` and friends)."""
+        except those whose TransformerLens switch is off (``set_use_attn_result`` and friends:
+        the per-head expansions, each n_heads copies of a residual, and ``hook_mlp_in``)."""
         if names_filter is None:
-            return [
-                n
-                for n in self.hook_dict
-                if not sites.is_per_head_expansion(n) or sites.split_name(n)[1] in self.cached_expansions
-            ]
+            return [n for n in self.hook_dict if not self.switched_off(n)]
         return self.resolve_hook_names(names_filter)
 
     def run_with_cache(

@@ -465,28 +465,28 @@ class HookedTransformer(HookedRootModule):
         return sites.why_absent(name, self.cfg)
 
     # TransformerLens switches ------------------------------------------------------------
-    # In TransformerLens these sites exist only once switched on. Here every site always
-    # exists and costs nothing until observed; a switch only decides whether run_with_cache()
-    # with no names_filter stores it (each is n_heads copies of an activation, so they start off).
-    def _cache_by_default(self, short_names: tuple[str, ...], on: bool) -> None:
-        names = {row.name for a in short_names for row in sites.by_alias(a) if row.per_head_expansion}
-        self.cached_expansions = frozenset(self.cached_expansions | names if on else self.cached_expansions - names)
+    # In TransformerLens these sites run their hooks only once switched on. Here every site
+    # always exists and costs nothing until observed; a switch decides whether run_with_cache()
+    # with no names_filter, and a callable filter, select it (sites.py's tl_flag column), so
+    # ported code gets TransformerLens's sites and shapes. A name (or a list) always selects it.
+    def _switch(self, flag: str, on: bool) -> None:
+        self.tl_flags = frozenset(self.tl_flags | {flag} if on else self.tl_flags - {flag})
 
     def set_use_attn_result(self, use_attn_result: bool) -> None:
-        """Cache ``attn.hook_result`` (each head's output, [batch, pos, head, d_model]) by default."""
-        self._cache_by_default(("result",), use_attn_result)
+        """Select ``attn.hook_result`` (each head's output, [batch, pos, head, d_model]) by default."""
+        self._switch("use_attn_result", use_attn_result)
 
     def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
-        """Cache ``hook_q_input``, ``hook_k_input`` and ``hook_v_input`` (per head) by default."""
-        self._cache_by_default(("q_input", "k_input", "v_input"), use_split_qkv_input)
+        """Select ``hook_q_input``, ``hook_k_input`` and ``hook_v_input`` (per head) by default."""
+        self._switch("use_split_qkv_input", use_split_qkv_input)
 
     def set_use_attn_in(self, use_attn_in: bool) -> None:
-        """Cache ``hook_attn_in`` (the attention input, per head) by default."""
-        self._cache_by_default(("attn_in",), use_attn_in)
+        """Select ``hook_attn_in`` (the attention input, per head) by default."""
+        self._switch("use_attn_in", use_attn_in)
 
     def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
-        """Accepted so TransformerLens code runs: ``hook_mlp_in`` always exists here, and the
-        default cache holds it at no cost (it shares storage with the residual the MLP reads)."""
+        """Select ``hook_mlp_in`` (a copy of the residual the MLP reads) by default."""
+        self._switch("use_hook_mlp_in", use_hook_mlp_in)
 
     def process_weights_(
         self,
