@@ -212,3 +212,33 @@ def test_a_broad_callable_filter_keeps_transformer_lens_shapes(models):
         model.set_use_hook_mlp_in(False)
     _, named = model.run_with_cache(tokens(), names_filter=["blocks.0.hook_attn_in", "blocks.1.attn.hook_result"])
     assert set(named.keys()) == {"blocks.0.hook_attn_in", "blocks.1.attn.hook_result"}
+
+
+# 2. Left-padded token batches without attention_mask ----------------------------------------------
+@pytest.mark.parametrize("family", ["gpt2", "llama-gqa"])
+def test_left_padded_tokens_without_a_mask_are_masked_as_transformer_lens_does(hf_checkpoint, family):
+    """TransformerLens 3.9 (HookedTransformer.forward, utils.get_attention_mask): token ids
+    from a left-padding tokenizer have their leading pads masked; a BOS equal to the pad token
+    stays real; a right-padding tokenizer infers no mask."""
+    from tokenizers_util import tiny_tokenizer
+
+    model = HookedTransformer.from_pretrained_no_processing(str(hf_checkpoint(family)[0]))
+    texts = ["The capital of France is Paris", "The capital", "Mary"]
+    for pad_token in ("</s>", "<s>"):  # the second: BOS is the pad token
+        tok = tiny_tokenizer(VOCAB)
+        tok.pad_token = pad_token
+        model.set_tokenizer(tok, default_padding_side="left")
+        toks, mask = model.to_tokens_and_mask(texts)
+        assert not bool(mask.all()) and bool((toks[:, 0] == tok.pad_token_id).any())
+        assert torch.equal(model(toks), model(toks, attention_mask=mask))
+        assert torch.equal(model(toks), model(texts))
+        for i, text in enumerate(texts):
+            alone = model(text)[0]
+            torch.testing.assert_close(model(toks)[i, -alone.shape[0] :], alone, atol=1e-5, rtol=0)
+        if pad_token == "<s>":  # without prepend_bos, TransformerLens treats the BOS as padding too
+            no_bos = mask.clone()
+            no_bos[torch.arange(len(texts)), (mask == 0).sum(-1)] = 0
+            assert torch.equal(model(toks, prepend_bos=False), model(toks, attention_mask=no_bos))
+    tok.padding_side = "right"
+    left_padded = model.to_tokens(texts, padding_side="left")
+    assert torch.equal(model(left_padded), model(left_padded, attention_mask=torch.ones_like(left_padded)))

@@ -129,7 +129,9 @@ class HookedTransformer(HookedRootModule):
         [batch, pos] / [pos]. With ``start_at_layer``, ``input`` is the residual stream
         [batch, pos, d_model] entering that block (pass ``tokens`` for a loss).
         ``attention_mask``: 1 for real tokens, 0 for padding (either side); positions count
-        real tokens only, so a padded row gives the logits it gives alone.
+        real tokens only, so a padded row gives the logits it gives alone. Without it, token
+        ids from a tokenizer that pads on the left have their leading pad tokens masked, as
+        TransformerLens does (see ``tokens.left_padding_mask``).
         ``stop_at_layer``: return the residual stream entering that block (before it runs).
         ``return_type``: "logits", "loss" (mean next-token cross-entropy), "both" or None.
         """
@@ -144,7 +146,12 @@ class HookedTransformer(HookedRootModule):
             )
 
         if start_at_layer is None:
-            tokens, attention_mask = self.tokens_and_mask(input, prepend_bos, padding_side, attention_mask)
+            # Token ids from a left-padding tokenizer get TransformerLens's inferred padding mask
+            # (tokens.left_padding_mask), except in a decoding step after a prefill.
+            decoding = past_kv_cache is not None and past_kv_cache.length > 0
+            tokens, attention_mask = tokens_lib.tokens_and_mask(
+                self.tokenizer, self.cfg, input, prepend_bos, padding_side, attention_mask, self.device, not decoding
+            )
             batch, q_len = tokens.shape
         else:
             resid = input
