@@ -242,3 +242,17 @@ def test_left_padded_tokens_without_a_mask_are_masked_as_transformer_lens_does(h
     tok.padding_side = "right"
     left_padded = model.to_tokens(texts, padding_side="left")
     assert torch.equal(model(left_padded), model(left_padded, attention_mask=torch.ones_like(left_padded)))
+
+
+# 4. Positions ------------------------------------------------------------------------------------
+def test_a_pos_slice_list_past_the_sequence_raises(models):
+    from transformer_hooks.utils import IndexOutOfRangeError
+
+    model = models("gpt2")
+    _, cache = model.run_with_cache(tokens(pos=5))
+    with pytest.raises(IndexOutOfRangeError, match="position/index=5 is out of range"):
+        model.run_with_cache(tokens(pos=5), pos_slice=[0, 5])
+    with pytest.raises(IndexOutOfRangeError, match="position/index=-6"):
+        cache.accumulated_resid(pos_slice=[-6])
+    kept = model.run_with_cache(tokens(pos=5), pos_slice=[0, -1])[1]
+    assert torch.equal(kept["resid_post", 1], cache["resid_post", 1][:, [0, 4]])
