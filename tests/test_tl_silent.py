@@ -256,3 +256,21 @@ def test_a_pos_slice_list_past_the_sequence_raises(models):
         cache.accumulated_resid(pos_slice=[-6])
     kept = model.run_with_cache(tokens(pos=5), pos_slice=[0, -1])[1]
     assert torch.equal(kept["resid_post", 1], cache["resid_post", 1][:, [0, 4]])
+
+
+def test_logit_lens_at_the_last_position_reads_each_rows_last_real_token(hf_checkpoint):
+    from tokenizers_util import tiny_tokenizer
+
+    from transformer_hooks.lens import logit_lens
+
+    model = HookedTransformer.from_pretrained_no_processing(str(hf_checkpoint("llama-gqa")[0]))
+    model.set_tokenizer(tiny_tokenizer(VOCAB), default_padding_side="right")
+    model.tokenizer.pad_token = "</s>"
+    texts = ["The capital of France is Paris", "Mary"]
+    batch = logit_lens(model, texts, pos_slice=-1, progress=False)
+    toks, mask = model.to_tokens_and_mask(texts)
+    from_tokens = logit_lens(model, toks, pos_slice=-1, progress=False, attention_mask=mask)
+    for i, text in enumerate(texts):
+        alone = logit_lens(model, text, pos_slice=-1, progress=False)
+        torch.testing.assert_close(batch.top_logits[:, i], alone.top_logits[:, 0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(from_tokens.top_logits[:, i], alone.top_logits[:, 0], atol=1e-5, rtol=0)
