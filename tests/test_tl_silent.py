@@ -274,3 +274,36 @@ def test_logit_lens_at_the_last_position_reads_each_rows_last_real_token(hf_chec
         alone = logit_lens(model, text, pos_slice=-1, progress=False)
         torch.testing.assert_close(batch.top_logits[:, i], alone.top_logits[:, 0], atol=1e-5, rtol=0)
         torch.testing.assert_close(from_tokens.top_logits[:, i], alone.top_logits[:, 0], atol=1e-5, rtol=0)
+
+
+# 3. accumulated_resid(apply_ln=True) recomputes the final norm per row ------------------------------
+@pytest.mark.parametrize("family", ["gpt2", "llama-gqa"])
+def test_accumulated_resid_at_the_final_layer_normalises_each_row_itself(models, family):
+    """TransformerLens 3.9: accumulated_resid(apply_ln=True) at the final layer puts each row
+    through ln_final (recompute_ln); decompose_resid keeps the cached scale, so its rows still
+    add up to the final norm's output (minus its bias)."""
+    model = models(family)
+    _, cache = model.run_with_cache(tokens())
+    raw, labels = cache.accumulated_resid(return_labels=True)
+    normed = cache.accumulated_resid(apply_ln=True)
+    for i in range(len(labels)):
+        torch.testing.assert_close(normed[i], model.ln_final(raw[i]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        normed[-1],
+        cache["ln_final.hook_normalized"] * (1 if family == "gpt2" else model.ln_final.w),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+    cached_scale = cache.apply_ln_to_stack(raw)  # recompute_ln defaults to False, as in TransformerLens
+    assert not torch.allclose(cached_scale[0], normed[0], atol=1e-3)
+    assert torch.equal(cache.apply_ln_to_stack(raw, recompute_ln=True), normed)
+    bias = getattr(model.ln_final, "b", torch.zeros(()))
+    parts = cache.decompose_resid(apply_ln=True)
+    torch.testing.assert_close(parts.sum(0) + bias, normed[-1], atol=1e-4, rtol=1e-4)
+    earlier = cache.accumulated_resid(1, apply_ln=True)  # not the final layer: the cached scale of ln1
+    torch.testing.assert_close(
+        earlier[-1] + getattr(model.blocks[1].ln1, "b", torch.zeros(())),
+        cache["blocks.1.ln1.hook_normalized"] * (1 if family == "gpt2" else model.blocks[1].ln1.w),
+        atol=1e-5,
+        rtol=1e-5,
+    )
