@@ -202,7 +202,9 @@ def test_default_cache_skips_per_head_expansions_and_holds_each_site_once(loaded
     expected = {
         n
         for n in model.hook_dict
-        if not n.endswith(("attn.hook_result", "hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input"))
+        if not n.endswith(
+            ("attn.hook_result", "hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input", "hook_mlp_in")
+        )
     }
     assert set(cache.keys()) == expected
     # Sites that are the same tensor (resid_post of layer L is resid_pre of L + 1) share storage.

@@ -71,8 +71,9 @@ def test_every_site_exists_with_its_shape(hf_checkpoint, name):
     assert set(model.hook_dict) == set(expected)
     # Caching per-head inputs changes ln1's input to [B, P, head, d]; check those sites apart.
     per_head_inputs = ("hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input")
-    _, cache = model.run_with_cache(tokens(), names_filter=lambda n: not n.endswith(per_head_inputs))
-    _, head_cache = model.run_with_cache(tokens(), names_filter=lambda n: n.endswith(per_head_inputs))
+    # Lists, not predicates: a predicate leaves out the sites whose TransformerLens switch is off.
+    _, cache = model.run_with_cache(tokens(), names_filter=[n for n in expected if not n.endswith(per_head_inputs)])
+    _, head_cache = model.run_with_cache(tokens(), names_filter=[n for n in expected if n.endswith(per_head_inputs)])
     shapes = {k: tuple(v.shape) for k, v in {**cache.cache_dict, **head_cache.cache_dict}.items()}
     assert shapes == expected
 
@@ -83,7 +84,8 @@ def test_default_cache_leaves_out_per_head_expansions(hf_checkpoint, name):
     _, cache = model.run_with_cache(tokens())
     expansions = ("attn.hook_result", "hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input")
     assert not [k for k in cache.keys() if k.endswith(expansions)]
-    assert set(cache.keys()) == {k for k in model.hook_dict if not k.endswith(expansions)}
+    # hook_mlp_in too, as TransformerLens (until set_use_hook_mlp_in(True)).
+    assert set(cache.keys()) == {k for k in model.hook_dict if not k.endswith((*expansions, "hook_mlp_in"))}
     assert all(not t.requires_grad for t in cache.values())
 
 

@@ -331,7 +331,10 @@ def test_fused_attention_equals_explicit_and_observing_changes_nothing(data, spe
             fwd_hooks=[(lambda n: n.endswith("hook_pattern"), lambda x, hook: None)],
         )
         # Observing every site, per-head inputs and results included, takes every slow path.
-        everything, cache = model.run_with_cache(batch.tokens, attention_mask=batch.mask, names_filter=lambda n: True)
+        # A list: a predicate skips the sites whose TransformerLens switch (set_use_*) is off.
+        everything, cache = model.run_with_cache(
+            batch.tokens, attention_mask=batch.mask, names_filter=list(model.hook_dict)
+        )
         assert "blocks.0.hook_q_input" in cache and "blocks.0.attn.hook_result" in cache
         for row in range(batch.tokens.shape[0]):
             real = batch.real(row)

@@ -43,8 +43,12 @@ def tokens():
 def full_cache(model, **kwargs):
     """Every site, cached. Observing the per-head inputs makes ln1 read [batch, pos, head,
     d_model] (its scale gains a head axis), so those are cached in a second run."""
-    _, cache = model.run_with_cache(tokens(), names_filter=lambda n: not n.endswith(PER_HEAD_INPUTS), **kwargs)
-    _, heads = model.run_with_cache(tokens(), names_filter=lambda n: n.endswith(PER_HEAD_INPUTS), **kwargs)
+    # Lists, not predicates: a predicate leaves out the sites whose TransformerLens switch is off.
+    names = list(model.hook_dict)
+    _, cache = model.run_with_cache(
+        tokens(), names_filter=[n for n in names if not n.endswith(PER_HEAD_INPUTS)], **kwargs
+    )
+    _, heads = model.run_with_cache(tokens(), names_filter=[n for n in names if n.endswith(PER_HEAD_INPUTS)], **kwargs)
     return {**cache.cache_dict, **heads.cache_dict}
 
 
@@ -89,9 +93,11 @@ def test_pos_slice_cuts_the_position_axis_the_table_names(model):
 
 
 def test_default_cache_is_every_site_but_the_per_head_expansions(model):
+    """... and hook_mlp_in: the sites whose TransformerLens switch is off, as in TransformerLens."""
     _, cache = model.run_with_cache(tokens())
-    expected = [n for n in sites.hook_names(model.cfg) if not sites.lookup(n).per_head_expansion]
+    expected = [n for n in sites.hook_names(model.cfg) if not sites.lookup(n).tl_flag]
     assert sorted(cache.keys()) == sorted(expected)
+    assert all(sites.lookup(n).tl_flag for n in sites.hook_names(model.cfg) if sites.lookup(n).per_head_expansion)
     model.set_use_attn_result(True)
     try:
         _, cache = model.run_with_cache(tokens())

@@ -118,10 +118,16 @@ def test_cached_head_results_sum_to_the_attention_output(gpt2):
         torch.testing.assert_close(summed, cache["attn_out", layer], atol=1e-5, rtol=0)
 
 
-def test_set_use_hook_mlp_in_is_accepted_and_mlp_in_is_always_cached(gpt2):
+def test_set_use_hook_mlp_in_decides_whether_the_default_cache_holds_mlp_in(gpt2):
+    """As TransformerLens: hook_mlp_in is left out until set_use_hook_mlp_in(True)."""
+    assert "blocks.0.hook_mlp_in" not in gpt2.run_with_cache(TOKENS)[1]
     gpt2.set_use_hook_mlp_in(True)
-    _, cache = gpt2.run_with_cache(TOKENS)
-    assert "blocks.0.hook_mlp_in" in cache
+    try:
+        _, cache = gpt2.run_with_cache(TOKENS)
+        assert "blocks.0.hook_mlp_in" in cache
+    finally:
+        gpt2.set_use_hook_mlp_in(False)
+    assert "blocks.0.hook_mlp_in" in gpt2.run_with_cache(TOKENS, names_filter="blocks.0.hook_mlp_in")[1]
 
 
 def test_all_head_labels_match_the_stacked_head_results(gpt2):

@@ -501,8 +501,10 @@ def _resume(out: Path, model: Any, fingerprint: dict[str, Any]) -> dict[str, Any
     else:
         manifest = fresh
     listed = {e["file"] for e in manifest["shards"]} | {MANIFEST}
-    for f in out.iterdir():  # temp files and shards a kill left unlisted
-        if f.is_file() and f.name not in listed and (f.name.startswith((".shard_", ".manifest", "shard_"))):
+    # Temp files and shards a kill left unlisted; ".tmp*" are safetensors' own temp files (it
+    # writes to ".tmpXXXXXX" beside the target, then renames).
+    for f in out.iterdir():
+        if f.is_file() and f.name not in listed and f.name.startswith((".shard_", ".manifest", "shard_", ".tmp")):
             f.unlink()
     if not path.exists():
         _write_manifest(out, manifest)

@@ -174,10 +174,13 @@ class ActivationCache(HookCache):
         ``resid_mid`` of ``layer`` itself. Parallel-residual blocks have no ``resid_mid``,
         so ``incl_mid`` adds nothing there.
 
-        ``apply_ln``: divide every row by the cached scale of the norm that reads
-        ``layer``'s input (see ``apply_ln_to_stack``), as TransformerLens does: the last row
-        is then exactly what that norm computes; earlier rows share its scale. For a lens
-        that normalises each row by its own statistics see ``lens.logit_lens``.
+        ``apply_ln``: as TransformerLens 3.9 does. At the final layer (the default), each row
+        goes through the final norm with its own statistics (``apply_ln_to_stack(...,
+        recompute_ln=True)``: a logit lens). At an earlier layer, every row is divided by the
+        cached scale of the norm that reads ``layer``'s input: the last row is then exactly
+        what that norm computes; earlier rows share its scale. (``decompose_resid`` and
+        ``stack_head_results`` keep the cached scale at every layer: it is what makes
+        contributions add up to the logits.)
         """
         layer = self._stack_layer(layer)
         self._check_mlp_input(layer, mlp_input)
@@ -197,7 +200,9 @@ class ActivationCache(HookCache):
                 labels.append(f"{l}_mid")
         stack = torch.stack(_one_device([pos_slice.apply(p, dim=_RESID_POS) for p in parts]))
         if apply_ln:
-            stack = self.apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=pos_slice)
+            stack = self.apply_ln_to_stack(
+                stack, layer, mlp_input=mlp_input, pos_slice=pos_slice, recompute_ln=layer == n
+            )
         return (stack, labels) if return_labels else stack
 
     def decompose_resid(
@@ -471,6 +476,7 @@ class ActivationCache(HookCache):
         pos_slice: SliceInput | Slice = None,
         batch_slice: SliceInput | Slice = None,
         has_batch_dim: bool = True,
+        recompute_ln: bool = False,
     ) -> Float[torch.Tensor, "... d_model"]:
         """What each component of a residual stack contributes to the output of the norm
         that reads ``layer``'s input (``ln_final`` for the full model; ``ln1``, or ``ln2``
@@ -491,6 +497,11 @@ class ActivationCache(HookCache):
         The stack is ``[..., *batch_and_pos, d_model]`` with any number of leading
         component dims; its batch/pos dims must be those of the cached scale after
         ``pos_slice`` (pass the ``pos_slice`` the stack was built with) and ``batch_slice``.
+
+        ``recompute_ln`` (TransformerLens's argument and default): at the final layer, put each
+        component through the final norm with statistics recomputed from that component
+        (weight and bias included, as the norm computes them) instead of the cached scale:
+        a logit lens of each row. The rows then no longer add up to the norm's output.
         """
         d_model = self.cfg.d_model
         if residual_stack.shape[-1] != d_model:
@@ -503,6 +514,20 @@ class ActivationCache(HookCache):
         self._check_mlp_input(layer, mlp_input)
         pos_slice, batch_slice = Slice.unwrap(pos_slice), Slice.unwrap(batch_slice)
         norm = self._norm(layer, mlp_input)
+        if recompute_ln and layer == self.cfg.n_layers:
+            from .components.norms import normalize
+
+            if self.has_batch_dim and has_batch_dim and batch_slice.mode != "empty":
+                residual_stack = batch_slice.apply(residual_stack, dim=1)
+            w, b = getattr(norm, "w", None), getattr(norm, "b", None)
+            out = normalize(
+                residual_stack,
+                self.cfg.norm_centres,
+                norm.eps,
+                _like(w, residual_stack.float()) if w is not None else None,
+                _like(b, residual_stack.float()) if b is not None else None,
+            )
+            return out.to(residual_stack.dtype)
         scale_name = (
             "ln_final.hook_scale"
             if layer == self.cfg.n_layers

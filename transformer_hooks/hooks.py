@@ -9,7 +9,19 @@ per-head results, per-head inputs).
 ``HookedRootModule`` gives a model the registry: ``hook_dict``, ``add_hook``,
 ``reset_hooks``, the ``hooks()`` context manager, ``run_with_hooks`` and
 ``run_with_cache``. Hooks added inside a context are removed when it exits, on success
-or on any exception, so a failing hook never stays attached. It works for any module
+or on any exception, so a failing hook never stays attached.
+
+Two hook lifetimes: ``add_hook`` attaches a hook to the model (every thread sees it);
+``hooks()`` / ``run_with_hooks`` / ``run_with_cache`` attach theirs to the calling
+thread only (a ``contextvars`` variable maps each hook point to its scoped hooks), so
+threads that run the same model at once each get their single-threaded result.
+
+A hook owns its tensor: a site built with ``HookPoint(copy_input=True)`` (one whose input
+is also read elsewhere: the skip connection beside ``hook_mlp_in``, the previous block's
+``hook_resid_post`` beside ``hook_resid_pre``, ``hook_attn_in`` beside the per-head
+inputs) hands its hooks a copy, so an in-place edit has exactly the effect of returning
+the edited tensor. The copy is made only when a hook that may edit is attached (the
+cache's own reader hooks are marked ``reads_only``). It works for any module
 built from ``HookPoint``s (an SAE, a toy model): ``run_with_cache`` returns a plain
 ``HookCache`` of tensors by name, which ``HookedTransformer`` wraps in its
 ``ActivationCache``. Which transformer sites exist, their axes and which are per-head
@@ -19,10 +31,13 @@ expansions is ``sites.py``'s table.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import difflib
 import fnmatch
+import itertools
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 
@@ -46,11 +61,52 @@ class HookShapeError(ValueError):
     """A hook function returned a tensor that cannot replace the activation."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Hook:
     fn: HookFn
     level: int | None  # the hooks() context that added it; None for add_hook()
     permanent: bool
+    reads_only: bool = False  # never edits the activation in place (the cache's savers)
+    alive: bool = True  # False once removed: a backward pass recorded before then skips it
+
+
+def reads_only(fn: HookFn) -> HookFn:
+    """Mark a hook that never edits its activation in place: a site whose input is shared
+    makes no copy for it (see ``HookPoint(copy_input=True)``)."""
+    fn.reads_only = True  # type: ignore[attr-defined]
+    return fn
+
+
+# Hooks of hooks() contexts, visible only to the context (thread, task) that added them:
+# {hook point: (fwd hooks, bwd hooks)}. Never mutated: each change sets a new dict.
+_Scoped = dict["HookPoint", tuple[tuple[_Hook, ...], tuple[_Hook, ...]]]
+_NO_SCOPED: _Scoped = {}
+_SCOPED: contextvars.ContextVar[_Scoped] = contextvars.ContextVar("transformer_hooks_scoped", default=_NO_SCOPED)  # noqa: B039
+_SCOPED_LOCK = threading.Lock()  # guards HookPoint.n_scoped counts
+_LEVELS = itertools.count(1)  # hooks() levels, unique across threads
+
+
+def _drop_scoped(keep: Callable[["HookPoint", _Hook], bool], points: Iterable["HookPoint"] | None = None) -> None:
+    """Remove this context's scoped hooks (of ``points``, or all) for which ``keep`` is False."""
+    scoped = _SCOPED.get()
+    wanted = None if points is None else set(points)
+    new: dict[HookPoint, tuple[tuple[_Hook, ...], tuple[_Hook, ...]]] = {}
+    dropped: list[tuple[HookPoint, _Hook]] = []
+    for hp, lists in scoped.items():
+        if wanted is not None and hp not in wanted:
+            new[hp] = lists
+            continue
+        kept = tuple(tuple(h for h in hooks if keep(hp, h)) for hooks in lists)
+        dropped += [(hp, h) for hooks in lists for h in hooks if not keep(hp, h)]
+        if kept[0] or kept[1]:
+            new[hp] = kept  # type: ignore[assignment]
+    if not dropped:
+        return
+    _SCOPED.set(new)
+    with _SCOPED_LOCK:
+        for hp, h in dropped:
+            h.alive = False
+            hp.n_scoped -= 1
 
 
 def _check_callable(fn: Any, site: str) -> None:
@@ -67,18 +123,41 @@ def _fn_name(fn: HookFn) -> str:
 
 
 class HookPoint(nn.Module):
-    """An observable, editable site of the computation. Identity until hooked."""
+    """An observable, editable site of the computation. Identity until hooked.
 
-    def __init__(self) -> None:
+    ``copy_input``: the input is also read elsewhere, so hooks that may edit it in place
+    get a copy (the hooked value flows on; the other readers keep the original).
+    """
+
+    def __init__(self, copy_input: bool = False) -> None:
         super().__init__()
         self.name: str = ""
-        self.fwd_hooks: list[_Hook] = []
-        self.bwd_hooks: list[_Hook] = []
+        self.copy_input = copy_input
+        self.model_fwd: list[_Hook] = []  # add_hook(): seen by every thread
+        self.model_bwd: list[_Hook] = []
+        self.n_scoped = 0  # scoped hooks attached here by any thread: 0 keeps the fast path free
         self.ctx: dict[Any, Any] = {}  # scratch space shared by this site's hooks (TL compatible)
+
+    def _scoped(self) -> tuple[tuple[_Hook, ...], tuple[_Hook, ...]]:
+        if not self.n_scoped:
+            return (), ()
+        return _SCOPED.get().get(self, ((), ()))
+
+    @property
+    def fwd_hooks(self) -> list[_Hook]:
+        """The forward hooks this thread sees: the model's, then its own scoped ones."""
+        return [*self.model_fwd, *self._scoped()[0]]
+
+    @property
+    def bwd_hooks(self) -> list[_Hook]:
+        return [*self.model_bwd, *self._scoped()[1]]
 
     @property
     def observed(self) -> bool:
-        return bool(self.fwd_hooks or self.bwd_hooks)
+        """Whether the calling thread sees a hook here."""
+        if self.model_fwd or self.model_bwd:
+            return True
+        return bool(self.n_scoped) and self in _SCOPED.get()
 
     def add_hook(
         self, fn: HookFn, dir: str = "fwd", is_permanent: bool = False, level: int | None = None, prepend: bool = False
@@ -86,20 +165,32 @@ class HookPoint(nn.Module):
         if dir not in ("fwd", "bwd"):
             raise ValueError(f"dir must be 'fwd' or 'bwd', got {dir!r}")
         _check_callable(fn, self.name)
-        hooks = self.fwd_hooks if dir == "fwd" else self.bwd_hooks
-        entry = _Hook(fn, level, is_permanent)
+        hooks = self.model_fwd if dir == "fwd" else self.model_bwd
+        entry = _Hook(fn, level, is_permanent, reads_only=getattr(fn, "reads_only", False))
         hooks.insert(0, entry) if prepend else hooks.append(entry)
 
     def remove_hooks(self, dir: str = "both", including_permanent: bool = False, level: int | None = None) -> None:
+        """Remove the model's hooks here, and the calling thread's scoped ones."""
+
         def keep(h: _Hook) -> bool:
             if h.permanent and not including_permanent:
                 return True
             return level is not None and h.level != level
 
+        def keep_or_kill(h: _Hook) -> bool:
+            h.alive = h.alive and keep(h)
+            return h.alive
+
         if dir in ("fwd", "both"):
-            self.fwd_hooks = [h for h in self.fwd_hooks if keep(h)]
+            self.model_fwd = [h for h in self.model_fwd if keep_or_kill(h)]
         if dir in ("bwd", "both"):
-            self.bwd_hooks = [h for h in self.bwd_hooks if keep(h)]
+            self.model_bwd = [h for h in self.model_bwd if keep_or_kill(h)]
+        if self.n_scoped:
+            fwd_scoped = set(self._scoped()[0])
+            _drop_scoped(
+                lambda hp, h: keep(h) or (dir == "fwd" and h not in fwd_scoped) or (dir == "bwd" and h in fwd_scoped),
+                [self],
+            )
 
     def clear_context(self) -> None:
         self.ctx = {}
@@ -107,22 +198,29 @@ class HookPoint(nn.Module):
     # nn.Module.__call__ adds a few microseconds per call; a model has ~30 sites per layer
     # and a decoding step is short, so the unobserved path bypasses it.
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.fwd_hooks or self.bwd_hooks):
+        if not (self.model_fwd or self.model_bwd or self.n_scoped):
             return x
         return self.forward(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for h in list(self.fwd_hooks):
+        scoped_fwd, scoped_bwd = self._scoped()
+        fwd = [*self.model_fwd, *scoped_fwd]
+        if self.copy_input and not all(h.reads_only for h in fwd):
+            x = x.clone()  # this hook's own copy: the input is read elsewhere too
+        for h in fwd:
             out = h.fn(x, hook=self)
             if out is not None:
                 self._check_replacement(x, out, h.fn)
                 x = out
-        if self.bwd_hooks and x.requires_grad:
-            x.register_hook(self._run_bwd)
+        bwd = [*self.model_bwd, *scoped_bwd]  # taken now: backward may run on another thread
+        if bwd and x.requires_grad:
+            x.register_hook(lambda grad: self._run_bwd(grad, bwd))
         return x
 
-    def _run_bwd(self, grad: torch.Tensor) -> torch.Tensor:
-        for h in list(self.bwd_hooks):
+    def _run_bwd(self, grad: torch.Tensor, hooks: list[_Hook]) -> torch.Tensor:
+        for h in hooks:
+            if not h.alive:
+                continue
             out = h.fn(grad, hook=self)
             if out is not None:
                 self._check_replacement(grad, out, h.fn)
@@ -248,9 +346,20 @@ class HookCache:
 class HookedRootModule(nn.Module):
     """Registry of a model's hook points, keyed by TransformerLens names."""
 
-    # Per-head expansions (relative names from sites.PER_HEAD_EXPANSIONS) that run_with_cache()
-    # stores when no names_filter is given; set through TransformerLens's set_use_attn_result & co.
-    cached_expansions: frozenset[str] = frozenset()
+    # TransformerLens switches that are on (sites.TL_FLAGS: "use_attn_result", ...; set through
+    # set_use_attn_result & co.). A site whose row names a switch that is off is left out of the
+    # default cache and of callable filters, as TransformerLens never runs its hook.
+    tl_flags: frozenset[str] = frozenset()
+
+    @property
+    def cached_expansions(self) -> frozenset[str]:
+        """The per-head expansions (relative names) whose switch is on."""
+        return frozenset(s.name for s in sites.SITES if s.per_head_expansion and s.tl_flag in self.tl_flags)
+
+    def switched_off(self, name: str) -> bool:
+        """Whether site ``name`` needs a TransformerLens switch that is off (see ``tl_flags``)."""
+        flag = sites.tl_flag(name)
+        return flag is not None and flag not in self.tl_flags
 
     def setup_hooks(self) -> None:
         """Name every HookPoint after its module path. Call at the end of ``__init__``."""
@@ -288,11 +397,13 @@ class HookedRootModule(nn.Module):
         )
 
     def resolve_hook_names(self, names: NameFilter) -> list[str]:
-        """Hook names selected by a name, a list of names, a glob, or a predicate."""
+        """Hook names selected by a name, a list of names, a glob, or a predicate. A predicate
+        never selects a site whose TransformerLens switch is off (``switched_off``): ported code
+        such as ``lambda name: "_input" not in name`` then sees TransformerLens's sites and shapes."""
         if names is None:
             return list(self.hook_dict)
         if callable(names):
-            return [n for n in self.hook_dict if names(n)]
+            return [n for n in self.hook_dict if not self.switched_off(n) and names(n)]
         if isinstance(names, str):
             names = [names]
         selected: list[str] = []
@@ -351,6 +462,7 @@ class HookedRootModule(nn.Module):
     ) -> Iterator["HookedRootModule"]:
         """Hooks that live for the ``with`` block; removed on exit, also after an exception.
 
+        They are seen by the calling thread only (``add_hook`` attaches model-wide).
         Every name is checked before any hook is attached, so a typo attaches nothing.
         """
         resolved = [
@@ -360,20 +472,29 @@ class HookedRootModule(nn.Module):
         ]
         for names, fn, _ in resolved:  # check all before attaching any
             _check_callable(fn, names[0] if names else "?")
-        self._hook_level += 1
-        level = self._hook_level
+        level = next(_LEVELS)
+        scoped = dict(_SCOPED.get())
+        added: list[tuple[HookPoint, _Hook]] = []
+        for names, fn, d in resolved:
+            for n in names:
+                hp = self.hook_dict[n]
+                entry = _Hook(fn, level, False, reads_only=getattr(fn, "reads_only", False))
+                fwd, bwd = scoped.get(hp, ((), ()))
+                scoped[hp] = (fwd + (entry,), bwd) if d == "fwd" else (fwd, bwd + (entry,))
+                added.append((hp, entry))
+        with _SCOPED_LOCK:
+            for hp, _ in added:
+                hp.n_scoped += 1
+        _SCOPED.set(scoped)
         try:
-            for names, fn, d in resolved:
-                for n in names:
-                    self.hook_dict[n].add_hook(fn, dir=d, level=level)
             yield self
         finally:
             if reset_hooks_end:
-                for hp in self.hook_dict.values():
-                    hp.remove_hooks("both", level=level)
-                    if clear_contexts:
+                mine = {id(h) for _, h in added}
+                _drop_scoped(lambda hp, h: id(h) not in mine)
+                if clear_contexts:
+                    for hp in self.hook_dict.values():
                         hp.clear_context()
-            self._hook_level -= 1
 
     def run_with_hooks(
         self,
@@ -396,14 +517,10 @@ class HookedRootModule(nn.Module):
 
     def cache_names(self, names_filter: NameFilter) -> list[str]:
         """The sites ``run_with_cache(names_filter=...)`` stores. With no filter: every site
-        except the per-head expansions (each is n_heads copies of a residual) that are not
-        switched on (``set_use_attn_result`` and friends)."""
+        except those whose TransformerLens switch is off (``set_use_attn_result`` and friends:
+        the per-head expansions, each n_heads copies of a residual, and ``hook_mlp_in``)."""
         if names_filter is None:
-            return [
-                n
-                for n in self.hook_dict
-                if not sites.is_per_head_expansion(n) or sites.split_name(n)[1] in self.cached_expansions
-            ]
+            return [n for n in self.hook_dict if not self.switched_off(n)]
         return self.resolve_hook_names(names_filter)
 
     def run_with_cache(
@@ -461,7 +578,7 @@ class HookedRootModule(nn.Module):
                     t = t[0]
                 store[key] = t if device is None else t.to(device)
 
-            return save
+            return reads_only(save)
 
         fwd = [(n, saver(n)) for n in names]
         bwd = [(n, saver(n + "_grad")) for n in names] if incl_bwd else []

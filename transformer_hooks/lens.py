@@ -170,6 +170,7 @@ def logit_lens(
     norm: Norm = "recompute",
     chunk_size: int | None = None,
     progress: bool = True,
+    attention_mask: torch.Tensor | None = None,
 ) -> LogitLens:
     """Decode every (layer, site) of ``sites`` through the final norm and unembedding.
 
@@ -179,6 +180,9 @@ def logit_lens(
     id) for every position, or ids shaped like the decoded ``*batch_and_pos``. Logits
     over the vocabulary are computed ``chunk_size`` rows at a time (default: about 32M
     logits per chunk) and only the top-k and the targets' entries are kept.
+
+    In a padded batch (strings, or tokens with ``attention_mask``, or a cache with the
+    ``attention_mask`` of its run), ``pos_slice=-1`` decodes each row's last real token.
     """
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
@@ -188,10 +192,22 @@ def logit_lens(
         if isinstance(input, str) and not input:
             raise ValueError("empty prompt: give the text to run the logit lens on")
         wanted = [f"blocks.*.hook_{s}" for s in sites if not (s == "resid_mid" and model.cfg.parallel_residual)]
+        _, mask = model.tokens_and_mask(input, attention_mask=attention_mask)
+        attention_mask = mask if attention_mask is None else attention_mask
         with torch.no_grad():
-            _, cache = model.run_with_cache(input, names_filter=wanted + ["ln_final.hook_scale"], return_type=None)
+            _, cache = model.run_with_cache(
+                input,
+                names_filter=wanted + ["ln_final.hook_scale"],
+                return_type=None,
+                attention_mask=attention_mask,
+            )
     pos_slice = Slice.unwrap(pos_slice)
-    stack, labels, row_layers, row_sites = lens_stack(cache, sites, layers, pos_slice)
+    last_real = _last_real_positions(attention_mask, pos_slice)
+    if last_real is None:
+        stack, labels, row_layers, row_sites = lens_stack(cache, sites, layers, pos_slice)
+    else:  # each row's last real token: [component, batch, d_model], as pos_slice=-1 gives
+        stack, labels, row_layers, row_sites = lens_stack(cache, sites, layers)
+        stack = stack[:, torch.arange(stack.shape[1], device=stack.device), last_real.to(stack.device)]
     target_ids = _targets(model, targets, stack.shape[1:-1], stack.device)
 
     tops, logits_k, probs_k, t_logits, t_probs, t_ranks = [], [], [], [], [], []
@@ -218,6 +234,18 @@ def logit_lens(
         lens.target_tokens = target_ids
         lens.target_logits, lens.target_probs, lens.target_ranks = map(torch.cat, (t_logits, t_probs, t_ranks))
     return lens
+
+
+def _last_real_positions(attention_mask: torch.Tensor | None, pos_slice: Slice) -> torch.Tensor | None:
+    """Each row's last real position when ``pos_slice`` is -1 ("the last") and the mask pads the
+    end of some row; None when position -1 is real in every row (or another slice is asked for)."""
+    if attention_mask is None or pos_slice.mode != "int" or pos_slice.slice != -1:
+        return None
+    mask = torch.as_tensor(attention_mask)
+    if mask.ndim != 2 or bool(mask[:, -1].all()):
+        return None
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    return (positions * mask.bool()).amax(-1)
 
 
 def _targets(model: Any, targets: Targets, shape: torch.Size, device: torch.device) -> torch.Tensor | None:

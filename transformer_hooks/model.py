@@ -196,7 +196,9 @@ class HookedTransformer(HookedRootModule):
         [batch, pos] / [pos]. With ``start_at_layer``, ``input`` is the residual stream
         [batch, pos, d_model] entering that block (pass ``tokens`` for a loss).
         ``attention_mask``: 1 for real tokens, 0 for padding (either side); positions count
-        real tokens only, so a padded row gives the logits it gives alone.
+        real tokens only, so a padded row gives the logits it gives alone. Without it, token
+        ids from a tokenizer that pads on the left have their leading pad tokens masked, as
+        TransformerLens does (see ``tokens.left_padding_mask``).
         ``stop_at_layer``: return the residual stream entering that block (before it runs).
         ``return_type``: "logits", "loss" (mean next-token cross-entropy), "both" or None.
         """
@@ -211,7 +213,12 @@ class HookedTransformer(HookedRootModule):
             )
 
         if start_at_layer is None:
-            tokens, attention_mask = self.tokens_and_mask(input, prepend_bos, padding_side, attention_mask)
+            # Token ids from a left-padding tokenizer get TransformerLens's inferred padding mask
+            # (tokens.left_padding_mask), except in a decoding step after a prefill.
+            decoding = past_kv_cache is not None and past_kv_cache.length > 0
+            tokens, attention_mask = tokens_lib.tokens_and_mask(
+                self.tokenizer, self.cfg, input, prepend_bos, padding_side, attention_mask, self.device, not decoding
+            )
             batch, q_len = tokens.shape
         else:
             resid = input
@@ -543,28 +550,28 @@ class HookedTransformer(HookedRootModule):
         return sites.why_absent(name, self.cfg)
 
     # TransformerLens switches ------------------------------------------------------------
-    # In TransformerLens these sites exist only once switched on. Here every site always
-    # exists and costs nothing until observed; a switch only decides whether run_with_cache()
-    # with no names_filter stores it (each is n_heads copies of an activation, so they start off).
-    def _cache_by_default(self, short_names: tuple[str, ...], on: bool) -> None:
-        names = {row.name for a in short_names for row in sites.by_alias(a) if row.per_head_expansion}
-        self.cached_expansions = frozenset(self.cached_expansions | names if on else self.cached_expansions - names)
+    # In TransformerLens these sites run their hooks only once switched on. Here every site
+    # always exists and costs nothing until observed; a switch decides whether run_with_cache()
+    # with no names_filter, and a callable filter, select it (sites.py's tl_flag column), so
+    # ported code gets TransformerLens's sites and shapes. A name (or a list) always selects it.
+    def _switch(self, flag: str, on: bool) -> None:
+        self.tl_flags = frozenset(self.tl_flags | {flag} if on else self.tl_flags - {flag})
 
     def set_use_attn_result(self, use_attn_result: bool) -> None:
-        """Cache ``attn.hook_result`` (each head's output, [batch, pos, head, d_model]) by default."""
-        self._cache_by_default(("result",), use_attn_result)
+        """Select ``attn.hook_result`` (each head's output, [batch, pos, head, d_model]) by default."""
+        self._switch("use_attn_result", use_attn_result)
 
     def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
-        """Cache ``hook_q_input``, ``hook_k_input`` and ``hook_v_input`` (per head) by default."""
-        self._cache_by_default(("q_input", "k_input", "v_input"), use_split_qkv_input)
+        """Select ``hook_q_input``, ``hook_k_input`` and ``hook_v_input`` (per head) by default."""
+        self._switch("use_split_qkv_input", use_split_qkv_input)
 
     def set_use_attn_in(self, use_attn_in: bool) -> None:
-        """Cache ``hook_attn_in`` (the attention input, per head) by default."""
-        self._cache_by_default(("attn_in",), use_attn_in)
+        """Select ``hook_attn_in`` (the attention input, per head) by default."""
+        self._switch("use_attn_in", use_attn_in)
 
     def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
-        """Accepted so TransformerLens code runs: ``hook_mlp_in`` always exists here, and the
-        default cache holds it at no cost (it shares storage with the residual the MLP reads)."""
+        """Select ``hook_mlp_in`` (a copy of the residual the MLP reads) by default."""
+        self._switch("use_hook_mlp_in", use_hook_mlp_in)
 
     def process_weights_(
         self,

@@ -99,7 +99,10 @@ class Site:
     architectures that have it; ``aliases``: TransformerLens's short names
     (``utils.get_act_name``), the first one canonical; ``other_axes``: the axes instead of
     ``axes`` in models where its condition holds (OLMo 2's q/k norms read all heads at once).
-    The position axis is the same in both.
+    The position axis is the same in both. ``tl_flag``: the TransformerLens switch
+    (``set_use_attn_result`` sets ``use_attn_result``) without which TransformerLens never
+    runs this site's hook; here a callable filter and the default cache skip the site unless
+    the switch is on (a name or a list of names still selects it).
     """
 
     name: str
@@ -109,6 +112,7 @@ class Site:
     per_head_expansion: bool = False
     when: Condition = ALWAYS
     other_axes: tuple[Condition, tuple[str, ...]] | None = None
+    tl_flag: str | None = None
 
     def axes_in(self, cfg: Any) -> tuple[str, ...]:
         """The activation's axes in a model with ``cfg``."""
@@ -165,10 +169,38 @@ SITES: tuple[Site, ...] = (
     Site("ln_final.hook_normalized", False, RESID, ("normalized",)),
     # Per block, in the order the forward reaches them.
     Site("hook_resid_pre", True, RESID, ("resid_pre",)),
-    Site("hook_attn_in", True, ("batch", "pos", "head", "d_model"), ("attn_in",), per_head_expansion=True),
-    Site("hook_q_input", True, ("batch", "pos", "head", "d_model"), ("q_input",), per_head_expansion=True),
-    Site("hook_k_input", True, ("batch", "pos", "kv_head", "d_model"), ("k_input",), per_head_expansion=True),
-    Site("hook_v_input", True, ("batch", "pos", "kv_head", "d_model"), ("v_input",), per_head_expansion=True),
+    Site(
+        "hook_attn_in",
+        True,
+        ("batch", "pos", "head", "d_model"),
+        ("attn_in",),
+        per_head_expansion=True,
+        tl_flag="use_attn_in",
+    ),
+    Site(
+        "hook_q_input",
+        True,
+        ("batch", "pos", "head", "d_model"),
+        ("q_input",),
+        per_head_expansion=True,
+        tl_flag="use_split_qkv_input",
+    ),
+    Site(
+        "hook_k_input",
+        True,
+        ("batch", "pos", "kv_head", "d_model"),
+        ("k_input",),
+        per_head_expansion=True,
+        tl_flag="use_split_qkv_input",
+    ),
+    Site(
+        "hook_v_input",
+        True,
+        ("batch", "pos", "kv_head", "d_model"),
+        ("v_input",),
+        per_head_expansion=True,
+        tl_flag="use_split_qkv_input",
+    ),
     Site("ln1.hook_scale", True, SCALE, ("scale",), when=PRE_NORM),
     Site("ln1.hook_normalized", True, RESID, ("normalized",), when=PRE_NORM),
     Site("attn.hook_q", True, PER_HEAD, ("q",)),
@@ -197,14 +229,21 @@ SITES: tuple[Site, ...] = (
     Site("attn.hook_attn_scores", True, ATTENTION, ("attn_scores", "scores")),
     Site("attn.hook_pattern", True, ATTENTION, ("pattern", "attn")),
     Site("attn.hook_z", True, PER_HEAD, ("z",)),
-    Site("attn.hook_result", True, ("batch", "pos", "head", "d_model"), ("result",), per_head_expansion=True),
+    Site(
+        "attn.hook_result",
+        True,
+        ("batch", "pos", "head", "d_model"),
+        ("result",),
+        per_head_expansion=True,
+        tl_flag="use_attn_result",
+    ),
     Site("ln1_post.hook_scale", True, SCALE, ("scale",), when=POST_NORM),
     Site("ln1_post.hook_normalized", True, RESID, ("normalized",), when=POST_NORM),
     Site("hook_attn_out", True, RESID, ("attn_out",)),
     Site("hook_resid_mid", True, RESID, ("resid_mid",), when=all_of(SEQUENTIAL, HAS_MLP)),
     Site("ln2.hook_scale", True, SCALE, ("scale",), when=all_of(PRE_NORM, HAS_MLP)),
     Site("ln2.hook_normalized", True, RESID, ("normalized",), when=all_of(PRE_NORM, HAS_MLP)),
-    Site("hook_mlp_in", True, RESID, ("mlp_in",), when=HAS_MLP),
+    Site("hook_mlp_in", True, RESID, ("mlp_in",), when=HAS_MLP, tl_flag="use_hook_mlp_in"),
     Site("mlp.hook_pre", True, NEURONS, ("pre", "mlp_pre"), when=HAS_MLP),
     Site("mlp.hook_pre_linear", True, NEURONS, ("pre_linear",), when=all_of(GATED_MLP, HAS_MLP)),
     Site("mlp.hook_post", True, NEURONS, ("post", "mlp_post"), when=HAS_MLP),
@@ -240,6 +279,15 @@ def lookup(name: str) -> Site | None:
 def is_per_head_expansion(name: str) -> bool:
     site = lookup(name)
     return site is not None and site.per_head_expansion
+
+
+def tl_flag(name: str) -> str | None:
+    """The TransformerLens switch a full hook name's site needs (``"use_attn_result"``), or None."""
+    site = lookup(name)
+    return site.tl_flag if site is not None else None
+
+
+TL_FLAGS: tuple[str, ...] = tuple(dict.fromkeys(s.tl_flag for s in SITES if s.tl_flag))
 
 
 def position_dim(name: str) -> int | None:
@@ -284,9 +332,11 @@ def markdown_table() -> str:
     """The table as the README shows it."""
     rows = ["| site | axes | short name | exists | cached by default |", "|---|---|---|---|---|"]
     for s in SITES:
+        by_default = "yes"
+        if s.tl_flag:
+            by_default = f"after `set_{s.tl_flag}(True)`" + (" (per-head expansion)" if s.per_head_expansion else "")
         rows.append(
             f"| `{s.full_name('{L}') if s.per_block else s.name}` | [{', '.join(s.axes)}] | "
-            f"{', '.join(f'`{a}`' for a in s.aliases)} | {s.when.label} | "
-            f"{'no (per-head expansion)' if s.per_head_expansion else 'yes'} |"
+            f"{', '.join(f'`{a}`' for a in s.aliases)} | {s.when.label} | {by_default} |"
         )
     return "\n".join(rows)

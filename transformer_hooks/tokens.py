@@ -17,6 +17,7 @@ import torch
 from jaxtyping import Int
 
 from .config import ModelConfig
+from .utils import get_attention_mask
 
 TextInput = Union[str, Sequence[str]]
 ModelInput = Union[TextInput, Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "pos"]]
@@ -153,6 +154,25 @@ def _encode(tok: Any, texts: list[Any]) -> list[list[int]]:
         raise ValueError(f"the tokenizer cannot encode {texts!r}: {type(error).__name__}: {error}") from error
 
 
+def left_padding_mask(
+    tokenizer: Any, cfg: ModelConfig, tokens: Int[torch.Tensor, "batch pos"], prepend_bos: bool | None = None
+) -> Int[torch.Tensor, "batch pos"] | None:
+    """The mask TransformerLens 3.9 infers for token ids given without ``attention_mask``
+    (``HookedTransformer.forward`` with ``utils.get_attention_mask``), or None where it infers
+    none: only when the tokenizer pads on the left, each row's leading pad tokens are padding;
+    when prompts start with BOS (``prepend_bos``, else ``cfg.default_prepend_bos``) and BOS is
+    the pad token, the last leading pad is that row's BOS and stays real. Pad tokens after a
+    real token are never padding; a right-padding tokenizer infers nothing (causal attention
+    keeps right padding from reaching real tokens)."""
+    if tokenizer is None or getattr(tokenizer, "padding_side", None) != "left":
+        return None
+    if getattr(tokenizer, "pad_token_id", None) is None:
+        return None
+    prepend_bos = cfg.default_prepend_bos if prepend_bos is None else prepend_bos
+    mask = get_attention_mask(tokenizer, tokens, prepend_bos, padding_side="left")
+    return None if bool(mask.all()) else mask
+
+
 def tokens_and_mask(
     tokenizer: Any,
     cfg: ModelConfig,
@@ -161,12 +181,17 @@ def tokens_and_mask(
     padding_side: PaddingSide | None = None,
     attention_mask: Any = None,
     device: Any = None,
+    infer_padding: bool = True,
 ) -> tuple[Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "batch pos"] | None]:
-    """Tokens [batch, pos] on ``device``, checked, and the padding mask (or None)."""
+    """Tokens [batch, pos] on ``device``, checked, and the padding mask (or None).
+
+    Token ids without ``attention_mask`` get TransformerLens's inferred mask
+    (``left_padding_mask``) unless ``infer_padding`` is False (a decoding step)."""
     if is_text(input):
         tokens, mask = tokenize(tokenizer, cfg, input, prepend_bos, padding_side, device)
     else:
-        tokens, mask = check_tokens(input, cfg, device), None
+        tokens = check_tokens(input, cfg, device)
+        mask = left_padding_mask(tokenizer, cfg, tokens, prepend_bos) if infer_padding else None
     if attention_mask is not None:
         mask = check_mask(attention_mask, tuple(tokens.shape), device)
     return tokens, mask

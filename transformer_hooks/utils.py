@@ -133,7 +133,11 @@ class Slice:
             check_index(self.slice, tensor.shape[dim], "position/index", f"a dimension of size {tensor.shape[dim]}")
             return tensor.select(dim, self.slice)
         if self.mode == "array":
-            return tensor.index_select(dim, self.slice.to(tensor.device) % tensor.shape[dim])
+            size = tensor.shape[dim]
+            outside = self.slice[(self.slice >= size) | (self.slice < -size)]
+            if outside.numel():  # an index past the end raises, as an int does (never wraps around)
+                check_index(int(outside[0]), size, "position/index", f"a dimension of size {size}")
+            return tensor.index_select(dim, self.slice.to(tensor.device) % size)
         index = [slice(None)] * tensor.ndim
         index[dim] = self.slice
         return tensor[tuple(index)]
@@ -354,7 +358,7 @@ def get_attention_mask(tokenizer: Any, tokens: torch.Tensor, prepend_bos: bool, 
         leading = get_cumsum_along_dim(is_real, -1) == 0
         mask[leading] = 0
         if prepend_bos and tokenizer.bos_token_id == tokenizer.pad_token_id:
-            mask[torch.arange(mask.shape[0]), leading.sum(-1) - 1] = 1
+            mask[torch.arange(mask.shape[0], device=mask.device), leading.sum(-1) - 1] = 1
     return mask
 
 

@@ -19,7 +19,9 @@ TransformerLens's hook names) on q and k after ``hook_q`` / ``hook_k`` and befor
 over each head's d_head ("head") or the whole projection ("all"); ``attn_logit_softcap``
 caps the scaled scores, ``c * tanh(scores / c)``, before the mask.
 
-The fused kernel (``scaled_dot_product_attention``) runs unless this layer's
+The explicit path computes the pattern in TransformerLens's order (q·k / attn_scale, then
+soft-cap, mask, softmax), so TransformerLens's own check of a pattern recomputed from the
+cached q and k holds bit for bit. The fused kernel (``scaled_dot_product_attention``) runs unless this layer's
 ``hook_attn_scores`` or ``hook_pattern`` is observed (or the scores are soft-capped,
 which the kernel cannot do); then the explicit softmax path runs for this layer alone.
 The two agree to float rounding (tested).
@@ -30,6 +32,8 @@ shapes, so the canonical tensors and the fast matmuls are the same memory.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +83,11 @@ class Attention(nn.Module):
         self.layer = layer
         self.window = cfg.attn_windows[layer]
         self.scale = cfg.scores_scale / (layer + 1 if cfg.scale_attn_by_inverse_layer_idx else 1)
+        # The explicit path divides by this, as TransformerLens does (q·k / attn_scale), so a
+        # pattern recomputed from cached q and k the TransformerLens way matches bit for bit.
+        self.attn_scale = (math.sqrt(dh) if cfg.attn_scale is None else cfg.attn_scale) * (
+            layer + 1 if cfg.scale_attn_by_inverse_layer_idx else 1
+        )
         self.rotary = cfg.positional_embedding == "rotary"
         self.softcap = cfg.attn_logit_softcap
         self.qk_norm = cfg.qk_norm
@@ -150,9 +159,10 @@ class Attention(nn.Module):
         batch, n_heads, pos, d_head = q.shape
         # Query heads grouped by the kv head they read, so one matmul per kv head serves the
         # whole group without copying keys/values: [batch, kv_head, group * pos, d_head].
-        # Scaling q (pos x d_head) is cheaper than scaling the scores (pos x key_pos).
-        q = (q * self.scale).reshape(batch, self.n_kv_heads, -1, d_head)
+        # TransformerLens's order: scores = q·k / attn_scale, then soft-cap, mask, softmax.
+        q = q.reshape(batch, self.n_kv_heads, -1, d_head)
         scores = (q @ k.transpose(-1, -2)).view(batch, n_heads, pos, -1)  # [batch, head, pos, key_pos]
+        scores.div_(self.attn_scale)  # in place: a fresh tensor
         if self.softcap is not None:
             scores = softcap(scores, self.softcap)
         scores.masked_fill_(mask.disallowed(self.window), float("-inf"))  # in place: a fresh tensor

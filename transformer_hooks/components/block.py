@@ -56,11 +56,15 @@ class Block(nn.Module):
             self.ln1_post, self.ln2_post = post_norm(cfg), post_norm(cfg)
         else:
             self.ln1_post, self.ln2_post = nn.Identity(), nn.Identity()
-        self.hook_resid_pre = HookPoint()
+        # copy_input: the site's input is read elsewhere too (the previous site, the skip
+        # connection, attn_in beside the per-head inputs), so an in-place edit in a hook
+        # must not reach those readers: it has exactly the effect of returning the edit.
+        self.hook_resid_pre = HookPoint(copy_input=True)
         self.hook_attn_in = HookPoint()
-        self.hook_q_input, self.hook_k_input, self.hook_v_input = HookPoint(), HookPoint(), HookPoint()
+        self.hook_q_input = HookPoint(copy_input=True)
+        self.hook_k_input, self.hook_v_input = HookPoint(), HookPoint()
         self.hook_attn_out = HookPoint()
-        self.hook_mlp_in = HookPoint()
+        self.hook_mlp_in = HookPoint(copy_input=True)
         self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
 
@@ -79,7 +83,7 @@ class Block(nn.Module):
         b, p, d = resid.shape
         attn_in = self.hook_attn_in(resid[:, :, None, :].expand(b, p, self.n_heads, d).clone())
         kv_in = attn_in[:, :, :: self.group_size]
-        q_in = self.hook_q_input(attn_in)
+        q_in = self.hook_q_input(attn_in)  # editing hooks get a copy: k_in / v_in are taken from attn_in
         k_in = self.hook_k_input(kv_in.clone())
         v_in = self.hook_v_input(kv_in.clone())
         out = self.attn(self.ln1(q_in), self.ln1(k_in), self.ln1(v_in), mask, cos_sin, kv_cache)
