@@ -60,6 +60,7 @@ setters and the checks), ``sweeps`` (TL's ``get_act_patch_*``), ``attribution``
 public name is importable from ``transformer_hooks.patching``.
 """
 
+from .ablation import Ablation, ablate, ablation_sweep, ablation_value, run_ablations
 from .attribution import (
     attribution_products,
     generic_attribution_patch,
@@ -123,6 +124,11 @@ from .sweeps import (
 )
 
 __all__ = [
+    "Ablation",
+    "ablate",
+    "ablation_sweep",
+    "ablation_value",
+    "run_ablations",
     "attribution_products",
     "AXES",
     "DEFAULT_MAX_BATCH_BYTES",
