@@ -111,3 +111,111 @@ def test_grad_drop(models):
     with pytest.raises(ValueError, match="method"):
         P.get_attr_patch_attn_head_out_all_pos(model, corrupted, cache, metric, method="atp+")
     assert no_hooks(model)
+
+
+# Edges, circuits, path patching ------------------------------------------------------------
+from transformer_hooks import circuits as C  # noqa: E402
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "pythia"])
+def test_eap_scores_decompose_and_full_and_empty_circuits_are_the_two_runs(models, name):
+    model = models(name)
+    clean, corrupted = pair(3)
+    graph = C.attribute_edges(model, clean, corrupted, metric, method="EAP")
+    cfg = model.cfg
+    n_q = cfg.n_layers * cfg.n_heads
+    n_senders = 1 + cfg.n_layers * (cfg.n_heads + 1)
+    assert len({(e.sender, e.receiver) for e in graph.edges}) == len(graph.edges)
+    # Every sender feeds the logits; the EAP scores into it add up to the whole change of the
+    # final residual times the gradient there (the residual stream is the sum of the senders).
+    into_logits = [e for e in graph.edges if e.receiver == "logits"]
+    assert len(into_logits) == n_senders
+    final = f"blocks.{cfg.n_layers - 1}.hook_resid_post"
+    kept = {}
+
+    def keep(x, hook):
+        x = x.detach().requires_grad_(True)
+        kept["x"] = x
+        return x
+
+    with model.hooks(fwd_hooks=[(final, keep)]):
+        (g,) = torch.autograd.grad(metric(model(clean)), kept["x"])
+    _, c1 = model.run_with_cache(clean, names_filter=final)
+    _, c2 = model.run_with_cache(corrupted, names_filter=final)
+    whole = ((c2[final] - c1[final]) * g).sum()
+    torch.testing.assert_close(torch.tensor(sum(e.score for e in into_logits)), whole, atol=1e-3, rtol=1e-4)
+    assert any(e.receiver.endswith("<k>") for e in graph.edges) and n_q > 0
+
+    every = C.make_circuit(graph, [(e.sender, e.receiver) for e in graph.edges])
+    nothing = C.make_circuit(graph, [])
+    with torch.no_grad():
+        torch.testing.assert_close(C.run_circuit(model, clean, corrupted, every), model(clean), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            C.run_circuit(model, clean, corrupted, nothing), model(corrupted), atol=1e-4, rtol=1e-4
+        )
+    report = C.evaluate_circuit(model, clean, corrupted, C.prune(graph, len(graph.edges)), metric)
+    assert abs(report["faithfulness"] - 1) < 1e-3
+    assert no_hooks(model)
+
+
+def test_eap_ig_one_step_is_eap_and_more_steps_differ(models):
+    model = models("llama-gqa")
+    clean, corrupted = pair(4)
+    eap = {(e.sender, e.receiver): e.score for e in C.attribute_edges(model, clean, corrupted, metric, "EAP").edges}
+    ig1 = {
+        (e.sender, e.receiver): e.score for e in C.attribute_edges(model, clean, corrupted, metric, "EAP-IG", 1).edges
+    }
+    assert eap.keys() == ig1.keys()
+    torch.testing.assert_close(torch.tensor(list(ig1.values())), torch.tensor([eap[k] for k in ig1]))
+    ig = C.attribute_edges(model, clean, corrupted, metric, "EAP-IG", ig_steps=4)
+    top = C.prune(ig, 20)
+    assert len(top.edges) == 20
+    report = C.evaluate_circuit(model, clean, corrupted, top, metric)
+    assert set(report) >= {"clean", "corrupted", "circuit", "faithfulness"}
+    assert no_hooks(model)
+
+
+def test_bad_circuits_name_the_node(models):
+    model = models("llama-gqa")
+    clean, corrupted = pair(5)
+    graph = C.Graph(model.cfg.n_layers, model.cfg.n_heads, model.cfg.n_kv_heads)
+    with pytest.raises(ValueError, match=r"'a7\.h0'"):
+        C.make_circuit(graph, [("a7.h0", "logits")])
+    with pytest.raises(ValueError, match=r"a1\.h5<k>"):
+        C.make_circuit(graph, [("input", "a1.h5<k>")])  # 2 kv heads
+    with pytest.raises(ValueError, match="m9"):
+        C.run_circuit(model, clean, corrupted, C.Circuit(graph, {("m9", "logits")}))
+    assert no_hooks(model)
+
+
+def test_path_patching(models):
+    model = models("gpt2")
+    clean, corrupted = pair(6)
+    with torch.no_grad():
+        m_clean = metric(model(clean))
+    # Receivers before their senders, or senders whose corrupted output is the clean one: no effect.
+    same = C.path_patch(model, clean, clean, [(0, 1)], [(1, 2)], metric)
+    torch.testing.assert_close(same, m_clean, atol=1e-5, rtol=0)
+    later = C.path_patch(model, clean, corrupted, [(1, 0)], [(0, 2), (1, 3)], metric)
+    torch.testing.assert_close(later, m_clean, atol=1e-5, rtol=0)
+    effects = torch.stack(
+        [C.path_patch(model, clean, corrupted, [(0, h)], [(1, r)], metric) for h in range(4) for r in range(4)]
+    )
+    assert (effects - m_clean).abs().max() > 1e-3
+    # Only q: the sum over q, k, v differs from q alone somewhere.
+    q_only = C.path_patch(model, clean, corrupted, [(0, 0), (0, 1)], [(1, 0)], metric, receiver_input="q")
+    assert q_only.shape == ()
+    with pytest.raises(IndexError, match="sender head=9"):
+        C.path_patch(model, clean, corrupted, [(0, 9)], [(1, 0)], metric)
+    assert no_hooks(model)
+
+
+def test_plot_circuit(models):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    model = models("gpt2")
+    clean, corrupted = pair(7)
+    graph = C.attribute_edges(model, clean, corrupted, metric, "EAP")
+    ax = C.plot_circuit(C.prune(graph, 10))
+    assert len(ax.texts) >= 2
