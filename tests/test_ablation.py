@@ -105,6 +105,11 @@ def test_sweeps_equal_one_forward_per_ablation(model, kind):
                 ref_loop[layer, i] = ablate(model, tokens, site, metric=metric, **sel, **kw)
         assert ref_loop.max() - ref_loop.min() > 1e-3
         torch.testing.assert_close(got, ref_loop, atol=1e-5, rtol=1e-5)
+    # A subset of layers gives those rows of the full sweep.
+    full = ablation_sweep(model, tokens, metric, "z", **kw)
+    torch.testing.assert_close(
+        ablation_sweep(model, tokens, metric, "z", layers=[1], **kw), full[1:], atol=1e-5, rtol=0
+    )
     # Ablations restricted to positions, swept over positions.
     got = ablation_sweep(model, tokens, metric, "resid_pre", over="pos", **kw)
     assert got.shape == (cfg.n_layers, POS)

@@ -282,14 +282,21 @@ def run_circuit(model: Any, clean_tokens: Any, corrupted_tokens: Any, circuit: C
     def save(x: torch.Tensor, hook: HookPoint) -> None:
         current[hook.name] = x
 
+    kept_into: dict[str, list[str]] = {}
+    for u, v in circuit.edges:
+        kept_into.setdefault(v, []).append(u)
+
     def patch_for(receivers: list[tuple[int | None, str]]) -> Callable:
         def patch(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
             now = _sender_outputs_partial(current, model)
+            # Every receiver of this site reads the same senders: patch all of them, then
+            # give each receiver back its kept edges' current values.
+            upstream = [u for u in now if _reads(model, u, receivers[0][1])]
+            everything = sum((corr[u] - now[u] for u in upstream), torch.zeros_like(now["input"]))
             x = x.clone()
             for idx, v in receivers:
-                fix = sum(
-                    (corr[u] - now[u] for u in now if _reads(model, u, v) and (u, v) not in circuit.edges),
-                    torch.zeros_like(x[:, :, 0] if idx is not None else x),
+                fix = everything - sum(
+                    (corr[u] - now[u] for u in kept_into.get(v, []) if u in upstream), torch.zeros_like(everything)
                 )
                 if idx is None:
                     x += fix

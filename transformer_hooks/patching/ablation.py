@@ -358,20 +358,27 @@ def ablation_sweep(
     heads: int | Sequence[int] | None = None,
     per_position: bool = True,
     seed: int = 0,
+    layers: Sequence[int] | None = None,
     **kwargs: Any,
 ) -> Float[torch.Tensor, "layer index"]:
     """The metric with each (layer, head), (layer, neuron) or (layer, pos) ablated on its own.
 
     ``activation_name``: a TL short name (``"z"``, ``"q"``, ``"result"``, ``"post"``, ...).
     ``positions`` / ``heads`` restrict every ablation of the sweep (e.g. only the last
-    position). Keyword options of ``run_ablations`` (batch_size, max_batch_bytes,
-    vectorized_metric, progress) pass through. Returns ``[n_layers, n_index]``.
+    position). ``layers``: sweep only these layers (the rows of the result, in that order).
+    Keyword options of ``run_ablations`` (batch_size, max_batch_bytes, vectorized_metric,
+    progress) pass through. Returns ``[n_layers (or len(layers)), n_index]``.
     """
     if over not in ("head", "neuron", "pos"):
         raise ValueError(f"over must be 'head', 'neuron' or 'pos', got {over!r}")
     toks = _tokens(model, tokens)
     n_layers = model.cfg.n_layers
-    names = [get_act_name(activation_name, layer, n_layers=n_layers) for layer in range(n_layers)]
+    layers = (
+        range(n_layers)
+        if layers is None
+        else [check_index(int(l), n_layers, "layer", f"a model with {n_layers} layers") for l in layers]
+    )
+    names = [get_act_name(activation_name, layer, n_layers=n_layers) for layer in layers]
     model.resolve_hook_names(names)
     row = sites.lookup(names[0])
     if row is None:
@@ -390,4 +397,4 @@ def ablation_sweep(
     out = run_ablations(
         model, toks, ablations, metric, reference=reference, per_position=per_position, seed=seed, **kwargs
     )
-    return out.reshape(n_layers, n)
+    return out.reshape(len(names), n)
