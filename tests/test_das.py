@@ -9,6 +9,7 @@ from checkpoints import VOCAB
 from transformer_hooks import HookedTransformer
 from transformer_hooks.das import (
     RotatedSubspaceInterchange,
+    _positions,
     evaluate_das,
     frozen,
     interchange_hook,
@@ -150,4 +151,41 @@ def test_bad_input_is_refused(model):
         interchange_logits(model, das, SITE, base, src, base_pos=9)
     with pytest.raises(ValueError, match="one per batch row"):
         interchange_logits(model, das, SITE, base, src, base_pos=[1, 2])
+    assert no_hooks_left(model)
+
+
+def test_padded_prompts_of_different_lengths_give_each_prompt_s_own_result(model):
+    """A padded batch (either side) with its mask: each row's intervened logits are those of the
+    row alone, unpadded, and training runs on it."""
+    base, source, target = pairs(n=3, pos=6, seed=2)
+    lengths = [6, 4, 5]
+    site = SITE
+    mask = torch.zeros(3, 6, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, 6 - n :] = 1  # left padding
+    intervention = RotatedSubspaceInterchange(model.cfg.d_model, 5, seed=1)
+    for m, side in ((mask, "left"), (mask.flip(-1), "right")):
+        b = base if side == "left" else torch.stack([torch.roll(base[i], -(6 - n)) for i, n in enumerate(lengths)])
+        s = source if side == "left" else torch.stack([torch.roll(source[i], -(6 - n)) for i, n in enumerate(lengths)])
+        alone = []  # before training moves the rotation
+        for i, n in enumerate(lengths):
+            src = source_activations(model, site, source[i : i + 1, 6 - n :])
+            alone.append(interchange_logits(model, intervention, site, base[i : i + 1, 6 - n :], src, -2, -1)[0])
+        src = source_activations(model, site, s, m)
+        got = interchange_logits(model, intervention, site, b, src, -2, _positions(-1, m, 3, 6), base_mask=m)
+        torch.testing.assert_close(got, torch.stack(alone), atol=1e-4, rtol=1e-4, msg=lambda msg: side + msg)
+        losses = train_das(
+            model,
+            intervention,
+            site,
+            b,
+            s,
+            target,
+            base_pos=-2,
+            steps=3,
+            base_attention_mask=m,
+            source_attention_mask=m,
+        )
+        assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+        assert evaluate_das(model, intervention, site, b, s, target, base_attention_mask=m, source_attention_mask=m)
     assert no_hooks_left(model)

@@ -177,3 +177,44 @@ def test_steering_changes_a_greedy_continuation_of_the_real_model(embedded_model
     assert steered != clean
     assert m.generate(prompt, **kwargs) == clean  # nothing left attached
     assert no_hooks_left(m)
+
+
+def test_a_vector_for_every_prompt_position_steers_generation(model):
+    """One vector per prompt position: the cached generate (whose prefill leaves out the last prompt
+    token) steers exactly what a full rerun of the sequence steers."""
+    prompt = tokens(batch=1, pos=5, seed=3)
+    vector = 20 * torch.randn(5, model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    with steering(model, SITE, vector, positions=slice(0, 5)):
+        cached = greedy(model, prompt)
+        rerun = greedy(model, prompt, use_past_kv_cache=False)
+    assert torch.equal(cached, rerun)
+    assert not torch.equal(cached, greedy(model, prompt))
+    # The first new token is the argmax of one steered forward over the prompt.
+    logits = model.run_with_hooks(prompt, fwd_hooks=[(SITE, steering_hook(vector, positions=slice(0, 5)))])
+    assert int(cached[0, 5]) == int(logits[0, -1].argmax())
+    assert no_hooks_left(model)
+
+
+def test_steering_vector_pads_and_masks_prompts_of_different_lengths(embedded_model):
+    m = embedded_model
+    site = "blocks.1.hook_resid_pre"
+    pos, neg = ["I love", "I love you so much"], ["I hate", "I hate it all day"]
+    per_pos = steering_vector(m, pos, neg, site, reduce=None)
+    with torch.no_grad():
+        alone = [m.run_with_cache(p, names_filter=site)[1][site][0] for p in pos + neg]
+    n = max(a.shape[0] for a in alone)
+    assert per_pos.shape == (n, m.cfg.d_model)
+
+    def masked_mean(rows):
+        total, count = torch.zeros(n, m.cfg.d_model), torch.zeros(n, 1)
+        for a in rows:
+            total[: a.shape[0]] += a
+            count[: a.shape[0]] += 1
+        return total / count
+
+    expected = masked_mean(alone[:2]) - masked_mean(alone[2:])
+    torch.testing.assert_close(per_pos, expected, atol=1e-4, rtol=1e-4)
+    # prepend_bos reaches the tokenizer: without a BOS the vector has one position fewer.
+    no_bos = steering_vector(m, pos, neg, site, reduce=None, prepend_bos=False)
+    with_bos = steering_vector(m, pos, neg, site, reduce=None, prepend_bos=True)
+    assert no_bos.shape[0] + 1 == with_bos.shape[0]

@@ -117,6 +117,30 @@ def _checked(pos: torch.Tensor, n_pos: int) -> torch.Tensor:
     return pos % n_pos
 
 
+def last_real(mask: torch.Tensor | None, batch: int, n_pos: int, device: Any = None) -> torch.Tensor:
+    """Each row's last real (unpadded) position [batch]: ``n_pos - 1`` without a mask."""
+    if mask is None:
+        return torch.full((batch,), n_pos - 1, dtype=torch.long, device=device)
+    idx = torch.arange(n_pos, device=mask.device).expand_as(mask)
+    return torch.where(mask.bool(), idx, -1).amax(-1).to(device)
+
+
+def _positions(pos: PositionIndex, mask: torch.Tensor | None, batch: int, n_pos: int) -> PositionIndex:
+    """With a padding mask, negative positions count back from each row's last real token
+    (``-1`` is the last real token, on either padding side); without one, they pass through."""
+    if mask is None:
+        return pos
+    rows = _per_row(pos, batch, mask.device)
+    end = last_real(mask, batch, n_pos, mask.device)
+    return torch.where(rows < 0, end + 1 + rows, rows)
+
+
+def _tokens_and_mask(model: Any, tokens: Any, mask: Any, what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Tokens [batch, pos] and a padding mask (None when nothing is padded); strings are left-padded."""
+    toks, mask = model.tokens_and_mask(tokens, padding_side="left", attention_mask=mask)
+    return toks, mask
+
+
 def interchange_hook(
     intervention: nn.Module,
     source_act: Float[torch.Tensor, "batch src_pos d"],
@@ -160,10 +184,12 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
             p.requires_grad_(flag)
 
 
-def source_activations(model: Any, site: str, source_tokens: Int[torch.Tensor, "batch pos"]) -> torch.Tensor:
+def source_activations(
+    model: Any, site: str, source_tokens: Int[torch.Tensor, "batch pos"], attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """The site's activation on the source prompts (no graph: the model is frozen)."""
     with torch.no_grad():
-        _, cache = model.run_with_cache(source_tokens, names_filter=site)
+        _, cache = model.run_with_cache(source_tokens, names_filter=site, attention_mask=attention_mask)
     return cache[site]
 
 
@@ -193,19 +219,28 @@ def interchange_logits(
     base_pos: PositionIndex = -1,
     source_pos: PositionIndex = -1,
     base_act: torch.Tensor | None = None,
+    base_mask: torch.Tensor | None = None,
 ) -> Float[torch.Tensor, "batch d_vocab"]:
-    """Next-token logits of the intervened base run, at its last position.
+    """Next-token logits of the intervened base run, at its last (real) position.
 
     With ``base_act`` (the base run's cached value of a residual-stream ``site``), the run
     resumes from it (``start_at_layer``) instead of recomputing the layers below the site:
-    the same logits, computed with the same hook, for a fraction of the cost.
+    the same logits, computed with the same hook, for a fraction of the cost. ``base_mask``:
+    the base prompts' padding mask (1 real, 0 padding); positions are then as ``train_das``'s.
     """
+    batch, n_pos = base_tokens.shape
+    base_pos = _positions(base_pos, base_mask, batch, n_pos)
     hook = interchange_hook(intervention, source_act, base_pos, source_pos)
     resume = resume_point(model, site) if base_act is not None else None
     if resume is None:
-        return model.run_with_hooks(base_tokens, fwd_hooks=[(site, hook)])[:, -1]
-    start, hook_name = resume
-    return model.run_with_hooks(base_act, start_at_layer=start, fwd_hooks=[(hook_name, hook)])[:, -1]
+        logits = model.run_with_hooks(base_tokens, attention_mask=base_mask, fwd_hooks=[(site, hook)])
+    else:
+        start, hook_name = resume
+        logits = model.run_with_hooks(
+            base_act, start_at_layer=start, attention_mask=base_mask, fwd_hooks=[(hook_name, hook)]
+        )
+    rows = torch.arange(batch, device=logits.device)
+    return logits[rows, last_real(base_mask, batch, n_pos, logits.device)]
 
 
 def train_das(
@@ -221,22 +256,31 @@ def train_das(
     lr: float = 1e-2,
     batch_size: int | None = None,
     seed: int = 0,
+    base_attention_mask: torch.Tensor | None = None,
+    source_attention_mask: torch.Tensor | None = None,
 ) -> list[float]:
     """Fit the rotation so the intervened base run predicts ``target_tokens`` (cross-entropy
-    at the last position), with the model frozen. Returns the loss per step.
+    at the last real position), with the model frozen. Returns the loss per step.
+
+    Prompts of different lengths: pass lists of strings (left-padded here) or padded tokens
+    with ``base_attention_mask`` / ``source_attention_mask`` (1 real, 0 padding; either side).
+    With a mask, a negative position counts back from each row's last real token.
 
     The source activations are computed once; so are the base's when the site is in the
     residual stream (each step then runs only the blocks above the site).
     """
     model.resolve_hook_names(site)
-    source_act = source_activations(model, site, source_tokens)
-    base_act = source_activations(model, site, base_tokens) if resume_point(model, site) else None
+    base_tokens, base_mask = _tokens_and_mask(model, base_tokens, base_attention_mask, "base")
+    source_tokens, source_mask = _tokens_and_mask(model, source_tokens, source_attention_mask, "source")
+    source_act = source_activations(model, site, source_tokens, source_mask)
+    base_act = source_activations(model, site, base_tokens, base_mask) if resume_point(model, site) else None
     target_tokens = torch.as_tensor(target_tokens, device=base_tokens.device)
     n = base_tokens.shape[0]
     batch_size = batch_size or n
     opt = torch.optim.Adam(intervention.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
-    base_pos, source_pos = _per_row(base_pos, n), _per_row(source_pos, n)
+    base_pos = _per_row(_positions(base_pos, base_mask, n, base_tokens.shape[1]), n, base_tokens.device)
+    source_pos = _per_row(_positions(source_pos, source_mask, n, source_tokens.shape[1]), n, base_tokens.device)
     losses = []
     with frozen(model):
         for _ in tqdm(range(steps), desc="training DAS rotation", leave=False, delay=1.0):
@@ -250,6 +294,7 @@ def train_das(
                 base_pos[idx],
                 source_pos[idx],
                 base_act=None if base_act is None else base_act[idx],
+                base_mask=None if base_mask is None else base_mask[idx],
             )
             loss = F.cross_entropy(logits.float(), target_tokens[idx])
             opt.zero_grad()
@@ -269,10 +314,17 @@ def evaluate_das(
     target_tokens: torch.Tensor,
     base_pos: PositionIndex = -1,
     source_pos: PositionIndex = -1,
+    base_attention_mask: torch.Tensor | None = None,
+    source_attention_mask: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Loss and interchange accuracy (argmax == target) of the intervened base runs."""
-    source_act = source_activations(model, site, source_tokens)
-    logits = interchange_logits(model, intervention, site, base_tokens, source_act, base_pos, source_pos)
+    """Loss and interchange accuracy (argmax == target) of the intervened base runs (masks as ``train_das``'s)."""
+    base_tokens, base_mask = _tokens_and_mask(model, base_tokens, base_attention_mask, "base")
+    source_tokens, source_mask = _tokens_and_mask(model, source_tokens, source_attention_mask, "source")
+    source_act = source_activations(model, site, source_tokens, source_mask)
+    source_pos = _positions(source_pos, source_mask, *source_tokens.shape)
+    logits = interchange_logits(
+        model, intervention, site, base_tokens, source_act, base_pos, source_pos, base_mask=base_mask
+    )
     target_tokens = torch.as_tensor(target_tokens, device=logits.device)
     return {
         "loss": float(F.cross_entropy(logits.float(), target_tokens)),

@@ -640,6 +640,13 @@ class HookedTransformer(HookedRootModule):
         self._compiled_call_impl = call
         return self
 
+    def trace(self, *args: Any, names_filter: Any = None, **kwargs: Any) -> Any:
+        """``for site in model.trace(tokens): ...``: each activation of one forward, in order,
+        replaceable (``site.value = ...``) or a ``break`` away from stopping; see trace.py."""
+        from .trace import Trace
+
+        return Trace(self, *args, names_filter=names_filter, **kwargs)
+
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """Sample a continuation with a preallocated KV cache; see generate.generate."""
         from .generate import generate

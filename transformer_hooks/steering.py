@@ -77,6 +77,7 @@ class SteeringHook:
         self.positions = _check_positions(positions)
         self.past = 0
         self.continues_cache = False
+        self._pending = False
 
     def _select(self, n_pos: int) -> tuple[list[int] | None, list[int] | None]:
         """(positions of this forward's input to steer, rows of a per-position vector for them).
@@ -85,12 +86,14 @@ class SteeringHook:
         """
         total = self.past + n_pos  # sequence length once this forward is done
         chosen = self.positions
+        self._pending = False  # whether some chosen positions lie beyond this forward (generation may reach them)
         if chosen is None:
             return None, None
         if chosen == "new":
             return (None if self.continues_cache else []), None
         if isinstance(chosen, slice):
             absolute = list(range(total)[chosen])
+            self._pending = (chosen.step or 1) > 0 and (chosen.stop is None or chosen.stop > total)
         else:
             absolute = []
             for p in [chosen] if isinstance(chosen, int) else chosen:
@@ -98,6 +101,8 @@ class SteeringHook:
                     raise IndexError(f"steering position {p} is out of range for a sequence of {total} positions")
                 if p < total:  # a later position is skipped: generation may not have reached it yet
                     absolute.append(p % total)
+                else:
+                    self._pending = True
             if len(set(absolute)) != len(absolute):
                 raise ValueError(f"steering positions {chosen} name a position twice")
         rows = [i for i, p in enumerate(absolute) if p >= self.past]
@@ -134,7 +139,10 @@ class SteeringHook:
                 f"(e.g. positions=slice(0, {v.shape[0]})), not all or new positions"
             )
         n_chosen = len(rows) if self.past == 0 else max(rows) + 1
-        if (self.past == 0 and n_chosen != v.shape[0]) or n_chosen > v.shape[0]:
+        # A prefill may stop short of the chosen positions (generate's prefill leaves out the
+        # last prompt token): the vector's first rows serve it, the next forward the rest.
+        short = self._pending and n_chosen < v.shape[0]
+        if (self.past == 0 and n_chosen != v.shape[0] and not short) or n_chosen > v.shape[0]:
             raise ValueError(
                 f"steering vector has {v.shape[0]} positions but {n_chosen} positions of {name} "
                 f"were chosen; make them match"
@@ -192,19 +200,26 @@ def steering(
 
 
 def steering_vector(
-    model: Any, positive: str | Sequence[str], negative: str | Sequence[str], site: str, reduce: Reduce = "mean"
+    model: Any,
+    positive: str | Sequence[str],
+    negative: str | Sequence[str],
+    site: str,
+    reduce: Reduce = "mean",
+    prepend_bos: bool | None = None,
 ) -> torch.Tensor:
     """``act(positive) - act(negative)`` at ``site`` (the ActAdd "Love" - "Hate" recipe).
 
     ``reduce="mean"``: mean over the (non-padding) positions of each prompt -> site shape;
     ``"last"``: at each prompt's last token -> site shape; ``None``: per position ->
-    ``[pos, *site shape]`` (the two prompts must have the same token length: ActAdd pads
-    the shorter one with spaces). Lists of prompts are averaged over prompts.
+    ``[pos, *site shape]``. Lists of prompts are averaged over prompts; prompts of different
+    lengths are right-padded and masked (per position, the mean over the prompts that reach
+    it). With ``reduce=None`` the two sides must reach the same length: ActAdd pads the
+    shorter prompt with spaces. ``prepend_bos`` as in ``model.to_tokens`` (default: the model's).
     """
     if reduce not in ("mean", "last", None):
         raise ValueError(f"reduce must be 'mean', 'last' or None, got {reduce!r}")
     model.resolve_hook_names(site)  # an unknown site fails here, before any forward
-    pos_acts, neg_acts = (_site_activation(model, p, site, reduce) for p in (positive, negative))
+    pos_acts, neg_acts = (_site_activation(model, p, site, reduce, prepend_bos) for p in (positive, negative))
     if pos_acts.shape != neg_acts.shape:
         raise ValueError(
             f"per-position activations differ in length: {tuple(pos_acts.shape)} vs "
@@ -214,9 +229,11 @@ def steering_vector(
     return pos_acts - neg_acts
 
 
-def _site_activation(model: Any, prompts: str | Sequence[str], site: str, reduce: Reduce) -> torch.Tensor:
+def _site_activation(
+    model: Any, prompts: str | Sequence[str], site: str, reduce: Reduce, prepend_bos: bool | None = None
+) -> torch.Tensor:
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    tokens, mask = model.tokens_and_mask(prompts, padding_side="right")
+    tokens, mask = model.tokens_and_mask(prompts, prepend_bos=prepend_bos, padding_side="right")
     # Blocks above the site cannot change it: stop after its block.
     layer = model.hook_dict[site].layer_idx
     stop = layer + 1 if layer is not None and layer + 1 < model.cfg.n_layers else None
@@ -230,8 +247,6 @@ def _site_activation(model: Any, prompts: str | Sequence[str], site: str, reduce
     elif reduce == "last":
         last = real.reshape(real.shape[:2]).sum(1).long() - 1
         per_prompt = act[torch.arange(act.shape[0], device=act.device), last]
-    else:
-        if mask is not None:
-            raise ValueError("reduce=None needs prompts of one token length; these lists have different lengths")
-        per_prompt = act
+    else:  # per position: the mean over the prompts that have a real token there
+        return (act * real).sum(0) / real.sum(0).clamp(min=1)
     return per_prompt.mean(0)

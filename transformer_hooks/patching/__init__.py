@@ -45,6 +45,18 @@ evaluated at the corrupted run. ``get_attr_patch_X`` estimates ``get_act_patch_X
 metric(corrupted logits)`` with the same shape; the ``_every`` variants share one
 backward. The estimate is exact when the metric is affine in the patched activation.
 
+AtP* (Kramar et al. 2024): ``method="atp*"`` on any ``get_attr_patch_*`` recomputes the
+attention softmax exactly for query and key patches instead of linearising through it, and
+``grad_drop=True`` averages |estimate| over runs that each drop one block's gradient. On the
+IOI prompt of ``notebooks/ioi_circuit.ipynb`` (SmolLM2-135M, each head's queries at all
+positions, layers 20-29), the Pearson correlation with exact patching is 0.967 for AtP and
+0.997 for AtP*; on two prompts over all 30 layers, 0.71 and 0.92. Tests: AtP* beats AtP on
+small models whose attention saturates (``tests/test_circuits.py``).
+
+Ablations (``ablation``): zero, mean and resample ablations of any site, head, neuron or
+position set, as one call (``ablate``), a list (``run_ablations``) or a sweep
+(``ablation_sweep``), through the same stacked engine.
+
 Custom sweeps: ``run_patches(model, tokens, clean_activations, [Patch(site, index,
 setter), ...], metric)`` runs any list of patches (mixed sites and setters) through the
 same stacked engine; ``attribution_products`` gives the elementwise attribution of any
@@ -56,10 +68,12 @@ Axis vocabulary (TL's ``index_axis_names``): ``layer``, ``pos``, ``head`` (alias
 
 Layout: ``engine`` (``Patch``, ``run_patches``, ``generic_activation_patch``, the patch
 setters and the checks), ``sweeps`` (TL's ``get_act_patch_*``), ``attribution``
-(``attribution_products``, ``generic_attribution_patch``, ``get_attr_patch_*``). Every
+(``attribution_products``, ``generic_attribution_patch``, ``get_attr_patch_*``, AtP*),
+``ablation`` (``ablate``, ``run_ablations``, ``ablation_sweep``). Every
 public name is importable from ``transformer_hooks.patching``.
 """
 
+from .ablation import Ablation, ablate, ablation_sweep, ablation_value, run_ablations
 from .attribution import (
     attribution_products,
     generic_attribution_patch,
@@ -123,6 +137,11 @@ from .sweeps import (
 )
 
 __all__ = [
+    "Ablation",
+    "ablate",
+    "ablation_sweep",
+    "ablation_value",
+    "run_ablations",
     "attribution_products",
     "AXES",
     "DEFAULT_MAX_BATCH_BYTES",

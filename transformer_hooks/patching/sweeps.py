@@ -268,9 +268,10 @@ def _numel(grid: list[int]) -> int:
 
 
 def _pad_heads(t: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Pad a kv-head axis (last) to n_heads with NaN: those heads do not exist (TL pads with 0)."""
+    """Pad a kv-head axis (last) to n_heads with 0, as TransformerLens does: those heads do not exist,
+    and a 0 keeps sums, maxima and plots of the stacked rows usable."""
     missing = n_heads - t.shape[-1]
-    return torch.nn.functional.pad(t, (0, missing), value=float("nan")) if missing else t
+    return torch.nn.functional.pad(t, (0, missing), value=0.0) if missing else t
 
 
 def get_act_patch_block_every(
@@ -293,7 +294,7 @@ def get_act_patch_attn_head_all_pos_every(
 ) -> Float[torch.Tensor, "5 layer head"]:
     """Every head (all positions) for output z, q, k, v and pattern: ``[5, layer, head]``.
 
-    Under GQA the k and v rows have n_kv_heads real entries; the rest are NaN.
+    Under GQA the k and v rows have n_kv_heads real entries; the rest are 0 (as TransformerLens).
     """
     parts = _every(model, corrupted_tokens, clean_cache, metric, _HEAD_ALL_POS_KINDS, "patching heads", **kwargs)
     return torch.stack([_pad_heads(p, model.cfg.n_heads) for p in parts])
@@ -308,7 +309,7 @@ def get_act_patch_attn_head_by_pos_every(
 ) -> Float[torch.Tensor, "5 layer pos head"]:
     """Every head at every position for z, q, k, v and pattern (by destination): ``[5, layer, pos, head]``.
 
-    Under GQA the k and v rows have n_kv_heads real entries; the rest are NaN.
+    Under GQA the k and v rows have n_kv_heads real entries; the rest are 0 (as TransformerLens).
     """
     parts = _every(model, corrupted_tokens, clean_cache, metric, _HEAD_BY_POS_KINDS, "patching heads by pos", **kwargs)
     parts[-1] = rearrange(parts[-1], "layer head pos -> layer pos head")
