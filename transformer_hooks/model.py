@@ -502,8 +502,7 @@ class HookedTransformer(HookedRootModule):
         it is. The result equals loading with the same flags. Hooks are not carried over: remove
         them first. Processing holds a second copy of the weights while it runs.
         """
-        from .loading import processed_copy
-        from .processing import ProcessingOptions
+        from .loading import ProcessingOptions, processed_copy  # lazy: loading builds on the model
 
         options = ProcessingOptions(
             fold_ln=fold_ln,
