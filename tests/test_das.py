@@ -4,8 +4,8 @@ interchange loss."""
 
 import pytest
 import torch
-
 from checkpoints import VOCAB
+
 from transformer_hooks import HookedTransformer
 from transformer_hooks.das import (
     RotatedSubspaceInterchange,
@@ -89,7 +89,7 @@ def test_resuming_from_the_cached_site_gives_the_same_logits_and_gradients(model
             grads.append((logits.detach(), [p.grad.clone() for p in das.parameters()]))
     (full, full_grads), (resumed, resumed_grads) = grads
     torch.testing.assert_close(resumed, full, atol=1e-4, rtol=1e-4)
-    for a, b in zip(resumed_grads, full_grads):
+    for a, b in zip(resumed_grads, full_grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
     assert no_hooks_left(model)
 

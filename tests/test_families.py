@@ -65,7 +65,7 @@ def test_logits_and_residuals_match_hf(loaded, one_thread, name, impl):
             ref.hidden_states[layer],
             atol=TOL,
             rtol=0,
-            msg=lambda m: f"layer {layer} resid_pre: {m}",
+            msg=lambda m, layer=layer: f"layer {layer} resid_pre: {m}",
         )
     with torch.no_grad():
         torch.testing.assert_close(model.ln_final(cache["resid_post", -1]), ref.hidden_states[-1], atol=TOL, rtol=0)

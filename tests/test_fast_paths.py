@@ -5,8 +5,8 @@ what was asked; stop_at_layer stops."""
 
 import pytest
 import torch
-
 from checkpoints import CONFIGS, VOCAB
+
 from transformer_hooks import HookedTransformer
 from transformer_hooks.components import Attention, KVCache
 

@@ -3,8 +3,8 @@ KV cache changes nothing but speed, hooks fire at every step and never stay atta
 
 import pytest
 import torch
-
 from checkpoints import VOCAB
+
 from transformer_hooks import HookedTransformer
 from transformer_hooks.generate import sample_logits
 

@@ -17,8 +17,8 @@ import weakref
 
 import pytest
 import torch
-
 from checkpoints import VOCAB
+
 from transformer_hooks import HookedTransformer
 
 PAGE = os.sysconf("SC_PAGE_SIZE")

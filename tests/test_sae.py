@@ -8,8 +8,8 @@ import warnings
 
 import pytest
 import torch
-
 from checkpoints import VOCAB
+
 from transformer_hooks import HookedTransformer
 from transformer_hooks.sae import (
     PROCESSING_STEPS,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from checkpoints import VOCAB
+
 from transformer_hooks import HookedTransformer, UnknownHookError, sites
 from transformer_hooks.cache import NotCachedError
 from transformer_hooks.patching.engine import _axis_sizes, _layout

@@ -4,8 +4,8 @@ attached (also after an exception)."""
 
 import pytest
 import torch
-
 from checkpoints import VOCAB
+
 from transformer_hooks import HookedTransformer, UnknownHookError
 from transformer_hooks.steering import steering, steering_hook, steering_vector
 

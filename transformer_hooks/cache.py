@@ -37,7 +37,8 @@ residual ``x``: the attributions here (``logit_attrs``) are of ``x``, before the
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 from einops import einsum, rearrange
@@ -48,7 +49,7 @@ from .hooks import HookCache
 from .utils import Slice, SliceInput, check_index, check_layer, get_act_name
 
 Stack = Float[torch.Tensor, "component *batch_and_pos d_model"]
-Tokens = Union[str, int, Sequence[int], Sequence[str], Int[torch.Tensor, "..."]]
+Tokens = str | int | Sequence[int] | Sequence[str] | Int[torch.Tensor, "..."]
 
 logger = logging.getLogger(__name__)
 # Where the position axis is, counted from the end (so with or without the batch axis).
@@ -185,16 +186,16 @@ class ActivationCache(HookCache):
         n = self.cfg.n_layers
         has_mid = sites.BY_NAME["hook_resid_mid"].when.holds(self.cfg)
         parts, labels = [], []
-        for l in range(layer + 1):
-            if l == n:
+        for L in range(layer + 1):
+            if L == n:
                 parts.append(self._get(("resid_post", n - 1), "accumulated_resid"))
                 labels.append("final_post")
                 continue
-            parts.append(self._get(("resid_pre", l), "accumulated_resid"))
-            labels.append(f"{l}_pre")
-            if has_mid and ((incl_mid and l < layer) or (mlp_input and l == layer)):
-                parts.append(self._get(("resid_mid", l), "accumulated_resid"))
-                labels.append(f"{l}_mid")
+            parts.append(self._get(("resid_pre", L), "accumulated_resid"))
+            labels.append(f"{L}_pre")
+            if has_mid and ((incl_mid and L < layer) or (mlp_input and L == layer)):
+                parts.append(self._get(("resid_mid", L), "accumulated_resid"))
+                labels.append(f"{L}_mid")
         stack = torch.stack([pos_slice.apply(p, dim=_RESID_POS) for p in parts])
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=pos_slice)
@@ -231,13 +232,13 @@ class ActivationCache(HookCache):
             if self.has_pos_embed:
                 parts.append(self._get("hook_pos_embed", "decompose_resid"))
                 labels.append("pos_embed")
-        for l in range(layer):
+        for L in range(layer):
             if incl_attn:
-                parts.append(self._get(("attn_out", l), "decompose_resid"))
-                labels.append(f"{l}_attn_out")
+                parts.append(self._get(("attn_out", L), "decompose_resid"))
+                labels.append(f"{L}_attn_out")
             if incl_mlp:
-                parts.append(self._get(("mlp_out", l), "decompose_resid"))
-                labels.append(f"{l}_mlp_out")
+                parts.append(self._get(("mlp_out", L), "decompose_resid"))
+                labels.append(f"{L}_mlp_out")
         if incl_attn and self._attn_before_mlp(layer, mlp_input):
             parts.append(self._get(("attn_out", layer), "decompose_resid"))
             labels.append(f"{layer}_attn_out")
@@ -270,11 +271,11 @@ class ActivationCache(HookCache):
 
     def compute_head_results(self) -> None:
         """Store every layer's per-head results (``attn.hook_result``) in the cache, from z and W_O."""
-        missing = [l for l in range(self.cfg.n_layers) if f"blocks.{l}.attn.hook_result" not in self.cache_dict]
+        missing = [L for L in range(self.cfg.n_layers) if f"blocks.{L}.attn.hook_result" not in self.cache_dict]
         if not missing:
             logger.warning("compute_head_results: the head results are already cached")
-        for l in missing:
-            self.cache_dict[f"blocks.{l}.attn.hook_result"] = self._head_results(l, Slice(None), "compute_head_results")
+        for L in missing:
+            self.cache_dict[f"blocks.{L}.attn.hook_result"] = self._head_results(L, Slice(None), "compute_head_results")
 
     def stack_head_results(
         self,
@@ -292,12 +293,12 @@ class ActivationCache(HookCache):
         """
         layer = self._stack_layer(layer)
         pos_slice = Slice.unwrap(pos_slice)
-        labels = [f"L{l}H{h}" for l in range(layer) for h in range(self.cfg.n_heads)]
+        labels = [f"L{L}H{h}" for L in range(layer) for h in range(self.cfg.n_heads)]
         per_layer = [
             self._through_post_norm(
-                self._head_results(l, pos_slice, "stack_head_results"), l, "ln1_post", pos_slice, "stack_head_results"
+                self._head_results(L, pos_slice, "stack_head_results"), L, "ln1_post", pos_slice, "stack_head_results"
             )
-            for l in range(layer)
+            for L in range(layer)
         ]
         return self._components_stack(per_layer, labels, layer, pos_slice, incl_remainder, apply_ln, return_labels)
 
@@ -359,8 +360,8 @@ class ActivationCache(HookCache):
         layer = self._stack_layer(layer)
         neuron_slice, pos_slice = _keep_dim(Slice.unwrap(neuron_slice)), Slice.unwrap(pos_slice)
         neurons = neuron_slice.indices(self.cfg.d_mlp).tolist()
-        labels = [f"L{l}N{n}" for l in range(layer) for n in neurons]
-        per_layer = [self.get_neuron_results(l, neuron_slice, pos_slice) for l in range(layer)]
+        labels = [f"L{L}N{n}" for L in range(layer) for n in neurons]
+        per_layer = [self.get_neuron_results(L, neuron_slice, pos_slice) for L in range(layer)]
         return self._components_stack(per_layer, labels, layer, pos_slice, incl_remainder, apply_ln, return_labels)
 
     # The whole residual stream --------------------------------------------------------------
@@ -418,14 +419,14 @@ class ActivationCache(HookCache):
         shape = like.shape[1:]
         if self.cfg.norm_placement == "pre":
             return _like(self.model.accumulated_bias(layer, mlp_input, include_mlp_biases), like).expand(shape)
-        biases = [(l, "ln1_post", "attn.b_O") for l in range(layer)]
-        biases += [(l, "ln2_post", "mlp.b_out") for l in range(layer) if include_mlp_biases]
+        biases = [(L, "ln1_post", "attn.b_O") for L in range(layer)]
+        biases += [(L, "ln2_post", "mlp.b_out") for L in range(layer) if include_mlp_biases]
         if self._attn_before_mlp(layer, mlp_input):
             biases.append((layer, "ln1_post", "attn.b_O"))
         row = like.new_zeros(shape)
-        for l, norm_name, bias_name in biases:
-            bias = _like(self.model.blocks[l].get_parameter(bias_name), like).expand(shape)
-            row = row + self._through_post_norm(bias, l, norm_name, pos_slice, "get_full_resid_decomposition")
+        for L, norm_name, bias_name in biases:
+            bias = _like(self.model.blocks[L].get_parameter(bias_name), like).expand(shape)
+            row = row + self._through_post_norm(bias, L, norm_name, pos_slice, "get_full_resid_decomposition")
         return row
 
     def _through_post_norm(
@@ -566,7 +567,7 @@ class ActivationCache(HookCache):
     ) -> Float[torch.Tensor, "layer ..."]:
         """``activation_name`` (a short name, e.g. ``"pattern"``) of every block before ``layer``, stacked."""
         layer = self._stack_layer(layer)
-        return torch.stack([self._get((activation_name, l, sublayer_type), "stack_activation") for l in range(layer)])
+        return torch.stack([self._get((activation_name, L, sublayer_type), "stack_activation") for L in range(layer)])
 
     # Error messages -----------------------------------------------------------------------------
     def _not_cached_message(self, name: str, needed_by: str | None) -> str:

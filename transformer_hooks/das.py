@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import re
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -205,7 +206,7 @@ def train_das(
     site: str,
     base_tokens: Int[torch.Tensor, "batch pos"],
     source_tokens: Int[torch.Tensor, "batch src_pos"],
-    target_tokens: Int[torch.Tensor, "batch"],
+    target_tokens: Int[torch.Tensor, " batch"],
     base_pos: PositionIndex = -1,
     source_pos: PositionIndex = -1,
     steps: int = 100,

@@ -48,11 +48,11 @@ class DLAResult:
     answer_logit: float
     contrast_logit: float
     logit_diff: float
-    accumulated: Float[torch.Tensor, "row"]  # the logit difference the residual stream would give at each point
+    accumulated: Float[torch.Tensor, " row"]  # the logit difference the residual stream would give at each point
     accumulated_labels: list[str]
     heads: Float[torch.Tensor, "layer head"]
-    attn: Float[torch.Tensor, "layer"]
-    mlp: Float[torch.Tensor, "layer"]
+    attn: Float[torch.Tensor, " layer"]
+    mlp: Float[torch.Tensor, " layer"]
     embed: float
     constant: float
     logit_diff_before_cap: float | None = None  # models with final_logit_softcap
@@ -100,7 +100,7 @@ def direct_logit_attribution(model: Any, prompt: str, answer: str, contrast: str
         accumulated = final_norm(model, acc, "cached", cache, pos_slice=pos) @ direction + (b_U[a] - b_U[b])
         heads = cache.logit_attrs(cache.stack_head_results(-1, pos_slice=pos), a, b, pos_slice=pos)
         parts, labels = cache.decompose_resid(-1, pos_slice=pos, return_labels=True)
-        part_attrs = dict(zip(labels, cache.logit_attrs(parts, a, b, pos_slice=pos)[:, 0].tolist()))
+        part_attrs = dict(zip(labels, cache.logit_attrs(parts, a, b, pos_slice=pos)[:, 0].tolist(), strict=True))
     layers = range(cfg.n_layers)
     return DLAResult(
         str_tokens=model.to_str_tokens(tokens[0]),
@@ -115,8 +115,8 @@ def direct_logit_attribution(model: Any, prompt: str, answer: str, contrast: str
         accumulated=accumulated[:, 0].cpu(),
         accumulated_labels=acc_labels,
         heads=heads[:, 0].reshape(cfg.n_layers, cfg.n_heads).cpu(),
-        attn=torch.tensor([part_attrs[f"{l}_attn_out"] for l in layers]),
-        mlp=torch.tensor([part_attrs[f"{l}_mlp_out"] for l in layers]),
+        attn=torch.tensor([part_attrs[f"{L}_attn_out"] for L in layers]),
+        mlp=torch.tensor([part_attrs[f"{L}_mlp_out"] for L in layers]),
         embed=part_attrs["embed"] + part_attrs.get("pos_embed", 0.0),
         constant=float(constant),
     )
@@ -151,8 +151,8 @@ def format_dla(r: DLAResult, top: int = 10) -> str:
     per_layer = r.attn + r.mlp
     order = per_layer.abs().argsort(descending=True)[:top].tolist()
     rows = [
-        [str(i + 1), str(l), f"{float(r.attn[l]):+.4f}", f"{float(r.mlp[l]):+.4f}", f"{float(per_layer[l]):+.4f}"]
-        for i, l in enumerate(order)
+        [str(i + 1), str(L), f"{float(r.attn[L]):+.4f}", f"{float(r.mlp[L]):+.4f}", f"{float(per_layer[L]):+.4f}"]
+        for i, L in enumerate(order)
     ]
     lines += text_table(["rank", "layer", "attn", "mlp", "total"], rows)
     return "\n".join(lines)

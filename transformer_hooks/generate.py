@@ -18,7 +18,8 @@ whole continuation.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -39,7 +40,7 @@ def sample_logits(
     temperature: float = 1.0,
     freq_penalty: float = 0.0,
     token_counts: Float[torch.Tensor, "batch d_vocab"] | None = None,
-) -> Int[torch.Tensor, "batch"]:
+) -> Int[torch.Tensor, " batch"]:
     """One token per row, as TransformerLens samples.
 
     ``temperature == 0``: argmax. Otherwise logits / temperature, minus

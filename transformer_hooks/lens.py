@@ -25,8 +25,9 @@ heatmap. For full logits over the vocabulary, compose the parts:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence, Union
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -42,7 +43,7 @@ from .utils import Slice, SliceInput, check_layer
 LENS_SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
 Norm = Literal["recompute", "cached"]
 Stack = Float[torch.Tensor, "component *batch_and_pos d_model"]
-Targets = Union[str, int, Sequence[int], torch.Tensor, None]
+Targets = str | int | Sequence[int] | torch.Tensor | None
 _CHUNK_LOGITS = 32 * 2**20  # logits held at once (x4 bytes, plus softmax temporaries)
 
 
@@ -61,7 +62,7 @@ def lens_stack(
         raise ValueError(f"unknown lens site(s) {unknown}; choose from {list(LENS_SITES)}")
     cfg = cache.model.cfg
     n = cfg.n_layers
-    layers = list(range(n)) if layers is None else [check_layer(l, n) for l in layers]
+    layers = list(range(n)) if layers is None else [check_layer(L, n) for L in layers]
     pos_slice = Slice.unwrap(pos_slice)
     rows, labels, row_layers, row_sites = [], [], [], []
     for layer in layers:
@@ -124,9 +125,9 @@ class LogitLens:
     top_logits: Float[torch.Tensor, "component *batch_and_pos k"]
     top_probs: Float[torch.Tensor, "component *batch_and_pos k"]
     target_tokens: Int[torch.Tensor, "*batch_and_pos"] | None = None
-    target_logits: Float[torch.Tensor, "component *batch_and_pos"] | None = None
-    target_probs: Float[torch.Tensor, "component *batch_and_pos"] | None = None
-    target_ranks: Int[torch.Tensor, "component *batch_and_pos"] | None = None  # 0: the top token
+    target_logits: Float[torch.Tensor, " component *batch_and_pos"] | None = None
+    target_probs: Float[torch.Tensor, " component *batch_and_pos"] | None = None
+    target_ranks: Int[torch.Tensor, " component *batch_and_pos"] | None = None  # 0: the top token
 
     def rows(self, site: str) -> list[int]:
         """The row indices of ``site``, in layer order."""

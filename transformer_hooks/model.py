@@ -9,7 +9,8 @@ layers.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +23,8 @@ from .components import AttentionMask, Embed, KVCache, PosEmbed, Rotary, Unembed
 from .config import ModelConfig
 from .factored_matrix import FactoredMatrix
 from .hooks import HookedRootModule, HookPoint
-from .utils import check_index, check_layer
 from .tokens import ModelInput, TextInput
+from .utils import check_index, check_layer
 
 ReturnType = Literal["logits", "loss", "both", None]
 
@@ -312,7 +313,7 @@ class HookedTransformer(HookedRootModule):
         return self.unembed.W_U
 
     @property
-    def b_U(self) -> Float[torch.Tensor, "d_vocab"]:
+    def b_U(self) -> Float[torch.Tensor, " d_vocab"]:
         return self.unembed.b_U
 
     W_Q = property(lambda self: self._stack("attn.W_Q"), doc="[n_layers, head, d_model, d_head]")
@@ -386,7 +387,7 @@ class HookedTransformer(HookedRootModule):
 
     def accumulated_bias(
         self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True
-    ) -> Float[torch.Tensor, "d_model"]:
+    ) -> Float[torch.Tensor, " d_model"]:
         """The sum of the output biases (``b_O``, and ``b_out`` with ``include_mlp_biases``)
         written into the residual stream that enters block ``layer`` (0..n_layers; n_layers
         is the input to the unembedding). ``mlp_input``: the stream that block's MLP reads,
@@ -427,7 +428,7 @@ class HookedTransformer(HookedRootModule):
     def all_head_labels(self) -> list[str]:
         """``["L0H0", "L0H1", ...]``: one label per attention head, in the order of
         ``cache.stack_head_results``."""
-        return [f"L{l}H{h}" for l in range(self.cfg.n_layers) for h in range(self.cfg.n_heads)]
+        return [f"L{L}H{h}" for L in range(self.cfg.n_layers) for h in range(self.cfg.n_heads)]
 
     def loss_fn(
         self,

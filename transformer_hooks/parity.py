@@ -55,7 +55,7 @@ def parity_errors(model: Any, hf_model: Any, tokens: torch.Tensor) -> list[Parit
     def row(name: str, ours: torch.Tensor, theirs: torch.Tensor) -> ParityRow:
         return ParityRow(name, float((ours.float() - theirs.float()).abs().max()), float(theirs.abs().max()))
 
-    rows = [row(f"resid_pre {l}", cache["resid_pre", l], ref.hidden_states[l]) for l in range(n)]
+    rows = [row(f"resid_pre {L}", cache["resid_pre", L], ref.hidden_states[L]) for L in range(n)]
     rows.append(row("final norm", final, ref.hidden_states[n]))
     rows.append(row("logits", logits, ref.logits))
     return rows

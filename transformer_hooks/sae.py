@@ -61,9 +61,10 @@ import contextlib
 import json
 import math
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence, Union
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -380,7 +381,7 @@ def _to_sae_shape(act: torch.Tensor, d_in: int, name: str) -> torch.Tensor:
     )
 
 
-Positions = Union[slice, Sequence[int], None]
+Positions = slice | Sequence[int] | None
 
 
 def _chosen(n_pos: int, positions: Positions, device: Any) -> torch.Tensor:

@@ -36,14 +36,15 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Any, Iterator, Literal, Sequence, Union
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float
 
 from .hooks import HookPoint
 
-Positions = Union[None, int, slice, Sequence[int], Literal["all", "new"]]
+Positions = None | int | slice | Sequence[int] | Literal["all", "new"]
 Reduce = Literal["mean", "last", None]
 
 

@@ -11,15 +11,16 @@ them with its own tokenizer, config and device.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Int
 
 from .config import ModelConfig
 
-TextInput = Union[str, Sequence[str]]
-ModelInput = Union[TextInput, Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "pos"]]
+TextInput = str | Sequence[str]
+ModelInput = TextInput | Int[torch.Tensor, " batch pos"] | Int[torch.Tensor, " pos"]
 PaddingSide = Literal["left", "right"]
 
 

@@ -4,7 +4,8 @@ and ``to_numpy``."""
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -85,7 +86,7 @@ def check_layer(layer: int, n_layers: int, what: str = "layer", allow_end: bool 
     return check_index(layer, n_layers, what, f"a model with {n_layers} layers", allow_end=allow_end)
 
 
-SliceInput = Union[None, int, slice, tuple, Sequence[int], torch.Tensor]
+SliceInput = None | int | slice | tuple | Sequence[int] | torch.Tensor
 
 
 class Slice:
@@ -181,7 +182,7 @@ def test_prompt(
             print("Tokenized prompt:", model.to_str_tokens(prompt_tokens))
             print("Tokenized answer:", str_answer)
         ranks = []
-        for i, (token, token_str) in enumerate(zip(answer_tokens.tolist(), str_answer)):
+        for i, (token, token_str) in enumerate(zip(answer_tokens.tolist(), str_answer, strict=True)):
             rank = int((predictions[i] > predictions[i, token]).sum())
             ranks.append((token_str, rank))
             if print_details:

@@ -22,15 +22,15 @@ name table once per submodule of an HF model, and dequantizes the whole file up 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-from .sources import CorruptCheckpointError, TensorSource
-
 from . import UnsupportedArchitectureError, supported_model_types
+from .sources import CorruptCheckpointError, TensorSource
 
 
 def read_gguf(path: Path) -> tuple[dict, Any, Callable[[], Any]]:

@@ -19,7 +19,7 @@ from ..config import ModelConfig, RopeScaling
 CosSin = tuple[Float[torch.Tensor, "batch pos rotary_dim"], Float[torch.Tensor, "batch pos rotary_dim"]]
 
 
-def inverse_frequencies(rotary_dim: int, theta: float, scaling: RopeScaling | None) -> Float[torch.Tensor, "half"]:
+def inverse_frequencies(rotary_dim: int, theta: float, scaling: RopeScaling | None) -> Float[torch.Tensor, " half"]:
     inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim)
     if scaling is None:
         return inv_freq
@@ -45,7 +45,7 @@ class Rotary(nn.Module):
         self.theta, self.scaling = (cfg.local_rope_theta, None) if local else (cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("inv_freq", self.frequencies(), persistent=False)
 
-    def frequencies(self) -> Float[torch.Tensor, "half"]:
+    def frequencies(self) -> Float[torch.Tensor, " half"]:
         return inverse_frequencies(self.rotary_dim, self.theta, self.scaling)
 
     def forward(self, positions: Int[torch.Tensor, "batch pos"], dtype: torch.dtype) -> CosSin:

@@ -5,7 +5,8 @@ has the grid and shape of ``get_act_patch_X``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from einops import rearrange
@@ -90,7 +91,7 @@ def attribution_products(
         grads = torch.autograd.grad(value.sum(), [acts[s] for s in clean], allow_unused=True)
     return {
         site: (clean[site] - acts[site].detach()) * (torch.zeros_like(acts[site]) if g is None else g)
-        for site, g in zip(clean, grads)
+        for site, g in zip(clean, grads, strict=True)
     }
 
 

@@ -7,8 +7,9 @@ are stated once, in the package docstring (``transformer_hooks.patching``).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
@@ -237,7 +238,7 @@ def run_patches(
     vectorized_metric: bool = False,
     progress: bool = True,
     desc: str = "patching",
-) -> Float[torch.Tensor, "n_patches"]:
+) -> Float[torch.Tensor, " n_patches"]:
     """The metric of each patched run, stacking patches on the batch axis.
 
     ``clean_activations`` maps each site to its clean activation; inputs are assumed
@@ -256,7 +257,7 @@ def run_patches(
 
     resid_pre: dict[int, torch.Tensor] = {}
     if any(start_of):
-        names = [f"blocks.{l}.hook_resid_pre" for l in sorted(set(start_of)) if l > 0]
+        names = [f"blocks.{L}.hook_resid_pre" for L in sorted(set(start_of)) if L > 0]
         with torch.no_grad():
             _, cache = model.run_with_cache(tokens, names_filter=names, return_cache_object=False)
         resid_pre = {int(n.split(".")[1]): cache[n] for n in names}
@@ -321,7 +322,7 @@ def _chunk_hooks(
 
 def _metric_per_patch(
     metric: PatchingMetric, logits: Float[torch.Tensor, "patch batch pos d_vocab"], vectorized: bool
-) -> Float[torch.Tensor, "patch"]:
+) -> Float[torch.Tensor, " patch"]:
     n = logits.shape[0]
     if vectorized:
         return _check_metric_output(metric(logits), n, vectorized=True)

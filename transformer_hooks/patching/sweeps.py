@@ -7,7 +7,8 @@ of chunks.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from einops import rearrange
@@ -16,8 +17,8 @@ from jaxtyping import Float, Int
 from .engine import (
     DEFAULT_MAX_BATCH_BYTES,
     Patch,
-    PatchSetter,
     PatchingMetric,
+    PatchSetter,
     _axis_sizes,
     _clean_activation,
     _corrupted_tokens,
@@ -257,7 +258,7 @@ def _every(
         progress=progress,
         desc=desc,
     )
-    return [part.reshape(grid) for part, grid in zip(values.split([_numel(g) for g in grids]), grids)]
+    return [part.reshape(grid) for part, grid in zip(values.split([_numel(g) for g in grids]), grids, strict=True)]
 
 
 def _numel(grid: list[int]) -> int:
