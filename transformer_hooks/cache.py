@@ -89,7 +89,7 @@ class ActivationCache(HookCache):
         if isinstance(key, str):
             return key if key in self.cache_dict else get_act_name(key, n_layers=self.cfg.n_layers)
         if isinstance(key, tuple) and key and isinstance(key[0], str) and len(key) <= 3:
-            return get_act_name(*key, n_layers=self.cfg.n_layers)
+            return get_act_name(*key, n_layers=self.cfg.n_layers)  # type: ignore[misc]  # len(key) <= 3
         raise TypeError(f"index the cache with a hook name, (name, layer) or (name, layer, sublayer), got {key!r}")
 
     def __getitem__(self, key: Any) -> torch.Tensor:

@@ -51,16 +51,18 @@ class ModelConfig:
     normalization_type: NormType
     eps: float
     positional_embedding: PositionalEmbedding
-    n_kv_heads: int | None = None  # None: same as n_heads (MHA)
+    # n_kv_heads, rotary_dim and attn_windows accept None, which __post_init__ replaces with the
+    # default it stands for: typed as what the model reads.
+    n_kv_heads: int = None  # type: ignore[assignment]  # None: same as n_heads (MHA)
     # Rotary: applied to the first ``rotary_dim`` dims of each head (rotate-half layout).
-    rotary_dim: int | None = None  # None: d_head
+    rotary_dim: int = None  # type: ignore[assignment]  # None: d_head (rotary models)
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
     # Scores are q·k / attn_scale (GPT-Neo uses 1.0, i.e. no scaling). None: sqrt(d_head).
     attn_scale: float | None = None
     scale_attn_by_inverse_layer_idx: bool = False  # GPT-2 option: scores / (layer + 1)
     # Per layer: None for global causal attention, or a window w (key within w-1 of query).
-    attn_windows: tuple[int | None, ...] | None = None
+    attn_windows: tuple[int | None, ...] = None  # type: ignore[assignment]
     parallel_residual: bool = False  # NeoX/Pythia: attn and MLP both read resid_pre
     gated_mlp: bool = False  # SwiGLU: act(x W_gate) * (x W_in)
     tie_word_embeddings: bool = False

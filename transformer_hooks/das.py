@@ -80,12 +80,12 @@ class RotatedSubspaceInterchange(nn.Module):
         """The rotation: its columns are the new basis; the first k span the interchanged subspace."""
         if self.low_rank:
             raise ValueError("a low-rank interchange learns only the k basis vectors of its subspace: use .basis")
-        return self.rotation.weight.T
+        return self.rotation.weight.T  # type: ignore[return-value]  # a parametrized nn.Linear
 
     @property
     def basis(self) -> Float[torch.Tensor, "d k"]:
         """Orthonormal columns spanning the interchanged subspace."""
-        return self.rotation.weight[: self.k].T
+        return self.rotation.weight[: self.k].T  # type: ignore[index]  # a parametrized nn.Linear
 
     def forward(
         self, base: Float[torch.Tensor, "... d"], source: Float[torch.Tensor, "... d"]

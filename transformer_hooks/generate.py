@@ -147,8 +147,8 @@ def generate(
             f"context (n_ctx={model.cfg.n_ctx}, learned positions); lower max_new_tokens to at most "
             f"{max(model.cfg.n_ctx - prompt_len, 0)} or shorten the prompt"
         )
-    stops, eos_for_padding = _stop_tokens(model, eos_token_id) if stop_at_eos else ([], 0)
-    stops = torch.tensor(stops, device=tokens.device)
+    stop_ids, eos_for_padding = _stop_tokens(model, eos_token_id) if stop_at_eos else ([], 0)
+    stops = torch.tensor(stop_ids, device=tokens.device)
 
     out = torch.empty(batch, prompt_len + max_new_tokens, dtype=torch.long, device=tokens.device)
     out[:, :prompt_len] = tokens
@@ -216,7 +216,7 @@ def _decode(
     texts = []
     for row in range(out.shape[0]):
         ids = out[row] if mask is None else out[row][mask[row].bool()]
-        ids = ids.tolist()
+        ids = ids.tolist()  # type: ignore[assignment]  # from here on, a list of ids
         if prepended:
             ids = ids[1:]
         n_prompt = len(ids) - (out.shape[1] - prompt_len)

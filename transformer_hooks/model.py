@@ -148,13 +148,13 @@ class HookedTransformer(HookedRootModule):
             tokens, attention_mask = self.tokens_and_mask(input, prepend_bos, padding_side, attention_mask)
             batch, q_len = tokens.shape
         else:
-            resid = input
-            if not isinstance(resid, torch.Tensor) or resid.ndim != 3 or resid.shape[-1] != self.cfg.d_model:
-                shape = tuple(resid.shape) if isinstance(resid, torch.Tensor) else type(resid).__name__
+            if not isinstance(input, torch.Tensor) or input.ndim != 3 or input.shape[-1] != self.cfg.d_model:
+                shape = tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
                 raise ValueError(
                     f"with start_at_layer, input is the residual stream [batch, pos, d_model="
                     f"{self.cfg.d_model}], got {shape}"
                 )
+            resid = input
             if resid.dtype != self.dtype:
                 raise ValueError(
                     f"the residual stream is {resid.dtype} but the model is {self.dtype}; pass resid.to({self.dtype})"
@@ -417,12 +417,13 @@ class HookedTransformer(HookedRootModule):
         if mlp_input and layer == n:
             raise ValueError(f"mlp_input=True needs a block below {n}; layer={n} is the unembedding")
         bias = torch.zeros(self.cfg.d_model, device=self.device, dtype=self.dtype)
-        for block in self.blocks[:layer]:
+        blocks: list[Any] = list(self.blocks)  # nn.ModuleList types its items as plain Modules
+        for block in blocks[:layer]:
             bias = bias + block.attn.b_O
             if include_mlp_biases:
                 bias = bias + block.mlp.b_out
         if mlp_input and not self.cfg.parallel_residual:
-            bias = bias + self.blocks[layer].attn.b_O
+            bias = bias + blocks[layer].attn.b_O
         return bias
 
     def all_head_labels(self) -> list[str]:

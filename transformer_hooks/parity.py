@@ -34,6 +34,7 @@ def load_hf_model(name: str) -> Any:
             f"Run parity on the original HF checkpoint or .gguf file"
         )
     if ckpt.kind == "gguf":
+        assert ckpt.gguf_file is not None
         return AutoModelForCausalLM.from_pretrained(
             str(ckpt.directory), gguf_file=ckpt.gguf_file.name, dtype=torch.float32
         ).eval()

@@ -396,7 +396,7 @@ def plot_logit_lens(
     fig = Figure(figsize=(3.5 + 0.95 * (len(shown) + 2), 0.27 * len(layers) + 2.6), layout="constrained")
     ax_resid, ax_out = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [len(shown), 2]})
 
-    def heatmap(ax: Any, cells: list[tuple[int, int]]) -> Any:
+    def heatmap(ax: Any, cells: list[tuple[list[int], int]]) -> Any:
         """cells[j] = (lens row of layer 0, position); rows of later layers follow per site."""
         probs = torch.stack([lens.top_probs[rows, 0, p, 0] for rows, p in cells], dim=1).numpy()  # [layer, column]
         im = ax.imshow(probs, cmap="Blues", vmin=0, vmax=1, aspect="auto", interpolation="nearest")

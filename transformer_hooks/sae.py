@@ -488,6 +488,7 @@ def evaluate_sae(
     if check:
         check_sae_processing(model, sae)
     tokens, mask = model.tokens_and_mask(tokens, attention_mask=attention_mask)
+    assert isinstance(tokens, torch.Tensor)
     n = n_pred = 0
     sq_err = l0 = clean = spliced = zero = 0.0
     sum_x = torch.zeros(sae.cfg.d_in, dtype=torch.float64, device=sae.W_enc.device)

@@ -120,7 +120,7 @@ class Site:
         """The submodule that owns the site (``"ln1"`` for ``ln1.hook_scale``), None for the block or model."""
         return self.name.rsplit(".", 1)[0] if "." in self.name else None
 
-    def full_name(self, layer: int | None = None) -> str:
+    def full_name(self, layer: int | str | None = None) -> str:  # str: a pattern such as '{L}'
         if not self.per_block:
             return self.name
         if layer is None:

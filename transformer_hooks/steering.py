@@ -94,6 +94,7 @@ class SteeringHook:
             absolute = list(range(total)[chosen])
         else:
             absolute = []
+            assert not isinstance(chosen, str), f"positions={chosen!r} is handled above"
             for p in [chosen] if isinstance(chosen, int) else chosen:
                 if p < -total:
                     raise IndexError(f"steering position {p} is out of range for a sequence of {total} positions")

@@ -98,6 +98,8 @@ class Slice:
     - a list or 1-D tensor of indices.
     """
 
+    slice: Any  # a slice, an int or a 1-D index tensor, as self.mode says
+
     def __init__(self, input_slice: "SliceInput | Slice" = None) -> None:
         if isinstance(input_slice, Slice):
             input_slice = input_slice.slice

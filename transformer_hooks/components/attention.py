@@ -117,6 +117,7 @@ class Attention(nn.Module):
             q = self.q_norm(q.flatten(-2)).unflatten(-1, q.shape[-2:])
             k = self.k_norm(k.flatten(-2)).unflatten(-1, k.shape[-2:])
         if self.rotary:
+            assert cos_sin is not None, "a rotary attention layer needs the rotary cos/sin"
             q = self.hook_rot_q(rotate(q, cos_sin))
             k = self.hook_rot_k(rotate(k, cos_sin))
 

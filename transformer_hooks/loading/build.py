@@ -170,6 +170,8 @@ def _assign(
     try:
         module = model.get_submodule(module_name)
         old = module._parameters[param_name]
+        if old is None:
+            raise KeyError(param_name)
     except (AttributeError, KeyError) as e:
         raise WeightShapeError(f"converted tensor {name!r} has no parameter in the model") from e
     if tuple(old.shape) != tuple(tensor.shape):

@@ -188,10 +188,11 @@ def _trial_metric(model: Any, metric: PatchingMetric, tokens: torch.Tensor, vect
     try:
         value = metric(torch.zeros(shape, dtype=model.dtype, device=model.device))
     except Exception as e:
-        e.add_note(
-            f"(raised by patching_metric on trial logits of shape {shape}, called before the sweep to "
-            f"check what it returns)"
-        )
+        if hasattr(e, "add_note"):  # Python 3.11+
+            e.add_note(
+                f"(raised by patching_metric on trial logits of shape {shape}, called before the sweep to "
+                f"check what it returns)"
+            )
         raise
     _check_metric_output(value, 1, vectorized)
 
@@ -371,6 +372,7 @@ def generic_activation_patch(
     if (index_df is None) == (index_axis_names is None):
         raise ValueError("pass exactly one of index_axis_names (sweep the full grid) and index_df (explicit rows)")
     if index_df is None:
+        assert index_axis_names is not None  # checked just above
         index_axis_names = tuple(index_axis_names)
         _check_axes(index_axis_names)
         sizes = _axis_sizes(model, _site(model, activation_name, 0), tokens.shape[1])
@@ -402,5 +404,6 @@ def generic_activation_patch(
         return values
     if index_df is None or not hasattr(index_df, "to_numpy"):
         columns = index_axis_names if index_axis_names is not None else [f"axis_{i}" for i in range(len(rows[0]))]
+        assert pd is not None  # imported when return_index_df
         index_df = pd.DataFrame(rows, columns=list(columns))
     return values, index_df
