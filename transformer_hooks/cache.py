@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from einops import einsum, rearrange
@@ -47,6 +47,10 @@ from jaxtyping import Float, Int
 from . import sites
 from .hooks import HookCache
 from .utils import Slice, SliceInput, check_index, check_layer, get_act_name
+
+if TYPE_CHECKING:
+    from .model import HookedTransformer
+
 
 Stack = Float[torch.Tensor, "component *batch_and_pos d_model"]
 Tokens = str | int | Sequence[int] | Sequence[str] | Int[torch.Tensor, "..."]
@@ -72,7 +76,9 @@ class ActivationCache(HookCache):
     (``cache["scale", 2, "ln1"]``); short names are ``utils.get_act_name``'s.
     """
 
-    def __init__(self, cache_dict: dict[str, torch.Tensor], model: Any, has_batch_dim: bool = True) -> None:
+    def __init__(
+        self, cache_dict: dict[str, torch.Tensor], model: HookedTransformer, has_batch_dim: bool = True
+    ) -> None:
         super().__init__(cache_dict, has_batch_dim)
         self.model = model
         # From the architecture, not from what happens to be cached: a decomposition that
@@ -266,7 +272,8 @@ class ActivationCache(HookCache):
         if name in self.cache_dict:
             return pos_slice.apply(self.cache_dict[name], dim=sites.BY_NAME["attn.hook_result"].position_dim)
         z = pos_slice.apply(self._get(("z", layer), needed_by), dim=sites.BY_NAME["attn.hook_z"].position_dim)
-        W_O = _like(self.model.blocks[layer].attn.W_O, z)
+        block: Any = self.model.blocks[layer]  # nn.ModuleList types its items as plain Modules
+        W_O = _like(block.attn.W_O, z)
         return einsum(z, W_O, "... head d_head, head d_head d_model -> ... head d_model")
 
     def compute_head_results(self) -> None:
@@ -341,7 +348,8 @@ class ActivationCache(HookCache):
         post = self._get(("post", layer), "get_neuron_results")
         post = pos_slice.apply(post, dim=sites.BY_NAME["mlp.hook_post"].position_dim)
         post = neuron_slice.apply(post, dim=-1)
-        W_out = neuron_slice.apply(_like(self.model.blocks[layer].mlp.W_out, post), dim=0)
+        block: Any = self.model.blocks[layer]  # nn.ModuleList types its items as plain Modules
+        W_out = neuron_slice.apply(_like(block.mlp.W_out, post), dim=0)
         return self._through_post_norm(post[..., None] * W_out, layer, "ln2_post", pos_slice, "get_neuron_results")
 
     def stack_neuron_results(

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,10 @@ from torch.nn.utils.parametrizations import orthogonal
 from tqdm.auto import tqdm
 
 from .hooks import HookPoint
+
+if TYPE_CHECKING:
+    from .model import HookedTransformer
+
 
 PositionIndex = int | Sequence[int] | torch.Tensor
 
@@ -152,7 +156,9 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
             p.requires_grad_(flag)
 
 
-def source_activations(model: Any, site: str, source_tokens: Int[torch.Tensor, "batch pos"]) -> torch.Tensor:
+def source_activations(
+    model: HookedTransformer, site: str, source_tokens: Int[torch.Tensor, "batch pos"]
+) -> torch.Tensor:
     """The site's activation on the source prompts (no graph: the model is frozen)."""
     with torch.no_grad():
         _, cache = model.run_with_cache(source_tokens, names_filter=site)
@@ -162,7 +168,7 @@ def source_activations(model: Any, site: str, source_tokens: Int[torch.Tensor, "
 _RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 
 
-def resume_point(model: Any, site: str) -> tuple[int, str] | None:
+def resume_point(model: HookedTransformer, site: str) -> tuple[int, str] | None:
     """Where a forward can start from a cached value of ``site``: ``(start_at_layer, the
     hook name that value passes through there)``, for residual-stream sites; else None.
 
@@ -177,7 +183,7 @@ def resume_point(model: Any, site: str) -> tuple[int, str] | None:
 
 
 def interchange_logits(
-    model: Any,
+    model: HookedTransformer,
     intervention: nn.Module,
     site: str,
     base_tokens: Int[torch.Tensor, "batch pos"],
@@ -201,7 +207,7 @@ def interchange_logits(
 
 
 def train_das(
-    model: Any,
+    model: HookedTransformer,
     intervention: nn.Module,
     site: str,
     base_tokens: Int[torch.Tensor, "batch pos"],
@@ -253,7 +259,7 @@ def train_das(
 
 @torch.no_grad()
 def evaluate_das(
-    model: Any,
+    model: HookedTransformer,
     intervention: nn.Module,
     site: str,
     base_tokens: torch.Tensor,

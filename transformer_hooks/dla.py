@@ -8,13 +8,16 @@ so the parts add up to the model's logit difference.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
 
 from .lens import final_norm
 from .tables import text_table
+
+if TYPE_CHECKING:
+    from .model import HookedTransformer
 
 
 def check_prompt(prompt: str) -> None:
@@ -59,7 +62,9 @@ class DLAResult:
     softcap: float | None = None
 
 
-def direct_logit_attribution(model: Any, prompt: str, answer: str, contrast: str, pos: int = -1) -> DLAResult:
+def direct_logit_attribution(
+    model: HookedTransformer, prompt: str, answer: str, contrast: str, pos: int = -1
+) -> DLAResult:
     """Run ``prompt`` and attribute the logit difference at ``pos`` to heads and layers.
 
     Every part goes through the final norm with its cached scale
@@ -93,8 +98,9 @@ def direct_logit_attribution(model: Any, prompt: str, answer: str, contrast: str
         direction = model.tokens_to_residual_directions(a) - model.tokens_to_residual_directions(b)
         b_U = model.b_U
         constant = b_U[a] - b_U[b]
-        if getattr(model.ln_final, "b", None) is not None:
-            constant = constant + model.ln_final.b @ direction
+        ln_b = getattr(model.ln_final, "b", None)
+        if ln_b is not None:
+            constant = constant + ln_b @ direction
 
         acc, acc_labels = cache.accumulated_resid(-1, incl_mid=True, pos_slice=pos, return_labels=True)
         accumulated = final_norm(model, acc, "cached", cache, pos_slice=pos) @ direction + (b_U[a] - b_U[b])
@@ -103,7 +109,7 @@ def direct_logit_attribution(model: Any, prompt: str, answer: str, contrast: str
         part_attrs = dict(zip(labels, cache.logit_attrs(parts, a, b, pos_slice=pos)[:, 0].tolist(), strict=True))
     layers = range(cfg.n_layers)
     return DLAResult(
-        str_tokens=model.to_str_tokens(tokens[0]),
+        str_tokens=model.to_str_tokens(tokens[0]),  # type: ignore[arg-type]  # one sequence: list[str]
         pos=pos,
         answer=answer,
         contrast=contrast,

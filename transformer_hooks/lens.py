@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -38,6 +38,10 @@ from .components.norms import normalize
 from .components.softcap import softcap
 from .tables import short_repr, text_table
 from .utils import Slice, SliceInput, check_layer
+
+if TYPE_CHECKING:
+    from .model import HookedTransformer
+
 
 # The sites a block writes or passes on, in the order they happen.
 LENS_SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
@@ -79,7 +83,7 @@ def lens_stack(
 
 
 def final_norm(
-    model: Any,
+    model: HookedTransformer,
     stack: Float[torch.Tensor, "... d_model"],
     norm: Norm = "recompute",
     cache: ActivationCache | None = None,
@@ -101,12 +105,15 @@ def final_norm(
         out = normalize(stack, model.cfg.norm_centres, ln.eps, w=None if w is None else w.detach().float())
     else:
         raise ValueError(f"norm must be 'recompute' or 'cached', got {norm!r}")
-    if getattr(ln, "b", None) is not None:
-        out = out + ln.b.detach().to(out.dtype)
+    b = getattr(ln, "b", None)
+    if b is not None:
+        out = out + b.detach().to(out.dtype)
     return out
 
 
-def unembed(model: Any, normalized: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... d_vocab"]:
+def unembed(
+    model: HookedTransformer, normalized: Float[torch.Tensor, "... d_model"]
+) -> Float[torch.Tensor, "... d_vocab"]:
     """``normalized · W_U + b_U``, soft-capped as the model caps its logits (Gemma 2)."""
     W_U, b_U = model.W_U.detach(), model.b_U.detach()
     logits = normalized.to(W_U.dtype) @ W_U + b_U
@@ -160,7 +167,7 @@ class LogitLens:
 
 
 def logit_lens(
-    model: Any,
+    model: HookedTransformer,
     input: Any,
     *,
     sites: Sequence[str] = LENS_SITES,
@@ -221,7 +228,9 @@ def logit_lens(
     return lens
 
 
-def _targets(model: Any, targets: Targets, shape: torch.Size, device: torch.device) -> torch.Tensor | None:
+def _targets(
+    model: HookedTransformer, targets: Targets, shape: torch.Size, device: torch.device
+) -> torch.Tensor | None:
     if targets is None:
         return None
     if isinstance(targets, str):
@@ -240,7 +249,7 @@ def _targets(model: Any, targets: Targets, shape: torch.Size, device: torch.devi
 LENS_COLUMNS = ("resid_post", "attn_out", "mlp_out")  # its columns; a lens for it decodes resid_pre too
 
 
-def format_logit_lens(lens: LogitLens, model: Any, str_tokens: list[str], pos: int, top: int = 3) -> str:
+def format_logit_lens(lens: LogitLens, model: HookedTransformer, str_tokens: list[str], pos: int, top: int = 3) -> str:
     """Top tokens (probability) at ``pos`` per layer: the embeddings, then each layer's
     residual stream after it, and its attention and MLP outputs decoded alone."""
     strings = lens.top_strings(model)

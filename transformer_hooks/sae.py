@@ -64,7 +64,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +74,10 @@ from tqdm.auto import tqdm
 
 from .hooks import HookedRootModule, HookPoint
 from .processing import STEPS
+
+if TYPE_CHECKING:
+    from .model import HookedTransformer
+
 
 SAE_CFG_FILENAME = "cfg.json"
 SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"
@@ -225,7 +229,9 @@ class SAE(HookedRootModule):
         self.setup_hooks()
 
     @classmethod
-    def for_model(cls, model: Any, hook_name: str, d_sae: int, d_in: int | None = None, seed: int = 0) -> "SAE":
+    def for_model(
+        cls, model: HookedTransformer, hook_name: str, d_sae: int, d_in: int | None = None, seed: int = 0
+    ) -> "SAE":
         """A freshly initialised SAE for ``model``'s site, recording the model's processing.
 
         Init as SAELens's defaults: decoder rows of norm 0.1 in random directions,
@@ -338,7 +344,7 @@ class SAE(HookedRootModule):
 
 
 # Processing check ----------------------------------------------------------------------
-def check_sae_processing(model: Any, sae: SAE, warn: bool = True) -> list[str]:
+def check_sae_processing(model: HookedTransformer, sae: SAE, warn: bool = True) -> list[str]:
     """Problems from a mismatch between the model's weight processing and the SAE's.
 
     One message per processing step that one side has and the other lacks *and* that
@@ -410,7 +416,11 @@ def sae_splice_hook(sae: SAE, positions: Positions = None):
 
 @contextlib.contextmanager
 def splice_sae(
-    model: Any, sae: SAE, use_error_term: bool | None = None, positions: Positions = None, check: bool = True
+    model: HookedTransformer,
+    sae: SAE,
+    use_error_term: bool | None = None,
+    positions: Positions = None,
+    check: bool = True,
 ) -> Iterator[SAE]:
     """Every forward in the block runs with ``sae.cfg.hook_name`` replaced by its
     reconstruction (plus the error term if ``use_error_term``; default: the SAE's own
@@ -471,7 +481,7 @@ def _loss_sum(nll: torch.Tensor, mask: torch.Tensor | None) -> tuple[float, int]
 
 @torch.no_grad()
 def evaluate_sae(
-    model: Any,
+    model: HookedTransformer,
     sae: SAE,
     tokens: Int[torch.Tensor, "batch pos"] | str | list[str],
     batch_size: int = 8,
@@ -493,7 +503,7 @@ def evaluate_sae(
     sq_err = l0 = clean = spliced = zero = 0.0
     sum_x = torch.zeros(sae.cfg.d_in, dtype=torch.float64, device=sae.W_enc.device)
     sum_sq = 0.0
-    loss_kwargs = dict(return_type="loss", loss_per_token=True)
+    loss_kwargs: dict[str, Any] = dict(return_type="loss", loss_per_token=True)
     for start in tqdm(range(0, tokens.shape[0], batch_size), desc="evaluating SAE", leave=False, delay=1.0):
         tok = tokens[start : start + batch_size]
         m = mask[start : start + batch_size] if mask is not None else None

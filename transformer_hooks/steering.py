@@ -37,12 +37,16 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Iterator, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from jaxtyping import Float
 
 from .hooks import HookPoint
+
+if TYPE_CHECKING:
+    from .model import HookedTransformer
+
 
 Positions = None | int | slice | Sequence[int] | Literal["all", "new"]
 Reduce = Literal["mean", "last", None]
@@ -161,7 +165,11 @@ def steering_hook(vector: Float[torch.Tensor, "..."], coeff: float = 1.0, positi
 
 @contextlib.contextmanager
 def steering(
-    model: Any, site: str, vector: Float[torch.Tensor, "..."], coeff: float = 1.0, positions: Positions = None
+    model: HookedTransformer,
+    site: str,
+    vector: Float[torch.Tensor, "..."],
+    coeff: float = 1.0,
+    positions: Positions = None,
 ) -> Iterator[SteeringHook]:
     """Steer every forward run inside the ``with`` block, including ``model.generate``.
 
@@ -194,7 +202,11 @@ def steering(
 
 
 def steering_vector(
-    model: Any, positive: str | Sequence[str], negative: str | Sequence[str], site: str, reduce: Reduce = "mean"
+    model: HookedTransformer,
+    positive: str | Sequence[str],
+    negative: str | Sequence[str],
+    site: str,
+    reduce: Reduce = "mean",
 ) -> torch.Tensor:
     """``act(positive) - act(negative)`` at ``site`` (the ActAdd "Love" - "Hate" recipe).
 
@@ -216,7 +228,7 @@ def steering_vector(
     return pos_acts - neg_acts
 
 
-def _site_activation(model: Any, prompts: str | Sequence[str], site: str, reduce: Reduce) -> torch.Tensor:
+def _site_activation(model: HookedTransformer, prompts: str | Sequence[str], site: str, reduce: Reduce) -> torch.Tensor:
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     tokens, mask = model.tokens_and_mask(prompts, padding_side="right")
     # Blocks above the site cannot change it: stop after its block.

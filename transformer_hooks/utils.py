@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from . import sites
+
+if TYPE_CHECKING:
+    from .model import HookedTransformer
+
 
 # TransformerLens's compact form: "k6" -> ("k", 6), "scale4ln1" -> ("scale", 4, "ln1").
 _COMPACT = re.compile(r"^([a-z_]+?)(\d+)(ln1|ln2|ln_final|a|m|b|block|attn|mlp)?$")
@@ -154,7 +158,7 @@ def to_numpy(tensor: Any) -> np.ndarray:
 def test_prompt(
     prompt: str,
     answer: str | Sequence[str],
-    model: Any,
+    model: HookedTransformer,
     prepend_space_to_answer: bool = True,
     print_details: bool = True,
     prepend_bos: bool | None = None,
@@ -179,7 +183,7 @@ def test_prompt(
         # The prediction of answer token i is at the position before it.
         predictions = logits[len(prompt_tokens) - 1 : -1]
         probs = predictions.softmax(-1)
-        str_answer = model.to_str_tokens(answer_tokens)
+        str_answer: list[str] = model.to_str_tokens(answer_tokens)  # type: ignore[assignment]  # one sequence
         if print_details:
             print("Tokenized prompt:", model.to_str_tokens(prompt_tokens))
             print("Tokenized answer:", str_answer)

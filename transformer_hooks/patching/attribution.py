@@ -6,7 +6,7 @@ has the grid and shape of ``get_act_patch_X``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from einops import rearrange
@@ -39,9 +39,12 @@ from .sweeps import (
     _shape_doc,
 )
 
+if TYPE_CHECKING:
+    from ..model import HookedTransformer
+
 
 def attribution_products(
-    model: Any,
+    model: HookedTransformer,
     corrupted_tokens: Int[torch.Tensor, "batch pos"],
     clean_cache: Any,
     patching_metric: PatchingMetric,
@@ -111,7 +114,7 @@ def _reduce(product: torch.Tensor, site: str, axes: Sequence[str]) -> torch.Tens
 
 
 def generic_attribution_patch(
-    model: Any,
+    model: HookedTransformer,
     corrupted_tokens: Int[torch.Tensor, "batch pos"],
     clean_cache: Any,
     patching_metric: PatchingMetric,
@@ -130,7 +133,7 @@ def generic_attribution_patch(
 
 
 def _attribution(
-    model: Any,
+    model: HookedTransformer,
     corrupted_tokens: Any,
     clean_cache: Any,
     patching_metric: PatchingMetric,
@@ -155,7 +158,10 @@ def _attr(name: str, activation_name: str, index_axis_names: tuple[str, ...], wh
     """The attribution counterpart of ``_sweep``, called ``name``: same site, axes and output shape."""
 
     def attribution(
-        model: Any, corrupted_tokens: Int[torch.Tensor, "batch pos"], clean_cache: Any, patching_metric: PatchingMetric
+        model: HookedTransformer,
+        corrupted_tokens: Int[torch.Tensor, "batch pos"],
+        clean_cache: Any,
+        patching_metric: PatchingMetric,
     ) -> torch.Tensor:
         return generic_attribution_patch(
             model, corrupted_tokens, clean_cache, patching_metric, activation_name, index_axis_names
@@ -220,7 +226,7 @@ get_attr_patch_attn_head_pattern_all_pos = _attr(
 
 
 def get_attr_patch_block_every(
-    model: Any, corrupted_tokens: Int[torch.Tensor, "batch pos"], clean_cache: Any, metric: PatchingMetric
+    model: HookedTransformer, corrupted_tokens: Int[torch.Tensor, "batch pos"], clean_cache: Any, metric: PatchingMetric
 ) -> Float[torch.Tensor, "3 layer pos"]:
     """Attribution estimates for resid_pre, attn_out, mlp_out by (layer, pos): ``[3, layer, pos]``, one backward."""
     return torch.stack(
@@ -229,7 +235,7 @@ def get_attr_patch_block_every(
 
 
 def get_attr_patch_attn_head_all_pos_every(
-    model: Any, corrupted_tokens: Int[torch.Tensor, "batch pos"], clean_cache: Any, metric: PatchingMetric
+    model: HookedTransformer, corrupted_tokens: Int[torch.Tensor, "batch pos"], clean_cache: Any, metric: PatchingMetric
 ) -> Float[torch.Tensor, "5 layer head"]:
     """Attribution estimates for z, q, k, v, pattern per head: ``[5, layer, head]`` (GQA k/v padded with NaN)."""
     parts = _attribution(
@@ -239,7 +245,7 @@ def get_attr_patch_attn_head_all_pos_every(
 
 
 def get_attr_patch_attn_head_by_pos_every(
-    model: Any, corrupted_tokens: Int[torch.Tensor, "batch pos"], clean_cache: Any, metric: PatchingMetric
+    model: HookedTransformer, corrupted_tokens: Int[torch.Tensor, "batch pos"], clean_cache: Any, metric: PatchingMetric
 ) -> Float[torch.Tensor, "5 layer pos head"]:
     """Attribution estimates for z, q, k, v, pattern per head and position: ``[5, layer, pos, head]``."""
     parts = _attribution(

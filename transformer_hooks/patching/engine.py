@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
@@ -18,6 +18,10 @@ from tqdm.auto import tqdm
 from .. import sites
 from ..hooks import HookPoint
 from ..utils import get_act_name
+
+if TYPE_CHECKING:
+    from ..model import HookedTransformer
+
 
 Logits = Float[torch.Tensor, "batch pos d_vocab"]
 PatchingMetric = Callable[[Logits], Any]
@@ -40,7 +44,7 @@ def _layout(site: str) -> tuple[str, ...]:
     return tuple(_SWEEP_AXIS.get(a, a if a in ("batch", "pos", "head") else "d") for a in axes)
 
 
-def _axis_sizes(model: Any, site: str, n_pos: int) -> dict[str, int]:
+def _axis_sizes(model: HookedTransformer, site: str, n_pos: int) -> dict[str, int]:
     row = sites.lookup(site)
     heads = model.cfg.n_kv_heads if row is not None and "kv_head" in row.axes else model.cfg.n_heads
     return {
@@ -114,7 +118,7 @@ def _pandas(what: str) -> Any:
 
 
 # Checks, all before any forward --------------------------------------------------------
-def _corrupted_tokens(model: Any, corrupted_tokens: Any) -> Int[torch.Tensor, "batch pos"]:
+def _corrupted_tokens(model: HookedTransformer, corrupted_tokens: Any) -> Int[torch.Tensor, "batch pos"]:
     tokens, mask = model.tokens_and_mask(corrupted_tokens)
     if mask is not None:
         raise ValueError(
@@ -124,7 +128,7 @@ def _corrupted_tokens(model: Any, corrupted_tokens: Any) -> Int[torch.Tensor, "b
     return tokens
 
 
-def _site(model: Any, activation_name: str, layer: int | None) -> str:
+def _site(model: HookedTransformer, activation_name: str, layer: int | None) -> str:
     """The full hook name (TL: the first index is the layer), checked against the model."""
     try:
         name = get_act_name(activation_name, layer=layer, n_layers=model.cfg.n_layers)
@@ -134,7 +138,7 @@ def _site(model: Any, activation_name: str, layer: int | None) -> str:
     return name
 
 
-def _clean_activation(model: Any, clean_cache: Any, site: str, tokens: torch.Tensor) -> torch.Tensor:
+def _clean_activation(model: HookedTransformer, clean_cache: Any, site: str, tokens: torch.Tensor) -> torch.Tensor:
     """The clean activation of ``site``, checked against the corrupted tokens' shape."""
     if not getattr(clean_cache, "has_batch_dim", True):
         raise ValueError(
@@ -182,7 +186,7 @@ def _check_metric_output(value: Any, n_patches: int, vectorized: bool) -> torch.
     return value.detach().float().reshape(1)
 
 
-def _trial_metric(model: Any, metric: PatchingMetric, tokens: torch.Tensor, vectorized: bool) -> None:
+def _trial_metric(model: HookedTransformer, metric: PatchingMetric, tokens: torch.Tensor, vectorized: bool) -> None:
     """Call the metric once on zero logits, to check the shape it returns before any forward."""
     shape = (1, *tokens.shape, model.cfg.d_vocab) if vectorized else (*tokens.shape, model.cfg.d_vocab)
     try:
@@ -228,7 +232,7 @@ class Patch:
 
 
 def run_patches(
-    model: Any,
+    model: HookedTransformer,
     corrupted_tokens: Int[torch.Tensor, "batch pos"],
     clean_activations: dict[str, torch.Tensor],
     patches: Sequence[Patch],
@@ -281,7 +285,7 @@ def run_patches(
     return out.to(model.device)
 
 
-def _chunk_size(model: Any, tokens: torch.Tensor, max_batch_bytes: int) -> int:
+def _chunk_size(model: HookedTransformer, tokens: torch.Tensor, max_batch_bytes: int) -> int:
     """Patches per forward that keep the forward's activations under ``max_batch_bytes``.
 
     Per patch row: the logits (twice: output and the metric's working copy), a few
@@ -332,7 +336,7 @@ def _metric_per_patch(
 
 # TransformerLens's API ----------------------------------------------------------------------
 def generic_activation_patch(
-    model: Any,
+    model: HookedTransformer,
     corrupted_tokens: Int[torch.Tensor, "batch pos"],
     clean_cache: Any,
     patching_metric: PatchingMetric,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from einops import rearrange
@@ -33,6 +33,10 @@ from .engine import (
     layer_pos_patch_setter,
     run_patches,
 )
+
+if TYPE_CHECKING:
+    from ..model import HookedTransformer
+
 
 _POS = ("layer", "pos")
 _POS_HEAD = ("layer", "pos", "head")
@@ -65,7 +69,7 @@ def _sweep(
     axes fixed."""
 
     def sweep(
-        model: Any,
+        model: HookedTransformer,
         corrupted_tokens: Int[torch.Tensor, "batch pos"],
         clean_cache: Any,
         patching_metric: PatchingMetric,
@@ -222,7 +226,7 @@ _HEAD_BY_POS_KINDS = (
 
 
 def _every(
-    model: Any,
+    model: HookedTransformer,
     corrupted_tokens: Any,
     clean_cache: Any,
     patching_metric: PatchingMetric,
@@ -275,7 +279,7 @@ def _pad_heads(t: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def get_act_patch_block_every(
-    model: Any,
+    model: HookedTransformer,
     corrupted_tokens: Int[torch.Tensor, "batch pos"],
     clean_cache: Any,
     metric: PatchingMetric,
@@ -286,7 +290,7 @@ def get_act_patch_block_every(
 
 
 def get_act_patch_attn_head_all_pos_every(
-    model: Any,
+    model: HookedTransformer,
     corrupted_tokens: Int[torch.Tensor, "batch pos"],
     clean_cache: Any,
     metric: PatchingMetric,
@@ -301,7 +305,7 @@ def get_act_patch_attn_head_all_pos_every(
 
 
 def get_act_patch_attn_head_by_pos_every(
-    model: Any,
+    model: HookedTransformer,
     corrupted_tokens: Int[torch.Tensor, "batch pos"],
     clean_cache: Any,
     metric: PatchingMetric,
