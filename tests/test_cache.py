@@ -22,18 +22,13 @@ def tokens(seed=0):
 
 
 @pytest.fixture(scope="module")
-def run(hf_checkpoint):
+def run(hooked_model):
     """(family, folded) -> (model, logits, full cache), made once per module."""
     made = {}
 
     def get(name, folded):
         if (name, folded) not in made:
-            path = str(hf_checkpoint(name)[0])
-            model = (
-                HookedTransformer.from_pretrained(path)
-                if folded
-                else HookedTransformer.from_pretrained_no_processing(path)
-            )
+            model = hooked_model(name, processed=folded)
             with torch.no_grad():
                 logits, cache = model.run_with_cache(tokens())
             made[name, folded] = model, logits, cache

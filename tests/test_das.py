@@ -6,7 +6,6 @@ import pytest
 import torch
 from checkpoints import VOCAB
 
-from transformer_hooks import HookedTransformer
 from transformer_hooks.das import (
     RotatedSubspaceInterchange,
     evaluate_das,
@@ -21,9 +20,8 @@ SITE = "blocks.0.hook_resid_post"
 
 
 @pytest.fixture(scope="module")
-def model(hf_checkpoint):
-    path, _ = hf_checkpoint("llama-gqa")
-    return HookedTransformer.from_pretrained_no_processing(str(path))
+def model(hooked_model):
+    return hooked_model("llama-gqa")
 
 
 def pairs(n=8, pos=6, seed=0):

@@ -25,16 +25,8 @@ def logit_diff(logits):
 
 
 @pytest.fixture(scope="module")
-def models(hf_checkpoint):
-    made = {}
-
-    def get(name):
-        if name not in made:
-            path, _ = hf_checkpoint(name)
-            made[name] = HookedTransformer.from_pretrained_no_processing(str(path))
-        return made[name]
-
-    return get
+def models(hooked_model):
+    return hooked_model
 
 
 def tokens_pair(seed=0):
