@@ -1,8 +1,18 @@
+import os
 import sys
 from pathlib import Path
 
+import jaxtyping
 import pytest
 import torch
+
+# jaxtyping's runtime shape checks on the components (every forward's annotated shapes and dtypes
+# are checked, and sizes named alike must agree), installed before transformer_hooks is first
+# imported. Tests only: outside them the annotations cost nothing. TRANSFORMER_HOOKS_SHAPE_CHECKS=0
+# turns them off (to time the suite without them).
+if os.environ.get("TRANSFORMER_HOOKS_SHAPE_CHECKS", "1") != "0":
+    assert "transformer_hooks.components" not in sys.modules, "shape checks must be installed before the import"
+    jaxtyping.install_import_hook("transformer_hooks.components", "beartype.beartype")
 
 sys.path.insert(0, str(Path(__file__).parent))
 

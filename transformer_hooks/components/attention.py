@@ -47,6 +47,7 @@ from .rotary import CosSin, rotate
 from .softcap import softcap
 
 Input = Float[torch.Tensor, "batch pos d_model"] | Float[torch.Tensor, "batch pos head d_model"]
+KVInput = Float[torch.Tensor, "batch pos d_model"] | Float[torch.Tensor, "batch pos kv_head d_model"]  # per kv head
 
 
 def head_weight(n_heads: int, d_model: int, d_head: int) -> torch.Tensor:
@@ -102,8 +103,8 @@ class Attention(nn.Module):
     def forward(
         self,
         q_in: Input,
-        k_in: Input,
-        v_in: Input,
+        k_in: KVInput,
+        v_in: KVInput,
         mask: AttentionMask,
         cos_sin: CosSin | None = None,
         kv_cache: LayerKVCache | None = None,
