@@ -231,6 +231,23 @@ class Patch:
     setter: PatchSetter
 
 
+def sweep_patches(
+    model: HookedTransformer,
+    tokens: torch.Tensor,
+    clean_cache: Any,
+    patches: list[Patch],
+    metric: PatchingMetric,
+    **run_kwargs: Any,
+) -> torch.Tensor:
+    """``run_patches`` after reading each patched site's clean activation from ``clean_cache``
+    (checked against ``tokens``) and calling the metric once on trial logits."""
+    clean = {
+        site: _clean_activation(model, clean_cache, site, tokens) for site in dict.fromkeys(p.site for p in patches)
+    }
+    _trial_metric(model, metric, tokens, run_kwargs.get("vectorized_metric", False))
+    return run_patches(model, tokens, clean, patches, metric, **run_kwargs)
+
+
 def run_patches(
     model: HookedTransformer,
     corrupted_tokens: Int[torch.Tensor, "batch pos"],
@@ -386,14 +403,10 @@ def generic_activation_patch(
         rows = _index_rows(index_df)
 
     patches = [Patch(_site(model, activation_name, row[0]), row, patch_setter) for row in rows]
-    sites = dict.fromkeys(p.site for p in patches)
-    clean = {site: _clean_activation(model, clean_cache, site, tokens) for site in sites}
-    _trial_metric(model, patching_metric, tokens, vectorized_metric)
-
-    values = run_patches(
+    values = sweep_patches(
         model,
         tokens,
-        clean,
+        clean_cache,
         patches,
         patching_metric,
         batch_size=batch_size,

@@ -20,10 +20,8 @@ from .engine import (
     PatchingMetric,
     PatchSetter,
     _axis_sizes,
-    _clean_activation,
     _corrupted_tokens,
     _site,
-    _trial_metric,
     generic_activation_patch,
     layer_head_dest_src_pos_pattern_patch_setter,
     layer_head_pattern_patch_setter,
@@ -31,7 +29,7 @@ from .engine import (
     layer_head_vector_patch_setter,
     layer_pos_head_vector_patch_setter,
     layer_pos_patch_setter,
-    run_patches,
+    sweep_patches,
 )
 
 if TYPE_CHECKING:
@@ -239,21 +237,17 @@ def _every(
     progress: bool = True,
 ) -> list[torch.Tensor]:
     tokens = _corrupted_tokens(model, corrupted_tokens)
-    patches, grids, clean = [], [], {}
+    patches, grids = [], []
     for name, axes, setter in kinds:
         sizes = _axis_sizes(model, _site(model, name, 0), tokens.shape[1])
         grid = [sizes[a] for a in axes]
         for row in itertools.product(*(range(n) for n in grid)):
             patches.append(Patch(_site(model, name, row[0]), row, setter))
         grids.append(grid)
-    for p in patches:
-        if p.site not in clean:
-            clean[p.site] = _clean_activation(model, clean_cache, p.site, tokens)
-    _trial_metric(model, patching_metric, tokens, vectorized_metric)
-    values = run_patches(
+    values = sweep_patches(
         model,
         tokens,
-        clean,
+        clean_cache,
         patches,
         patching_metric,
         batch_size=batch_size,
