@@ -129,7 +129,7 @@ def main() -> None:
         f"each): {looped / sweep:.1f}x faster"
     )
     print("\nratios:")
-    for k, t, r in results:
+    for k, _t, r in results:
         print(f"  EAP-IG k={k} / (k forwards + k backwards): {r:.2f}")
     print(f"  one-forward-per-ablation / stacked sweep: {looped / sweep:.1f}x")
 

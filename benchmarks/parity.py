@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 
 from checkpoints import CONFIGS, FAMILY_CONFIGS, VOCAB, save_checkpoint  # noqa: E402
+
 from transformer_hooks import HookedTransformer  # noqa: E402
 from transformer_hooks.cli import parity_errors  # noqa: E402
 

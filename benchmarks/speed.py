@@ -48,9 +48,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -156,7 +156,7 @@ def paired(hf_fn: Callable[[], object], ours_fn: Callable[[], object], runs: int
         for fn, times in order if i % 2 == 0 else order[::-1]:
             gc.collect()
             times.append(timed(fn))
-    ratio = lambda k: statistics.median(o[k] / h[k] for h, o in zip(hf_times, our_times))  # noqa: E731
+    ratio = lambda k: statistics.median(o[k] / h[k] for h, o in zip(hf_times, our_times, strict=True))  # noqa: E731
     return Paired(
         statistics.median(t[0] for t in hf_times), statistics.median(t[0] for t in our_times), ratio(0), ratio(1)
     )
@@ -291,7 +291,7 @@ def bench_model(
                 )
             )
         print(format_rows([r for r in results.rows if r.model == name and r.shape == shape]), flush=True)
-    del hf, ours
+    hf = ours = None  # free both before the next model loads (rebinding, not del: the lambdas above use them)
     gc.collect()
 
 

@@ -6,8 +6,8 @@ ablation (``ablate``), which is itself checked against a hand-written hook.
 
 import pytest
 import torch
-
 from checkpoints import VOCAB
+
 from transformer_hooks import HookedTransformer, UnknownHookError
 from transformer_hooks.patching import Ablation, ablate, ablation_sweep, run_ablations
 from transformer_hooks.utils import IndexOutOfRangeError

@@ -14,11 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from checkpoints import VOCAB
 from tokenizers_util import SENTENCES, add_tokenizer
-from transformer_hooks import HookedTransformer
-from transformer_hooks import activations
+
+from transformer_hooks import HookedTransformer, activations
 from transformer_hooks.activations import ActivationDataset, harvest
 from transformer_hooks.hooks import UnknownHookError
 from transformer_hooks.tokens import bos_id
@@ -59,7 +58,7 @@ def test_rows_are_the_activations_at_their_context_and_position(model, tmp_path)
     contexts = [joined[i : i + 8] for i in range(0, len(joined), 8)]
     assert ds.manifest["n_contexts"] == len(contexts) and ds.manifest["n_tokens"] == len(joined) + len(contexts)
     rows = 0
-    for c, body in enumerate(contexts):
+    for body in contexts:
         t = torch.tensor([[bos] + body])
         with torch.no_grad():
             _, cache = model.run_with_cache(t, names_filter=SITES)

@@ -14,14 +14,14 @@ import json
 import os
 import pickle
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
+from checkpoints import VOCAB
 from safetensors.torch import load_file, save_file
 
-from checkpoints import VOCAB
 from transformer_hooks import HookedTransformer
 from transformer_hooks.hooks import HookShapeError, UnknownHookError
 

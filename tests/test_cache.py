@@ -5,8 +5,8 @@ workflow of a TransformerLens notebook on the real model; clear errors."""
 import einops
 import pytest
 import torch
-
 from checkpoints import VOCAB
+
 from transformer_hooks import HookedTransformer
 from transformer_hooks.cache import ActivationCache, NotCachedError
 from transformer_hooks.lens import final_norm, logit_lens, unembed
@@ -22,18 +22,13 @@ def tokens(seed=0):
 
 
 @pytest.fixture(scope="module")
-def run(hf_checkpoint):
+def run(hooked_model):
     """(family, folded) -> (model, logits, full cache), made once per module."""
     made = {}
 
     def get(name, folded):
         if (name, folded) not in made:
-            path = str(hf_checkpoint(name)[0])
-            model = (
-                HookedTransformer.from_pretrained(path)
-                if folded
-                else HookedTransformer.from_pretrained_no_processing(path)
-            )
+            model = hooked_model(name, processed=folded)
             with torch.no_grad():
                 logits, cache = model.run_with_cache(tokens())
             made[name, folded] = model, logits, cache
@@ -126,7 +121,7 @@ def test_accumulated_resid_ends_at_the_last_resid_post(run, name):
     close(stack[-1], cache["resid_post", -1])
     assert labels[-1] == "final_post" and labels[0] == "0_pre"
     assert ("0_mid" in labels) != model.cfg.parallel_residual  # parallel blocks have no resid_mid
-    for label, row in zip(labels, stack):
+    for label, row in zip(labels, stack, strict=True):
         layer, kind = label.split("_")
         if kind == "pre":
             close(row, cache["resid_pre", int(layer)])
@@ -316,7 +311,7 @@ def test_transformer_lens_dla_workflow_on_the_embedded_model(embedded_model):
         assert per_head_logit_diffs.shape == (model.cfg.n_layers, model.cfg.n_heads)
         # Each layer's heads plus its b_O are that layer's attention output.
         b_O = residual_stack_to_logit_diff(model.b_O[:, None].detach().expand(-1, 1, -1), cache)
-        attn = per_layer_logit_diffs[[layer_labels.index(f"{l}_attn_out") for l in range(model.cfg.n_layers)]]
+        attn = per_layer_logit_diffs[[layer_labels.index(f"{L}_attn_out") for L in range(model.cfg.n_layers)]]
         close(per_head_logit_diffs.sum(-1) + b_O, attn, tol=1e-3)
 
 

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from checkpoints import VOCAB
+
 from transformer_hooks import HookedTransformer
 from transformer_hooks import patching as P
 
@@ -47,7 +47,9 @@ def test_atp_star_tracks_exact_patching_better_where_attention_saturates(models,
     _, cache = model.run_with_cache(clean)
     _, patterns = model.run_with_cache(corrupted, names_filter=lambda n: n.endswith("hook_pattern"))
     # The case AtP* is for: most rows put most of their weight on one key (a saturated softmax).
-    top = torch.stack([patterns[f"blocks.{l}.attn.hook_pattern"].amax(-1).mean() for l in range(model.cfg.n_layers)])
+    top = torch.stack(
+        [patterns[f"blocks.{layer}.attn.hook_pattern"].amax(-1).mean() for layer in range(model.cfg.n_layers)]
+    )
     assert float(top.mean()) > 0.5
     with torch.no_grad():
         base = metric(model(corrupted))

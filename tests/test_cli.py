@@ -9,9 +9,9 @@ import sys
 import matplotlib.image
 import pytest
 import torch
-
 from checkpoints import VOCAB, save_checkpoint
 from tokenizers_util import add_tokenizer
+
 from transformer_hooks import HookedTransformer
 from transformer_hooks.cli import main
 
@@ -85,14 +85,14 @@ def test_dla_prints_what_the_python_api_computes(checkpoint, capsys, tmp_path, n
     n_heads = model.cfg.n_heads
     rows = re.findall(r"^\s*(\d+)\s+L(\d+)H(\d+)\s+([+-]\d+\.\d+)$", out, re.M)
     assert len(rows) == 5
-    for rank, layer, head, value in rows:
+    for _rank, layer, head, value in rows:
         assert abs(float(value) - float(heads[int(layer) * n_heads + int(head)])) < 1e-4
     top = heads.abs().argmax()
     assert (int(rows[0][1]), int(rows[0][2])) == (top // n_heads, top % n_heads)  # ranked by |contribution|
 
     rows = re.findall(r"^\s*\d+\s+(\d+)\s+([+-]\d+\.\d+)\s+([+-]\d+\.\d+)\s+([+-]\d+\.\d+)$", out, re.M)
     assert len(rows) == model.cfg.n_layers
-    for layer, attn, mlp, total in rows:
+    for layer, attn, mlp, _total in rows:
         assert abs(float(attn) - float(layers[labels.index(f"{layer}_attn_out")])) < 1e-4
         assert abs(float(mlp) - float(layers[labels.index(f"{layer}_mlp_out")])) < 1e-4
     parts_sum = float(re.search(r"\(sum (-?\d+\.\d+)\)", out).group(1))
@@ -123,7 +123,7 @@ def test_parity_passes_and_fails_with_a_per_layer_report(checkpoint, capsys, mon
     path = checkpoint("llama-gqa")
     code, out, _ = run_cli(capsys, "parity", "--model", path)
     assert code == 0
-    assert all(f"resid_pre {l}" in out for l in range(2)) and "logits" in out and "FAIL" not in out
+    assert all(f"resid_pre {L}" in out for L in range(2)) and "logits" in out and "FAIL" not in out
 
     load = HookedTransformer.from_pretrained_no_processing
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from checkpoints import VOCAB, save_checkpoint
+
 from transformer_hooks import HookedTransformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread

@@ -7,10 +7,10 @@ import shutil
 
 import pytest
 import torch
+from checkpoints import VOCAB
 from transformers import AutoModelForCausalLM
 
 import weights_conversion
-from checkpoints import VOCAB
 from transformer_hooks import HookedTransformer
 
 

@@ -4,9 +4,8 @@ interchange loss."""
 
 import pytest
 import torch
-
 from checkpoints import VOCAB
-from transformer_hooks import HookedTransformer
+
 from transformer_hooks.das import (
     RotatedSubspaceInterchange,
     _positions,
@@ -22,9 +21,8 @@ SITE = "blocks.0.hook_resid_post"
 
 
 @pytest.fixture(scope="module")
-def model(hf_checkpoint):
-    path, _ = hf_checkpoint("llama-gqa")
-    return HookedTransformer.from_pretrained_no_processing(str(path))
+def model(hooked_model):
+    return hooked_model("llama-gqa")
 
 
 def pairs(n=8, pos=6, seed=0):
@@ -90,7 +88,7 @@ def test_resuming_from_the_cached_site_gives_the_same_logits_and_gradients(model
             grads.append((logits.detach(), [p.grad.clone() for p in das.parameters()]))
     (full, full_grads), (resumed, resumed_grads) = grads
     torch.testing.assert_close(resumed, full, atol=1e-4, rtol=1e-4)
-    for a, b in zip(resumed_grads, full_grads):
+    for a, b in zip(resumed_grads, full_grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
     assert no_hooks_left(model)
 
@@ -173,7 +171,7 @@ def test_padded_prompts_of_different_lengths_give_each_prompt_s_own_result(model
             alone.append(interchange_logits(model, intervention, site, base[i : i + 1, 6 - n :], src, -2, -1)[0])
         src = source_activations(model, site, s, m)
         got = interchange_logits(model, intervention, site, b, src, -2, _positions(-1, m, 3, 6), base_mask=m)
-        torch.testing.assert_close(got, torch.stack(alone), atol=1e-4, rtol=1e-4, msg=lambda msg: side + msg)
+        torch.testing.assert_close(got, torch.stack(alone), atol=1e-4, rtol=1e-4, msg=lambda msg, side=side: side + msg)
         losses = train_das(
             model,
             intervention,

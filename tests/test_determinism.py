@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from checkpoints import VOCAB
+
 from transformer_hooks import HookedTransformer
 
 FAMILY_CHECKPOINTS = ["gpt2", "gpt-neo-local", "neox-sequential-full-rotary", "pythia", "llama-gqa"]

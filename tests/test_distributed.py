@@ -106,6 +106,7 @@ def _worker(rank: int, world: int, port: int, model_path: str, pairs: list, out:
             assert act is None and attr is None and squares is None and acts is None
     finally:
         if die_on is None:
+            dist.barrier()  # no rank tears the group down while another still uses it
             dist.destroy_process_group()
 
 

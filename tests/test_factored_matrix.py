@@ -129,7 +129,7 @@ def test_eigenvalues_are_the_nonzero_eigenvalues_of_AB(leading):
     fm = random_fm(7, 3, 7, leading, dtype=torch.float64)
     eigenvalues = fm.eigenvalues
     assert eigenvalues.shape == (*leading, 3)
-    for mine, dense in zip(eigenvalues.reshape(-1, 3), torch.linalg.eigvals(fm.AB).reshape(-1, 7)):
+    for mine, dense in zip(eigenvalues.reshape(-1, 3), torch.linalg.eigvals(fm.AB).reshape(-1, 7), strict=True):
         close(sorted_by_abs(mine), sorted_by_abs(dense)[:3])
 
 
@@ -263,9 +263,9 @@ def test_unbroadcastable_leading_dims_name_both_shapes():
 def test_BA_and_eigenvalues_need_a_square_matrix():
     fm = random_fm(5, 3, 7)
     with pytest.raises(ValueError, match=r"ldim == rdim.*\(5, 7\)"):
-        fm.BA
+        _ = fm.BA
     with pytest.raises(ValueError, match="ldim == rdim"):
-        fm.eigenvalues
+        _ = fm.eigenvalues
 
 
 def test_matmul_with_mismatched_tensors():

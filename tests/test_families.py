@@ -29,19 +29,11 @@ def tokens(batch: int = 2, pos: int = 24, seed: int = 0) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def loaded(hf_checkpoint):
-    """name -> (unprocessed model, processed model, path), loaded once per module."""
-    made: dict = {}
+def loaded(hooked_model, hf_checkpoint):
+    """name -> (unprocessed model, processed model, path), loaded once per session."""
 
     def get(name: str):
-        if name not in made:
-            path, _ = hf_checkpoint(name)
-            made[name] = (
-                HookedTransformer.from_pretrained_no_processing(str(path)),
-                HookedTransformer.from_pretrained(str(path)),
-                path,
-            )
-        return made[name]
+        return hooked_model(name), hooked_model(name, processed=True), hf_checkpoint(name)[0]
 
     return get
 
@@ -65,7 +57,7 @@ def test_logits_and_residuals_match_hf(loaded, one_thread, name, impl):
             ref.hidden_states[layer],
             atol=TOL,
             rtol=0,
-            msg=lambda m: f"layer {layer} resid_pre: {m}",
+            msg=lambda m, layer=layer: f"layer {layer} resid_pre: {m}",
         )
     with torch.no_grad():
         torch.testing.assert_close(model.ln_final(cache["resid_post", -1]), ref.hidden_states[-1], atol=TOL, rtol=0)

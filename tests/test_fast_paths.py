@@ -5,25 +5,16 @@ what was asked; stop_at_layer stops."""
 
 import pytest
 import torch
-
 from checkpoints import CONFIGS, VOCAB
-from transformer_hooks import HookedTransformer
+
 from transformer_hooks.components import Attention, KVCache
 
 TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def loaded(hf_checkpoint):
-    models: dict = {}
-
-    def get(name: str) -> HookedTransformer:
-        if name not in models:
-            path, _ = hf_checkpoint(name)
-            models[name] = HookedTransformer.from_pretrained_no_processing(str(path))
-        return models[name]
-
-    return get
+def loaded(hooked_model):
+    return hooked_model
 
 
 def tokens(batch: int = 3, pos: int = 16, seed: int = 0) -> torch.Tensor:

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from checkpoints import VOCAB
-from transformer_hooks import HookedTransformer
 
+from transformer_hooks import HookedTransformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 

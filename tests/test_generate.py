@@ -3,9 +3,8 @@ KV cache changes nothing but speed, hooks fire at every step and never stay atta
 
 import pytest
 import torch
-
 from checkpoints import VOCAB
-from transformer_hooks import HookedTransformer
+
 from transformer_hooks.generate import sample_logits
 
 FAMILIES = ["gpt2", "gpt-neo-local", "pythia", "neox-sequential-full-rotary", "llama-gqa", "llama3-rope-scaling"]
@@ -13,17 +12,9 @@ NEW = 12
 
 
 @pytest.fixture(scope="module")
-def loaded(hf_checkpoint):
-    """name -> (our model, HF model), loaded once for this module."""
-    models: dict = {}
-
-    def get(name: str):
-        if name not in models:
-            path, hf = hf_checkpoint(name)
-            models[name] = (HookedTransformer.from_pretrained_no_processing(str(path)), hf)
-        return models[name]
-
-    return get
+def loaded(hooked_model, hf_checkpoint):
+    """name -> (our model, HF model), each loaded once per session."""
+    return lambda name: (hooked_model(name), hf_checkpoint(name)[1])
 
 
 def prompt(batch: int = 2, pos: int = 9, seed: int = 0) -> torch.Tensor:

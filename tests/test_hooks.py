@@ -3,7 +3,6 @@ computation exactly as a hand computation says; hooks compose with autograd."""
 
 import pytest
 import torch
-
 from checkpoints import VOCAB
 from torch import nn
 

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoints import CONFIGS, VOCAB
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from checkpoints import CONFIGS, VOCAB
 from transformer_hooks import HookedTransformer
 from transformer_hooks.loading import CorruptCheckpointError, MissingWeightsError, WeightShapeError
 from transformer_hooks.resolution import CheckpointNotFoundError, UnknownModelError
@@ -162,8 +162,8 @@ def test_unprocessed_conversion_is_processed_on_load_and_processing_cannot_be_un
     processed = HookedTransformer.from_pretrained(str(tmp_path / "plain"))
     direct = HookedTransformer.from_pretrained(str(path))
     assert processed.cfg == direct.cfg.replace(model_name=processed.cfg.model_name)
-    for (name, a), (_, b) in zip(processed.named_parameters(), direct.named_parameters()):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=lambda m: f"{name}: {m}")
+    for (name, a), (_, b) in zip(processed.named_parameters(), direct.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
 
     assert convert_main([str(path), str(tmp_path / "folded")]) == 0
     fails_leaving_no_model(
@@ -309,7 +309,7 @@ def test_config_that_disagrees_with_the_weights_is_named(gpt2_copy):
             WeightShapeError,
             r"embed\.W_E: the checkpoint gives shape \(101, 48\), the config "
             r"implies \(101, 64\); the config does not match the weights",
-            lambda: load(str(gpt2_copy)),
+            lambda load=load: load(str(gpt2_copy)),
         )
 
 

@@ -17,8 +17,8 @@ import weakref
 
 import pytest
 import torch
-
 from checkpoints import VOCAB
+
 from transformer_hooks import HookedTransformer
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -38,9 +38,8 @@ def cache_bytes(cache) -> int:
 
 
 @pytest.fixture(scope="module")
-def model(hf_checkpoint) -> HookedTransformer:
-    path, _ = hf_checkpoint("gpt2")
-    return HookedTransformer.from_pretrained_no_processing(str(path))
+def model(hooked_model) -> HookedTransformer:
+    return hooked_model("gpt2")
 
 
 def test_rss_stays_flat_over_200_run_with_cache_calls(model, capsys):

@@ -1,5 +1,6 @@
 """Every notebook in notebooks/ runs top to bottom on the embedded model without an error,
-and is committed without outputs.
+checks the results its text states (its "# Checked:" cells assert them), and is committed
+without outputs.
 
 The notebooks are picked up by glob, so a new one is tested without touching this file.
 Each runs in its own python3 kernel (nbclient); two run at a time, since most of a
@@ -21,7 +22,15 @@ NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 CELL_TIMEOUT = 300  # seconds for one cell
 PARALLEL = 2
-EXPECTED = {"activation_patching", "direct_logit_attribution", "logit_lens", "steering", "das", "sae_splicing"}
+EXPECTED = {
+    "activation_patching",
+    "direct_logit_attribution",
+    "logit_lens",
+    "steering",
+    "das",
+    "sae_splicing",
+    "ioi_circuit",
+}
 
 
 def execute(path: Path) -> None:
@@ -61,6 +70,18 @@ def runs(request) -> dict[Path, Future]:
 
 def test_the_seed_notebooks_are_there():
     assert EXPECTED <= {p.stem for p in NOTEBOOKS}, f"missing notebooks: {EXPECTED - {p.stem for p in NOTEBOOKS}}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_checks_what_its_text_claims(path):
+    """Each notebook states results in its text ("layer 23 is the country layer", "the parts add up
+    to the model's logit difference"); a "# Checked:" cell after the computation asserts each one,
+    so the run below fails when the text stops being true."""
+    nb = nbformat.read(path, as_version=4)
+    checks = [
+        c for c in nb.cells if c.cell_type == "code" and c.source.startswith("# Checked:") and "assert" in c.source
+    ]
+    assert checks, f"{path.name}: add a cell starting '# Checked:' that asserts the results its text states"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])

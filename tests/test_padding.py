@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from checkpoints import CONFIGS, VOCAB
+
 from transformer_hooks import HookedTransformer
 
 

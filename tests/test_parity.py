@@ -3,9 +3,9 @@ for every family and every config quirk, with HF's eager and SDPA attention."""
 
 import pytest
 import torch
+from checkpoints import CONFIGS, VOCAB
 from transformers import AutoModelForCausalLM
 
-from checkpoints import CONFIGS, VOCAB
 from transformer_hooks import HookedTransformer
 
 TOL = 1e-4
@@ -36,7 +36,7 @@ def test_logits_and_residuals_match_hf(hf_checkpoint, name, impl):
             ref.hidden_states[layer],
             atol=TOL,
             rtol=0,
-            msg=lambda m: f"layer {layer} resid_pre: {m}",
+            msg=lambda m, layer=layer: f"layer {layer} resid_pre: {m}",
         )
     # The last hidden state is the last resid_post through the final norm.
     with torch.no_grad():

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 import torch
-
 from checkpoints import VOCAB
+
 from transformer_hooks import HookedTransformer, UnknownHookError
 from transformer_hooks import patching as P
 from transformer_hooks.utils import get_act_name
@@ -25,16 +25,8 @@ def logit_diff(logits):
 
 
 @pytest.fixture(scope="module")
-def models(hf_checkpoint):
-    made = {}
-
-    def get(name):
-        if name not in made:
-            path, _ = hf_checkpoint(name)
-            made[name] = HookedTransformer.from_pretrained_no_processing(str(path))
-        return made[name]
-
-    return get
+def models(hooked_model):
+    return hooked_model
 
 
 def tokens_pair(seed=0):
@@ -100,7 +92,7 @@ def test_stacked_sweeps_equal_one_patch_per_forward(models, name):
         assert tuple(got.shape) == shape, fn.__name__
         ref = one_patch_per_forward(model, corrupted, cache, logit_diff, setter, act, shape)
         assert ref.max() - ref.min() > 1e-3, "patches should matter, or the comparison proves nothing"
-        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5, msg=lambda m: f"{fn.__name__}: {m}")
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5, msg=lambda m, fn=fn: f"{fn.__name__}: {m}")
     assert no_hooks_attached(model)
 
 
@@ -329,7 +321,7 @@ def test_attribution_approaches_the_sweep_to_second_order(models, name):
     base = effect(model, corrupted, logit_diff)
     errors, correlations = [], []
     for eps in (0.02, 0.01):
-        with model.hooks(fwd_hooks=[("hook_embed", lambda x, hook: x + eps * x.std() * noise)]):
+        with model.hooks(fwd_hooks=[("hook_embed", lambda x, hook, eps=eps: x + eps * x.std() * noise)]):
             _, cache = model.run_with_cache(corrupted)
         exact = (
             torch.cat(

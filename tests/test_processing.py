@@ -5,8 +5,8 @@ was applied; streaming group by group equals processing the whole state dict at 
 
 import pytest
 import torch
-
 from checkpoints import CONFIGS, VOCAB, save_checkpoint
+
 from transformer_hooks import HookedTransformer
 from transformer_hooks.processing import STEPS, ProcessingOptions, process_group, processed_config
 
@@ -55,7 +55,7 @@ def test_each_step_alone_keeps_log_probs_and_is_recorded(hf_checkpoint, name, st
     torch.testing.assert_close(log_probs(model), log_probs(plain), atol=TOL, rtol=0)
     skipped = step == "center_writing_weights" and plain.cfg.normalization_type == "RMS"
     assert model.cfg.processing == (() if skipped else (step,))
-    for block, plain_block in zip(model.blocks, plain.blocks):
+    for block, plain_block in zip(model.blocks, plain.blocks, strict=True):
         assert type(block.ln1).__name__.endswith("Pre") == (step == "fold_ln")
         if step != "fold_ln":  # only fold_ln touches the readers of the residual stream
             torch.testing.assert_close(block.attn.W_Q, plain_block.attn.W_Q, atol=0, rtol=0)
@@ -125,7 +125,7 @@ def test_streamed_groups_equal_processing_the_whole_state_dict(hf_checkpoint):
     expected = dict(streamed.named_parameters())
     assert set(whole) == set(expected)
     for name, tensor in whole.items():
-        torch.testing.assert_close(tensor, expected[name], atol=1e-6, rtol=0, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(tensor, expected[name], atol=1e-6, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
     assert processed_config(plain.cfg, options) == streamed.cfg
 
 

@@ -39,11 +39,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoints import VOCAB, make_hf_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import GPT2Config, GPTNeoConfig, GPTNeoXConfig, LlamaConfig
 
-from checkpoints import VOCAB, make_hf_model
 from transformer_hooks import HookedTransformer
 
 TOL = 1e-4  # parity with HF, fp32
@@ -300,7 +300,7 @@ def test_parity_with_hf(data, spec: Spec, hf_attn: str):
                     ref.hidden_states[layer],
                     atol=TOL,
                     rtol=0,
-                    msg=lambda m: f"resid_pre {layer}: {m}",
+                    msg=lambda m, layer=layer: f"resid_pre {layer}: {m}",
                 )
         else:
             logits = model(batch.tokens, attention_mask=batch.mask)
@@ -311,7 +311,7 @@ def test_parity_with_hf(data, spec: Spec, hf_attn: str):
                     hf(alone).logits,
                     atol=TOL,
                     rtol=0,
-                    msg=lambda m: f"row {row} ({batch.side} padded): {m}",
+                    msg=lambda m, row=row: f"row {row} ({batch.side} padded): {m}",
                 )
         assert torch.isfinite(logits).all(), "padding rows must stay finite too"
         assert_no_hooks(model)
@@ -380,7 +380,7 @@ def test_full_resid_decomposition_sums_to_the_residual(data, spec: Spec):
                 resid,
                 atol=TOL * max(1.0, scale),
                 rtol=0,
-                msg=lambda m: f"expand_neurons={expand_neurons}: {m}",
+                msg=lambda m, expand_neurons=expand_neurons: f"expand_neurons={expand_neurons}: {m}",
             )
         # Any intermediate layer too: the decomposition of the stream entering it.
         layer = data.draw(st.integers(0, model.cfg.n_layers - 1), label="layer")
@@ -433,7 +433,9 @@ def test_batched_patching_equals_one_patch_per_forward(data, spec: Spec):
         for site, sweep, heads in sweeps:
             batched = sweep(model, corrupted, clean_cache, metric, batch_size=batch_size, progress=False)
             alone = _patch_each_alone(model, corrupted, clean_cache, metric, site, heads)
-            torch.testing.assert_close(batched.float().cpu(), alone, atol=TOL, rtol=TOL, msg=lambda m: f"{site}: {m}")
+            torch.testing.assert_close(
+                batched.float().cpu(), alone, atol=TOL, rtol=TOL, msg=lambda m, site=site: f"{site}: {m}"
+            )
         assert_no_hooks(model)
 
 

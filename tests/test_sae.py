@@ -8,8 +8,8 @@ import warnings
 
 import pytest
 import torch
-
 from checkpoints import VOCAB
+
 from transformer_hooks import HookedTransformer
 from transformer_hooks.sae import (
     PROCESSING_STEPS,
@@ -26,9 +26,8 @@ SITE = "blocks.1.hook_resid_pre"
 
 
 @pytest.fixture(scope="module")
-def model(hf_checkpoint):
-    path, _ = hf_checkpoint("llama-gqa")
-    return HookedTransformer.from_pretrained_no_processing(str(path))
+def model(hooked_model):
+    return hooked_model("llama-gqa")
 
 
 def tokens(batch=3, pos=10, seed=0):

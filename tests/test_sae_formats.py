@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from checkpoints import VOCAB
 from safetensors.torch import save_file
 
-from checkpoints import VOCAB
 from transformer_hooks import HookedTransformer
 from transformer_hooks.hooks import UnknownHookError
 from transformer_hooks.sae import SAE, SAEConfig, check_sae_fits, evaluate_sae, splice_sae, steer_with_feature

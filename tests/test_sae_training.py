@@ -165,6 +165,7 @@ def test_top_activating_contexts_and_their_html_page(hf_checkpoint, tmp_path):
 
     from checkpoints import VOCAB
     from tokenizers_util import SENTENCES, tiny_tokenizer
+
     from transformer_hooks.sae import feature_contexts_html, top_activations
 
     model = HookedTransformer.from_pretrained_no_processing(str(hf_checkpoint("llama-gqa")[0]))

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from checkpoints import VOCAB
-from transformer_hooks import HookedTransformer, UnknownHookError, sites
+
+from transformer_hooks import UnknownHookError, sites
 from transformer_hooks.cache import NotCachedError
 from transformer_hooks.patching.engine import _axis_sizes, _layout
 from transformer_hooks.utils import IndexOutOfRangeError, check_index, get_act_name
@@ -31,9 +31,8 @@ PER_HEAD_INPUTS = ("hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
-def model(request, hf_checkpoint):
-    path, _ = hf_checkpoint(request.param)
-    return HookedTransformer.from_pretrained_no_processing(str(path))
+def model(request, hooked_model):
+    return hooked_model(request.param)
 
 
 def tokens():

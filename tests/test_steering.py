@@ -4,18 +4,17 @@ attached (also after an exception)."""
 
 import pytest
 import torch
-
 from checkpoints import VOCAB
-from transformer_hooks import HookedTransformer, UnknownHookError
+
+from transformer_hooks import UnknownHookError
 from transformer_hooks.steering import steering, steering_hook, steering_vector
 
 SITE = "blocks.0.hook_resid_post"
 
 
 @pytest.fixture(scope="module")
-def model(hf_checkpoint):
-    path, _ = hf_checkpoint("llama-gqa")
-    return HookedTransformer.from_pretrained_no_processing(str(path))
+def model(hooked_model):
+    return hooked_model("llama-gqa")
 
 
 def tokens(batch=2, pos=7, seed=0):

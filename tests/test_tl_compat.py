@@ -6,9 +6,9 @@ holds), ``all_head_labels``, ``loss_fn``, the ``QK``/``OV`` circuits, ``mod_dict
 
 import pytest
 import torch
-
 from checkpoints import CONFIGS, VOCAB
 from tokenizers_util import tiny_tokenizer
+
 from transformer_hooks import HookedTransformer
 
 TOKENS = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -213,7 +213,7 @@ def test_test_prompt_ranks_each_answer_token_where_it_is_predicted(embedded_mode
     printed = capsys.readouterr().out
 
     prompt_tokens = model.to_tokens(prompt)[0]
-    for answer, answer_ranks in zip([" Paris", " the city of Paris"], ranks):
+    for answer, answer_ranks in zip([" Paris", " the city of Paris"], ranks, strict=True):
         answer_tokens = model.to_tokens(answer, prepend_bos=False)[0]
         logits = model(torch.cat([prompt_tokens, answer_tokens])[None])[0]
         expected = []

@@ -9,8 +9,14 @@ import math
 import pytest
 import torch
 
-from transformer_hooks import ActivationCache, HookedTransformer, HookedTransformerConfig, utils
-from transformer_hooks import evals, loading_from_pretrained
+from transformer_hooks import (
+    ActivationCache,
+    HookedTransformer,
+    HookedTransformerConfig,
+    evals,
+    loading_from_pretrained,
+    utils,
+)
 from transformer_hooks.hook_points import HookedRootModule, HookPoint
 from weights_conversion.transformer_lens import to_transformer_lens_state_dict
 

@@ -24,8 +24,7 @@ import torch
 from torch import nn
 
 import transformer_hooks.patching as patching
-from transformer_hooks import ActivationCache, FactoredMatrix, HookedTransformer, HookedTransformerConfig
-from transformer_hooks import utils
+from transformer_hooks import ActivationCache, FactoredMatrix, HookedTransformer, HookedTransformerConfig, utils
 from transformer_hooks.hook_points import HookedRootModule, HookPoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from checkpoints import VOCAB
+
 from transformer_hooks import HookedTransformer, HookShapeError
 
 POS = 5

@@ -35,8 +35,9 @@ import math
 import os
 import struct
 import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,8 +48,8 @@ from .tokens import bos_id, pad_id, require_tokenizer
 MANIFEST = "manifest.json"
 FORMAT = "transformer_hooks.activations/1"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-Corpus = Union[str, Path, Sequence[str], torch.Tensor, np.ndarray]
-PositionChoice = Union[str, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
+Corpus = str | Path | Sequence[str] | torch.Tensor | np.ndarray
+PositionChoice = str | torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
 
 
 # The corpus as contexts -----------------------------------------------------------------
@@ -176,6 +177,7 @@ def _fsync_write(path: Path, data: bytes | None = None, writer: Callable[[Path],
         if writer is not None:
             writer(tmp)
         else:
+            assert data is not None, "_fsync_write needs data or a writer"
             tmp.write_bytes(data)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -296,7 +298,8 @@ def harvest(
     contexts [n, context_size] (with ``attention_mask`` for padding). ``sites``: hook names
     or globs. ``positions``: ``"all"`` real tokens, ``"last"`` (the last real token of each
     context), a bool mask [contexts, context_size], or a function of a batch's tokens
-    [batch, context_size] giving one (a resumed harvest cannot compare functions: pass the same). ``dtype``: float32, float16 or bfloat16. ``max_tokens``: stop after that
+    [batch, context_size] giving one (a resumed harvest cannot compare functions: pass the
+    same). ``dtype``: float32, float16 or bfloat16. ``max_tokens``: stop after that
     many tokens of contexts. Resumes an interrupted harvest with the same arguments;
     returns the dataset.
     """
@@ -320,7 +323,8 @@ def harvest(
     shard_contexts = max(1, shard_tokens // (context_size * batch_size)) * batch_size
     max_contexts = None if max_tokens is None else max(1, math.ceil(max_tokens / context_size))
     layers = [_site_layer(n) for n in names]
-    stop = None if any(layer is None for layer in layers) else max(layers) + 1
+    known = [layer for layer in layers if layer is not None]
+    stop = None if len(known) < len(layers) else max(known) + 1
     fingerprint = {
         "corpus": _fingerprint(corpus),
         "sites": names,
@@ -356,7 +360,7 @@ def harvest(
 
     contexts = _contexts(model, corpus, context_size, prepend_bos, text_key, attention_mask)
     if max_contexts is not None:
-        contexts = (c for i, c in zip(range(max_contexts), contexts))
+        contexts = (c for i, c in zip(range(max_contexts), contexts, strict=False))
     for _ in range(done):  # already harvested
         next(contexts, None)
     target = torch.float32 if dtype == "float32" else DTYPES[dtype]
@@ -369,7 +373,7 @@ def harvest(
             }
             n_ctx = n_tok = 0
             while n_ctx < shard_contexts:
-                batch = [c for _, c in zip(range(min(batch_size, shard_contexts - n_ctx)), contexts)]
+                batch = [c for _, c in zip(range(min(batch_size, shard_contexts - n_ctx)), contexts, strict=False)]
                 if not batch:
                     exhausted = True
                     break
@@ -570,7 +574,8 @@ class ActivationDataset:
         return site
 
     def _shard(self, i: int) -> dict[str, np.ndarray]:
-        if self._shards[i] is None:
+        shard = self._shards[i]
+        if shard is None:
             entry = self.manifest["shards"][i]
             tensors = _open_shard(self.path / entry["file"])
             if tensors["row_context"].shape[0] != entry["n_rows"]:
@@ -578,8 +583,8 @@ class ActivationDataset:
                     f"activation shard {entry['file']} has {tensors['row_context'].shape[0]} rows, the "
                     f"manifest says {entry['n_rows']}: rerun harvest with the same arguments"
                 )
-            self._shards[i] = tensors
-        return self._shards[i]
+            self._shards[i] = shard = tensors
+        return shard
 
     def _to_torch(self, arr: np.ndarray) -> torch.Tensor:
         arr = np.ascontiguousarray(arr)

@@ -37,7 +37,8 @@ residual ``x``: the attributions here (``logit_attrs``) are of ``x``, before the
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal, Sequence, Union
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from einops import einsum, rearrange
@@ -47,8 +48,12 @@ from . import sites
 from .hooks import HookCache
 from .utils import Slice, SliceInput, check_index, check_layer, get_act_name
 
+if TYPE_CHECKING:
+    from .model import HookedTransformer
+
+
 Stack = Float[torch.Tensor, "component *batch_and_pos d_model"]
-Tokens = Union[str, int, Sequence[int], Sequence[str], Int[torch.Tensor, "..."]]
+Tokens = str | int | Sequence[int] | Sequence[str] | Int[torch.Tensor, "..."]
 
 logger = logging.getLogger(__name__)
 # Where the position axis is, counted from the end (so with or without the batch axis).
@@ -71,7 +76,9 @@ class ActivationCache(HookCache):
     (``cache["scale", 2, "ln1"]``); short names are ``utils.get_act_name``'s.
     """
 
-    def __init__(self, cache_dict: dict[str, torch.Tensor], model: Any, has_batch_dim: bool = True) -> None:
+    def __init__(
+        self, cache_dict: dict[str, torch.Tensor], model: HookedTransformer, has_batch_dim: bool = True
+    ) -> None:
         super().__init__(cache_dict, has_batch_dim)
         self.model = model
         # From the architecture, not from what happens to be cached: a decomposition that
@@ -88,7 +95,7 @@ class ActivationCache(HookCache):
         if isinstance(key, str):
             return key if key in self.cache_dict else get_act_name(key, n_layers=self.cfg.n_layers)
         if isinstance(key, tuple) and key and isinstance(key[0], str) and len(key) <= 3:
-            return get_act_name(*key, n_layers=self.cfg.n_layers)
+            return get_act_name(*key, n_layers=self.cfg.n_layers)  # type: ignore[misc]  # len(key) <= 3
         raise TypeError(f"index the cache with a hook name, (name, layer) or (name, layer, sublayer), got {key!r}")
 
     def __getitem__(self, key: Any) -> torch.Tensor:
@@ -188,16 +195,16 @@ class ActivationCache(HookCache):
         n = self.cfg.n_layers
         has_mid = sites.BY_NAME["hook_resid_mid"].when.holds(self.cfg)
         parts, labels = [], []
-        for l in range(layer + 1):
-            if l == n:
+        for L in range(layer + 1):
+            if L == n:
                 parts.append(self._get(("resid_post", n - 1), "accumulated_resid"))
                 labels.append("final_post")
                 continue
-            parts.append(self._get(("resid_pre", l), "accumulated_resid"))
-            labels.append(f"{l}_pre")
-            if has_mid and ((incl_mid and l < layer) or (mlp_input and l == layer)):
-                parts.append(self._get(("resid_mid", l), "accumulated_resid"))
-                labels.append(f"{l}_mid")
+            parts.append(self._get(("resid_pre", L), "accumulated_resid"))
+            labels.append(f"{L}_pre")
+            if has_mid and ((incl_mid and L < layer) or (mlp_input and L == layer)):
+                parts.append(self._get(("resid_mid", L), "accumulated_resid"))
+                labels.append(f"{L}_mid")
         stack = torch.stack(_one_device([pos_slice.apply(p, dim=_RESID_POS) for p in parts]))
         if apply_ln:
             stack = self.apply_ln_to_stack(
@@ -237,13 +244,13 @@ class ActivationCache(HookCache):
             if self.has_pos_embed:
                 parts.append(self._get("hook_pos_embed", "decompose_resid"))
                 labels.append("pos_embed")
-        for l in range(layer):
+        for L in range(layer):
             if incl_attn:
-                parts.append(self._get(("attn_out", l), "decompose_resid"))
-                labels.append(f"{l}_attn_out")
+                parts.append(self._get(("attn_out", L), "decompose_resid"))
+                labels.append(f"{L}_attn_out")
             if incl_mlp:
-                parts.append(self._get(("mlp_out", l), "decompose_resid"))
-                labels.append(f"{l}_mlp_out")
+                parts.append(self._get(("mlp_out", L), "decompose_resid"))
+                labels.append(f"{L}_mlp_out")
         if incl_attn and self._attn_before_mlp(layer, mlp_input):
             parts.append(self._get(("attn_out", layer), "decompose_resid"))
             labels.append(f"{layer}_attn_out")
@@ -271,16 +278,17 @@ class ActivationCache(HookCache):
         if name in self.cache_dict:
             return pos_slice.apply(self.cache_dict[name], dim=sites.BY_NAME["attn.hook_result"].position_dim)
         z = pos_slice.apply(self._get(("z", layer), needed_by), dim=sites.BY_NAME["attn.hook_z"].position_dim)
-        W_O = _like(self.model.blocks[layer].attn.W_O, z)
+        block: Any = self.model.blocks[layer]  # nn.ModuleList types its items as plain Modules
+        W_O = _like(block.attn.W_O, z)
         return einsum(z, W_O, "... head d_head, head d_head d_model -> ... head d_model")
 
     def compute_head_results(self) -> None:
         """Store every layer's per-head results (``attn.hook_result``) in the cache, from z and W_O."""
-        missing = [l for l in range(self.cfg.n_layers) if f"blocks.{l}.attn.hook_result" not in self.cache_dict]
+        missing = [L for L in range(self.cfg.n_layers) if f"blocks.{L}.attn.hook_result" not in self.cache_dict]
         if not missing:
             logger.warning("compute_head_results: the head results are already cached")
-        for l in missing:
-            self.cache_dict[f"blocks.{l}.attn.hook_result"] = self._head_results(l, Slice(None), "compute_head_results")
+        for L in missing:
+            self.cache_dict[f"blocks.{L}.attn.hook_result"] = self._head_results(L, Slice(None), "compute_head_results")
 
     def stack_head_results(
         self,
@@ -298,12 +306,12 @@ class ActivationCache(HookCache):
         """
         layer = self._stack_layer(layer)
         pos_slice = Slice.unwrap(pos_slice)
-        labels = [f"L{l}H{h}" for l in range(layer) for h in range(self.cfg.n_heads)]
+        labels = [f"L{L}H{h}" for L in range(layer) for h in range(self.cfg.n_heads)]
         per_layer = [
             self._through_post_norm(
-                self._head_results(l, pos_slice, "stack_head_results"), l, "ln1_post", pos_slice, "stack_head_results"
+                self._head_results(L, pos_slice, "stack_head_results"), L, "ln1_post", pos_slice, "stack_head_results"
             )
-            for l in range(layer)
+            for L in range(layer)
         ]
         return self._components_stack(per_layer, labels, layer, pos_slice, incl_remainder, apply_ln, return_labels)
 
@@ -349,7 +357,8 @@ class ActivationCache(HookCache):
         post = self._get(("post", layer), "get_neuron_results")
         post = pos_slice.apply(post, dim=sites.BY_NAME["mlp.hook_post"].position_dim)
         post = neuron_slice.apply(post, dim=-1)
-        W_out = neuron_slice.apply(_like(self.model.blocks[layer].mlp.W_out, post), dim=0)
+        block: Any = self.model.blocks[layer]  # nn.ModuleList types its items as plain Modules
+        W_out = neuron_slice.apply(_like(block.mlp.W_out, post), dim=0)
         return self._through_post_norm(post[..., None] * W_out, layer, "ln2_post", pos_slice, "get_neuron_results")
 
     def stack_neuron_results(
@@ -368,8 +377,8 @@ class ActivationCache(HookCache):
         layer = self._stack_layer(layer)
         neuron_slice, pos_slice = _keep_dim(Slice.unwrap(neuron_slice)), Slice.unwrap(pos_slice)
         neurons = neuron_slice.indices(self.cfg.d_mlp).tolist()
-        labels = [f"L{l}N{n}" for l in range(layer) for n in neurons]
-        per_layer = [self.get_neuron_results(l, neuron_slice, pos_slice) for l in range(layer)]
+        labels = [f"L{L}N{n}" for L in range(layer) for n in neurons]
+        per_layer = [self.get_neuron_results(L, neuron_slice, pos_slice) for L in range(layer)]
         return self._components_stack(per_layer, labels, layer, pos_slice, incl_remainder, apply_ln, return_labels)
 
     # The whole residual stream --------------------------------------------------------------
@@ -427,14 +436,14 @@ class ActivationCache(HookCache):
         shape = like.shape[1:]
         if self.cfg.norm_placement == "pre":
             return _like(self.model.accumulated_bias(layer, mlp_input, include_mlp_biases), like).expand(shape)
-        biases = [(l, "ln1_post", "attn.b_O") for l in range(layer)]
-        biases += [(l, "ln2_post", "mlp.b_out") for l in range(layer) if include_mlp_biases]
+        biases = [(L, "ln1_post", "attn.b_O") for L in range(layer)]
+        biases += [(L, "ln2_post", "mlp.b_out") for L in range(layer) if include_mlp_biases]
         if self._attn_before_mlp(layer, mlp_input):
             biases.append((layer, "ln1_post", "attn.b_O"))
         row = like.new_zeros(shape)
-        for l, norm_name, bias_name in biases:
-            bias = _like(self.model.blocks[l].get_parameter(bias_name), like).expand(shape)
-            row = row + self._through_post_norm(bias, l, norm_name, pos_slice, "get_full_resid_decomposition")
+        for L, norm_name, bias_name in biases:
+            bias = _like(self.model.blocks[L].get_parameter(bias_name), like).expand(shape)
+            row = row + self._through_post_norm(bias, L, norm_name, pos_slice, "get_full_resid_decomposition")
         return row
 
     def _through_post_norm(
@@ -596,7 +605,7 @@ class ActivationCache(HookCache):
         """``activation_name`` (a short name, e.g. ``"pattern"``) of every block before ``layer``, stacked."""
         layer = self._stack_layer(layer)
         return torch.stack(
-            _one_device([self._get((activation_name, l, sublayer_type), "stack_activation") for l in range(layer)])
+            _one_device([self._get((activation_name, L, sublayer_type), "stack_activation") for L in range(layer)])
         )
 
     # Error messages -----------------------------------------------------------------------------

@@ -28,8 +28,9 @@ IOI paper's path patching. ``plot_circuit`` draws a graph with matplotlib.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 
@@ -60,15 +61,15 @@ class Graph:
 
     @property
     def senders(self) -> list[str]:
-        heads = [f"a{l}.h{h}" for l in range(self.n_layers) for h in range(self.n_heads)]
-        return ["input"] + heads + [f"m{l}" for l in range(self.n_layers)]
+        heads = [f"a{layer}.h{h}" for layer in range(self.n_layers) for h in range(self.n_heads)]
+        return ["input"] + heads + [f"m{layer}" for layer in range(self.n_layers)]
 
     def receivers(self) -> list[str]:
         out = []
-        for l in range(self.n_layers):
-            out += [f"a{l}.h{h}<q>" for h in range(self.n_heads)]
-            out += [f"a{l}.h{h}<{c}>" for c in "kv" for h in range(self.n_kv_heads)]
-            out.append(f"m{l}")
+        for layer in range(self.n_layers):
+            out += [f"a{layer}.h{h}<q>" for h in range(self.n_heads)]
+            out += [f"a{layer}.h{h}<{c}>" for c in "kv" for h in range(self.n_kv_heads)]
+            out.append(f"m{layer}")
         return out + ["logits"]
 
     def check_node(self, name: str, role: str) -> None:
@@ -101,7 +102,9 @@ def _layer_of(node: str) -> tuple[int, int]:
     m = _HEAD.match(node) or _RECV.match(node)
     if m:
         return int(m.group(1)), 0
-    return int(_MLP.match(node).group(1)), 1
+    m = _MLP.match(node)
+    assert m is not None, node
+    return int(m.group(1)), 1
 
 
 def _reads(model: Any, sender: str, receiver: str) -> bool:
@@ -125,39 +128,39 @@ def _sender_sites(model: Any) -> list[str]:
     n = model.cfg.n_layers
     return (
         ["hook_embed"]
-        + [f"blocks.{l}.attn.hook_result" for l in range(n)]
-        + [f"blocks.{l}.hook_mlp_out" for l in range(n)]
+        + [f"blocks.{layer}.attn.hook_result" for layer in range(n)]
+        + [f"blocks.{layer}.hook_mlp_out" for layer in range(n)]
     )
 
 
 def _receiver_sites(model: Any) -> list[str]:
     n = model.cfg.n_layers
     out = []
-    for l in range(n):
-        out += [f"blocks.{l}.hook_q_input", f"blocks.{l}.hook_k_input", f"blocks.{l}.hook_v_input"]
-        out.append(f"blocks.{l}.hook_mlp_in")
+    for layer in range(n):
+        out += [f"blocks.{layer}.hook_q_input", f"blocks.{layer}.hook_k_input", f"blocks.{layer}.hook_v_input"]
+        out.append(f"blocks.{layer}.hook_mlp_in")
     return out + [f"blocks.{n - 1}.hook_resid_post"]
 
 
 def _sender_outputs(cache: dict[str, torch.Tensor], model: Any) -> dict[str, torch.Tensor]:
     """Sender node -> its output [batch, pos, d_model]."""
     out = {"input": cache["hook_embed"]}
-    for l in range(model.cfg.n_layers):
+    for layer in range(model.cfg.n_layers):
         for h in range(model.cfg.n_heads):
-            out[f"a{l}.h{h}"] = cache[f"blocks.{l}.attn.hook_result"][:, :, h]
-        out[f"m{l}"] = cache[f"blocks.{l}.hook_mlp_out"]
+            out[f"a{layer}.h{h}"] = cache[f"blocks.{layer}.attn.hook_result"][:, :, h]
+        out[f"m{layer}"] = cache[f"blocks.{layer}.hook_mlp_out"]
     return out
 
 
 def _receiver_grads(grads: dict[str, torch.Tensor], model: Any) -> dict[str, torch.Tensor]:
     """Receiver node -> d metric / d its input [batch, pos, d_model]."""
     out = {}
-    for l in range(model.cfg.n_layers):
+    for layer in range(model.cfg.n_layers):
         for c, n in (("q", model.cfg.n_heads), ("k", model.cfg.n_kv_heads), ("v", model.cfg.n_kv_heads)):
-            g = grads[f"blocks.{l}.hook_{c}_input"]
+            g = grads[f"blocks.{layer}.hook_{c}_input"]
             for h in range(n):
-                out[f"a{l}.h{h}<{c}>"] = g[:, :, h]
-        out[f"m{l}"] = grads[f"blocks.{l}.hook_mlp_in"]
+                out[f"a{layer}.h{h}<{c}>"] = g[:, :, h]
+        out[f"m{layer}"] = grads[f"blocks.{layer}.hook_mlp_in"]
     out["logits"] = grads[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
     return out
 
@@ -207,7 +210,7 @@ def attribute_edges(
     stacked = torch.stack([delta[u] for u in names])  # [sender, batch, pos, d_model]
     for v, g in per_receiver.items():
         scores = torch.einsum("sbpd,bpd->s", stacked, g).tolist()
-        graph.edges += [Edge(u, v, s) for u, s in zip(names, scores) if _reads(model, u, v)]
+        graph.edges += [Edge(u, v, s) for u, s in zip(names, scores, strict=True) if _reads(model, u, v)]
     graph.edges.sort(key=lambda e: -abs(e.score))
     return graph
 
@@ -236,7 +239,7 @@ def _grads(
         if not isinstance(value, torch.Tensor) or value.numel() != 1 or not value.requires_grad:
             raise ValueError("metric must return a scalar tensor that depends differentiably on the logits")
         grads = torch.autograd.grad(value.sum(), [acts[s] for s in sites], allow_unused=True)
-    return {s: torch.zeros_like(acts[s]) if g is None else g.detach() for s, g in zip(sites, grads)}
+    return {s: torch.zeros_like(acts[s]) if g is None else g.detach() for s, g in zip(sites, grads, strict=True)}
 
 
 # Circuits -------------------------------------------------------------------------------------
@@ -308,10 +311,10 @@ def run_circuit(model: Any, clean_tokens: Any, corrupted_tokens: Any, circuit: C
 
     n = model.cfg.n_layers
     hooks: list[tuple[str, Callable]] = [(s, save) for s in _sender_sites(model)]
-    for l in range(n):
+    for layer in range(n):
         for c, k in (("q", model.cfg.n_heads), ("k", model.cfg.n_kv_heads), ("v", model.cfg.n_kv_heads)):
-            hooks.append((f"blocks.{l}.hook_{c}_input", patch_for([(h, f"a{l}.h{h}<{c}>") for h in range(k)])))
-        hooks.append((f"blocks.{l}.hook_mlp_in", patch_for([(None, f"m{l}")])))
+            hooks.append((f"blocks.{layer}.hook_{c}_input", patch_for([(h, f"a{layer}.h{h}<{c}>") for h in range(k)])))
+        hooks.append((f"blocks.{layer}.hook_mlp_in", patch_for([(None, f"m{layer}")])))
     hooks.append((f"blocks.{n - 1}.hook_resid_post", patch_for([(None, "logits")])))
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
         return model(clean)
@@ -321,13 +324,13 @@ def _sender_outputs_partial(cache: dict[str, torch.Tensor], model: Any) -> dict[
     out = {}
     if "hook_embed" in cache:
         out["input"] = cache["hook_embed"]
-    for l in range(model.cfg.n_layers):
-        r = cache.get(f"blocks.{l}.attn.hook_result")
+    for layer in range(model.cfg.n_layers):
+        r = cache.get(f"blocks.{layer}.attn.hook_result")
         if r is not None:
             for h in range(model.cfg.n_heads):
-                out[f"a{l}.h{h}"] = r[:, :, h]
-        if f"blocks.{l}.hook_mlp_out" in cache:
-            out[f"m{l}"] = cache[f"blocks.{l}.hook_mlp_out"]
+                out[f"a{layer}.h{h}"] = r[:, :, h]
+        if f"blocks.{layer}.hook_mlp_out" in cache:
+            out[f"m{layer}"] = cache[f"blocks.{layer}.hook_mlp_out"]
     return out
 
 
@@ -376,28 +379,29 @@ def path_patch(
     def check(heads: Sequence[tuple[int, int]], what: str) -> list[tuple[int, int]]:
         return [
             (
-                check_index(int(l), cfg.n_layers, f"{what} layer", f"a model with {cfg.n_layers} layers"),
-                check_index(int(h), cfg.n_heads, f"{what} head", f"layer {l} with {cfg.n_heads} heads"),
+                check_index(int(layer), cfg.n_layers, f"{what} layer", f"a model with {cfg.n_layers} layers"),
+                check_index(int(h), cfg.n_heads, f"{what} head", f"layer {layer} with {cfg.n_heads} heads"),
             )
-            for l, h in heads
+            for layer, h in heads
         ]
 
     senders, receivers = check(senders, "sender"), check(receivers, "receiver")
-    z_names = [f"blocks.{l}.attn.hook_z" for l in range(cfg.n_layers)]
+    z_names = [f"blocks.{layer}.attn.hook_z" for layer in range(cfg.n_layers)]
     z_clean, z_corr = _cache(model, clean, z_names), _cache(model, corrupted, z_names)
-    send = {}
-    for l, h in senders:
-        send.setdefault(l, []).append(h)
+    send: dict[int, list[int]] = {}
+    for layer, h in senders:
+        send.setdefault(layer, []).append(h)
 
     def freeze(z: torch.Tensor, hook: HookPoint) -> torch.Tensor:
-        l = hook.layer_idx
+        layer = hook.layer_idx
+        assert layer is not None, hook.name  # hooked only at blocks.{layer}.attn.hook_z
         z = z_clean[hook.name].clone()
-        for h in send.get(l, []):
+        for h in send.get(layer, []):
             z[:, :, h] = z_corr[hook.name][:, :, h]
         return z
 
-    recv_layers = sorted({l for l, _ in receivers})
-    qkv_names = [f"blocks.{l}.attn.hook_{c}" for l in recv_layers for c in inputs]
+    recv_layers = sorted({layer for layer, _ in receivers})
+    qkv_names = [f"blocks.{layer}.attn.hook_{c}" for layer in recv_layers for c in inputs]
     recorded: dict[str, torch.Tensor] = {}
 
     def record(x: torch.Tensor, hook: HookPoint) -> None:
@@ -408,9 +412,9 @@ def path_patch(
 
     group = cfg.group_size
     by_name: dict[str, set[int]] = {}
-    for l, h in receivers:
+    for layer, h in receivers:
         for c in inputs:
-            by_name.setdefault(f"blocks.{l}.attn.hook_{c}", set()).add(h if c == "q" else h // group)
+            by_name.setdefault(f"blocks.{layer}.attn.hook_{c}", set()).add(h if c == "q" else h // group)
 
     def patch(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
         x = x.clone()
@@ -439,6 +443,7 @@ def plot_circuit(circuit: Circuit | Graph, top_n: int | None = None, ax: Any = N
 
     def _kv_owner(name: str) -> str:
         m = _RECV.match(name)
+        assert m is not None, name
         return f"a{m.group(1)}.h{int(m.group(2)) * (graph.n_heads // graph.n_kv_heads)}"
 
     def xy(name: str) -> tuple[float, float]:
@@ -449,7 +454,9 @@ def plot_circuit(circuit: Circuit | Graph, top_n: int | None = None, ax: Any = N
         m = _HEAD.match(name)
         if m:
             return (int(m.group(2)), int(m.group(1)))
-        return (graph.n_heads + 0.5, int(_MLP.match(name).group(1)) + 0.5)
+        m = _MLP.match(name)
+        assert m is not None, name
+        return (graph.n_heads + 0.5, int(m.group(1)) + 0.5)
 
     biggest = max((abs(scores.get(e, 0.0)) for e in kept), default=1.0) or 1.0
     nodes = set()

@@ -15,7 +15,7 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 NormType = Literal["LN", "LNPre", "RMS", "RMSPre"]
 PositionalEmbedding = Literal["learned", "rotary"]
@@ -52,16 +52,18 @@ class ModelConfig:
     normalization_type: NormType
     eps: float
     positional_embedding: PositionalEmbedding
-    n_kv_heads: int | None = None  # None: same as n_heads (MHA)
+    # n_kv_heads, rotary_dim and attn_windows accept None, which __post_init__ replaces with the
+    # default it stands for: typed as what the model reads.
+    n_kv_heads: int = None  # type: ignore[assignment]  # None: same as n_heads (MHA)
     # Rotary: applied to the first ``rotary_dim`` dims of each head (rotate-half layout).
-    rotary_dim: int | None = None  # None: d_head
+    rotary_dim: int = None  # type: ignore[assignment]  # None: d_head (rotary models)
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
     # Scores are q·k / attn_scale (GPT-Neo uses 1.0, i.e. no scaling). None: sqrt(d_head).
     attn_scale: float | None = None
     scale_attn_by_inverse_layer_idx: bool = False  # GPT-2 option: scores / (layer + 1)
     # Per layer: None for global causal attention, or a window w (key within w-1 of query).
-    attn_windows: tuple[int | None, ...] | None = None
+    attn_windows: tuple[int | None, ...] = None  # type: ignore[assignment]
     parallel_residual: bool = False  # NeoX/Pythia: attn and MLP both read resid_pre
     gated_mlp: bool = False  # SwiGLU: act(x W_gate) * (x W_in)
     attn_only: bool = False  # blocks without an MLP (TransformerLens's toy attention-only models)
@@ -129,13 +131,15 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer (at least 1), got {value}")
         for name in ("eps", "rope_theta", "embed_scale"):
             value = getattr(self, name)
-            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value > 0:
+            # typeshed's numbers.Real has no __gt__, but every Real compares with 0
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value > 0:  # type: ignore[operator]
                 raise ValueError(f"ModelConfig.{name} must be a positive number, got {value!r}")
         if self.positional_embedding not in ("learned", "rotary"):
             raise ValueError(f"positional_embedding must be 'learned' or 'rotary', got {self.positional_embedding!r}")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
             raise ValueError(
-                f"rope_scaling must be None, a RopeScaling or a dict with 'kind' and 'factor', got {self.rope_scaling!r}"
+                f"rope_scaling must be None, a RopeScaling or a dict with 'kind' and 'factor', "
+                f"got {self.rope_scaling!r}"
             )
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
@@ -305,6 +309,7 @@ class HookedTransformerConfig:
         # TransformerLens's count: attention and MLP weight matrices, no biases or norms.
         self.n_params = self.n_layers * self.d_model * self.d_head * self.n_heads * 4
         if not self.attn_only:
+            assert self.d_mlp is not None  # set above when None
             self.n_params += self.n_layers * self.d_model * self.d_mlp * (2 + self.gated_mlp)
 
     @classmethod
@@ -351,7 +356,8 @@ class HookedTransformerConfig:
                 f"normalization_type={self.normalization_type!r} is not supported: transformer_hooks "
                 f"implements 'LN', 'LNPre', 'RMS' and 'RMSPre' (a model without norms is not implemented)"
             )
-        positions = {"standard": "learned", "rotary": "rotary"}.get(self.positional_embedding_type)
+        tl_positions: dict[str, PositionalEmbedding] = {"standard": "learned", "rotary": "rotary"}
+        positions = tl_positions.get(self.positional_embedding_type)
         if positions is None:
             raise ValueError(
                 f"positional_embedding_type={self.positional_embedding_type!r} is not supported: "
@@ -374,15 +380,16 @@ class HookedTransformerConfig:
             d_vocab=self.d_vocab,
             n_ctx=self.n_ctx,
             act_fn=self.act_fn or "relu",
-            normalization_type=self.normalization_type,
+            normalization_type=cast(NormType, self.normalization_type),  # checked above
             eps=self.eps,
             positional_embedding=positions,
-            n_kv_heads=self.n_key_value_heads,
-            rotary_dim=self.rotary_dim if positions == "rotary" else None,
+            # None (n_kv_heads, rotary_dim, attn_windows): ModelConfig's default, filled in by its __post_init__
+            n_kv_heads=self.n_key_value_heads,  # type: ignore[arg-type]
+            rotary_dim=self.rotary_dim if positions == "rotary" else None,  # type: ignore[arg-type]
             rope_theta=float(self.rotary_base),
             attn_scale=attn_scale if self.use_attn_scale else 1.0,
             scale_attn_by_inverse_layer_idx=self.scale_attn_by_inverse_layer_idx,
-            attn_windows=windows,
+            attn_windows=windows,  # type: ignore[arg-type]
             parallel_residual=self.parallel_attn_mlp,
             gated_mlp=self.gated_mlp,
             attn_only=self.attn_only,

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import re
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,10 @@ from torch.nn.utils.parametrizations import orthogonal
 from tqdm.auto import tqdm
 
 from .hooks import HookPoint
+
+if TYPE_CHECKING:
+    from .model import HookedTransformer
+
 
 PositionIndex = int | Sequence[int] | torch.Tensor
 
@@ -85,12 +90,12 @@ class RotatedSubspaceInterchange(nn.Module):
         """The rotation: its columns are the new basis; the first k span the interchanged subspace."""
         if self.low_rank:
             raise ValueError("a low-rank interchange learns only the k basis vectors of its subspace: use .basis")
-        return self.rotation.weight.T
+        return self.rotation.weight.T  # type: ignore[return-value]  # a parametrized nn.Linear
 
     @property
     def basis(self) -> Float[torch.Tensor, "d k"]:
         """Orthonormal columns spanning the interchanged subspace."""
-        return self.rotation.weight[: self.k].T
+        return self.rotation.weight[: self.k].T  # type: ignore[index]  # a parametrized nn.Linear
 
     def forward(
         self, base: Float[torch.Tensor, "... d"], source: Float[torch.Tensor, "... d"]
@@ -196,7 +201,7 @@ def source_activations(
 _RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 
 
-def resume_point(model: Any, site: str) -> tuple[int, str] | None:
+def resume_point(model: HookedTransformer, site: str) -> tuple[int, str] | None:
     """Where a forward can start from a cached value of ``site``: ``(start_at_layer, the
     hook name that value passes through there)``, for residual-stream sites; else None.
 
@@ -211,7 +216,7 @@ def resume_point(model: Any, site: str) -> tuple[int, str] | None:
 
 
 def interchange_logits(
-    model: Any,
+    model: HookedTransformer,
     intervention: nn.Module,
     site: str,
     base_tokens: Int[torch.Tensor, "batch pos"],
@@ -244,12 +249,12 @@ def interchange_logits(
 
 
 def train_das(
-    model: Any,
+    model: HookedTransformer,
     intervention: nn.Module,
     site: str,
     base_tokens: Int[torch.Tensor, "batch pos"],
     source_tokens: Int[torch.Tensor, "batch src_pos"],
-    target_tokens: Int[torch.Tensor, "batch"],
+    target_tokens: Int[torch.Tensor, " batch"],
     base_pos: PositionIndex = -1,
     source_pos: PositionIndex = -1,
     steps: int = 100,
@@ -306,7 +311,7 @@ def train_das(
 
 @torch.no_grad()
 def evaluate_das(
-    model: Any,
+    model: HookedTransformer,
     intervention: nn.Module,
     site: str,
     base_tokens: torch.Tensor,

@@ -216,7 +216,12 @@ def map_prompts(
     dist.gather_object(mine, gathered, dst=0)
     if rank != 0:
         return None
-    return [result for shard in gathered for result in shard]
+    assert gathered is not None  # rank 0 gathers
+    results: list[R] = []
+    for part in gathered:
+        assert part is not None  # every rank computed its part (failures were raised above)
+        results.extend(part)
+    return results
 
 
 def harvest(
@@ -426,6 +431,7 @@ def cmd_sweep(args: Any) -> int:
             model, pairs, args.site, attribution=args.attribution, timeout=timeout, resume_dir=args.resume_dir
         )
         if rank == 0:
+            assert results is not None  # rank 0 gets the list
             path = write_results(
                 results,
                 args.out,

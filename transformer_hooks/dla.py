@@ -8,13 +8,16 @@ so the parts add up to the model's logit difference.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
 
 from .lens import final_norm
 from .tables import text_table
+
+if TYPE_CHECKING:
+    from .model import HookedTransformer
 
 
 def check_prompt(prompt: str) -> None:
@@ -48,18 +51,20 @@ class DLAResult:
     answer_logit: float
     contrast_logit: float
     logit_diff: float
-    accumulated: Float[torch.Tensor, "row"]  # the logit difference the residual stream would give at each point
+    accumulated: Float[torch.Tensor, " row"]  # the logit difference the residual stream would give at each point
     accumulated_labels: list[str]
     heads: Float[torch.Tensor, "layer head"]
-    attn: Float[torch.Tensor, "layer"]
-    mlp: Float[torch.Tensor, "layer"]
+    attn: Float[torch.Tensor, " layer"]
+    mlp: Float[torch.Tensor, " layer"]
     embed: float
     constant: float
     logit_diff_before_cap: float | None = None  # models with final_logit_softcap
     softcap: float | None = None
 
 
-def direct_logit_attribution(model: Any, prompt: str, answer: str, contrast: str, pos: int = -1) -> DLAResult:
+def direct_logit_attribution(
+    model: HookedTransformer, prompt: str, answer: str, contrast: str, pos: int = -1
+) -> DLAResult:
     """Run ``prompt`` and attribute the logit difference at ``pos`` to heads and layers.
 
     Every part goes through the final norm with its cached scale
@@ -93,17 +98,18 @@ def direct_logit_attribution(model: Any, prompt: str, answer: str, contrast: str
         direction = model.tokens_to_residual_directions(a) - model.tokens_to_residual_directions(b)
         b_U = model.b_U
         constant = b_U[a] - b_U[b]
-        if getattr(model.ln_final, "b", None) is not None:
-            constant = constant + model.ln_final.b @ direction
+        ln_b = getattr(model.ln_final, "b", None)
+        if ln_b is not None:
+            constant = constant + ln_b @ direction
 
         acc, acc_labels = cache.accumulated_resid(-1, incl_mid=True, pos_slice=pos, return_labels=True)
         accumulated = final_norm(model, acc, "cached", cache, pos_slice=pos) @ direction + (b_U[a] - b_U[b])
         heads = cache.logit_attrs(cache.stack_head_results(-1, pos_slice=pos), a, b, pos_slice=pos)
         parts, labels = cache.decompose_resid(-1, pos_slice=pos, return_labels=True)
-        part_attrs = dict(zip(labels, cache.logit_attrs(parts, a, b, pos_slice=pos)[:, 0].tolist()))
+        part_attrs = dict(zip(labels, cache.logit_attrs(parts, a, b, pos_slice=pos)[:, 0].tolist(), strict=True))
     layers = range(cfg.n_layers)
     return DLAResult(
-        str_tokens=model.to_str_tokens(tokens[0]),
+        str_tokens=model.to_str_tokens(tokens[0]),  # type: ignore[arg-type]  # one sequence: list[str]
         pos=pos,
         answer=answer,
         contrast=contrast,
@@ -115,8 +121,8 @@ def direct_logit_attribution(model: Any, prompt: str, answer: str, contrast: str
         accumulated=accumulated[:, 0].cpu(),
         accumulated_labels=acc_labels,
         heads=heads[:, 0].reshape(cfg.n_layers, cfg.n_heads).cpu(),
-        attn=torch.tensor([part_attrs[f"{l}_attn_out"] for l in layers]),
-        mlp=torch.tensor([part_attrs[f"{l}_mlp_out"] for l in layers]),
+        attn=torch.tensor([part_attrs[f"{L}_attn_out"] for L in layers]),
+        mlp=torch.tensor([part_attrs[f"{L}_mlp_out"] for L in layers]),
         embed=part_attrs["embed"] + part_attrs.get("pos_embed", 0.0),
         constant=float(constant),
     )
@@ -151,8 +157,8 @@ def format_dla(r: DLAResult, top: int = 10) -> str:
     per_layer = r.attn + r.mlp
     order = per_layer.abs().argsort(descending=True)[:top].tolist()
     rows = [
-        [str(i + 1), str(l), f"{float(r.attn[l]):+.4f}", f"{float(r.mlp[l]):+.4f}", f"{float(per_layer[l]):+.4f}"]
-        for i, l in enumerate(order)
+        [str(i + 1), str(L), f"{float(r.attn[L]):+.4f}", f"{float(r.mlp[L]):+.4f}", f"{float(per_layer[L]):+.4f}"]
+        for i, L in enumerate(order)
     ]
     lines += text_table(["rank", "layer", "attn", "mlp", "total"], rows)
     return "\n".join(lines)

@@ -21,12 +21,12 @@ instance alive.
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any
 
 import torch
 from jaxtyping import Complex, Float
 
-Scalar = Union[int, float, torch.Tensor]
+Scalar = int | float | torch.Tensor
 
 
 def _for_linalg(x: torch.Tensor) -> torch.Tensor:
@@ -102,7 +102,7 @@ class FactoredMatrix:
     def T(self) -> FactoredMatrix:
         return FactoredMatrix(self.B.transpose(-2, -1), self.A.transpose(-2, -1))
 
-    def __matmul__(self, other: Union[torch.Tensor, FactoredMatrix]) -> Union[torch.Tensor, FactoredMatrix]:
+    def __matmul__(self, other: torch.Tensor | FactoredMatrix) -> torch.Tensor | FactoredMatrix:
         """self @ vector is a tensor; self @ matrix stays factored with hidden dim
         min(mdim, rdim): the matrix is folded into B when that keeps the rank low,
         otherwise the product AB becomes the left factor."""
@@ -122,7 +122,7 @@ class FactoredMatrix:
             return FactoredMatrix(self.A, self.B @ other)
         return FactoredMatrix(self.AB, other)
 
-    def __rmatmul__(self, other: torch.Tensor) -> Union[torch.Tensor, FactoredMatrix]:
+    def __rmatmul__(self, other: torch.Tensor) -> torch.Tensor | FactoredMatrix:
         """vector @ self is a tensor; matrix @ self stays factored with hidden dim min(ldim, mdim)."""
         if not isinstance(other, torch.Tensor):
             return NotImplemented

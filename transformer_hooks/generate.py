@@ -18,7 +18,8 @@ whole continuation.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -57,7 +58,7 @@ def sample_logits(
     temperature: float = 1.0,
     freq_penalty: float = 0.0,
     token_counts: Float[torch.Tensor, "batch d_vocab"] | None = None,
-) -> Int[torch.Tensor, "batch"]:
+) -> Int[torch.Tensor, " batch"]:
     """One token per row, as TransformerLens samples.
 
     ``temperature == 0``: argmax. Otherwise logits / temperature, minus
@@ -164,8 +165,8 @@ def generate(
             f"context (n_ctx={model.cfg.n_ctx}, learned positions); lower max_new_tokens to at most "
             f"{max(model.cfg.n_ctx - prompt_len, 0)} or shorten the prompt"
         )
-    stops, eos_for_padding = _stop_tokens(model, eos_token_id) if stop_at_eos else ([], 0)
-    stops = torch.tensor(stops, device=tokens.device)
+    stop_ids, eos_for_padding = _stop_tokens(model, eos_token_id) if stop_at_eos else ([], 0)
+    stops = torch.tensor(stop_ids, device=tokens.device)
 
     out = torch.empty(batch, prompt_len + max_new_tokens, dtype=torch.long, device=tokens.device)
     out[:, :prompt_len] = tokens
@@ -236,7 +237,7 @@ def _decode(
     texts = []
     for row in range(out.shape[0]):
         ids = out[row] if mask is None else out[row][mask[row].bool()]
-        ids = ids.tolist()
+        ids = ids.tolist()  # type: ignore[assignment]  # from here on, a list of ids
         if prepended:
             ids = ids[1:]
         n_prompt = len(ids) - (out.shape[1] - prompt_len)

@@ -38,8 +38,9 @@ import fnmatch
 import itertools
 import logging
 import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Sequence, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,7 +51,7 @@ from .utils import Slice
 
 HookFn = Callable[..., Any]
 logger = logging.getLogger(__name__)
-NameFilter = Union[str, Sequence[str], Callable[[str], bool], None]
+NameFilter = str | Sequence[str] | Callable[[str], bool] | None
 
 
 class UnknownHookError(ValueError):

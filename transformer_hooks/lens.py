@@ -25,8 +25,9 @@ heatmap. For full logits over the vocabulary, compose the parts:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence, Union
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -38,11 +39,15 @@ from .components.softcap import softcap
 from .tables import short_repr, text_table
 from .utils import Slice, SliceInput, check_layer
 
+if TYPE_CHECKING:
+    from .model import HookedTransformer
+
+
 # The sites a block writes or passes on, in the order they happen.
 LENS_SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
 Norm = Literal["recompute", "cached"]
 Stack = Float[torch.Tensor, "component *batch_and_pos d_model"]
-Targets = Union[str, int, Sequence[int], torch.Tensor, None]
+Targets = str | int | Sequence[int] | torch.Tensor | None
 _CHUNK_LOGITS = 32 * 2**20  # logits held at once (x4 bytes, plus softmax temporaries)
 
 
@@ -61,7 +66,7 @@ def lens_stack(
         raise ValueError(f"unknown lens site(s) {unknown}; choose from {list(LENS_SITES)}")
     cfg = cache.model.cfg
     n = cfg.n_layers
-    layers = list(range(n)) if layers is None else [check_layer(l, n) for l in layers]
+    layers = list(range(n)) if layers is None else [check_layer(L, n) for L in layers]
     pos_slice = Slice.unwrap(pos_slice)
     rows, labels, row_layers, row_sites = [], [], [], []
     for layer in layers:
@@ -78,7 +83,7 @@ def lens_stack(
 
 
 def final_norm(
-    model: Any,
+    model: HookedTransformer,
     stack: Float[torch.Tensor, "... d_model"],
     norm: Norm = "recompute",
     cache: ActivationCache | None = None,
@@ -100,12 +105,15 @@ def final_norm(
         out = normalize(stack, model.cfg.norm_centres, ln.eps, w=None if w is None else w.detach().float())
     else:
         raise ValueError(f"norm must be 'recompute' or 'cached', got {norm!r}")
-    if getattr(ln, "b", None) is not None:
-        out = out + ln.b.detach().to(out.dtype)
+    b = getattr(ln, "b", None)
+    if b is not None:
+        out = out + b.detach().to(out.dtype)
     return out
 
 
-def unembed(model: Any, normalized: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... d_vocab"]:
+def unembed(
+    model: HookedTransformer, normalized: Float[torch.Tensor, "... d_model"]
+) -> Float[torch.Tensor, "... d_vocab"]:
     """``normalized · W_U + b_U``, soft-capped as the model caps its logits (Gemma 2)."""
     W_U, b_U = model.W_U.detach(), model.b_U.detach()
     logits = normalized.to(W_U.dtype) @ W_U + b_U
@@ -124,9 +132,9 @@ class LogitLens:
     top_logits: Float[torch.Tensor, "component *batch_and_pos k"]
     top_probs: Float[torch.Tensor, "component *batch_and_pos k"]
     target_tokens: Int[torch.Tensor, "*batch_and_pos"] | None = None
-    target_logits: Float[torch.Tensor, "component *batch_and_pos"] | None = None
-    target_probs: Float[torch.Tensor, "component *batch_and_pos"] | None = None
-    target_ranks: Int[torch.Tensor, "component *batch_and_pos"] | None = None  # 0: the top token
+    target_logits: Float[torch.Tensor, " component *batch_and_pos"] | None = None
+    target_probs: Float[torch.Tensor, " component *batch_and_pos"] | None = None
+    target_ranks: Int[torch.Tensor, " component *batch_and_pos"] | None = None  # 0: the top token
 
     def rows(self, site: str) -> list[int]:
         """The row indices of ``site``, in layer order."""
@@ -159,7 +167,7 @@ class LogitLens:
 
 
 def logit_lens(
-    model: Any,
+    model: HookedTransformer,
     input: Any,
     *,
     sites: Sequence[str] = LENS_SITES,
@@ -267,7 +275,7 @@ def _targets(model: Any, targets: Targets, shape: torch.Size, device: torch.devi
 LENS_COLUMNS = ("resid_post", "attn_out", "mlp_out")  # its columns; a lens for it decodes resid_pre too
 
 
-def format_logit_lens(lens: LogitLens, model: Any, str_tokens: list[str], pos: int, top: int = 3) -> str:
+def format_logit_lens(lens: LogitLens, model: HookedTransformer, str_tokens: list[str], pos: int, top: int = 3) -> str:
     """Top tokens (probability) at ``pos`` per layer: the embeddings, then each layer's
     residual stream after it, and its attention and MLP outputs decoded alone."""
     strings = lens.top_strings(model)

@@ -51,13 +51,15 @@ def get_pretrained_model_config(model_name: str, **kwargs: Any) -> ModelConfig:
     from weights_conversion.converted import converted_config
 
     ckpt = resolve_checkpoint(model_name)
-    if ckpt.kind == "converted":
-        return converted_config(ckpt.directory, ckpt.config)
     if ckpt.kind == "gguf":
         from weights_conversion.gguf import read_gguf
 
+        assert ckpt.gguf_file is not None  # a gguf checkpoint names its file
         hf_config, _, _ = read_gguf(ckpt.gguf_file)
         return weights_conversion.config_from_hf(hf_config, str(ckpt.gguf_file))
+    assert ckpt.config is not None  # hf and converted checkpoints carry their config
+    if ckpt.kind == "converted":
+        return converted_config(ckpt.directory, ckpt.config)
     return weights_conversion.config_from_hf(ckpt.config, str(ckpt.directory / "config.json"))
 
 

@@ -9,7 +9,8 @@ layers.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -20,11 +21,11 @@ from . import sites
 from . import tokens as tokens_lib  # as a module: `tokens` names the token tensor in forward
 from .components import AttentionMask, Embed, KVCache, PosEmbed, Rotary, Unembed, make_block, make_norm
 from .config import HookedTransformerConfig, ModelConfig
-from .tl_config import init_weights as init_tl_weights
 from .factored_matrix import FactoredMatrix
 from .hooks import HookedRootModule, HookPoint
-from .utils import check_index, check_layer
+from .tl_config import init_weights as init_tl_weights
 from .tokens import ModelInput, TextInput
+from .utils import check_index, check_layer
 
 ReturnType = Literal["logits", "loss", "both", None]
 
@@ -221,13 +222,13 @@ class HookedTransformer(HookedRootModule):
             )
             batch, q_len = tokens.shape
         else:
-            resid = input
-            if not isinstance(resid, torch.Tensor) or resid.ndim != 3 or resid.shape[-1] != self.cfg.d_model:
-                shape = tuple(resid.shape) if isinstance(resid, torch.Tensor) else type(resid).__name__
+            if not isinstance(input, torch.Tensor) or input.ndim != 3 or input.shape[-1] != self.cfg.d_model:
+                shape = tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
                 raise ValueError(
                     f"with start_at_layer, input is the residual stream [batch, pos, d_model="
                     f"{self.cfg.d_model}], got {shape}"
                 )
+            resid = input
             if resid.dtype != self.dtype:
                 raise ValueError(
                     f"the residual stream is {resid.dtype} but the model is {self.dtype}; pass resid.to({self.dtype})"
@@ -245,7 +246,8 @@ class HookedTransformer(HookedRootModule):
         # Gemma 3: the windowed layers rotate with their own base.
         cos_sin_local = self.rotary_local(positions, resid.dtype) if hasattr(self, "rotary_local") else cos_sin
 
-        placed, copies = self._block_devices, {}
+        placed = self._block_devices
+        copies: dict[tuple[torch.device, int], tuple[AttentionMask, Any]] = {}
         for layer in range(start, stop):
             kv = past_kv_cache[layer] if past_kv_cache is not None else None
             local = self.cfg.attn_windows[layer] is not None
@@ -397,7 +399,7 @@ class HookedTransformer(HookedRootModule):
         return self.unembed.W_U
 
     @property
-    def b_U(self) -> Float[torch.Tensor, "d_vocab"]:
+    def b_U(self) -> Float[torch.Tensor, " d_vocab"]:
         return self.unembed.b_U
 
     W_Q = property(lambda self: self._stack("attn.W_Q"), doc="[n_layers, head, d_model, d_head]")
@@ -471,7 +473,7 @@ class HookedTransformer(HookedRootModule):
 
     def accumulated_bias(
         self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True
-    ) -> Float[torch.Tensor, "d_model"]:
+    ) -> Float[torch.Tensor, " d_model"]:
         """The sum of the output biases (``b_O``, and ``b_out`` with ``include_mlp_biases``)
         written into the residual stream that enters block ``layer`` (0..n_layers; n_layers
         is the input to the unembedding). ``mlp_input``: the stream that block's MLP reads,
@@ -501,18 +503,19 @@ class HookedTransformer(HookedRootModule):
         if mlp_input and layer == n:
             raise ValueError(f"mlp_input=True needs a block below {n}; layer={n} is the unembedding")
         bias = torch.zeros(self.cfg.d_model, device=self.device, dtype=self.dtype)
-        for block in self.blocks[:layer]:
+        blocks: list[Any] = list(self.blocks)  # nn.ModuleList types its items as plain Modules
+        for block in blocks[:layer]:
             bias = bias + block.attn.b_O
             if include_mlp_biases and not self.cfg.attn_only:
                 bias = bias + block.mlp.b_out
         if mlp_input and not self.cfg.parallel_residual:
-            bias = bias + self.blocks[layer].attn.b_O
+            bias = bias + blocks[layer].attn.b_O
         return bias
 
     def all_head_labels(self) -> list[str]:
         """``["L0H0", "L0H1", ...]``: one label per attention head, in the order of
         ``cache.stack_head_results``."""
-        return [f"L{l}H{h}" for l in range(self.cfg.n_layers) for h in range(self.cfg.n_heads)]
+        return [f"L{L}H{h}" for L in range(self.cfg.n_layers) for h in range(self.cfg.n_heads)]
 
     def loss_fn(
         self,
@@ -587,8 +590,7 @@ class HookedTransformer(HookedRootModule):
         it is. The result equals loading with the same flags. Hooks are not carried over: remove
         them first. Processing holds a second copy of the weights while it runs.
         """
-        from .loading import processed_copy
-        from .processing import ProcessingOptions
+        from .loading import ProcessingOptions, processed_copy  # lazy: loading builds on the model
 
         options = ProcessingOptions(
             fold_ln=fold_ln,
@@ -613,7 +615,8 @@ class HookedTransformer(HookedRootModule):
         return self
 
     # Compiling (opt in) ---------------------------------------------------------------------
-    def compile(self, **compile_kwargs: Any) -> "HookedTransformer":
+    # Unlike nn.Module.compile: keyword arguments only, and it returns the model.
+    def compile(self, **compile_kwargs: Any) -> "HookedTransformer":  # type: ignore[override]
         """Run calls of the model through ``torch.compile`` (its keyword arguments, e.g.
         ``backend``, ``mode``), and return the model. Call it last (after loading, processing
         and moving).
@@ -629,7 +632,8 @@ class HookedTransformer(HookedRootModule):
         steps with a KV cache (``generate``) run eagerly: every step has a new length.
         """
         for hook_point in self.hook_dict.values():
-            hook_point.forward = torch.compiler.disable(type(hook_point).forward.__get__(hook_point))
+            # this hook point's own forward (an instance attribute), run eagerly
+            hook_point.forward = torch.compiler.disable(type(hook_point).forward.__get__(hook_point))  # type: ignore[method-assign]
         compiled = torch.compile(self._call_impl, **compile_kwargs)
         eager = self._call_impl
 

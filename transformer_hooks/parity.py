@@ -6,11 +6,14 @@ and the logits (the ``parity`` command).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .tables import text_table
+
+if TYPE_CHECKING:
+    from .model import HookedTransformer
 
 
 @dataclass
@@ -34,13 +37,14 @@ def load_hf_model(name: str) -> Any:
             f"Run parity on the original HF checkpoint or .gguf file"
         )
     if ckpt.kind == "gguf":
+        assert ckpt.gguf_file is not None
         return AutoModelForCausalLM.from_pretrained(
             str(ckpt.directory), gguf_file=ckpt.gguf_file.name, dtype=torch.float32
         ).eval()
     return AutoModelForCausalLM.from_pretrained(str(ckpt.directory), dtype=torch.float32).eval()
 
 
-def parity_errors(model: Any, hf_model: Any, tokens: torch.Tensor) -> list[ParityRow]:
+def parity_errors(model: HookedTransformer, hf_model: Any, tokens: torch.Tensor) -> list[ParityRow]:
     """Max abs differences, ours vs HF: the residual stream entering each layer (HF's
     ``hidden_states[l]``), the final norm's output and the logits."""
     n = model.cfg.n_layers
@@ -55,7 +59,7 @@ def parity_errors(model: Any, hf_model: Any, tokens: torch.Tensor) -> list[Parit
     def row(name: str, ours: torch.Tensor, theirs: torch.Tensor) -> ParityRow:
         return ParityRow(name, float((ours.float() - theirs.float()).abs().max()), float(theirs.abs().max()))
 
-    rows = [row(f"resid_pre {l}", cache["resid_pre", l], ref.hidden_states[l]) for l in range(n)]
+    rows = [row(f"resid_pre {L}", cache["resid_pre", L], ref.hidden_states[L]) for L in range(n)]
     rows.append(row("final norm", final, ref.hidden_states[n]))
     rows.append(row("logits", logits, ref.logits))
     return rows
@@ -69,7 +73,7 @@ def format_parity(rows: list[ParityRow], tol: float) -> str:
     return "\n".join(text_table(["site", "max |ours - HF|", "max |HF|", f"tol {tol:g}"], table))
 
 
-def parity_tokens(model: Any, prompt: str) -> torch.Tensor:
+def parity_tokens(model: HookedTransformer, prompt: str) -> torch.Tensor:
     """The prompt's tokens, or for a checkpoint without a tokenizer fixed random tokens [1, 16]."""
     if model.tokenizer is None:
         return torch.randint(0, model.cfg.d_vocab, (1, 16), generator=torch.Generator().manual_seed(0))

@@ -29,6 +29,8 @@ from typing import Any, Literal
 import torch
 
 from .config import ModelConfig
+from .dtypes import as_dtype
+from .model import HookedTransformer
 
 CacheKind = Literal["all", "resid", "none"]
 PlacementMode = Literal["auto", "balanced", "sequential"]
@@ -127,6 +129,37 @@ _ALIASES = {
 }
 
 
+# Placement groups: blocks are placed whole, the embeddings and the final norm + unembedding each as one group.
+_GROUP_KEY = re.compile(r"^(embed|final|blocks\.\d+)$")
+# Module names a user may write, and the group each belongs to.
+_ALIASES = {
+    "embed": "embed",
+    "pos_embed": "embed",
+    "rotary": "embed",
+    "rotary_local": "embed",
+    "hook_embed": "embed",
+    "hook_pos_embed": "embed",
+    "ln_final": "final",
+    "unembed": "final",
+    "final": "final",
+}
+
+
+def group_names(n_layers: int) -> list[str]:
+    return ["embed", *(f"blocks.{L}" for L in range(n_layers)), "final"]
+
+
+def group_of(module_name: str) -> str:
+    """The placement group of a parameter or module name (``blocks.3.attn.W_Q`` -> ``blocks.3``)."""
+    m = re.match(r"blocks\.(\d+)(\.|$)", module_name)
+    if m:
+        return f"blocks.{m.group(1)}"
+    head = module_name.split(".", 1)[0]
+    if head not in _ALIASES:
+        raise KeyError(f"{module_name!r} belongs to no placement group")
+    return _ALIASES[head]
+
+
 # Parameters -----------------------------------------------------------------------------
 def group_parameters(cfg: ModelConfig, shared_unembed: bool | None = None) -> dict[str, int]:
     """Parameters per placement group: ``embed`` (W_E, W_pos), ``blocks.{L}``, ``final``
@@ -148,11 +181,10 @@ def group_parameters(cfg: ModelConfig, shared_unembed: bool | None = None) -> di
 
 @functools.lru_cache(maxsize=16)
 def _meta_counts(cfg: ModelConfig) -> tuple[tuple[str, int], ...]:
-    from .loading.build import build_on_meta
-    from .loading.placement import group_names, group_of
-
     counts = dict.fromkeys(group_names(cfg.n_layers), 0)
-    for name, p in build_on_meta(cfg).named_parameters():
+    with torch.device("meta"):
+        model = HookedTransformer(cfg)
+    for name, p in model.named_parameters():
         counts[group_of(name)] += p.numel()
     return tuple(counts.items())
 
@@ -173,14 +205,16 @@ def checkpoint_parameters(hf_config: dict[str, Any]) -> int:
 # Activations ------------------------------------------------------------------------------
 def site_shapes(cfg: ModelConfig, batch: int, seq: int) -> dict[str, tuple[int, ...]]:
     """Shape of every site ``run_with_cache()`` caches with no filter (every hook point but
-    the per-head expansions), from the site table (``sites.py``)."""
+    those whose TransformerLens switch is off by default: the per-head expansions and
+    ``hook_mlp_in``), from the site table (``sites.py``)."""
     from . import sites
 
-    return {
-        name: sites.lookup(name).shape(cfg, batch, seq)
-        for name in sites.hook_names(cfg)
-        if not sites.is_per_head_expansion(name)
-    }
+    def shape(name: str) -> tuple[int, ...]:
+        site = sites.lookup(name)
+        assert site is not None  # hook_names lists only names in the site table
+        return site.shape(cfg, batch, seq)
+
+    return {name: shape(name) for name in sites.hook_names(cfg) if sites.tl_flag(name) is None}
 
 
 _RESID = re.compile(r"hook_resid_(pre|mid|post)$")
@@ -381,8 +415,6 @@ def plan_memory(
     ``seq``, the logits and one block's workspace. ``devices`` default to one, ``cpu``;
     a device without a ``max_memory`` entry has unknown capacity unless it can be asked
     (CUDA's free memory, the machine's RAM for cpu)."""
-    from .loading.build import as_dtype
-
     dtype = as_dtype(dtype)
     size = dtype.itemsize
     devices = list(devices or (list(max_memory) if max_memory else ["cpu"]))

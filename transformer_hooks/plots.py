@@ -18,8 +18,9 @@ registered globally, nothing needs closing, and no display is needed (Agg render
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from .tables import short_repr
 if TYPE_CHECKING:
     from .dla import DLAResult
     from .lens import LogitLens
+    from .model import HookedTransformer
 
 Backend = Literal["matplotlib", "plotly"]
 ArrayLike = Any  # torch.Tensor, numpy array or nested lists
@@ -153,7 +155,7 @@ def _mpl_heatmaps(data, titles, xs, ys, limits, xlabel, ylabel, title, colorbar_
     fig = Figure(figsize=(width, height), layout="constrained")
     axes = fig.subplots(1, n_panels, squeeze=False)[0]
     cmap = matplotlib.colormaps[CMAP].with_extremes(bad=NAN_COLOUR)
-    for i, (ax, panel, panel_title, lim) in enumerate(zip(axes, data, titles, limits)):
+    for i, (ax, panel, panel_title, lim) in enumerate(zip(axes, data, titles, limits, strict=True)):
         image = ax.imshow(
             np.ma.masked_invalid(panel), cmap=cmap, vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest"
         )
@@ -191,7 +193,7 @@ def _plotly_heatmaps(data, titles, xs, ys, limits, xlabel, ylabel, title, colorb
     go, make_subplots = _plotly()
     n_panels = data.shape[0]
     fig = make_subplots(rows=1, cols=n_panels, subplot_titles=titles, horizontal_spacing=0.06)
-    for i, (panel, lim) in enumerate(zip(data, limits)):
+    for i, (panel, lim) in enumerate(zip(data, limits, strict=True)):
         show_bar = not shared_scale or i == n_panels - 1
         fig.add_trace(
             go.Heatmap(
@@ -284,7 +286,9 @@ def plot_lines(
     backend = _backend(path, backend)
     if backend == "plotly":
         go, _ = _plotly()
-        fig = go.Figure([go.Scatter(x=xs, y=row, mode="lines+markers", name=name) for row, name in zip(data, names)])
+        fig = go.Figure(
+            [go.Scatter(x=xs, y=row, mode="lines+markers", name=name) for row, name in zip(data, names, strict=True)]
+        )
         fig.update_layout(
             title=title, xaxis_title=xlabel, yaxis_title=ylabel, showlegend=n_lines > 1, xaxis=dict(type="category")
         )
@@ -296,7 +300,7 @@ def plot_lines(
             layout="constrained",
         )
         ax = fig.subplots()
-        for row, name in zip(data, names):
+        for row, name in zip(data, names, strict=True):
             ax.plot(range(n_points), row, marker="o", markersize=3, label=name)
         ax.axhline(0, color="grey", linewidth=0.8)
         ax.set_xticks(range(n_points), xs, rotation=90 if rotate else 0, fontsize=8)
@@ -360,17 +364,17 @@ def plot_dla(r: "DLAResult", path: Path) -> Path:
     ax_heat.set_xticks(range(n_heads))
     ax_heat.set_yticks(range(0, n_layers, max(1, n_layers // 30)))
     ax_heat.set_title("Direct contribution of each head")
-    for l in range(n_layers):
+    for L in range(n_layers):
         for h in range(n_heads):
-            if abs(heads[l, h]) >= 0.3 * vmax:
+            if abs(heads[L, h]) >= 0.3 * vmax:
                 ax_heat.text(
                     h,
-                    l,
-                    f"{heads[l, h]:+.2f}",
+                    L,
+                    f"{heads[L, h]:+.2f}",
                     ha="center",
                     va="center",
                     fontsize=7,
-                    color="white" if abs(heads[l, h]) > 0.65 * vmax else "black",
+                    color="white" if abs(heads[L, h]) > 0.65 * vmax else "black",
                 )
     fig.colorbar(im, ax=ax_heat, label=f"direct effect on {diff}")
     fig.set_layout_engine("tight")
@@ -378,7 +382,7 @@ def plot_dla(r: "DLAResult", path: Path) -> Path:
 
 
 def plot_logit_lens(
-    lens: "LogitLens", model: Any, str_tokens: list[str], pos: int, path: Path, max_positions: int = 12
+    lens: "LogitLens", model: HookedTransformer, str_tokens: list[str], pos: int, path: Path, max_positions: int = 12
 ) -> Path:
     """Left: the residual stream after each layer, layer x position (up to
     ``max_positions`` around ``pos``). Right: the attention and MLP outputs of each layer
@@ -393,7 +397,7 @@ def plot_logit_lens(
     fig = Figure(figsize=(3.5 + 0.95 * (len(shown) + 2), 0.27 * len(layers) + 2.6), layout="constrained")
     ax_resid, ax_out = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [len(shown), 2]})
 
-    def heatmap(ax: Any, cells: list[tuple[int, int]]) -> Any:
+    def heatmap(ax: Any, cells: list[tuple[list[int], int]]) -> Any:
         """cells[j] = (lens row of layer 0, position); rows of later layers follow per site."""
         probs = torch.stack([lens.top_probs[rows, 0, p, 0] for rows, p in cells], dim=1).numpy()  # [layer, column]
         im = ax.imshow(probs, cmap="Blues", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
@@ -418,7 +422,7 @@ def plot_logit_lens(
     ax_resid.add_patch(Rectangle((shown.index(pos) - 0.5, -0.5), 1, len(layers), fill=False, ec="tab:red", lw=2))
     ax_resid.set_xlabel("input token (the next token is predicted)")
     ax_resid.set_ylabel("layer")
-    ax_resid.set_yticks(range(len(layers)), [str(l) for l in layers], fontsize=7)
+    ax_resid.set_yticks(range(len(layers)), [str(L) for L in layers], fontsize=7)
     ax_resid.set_title("residual stream after each layer")
 
     heatmap(ax_out, [(lens.rows("attn_out"), pos), (lens.rows("mlp_out"), pos)])

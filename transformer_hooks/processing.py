@@ -38,8 +38,8 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from einops import einsum, repeat
@@ -152,8 +152,8 @@ def fold_ln(cfg: ModelConfig, group: Group) -> None:
 
 
 def _fold_norm(group: Group, norm: str, readers: list[tuple[str, str]], centre: bool) -> None:
-    w: Float[torch.Tensor, "d_model"] = group.pop(norm + ".w")
-    b: Float[torch.Tensor, "d_model"] | None = group.pop(norm + ".b", None)
+    w: Float[torch.Tensor, " d_model"] = group.pop(norm + ".w")
+    b: Float[torch.Tensor, " d_model"] | None = group.pop(norm + ".b", None)
     for W_name, b_name in readers:
         W: Float[torch.Tensor, "... d_model out"] = group[W_name]
         if b is not None:

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ class Site:
         """The submodule that owns the site (``"ln1"`` for ``ln1.hook_scale``), None for the block or model."""
         return self.name.rsplit(".", 1)[0] if "." in self.name else None
 
-    def full_name(self, layer: int | None = None) -> str:
+    def full_name(self, layer: int | str | None = None) -> str:  # str: a pattern such as '{L}'
         if not self.per_block:
             return self.name
         if layer is None:
@@ -262,14 +263,14 @@ _BLOCK = {s.name: s for s in SITES if s.per_block}
 _IN_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def split_name(name: str) -> tuple[int | None, str]:
     """``"blocks.3.attn.hook_z"`` -> ``(3, "attn.hook_z")``; a top-level name -> ``(None, name)``."""
     m = _IN_BLOCK.match(name)
     return (int(m.group(1)), m.group(2)) if m else (None, name)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def lookup(name: str) -> Site | None:
     """The row of a full hook name (``blocks.3.attn.hook_z``, ``hook_embed``), or None."""
     layer, rel = split_name(name)

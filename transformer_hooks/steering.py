@@ -36,14 +36,19 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Any, Iterator, Literal, Sequence, Union
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from jaxtyping import Float
 
 from .hooks import HookPoint
 
-Positions = Union[None, int, slice, Sequence[int], Literal["all", "new"]]
+if TYPE_CHECKING:
+    from .model import HookedTransformer
+
+
+Positions = None | int | slice | Sequence[int] | Literal["all", "new"]
 Reduce = Literal["mean", "last", None]
 
 
@@ -96,6 +101,7 @@ class SteeringHook:
             self._pending = (chosen.step or 1) > 0 and (chosen.stop is None or chosen.stop > total)
         else:
             absolute = []
+            assert not isinstance(chosen, str), f"positions={chosen!r} is handled above"
             for p in [chosen] if isinstance(chosen, int) else chosen:
                 if p < -total:
                     raise IndexError(f"steering position {p} is out of range for a sequence of {total} positions")
@@ -167,7 +173,11 @@ def steering_hook(vector: Float[torch.Tensor, "..."], coeff: float = 1.0, positi
 
 @contextlib.contextmanager
 def steering(
-    model: Any, site: str, vector: Float[torch.Tensor, "..."], coeff: float = 1.0, positions: Positions = None
+    model: HookedTransformer,
+    site: str,
+    vector: Float[torch.Tensor, "..."],
+    coeff: float = 1.0,
+    positions: Positions = None,
 ) -> Iterator[SteeringHook]:
     """Steer every forward run inside the ``with`` block, including ``model.generate``.
 

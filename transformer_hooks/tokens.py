@@ -11,7 +11,8 @@ them with its own tokenizer, config and device.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, Literal, TypeGuard
 
 import torch
 from jaxtyping import Int
@@ -19,8 +20,8 @@ from jaxtyping import Int
 from .config import ModelConfig
 from .utils import get_attention_mask
 
-TextInput = Union[str, Sequence[str]]
-ModelInput = Union[TextInput, Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "pos"]]
+TextInput = str | Sequence[str]
+ModelInput = TextInput | Int[torch.Tensor, " batch pos"] | Int[torch.Tensor, " pos"]
 PaddingSide = Literal["left", "right"]
 
 
@@ -52,7 +53,7 @@ def bos_id(tokenizer: Any, cfg: ModelConfig) -> int:
     return int(bos)
 
 
-def is_text(input: Any) -> bool:
+def is_text(input: Any) -> TypeGuard[TextInput]:
     """A string or a non-empty list of strings (as opposed to token ids)."""
     return isinstance(input, str) or (isinstance(input, (list, tuple)) and bool(input) and isinstance(input[0], str))
 
@@ -132,8 +133,7 @@ def tokenize(
         cols = slice(width - len(row), width) if side == "left" else slice(0, len(row))
         tokens[i, cols] = torch.tensor(row)
         mask[i, cols] = 1
-    mask = None if bool(mask.all()) else mask.to(device)
-    return tokens.to(device), mask
+    return tokens.to(device), None if bool(mask.all()) else mask.to(device)
 
 
 def _encode(tok: Any, texts: list[Any]) -> list[list[int]]:
@@ -193,7 +193,7 @@ def tokens_and_mask(
         tokens = check_tokens(input, cfg, device)
         mask = left_padding_mask(tokenizer, cfg, tokens, prepend_bos) if infer_padding else None
     if attention_mask is not None:
-        mask = check_mask(attention_mask, tuple(tokens.shape), device)
+        mask = check_mask(attention_mask, (tokens.shape[0], tokens.shape[1]), device)
     return tokens, mask
 
 
@@ -233,11 +233,11 @@ def to_str_tokens(
     """Each token as its own string (a list per sequence for a batch or a list of strings)."""
     tok = require_tokenizer(tokenizer)
     if isinstance(input, (list, tuple)) and input and isinstance(input[0], str):
-        return [to_str_tokens(tok, cfg, s, prepend_bos, padding_side) for s in input]
+        return [to_str_tokens(tok, cfg, s, prepend_bos, padding_side) for s in input]  # type: ignore[return-value]  # one list[str] per string
     tokens = to_tokens(tok, cfg, input, prepend_bos, padding_side) if isinstance(input, str) else torch.as_tensor(input)
     if tokens.ndim == 2:
         if tokens.shape[0] != 1:
-            return [to_str_tokens(tok, cfg, row) for row in tokens]
+            return [to_str_tokens(tok, cfg, row) for row in tokens]  # type: ignore[return-value]  # one list[str] per row
         tokens = tokens[0]
     return [tok.decode([t]) for t in tokens.reshape(-1).tolist()]
 

@@ -28,8 +28,9 @@ from __future__ import annotations
 import contextvars
 import queue
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 

@@ -4,12 +4,17 @@ and ``to_numpy``."""
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence, Union
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from . import sites
+
+if TYPE_CHECKING:
+    from .model import HookedTransformer
+
 
 # TransformerLens's compact form: "k6" -> ("k", 6), "scale4ln1" -> ("scale", 4, "ln1").
 _COMPACT = re.compile(r"^([a-z_]+?)(\d+)(ln1|ln2|ln_final|a|m|b|block|attn|mlp)?$")
@@ -94,7 +99,7 @@ def check_layer(layer: int, n_layers: int, what: str = "layer", allow_end: bool 
     return check_index(layer, n_layers, what, f"a model with {n_layers} layers", allow_end=allow_end)
 
 
-SliceInput = Union[None, int, slice, tuple, Sequence[int], torch.Tensor]
+SliceInput = None | int | slice | tuple | Sequence[int] | torch.Tensor
 
 
 class Slice:
@@ -105,6 +110,8 @@ class Slice:
     - a tuple ``(start, stop[, step])`` or a ``slice``: a range;
     - a list or 1-D tensor of indices.
     """
+
+    slice: Any  # a slice, an int or a 1-D index tensor, as self.mode says
 
     def __init__(self, input_slice: "SliceInput | Slice" = None) -> None:
         if isinstance(input_slice, Slice):
@@ -164,7 +171,7 @@ def to_numpy(tensor: Any) -> np.ndarray:
 def test_prompt(
     prompt: str,
     answer: str | Sequence[str],
-    model: Any,
+    model: HookedTransformer,
     prepend_space_to_answer: bool = True,
     print_details: bool = True,
     prepend_bos: bool | None = None,
@@ -189,12 +196,12 @@ def test_prompt(
         # The prediction of answer token i is at the position before it.
         predictions = logits[len(prompt_tokens) - 1 : -1]
         probs = predictions.softmax(-1)
-        str_answer = model.to_str_tokens(answer_tokens)
+        str_answer: list[str] = model.to_str_tokens(answer_tokens)  # type: ignore[assignment]  # one sequence
         if print_details:
             print("Tokenized prompt:", model.to_str_tokens(prompt_tokens))
             print("Tokenized answer:", str_answer)
         ranks = []
-        for i, (token, token_str) in enumerate(zip(answer_tokens.tolist(), str_answer)):
+        for i, (token, token_str) in enumerate(zip(answer_tokens.tolist(), str_answer, strict=True)):
             rank = int((predictions[i] > predictions[i, token]).sum())
             ranks.append((token_str, rank))
             if print_details:
@@ -323,6 +330,7 @@ def lm_cross_entropy_loss(
     token and next token are both real; masked pairs are 0 in the per-token loss)."""
     log_probs = logits.log_softmax(dim=-1)
     predicted = log_probs[..., :-1, :].gather(dim=-1, index=tokens[..., 1:, None])[..., 0]
+    n_tokens: torch.Tensor | int
     if attention_mask is not None:
         if attention_mask.shape != tokens.shape:
             raise ValueError(

@@ -18,8 +18,8 @@ format) and ``__main__.py`` (the command that writes it). The package imports
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
-from typing import Callable
 
 import torch
 

@@ -98,7 +98,7 @@ def head_dim(d_model: int, n_heads: int, width_key: str, heads_key: str) -> int:
     return d_model // n_heads
 
 
-def special_token_ids(hf: dict) -> dict[str, int | None]:
+def special_token_ids(hf: dict) -> dict[str, Any]:
     """The BOS, EOS and padding token ids an HF config names (None where it names none)."""
     return {key: hf.get(key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
 

@@ -22,15 +22,15 @@ name table once per submodule of an HF model, and dequantizes the whole file up 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-from .sources import CorruptCheckpointError, TensorSource
-
 from . import UnsupportedArchitectureError, supported_model_types
+from .sources import CorruptCheckpointError, TensorSource
 
 
 def read_gguf(path: Path) -> tuple[dict, Any, Callable[[], Any]]:
@@ -98,7 +98,7 @@ def hf_config_from_metadata(metadata: dict, tensor_names: tuple[str, ...]) -> di
     config["tie_word_embeddings"] = "output.weight" not in tensor_names
     for key, value in metadata.items():  # "llama.block_count", "general.architecture", "tokenizer.ggml.bos_token_id"
         prefix, _, rest = key.partition(".")
-        renamed = GGUF_CONFIG_MAPPING.get(prefix, {}).get(rest)
+        renamed = GGUF_CONFIG_MAPPING.get(prefix, {}).get(rest)  # type: ignore[attr-defined]  # typed as object upstream
         if renamed not in (None, -1):
             config[renamed] = value
     if "tokenizer.ggml.add_bos_token" in metadata:  # whether the model expects a BOS token first

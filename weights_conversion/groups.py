@@ -9,9 +9,10 @@ never stack on top of a full model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 

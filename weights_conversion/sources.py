@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable, NoReturn
+from typing import Any, NoReturn
 
 import torch
 from tqdm.auto import tqdm
@@ -129,7 +131,7 @@ class SafetensorsFile:
     def read(self, name: str) -> torch.Tensor:
         dtype, shape, begin, end = self.entries[name]
         buffer = torch.empty(end - begin, dtype=torch.uint8)
-        view, done = memoryview(buffer.numpy()), 0
+        view, done = memoryview(buffer.numpy()), 0  # type: ignore[arg-type]  # an ndarray is a buffer
         try:
             with open(self.path, "rb", buffering=0) as f:
                 f.seek(self.data_start + begin)
@@ -182,7 +184,7 @@ def safetensors_source(files: Iterable[Path]) -> TensorSource:
     for file in files:
         handle = SafetensorsFile(file)
         for key in handle.keys():
-            readers.setdefault(key, lambda key=key, handle=handle: handle.read(key))
+            readers.setdefault(key, partial(handle.read, key))
     return TensorSource(readers, ", ".join(str(f) for f in files))
 
 
@@ -199,7 +201,7 @@ def torch_bin_source(files: Iterable[Path]) -> TensorSource:
             ) from e
     # A clone per tensor: parameters must not alias the memory-mapped file (the loader may
     # adopt a tensor as a parameter without copying it).
-    return TensorSource({k: (lambda t=t: t.clone()) for k, t in tensors.items()}, ", ".join(map(str, files)))
+    return TensorSource({k: t.clone for k, t in tensors.items()}, ", ".join(map(str, files)))
 
 
 def _torch_load(file: Path) -> dict[str, torch.Tensor]:
@@ -223,7 +225,9 @@ def in_memory_source(hf_model: Any) -> tuple[dict, TensorSource]:
             f"hf_model must be a transformers model (with .config and .state_dict()), got {type(hf_model).__name__}"
         )
     state = hf_model.state_dict()
-    readers = {name: (lambda t=t: t.detach().to("cpu", copy=True)) for name, t in state.items()}
+    readers: dict[str, Callable[[], torch.Tensor]] = {
+        name: partial(torch.Tensor.to, t.detach(), "cpu", copy=True) for name, t in state.items()
+    }
     return config.to_dict(), TensorSource(readers, f"the {type(hf_model).__name__} passed as hf_model")
 
 

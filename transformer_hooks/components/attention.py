@@ -51,6 +51,7 @@ from .rotary import CosSin, rotate
 from .softcap import softcap
 
 Input = Float[torch.Tensor, "batch pos d_model"] | Float[torch.Tensor, "batch pos head d_model"]
+KVInput = Float[torch.Tensor, "batch pos d_model"] | Float[torch.Tensor, "batch pos kv_head d_model"]  # per kv head
 
 
 def head_weight(n_heads: int, d_model: int, d_head: int) -> torch.Tensor:
@@ -111,8 +112,8 @@ class Attention(nn.Module):
     def forward(
         self,
         q_in: Input,
-        k_in: Input,
-        v_in: Input,
+        k_in: KVInput,
+        v_in: KVInput,
         mask: AttentionMask,
         cos_sin: CosSin | None = None,
         kv_cache: LayerKVCache | None = None,
@@ -126,6 +127,7 @@ class Attention(nn.Module):
             q = self.q_norm(q.flatten(-2)).unflatten(-1, q.shape[-2:])
             k = self.k_norm(k.flatten(-2)).unflatten(-1, k.shape[-2:])
         if self.rotary:
+            assert cos_sin is not None, "a rotary attention layer needs the rotary cos/sin"
             q = self.hook_rot_q(rotate(q, cos_sin))
             k = self.hook_rot_k(rotate(k, cos_sin))
 

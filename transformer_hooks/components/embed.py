@@ -59,6 +59,6 @@ class Unembed(nn.Module):
         self.b_U = nn.Parameter(torch.empty(cfg.d_vocab))
         self.softcap = cfg.final_logit_softcap
 
-    def forward(self, resid: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_vocab"]:
+    def forward(self, resid: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... d_vocab"]:
         logits = linear(resid, self.W_U.T, self.b_U)
         return logits if self.softcap is None else softcap(logits, self.softcap)

@@ -20,7 +20,7 @@ from jaxtyping import Float
 def linear(
     x: Float[torch.Tensor, "... d_in"],
     weight: Float[torch.Tensor, "d_out d_in"],
-    bias: Float[torch.Tensor, "d_out"] | None,
+    bias: Float[torch.Tensor, " d_out"] | None,
 ) -> Float[torch.Tensor, "... d_out"]:
     if (
         bias is not None

@@ -10,7 +10,7 @@ branch), ``hook_post`` (the neuron activations that ``W_out`` reads).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -11,7 +11,7 @@ As in TransformerLens, ``LayerNorm.hook_normalized`` is after the weight and bia
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

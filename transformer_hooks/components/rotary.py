@@ -19,7 +19,7 @@ from ..config import ModelConfig, RopeScaling
 CosSin = tuple[Float[torch.Tensor, "batch pos rotary_dim"], Float[torch.Tensor, "batch pos rotary_dim"]]
 
 
-def inverse_frequencies(rotary_dim: int, theta: float, scaling: RopeScaling | None) -> Float[torch.Tensor, "half"]:
+def inverse_frequencies(rotary_dim: int, theta: float, scaling: RopeScaling | None) -> Float[torch.Tensor, " half"]:
     inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim)
     if scaling is None:
         return inv_freq
@@ -38,14 +38,19 @@ def inverse_frequencies(rotary_dim: int, theta: float, scaling: RopeScaling | No
 
 
 class Rotary(nn.Module):
+    inv_freq: torch.Tensor  # a buffer
+
     def __init__(self, cfg: ModelConfig, local: bool = False) -> None:
         """``local``: the rotary of the windowed layers, base ``local_rope_theta``, unscaled."""
         super().__init__()
         self.rotary_dim = cfg.rotary_dim
-        self.theta, self.scaling = (cfg.local_rope_theta, None) if local else (cfg.rope_theta, cfg.rope_scaling)
+        theta = cfg.local_rope_theta if local else cfg.rope_theta
+        assert theta is not None, "a local rotary needs cfg.local_rope_theta"
+        self.theta: float = theta
+        self.scaling: RopeScaling | None = None if local else cfg.rope_scaling
         self.register_buffer("inv_freq", self.frequencies(), persistent=False)
 
-    def frequencies(self) -> Float[torch.Tensor, "half"]:
+    def frequencies(self) -> Float[torch.Tensor, " half"]:
         return inverse_frequencies(self.rotary_dim, self.theta, self.scaling)
 
     def forward(self, positions: Int[torch.Tensor, "batch pos"], dtype: torch.dtype) -> CosSin:

@@ -53,6 +53,7 @@ from ..config import ModelConfig
 from ..model import HookedTransformer
 from ..processing import REWRITE_EMBEDDINGS, STEPS, ProcessingOptions, steps_for
 from ..resolution import Checkpoint, resolve_checkpoint
+from ..tokens import PaddingSide
 from .build import as_dtype, build_and_fill, build_on_meta, finish, materialize  # noqa: F401
 
 # Buffers some HF checkpoints store that are not weights (causal masks, rotary tables).
@@ -75,7 +76,7 @@ def load_model(
     tokenizer: Any = None,
     hf_model: Any = None,
     default_prepend_bos: bool | None = None,
-    default_padding_side: str | None = None,
+    default_padding_side: PaddingSide | None = None,
     torch_dtype: torch.dtype | str | None = None,
     move_to_device: bool = True,
     refactor_factored_attn_matrices: bool = False,
@@ -151,9 +152,11 @@ def _load(
         if ckpt.kind == "gguf":
             from weights_conversion.gguf import read_gguf
 
+            assert ckpt.gguf_file is not None  # a gguf checkpoint names its file
             hf_config, source, make_tokenizer = read_gguf(ckpt.gguf_file)
             where = f"the metadata of {ckpt.gguf_file}"
         else:
+            assert ckpt.config is not None  # an HF directory has its config.json
             hf_config, source = ckpt.config, tensor_source(ckpt.weight_files)
             where = str(ckpt.directory / "config.json")
             make_tokenizer = lambda: _hf_tokenizer(ckpt.directory)  # noqa: E731
@@ -236,6 +239,7 @@ def _load_converted(
 ) -> HookedTransformer:
     """Canonical tensors under their parameter names: no conversion; processing that the
     checkpoint does not have yet is applied on the way in."""
+    assert ckpt.config is not None  # a converted checkpoint has its config
     cfg = converted_config(ckpt.directory, ckpt.config)
     unprocessed = cfg.replace(processing=(), normalization_type=cfg.unfolded_normalization_type)
     wanted = steps_for(unprocessed, options)

@@ -9,7 +9,8 @@ group's temporaries.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -20,34 +21,9 @@ from weights_conversion.sources import CorruptCheckpointError, MissingWeightsErr
 
 from .. import processing
 from ..config import ModelConfig
+from ..dtypes import as_dtype  # noqa: F401  (re-exported: loading.as_dtype)
 from ..memory import return_freed_memory
 from ..model import HookedTransformer
-
-_DTYPE_NAMES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
-
-
-def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    """The model's dtype: a floating-point ``torch.dtype`` or one of the names in ``_DTYPE_NAMES``."""
-    if isinstance(dtype, torch.dtype):
-        if not dtype.is_floating_point:
-            raise ValueError(
-                f"dtype={dtype} is not a floating-point type: a model's weights need one of "
-                f"torch.float32, torch.float16, torch.bfloat16 or torch.float64"
-            )
-        return dtype
-    if not isinstance(dtype, str) or dtype not in _DTYPE_NAMES:
-        raise ValueError(
-            f"unsupported dtype {dtype!r}; use a floating-point torch.dtype or one of {sorted(_DTYPE_NAMES)}"
-        )
-    return _DTYPE_NAMES[dtype]
 
 
 def build_on_meta(cfg: ModelConfig, tokenizer: Any = None) -> HookedTransformer:
@@ -80,7 +56,7 @@ def build_and_fill(
     group's device. ``offload``: "cpu" or "disk" keeps each block's weights off ``device``
     (offload.py), stored as soon as the block is read.
     """
-    from .offload import BlockOffload
+    from .offload import BlockOffload, OffloadKind
     from .placement import PlacementError, group_of, resolve_device_map
 
     model_cfg = processing.processed_config(cfg, options)
@@ -99,7 +75,7 @@ def build_and_fill(
             raise PlacementError(
                 "offload= runs every block on one compute device (device=...); it does not combine with a device_map"
             )
-        store = BlockOffload(offload, device or "cpu", offload_dir)
+        store = BlockOffload(cast(OffloadKind, offload), device or "cpu", offload_dir)  # BlockOffload checks it
     applied = model_cfg.processing[len(cfg.processing) :]
     process = (lambda group: processing.process_group(cfg, group, options)) if applied else None
     share = tied and not set(applied) & processing.REWRITE_EMBEDDINGS
@@ -131,6 +107,7 @@ def build_and_fill(
     if share and (placement is None or placement["embed"] == placement["final"]):
         model.tie_embeddings()
     elif share:  # tied, but the unembedding lives on another device: its own copy there
+        assert placement is not None
         W_E = model.embed.W_E
         model.unembed.W_U = nn.Parameter(W_E.detach().T.to(placement["final"]), requires_grad=W_E.requires_grad)
     model = finish(model, placement["embed"] if placement is not None else device)
@@ -138,7 +115,7 @@ def build_and_fill(
         model._set_placement(placement)
     if store is not None:
         store.attach(model.blocks)
-        model._offload = store
+        model._offload = store  # type: ignore[assignment]  # a plain attribute: Module.__setattr__ takes any value
     return model
 
 
@@ -233,6 +210,8 @@ def _assign(
     try:
         module = model.get_submodule(module_name)
         old = module._parameters[param_name]
+        if old is None:
+            raise KeyError(param_name)
     except (AttributeError, KeyError) as e:
         raise WeightShapeError(f"converted tensor {name!r} has no parameter in the model") from e
     if tuple(old.shape) != tuple(tensor.shape):

@@ -21,6 +21,7 @@ components never know where their weights come from.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,7 +34,11 @@ OffloadKind = Literal["cpu", "disk"]
 
 def _storage_order(t: torch.Tensor) -> list[int]:
     """The permutation of dims that lays ``t`` out contiguously (largest stride first)."""
-    return sorted(range(t.ndim), key=lambda d: (-t.stride(d), -t.shape[d]))
+
+    def key(d: int) -> tuple[int, int]:
+        return (-t.stride(d), -t.shape[d])
+
+    return sorted(range(t.ndim), key=key)
 
 
 def _check_dense(name: str, t: torch.Tensor) -> list[int]:
@@ -45,7 +50,7 @@ def _check_dense(name: str, t: torch.Tensor) -> list[int]:
     return order
 
 
-def _write_block(path: Path, params: dict[str, torch.Tensor]) -> None:
+def _write_block(path: Path, params: Mapping[str, torch.Tensor]) -> None:
     """Each parameter in its storage order, plus the permutation that restores its layout."""
     from safetensors.torch import save_file
 
@@ -107,6 +112,7 @@ class BlockOffload:
         the originals are released."""
         params = dict(block.named_parameters())
         if self.kind == "disk":
+            assert self.directory is not None  # __init__ refuses disk offload without a directory
             self.directory.mkdir(parents=True, exist_ok=True)
             path = self.directory / f"blocks.{layer}.safetensors"
             _write_block(path, params)
@@ -155,11 +161,12 @@ class BlockOffload:
         else:
             copies = self._copies(layer)
         block = self._blocks[layer]
-        block._offload_stored = {}  # type: ignore[attr-defined]
+        stored: dict[str, nn.Parameter | None] = {}
+        block._offload_stored = stored  # type: ignore[assignment]  # a plain attribute: Module.__setattr__ takes any value
         for name, t in copies.items():
             module_name, _, pname = name.rpartition(".")
             module = block.get_submodule(module_name)
-            block._offload_stored[name] = module._parameters[pname]
+            stored[name] = module._parameters[pname]
             module._parameters[pname] = nn.Parameter(t, requires_grad=False)
         nxt = layer + 1
         if self._stream is not None and nxt < len(self._blocks) and nxt not in self._prefetched:
@@ -175,7 +182,7 @@ class BlockOffload:
         for name, stored in getattr(block, "_offload_stored", {}).items():
             module_name, _, pname = name.rpartition(".")
             block.get_submodule(module_name)._parameters[pname] = stored
-        block._offload_stored = {}  # type: ignore[attr-defined]
+        block._offload_stored = {}  # type: ignore[assignment]  # a plain attribute: Module.__setattr__ takes any value
 
 
 def offload_blocks(

@@ -19,44 +19,25 @@ Accepted forms (transformers' names, TransformerLens 3's ``n_devices``):
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from ..config import ModelConfig
-from ..plan import PlacementError, fmt_bytes, group_parameters, place_groups
+from ..plan import (  # noqa: F401  (group_names, group_of: re-exported, placement's vocabulary)
+    _ALIASES,
+    _GROUP_KEY,
+    PlacementError,
+    PlacementMode,
+    fmt_bytes,
+    group_names,
+    group_of,
+    group_parameters,
+    place_groups,
+)
 
 DeviceMap = dict[str, str]
-_GROUP_KEY = re.compile(r"^(embed|final|blocks\.\d+)$")
-# Module names a user may write, and the group each belongs to.
-_ALIASES = {
-    "embed": "embed",
-    "pos_embed": "embed",
-    "rotary": "embed",
-    "rotary_local": "embed",
-    "hook_embed": "embed",
-    "hook_pos_embed": "embed",
-    "ln_final": "final",
-    "unembed": "final",
-    "final": "final",
-}
-
-
-def group_names(n_layers: int) -> list[str]:
-    return ["embed", *(f"blocks.{L}" for L in range(n_layers)), "final"]
-
-
-def group_of(module_name: str) -> str:
-    """The placement group of a parameter or module name (``blocks.3.attn.W_Q`` -> ``blocks.3``)."""
-    m = re.match(r"blocks\.(\d+)(\.|$)", module_name)
-    if m:
-        return f"blocks.{m.group(1)}"
-    head = module_name.split(".", 1)[0]
-    if head not in _ALIASES:
-        raise KeyError(f"{module_name!r} belongs to no placement group")
-    return _ALIASES[head]
 
 
 def check_device(device: Any) -> str:
@@ -118,7 +99,7 @@ def check_device_map(cfg: ModelConfig, device_map: Mapping[str, Any]) -> DeviceM
         raise PlacementError(
             f"the device map leaves {', '.join(unplaced)} unplaced; give each a device (or '' for everything not named)"
         )
-    return {g: out.get(g, rest) for g in group_names(cfg.n_layers)}
+    return {g: out[g] if rest is None else out.get(g, rest) for g in group_names(cfg.n_layers)}
 
 
 def group_bytes(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, int]:
@@ -148,7 +129,7 @@ def resolve_device_map(
         return placement
     if device_map not in (None, "auto", "balanced", "sequential"):
         raise PlacementError(f"device_map must be 'auto', 'balanced', 'sequential' or a dict, got {device_map!r}")
-    mode = device_map or "balanced"  # n_devices alone: TransformerLens's even split
+    mode = cast(PlacementMode, device_map or "balanced")  # n_devices alone: TransformerLens's even split
     limits = {check_device(d): parse_bytes(b) for d, b in (max_memory or {}).items()}
     if limits:
         devices = list(limits)

@@ -22,8 +22,9 @@ tokens, metric, "z", over="head")`` -> ``[layer, head]``; ``over="neuron"`` on `
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -58,7 +59,11 @@ class _Selection:
     """A patch setter writing the ablation value at (positions, heads, neurons) of one row."""
 
     def __init__(self, pos_dim: int | None, head_dim: int | None, feat_dim: int | None, ab: Ablation) -> None:
-        self.dims = {d: v for d, v in ((pos_dim, ab.positions), (head_dim, ab.heads), (feat_dim, ab.neurons)) if v}
+        self.dims: dict[int, tuple[int, ...]] = {}
+        for d, v in ((pos_dim, ab.positions), (head_dim, ab.heads), (feat_dim, ab.neurons)):
+            if v:
+                assert d is not None, ab  # _resolve rejects a selection on an axis the site lacks
+                self.dims[d] = v
 
     def index(self, ndim: int) -> tuple:
         # One advanced index per selected axis, shaped to broadcast against each other.
@@ -90,7 +95,8 @@ def _resolve(model: Any, ab: Ablation, n_pos: int) -> tuple[Ablation, _Selection
     if ab.kind not in KINDS:
         raise ValueError(f"ablation kind must be one of {KINDS}, got {ab.kind!r} (site {ab.site})")
     axes = _axes(model, ab.site)
-    shape = sites.lookup(ab.site).shape(model.cfg, 1, n_pos) if sites.lookup(ab.site) else None
+    row = sites.lookup(ab.site)
+    shape = row.shape(model.cfg, 1, n_pos) if row else None
     pos_dim = axes.index("query_pos") if "query_pos" in axes else (axes.index("pos") if "pos" in axes else None)
     head_dim = next((i for i, a in enumerate(axes) if a in ("head", "kv_head")), None)
     feat_dim = len(axes) - 1 if axes[-1] not in ("key_pos", "1") else None
@@ -216,7 +222,7 @@ def ablation_value(
 
 
 def _feature_shape(t: torch.Tensor, axes: tuple[str, ...]) -> tuple[int, ...]:
-    return tuple(s for s, a in zip(t.shape, axes) if a not in ("batch", "pos", "query_pos", "key_pos"))
+    return tuple(s for s, a in zip(t.shape, axes, strict=True) if a not in ("batch", "pos", "query_pos", "key_pos"))
 
 
 def _values(
@@ -232,7 +238,7 @@ def _values(
     if needs and reference is None:
         raise ValueError(f"mean and resample ablations need reference prompts (reference=...): {needs}")
     ref_acts, ref_mask = _reference_activations(model, reference, needs) if needs else ({}, None)
-    out = {}
+    out: dict[tuple[str, str], torch.Tensor] = {}
     for a in ablations:
         if (a.site, a.kind) not in out:
             out[(a.site, a.kind)] = ablation_value(
@@ -314,7 +320,7 @@ def run_ablations(
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
     vectorized_metric: bool = False,
     progress: bool = False,
-) -> Float[torch.Tensor, "n_ablations"]:
+) -> Float[torch.Tensor, " n_ablations"]:
     """The metric of each ablated run (one ablation per run), many runs per forward."""
     toks = _tokens(model, tokens)
     resolved = [_resolve(model, a, toks.shape[1]) for a in ablations]
@@ -376,20 +382,20 @@ def ablation_sweep(
     layers = (
         range(n_layers)
         if layers is None
-        else [check_index(int(l), n_layers, "layer", f"a model with {n_layers} layers") for l in layers]
+        else [check_index(int(layer), n_layers, "layer", f"a model with {n_layers} layers") for layer in layers]
     )
     names = [get_act_name(activation_name, layer, n_layers=n_layers) for layer in layers]
     model.resolve_hook_names(names)
     row = sites.lookup(names[0])
     if row is None:
         raise ValueError(f"{names[0]} is not in the site table: sweep it with run_ablations")
-    size = dict(zip(row.axes_in(model.cfg), row.shape(model.cfg, 1, toks.shape[1])))
+    size = dict(zip(row.axes_in(model.cfg), row.shape(model.cfg, 1, toks.shape[1]), strict=True))
     n = {"head": size.get("head", size.get("kv_head")), "pos": size.get("pos", size.get("query_pos"))}.get(over)
     if over == "neuron":
         n = row.shape(model.cfg, 1, toks.shape[1])[-1]
     if n is None:
         raise ValueError(f"{names[0]} has axes {list(row.axes_in(model.cfg))}: it has no {over} axis to sweep")
-    base = dict(positions=_tup(positions), heads=_tup(heads), kind=kind)
+    base: dict[str, Any] = dict(positions=_tup(positions), heads=_tup(heads), kind=kind)
     ablations = []
     for name in names:
         for i in range(n):

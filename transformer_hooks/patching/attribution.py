@@ -5,7 +5,8 @@ has the grid and shape of ``get_act_patch_X``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from einops import rearrange
@@ -39,9 +40,12 @@ from .sweeps import (
     _shape_doc,
 )
 
+if TYPE_CHECKING:
+    from ..model import HookedTransformer
+
 
 def attribution_products(
-    model: Any,
+    model: HookedTransformer,
     corrupted_tokens: Int[torch.Tensor, "batch pos"],
     clean_cache: Any,
     patching_metric: PatchingMetric,
@@ -116,7 +120,7 @@ def _acts_and_grads(
         grads = torch.autograd.grad(value.sum(), [acts[s] for s in sites], allow_unused=True)
     return (
         {s: acts[s].detach() for s in sites},
-        {s: torch.zeros_like(acts[s]) if g is None else g.detach() for s, g in zip(sites, grads)},
+        {s: torch.zeros_like(acts[s]) if g is None else g.detach() for s, g in zip(sites, grads, strict=True)},
     )
 
 
@@ -139,7 +143,7 @@ METHODS = ("atp", "atp*")
 
 
 def generic_attribution_patch(
-    model: Any,
+    model: HookedTransformer,
     corrupted_tokens: Int[torch.Tensor, "batch pos"],
     clean_cache: Any,
     patching_metric: PatchingMetric,
@@ -179,7 +183,7 @@ def generic_attribution_patch(
 
 
 def _attribution(
-    model: Any,
+    model: HookedTransformer,
     corrupted_tokens: Any,
     clean_cache: Any,
     patching_metric: PatchingMetric,
@@ -223,7 +227,8 @@ def _attribution(
     if not grad_drop:
         return estimate(None)
     runs = [estimate(layer) for layer in range(n_layers)]
-    return [sum(run[i].abs() for run in runs) / max(n_layers - 1, 1) for i in range(len(kinds))]
+    # runs is non-empty (one per layer), so each sum is a tensor.
+    return [cast(torch.Tensor, sum(run[i].abs() for run in runs)) / max(n_layers - 1, 1) for i in range(len(kinds))]
 
 
 def _post_names(model: Any, layer: int) -> tuple[str, str]:
@@ -254,7 +259,8 @@ def _qk_sites(
 
 
 def _scores(attn: Any, q: torch.Tensor, k: torch.Tensor, group: int) -> Float[torch.Tensor, "batch head q_pos k_pos"]:
-    """Unmasked attention scores from query vectors [batch, pos, head, d_head] and keys [batch, pos, kv_head, d_head]."""
+    """Unmasked attention scores from query vectors [batch, pos, head, d_head] and keys
+    [batch, pos, kv_head, d_head]."""
     x = torch.einsum("bthd,bshd->bhts", q * attn.scale, k.repeat_interleave(group, dim=2))
     return x if attn.softcap is None else softcap(x, attn.softcap)
 

@@ -7,8 +7,9 @@ are stated once, in the package docstring (``transformer_hooks.patching``).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
@@ -17,6 +18,10 @@ from tqdm.auto import tqdm
 from .. import sites
 from ..hooks import HookPoint
 from ..utils import get_act_name
+
+if TYPE_CHECKING:
+    from ..model import HookedTransformer
+
 
 Logits = Float[torch.Tensor, "batch pos d_vocab"]
 PatchingMetric = Callable[[Logits], Any]
@@ -39,7 +44,7 @@ def _layout(site: str) -> tuple[str, ...]:
     return tuple(_SWEEP_AXIS.get(a, a if a in ("batch", "pos", "head") else "d") for a in axes)
 
 
-def _axis_sizes(model: Any, site: str, n_pos: int) -> dict[str, int]:
+def _axis_sizes(model: HookedTransformer, site: str, n_pos: int) -> dict[str, int]:
     row = sites.lookup(site)
     heads = model.cfg.n_kv_heads if row is not None and "kv_head" in row.axes else model.cfg.n_heads
     return {
@@ -113,7 +118,7 @@ def _pandas(what: str) -> Any:
 
 
 # Checks, all before any forward --------------------------------------------------------
-def _corrupted_tokens(model: Any, corrupted_tokens: Any) -> Int[torch.Tensor, "batch pos"]:
+def _corrupted_tokens(model: HookedTransformer, corrupted_tokens: Any) -> Int[torch.Tensor, "batch pos"]:
     tokens, mask = model.tokens_and_mask(corrupted_tokens)
     if mask is not None:
         raise ValueError(
@@ -123,7 +128,7 @@ def _corrupted_tokens(model: Any, corrupted_tokens: Any) -> Int[torch.Tensor, "b
     return tokens
 
 
-def _site(model: Any, activation_name: str, layer: int | None) -> str:
+def _site(model: HookedTransformer, activation_name: str, layer: int | None) -> str:
     """The full hook name (TL: the first index is the layer), checked against the model."""
     try:
         name = get_act_name(activation_name, layer=layer, n_layers=model.cfg.n_layers)
@@ -133,7 +138,7 @@ def _site(model: Any, activation_name: str, layer: int | None) -> str:
     return name
 
 
-def _clean_activation(model: Any, clean_cache: Any, site: str, tokens: torch.Tensor) -> torch.Tensor:
+def _clean_activation(model: HookedTransformer, clean_cache: Any, site: str, tokens: torch.Tensor) -> torch.Tensor:
     """The clean activation of ``site``, checked against the corrupted tokens' shape."""
     if not getattr(clean_cache, "has_batch_dim", True):
         raise ValueError(
@@ -181,16 +186,17 @@ def _check_metric_output(value: Any, n_patches: int, vectorized: bool) -> torch.
     return value.detach().float().reshape(1)
 
 
-def _trial_metric(model: Any, metric: PatchingMetric, tokens: torch.Tensor, vectorized: bool) -> None:
+def _trial_metric(model: HookedTransformer, metric: PatchingMetric, tokens: torch.Tensor, vectorized: bool) -> None:
     """Call the metric once on zero logits, to check the shape it returns before any forward."""
     shape = (1, *tokens.shape, model.cfg.d_vocab) if vectorized else (*tokens.shape, model.cfg.d_vocab)
     try:
         value = metric(torch.zeros(shape, dtype=model.dtype, device=model.device))
     except Exception as e:
-        e.add_note(
-            f"(raised by patching_metric on trial logits of shape {shape}, called before the sweep to "
-            f"check what it returns)"
-        )
+        if hasattr(e, "add_note"):  # Python 3.11+
+            e.add_note(
+                f"(raised by patching_metric on trial logits of shape {shape}, called before the sweep to "
+                f"check what it returns)"
+            )
         raise
     _check_metric_output(value, 1, vectorized)
 
@@ -225,8 +231,25 @@ class Patch:
     setter: PatchSetter
 
 
+def sweep_patches(
+    model: HookedTransformer,
+    tokens: torch.Tensor,
+    clean_cache: Any,
+    patches: list[Patch],
+    metric: PatchingMetric,
+    **run_kwargs: Any,
+) -> torch.Tensor:
+    """``run_patches`` after reading each patched site's clean activation from ``clean_cache``
+    (checked against ``tokens``) and calling the metric once on trial logits."""
+    clean = {
+        site: _clean_activation(model, clean_cache, site, tokens) for site in dict.fromkeys(p.site for p in patches)
+    }
+    _trial_metric(model, metric, tokens, run_kwargs.get("vectorized_metric", False))
+    return run_patches(model, tokens, clean, patches, metric, **run_kwargs)
+
+
 def run_patches(
-    model: Any,
+    model: HookedTransformer,
     corrupted_tokens: Int[torch.Tensor, "batch pos"],
     clean_activations: dict[str, torch.Tensor],
     patches: Sequence[Patch],
@@ -237,7 +260,7 @@ def run_patches(
     vectorized_metric: bool = False,
     progress: bool = True,
     desc: str = "patching",
-) -> Float[torch.Tensor, "n_patches"]:
+) -> Float[torch.Tensor, " n_patches"]:
     """The metric of each patched run, stacking patches on the batch axis.
 
     ``clean_activations`` maps each site to its clean activation; inputs are assumed
@@ -256,7 +279,7 @@ def run_patches(
 
     resid_pre: dict[int, torch.Tensor] = {}
     if any(start_of):
-        names = [f"blocks.{l}.hook_resid_pre" for l in sorted(set(start_of)) if l > 0]
+        names = [f"blocks.{L}.hook_resid_pre" for L in sorted(set(start_of)) if L > 0]
         with torch.no_grad():
             _, cache = model.run_with_cache(tokens, names_filter=names, return_cache_object=False)
         resid_pre = {int(n.split(".")[1]): cache[n] for n in names}
@@ -279,7 +302,7 @@ def run_patches(
     return out.to(model.device)
 
 
-def _chunk_size(model: Any, tokens: torch.Tensor, max_batch_bytes: int) -> int:
+def _chunk_size(model: HookedTransformer, tokens: torch.Tensor, max_batch_bytes: int) -> int:
     """Patches per forward that keep the forward's activations under ``max_batch_bytes``.
 
     Per patch row: the logits (twice: output and the metric's working copy), a few
@@ -321,7 +344,7 @@ def _chunk_hooks(
 
 def _metric_per_patch(
     metric: PatchingMetric, logits: Float[torch.Tensor, "patch batch pos d_vocab"], vectorized: bool
-) -> Float[torch.Tensor, "patch"]:
+) -> Float[torch.Tensor, " patch"]:
     n = logits.shape[0]
     if vectorized:
         return _check_metric_output(metric(logits), n, vectorized=True)
@@ -330,7 +353,7 @@ def _metric_per_patch(
 
 # TransformerLens's API ----------------------------------------------------------------------
 def generic_activation_patch(
-    model: Any,
+    model: HookedTransformer,
     corrupted_tokens: Int[torch.Tensor, "batch pos"],
     clean_cache: Any,
     patching_metric: PatchingMetric,
@@ -370,6 +393,7 @@ def generic_activation_patch(
     if (index_df is None) == (index_axis_names is None):
         raise ValueError("pass exactly one of index_axis_names (sweep the full grid) and index_df (explicit rows)")
     if index_df is None:
+        assert index_axis_names is not None  # checked just above
         index_axis_names = tuple(index_axis_names)
         _check_axes(index_axis_names)
         sizes = _axis_sizes(model, _site(model, activation_name, 0), tokens.shape[1])
@@ -379,14 +403,10 @@ def generic_activation_patch(
         rows = _index_rows(index_df)
 
     patches = [Patch(_site(model, activation_name, row[0]), row, patch_setter) for row in rows]
-    sites = dict.fromkeys(p.site for p in patches)
-    clean = {site: _clean_activation(model, clean_cache, site, tokens) for site in sites}
-    _trial_metric(model, patching_metric, tokens, vectorized_metric)
-
-    values = run_patches(
+    values = sweep_patches(
         model,
         tokens,
-        clean,
+        clean_cache,
         patches,
         patching_metric,
         batch_size=batch_size,
@@ -401,5 +421,6 @@ def generic_activation_patch(
         return values
     if index_df is None or not hasattr(index_df, "to_numpy"):
         columns = index_axis_names if index_axis_names is not None else [f"axis_{i}" for i in range(len(rows[0]))]
+        assert pd is not None  # imported when return_index_df
         index_df = pd.DataFrame(rows, columns=list(columns))
     return values, index_df

@@ -7,7 +7,8 @@ of chunks.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from einops import rearrange
@@ -16,13 +17,11 @@ from jaxtyping import Float, Int
 from .engine import (
     DEFAULT_MAX_BATCH_BYTES,
     Patch,
-    PatchSetter,
     PatchingMetric,
+    PatchSetter,
     _axis_sizes,
-    _clean_activation,
     _corrupted_tokens,
     _site,
-    _trial_metric,
     generic_activation_patch,
     layer_head_dest_src_pos_pattern_patch_setter,
     layer_head_pattern_patch_setter,
@@ -30,8 +29,12 @@ from .engine import (
     layer_head_vector_patch_setter,
     layer_pos_head_vector_patch_setter,
     layer_pos_patch_setter,
-    run_patches,
+    sweep_patches,
 )
+
+if TYPE_CHECKING:
+    from ..model import HookedTransformer
+
 
 _POS = ("layer", "pos")
 _POS_HEAD = ("layer", "pos", "head")
@@ -64,7 +67,7 @@ def _sweep(
     axes fixed."""
 
     def sweep(
-        model: Any,
+        model: HookedTransformer,
         corrupted_tokens: Int[torch.Tensor, "batch pos"],
         clean_cache: Any,
         patching_metric: PatchingMetric,
@@ -221,7 +224,7 @@ _HEAD_BY_POS_KINDS = (
 
 
 def _every(
-    model: Any,
+    model: HookedTransformer,
     corrupted_tokens: Any,
     clean_cache: Any,
     patching_metric: PatchingMetric,
@@ -234,21 +237,17 @@ def _every(
     progress: bool = True,
 ) -> list[torch.Tensor]:
     tokens = _corrupted_tokens(model, corrupted_tokens)
-    patches, grids, clean = [], [], {}
+    patches, grids = [], []
     for name, axes, setter in kinds:
         sizes = _axis_sizes(model, _site(model, name, 0), tokens.shape[1])
         grid = [sizes[a] for a in axes]
         for row in itertools.product(*(range(n) for n in grid)):
             patches.append(Patch(_site(model, name, row[0]), row, setter))
         grids.append(grid)
-    for p in patches:
-        if p.site not in clean:
-            clean[p.site] = _clean_activation(model, clean_cache, p.site, tokens)
-    _trial_metric(model, patching_metric, tokens, vectorized_metric)
-    values = run_patches(
+    values = sweep_patches(
         model,
         tokens,
-        clean,
+        clean_cache,
         patches,
         patching_metric,
         batch_size=batch_size,
@@ -257,7 +256,7 @@ def _every(
         progress=progress,
         desc=desc,
     )
-    return [part.reshape(grid) for part, grid in zip(values.split([_numel(g) for g in grids]), grids)]
+    return [part.reshape(grid) for part, grid in zip(values.split([_numel(g) for g in grids]), grids, strict=True)]
 
 
 def _numel(grid: list[int]) -> int:
@@ -275,7 +274,7 @@ def _pad_heads(t: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def get_act_patch_block_every(
-    model: Any,
+    model: HookedTransformer,
     corrupted_tokens: Int[torch.Tensor, "batch pos"],
     clean_cache: Any,
     metric: PatchingMetric,
@@ -286,7 +285,7 @@ def get_act_patch_block_every(
 
 
 def get_act_patch_attn_head_all_pos_every(
-    model: Any,
+    model: HookedTransformer,
     corrupted_tokens: Int[torch.Tensor, "batch pos"],
     clean_cache: Any,
     metric: PatchingMetric,
@@ -301,7 +300,7 @@ def get_act_patch_attn_head_all_pos_every(
 
 
 def get_act_patch_attn_head_by_pos_every(
-    model: Any,
+    model: HookedTransformer,
     corrupted_tokens: Int[torch.Tensor, "batch pos"],
     clean_cache: Any,
     metric: PatchingMetric,

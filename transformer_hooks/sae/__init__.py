@@ -21,6 +21,7 @@ from .core import (
     load_llama_scope,
     site_width,
 )
+from .features import FeatureContext, feature_contexts_html, top_activations
 from .splice import (
     SAEEvaluation,
     check_sae_fits,
@@ -32,7 +33,6 @@ from .splice import (
     splice_sae,
     steer_with_feature,
 )
-from .features import FeatureContext, feature_contexts_html, top_activations
 from .training import train_sae
 
 __all__ = [

@@ -35,9 +35,10 @@ import contextlib
 import json
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -83,15 +84,62 @@ class GatedActivation(Activation):
         return pre, gate.to(pre.dtype) * F.relu(pre)
 
 
+# JumpReLU's straight-through threshold gradients (Rajamanoharan et al. 2024), used while training.
+def _rectangle(u: torch.Tensor) -> torch.Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """ReLU(pre) * 1[pre > theta] (= pre * 1[pre > theta] for theta >= 0, which training keeps);
+    gradient to pre where active, to theta by the kernel."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre.clamp_min(0) * (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        d_pre = ((pre > threshold) & (pre > 0)).to(grad.dtype) * grad
+        d_theta = -(threshold / eps) * _rectangle((pre - threshold) / eps) * grad
+        return d_pre, d_theta.reshape(-1, threshold.shape[-1]).sum(0), None
+
+
+class _Step(torch.autograd.Function):
+    """H(pre - theta); gradient to theta only, by the kernel."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        d_theta = -(1.0 / eps) * _rectangle((pre - threshold) / eps) * grad
+        return torch.zeros_like(pre), d_theta.reshape(-1, threshold.shape[-1]).sum(0), None
+
+
+def jumprelu(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    return _JumpReLU.apply(pre, threshold, bandwidth)
+
+
+def step(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    return _Step.apply(pre, threshold, bandwidth)
+
+
 class JumpReLUActivation(Activation):
     params = {"b_enc": "d_sae", "threshold": "d_sae"}
 
     def encode(self, sae, sae_in):
         pre = sae_in @ sae.W_enc + sae.b_enc
         if sae.training and torch.is_grad_enabled():
-            from .training import jumprelu  # straight-through threshold gradients
-
-            return pre, jumprelu(pre, sae.threshold, sae.bandwidth)
+            return pre, jumprelu(pre, sae.threshold, sae.bandwidth)  # straight-through threshold gradients
         return pre, F.relu(pre) * (pre > sae.threshold).to(pre.dtype)
 
 
@@ -232,7 +280,7 @@ class SAEConfig:
     def to_dict(self) -> dict[str, Any]:
         """SAELens-compatible: flat fields plus the ``metadata`` block newer SAELens reads."""
         d = {k: v for k, v in asdict(self).items() if k != "extra" and v is not None}
-        meta = {k: d[k] for k in ("model_name", "hook_name", "model_from_pretrained_kwargs") if k in d}
+        meta: dict[str, Any] = {k: d[k] for k in ("model_name", "hook_name", "model_from_pretrained_kwargs") if k in d}
         if "hook_layer" in d:
             meta["hook_layer"] = d["hook_layer"]
         return {**self.extra, **d, "metadata": meta}
@@ -245,6 +293,11 @@ class SAE(HookedRootModule):
     features), ``hook_sae_recons``, ``hook_sae_error``, ``hook_sae_output``."""
 
     bandwidth = 0.05  # JumpReLU training: width of the rectangle kernel (SAELens's default)
+    # Declared for the type checker only: parameters only some architectures have (set from
+    # ``Activation.params`` in __init__), and the per-step losses ``train_sae`` records.
+    b_enc: nn.Parameter
+    threshold: nn.Parameter
+    training_log: list[float]
 
     def __init__(self, cfg: SAEConfig, use_error_term: bool = False) -> None:
         super().__init__()
@@ -314,7 +367,9 @@ class SAE(HookedRootModule):
             sae.W_dec.copy_(0.1 * w / w.norm(dim=-1, keepdim=True))
             sae.W_enc.copy_(sae.W_dec.T)
             if hasattr(sae, "threshold"):
-                sae.threshold.fill_(0.001)
+                threshold = sae.threshold
+                assert isinstance(threshold, torch.Tensor)
+                threshold.fill_(0.001)
         return sae
 
     @property

@@ -50,8 +50,9 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator, Sequence, Union
+from typing import Any
 
 import torch
 from jaxtyping import Int
@@ -143,7 +144,7 @@ def _to_sae_shape(act: torch.Tensor, d_in: int, name: str) -> torch.Tensor:
     )
 
 
-Positions = Union[slice, Sequence[int], None]
+Positions = slice | Sequence[int] | None
 
 
 def _chosen(n_pos: int, positions: Positions, device: Any) -> torch.Tensor:
@@ -331,10 +332,10 @@ def evaluate_sae(
         check_sae_processing(model, sae)
     else:
         site = model.resolve_hook_names(sae.cfg.hook_name)[0]
-    tokens, mask = model.tokens_and_mask(tokens, attention_mask=attention_mask)
+    token_ids, mask = model.tokens_and_mask(tokens, attention_mask=attention_mask)
     batches = [
-        (tokens[s : s + batch_size], mask[s : s + batch_size] if mask is not None else None)
-        for s in range(0, tokens.shape[0], batch_size)
+        (token_ids[s : s + batch_size], mask[s : s + batch_size] if mask is not None else None)
+        for s in range(0, token_ids.shape[0], batch_size)
     ]
     n = n_pred = 0
     sq_err = l0 = clean = 0.0
@@ -364,6 +365,7 @@ def evaluate_sae(
         batch_clean, batch_pred = _loss_sum(nll, m)
         clean, n_pred = clean + batch_clean, n_pred + batch_pred
         bar.update()
+    assert sum_site is not None  # at least one batch (tokens_and_mask gives one prompt or more)
     mean_site = (sum_site / max(n, 1)).to(model.dtype)
     spliced = zero = mean = 0.0
     for tok, m in batches:
@@ -431,9 +433,10 @@ def run_sae_eval(args: Any) -> int:
     model = load(args.model, device=args.device)
     sae = SAE.load_from_disk(args.sae, device=model.device, **({"hook_name": args.hook_name} if args.hook_name else {}))
     rows = []
-    for i, (tokens, mask) in zip(
+    for _, (tokens, mask) in zip(
         range(max(1, args.max_tokens // args.context_size)),
         _contexts(model, args.data, args.context_size, model.cfg.default_prepend_bos, args.text_key, None),
+        strict=False,
     ):
         rows.append((tokens, mask))
     tokens = torch.stack([t for t, _ in rows])

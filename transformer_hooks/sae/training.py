@@ -31,63 +31,16 @@ times 0.2 * the mean encoder norm of live features, the bias 0, and Adam's state
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from .core import SAE
+from .core import SAE, jumprelu, step  # noqa: F401  (jumprelu, step: re-exported)
 
 ARCHITECTURES_TRAINED = ("standard", "jumprelu", "topk", "batchtopk")
-
-
-def _rectangle(u: torch.Tensor) -> torch.Tensor:
-    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
-
-
-class _JumpReLU(torch.autograd.Function):
-    """ReLU(pre) * 1[pre > theta] (= pre * 1[pre > theta] for theta >= 0, which training keeps);
-    gradient to pre where active, to theta by the kernel."""
-
-    @staticmethod
-    def forward(ctx, pre, threshold, bandwidth):
-        ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
-        return pre.clamp_min(0) * (pre > threshold).to(pre.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        pre, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        d_pre = ((pre > threshold) & (pre > 0)).to(grad.dtype) * grad
-        d_theta = -(threshold / eps) * _rectangle((pre - threshold) / eps) * grad
-        return d_pre, d_theta.reshape(-1, threshold.shape[-1]).sum(0), None
-
-
-class _Step(torch.autograd.Function):
-    """H(pre - theta); gradient to theta only, by the kernel."""
-
-    @staticmethod
-    def forward(ctx, pre, threshold, bandwidth):
-        ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
-        return (pre > threshold).to(pre.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        pre, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        d_theta = -(1.0 / eps) * _rectangle((pre - threshold) / eps) * grad
-        return torch.zeros_like(pre), d_theta.reshape(-1, threshold.shape[-1]).sum(0), None
-
-
-def jumprelu(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
-    return _JumpReLU.apply(pre, threshold, bandwidth)
-
-
-def step(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
-    return _Step.apply(pre, threshold, bandwidth)
 
 
 def _batches(source: Any, site: str | None, batch_size: int, seed: int, device: Any) -> Iterator[torch.Tensor]:
@@ -191,7 +144,7 @@ def train_sae(
     if d_sae is None or site is None:
         raise ValueError("train_sae needs the site and d_sae, e.g. train_sae(dataset, 'blocks.3.hook_resid_post', 512)")
     from ..activations import ActivationDataset
-    from .core import SAEConfig, PROCESSING_STEPS
+    from .core import PROCESSING_STEPS, SAEConfig
 
     meta: dict[str, Any] = {}
     if isinstance(source, ActivationDataset):
@@ -316,6 +269,7 @@ def _fit(
             group["lr"] = lr * (min(1.0, (t + 1) / lr_warm_up_steps) if lr_warm_up_steps else 1.0)
         sae_in = sae.process_sae_in(x)
         if architecture == "batchtopk":
+            assert k is not None  # train_sae requires k for topk and batchtopk
             pre = torch.relu(sae_in @ sae.W_enc + sae.b_enc)
             flat = pre.flatten()
             top = flat.topk(min(k * x.shape[0], flat.numel()))
