@@ -30,6 +30,7 @@ times 0.2 * the mean encoder norm of live features, the bias 0, and Adam's state
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,32 +111,30 @@ def train_sae(
     The older form ``train_sae(sae, activations, ...)`` trains that SAE in place on a
     tensor with the standard loss and returns the list of losses.
     """
+    # The training loop with this call's recipe (both forms below train with it).
+    fit = functools.partial(
+        _fit,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        l1_coefficient=l1_coefficient,
+        l0_coefficient=l0_coefficient,
+        decoder=decoder,
+        l1_warm_up_steps=l1_warm_up_steps,
+        lr_warm_up_steps=lr_warm_up_steps,
+        adam_beta1=adam_beta1,
+        adam_beta2=adam_beta2,
+        aux_coefficient=aux_coefficient,
+        dead_window=dead_window,
+        resample_every=resample_every,
+        seed=seed,
+        progress=progress,
+        ghost_grads=ghost_grads,
+    )
     if isinstance(source, SAE):  # the older form: train_sae(sae, activations)
         sae = source
         acts = site.reshape(-1, sae.cfg.d_in).to(sae.device, sae.W_enc.dtype).detach()
-        _fit(
-            sae,
-            acts,
-            None,
-            "standard",
-            None,
-            steps,
-            batch_size,
-            lr,
-            l1_coefficient,
-            l0_coefficient,
-            decoder,
-            l1_warm_up_steps,
-            lr_warm_up_steps,
-            adam_beta1,
-            adam_beta2,
-            aux_coefficient,
-            dead_window,
-            resample_every,
-            seed,
-            progress,
-            ghost_grads,
-        )
+        fit(sae, acts, None, "standard", None)
         return sae.training_log
     if architecture not in ARCHITECTURES_TRAINED:
         raise ValueError(f"unknown architecture {architecture!r} to train; known: {ARCHITECTURES_TRAINED}")
@@ -189,29 +188,7 @@ def train_sae(
         sae.W_enc.copy_(sae.W_dec.T)
         if architecture == "jumprelu":
             sae.threshold.fill_(jumprelu_init_threshold)
-    batch_threshold = _fit(
-        sae,
-        source,
-        site,
-        architecture,
-        k,
-        steps,
-        batch_size,
-        lr,
-        l1_coefficient,
-        l0_coefficient,
-        decoder,
-        l1_warm_up_steps,
-        lr_warm_up_steps,
-        adam_beta1,
-        adam_beta2,
-        aux_coefficient,
-        dead_window,
-        resample_every,
-        seed,
-        progress,
-        ghost_grads,
-    )
+    batch_threshold = fit(sae, source, site, architecture, k)
     if architecture == "batchtopk":  # inference form: a JumpReLU with the learnt global threshold
         state = {n: p.detach() for n, p in sae.named_parameters()}
         state["threshold"] = torch.full((d_sae,), float(batch_threshold), device=device)
