@@ -61,9 +61,11 @@ from tqdm.auto import tqdm
 from .process_group import (
     DEFAULT_TIMEOUT,
     RankFailedError,
+    barrier,
     exchange,
     init_distributed,
     launched_by_torchrun,
+    local_device,
     rank_and_world,
     shard_bounds,
 )
@@ -874,29 +876,50 @@ def add_harvest_arguments(p: Any) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--shard-tokens", type=int, default=1 << 16, help="tokens of context per shard (default: 65536)")
     p.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens of contexts")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT.total_seconds(),
+        help="under torchrun: seconds a rank that finished waits for the others before failing (default: 1800)",
+    )
 
 
 def run_harvest(args: Any) -> int:
+    """The ``harvest`` command; under ``torchrun --nproc-per-node N`` the N ranks share the corpus."""
+    import torch.distributed as dist
+
     from .model import HookedTransformer
 
-    load = HookedTransformer.from_pretrained_no_processing if args.no_processing else HookedTransformer.from_pretrained
-    model = load(args.model, device=args.device)
-    ds = harvest(
-        model,
-        args.data,
-        args.sites,
-        args.out,
-        context_size=args.context_size,
-        batch_size=args.batch_size,
-        positions=args.positions,
-        exclude_bos=not args.keep_bos,
-        dtype=args.dtype,
-        shard_tokens=args.shard_tokens,
-        max_tokens=args.max_tokens,
-        text_key=args.text_key,
-    )
-    print(
-        f"{ds.path}: {len(ds)} rows of {', '.join(ds.sites)} from {ds.manifest['n_tokens']} tokens in "
-        f"{len(ds.manifest['shards'])} shard(s)"
-    )
-    return 0
+    timeout = datetime.timedelta(seconds=args.timeout)
+    rank, world = init_distributed(timeout=timeout)
+    try:
+        load = (
+            HookedTransformer.from_pretrained_no_processing if args.no_processing else HookedTransformer.from_pretrained
+        )
+        model = load(args.model, device=args.device if args.device or world == 1 else local_device())
+        ds = harvest(
+            model,
+            args.data,
+            args.sites,
+            args.out,
+            context_size=args.context_size,
+            batch_size=args.batch_size,
+            positions=args.positions,
+            exclude_bos=not args.keep_bos,
+            dtype=args.dtype,
+            shard_tokens=args.shard_tokens,
+            max_tokens=args.max_tokens,
+            text_key=args.text_key,
+            timeout=timeout,
+        )
+        if rank == 0:
+            print(
+                f"{ds.path}: {len(ds)} rows of {', '.join(ds.sites)} from {ds.manifest['n_tokens']} tokens in "
+                f"{len(ds.manifest['shards'])} shard(s)" + (f" over {world} processes" if world > 1 else "")
+            )
+        if world > 1:
+            barrier(timeout)  # no rank tears the group down while another still uses it
+        return 0
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
