@@ -351,8 +351,10 @@ def harvest(
     the same arguments and ``out`` on a filesystem they share: each takes a contiguous
     range of the contexts, writes its shards under ``out/rank_NNNNN/``, and rank 0 writes
     the manifest once every rank reported its shards complete; the dataset is the one a
-    single process writes, row for row. ``timeout``: how long a rank that finished waits
-    for the others (a rank that dies fails them at once).
+    single process writes, row for row. Each rank reads (tokenises) the corpus once to count
+    its contexts, then again up to the end of its range; a one-shot iterable cannot be
+    shared. ``timeout``: how long a rank that finished waits for the others (a rank that
+    dies fails them at once).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
