@@ -167,3 +167,20 @@ def test_harvest_command_same_under_python_and_torchrun(ckpt, tmp_path):
     assert two.manifest["world_size"] == 2 and "world_size" not in one.manifest
     assert printed["two"].count("rows of blocks.0.hook_resid_post") == 1  # rank 0 reports, once
     assert "over 2 processes" in printed["two"]
+
+
+def test_distributed_harvest_to_disk_is_the_one_harvest(ckpt, single, tmp_path, monkeypatch):
+    from transformer_hooks import activations, distributed
+
+    whole, _ = single
+    model = HookedTransformer.from_pretrained_no_processing(str(ckpt))
+    ds = distributed.harvest(model, DOCS, SITES, tmp_path / "d", progress=False, **KW)
+    assert isinstance(ds, ActivationDataset)
+    assert_same_dataset(ds, whole)
+    with pytest.raises(ValueError, match="drop reduce= and resume_dir="):
+        distributed.harvest(model, DOCS, SITES, tmp_path / "e", reduce=lambda n, a: a)
+    with pytest.raises(TypeError, match="pass out=DIR"):
+        distributed.harvest(model, DOCS, SITES, context_size=8)
+    monkeypatch.setattr(activations, "rank_and_world", lambda: (0, 2))  # as under torchrun
+    with pytest.raises(ValueError, match="one-shot iterable"):
+        harvest(model, iter(DOCS), SITES, tmp_path / "f", **KW)
