@@ -262,7 +262,7 @@ def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
         f.write(raw)
         for name in order:
             t = tensors[name].detach().to("cpu").contiguous().reshape(-1)
-            f.write(memoryview(t.view(torch.uint8).numpy()))
+            f.write(t.view(torch.uint8).numpy().data)
 
 
 _NP = {
