@@ -241,8 +241,8 @@ def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
     Written here rather than by ``safetensors.torch.save_file``, which views each tensor
     through a ctypes array type of its byte size; ctypes caches those types for the life
-    of the process (about 5.6 KiB per distinct size), and shards' sizes differ, so a long
-    harvest's memory grew with its number of shards."""
+    of the process (about 5.6 KiB per distinct size), and shards' sizes differ, so a
+    harvest's memory grew with every new shard size."""
     order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
     header: dict[str, Any] = {}
     offset = 0
