@@ -448,9 +448,19 @@ def harvest(
         )
         try:
             _harvest_contexts(
-                model, place, state, contexts(first, end), names, positions, bos, DTYPES[dtype], batch_size,
-                shard_contexts, stop, bar,
-            )  # fmt: skip
+                model,
+                place,
+                state,
+                contexts(first, end),
+                names=names,
+                positions=positions,
+                bos=bos,
+                target=DTYPES[dtype],
+                batch_size=batch_size,
+                shard_contexts=shard_contexts,
+                stop=stop,
+                bar=bar,
+            )
         finally:
             bar.close()
 
@@ -479,7 +489,7 @@ def harvest(
         for lo, hi in (shard_bounds(math.ceil(n / batch_size), r, world) for r in range(world))
     ]
     lo, hi = bounds[rank]
-    if _start_ranks(out, model, fingerprint, rank):  # complete already
+    if _ranks_done(out, model, fingerprint):  # every rank reads the same manifest: the same answer
         return ActivationDataset(out)
     consequence = (
         f"The manifest of {out} lists no row of this run; rerun the same harvest to continue from "
@@ -489,6 +499,8 @@ def harvest(
     state: dict[str, Any] | None = None
     error: BaseException | None = None
     try:
+        if rank == 0:  # an empty, incomplete dataset until every rank has finished
+            _write_manifest(out / MANIFEST, {**_fresh_manifest(model, fingerprint), "world_size": world})
         place.shards.mkdir(exist_ok=True)
         state = _resume(place, model, {**fingerprint, "rank": rank, "contexts": [lo, hi]}, first_context=lo)
         if not state["complete"]:
@@ -518,6 +530,7 @@ def _harvest_contexts(
     place: _Place,
     state: dict[str, Any],
     contexts: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    *,
     names: list[str],
     positions: PositionChoice,
     bos: int | None,
@@ -698,23 +711,17 @@ def _resume(place: _Place, model: Any, fingerprint: dict[str, Any], first_contex
     return manifest
 
 
-def _start_ranks(out: Path, model: Any, fingerprint: dict[str, Any], rank: int) -> bool:
-    """Every rank: check that ``out`` holds this harvest or none (every rank reads the same
-    manifest, so each raises the same error or takes the same decision). True when it is
-    complete and its shards are all there; otherwise rank 0 (re)writes the manifest as an
-    empty, incomplete dataset (it lists rows again only when every rank finished)."""
+def _ranks_done(out: Path, model: Any, fingerprint: dict[str, Any]) -> bool:
+    """Whether ``out`` holds this harvest (over as many ranks), complete with every shard
+    there; raises if it holds another harvest. Reads only: every rank asks."""
     path = out / MANIFEST
-    fresh = {**_fresh_manifest(model, fingerprint), "world_size": fingerprint["world_size"]}
-    if path.exists():
-        manifest = json.loads(path.read_text())
-        _check_same_harvest(out, manifest, fresh)
-        if manifest["complete"] and all(
-            (out / e["file"]).is_file() and (out / e["file"]).stat().st_size == e["bytes"] for e in manifest["shards"]
-        ):
-            return True
-    if rank == 0:
-        _write_manifest(path, fresh)
-    return False
+    if not path.exists():
+        return False
+    manifest = json.loads(path.read_text())
+    _check_same_harvest(out, manifest, _fresh_manifest(model, fingerprint))
+    return bool(manifest["complete"]) and all(
+        (out / e["file"]).is_file() and (out / e["file"]).stat().st_size == e["bytes"] for e in manifest["shards"]
+    )
 
 
 def _write_rank_manifest(
