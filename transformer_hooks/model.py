@@ -145,7 +145,8 @@ class HookedTransformer(HookedRootModule):
 
         Also takes TransformerLens's ``hf_model`` (a transformers model in memory),
         ``tokenizer``, ``default_prepend_bos``, ``default_padding_side``, ``torch_dtype`` and
-        ``move_to_device`` (see ``loading.load_model``)."""
+        ``move_to_device``; ``device_map`` / ``max_memory`` / ``n_devices`` / ``offload``;
+        ``compile=True`` for a compiled forward (see ``loading.load_model``)."""
         from .loading import load_model
 
         return load_model(
