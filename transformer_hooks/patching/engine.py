@@ -328,7 +328,7 @@ def _growing_forward(
             x, start = tokens.repeat(count, 1), None
         else:
             fresh = resid_pre[layer].repeat(count, 1, 1)
-            x, start = (fresh if resid is None else torch.cat([resid, fresh])), layer
+            x, start = (fresh if resid is None else torch.cat([resid.to(fresh.device), fresh])), layer
         if stop == n_layers:
             return _final(model, x, start, positions)
         resid = model(x, start_at_layer=start, stop_at_layer=stop)
