@@ -75,10 +75,16 @@ def _worker(rank: int, world: int, port: int, paths: list[str], out: str) -> Non
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    import transformer_hooks.loading as loading
+
+    sources = []
+    opened = loading.tensor_source
+    loading.tensor_source = lambda files: sources.append(opened(files)) or sources[-1]  # which tensors are read
     try:
         results = {}
         for path, (name, processed) in zip(paths, MODELS, strict=True):
             model = _load(path, processed, pipeline_ranks=world)
+            read = sorted(sources.pop().used)
             fired: list[str] = []
             results[name] = {
                 **_run(model, fired),
@@ -87,6 +93,7 @@ def _worker(rank: int, world: int, port: int, paths: list[str], out: str) -> Non
                 "real": sorted(n for n, p in model.named_parameters() if not p.is_meta),
                 "meta": sorted(n for n, p in model.named_parameters() if p.is_meta),
                 "bytes": sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta),
+                "read": read,
             }
         torch.save(results, f"{out}.rank{rank}")
     finally:
@@ -136,6 +143,9 @@ def test_two_ranks_equal_one_process(hf_checkpoint, tmp_path):
             assert sorted(last) == other["real"] and sorted(first) == other["meta"]
             total = sum(p.numel() * p.element_size() for p in one.parameters())
             assert got["bytes"] + other["bytes"] == total
+            # ... and read only its own blocks' tensors from the checkpoint
+            assert any(".0." in n for n in got["read"]) and not any(".1." in n for n in got["read"])
+            assert any(".1." in n for n in other["read"]) and not any(".0." in n for n in other["read"])
     finally:
         torch.set_num_threads(threads)
 
