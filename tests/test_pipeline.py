@@ -10,6 +10,8 @@ import datetime
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -231,3 +233,42 @@ def test_bad_pipelines_have_clear_errors(hf_checkpoint, monkeypatch):
             HookedTransformer.from_pretrained(path, pipeline_ranks=2)
     finally:
         dist.destroy_process_group()
+
+
+SCRIPT = """
+import sys, torch, torch.distributed as dist
+from transformer_hooks import HookedTransformer
+torch.set_num_threads(1)
+model = HookedTransformer.from_pretrained(sys.argv[1], pipeline_ranks=2)  # joins torchrun's group itself
+logits, cache = model.run_with_cache(torch.tensor(%s), names_filter="*hook_resid_post")
+if dist.get_rank() == 0:
+    torch.save({"logits": logits, "cache": dict(cache.items())}, sys.argv[2])
+else:
+    assert logits is None and cache is None
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_under_torchrun(hf_checkpoint, tmp_path):
+    path = str(hf_checkpoint("llama-gqa")[0])
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT % TOKENS.tolist())
+    out = tmp_path / "out.pt"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
+        + [path, str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = torch.load(out)
+    one = HookedTransformer.from_pretrained(path)
+    logits, cache = one.run_with_cache(TOKENS, names_filter="*hook_resid_post")
+    torch.testing.assert_close(got["logits"], logits, rtol=0, atol=1e-6)
+    assert list(got["cache"]) == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    for site, act in got["cache"].items():
+        torch.testing.assert_close(act, cache[site], rtol=0, atol=1e-6)

@@ -148,7 +148,8 @@ class HookedTransformer(HookedRootModule):
 
         Also takes TransformerLens's ``hf_model`` (a transformers model in memory),
         ``tokenizer``, ``default_prepend_bos``, ``default_padding_side``, ``torch_dtype`` and
-        ``move_to_device`` (see ``loading.load_model``)."""
+        ``move_to_device``, and the size options ``device_map``, ``max_memory``, ``n_devices``,
+        ``offload`` and ``pipeline_ranks`` (see ``loading.load_model``)."""
         from .loading import load_model
 
         return load_model(
@@ -588,7 +589,7 @@ class HookedTransformer(HookedRootModule):
             *model_args, return_cache_object=False, remove_batch_dim=remove_batch_dim, **kwargs
         )
         if self._stage is not None:
-            store = self._stage.gather_cache(store)
+            store = self._stage.gather_cache(store, kwargs.get("device"))
             if store is None:
                 return None, None
         if not return_cache_object:

@@ -21,7 +21,9 @@ The residual stream entering each block is bit for bit what one process computes
 blocks and their inputs are the same), so logits and caches equal a one-process run
 (tested with two gloo processes). Gradients do not cross ranks; ``start_at_layer``,
 ``stop_at_layer`` and a KV cache (``generate``) are refused, as are placement over
-devices and offload within a rank.
+devices and offload within a rank. Another rank's weights are meta tensors here, so
+what reads every block's weights (``model.W_Q`` and the other stacked views, weight
+processing after loading, moving the model with ``.to``) is not available.
 
 Failure: every transfer waits at most ``timeout``; a rank that dies (its connection
 closes) or hangs makes its peers raise ``distributed.RankFailedError`` naming it, and no
@@ -143,14 +145,16 @@ class PipelineStage:
             return got["0"], got["1"]
         return got.get("out")
 
-    def gather_cache(self, store: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-        """Every rank's cached activations, on rank 0 in the order of the forward; None elsewhere."""
+    def gather_cache(self, store: dict[str, torch.Tensor], device: Any = None) -> dict[str, torch.Tensor] | None:
+        """Every rank's cached activations, on rank 0 in the order of the forward (on
+        ``device`` if given, as ``run_with_cache(device=...)``); None elsewhere."""
         if self.rank != 0:
             self._send_named(store, 0, "its cached activations")
             return None
         merged = dict(store)
         for rank in range(1, self.ranks):
-            merged.update(self._recv_named(rank, "its cached activations"))
+            received = self._recv_named(rank, "its cached activations")
+            merged.update(received if device is None else {k: v.to(device) for k, v in received.items()})
         return merged
 
     # Transport -------------------------------------------------------------------------------
