@@ -25,8 +25,9 @@ from transformer_hooks.loading.placement import PlacementError
 
 TOKENS = torch.tensor([[3, 17, 42, 8, 99, 5, 23], [1, 64, 2, 77, 31, 0, 12]])
 # (checkpoint, processed): Llama with the default processing; GPT-2 unprocessed, so its
-# tied unembedding is W_E.T on the last rank, which holds no embeddings.
-MODELS = [("llama-gqa", True), ("gpt2", False)]
+# tied unembedding is W_E.T on the last rank, which holds no embeddings; and GPT-2 as a
+# converted checkpoint (weights_conversion), which stores the tied W_U only as W_E.
+MODELS = [("llama-gqa", True), ("gpt2", False), ("gpt2-converted", False)]
 EDITED = "blocks.1.attn.hook_z"  # a site of block 1, which rank 1 owns
 
 
@@ -104,7 +105,14 @@ def _worker(rank: int, world: int, port: int, paths: list[str], out: str) -> Non
 
 
 def test_two_ranks_equal_one_process(hf_checkpoint, tmp_path):
-    paths = [str(hf_checkpoint(name)[0]) for name, _ in MODELS]
+    from safetensors import safe_open
+
+    from weights_conversion.__main__ import convert
+
+    converted = convert(hf_checkpoint("gpt2")[0], tmp_path / "gpt2-converted", processing=False)
+    with safe_open(str(converted / "model.safetensors"), "pt") as f:
+        assert "unembed.W_U" not in f.keys()  # stored once, as embed.W_E
+    paths = [str(hf_checkpoint("llama-gqa")[0]), str(hf_checkpoint("gpt2")[0]), str(converted)]
     out = str(tmp_path / "pipe")
     mp.spawn(_worker, args=(2, _free_port(), paths, out), nprocs=2, join=True)
     ranks = [torch.load(f"{out}.rank{r}") for r in range(2)]
