@@ -148,8 +148,8 @@ class HookedTransformer(HookedRootModule):
 
         Also takes TransformerLens's ``hf_model`` (a transformers model in memory),
         ``tokenizer``, ``default_prepend_bos``, ``default_padding_side``, ``torch_dtype`` and
-        ``move_to_device``, and the size options ``device_map``, ``max_memory``, ``n_devices``,
-        ``offload`` and ``pipeline_ranks`` (see ``loading.load_model``)."""
+        ``move_to_device``; ``device_map`` / ``max_memory`` / ``n_devices`` / ``offload`` /
+        ``pipeline_ranks``; ``compile=True`` for a compiled forward (see ``loading.load_model``)."""
         from .loading import load_model
 
         return load_model(

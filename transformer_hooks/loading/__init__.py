@@ -87,14 +87,25 @@ def load_model(
     offload_dir: Any = None,
     pipeline_ranks: int | None = None,
     pipeline_timeout: Any = None,
+    compile: bool | dict[str, Any] = False,
 ) -> HookedTransformer:
     """Load a preset, HF repo id, HF directory, converted directory or .gguf file (see
     resolution.py), with the weight processing the flags ask for (see processing.py).
 
     TransformerLens's options: ``hf_model`` converts a transformers model already in memory
     (``name_or_path`` then only names it; pass ``tokenizer`` for strings);
-    ``default_prepend_bos`` and ``default_padding_side`` override the tokenizer's defaults;
+    ``default_prepend_bos`` and ``default_padding_side`` override the defaults;
     ``torch_dtype`` is ``dtype``; ``move_to_device=False`` keeps the weights on the CPU.
+
+    BOS: prompts start with BOS unless ``default_prepend_bos=False`` or the architecture's
+    TransformerLens 3.9 default says otherwise (GPT-NeoX / Pythia and Qwen 2 / 3 do not; set by
+    each family's ``config_from_hf``). The rule reads the architecture only, never the file's
+    tokenizer settings, so the same weights get the same default from a GGUF file, an HF
+    directory or a converted directory, and the default TransformerLens gives them.
+
+    ``compile=True`` (or a dict of ``torch.compile`` keyword arguments) returns the model
+    after ``model.compile(...)``: the forward runs compiled, hooks still fire (see
+    ``HookedTransformer.compile``).
 
     Size (see placement.py and offload.py): ``device_map`` ("auto", "balanced" or a dict
     {group: device}), ``max_memory`` ({device: bytes or "20GiB"}) and ``n_devices`` place
@@ -112,6 +123,8 @@ def load_model(
     """
     if default_padding_side not in (None, "left", "right"):
         raise ValueError(f"default_padding_side must be 'left' or 'right', got {default_padding_side!r}")
+    if not isinstance(compile, (bool, dict)):
+        raise TypeError(f"compile must be True, False or a dict of torch.compile arguments, got {compile!r}")
     if torch_dtype is not None:
         dtype = torch_dtype
     options = ProcessingOptions(
@@ -143,6 +156,8 @@ def load_model(
         model.cfg = model.cfg.replace(default_prepend_bos=default_prepend_bos)
     if default_padding_side is not None and model.tokenizer is not None:
         model.set_tokenizer(model.tokenizer, default_padding_side)
+    if compile is not False:
+        model.compile(**(compile if isinstance(compile, dict) else {}))
     return model
 
 
@@ -181,11 +196,6 @@ def _load(
     cfg = weights_conversion.config_from_hf(hf_config, where).replace(model_name=str(name_or_path))
     if tokenizer is None:
         tokenizer = make_tokenizer()
-    # As in TransformerLens, prompts start with BOS unless the checkpoint says otherwise. Only
-    # GGUF metadata says so explicitly; an HF tokenizer's add_bos_token=False does not (GPT-2's
-    # is False, and TransformerLens prepends BOS to GPT-2 prompts).
-    if hf_config.get("add_bos_token") is False:
-        cfg = cfg.replace(default_prepend_bos=False)
 
     groups = weights_conversion.convert_groups(cfg, source, family)
     model = build_and_fill(
