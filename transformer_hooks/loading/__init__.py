@@ -85,6 +85,8 @@ def load_model(
     n_devices: int | None = None,
     offload: str | None = None,
     offload_dir: Any = None,
+    pipeline_ranks: int | None = None,
+    pipeline_timeout: Any = None,
     compile: bool | dict[str, Any] = False,
 ) -> HookedTransformer:
     """Load a preset, HF repo id, HF directory, converted directory or .gguf file (see
@@ -110,6 +112,14 @@ def load_model(
     whole blocks over devices, each tensor read straight to its device, and record the
     placement in ``model.cfg.device_map``; ``offload="cpu"|"disk"`` (with ``offload_dir``
     for disk) keeps block weights off ``device`` and brings each block in as it runs.
+
+    Layer ranges across processes (see pipeline.py): ``pipeline_ranks=k`` under ``torchrun``
+    with k processes: each rank reads and holds only its contiguous range of blocks (the
+    first also the embeddings, the last the final norm and unembedding), on its device
+    (``device``, default: its GPU under NCCL, else the CPU); ``model.cfg.pipeline_map``
+    records {group: rank}. Every rank runs the same calls; rank 0 gets the output and the
+    whole cache. ``pipeline_timeout`` (seconds or a timedelta; default 30 minutes) bounds
+    each wait for another rank.
     """
     if default_padding_side not in (None, "left", "right"):
         raise ValueError(f"default_padding_side must be 'left' or 'right', got {default_padding_side!r}")
@@ -125,7 +135,13 @@ def load_model(
         refactor_factored_attn_matrices=refactor_factored_attn_matrices,
     )
     size = dict(
-        device_map=device_map, max_memory=max_memory, n_devices=n_devices, offload=offload, offload_dir=offload_dir
+        device_map=device_map,
+        max_memory=max_memory,
+        n_devices=n_devices,
+        offload=offload,
+        offload_dir=offload_dir,
+        pipeline_ranks=pipeline_ranks,
+        pipeline_timeout=pipeline_timeout,
     )
     model = _load(
         name_or_path,
@@ -193,7 +209,8 @@ def _load(
         tied=cfg.tie_word_embeddings,
         **size,
     )
-    _warn_unused(source, cfg)
+    if model._stage is None:  # a stage reads only its own blocks' tensors
+        _warn_unused(source, cfg)
     return model
 
 
@@ -203,6 +220,11 @@ def processed_copy(model: HookedTransformer, options: ProcessingOptions) -> Hook
     this serves ``process_weights_``, which drops the old modules."""
     if not steps_for(model.cfg, options):
         return model
+    if model._stage is not None:
+        raise ValueError(
+            "this model is split over processes (pipeline_ranks) and holds only some blocks' weights: "
+            "load it with the processing you want instead (from_pretrained's fold_ln, center_* flags)"
+        )
     params = dict(model.named_parameters(remove_duplicate=False))
     weights = {name: p.detach() for name, p in params.items()}
     frozen = {name for name, p in params.items() if not p.requires_grad}
@@ -267,11 +289,14 @@ def _load_converted(
         tokenizer = _hf_tokenizer(ckpt.directory)
     # A tied unembedding is stored once, as W_E; processing that rewrites it needs its own copy.
     stored_tied = cfg.tie_word_embeddings and "unembed.W_U" not in source.names()
-    untie = stored_tied and bool(set(steps_for(cfg, options)) & REWRITE_EMBEDDINGS)
+    # the last rank of a split model holds the unembedding without the embeddings: its own copy
+    split = (size.get("pipeline_ranks") or 1) > 1
+    untie = stored_tied and (split or bool(set(steps_for(cfg, options)) & REWRITE_EMBEDDINGS))
     names = [name for name, _ in build_on_meta(cfg).named_parameters()]
     groups = converted_groups(cfg.n_layers, names, source, stored_tied, untie)
     model = build_and_fill(
         cfg, options, groups, tokenizer, device, dtype, desc=f"loading {ckpt.directory.name}", tied=stored_tied, **size
     )
-    _warn_unused(source, cfg)
+    if model._stage is None:
+        _warn_unused(source, cfg)
     return model
