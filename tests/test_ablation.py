@@ -148,3 +148,33 @@ def test_bad_input_names_the_site_and_leaves_no_hook(model):
     with pytest.raises(ValueError, match="kind"):
         ablate(model, tokens, "blocks.0.hook_mlp_out", kind="mode")
     assert no_hooks(model)
+
+
+def test_sweep_unembedding_only_the_metric_positions(model):
+    """Rows join the batch at their own layer and only the metric's position is unembedded:
+    still the numbers of one full forward per ablation."""
+    tokens, ref = toks(0), toks(1, n=4)
+    cfg = model.cfg
+    loop = torch.tensor(
+        [
+            [
+                ablate(model, tokens, f"blocks.{layer}.attn.hook_z", heads=h, kind="mean", reference=ref, metric=metric)
+                for h in range(cfg.n_heads)
+            ]
+            for layer in range(cfg.n_layers)
+        ]
+    )
+    mean = dict(kind="mean", reference=ref)
+    for kw in [dict(batch_size=5), dict(batch_size=3, vectorized_metric=True), {}]:
+        for positions in (-1, [2, POS - 1]):
+            got = ablation_sweep(model, tokens, metric, "z", metric_positions=positions, **mean, **kw)
+            torch.testing.assert_close(got, loop, atol=1e-5, rtol=1e-5)
+
+    def reads_first(logits):
+        return logits[..., 0, 3].mean(-1)
+
+    with pytest.raises(ValueError, match="metric_positions"):
+        ablation_sweep(model, tokens, reads_first, "z", kind="mean", reference=ref, metric_positions=-1)
+    with pytest.raises(IndexOutOfRangeError, match="position"):
+        ablation_sweep(model, tokens, metric, "z", kind="mean", reference=ref, metric_positions=POS)
+    assert no_hooks(model)

@@ -97,6 +97,46 @@ def test_atp_star_key_estimate_is_the_exact_pattern_change_times_the_gradient(mo
     assert no_hooks(model)
 
 
+@pytest.mark.parametrize("which", ["k", "q"])
+def test_atp_star_all_position_estimate_is_the_exact_pattern_change_times_the_gradient(models, which):
+    """One key head (shared by a group of query heads) or one query head patched at every
+    position at once: the QK fix is sum over the heads it feeds of (A' - A) . dmetric/dA,
+    with A' the exact softmax of the patched scores (brute force: the real patched run)."""
+    model = models("llama-gqa")
+    assert model.cfg.group_size > 1
+    clean, corrupted = pair(3)
+    _, cache = model.run_with_cache(clean)
+    star = getattr(P, f"get_attr_patch_attn_head_{which}_all_pos")(model, corrupted, cache, metric, method="atp*")
+    n_heads = model.cfg.n_kv_heads if which == "k" else model.cfg.n_heads
+    assert star.shape == (model.cfg.n_layers, n_heads)
+    for layer in range(model.cfg.n_layers):
+        site, pattern = f"blocks.{layer}.attn.hook_{which}", f"blocks.{layer}.attn.hook_pattern"
+        kept: dict = {}
+
+        def keep(x, hook, kept=kept):
+            kept["A"] = x.detach().requires_grad_(True)
+            return kept["A"]
+
+        with model.hooks(fwd_hooks=[(pattern, keep)]):
+            value = metric(model(corrupted))
+        (g,) = torch.autograd.grad(value, kept["A"])
+        for head in range(n_heads):
+
+            def patch(x, hook, head=head, clean=cache[site]):
+                x = x.clone()
+                x[:, :, head] = clean[:, :, head]  # every position at once
+                return x
+
+            with model.hooks(fwd_hooks=[(site, patch)]):
+                _, patched = model.run_with_cache(corrupted, names_filter=pattern)
+            moved = patched[pattern] - kept["A"].detach()  # [batch, head, q, k]; only this head's group moves
+            fed = range(head * model.cfg.group_size, (head + 1) * model.cfg.group_size) if which == "k" else [head]
+            assert moved[:, [h for h in range(model.cfg.n_heads) if h not in fed]].abs().max() == 0
+            expected = (moved.double() * g.double()).sum()
+            torch.testing.assert_close(star[layer, head].double(), expected, atol=1e-5, rtol=1e-5)
+    assert no_hooks(model)
+
+
 def test_grad_drop(models):
     model = models("gpt2")  # 2 layers
     clean, corrupted = pair(2)

@@ -105,3 +105,15 @@ def test_generation_with_a_compiled_model_gives_the_eager_tokens(path, tokens):
     eager, compiled = load(path), load(path).compile(backend=CompileCounter())
     kwargs = dict(max_new_tokens=4, do_sample=False, verbose=False, stop_at_eos=False)
     assert torch.equal(compiled.generate(tokens, **kwargs), eager.generate(tokens, **kwargs))
+
+
+def test_from_pretrained_compile_option_compiles_with_the_given_arguments(path, tokens):
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = HookedTransformer.from_pretrained_no_processing(path, compile={"backend": counter})
+    assert close(compiled(tokens), load(path)(tokens))
+    assert counter.frame_count > 0, "compile= did not route the forward through torch.compile"
+    with pytest.raises(TypeError, match="compile must be True, False or a dict"):
+        HookedTransformer.from_pretrained_no_processing(path, compile="inductor")

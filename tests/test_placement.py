@@ -245,6 +245,29 @@ def test_from_pretrained_offload_streams_blocks_to_disk(hf_checkpoint, tmp_path)
         HookedTransformer.from_pretrained(str(path), offload="disk")
 
 
+def test_offload_disk_from_a_checkpoint_that_is_not_safetensors(hf_checkpoint, tmp_path):
+    """Disk offload writes its own safetensors block files from whatever the checkpoint is
+    (here a .bin state dict), so any readable format works; a file given as offload_dir is refused."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from transformer_hooks import HookedTransformer
+
+    path, _ = hf_checkpoint("gpt2")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    shutil.copy(path / "config.json", bin_dir / "config.json")
+    torch.save(load_file(str(path / "model.safetensors")), bin_dir / "pytorch_model.bin")
+    plain = HookedTransformer.from_pretrained(str(path))
+    off = HookedTransformer.from_pretrained(str(bin_dir), offload="disk", offload_dir=tmp_path / "off")
+    tokens = torch.randint(0, 101, (2, 6), generator=torch.Generator().manual_seed(5))
+    _same_everything(plain, off, tokens)
+    assert sorted(f.name for f in (tmp_path / "off").iterdir()) == ["blocks.0.safetensors", "blocks.1.safetensors"]
+    with pytest.raises(ValueError, match=r"offload_dir=.*pytorch_model.bin' is a file, not a directory"):
+        HookedTransformer.from_pretrained(str(bin_dir), offload="disk", offload_dir=bin_dir / "pytorch_model.bin")
+
+
 def test_a_placed_model_caches_patches_and_processes_as_one_device(hf_checkpoint):
     from transformer_hooks import HookedTransformer
     from transformer_hooks.patching import get_act_patch_resid_pre

@@ -32,8 +32,12 @@ def test_predicts_paris(embedded_model):
 
 def test_tokenizer_round_trips(embedded_model):
     text = "The capital of France is"
-    assert embedded_model.to_string(embedded_model.to_tokens(text)[0]) == text
-    assert "".join(embedded_model.to_str_tokens(text)) == text
-    assert embedded_model.to_single_token(" Paris") == embedded_model.to_tokens(" Paris")[0, 0]
+    tokens = embedded_model.to_tokens(text)[0]
+    bos = embedded_model.tokenizer.bos_token
+    assert tokens[0] == embedded_model.tokenizer.bos_token_id  # LlamaForCausalLM prompts start with BOS, as in TL
+    assert embedded_model.to_string(tokens[1:]) == text and embedded_model.to_string(tokens) == bos + text
+    assert "".join(embedded_model.to_str_tokens(text, prepend_bos=False)) == text
+    assert embedded_model.to_str_tokens(text)[0] == bos
+    assert embedded_model.to_single_token(" Paris") == embedded_model.to_tokens(" Paris", prepend_bos=False)[0, 0]
     with pytest.raises(ValueError, match="not a single token"):
         embedded_model.to_single_token(" Parisian capital")

@@ -89,7 +89,15 @@ RANKS: dict[str, int] = {
         WORKFLOWS,
     ),
     **dict.fromkeys(
-        ["loading", "loading.build", "loading.offload", "loading.placement", "loading_from_pretrained"], LOADING
+        [
+            "loading",
+            "loading.build",
+            "loading.offload",
+            "loading.pipeline",
+            "loading.placement",
+            "loading_from_pretrained",
+        ],
+        LOADING,
     ),
     **dict.fromkeys(["", "cli", "__main__"], ENTRY),  # "" is transformer_hooks/__init__.py, the public API
 }

@@ -99,6 +99,10 @@ class ModelConfig:
     # Where each group is when the model is placed over several devices ({"embed": ..., "blocks.0": ...,
     # "final": ...}; see loading/placement.py), None on one device. Like ``device``: not saved, not compared.
     device_map: dict[str, str] | None = field(default=None, compare=False)
+    # Which rank of a process group holds each group when the blocks are split over processes
+    # ({"embed": 0, "blocks.0": 0, ..., "final": k - 1}; see loading/pipeline.py), None in one
+    # process. Like ``device``: not saved, not compared.
+    pipeline_map: dict[str, int] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -207,7 +211,7 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        del d["device"], d["device_map"]
+        del d["device"], d["device_map"], d["pipeline_map"]
         d["attn_windows"] = list(self.attn_windows)
         d["processing"] = list(self.processing)
         return d

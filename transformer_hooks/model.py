@@ -98,6 +98,9 @@ class HookedTransformer(HookedRootModule):
         self._final_device = torch.device(device_map["final"])
 
     _block_devices: list[torch.device] | None = None
+    # This rank's stage when the blocks are split over processes (loading/pipeline.py: a
+    # PipelineStage, set by the loader), None in one process.
+    _stage: Any = None
 
     @property
     def block_devices(self) -> list[torch.device]:
@@ -145,7 +148,8 @@ class HookedTransformer(HookedRootModule):
 
         Also takes TransformerLens's ``hf_model`` (a transformers model in memory),
         ``tokenizer``, ``default_prepend_bos``, ``default_padding_side``, ``torch_dtype`` and
-        ``move_to_device`` (see ``loading.load_model``)."""
+        ``move_to_device``; ``device_map`` / ``max_memory`` / ``n_devices`` / ``offload`` /
+        ``pipeline_ranks``; ``compile=True`` for a compiled forward (see ``loading.load_model``)."""
         from .loading import load_model
 
         return load_model(
@@ -171,11 +175,13 @@ class HookedTransformer(HookedRootModule):
 
     @property
     def device(self) -> torch.device:
-        return self.embed.W_E.device
+        stage = self._stage  # split over processes: another rank may hold the embeddings
+        return stage.device if stage is not None else self.embed.W_E.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed.W_E.dtype
+        stage = self._stage
+        return stage.dtype if stage is not None else self.embed.W_E.dtype
 
     # Forward --------------------------------------------------------------------------
     def forward(
@@ -202,9 +208,19 @@ class HookedTransformer(HookedRootModule):
         TransformerLens does (see ``tokens.left_padding_mask``).
         ``stop_at_layer``: return the residual stream entering that block (before it runs).
         ``return_type``: "logits", "loss" (mean next-token cross-entropy), "both" or None.
+
+        Split over processes (``from_pretrained(..., pipeline_ranks=k)``, loading/pipeline.py):
+        every rank calls the model with the same input; rank 0 returns the output, the other
+        ranks return None.
         """
         if return_type not in ("logits", "loss", "both", None):
             raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
+        stage = self._stage
+        if stage is not None and (start_at_layer, stop_at_layer, past_kv_cache) != (None, None, None):
+            raise ValueError(
+                "this model is split over processes (pipeline_ranks): start_at_layer, stop_at_layer and a KV "
+                "cache (generate) are not supported; load it in one process (or with device_map) for those"
+            )
         n = self.cfg.n_layers
         start = self._layer_index(start_at_layer, "start_at_layer") if start_at_layer is not None else 0
         stop = self._layer_index(stop_at_layer, "stop_at_layer", allow_end=True) if stop_at_layer is not None else n
@@ -238,17 +254,24 @@ class HookedTransformer(HookedRootModule):
                 attention_mask = self._check_mask(attention_mask, (batch, q_len))
 
         positions, mask = self._positions_and_mask(batch, q_len, attention_mask, past_kv_cache, device=self.device)
-        if start_at_layer is None:
+        if start_at_layer is None and (stage is None or stage.owns("embed")):
             resid = self.hook_embed(self.embed(tokens))
             if self.cfg.positional_embedding == "learned":
                 resid = resid + self.hook_pos_embed(self.pos_embed(positions))
-        cos_sin = self.rotary(positions, resid.dtype) if self.cfg.positional_embedding == "rotary" else None
+        elif start_at_layer is None:
+            resid = None  # type: ignore[assignment]  # another rank embeds: stage.enter receives the stream
+        cos_sin = self.rotary(positions, self.dtype) if self.cfg.positional_embedding == "rotary" else None
         # Gemma 3: the windowed layers rotate with their own base.
-        cos_sin_local = self.rotary_local(positions, resid.dtype) if hasattr(self, "rotary_local") else cos_sin
+        cos_sin_local = self.rotary_local(positions, self.dtype) if hasattr(self, "rotary_local") else cos_sin
 
         placed = self._block_devices
         copies: dict[tuple[torch.device, int], tuple[AttentionMask, Any]] = {}
+        shape = (batch, q_len, self.cfg.d_model)
         for layer in range(start, stop):
+            if stage is not None:  # split over processes: the stream crosses to the next rank here
+                resid = stage.enter(layer, resid, shape)
+                if resid is None:
+                    continue  # another rank's block
             kv = past_kv_cache[layer] if past_kv_cache is not None else None
             local = self.cfg.attn_windows[layer] is not None
             layer_cos_sin = cos_sin_local if local else cos_sin
@@ -261,7 +284,22 @@ class HookedTransformer(HookedRootModule):
             past_kv_cache.advance(q_len, attention_mask)
         if stop < n:
             return resid
+        if stage is not None:
+            resid = stage.enter(n, resid, shape)
+            out = None if resid is None else self._head(resid, return_type, tokens, attention_mask, loss_per_token)
+            return stage.deliver(out)
+        return self._head(resid, return_type, tokens, attention_mask, loss_per_token)
 
+    def _head(
+        self,
+        resid: Float[torch.Tensor, "batch pos d_model"],
+        return_type: ReturnType,
+        tokens: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        loss_per_token: bool,
+    ) -> Any:
+        """The final norm, the unembedding and the loss, as ``return_type`` asks."""
+        placed = self._block_devices
         if placed is not None:
             resid = resid.to(self._final_device)
         resid = self.ln_final(resid)
@@ -539,10 +577,21 @@ class HookedTransformer(HookedRootModule):
         self, *model_args: Any, return_cache_object: bool = True, remove_batch_dim: bool = False, **kwargs: Any
     ) -> tuple[Any, Any]:
         """``HookedRootModule.run_with_cache`` (same arguments), with the activations in an
-        ``ActivationCache`` (DLA, stacking, TransformerLens's indexing) as TransformerLens does."""
+        ``ActivationCache`` (DLA, stacking, TransformerLens's indexing) as TransformerLens does.
+
+        Split over processes (``pipeline_ranks``): each rank caches the sites of its blocks and
+        sends them to rank 0, which returns the output and the whole cache; the other ranks
+        return (None, None). Rank 0 holds only its own blocks' weights, so cache methods that
+        read other blocks' weights (per-head results from ``W_O``) need those sites cached."""
+        if self._stage is not None and kwargs.get("incl_bwd"):
+            raise ValueError("incl_bwd: gradients do not cross the ranks of a model split over processes")
         out, store = super().run_with_cache(
             *model_args, return_cache_object=False, remove_batch_dim=remove_batch_dim, **kwargs
         )
+        if self._stage is not None:
+            store = self._stage.gather_cache(store, kwargs.get("device"))
+            if store is None:
+                return None, None
         if not return_cache_object:
             return out, store
         from .cache import ActivationCache  # the cache builds on the model: imported when used

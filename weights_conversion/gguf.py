@@ -101,8 +101,6 @@ def hf_config_from_metadata(metadata: dict, tensor_names: tuple[str, ...]) -> di
         renamed = GGUF_CONFIG_MAPPING.get(prefix, {}).get(rest)  # type: ignore[attr-defined]  # typed as object upstream
         if renamed not in (None, -1):
             config[renamed] = value
-    if "tokenizer.ggml.add_bos_token" in metadata:  # whether the model expects a BOS token first
-        config["add_bos_token"] = bool(metadata["tokenizer.ggml.add_bos_token"])
     if "vocab_size" not in config and "tokenizer.ggml.tokens" in metadata:
         config["vocab_size"] = metadata["tokenizer.ggml.tokens"]  # the reader leaves string arrays as counts
     return config

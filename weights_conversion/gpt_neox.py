@@ -5,6 +5,7 @@ HF quirks: q, k, v are one ``query_key_value`` Linear whose output is laid out p
 as [head, (q|k|v), d_head]; rotary settings are ``rotary_pct`` / ``rotary_emb_base`` in
 older configs and ``rope_parameters.partial_rotary_factor`` / ``rope_theta`` in
 transformers 5; the unembedding ``embed_out`` is untied (``lm_head`` in memory in transformers 5).
+Prompts do not start with BOS by default, as in TransformerLens 3.9.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         parallel_residual=hf.get("use_parallel_residual", True),
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
         original_architecture="GPTNeoXForCausalLM",
+        default_prepend_bos=False,  # TransformerLens 3.9's default for this architecture
         **special_token_ids(hf),
     )
 

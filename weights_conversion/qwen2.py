@@ -31,4 +31,5 @@ def config_from_hf(hf: dict) -> ModelConfig:
         attn_windows=qwen_windows(hf),
         n_ctx=hf.get("max_position_embeddings", 32768),
         original_architecture="Qwen2ForCausalLM",
+        default_prepend_bos=False,  # TransformerLens 3.9's default for this architecture
     )

@@ -22,6 +22,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         qk_norm="head",
         n_ctx=hf.get("max_position_embeddings", 32768),
         original_architecture="Qwen3ForCausalLM",
+        default_prepend_bos=False,  # TransformerLens 3.9's default for this architecture
     )
 
 

@@ -85,23 +85,46 @@ def load_model(
     n_devices: int | None = None,
     offload: str | None = None,
     offload_dir: Any = None,
+    pipeline_ranks: int | None = None,
+    pipeline_timeout: Any = None,
+    compile: bool | dict[str, Any] = False,
 ) -> HookedTransformer:
     """Load a preset, HF repo id, HF directory, converted directory or .gguf file (see
     resolution.py), with the weight processing the flags ask for (see processing.py).
 
     TransformerLens's options: ``hf_model`` converts a transformers model already in memory
     (``name_or_path`` then only names it; pass ``tokenizer`` for strings);
-    ``default_prepend_bos`` and ``default_padding_side`` override the tokenizer's defaults;
+    ``default_prepend_bos`` and ``default_padding_side`` override the defaults;
     ``torch_dtype`` is ``dtype``; ``move_to_device=False`` keeps the weights on the CPU.
+
+    BOS: prompts start with BOS unless ``default_prepend_bos=False`` or the architecture's
+    TransformerLens 3.9 default says otherwise (GPT-NeoX / Pythia and Qwen 2 / 3 do not; set by
+    each family's ``config_from_hf``). The rule reads the architecture only, never the file's
+    tokenizer settings, so the same weights get the same default from a GGUF file, an HF
+    directory or a converted directory, and the default TransformerLens gives them.
+
+    ``compile=True`` (or a dict of ``torch.compile`` keyword arguments) returns the model
+    after ``model.compile(...)``: the forward runs compiled, hooks still fire (see
+    ``HookedTransformer.compile``).
 
     Size (see placement.py and offload.py): ``device_map`` ("auto", "balanced" or a dict
     {group: device}), ``max_memory`` ({device: bytes or "20GiB"}) and ``n_devices`` place
     whole blocks over devices, each tensor read straight to its device, and record the
     placement in ``model.cfg.device_map``; ``offload="cpu"|"disk"`` (with ``offload_dir``
     for disk) keeps block weights off ``device`` and brings each block in as it runs.
+
+    Layer ranges across processes (see pipeline.py): ``pipeline_ranks=k`` under ``torchrun``
+    with k processes: each rank reads and holds only its contiguous range of blocks (the
+    first also the embeddings, the last the final norm and unembedding), on its device
+    (``device``, default: its GPU under NCCL, else the CPU); ``model.cfg.pipeline_map``
+    records {group: rank}. Every rank runs the same calls; rank 0 gets the output and the
+    whole cache. ``pipeline_timeout`` (seconds or a timedelta; default 30 minutes) bounds
+    each wait for another rank.
     """
     if default_padding_side not in (None, "left", "right"):
         raise ValueError(f"default_padding_side must be 'left' or 'right', got {default_padding_side!r}")
+    if not isinstance(compile, (bool, dict)):
+        raise TypeError(f"compile must be True, False or a dict of torch.compile arguments, got {compile!r}")
     if torch_dtype is not None:
         dtype = torch_dtype
     options = ProcessingOptions(
@@ -112,7 +135,13 @@ def load_model(
         refactor_factored_attn_matrices=refactor_factored_attn_matrices,
     )
     size = dict(
-        device_map=device_map, max_memory=max_memory, n_devices=n_devices, offload=offload, offload_dir=offload_dir
+        device_map=device_map,
+        max_memory=max_memory,
+        n_devices=n_devices,
+        offload=offload,
+        offload_dir=offload_dir,
+        pipeline_ranks=pipeline_ranks,
+        pipeline_timeout=pipeline_timeout,
     )
     model = _load(
         name_or_path,
@@ -127,6 +156,8 @@ def load_model(
         model.cfg = model.cfg.replace(default_prepend_bos=default_prepend_bos)
     if default_padding_side is not None and model.tokenizer is not None:
         model.set_tokenizer(model.tokenizer, default_padding_side)
+    if compile is not False:
+        model.compile(**(compile if isinstance(compile, dict) else {}))
     return model
 
 
@@ -165,11 +196,6 @@ def _load(
     cfg = weights_conversion.config_from_hf(hf_config, where).replace(model_name=str(name_or_path))
     if tokenizer is None:
         tokenizer = make_tokenizer()
-    # As in TransformerLens, prompts start with BOS unless the checkpoint says otherwise. Only
-    # GGUF metadata says so explicitly; an HF tokenizer's add_bos_token=False does not (GPT-2's
-    # is False, and TransformerLens prepends BOS to GPT-2 prompts).
-    if hf_config.get("add_bos_token") is False:
-        cfg = cfg.replace(default_prepend_bos=False)
 
     groups = weights_conversion.convert_groups(cfg, source, family)
     model = build_and_fill(
@@ -183,7 +209,8 @@ def _load(
         tied=cfg.tie_word_embeddings,
         **size,
     )
-    _warn_unused(source, cfg)
+    if model._stage is None:  # a stage reads only its own blocks' tensors
+        _warn_unused(source, cfg)
     return model
 
 
@@ -193,6 +220,11 @@ def processed_copy(model: HookedTransformer, options: ProcessingOptions) -> Hook
     this serves ``process_weights_``, which drops the old modules."""
     if not steps_for(model.cfg, options):
         return model
+    if model._stage is not None:
+        raise ValueError(
+            "this model is split over processes (pipeline_ranks) and holds only some blocks' weights: "
+            "load it with the processing you want instead (from_pretrained's fold_ln, center_* flags)"
+        )
     params = dict(model.named_parameters(remove_duplicate=False))
     weights = {name: p.detach() for name, p in params.items()}
     frozen = {name for name, p in params.items() if not p.requires_grad}
@@ -257,11 +289,14 @@ def _load_converted(
         tokenizer = _hf_tokenizer(ckpt.directory)
     # A tied unembedding is stored once, as W_E; processing that rewrites it needs its own copy.
     stored_tied = cfg.tie_word_embeddings and "unembed.W_U" not in source.names()
-    untie = stored_tied and bool(set(steps_for(cfg, options)) & REWRITE_EMBEDDINGS)
+    # the last rank of a split model holds the unembedding without the embeddings: its own copy
+    split = (size.get("pipeline_ranks") or 1) > 1
+    untie = stored_tied and (split or bool(set(steps_for(cfg, options)) & REWRITE_EMBEDDINGS))
     names = [name for name, _ in build_on_meta(cfg).named_parameters()]
     groups = converted_groups(cfg.n_layers, names, source, stored_tied, untie)
     model = build_and_fill(
         cfg, options, groups, tokenizer, device, dtype, desc=f"loading {ckpt.directory.name}", tied=stored_tied, **size
     )
-    _warn_unused(source, cfg)
+    if model._stage is None:
+        _warn_unused(source, cfg)
     return model

@@ -9,6 +9,7 @@ group's temporaries.
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from weights_conversion.groups import Group
+from weights_conversion.groups import Group, load_order
 from weights_conversion.sources import CorruptCheckpointError, MissingWeightsError, WeightShapeError
 
 from .. import processing
@@ -45,6 +46,8 @@ def build_and_fill(
     n_devices: int | None = None,
     offload: str | None = None,
     offload_dir: Any = None,
+    pipeline_ranks: int | None = None,
+    pipeline_timeout: Any = None,
 ) -> HookedTransformer:
     """Build the (processed) model on the meta device and stream ``groups`` into it.
 
@@ -54,7 +57,8 @@ def build_and_fill(
     ``device_map`` / ``max_memory`` / ``n_devices``: placement over devices, resolved and
     checked before any tensor is read (placement.py); each tensor goes straight to its
     group's device. ``offload``: "cpu" or "disk" keeps each block's weights off ``device``
-    (offload.py), stored as soon as the block is read.
+    (offload.py), stored as soon as the block is read. ``pipeline_ranks``: this process
+    reads and holds only its stage's groups (pipeline.py); the others stay on the meta device.
     """
     from .offload import BlockOffload, OffloadKind
     from .placement import PlacementError, group_of, resolve_device_map
@@ -79,7 +83,26 @@ def build_and_fill(
     applied = model_cfg.processing[len(cfg.processing) :]
     process = (lambda group: processing.process_group(cfg, group, options)) if applied else None
     share = tied and not set(applied) & processing.REWRITE_EMBEDDINGS
+    stage = None
+    if pipeline_ranks is not None and pipeline_ranks != 1:
+        from .pipeline import join_pipeline
+
+        if placement is not None or store is not None:
+            raise PlacementError(
+                "pipeline_ranks splits the blocks over processes, one device per rank; it does not combine "
+                "with device_map / n_devices / offload"
+            )
+        stage = join_pipeline(model_cfg, pipeline_ranks, device, _timedelta(pipeline_timeout))
+        stage.dtype = dtype
+        device = stage.device
+        by_label = _groups_by_label(cfg.n_layers)
+        groups = [g for g in groups if stage.owns(by_label[g[0]])]  # the other ranks' tensors are never read
+        share = False  # the embeddings and the unembedding live on different ranks
     model = build_on_meta(model_cfg, tokenizer)
+    if stage is not None:
+        skip = frozenset(name for name, _ in model.named_parameters() if not stage.owns(group_of(name)))
+    else:
+        skip = frozenset({"unembed.W_U"}) if share else frozenset()
     if placement is not None:
         target: Any = lambda name: placement[group_of(name)]  # noqa: E731
     elif store is not None:
@@ -101,7 +124,7 @@ def build_and_fill(
         process=process,
         n_groups=len(groups),
         desc=desc,
-        skip=frozenset({"unembed.W_U"}) if share else frozenset(),
+        skip=skip,
         after_group=after_group,
     )
     if share and (placement is None or placement["embed"] == placement["final"]):
@@ -110,6 +133,9 @@ def build_and_fill(
         assert placement is not None
         W_E = model.embed.W_E
         model.unembed.W_U = nn.Parameter(W_E.detach().T.to(placement["final"]), requires_grad=W_E.requires_grad)
+    if stage is not None:
+        model._stage = stage
+        model.cfg = model.cfg.replace(pipeline_map=dict(stage.map))
     model = finish(model, placement["embed"] if placement is not None else device)
     if placement is not None:
         model._set_placement(placement)
@@ -117,6 +143,20 @@ def build_and_fill(
         store.attach(model.blocks)
         model._offload = store  # type: ignore[assignment]  # a plain attribute: Module.__setattr__ takes any value
     return model
+
+
+def _groups_by_label(n_layers: int) -> dict[str, str]:
+    """The label of each group a load streams (weights_conversion/groups.py) -> its placement group."""
+    names = {"embeddings": "embed", "final": "final"}
+    return {p.label: names.get(p.kind, f"blocks.{p.layer}") for p in load_order(n_layers)}
+
+
+def _timedelta(timeout: Any) -> datetime.timedelta:
+    from ..distributed import DEFAULT_TIMEOUT
+
+    if timeout is None:
+        return DEFAULT_TIMEOUT
+    return timeout if isinstance(timeout, datetime.timedelta) else datetime.timedelta(seconds=float(timeout))
 
 
 def materialize(

@@ -97,6 +97,12 @@ class BlockOffload:
                 "offload='disk' needs offload_dir=..., a directory for the memory-mapped block files "
                 "(as large as the blocks' weights)"
             )
+        if kind == "disk" and offload_dir is not None and Path(offload_dir).exists() and not Path(offload_dir).is_dir():
+            raise ValueError(
+                f"offload_dir={str(offload_dir)!r} is a file, not a directory: offload='disk' writes each block's "
+                f"weights there (blocks.{{L}}.safetensors, from any checkpoint format) and memory-maps them; give a "
+                f"new or empty directory (the checkpoint itself is never written to)"
+            )
         self.kind = kind
         self.device = torch.device(device or "cpu")
         self.directory = Path(offload_dir) if offload_dir is not None else None

@@ -14,9 +14,11 @@ Signatures and output shapes are TransformerLens's (``patching.py`` of TL 2.x/3.
 
 What is different: many patches run in one forward. Each patch is a copy of the
 corrupted batch with one site patched; copies are stacked on the batch axis, so a chunk
-of ``n`` patches is one forward on ``n * batch`` rows, and a chunk whose patches all sit
-at layer ``>= L`` starts at block ``L`` from the corrupted run's ``resid_pre`` (the rows
-are identical before that). Every row computes exactly what its own forward would, so
+of ``n`` patches is one forward on up to ``n * batch`` rows, and a patch at layer ``L``
+joins the stacked batch at block ``L`` from the corrupted run's ``resid_pre`` (its rows are
+identical before that), so no row runs a block below its patch. ``metric_positions=-1`` (or
+any positions) declares the only positions the metric reads: the others are not unembedded
+(NaN in the logits the metric gets). Every row computes exactly what its own forward would, so
 the numbers are those of one patch per forward (tested against that loop). Chunks are
 sized to a memory budget (``max_batch_bytes``) or a fixed ``batch_size`` (patches per
 forward).
@@ -50,7 +52,8 @@ attention softmax exactly for query and key patches instead of linearising throu
 ``grad_drop=True`` averages |estimate| over runs that each drop one block's gradient. On the
 IOI prompt of ``notebooks/ioi_circuit.ipynb`` (SmolLM2-135M, each head's queries at all
 positions, layers 20-29), the Pearson correlation with exact patching is 0.967 for AtP and
-0.997 for AtP*; on two prompts over all 30 layers, 0.71 and 0.92. Tests: AtP* beats AtP on
+0.997 for AtP*; on two prompts over all 30 layers, 0.71 and 0.92 (queries) and 0.865 and
+0.9998 (key heads at all positions). Tests: AtP* beats AtP on
 small models whose attention saturates (``tests/test_circuits.py``).
 
 Ablations (``ablation``): zero, mean and resample ablations of any site, head, neuron or

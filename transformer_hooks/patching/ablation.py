@@ -320,8 +320,13 @@ def run_ablations(
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
     vectorized_metric: bool = False,
     progress: bool = False,
+    metric_positions: int | Sequence[int] | None = None,
 ) -> Float[torch.Tensor, " n_ablations"]:
-    """The metric of each ablated run (one ablation per run), many runs per forward."""
+    """The metric of each ablated run (one ablation per run), many runs per forward.
+
+    Each run joins the stacked batch at its site's block, and with ``metric_positions``
+    (the only positions the metric reads, e.g. ``-1``) only those positions are
+    unembedded (``patching.run_patches``)."""
     toks = _tokens(model, tokens)
     resolved = [_resolve(model, a, toks.shape[1]) for a in ablations]
     values = _values(model, toks, [a for a, _ in resolved], reference, per_position, seed)
@@ -346,6 +351,7 @@ def run_ablations(
             vectorized_metric=vectorized_metric,
             progress=progress,
             desc=f"{kind} ablation",
+            metric_positions=metric_positions,
         ).cpu()
     return out.to(model.device)
 
@@ -373,7 +379,7 @@ def ablation_sweep(
     ``positions`` / ``heads`` restrict every ablation of the sweep (e.g. only the last
     position). ``layers``: sweep only these layers (the rows of the result, in that order).
     Keyword options of ``run_ablations`` (batch_size, max_batch_bytes, vectorized_metric,
-    progress) pass through. Returns ``[n_layers (or len(layers)), n_index]``.
+    progress, metric_positions) pass through. Returns ``[n_layers (or len(layers)), n_index]``.
     """
     if over not in ("head", "neuron", "pos"):
         raise ValueError(f"over must be 'head', 'neuron' or 'pos', got {over!r}")

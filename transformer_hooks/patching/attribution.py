@@ -164,7 +164,16 @@ def generic_attribution_patch(
     position t gives row t the scores ``q'_t . k_s``; a patched key at position s changes
     column s of every row; the new pattern ``A'`` is an exact softmax and the estimate is
     ``sum (A' - A) * d metric / d A`` (linear only after the pattern). Plain AtP misses the
-    effect of a key whose score moves a saturated softmax (its gradient there is ~0).
+    effect of a key whose score moves a saturated softmax (its gradient there is ~0). A key
+    head patched at all positions moves every query head of its GQA group at once; their
+    terms are summed (tested against that brute force to 1e-5).
+
+    What the QK fix does not fix is everything after the pattern: when a patch moves the
+    pattern far (a row switching keys, |A' - A| ~ 1) and the layers above are far from linear,
+    AtP* is the right slope at the corrupted pattern and still misses. SmolLM2-135M on IOI,
+    keys at all positions: correlation with exact patching 0.9998 for AtP*, 0.865 for AtP; on
+    the 2-layer random test checkpoints AtP* can lose on a layer-0 key whose patch flips a
+    random x8-scaled block above it (``benchmarks/RESULTS.md``, circuits).
 
     ``grad_drop=True`` (GradDrop, from the same paper): the estimate is made once per block
     ``l`` with the gradient through block l's residual writes (attn_out, mlp_out) zeroed, and

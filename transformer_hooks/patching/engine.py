@@ -7,6 +7,7 @@ are stated once, in the package docstring (``transformer_hooks.patching``).
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .. import sites
 from ..hooks import HookPoint
-from ..utils import get_act_name
+from ..utils import check_index, get_act_name
 
 if TYPE_CHECKING:
     from ..model import HookedTransformer
@@ -260,17 +261,25 @@ def run_patches(
     vectorized_metric: bool = False,
     progress: bool = True,
     desc: str = "patching",
+    metric_positions: int | Sequence[int] | None = None,
 ) -> Float[torch.Tensor, " n_patches"]:
     """The metric of each patched run, stacking patches on the batch axis.
 
     ``clean_activations`` maps each site to its clean activation; inputs are assumed
     checked (the public sweeps do it). Hooks live inside ``model.hooks()`` for one chunk,
     so an exception (or KeyboardInterrupt) anywhere leaves none attached.
+
+    A patch at block ``L`` leaves blocks ``< L`` as in the corrupted run, so its row joins
+    the stacked batch at block ``L`` from the corrupted run's cached ``resid_pre``: a chunk
+    runs segment by segment, the batch growing as it reaches each patch's layer, and no
+    row computes a block below its patch. ``metric_positions``: the only positions whose
+    logits the metric reads (e.g. ``-1``); the rest are not unembedded and are NaN in the
+    logits the metric gets (a metric reading them fails before any forward).
     """
     tokens = corrupted_tokens
     batch = tokens.shape[0]
-    # Where a chunk can start: a patch at block L (or later) leaves blocks before L as in the
-    # corrupted run, whose resid_pre we cache once. Top-level sites (embed, ln_final) start at 0.
+    positions = _metric_positions(model, patching_metric, tokens, metric_positions, vectorized_metric)
+    # Top-level sites (embed, ln_final) start at 0.
     start_of = [(model.hook_dict[p.site].layer_idx or 0) for p in patches]
     order = sorted(range(len(patches)), key=lambda i: start_of[i])  # stable: grid order within a layer
     per_chunk = _chunk_size(model, tokens, max_batch_bytes) if batch_size is None else batch_size
@@ -287,19 +296,97 @@ def run_patches(
     out = torch.empty(len(patches), dtype=torch.float32)
     with tqdm(total=len(patches), desc=desc, disable=not progress) as bar:
         for lo in range(0, len(order), per_chunk):
-            chunk = order[lo : lo + per_chunk]
-            start = min(start_of[i] for i in chunk)
+            chunk = order[lo : lo + per_chunk]  # rows in order of their start layer
             n = len(chunk)
-            hooks = _chunk_hooks([patches[i] for i in chunk], clean_activations, n, batch)
+            hooks = _chunk_hooks([patches[i] for i in chunk], clean_activations, batch)
+            joins = list(Counter(start_of[i] for i in chunk).items())  # [(layer, rows joining there)], ascending
             with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-                if start == 0:
-                    logits = model(tokens.repeat(n, 1))
-                else:
-                    logits = model(resid_pre[start].repeat(n, 1, 1), start_at_layer=start)
+                logits = _growing_forward(model, tokens, resid_pre, joins, positions)
             logits = logits.unflatten(0, (n, batch))  # [patch, batch, pos, d_vocab]
             out[torch.tensor(chunk)] = _metric_per_patch(patching_metric, logits, vectorized_metric).cpu()
             bar.update(n)
     return out.to(model.device)
+
+
+def _growing_forward(
+    model: HookedTransformer,
+    tokens: torch.Tensor,
+    resid_pre: dict[int, torch.Tensor],
+    joins: list[tuple[int, int]],
+    positions: list[int] | None,
+) -> Float[torch.Tensor, "rows pos d_vocab"]:
+    """One stacked forward whose rows join at their start layers: ``joins`` lists (layer,
+    number of patch rows joining there) in ascending layer order; each patch row is a copy
+    of the corrupted batch. Rows already in the batch run blocks ``[L_i, L_{i+1})``, then the
+    rows joining at ``L_{i+1}`` (the cached corrupted ``resid_pre``) are appended."""
+    n_layers = model.cfg.n_layers
+    resid: torch.Tensor | None = None
+    bounds = [layer for layer, _ in joins[1:]] + [n_layers]
+    for (layer, count), stop in zip(joins, bounds, strict=True):
+        x: torch.Tensor
+        if layer == 0:  # only ever first: these rows start from the tokens
+            x, start = tokens.repeat(count, 1), None
+        else:
+            fresh = resid_pre[layer].repeat(count, 1, 1)
+            x, start = (fresh if resid is None else torch.cat([resid.to(fresh.device), fresh])), layer
+        if stop == n_layers:
+            return _final(model, x, start, positions)
+        resid = model(x, start_at_layer=start, stop_at_layer=stop)
+    raise AssertionError(f"joins {joins} end below the last block")  # unreachable: the last segment returns
+
+
+def _final(
+    model: HookedTransformer, input: torch.Tensor, start: int | None, positions: list[int] | None
+) -> Float[torch.Tensor, "rows pos d_vocab"]:
+    """The rest of the forward from block ``start`` (tokens if None); with ``positions``,
+    only those positions are unembedded and the others are NaN."""
+    if positions is None:
+        return model(input, start_at_layer=start)
+    normed: dict[str, torch.Tensor] = {}
+
+    def keep(module: Any, args: Any, out: torch.Tensor) -> None:
+        normed["x"] = out
+
+    handle = model.ln_final.register_forward_hook(keep)
+    try:
+        model(input, start_at_layer=start, return_type=None)  # runs ln_final, skips the unembedding
+    finally:
+        handle.remove()
+    x = normed["x"]
+    picked = model.unembed(x[:, positions])
+    logits = picked.new_full((*x.shape[:2], picked.shape[-1]), float("nan"))
+    logits[:, positions] = picked
+    return logits
+
+
+def _metric_positions(
+    model: HookedTransformer,
+    metric: PatchingMetric,
+    tokens: torch.Tensor,
+    metric_positions: int | Sequence[int] | None,
+    vectorized: bool,
+) -> list[int] | None:
+    """``metric_positions`` checked (negative counts from the end), and the metric checked
+    not to read other positions: on trial logits NaN elsewhere it must give a number."""
+    if metric_positions is None:
+        return None
+    n_pos = tokens.shape[1]
+    values = [metric_positions] if isinstance(metric_positions, int) else list(metric_positions)
+    if not values:
+        raise ValueError("metric_positions is empty: give the positions the metric reads (e.g. -1), or None")
+    of = f"tokens of {n_pos} positions (metric_positions)"
+    positions = sorted({check_index(int(p), n_pos, "position", of) for p in values})
+    shape = (1, *tokens.shape, model.cfg.d_vocab) if vectorized else (*tokens.shape, model.cfg.d_vocab)
+    trial = torch.full(shape, float("nan"), dtype=model.dtype, device=model.device)
+    trial[..., positions, :] = 0
+    value = torch.as_tensor(metric(trial))
+    if bool(value.detach().isnan().any()):
+        raise ValueError(
+            f"patching_metric reads logits outside metric_positions={metric_positions!r} (it returned NaN on "
+            f"trial logits that are NaN at the other positions); add the positions it reads, or drop "
+            f"metric_positions"
+        )
+    return positions
 
 
 def _chunk_size(model: HookedTransformer, tokens: torch.Tensor, max_batch_bytes: int) -> int:
@@ -317,9 +404,12 @@ def _chunk_size(model: HookedTransformer, tokens: torch.Tensor, max_batch_bytes:
 
 
 def _chunk_hooks(
-    patches: list[Patch], clean_activations: dict[str, torch.Tensor], n: int, batch: int
+    patches: list[Patch], clean_activations: dict[str, torch.Tensor], batch: int
 ) -> list[tuple[str, Callable]]:
-    """One hook per site: row ``i`` of the stacked batch gets patch ``i`` (if it is at that site)."""
+    """One hook per site: row ``i`` of the stacked batch gets patch ``i`` (if it is at that site).
+
+    The batch holds the rows that have joined by that site's layer (``_growing_forward``),
+    a prefix of the chunk that includes every patch at that site."""
     by_site: dict[str, list[tuple[int, Patch]]] = {}
     for row, patch in enumerate(patches):
         by_site.setdefault(patch.site, []).append((row, patch))
@@ -328,7 +418,7 @@ def _chunk_hooks(
         def patch_rows(activation: torch.Tensor, hook: HookPoint) -> torch.Tensor:
             # A copy: the incoming tensor may be shared with other parts of the forward.
             activation = activation.clone()
-            rows = activation.unflatten(0, (n, batch))  # [patch, batch, ...], a view of the copy
+            rows = activation.unflatten(0, (-1, batch))  # [patch, batch, ...], a view of the copy
             source = clean.to(activation.dtype)
             for row, patch in entries:
                 slot = rows[row]
@@ -367,6 +457,7 @@ def generic_activation_patch(
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
     vectorized_metric: bool = False,
     progress: bool = True,
+    metric_positions: int | Sequence[int] | None = None,
 ) -> Any:
     """Patch ``activation_name`` from ``clean_cache`` into the corrupted run at every index; return the metric.
 
@@ -381,7 +472,8 @@ def generic_activation_patch(
 
     Beyond TL (keyword-only): ``batch_size`` patches per forward (default: as many as fit
     in ``max_batch_bytes`` of activations); ``vectorized_metric`` (see the module
-    docstring); ``progress`` shows a tqdm bar.
+    docstring); ``progress`` shows a tqdm bar; ``metric_positions`` the only positions the
+    metric reads (the rest are not unembedded: ``run_patches``).
 
     Errors before any forward: an unknown activation name or a site the model lacks, a
     site missing from ``clean_cache``, clean activations whose batch or length differ from
@@ -414,6 +506,7 @@ def generic_activation_patch(
         vectorized_metric=vectorized_metric,
         progress=progress,
         desc=f"patching {activation_name}",
+        metric_positions=metric_positions,
     )
     if index_df is None:
         values = values.reshape(grid)

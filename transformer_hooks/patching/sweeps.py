@@ -7,7 +7,7 @@ of chunks.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -77,6 +77,7 @@ def _sweep(
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
         vectorized_metric: bool = False,
         progress: bool = True,
+        metric_positions: int | Sequence[int] | None = None,
     ) -> Any:
         return generic_activation_patch(
             model,
@@ -91,6 +92,7 @@ def _sweep(
             max_batch_bytes=max_batch_bytes,
             vectorized_metric=vectorized_metric,
             progress=progress,
+            metric_positions=metric_positions,
         )
 
     return _named(
@@ -98,7 +100,8 @@ def _sweep(
         name,
         f"Activation patching of {what}: ``{_shape_doc(activation_name, index_axis_names)}``, "
         f"the metric after patching each index.\n\n    Keyword options (batch_size, "
-        f"max_batch_bytes, vectorized_metric, progress) as in ``generic_activation_patch``.",
+        f"max_batch_bytes, vectorized_metric, progress, metric_positions) as in "
+        f"``generic_activation_patch``.",
     )
 
 
@@ -235,6 +238,7 @@ def _every(
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
     vectorized_metric: bool = False,
     progress: bool = True,
+    metric_positions: int | Sequence[int] | None = None,
 ) -> list[torch.Tensor]:
     tokens = _corrupted_tokens(model, corrupted_tokens)
     patches, grids = [], []
@@ -255,6 +259,7 @@ def _every(
         vectorized_metric=vectorized_metric,
         progress=progress,
         desc=desc,
+        metric_positions=metric_positions,
     )
     return [part.reshape(grid) for part, grid in zip(values.split([_numel(g) for g in grids]), grids, strict=True)]
 

@@ -1,0 +1,199 @@
+"""Layer ranges across processes: a model larger than one machine, one contiguous range of
+blocks per rank of a ``torch.distributed`` process group (``torchrun``; gloo on CPU, NCCL
+on GPU), ``from_pretrained(..., pipeline_ranks=k)``.
+
+    rank 0        embed, blocks [0, b1)      --resid-->
+    rank 1        blocks [b1, b2)             --resid-->   ...
+    rank k-1      blocks [b_{k-1}, n), final norm + unembed   --output, cache-->  rank 0
+
+Each rank reads and holds only its own groups' weights; the other groups' parameters stay
+on the meta device (no memory), and their tensors are never read from the checkpoint.
+Every rank runs the model's one forward with the same input (as ``torchrun`` runs the same
+script): it skips the blocks it does not own, and ``PipelineStage.enter``, called by the
+model's block loop, passes the residual stream [batch, pos, d_model] to the next rank with
+point-to-point ``send``/``recv`` at a stage boundary. Its shape and dtype are known to
+both sides (the input's batch and length, the model's width and dtype), so only the data
+moves. Hooks fire on the rank that owns the site (a hook added on every rank for a site of
+another rank's block never fires there). The output (logits, loss, both) and the caches of
+``run_with_cache`` are sent to rank 0; the other ranks return None.
+
+The residual stream entering each block is bit for bit what one process computes (the
+blocks and their inputs are the same), so logits and caches equal a one-process run
+(tested with two gloo processes). Gradients do not cross ranks; ``start_at_layer``,
+``stop_at_layer`` and a KV cache (``generate``) are refused, as are placement over
+devices and offload within a rank. Another rank's weights are meta tensors here, so
+what reads every block's weights (``model.W_Q`` and the other stacked views, weight
+processing after loading, moving the model with ``.to``) is not available.
+
+Failure: every transfer waits at most ``timeout``; a rank that dies (its connection
+closes) or hangs makes its peers raise ``distributed.RankFailedError`` naming it, and no
+output is returned.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..config import ModelConfig
+from ..distributed import DEFAULT_TIMEOUT, RankFailedError, init_distributed, launched_by_torchrun, local_device
+from ..distributed import shard_bounds as _bounds
+
+PipelineMap = dict[str, int]
+
+
+class PipelineError(ValueError):
+    """A pipeline layout that cannot work (the process group does not match, too many ranks)."""
+
+
+def pipeline_map(n_layers: int, ranks: int) -> PipelineMap:
+    """{group: rank}: contiguous ranges of blocks (sizes differ by at most one), ``embed``
+    with the first, ``final`` (final norm and unembedding) with the last."""
+    out: PipelineMap = {"embed": 0}
+    for rank in range(ranks):
+        lo, hi = _bounds(n_layers, rank, ranks)
+        out.update({f"blocks.{L}": rank for L in range(lo, hi)})
+    out["final"] = ranks - 1
+    return out
+
+
+def join_pipeline(
+    cfg: ModelConfig, ranks: int, device: Any = None, timeout: datetime.timedelta = DEFAULT_TIMEOUT
+) -> "PipelineStage":
+    """This process's stage of a ``ranks``-stage pipeline, checked before any weight is read.
+
+    Joins the process group ``torchrun`` describes if it is not joined yet
+    (``distributed.init_distributed``)."""
+    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
+        raise PipelineError(f"pipeline_ranks must be a positive int, got {ranks!r}")
+    if ranks > cfg.n_layers:
+        raise PipelineError(
+            f"pipeline_ranks={ranks} is more than this model's {cfg.n_layers} blocks; each rank holds at "
+            f"least one block: use pipeline_ranks <= {cfg.n_layers}"
+        )
+    if not (dist.is_available() and dist.is_initialized()):
+        if not launched_by_torchrun():
+            raise PipelineError(
+                f"pipeline_ranks={ranks} splits the model over {ranks} processes of torch.distributed, which "
+                f"is not initialised: launch with `torchrun --nproc-per-node {ranks} script.py` (or call "
+                f"torch.distributed.init_process_group / transformer_hooks.distributed.init_distributed first)"
+            )
+        init_distributed(timeout=timeout)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world != ranks:
+        raise PipelineError(
+            f"pipeline_ranks={ranks}, but the process group has {world} rank(s); each rank holds one stage: "
+            f"launch {ranks} processes (torchrun --nproc-per-node {ranks}) or pass pipeline_ranks={world}"
+        )
+    return PipelineStage(pipeline_map(cfg.n_layers, ranks), rank, device or local_device(), timeout)
+
+
+class PipelineStage:
+    """One rank's part of a model split over processes (see the module docstring)."""
+
+    def __init__(self, layout: PipelineMap, rank: int, device: Any, timeout: datetime.timedelta) -> None:
+        self.map = dict(layout)
+        self.rank = rank
+        self.ranks = max(layout.values()) + 1
+        self.device = torch.device(device)
+        self.dtype = torch.float32  # set by the loader to the weights' dtype
+        self.timeout = timeout
+        n_layers = len(layout) - 2
+        # the owner of each step of the forward: block L at index L, the final norm at n_layers
+        self._owners = [layout[f"blocks.{L}"] for L in range(n_layers)] + [layout["final"]]
+
+    def owns(self, group: str) -> bool:
+        return self.map[group] == self.rank
+
+    def __repr__(self) -> str:
+        return f"PipelineStage(rank {self.rank} of {self.ranks}, {[g for g in self.map if self.owns(g)]})"
+
+    # The forward ---------------------------------------------------------------------------
+    def enter(self, layer: int, resid: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | None:
+        """The residual stream entering block ``layer`` (``n_layers``: the final norm) on
+        this rank, or None if another rank runs it. At a boundary, the rank that ran block
+        ``layer - 1`` sends the stream it holds and the owner of ``layer`` receives it."""
+        owner = self._owners[layer]
+        if owner == self.rank:
+            if resid is None:
+                resid = torch.empty(shape, dtype=self.dtype, device=self.device)
+                self._recv(resid, self._owners[layer - 1] if layer > 0 else 0, f"the residual stream entering {layer}")
+            return resid
+        if resid is not None:
+            self._send(resid, owner, f"the residual stream entering {layer}")
+        return None
+
+    def deliver(self, out: Any) -> Any:
+        """The forward's output on rank 0 (sent there by the last rank), None on the others."""
+        last = self.ranks - 1
+        if last == 0:
+            return out
+        if self.rank == last:
+            if isinstance(out, tuple):
+                self._send_named({"0": out[0], "1": out[1]}, 0, "the output")
+            else:
+                self._send_named({} if out is None else {"out": out}, 0, "the output")
+            return None
+        if self.rank != 0:
+            return None
+        got = self._recv_named(last, "the output")
+        if "1" in got:
+            return got["0"], got["1"]
+        return got.get("out")
+
+    def gather_cache(self, store: dict[str, torch.Tensor], device: Any = None) -> dict[str, torch.Tensor] | None:
+        """Every rank's cached activations, on rank 0 in the order of the forward (on
+        ``device`` if given, as ``run_with_cache(device=...)``); None elsewhere."""
+        if self.rank != 0:
+            self._send_named(store, 0, "its cached activations")
+            return None
+        merged = dict(store)
+        for rank in range(1, self.ranks):
+            received = self._recv_named(rank, "its cached activations")
+            merged.update(received if device is None else {k: v.to(device) for k, v in received.items()})
+        return merged
+
+    # Transport -------------------------------------------------------------------------------
+    def _wait(self, work: Any, what: str, peer: int) -> None:
+        try:
+            work.wait(self.timeout)
+        except RuntimeError as e:
+            raise RankFailedError(
+                f"rank {self.rank} of a model split over {self.ranks} processes: exchanging {what} with rank "
+                f"{peer} failed within {self.timeout} (rank {peer} died, hung or failed; see its log): {e}. "
+                f"No output was returned."
+            ) from e
+
+    def _send(self, t: torch.Tensor, dst: int, what: str) -> None:
+        data = t.detach().contiguous().reshape(-1).view(torch.uint8).to(self.device)  # any dtype, bit for bit
+        self._wait(dist.isend(data, dst), what, dst)
+
+    def _recv(self, into: torch.Tensor, src: int, what: str) -> None:
+        data = torch.empty(into.numel() * into.element_size(), dtype=torch.uint8, device=self.device)
+        self._wait(dist.irecv(data, src), what, src)
+        into.copy_(data.view(into.dtype).view(into.shape))
+
+    def _send_named(self, tensors: dict[str, torch.Tensor], dst: int, what: str) -> None:
+        """Names, dtypes and shapes (JSON, its length first), then each tensor's bytes."""
+        meta = json.dumps([[k, str(v.dtype).removeprefix("torch."), list(v.shape)] for k, v in tensors.items()])
+        encoded = torch.tensor(list(meta.encode()), dtype=torch.uint8)
+        self._send(torch.tensor([encoded.numel()], dtype=torch.int64), dst, what)
+        self._send(encoded, dst, what)
+        for t in tensors.values():
+            self._send(t, dst, what)
+
+    def _recv_named(self, src: int, what: str) -> dict[str, torch.Tensor]:
+        n = torch.empty(1, dtype=torch.int64)
+        self._recv(n, src, what)
+        encoded = torch.empty(int(n), dtype=torch.uint8)
+        self._recv(encoded, src, what)
+        out = {}
+        for name, dtype, shape in json.loads(bytes(encoded.tolist()).decode()):
+            t = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
+            self._recv(t, src, what)
+            out[name] = t
+        return out
