@@ -26,8 +26,8 @@ what reads every block's weights (``model.W_Q`` and the other stacked views, wei
 processing after loading, moving the model with ``.to``) is not available.
 
 Failure: every transfer waits at most ``timeout``; a rank that dies (its connection
-closes) or hangs makes its peers raise ``RankFailedError`` (``process_group``, re-exported by ``distributed``) naming it, and no
-output is returned.
+closes) or hangs makes its peers raise ``RankFailedError`` (``process_group``, re-exported
+by ``distributed``) naming it, and no output is returned.
 """
 
 from __future__ import annotations
