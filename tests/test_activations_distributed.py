@@ -167,6 +167,14 @@ def test_harvest_command_same_under_python_and_torchrun(ckpt, tmp_path):
     assert two.manifest["world_size"] == 2 and "world_size" not in one.manifest
     assert printed["two"].count("rows of blocks.0.hook_resid_post") == 1  # rank 0 reports, once
     assert "over 2 processes" in printed["two"]
+    # Finished, it is the same dataset for one process: asked again, harvest returns it as it is.
+    before = {f: f.stat().st_mtime_ns for f in (tmp_path / "two").rglob("*")}
+    model = HookedTransformer.from_pretrained_no_processing(str(ckpt))
+    again = harvest(
+        model, tmp_path / "c.txt", "blocks.0.hook_resid_post", tmp_path / "two", **{**KW, "progress": False}
+    )
+    assert_same_dataset(again, one)
+    assert {f: f.stat().st_mtime_ns for f in (tmp_path / "two").rglob("*")} == before
 
 
 def test_distributed_harvest_to_disk_is_the_one_harvest(ckpt, single, tmp_path, monkeypatch):

@@ -469,6 +469,8 @@ def harvest(
     rank, world = rank_and_world()
     desc = f"harvesting {len(names)} site(s)"
     if world == 1:
+        if _done(out, model, fingerprint):
+            return ActivationDataset(out)
         place = _Place(out, out, out / MANIFEST)
         manifest = _resume(place, model, fingerprint)
         if not manifest["complete"]:
@@ -489,7 +491,7 @@ def harvest(
         for lo, hi in (shard_bounds(math.ceil(n / batch_size), r, world) for r in range(world))
     ]
     lo, hi = bounds[rank]
-    if _ranks_done(out, model, fingerprint):  # every rank reads the same manifest: the same answer
+    if _done(out, model, fingerprint):
         return ActivationDataset(out)
     consequence = (
         f"The manifest of {out} lists no row of this run; rerun the same harvest to continue from "
@@ -711,17 +713,27 @@ def _resume(place: _Place, model: Any, fingerprint: dict[str, Any], first_contex
     return manifest
 
 
-def _ranks_done(out: Path, model: Any, fingerprint: dict[str, Any]) -> bool:
-    """Whether ``out`` holds this harvest (over as many ranks), complete with every shard
-    there; raises if it holds another harvest. Reads only: every rank asks."""
+def _done(out: Path, model: Any, fingerprint: dict[str, Any]) -> bool:
+    """Whether ``out`` holds this harvest complete, with every shard there; raises if it
+    holds another harvest. A finished harvest is the same dataset whatever the number of
+    processes that wrote it; an unfinished one continues only with as many. Reads only
+    (under torchrun every rank asks, and gets the same answer)."""
     path = out / MANIFEST
     if not path.exists():
         return False
     manifest = json.loads(path.read_text())
-    _check_same_harvest(out, manifest, _fresh_manifest(model, fingerprint))
-    return bool(manifest["complete"]) and all(
+    fresh = _fresh_manifest(model, fingerprint)
+    done = bool(manifest["complete"]) and all(
         (out / e["file"]).is_file() and (out / e["file"]).stat().st_size == e["bytes"] for e in manifest["shards"]
     )
+    if done:
+
+        def any_world(m: dict[str, Any]) -> dict[str, Any]:
+            return {**m, "fingerprint": {k: v for k, v in m.get("fingerprint", {}).items() if k != "world_size"}}
+
+        manifest, fresh = any_world(manifest), any_world(fresh)
+    _check_same_harvest(out, manifest, fresh)
+    return done
 
 
 def _write_rank_manifest(
