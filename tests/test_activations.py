@@ -224,6 +224,40 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(model, tmp_path)
     assert files(out) == files(tmp_path / "whole")
 
 
+def test_shards_are_safetensors_and_writing_them_holds_no_memory(model, tmp_path):
+    """Shards load with safetensors itself; and writing shards of new sizes creates no
+    ctypes types (safetensors' own writer makes one per byte size, kept for the life of
+    the process: a long harvest's memory grew with its number of shards)."""
+    import ctypes
+    import gc
+
+    from safetensors.torch import load_file
+
+    def array_types() -> int:
+        meta = type(ctypes.c_ubyte * 1)  # the class of every ctypes array type
+        return sum(1 for o in gc.get_objects() if type(o) is meta)
+
+    def positions(seed):
+        return torch.rand(64, 16, generator=torch.Generator().manual_seed(seed)) < 0.5  # rows differ per shard
+
+    kw = dict(context_size=16, batch_size=2, shard_tokens=64, dtype="bfloat16", progress=False)
+    ds = harvest(model, stream(640), SITES, tmp_path / "a", positions=positions(0), **kw)
+    sizes = set()
+    start = 0
+    for entry in ds.manifest["shards"]:
+        loaded = load_file(str(tmp_path / "a" / entry["file"]))
+        rows = range(start, start + entry["n_rows"])
+        start += entry["n_rows"]
+        for site in SITES:
+            assert torch.equal(loaded[site], ds.rows(rows, site))
+        assert loaded["tokens"].shape == (entry["n_contexts"], 16) and loaded["token_mask"].dtype == torch.bool
+        sizes.add(entry["n_rows"])
+    assert len(sizes) > 3
+    before = array_types()
+    harvest(model, stream(640), SITES, tmp_path / "b", positions=positions(1), **kw)
+    assert array_types() == before
+
+
 def test_reading_batches_and_bad_datasets(model, tmp_path):
     ds = harvest(
         model, stream(200), SITES, tmp_path / "h", context_size=10, batch_size=2, shard_tokens=40, progress=False

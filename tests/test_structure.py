@@ -24,7 +24,18 @@ LAYER_NAMES = ["config", "weights_conversion", "low", "hooks", "components", "mo
 RANKS: dict[str, int] = {
     "config": CONFIG,
     **dict.fromkeys(
-        ["utils", "sites", "memory", "presets", "resolution", "factored_matrix", "tables", "tl_config", "dtypes"],
+        [
+            "utils",
+            "sites",
+            "memory",
+            "presets",
+            "resolution",
+            "factored_matrix",
+            "tables",
+            "tl_config",
+            "dtypes",
+            "process_group",
+        ],
         LOW,
     ),
     "hooks": HOOKS,

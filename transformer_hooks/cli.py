@@ -177,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .activations import add_harvest_arguments, run_harvest
 
-    harvest = sub.add_parser("harvest", help="store sites' activations over a corpus (resumable)")
+    harvest = sub.add_parser(
+        "harvest", help="store sites' activations over a corpus (resumable; data-parallel under torchrun)"
+    )
     add_harvest_arguments(harvest)
     harvest.set_defaults(func=run_harvest)
     from .sae.splice import add_sae_eval_arguments, run_sae_eval

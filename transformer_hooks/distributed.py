@@ -16,6 +16,12 @@ A rank that dies or hangs is caught by a barrier with a timeout (gloo's
 ``monitored_barrier`` names the missing rank) or by the process group's own timeout; the
 result is never returned, so nothing partial is written. Without an initialised process
 group (plain ``python``), everything runs in this process.
+
+The process group itself (rank, world size, the barrier, the status exchange) lives in
+``process_group`` and is re-exported here. Harvesting a corpus to disk under torchrun is
+``activations.harvest`` (per-rank shards, one manifest); ``harvest(..., out=DIR)`` here
+is that same function, and ``harvest`` without ``out`` gathers each prompt's cache in
+memory (``gather_caches``).
 """
 
 from __future__ import annotations
@@ -33,56 +39,41 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from .process_group import (
+    DEFAULT_TIMEOUT,
+    RankFailedError,
+    init_distributed,
+    launched_by_torchrun,
+    local_device,
+    rank_and_world,
+    shard_bounds,
+)
+from .process_group import barrier as _barrier
+
+__all__ = [  # the process group's names live in process_group; re-exported here, where they were first
+    "DEFAULT_TIMEOUT",
+    "RankFailedError",
+    "ResultStore",
+    "add_sweep_parser",
+    "cmd_sweep",
+    "gather_caches",
+    "harvest",
+    "init_distributed",
+    "job_fingerprint",
+    "launched_by_torchrun",
+    "local_device",
+    "logit_diff_metric",
+    "map_prompts",
+    "patch_pair",
+    "patching_sweep",
+    "rank_and_world",
+    "read_pairs",
+    "shard_bounds",
+    "write_results",
+]
+
 T = TypeVar("T")
 R = TypeVar("R")
-# How long a rank that finished its shard waits for the others. A rank that dies is noticed
-# at once (its connections close); the timeout catches one that hangs. It must exceed the
-# spread of the ranks' finishing times, which grows with the length of the run.
-DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
-
-
-class RankFailedError(RuntimeError):
-    pass
-
-
-# The process group --------------------------------------------------------------------
-def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
-
-
-def init_distributed(backend: str | None = None, timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> tuple[int, int]:
-    """Join the process group ``torchrun`` describes in the environment, if any, and return
-    (rank, world size); (0, 1) when run without torchrun. The backend is NCCL when CUDA
-    is available, else gloo; ``timeout`` bounds every collective (a dead peer fails the
-    others within it instead of hanging them)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    if not launched_by_torchrun():
-        return 0, 1
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend, timeout=timeout)
-    return dist.get_rank(), dist.get_world_size()
-
-
-def rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def local_device() -> torch.device:
-    """This rank's device: its GPU under NCCL, else the CPU."""
-    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
-    """The contiguous slice [lo, hi) of ``n`` items that ``rank`` of ``world`` takes (sizes differ by at most one)."""
-    return rank * n // world, (rank + 1) * n // world
 
 
 # Mapping over prompts ---------------------------------------------------------------------
@@ -94,20 +85,6 @@ def _to_cpu(x: Any) -> Any:
     if isinstance(x, dict):
         return {k: _to_cpu(v) for k, v in x.items()}
     return x
-
-
-def _barrier(timeout: datetime.timedelta) -> None:
-    """Wait for every rank; gloo names a rank that does not arrive within ``timeout``."""
-    if dist.get_backend() == "gloo":
-        try:
-            dist.monitored_barrier(timeout=timeout, wait_all_ranks=True)
-        except RuntimeError as e:
-            raise RankFailedError(
-                f"rank {dist.get_rank()}: not every rank reached the end of its shard within "
-                f"{timeout} (a rank died or hung): {e}. No result was gathered."
-            ) from e
-    else:
-        dist.barrier()
 
 
 class ResultStore:
@@ -224,7 +201,7 @@ def map_prompts(
     return results
 
 
-def harvest(
+def gather_caches(
     model: Any,
     prompts: Sequence[Any],
     names_filter: Any,
@@ -234,10 +211,11 @@ def harvest(
     progress: bool = True,
     resume_dir: str | os.PathLike[str] | None = None,
 ) -> list[dict[str, torch.Tensor]] | None:
-    """Activations of ``names_filter``'s sites for every prompt (text or token ids), one
-    forward per prompt, sharded over the ranks; rank 0 gets ``[{name: activation}]`` in
-    prompt order. ``reduce(name, activation)`` shrinks each before it is kept (e.g. the
-    last position, a mean over positions)."""
+    """Each prompt's cache of ``names_filter``'s sites (text or token ids), one forward per
+    prompt, sharded over the ranks; rank 0 gets ``[{name: activation}]`` in prompt order,
+    in memory. ``reduce(name, activation)`` shrinks each before it is kept (e.g. the last
+    position, a mean over positions). For a few prompts and for sites that are not per
+    position (attention patterns); a corpus goes to disk with ``activations.harvest``."""
 
     def one(prompt: Any) -> dict[str, torch.Tensor]:
         tokens = model.to_tokens(prompt) if isinstance(prompt, str) else torch.tensor([list(prompt)])
@@ -255,6 +233,40 @@ def harvest(
             "harvest": repr(names_filter) if not callable(names_filter) else "callable",
             "model": model.cfg.model_name,
         },
+    )
+
+
+def harvest(
+    model: Any,
+    prompts: Any,
+    names_filter: Any,
+    out: str | os.PathLike[str] | None = None,
+    *,
+    reduce: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    timeout: datetime.timedelta = DEFAULT_TIMEOUT,
+    progress: bool = True,
+    resume_dir: str | os.PathLike[str] | None = None,
+    **dataset_options: Any,
+) -> Any:
+    """Activations over many prompts under ``torchrun``. With ``out``: the one harvest,
+    ``activations.harvest(model, prompts, names_filter, out, ...)`` (each rank writes its
+    shards there, one manifest covers them; every rank gets the ``ActivationDataset``).
+    Without: ``gather_caches`` (each prompt's cache, gathered in memory on rank 0)."""
+    if out is not None:
+        if reduce is not None or resume_dir is not None:
+            raise ValueError(
+                "harvest(..., out=DIR) writes a dataset, which resumes in DIR itself and keeps "
+                "activations per position: drop reduce= and resume_dir= (or drop out= to gather caches)"
+            )
+        from .activations import harvest as harvest_to_disk
+
+        return harvest_to_disk(
+            model, prompts, names_filter, Path(out), timeout=timeout, progress=progress, **dataset_options
+        )
+    if dataset_options:
+        raise TypeError(f"{sorted(dataset_options)} are options of a harvest to disk: pass out=DIR as well")
+    return gather_caches(
+        model, prompts, names_filter, reduce=reduce, timeout=timeout, progress=progress, resume_dir=resume_dir
     )
 
 

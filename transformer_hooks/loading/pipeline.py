@@ -26,8 +26,8 @@ what reads every block's weights (``model.W_Q`` and the other stacked views, wei
 processing after loading, moving the model with ``.to``) is not available.
 
 Failure: every transfer waits at most ``timeout``; a rank that dies (its connection
-closes) or hangs makes its peers raise ``distributed.RankFailedError`` naming it, and no
-output is returned.
+closes) or hangs makes its peers raise ``RankFailedError`` (``process_group``, re-exported
+by ``distributed``) naming it, and no output is returned.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ import torch
 import torch.distributed as dist
 
 from ..config import ModelConfig
-from ..distributed import DEFAULT_TIMEOUT, RankFailedError, init_distributed, launched_by_torchrun, local_device
-from ..distributed import shard_bounds as _bounds
+from ..process_group import DEFAULT_TIMEOUT, RankFailedError, init_distributed, launched_by_torchrun, local_device
+from ..process_group import shard_bounds as _bounds
 
 PipelineMap = dict[str, int]
 
