@@ -192,6 +192,39 @@ def test_keep_freed_memory_reuses_freed_blocks_instead_of_faulting_them_in_again
     assert faults_per_allocation("restored") > 0.9 * pages
 
 
+LARGE_CACHE_PROBE = """
+import resource, torch
+from transformer_hooks import HookedTransformer
+model = HookedTransformer.from_pretrained_no_processing("smollm2-135m-instruct")
+tokens = torch.randint(0, model.cfg.d_vocab, (1, 1024), generator=torch.Generator().manual_seed(0))
+faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+counts = []
+with torch.inference_mode():
+    for _ in range(3):  # every layer's scores and pattern: a 2.3 GB cache
+        before = faults()
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith(("hook_pattern", "hook_attn_scores")))
+        counts.append(faults() - before)
+        pages = sum(t.untyped_storage().nbytes() for t in cache.values()) / resource.getpagesize()
+        del cache
+print(counts[-1], pages)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="glibc's malloc: Linux only")
+def test_freed_memory_is_kept_for_a_cache_larger_than_2_gib():
+    """glibc returns the whole free top of its heap once it passes the trim threshold, and
+    mallopt's largest finite threshold is 2 GiB: with it, a cache bigger than that (SmolLM2's
+    scores and patterns at 1 x 1024, 2.3 GB) was faulted in afresh on every call. The default
+    never trims, so the third call reuses the memory of the second."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", LARGE_CACHE_PROBE], capture_output=True, text=True, check=True)
+    faults, pages = (float(v) for v in out.stdout.strip().splitlines()[-1].split())
+    assert pages * PAGE > 2**31, "the cache must be larger than 2 GiB for this test to mean anything"
+    assert faults < 0.05 * pages, f"{faults:.0f} page faults for a cache of {pages:.0f} pages"
+
+
 # Reusing freed memory by default -------------------------------------------------------------
 def test_a_held_cache_is_never_overwritten_by_later_runs(model):
     """run_with_cache keeps freed memory for reuse: the runs after it must reuse only what

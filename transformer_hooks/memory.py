@@ -14,8 +14,11 @@ unless the process already chose: ``keep_freed_memory(False)`` called before (or
 time after, which also restores glibc's thresholds), ``TRANSFORMER_HOOKS_KEEP_FREED_MEMORY=0``
 in the environment, or glibc's own ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``
 set. The cost is memory held, not memory lost: after a cache is deleted the resident set
-stays near its peak (up to 2 GiB of free heap is kept), and that memory serves the next
-cache instead of being faulted in again. Reuse never touches a live tensor: the allocator
+stays at its peak (freed heap is never trimmed automatically), and that memory serves the
+next cache instead of being faulted in again; ``return_freed_memory()`` hands it back on
+demand. (A bounded amount does not work: glibc's ``mallopt`` takes an int, so the largest
+finite trim threshold is 2 GiB, and once the free top of the heap passes it glibc returns
+all of it: a 3.5 GB cache was faulted in afresh on every call.) Reuse never touches a live tensor: the allocator
 only hands out blocks that were freed, so a cache the user holds is never overwritten.
 """
 
@@ -61,9 +64,9 @@ def keep_freed_memory(keep: bool = True) -> bool:
 
     Affects the whole process, as ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_``
     do (set those before Python starts for the same effect): blocks up to 1 GiB come from
-    the heap, and up to 2 GiB of free heap is kept instead of being returned. The resident
-    set then stays near its peak after a large cache is deleted; that memory serves the
-    next one. Returns whether the setting took effect (False without glibc).
+    the heap, and free heap is kept instead of being returned (``return_freed_memory()``
+    returns it on demand). The resident set then stays at its peak after a large cache is
+    deleted; that memory serves the next one. Returns whether the setting took effect (False without glibc).
     """
     global _chosen
     _chosen = True
@@ -87,7 +90,8 @@ def keep_freed_memory_by_default() -> bool:
 
 
 def _set_thresholds(keep: bool) -> bool:
-    mmap_threshold, trim_threshold = (1 << 30, (1 << 31) - 1) if keep else (_GLIBC_DEFAULT_THRESHOLD,) * 2
+    # -1 as mallopt's int is SIZE_MAX as glibc's size_t threshold: never trim on free.
+    mmap_threshold, trim_threshold = (1 << 30, -1) if keep else (_GLIBC_DEFAULT_THRESHOLD,) * 2
     return bool(_LIBC.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(
         _LIBC.mallopt(_M_TRIM_THRESHOLD, trim_threshold)
     )
