@@ -50,12 +50,12 @@ def worker(rank: int, world: int, port: int, ckpt: str, out: str, mode: str, n_c
     commits = []
     real_commit = activations._commit_shard
 
-    real_save = activations._save_shard
+    real_save = activations.write_safetensors
 
-    def save(tensors, path):
+    def save(path, tensors):
         if mode == "full" and rank == 1 and len(commits) == 1:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_save(tensors, path)
+        real_save(path, tensors)
 
     def commit(place, state, tensors, n_ctx, n_tok):
         real_commit(place, state, tensors, n_ctx, n_tok)
@@ -64,7 +64,7 @@ def worker(rank: int, world: int, port: int, ckpt: str, out: str, mode: str, n_c
             os._exit(3)  # a hard death after two complete shards: no exception, no goodbye
 
     activations._commit_shard = commit
-    activations._save_shard = save
+    activations.write_safetensors = save
     report: dict = {"rank": rank}
     started = time.monotonic()
     try:

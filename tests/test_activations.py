@@ -154,16 +154,16 @@ def test_positions_dtype_and_stopping_early(model, tmp_path):
 def test_interrupted_harvests_resume_to_the_same_bytes(model, tmp_path, monkeypatch):
     kw = dict(context_size=16, batch_size=2, shard_tokens=64, progress=False)
     whole = harvest(model, stream(), SITES, tmp_path / "whole", **kw)
-    real_save = activations._save_shard
+    real_save = activations.write_safetensors
     count = {"n": 0}
 
-    def failing(tensors, path):
+    def failing(path, tensors):
         count["n"] += 1
         if count["n"] == 4:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_save(tensors, path)
+        real_save(path, tensors)
 
-    monkeypatch.setattr(activations, "_save_shard", failing)
+    monkeypatch.setattr(activations, "write_safetensors", failing)
     with pytest.raises(OSError, match=r"shard_00003.*disk is full.*3 complete shard.*rerun the same harvest") as e:
         harvest(model, stream(), SITES, tmp_path / "part", **kw)
     assert e.value.errno == errno.ENOSPC
@@ -171,7 +171,7 @@ def test_interrupted_harvests_resume_to_the_same_bytes(model, tmp_path, monkeypa
     assert not partial.complete and len(partial.manifest["shards"]) == 3
     assert torch.equal(partial.rows(range(len(partial)), SITES[1]), whole.rows(range(len(partial)), SITES[1]))
     assert not [f for f in os.listdir(tmp_path / "part") if "tmp" in f]
-    monkeypatch.setattr(activations, "_save_shard", real_save)
+    monkeypatch.setattr(activations, "write_safetensors", real_save)
     harvest(model, stream(), SITES, tmp_path / "part", **kw)
     assert files(tmp_path / "part") == files(tmp_path / "whole")
     with pytest.raises(ValueError, match="other arguments.*context_size"):

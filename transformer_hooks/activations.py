@@ -58,6 +58,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from weights_conversion.sources import write_safetensors
+
 from .process_group import (
     DEFAULT_TIMEOUT,
     RankFailedError,
@@ -220,49 +222,6 @@ def _fsync_write(path: Path, data: bytes | None = None, writer: Callable[[Path],
             os.close(fd)
     except OSError:
         pass
-
-
-_SAFETENSORS_DTYPES = {
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-
-
-def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Write ``tensors`` in the safetensors format: the header's length (8 bytes, little
-    endian), the JSON header (padded with spaces to 8 bytes), then each tensor's bytes,
-    widest dtype first so every tensor is aligned, as safetensors orders them.
-
-    Written here rather than by ``safetensors.torch.save_file``, which views each tensor
-    through a ctypes array type of its byte size; ctypes caches those types for the life
-    of the process (about 5.6 KiB per distinct size), and shards' sizes differ, so a
-    harvest's memory grew with every new shard size."""
-    order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
-    header: dict[str, Any] = {}
-    offset = 0
-    for name in order:
-        t = tensors[name]
-        size = t.numel() * t.element_size()
-        header[name] = {
-            "dtype": _SAFETENSORS_DTYPES[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for name in order:
-            t = tensors[name].detach().to("cpu").contiguous().reshape(-1)
-            f.write(t.view(torch.uint8).numpy().data)
 
 
 _NP = {
@@ -596,7 +555,7 @@ def _commit_shard(
     i = len(manifest["shards"])
     path = place.shards / f"shard_{i:05d}.safetensors"
     try:
-        _fsync_write(path, writer=lambda tmp: _save_shard(tensors, tmp))
+        _fsync_write(path, writer=lambda tmp: write_safetensors(tmp, tensors))
         entry = {
             "file": path.relative_to(place.root).as_posix(),
             "first_context": manifest.get("first_context", 0) + manifest["n_contexts"],

@@ -150,11 +150,16 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     at most), where ``safetensors.torch.save_file`` would serialize them all in memory first.
 
     Format: 8-byte little-endian header length, a JSON header of dtype, shape and
-    [begin, end) byte offsets per tensor (padded with spaces to 8 bytes), then the data.
+    [begin, end) byte offsets per tensor (padded with spaces to 8 bytes), then the data,
+    widest dtype first (as safetensors orders it), so a reader that memory-maps the file
+    gets every tensor aligned to its element size. No ctypes (``safetensors.torch.save_file``
+    makes a ctypes array type per distinct byte size, kept for the life of the process).
     """
+    order = sorted(tensors, key=lambda name: -tensors[name].element_size())  # stable: given order within a width
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
-    for name, t in tensors.items():
+    for name in order:
+        t = tensors[name]
         if t.dtype not in SAFETENSORS_NAMES:
             raise ValueError(
                 f"{name}: dtype {t.dtype} cannot be stored in safetensors; "
@@ -172,8 +177,8 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     with open(path, "wb") as f:
         f.write(len(encoded).to_bytes(8, "little"))
         f.write(encoded)
-        for t in tqdm(tensors.values(), desc=f"writing {Path(path).name}", unit="tensor", delay=1.0, leave=False):
-            f.write(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        for name in tqdm(order, desc=f"writing {Path(path).name}", unit="tensor", delay=1.0, leave=False):
+            f.write(tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
         f.flush()
         os.fsync(f.fileno())
 
