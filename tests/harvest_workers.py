@@ -9,7 +9,6 @@ import datetime
 import errno
 import json
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -24,12 +23,6 @@ DOCS = SENTENCES * 7
 # 8-token contexts, batches of 2, shards of 4 contexts: each rank writes several shards,
 # and the ranks' ranges differ in length (the corpus is an odd number of batches).
 KW = dict(context_size=8, batch_size=2, shard_tokens=32)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def mask(n_contexts: int) -> torch.Tensor:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from checkpoints import VOCAB
-from harvest_workers import DOCS, KW, SITES, free_port, mask, worker
+from harvest_workers import DOCS, KW, SITES, mask, worker
+from ranks import free_port, run_ranks
 from tokenizers_util import add_tokenizer
 
 from transformer_hooks import HookedTransformer
@@ -64,18 +64,12 @@ def assert_same_dataset(a: ActivationDataset, b: ActivationDataset) -> None:
 def _spawn(ckpt, out: Path, mode: str, n_contexts: int = 0) -> list[dict]:
     for f in out.parent.glob(f"{out.name}.rank*.json"):
         f.unlink()
-    ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=worker, args=(r, 2, port, str(ckpt), str(out), mode, n_contexts)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=90)
-    assert all(p.exitcode is not None for p in procs), "a rank hung"
+    codes = run_ranks(worker, lambda r: (r, 2, port, str(ckpt), str(out), mode, n_contexts), timeout=90)
     if mode == "die":
-        assert procs[1].exitcode == 3
+        assert codes[1] == 3
     else:
-        assert [p.exitcode for p in procs] == [0, 0]
+        assert codes == [0, 0]
     return [
         json.loads(Path(f"{out}.rank{r}.json").read_text()) if Path(f"{out}.rank{r}.json").exists() else {}
         for r in range(2)

@@ -8,7 +8,6 @@ import datetime
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from ranks import free_port, run_ranks
 
 from transformer_hooks import HookedTransformer
 from transformer_hooks.distributed import (
@@ -30,12 +30,6 @@ from transformer_hooks.distributed import (
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 101
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pairs(n: int, seed: int = 0) -> list[dict]:
@@ -114,7 +108,7 @@ def test_two_gloo_processes_equal_one_process_bitwise(hf_checkpoint, tmp_path):
     path, _ = hf_checkpoint("llama-gqa")
     pairs = _pairs(5)
     out = str(tmp_path / "two.pt")
-    mp.spawn(_worker, args=(2, _free_port(), str(path), pairs, out, None), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(path), pairs, out, None), nprocs=2, join=True)
     two = torch.load(out)
 
     threads = torch.get_num_threads()
@@ -143,15 +137,9 @@ def test_two_gloo_processes_equal_one_process_bitwise(hf_checkpoint, tmp_path):
 
 def test_a_rank_that_dies_fails_the_others_within_the_timeout(tmp_path):
     out = str(tmp_path / "dead")
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, "", [], out, 1)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=60)
-    assert all(p.exitcode is not None for p in procs), "a rank hung"
-    assert procs[1].exitcode == 3
+    port = free_port()
+    codes = run_ranks(_worker, lambda r: (r, 2, port, "", [], out, 1))
+    assert codes[1] == 3
     outcome, seconds = json.loads(Path(out + ".rank0").read_text())
     assert outcome.startswith("RankFailedError") and "died or hung" in outcome, outcome
     assert "No result was gathered" in outcome

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from ranks import free_port, run_ranks
 
 from transformer_hooks import HookedTransformer
 from transformer_hooks.loading.pipeline import PipelineError, pipeline_map
@@ -29,12 +29,6 @@ TOKENS = torch.tensor([[3, 17, 42, 8, 99, 5, 23], [1, 64, 2, 77, 31, 0, 12]])
 # converted checkpoint (weights_conversion), which stores the tied W_U only as W_E.
 MODELS = [("llama-gqa", True), ("gpt2", False), ("gpt2-converted", False)]
 EDITED = "blocks.1.attn.hook_z"  # a site of block 1, which rank 1 owns
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _load(path: str, processed: bool, **kwargs) -> HookedTransformer:
@@ -114,7 +108,7 @@ def test_two_ranks_equal_one_process(hf_checkpoint, tmp_path):
         assert "unembed.W_U" not in f.keys()  # stored once, as embed.W_E
     paths = [str(hf_checkpoint("llama-gqa")[0]), str(hf_checkpoint("gpt2")[0]), str(converted)]
     out = str(tmp_path / "pipe")
-    mp.spawn(_worker, args=(2, _free_port(), paths, out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), paths, out), nprocs=2, join=True)
     ranks = [torch.load(f"{out}.rank{r}") for r in range(2)]
 
     threads = torch.get_num_threads()
@@ -186,15 +180,9 @@ def _dying_worker(rank: int, port: int, path: str, out: str, hang: bool) -> None
 def test_a_rank_that_dies_or_hangs_mid_forward_fails_the_others(hf_checkpoint, tmp_path, hang):
     path = str(hf_checkpoint("llama-gqa")[0])
     out = str(tmp_path / "dead")
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_dying_worker, args=(r, port, path, out, hang)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=60)
-    assert all(p.exitcode is not None for p in procs), "a rank hung"
-    assert procs[1].exitcode == 3
+    port = free_port()
+    codes = run_ranks(_dying_worker, lambda r: (r, port, path, out, hang))
+    assert codes[1] == 3
     outcome, seconds = json.loads(Path(out + ".rank0").read_text())
     assert outcome.startswith("RankFailedError") and "with rank 1 failed" in outcome, outcome
     assert "No output was returned" in outcome
