@@ -22,11 +22,13 @@ from transformer_hooks import HookedTransformer
 from transformer_hooks.distributed import (
     RankFailedError,
     harvest,
+    logit_diff_metric,
     map_prompts,
     patching_sweep,
     read_pairs,
     shard_bounds,
 )
+from transformer_hooks.patching import get_act_patch_resid_pre
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 101
@@ -123,8 +125,16 @@ def test_two_gloo_processes_equal_one_process_bitwise(hf_checkpoint, tmp_path):
             ["blocks.1.hook_resid_post", "blocks.0.attn.hook_pattern"],
             progress=False,
         )
+        # The sweep unembeds only the metric's position: the TransformerLens sweep with every
+        # position unembedded gives the same numbers.
+        clean, corrupt, answer, contrast = (pairs[0][k] for k in ("clean", "corrupt", "answer", "contrast"))
+        _, clean_cache = model.run_with_cache(torch.tensor([clean]))
+        full = get_act_patch_resid_pre(
+            model, torch.tensor([corrupt]), clean_cache, logit_diff_metric(answer, contrast), progress=False
+        )
     finally:
         torch.set_num_threads(threads)
+    torch.testing.assert_close(act[0], full, rtol=0, atol=1e-5)
     assert len(two["act"]) == len(pairs) == len(two["attr"])
     for mine, theirs in zip(act + attr, two["act"] + two["attr"], strict=True):
         assert mine.shape == theirs.shape and torch.equal(mine, theirs)

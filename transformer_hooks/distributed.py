@@ -328,8 +328,10 @@ def patch_pair(
     device = model.cfg.device or "cpu"
     clean, corrupt = clean.to(device), corrupt.to(device)
     _, clean_cache = model.run_with_cache(clean)
-    options = {} if attribution else {"progress": False}  # one bar for the whole shard (map_prompts)
-    return sweep(model, corrupt, clean_cache, logit_diff_metric(answer, contrast), **options)
+    # Activation patching: one bar for the whole shard (map_prompts), and only the last
+    # position, the one the metric reads, is unembedded.
+    options = {} if attribution else {"progress": False, "metric_positions": -1}
+    return sweep(model, corrupt, clean_cache, logit_diff_metric(answer, contrast, pos=-1), **options)
 
 
 def patching_sweep(
