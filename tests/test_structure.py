@@ -2,7 +2,8 @@
 
 Every import in transformer_hooks/ and weights_conversion/ is read with ``ast``, at module
 level and inside functions (a lazy import that reaches upward is still an upward import).
-Imports under ``if TYPE_CHECKING:`` are not run, so they do not count.
+Imports under ``if TYPE_CHECKING:`` are not run, but a type is a dependency too: they count
+as lazy imports (so a low module cannot name a type from a module above it).
 """
 
 from __future__ import annotations
@@ -151,6 +152,8 @@ def imports_of(name: str, path: Path, is_package: bool, known: set[str]) -> list
     def visit(node: ast.AST, lazy: bool) -> None:
         for child in ast.iter_child_nodes(node):
             if isinstance(child, ast.If) and is_type_checking(child.test):
+                for sub in child.body:  # not run, but a dependency all the same: counted as lazy
+                    visit_stmt(sub, True)
                 for sub in child.orelse:  # the else branch does run
                     visit_stmt(sub, lazy)
                 continue
@@ -269,7 +272,8 @@ def test_no_import_cycles():
 
 @pytest.mark.parametrize("source", ["import x", "from . import y"])
 def test_the_parser_sees_lazy_and_type_checking_imports(tmp_path, source):
-    """The checks above are only as good as the parser: lazy imports count, TYPE_CHECKING ones do not."""
+    """The checks above are only as good as the parser: lazy imports count, and so do TYPE_CHECKING
+    ones (as lazy: not run, but a dependency)."""
     path = tmp_path / "m.py"
     path.write_text(
         "from typing import TYPE_CHECKING\n"
@@ -281,7 +285,11 @@ def test_the_parser_sees_lazy_and_type_checking_imports(tmp_path, source):
         f"    {source}\n"
     )
     found = imports_of("transformer_hooks.m", path, False, {"transformer_hooks.y"})
-    expected = [("transformer_hooks.config", False, 2), ("transformer_hooks.loading", True, 6)]
+    expected = [
+        ("transformer_hooks.config", False, 2),
+        ("transformer_hooks.model", True, 4),
+        ("transformer_hooks.loading", True, 6),
+    ]
     if source.startswith("from"):
         expected.append(("transformer_hooks.y", True, 7))
     assert found == expected

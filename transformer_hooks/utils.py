@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from . import sites
-
-if TYPE_CHECKING:
-    from .model import HookedTransformer
-
 
 # TransformerLens's compact form: "k6" -> ("k", 6), "scale4ln1" -> ("scale", 4, "ln1").
 _COMPACT = re.compile(r"^([a-z_]+?)(\d+)(ln1|ln2|ln_final|a|m|b|block|attn|mlp)?$")
@@ -171,7 +167,7 @@ def to_numpy(tensor: Any) -> np.ndarray:
 def test_prompt(
     prompt: str,
     answer: str | Sequence[str],
-    model: HookedTransformer,
+    model: Any,  # a HookedTransformer: utils sits below model.py, so it is not imported here
     prepend_space_to_answer: bool = True,
     print_details: bool = True,
     prepend_bos: bool | None = None,
@@ -196,7 +192,7 @@ def test_prompt(
         # The prediction of answer token i is at the position before it.
         predictions = logits[len(prompt_tokens) - 1 : -1]
         probs = predictions.softmax(-1)
-        str_answer: list[str] = model.to_str_tokens(answer_tokens)  # type: ignore[assignment]  # one sequence
+        str_answer: list[str] = model.to_str_tokens(answer_tokens)  # one sequence
         if print_details:
             print("Tokenized prompt:", model.to_str_tokens(prompt_tokens))
             print("Tokenized answer:", str_answer)
