@@ -52,22 +52,13 @@ from transformer_hooks import HookedTransformer  # noqa: E402
 from transformer_hooks.patching import get_act_patch_resid_pre  # noqa: E402
 from transformer_hooks.plan import PUBLISHED_CONFIGS  # noqa: E402
 
+# Pythia-1.4B: Pythia-2.8B's published config (plan.py) at 1.4B's published sizes.
 PYTHIA_1_4B = dict(
-    model_type="gpt_neox",
+    PUBLISHED_CONFIGS["pythia-2.8b"],
     hidden_size=2048,
     num_hidden_layers=24,
     num_attention_heads=16,
     intermediate_size=8192,
-    vocab_size=50304,
-    max_position_embeddings=2048,
-    rotary_pct=0.25,
-    rotary_emb_base=10000,
-    use_parallel_residual=True,
-    hidden_act="gelu",
-    layer_norm_eps=1e-5,
-    bos_token_id=0,
-    eos_token_id=0,
-    tie_word_embeddings=False,
 )
 MODELS: dict[str, dict[str, Any]] = {"Llama-3.2-1B": PUBLISHED_CONFIGS["llama-3.2-1b"], "Pythia-1.4B": PYTHIA_1_4B}
 # --quick: the same families at toy sizes
