@@ -100,7 +100,11 @@ RANKS: dict[str, int] = {
         ],
         LOADING,
     ),
-    **dict.fromkeys(["", "cli", "__main__"], ENTRY),  # "" is transformer_hooks/__init__.py, the public API
+    **dict.fromkeys(["", "cli", "__main__"], ENTRY),
+    # Remote serving: the server runs workflows and loads models, the client builds caches.
+    **dict.fromkeys(
+        ["remote", "remote.client", "remote.schema", "remote.jobs", "remote.server", "remote.command"], ENTRY
+    ),  # "" is transformer_hooks/__init__.py, the public API
 }
 
 # The only imports allowed to reach upward. Each is lazy (inside a function), so importing

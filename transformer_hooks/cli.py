@@ -141,7 +141,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="transformer-hooks", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(
-        dest="command", required=True, metavar="{dla,logit-lens,parity,harvest,sae-eval,plan,sweep}"
+        dest="command", required=True, metavar="{dla,logit-lens,parity,harvest,sae-eval,plan,sweep,serve}"
     )
 
     def model_args(p: argparse.ArgumentParser, top: int) -> None:
@@ -192,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_plan_parser(sub)
     add_sweep_parser(sub)
+    from .remote.command import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 

@@ -1,0 +1,526 @@
+"""The HTTP server: one model, many researchers, requests as data (Starlette + uvicorn).
+
+    python -m transformer_hooks serve --model PATH --tokens tokens.txt [--host 127.0.0.1 --port 8000]
+
+Every request but ``/health`` needs ``Authorization: Bearer TOKEN`` with a token from the
+tokens file (401 otherwise, before the body is read). The body's size is checked before it
+is parsed (413 past ``--max-body-bytes``), then pydantic validates it (400 naming the
+field), then the request is checked against the model (400 naming the unknown site, the
+wrong shape or the bad selector) and against its token's limits (413 for tokens per
+request and returned bytes, 429 for concurrent requests; the answer names the limit).
+Only then does anything run.
+
+One worker thread runs the model. ``run`` requests that arrive together (within
+``--batch-window-ms`` of each other, or while the worker is busy) share a forward when
+they have the same number of positions and padding kind (``jobs.py``); every other job
+runs alone. A request past its timeout answers 504; a request whose client went away is
+cancelled. A cancelled request is dropped from the queue, and a forward whose requests are
+all cancelled stops at the next block. Hooks live in ``model.hooks()`` contexts of the
+worker, so a failed or cancelled request leaves none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import functools
+import hmac
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ValidationError
+
+from . import jobs
+from .schema import (
+    AttributionRequest,
+    DLARequest,
+    GenerateRequest,
+    LensRequest,
+    ParamsRequest,
+    PatchRequest,
+    RunRequest,
+    TokenizeRequest,
+    encode_tensors,
+)
+
+__all__ = ["Limits", "Server", "TokenTable", "make_app", "read_tokens"]
+
+
+# Tokens and limits ----------------------------------------------------------------------------
+@dataclass
+class Limits:
+    """Per-token limits. ``max_tokens``: tokens in one request (prompt tokens, plus
+    ``max_new_tokens`` per prompt for generate); ``max_concurrent``: requests of the token in
+    flight at once; ``max_response_bytes``: bytes of tensors one answer may return."""
+
+    max_tokens: int = 8192
+    max_concurrent: int = 8
+    max_response_bytes: int = 256 * 2**20
+
+    KEYS = ("max_tokens", "max_concurrent", "max_response_bytes")
+
+
+@dataclass
+class TokenEntry:
+    token: str
+    name: str
+    limits: Limits
+    active: int = 0
+
+
+class TokenTable:
+    def __init__(self, entries: list[TokenEntry]) -> None:
+        if not entries:
+            raise ValueError("the tokens file has no token: every request would be refused")
+        self.entries = entries
+
+    def find(self, presented: str) -> TokenEntry | None:
+        found = None
+        for e in self.entries:  # compare with every token, in constant time each
+            if hmac.compare_digest(e.token.encode(), presented.encode()):
+                found = e
+        return found
+
+
+def read_tokens(path: str | os.PathLike[str], defaults: Limits) -> TokenTable:
+    """A tokens file: one token per line, then optional ``name=...`` and limits
+    (``max_tokens=N max_concurrent=N max_response_bytes=N``); ``#`` starts a comment."""
+    entries = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        token, options = words[0], words[1:]
+        if len(token) < 16:
+            raise ValueError(f"{path}:{n}: a token must have at least 16 characters")
+        limits = Limits(defaults.max_tokens, defaults.max_concurrent, defaults.max_response_bytes)
+        name = f"token{n}"
+        for opt in options:
+            key, sep, value = opt.partition("=")
+            if not sep:
+                raise ValueError(f"{path}:{n}: expected key=value, got {opt!r}")
+            if key == "name":
+                name = value
+            elif key in Limits.KEYS:
+                try:
+                    setattr(limits, key, int(value))
+                except ValueError:
+                    raise ValueError(f"{path}:{n}: {key} must be a whole number, got {value!r}") from None
+            else:
+                raise ValueError(f"{path}:{n}: unknown option {key!r}; known: name, {', '.join(Limits.KEYS)}")
+        entries.append(TokenEntry(token, name, limits))
+    return TokenTable(entries)
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, limit: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.limit = status, message, limit
+
+
+# The worker ---------------------------------------------------------------------------------
+@dataclass
+class Work:
+    """One request for the worker: a prepared ``run`` (batched) or a job (a function of the model)."""
+
+    prepared: jobs.Prepared | None
+    job: Callable[[Any], Any] | None
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class Worker:
+    """The one thread that runs the model, batching ``run`` requests of one key."""
+
+    def __init__(self, model: Any, window: float, max_batch_rows: int) -> None:
+        self.model, self.window, self.max_batch_rows = model, window, max_batch_rows
+        self.queue: collections.deque[Work] = collections.deque()
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.batches: list[int] = []  # requests per forward, for /info and the benchmark
+        self.thread = threading.Thread(target=self._loop, name="transformer-hooks-worker", daemon=True)
+        self.thread.start()
+
+    def submit(self, work: Work) -> None:
+        with self.cond:
+            self.queue.append(work)
+            self.cond.notify()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+
+    def __len__(self) -> int:
+        return len(self.queue)
+
+    def _take(self) -> list[Work] | None:
+        with self.cond:
+            while not self.stopping and not self.queue:
+                self.cond.wait()
+            if self.stopping:
+                return None
+            first = self.queue.popleft()
+        if first.cancelled.is_set():
+            return []
+        if first.prepared is None:
+            return [first]
+        if self.window > 0 and not self.queue:
+            time.sleep(self.window)  # let requests sent together arrive
+        key, rows = first.prepared.key, first.prepared.n_rows
+        batch = [first]
+        with self.cond:
+            keep: collections.deque[Work] = collections.deque()
+            while self.queue:
+                w = self.queue.popleft()
+                p = w.prepared
+                if w.cancelled.is_set():
+                    continue
+                if p is not None and p.key == key and rows + p.n_rows <= self.max_batch_rows:
+                    batch.append(w)
+                    rows += p.n_rows
+                else:
+                    keep.append(w)
+            self.queue = keep
+        return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            if batch:
+                self._run(batch)
+
+    def _run(self, batch: list[Work]) -> None:
+        if batch[0].prepared is None:
+            job = batch[0].job
+            assert job is not None
+            self._settle(batch[0], lambda: job(self.model))
+            return
+        items = [w.prepared for w in batch]
+        for w, p in zip(batch, items, strict=True):
+            p.cancelled = w.cancelled  # type: ignore[union-attr]
+        self.batches.append(len(batch))
+        try:
+            results = jobs.run_batch(self.model, items)  # type: ignore[arg-type]
+        except Exception as e:
+            if len(batch) == 1:
+                self._fail(batch[0], e)
+                return
+            for w in batch:  # one request's failure must not fail the others: each alone
+                self._settle(w, functools.partial(_alone, self.model, w))
+            return
+        for w, r in zip(batch, results, strict=True):
+            self._done(w, r)
+
+    def _settle(self, w: Work, fn: Callable[[], Any]) -> None:
+        if w.cancelled.is_set():
+            self._fail(w, jobs.Cancelled("cancelled before it ran"))
+            return
+        try:
+            self._done(w, fn())
+        except Exception as e:
+            self._fail(w, e)
+
+    @staticmethod
+    def _done(w: Work, result: Any) -> None:
+        def set() -> None:
+            if not w.future.done():
+                w.future.set_result(result)
+
+        w.loop.call_soon_threadsafe(set)
+
+    @staticmethod
+    def _fail(w: Work, e: BaseException) -> None:
+        def set() -> None:
+            if not w.future.done():
+                w.future.set_exception(e)
+
+        w.loop.call_soon_threadsafe(set)
+
+
+def _alone(model: Any, w: Work) -> dict[str, torch.Tensor]:
+    assert w.prepared is not None
+    return jobs.run_batch(model, [w.prepared])[0]
+
+
+# The application ----------------------------------------------------------------------------
+class Server:
+    """The model, its worker and the HTTP handlers (``make_app`` wraps them in Starlette)."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokens: TokenTable,
+        *,
+        max_body_bytes: int = 64 * 2**20,
+        timeout: float = 600.0,
+        batch_window: float = 0.002,
+        max_batch_rows: int = 64,
+        model_name: str = "",
+    ) -> None:
+        self.model, self.tokens = model, tokens
+        self.max_body_bytes, self.timeout = max_body_bytes, timeout
+        self.model_name = model_name
+        self.worker = Worker(model, batch_window, max_batch_rows)
+        self.hook_names = list(model.hook_dict)
+
+    # Checks before anything runs --------------------------------------------------------------
+    def auth(self, headers: Any) -> TokenEntry:
+        header = headers.get("authorization", "")
+        scheme, _, presented = header.partition(" ")
+        entry = self.tokens.find(presented.strip()) if scheme.lower() == "bearer" and presented.strip() else None
+        if entry is None:
+            raise HTTPError(401, "a valid bearer token is needed (Authorization: Bearer TOKEN)")
+        return entry
+
+    async def body(self, request: Any) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            try:
+                size = int(declared)
+            except ValueError:
+                raise HTTPError(400, "bad Content-Length") from None
+            if size > self.max_body_bytes:
+                raise HTTPError(
+                    413, f"the body is {size} bytes, past max_body_bytes={self.max_body_bytes}", "max_body_bytes"
+                )
+        chunks, total = [], 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > self.max_body_bytes:
+                raise HTTPError(413, f"the body is past max_body_bytes={self.max_body_bytes}", "max_body_bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    @staticmethod
+    def parse(schema: type[BaseModel], body: bytes) -> Any:
+        try:
+            return schema.model_validate_json(body)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(x) for x in first["loc"]) or "body"
+            if first["type"] == "json_invalid":
+                raise HTTPError(400, f"bad JSON: {first['msg']}") from None
+            raise HTTPError(400, f"bad request: {where}: {first['msg']} ({e.error_count()} error(s))") from None
+
+    @staticmethod
+    def check_tokens(entry: TokenEntry, n: int) -> None:
+        if n > entry.limits.max_tokens:
+            raise HTTPError(413, f"the request has {n} tokens, past max_tokens={entry.limits.max_tokens}", "max_tokens")
+
+    @staticmethod
+    def check_bytes(entry: TokenEntry, n: int) -> None:
+        if n > entry.limits.max_response_bytes:
+            raise HTTPError(
+                413,
+                f"the answer would be {n} bytes, past max_response_bytes={entry.limits.max_response_bytes}; "
+                f"ask for fewer sites or prompts",
+                "max_response_bytes",
+            )
+
+    # Running ------------------------------------------------------------------------------------
+    async def wait(self, request: Any, work: Work, timeout: float) -> Any:
+        """The work's result; 504 past ``timeout``; cancelled when the client goes away."""
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise HTTPError(504, f"the request took longer than its timeout ({timeout:g} s)", "timeout")
+                done, _ = await asyncio.wait({work.future}, timeout=min(left, 0.05))
+                if done:
+                    return work.future.result()
+                if await request.is_disconnected():
+                    raise HTTPError(499, "the client went away")
+        finally:
+            work.cancelled.set()  # a no-op once done; otherwise the worker drops or stops it
+
+    async def handle(self, request: Any, kind: str) -> tuple[int, dict[str, Any]]:
+        entry = self.auth(request.headers)
+        body = await self.body(request)
+        schema = SCHEMAS[kind]
+        req = self.parse(schema, body)
+        if entry.active >= entry.limits.max_concurrent:
+            raise HTTPError(
+                429, f"this token already has {entry.active} requests in flight (max_concurrent)", "max_concurrent"
+            )
+        entry.active += 1
+        try:
+            return 200, await self._handle(request, kind, req, entry)
+        finally:
+            entry.active -= 1
+
+    async def _handle(self, request: Any, kind: str, req: Any, entry: TokenEntry) -> dict[str, Any]:
+        model = self.model
+        timeout = min(self.timeout, req.timeout) if getattr(req, "timeout", None) else self.timeout
+        loop = asyncio.get_running_loop()
+        prepared = None
+        job: Callable[[Any], Any] | None = None
+        if kind == "run":
+            prepared = jobs.prepare_run(model, req)
+            self.check_tokens(entry, prepared.n_tokens())
+            self.check_bytes(entry, prepared.response_bytes(model))
+        elif kind == "tokenize":
+            self.check_tokens(entry, _text_size(req))
+            result = jobs.run_tokenize(model, req)  # no forward: answered here
+            return result
+        elif kind == "params":
+            job = lambda m: jobs.run_params(m, req)  # noqa: E731
+        else:
+            self.check_tokens(entry, _job_tokens(kind, req))
+            job = {
+                "patch": lambda m: jobs.run_patch(m, req),
+                "attribution": lambda m: jobs.run_attribution(m, req),
+                "dla": lambda m: jobs.run_dla(m, req),
+                "lens": lambda m: jobs.run_lens(m, req),
+                "generate": lambda m: jobs.run_generate(m, req),
+            }[kind]
+        work = Work(prepared, job, loop, loop.create_future())
+        if prepared is not None:
+            work.cancelled = prepared.cancelled
+        self.worker.submit(work)
+        result = await self.wait(request, work, timeout)
+        return self.encode(entry, kind, result)
+
+    def encode(self, entry: TokenEntry, kind: str, result: Any) -> dict[str, Any]:
+        if kind in ("dla", "lens"):
+            plain, tensors = jobs.dataclass_fields(result)
+            out = {"type": type(result).__name__, "fields": plain}
+        elif kind == "generate":
+            return result
+        elif kind == "params":
+            # A weight stored as a view (a transpose) goes out contiguous; its strides come along so the
+            # client can lay it out the same way: matmuls then round as on the server.
+            tensors, out = result, {"strides": {k: list(t.stride()) for k, t in result.items() if _dense(t)}}
+        else:
+            tensors, out = result, {}
+        self.check_bytes(entry, sum(t.numel() * t.element_size() for t in tensors.values()))
+        out["tensors"] = encode_tensors(tensors)
+        return out
+
+    def info(self, entry: TokenEntry) -> dict[str, Any]:
+        model = self.model
+        return {
+            "model": self.model_name,
+            "cfg": model.cfg.to_dict(),
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "tl_flags": sorted(model.tl_flags),
+            "tokenizer": model.tokenizer is not None,
+            "sites": self.hook_names,
+            "cache_sites": model.cache_names(None),
+            "limits": {k: getattr(entry.limits, k) for k in Limits.KEYS},
+            "max_body_bytes": self.max_body_bytes,
+            "timeout": self.timeout,
+            "queue": len(self.worker),
+            "jobs": {"patch": jobs.sweep_names("get_act_patch_"), "attribution": jobs.sweep_names("get_attr_patch_")},
+        }
+
+    def health(self) -> dict[str, Any]:
+        held = sum(1 for hp in self.model.hook_dict.values() if hp.observed)
+        batches = self.worker.batches
+        return {
+            "status": "ok",
+            "queue": len(self.worker),
+            "hooks_attached": held,
+            "forwards": len(batches),
+            "batched_requests": sum(batches),
+        }
+
+
+SCHEMAS: dict[str, type[BaseModel]] = {
+    "run": RunRequest,
+    "tokenize": TokenizeRequest,
+    "patch": PatchRequest,
+    "attribution": AttributionRequest,
+    "dla": DLARequest,
+    "lens": LensRequest,
+    "generate": GenerateRequest,
+    "params": ParamsRequest,
+}
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t`` covers its whole storage exactly (a permutation of a contiguous layout)."""
+    return t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+def _text_size(req: Any) -> int:
+    """A bound on a request's tokens before tokenizing: token rows, or characters of prompts."""
+    if getattr(req, "tokens", None) is not None:
+        return sum(len(t) for t in req.tokens)
+    return sum(len(p) for p in req.prompts)
+
+
+def _job_tokens(kind: str, req: Any) -> int:
+    if kind in ("patch", "attribution"):
+        return _text_size(req.clean) + _text_size(req.corrupted)
+    if kind == "dla":
+        return len(req.prompt)
+    n = _text_size(req)
+    if kind == "generate":
+        rows = len(req.tokens) if req.tokens is not None else len(req.prompts)
+        n += rows * req.max_new_tokens
+    return n
+
+
+def make_app(server: Server) -> Any:
+    """The Starlette application of ``server``."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    def error(e: HTTPError) -> JSONResponse:
+        content: dict[str, Any] = {"error": e.message}
+        if e.limit is not None:
+            content["limit"] = e.limit
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        return JSONResponse(content, status_code=e.status, headers=headers)
+
+    def endpoint(kind: str) -> Callable:
+        async def run(request: Request) -> Any:
+            try:
+                status, content = await server.handle(request, kind)
+                return JSONResponse(content, status_code=status)
+            except HTTPError as e:
+                return error(e)
+            except jobs.BadRequest as e:
+                return error(HTTPError(400, str(e)))
+            except jobs.Cancelled as e:
+                return error(HTTPError(499, str(e)))
+            except torch.OutOfMemoryError:
+                return error(HTTPError(507, "out of memory running this request; ask for less"))
+            except Exception as e:  # a bug or a model error: the message, not a traceback
+                return error(HTTPError(500, f"{type(e).__name__}: {e}"))
+
+        return run
+
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse(server.health())
+
+    async def info(request: Request) -> JSONResponse:
+        try:
+            entry = server.auth(request.headers)
+        except HTTPError as e:
+            return error(e)
+        return JSONResponse(server.info(entry))
+
+    routes = [Route("/health", health, methods=["GET"]), Route("/info", info, methods=["GET"])]
+    routes += [Route(f"/v1/{kind}", endpoint(kind), methods=["POST"]) for kind in SCHEMAS]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        yield
+        server.worker.stop()
+
+    return Starlette(routes=routes, lifespan=lifespan)
