@@ -224,7 +224,7 @@ class RemoteModel:
         self.timeout = timeout
         self._client = httpx.Client(
             base_url=self.url,
-            headers={"Authorization": f"Bearer {self.token}"},
+            headers={"Authorization": f"Bearer {self.token}"} if self.token else {},
             timeout=httpx.Timeout(timeout, connect=10.0),
         )
         self.info = self._request("GET", "/info")

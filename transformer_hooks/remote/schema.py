@@ -51,7 +51,13 @@ def encode_tensors(tensors: dict[str, torch.Tensor]) -> str:
     """A dict of tensors as base64 of a safetensors file ("" for none)."""
     if not tensors:
         return ""
-    plain = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    plain, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().to("cpu").contiguous()
+        if v.untyped_storage().data_ptr() in seen:  # safetensors refuses tensors sharing memory
+            v = v.clone()
+        seen.add(v.untyped_storage().data_ptr())
+        plain[k] = v
     return base64.b64encode(st_save(plain)).decode("ascii")
 
 

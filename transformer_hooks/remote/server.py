@@ -202,9 +202,14 @@ class Worker:
 
     def _run(self, batch: list[Work]) -> None:
         if batch[0].prepared is None:
-            job = batch[0].job
+            job, model = batch[0].job, self.model
             assert job is not None
-            self._settle(batch[0], lambda: job(self.model))
+
+            def run() -> Any:
+                with model.hooks(fwd_hooks=jobs.cancel_hooks(model, batch)):  # stops at a block once cancelled
+                    return job(model)
+
+            self._settle(batch[0], run)
             return
         items = [w.prepared for w in batch]
         for w, p in zip(batch, items, strict=True):
