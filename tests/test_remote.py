@@ -8,7 +8,10 @@ request exactly what it gets alone.
 
 from __future__ import annotations
 
+import json
 import os
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -74,9 +77,16 @@ class Served:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
+        self.launch()
+        self.wait_up()
+
+    def launch(self) -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.args, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def wait_up(self) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -116,16 +126,26 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint):
+def started(checkpoint, one_thread):
+    """(server, local model): the server process starts while the local model loads."""
     s = Served(*checkpoint)
-    s.start()
-    yield s
-    s.stop()
+    s.launch()
+    try:
+        model = HookedTransformer.from_pretrained(str(checkpoint[0]))
+        s.wait_up()
+        yield s, model
+    finally:
+        s.stop()
 
 
 @pytest.fixture(scope="module")
-def local(checkpoint, one_thread):
-    return HookedTransformer.from_pretrained(str(checkpoint[0]))
+def server(started):
+    return started[0]
+
+
+@pytest.fixture(scope="module")
+def local(started):
+    return started[1]
 
 
 @pytest.fixture(scope="module")
@@ -440,33 +460,37 @@ def test_limits_are_named(server):
         assert e.value.limit == "max_response_bytes"
         carol.run_with_cache(P, names_filter="blocks.0.hook_resid_pre", return_type=None)
 
-        slow = _slow_request(server, CAROL)
+        slow = _abandoned_request(server, CAROL)
         try:
-            time.sleep(1.0)  # the sweep is running
+            _wait_for(lambda: server.health()["running"] == "patch")
             with pytest.raises(remote.RemoteLimitError, match="max_concurrent") as e:
                 carol(P)
             assert e.value.limit == "max_concurrent" and e.value.status == 429
         finally:
-            slow.kill()
-            slow.wait()
+            slow.close()
     _wait_for(lambda: server.health()["hooks_attached"] == 0)
 
 
-def _slow_request(server, token, timeout=None):
-    """A client process running a long sweep (about 10 s alone), to be killed."""
-    code = f"""
-import torch
-from transformer_hooks import remote
-m = remote.RemoteModel({server.url!r}, token={token!r}, timeout=120)
-t = torch.arange(3, 43)[None] % {VOCAB}
-print("sending", flush=True)
-m.patching_sweep("get_act_patch_attn_head_pattern_dest_src_pos", t, t.flip(-1), remote.logit_diff(3, 4))
-"""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    assert proc.stdout.readline().strip() == "sending"
-    return proc
+def _abandoned_request(server, token):
+    """A raw connection sending a long sweep (about 10 s alone); the caller closes it mid-request.
+    Closed with SO_LINGER 0 it resets, as the connection of a killed client process does."""
+    t = (torch.arange(3, 43)[None] % VOCAB).tolist()
+    body = json.dumps(
+        {
+            "sweep": "get_act_patch_attn_head_pattern_dest_src_pos",
+            "clean": {"tokens": t},
+            "corrupted": {"tokens": t[::-1]},
+            "metric": {"name": "logit_diff", "answer": 3, "contrast": 4},
+        }
+    ).encode()
+    head = (
+        f"POST /v1/patch HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.sendall(head.encode() + body)
+    return sock
 
 
 def _wait_for(condition, timeout=30.0):
@@ -496,10 +520,9 @@ def test_timeout_and_killed_client_leave_nothing(server, client, local):
     assert equal(client(P), local(P))
     assert time.monotonic() - start < 5, "the timed-out sweep ran on"
 
-    slow = _slow_request(server, ALICE)
-    time.sleep(1.0)
-    slow.kill()
-    slow.wait()
+    slow = _abandoned_request(server, ALICE)
+    _wait_for(lambda: server.health()["running"] == "patch")
+    slow.close()  # as a killed client's connection: reset mid-request
     start = time.monotonic()
     assert equal(client(P), local(P))
     assert time.monotonic() - start < 5, "the abandoned sweep ran on"

@@ -134,6 +134,7 @@ class Work:
     job: Callable[[Any], Any] | None
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
+    kind: str = "run"
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -145,7 +146,8 @@ class Worker:
         self.queue: collections.deque[Work] = collections.deque()
         self.cond = threading.Condition()
         self.stopping = False
-        self.batches: list[int] = []  # requests per forward, for /info and the benchmark
+        self.batches: list[int] = []  # requests per forward, for /health and the benchmark
+        self.running: str | None = None  # the kind of the work running now
         self.thread = threading.Thread(target=self._loop, name="transformer-hooks-worker", daemon=True)
         self.thread.start()
 
@@ -198,7 +200,11 @@ class Worker:
             if batch is None:
                 return
             if batch:
-                self._run(batch)
+                self.running = batch[0].kind
+                try:
+                    self._run(batch)
+                finally:
+                    self.running = None
 
     def _run(self, batch: list[Work]) -> None:
         if batch[0].prepared is None:
@@ -390,7 +396,7 @@ class Server:
                 "lens": lambda m: jobs.run_lens(m, req),
                 "generate": lambda m: jobs.run_generate(m, req),
             }[kind]
-        work = Work(prepared, job, loop, loop.create_future())
+        work = Work(prepared, job, loop, loop.create_future(), kind)
         if prepared is not None:
             work.cancelled = prepared.cancelled
         self.worker.submit(work)
@@ -436,6 +442,7 @@ class Server:
         return {
             "status": "ok",
             "queue": len(self.worker),
+            "running": self.worker.running,
             "hooks_attached": held,
             "forwards": len(batches),
             "batched_requests": sum(batches),
