@@ -167,11 +167,7 @@ def _edit(model: Any, spec: Intervention, site: str, n_prompts: int, n_pos: int,
             raise BadRequest(f"{where}: tensor {spec.tensor!r} is {tensor.dtype}, not floating point")
         if shape is not None:
             selected = [len(rows)] + [shape[d + 1] if idx is None else len(idx) for d, idx in enumerate(index)]
-            try:
-                ok = list(torch.broadcast_shapes(tuple(tensor.shape), tuple(selected))) == selected
-            except RuntimeError:
-                ok = False
-            if not ok:
+            if not _broadcasts(tuple(tensor.shape), selected):
                 raise BadRequest(
                     f"wrong shape: {where}: tensor {spec.tensor!r} is {list(tensor.shape)}, which does not "
                     f"broadcast to the selection {selected} of {site} {list(axes)}"
@@ -185,6 +181,13 @@ def _edit(model: Any, spec: Intervention, site: str, n_prompts: int, n_pos: int,
             raise BadRequest(f"{where}: 'reference' is empty")
         sources = [prompt_index(i, "reference prompt") for i in ref]
     return _Edit(spec, site, rows, tuple(index), tensor, sources)
+
+
+def _broadcasts(shape: tuple[int, ...], target: list[int]) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to exactly ``target``."""
+    if len(shape) > len(target):
+        return False
+    return all(s in (1, t) for s, t in zip(reversed(shape), reversed(target), strict=False))
 
 
 def _outer(index: Sequence[torch.Tensor | None], sizes: Sequence[int], device: Any) -> tuple[torch.Tensor, ...]:

@@ -29,7 +29,7 @@ import hmac
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,6 +148,7 @@ class Worker:
         self.stopping = False
         self.batches: list[int] = []  # requests per forward, for /health and the benchmark
         self.running: str | None = None  # the kind of the work running now
+        self.arriving = 0  # requests being read and checked, soon queued
         self.thread = threading.Thread(target=self._loop, name="transformer-hooks-worker", daemon=True)
         self.thread.start()
 
@@ -155,6 +156,18 @@ class Worker:
         with self.cond:
             self.queue.append(work)
             self.cond.notify()
+
+    @contextlib.contextmanager
+    def arrival(self) -> Iterator[None]:
+        """A request on its way to the queue (the worker waits a little for it to join a batch)."""
+        with self.cond:
+            self.arriving += 1
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.arriving -= 1
+                self.cond.notify()
 
     def stop(self) -> None:
         with self.cond:
@@ -175,8 +188,14 @@ class Worker:
             return []
         if first.prepared is None:
             return [first]
-        if self.window > 0 and not self.queue:
-            time.sleep(self.window)  # let requests sent together arrive
+        # Let requests sent together arrive: wait a window when nothing else is queued, and as long
+        # as requests are being read and checked (up to a window more), so they join this forward.
+        deadline = time.monotonic() + self.window
+        with self.cond:
+            if not self.queue and self.window > 0:
+                self.cond.wait(self.window)
+            while self.arriving > 0 and time.monotonic() < deadline + self.window:
+                self.cond.wait(self.window / 4)
         key, rows = first.prepared.key, first.prepared.n_rows
         batch = [first]
         with self.cond:
@@ -348,7 +367,7 @@ class Server:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise HTTPError(504, f"the request took longer than its timeout ({timeout:g} s)", "timeout")
-                done, _ = await asyncio.wait({work.future}, timeout=min(left, 0.05))
+                done, _ = await asyncio.wait({work.future}, timeout=min(left, 0.2))
                 if done:
                     return work.future.result()
                 if await request.is_disconnected():
@@ -358,34 +377,47 @@ class Server:
 
     async def handle(self, request: Any, kind: str) -> tuple[int, dict[str, Any]]:
         entry = self.auth(request.headers)
-        body = await self.body(request)
-        schema = SCHEMAS[kind]
-        req = self.parse(schema, body)
-        if entry.active >= entry.limits.max_concurrent:
-            raise HTTPError(
-                429, f"this token already has {entry.active} requests in flight (max_concurrent)", "max_concurrent"
-            )
-        entry.active += 1
+        # A forward request announces itself while it is read and checked, so the worker can wait
+        # a moment for it to join the forward about to start.
+        arriving = self.worker.arrival() if kind == "run" else contextlib.nullcontext()
+        with arriving:
+            req = self.parse(SCHEMAS[kind], await self.body(request))
+            if entry.active >= entry.limits.max_concurrent:
+                raise HTTPError(
+                    429, f"this token already has {entry.active} requests in flight (max_concurrent)", "max_concurrent"
+                )
+            entry.active += 1
+            try:
+                work = self.work(kind, req, entry)
+                if work is not None:
+                    self.worker.submit(work)
+            except BaseException:
+                entry.active -= 1
+                raise
+            if work is None:  # tokenizing: answered here, without the model's worker
+                entry.active -= 1
+                return 200, jobs.run_tokenize(self.model, req)
         try:
-            return 200, await self._handle(request, kind, req, entry)
+            timeout = min(self.timeout, req.timeout) if getattr(req, "timeout", None) else self.timeout
+            result = await self.wait(request, work, timeout)
+            return 200, self.encode(entry, kind, result)
         finally:
             entry.active -= 1
 
-    async def _handle(self, request: Any, kind: str, req: Any, entry: TokenEntry) -> dict[str, Any]:
+    def work(self, kind: str, req: Any, entry: TokenEntry) -> Work | None:
+        """The request checked against the model and its token's limits, ready for the worker."""
         model = self.model
-        timeout = min(self.timeout, req.timeout) if getattr(req, "timeout", None) else self.timeout
         loop = asyncio.get_running_loop()
-        prepared = None
-        job: Callable[[Any], Any] | None = None
         if kind == "run":
             prepared = jobs.prepare_run(model, req)
             self.check_tokens(entry, prepared.n_tokens())
             self.check_bytes(entry, prepared.response_bytes(model))
-        elif kind == "tokenize":
+            return Work(prepared, None, loop, loop.create_future(), kind, prepared.cancelled)
+        if kind == "tokenize":
             self.check_tokens(entry, _text_size(req))
-            result = jobs.run_tokenize(model, req)  # no forward: answered here
-            return result
-        elif kind == "params":
+            return None
+        job: Callable[[Any], Any]
+        if kind == "params":
             job = lambda m: jobs.run_params(m, req)  # noqa: E731
         else:
             self.check_tokens(entry, _job_tokens(kind, req))
@@ -396,12 +428,7 @@ class Server:
                 "lens": lambda m: jobs.run_lens(m, req),
                 "generate": lambda m: jobs.run_generate(m, req),
             }[kind]
-        work = Work(prepared, job, loop, loop.create_future(), kind)
-        if prepared is not None:
-            work.cancelled = prepared.cancelled
-        self.worker.submit(work)
-        result = await self.wait(request, work, timeout)
-        return self.encode(entry, kind, result)
+        return Work(None, job, loop, loop.create_future(), kind)
 
     def encode(self, entry: TokenEntry, kind: str, result: Any) -> dict[str, Any]:
         if kind in ("dla", "lens"):
