@@ -538,3 +538,28 @@ def test_server_down_and_restarted(server, client, local):
         remote.RemoteModel(server.url, token=ALICE)
     server.start()
     assert equal(client(P), local(P))  # the same client object, after the restart
+
+
+# The command and its tokens file (no server) ------------------------------------------------------
+def test_serve_refuses_torchrun_and_bad_tokens_files(tmp_path, monkeypatch, capsys):
+    from transformer_hooks.cli import main
+    from transformer_hooks.remote.server import Limits, read_tokens
+
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text(f"{ALICE}\n")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["serve", "--model", "unused", "--tokens", str(tokens)]) == 2
+    assert "torchrun" in capsys.readouterr().err
+    for text, message in [
+        ("short\n", "at least 16 characters"),
+        (f"{ALICE} max_tokens=many\n", "whole number"),
+        (f"{ALICE} admin=yes\n", "unknown option 'admin'"),
+        ("# only a comment\n", "no token"),
+    ]:
+        tokens.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            read_tokens(tokens, Limits())
+    tokens.write_text(f"{ALICE} name=a max_concurrent=3  # a comment\n{BOB}\n")
+    table = read_tokens(tokens, Limits(max_tokens=7))
+    assert table.find(ALICE).limits.max_concurrent == 3 and table.find(BOB).limits.max_tokens == 7
+    assert table.find("x" * 30) is None and table.find("") is None
