@@ -11,7 +11,7 @@ from checkpoints import VOCAB
 
 from transformer_hooks import UnknownHookError, sites
 from transformer_hooks.cache import NotCachedError
-from transformer_hooks.patching.engine import _axis_sizes, _layout
+from transformer_hooks.interventions.patching.engine import _axis_sizes, _layout
 from transformer_hooks.utils import IndexOutOfRangeError, check_index, get_act_name
 
 # GPT-2, GPT-Neo, NeoX parallel (Pythia), NeoX sequential, Llama (gated MLP, GQA).

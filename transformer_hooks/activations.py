@@ -60,7 +60,7 @@ from tqdm.auto import tqdm
 
 from weights_conversion.sources import write_safetensors
 
-from .process_group import (
+from .scale.process_group import (
     DEFAULT_TIMEOUT,
     RankFailedError,
     barrier,

@@ -152,7 +152,7 @@ def _groups_by_label(n_layers: int) -> dict[str, str]:
 
 
 def _timedelta(timeout: Any) -> datetime.timedelta:
-    from ..distributed import DEFAULT_TIMEOUT
+    from ..scale.process_group import DEFAULT_TIMEOUT
 
     if timeout is None:
         return DEFAULT_TIMEOUT

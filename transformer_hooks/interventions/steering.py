@@ -42,10 +42,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from jaxtyping import Float
 
-from .hooks import HookPoint
+from ..hooks import HookPoint
 
 if TYPE_CHECKING:
-    from .model import HookedTransformer
+    from ..model import HookedTransformer
 
 
 Positions = None | int | slice | Sequence[int] | Literal["all", "new"]

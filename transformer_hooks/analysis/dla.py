@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 import torch
 from jaxtyping import Float
 
+from ..tables import text_table
 from .lens import final_norm
-from .tables import text_table
 
 if TYPE_CHECKING:
-    from .model import HookedTransformer
+    from ..model import HookedTransformer
 
 
 def check_prompt(prompt: str) -> None:

@@ -36,10 +36,10 @@ from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 from tqdm.auto import tqdm
 
-from .hooks import HookPoint
+from ..hooks import HookPoint
 
 if TYPE_CHECKING:
-    from .model import HookedTransformer
+    from ..model import HookedTransformer
 
 
 PositionIndex = int | Sequence[int] | torch.Tensor

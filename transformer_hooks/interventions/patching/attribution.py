@@ -12,8 +12,8 @@ import torch
 from einops import rearrange
 from jaxtyping import Float, Int
 
-from ..components.softcap import softcap
-from ..hooks import HookPoint
+from ...components.softcap import softcap
+from ...hooks import HookPoint
 from .engine import (
     PatchingMetric,
     _check_axes,
@@ -41,7 +41,7 @@ from .sweeps import (
 )
 
 if TYPE_CHECKING:
-    from ..model import HookedTransformer
+    from ...model import HookedTransformer
 
 
 def attribution_products(

@@ -258,7 +258,7 @@ def harvest(
                 "harvest(..., out=DIR) writes a dataset, which resumes in DIR itself and keeps "
                 "activations per position: drop reduce= and resume_dir= (or drop out= to gather caches)"
             )
-        from .activations import harvest as harvest_to_disk
+        from ..activations import harvest as harvest_to_disk
 
         return harvest_to_disk(
             model, prompts, names_filter, Path(out), timeout=timeout, progress=progress, **dataset_options
@@ -317,7 +317,7 @@ def patch_pair(
 ) -> torch.Tensor:
     """One pair's sweep: TransformerLens's ``get_act_patch_{activation_name}`` (or
     ``get_attr_patch_...`` with ``attribution``) with the logit-difference metric."""
-    from . import patching
+    from ..interventions import patching
 
     prefix = "get_attr_patch_" if attribution else "get_act_patch_"
     sweep = getattr(patching, prefix + activation_name, None)
@@ -431,7 +431,7 @@ def add_sweep_parser(sub: Any) -> None:
 
 
 def cmd_sweep(args: Any) -> int:
-    from .model import HookedTransformer
+    from ..model import HookedTransformer
 
     timeout = datetime.timedelta(seconds=args.timeout)
     rank, world = init_distributed(timeout=timeout)

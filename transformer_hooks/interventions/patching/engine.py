@@ -1,7 +1,7 @@
 """The patching engine: ``Patch`` and ``run_patches`` (many patches per forward, stacked
 on the batch axis), ``generic_activation_patch``, TransformerLens's patch setters, and the
 checks that run before any forward. The method, the metric contract and the axis vocabulary
-are stated once, in the package docstring (``transformer_hooks.patching``).
+are stated once, in the package docstring (``transformer_hooks.interventions.patching``).
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import torch
 from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
-from .. import sites
-from ..hooks import HookPoint
-from ..utils import check_index, get_act_name
+from ... import sites
+from ...hooks import HookPoint
+from ...utils import check_index, get_act_name
 
 if TYPE_CHECKING:
-    from ..model import HookedTransformer
+    from ...model import HookedTransformer
 
 
 Logits = Float[torch.Tensor, "batch pos d_vocab"]

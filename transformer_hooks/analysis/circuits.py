@@ -34,8 +34,8 @@ from typing import Any, Literal
 
 import torch
 
-from .hooks import HookPoint
-from .utils import check_index
+from ..hooks import HookPoint
+from ..utils import check_index
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
 _HEAD = re.compile(r"^a(\d+)\.h(\d+)$")

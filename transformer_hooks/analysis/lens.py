@@ -33,14 +33,14 @@ import torch
 from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
-from .cache import ActivationCache
-from .components.norms import normalize
-from .components.softcap import softcap
-from .tables import short_repr, text_table
-from .utils import Slice, SliceInput, check_layer
+from ..cache import ActivationCache
+from ..components.norms import normalize
+from ..components.softcap import softcap
+from ..tables import short_repr, text_table
+from ..utils import Slice, SliceInput, check_layer
 
 if TYPE_CHECKING:
-    from .model import HookedTransformer
+    from ..model import HookedTransformer
 
 
 # The sites a block writes or passes on, in the order they happen.

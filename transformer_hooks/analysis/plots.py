@@ -26,12 +26,12 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from .tables import short_repr
+from ..tables import short_repr
 
 if TYPE_CHECKING:
+    from ..model import HookedTransformer
     from .dla import DLAResult
     from .lens import LogitLens
-    from .model import HookedTransformer
 
 Backend = Literal["matplotlib", "plotly"]
 ArrayLike = Any  # torch.Tensor, numpy array or nested lists

@@ -33,7 +33,7 @@ from .engine import (
 )
 
 if TYPE_CHECKING:
-    from ..model import HookedTransformer
+    from ...model import HookedTransformer
 
 
 _POS = ("layer", "pos")

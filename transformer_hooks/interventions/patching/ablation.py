@@ -29,8 +29,8 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Float, Int
 
-from .. import sites
-from ..utils import check_index, get_act_name
+from ... import sites
+from ...utils import check_index, get_act_name
 from .engine import (
     DEFAULT_MAX_BATCH_BYTES,
     Patch,

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .tables import text_table
+from ..tables import text_table
 
 if TYPE_CHECKING:
-    from .model import HookedTransformer
+    from ..model import HookedTransformer
 
 
 @dataclass
@@ -28,7 +28,7 @@ def load_hf_model(name: str) -> Any:
     preset or .gguf file (through transformers' ``gguf_file``)."""
     from transformers import AutoModelForCausalLM
 
-    from .resolution import resolve_checkpoint
+    from ..resolution import resolve_checkpoint
 
     ckpt = resolve_checkpoint(name)
     if ckpt.kind == "converted":

@@ -73,7 +73,7 @@ Layout: ``engine`` (``Patch``, ``run_patches``, ``generic_activation_patch``, th
 setters and the checks), ``sweeps`` (TL's ``get_act_patch_*``), ``attribution``
 (``attribution_products``, ``generic_attribution_patch``, ``get_attr_patch_*``, AtP*),
 ``ablation`` (``ablate``, ``run_ablations``, ``ablation_sweep``). Every
-public name is importable from ``transformer_hooks.patching``.
+public name is importable from ``transformer_hooks.interventions.patching``.
 """
 
 from .ablation import Ablation, ablate, ablation_sweep, ablation_value, run_ablations
