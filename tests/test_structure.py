@@ -104,6 +104,12 @@ RANKS: dict[str, int] = {
         LOADING,
     ),
     **dict.fromkeys(["", "cli", "__main__"], ENTRY),  # "" is transformer_hooks/__init__.py, the public API
+    # old paths of moved modules, kept for users (issue 22): one star re-export each
+    **dict.fromkeys(
+        ["lens", "dla", "circuits", "plots", "parity", "steering", "das", "distributed", "process_group"]
+        + ["patching", "patching.engine", "patching.sweeps", "patching.attribution", "patching.ablation"],
+        ENTRY,
+    ),
 }
 
 # The only imports allowed to reach upward. Each is lazy (inside a function), so importing

@@ -1,0 +1,6 @@
+"""Old path, kept for users: the code lives in ``transformer_hooks.interventions.steering`` (issue 22).
+
+The package's own modules import that module, never this one (tests/test_structure.py).
+"""
+
+from transformer_hooks.interventions.steering import *  # noqa: F403
