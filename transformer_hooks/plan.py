@@ -530,8 +530,7 @@ def config_for_plan(name_or_config: str | os.PathLike[str]) -> tuple[ModelConfig
     """(ModelConfig, HF config dict or None) from a published model's name, a config.json,
     a Hugging Face directory or a converted checkpoint directory. Reads no weights."""
     import weights_conversion
-
-    from .resolution import CONVERTED_CONFIG
+    from weights_conversion.converted import CONVERTED_CONFIG
 
     path = Path(name_or_config)
     hf = published_config(str(name_or_config))
