@@ -25,7 +25,6 @@ patching the whole site at that position: a check that the plumbing is right.
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +35,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 from tqdm.auto import tqdm
 
+from .. import sites
 from ..hooks import HookPoint
 
 if TYPE_CHECKING:
@@ -198,9 +198,6 @@ def source_activations(
     return cache[site]
 
 
-_RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
-
-
 def resume_point(model: HookedTransformer, site: str) -> tuple[int, str] | None:
     """Where a forward can start from a cached value of ``site``: ``(start_at_layer, the
     hook name that value passes through there)``, for residual-stream sites; else None.
@@ -208,10 +205,10 @@ def resume_point(model: HookedTransformer, site: str) -> tuple[int, str] | None:
     ``blocks.L.hook_resid_post`` is the stream entering block L+1, so a run resumed at L+1
     sees it at ``blocks.{L+1}.hook_resid_pre``.
     """
-    match = _RESID.match(site)
-    if match is None:
+    layer, rel = sites.split_name(site)
+    if layer is None or rel not in ("hook_resid_pre", "hook_resid_post"):
         return None
-    layer = int(match.group(1)) + (match.group(2) == "post")
+    layer += rel == "hook_resid_post"
     return (layer, f"blocks.{layer}.hook_resid_pre") if layer < model.cfg.n_layers else None
 
 

@@ -288,10 +288,11 @@ def run_patches(
 
     resid_pre: dict[int, torch.Tensor] = {}
     if any(start_of):
-        names = [f"blocks.{L}.hook_resid_pre" for L in sorted(set(start_of)) if L > 0]
+        layers = sorted(L for L in set(start_of) if L > 0)
+        names = [f"blocks.{L}.hook_resid_pre" for L in layers]
         with torch.no_grad():
             _, cache = model.run_with_cache(tokens, names_filter=names, return_cache_object=False)
-        resid_pre = {int(n.split(".")[1]): cache[n] for n in names}
+        resid_pre = {L: cache[name] for L, name in zip(layers, names, strict=True)}
 
     out = torch.empty(len(patches), dtype=torch.float32)
     with tqdm(total=len(patches), desc=desc, disable=not progress) as bar:
