@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from weights_conversion.groups import Group, load_order
 from weights_conversion.sources import CorruptCheckpointError, MissingWeightsError, WeightShapeError
 
-from .. import processing
+from .. import processing, sites
 from ..config import ModelConfig
 from ..memory import return_freed_memory
 from ..model import HookedTransformer
@@ -112,7 +112,7 @@ def build_and_fill(
     if store is not None:
 
         def after_group(names: list[str]) -> None:
-            for layer in sorted({int(n.split(".")[1]) for n in names if n.startswith("blocks.")}):
+            for layer in sorted({L for n in names if (L := sites.layer_of(n)) is not None}):
                 store.keep(model.blocks[layer], layer)
 
     materialize(
