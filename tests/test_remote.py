@@ -29,14 +29,15 @@ from checkpoints import VOCAB, save_checkpoint  # noqa: E402
 from ranks import free_port  # noqa: E402
 from tokenizers_util import add_tokenizer  # noqa: E402
 
-from transformer_hooks import HookedTransformer, patching, remote  # noqa: E402
-from transformer_hooks.distributed import logit_diff_metric  # noqa: E402
-from transformer_hooks.dla import direct_logit_attribution  # noqa: E402
-from transformer_hooks.lens import logit_lens  # noqa: E402
-from transformer_hooks.patching.ablation import ablation_value  # noqa: E402
+from transformer_hooks import HookedTransformer, remote  # noqa: E402
+from transformer_hooks.analysis.dla import direct_logit_attribution  # noqa: E402
+from transformer_hooks.analysis.lens import logit_lens  # noqa: E402
+from transformer_hooks.interventions import patching  # noqa: E402
+from transformer_hooks.interventions.patching.ablation import ablation_value  # noqa: E402
+from transformer_hooks.interventions.steering import steering  # noqa: E402
 from transformer_hooks.remote import jobs  # noqa: E402
 from transformer_hooks.remote.schema import Intervention, RunRequest, encode_tensors  # noqa: E402
-from transformer_hooks.steering import steering  # noqa: E402
+from transformer_hooks.scale.distributed import logit_diff_metric  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ALICE = "alice-token-0123456789abcdef"

@@ -490,7 +490,7 @@ class RemoteModel:
 
     def direct_logit_attribution(self, prompt: str, answer: str, contrast: str, pos: int = -1) -> Any:
         """``dla.direct_logit_attribution`` on the server: a ``DLAResult``."""
-        from ..dla import DLAResult
+        from ..analysis.dla import DLAResult
 
         out = self._post("dla", {"prompt": prompt, "answer": answer, "contrast": contrast, "pos": pos})
         fields: dict[str, Any] = {**out["fields"], **decode_tensors(out["tensors"])}
@@ -500,7 +500,7 @@ class RemoteModel:
         self, input: Any, sites: Sequence[str] | None = None, pos_slice: int | None = None, top_k: int = 5
     ) -> Any:
         """``lens.logit_lens`` on the server: a ``LogitLens``."""
-        from ..lens import LogitLens
+        from ..analysis.lens import LogitLens
 
         body = _input(input)
         body.update(lens_sites=None if sites is None else list(sites), pos=pos_slice, top_k=top_k)

@@ -25,12 +25,13 @@ from typing import Any
 
 import torch
 
-from .. import patching, sites
-from ..distributed import logit_diff_metric
-from ..dla import direct_logit_attribution
-from ..lens import LENS_SITES, logit_lens
-from ..patching.ablation import ablation_value
-from ..steering import steering
+from .. import sites
+from ..analysis.dla import direct_logit_attribution
+from ..analysis.lens import LENS_SITES, logit_lens
+from ..interventions import patching
+from ..interventions.patching.ablation import ablation_value
+from ..interventions.steering import steering
+from ..scale.distributed import logit_diff_metric
 from .schema import (
     AttributionRequest,
     DLARequest,
