@@ -1,6 +1,7 @@
 """The ``serve`` command: load a model and serve it (``server.py``) with uvicorn.
 
     python -m transformer_hooks serve --model PATH --tokens tokens.txt [--host 127.0.0.1] [--port 8000]
+    torchrun --nproc-per-node 2 -m transformer_hooks serve --pipeline-ranks 2 --model PATH --tokens tokens.txt
 
 The server's packages (starlette, uvicorn) are imported only when the command runs, so the
 rest of the command line works without the ``serve`` extra.
@@ -35,14 +36,21 @@ def add_serve_parser(sub: Any) -> None:
     p.add_argument("--batch-window-ms", type=float, default=2.0, help="how long to wait for requests to batch with")
     p.add_argument("--max-batch-rows", type=int, default=64, help="most prompts in one batched forward")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument(
+        "--pipeline-ranks",
+        type=int,
+        default=None,
+        help="under torchrun: split the model over this many processes; rank 0 serves, the others follow",
+    )
     p.set_defaults(func=cmd_serve)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and args.pipeline_ranks is None:
         raise ValueError(
-            "serve does not run under torchrun yet (a model split over processes with pipeline_ranks is not "
-            "served); serve it from one process, with --device-map to spread it over devices"
+            f"serve runs under torchrun ({world} processes) only to split a model over them: pass "
+            f"--pipeline-ranks {world} (rank 0 serves, the others follow), or serve from one process"
         )
     try:
         import uvicorn
@@ -59,9 +67,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {"dtype": args.dtype, "device": args.device}
     if args.device_map is not None:
         options["device_map"] = args.device_map
+    if args.pipeline_ranks is not None:
+        options["pipeline_ranks"] = args.pipeline_ranks
     load = HookedTransformer.from_pretrained_no_processing if args.no_processing else HookedTransformer.from_pretrained
     model = load(args.model, **options)
     model.eval()
+    leader = None
+    if args.pipeline_ranks is not None:
+        import torch.distributed as dist
+
+        from .pipeline import Leader, follow
+
+        if dist.get_rank() != 0:
+            follow(model)  # until rank 0 stops
+            return 0
+        leader = Leader(model.device)
     server = Server(
         model,
         tokens,
@@ -70,6 +90,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         batch_window=args.batch_window_ms / 1000,
         max_batch_rows=args.max_batch_rows,
         model_name=args.model,
+        leader=leader,
     )
     print(f"serving {args.model} on http://{args.host}:{args.port} ({len(tokens.entries)} token(s))", flush=True)
     uvicorn.run(make_app(server), host=args.host, port=args.port, log_level="warning")

@@ -212,7 +212,8 @@ class Prepared:
     names: list[str]
     edits: list[_Edit]
     return_logits: bool
-    clean_copies: list[int]  # prompts that need an unedited copy row (a patch or mean source that is edited)
+    clean_copies: list[int]
+    request: RunRequest  # prompts that need an unedited copy row (a patch or mean source that is edited)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -255,7 +256,7 @@ def prepare_run(model: Any, req: RunRequest) -> Prepared:
             edits.append(_edit(model, spec, site, tokens.shape[0], tokens.shape[1], tensors))
     edited = {r for e in edits for r in e.rows}
     sources = sorted({r for e in edits for r in e.source_rows})
-    return Prepared(tokens, mask, names, edits, req.return_logits, [r for r in sources if r in edited])
+    return Prepared(tokens, mask, names, edits, req.return_logits, [r for r in sources if r in edited], req)
 
 
 def _site_hook(model: Any, site: str, parts: list[tuple[int, Prepared, list[_Edit]]]) -> Callable:
@@ -315,9 +316,11 @@ def cancel_hooks(model: Any, items: Sequence[Any]) -> list[tuple[str, Callable]]
     return [(f"blocks.{layer}.hook_resid_pre", check) for layer in range(model.cfg.n_layers)]
 
 
-def run_batch(model: Any, items: Sequence[Prepared]) -> list[dict[str, torch.Tensor]]:
+def run_batch(model: Any, items: Sequence[Prepared], cancel: bool = True) -> list[dict[str, torch.Tensor]]:
     """One forward for every request of ``items`` (all of one ``key``); per request, its
-    logits (``"logits"``) and sites, sliced from the batch and copied."""
+    logits (``"logits"``) and sites, sliced from the batch and copied. ``cancel``: stop at the
+    next block once every request is cancelled (not on a model split over processes, whose
+    other ranks would wait for the rest of the forward)."""
     rows, masks, starts = [], [], []
     start = 0
     for p in items:
@@ -342,19 +345,20 @@ def run_batch(model: Any, items: Sequence[Prepared]) -> list[dict[str, torch.Ten
             parts[-1][2].append(e)
     hooks = [(site, _site_hook(model, site, parts)) for site, parts in by_site.items()]
     names = list(dict.fromkeys(n for p in items for n in p.names))
-    store: dict[str, torch.Tensor] = {}
-
-    def saver(name: str) -> Callable:
-        def save(act: torch.Tensor, hook: Any) -> None:
-            store[name] = act.detach()
-
-        save.reads_only = True  # type: ignore[attr-defined]
-        return save
-
-    hooks += [(n, saver(n)) for n in names] + cancel_hooks(model, items)
+    if cancel:
+        hooks += cancel_hooks(model, items)
     want_logits = any(p.return_logits for p in items)
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-        logits = model(tokens, attention_mask=mask, return_type="logits" if want_logits else None)
+        # run_with_cache, so a model split over processes gathers every rank's sites on rank 0.
+        logits, store = model.run_with_cache(
+            tokens,
+            names_filter=names,
+            attention_mask=mask,
+            return_type="logits" if want_logits else None,
+            return_cache_object=False,
+        )
+    if store is None:  # a following rank of a model split over processes: rank 0 answers
+        return []
     results = []
     for s, p in zip(starts, items, strict=True):
         rows_of = slice(s, s + p.n_prompts)

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ValidationError
 
-from . import jobs
+from . import jobs, pipeline
 from .schema import (
     AttributionRequest,
     DLARequest,
@@ -141,8 +141,9 @@ class Work:
 class Worker:
     """The one thread that runs the model, batching ``run`` requests of one key."""
 
-    def __init__(self, model: Any, window: float, max_batch_rows: int) -> None:
+    def __init__(self, model: Any, window: float, max_batch_rows: int, leader: Any = None) -> None:
         self.model, self.window, self.max_batch_rows = model, window, max_batch_rows
+        self.leader = leader  # pipeline.Leader when the model is split over processes
         self.queue: collections.deque[Work] = collections.deque()
         self.cond = threading.Condition()
         self.stopping = False
@@ -179,11 +180,18 @@ class Worker:
 
     def _take(self) -> list[Work] | None:
         with self.cond:
-            while not self.stopping and not self.queue:
-                self.cond.wait()
+            idle = False
+            while not self.stopping and not self.queue and not idle:
+                idle = not self.cond.wait(pipeline.HEARTBEAT if self.leader is not None else None)
             if self.stopping:
                 return None
-            first = self.queue.popleft()
+            if idle:  # followers of a model split over processes wait on us: tell them we are here
+                first = None
+            else:
+                first = self.queue.popleft()
+        if first is None:
+            self.leader.send({"kind": "heartbeat"})
+            return []
         if first.cancelled.is_set():
             return []
         if first.prepared is None:
@@ -217,6 +225,8 @@ class Worker:
         while True:
             batch = self._take()
             if batch is None:
+                if self.leader is not None:
+                    self.leader.send({"kind": "stop"})
                 return
             if batch:
                 self.running = batch[0].kind
@@ -241,10 +251,13 @@ class Worker:
             p.cancelled = w.cancelled  # type: ignore[union-attr]
         self.batches.append(len(batch))
         try:
-            results = jobs.run_batch(self.model, items)  # type: ignore[arg-type]
+            if self.leader is not None:  # every rank runs the same forward
+                self.leader.forward(items)
+            results = jobs.run_batch(self.model, items, cancel=self.leader is None)  # type: ignore[arg-type]
         except Exception as e:
-            if len(batch) == 1:
-                self._fail(batch[0], e)
+            if len(batch) == 1 or self.leader is not None:
+                for w in batch:
+                    self._fail(w, e)
                 return
             for w in batch:  # one request's failure must not fail the others: each alone
                 self._settle(w, functools.partial(_alone, self.model, w))
@@ -297,11 +310,13 @@ class Server:
         batch_window: float = 0.002,
         max_batch_rows: int = 64,
         model_name: str = "",
+        leader: Any = None,
     ) -> None:
         self.model, self.tokens = model, tokens
         self.max_body_bytes, self.timeout = max_body_bytes, timeout
         self.model_name = model_name
-        self.worker = Worker(model, batch_window, max_batch_rows)
+        self.worker = Worker(model, batch_window, max_batch_rows, leader)
+        self.split = leader is not None
         self.hook_names = list(model.hook_dict)
 
     # Checks before anything runs --------------------------------------------------------------
@@ -416,6 +431,12 @@ class Server:
         if kind == "tokenize":
             self.check_tokens(entry, _text_size(req))
             return None
+        if self.split:
+            raise HTTPError(
+                400,
+                f"{kind} is not served for a model split over processes (pipeline_ranks): only forwards "
+                f"(run_with_cache, run_with_hooks) are; serve the model from one process for {kind}",
+            )
         job: Callable[[Any], Any]
         if kind == "params":
             job = lambda m: jobs.run_params(m, req)  # noqa: E731
