@@ -9,42 +9,5 @@ pydantic requests, tensors as safetensors), ``jobs.py`` (requests run on the mod
 The client needs httpx, the server starlette and uvicorn: ``pip install 'transformer_hooks[serve]'``.
 """
 
-from .client import (
-    RemoteAuthError,
-    RemoteBadRequest,
-    RemoteError,
-    RemoteHook,
-    RemoteLimitError,
-    RemoteModel,
-    RemoteTimeout,
-    RemoteUnavailable,
-    add,
-    logit,
-    logit_diff,
-    mean_ablate,
-    patch,
-    scale,
-    set_value,
-    steer,
-    zero,
-)
-
-__all__ = [
-    "RemoteAuthError",
-    "RemoteBadRequest",
-    "RemoteError",
-    "RemoteHook",
-    "RemoteLimitError",
-    "RemoteModel",
-    "RemoteTimeout",
-    "RemoteUnavailable",
-    "add",
-    "logit",
-    "logit_diff",
-    "mean_ablate",
-    "patch",
-    "scale",
-    "set_value",
-    "steer",
-    "zero",
-]
+from .client import *  # noqa: F403  # the client's names are the package's
+from .client import __all__  # noqa: F401

@@ -275,20 +275,22 @@ class Worker:
             self._fail(w, e)
 
     @staticmethod
-    def _done(w: Work, result: Any) -> None:
+    def _done(w: Work, result: Any = None, error: BaseException | None = None) -> None:
+        """Hand the result (or the error) to the request's event loop."""
+
         def set() -> None:
-            if not w.future.done():
+            if w.future.done():
+                return
+            if error is not None:
+                w.future.set_exception(error)
+            else:
                 w.future.set_result(result)
 
         w.loop.call_soon_threadsafe(set)
 
-    @staticmethod
-    def _fail(w: Work, e: BaseException) -> None:
-        def set() -> None:
-            if not w.future.done():
-                w.future.set_exception(e)
-
-        w.loop.call_soon_threadsafe(set)
+    @classmethod
+    def _fail(cls, w: Work, e: BaseException) -> None:
+        cls._done(w, error=e)
 
 
 def _alone(model: Any, w: Work) -> dict[str, torch.Tensor]:
