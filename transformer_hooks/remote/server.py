@@ -27,6 +27,7 @@ import contextlib
 import functools
 import hmac
 import os
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -223,7 +224,12 @@ class Worker:
 
     def _loop(self) -> None:
         while True:
-            batch = self._take()
+            try:
+                batch = self._take()
+            except Exception as e:  # e.g. a follower rank gone: say so, and keep serving what can be
+                print(f"transformer-hooks serve: worker: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                time.sleep(1.0)
+                continue
             if batch is None:
                 if self.leader is not None:
                     self.leader.send({"kind": "stop"})
