@@ -107,7 +107,8 @@ def test_safetensors_writer_and_reader_agree_with_the_reference_reader(tmp_path)
     reads back bit for bit through ``SafetensorsFile`` and through the safetensors package."""
     from safetensors.torch import load_file
 
-    from weights_conversion.sources import SAFETENSORS_DTYPES, SafetensorsFile, write_safetensors
+    from transformer_hooks.dtypes import SAFETENSORS_DTYPES, SAFETENSORS_NUMPY
+    from weights_conversion.sources import SafetensorsFile, write_safetensors
 
     g = torch.Generator().manual_seed(0)
     tensors = {}
@@ -122,3 +123,7 @@ def test_safetensors_writer_and_reader_agree_with_the_reference_reader(tmp_path)
         for read in (ours.read(name), reference[name]):
             assert read.dtype == t.dtype and read.shape == t.shape
             assert torch.equal(read.view(torch.uint8), t.view(torch.uint8)), name
+        if name in SAFETENSORS_NUMPY:  # the memory map (activation datasets) has the same bytes
+            mapped = torch.from_numpy(ours.memmap(name).copy())
+            assert tuple(mapped.shape) == tuple(t.shape)
+            assert torch.equal(mapped.view(torch.uint8), t.view(torch.uint8)), name
