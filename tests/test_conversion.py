@@ -77,31 +77,6 @@ def test_unsupported_rope_scaling_is_named():
         weights_conversion.config_from_hf(config)
 
 
-def test_weights_conversion_imports_only_config_from_transformer_hooks():
-    """The converter sits below the loader that calls it: its modules import
-    ``transformer_hooks.config`` and nothing else of the library (``__main__.py``, the
-    command line, is an entry point above the library and loads through ``from_pretrained``)."""
-    import ast
-    from pathlib import Path
-
-    root = Path(weights_conversion.__file__).parent
-    for file in sorted(root.glob("*.py")):
-        if file.name == "__main__.py":
-            continue
-        for node in ast.walk(ast.parse(file.read_text())):
-            if isinstance(node, ast.Import):
-                modules = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [alias.name for alias in node.names]
-                modules = [f"{node.module}.{n}" for n in names] if node.module == "transformer_hooks" else [node.module]
-            else:
-                continue
-            upward = [m for m in modules if m.split(".")[0] == "transformer_hooks" and m != "transformer_hooks.config"]
-            assert not upward, (
-                f"weights_conversion/{file.name} imports {upward}: it may import transformer_hooks.config only"
-            )
-
-
 def test_safetensors_writer_and_reader_agree_with_the_reference_reader(tmp_path):
     """One dtype table serves both directions: every dtype written by ``write_safetensors``
     reads back bit for bit through ``SafetensorsFile`` and through the safetensors package."""
