@@ -36,6 +36,7 @@ RANKS: dict[str, int] = {
             "tl_config",
             "dtypes",
             "process_group",
+            "progress",
         ],
         LOW,
     ),
@@ -100,7 +101,11 @@ RANKS: dict[str, int] = {
         ],
         LOADING,
     ),
-    **dict.fromkeys(["", "cli", "__main__"], ENTRY),  # "" is transformer_hooks/__init__.py, the public API
+    **dict.fromkeys(
+        ["", "__main__", "cli", "cli.common", "cli.convert", "cli.dla", "cli.harvest", "cli.logit_lens"]
+        + ["cli.parity", "cli.plan", "cli.sae_eval", "cli.sweep"],
+        ENTRY,
+    ),  # "" is transformer_hooks/__init__.py, the public API
 }
 
 # The only imports allowed to reach upward. Each is lazy (inside a function), so importing

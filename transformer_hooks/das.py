@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
-from tqdm.auto import tqdm
 
 from .hooks import HookPoint
+from .progress import tqdm
 
 if TYPE_CHECKING:
     from .model import HookedTransformer

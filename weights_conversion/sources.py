@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 
 class MissingWeightsError(KeyError):
@@ -145,6 +145,11 @@ class SafetensorsFile:
         return buffer.view(dtype).reshape(shape)
 
 
+def _no_progress() -> bool | None:
+    """tqdm's ``disable``: None (off unless stderr is a terminal), True under CI."""
+    return True if os.environ.get("CI") else None
+
+
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """A ``.safetensors`` file written one tensor at a time (a contiguous copy of one tensor
     at most), where ``safetensors.torch.save_file`` would serialize them all in memory first.
@@ -177,7 +182,11 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     with open(path, "wb") as f:
         f.write(len(encoded).to_bytes(8, "little"))
         f.write(encoded)
-        for name in tqdm(order, desc=f"writing {Path(path).name}", unit="tensor", delay=1.0, leave=False):
+        # Shown only on a terminal (disable=None) and never under CI, as transformer_hooks.progress's bars.
+        bar = tqdm(
+            order, desc=f"writing {Path(path).name}", unit="tensor", delay=1.0, leave=False, disable=_no_progress()
+        )
+        for name in bar:
             f.write(tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
         f.flush()
         os.fsync(f.fileno())

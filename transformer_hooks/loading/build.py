@@ -15,7 +15,6 @@ from typing import Any, cast
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from weights_conversion.groups import Group, load_order
 from weights_conversion.sources import CorruptCheckpointError, MissingWeightsError, WeightShapeError
@@ -25,6 +24,7 @@ from ..config import ModelConfig
 from ..dtypes import as_dtype  # noqa: F401  (re-exported: loading.as_dtype)
 from ..memory import return_freed_memory
 from ..model import HookedTransformer
+from ..progress import tqdm
 
 
 def build_on_meta(cfg: ModelConfig, tokenizer: Any = None) -> HookedTransformer:

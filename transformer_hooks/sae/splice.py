@@ -56,9 +56,9 @@ from typing import Any
 
 import torch
 from jaxtyping import Int
-from tqdm.auto import tqdm
 
 from ..hooks import HookPoint
+from ..progress import tqdm
 from .core import PROCESSING_STEPS, SAE, site_width
 
 _RESIDUAL_SITES = (
@@ -394,60 +394,3 @@ def evaluate_sae(
         dead_fraction=float((freq == 0).double().mean()),
         dense_fraction=float((freq > dense_threshold).double().mean()),
     )
-
-
-# Command line (registered by cli.py) ----------------------------------------------------
-def add_sae_eval_arguments(p: Any) -> None:
-    from ..resolution import DEFAULT_MODEL
-
-    p.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help=f"preset, HF repo id, directory or .gguf (default: {DEFAULT_MODEL}, embedded)",
-    )
-    p.add_argument("--no-processing", action="store_true", help="load the weights unprocessed (no fold_ln etc.)")
-    p.add_argument("--device", default=None, help="torch device (default: cpu)")
-    p.add_argument("--sae", required=True, help="an SAE directory (SAELens, Llama Scope) or Gemma Scope params.npz")
-    p.add_argument("--hook-name", default=None, help="the site, for files that do not name it (params.npz)")
-    p.add_argument("--data", required=True, help="a text file (documents separated by blank lines) or .jsonl file")
-    p.add_argument("--text-key", default="text", help="the field holding the text in a .jsonl file (default: text)")
-    p.add_argument("--context-size", type=int, default=128)
-    p.add_argument("--max-tokens", type=int, default=16384, help="evaluate on this many tokens (default: 16384)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument(
-        "--skip-first",
-        action="store_true",
-        help="leave each context's first position out (an attention sink the SAE was not trained on)",
-    )
-    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
-
-
-def run_sae_eval(args: Any) -> int:
-    """Load the model and the SAE, pack the corpus into contexts, print ``evaluate_sae``'s metrics."""
-    import json
-
-    from ..activations import _contexts
-    from ..model import HookedTransformer
-
-    load = HookedTransformer.from_pretrained_no_processing if args.no_processing else HookedTransformer.from_pretrained
-    model = load(args.model, device=args.device)
-    sae = SAE.load_from_disk(args.sae, device=model.device, **({"hook_name": args.hook_name} if args.hook_name else {}))
-    rows = []
-    for _, (tokens, mask) in zip(
-        range(max(1, args.max_tokens // args.context_size)),
-        _contexts(model, args.data, args.context_size, model.cfg.default_prepend_bos, args.text_key, None),
-        strict=False,
-    ):
-        rows.append((tokens, mask))
-    tokens = torch.stack([t for t, _ in rows])
-    mask = torch.stack([m for _, m in rows]).long()
-    result = evaluate_sae(
-        model,
-        sae,
-        tokens,
-        batch_size=args.batch_size,
-        attention_mask=mask,
-        positions=slice(1, None) if args.skip_first else None,
-    )
-    print(json.dumps(asdict(result)) if args.json else result)
-    return 0
