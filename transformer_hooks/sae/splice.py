@@ -260,7 +260,9 @@ def steer_with_feature(model: Any, sae: SAE, feature: int, coeff: float = 1.0, p
 class SAEEvaluation:
     """Reconstruction and downstream metrics, over the real (non-padding) tokens.
 
-    mse: mean of (x - x_hat)^2 over tokens and d_in. l0: mean number of active features
+    mse: mean over tokens of ||x - x_hat||^2 (summed over d_in): the reconstruction loss
+    ``train_sae`` minimises, in squared units of the site's activations.
+    mse_per_element: the same divided by d_in (mean over tokens and d_in). l0: mean number of active features
     per token. explained_variance: 1 - sum||x - x_hat||^2 / sum||x - mean(x)||^2.
     dead_fraction / dense_fraction: features active on no token / on more than
     ``dense_threshold`` of the tokens.
@@ -282,11 +284,30 @@ class SAEEvaluation:
     ce_loss_recovered_vs_mean: float = math.nan
     dead_fraction: float = math.nan
     dense_fraction: float = math.nan
+    mse_per_element: float = math.nan
 
     def __str__(self) -> str:
         return "\n".join(
-            f"{k:>26}: {v:.4g}" if isinstance(v, float) else f"{k:>26}: {v}" for k, v in asdict(self).items()
+            (f"{k:>26}: {v:.4g}" if isinstance(v, float) else f"{k:>26}: {v}") + f"  {_UNITS.get(k, '')}".rstrip()
+            for k, v in asdict(self).items()
         )
+
+
+_UNITS = {
+    "mse": "(squared activation units per token: mean over tokens of ||x - x_hat||^2, as in training)",
+    "mse_per_element": "(squared activation units: mse / d_in)",
+    "l0": "(active features per token)",
+    "explained_variance": "(fraction of the variance of x, 1 = perfect)",
+    "clean_loss": "(nats per token, next-token cross-entropy)",
+    "spliced_loss": "(nats per token, with the SAE's reconstruction in place of the site)",
+    "zero_ablation_loss": "(nats per token, the site set to 0)",
+    "mean_ablation_loss": "(nats per token, the site set to its mean)",
+    "ce_loss_recovered": "(fraction: 1 = splicing costs nothing, 0 = as bad as zero ablation)",
+    "ce_loss_recovered_vs_mean": "(fraction, against mean ablation)",
+    "n_tokens": "(tokens evaluated)",
+    "dead_fraction": "(fraction of features never active)",
+    "dense_fraction": "(fraction of features active on more than the dense threshold of tokens)",
+}
 
 
 def _replace_hook(positions: Positions, value: torch.Tensor | None):
@@ -381,7 +402,8 @@ def evaluate_sae(
     clean, spliced, zero, mean = (v / max(n_pred, 1) for v in (clean, spliced, zero, mean))
     freq = fired / max(n, 1)
     return SAEEvaluation(
-        mse=sq_err / (n * sae.cfg.d_in),
+        mse=sq_err / n,
+        mse_per_element=sq_err / (n * sae.cfg.d_in),
         l0=l0 / n,
         explained_variance=1 - sq_err / total_var if total_var > 0 else math.nan,
         clean_loss=clean,
