@@ -9,7 +9,7 @@ import torch
 from checkpoints import VOCAB
 
 from transformer_hooks import UnknownHookError
-from transformer_hooks.steering import (
+from transformer_hooks.interventions.steering import (
     NORM_WARNING_RATIO,
     pad_to_same_length,
     residual_norm,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..dla import check_prompt, direct_logit_attribution, format_dla
-from ..plots import plot_dla
+from ..analysis.dla import check_prompt, direct_logit_attribution, format_dla
+from ..analysis.plots import plot_dla
 from .common import Steps, add_model_arguments, describe_model, load_from_args, status
 
 NAME = "dla"

@@ -7,7 +7,7 @@ import argparse
 import datetime
 
 from ..activations import DTYPES, harvest
-from ..process_group import DEFAULT_TIMEOUT, barrier, init_distributed, local_device
+from ..scale.process_group import DEFAULT_TIMEOUT, barrier, init_distributed, local_device
 from .common import add_model_arguments, load_from_args
 
 NAME = "harvest"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..dla import check_prompt, position_index
-from ..lens import LENS_COLUMNS, format_logit_lens, logit_lens
-from ..plots import plot_logit_lens
+from ..analysis.dla import check_prompt, position_index
+from ..analysis.lens import LENS_COLUMNS, format_logit_lens, logit_lens
+from ..analysis.plots import plot_logit_lens
 from .common import Steps, add_model_arguments, describe_model, load_from_args, status
 
 NAME = "logit-lens"

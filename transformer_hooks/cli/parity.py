@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..dla import check_prompt
-from ..parity import format_parity, load_hf_model, parity_errors, parity_tokens
+from ..analysis.dla import check_prompt
+from ..analysis.parity import format_parity, load_hf_model, parity_errors, parity_tokens
 from .common import Steps, load_from_args
 
 NAME = "parity"

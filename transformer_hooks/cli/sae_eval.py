@@ -9,7 +9,7 @@ from dataclasses import asdict
 import torch
 
 from ..activations import _contexts
-from ..sae import SAE
+from ..sae.core import SAE
 from ..sae.splice import evaluate_sae
 from .common import add_model_arguments, load_from_args
 

@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from .. import patching
-from ..distributed import _pair_tokens, patching_sweep, read_pairs
-from ..process_group import DEFAULT_TIMEOUT, init_distributed, local_device
+from ..interventions import patching
+from ..scale.distributed import _pair_tokens, patching_sweep, read_pairs
+from ..scale.process_group import DEFAULT_TIMEOUT, init_distributed, local_device
 from .common import add_model_arguments, load_from_args, status
 
 NAME = "sweep"
