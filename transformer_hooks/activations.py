@@ -766,6 +766,7 @@ class ActivationDataset:
         )
 
     def width(self, site: str | None = None) -> int:
+        """The number of features per row of ``site`` (default: the dataset's one site)."""
         return int(self.manifest["sites"][self._site(site)])
 
     def _site(self, site: str | None) -> str:

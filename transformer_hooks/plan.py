@@ -147,6 +147,7 @@ _ALIASES = {
 
 
 def group_names(n_layers: int) -> list[str]:
+    """The placement groups of a model with ``n_layers`` blocks, in order (embeddings, blocks, final)."""
     return ["embed", *(f"blocks.{L}" for L in range(n_layers)), "final"]
 
 
@@ -350,6 +351,7 @@ class MemoryPlan:
         return None if None in answers else all(answers)
 
     def format(self) -> str:
+        """The ``plan`` command's table: bytes per device and what they hold."""
         name = self.cfg.model_name or self.cfg.original_architecture
         lines = [
             f"memory plan for {name}: {self.cfg.n_layers} layers, d_model {self.cfg.d_model}, "
@@ -515,6 +517,7 @@ def parse_max_memory(text: str) -> dict[str, int]:
 
 
 def fmt_bytes(n: float) -> str:
+    """``n`` bytes as a short human size (``1.5 GiB``)."""
     for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= scale:
             return f"{n / scale:.2f} {unit}"
@@ -522,6 +525,7 @@ def fmt_bytes(n: float) -> str:
 
 
 def published_config(name: str) -> dict[str, Any] | None:
+    """The built-in HF config of ``name`` (a known model name or alias), or None."""
     key = name.strip().lower()
     key = _ALIASES.get(key, key)
     return dict(PUBLISHED_CONFIGS[key]) if key in PUBLISHED_CONFIGS else None

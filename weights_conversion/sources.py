@@ -45,6 +45,7 @@ class TensorSource:
         self.used: set[str] = set()
 
     def names(self) -> set[str]:
+        """The tensor names this source can read."""
         return set(self._readers)
 
     def __call__(self, name: str) -> torch.Tensor:
@@ -126,9 +127,11 @@ class SafetensorsFile:
         )
 
     def keys(self) -> list[str]:
+        """The tensor names in the file."""
         return list(self.entries)
 
     def read(self, name: str) -> torch.Tensor:
+        """The tensor ``name``, read from the file."""
         dtype, shape, begin, end = self.entries[name]
         buffer = torch.empty(end - begin, dtype=torch.uint8)
         view, done = memoryview(buffer.numpy()), 0  # type: ignore[arg-type]  # an ndarray is a buffer
@@ -193,6 +196,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def safetensors_source(files: Iterable[Path]) -> TensorSource:
+    """A ``TensorSource`` over safetensors ``files`` (memory-mapped, read on demand)."""
     files = tuple(files)
     readers: dict[str, Callable[[], torch.Tensor]] = {}
     for file in files:
@@ -203,6 +207,7 @@ def safetensors_source(files: Iterable[Path]) -> TensorSource:
 
 
 def torch_bin_source(files: Iterable[Path]) -> TensorSource:
+    """A ``TensorSource`` over pickled ``pytorch_model*.bin`` ``files`` (loaded with ``weights_only``)."""
     files = tuple(files)
     tensors: dict[str, torch.Tensor] = {}
     for file in files:

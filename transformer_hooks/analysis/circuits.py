@@ -65,6 +65,7 @@ class Graph:
         return ["input"] + heads + [f"m{layer}" for layer in range(self.n_layers)]
 
     def receivers(self) -> list[str]:
+        """Every receiving node: each head's q (per head), k and v (per kv head) input, each MLP, the logits."""
         out = []
         for layer in range(self.n_layers):
             out += [f"a{layer}.h{h}<q>" for h in range(self.n_heads)]
@@ -73,6 +74,8 @@ class Graph:
         return out + ["logits"]
 
     def check_node(self, name: str, role: str) -> None:
+        """Raise ``ValueError`` naming the valid nodes unless ``name`` is a ``role`` (``"sender"`` or
+        ``"receiver"``) of this graph."""
         valid = self.senders if role == "sender" else self.receivers()
         if name not in valid:
             raise ValueError(
@@ -82,6 +85,7 @@ class Graph:
             )
 
     def top(self, n: int) -> list[Edge]:
+        """The ``n`` edges of largest absolute score, largest first."""
         return sorted(self.edges, key=lambda e: -abs(e.score))[:n]
 
 

@@ -27,6 +27,7 @@ from ..progress import tqdm
 
 
 def build_on_meta(cfg: ModelConfig, tokenizer: Any = None) -> HookedTransformer:
+    """A ``HookedTransformer`` of ``cfg`` with its weights on the meta device (no memory), with ``tokenizer``."""
     with torch.device("meta"):
         return HookedTransformer(cfg, tokenizer)
 

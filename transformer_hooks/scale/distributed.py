@@ -109,15 +109,19 @@ class ResultStore:
         os.replace(tmp, marker)
 
     def path(self, index: int) -> Path:
+        """The file that holds result ``index``."""
         return self.directory / f"{index:08d}.pt"
 
     def has(self, index: int) -> bool:
+        """Whether result ``index`` is stored."""
         return self.path(index).exists()
 
     def load(self, index: int) -> Any:
+        """Result ``index``, as stored."""
         return torch.load(self.path(index), weights_only=False)
 
     def save(self, index: int, value: Any) -> None:
+        """Store ``value`` as result ``index`` (atomically)."""
         path = self.path(index)
         tmp = path.with_name(path.name + f".{os.getpid()}.partial")
         torch.save(value, tmp)
