@@ -163,10 +163,10 @@ class HookPoint(nn.Module):
     def add_hook(
         self, fn: HookFn, dir: str = "fwd", is_permanent: bool = False, level: int | None = None, prepend: bool = False
     ) -> None:
-        """Add ``hook`` (``fn(activation, hook) -> new activation or None``) to this site.
+        """Add the hook ``fn`` (``fn(activation, hook) -> new activation or None``) to this site.
 
         Args:
-            hook: the function.
+            fn: the hook function.
             dir: ``"fwd"`` or ``"bwd"``.
             is_permanent: kept by ``reset_hooks``.
             level: the context level that owns it.
