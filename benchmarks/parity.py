@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 from checkpoints import CONFIGS, FAMILY_CONFIGS, VOCAB, save_checkpoint  # noqa: E402
 
 from transformer_hooks import HookedTransformer  # noqa: E402
-from transformer_hooks.cli import parity_errors  # noqa: E402
+from transformer_hooks.parity import parity_errors  # noqa: E402
 
 
 def main() -> None:

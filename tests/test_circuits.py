@@ -252,7 +252,7 @@ def test_path_patching(models):
     assert no_hooks(model)
 
 
-def test_plot_circuit(models):
+def test_plot_circuit(models, tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -261,3 +261,14 @@ def test_plot_circuit(models):
     graph = C.attribute_edges(model, clean, corrupted, metric, "EAP")
     ax = C.plot_circuit(C.prune(graph, 10))
     assert len(ax.texts) >= 2
+    legend = ax.get_legend()
+    assert legend is not None and "raises the metric" in " ".join(t.get_text() for t in legend.get_texts())
+    # Nothing clipped: every node label and the legend lie inside the figure at its default size.
+    fig = ax.figure
+    fig.canvas.draw()
+    box = fig.bbox
+    for artist in [*ax.texts, legend, ax.title, ax.yaxis.label]:
+        b = artist.get_window_extent()
+        assert box.x0 - 1 <= b.x0 and b.x1 <= box.x1 + 1 and box.y0 - 1 <= b.y0 and b.y1 <= box.y1 + 1, artist
+    fig.savefig(tmp_path / "circuit.png")
+    matplotlib.pyplot.close(fig)

@@ -1,9 +1,11 @@
 """A feature's top-activating contexts page, rendered by headless Chromium: the DOM the
 browser builds lists every context (its tokens' text and its activation) strongest first
 with the strongest token outlined, tokens such as ``<b>`` or a newline show as text, and
-the screenshot is not blank. Chromium is required (scripts/setup.sh installs it)."""
+the screenshot is not blank. Needs headless Chromium: skipped without it (``bash
+scripts/setup.sh --browser`` installs it), except under CI, which must run it."""
 
 import io
+import os
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -38,7 +40,13 @@ def chromium() -> str:
     for name in ("chromium", "chromium-browser", "google-chrome"):
         if found := shutil.which(name):
             return found
-    pytest.fail("headless Chromium is not installed: run scripts/setup.sh (it installs Debian's chromium with apt)")
+    message = (
+        "headless Chromium is not installed: run `bash scripts/setup.sh --browser` (Debian's chromium, "
+        "with apt-get as root) or put chromium on PATH to run this test"
+    )
+    if os.environ.get("CI"):  # CI runs everything: a missing browser is a broken setup there
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 def run_chromium(page: Path, tmp_path: Path, *args: str) -> str:

@@ -6,6 +6,7 @@ import torch
 from checkpoints import VOCAB
 
 from transformer_hooks.generate import sample_logits
+from transformer_hooks.progress import set_progress
 
 FAMILIES = ["gpt2", "gpt-neo-local", "pythia", "neox-sequential-full-rotary", "llama-gqa", "llama3-rope-scaling"]
 NEW = 12
@@ -159,7 +160,11 @@ def test_sampling_is_reproducible_with_a_seed(loaded):
 def test_text_in_text_out_on_the_real_model(embedded_model, capsys):
     model = embedded_model
     prompts = ["The capital of France is", "Two plus two equals"]
-    batch = model.generate(prompts, max_new_tokens=3, do_sample=False, verbose=True)
+    set_progress(True)  # bars are off where stderr is not a terminal, as under pytest's capture
+    try:
+        batch = model.generate(prompts, max_new_tokens=3, do_sample=False, verbose=True)
+    finally:
+        set_progress(None)
     assert "generate" in capsys.readouterr().err  # the progress bar
     assert " Paris" in batch[0]
     first = model.generate(prompts[0], max_new_tokens=3, do_sample=False, verbose=False)

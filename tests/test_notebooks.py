@@ -1,6 +1,7 @@
 """Every notebook in notebooks/ runs top to bottom on the embedded model without an error,
 checks the results its text states (its "# Checked:" cells assert them), and is committed
-without outputs.
+with its outputs (plots and tables visible on GitHub; `python scripts/run_notebooks.py`
+writes them), in which no progress bar or terminal escape code appears.
 
 The notebooks are picked up by glob, so a new one is tested without touching this file.
 Each runs in its own python3 kernel (nbclient); two run at a time, since most of a
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -85,17 +87,23 @@ def test_notebook_checks_what_its_text_claims(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_is_committed_without_outputs(path):
+def test_notebook_is_committed_with_its_outputs(path):
     nb = nbformat.read(path, as_version=4)
-    dirty = [
-        i
-        for i, cell in enumerate(nb.cells)
-        if cell.cell_type == "code" and (cell.outputs or cell.execution_count is not None)
-    ]
-    assert not dirty, (
-        f"{path.name}: cells {dirty} have outputs; clear them before committing "
-        f"(jupyter nbconvert --clear-output --inplace {path.name})"
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    fix = f"run `python scripts/run_notebooks.py notebooks/{path.name}` and commit the result"
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), (
+        f"{path.name}: not executed top to bottom in one run; {fix}"
     )
+    outputs = [o for c in code for o in c.outputs]
+    assert outputs, f"{path.name}: committed without outputs; {fix}"
+    errors = [o for o in outputs if o.output_type == "error"]
+    assert not errors, f"{path.name}: committed with an error output; {fix}"
+    if any("plt." in c.source or "plot_" in c.source for c in code):
+        assert any("image/png" in o.get("data", {}) for o in outputs), f"{path.name}: its plots are not saved; {fix}"
+    for o in outputs:
+        text = o.get("text", "") + "".join(str(v) for k, v in o.get("data", {}).items() if k.startswith("text/"))
+        assert "\x1b[" not in text and "\r" not in text, f"{path.name}: escape codes in an output: {text[:200]!r}"
+        assert not re.search(r"\d+%\|", text), f"{path.name}: a progress bar in an output: {text[:200]!r}"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])

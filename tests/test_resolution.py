@@ -393,3 +393,13 @@ def test_sharded_save_pretrained_output_resolves(tmp_path: Path) -> None:
     assert len(checkpoint.weight_files) > 1
     assert set(checkpoint.weight_map.values()) == set(checkpoint.weight_files)
     assert "transformer.wte.weight" in checkpoint.weight_map
+
+
+def test_the_default_models_repo_id_offline_names_the_embedded_quantized_preset(tmp_path: Path) -> None:
+    """HuggingFaceTB/SmolLM2-135M-Instruct is the full-precision repo: offline and not cached it
+    fails, naming the preset that loads the embedded 4-bit GGUF and saying it is quantized."""
+    with pytest.raises(CheckpointNotFoundError) as info:
+        resolve_checkpoint("HuggingFaceTB/SmolLM2-135M-Instruct")
+    message = str(info.value)
+    assert "'smollm2-135m-instruct'" in message
+    assert "4-bit (Q4_1) GGUF" in message and "quantized" in message

@@ -196,7 +196,8 @@ def test_evaluation_matches_the_definitions_on_a_random_sae(model):
         recon = sae(x)
         with splice_sae(model, sae):
             spliced = float(model(toks, return_type="loss"))
-    assert ev.mse == pytest.approx(float((x - recon).pow(2).mean()), rel=1e-4)
+    assert ev.mse == pytest.approx(float((x - recon).pow(2).sum(-1).mean()), rel=1e-4)
+    assert ev.mse_per_element == pytest.approx(float((x - recon).pow(2).mean()), rel=1e-4)
     assert ev.l0 == pytest.approx(float((sae.encode(x) > 0).sum(-1).float().mean()))
     ev_ref = 1 - (x - recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
     assert ev.explained_variance == pytest.approx(float(ev_ref), rel=1e-4)
@@ -220,7 +221,7 @@ def test_padded_prompts_count_only_real_tokens(model):
     ev = evaluate_sae(model, sae, padded, attention_mask=mask)
     assert ev.n_tokens == 15
     with torch.no_grad():
-        assert ev.mse == pytest.approx(float((x - sae(x)).pow(2).mean()), rel=1e-4)
+        assert ev.mse == pytest.approx(float((x - sae(x)).pow(2).sum(-1).mean()), rel=1e-4)
 
 
 def test_positions_limit_the_splice_the_ablation_and_the_measurement(model):
@@ -237,7 +238,8 @@ def test_positions_limit_the_splice_the_ablation_and_the_measurement(model):
     torch.testing.assert_close(spliced[SITE][:, 1:], sae(clean[SITE][:, 1:]).detach())
     ev = evaluate_sae(model, sae, toks, positions=slice(1, None))
     assert ev.n_tokens == 3 * 9
-    assert ev.mse == pytest.approx(float((x - recon).pow(2).mean()), rel=1e-4)
+    assert ev.mse == pytest.approx(float((x - recon).pow(2).sum(-1).mean()), rel=1e-4)
+    assert ev.mse_per_element == pytest.approx(float((x - recon).pow(2).mean()), rel=1e-4)
     assert ev.spliced_loss == pytest.approx(spliced_loss, rel=1e-5)
     with torch.no_grad(), model.hooks(fwd_hooks=[(SITE, lambda a, hook: torch.cat([a[:, :1], 0 * a[:, 1:]], 1))]):
         assert ev.zero_ablation_loss == pytest.approx(float(model(toks, return_type="loss")), rel=1e-5)

@@ -2,12 +2,22 @@
 across cached generation steps, changes a real model's continuation, and never stays
 attached (also after an exception)."""
 
+import warnings
+
 import pytest
 import torch
 from checkpoints import VOCAB
 
 from transformer_hooks import UnknownHookError
-from transformer_hooks.interventions.steering import steering, steering_hook, steering_vector
+from transformer_hooks.interventions.steering import (
+    NORM_WARNING_RATIO,
+    pad_to_same_length,
+    residual_norm,
+    steering,
+    steering_coeff,
+    steering_hook,
+    steering_vector,
+)
 
 SITE = "blocks.0.hook_resid_post"
 
@@ -154,14 +164,17 @@ def test_steering_vector_is_the_masked_difference_of_activations(embedded_model)
     def mean_of(rows, f):
         return torch.stack([f(a) for a in rows]).mean(0)
 
-    mean_ref = mean_of(alone[:2], lambda a: a.mean(0)) - mean_of(alone[2:4], lambda a: a.mean(0))
+    # BOS (position 0) is left out by default: equal on both sides, with an outsized norm.
+    mean_ref = mean_of(alone[:2], lambda a: a[1:].mean(0)) - mean_of(alone[2:4], lambda a: a[1:].mean(0))
     last_ref = mean_of(alone[:2], lambda a: a[-1]) - mean_of(alone[2:4], lambda a: a[-1])
     torch.testing.assert_close(steering_vector(m, pos, neg, site, reduce="mean"), mean_ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(steering_vector(m, pos, neg, site, reduce="last"), last_ref, atol=1e-4, rtol=1e-4)
     per_pos = steering_vector(m, "I love", "I hate", site, reduce=None)
-    torch.testing.assert_close(per_pos, alone[4] - alone[5], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(per_pos, (alone[4] - alone[5])[1:], atol=1e-4, rtol=1e-4)
+    with_bos = steering_vector(m, "I love", "I hate", site, reduce=None, skip_bos=False)
+    torch.testing.assert_close(with_bos, alone[4] - alone[5], atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="pad the shorter prompt"):
-        steering_vector(m, "I love you so much", "Hate", site, reduce=None)
+        steering_vector(m, "I love you so much", "Hate", site, reduce=None, pad=False)
 
 
 def test_steering_changes_a_greedy_continuation_of_the_real_model(embedded_model):
@@ -202,7 +215,7 @@ def test_steering_vector_pads_and_masks_prompts_of_different_lengths(embedded_mo
     with torch.no_grad():
         alone = [m.run_with_cache(p, names_filter=site)[1][site][0] for p in pos + neg]
     n = max(a.shape[0] for a in alone)
-    assert per_pos.shape == (n, m.cfg.d_model)
+    assert per_pos.shape == (n - 1, m.cfg.d_model)  # BOS left out
 
     def masked_mean(rows):
         total, count = torch.zeros(n, m.cfg.d_model), torch.zeros(n, 1)
@@ -212,8 +225,40 @@ def test_steering_vector_pads_and_masks_prompts_of_different_lengths(embedded_mo
         return total / count
 
     expected = masked_mean(alone[:2]) - masked_mean(alone[2:])
-    torch.testing.assert_close(per_pos, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(per_pos, expected[1:], atol=1e-4, rtol=1e-4)
     # prepend_bos reaches the tokenizer: without a BOS the vector has one position fewer.
-    no_bos = steering_vector(m, pos, neg, site, reduce=None, prepend_bos=False)
-    with_bos = steering_vector(m, pos, neg, site, reduce=None, prepend_bos=True)
+    no_bos = steering_vector(m, pos, neg, site, reduce=None, prepend_bos=False, skip_bos=False)
+    with_bos = steering_vector(m, pos, neg, site, reduce=None, prepend_bos=True, skip_bos=False)
     assert no_bos.shape[0] + 1 == with_bos.shape[0]
+
+
+def test_actadd_recipe_pads_with_spaces_and_chooses_the_coefficient_by_the_residual_norm(embedded_model):
+    """ "Love" is one token and "Hate" two: the shorter is padded with spaces to line up; the
+    coefficient from steering_coeff makes the added norm the asked fraction of the residual's."""
+    m = embedded_model
+    site = "blocks.6.hook_resid_pre"
+    a, b = pad_to_same_length(m, "Love", "Hate")
+    assert a.startswith("Love") and set(a[4:]) <= {" "} and b == "Hate"
+    assert m.to_tokens(a).shape == m.to_tokens(b).shape
+    per_pos = steering_vector(m, "Love", "Hate", site, reduce=None)
+    assert per_pos.shape == (m.to_tokens(a).shape[1] - 1, m.cfg.d_model)
+    vector = steering_vector(m, "Love", "Hate", site)
+    torch.testing.assert_close(vector, per_pos.mean(0), atol=1e-4, rtol=1e-4)
+    coeff = steering_coeff(m, site, vector, fraction=0.5)
+    assert coeff * float(vector.norm()) == pytest.approx(0.5 * residual_norm(m, site), rel=1e-5)
+
+
+def test_a_vector_that_dwarfs_the_residual_stream_warns(embedded_model):
+    m = embedded_model
+    site = "blocks.6.hook_resid_pre"
+    vector = steering_vector(m, "Love", "Hate", site)
+    big = 2 * NORM_WARNING_RATIO * residual_norm(m, site) / float(vector.norm())
+    with pytest.warns(UserWarning, match="replaces the residual stream"):
+        with steering(m, site, vector, coeff=big):
+            m("I think dogs are")
+    fine = steering_coeff(m, site, vector, fraction=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with steering(m, site, vector, coeff=fine):
+            m("I think dogs are")
+    assert no_hooks_left(m)

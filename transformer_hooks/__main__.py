@@ -1,4 +1,4 @@
-"""``python -m transformer_hooks``: the command line (see cli.py)."""
+"""``python -m transformer_hooks``: the command line (see the cli package)."""
 
 import sys
 

@@ -55,20 +55,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from weights_conversion.sources import CorruptCheckpointError, SafetensorsFile, write_safetensors
 
 from . import sites
 from .dtypes import CANONICAL_NAMES
+from .progress import tqdm
 from .scale.process_group import (
     DEFAULT_TIMEOUT,
     RankFailedError,
-    barrier,
     exchange,
     init_distributed,
     launched_by_torchrun,
-    local_device,
     rank_and_world,
     shard_bounds,
 )
@@ -736,6 +734,7 @@ class ActivationDataset:
         )
 
     def width(self, site: str | None = None) -> int:
+        """The number of features per row of ``site`` (default: the dataset's one site)."""
         return int(self.manifest["sites"][self._site(site)])
 
     def _site(self, site: str | None) -> str:
@@ -838,74 +837,3 @@ class ActivationDataset:
             raise ValueError(
                 f"{self.path} was harvested with a vocabulary of {m['d_vocab']}, this model has {model.cfg.d_vocab}"
             )
-
-
-# Command line (registered by cli.py) ----------------------------------------------------
-def add_harvest_arguments(p: Any) -> None:
-    from .resolution import DEFAULT_MODEL
-
-    p.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help=f"preset, HF repo id, directory or .gguf (default: {DEFAULT_MODEL}, embedded)",
-    )
-    p.add_argument("--no-processing", action="store_true", help="load the weights unprocessed (no fold_ln etc.)")
-    p.add_argument("--device", default=None, help="torch device (default: cpu)")
-    p.add_argument("--data", required=True, help="a text file (documents separated by blank lines) or .jsonl file")
-    p.add_argument("--text-key", default="text", help="the field holding the text in a .jsonl file (default: text)")
-    p.add_argument("--sites", nargs="+", required=True, help="hook names or globs, e.g. blocks.3.hook_resid_post")
-    p.add_argument("--out", required=True, help="the dataset directory (rerun with the same arguments to resume)")
-    p.add_argument("--context-size", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--positions", choices=["all", "last"], default="all")
-    p.add_argument("--keep-bos", action="store_true", help="keep BOS tokens' activations (left out by default)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--shard-tokens", type=int, default=1 << 16, help="tokens of context per shard (default: 65536)")
-    p.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens of contexts")
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=DEFAULT_TIMEOUT.total_seconds(),
-        help="under torchrun: seconds a rank that finished waits for the others before failing (default: 1800)",
-    )
-
-
-def run_harvest(args: Any) -> int:
-    """The ``harvest`` command; under ``torchrun --nproc-per-node N`` the N ranks share the corpus."""
-    import torch.distributed as dist
-
-    from .model import HookedTransformer
-
-    timeout = datetime.timedelta(seconds=args.timeout)
-    rank, world = init_distributed(timeout=timeout)
-    try:
-        load = (
-            HookedTransformer.from_pretrained_no_processing if args.no_processing else HookedTransformer.from_pretrained
-        )
-        model = load(args.model, device=args.device if args.device or world == 1 else local_device())
-        ds = harvest(
-            model,
-            args.data,
-            args.sites,
-            args.out,
-            context_size=args.context_size,
-            batch_size=args.batch_size,
-            positions=args.positions,
-            exclude_bos=not args.keep_bos,
-            dtype=args.dtype,
-            shard_tokens=args.shard_tokens,
-            max_tokens=args.max_tokens,
-            text_key=args.text_key,
-            timeout=timeout,
-        )
-        if rank == 0:
-            print(
-                f"{ds.path}: {len(ds)} rows of {', '.join(ds.sites)} from {ds.manifest['n_tokens']} tokens in "
-                f"{len(ds.manifest['shards'])} shard(s)" + (f" over {world} processes" if world > 1 else "")
-            )
-        if world > 1:
-            barrier(timeout)  # no rank tears the group down while another still uses it
-        return 0
-    finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()

@@ -207,9 +207,11 @@ class ModelConfig:
         return "standard" if self.positional_embedding == "learned" else "rotary"
 
     def replace(self, **changes: Any) -> "ModelConfig":
+        """A copy with the fields in ``changes`` replaced (checked as on construction)."""
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as a JSON-ready dict (``ModelConfig(**d)`` rebuilds it)."""
         d = dataclasses.asdict(self)
         del d["device"], d["device_map"], d["pipeline_map"]
         d["attn_windows"] = list(self.attn_windows)
@@ -338,6 +340,7 @@ class HookedTransformerConfig:
         return cls(**config, extra=extra)
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as a dict of its fields (TransformerLens's ``to_dict``)."""
         d = dataclasses.asdict(self)
         d.update(d.pop("extra"))
         return d

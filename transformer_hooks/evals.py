@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
+from .progress import tqdm
 from .utils import lm_cross_entropy_loss, tokenize_and_concatenate
 
 SANITY_TEXT = (

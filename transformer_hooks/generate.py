@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from jaxtyping import Float, Int
-from tqdm.auto import tqdm
 
 from .components import KVCache
+from .progress import tqdm
 from .tokens import is_text, require_tokenizer
 
 if TYPE_CHECKING:

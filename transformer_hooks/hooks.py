@@ -163,6 +163,15 @@ class HookPoint(nn.Module):
     def add_hook(
         self, fn: HookFn, dir: str = "fwd", is_permanent: bool = False, level: int | None = None, prepend: bool = False
     ) -> None:
+        """Add the hook ``fn`` (``fn(activation, hook) -> new activation or None``) to this site.
+
+        Args:
+            fn: the hook function.
+            dir: ``"fwd"`` or ``"bwd"``.
+            is_permanent: kept by ``reset_hooks``.
+            level: the context level that owns it.
+            prepend: run it before the hooks already here.
+        """
         if dir not in ("fwd", "bwd"):
             raise ValueError(f"dir must be 'fwd' or 'bwd', got {dir!r}")
         _check_callable(fn, self.name)
@@ -194,6 +203,7 @@ class HookPoint(nn.Module):
             )
 
     def clear_context(self) -> None:
+        """Forget the context this site's hooks saved (``hook.ctx``)."""
         self.ctx = {}
 
     # nn.Module.__call__ adds a few microseconds per call; a model has ~30 sites per layer
@@ -259,6 +269,7 @@ class HookPoint(nn.Module):
         return sites.layer_of(self.name)
 
     def layer(self) -> int | None:
+        """The block index of this site (from its name), or an error outside the blocks."""
         return self.layer_idx
 
 
@@ -300,12 +311,15 @@ class HookCache:
         return iter(self.cache_dict)
 
     def keys(self):
+        """The cached hook names."""
         return self.cache_dict.keys()
 
     def values(self):
+        """The cached activations."""
         return self.cache_dict.values()
 
     def items(self):
+        """(hook name, activation) pairs."""
         return self.cache_dict.items()
 
     def __repr__(self) -> str:
@@ -375,6 +389,7 @@ class HookedRootModule(nn.Module):
         self.setup_hooks()
 
     def hook_points(self) -> Iterable[HookPoint]:
+        """Every ``HookPoint`` of the model."""
         return self.hook_dict.values()
 
     @property
@@ -435,6 +450,7 @@ class HookedRootModule(nn.Module):
             self.hook_dict[n].add_hook(hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
 
     def add_perma_hook(self, name: str | Callable[[str], bool], hook: HookFn, dir: str = "fwd") -> None:
+        """Add a hook that ``reset_hooks`` keeps (``name``: a hook name or a filter; ``dir``: fwd or bwd)."""
         self.add_hook(name, hook, dir=dir, is_permanent=True)
 
     def reset_hooks(
@@ -444,12 +460,19 @@ class HookedRootModule(nn.Module):
         including_permanent: bool = False,
         level: int | None = None,
     ) -> None:
+        """Remove the hooks (permanent ones too with ``including_permanent``).
+
+        ``clear_contexts`` also forgets saved contexts; ``direction``: fwd, bwd or both;
+        ``level``: only hooks of that context level.
+        """
         for hp in self.hook_dict.values():
             hp.remove_hooks(direction, including_permanent=including_permanent, level=level)
             if clear_contexts:
                 hp.clear_context()
 
     def remove_all_hook_fns(self, direction: str = "both", including_permanent: bool = False) -> None:
+        """Remove every hook in ``direction`` (fwd, bwd or both; permanent ones too with
+        ``including_permanent``)."""
         self.reset_hooks(clear_contexts=False, direction=direction, including_permanent=including_permanent)
 
     @contextlib.contextmanager

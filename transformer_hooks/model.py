@@ -30,6 +30,21 @@ ReturnType = Literal["logits", "loss", "both", None]
 
 
 class HookedTransformer(HookedRootModule):
+    """A decoder-only transformer with a hook point on every site of the site table.
+
+    Usually made by ``HookedTransformer.from_pretrained(name)``; built directly from a config
+    it has the architecture ``cfg`` describes.
+
+    Args:
+        cfg: a ``ModelConfig`` (weights uninitialised: a loader fills them), or a TransformerLens
+            ``HookedTransformerConfig`` or its dict (weights initialised as TransformerLens does,
+            unless ``cfg.init_weights`` is False, in ``cfg.dtype``, on ``cfg.device``).
+        tokenizer: a Hugging Face tokenizer for string inputs (default: none, tokens only).
+        move_to_device: with a TransformerLens config, move the weights to ``cfg.device``.
+        default_padding_side: ``"left"`` or ``"right"`` for batches of strings (default: the
+            tokenizer's, else right).
+    """
+
     def __init__(
         self,
         cfg: ModelConfig | HookedTransformerConfig | dict,
@@ -145,10 +160,34 @@ class HookedTransformer(HookedRootModule):
         """Load a preset name, HF repo id, local HF directory, converted checkpoint or .gguf
         file, with TransformerLens's default weight processing (see processing.py).
 
-        Also takes TransformerLens's ``hf_model`` (a transformers model in memory),
-        ``tokenizer``, ``default_prepend_bos``, ``default_padding_side``, ``torch_dtype`` and
-        ``move_to_device``; ``device_map`` / ``max_memory`` / ``n_devices`` / ``offload`` /
-        ``pipeline_ranks``; ``compile=True`` for a compiled forward (see ``loading.load_model``)."""
+        The default model, ``"smollm2-135m-instruct"``, is the embedded 4-bit (Q4_1) GGUF of
+        SmolLM2-135M-Instruct (quantized weights, dequantized to ``dtype``).
+
+        Args:
+            name_or_path: preset name, ``org/name`` repo id, checkpoint directory or ``.gguf`` file.
+            fold_ln: fold each norm's weight (and bias) into the layer that reads it.
+            center_writing_weights: centre the weights that write to the residual stream.
+            center_unembed: centre the unembedding (skipped, with a warning, for soft-capped logits).
+            fold_value_biases: fold the value biases into the output bias.
+            device: the torch device of the weights (default: cpu).
+            dtype: the weights' dtype (``torch.float32`` by default; a name such as ``"bfloat16"`` works).
+            **kwargs: forwarded to ``loading.load_model``, which takes exactly these:
+                ``tokenizer`` (a tokenizer to use instead of the checkpoint's),
+                ``hf_model`` (a transformers model already in memory; ``name_or_path`` then only names it),
+                ``default_prepend_bos`` (bool: whether string prompts start with BOS; default: the
+                architecture's TransformerLens default),
+                ``default_padding_side`` (``"left"`` / ``"right"``),
+                ``torch_dtype`` (TransformerLens's name for ``dtype``),
+                ``move_to_device`` (False keeps the weights on the CPU),
+                ``refactor_factored_attn_matrices`` (TransformerLens's QK/OV refactoring),
+                ``device_map`` (``"auto"``, ``"balanced"`` or ``{group: device}``: whole blocks over devices),
+                ``max_memory`` (``{device: bytes or "20GiB"}``), ``n_devices`` (how many devices to use),
+                ``offload`` (``"cpu"`` or ``"disk"``: block weights kept off ``device``),
+                ``offload_dir`` (where ``offload="disk"`` writes),
+                ``pipeline_ranks`` (under torchrun: this many ranks each hold a range of blocks),
+                ``pipeline_timeout`` (seconds a rank waits for another), and
+                ``compile`` (True or ``torch.compile`` keyword arguments: a compiled forward).
+        """
         from .loading import load_model
 
         return load_model(
@@ -164,7 +203,12 @@ class HookedTransformer(HookedRootModule):
 
     @classmethod
     def from_pretrained_no_processing(cls, name_or_path: str, **kwargs: Any) -> "HookedTransformer":
-        """Load with weights exactly as the checkpoint has them (no folding or centring)."""
+        """Load with weights exactly as the checkpoint has them (no folding or centring).
+
+        Args:
+            name_or_path: as in ``from_pretrained``.
+            **kwargs: every other ``from_pretrained`` argument (``device``, ``dtype``, ``device_map``, ...).
+        """
         flags = dict(fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False)
         return cls.from_pretrained(name_or_path, **{**flags, **kwargs})
 
@@ -383,6 +427,7 @@ class HookedTransformer(HookedRootModule):
         return tokens, torch.ones_like(tokens) if mask is None else mask
 
     def to_string(self, tokens: Int[torch.Tensor, "... pos"] | int | Sequence[int]) -> str | list[str]:
+        """Decode ``tokens`` (one id, a sequence of ids, or a tensor; a batch gives a list of strings)."""
         return tokens_lib.to_string(self.tokenizer, tokens)
 
     def to_str_tokens(
@@ -391,9 +436,17 @@ class HookedTransformer(HookedRootModule):
         prepend_bos: bool | None = None,
         padding_side: Literal["left", "right"] | None = None,
     ) -> list[str] | list[list[str]]:
+        """Each token of ``input`` as a string.
+
+        Args:
+            input: text, token ids or a tensor of them.
+            prepend_bos: whether text starts with BOS (default: the model's).
+            padding_side: for a list of texts (default: the model's).
+        """
         return tokens_lib.to_str_tokens(self.tokenizer, self.cfg, input, prepend_bos, padding_side)
 
     def to_single_token(self, string: str) -> int:
+        """The id of ``string``, which must be exactly one token (else ``ValueError``)."""
         return tokens_lib.to_single_token(self.tokenizer, self.cfg, string)
 
     def get_token_position(
@@ -404,6 +457,15 @@ class HookedTransformer(HookedRootModule):
         prepend_bos: bool | None = None,
         padding_side: Literal["left", "right"] | None = None,
     ) -> int:
+        """The position of ``single_token`` in ``input`` (TransformerLens's).
+
+        Args:
+            single_token: a one-token string or a token id.
+            input: text or tokens [pos] / [1, pos].
+            mode: ``"first"`` or ``"last"`` occurrence.
+            prepend_bos: whether text starts with BOS (default: the model's).
+            padding_side: as in ``to_tokens``.
+        """
         return tokens_lib.get_token_position(
             self.tokenizer, self.cfg, single_token, input, mode, prepend_bos, padding_side
         )
@@ -700,7 +762,22 @@ class HookedTransformer(HookedRootModule):
         return Trace(self, *args, names_filter=names_filter, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """Sample a continuation with a preallocated KV cache; see generate.generate."""
+        """Continue a prompt by up to ``max_new_tokens`` tokens, with a preallocated KV cache
+        (``generate.generate``; hooks fire at every step).
+
+        Args:
+            *args: ``input``: a string, a list of strings (padded on the left) or tokens [batch, pos].
+            **kwargs: forwarded to ``generate.generate``, which takes exactly these:
+                ``max_new_tokens`` (10), ``stop_at_eos`` (True: a row that emits an end token keeps
+                emitting it; generation stops when every row has), ``eos_token_id`` (an id or a list
+                of ids; default the tokenizer's), ``do_sample`` (True; False is greedy),
+                ``top_k``, ``top_p``, ``temperature`` (1.0), ``freq_penalty`` (0.0),
+                ``use_past_kv_cache`` (True; False reruns the whole sequence every step),
+                ``prepend_bos`` (default: the model's), ``padding_side`` (``"left"``),
+                ``return_type`` (``"input"``: strings for string input, tokens for tokens; or
+                ``"str"`` / ``"tokens"``), ``verbose`` (True: a progress bar, shown only on a
+                terminal) and ``attention_mask`` (for padded token rows).
+        """
         from .generate import generate
 
         return generate(self, *args, **kwargs)

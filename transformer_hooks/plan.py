@@ -147,6 +147,7 @@ _ALIASES = {
 
 
 def group_names(n_layers: int) -> list[str]:
+    """The placement groups of a model with ``n_layers`` blocks, in order (embeddings, blocks, final)."""
     return ["embed", *(f"blocks.{L}" for L in range(n_layers)), "final"]
 
 
@@ -350,6 +351,7 @@ class MemoryPlan:
         return None if None in answers else all(answers)
 
     def format(self) -> str:
+        """The ``plan`` command's table: bytes per device and what they hold."""
         name = self.cfg.model_name or self.cfg.original_architecture
         lines = [
             f"memory plan for {name}: {self.cfg.n_layers} layers, d_model {self.cfg.d_model}, "
@@ -515,6 +517,7 @@ def parse_max_memory(text: str) -> dict[str, int]:
 
 
 def fmt_bytes(n: float) -> str:
+    """``n`` bytes as a short human size (``1.5 GiB``)."""
     for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= scale:
             return f"{n / scale:.2f} {unit}"
@@ -522,6 +525,7 @@ def fmt_bytes(n: float) -> str:
 
 
 def published_config(name: str) -> dict[str, Any] | None:
+    """The built-in HF config of ``name`` (a known model name or alias), or None."""
     key = name.strip().lower()
     key = _ALIASES.get(key, key)
     return dict(PUBLISHED_CONFIGS[key]) if key in PUBLISHED_CONFIGS else None
@@ -596,50 +600,3 @@ def run_plan(
         mode=mode,
         hf_config=hf,
     )
-
-
-def add_plan_parser(sub: Any) -> None:
-    """Register ``plan`` on the CLI's subparsers."""
-    p = sub.add_parser(
-        "plan", help="memory per device for a model (weights, KV cache, activation cache), from its config alone"
-    )
-    p.add_argument(
-        "model",
-        help=f"config.json, model directory, converted checkpoint, or one of {', '.join(sorted(PUBLISHED_CONFIGS))}",
-    )
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)")
-    p.add_argument("--devices", default=None, help="comma-separated devices, e.g. cuda:0,cuda:1 (default: cpu)")
-    p.add_argument("--max-memory", default=None, help="per-device capacity, e.g. cuda:0=20GiB,cuda:1=20GiB")
-    p.add_argument(
-        "--placement",
-        default="auto",
-        choices=("auto", "balanced", "sequential"),
-        help="balanced: about equal bytes per device; sequential: fill each device in order; "
-        "auto (default): balanced if it fits, else sequential",
-    )
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq", type=int, default=1024)
-    p.add_argument(
-        "--cache",
-        default="none",
-        choices=("all", "resid", "none"),
-        help="activation cache of one forward: every site, the residual stream, or none",
-    )
-    p.add_argument("--no-processing", action="store_true", help="plan for unprocessed weights")
-    p.set_defaults(func=cmd_plan)
-
-
-def cmd_plan(args: Any) -> int:
-    plan = run_plan(
-        args.model,
-        dtype=args.dtype,
-        devices=args.devices.split(",") if args.devices else None,
-        max_memory=args.max_memory,
-        batch=args.batch,
-        seq=args.seq,
-        cache=args.cache,
-        mode=args.placement,
-        processing=not args.no_processing,
-    )
-    print(plan.format())
-    return 0 if plan.fits is not False else 1

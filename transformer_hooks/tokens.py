@@ -46,6 +46,7 @@ def pad_id(tokenizer: Any, cfg: ModelConfig) -> int:
 
 
 def bos_id(tokenizer: Any, cfg: ModelConfig) -> int:
+    """The tokenizer's BOS token id (or its EOS, as TransformerLens uses when there is none)."""
     bos = getattr(tokenizer, "bos_token_id", None)
     bos = cfg.bos_token_id if bos is None else bos
     if bos is None:

@@ -244,10 +244,12 @@ def transpose(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def is_square(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a square 2-D tensor."""
     return x.ndim == 2 and x.shape[0] == x.shape[1]
 
 
 def is_lower_triangular(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a square 2-D tensor with zeros above the diagonal."""
     return is_square(x) and bool(x.equal(x.tril()))
 
 
@@ -284,6 +286,7 @@ def get_nested_attr(obj: Any, attr_str: str) -> Any:
 
 
 def set_nested_attr(obj: Any, attr_str: str, value: Any) -> None:
+    """Set ``obj.a.b.c = value`` for ``attr_str = "a.b.c"``."""
     head, _, leaf = attr_str.rpartition(".")
     setattr(get_nested_attr(obj, head) if head else obj, leaf, value)
 
@@ -294,6 +297,7 @@ def gelu_new(input: torch.Tensor) -> torch.Tensor:
 
 
 def gelu_fast(input: torch.Tensor) -> torch.Tensor:
+    """GELU's tanh approximation as GPT-2's ``gelu_fast`` writes it."""
     return 0.5 * input * (1.0 + torch.tanh(input * 0.7978845608 * (1.0 + 0.044715 * input * input)))
 
 
@@ -303,12 +307,14 @@ def solu(input: torch.Tensor) -> torch.Tensor:
 
 
 def is_library_available(name: str) -> bool:
+    """Whether the package ``name`` can be imported."""
     import importlib.util
 
     return importlib.util.find_spec(name) is not None
 
 
 def print_gpu_mem(step_name: str = "") -> None:
+    """Print the CUDA memory allocated, after ``step_name`` (nothing without CUDA)."""
     if torch.cuda.is_available():
         print(f"{step_name} ~ {np.round(torch.cuda.memory_allocated() / 2e30, 2)} GiB allocated on GPU.")
     else:
@@ -380,6 +386,7 @@ def get_attention_mask(tokenizer: Any, tokens: torch.Tensor, prepend_bos: bool, 
 
 
 def get_input_with_manually_prepended_bos(bos_token: str | None, input: str | list[str]) -> str | list[str]:
+    """``input`` (tokens) with the tokenizer's BOS prepended to every row."""
     if bos_token is None:
         return input
     return bos_token + input if isinstance(input, str) else [bos_token + s for s in input]

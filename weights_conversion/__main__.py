@@ -1,6 +1,7 @@
 """Convert a checkpoint once, load it fast forever after.
 
     python -m weights_conversion SRC DST [--dtype float32|float16|bfloat16] [--no-processing] [--overwrite]
+    python -m transformer_hooks convert SRC DST ...   (the same command)
 
 SRC is anything ``HookedTransformer.from_pretrained`` accepts (preset, HF repo id, HF
 directory, .gguf file). DST becomes a converted checkpoint (the format is described in
@@ -16,6 +17,8 @@ and renamed into place at the end, so a failed or interrupted conversion leaves 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import shutil
 import sys
@@ -79,32 +82,52 @@ def _move_into_place(tmp: Path, dst: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m weights_conversion", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("src", help="preset name, HF repo id, HF checkpoint directory or .gguf file")
-    parser.add_argument("dst", type=Path, help="directory to create")
-    parser.add_argument(
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Register ``convert``'s options."""
+    p.add_argument("src", help="preset name, HF repo id, HF checkpoint directory or .gguf file")
+    p.add_argument("dst", type=Path, help="directory to create")
+    p.add_argument(
         "--dtype",
         default="float32",
         choices=["float32", "float16", "bfloat16"],
         help="dtype of the stored tensors (processing itself runs in float32)",
     )
-    parser.add_argument(
+    p.add_argument(
         "--no-processing",
         action="store_true",
         help="store the weights as the checkpoint has them (no fold_ln, centring or value-bias fold)",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-    args = parser.parse_args(argv)
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Convert; 1 with a one-line error when DST exists or SRC is not found."""
+    quiet = io.StringIO() if args.quiet else None  # the writer's bar draws on stderr
     try:
-        dst = convert(args.src, args.dst, dtype=args.dtype, processing=not args.no_processing, overwrite=args.overwrite)
+        with contextlib.redirect_stderr(quiet) if quiet is not None else contextlib.nullcontext():
+            dst = convert(
+                args.src, args.dst, dtype=args.dtype, processing=not args.no_processing, overwrite=args.overwrite
+            )
     except (FileExistsError, FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {dst}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m weights_conversion SRC DST ...``: the same command as ``python -m
+    transformer_hooks convert`` (this module defines both)."""
+    from transformer_hooks.cli.common import HelpFormatter, add_common_arguments, apply_common_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="python -m weights_conversion", description=__doc__, formatter_class=HelpFormatter
+    )
+    add_arguments(parser)
+    add_common_arguments(parser)
+    args = parser.parse_args(argv)
+    apply_common_arguments(args)
+    return run(args)
 
 
 if __name__ == "__main__":

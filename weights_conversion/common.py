@@ -109,6 +109,7 @@ def heads_from_linear(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def heads_from_bias(bias: torch.Tensor | None, n_heads: int, d_head: int) -> torch.Tensor:
+    """A q/k/v bias [head * d_head] as [head, d_head] (zeros for ``None``)."""
     return torch.zeros(n_heads, d_head) if bias is None else bias.reshape(n_heads, d_head)
 
 
@@ -132,6 +133,7 @@ def rope_parameters(hf: dict) -> dict:
 
 
 def rope_scaling(params: dict):
+    """The ``RopeScaling`` of an HF ``rope_scaling`` dict ``params`` (None for the default)."""
     from transformer_hooks.config import RopeScaling
 
     kind = params.get("rope_type", "default")

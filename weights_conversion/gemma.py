@@ -98,6 +98,7 @@ def _rope(hf: dict) -> tuple[dict, float | None]:
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
+    """The ``ModelConfig`` of an HF config dict ``hf`` of this family (its quirks as ``ModelConfig`` fields)."""
     if hf["model_type"] == "gemma3":  # multimodal: its language model
         ids = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings") if k in hf}
         text = {**_GEMMA3_TEXT_DEFAULTS, **hf["text_config"], **ids, "model_type": "gemma3_text"}
@@ -150,10 +151,12 @@ def _norm(get, name: str) -> torch.Tensor:
 
 
 def convert_embeddings(cfg: ModelConfig, get) -> dict[str, torch.Tensor]:
+    """The canonical embedding tensors, read by ``get(hf_name)`` for the config ``cfg``."""
     return llama.convert_embeddings(cfg, _text_model(get))
 
 
 def convert_block(cfg: ModelConfig, get, layer: int) -> dict[str, torch.Tensor]:
+    """Block ``layer``'s canonical tensors, read by ``get(hf_name)`` for the config ``cfg``."""
     get = _text_model(get)
     p, a = f"model.layers.{layer}.", f"model.layers.{layer}.self_attn."
     out = llama.attention_and_mlp(cfg, get, layer)
@@ -171,5 +174,6 @@ def convert_block(cfg: ModelConfig, get, layer: int) -> dict[str, torch.Tensor]:
 
 
 def convert_final(cfg: ModelConfig, get) -> dict[str, torch.Tensor]:
+    """The canonical final-norm and unembedding tensors, read by ``get(hf_name)`` for the config ``cfg``."""
     get = _text_model(get)
     return {**llama.convert_final(cfg, get), "ln_final.w": _norm(get, "model.norm.weight")}

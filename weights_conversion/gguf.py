@@ -134,9 +134,11 @@ class GgufTensors(TensorSource):
         self.processor = TENSOR_PROCESSORS.get(header.architecture, TensorProcessor)(config=hf_config)
 
     def names(self) -> set[str]:
+        """The HF names of the tensors in the file."""
         return set(self.lazy)  # GGUF names; ``used`` holds GGUF names too
 
     def gguf_name(self, hf_name: str) -> str | None:
+        """The GGUF tensor name of the HF name ``hf_name`` (None if absent)."""
         module, dot, suffix = hf_name.rpartition(".")
         parts = module.split(".")
         for start in range(len(parts)):  # the full name, then without leading module prefixes

@@ -19,6 +19,7 @@ MODEL_TYPES = ("gpt2",)
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
+    """The ``ModelConfig`` of an HF config dict ``hf`` of this family (its quirks as ``ModelConfig`` fields)."""
     d_model, n_heads = hf["n_embd"], hf["n_head"]
     return ModelConfig(
         d_model=d_model,
@@ -41,10 +42,12 @@ def config_from_hf(hf: dict) -> ModelConfig:
 
 
 def convert_embeddings(cfg: ModelConfig, get) -> dict[str, torch.Tensor]:
+    """The canonical embedding tensors, read by ``get(hf_name)`` for the config ``cfg``."""
     return {"embed.W_E": get("transformer.wte.weight"), "pos_embed.W_pos": get("transformer.wpe.weight")}
 
 
 def convert_block(cfg: ModelConfig, get, layer: int) -> dict[str, torch.Tensor]:
+    """Block ``layer``'s canonical tensors, read by ``get(hf_name)`` for the config ``cfg``."""
     p = f"transformer.h.{layer}."
     W_Q, W_K, W_V = rearrange(
         get(p + "attn.c_attn.weight"), "d_model (qkv head d_head) -> qkv head d_model d_head", qkv=3, head=cfg.n_heads
@@ -75,6 +78,7 @@ def convert_block(cfg: ModelConfig, get, layer: int) -> dict[str, torch.Tensor]:
 
 
 def convert_final(cfg: ModelConfig, get) -> dict[str, torch.Tensor]:
+    """The canonical final-norm and unembedding tensors, read by ``get(hf_name)`` for the config ``cfg``."""
     W_U = get("transformer.wte.weight" if cfg.tie_word_embeddings else "lm_head.weight").T
     return {
         "ln_final.w": get("transformer.ln_f.weight"),

@@ -20,12 +20,14 @@ convert_embeddings, convert_final = gpt2.convert_embeddings, gpt2.convert_final
 
 
 def attention_layers(hf: dict) -> list[str]:
+    """Each layer's attention kind (``global`` or ``local``) from the HF config ``hf``."""
     if hf.get("attention_layers"):
         return list(hf["attention_layers"])
     return [kind for kinds, repeat in hf["attention_types"] for _ in range(repeat) for kind in kinds]
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
+    """The ``ModelConfig`` of an HF config dict ``hf`` of this family (its quirks as ``ModelConfig`` fields)."""
     d_model, n_heads = hf["hidden_size"], hf["num_heads"]
     window = hf.get("window_size", 256)
     return ModelConfig(
@@ -49,6 +51,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
 
 
 def convert_block(cfg: ModelConfig, get, layer: int) -> dict[str, torch.Tensor]:
+    """Block ``layer``'s canonical tensors, read by ``get(hf_name)`` for the config ``cfg``."""
     p, h, dh = f"transformer.h.{layer}.", cfg.n_heads, cfg.d_head
     a = p + "attn.attention."
     return {

@@ -21,6 +21,7 @@ MODEL_TYPES = ("gpt_neox",)
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
+    """The ``ModelConfig`` of an HF config dict ``hf`` of this family (its quirks as ``ModelConfig`` fields)."""
     d_model, n_heads = hf["hidden_size"], hf["num_attention_heads"]
     d_head = head_dim(d_model, n_heads, "hidden_size", "num_attention_heads")
     rope = rope_parameters(hf)
@@ -57,10 +58,12 @@ def _maybe(get, name: str):
 
 
 def convert_embeddings(cfg: ModelConfig, get) -> dict[str, torch.Tensor]:
+    """The canonical embedding tensors, read by ``get(hf_name)`` for the config ``cfg``."""
     return {"embed.W_E": get("gpt_neox.embed_in.weight")}
 
 
 def convert_block(cfg: ModelConfig, get, layer: int) -> dict[str, torch.Tensor]:
+    """Block ``layer``'s canonical tensors, read by ``get(hf_name)`` for the config ``cfg``."""
     p, h = f"gpt_neox.layers.{layer}.", cfg.n_heads
     W_Q, W_K, W_V = rearrange(
         get(p + "attention.query_key_value.weight"),
@@ -94,6 +97,7 @@ def convert_block(cfg: ModelConfig, get, layer: int) -> dict[str, torch.Tensor]:
 
 
 def convert_final(cfg: ModelConfig, get) -> dict[str, torch.Tensor]:
+    """The canonical final-norm and unembedding tensors, read by ``get(hf_name)`` for the config ``cfg``."""
     W_U = (get("gpt_neox.embed_in.weight") if cfg.tie_word_embeddings else _unembedding(get)).T
     return {
         "ln_final.w": get("gpt_neox.final_layer_norm.weight"),

@@ -18,6 +18,7 @@ MODEL_TYPES = ("llama",)
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
+    """The ``ModelConfig`` of an HF config dict ``hf`` of this family (its quirks as ``ModelConfig`` fields)."""
     d_model, n_heads = hf["hidden_size"], hf["num_attention_heads"]
     rope = rope_parameters(hf)
     return ModelConfig(
@@ -43,10 +44,12 @@ def config_from_hf(hf: dict) -> ModelConfig:
 
 
 def convert_embeddings(cfg: ModelConfig, get) -> dict[str, torch.Tensor]:
+    """The canonical embedding tensors, read by ``get(hf_name)`` for the config ``cfg``."""
     return {"embed.W_E": get("model.embed_tokens.weight")}
 
 
 def convert_block(cfg: ModelConfig, get, layer: int) -> dict[str, torch.Tensor]:
+    """Block ``layer``'s canonical tensors, read by ``get(hf_name)`` for the config ``cfg``."""
     p = f"model.layers.{layer}."
     return {
         "ln1.w": get(p + "input_layernorm.weight"),
@@ -86,5 +89,6 @@ def attention_and_mlp(cfg: ModelConfig, get, layer: int) -> dict[str, torch.Tens
 
 
 def convert_final(cfg: ModelConfig, get) -> dict[str, torch.Tensor]:
+    """The canonical final-norm and unembedding tensors, read by ``get(hf_name)`` for the config ``cfg``."""
     W_U = get("model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight").T
     return {"ln_final.w": get("model.norm.weight"), "unembed.W_U": W_U, "unembed.b_U": torch.zeros(cfg.d_vocab)}

@@ -17,6 +17,7 @@ MODEL_TYPES = ("mistral",)
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
+    """The ``ModelConfig`` of an HF config dict ``hf`` of this family (its quirks as ``ModelConfig`` fields)."""
     n_layers = hf["num_hidden_layers"]
     return llama.config_from_hf(hf).replace(
         attn_windows=layer_windows({"sliding_window": hf.get("sliding_window")}, ["sliding_attention"] * n_layers),

@@ -17,12 +17,14 @@ MODEL_TYPES = ("olmo2",)
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
+    """The ``ModelConfig`` of an HF config dict ``hf`` of this family (its quirks as ``ModelConfig`` fields)."""
     return llama.config_from_hf({"rms_norm_eps": 1e-5, **hf}).replace(
         norm_placement="post", qk_norm="all", original_architecture="Olmo2ForCausalLM"
     )
 
 
 def convert_block(cfg: ModelConfig, get, layer: int) -> dict[str, torch.Tensor]:
+    """Block ``layer``'s canonical tensors, read by ``get(hf_name)`` for the config ``cfg``."""
     p = f"model.layers.{layer}."
     return {
         "ln1_post.w": get(p + "post_attention_layernorm.weight"),

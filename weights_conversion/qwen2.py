@@ -27,6 +27,7 @@ def qwen_windows(hf: dict) -> tuple[int | None, ...]:
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
+    """The ``ModelConfig`` of an HF config dict ``hf`` of this family (its quirks as ``ModelConfig`` fields)."""
     return llama.config_from_hf(hf).replace(
         attn_windows=qwen_windows(hf),
         n_ctx=hf.get("max_position_embeddings", 32768),

@@ -17,6 +17,7 @@ MODEL_TYPES = ("qwen3",)
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
+    """The ``ModelConfig`` of an HF config dict ``hf`` of this family (its quirks as ``ModelConfig`` fields)."""
     return llama.config_from_hf(hf).replace(
         attn_windows=qwen_windows(hf),
         qk_norm="head",
@@ -27,6 +28,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
 
 
 def convert_block(cfg: ModelConfig, get, layer: int) -> dict[str, torch.Tensor]:
+    """Block ``layer``'s canonical tensors, read by ``get(hf_name)`` for the config ``cfg``."""
     a = f"model.layers.{layer}.self_attn."
     return {
         **llama.convert_block(cfg, get, layer),

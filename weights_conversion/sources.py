@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from transformer_hooks.dtypes import SAFETENSORS_DTYPES, SAFETENSORS_NAMES, SAFETENSORS_NUMPY
 
@@ -48,6 +48,7 @@ class TensorSource:
         self.used: set[str] = set()
 
     def names(self) -> set[str]:
+        """The tensor names this source can read."""
         return set(self._readers)
 
     def __call__(self, name: str) -> torch.Tensor:
@@ -111,9 +112,11 @@ class SafetensorsFile:
         )
 
     def keys(self) -> list[str]:
+        """The tensor names in the file."""
         return list(self.entries)
 
     def read(self, name: str) -> torch.Tensor:
+        """The tensor ``name``, read from the file."""
         dtype, shape, begin, end = self.entries[name]
         buffer = torch.empty(end - begin, dtype=torch.uint8)
         view, done = memoryview(buffer.numpy()), 0  # type: ignore[arg-type]  # an ndarray is a buffer
@@ -141,6 +144,11 @@ class SafetensorsFile:
         return np.memmap(
             self.path, dtype=SAFETENSORS_NUMPY[code], mode="r", offset=self.data_start + begin, shape=tuple(shape)
         )
+
+
+def _no_progress() -> bool | None:
+    """tqdm's ``disable``: None (off unless stderr is a terminal), True under CI."""
+    return True if os.environ.get("CI") else None
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -175,13 +183,18 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     with open(path, "wb") as f:
         f.write(len(encoded).to_bytes(8, "little"))
         f.write(encoded)
-        for name in tqdm(order, desc=f"writing {Path(path).name}", unit="tensor", delay=1.0, leave=False):
+        # Shown only on a terminal (disable=None) and never under CI, as transformer_hooks.progress's bars.
+        bar = tqdm(
+            order, desc=f"writing {Path(path).name}", unit="tensor", delay=1.0, leave=False, disable=_no_progress()
+        )
+        for name in bar:
             f.write(tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
         f.flush()
         os.fsync(f.fileno())
 
 
 def safetensors_source(files: Iterable[Path]) -> TensorSource:
+    """A ``TensorSource`` over safetensors ``files`` (memory-mapped, read on demand)."""
     files = tuple(files)
     readers: dict[str, Callable[[], torch.Tensor]] = {}
     for file in files:
@@ -192,6 +205,7 @@ def safetensors_source(files: Iterable[Path]) -> TensorSource:
 
 
 def torch_bin_source(files: Iterable[Path]) -> TensorSource:
+    """A ``TensorSource`` over pickled ``pytorch_model*.bin`` ``files`` (loaded with ``weights_only``)."""
     files = tuple(files)
     tensors: dict[str, torch.Tensor] = {}
     for file in files:

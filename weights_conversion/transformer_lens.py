@@ -28,6 +28,7 @@ BUFFERS = ("attn.IGNORE", "attn.mask", "attn.rotary_sin", "attn.rotary_cos")
 
 
 def is_transformer_lens_config(config: dict) -> bool:
+    """Whether ``config`` is in TransformerLens's ``HookedTransformerConfig`` keys (``n_layers``, ``d_model``, ...)."""
     return "model_type" not in config and all(k in config for k in ("n_layers", "d_model", "d_head"))
 
 
@@ -55,6 +56,7 @@ def _norm_names(cfg: ModelConfig, norm: str) -> list[str]:
 
 
 def convert_embeddings(cfg: ModelConfig, get) -> dict[str, torch.Tensor]:
+    """The canonical embedding tensors, read by ``get(hf_name)`` for the config ``cfg``."""
     tensors = {"embed.W_E": get("embed.W_E")}
     if cfg.positional_embedding == "learned":
         tensors["pos_embed.W_pos"] = get("pos_embed.W_pos")
@@ -62,6 +64,7 @@ def convert_embeddings(cfg: ModelConfig, get) -> dict[str, torch.Tensor]:
 
 
 def convert_block(cfg: ModelConfig, get, layer: int) -> dict[str, torch.Tensor]:
+    """Block ``layer``'s canonical tensors, read by ``get(hf_name)`` for the config ``cfg``."""
     p = f"blocks.{layer}."
 
     def read(name: str) -> torch.Tensor:
@@ -87,6 +90,7 @@ def convert_block(cfg: ModelConfig, get, layer: int) -> dict[str, torch.Tensor]:
 
 
 def convert_final(cfg: ModelConfig, get) -> dict[str, torch.Tensor]:
+    """The canonical final-norm and unembedding tensors, read by ``get(hf_name)`` for the config ``cfg``."""
     tensors = {name: get(name) for name in _norm_names(cfg, "ln_final")}
     tensors["unembed.W_U"] = get("unembed.W_U")
     tensors["unembed.b_U"] = get("unembed.b_U")

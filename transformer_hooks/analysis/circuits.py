@@ -66,6 +66,7 @@ class Graph:
         return ["input"] + heads + [f"m{layer}" for layer in range(self.n_layers)]
 
     def receivers(self) -> list[str]:
+        """Every receiving node: each head's q (per head), k and v (per kv head) input, each MLP, the logits."""
         out = []
         for layer in range(self.n_layers):
             out += [f"a{layer}.h{h}<q>" for h in range(self.n_heads)]
@@ -74,6 +75,8 @@ class Graph:
         return out + ["logits"]
 
     def check_node(self, name: str, role: str) -> None:
+        """Raise ``ValueError`` naming the valid nodes unless ``name`` is a ``role`` (``"sender"`` or
+        ``"receiver"``) of this graph."""
         valid = self.senders if role == "sender" else self.receivers()
         if name not in valid:
             raise ValueError(
@@ -83,6 +86,7 @@ class Graph:
             )
 
     def top(self, n: int) -> list[Edge]:
+        """The ``n`` edges of largest absolute score, largest first."""
         return sorted(self.edges, key=lambda e: -abs(e.score))[:n]
 
 
@@ -429,15 +433,19 @@ def path_patch(
 
 # Plot -----------------------------------------------------------------------------------------
 def plot_circuit(circuit: Circuit | Graph, top_n: int | None = None, ax: Any = None, title: str = "") -> Any:
-    """Draw the circuit's nodes by layer (bottom to top) and its edges, width ~ |score|
-    (red: the corrupted value raises the metric, blue: lowers it). Returns the matplotlib axes."""
+    """Draw the circuit's nodes by layer (bottom to top; only the layers it uses) and its edges,
+    width ~ |score|. Sign convention (stated in the legend): red, score > 0: this edge carrying
+    its corrupted value raises the metric; blue, score < 0: lowers it. Returns the matplotlib axes.
+
+    ``top_n``: for a ``Graph``, how many of its top edges to draw (default 30); ``ax``: the axes to
+    draw into (default: a new figure sized to the circuit); ``title``: default ``circuit: N edges``.
+    """
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     graph = circuit.graph if isinstance(circuit, Circuit) else circuit
     kept = circuit.edges if isinstance(circuit, Circuit) else {(e.sender, e.receiver) for e in graph.top(top_n or 30)}
     scores = {(e.sender, e.receiver): e.score for e in graph.edges}
-    if ax is None:
-        _, ax = plt.subplots(figsize=(1.2 * max(graph.n_heads, 4) + 2, 1.1 * graph.n_layers + 2))
 
     def node_of(name: str) -> str:
         return re.sub(r"<[qkv]>$", "", name) if not (_RECV.match(name) and name[-2] in "kv") else _kv_owner(name)
@@ -447,37 +455,73 @@ def plot_circuit(circuit: Circuit | Graph, top_n: int | None = None, ax: Any = N
         assert m is not None, name
         return f"a{m.group(1)}.h{int(m.group(2)) * (graph.n_heads // graph.n_kv_heads)}"
 
+    def layer_of(name: str) -> float:
+        m = _HEAD.match(name) or _MLP.match(name)
+        return float(m.group(1)) if m else (-1.0 if name == "input" else float(graph.n_layers))
+
+    nodes = {n for s, r in kept for n in (s, node_of(r))}
+    # Rows: only the layers that have a node, in order (a 30-layer model with 5 used layers
+    # draws 5 rows, not 30); input below, logits above.
+    rows = {layer: i for i, layer in enumerate(sorted({layer_of(n) for n in nodes} | {-1.0, float(graph.n_layers)}))}
+
     def xy(name: str) -> tuple[float, float]:
-        if name == "input":
-            return (graph.n_heads / 2, -1.0)
-        if name == "logits":
-            return (graph.n_heads / 2, graph.n_layers)
+        y = float(rows[layer_of(name)])
+        if name in ("input", "logits"):
+            return (graph.n_heads / 2, y)
         m = _HEAD.match(name)
         if m:
-            return (int(m.group(2)), int(m.group(1)))
-        m = _MLP.match(name)
-        assert m is not None, name
-        return (graph.n_heads + 0.5, int(m.group(1)) + 0.5)
+            return (float(m.group(2)), y)
+        return (graph.n_heads + 0.8, y)  # an MLP: right of the heads
 
+    if ax is None:
+        _, ax = plt.subplots(figsize=(min(2 + 0.9 * (graph.n_heads + 2), 12), min(2.5 + 0.7 * len(rows), 10)))
     biggest = max((abs(scores.get(e, 0.0)) for e in kept), default=1.0) or 1.0
-    nodes = set()
     for s, r in kept:
-        a, b = xy(s), xy(node_of(r))
-        nodes |= {s, node_of(r)}
         sc = scores.get((s, r), 0.0)
         ax.annotate(
             "",
-            xy=b,
-            xytext=a,
-            arrowprops=dict(arrowstyle="->", color="tab:red" if sc > 0 else "tab:blue", lw=0.5 + 3 * abs(sc) / biggest),
+            xy=xy(node_of(r)),
+            xytext=xy(s),
+            arrowprops=dict(
+                arrowstyle="->",
+                color="tab:red" if sc > 0 else "tab:blue",
+                lw=0.5 + 3 * abs(sc) / biggest,
+                alpha=0.8,
+                shrinkA=9,
+                shrinkB=11,
+            ),
         )
     for n in nodes:
         x, y = xy(n)
-        ax.scatter([x], [y], s=300, color="white", edgecolor="black", zorder=3)
-        ax.text(x, y, n, ha="center", va="center", fontsize=6, zorder=4)
-    ax.set_xlim(-1, graph.n_heads + 1.5)
-    ax.set_ylim(-1.6, graph.n_layers + 0.6)
-    ax.set_ylabel("layer")
-    ax.set_xticks([])
+        ax.text(
+            x,
+            y,
+            n,
+            ha="center",
+            va="center",
+            fontsize=8,
+            zorder=4,
+            bbox=dict(boxstyle="round,pad=0.25", facecolor="white", edgecolor="black", lw=0.8),
+        )
+    ax.set_xlim(-0.8, graph.n_heads + 1.6)
+    ax.set_ylim(-0.6, len(rows) - 0.4)
+    labels = {v: ("input" if k < 0 else "logits" if k >= graph.n_layers else f"L{int(k)}") for k, v in rows.items()}
+    ax.set_yticks(list(labels), list(labels.values()))
+    ax.set_ylabel("layer (only those in the circuit)")
+    ax.set_xticks([*range(graph.n_heads), graph.n_heads + 0.8], [*(f"h{h}" for h in range(graph.n_heads)), "MLP"])
+    ax.tick_params(axis="x", labelsize=8)
+    ax.legend(
+        handles=[
+            Line2D([], [], color="tab:red", lw=2, label="score > 0: the corrupted value raises the metric"),
+            Line2D([], [], color="tab:blue", lw=2, label="score < 0: the corrupted value lowers it"),
+        ],
+        title="edge colour (width ~ |score|)",
+        loc="upper left",
+        bbox_to_anchor=(0.0, -0.12),
+        fontsize=8,
+        title_fontsize=8,
+        frameon=False,
+    )
     ax.set_title(title or f"circuit: {len(kept)} edges")
+    ax.figure.tight_layout()
     return ax

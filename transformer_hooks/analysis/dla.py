@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 
 def check_prompt(prompt: str) -> None:
+    """Raise ``ValueError`` for an empty ``prompt`` (the command line's one-line error)."""
     if not prompt:
         raise ValueError('empty prompt: pass the text to analyse, e.g. --prompt "The capital of France is"')
 
@@ -129,6 +130,12 @@ def direct_logit_attribution(
 
 
 def format_dla(r: DLAResult, top: int = 10) -> str:
+    """The ``dla`` command's text: the logit difference, its parts, and the ``top`` heads and layers.
+
+    Args:
+        r: what ``direct_logit_attribution`` returned.
+        top: how many heads and layers to list.
+    """
     n_layers, n_heads = r.heads.shape
     total = r.embed + float(r.attn.sum()) + float(r.mlp.sum()) + r.constant
     lines = [

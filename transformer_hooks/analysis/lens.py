@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from jaxtyping import Float, Int
-from tqdm.auto import tqdm
 
 from .. import sites as site_table  # `sites` names the argument
 from ..cache import ActivationCache
 from ..components.norms import normalize
 from ..components.softcap import softcap
+from ..progress import tqdm
 from ..tables import short_repr, text_table
 from ..utils import Slice, SliceInput, check_layer
 

@@ -69,6 +69,12 @@ def parity_errors(model: HookedTransformer, hf_model: Any, tokens: torch.Tensor)
 
 
 def format_parity(rows: list[ParityRow], tol: float) -> str:
+    """The ``parity`` command's table: each site's largest error and value, ``ok`` or ``FAIL`` past ``tol``.
+
+    Args:
+        rows: what ``parity_errors`` returned.
+        tol: the largest absolute error allowed.
+    """
     table = [
         [r.name, f"{r.max_abs_error:.3e}", f"{r.max_abs_value:.3g}", "ok" if r.max_abs_error <= tol else "FAIL"]
         for r in rows

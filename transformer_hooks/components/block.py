@@ -131,6 +131,7 @@ def post_norm(cfg: ModelConfig) -> nn.Module:
 
 
 def make_block(cfg: ModelConfig, layer: int) -> Block:
+    """Block ``layer`` of the architecture ``cfg`` (the residual layout and norms it says)."""
     if cfg.attn_only:
         return AttnOnlyBlock(cfg, layer)
     return ParallelBlock(cfg, layer) if cfg.parallel_residual else SequentialBlock(cfg, layer)

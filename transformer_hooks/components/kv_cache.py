@@ -9,7 +9,11 @@ from ..config import ModelConfig
 
 
 class LayerKVCache:
+    """One layer's part of a ``KVCache``: its keys and values so far, appended to at each step."""
+
     def __init__(self, owner: "KVCache", k: torch.Tensor, v: torch.Tensor) -> None:
+        """One layer's keys ``k`` and values ``v`` [batch, pos, kv_head, d_head], owned by the
+        model's ``KVCache`` ``owner``."""
         self.owner, self.k, self.v = owner, k, v
 
     def extend(

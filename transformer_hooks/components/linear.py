@@ -22,6 +22,7 @@ def linear(
     weight: Float[torch.Tensor, "d_out d_in"],
     bias: Float[torch.Tensor, " d_out"] | None,
 ) -> Float[torch.Tensor, "... d_out"]:
+    """``x @ weight.T + bias`` (``F.linear``), skipping an all-zero CPU bias that needs no gradient."""
     if (
         bias is not None
         and bias.device.type == "cpu"

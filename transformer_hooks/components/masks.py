@@ -50,6 +50,8 @@ class AttentionMask:
         return None if self.is_plain(window) else self.allowed(window)
 
     def is_plain(self, window: int | None) -> bool:
+        """Whether the mask is plain causal (no padding, no window narrower than ``window``):
+        SDPA's ``is_causal`` path."""
         window_matters = window is not None and window < self.k_len
         return self.key_is_real is None and not window_matters and (self.q_len == self.k_len or self.q_len == 1)
 

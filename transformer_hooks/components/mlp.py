@@ -34,6 +34,7 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The activation function called ``name`` (``gelu``, ``gelu_new``, ``silu``, ``relu``, ...)."""
     if name not in ACTIVATIONS:
         raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]
@@ -74,4 +75,5 @@ class GatedMLP(MLP):
 
 
 def make_mlp(cfg: ModelConfig) -> MLP:
+    """The MLP the config ``cfg`` describes (gated or not)."""
     return GatedMLP(cfg) if cfg.gated_mlp else MLP(cfg)

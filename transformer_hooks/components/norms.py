@@ -131,4 +131,5 @@ NORMS: dict[str, type[_Norm]] = {"LN": LayerNorm, "LNPre": LayerNormPre, "RMS": 
 
 
 def make_norm(cfg: ModelConfig) -> _Norm:
+    """The norm the config ``cfg`` describes (LayerNorm or RMSNorm, folded or not)."""
     return NORMS[cfg.normalization_type](cfg)

@@ -20,6 +20,7 @@ CosSin = tuple[Float[torch.Tensor, "batch pos rotary_dim"], Float[torch.Tensor, 
 
 
 def inverse_frequencies(rotary_dim: int, theta: float, scaling: RopeScaling | None) -> Float[torch.Tensor, " half"]:
+    """Rotary inverse frequencies ``theta ** (-2i / rotary_dim)``, with ``scaling`` (linear, llama3, ...) applied."""
     inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim)
     if scaling is None:
         return inv_freq
@@ -51,6 +52,7 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", self.frequencies(), persistent=False)
 
     def frequencies(self) -> Float[torch.Tensor, " half"]:
+        """This layer's inverse frequencies (the local ones on local layers)."""
         return inverse_frequencies(self.rotary_dim, self.theta, self.scaling)
 
     def forward(self, positions: Int[torch.Tensor, "batch pos"], dtype: torch.dtype) -> CosSin:
@@ -63,6 +65,7 @@ class Rotary(nn.Module):
 def rotate(
     x: Float[torch.Tensor, "batch pos head d_head"], cos_sin: CosSin
 ) -> Float[torch.Tensor, "batch pos head d_head"]:
+    """``x`` rotated by ``cos_sin`` on its first ``rotary_dim`` features (the rest pass through)."""
     cos, sin = (t[:, :, None, :] for t in cos_sin)  # broadcast over heads
     rd = cos.shape[-1]
     x_rot, x_pass = x[..., :rd], x[..., rd:]

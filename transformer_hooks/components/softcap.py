@@ -6,4 +6,5 @@ import torch
 
 
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """``cap * tanh(x / cap)``: soft-capping as Gemma 2 applies it."""
     return torch.tanh(x / cap) * cap

@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
-from tqdm.auto import tqdm
 
 from .. import sites
 from ..hooks import HookPoint
+from ..progress import tqdm
 
 if TYPE_CHECKING:
     from ..model import HookedTransformer

@@ -26,16 +26,29 @@ manager watches the model's KV cache so that positions stay absolute across thos
 forwards. ``steering_hook`` alone is for single forwards (``run_with_hooks``,
 ``model.hooks``), where the positions are those of the input.
 
-Building a vector: ``steering_vector(model, "Love", "Hate", site)`` is the difference of
-the two prompts' activations at the site, averaged over positions (``reduce="mean"``),
-taken at the last token (``"last"``), or kept per position (``None``; the ActAdd recipe,
-which needs prompts of equal token length).
+Building a vector, ActAdd's recipe (Turner et al. 2023): ``steering_vector(model, "Love",
+"Hate", site)`` pads the shorter prompt with spaces to the same number of tokens, takes the
+difference of the two prompts' activations at the site, leaves out the BOS position (where
+the two are equal, and whose norm is many times every other position's), and averages over
+the rest (``reduce="mean"``), or takes the last token (``"last"``), or keeps one vector per
+position (``None``). Choose the coefficient by the residual stream's norm:
+``steering_coeff(model, site, vector, fraction)`` is the coefficient at which the added
+vector's norm is ``fraction`` of the residual stream's typical norm there (its mean over the
+non-BOS positions of a few prompts). A vector added at ``coeff * ||vector||`` many times
+that norm replaces the stream rather than steering it: the hook warns when the ratio passes
+``NORM_WARNING_RATIO``.
+
+    site = "blocks.6.hook_resid_pre"
+    vector = steering_vector(model, "Love", "Hate", site)
+    with steering(model, site, vector, coeff=steering_coeff(model, site, vector, 1.0)):
+        model.generate("I think dogs are", max_new_tokens=20, do_sample=False)
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -50,6 +63,12 @@ if TYPE_CHECKING:
 
 Positions = None | int | slice | Sequence[int] | Literal["all", "new"]
 Reduce = Literal["mean", "last", None]
+
+NORM_WARNING_RATIO = 4.0
+"""The hook warns when ``coeff * ||vector||`` exceeds this many times the residual norm it is added to."""
+
+# Prompts over which steering_coeff measures a site's typical norm when none are given.
+_NORM_PROMPTS = ("I think that you are", "The weather today is", "My favourite food is", "She opened the door and")
 
 
 def _check_positions(positions: Positions) -> Positions:
@@ -83,6 +102,7 @@ class SteeringHook:
         self.past = 0
         self.continues_cache = False
         self._pending = False
+        self._checked = False
 
     def _select(self, n_pos: int) -> tuple[list[int] | None, list[int] | None]:
         """(positions of this forward's input to steer, rows of a per-position vector for them).
@@ -124,11 +144,29 @@ class SteeringHook:
         if local == []:
             return act
         delta = (self.coeff * self._vector_for(tuple(act.shape[2:]), rows, hook.name)).to(act.device, act.dtype)
+        if not self._checked:
+            self._check_norm(act, delta, hook.name)
         if local is None:
             return act + delta
         act = act.clone()  # the activation may be a view other sites share
         act[:, local] = act[:, local] + delta
         return act
+
+    def _check_norm(self, act: torch.Tensor, delta: torch.Tensor, name: str) -> None:
+        """Warn once if the added vector dwarfs the activation it is added to (median norm over the
+        positions after the first: position 0 is BOS, or an attention sink, with an outsized norm)."""
+        self._checked = True
+        rest = act[:, 1:] if act.shape[1] > 1 else act
+        typical = float(rest.detach().float().flatten(2).norm(dim=-1).median()) if rest.numel() else 0.0
+        added = float(delta.detach().float().flatten(-len(act.shape[2:])).norm(dim=-1).max())
+        if typical > 0 and added > NORM_WARNING_RATIO * typical:
+            warnings.warn(
+                f"steering at {name} adds a vector of norm {added:.1f} (coeff {self.coeff:g}) to activations of "
+                f"typical norm {typical:.1f}: {added / typical:.1f}x, more than {NORM_WARNING_RATIO:g}x, which "
+                f"replaces the residual stream rather than steering it (expect garbled text). Choose the "
+                f"coefficient by the residual norm: steering_coeff(model, site, vector, fraction=1.0).",
+                stacklevel=2,
+            )
 
     def _vector_for(self, site_shape: tuple[int, ...], rows: list[int] | None, name: str) -> torch.Tensor:
         v = self.vector
@@ -216,20 +254,39 @@ def steering_vector(
     site: str,
     reduce: Reduce = "mean",
     prepend_bos: bool | None = None,
+    pad: bool = True,
+    skip_bos: bool = True,
 ) -> torch.Tensor:
-    """``act(positive) - act(negative)`` at ``site`` (the ActAdd "Love" - "Hate" recipe).
+    """``act(positive) - act(negative)`` at ``site``, by ActAdd's recipe ("Love" - "Hate").
 
-    ``reduce="mean"``: mean over the (non-padding) positions of each prompt -> site shape;
-    ``"last"``: at each prompt's last token -> site shape; ``None``: per position ->
-    ``[pos, *site shape]``. Lists of prompts are averaged over prompts; prompts of different
-    lengths are right-padded and masked (per position, the mean over the prompts that reach
-    it). With ``reduce=None`` the two sides must reach the same length: ActAdd pads the
-    shorter prompt with spaces. ``prepend_bos`` as in ``model.to_tokens`` (default: the model's).
+    Args:
+        model: the ``HookedTransformer``.
+        positive: a prompt, or a list of prompts (averaged over prompts).
+        negative: the contrasting prompt(s).
+        site: a hook name, e.g. ``"blocks.6.hook_resid_pre"``.
+        reduce: ``"mean"``: mean over the (non-padding, non-BOS) positions -> the site's shape;
+            ``"last"``: at each prompt's last token; ``None``: one vector per position ->
+            ``[pos, *site shape]`` (BOS left out with ``skip_bos``: add it at
+            ``positions=slice(1, 1 + len(vector))``).
+        prepend_bos: as in ``model.to_tokens`` (default: the model's).
+        pad: with one prompt on each side, append spaces to the shorter until both have the
+            same number of tokens (ActAdd), so positions line up.
+        skip_bos: leave out position 0 when the prompts start with BOS: the two sides are equal
+            there, and its norm (an attention sink) is many times every other position's.
+
+    Lists of prompts of different lengths are right-padded and masked (per position, the mean
+    over the prompts that reach it). With ``reduce=None`` the two sides must reach the same length.
     """
     if reduce not in ("mean", "last", None):
         raise ValueError(f"reduce must be 'mean', 'last' or None, got {reduce!r}")
     model.resolve_hook_names(site)  # an unknown site fails here, before any forward
-    pos_acts, neg_acts = (_site_activation(model, p, site, reduce, prepend_bos) for p in (positive, negative))
+    if pad and isinstance(positive, str) and isinstance(negative, str):
+        positive, negative = pad_to_same_length(model, positive, negative, prepend_bos)
+    skip = 0
+    if skip_bos:
+        bos = model.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
+        skip = 1 if bos else 0
+    pos_acts, neg_acts = (_site_activation(model, p, site, reduce, prepend_bos, skip) for p in (positive, negative))
     if pos_acts.shape != neg_acts.shape:
         raise ValueError(
             f"per-position activations differ in length: {tuple(pos_acts.shape)} vs "
@@ -239,8 +296,77 @@ def steering_vector(
     return pos_acts - neg_acts
 
 
+def pad_to_same_length(model: Any, a: str, b: str, prepend_bos: bool | None = None) -> tuple[str, str]:
+    """``a`` and ``b`` with spaces appended to the shorter until they tokenize to the same length
+    (ActAdd's padding). Returns them unchanged if spaces cannot make the lengths meet."""
+
+    def length(text: str) -> int:
+        return int(model.to_tokens(text, prepend_bos=prepend_bos).shape[1])
+
+    la, lb = length(a), length(b)
+    for _ in range(64):
+        if la == lb:
+            return a, b
+        if la < lb:
+            a += " "
+            la = length(a)
+        else:
+            b += " "
+            lb = length(b)
+    return a, b
+
+
+def residual_norm(model: Any, site: str, prompts: str | Sequence[str] | None = None) -> float:
+    """The typical norm of ``site``'s activation: its mean over the non-BOS positions of
+    ``prompts`` (default: a few everyday sentences)."""
+    return _typical_norm(model, site, prompts)[0]
+
+
+def _typical_norm(model: Any, site: str, prompts: str | Sequence[str] | None) -> tuple[float, tuple[int, ...]]:
+    prompts = list(_NORM_PROMPTS) if prompts is None else [prompts] if isinstance(prompts, str) else list(prompts)
+    skip = 1 if model.cfg.default_prepend_bos else 0
+    norms: list[torch.Tensor] = []
+    shape: tuple[int, ...] = ()
+    for prompt in prompts:
+        act = _site_activation(model, prompt, site, None, None, skip)  # [pos, *site shape]
+        norms.append(act.float().flatten(1).norm(dim=-1))
+        shape = tuple(act.shape[1:])
+    return float(torch.cat(norms).mean()), shape
+
+
+def steering_coeff(
+    model: Any, site: str, vector: torch.Tensor, fraction: float = 0.5, prompts: str | Sequence[str] | None = None
+) -> float:
+    """The coefficient at which ``coeff * ||vector||`` is ``fraction`` of ``site``'s typical norm.
+
+    Args:
+        model: the ``HookedTransformer``.
+        site: the hook name the vector is added at.
+        vector: the steering vector: the site's shape, or one row per position (their mean norm counts).
+        fraction: the added norm as a fraction of the residual norm (ActAdd's fluent range is a
+            fraction; several times the norm replaces the stream instead of steering it).
+        prompts: where to measure the typical norm (``residual_norm``; default: a few everyday sentences).
+    """
+    typical, shape = _typical_norm(model, site, prompts)
+    v = vector.detach().float()
+    if tuple(v.shape) == shape:
+        vnorm = float(v.norm())
+    elif tuple(v.shape[1:]) == shape:
+        vnorm = float(v.flatten(1).norm(dim=-1).mean())
+    else:
+        raise ValueError(f"steering vector has shape {tuple(v.shape)}; {site} has shape {shape} per position")
+    if vnorm == 0:
+        raise ValueError("the steering vector is zero: the two prompts give the same activations at this site")
+    return fraction * typical / vnorm
+
+
 def _site_activation(
-    model: Any, prompts: str | Sequence[str], site: str, reduce: Reduce, prepend_bos: bool | None = None
+    model: Any,
+    prompts: str | Sequence[str],
+    site: str,
+    reduce: Reduce,
+    prepend_bos: bool | None = None,
+    skip: int = 0,
 ) -> torch.Tensor:
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     tokens, mask = model.tokens_and_mask(prompts, prepend_bos=prepend_bos, padding_side="right")
@@ -251,6 +377,8 @@ def _site_activation(
         _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=site, stop_at_layer=stop)
     act = cache[site]  # [batch, pos, ...]
     real = torch.ones(tokens.shape, dtype=act.dtype, device=act.device) if mask is None else mask.to(act.dtype)
+    if skip and act.shape[1] > skip:
+        act, real = act[:, skip:], real[:, skip:]
     real = real.reshape(*real.shape, *([1] * (act.ndim - 2)))
     if reduce == "mean":
         per_prompt = (act * real).sum(1) / real.sum(1)

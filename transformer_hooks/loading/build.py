@@ -15,7 +15,6 @@ from typing import Any, cast
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from weights_conversion.groups import Group, load_order
 from weights_conversion.sources import CorruptCheckpointError, MissingWeightsError, WeightShapeError
@@ -24,9 +23,11 @@ from .. import processing, sites
 from ..config import ModelConfig
 from ..memory import return_freed_memory
 from ..model import HookedTransformer
+from ..progress import tqdm
 
 
 def build_on_meta(cfg: ModelConfig, tokenizer: Any = None) -> HookedTransformer:
+    """A ``HookedTransformer`` of ``cfg`` with its weights on the meta device (no memory), with ``tokenizer``."""
     with torch.device("meta"):
         return HookedTransformer(cfg, tokenizer)
 

@@ -148,6 +148,7 @@ class BlockOffload:
             )
 
     def detach(self) -> None:
+        """Remove the offload hooks and leave every block's weights where they are."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()

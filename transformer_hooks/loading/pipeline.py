@@ -107,6 +107,7 @@ class PipelineStage:
         self._owners = [layout[f"blocks.{L}"] for L in range(n_layers)] + [layout["final"]]
 
     def owns(self, group: str) -> bool:
+        """Whether this rank holds the placement group ``group``."""
         return self.map[group] == self.rank
 
     def __repr__(self) -> str:

@@ -104,6 +104,7 @@ def check_device_map(cfg: ModelConfig, device_map: Mapping[str, Any]) -> DeviceM
 
 
 def group_bytes(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, int]:
+    """Bytes of each placement group of ``cfg``'s weights in ``dtype``."""
     return {g: n * dtype.itemsize for g, n in group_parameters(cfg).items()}
 
 

@@ -1,4 +1,5 @@
-"""The ``serve`` command: load a model and serve it (``server.py``) with uvicorn.
+"""The ``serve`` command's work (its options are in ``cli/serve.py``): load a model and serve it
+(``server.py``) with uvicorn.
 
     python -m transformer_hooks serve --model PATH --tokens tokens.txt [--host 127.0.0.1] [--port 8000]
     torchrun --nproc-per-node 2 -m transformer_hooks serve --pipeline-ranks 2 --model PATH --tokens tokens.txt
@@ -13,36 +14,7 @@ import argparse
 import os
 from typing import Any
 
-__all__ = ["add_serve_parser", "cmd_serve"]
-
-
-def add_serve_parser(sub: Any) -> None:
-    p = sub.add_parser("serve", help="serve a model over HTTP to many researchers (interventions as data, batched)")
-    p.add_argument("--model", required=True, help="preset, HF repo id, local directory or .gguf file")
-    p.add_argument("--tokens", required=True, help="file of bearer tokens, one per line, with optional limits")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)")
-    p.add_argument("--device", default=None, help="torch device (default: cpu)")
-    p.add_argument("--device-map", default=None, help="'auto' to spread the blocks over the devices")
-    p.add_argument("--no-processing", action="store_true", help="load the weights unprocessed (no fold_ln etc.)")
-    p.add_argument("--max-tokens", type=int, default=8192, help="default per-token limit: tokens per request")
-    p.add_argument("--max-concurrent", type=int, default=8, help="default per-token limit: requests in flight")
-    p.add_argument(
-        "--max-response-bytes", type=int, default=256 * 2**20, help="default per-token limit: bytes one answer returns"
-    )
-    p.add_argument("--max-body-bytes", type=int, default=64 * 2**20, help="largest request body read (default 64 MiB)")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take (default: 600)")
-    p.add_argument("--batch-window-ms", type=float, default=2.0, help="how long to wait for requests to batch with")
-    p.add_argument("--max-batch-rows", type=int, default=64, help="most prompts in one batched forward")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument(
-        "--pipeline-ranks",
-        type=int,
-        default=None,
-        help="under torchrun: split the model over this many processes; rank 0 serves, the others follow",
-    )
-    p.set_defaults(func=cmd_serve)
+__all__ = ["cmd_serve"]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -63,6 +63,7 @@ class Activation:
     params: dict[str, str] = {"b_enc": "d_sae"}
 
     def encode(self, sae: "SAE", sae_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(feature activations, pre-activations) of ``sae`` on ``sae_in`` (already centred and normalised)."""
         raise NotImplementedError
 
     def decoder_scale(self, sae: "SAE") -> torch.Tensor | None:
@@ -72,6 +73,7 @@ class Activation:
 
 class ReLUActivation(Activation):
     def encode(self, sae, sae_in):
+        """ReLU of the pre-activations; returns (activations, pre-activations)."""
         pre = sae_in @ sae.W_enc + sae.b_enc
         return pre, F.relu(pre)
 
@@ -80,6 +82,7 @@ class GatedActivation(Activation):
     params = {"b_gate": "d_sae", "b_mag": "d_sae", "r_mag": "d_sae"}
 
     def encode(self, sae, sae_in):
+        """The gated SAE's magnitude path times its gate; returns (activations, gate pre-activations)."""
         gate = (sae_in @ sae.W_enc + sae.b_gate) > 0
         pre = sae_in @ (sae.W_enc * sae.r_mag.exp()) + sae.b_mag
         return pre, gate.to(pre.dtype) * F.relu(pre)
@@ -127,10 +130,12 @@ class _Step(torch.autograd.Function):
 
 
 def jumprelu(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """JumpReLU: ``pre`` where it exceeds ``threshold``, else 0 (straight-through gradient of width ``bandwidth``)."""
     return _JumpReLU.apply(pre, threshold, bandwidth)
 
 
 def step(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """The Heaviside step ``pre > threshold`` (straight-through gradient of width ``bandwidth``), for the L0 penalty."""
     return _Step.apply(pre, threshold, bandwidth)
 
 
@@ -138,6 +143,7 @@ class JumpReLUActivation(Activation):
     params = {"b_enc": "d_sae", "threshold": "d_sae"}
 
     def encode(self, sae, sae_in):
+        """JumpReLU of the pre-activations at the SAE's thresholds; returns (activations, pre-activations)."""
         pre = sae_in @ sae.W_enc + sae.b_enc
         if sae.training and torch.is_grad_enabled():
             return pre, jumprelu(pre, sae.threshold, sae.bandwidth)  # straight-through threshold gradients
@@ -146,6 +152,7 @@ class JumpReLUActivation(Activation):
 
 class TopKActivation(Activation):
     def encode(self, sae, sae_in):
+        """The top k pre-activations kept (after ReLU), the rest zero; returns (activations, pre-activations)."""
         pre = sae_in @ sae.W_enc + sae.b_enc
         if sae.cfg.rescale_acts_by_decoder_norm:
             pre = pre * sae.W_dec.norm(dim=-1)

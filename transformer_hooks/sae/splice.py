@@ -56,9 +56,9 @@ from typing import Any
 
 import torch
 from jaxtyping import Int
-from tqdm.auto import tqdm
 
 from ..hooks import HookPoint
+from ..progress import tqdm
 from ..utils import next_token_mask
 from .core import PROCESSING_STEPS, SAE, site_width
 
@@ -261,7 +261,9 @@ def steer_with_feature(model: Any, sae: SAE, feature: int, coeff: float = 1.0, p
 class SAEEvaluation:
     """Reconstruction and downstream metrics, over the real (non-padding) tokens.
 
-    mse: mean of (x - x_hat)^2 over tokens and d_in. l0: mean number of active features
+    mse: mean over tokens of ||x - x_hat||^2 (summed over d_in): the reconstruction loss
+    ``train_sae`` minimises, in squared units of the site's activations.
+    mse_per_element: the same divided by d_in (mean over tokens and d_in). l0: mean number of active features
     per token. explained_variance: 1 - sum||x - x_hat||^2 / sum||x - mean(x)||^2.
     dead_fraction / dense_fraction: features active on no token / on more than
     ``dense_threshold`` of the tokens.
@@ -283,11 +285,30 @@ class SAEEvaluation:
     ce_loss_recovered_vs_mean: float = math.nan
     dead_fraction: float = math.nan
     dense_fraction: float = math.nan
+    mse_per_element: float = math.nan
 
     def __str__(self) -> str:
         return "\n".join(
-            f"{k:>26}: {v:.4g}" if isinstance(v, float) else f"{k:>26}: {v}" for k, v in asdict(self).items()
+            (f"{k:>26}: {v:.4g}" if isinstance(v, float) else f"{k:>26}: {v}") + f"  {_UNITS.get(k, '')}".rstrip()
+            for k, v in asdict(self).items()
         )
+
+
+_UNITS = {
+    "mse": "(squared activation units per token: mean over tokens of ||x - x_hat||^2, as in training)",
+    "mse_per_element": "(squared activation units: mse / d_in)",
+    "l0": "(active features per token)",
+    "explained_variance": "(fraction of the variance of x, 1 = perfect)",
+    "clean_loss": "(nats per token, next-token cross-entropy)",
+    "spliced_loss": "(nats per token, with the SAE's reconstruction in place of the site)",
+    "zero_ablation_loss": "(nats per token, the site set to 0)",
+    "mean_ablation_loss": "(nats per token, the site set to its mean)",
+    "ce_loss_recovered": "(fraction: 1 = splicing costs nothing, 0 = as bad as zero ablation)",
+    "ce_loss_recovered_vs_mean": "(fraction, against mean ablation)",
+    "n_tokens": "(tokens evaluated)",
+    "dead_fraction": "(fraction of features never active)",
+    "dense_fraction": "(fraction of features active on more than the dense threshold of tokens)",
+}
 
 
 def _replace_hook(positions: Positions, value: torch.Tensor | None):
@@ -383,7 +404,8 @@ def evaluate_sae(
     clean, spliced, zero, mean = (v / max(n_pred, 1) for v in (clean, spliced, zero, mean))
     freq = fired / max(n, 1)
     return SAEEvaluation(
-        mse=sq_err / (n * sae.cfg.d_in),
+        mse=sq_err / n,
+        mse_per_element=sq_err / (n * sae.cfg.d_in),
         l0=l0 / n,
         explained_variance=1 - sq_err / total_var if total_var > 0 else math.nan,
         clean_loss=clean,
@@ -396,60 +418,3 @@ def evaluate_sae(
         dead_fraction=float((freq == 0).double().mean()),
         dense_fraction=float((freq > dense_threshold).double().mean()),
     )
-
-
-# Command line (registered by cli.py) ----------------------------------------------------
-def add_sae_eval_arguments(p: Any) -> None:
-    from ..resolution import DEFAULT_MODEL
-
-    p.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help=f"preset, HF repo id, directory or .gguf (default: {DEFAULT_MODEL}, embedded)",
-    )
-    p.add_argument("--no-processing", action="store_true", help="load the weights unprocessed (no fold_ln etc.)")
-    p.add_argument("--device", default=None, help="torch device (default: cpu)")
-    p.add_argument("--sae", required=True, help="an SAE directory (SAELens, Llama Scope) or Gemma Scope params.npz")
-    p.add_argument("--hook-name", default=None, help="the site, for files that do not name it (params.npz)")
-    p.add_argument("--data", required=True, help="a text file (documents separated by blank lines) or .jsonl file")
-    p.add_argument("--text-key", default="text", help="the field holding the text in a .jsonl file (default: text)")
-    p.add_argument("--context-size", type=int, default=128)
-    p.add_argument("--max-tokens", type=int, default=16384, help="evaluate on this many tokens (default: 16384)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument(
-        "--skip-first",
-        action="store_true",
-        help="leave each context's first position out (an attention sink the SAE was not trained on)",
-    )
-    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
-
-
-def run_sae_eval(args: Any) -> int:
-    """Load the model and the SAE, pack the corpus into contexts, print ``evaluate_sae``'s metrics."""
-    import json
-
-    from ..activations import _contexts
-    from ..model import HookedTransformer
-
-    load = HookedTransformer.from_pretrained_no_processing if args.no_processing else HookedTransformer.from_pretrained
-    model = load(args.model, device=args.device)
-    sae = SAE.load_from_disk(args.sae, device=model.device, **({"hook_name": args.hook_name} if args.hook_name else {}))
-    rows = []
-    for _, (tokens, mask) in zip(
-        range(max(1, args.max_tokens // args.context_size)),
-        _contexts(model, args.data, args.context_size, model.cfg.default_prepend_bos, args.text_key, None),
-        strict=False,
-    ):
-        rows.append((tokens, mask))
-    tokens = torch.stack([t for t, _ in rows])
-    mask = torch.stack([m for _, m in rows]).long()
-    result = evaluate_sae(
-        model,
-        sae,
-        tokens,
-        batch_size=args.batch_size,
-        attention_mask=mask,
-        positions=slice(1, None) if args.skip_first else None,
-    )
-    print(json.dumps(asdict(result)) if args.json else result)
-    return 0

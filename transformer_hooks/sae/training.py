@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
+from ..progress import tqdm
 from .core import SAE, jumprelu, step  # noqa: F401  (jumprelu, step: re-exported)
 
 ARCHITECTURES_TRAINED = ("standard", "jumprelu", "topk", "batchtopk")

@@ -37,8 +37,8 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
+from ..progress import tqdm
 from .process_group import (
     DEFAULT_TIMEOUT,
     RankFailedError,
@@ -54,8 +54,6 @@ __all__ = [  # the process group's names live in process_group; re-exported here
     "DEFAULT_TIMEOUT",
     "RankFailedError",
     "ResultStore",
-    "add_sweep_parser",
-    "cmd_sweep",
     "gather_caches",
     "harvest",
     "init_distributed",
@@ -111,15 +109,19 @@ class ResultStore:
         os.replace(tmp, marker)
 
     def path(self, index: int) -> Path:
+        """The file that holds result ``index``."""
         return self.directory / f"{index:08d}.pt"
 
     def has(self, index: int) -> bool:
+        """Whether result ``index`` is stored."""
         return self.path(index).exists()
 
     def load(self, index: int) -> Any:
+        """Result ``index``, as stored."""
         return torch.load(self.path(index), weights_only=False)
 
     def save(self, index: int, value: Any) -> None:
+        """Store ``value`` as result ``index`` (atomically)."""
         path = self.path(index)
         tmp = path.with_name(path.name + f".{os.getpid()}.partial")
         torch.save(value, tmp)
@@ -398,69 +400,3 @@ def write_results(results: list[torch.Tensor], path: str | os.PathLike[str], met
         torch.save({**meta, "results": results}, tmp)
     os.replace(tmp, path)
     return path
-
-
-# The `sweep` command -------------------------------------------------------------------------
-def add_sweep_parser(sub: Any) -> None:
-    """Register ``sweep`` on the CLI's subparsers."""
-    p = sub.add_parser(
-        "sweep", help="activation-patching sweep over prompt pairs from a JSONL file (data-parallel under torchrun)"
-    )
-    p.add_argument("--prompts", required=True, help="JSONL: one {clean, corrupt, answer, contrast} per line")
-    p.add_argument("--model", required=True, help="preset, HF repo id, local directory or .gguf file")
-    p.add_argument("--out", required=True, help="result file: .json (lists) or anything else (torch.save)")
-    p.add_argument(
-        "--site", default="resid_pre", help="the patched site, as in get_act_patch_<site> (default: resid_pre)"
-    )
-    p.add_argument("--attribution", action="store_true", help="attribution patching instead of activation patching")
-    p.add_argument("--no-processing", action="store_true", help="load the weights unprocessed")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument(
-        "--resume-dir",
-        default=None,
-        help="keep each pair's result here as it is computed; a rerun after a kill computes only the missing ones",
-    )
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=DEFAULT_TIMEOUT.total_seconds(),
-        help="seconds a rank that finished waits for the others before failing (default: 1800; a "
-        "rank that dies is noticed at once)",
-    )
-    p.set_defaults(func=cmd_sweep)
-
-
-def cmd_sweep(args: Any) -> int:
-    from ..model import HookedTransformer
-
-    timeout = datetime.timedelta(seconds=args.timeout)
-    rank, world = init_distributed(timeout=timeout)
-    try:
-        pairs = read_pairs(args.prompts)
-        load = (
-            HookedTransformer.from_pretrained_no_processing if args.no_processing else HookedTransformer.from_pretrained
-        )
-        model = load(args.model, dtype=args.dtype, device=local_device())
-        results = patching_sweep(
-            model, pairs, args.site, attribution=args.attribution, timeout=timeout, resume_dir=args.resume_dir
-        )
-        if rank == 0:
-            assert results is not None  # rank 0 gets the list
-            path = write_results(
-                results,
-                args.out,
-                {
-                    "model": args.model,
-                    "site": args.site,
-                    "attribution": args.attribution,
-                    "n_prompts": len(pairs),
-                    "world_size": world,
-                    "metric": "logits[:, -1, answer] - logits[:, -1, contrast]",
-                    "complete": True,
-                },
-            )
-            print(f"sweep: {len(pairs)} prompt pairs over {world} process(es) -> {path}")
-        return 0
-    finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()

@@ -28,6 +28,7 @@ class RankFailedError(RuntimeError):
 
 
 def launched_by_torchrun() -> bool:
+    """Whether this process was started by ``torchrun`` (its environment variables are set)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
 
 
@@ -49,6 +50,7 @@ def init_distributed(backend: str | None = None, timeout: datetime.timedelta = D
 
 
 def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the process group, or (0, 1) without one."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1

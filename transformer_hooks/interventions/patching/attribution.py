@@ -347,6 +347,7 @@ def _attr(name: str, activation_name: str, index_axis_names: tuple[str, ...], wh
             grad_drop=grad_drop,
         )
 
+    attribution.index_axis_names = index_axis_names  # type: ignore[attr-defined]  # read by the sweep command
     return _named(
         attribution,
         name,

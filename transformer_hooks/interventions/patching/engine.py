@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
-from tqdm.auto import tqdm
 
 from ... import sites
 from ...hooks import HookPoint
+from ...progress import tqdm
 from ...utils import check_index, get_act_name
 
 if TYPE_CHECKING:

@@ -94,6 +94,7 @@ def _sweep(
             metric_positions=metric_positions,
         )
 
+    sweep.index_axis_names = index_axis_names  # type: ignore[attr-defined]  # read by the sweep command
     return _named(
         sweep,
         name,
