@@ -86,7 +86,7 @@ def _worker(rank: int, world: int, port: int, paths: list[str], out: str) -> Non
             results[name] = {
                 **_run(model, fired),
                 "fired": fired,
-                "pipeline_map": model.cfg.pipeline_map,
+                "pipeline_map": model.placement.pipeline_map,
                 "real": sorted(n for n, p in model.named_parameters() if not p.is_meta),
                 "meta": sorted(n for n, p in model.named_parameters() if p.is_meta),
                 "bytes": sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta),
@@ -119,7 +119,7 @@ def test_two_ranks_equal_one_process(hf_checkpoint, tmp_path):
             fired: list[str] = []
             ref = _run(one, fired)
             got, other = ranks[0][name], ranks[1][name]
-            assert one.cfg.pipeline_map is None
+            assert one.placement.pipeline_map is None
             assert (
                 got["pipeline_map"] == other["pipeline_map"] == {"embed": 0, "blocks.0": 0, "blocks.1": 1, "final": 1}
             )
@@ -225,7 +225,7 @@ def test_bad_pipelines_have_clear_errors(hf_checkpoint, monkeypatch):
     with pytest.raises(PlacementError, match="does not combine with device_map"):
         HookedTransformer.from_pretrained(path, pipeline_ranks=2, device_map={"": "cpu"})
     assert (
-        HookedTransformer.from_pretrained(path, pipeline_ranks=1).cfg.pipeline_map is None
+        HookedTransformer.from_pretrained(path, pipeline_ranks=1).placement.pipeline_map is None
     )  # one stage: nothing to split
 
     store = dist.HashStore()

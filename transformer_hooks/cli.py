@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sae_eval_arguments(sae_eval)
     sae_eval.set_defaults(func=run_sae_eval)
     from .distributed import add_sweep_parser
-    from .plan import add_plan_parser
+    from .scale.plan import add_plan_parser
 
     add_plan_parser(sub)
     add_sweep_parser(sub)

@@ -39,9 +39,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..components.stack import BlockStack, Placement
 from ..config import ModelConfig
 from ..process_group import DEFAULT_TIMEOUT, RankFailedError, init_distributed, launched_by_torchrun, local_device
 from ..process_group import shard_bounds as _bounds
+from .build import OneDevice
 
 PipelineMap = dict[str, int]
 
@@ -90,6 +92,67 @@ def join_pipeline(
             f"launch {ranks} processes (torchrun --nproc-per-node {ranks}) or pass pipeline_ranks={world}"
         )
     return PipelineStage(pipeline_map(cfg.n_layers, ranks), rank, device or local_device(), timeout)
+
+
+class PipelineBlocks(BlockStack):
+    """The block stack of one rank: runs its own blocks, passes the residual stream across
+    stage boundaries, embeds only on the first rank, runs the head only on the last, and
+    delivers the output (and caches) to rank 0."""
+
+    def __init__(self, blocks: Any, stage: "PipelineStage") -> None:
+        placement = Placement("pipeline", pipeline_map=dict(stage.map), rank=stage.rank, device=str(stage.device))
+        super().__init__(blocks, placement)
+        self.stage = stage
+
+    def check_call(self, start_at_layer: int | None, stop_at_layer: int | None, past_kv_cache: Any) -> None:
+        if (start_at_layer, stop_at_layer, past_kv_cache) != (None, None, None):
+            raise ValueError(
+                "this model is split over processes (pipeline_ranks): start_at_layer, stop_at_layer and a KV "
+                "cache (generate) are not supported; load it in one process (or with device_map) for those"
+            )
+
+    def run_embed(self, embed: Any, shape: tuple[int, ...]) -> torch.Tensor:
+        if self.stage.owns("embed"):
+            return embed()
+        return torch.empty(shape, device="meta")  # another rank embeds: only the shape travels on
+
+    def forward(
+        self, resid: torch.Tensor, mask: Any, rope: list[Any], start: int, stop: int, past_kv_cache: Any = None
+    ) -> torch.Tensor:
+        shape = tuple(resid.shape)
+        held = None if resid.is_meta else resid
+        for layer in range(start, stop):
+            held = self.stage.enter(layer, held, shape)  # the stream crosses to the next rank here
+            if held is not None:
+                held = self[layer](held, mask, rope[layer], None)
+        held = self.stage.enter(stop, held, shape)
+        return torch.empty(shape, device="meta") if held is None else held
+
+    def run_head(self, head: Any, resid: torch.Tensor) -> Any:
+        return self.stage.deliver(None if resid.is_meta else head(resid))
+
+    def gather_cache(self, store: dict[str, torch.Tensor], device: Any = None) -> dict[str, torch.Tensor] | None:
+        return self.stage.gather_cache(store, device)
+
+    def block_devices(self, default: torch.device) -> list[torch.device]:
+        return [self.stage.device] * len(self)
+
+
+class Pipelined(OneDevice):
+    """The load of one rank of a pipeline: only this rank's groups are read (the others stay
+    on the meta device), on the rank's device."""
+
+    shares_embeddings = False  # the embeddings and the unembedding live on different ranks
+
+    def __init__(self, stage: PipelineStage) -> None:
+        super().__init__(stage.device)
+        self.stage = stage
+
+    def reads(self, group: str) -> bool:
+        return self.stage.owns(group)
+
+    def attach(self, model: Any) -> None:
+        model.blocks = PipelineBlocks(model.blocks, self.stage)
 
 
 class PipelineStage:

@@ -1,0 +1,1 @@
+"""Working at scale: ``plan`` (the memory a model needs, before loading it)."""
