@@ -122,6 +122,8 @@ def test_balanced_over_two_gpus_keeps_order():
 # Offload ------------------------------------------------------------------------------------
 def _same_everything(a, b, tokens):
     assert torch.equal(a(tokens), b(tokens))
+    generated = [m.generate(tokens, max_new_tokens=3, do_sample=False, verbose=False) for m in (a, b)]
+    assert torch.equal(*generated)  # the KV cache path, through the mode's block stack
     _, ca = a.run_with_cache(tokens)
     _, cb = b.run_with_cache(tokens)
     assert set(ca.keys()) == set(cb.keys()) and all(torch.equal(ca[k], cb[k]) for k in ca.keys())

@@ -14,7 +14,7 @@ from checkpoints import CONFIGS, FAMILY_CONFIGS, save_checkpoint
 from transformer_hooks import HookedTransformer
 from transformer_hooks.cli import main
 from transformer_hooks.components import KVCache
-from transformer_hooks.plan import (
+from transformer_hooks.scale.plan import (
     PUBLISHED_CONFIGS,
     PlacementError,
     cached_sites,
