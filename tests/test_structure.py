@@ -54,6 +54,7 @@ RANKS: dict[str, int] = {
             "components.norms",
             "components.rotary",
             "components.softcap",
+            "components.stack",
         ],
         COMPONENTS,
     ),
@@ -84,7 +85,6 @@ RANKS: dict[str, int] = {
             "sae.training",
             "das",
             "activations",
-            "plan",
             "distributed",
         ],
         WORKFLOWS,
@@ -93,6 +93,10 @@ RANKS: dict[str, int] = {
         [
             "loading",
             "loading.build",
+            "loading.groups",
+            "loading.modes",
+            "loading.options",
+            "loading.resolve",
             "loading.offload",
             "loading.pipeline",
             "loading.placement",
@@ -100,7 +104,9 @@ RANKS: dict[str, int] = {
         ],
         LOADING,
     ),
-    **dict.fromkeys(["", "cli", "__main__"], ENTRY),  # "" is transformer_hooks/__init__.py, the public API
+    # plan: a dry run above loading's placement (old path plan.py re-exports scale/plan.py)
+    # "" is transformer_hooks/__init__.py, the public API
+    **dict.fromkeys(["", "cli", "__main__", "scale", "scale.plan", "plan"], ENTRY),
 }
 
 # The only imports allowed to reach upward. Each is lazy (inside a function), so importing

@@ -35,6 +35,7 @@ from torch import nn
 
 from ..components.stack import BlockStack, Placement
 from .build import OneDevice
+from .groups import modules_of_group
 
 OffloadKind = Literal["cpu", "disk"]
 
@@ -242,9 +243,8 @@ def offload_blocks(
     store = BlockOffload(offload, device, offload_dir)
     for layer, block in enumerate(model.blocks):
         store.keep(block, layer)
-    for name in ("embed", "pos_embed", "rotary", "rotary_local", "ln_final", "unembed"):
-        if hasattr(model, name):
-            getattr(model, name).to(device)
+    for module in (*modules_of_group(model, "embed"), *modules_of_group(model, "final")):
+        module.to(device)
     store.install(model)
     model._note_device()
     return model

@@ -44,6 +44,7 @@ from ..config import ModelConfig
 from ..process_group import DEFAULT_TIMEOUT, RankFailedError, init_distributed, launched_by_torchrun, local_device
 from ..process_group import shard_bounds as _bounds
 from .build import OneDevice
+from .groups import group_names
 
 PipelineMap = dict[str, int]
 
@@ -55,12 +56,9 @@ class PipelineError(ValueError):
 def pipeline_map(n_layers: int, ranks: int) -> PipelineMap:
     """{group: rank}: contiguous ranges of blocks (sizes differ by at most one), ``embed``
     with the first, ``final`` (final norm and unembedding) with the last."""
-    out: PipelineMap = {"embed": 0}
-    for rank in range(ranks):
-        lo, hi = _bounds(n_layers, rank, ranks)
-        out.update({f"blocks.{L}": rank for L in range(lo, hi)})
-    out["final"] = ranks - 1
-    return out
+    rank_of_block = [rank for rank in range(ranks) for _ in range(*_bounds(n_layers, rank, ranks))]
+    ends = {"embed": 0, "final": ranks - 1}
+    return {g: ends[g] if g in ends else rank_of_block[int(g.split(".")[1])] for g in group_names(n_layers)}
 
 
 def join_pipeline(
