@@ -48,10 +48,11 @@ from weights_conversion.sources import (  # noqa: F401  (re-exported: the reader
 )
 
 from ..config import ModelConfig
+from ..dtypes import as_dtype
 from ..model import HookedTransformer
 from ..processing import REWRITE_EMBEDDINGS, STEPS, ProcessingOptions, processed_config, steps_for
 from ..resolution import Checkpoint, resolve_checkpoint
-from .build import OneDevice, as_dtype, build_and_fill, build_on_meta, finish, materialize  # noqa: F401
+from .build import OneDevice, build_and_fill, build_on_meta, finish, materialize  # noqa: F401
 from .modes import execution_mode
 from .options import LoadOptions
 from .placement import Placed, check_compute_device

@@ -21,7 +21,6 @@ from weights_conversion.sources import CorruptCheckpointError, MissingWeightsErr
 
 from .. import processing
 from ..config import ModelConfig
-from ..dtypes import as_dtype  # noqa: F401  (re-exported: loading.as_dtype)
 from ..memory import return_freed_memory
 from ..model import HookedTransformer
 from .groups import group_of, groups_by_label

@@ -17,6 +17,7 @@ import torch
 
 from weights_conversion.groups import load_order
 
+from .. import sites
 from ..config import ModelConfig
 from ..model import HookedTransformer
 
@@ -33,7 +34,6 @@ GROUP_MODULES: dict[str, tuple[str, ...]] = {
     "final": ("ln_final", "unembed"),
 }
 _MODULE_GROUP = {module: group for group, modules in GROUP_MODULES.items() for module in modules} | {"final": "final"}
-_BLOCK = re.compile(r"blocks\.(0|[1-9]\d*)(\.|$)")
 
 
 def group_names(n_layers: int) -> list[str]:
@@ -44,9 +44,9 @@ def group_names(n_layers: int) -> list[str]:
 def group_of(module_name: str) -> str:
     """The placement group of a parameter, module or hook name (``blocks.3.attn.W_Q`` ->
     ``blocks.3``, ``ln_final.hook_scale`` -> ``final``); a ``KeyError`` for any other name."""
-    m = _BLOCK.match(module_name)
-    if m:
-        return f"blocks.{m.group(1)}"
+    layer = sites.layer_of(module_name)
+    if layer is not None:
+        return f"blocks.{layer}"
     head = module_name.split(".", 1)[0]
     if head not in _MODULE_GROUP:
         raise KeyError(f"{module_name!r} belongs to no placement group")
@@ -65,8 +65,9 @@ def groups_by_label(n_layers: int) -> dict[str, str]:
 
 def modules_of_group(model: HookedTransformer, group: str) -> list[torch.nn.Module]:
     """The submodules of ``model`` that make up a placement group."""
-    if group.startswith("blocks."):
-        return [model.blocks[int(group.split(".")[1])]]
+    layer = sites.layer_of(group)
+    if layer is not None:
+        return [model.blocks[layer]]
     return [getattr(model, n) for n in GROUP_MODULES[group] if hasattr(model, n)]
 
 
@@ -156,7 +157,7 @@ def place_groups(
 
 
 def _groups_label(groups: list[str]) -> str:
-    blocks = [int(g.split(".")[1]) for g in groups if g.startswith("blocks.")]
+    blocks = [L for g in groups if (L := sites.layer_of(g)) is not None]
     parts = ["embed"] if "embed" in groups else []
     if blocks:
         parts.append(f"blocks {blocks[0]}-{blocks[-1]}" if len(blocks) > 1 else f"block {blocks[0]}")

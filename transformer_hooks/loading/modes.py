@@ -56,7 +56,7 @@ def execution_mode(cfg: ModelConfig, options: LoadOptions, device: Any, dtype: t
 
 
 def _timedelta(timeout: Any) -> datetime.timedelta:
-    from ..process_group import DEFAULT_TIMEOUT
+    from ..scale.process_group import DEFAULT_TIMEOUT
 
     if timeout is None:
         return DEFAULT_TIMEOUT

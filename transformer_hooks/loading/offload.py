@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import sites
 from ..components.stack import BlockStack, Placement
 from .build import OneDevice
 from .groups import modules_of_group
@@ -224,10 +225,10 @@ class Offloaded(OneDevice):
         self.store = store
 
     def device_of(self, group: str) -> Any:
-        return "cpu" if group.startswith("blocks.") else self.device
+        return "cpu" if sites.layer_of(group) is not None else self.device
 
     def after_group(self, model: Any, names: list[str]) -> None:
-        for layer in sorted({int(n.split(".")[1]) for n in names if n.startswith("blocks.")}):
+        for layer in sorted({L for n in names if (L := sites.layer_of(n)) is not None}):
             self.store.keep(model.blocks[layer], layer)
 
     def attach(self, model: Any) -> None:

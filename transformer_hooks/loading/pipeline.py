@@ -39,10 +39,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .. import sites
 from ..components.stack import BlockStack, Placement
 from ..config import ModelConfig
-from ..process_group import DEFAULT_TIMEOUT, RankFailedError, init_distributed, launched_by_torchrun, local_device
-from ..process_group import shard_bounds as _bounds
+from ..scale.process_group import DEFAULT_TIMEOUT, RankFailedError, init_distributed, launched_by_torchrun, local_device
+from ..scale.process_group import shard_bounds as _bounds
 from .build import OneDevice
 from .groups import group_names
 
@@ -58,7 +59,7 @@ def pipeline_map(n_layers: int, ranks: int) -> PipelineMap:
     with the first, ``final`` (final norm and unembedding) with the last."""
     rank_of_block = [rank for rank in range(ranks) for _ in range(*_bounds(n_layers, rank, ranks))]
     ends = {"embed": 0, "final": ranks - 1}
-    return {g: ends[g] if g in ends else rank_of_block[int(g.split(".")[1])] for g in group_names(n_layers)}
+    return {g: rank_of_block[L] if (L := sites.layer_of(g)) is not None else ends[g] for g in group_names(n_layers)}
 
 
 def join_pipeline(
@@ -80,7 +81,7 @@ def join_pipeline(
             raise PipelineError(
                 f"pipeline_ranks={ranks} splits the model over {ranks} processes of torch.distributed, which "
                 f"is not initialised: launch with `torchrun --nproc-per-node {ranks} script.py` (or call "
-                f"torch.distributed.init_process_group / transformer_hooks.distributed.init_distributed first)"
+                f"torch.distributed.init_process_group / transformer_hooks.scale.process_group.init_distributed first)"
             )
         init_distributed(timeout=timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
