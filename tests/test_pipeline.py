@@ -274,3 +274,37 @@ def test_under_torchrun(hf_checkpoint, tmp_path):
     assert list(got["cache"]) == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
     for site, act in got["cache"].items():
         torch.testing.assert_close(act, cache[site], rtol=0, atol=1e-6)
+
+
+def _generate_worker(rank: int, world: int, port: int, path: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        model = HookedTransformer.from_pretrained(path, pipeline_ranks=world)
+        greedy = model.generate(TOKENS, max_new_tokens=5, do_sample=False, verbose=False)
+        torch.manual_seed(1000 + rank)  # different on each rank: the generation gives every rank rank 0's
+        sampled = model.generate(TOKENS, max_new_tokens=5, do_sample=True, temperature=2.0, verbose=False)
+        torch.save({"greedy": greedy, "sampled": sampled}, f"{out}.rank{rank}")
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def test_generate_on_two_ranks_equals_one_process(hf_checkpoint, tmp_path):
+    """generate with a KV cache per rank: every rank returns the tokens one process generates,
+    greedy and sampled (rank 0's random state)."""
+    path = str(hf_checkpoint("llama-gqa")[0])
+    out = str(tmp_path / "gen")
+    port = free_port()
+    assert run_ranks(_generate_worker, lambda rank: (rank, 2, port, path, out), world=2, timeout=180) == [0, 0]
+    ranks = [torch.load(f"{out}.rank{r}") for r in range(2)]
+    one = HookedTransformer.from_pretrained(path)
+    greedy = one.generate(TOKENS, max_new_tokens=5, do_sample=False, verbose=False)
+    torch.manual_seed(1000)  # rank 0's seed
+    sampled = one.generate(TOKENS, max_new_tokens=5, do_sample=True, temperature=2.0, verbose=False)
+    for got in ranks:
+        assert torch.equal(got["greedy"], greedy)
+        assert torch.equal(got["sampled"], sampled)
