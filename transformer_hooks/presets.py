@@ -197,6 +197,75 @@ PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
         rope_scaling=_LLAMA31_ROPE,
     ),
 }
+# GPT-2 and Pythia at their other published sizes: the configs above with other widths, depths
+# and (Pythia 6.9B, 12B) vocabulary paddings; each model's parameter count is checked against
+# its name in tests/test_plan.py. The deduplicated-data Pythia runs share their architecture.
+_GPT2_SIZES = {"gpt2-medium": (1024, 24, 16), "gpt2-large": (1280, 36, 20), "gpt2-xl": (1600, 48, 25)}
+PUBLISHED_CONFIGS.update(
+    {name: dict(PUBLISHED_CONFIGS["gpt2"], n_embd=d, n_layer=n, n_head=h) for name, (d, n, h) in _GPT2_SIZES.items()}
+)
+_PYTHIA_SHAPES = {  # (hidden_size, num_hidden_layers, num_attention_heads, vocab_size)
+    "14m": (128, 6, 4, 50304),
+    "31m": (256, 6, 8, 50304),
+    "70m": (512, 6, 8, 50304),
+    "160m": (768, 12, 12, 50304),
+    "410m": (1024, 24, 16, 50304),
+    "1b": (2048, 16, 8, 50304),
+    "1.4b": (2048, 24, 16, 50304),
+    "6.9b": (4096, 32, 32, 50432),
+    "12b": (5120, 36, 40, 50688),
+}
+PUBLISHED_CONFIGS.update(
+    {
+        f"pythia-{size}{deduped}": dict(
+            PUBLISHED_CONFIGS["pythia-2.8b"],
+            hidden_size=d,
+            num_hidden_layers=n,
+            num_attention_heads=h,
+            intermediate_size=4 * d,
+            vocab_size=v,
+        )
+        for size, (d, n, h, v) in _PYTHIA_SHAPES.items()
+        for deduped in ("", "-deduped")
+    }
+)
+PUBLISHED_CONFIGS["pythia-2.8b-deduped"] = PUBLISHED_CONFIGS["pythia-2.8b"]
+
+# SmolLM2 (Llama architecture; 135M checked against the embedded GGUF's metadata in tests/test_plan.py).
+_SMOLLM2 = dict(
+    model_type="llama",
+    hidden_act="silu",
+    rms_norm_eps=1e-5,
+    rope_theta=100000.0,
+    max_position_embeddings=8192,
+    vocab_size=49152,
+    bos_token_id=1,
+    eos_token_id=2,
+    attention_bias=False,
+    mlp_bias=False,
+    tie_word_embeddings=True,
+)
+_SMOLLM2_SHAPES = {  # (hidden_size, intermediate_size, layers, heads, kv heads, rope_theta)
+    "135m": (576, 1536, 30, 9, 3, 100000.0),
+    "360m": (960, 2560, 32, 15, 5, 100000.0),
+    "1.7b": (2048, 8192, 24, 32, 32, 130000.0),
+}
+PUBLISHED_CONFIGS.update(
+    {
+        f"smollm2-{size}{instruct}": dict(
+            _SMOLLM2,
+            hidden_size=d,
+            intermediate_size=m,
+            num_hidden_layers=n,
+            num_attention_heads=h,
+            num_key_value_heads=kv,
+            rope_theta=theta,
+        )
+        for size, (d, m, n, h, kv, theta) in _SMOLLM2_SHAPES.items()
+        for instruct in ("", "-instruct")
+    }
+)
+
 # Repo ids Meta published these models under before renaming them.
 _OLD_REPO_IDS = {
     "meta-llama/meta-llama-3.1-8b": "llama-3.1-8b",
