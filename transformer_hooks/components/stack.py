@@ -60,8 +60,9 @@ class BlockStack(nn.ModuleList):
         super().__init__(blocks)
         self.placement = placement
 
-    def check_call(self, start_at_layer: int | None, stop_at_layer: int | None, past_kv_cache: Any) -> None:
-        """Refuse what this mode cannot run (nothing, on one process)."""
+    def check_call(self, start_at_layer: Any, stop_at_layer: Any, past_kv_cache: Any) -> None:
+        """Refuse what this mode cannot run (nothing, on one process). The arguments are the
+        forward's, unchecked (the model checks them after)."""
 
     def run_embed(self, embed: Callable[[], torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
         """The residual stream entering block 0: ``embed()`` (``shape`` serves modes where

@@ -108,7 +108,7 @@ class PipelineBlocks(BlockStack):
 
     _generating = False  # the current forward has a KV cache: its output goes to every rank
 
-    def check_call(self, start_at_layer: int | None, stop_at_layer: int | None, past_kv_cache: Any) -> None:
+    def check_call(self, start_at_layer: Any, stop_at_layer: Any, past_kv_cache: Any) -> None:
         if (start_at_layer, stop_at_layer) != (None, None):
             raise ValueError(
                 "this model is split over processes (pipeline_ranks): start_at_layer and stop_at_layer are not "
