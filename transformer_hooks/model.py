@@ -32,6 +32,8 @@ ReturnType = Literal["logits", "loss", "both", None]
 
 
 class HookedTransformer(HookedRootModule):
+    blocks: BlockStack  # how the blocks run: one device, or the mode loading/ installed (components/stack.py)
+
     def __init__(
         self,
         cfg: ModelConfig | HookedTransformerConfig | dict,
