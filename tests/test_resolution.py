@@ -347,7 +347,7 @@ def test_online_download_uses_the_cache_dir_and_prefers_safetensors(
     def fake_snapshot_download(repo_id: str, **kwargs: object) -> str:
         calls.append({"repo_id": repo_id, **kwargs})
         files = {"config.json": json.dumps(CONFIG).encode()}
-        if len(calls) == 2:  # the repo has no safetensors: second call asks for .bin files
+        if len(calls) == 3:  # the repo has no safetensors: the third call asks for .bin files
             files["pytorch_model.bin"] = b"pickle"
         commit = str(len(calls)) * 40
         return str(make_hub_cache(Path(kwargs["cache_dir"]), repo_id, files, commit=commit))
@@ -355,11 +355,32 @@ def test_online_download_uses_the_cache_dir_and_prefers_safetensors(
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     checkpoint = resolve_checkpoint("gpt2-medium")
 
-    assert [call["repo_id"] for call in calls] == ["openai-community/gpt2-medium"] * 2
+    assert [call["repo_id"] for call in calls] == ["openai-community/gpt2-medium"] * 3
     assert all(Path(call["cache_dir"]) == cache for call in calls)
-    assert "model*.safetensors" in calls[0]["allow_patterns"]
-    assert "pytorch_model*.bin" in calls[1]["allow_patterns"]
+    assert not any("safetensors" in p or ".bin" in p for p in calls[0]["allow_patterns"])  # the config first
+    assert "model*.safetensors" in calls[1]["allow_patterns"]
+    assert "pytorch_model*.bin" in calls[2]["allow_patterns"]
     assert checkpoint.weight_files[0].name == "pytorch_model.bin"
+
+
+def test_an_unsupported_architecture_is_refused_before_its_weights_are_downloaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from weights_conversion import UnsupportedArchitectureError
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    calls: list[dict] = []
+
+    def fake_snapshot_download(repo_id: str, **kwargs: object) -> str:
+        calls.append(dict(kwargs))
+        config = {"model_type": "t5", "architectures": ["T5ForConditionalGeneration"]}
+        return str(make_hub_cache(Path(kwargs["cache_dir"]), repo_id, {"config.json": json.dumps(config).encode()}))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    with pytest.raises(UnsupportedArchitectureError, match=r"model_type='t5'.*implements gpt2"):
+        resolve_checkpoint("someone/encoder-decoder")
+    assert len(calls) == 1  # the config only: no weight was fetched
 
 
 # --------------------------------------------------------------------------- embedded default

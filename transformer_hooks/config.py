@@ -96,13 +96,6 @@ class ModelConfig:
     # Where the model's weights are, for TransformerLens code that reads model.cfg.device.
     # Not an architecture fact: the model keeps it current, and it is neither saved nor compared.
     device: str | None = field(default=None, compare=False)
-    # Where each group is when the model is placed over several devices ({"embed": ..., "blocks.0": ...,
-    # "final": ...}; see loading/placement.py), None on one device. Like ``device``: not saved, not compared.
-    device_map: dict[str, str] | None = field(default=None, compare=False)
-    # Which rank of a process group holds each group when the blocks are split over processes
-    # ({"embed": 0, "blocks.0": 0, ..., "final": k - 1}; see loading/pipeline.py), None in one
-    # process. Like ``device``: not saved, not compared.
-    pipeline_map: dict[str, int] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -203,6 +196,19 @@ class ModelConfig:
         return self.rope_theta
 
     @property
+    def device_map(self) -> None:
+        """Moved: a config holds architecture facts only. Where a model's weights are is ``model.placement``."""
+        raise AttributeError(
+            "ModelConfig.device_map moved to model.placement.device_map (and pipeline_map to "
+            "model.placement.pipeline_map): the config holds architecture facts only"
+        )
+
+    @property
+    def pipeline_map(self) -> None:
+        """Moved to ``model.placement.pipeline_map``."""
+        return self.device_map
+
+    @property
     def positional_embedding_type(self) -> str:
         return "standard" if self.positional_embedding == "learned" else "rotary"
 
@@ -213,7 +219,7 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         """The config as a JSON-ready dict (``ModelConfig(**d)`` rebuilds it)."""
         d = dataclasses.asdict(self)
-        del d["device"], d["device_map"], d["pipeline_map"]
+        del d["device"]
         d["attn_windows"] = list(self.attn_windows)
         d["processing"] = list(self.processing)
         return d

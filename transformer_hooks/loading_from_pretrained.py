@@ -17,7 +17,6 @@ from typing import Any
 
 from .config import ModelConfig
 from .presets import PRESETS, preset_repo_id
-from .resolution import resolve_checkpoint
 
 OFFICIAL_MODEL_NAMES: list[str] = sorted(set(PRESETS.values()))
 
@@ -47,20 +46,9 @@ def get_pretrained_model_config(model_name: str, **kwargs: Any) -> ModelConfig:
             f"get_pretrained_model_config takes no options here ({sorted(kwargs)}): pass them to "
             f"HookedTransformer.from_pretrained"
         )
-    import weights_conversion
-    from weights_conversion.converted import converted_config
+    from .loading.resolve import resolve_config  # the loader's resolver, reading no weights
 
-    ckpt = resolve_checkpoint(model_name)
-    if ckpt.kind == "gguf":
-        from weights_conversion.gguf import read_gguf
-
-        assert ckpt.gguf_file is not None  # a gguf checkpoint names its file
-        hf_config, _, _ = read_gguf(ckpt.gguf_file)
-        return weights_conversion.config_from_hf(hf_config, str(ckpt.gguf_file))
-    assert ckpt.config is not None  # hf and converted checkpoints carry their config
-    if ckpt.kind == "converted":
-        return converted_config(ckpt.directory, ckpt.config)
-    return weights_conversion.config_from_hf(ckpt.config, str(ckpt.directory / "config.json"))
+    return resolve_config(model_name, download=True).cfg
 
 
 def get_checkpoint_labels(model_name: str, **kwargs: Any) -> tuple[list[int], str]:

@@ -19,6 +19,7 @@ from torch import nn
 from . import sites
 from . import tokens as tokens_lib  # as a module: `tokens` names the token tensor in forward
 from .components import AttentionMask, Embed, KVCache, PosEmbed, Rotary, Unembed, make_block, make_norm
+from .components.stack import BlockStack, Placement
 from .config import HookedTransformerConfig, ModelConfig
 from .factored_matrix import FactoredMatrix
 from .hooks import HookedRootModule, HookPoint
@@ -44,6 +45,8 @@ class HookedTransformer(HookedRootModule):
         default_padding_side: ``"left"`` or ``"right"`` for batches of strings (default: the
             tokenizer's, else right).
     """
+
+    blocks: BlockStack  # how the blocks run: one device, or the mode loading/ installed (components/stack.py)
 
     def __init__(
         self,
@@ -72,7 +75,7 @@ class HookedTransformer(HookedRootModule):
             self.rotary = Rotary(cfg)
             if cfg.local_rope_theta is not None:
                 self.rotary_local = Rotary(cfg, local=True)
-        self.blocks = nn.ModuleList(make_block(cfg, layer) for layer in range(cfg.n_layers))
+        self.blocks = BlockStack(make_block(cfg, layer) for layer in range(cfg.n_layers))
         self.ln_final = make_norm(cfg)
         self.unembed = Unembed(cfg)
         self.setup_hooks()
@@ -95,68 +98,25 @@ class HookedTransformer(HookedRootModule):
         """nn.Module's ``to``, ``cuda``, ``half``, ... all end here: keep ``cfg.device`` current
         (and drop a placement over devices once everything is on one)."""
         super()._apply(fn, recurse)
+        if self.placement.kind == "devices" and len({p.device for p in self.parameters()}) == 1:
+            self.blocks = BlockStack(self.blocks)
         self._note_device()
-        if self.cfg.device_map is not None and len({p.device for p in self.parameters()}) == 1:
-            self._set_placement(None)
         return self
 
-    # Placement over devices (see loading/placement.py) ---------------------------------
-    def _set_placement(self, device_map: dict[str, str] | None) -> None:
-        """Record where each group is; the forward moves the residual stream to each block's
-        device before the block runs (and nowhere else). None: one device."""
-        self.cfg = self.cfg.replace(device_map=dict(device_map) if device_map is not None else None)
-        if device_map is None:
-            self._block_devices = None
-            return
-        self._block_devices = [torch.device(device_map[f"blocks.{L}"]) for L in range(self.cfg.n_layers)]
-        self._final_device = torch.device(device_map["final"])
-
-    _block_devices: list[torch.device] | None = None
-    # This rank's stage when the blocks are split over processes (loading/pipeline.py: a
-    # PipelineStage, set by the loader), None in one process.
-    _stage: Any = None
+    # Execution modes (installed by loading/: see components/stack.py) -----------------------
+    @property
+    def placement(self) -> Placement:
+        """Where the weights are and how the blocks run (one device, devices, offload, pipeline)."""
+        return self.blocks.placement
 
     @property
     def block_devices(self) -> list[torch.device]:
         """The device each block runs on (where its KV cache lives)."""
-        if self._block_devices is not None:
-            return list(self._block_devices)
-        offload = getattr(self, "_offload", None)
-        return [offload.device if offload is not None else self.device] * self.cfg.n_layers
-
-    @staticmethod
-    def _moved_to(
-        device: torch.device,
-        mask: AttentionMask,
-        cos_sin: Any,
-        copies: dict[tuple[torch.device, int], tuple[AttentionMask, Any]],
-    ) -> tuple[AttentionMask, Any]:
-        """The mask and rotary tables on ``device`` (made once per forward per device and table)."""
-        if device == mask.device:
-            return mask, cos_sin
-        key = (device, id(cos_sin))
-        if key not in copies:
-            key_is_real = mask.key_is_real.to(device) if mask.key_is_real is not None else None
-            copies[key] = (
-                AttentionMask(mask.q_len, mask.k_len, key_is_real, device),
-                tuple(t.to(device) for t in cos_sin) if cos_sin is not None else None,
-            )
-        return copies[key]
+        return self.blocks.block_devices(self.device)
 
     # Loading (see loading.py) -----------------------------------------------------
     @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str,
-        *,
-        fold_ln: bool = True,
-        center_writing_weights: bool = True,
-        center_unembed: bool = True,
-        fold_value_biases: bool = True,
-        device: Any = None,
-        dtype: torch.dtype | str = torch.float32,
-        **kwargs: Any,
-    ) -> "HookedTransformer":
+    def from_pretrained(cls, name_or_path: str, options: Any = None, **kwargs: Any) -> "HookedTransformer":
         """Load a preset name, HF repo id, local HF directory, converted checkpoint or .gguf
         file, with TransformerLens's default weight processing (see processing.py).
 
@@ -171,7 +131,9 @@ class HookedTransformer(HookedRootModule):
             fold_value_biases: fold the value biases into the output bias.
             device: the torch device of the weights (default: cpu).
             dtype: the weights' dtype (``torch.float32`` by default; a name such as ``"bfloat16"`` works).
-            **kwargs: forwarded to ``loading.load_model``, which takes exactly these:
+            options: a ``loading.LoadOptions`` holding every option below at once; keyword
+                arguments are its fields and replace its values.
+            **kwargs: the other ``LoadOptions`` fields:
                 ``tokenizer`` (a tokenizer to use instead of the checkpoint's),
                 ``hf_model`` (a transformers model already in memory; ``name_or_path`` then only names it),
                 ``default_prepend_bos`` (bool: whether string prompts start with BOS; default: the
@@ -190,16 +152,7 @@ class HookedTransformer(HookedRootModule):
         """
         from .loading import load_model
 
-        return load_model(
-            name_or_path,
-            fold_ln=fold_ln,
-            center_writing_weights=center_writing_weights,
-            center_unembed=center_unembed,
-            fold_value_biases=fold_value_biases,
-            device=device,
-            dtype=dtype,
-            **kwargs,
-        )
+        return load_model(name_or_path, options, **kwargs)
 
     @classmethod
     def from_pretrained_no_processing(cls, name_or_path: str, **kwargs: Any) -> "HookedTransformer":
@@ -218,13 +171,12 @@ class HookedTransformer(HookedRootModule):
 
     @property
     def device(self) -> torch.device:
-        stage = self._stage  # split over processes: another rank may hold the embeddings
-        return stage.device if stage is not None else self.embed.W_E.device
+        where = self.placement.device  # split over processes: another rank may hold the embeddings
+        return torch.device(where) if where is not None else self.embed.W_E.device
 
     @property
     def dtype(self) -> torch.dtype:
-        stage = self._stage
-        return stage.dtype if stage is not None else self.embed.W_E.dtype
+        return self.embed.W_E.dtype
 
     # Forward --------------------------------------------------------------------------
     def forward(
@@ -258,12 +210,7 @@ class HookedTransformer(HookedRootModule):
         """
         if return_type not in ("logits", "loss", "both", None):
             raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
-        stage = self._stage
-        if stage is not None and (start_at_layer, stop_at_layer, past_kv_cache) != (None, None, None):
-            raise ValueError(
-                "this model is split over processes (pipeline_ranks): start_at_layer, stop_at_layer and a KV "
-                "cache (generate) are not supported; load it in one process (or with device_map) for those"
-            )
+        self.blocks.check_call(start_at_layer, stop_at_layer, past_kv_cache)
         n = self.cfg.n_layers
         start = self._layer_index(start_at_layer, "start_at_layer") if start_at_layer is not None else 0
         stop = self._layer_index(stop_at_layer, "stop_at_layer", allow_end=True) if stop_at_layer is not None else n
@@ -281,57 +228,47 @@ class HookedTransformer(HookedRootModule):
             )
             batch, q_len = tokens.shape
         else:
-            if not isinstance(input, torch.Tensor) or input.ndim != 3 or input.shape[-1] != self.cfg.d_model:
-                shape = tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
-                raise ValueError(
-                    f"with start_at_layer, input is the residual stream [batch, pos, d_model="
-                    f"{self.cfg.d_model}], got {shape}"
-                )
-            resid = input
-            if resid.dtype != self.dtype:
-                raise ValueError(
-                    f"the residual stream is {resid.dtype} but the model is {self.dtype}; pass resid.to({self.dtype})"
-                )
+            resid = self._check_resid(input)
             batch, q_len = resid.shape[:2]
             if attention_mask is not None:
                 attention_mask = self._check_mask(attention_mask, (batch, q_len))
 
         positions, mask = self._positions_and_mask(batch, q_len, attention_mask, past_kv_cache, device=self.device)
-        if start_at_layer is None and (stage is None or stage.owns("embed")):
-            resid = self.hook_embed(self.embed(tokens))
-            if self.cfg.positional_embedding == "learned":
-                resid = resid + self.hook_pos_embed(self.pos_embed(positions))
-        elif start_at_layer is None:
-            resid = None  # type: ignore[assignment]  # another rank embeds: stage.enter receives the stream
+        if start_at_layer is None:
+            resid = self.blocks.run_embed(lambda: self._embed(tokens, positions), (batch, q_len, self.cfg.d_model))
         cos_sin = self.rotary(positions, self.dtype) if self.cfg.positional_embedding == "rotary" else None
         # Gemma 3: the windowed layers rotate with their own base.
         cos_sin_local = self.rotary_local(positions, self.dtype) if hasattr(self, "rotary_local") else cos_sin
-
-        placed = self._block_devices
-        copies: dict[tuple[torch.device, int], tuple[AttentionMask, Any]] = {}
-        shape = (batch, q_len, self.cfg.d_model)
-        for layer in range(start, stop):
-            if stage is not None:  # split over processes: the stream crosses to the next rank here
-                resid = stage.enter(layer, resid, shape)
-                if resid is None:
-                    continue  # another rank's block
-            kv = past_kv_cache[layer] if past_kv_cache is not None else None
-            local = self.cfg.attn_windows[layer] is not None
-            layer_cos_sin = cos_sin_local if local else cos_sin
-            if placed is None:
-                resid = self.blocks[layer](resid, mask, layer_cos_sin, kv)
-            else:  # the residual stream moves between blocks, only here
-                resid = resid.to(placed[layer])
-                resid = self.blocks[layer](resid, *self._moved_to(placed[layer], mask, layer_cos_sin, copies), kv)
+        rope = [cos_sin if window is None else cos_sin_local for window in self.cfg.attn_windows]
+        resid = self.blocks(resid, mask, rope, start, stop, past_kv_cache)
         if past_kv_cache is not None:
             past_kv_cache.advance(q_len, attention_mask)
         if stop < n:
             return resid
-        if stage is not None:
-            resid = stage.enter(n, resid, shape)
-            out = None if resid is None else self._head(resid, return_type, tokens, attention_mask, loss_per_token)
-            return stage.deliver(out)
-        return self._head(resid, return_type, tokens, attention_mask, loss_per_token)
+        return self.blocks.run_head(
+            lambda resid: self._head(resid, return_type, tokens, attention_mask, loss_per_token), resid
+        )
+
+    def _embed(self, tokens: torch.Tensor | None, positions: torch.Tensor) -> Float[torch.Tensor, "batch pos d_model"]:
+        assert tokens is not None  # the forward embeds only when it has tokens
+        resid = self.hook_embed(self.embed(tokens))
+        if self.cfg.positional_embedding == "learned":
+            resid = resid + self.hook_pos_embed(self.pos_embed(positions))
+        return resid
+
+    def _check_resid(self, input: Any) -> Float[torch.Tensor, "batch pos d_model"]:
+        """The residual stream given with ``start_at_layer``, checked."""
+        if not isinstance(input, torch.Tensor) or input.ndim != 3 or input.shape[-1] != self.cfg.d_model:
+            shape = tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
+            raise ValueError(
+                f"with start_at_layer, input is the residual stream [batch, pos, d_model="
+                f"{self.cfg.d_model}], got {shape}"
+            )
+        if input.dtype != self.dtype:
+            raise ValueError(
+                f"the residual stream is {input.dtype} but the model is {self.dtype}; pass resid.to({self.dtype})"
+            )
+        return input
 
     def _head(
         self,
@@ -342,9 +279,6 @@ class HookedTransformer(HookedRootModule):
         loss_per_token: bool,
     ) -> Any:
         """The final norm, the unembedding and the loss, as ``return_type`` asks."""
-        placed = self._block_devices
-        if placed is not None:
-            resid = resid.to(self._final_device)
         resid = self.ln_final(resid)
         if return_type is None:  # e.g. a prefill, or a run for its hooks: skip the unembedding
             return None
@@ -353,9 +287,8 @@ class HookedTransformer(HookedRootModule):
             return logits
         if tokens is None:
             raise ValueError("a loss needs the tokens: pass tokens=... together with start_at_layer")
-        if placed is not None:
-            tokens = tokens.to(logits.device)
-            attention_mask = attention_mask.to(logits.device) if attention_mask is not None else None
+        tokens = tokens.to(logits.device)  # placed over devices: the unembedding's device
+        attention_mask = attention_mask.to(logits.device) if attention_mask is not None else None
         loss = lm_cross_entropy_loss(logits, tokens, attention_mask, per_token=loss_per_token)
         return loss if return_type == "loss" else (logits, loss)
 
@@ -644,15 +577,14 @@ class HookedTransformer(HookedRootModule):
         sends them to rank 0, which returns the output and the whole cache; the other ranks
         return (None, None). Rank 0 holds only its own blocks' weights, so cache methods that
         read other blocks' weights (per-head results from ``W_O``) need those sites cached."""
-        if self._stage is not None and kwargs.get("incl_bwd"):
+        if self.placement.kind == "pipeline" and kwargs.get("incl_bwd"):
             raise ValueError("incl_bwd: gradients do not cross the ranks of a model split over processes")
         out, store = super().run_with_cache(
             *model_args, return_cache_object=False, remove_batch_dim=remove_batch_dim, **kwargs
         )
-        if self._stage is not None:
-            store = self._stage.gather_cache(store, kwargs.get("device"))
-            if store is None:
-                return None, None
+        store = self.blocks.gather_cache(store, kwargs.get("device"))
+        if store is None:  # split over processes: rank 0 has the cache
+            return None, None
         if not return_cache_object:
             return out, store
         from .cache import ActivationCache  # the cache builds on the model: imported when used

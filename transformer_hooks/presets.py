@@ -12,6 +12,7 @@ from the hub page.
 from __future__ import annotations
 
 import difflib
+from typing import Any
 
 _PYTHIA_SIZES = ("14m", "31m", "70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b")
 _SMOLLM2_SIZES = {"135m": "135M", "360m": "360M", "1.7b": "1.7B"}
@@ -44,6 +45,8 @@ PRESETS: dict[str, str] = {
     # Llama 3.1 / 3.2
     "llama-3.1-8b": "meta-llama/Llama-3.1-8B",
     "llama-3.1-8b-instruct": "meta-llama/Llama-3.1-8B-Instruct",
+    "llama-3.1-70b": "meta-llama/Llama-3.1-70B",
+    "llama-3.1-70b-instruct": "meta-llama/Llama-3.1-70B-Instruct",
     "llama-3.2-1b": "meta-llama/Llama-3.2-1B",
     "llama-3.2-1b-instruct": "meta-llama/Llama-3.2-1B-Instruct",
     "llama-3.2-3b": "meta-llama/Llama-3.2-3B",
@@ -85,6 +88,18 @@ PRESETS: dict[str, str] = {
     "olmo-2-13b-instruct": "allenai/OLMo-2-1124-13B-Instruct",
 }
 
+# TransformerLens's toy models (its own format: config.json in HookedTransformerConfig's keys and a
+# .pth state dict). They load from a local directory (weights_conversion/transformer_lens.py); the
+# names are known so that an error can say where their files go.
+_TL_WIDTHS = {1: 512, 2: 512, 3: 512, 4: 512, 6: 768, 8: 1024, 10: 1280, 12: 1536}
+TRANSFORMER_LENS_TOY_MODELS: dict[str, str] = {
+    **{f"attn-only-{n}l": f"NeelNanda/Attn_Only_{n}L512W_C4_Code" for n in (1, 2, 3, 4)},
+    **{f"gelu-{n}l": f"NeelNanda/GELU_{n}L512W_C4_Code" for n in (1, 2, 3, 4)},
+    **{f"solu-{n}l": f"NeelNanda/SoLU_{n}L{w}W_C4_Code" for n, w in _TL_WIDTHS.items()},
+    "attn-only-2l-demo": "NeelNanda/Attn-Only-2L512W-Shortformer-6B-big-lr",
+    "redwood_attn_2l": "ArthurConmy/redwood_attn_2l",
+}
+
 # "llama-3.2-1b" and "Llama-3.2-1B" (the repo id's last component) both name a checkpoint.
 _REPO_BASENAMES: dict[str, str] = {repo_id.rsplit("/", 1)[-1].lower(): repo_id for repo_id in PRESETS.values()}
 
@@ -98,3 +113,175 @@ def preset_repo_id(name: str) -> str | None:
 def closest_presets(name: str, n: int = 5) -> list[str]:
     """Up to `n` preset names that look like `name`, best first (for "did you mean" errors)."""
     return difflib.get_close_matches(name.strip().lower(), list(PRESETS), n=n, cutoff=0.5)
+
+
+# Published configs (each model's config.json on the hub, as HF dicts), so a plan for
+# them needs no download. Parameter counts their model cards give: GPT-2 124M,
+# Pythia-2.8B 2.78e9, Llama-3.2-1B 1.24e9, Llama-3.1-8B 8.03e9, Llama-3.1-70B 70.6e9.
+_LLAMA3 = dict(
+    model_type="llama",
+    hidden_act="silu",
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    max_position_embeddings=131072,
+    vocab_size=128256,
+    bos_token_id=128000,
+    eos_token_id=128001,
+    attention_bias=False,
+    mlp_bias=False,
+)
+_LLAMA31_ROPE = dict(
+    rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+)
+PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
+    "gpt2": dict(
+        model_type="gpt2",
+        n_embd=768,
+        n_layer=12,
+        n_head=12,
+        n_positions=1024,
+        n_ctx=1024,
+        vocab_size=50257,
+        activation_function="gelu_new",
+        layer_norm_epsilon=1e-5,
+        bos_token_id=50256,
+        eos_token_id=50256,
+        tie_word_embeddings=True,
+    ),
+    "pythia-2.8b": dict(
+        model_type="gpt_neox",
+        hidden_size=2560,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        intermediate_size=10240,
+        vocab_size=50304,
+        max_position_embeddings=2048,
+        rotary_pct=0.25,
+        rotary_emb_base=10000,
+        use_parallel_residual=True,
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=False,
+    ),
+    "llama-3.2-1b": dict(
+        _LLAMA3,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        tie_word_embeddings=True,
+        rope_scaling=dict(_LLAMA31_ROPE, factor=32.0),
+    ),
+    "llama-3.1-8b": dict(
+        _LLAMA3,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+        rope_scaling=_LLAMA31_ROPE,
+    ),
+    "llama-3.1-70b": dict(
+        _LLAMA3,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+        rope_scaling=_LLAMA31_ROPE,
+    ),
+}
+# GPT-2 and Pythia at their other published sizes: the configs above with other widths, depths
+# and (Pythia 6.9B, 12B) vocabulary paddings; each model's parameter count is checked against
+# its name in tests/test_plan.py. The deduplicated-data Pythia runs share their architecture.
+_GPT2_SIZES = {"gpt2-medium": (1024, 24, 16), "gpt2-large": (1280, 36, 20), "gpt2-xl": (1600, 48, 25)}
+PUBLISHED_CONFIGS.update(
+    {name: dict(PUBLISHED_CONFIGS["gpt2"], n_embd=d, n_layer=n, n_head=h) for name, (d, n, h) in _GPT2_SIZES.items()}
+)
+_PYTHIA_SHAPES = {  # (hidden_size, num_hidden_layers, num_attention_heads, vocab_size)
+    "14m": (128, 6, 4, 50304),
+    "31m": (256, 6, 8, 50304),
+    "70m": (512, 6, 8, 50304),
+    "160m": (768, 12, 12, 50304),
+    "410m": (1024, 24, 16, 50304),
+    "1b": (2048, 16, 8, 50304),
+    "1.4b": (2048, 24, 16, 50304),
+    "6.9b": (4096, 32, 32, 50432),
+    "12b": (5120, 36, 40, 50688),
+}
+PUBLISHED_CONFIGS.update(
+    {
+        f"pythia-{size}{deduped}": dict(
+            PUBLISHED_CONFIGS["pythia-2.8b"],
+            hidden_size=d,
+            num_hidden_layers=n,
+            num_attention_heads=h,
+            intermediate_size=4 * d,
+            vocab_size=v,
+        )
+        for size, (d, n, h, v) in _PYTHIA_SHAPES.items()
+        for deduped in ("", "-deduped")
+    }
+)
+PUBLISHED_CONFIGS["pythia-2.8b-deduped"] = PUBLISHED_CONFIGS["pythia-2.8b"]
+
+# SmolLM2 (Llama architecture; 135M checked against the embedded GGUF's metadata in tests/test_plan.py).
+_SMOLLM2 = dict(
+    model_type="llama",
+    hidden_act="silu",
+    rms_norm_eps=1e-5,
+    rope_theta=100000.0,
+    max_position_embeddings=8192,
+    vocab_size=49152,
+    bos_token_id=1,
+    eos_token_id=2,
+    attention_bias=False,
+    mlp_bias=False,
+    tie_word_embeddings=True,
+)
+_SMOLLM2_SHAPES = {  # (hidden_size, intermediate_size, layers, heads, kv heads, rope_theta)
+    "135m": (576, 1536, 30, 9, 3, 100000.0),
+    "360m": (960, 2560, 32, 15, 5, 100000.0),
+    "1.7b": (2048, 8192, 24, 32, 32, 130000.0),
+}
+PUBLISHED_CONFIGS.update(
+    {
+        f"smollm2-{size}{instruct}": dict(
+            _SMOLLM2,
+            hidden_size=d,
+            intermediate_size=m,
+            num_hidden_layers=n,
+            num_attention_heads=h,
+            num_key_value_heads=kv,
+            rope_theta=theta,
+        )
+        for size, (d, m, n, h, kv, theta) in _SMOLLM2_SHAPES.items()
+        for instruct in ("", "-instruct")
+    }
+)
+
+# Repo ids Meta published these models under before renaming them.
+_OLD_REPO_IDS = {
+    "meta-llama/meta-llama-3.1-8b": "llama-3.1-8b",
+    "meta-llama/meta-llama-3.1-70b": "llama-3.1-70b",
+}
+
+
+def published_config(name: str) -> dict[str, Any] | None:
+    """The published HF config (a copy) of a preset name, its repo id or the repo's last
+    component, if this table has it; else None."""
+    key = name.strip().lower()
+    if key in PUBLISHED_CONFIGS:
+        return dict(PUBLISHED_CONFIGS[key])
+    repo_id = (preset_repo_id(key) or key).lower()
+    for preset, published in PUBLISHED_CONFIGS.items():
+        if (PRESETS.get(preset) or "").lower() == repo_id:
+            return dict(published)
+    old = _OLD_REPO_IDS.get(key)
+    return dict(PUBLISHED_CONFIGS[old]) if old is not None else None

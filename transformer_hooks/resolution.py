@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Literal
 
-from transformer_hooks.presets import PRESETS, closest_presets, preset_repo_id
-from weights_conversion import checked_family
+from transformer_hooks.presets import PRESETS, TRANSFORMER_LENS_TOY_MODELS, closest_presets, preset_repo_id
+from weights_conversion import UnsupportedArchitectureError, checked_family, supported_model_types
 from weights_conversion.converted import CONVERTED_CONFIG, converted_config
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -95,12 +95,14 @@ class Checkpoint:
 # --------------------------------------------------------------------------- public API
 
 
-def resolve_checkpoint(name_or_path: str | os.PathLike[str]) -> Checkpoint:
+def resolve_checkpoint(name_or_path: str | os.PathLike[str], download: bool = True) -> Checkpoint:
     """Find the checkpoint named by `name_or_path` (see the module docstring for the order).
 
     Raises `CheckpointNotFoundError` when the name is valid but the files are missing
-    (including offline with an empty cache), `UnknownModelError` when the name means
-    nothing, and `ValueError` for a malformed or unsafe checkpoint.
+    (including offline with an empty cache, or not cached with ``download=False``),
+    `UnknownModelError` when the name means nothing, `UnsupportedArchitectureError` when it
+    names an architecture this library does not implement, and `ValueError` for a
+    malformed or unsafe checkpoint.
     """
     source = os.fspath(name_or_path)
     path = Path(source).expanduser()
@@ -117,14 +119,21 @@ def resolve_checkpoint(name_or_path: str | os.PathLike[str]) -> Checkpoint:
     if path.suffix.lower() == ".gguf" or _looks_like_path(source):
         raise CheckpointNotFoundError(f"No such file or directory: {source!r}.")
 
+    if source.strip().lower() in TRANSFORMER_LENS_TOY_MODELS:
+        return _transformer_lens_toy(source, TRANSFORMER_LENS_TOY_MODELS[source.strip().lower()])
     repo_id = preset_repo_id(source)
     if repo_id == PRESETS[DEFAULT_MODEL] and (gguf := embedded_default_gguf()) is not None:
         return _gguf_checkpoint(source, gguf)  # works with no hub; the full repo id skips this
     if repo_id is None and _REPO_ID.match(source):
         repo_id = source
     if repo_id is None:
+        _refuse_unsupported_name(source)
         raise UnknownModelError(_unknown_model_message(source))
-    return _hub_checkpoint(source, repo_id)
+    try:
+        return _hub_checkpoint(source, repo_id, download)
+    except CheckpointNotFoundError:
+        _refuse_unsupported_name(repo_id)  # not on disk: a name that says T5 (or BERT, ...) says why it never will be
+        raise
 
 
 def embedded_default_gguf() -> Path | None:
@@ -305,23 +314,26 @@ def _read_json(path: Path) -> dict:
 # --------------------------------------------------------------------------- HF hub
 
 
-def _hub_checkpoint(source: str, repo_id: str) -> Checkpoint:
-    """An HF repo id: the cached snapshot if complete, else a download (online only)."""
+def _hub_checkpoint(source: str, repo_id: str, download: bool = True) -> Checkpoint:
+    """An HF repo id: the cached snapshot if complete, else a download (online only, and
+    only with ``download``)."""
     cache_dir = hf_hub_cache_dir()
     snapshot = _cached_snapshot(repo_id, cache_dir)
     if snapshot is not None:
         try:
             return _checkpoint_from_directory(source, "hf", snapshot, HF_CONFIG)
         except CheckpointNotFoundError as error:
+            if not download:
+                raise
             if hf_hub_offline():
                 raise CheckpointNotFoundError(
                     f"{error}\n{repo_id} is only partly in the HF cache at {cache_dir} and "
                     f"HF_HUB_OFFLINE is set. {_offline_fix(repo_id)}"
                 ) from error
-    elif hf_hub_offline():
+    elif hf_hub_offline() or not download:
+        why = "HF_HUB_OFFLINE is set so it cannot be downloaded" if download else "nothing is downloaded here"
         raise CheckpointNotFoundError(
-            f"{repo_id} is not in the HF hub cache at {cache_dir}, and HF_HUB_OFFLINE is set "
-            f"so it cannot be downloaded. {_offline_fix(repo_id)}"
+            f"{repo_id} is not in the HF hub cache at {cache_dir}, and {why}. {_offline_fix(repo_id)}"
         )
     return _checkpoint_from_directory(source, "hf", _download(repo_id, cache_dir), HF_CONFIG)
 
@@ -359,6 +371,10 @@ def _download(repo_id: str, cache_dir: Path) -> Path:
         return Path(folder)
 
     try:
+        # The config first: an architecture this library does not implement is refused before any weight is fetched.
+        metadata = fetch([])
+        if (metadata / HF_CONFIG).is_file():
+            checked_family(_read_json(metadata / HF_CONFIG), f"{repo_id}/{HF_CONFIG}")
         folder = fetch(_SAFETENSORS_PATTERNS)
         if not (folder / SAFE_WEIGHTS).is_file() and not (folder / SAFE_INDEX).is_file():
             folder = fetch(_BIN_PATTERNS)
@@ -400,6 +416,40 @@ def _offline_fix(repo_id: str) -> str:
 def _looks_like_path(name: str) -> bool:
     """Names that can only be paths: never confused with `org/name` repo ids."""
     return name.startswith((".", "~", "/", "\\")) or os.path.isabs(name) or name.count("/") > 1 or "\\" in name
+
+
+# Names of architectures this library does not implement (encoder-only, encoder-decoder, and others).
+_UNSUPPORTED_NAMES = re.compile(
+    r"(^|[/_\-])(t5|flan-t5|mt5|byt5|bert|roberta|deberta|distilbert|albert|electra|bart|mbart|pegasus|marian|"
+    r"whisper|wav2vec2|vit|clip|siglip|mamba|rwkv|bloom|opt|falcon|phi|mixtral|deepseek)([\-_.]|$)",
+    re.IGNORECASE,
+)
+
+
+def _refuse_unsupported_name(name: str) -> None:
+    """Raise `UnsupportedArchitectureError` for a name that says it is an architecture this
+    library does not implement (``t5-small``, ``google-t5/t5-small``, ``bert-base-uncased``)."""
+    m = _UNSUPPORTED_NAMES.search(name.rsplit("/", 1)[-1])
+    if m:
+        raise UnsupportedArchitectureError(
+            f"{name!r} looks like a {m.group(2)} model, an architecture transformer_hooks does not implement "
+            f"(and it is not on disk to check). The families it loads: {', '.join(supported_model_types())}, "
+            f"and TransformerLens-native checkpoints. If it is in fact one of those, pass its local directory."
+        )
+
+
+def _transformer_lens_toy(source: str, repo_id: str) -> Checkpoint:
+    """A TransformerLens toy model: its files in the HF cache if there, else where to put them."""
+    snapshot = _cached_snapshot(repo_id, hf_hub_cache_dir())
+    if snapshot is not None:
+        return _checkpoint_from_directory(source, "hf", snapshot, HF_CONFIG)
+    raise CheckpointNotFoundError(
+        f"{source!r} is TransformerLens's toy model {repo_id}, in TransformerLens's own format (a config.json in "
+        f"HookedTransformerConfig's keys and a .pth state dict), which is loaded from local files only. Put its "
+        f"files in a directory, e.g. `hf download {repo_id} --local-dir {source}` while online (or copy "
+        f"config.json and the .pth from the hub page), and pass that directory: "
+        f"from_pretrained('./{source}'). (Files in the HF cache at {hf_hub_cache_dir()} are found too.)"
+    )
 
 
 def _unknown_model_message(name: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..plan import PUBLISHED_CONFIGS, run_plan
+from ..scale.plan import PUBLISHED_CONFIGS, run_plan
 
 NAME = "plan"
 SUMMARY = "memory per device for a model (weights, KV cache, activation cache), from its config alone"
@@ -16,7 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Register ``plan``'s options."""
     p.add_argument(
         "model",
-        help=f"config.json, model directory, converted checkpoint, or one of {', '.join(sorted(PUBLISHED_CONFIGS))}",
+        help="a name as from_pretrained takes it (preset, HF repo id in the HF cache, local directory, .gguf "
+        f"file), a config.json, or a model whose config is built in: {', '.join(sorted(PUBLISHED_CONFIGS))}",
     )
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--devices", default=None, help="comma-separated devices, e.g. cuda:0,cuda:1 (default: cpu)")

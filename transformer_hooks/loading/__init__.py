@@ -24,8 +24,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import weights_conversion
 from weights_conversion import UnsupportedArchitectureError  # noqa: F401  (re-exported for users)
 from weights_conversion.converted import (  # noqa: F401  (re-exported: the format's names)
@@ -49,12 +47,14 @@ from weights_conversion.sources import (  # noqa: F401  (re-exported: the reader
 )
 
 from ..config import ModelConfig
-from ..dtypes import SAFETENSORS_DTYPES, as_dtype  # noqa: F401
+from ..dtypes import SAFETENSORS_DTYPES, as_dtype  # noqa: F401  (SAFETENSORS_DTYPES: re-exported)
 from ..model import HookedTransformer
-from ..processing import REWRITE_EMBEDDINGS, STEPS, ProcessingOptions, steps_for
+from ..processing import REWRITE_EMBEDDINGS, STEPS, ProcessingOptions, processed_config, steps_for
 from ..resolution import Checkpoint, resolve_checkpoint
-from ..tokens import PaddingSide
-from .build import build_and_fill, build_on_meta, finish, materialize  # noqa: F401
+from .build import OneDevice, build_and_fill, build_on_meta, finish, materialize  # noqa: F401
+from .modes import execution_mode
+from .options import LoadOptions
+from .placement import Placed, check_compute_device
 
 # Buffers some HF checkpoints store that are not weights (causal masks, rotary tables).
 IGNORED_HF_TENSORS = re.compile(
@@ -64,38 +64,10 @@ IGNORED_HF_TENSORS = re.compile(
 
 
 # Entry point ----------------------------------------------------------------------
-def load_model(
-    name_or_path: str | Path,
-    *,
-    fold_ln: bool = True,
-    center_writing_weights: bool = True,
-    center_unembed: bool = True,
-    fold_value_biases: bool = True,
-    device: Any = None,
-    dtype: torch.dtype | str = torch.float32,
-    tokenizer: Any = None,
-    hf_model: Any = None,
-    default_prepend_bos: bool | None = None,
-    default_padding_side: PaddingSide | None = None,
-    torch_dtype: torch.dtype | str | None = None,
-    move_to_device: bool = True,
-    refactor_factored_attn_matrices: bool = False,
-    device_map: Any = None,
-    max_memory: Any = None,
-    n_devices: int | None = None,
-    offload: str | None = None,
-    offload_dir: Any = None,
-    pipeline_ranks: int | None = None,
-    pipeline_timeout: Any = None,
-    compile: bool | dict[str, Any] = False,
-) -> HookedTransformer:
+def load_model(name_or_path: str | Path, options: LoadOptions | None = None, **kwargs: Any) -> HookedTransformer:
     """Load a preset, HF repo id, HF directory, converted directory or .gguf file (see
-    resolution.py), with the weight processing the flags ask for (see processing.py).
-
-    TransformerLens's options: ``hf_model`` converts a transformers model already in memory
-    (``name_or_path`` then only names it; pass ``tokenizer`` for strings);
-    ``default_prepend_bos`` and ``default_padding_side`` override the defaults;
-    ``torch_dtype`` is ``dtype``; ``move_to_device=False`` keeps the weights on the CPU.
+    resolution.py) with ``options`` (``LoadOptions``; keyword arguments replace its fields:
+    ``load_model(name, fold_ln=False)``).
 
     BOS: prompts start with BOS unless ``default_prepend_bos=False`` or the architecture's
     TransformerLens 3.9 default says otherwise (GPT-NeoX / Pythia and Qwen 2 / 3 do not; set by
@@ -103,83 +75,34 @@ def load_model(
     tokenizer settings, so the same weights get the same default from a GGUF file, an HF
     directory or a converted directory, and the default TransformerLens gives them.
 
-    ``compile=True`` (or a dict of ``torch.compile`` keyword arguments) returns the model
-    after ``model.compile(...)``: the forward runs compiled, hooks still fire (see
-    ``HookedTransformer.compile``).
-
-    Size (see placement.py and offload.py): ``device_map`` ("auto", "balanced" or a dict
-    {group: device}), ``max_memory`` ({device: bytes or "20GiB"}) and ``n_devices`` place
-    whole blocks over devices, each tensor read straight to its device, and record the
-    placement in ``model.cfg.device_map``; ``offload="cpu"|"disk"`` (with ``offload_dir``
-    for disk) keeps block weights off ``device`` and brings each block in as it runs.
-
-    Layer ranges across processes (see pipeline.py): ``pipeline_ranks=k`` under ``torchrun``
-    with k processes: each rank reads and holds only its contiguous range of blocks (the
-    first also the embeddings, the last the final norm and unembedding), on its device
-    (``device``, default: its GPU under NCCL, else the CPU); ``model.cfg.pipeline_map``
-    records {group: rank}. Every rank runs the same calls; rank 0 gets the output and the
-    whole cache. ``pipeline_timeout`` (seconds or a timedelta; default 30 minutes) bounds
-    each wait for another rank.
+    Execution modes (at most one; see ``LoadOptions`` and ``model.placement``): placement over
+    devices (placement.py: each tensor read straight to its group's device), offload
+    (offload.py) and one range of blocks per process under ``torchrun`` (pipeline.py: each
+    rank reads only its own groups; every rank runs the same calls, rank 0 gets the output
+    and the whole cache).
     """
-    if default_padding_side not in (None, "left", "right"):
-        raise ValueError(f"default_padding_side must be 'left' or 'right', got {default_padding_side!r}")
-    if not isinstance(compile, (bool, dict)):
-        raise TypeError(f"compile must be True, False or a dict of torch.compile arguments, got {compile!r}")
-    if torch_dtype is not None:
-        dtype = torch_dtype
-    options = ProcessingOptions(
-        fold_ln=fold_ln,
-        center_writing_weights=center_writing_weights,
-        center_unembed=center_unembed,
-        fold_value_biases=fold_value_biases,
-        refactor_factored_attn_matrices=refactor_factored_attn_matrices,
-    )
-    size = dict(
-        device_map=device_map,
-        max_memory=max_memory,
-        n_devices=n_devices,
-        offload=offload,
-        offload_dir=offload_dir,
-        pipeline_ranks=pipeline_ranks,
-        pipeline_timeout=pipeline_timeout,
-    )
-    model = _load(
-        name_or_path,
-        options,
-        device=device if move_to_device else "cpu",
-        dtype=dtype,
-        tokenizer=tokenizer,
-        hf_model=hf_model,
-        size=size,
-    )
-    if default_prepend_bos is not None:
-        model.cfg = model.cfg.replace(default_prepend_bos=default_prepend_bos)
-    if default_padding_side is not None and model.tokenizer is not None:
-        model.set_tokenizer(model.tokenizer, default_padding_side)
-    if compile is not False:
-        model.compile(**(compile if isinstance(compile, dict) else {}))
+    opts = LoadOptions.of(options, **kwargs)
+    check_compute_device(opts.device)  # before anything is read: device="cuda" without a GPU says so
+    model = _load(name_or_path, opts)
+    if opts.default_prepend_bos is not None:
+        model.cfg = model.cfg.replace(default_prepend_bos=opts.default_prepend_bos)
+    if opts.default_padding_side is not None and model.tokenizer is not None:
+        model.set_tokenizer(model.tokenizer, opts.default_padding_side)
+    if opts.compile is not False:
+        model.compile(**(opts.compile if isinstance(opts.compile, dict) else {}))
     return model
 
 
-def _load(
-    name_or_path: str | Path,
-    options: ProcessingOptions,
-    *,
-    device: Any,
-    dtype: torch.dtype | str,
-    tokenizer: Any,
-    hf_model: Any,
-    size: dict[str, Any],
-) -> HookedTransformer:
-    dtype = as_dtype(dtype)
-    if hf_model is not None:
-        hf_config, source = in_memory_source(hf_model)
+def _load(name_or_path: str | Path, opts: LoadOptions) -> HookedTransformer:
+    tokenizer = opts.tokenizer
+    if opts.hf_model is not None:
+        hf_config, source = in_memory_source(opts.hf_model)
         make_tokenizer = lambda: None  # noqa: E731
         where = "hf_model.config"
     else:
         ckpt = resolve_checkpoint(name_or_path)
         if ckpt.kind == "converted":
-            return _load_converted(ckpt, options, device, dtype, tokenizer, size)
+            return _load_converted(ckpt, opts)
         if ckpt.kind == "gguf":
             from weights_conversion.gguf import read_gguf
 
@@ -196,22 +119,22 @@ def _load(
     cfg = weights_conversion.config_from_hf(hf_config, where).replace(model_name=str(name_or_path))
     if tokenizer is None:
         tokenizer = make_tokenizer()
-
     groups = weights_conversion.convert_groups(cfg, source, family)
-    model = build_and_fill(
-        cfg,
-        options,
-        groups,
-        tokenizer,
-        device,
-        dtype,
-        desc=f"loading {Path(str(name_or_path)).name}",
-        tied=cfg.tie_word_embeddings,
-        **size,
-    )
-    if model._stage is None:  # a stage reads only its own blocks' tensors
+    model = _build(cfg, opts, groups, tokenizer, f"loading {Path(str(name_or_path)).name}", cfg.tie_word_embeddings)
+    if model.placement.kind != "pipeline":  # a stage reads only its own blocks' tensors
         _warn_unused(source, cfg)
     return model
+
+
+def _build(
+    cfg: ModelConfig, opts: LoadOptions, groups: list[Group], tokenizer: Any, desc: str, tied: bool
+) -> HookedTransformer:
+    """Build the model of ``cfg`` from ``groups`` with the processing and the mode ``opts`` ask for."""
+    dtype = as_dtype(opts.dtype)
+    device = check_compute_device(opts.device if opts.move_to_device else "cpu")
+    processed = processed_config(cfg, opts.processing)
+    mode = execution_mode(processed, opts, device, dtype)
+    return build_and_fill(cfg, opts.processing, groups, tokenizer, dtype, desc, tied, mode)
 
 
 def processed_copy(model: HookedTransformer, options: ProcessingOptions) -> HookedTransformer:
@@ -220,7 +143,7 @@ def processed_copy(model: HookedTransformer, options: ProcessingOptions) -> Hook
     this serves ``process_weights_``, which drops the old modules."""
     if not steps_for(model.cfg, options):
         return model
-    if model._stage is not None:
+    if model.placement.kind == "pipeline":
         raise ValueError(
             "this model is split over processes (pipeline_ranks) and holds only some blocks' weights: "
             "load it with the processing you want instead (from_pretrained's fold_ln, center_* flags)"
@@ -229,18 +152,10 @@ def processed_copy(model: HookedTransformer, options: ProcessingOptions) -> Hook
     weights = {name: p.detach() for name, p in params.items()}
     frozen = {name for name, p in params.items() if not p.requires_grad}
     tied = model.unembed.W_U.untyped_storage().data_ptr() == model.embed.W_E.untyped_storage().data_ptr()
-    placed = model.cfg.device_map
-    new = build_and_fill(
-        model.cfg,
-        options,
-        [("weights", "", lambda: dict(weights))],
-        model.tokenizer,
-        device=None if placed else model.device,
-        dtype=model.dtype,
-        desc="processing",
-        tied=tied,
-        device_map=placed,
-    )
+    placed = model.placement.device_map
+    mode = Placed(dict(placed)) if placed is not None else OneDevice(model.device)
+    groups: list[Group] = [("weights", "", lambda: dict(weights))]
+    new = build_and_fill(model.cfg, options, groups, model.tokenizer, model.dtype, "processing", tied, mode)
     for name, param in new.named_parameters(remove_duplicate=False):
         param.requires_grad_(name not in frozen)
     new.train(model.training)
@@ -266,12 +181,11 @@ def _hf_tokenizer(directory: Path) -> Any:
 
 
 # Converted checkpoints (weights_conversion/converted.py) ----------------------------
-def _load_converted(
-    ckpt: Checkpoint, options: ProcessingOptions, device: Any, dtype: torch.dtype, tokenizer: Any, size: dict[str, Any]
-) -> HookedTransformer:
+def _load_converted(ckpt: Checkpoint, opts: LoadOptions) -> HookedTransformer:
     """Canonical tensors under their parameter names: no conversion; processing that the
     checkpoint does not have yet is applied on the way in."""
     assert ckpt.config is not None  # a converted checkpoint has its config
+    options = opts.processing
     cfg = converted_config(ckpt.directory, ckpt.config)
     unprocessed = cfg.replace(processing=(), normalization_type=cfg.unfolded_normalization_type)
     wanted = steps_for(unprocessed, options)
@@ -285,18 +199,15 @@ def _load_converted(
         )
 
     source = tensor_source(ckpt.weight_files)
-    if tokenizer is None:
-        tokenizer = _hf_tokenizer(ckpt.directory)
+    tokenizer = opts.tokenizer if opts.tokenizer is not None else _hf_tokenizer(ckpt.directory)
     # A tied unembedding is stored once, as W_E; processing that rewrites it needs its own copy.
     stored_tied = cfg.tie_word_embeddings and "unembed.W_U" not in source.names()
     # the last rank of a split model holds the unembedding without the embeddings: its own copy
-    split = (size.get("pipeline_ranks") or 1) > 1
+    split = (opts.pipeline_ranks or 1) > 1
     untie = stored_tied and (split or bool(set(steps_for(cfg, options)) & REWRITE_EMBEDDINGS))
     names = [name for name, _ in build_on_meta(cfg).named_parameters()]
     groups = converted_groups(cfg.n_layers, names, source, stored_tied, untie)
-    model = build_and_fill(
-        cfg, options, groups, tokenizer, device, dtype, desc=f"loading {ckpt.directory.name}", tied=stored_tied, **size
-    )
-    if model._stage is None:
+    model = _build(cfg, opts, groups, tokenizer, f"loading {ckpt.directory.name}", stored_tied)
+    if model.placement.kind != "pipeline":
         _warn_unused(source, cfg)
     return model

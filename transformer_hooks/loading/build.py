@@ -9,27 +9,56 @@ group's temporaries.
 
 from __future__ import annotations
 
-import datetime
 from collections.abc import Callable, Iterable
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
 
-from weights_conversion.groups import Group, load_order
+from weights_conversion.groups import Group
 from weights_conversion.sources import CorruptCheckpointError, MissingWeightsError, WeightShapeError
 
-from .. import processing, sites
+from .. import processing
 from ..config import ModelConfig
 from ..memory import return_freed_memory
 from ..model import HookedTransformer
 from ..progress import tqdm
+from .groups import group_of, groups_by_label
 
 
-def build_on_meta(cfg: ModelConfig, tokenizer: Any = None) -> HookedTransformer:
-    """A ``HookedTransformer`` of ``cfg`` with its weights on the meta device (no memory), with ``tokenizer``."""
+def build_on_meta(cfg: ModelConfig, tokenizer: Any = None, dtype: torch.dtype | None = None) -> HookedTransformer:
+    """The model of ``cfg`` on the meta device (no memory), its parameters in ``dtype`` if given."""
     with torch.device("meta"):
-        return HookedTransformer(cfg, tokenizer)
+        model = HookedTransformer(cfg, tokenizer)
+    return model.to(dtype) if dtype is not None and dtype != model.dtype else model
+
+
+class OneDevice:
+    """The execution mode a load applies: where each group's tensors go as they are read,
+    which groups this process reads, and the block stack installed once they are in.
+
+    This one keeps every weight on ``device``; placement.py (``Placed``), offload.py
+    (``Offloaded``) and pipeline.py (``Pipelined``) define the others."""
+
+    # whether a tied unembedding may stay a view of W_E (not when another process holds W_E)
+    shares_embeddings = True
+
+    def __init__(self, device: Any) -> None:
+        self.device = device
+
+    def reads(self, group: str) -> bool:
+        """Whether this process holds (and reads) the placement group ``group``."""
+        return True
+
+    def device_of(self, group: str) -> Any:
+        """Where the tensors of ``group`` go as they are read."""
+        return self.device
+
+    def after_group(self, model: HookedTransformer, names: list[str]) -> None:
+        """Called with each group's parameter names once they are filled."""
+
+    def attach(self, model: HookedTransformer) -> None:
+        """Install this mode's block stack on the filled model (the plain one: nothing to do)."""
 
 
 def build_and_fill(
@@ -37,126 +66,50 @@ def build_and_fill(
     options: processing.ProcessingOptions,
     groups: list[Group],
     tokenizer: Any,
-    device: Any,
     dtype: torch.dtype,
     desc: str,
     tied: bool,
-    device_map: Any = None,
-    max_memory: Any = None,
-    n_devices: int | None = None,
-    offload: str | None = None,
-    offload_dir: Any = None,
-    pipeline_ranks: int | None = None,
-    pipeline_timeout: Any = None,
+    mode: OneDevice,
 ) -> HookedTransformer:
-    """Build the (processed) model on the meta device and stream ``groups`` into it.
+    """Build the (processed) model on the meta device, stream ``groups`` into it as ``mode``
+    places them, and attach the mode.
 
     ``cfg`` describes the groups' tensors; processing turns it into the model's config.
     ``tied``: the unembedding is ``W_E.T``; it stays one shared tensor unless processing
-    rewrites either side (or the two sides are placed on different devices).
-    ``device_map`` / ``max_memory`` / ``n_devices``: placement over devices, resolved and
-    checked before any tensor is read (placement.py); each tensor goes straight to its
-    group's device. ``offload``: "cpu" or "disk" keeps each block's weights off ``device``
-    (offload.py), stored as soon as the block is read. ``pipeline_ranks``: this process
-    reads and holds only its stage's groups (pipeline.py); the others stay on the meta device.
+    rewrites either side (or the two sides are placed on different devices: then a copy).
     """
-    from .offload import BlockOffload, OffloadKind
-    from .placement import PlacementError, group_of, resolve_device_map
-
     model_cfg = processing.processed_config(cfg, options)
-    placement = resolve_device_map(model_cfg, device_map, max_memory=max_memory, n_devices=n_devices, dtype=dtype)
-    if (
-        placement is not None
-        and device is not None
-        and {torch.device(d).type for d in placement.values()} != {torch.device(device).type}
-    ):  # TransformerLens passes device="cuda" with n_devices: that agrees
-        raise PlacementError(
-            f"device={device!r} disagrees with the placement {placement}; give either a device or a device_map"
-        )
-    store = None
-    if offload is not None:
-        if placement is not None:
-            raise PlacementError(
-                "offload= runs every block on one compute device (device=...); it does not combine with a device_map"
-            )
-        store = BlockOffload(cast(OffloadKind, offload), device or "cpu", offload_dir)  # BlockOffload checks it
     applied = model_cfg.processing[len(cfg.processing) :]
     process = (lambda group: processing.process_group(cfg, group, options)) if applied else None
-    share = tied and not set(applied) & processing.REWRITE_EMBEDDINGS
-    stage = None
-    if pipeline_ranks is not None and pipeline_ranks != 1:
-        from .pipeline import join_pipeline
-
-        if placement is not None or store is not None:
-            raise PlacementError(
-                "pipeline_ranks splits the blocks over processes, one device per rank; it does not combine "
-                "with device_map / n_devices / offload"
-            )
-        stage = join_pipeline(model_cfg, pipeline_ranks, device, _timedelta(pipeline_timeout))
-        stage.dtype = dtype
-        device = stage.device
-        by_label = _groups_by_label(cfg.n_layers)
-        groups = [g for g in groups if stage.owns(by_label[g[0]])]  # the other ranks' tensors are never read
-        share = False  # the embeddings and the unembedding live on different ranks
-    model = build_on_meta(model_cfg, tokenizer)
-    if stage is not None:
-        skip = frozenset(name for name, _ in model.named_parameters() if not stage.owns(group_of(name)))
-    else:
-        skip = frozenset({"unembed.W_U"}) if share else frozenset()
-    if placement is not None:
-        target: Any = lambda name: placement[group_of(name)]  # noqa: E731
-    elif store is not None:
-        target = lambda name: "cpu" if name.startswith("blocks.") else device  # noqa: E731
-    else:
-        target = device
-    after_group = None
-    if store is not None:
-
-        def after_group(names: list[str]) -> None:
-            for layer in sorted({L for n in names if (L := sites.layer_of(n)) is not None}):
-                store.keep(model.blocks[layer], layer)
-
+    share = tied and mode.shares_embeddings and not set(applied) & processing.REWRITE_EMBEDDINGS
+    by_label = groups_by_label(cfg.n_layers)
+    # the other ranks' tensors are never read (a group of all the weights, as processing takes, is kept)
+    groups = [g for g in groups if g[0] not in by_label or mode.reads(by_label[g[0]])]
+    model = build_on_meta(model_cfg, tokenizer, dtype)
+    skip = {name for name, _ in model.named_parameters() if not mode.reads(group_of(name))}
+    if share:
+        skip.add("unembed.W_U")
     materialize(
         model,
         groups,
-        device=target,
+        device=lambda name: mode.device_of(group_of(name)),
         dtype=dtype,
         process=process,
         n_groups=len(groups),
         desc=desc,
-        skip=skip,
-        after_group=after_group,
+        skip=frozenset(skip),
+        after_group=lambda names: mode.after_group(model, names),
     )
-    if share and (placement is None or placement["embed"] == placement["final"]):
+    final = mode.device_of("final")
+    if share and torch.device(mode.device_of("embed") or "cpu") == torch.device(final or "cpu"):
         model.tie_embeddings()
     elif share:  # tied, but the unembedding lives on another device: its own copy there
-        assert placement is not None
         W_E = model.embed.W_E
-        model.unembed.W_U = nn.Parameter(W_E.detach().T.to(placement["final"]), requires_grad=W_E.requires_grad)
-    if stage is not None:
-        model._stage = stage
-        model.cfg = model.cfg.replace(pipeline_map=dict(stage.map))
-    model = finish(model, placement["embed"] if placement is not None else device)
-    if placement is not None:
-        model._set_placement(placement)
-    if store is not None:
-        store.attach(model.blocks)
-        model._offload = store  # type: ignore[assignment]  # a plain attribute: Module.__setattr__ takes any value
+        model.unembed.W_U = nn.Parameter(W_E.detach().T.to(final), requires_grad=W_E.requires_grad)
+    model = finish(model, mode.device_of("embed"))
+    mode.attach(model)
+    model._note_device()
     return model
-
-
-def _groups_by_label(n_layers: int) -> dict[str, str]:
-    """The label of each group a load streams (weights_conversion/groups.py) -> its placement group."""
-    names = {"embeddings": "embed", "final": "final"}
-    return {p.label: names.get(p.kind, f"blocks.{p.layer}") for p in load_order(n_layers)}
-
-
-def _timedelta(timeout: Any) -> datetime.timedelta:
-    from ..scale.process_group import DEFAULT_TIMEOUT
-
-    if timeout is None:
-        return DEFAULT_TIMEOUT
-    return timeout if isinstance(timeout, datetime.timedelta) else datetime.timedelta(seconds=float(timeout))
 
 
 def materialize(

@@ -20,7 +20,11 @@ components never know where their weights come from.
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
+import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +32,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import nn
+
+from .. import sites
+from ..components.stack import BlockStack, Placement
+from .build import OneDevice
+from .groups import modules_of_group
 
 OffloadKind = Literal["cpu", "disk"]
 
@@ -86,6 +95,18 @@ def _map_block(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def _temporary_directory() -> Path:
+    """A new directory for disk offload's block files, removed when the process exits (said where)."""
+    directory = Path(tempfile.mkdtemp(prefix="transformer_hooks-offload-"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    warnings.warn(
+        f"offload='disk' without offload_dir: the block files go to {directory}, a temporary directory removed "
+        f"when this process exits (it needs as much space as the blocks' weights; give offload_dir=... to choose)",
+        stacklevel=4,
+    )
+    return directory
+
+
 class BlockOffload:
     """Keeps the parameters of a model's blocks off the compute device (see module docstring)."""
 
@@ -93,10 +114,7 @@ class BlockOffload:
         if kind not in ("cpu", "disk"):
             raise ValueError(f"offload must be 'cpu' or 'disk', got {kind!r}")
         if kind == "disk" and offload_dir is None:
-            raise ValueError(
-                "offload='disk' needs offload_dir=..., a directory for the memory-mapped block files "
-                "(as large as the blocks' weights)"
-            )
+            offload_dir = _temporary_directory()
         if kind == "disk" and offload_dir is not None and Path(offload_dir).exists() and not Path(offload_dir).is_dir():
             raise ValueError(
                 f"offload_dir={str(offload_dir)!r} is a file, not a directory: offload='disk' writes each block's "
@@ -147,6 +165,13 @@ class BlockOffload:
                 block.register_forward_hook(lambda module, args, out, layer=layer: self._release(layer))
             )
 
+    def install(self, model: Any) -> None:
+        """Attach the hooks to ``model``'s blocks and record the offload on the model."""
+        self.attach(model.blocks)
+        directory = str(self.directory) if self.directory is not None else None
+        placement = Placement("offload", offload=self.kind, offload_dir=directory, device=str(self.device))
+        model.blocks = BlockStack(model.blocks, placement)
+
     def detach(self) -> None:
         """Remove the offload hooks and leave every block's weights where they are."""
         for handle in self._handles:
@@ -192,6 +217,25 @@ class BlockOffload:
         block._offload_stored = {}  # type: ignore[assignment]  # a plain attribute: Module.__setattr__ takes any value
 
 
+class Offloaded(OneDevice):
+    """The load of an offloaded model: each block is stored as soon as it is read; the
+    embeddings and the final norm and unembedding go to the compute device."""
+
+    def __init__(self, store: BlockOffload, device: Any) -> None:
+        super().__init__(device)
+        self.store = store
+
+    def device_of(self, group: str) -> Any:
+        return "cpu" if sites.layer_of(group) is not None else self.device
+
+    def after_group(self, model: Any, names: list[str]) -> None:
+        for layer in sorted({L for n in names if (L := sites.layer_of(n)) is not None}):
+            self.store.keep(model.blocks[layer], layer)
+
+    def attach(self, model: Any) -> None:
+        self.store.install(model)
+
+
 def offload_blocks(
     model: Any, offload: OffloadKind, *, device: Any = None, offload_dir: str | Path | None = None
 ) -> Any:
@@ -201,10 +245,8 @@ def offload_blocks(
     store = BlockOffload(offload, device, offload_dir)
     for layer, block in enumerate(model.blocks):
         store.keep(block, layer)
-    for name in ("embed", "pos_embed", "rotary", "rotary_local", "ln_final", "unembed"):
-        if hasattr(model, name):
-            getattr(model, name).to(device)
-    store.attach(model.blocks)
-    model._offload = store
+    for module in (*modules_of_group(model, "embed"), *modules_of_group(model, "final")):
+        module.to(device)
+    store.install(model)
     model._note_device()
     return model

@@ -19,11 +19,14 @@ another rank's block never fires there). The output (logits, loss, both) and the
 
 The residual stream entering each block is bit for bit what one process computes (the
 blocks and their inputs are the same), so logits and caches equal a one-process run
-(tested with two gloo processes). Gradients do not cross ranks; ``start_at_layer``,
-``stop_at_layer`` and a KV cache (``generate``) are refused, as are placement over
-devices and offload within a rank. Another rank's weights are meta tensors here, so
-what reads every block's weights (``model.W_Q`` and the other stacked views, weight
-processing after loading, moving the model with ``.to``) is not available.
+(tested with two gloo processes). ``generate`` runs on every rank: each rank keeps the KV
+cache of its own blocks, the logits of each step go to every rank, and a generation starts
+by giving every rank rank 0's random state, so every rank samples the same tokens (tested
+equal to one process, greedy and sampled). Gradients do not cross ranks; ``start_at_layer``
+and ``stop_at_layer`` are refused, as are placement over devices and offload within a
+rank. Another rank's weights are meta tensors here, so what reads every block's weights
+(``model.W_Q`` and the other stacked views, weight processing after loading, moving the
+model with ``.to``) is not available.
 
 Failure: every transfer waits at most ``timeout``; a rank that dies (its connection
 closes) or hangs makes its peers raise ``RankFailedError`` (``process_group``, re-exported
@@ -39,9 +42,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .. import sites
+from ..components.stack import BlockStack, Placement
 from ..config import ModelConfig
 from ..scale.process_group import DEFAULT_TIMEOUT, RankFailedError, init_distributed, launched_by_torchrun, local_device
 from ..scale.process_group import shard_bounds as _bounds
+from .build import OneDevice
+from .groups import group_names
 
 PipelineMap = dict[str, int]
 
@@ -53,12 +60,9 @@ class PipelineError(ValueError):
 def pipeline_map(n_layers: int, ranks: int) -> PipelineMap:
     """{group: rank}: contiguous ranges of blocks (sizes differ by at most one), ``embed``
     with the first, ``final`` (final norm and unembedding) with the last."""
-    out: PipelineMap = {"embed": 0}
-    for rank in range(ranks):
-        lo, hi = _bounds(n_layers, rank, ranks)
-        out.update({f"blocks.{L}": rank for L in range(lo, hi)})
-    out["final"] = ranks - 1
-    return out
+    rank_of_block = [rank for rank in range(ranks) for _ in range(*_bounds(n_layers, rank, ranks))]
+    ends = {"embed": 0, "final": ranks - 1}
+    return {g: rank_of_block[L] if (L := sites.layer_of(g)) is not None else ends[g] for g in group_names(n_layers)}
 
 
 def join_pipeline(
@@ -90,6 +94,75 @@ def join_pipeline(
             f"launch {ranks} processes (torchrun --nproc-per-node {ranks}) or pass pipeline_ranks={world}"
         )
     return PipelineStage(pipeline_map(cfg.n_layers, ranks), rank, device or local_device(), timeout)
+
+
+class PipelineBlocks(BlockStack):
+    """The block stack of one rank: runs its own blocks, passes the residual stream across
+    stage boundaries, embeds only on the first rank, runs the head only on the last, and
+    delivers the output (and caches) to rank 0."""
+
+    def __init__(self, blocks: Any, stage: "PipelineStage") -> None:
+        placement = Placement("pipeline", pipeline_map=dict(stage.map), rank=stage.rank, device=str(stage.device))
+        super().__init__(blocks, placement)
+        self.stage = stage
+
+    _generating = False  # the current forward has a KV cache: its output goes to every rank
+
+    def check_call(self, start_at_layer: Any, stop_at_layer: Any, past_kv_cache: Any) -> None:
+        if (start_at_layer, stop_at_layer) != (None, None):
+            raise ValueError(
+                "this model is split over processes (pipeline_ranks): start_at_layer and stop_at_layer are not "
+                "supported; load it in one process (or with device_map) for those"
+            )
+
+    def run_embed(self, embed: Any, shape: tuple[int, ...]) -> torch.Tensor:
+        if self.stage.owns("embed"):
+            return embed()
+        return torch.empty(shape, device="meta")  # another rank embeds: only the shape travels on
+
+    def forward(
+        self, resid: torch.Tensor, mask: Any, rope: list[Any], start: int, stop: int, past_kv_cache: Any = None
+    ) -> torch.Tensor:
+        shape = tuple(resid.shape)
+        held = None if resid.is_meta else resid
+        self._generating = past_kv_cache is not None
+        if self._generating and past_kv_cache.length == 0:
+            self.stage.share_random_state()  # a new generation: every rank samples what rank 0 samples
+        for layer in range(start, stop):
+            held = self.stage.enter(layer, held, shape)  # the stream crosses to the next rank here
+            if held is not None:
+                kv = past_kv_cache[layer] if past_kv_cache is not None else None  # each rank caches its blocks
+                held = self[layer](held, mask, rope[layer], kv)
+        held = self.stage.enter(stop, held, shape)
+        return torch.empty(shape, device="meta") if held is None else held
+
+    def run_head(self, head: Any, resid: torch.Tensor) -> Any:
+        return self.stage.deliver(None if resid.is_meta else head(resid), everyone=self._generating)
+
+    def gather_cache(self, store: dict[str, torch.Tensor], device: Any = None) -> dict[str, torch.Tensor] | None:
+        return self.stage.gather_cache(store, device)
+
+    def block_devices(self, default: torch.device) -> list[torch.device]:
+        """This rank's blocks on its device; the others' KV caches on the meta device (no memory)."""
+        meta = torch.device("meta")
+        return [self.stage.device if self.stage.owns(f"blocks.{L}") else meta for L in range(len(self))]
+
+
+class Pipelined(OneDevice):
+    """The load of one rank of a pipeline: only this rank's groups are read (the others stay
+    on the meta device), on the rank's device."""
+
+    shares_embeddings = False  # the embeddings and the unembedding live on different ranks
+
+    def __init__(self, stage: PipelineStage) -> None:
+        super().__init__(stage.device)
+        self.stage = stage
+
+    def reads(self, group: str) -> bool:
+        return self.stage.owns(group)
+
+    def attach(self, model: Any) -> None:
+        model.blocks = PipelineBlocks(model.blocks, self.stage)
 
 
 class PipelineStage:
@@ -128,11 +201,14 @@ class PipelineStage:
             self._send(resid, owner, f"the residual stream entering {layer}")
         return None
 
-    def deliver(self, out: Any) -> Any:
-        """The forward's output on rank 0 (sent there by the last rank), None on the others."""
+    def deliver(self, out: Any, everyone: bool = False) -> Any:
+        """The forward's output on rank 0 (sent there by the last rank), None on the others;
+        with ``everyone`` (generation: each rank's loop reads the logits), on every rank."""
         last = self.ranks - 1
         if last == 0:
             return out
+        if everyone:
+            return self._deliver_to_all(out)
         if self.rank == last:
             if isinstance(out, tuple):
                 self._send_named({"0": out[0], "1": out[1]}, 0, "the output")
@@ -145,6 +221,31 @@ class PipelineStage:
         if "1" in got:
             return got["0"], got["1"]
         return got.get("out")
+
+    def _deliver_to_all(self, out: Any) -> Any:
+        last = self.ranks - 1
+        if self.rank == last:
+            named = {} if out is None else {"0": out[0], "1": out[1]} if isinstance(out, tuple) else {"out": out}
+            for rank in range(last):
+                self._send_named(named, rank, "the output")
+            return out
+        got = self._recv_named(last, "the output")
+        return (got["0"], got["1"]) if "1" in got else got.get("out")
+
+    def share_random_state(self) -> None:
+        """Rank 0's random state on every rank (the CPU generator, and this rank's CUDA device's),
+        so that sampling from the same logits picks the same tokens everywhere."""
+        states = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            states["cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.rank == 0:
+            for rank in range(1, self.ranks):
+                self._send_named(states, rank, "the random state")
+            return
+        got = self._recv_named(0, "the random state")
+        torch.set_rng_state(got["cpu"].cpu())
+        if "cuda" in got:
+            torch.cuda.set_rng_state(got["cuda"].cpu(), self.device)
 
     def gather_cache(self, store: dict[str, torch.Tensor], device: Any = None) -> dict[str, torch.Tensor] | None:
         """Every rank's cached activations, on rank 0 in the order of the forward (on

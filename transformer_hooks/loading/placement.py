@@ -24,17 +24,20 @@ from typing import Any, cast
 
 import torch
 
-from .. import sites
+from ..components.masks import AttentionMask
+from ..components.stack import BlockStack, Placement
 from ..config import ModelConfig
-from ..plan import (  # noqa: F401  (group_names, group_of: re-exported, placement's vocabulary)
-    _ALIASES,
-    _GROUP_KEY,
+from .build import OneDevice
+from .groups import (  # noqa: F401  (group_names, group_of: re-exported, placement's vocabulary)
+    GROUP_MODULES,
     PlacementError,
     PlacementMode,
     fmt_bytes,
+    group_bytes,
     group_names,
     group_of,
-    group_parameters,
+    modules_of_group,
+    parse_bytes,
     place_groups,
 )
 
@@ -72,21 +75,53 @@ def check_device(device: Any) -> str:
     return str(dev)
 
 
+def check_compute_device(device: Any) -> Any:
+    """``device`` as given (None: the CPU), or a ``PlacementError`` saying plainly that this
+    machine has no such device (``device="cuda"`` without a GPU)."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise PlacementError(f"unknown device {device!r}: {e}") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            built = "built with CUDA, but no GPU is visible" if torch.backends.cuda.is_built() else "built without CUDA"
+            raise PlacementError(
+                f"device={device!r}, but this machine has no CUDA GPU (this torch {torch.__version__} is {built}); "
+                f"load with device='cpu' (the default) or on a machine with a GPU"
+            )
+        if (dev.index or 0) >= count:
+            raise PlacementError(
+                f"device={device!r}, but this machine has {count} CUDA device(s): cuda:0 .. cuda:{count - 1}"
+            )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise PlacementError(f"device={device!r}, but MPS (Apple GPUs) is not available here; use device='cpu'")
+    return device
+
+
+def device_map_keys(n_layers: int) -> list[str]:
+    """Every key a device map may have for a model of ``n_layers`` blocks."""
+    modules = [m for group in GROUP_MODULES.values() for m in group]
+    return ["", *group_names(n_layers), *(m for m in modules if m not in ("embed",))]
+
+
 def check_device_map(cfg: ModelConfig, device_map: Mapping[str, Any]) -> DeviceMap:
-    """A user's dict, as {group: device}: every block placed, every name known, every device real."""
+    """A user's dict, as {group: device}: every block placed, every key known and written as
+    the model names it (``blocks.1``, not ``blocks.01``), every device real."""
     out: dict[str, str] = {}
     rest = None
+    valid = device_map_keys(cfg.n_layers)
     for key, device in device_map.items():
-        key = str(key)
         if key == "":
             rest = check_device(device)
             continue
-        group = _ALIASES.get(key, key)
-        if not _GROUP_KEY.match(group) or (sites.layer_of(group) or 0) >= cfg.n_layers:
+        if not isinstance(key, str) or key not in valid:
             raise PlacementError(
-                f"device map key {key!r} names no part of this model; use embed, blocks.0 .. "
-                f"blocks.{cfg.n_layers - 1}, ln_final / unembed (or final), or '' for the rest"
+                f"device map key {key!r} names no part of this model; the keys are: {_keys_label(cfg.n_layers)}"
             )
+        group = group_of(key)
         dev = check_device(device)
         if group in out and out[group] != dev:
             raise PlacementError(
@@ -103,9 +138,12 @@ def check_device_map(cfg: ModelConfig, device_map: Mapping[str, Any]) -> DeviceM
     return {g: out[g] if rest is None else out.get(g, rest) for g in group_names(cfg.n_layers)}
 
 
-def group_bytes(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, int]:
-    """Bytes of each placement group of ``cfg``'s weights in ``dtype``."""
-    return {g: n * dtype.itemsize for g, n in group_parameters(cfg).items()}
+def _keys_label(n_layers: int) -> str:
+    modules = ", ".join(m for group in GROUP_MODULES.values() for m in group if m != "embed")
+    return (
+        f"embed, blocks.0 .. blocks.{n_layers - 1} (no leading zeros), final, the module names {modules}, "
+        f"or '' for everything not named"
+    )
 
 
 def resolve_device_map(
@@ -118,8 +156,6 @@ def resolve_device_map(
 ) -> DeviceMap | None:
     """{group: device} for a model of config ``cfg`` (the processed config: its weights'
     bytes decide "auto"), or None when nothing asks for placement."""
-    from ..plan import parse_bytes
-
     if device_map is None and n_devices is None:
         return None
     if isinstance(device_map, Mapping):
@@ -165,19 +201,6 @@ def devices_in_order(placement: DeviceMap) -> list[str]:
     return list(dict.fromkeys(placement.values()))
 
 
-def modules_of_group(model: Any, group: str) -> list[Any]:
-    """The submodules of ``model`` that make up a placement group."""
-    layer = sites.layer_of(group)
-    if layer is not None:
-        return [model.blocks[layer]]
-    names = (
-        ("embed", "pos_embed", "rotary", "rotary_local", "hook_embed", "hook_pos_embed")
-        if group == "embed"
-        else ("ln_final", "unembed")
-    )
-    return [getattr(model, n) for n in names if hasattr(model, n)]
-
-
 def place_model(
     model: Any,
     device_map: str | Mapping[str, Any] | None = None,
@@ -186,7 +209,7 @@ def place_model(
     n_devices: int | None = None,
 ) -> Any:
     """Move a built model's groups to the devices of a placement (in place; returns it) and
-    record it in ``model.cfg.device_map``. ``from_pretrained(device_map=...)`` places each
+    record it in ``model.placement``. ``from_pretrained(device_map=...)`` places each
     tensor as it is read instead; this serves models already in memory."""
     placement = resolve_device_map(model.cfg, device_map, max_memory=max_memory, n_devices=n_devices, dtype=model.dtype)
     if placement is None:
@@ -206,5 +229,68 @@ def place_model(
                 for name, b in list(sub._buffers.items()):
                     if b is not None:
                         sub._buffers[name] = b.to(device)
-    model._set_placement(placement)
+    install_placement(model, placement)
     return model
+
+
+def install_placement(model: Any, placement: DeviceMap | None) -> None:
+    """Make ``model`` run its blocks where ``placement`` put them (None: on one device)."""
+    model.blocks = BlockStack(model.blocks) if placement is None else PlacedBlocks(model.blocks, placement)
+
+
+class PlacedBlocks(BlockStack):
+    """Blocks on several devices: the residual stream, the mask and the rotary tables move to
+    a block's device before it runs (made once per forward per device), and to the final
+    norm's device before the head; nowhere else."""
+
+    def __init__(self, blocks: Any, placement: DeviceMap) -> None:
+        super().__init__(blocks, Placement("devices", device_map=dict(placement)))
+        self.devices = [torch.device(placement[f"blocks.{L}"]) for L in range(len(self))]
+        self.final_device = torch.device(placement["final"])
+        self._copies: dict[tuple[torch.device, int], tuple[AttentionMask, Any]] = {}
+
+    def forward(
+        self, resid: torch.Tensor, mask: AttentionMask, rope: list[Any], start: int, stop: int, kv: Any = None
+    ) -> torch.Tensor:
+        self._copies = {}
+        try:
+            return super().forward(resid, mask, rope, start, stop, kv)
+        finally:
+            self._copies = {}
+
+    def run_block(self, layer: int, resid: torch.Tensor, mask: AttentionMask, cos_sin: Any, kv: Any) -> torch.Tensor:
+        device = self.devices[layer]
+        return self[layer](resid.to(device), *self._moved_to(device, mask, cos_sin), kv)
+
+    def run_head(self, head: Any, resid: torch.Tensor) -> Any:
+        return head(resid.to(self.final_device))
+
+    def block_devices(self, default: torch.device) -> list[torch.device]:
+        return list(self.devices)
+
+    def _moved_to(self, device: torch.device, mask: AttentionMask, cos_sin: Any) -> tuple[AttentionMask, Any]:
+        """The mask and rotary tables on ``device``."""
+        if device == mask.device:
+            return mask, cos_sin
+        key = (device, id(cos_sin))
+        if key not in self._copies:
+            key_is_real = mask.key_is_real.to(device) if mask.key_is_real is not None else None
+            self._copies[key] = (
+                AttentionMask(mask.q_len, mask.k_len, key_is_real, device),
+                tuple(t.to(device) for t in cos_sin) if cos_sin is not None else None,
+            )
+        return self._copies[key]
+
+
+class Placed(OneDevice):
+    """The load of a model placed over devices: each group's tensors go straight to its device."""
+
+    def __init__(self, placement: DeviceMap) -> None:
+        super().__init__(placement["embed"])
+        self.placement = placement
+
+    def device_of(self, group: str) -> Any:
+        return self.placement[group]
+
+    def attach(self, model: Any) -> None:
+        install_placement(model, self.placement)

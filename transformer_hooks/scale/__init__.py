@@ -2,6 +2,7 @@
 
 - ``process_group``: starting and checking a torch.distributed process group (low: no model).
 - ``distributed``: data-parallel work over prompts (sweeps, caches, harvests) under ``torchrun``.
+- ``plan``: the memory a model needs per device, before loading it (a dry run of loading's placement).
 
 Import the module that defines a name (``transformer_hooks.scale.distributed``); this package
 imports none of them, so importing one does not import the others.

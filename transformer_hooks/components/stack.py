@@ -1,0 +1,100 @@
+"""The block stack: how a model's blocks run, and the record of where its weights are.
+
+The model's forward is input -> ``blocks.run_embed`` -> ``blocks(...)`` -> ``blocks.run_head``;
+``BlockStack`` runs every block in order on the device its weights are on. An execution
+mode set up by ``loading/`` installs its own stack holding the same block modules (so
+every parameter and hook keeps its name) and its ``Placement`` record:
+
+- ``loading/placement.py``: ``PlacedBlocks``, each block on its own device (the residual
+  stream, mask and rotary tables move to a block's device before it runs, and nowhere else);
+- ``loading/offload.py``: block weights kept off the compute device, brought in by
+  pre-forward hooks on each block (the plain stack runs them);
+- ``loading/pipeline.py``: ``PipelineBlocks``, one range of blocks per process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .kv_cache import KVCache
+from .masks import AttentionMask
+
+PlacementKind = Literal["one device", "devices", "offload", "pipeline"]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a model's weights are and how its blocks run (set by ``loading/``; read-only).
+
+    ``kind``: "one device" (the default), "devices" (``device_map``: {group: device} over
+    the groups ``embed``, ``blocks.{L}``, ``final``), "offload" (``offload``: "cpu" or
+    "disk", blocks brought to ``device`` as they run), or "pipeline" (``pipeline_map``:
+    {group: rank}, this process being ``rank``). ``device``: where inputs go when it is not
+    where the embeddings are (a pipeline rank's device, an offload's compute device)."""
+
+    kind: PlacementKind = "one device"
+    device_map: Mapping[str, str] | None = None
+    pipeline_map: Mapping[str, int] | None = None
+    rank: int | None = None
+    offload: Literal["cpu", "disk"] | None = None
+    offload_dir: str | None = None
+    device: str | None = None
+
+
+ONE_DEVICE = Placement()
+
+
+class BlockStack(nn.ModuleList):
+    """The model's blocks (an ``nn.ModuleList``: ``blocks[L]`` is block L), run in order
+    where their weights are. Subclasses (execution modes, installed by ``loading/``) change
+    where blocks, the embeddings and the head run; the model's forward never branches on them."""
+
+    placement: Placement = ONE_DEVICE
+
+    def __init__(self, blocks: Iterable[nn.Module] = (), placement: Placement = ONE_DEVICE) -> None:
+        super().__init__(blocks)
+        self.placement = placement
+
+    def check_call(self, start_at_layer: Any, stop_at_layer: Any, past_kv_cache: Any) -> None:
+        """Refuse what this mode cannot run (nothing, on one process). The arguments are the
+        forward's, unchecked (the model checks them after)."""
+
+    def run_embed(self, embed: Callable[[], torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+        """The residual stream entering block 0: ``embed()`` (``shape`` serves modes where
+        another process embeds)."""
+        return embed()
+
+    def forward(
+        self,
+        resid: torch.Tensor,
+        mask: AttentionMask,
+        rope: list[Any],
+        start: int,
+        stop: int,
+        past_kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Blocks ``start`` .. ``stop - 1`` on ``resid``; ``rope[L]``: block L's rotary tables."""
+        for layer in range(start, stop):
+            kv = past_kv_cache[layer] if past_kv_cache is not None else None
+            resid = self.run_block(layer, resid, mask, rope[layer], kv)
+        return resid
+
+    def run_block(self, layer: int, resid: torch.Tensor, mask: AttentionMask, cos_sin: Any, kv: Any) -> torch.Tensor:
+        return self[layer](resid, mask, cos_sin, kv)
+
+    def run_head(self, head: Callable[[torch.Tensor], Any], resid: torch.Tensor) -> Any:
+        """The model's output from the residual stream after the last block: ``head(resid)``."""
+        return head(resid)
+
+    def gather_cache(self, store: dict[str, torch.Tensor], device: Any = None) -> dict[str, torch.Tensor] | None:
+        """The cached activations of every block (here: all of them already)."""
+        return store
+
+    def block_devices(self, default: torch.device) -> list[torch.device]:
+        """The device each block runs on (where its KV cache lives)."""
+        return [default] * len(self)

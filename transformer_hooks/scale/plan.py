@@ -1,0 +1,350 @@
+"""Memory plan before download: weights, KV cache, activation-cache and logits bytes per
+device, from a model's config alone (no weights are read): a dry run above loading's
+placement (loading/groups.py: the same groups, the same ``place_groups``), for a name
+resolved as ``from_pretrained`` resolves it (loading/resolve.py).
+
+    config --parameter counts per group (embeddings, each block, final)--> weight bytes
+           --site shapes x batch x seq--> KV cache and activation-cache bytes per layer
+           --place_groups (blocks whole; embeddings first, final last)--> bytes per device
+
+Figures are exact for this library's model (the tests build models from configs and
+compare): weights are the parameters ``HookedTransformer`` holds after the processing
+asked for (a tied unembedding becomes its own tensor once ``fold_ln`` rewrites it, as
+``loading`` does), and ``checkpoint_parameters`` counts what the Hugging Face checkpoint
+stores (the figure model cards publish). The activation cache is the cached sites only;
+the logits [batch, seq, d_vocab] are their own column. Working memory of a forward pass beyond the
+logits (attention scores of one layer, the MLP hidden of one layer) is listed as
+``workspace`` on every device: one block's worth, since blocks run one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from .. import sites
+from ..config import ModelConfig
+from ..dtypes import as_dtype
+from ..loading.groups import (  # noqa: F401  (re-exported: plan's vocabulary is the loader's)
+    PlacementError,
+    PlacementMode,
+    _groups_label,
+    fmt_bytes,
+    group_names,
+    group_of,
+    group_parameters,
+    parse_bytes,
+    place_groups,
+)
+from ..presets import PUBLISHED_CONFIGS, published_config  # noqa: F401  (re-exported: plan's published configs)
+
+CacheKind = Literal["all", "resid", "none"]
+
+
+def checkpoint_parameters(hf_config: dict[str, Any]) -> int:
+    """Parameters the Hugging Face checkpoint stores (the figure model cards publish; a tied
+    unembedding counted once): transformers' own model for the config, built on the meta
+    device (no memory, no download)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = {k: v for k, v in hf_config.items() if k != "model_type"}
+    config = AutoConfig.for_model(hf_config["model_type"], **kwargs)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+# Activations ------------------------------------------------------------------------------
+def site_shapes(cfg: ModelConfig, batch: int, seq: int) -> dict[str, tuple[int, ...]]:
+    """Shape of every site ``run_with_cache()`` caches with no filter (every hook point but
+    those whose TransformerLens switch is off by default: the per-head expansions and
+    ``hook_mlp_in``), from the site table (``sites.py``)."""
+
+    def shape(name: str) -> tuple[int, ...]:
+        site = sites.lookup(name)
+        assert site is not None  # hook_names lists only names in the site table
+        return site.shape(cfg, batch, seq)
+
+    return {name: shape(name) for name in sites.hook_names(cfg) if sites.tl_flag(name) is None}
+
+
+def cached_sites(cfg: ModelConfig, batch: int, seq: int, cache: CacheKind) -> dict[str, tuple[int, ...]]:
+    """The sites a cache of kind ``cache`` holds: ``all`` (the no-filter default), ``resid``
+    (resid_pre / resid_mid / resid_post of every block) or ``none``."""
+    if cache not in ("all", "resid", "none"):
+        raise ValueError(f"cache must be 'all', 'resid' or 'none', got {cache!r}")
+    if cache == "none":
+        return {}
+    shapes = site_shapes(cfg, batch, seq)
+    return (
+        shapes
+        if cache == "all"
+        else {k: v for k, v in shapes.items() if sites.split_name(k)[1] in sites.RESIDUAL_STREAM}
+    )
+
+
+# The plan -----------------------------------------------------------------------------------
+@dataclass
+class DevicePlan:
+    device: str
+    groups: list[str] = field(default_factory=list)
+    weights: int = 0
+    kv_cache: int = 0
+    activation_cache: int = 0  # the cached sites (``cache``), without the logits
+    logits: int = 0  # the forward's output [batch, seq, d_vocab], on the device of the unembedding
+    workspace: int = 0
+    capacity: int | None = None
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.activation_cache + self.logits + self.workspace
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.capacity is None else self.total <= self.capacity
+
+
+@dataclass
+class MemoryPlan:
+    cfg: ModelConfig
+    dtype: torch.dtype
+    batch: int
+    seq: int
+    cache: CacheKind
+    parameters: int
+    checkpoint_parameters: int | None
+    devices: list[DevicePlan]
+    placement: dict[str, str]
+
+    @property
+    def weights(self) -> int:
+        return sum(d.weights for d in self.devices)
+
+    @property
+    def kv_cache(self) -> int:
+        return sum(d.kv_cache for d in self.devices)
+
+    @property
+    def activation_cache(self) -> int:
+        """The cached sites' bytes (the logits are counted apart: ``logits``)."""
+        return sum(d.activation_cache for d in self.devices)
+
+    @property
+    def logits(self) -> int:
+        return sum(d.logits for d in self.devices)
+
+    @property
+    def device_map(self) -> dict[str, str]:
+        """This plan's placement, as ``from_pretrained(..., device_map=...)`` takes it."""
+        return dict(self.placement)
+
+    @property
+    def fits(self) -> bool | None:
+        answers = [d.fits for d in self.devices]
+        return None if None in answers else all(answers)
+
+    def format(self) -> str:
+        name = self.cfg.model_name or self.cfg.original_architecture
+        lines = [
+            f"memory plan for {name}: {self.cfg.n_layers} layers, d_model {self.cfg.d_model}, "
+            f"{str(self.dtype).removeprefix('torch.')}, batch {self.batch} x seq {self.seq}, cache {self.cache}",
+            f"parameters: {self.parameters:,} in memory"
+            + (
+                f" ({self.checkpoint_parameters:,} in the checkpoint)" if self.checkpoint_parameters is not None else ""
+            ),
+            f"weights {fmt_bytes(self.weights)}, KV cache (generation) {fmt_bytes(self.kv_cache)}, "
+            f"activation cache {fmt_bytes(self.activation_cache)}, logits {fmt_bytes(self.logits)}",
+            "",
+        ]
+        headers = [
+            "device",
+            "groups",
+            "weights",
+            "kv_cache",
+            "act_cache",
+            "logits",
+            "workspace",
+            "total",
+            "capacity",
+            "fits",
+        ]
+        rows = [
+            [
+                d.device,
+                _groups_label(d.groups),
+                fmt_bytes(d.weights),
+                fmt_bytes(d.kv_cache),
+                fmt_bytes(d.activation_cache),
+                fmt_bytes(d.logits),
+                fmt_bytes(d.workspace),
+                fmt_bytes(d.total),
+                "?" if d.capacity is None else fmt_bytes(d.capacity),
+                {True: "yes", False: "NO", None: "?"}[d.fits],
+            ]
+            for d in self.devices
+        ]
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+        lines += [
+            "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip(),
+            "  ".join("-" * w for w in widths),
+        ]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+        verdict = {True: "fits", False: "does NOT fit", None: "fit unknown (no capacity given for some device)"}
+        lines += ["", f"verdict: {verdict[self.fits]}"]
+        if len(self.devices) > 1:  # the placement, as from_pretrained takes it
+            lines += ["", "placement: from_pretrained(..., device_map=" + json.dumps(self.device_map) + ")"]
+        return "\n".join(lines)
+
+
+def plan_memory(
+    cfg: ModelConfig,
+    dtype: torch.dtype | str = torch.float32,
+    *,
+    batch: int = 1,
+    seq: int = 1024,
+    cache: CacheKind = "none",
+    devices: list[str] | None = None,
+    max_memory: dict[str, int] | None = None,
+    mode: PlacementMode = "auto",
+    hf_config: dict[str, Any] | None = None,
+) -> MemoryPlan:
+    """Bytes per device for ``cfg`` (the model's config as it will be loaded: pass a
+    processed config for processed weights) at ``dtype``: weights, KV cache for
+    generating ``batch`` x ``seq`` tokens, a ``cache`` of one forward on ``batch`` x
+    ``seq``, the logits and one block's workspace. ``devices`` default to one, ``cpu``;
+    a device without a ``max_memory`` entry has unknown capacity unless it can be asked
+    (CUDA's free memory, the machine's RAM for cpu)."""
+    dtype = as_dtype(dtype)
+    size = dtype.itemsize
+    devices = list(devices or (list(max_memory) if max_memory else ["cpu"]))
+    params = group_parameters(cfg)
+    kv_per_layer = 2 * batch * cfg.n_kv_heads * seq * cfg.d_head * size
+    act = {g: 0 for g in params}
+    for name, shape in cached_sites(cfg, batch, seq, cache).items():
+        act[group_of(name)] += math.prod(shape) * size
+    runtime = {g: params[g] * size + (kv_per_layer if g.startswith("blocks.") else 0) + act[g] for g in params}
+    logits = batch * seq * cfg.d_vocab * size
+    runtime["final"] += logits
+    workspace = _workspace(cfg, batch, seq, size)
+    capacity = {d: (max_memory or {}).get(d, _capacity(d)) for d in devices}
+    budget = {d: c - workspace for d, c in capacity.items() if c is not None}
+    try:
+        placement = place_groups(runtime, devices, budget, mode)
+    except PlacementError:  # report what does not fit, device by device, rather than refuse to plan
+        placement = place_groups(runtime, devices, None, "balanced")
+    plans = {d: DevicePlan(d, capacity=capacity[d]) for d in devices}
+    for g, d in placement.items():
+        p = plans[d]
+        p.groups.append(g)
+        p.weights += params[g] * size
+        p.kv_cache += kv_per_layer if g.startswith("blocks.") else 0
+        p.activation_cache += act[g]
+        p.logits += logits if g == "final" else 0
+    for p in plans.values():
+        p.workspace = workspace if p.groups else 0
+    used = [plans[d] for d in devices if plans[d].groups]
+    return MemoryPlan(
+        cfg,
+        dtype,
+        batch,
+        seq,
+        cache,
+        sum(params.values()),
+        checkpoint_parameters(hf_config) if hf_config is not None else None,
+        used,
+        placement,
+    )
+
+
+def _workspace(cfg: ModelConfig, batch: int, seq: int, size: int) -> int:
+    """Temporaries of one block: attention scores and pattern (explicit path), the MLP
+    hidden twice (pre and post activation), q/k/v."""
+    scores = 2 * batch * cfg.n_heads * seq * seq
+    mlp = (3 if cfg.gated_mlp else 2) * batch * seq * cfg.d_mlp
+    qkv = batch * seq * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.d_head
+    return (scores + mlp + qkv) * size
+
+
+def _capacity(device: str) -> int | None:
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count():
+        return torch.cuda.mem_get_info(dev.index or 0)[1]
+    if dev.type == "cpu" and hasattr(os, "sysconf"):
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            return None
+    return None
+
+
+# Input -----------------------------------------------------------------------------------------
+def parse_max_memory(text: str) -> dict[str, int]:
+    """``"cuda:0=20GiB,cuda:1=20GiB"`` -> {device: bytes}."""
+    out: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        device, sep, size = part.partition("=")
+        if not sep:
+            raise ValueError(f"max_memory entry {part!r} is not DEVICE=SIZE (e.g. cuda:0=20GiB)")
+        out[device.strip()] = parse_bytes(size)
+    return out
+
+
+def config_for_plan(name_or_config: str | os.PathLike[str]) -> tuple[ModelConfig, dict[str, Any] | None]:
+    """(ModelConfig, HF config dict or None) of a model, resolved as ``from_pretrained``
+    resolves its name (``loading.resolve.resolve_config``: presets, local directories, GGUF
+    files including the embedded default model, repo ids in the HF cache, published configs),
+    or of a config.json file. Reads no weights and downloads nothing."""
+    from ..loading.resolve import resolve_config
+
+    resolved = resolve_config(name_or_config)
+    return resolved.cfg, resolved.hf_config
+
+
+def processed_for_plan(cfg: ModelConfig, processing: bool = True) -> ModelConfig:
+    """The config of the model ``from_pretrained`` builds (default processing) or
+    ``from_pretrained_no_processing`` builds."""
+    from ..processing import ProcessingOptions, processed_config
+
+    return processed_config(
+        cfg,
+        ProcessingOptions()
+        if processing
+        else ProcessingOptions(
+            fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False
+        ),
+    )
+
+
+def run_plan(
+    name_or_config: str,
+    *,
+    dtype: str = "float32",
+    devices: Iterable[str] | None = None,
+    max_memory: str | dict[str, int] | None = None,
+    batch: int = 1,
+    seq: int = 1024,
+    cache: CacheKind = "none",
+    mode: PlacementMode = "auto",
+    processing: bool = True,
+) -> MemoryPlan:
+    """The ``plan`` command's work: read the config, plan, return the plan."""
+    cfg, hf = config_for_plan(name_or_config)
+    if isinstance(max_memory, str):
+        max_memory = parse_max_memory(max_memory)
+    return plan_memory(
+        processed_for_plan(cfg, processing),
+        dtype,
+        batch=batch,
+        seq=seq,
+        cache=cache,
+        devices=list(devices) if devices else None,
+        max_memory=max_memory,
+        mode=mode,
+        hf_config=hf,
+    )
