@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..scale.plan import PUBLISHED_CONFIGS, run_plan
+from ..presets import PUBLISHED_CONFIGS
+from ..scale.plan import run_plan
 
 NAME = "plan"
 SUMMARY = "memory per device for a model (weights, KV cache, activation cache), from its config alone"

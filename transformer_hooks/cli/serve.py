@@ -18,8 +18,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    p.add_argument("--device", default=None, help="torch device (None: cpu)")
-    p.add_argument("--device-map", default=None, help="'auto' to spread the blocks over the devices")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda:0 (default: cpu)")
+    p.add_argument(
+        "--device-map", default=None, help="'auto' to spread the blocks over the devices (default: one device)"
+    )
     p.add_argument("--no-processing", action="store_true", help="load the weights unprocessed (no fold_ln etc.)")
     p.add_argument("--max-tokens", type=int, default=8192, help="default per-token limit: tokens per request")
     p.add_argument("--max-concurrent", type=int, default=8, help="default per-token limit: requests in flight")
@@ -30,12 +32,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take")
     p.add_argument("--batch-window-ms", type=float, default=2.0, help="how long to wait for requests to batch with")
     p.add_argument("--max-batch-rows", type=int, default=64, help="most prompts in one batched forward")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (None: torch's default)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own)")
     p.add_argument(
         "--pipeline-ranks",
         type=int,
         default=None,
-        help="under torchrun: split the model over this many processes; rank 0 serves, the others follow",
+        help="under torchrun: split the model over this many processes; rank 0 serves, the others follow "
+        "(default: one process)",
     )
 
 
