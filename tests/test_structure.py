@@ -17,8 +17,19 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("transformer_hooks", "weights_conversion")
 
 # The layers, lowest first. A module may import its own layer and the layers below it.
-CONFIG, CONVERSION, LOW, HOOKS, COMPONENTS, MODEL, WORKFLOWS, LOADING, ENTRY = range(9)
-LAYER_NAMES = ["config", "weights_conversion", "low", "hooks", "components", "model", "workflows", "loading", "entry"]
+CONFIG, CONVERSION, LOW, HOOKS, COMPONENTS, RUNTIME, MODEL, WORKFLOWS, LOADING, ENTRY = range(10)
+LAYER_NAMES = [
+    "config",
+    "weights_conversion",
+    "low",
+    "hooks",
+    "components",
+    "runtime",
+    "model",
+    "workflows",
+    "loading",
+    "entry",
+]
 
 # transformer_hooks modules by layer (a package's name stands for its __init__.py). A module
 # that is not here fails test_every_module_is_ranked: add it to the layer it belongs to.
@@ -36,6 +47,8 @@ RANKS: dict[str, int] = {
             "tl_config",
             "dtypes",
             "process_group",
+            "protocol",  # protocol.HookedModel: what the runtime and workflows read of a model
+            "tokens",  # tokenizer helpers: config and utils only (test_tokens_imports_only_config_and_utils)
         ],
         LOW,
     ),
@@ -57,19 +70,17 @@ RANKS: dict[str, int] = {
         ],
         COMPONENTS,
     ),
+    # Below the model: they read it through protocol.HookedModel, and the model imports them.
+    **dict.fromkeys(["cache", "generate", "trace"], RUNTIME),
     "model": MODEL,
-    "tokens": MODEL,
     **dict.fromkeys(
         [
-            "cache",
             "processing",
-            "generate",
             "patching",
             "patching.engine",
             "patching.sweeps",
             "patching.attribution",
             "patching.ablation",
-            "trace",
             "circuits",
             "evals",
             "lens",
@@ -103,13 +114,10 @@ RANKS: dict[str, int] = {
     **dict.fromkeys(["", "cli", "__main__"], ENTRY),  # "" is transformer_hooks/__init__.py, the public API
 }
 
-# The only imports allowed to reach upward. Each is lazy (inside a function), so importing
-# the lower module never imports the upper one.
+# The only import allowed to reach upward: the model's loaders. It is lazy (inside a function),
+# so importing the model never imports the loaders.
 ALLOWED_LAZY_UPWARD = {
     ("transformer_hooks.model", "transformer_hooks.loading"),  # from_pretrained / process_weights_
-    ("transformer_hooks.model", "transformer_hooks.cache"),  # run_with_cache wraps ActivationCache
-    ("transformer_hooks.model", "transformer_hooks.generate"),  # model.generate
-    ("transformer_hooks.model", "transformer_hooks.trace"),  # model.trace
 }
 
 # weights_conversion/__main__.py is the converter's command line: an entry point, not part of the

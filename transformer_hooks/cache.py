@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from einops import einsum, rearrange
@@ -46,11 +46,8 @@ from jaxtyping import Float, Int
 
 from . import sites
 from .hooks import HookCache
+from .protocol import HookedModel
 from .utils import Slice, SliceInput, check_index, check_layer, get_act_name
-
-if TYPE_CHECKING:
-    from .model import HookedTransformer
-
 
 Stack = Float[torch.Tensor, "component *batch_and_pos d_model"]
 Tokens = str | int | Sequence[int] | Sequence[str] | Int[torch.Tensor, "..."]
@@ -76,9 +73,7 @@ class ActivationCache(HookCache):
     (``cache["scale", 2, "ln1"]``); short names are ``utils.get_act_name``'s.
     """
 
-    def __init__(
-        self, cache_dict: dict[str, torch.Tensor], model: HookedTransformer, has_batch_dim: bool = True
-    ) -> None:
+    def __init__(self, cache_dict: dict[str, torch.Tensor], model: HookedModel, has_batch_dim: bool = True) -> None:
         super().__init__(cache_dict, has_batch_dim)
         self.model = model
         # From the architecture, not from what happens to be cached: a decomposition that

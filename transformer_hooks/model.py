@@ -10,21 +10,25 @@ layers.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import nn
 
+from . import generate as generate_lib  # as a module: `generate` is the method
 from . import sites
 from . import tokens as tokens_lib  # as a module: `tokens` names the token tensor in forward
+from .cache import ActivationCache
 from .components import AttentionMask, Embed, KVCache, PosEmbed, Rotary, Unembed, make_block, make_norm
 from .config import HookedTransformerConfig, ModelConfig
 from .factored_matrix import FactoredMatrix
 from .hooks import HookedRootModule, HookPoint
+from .protocol import HookedModel
 from .tl_config import init_weights as init_tl_weights
 from .tokens import ModelInput, TextInput
+from .trace import Trace
 from .utils import check_index, check_layer
 
 ReturnType = Literal["logits", "loss", "both", None]
@@ -594,8 +598,6 @@ class HookedTransformer(HookedRootModule):
                 return None, None
         if not return_cache_object:
             return out, store
-        from .cache import ActivationCache  # the cache builds on the model: imported when used
-
         return out, ActivationCache(store, self, has_batch_dim=not remove_batch_dim)
 
     def _why_no_hook(self, name: str) -> str:
@@ -696,15 +698,11 @@ class HookedTransformer(HookedRootModule):
     def trace(self, *args: Any, names_filter: Any = None, **kwargs: Any) -> Any:
         """``for site in model.trace(tokens): ...``: each activation of one forward, in order,
         replaceable (``site.value = ...``) or a ``break`` away from stopping; see trace.py."""
-        from .trace import Trace
-
         return Trace(self, *args, names_filter=names_filter, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """Sample a continuation with a preallocated KV cache; see generate.generate."""
-        from .generate import generate
-
-        return generate(self, *args, **kwargs)
+        return generate_lib.generate(self, *args, **kwargs)
 
 
 def lm_cross_entropy_loss(
@@ -726,3 +724,7 @@ def lm_cross_entropy_loss(
     if valid.sum() == 0:
         raise ValueError("a next-token loss needs two consecutive real tokens; the attention mask leaves none")
     return (nll * valid).sum() / valid.sum()
+
+
+if TYPE_CHECKING:  # mypy checks that the model has every member the runtime and workflows read
+    _conforms: type[HookedModel] = HookedTransformer
