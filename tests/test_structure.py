@@ -73,6 +73,7 @@ RANKS: dict[str, int] = {
     # Below the model: they read it through protocol.HookedModel, and the model imports them.
     **dict.fromkeys(["cache", "generate", "trace"], RUNTIME),
     "model": MODEL,
+    "weight_views": MODEL,  # HookedTransformer's weight views, a mixin
     **dict.fromkeys(
         [
             "processing",
