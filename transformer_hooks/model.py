@@ -9,7 +9,6 @@ QK/OV circuits and residual directions are weight_views.py's mixin.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -26,7 +25,7 @@ from .config import HookedTransformerConfig, ModelConfig
 from .hooks import HookedRootModule, HookPoint
 from .protocol import HookedModel
 from .tl_config import init_weights as init_tl_weights
-from .tokens import ModelInput, TextInput
+from .tokens import ModelInput, TokenMethods
 from .trace import Trace
 from .utils import check_layer
 from .weight_views import WeightViews
@@ -34,7 +33,7 @@ from .weight_views import WeightViews
 ReturnType = Literal["logits", "loss", "both", None]
 
 
-class HookedTransformer(HookedRootModule, WeightViews):
+class HookedTransformer(HookedRootModule, TokenMethods, WeightViews):
     def __init__(
         self,
         cfg: ModelConfig | HookedTransformerConfig | dict,
@@ -344,74 +343,6 @@ class HookedTransformer(HookedRootModule, WeightViews):
             return positions, AttentionMask(q_len, cache.length + q_len, cache.key_mask(q_len, attention_mask), device)
         key_is_real = attention_mask.bool() if attention_mask is not None and not bool(attention_mask.all()) else None
         return positions, AttentionMask(q_len, q_len, key_is_real, device)
-
-    # Tokens (see tokens.py) --------------------------------------------------------------
-    def tokens_and_mask(
-        self,
-        input: ModelInput,
-        prepend_bos: bool | None = None,
-        padding_side: Literal["left", "right"] | None = None,
-        attention_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Tokens [batch, pos] on the model's device, checked, and the padding mask (or None)."""
-        return tokens_lib.tokens_and_mask(
-            self.tokenizer, self.cfg, input, prepend_bos, padding_side, attention_mask, self.device
-        )
-
-    def _check_mask(self, attention_mask: Any, shape: tuple[int, int]) -> torch.Tensor:
-        return tokens_lib.check_mask(attention_mask, shape, self.device)
-
-    def to_tokens(
-        self,
-        input: TextInput,
-        prepend_bos: bool | None = None,
-        padding_side: Literal["left", "right"] | None = None,
-        move_to_device: bool = True,
-        truncate: bool = True,
-    ) -> Int[torch.Tensor, "batch pos"]:
-        """Token ids [batch, pos]; a list of strings is padded (see ``to_tokens_and_mask``)."""
-        return tokens_lib.to_tokens(
-            self.tokenizer,
-            self.cfg,
-            input,
-            prepend_bos,
-            padding_side,
-            self.device if move_to_device else "cpu",
-            truncate,
-        )
-
-    def to_tokens_and_mask(
-        self, input: TextInput, prepend_bos: bool | None = None, padding_side: Literal["left", "right"] | None = None
-    ):
-        """(tokens, attention_mask) for a padded batch; the mask is all ones without padding."""
-        tokens, mask = tokens_lib.tokenize(self.tokenizer, self.cfg, input, prepend_bos, padding_side, self.device)
-        return tokens, torch.ones_like(tokens) if mask is None else mask
-
-    def to_string(self, tokens: Int[torch.Tensor, "... pos"] | int | Sequence[int]) -> str | list[str]:
-        return tokens_lib.to_string(self.tokenizer, tokens)
-
-    def to_str_tokens(
-        self,
-        input: str | torch.Tensor | Sequence[int],
-        prepend_bos: bool | None = None,
-        padding_side: Literal["left", "right"] | None = None,
-    ) -> list[str] | list[list[str]]:
-        return tokens_lib.to_str_tokens(self.tokenizer, self.cfg, input, prepend_bos, padding_side)
-
-    def to_single_token(self, string: str) -> int:
-        return tokens_lib.to_single_token(self.tokenizer, self.cfg, string)
-
-    def get_token_position(
-        self,
-        single_token: str | int,
-        input: str | torch.Tensor,
-        mode: Literal["first", "last"] = "first",
-        prepend_bos: bool | None = None,
-        padding_side: Literal["left", "right"] | None = None,
-    ) -> int:
-        return tokens_lib.get_token_position(
-            self.tokenizer, self.cfg, single_token, input, mode, prepend_bos, padding_side
-        )
 
     def loss_fn(
         self,
