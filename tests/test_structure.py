@@ -47,12 +47,12 @@ RANKS: dict[str, int] = {
             "tl_config",
             "dtypes",
             "process_group",
-            "protocol",  # protocol.HookedModel: what the runtime and workflows read of a model
             "tokens",  # tokenizer helpers: config and utils only (test_tokens_imports_only_config_and_utils)
         ],
         LOW,
     ),
     "hooks": HOOKS,
+    "protocol": HOOKS,  # protocol.HookedModel: what the runtime and workflows read of a model
     "hook_points": HOOKS,  # TransformerLens's module name for the registry: re-exports hooks
     **dict.fromkeys(
         [

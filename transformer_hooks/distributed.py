@@ -49,6 +49,7 @@ from .process_group import (
     shard_bounds,
 )
 from .process_group import barrier as _barrier
+from .protocol import HookedModel
 
 __all__ = [  # the process group's names live in process_group; re-exported here, where they were first
     "DEFAULT_TIMEOUT",
@@ -202,7 +203,7 @@ def map_prompts(
 
 
 def gather_caches(
-    model: Any,
+    model: HookedModel,
     prompts: Sequence[Any],
     names_filter: Any,
     *,
@@ -237,7 +238,7 @@ def gather_caches(
 
 
 def harvest(
-    model: Any,
+    model: HookedModel,
     prompts: Any,
     names_filter: Any,
     out: str | os.PathLike[str] | None = None,
@@ -280,7 +281,7 @@ def logit_diff_metric(answer: int, contrast: int, pos: int = -1) -> Callable[[to
     return metric
 
 
-def _pair_tokens(model: Any, pair: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+def _pair_tokens(model: HookedModel, pair: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """(clean [1, pos], corrupt [1, pos], answer id, contrast id) of one prompt pair.
 
     A pair gives ``clean`` / ``corrupt`` as text or token-id lists, and ``answer`` /
@@ -313,7 +314,7 @@ def _pair_tokens(model: Any, pair: dict[str, Any]) -> tuple[torch.Tensor, torch.
 
 
 def patch_pair(
-    model: Any, pair: dict[str, Any], activation_name: str = "resid_pre", attribution: bool = False
+    model: HookedModel, pair: dict[str, Any], activation_name: str = "resid_pre", attribution: bool = False
 ) -> torch.Tensor:
     """One pair's sweep: TransformerLens's ``get_act_patch_{activation_name}`` (or
     ``get_attr_patch_...`` with ``attribution``) with the logit-difference metric."""
@@ -335,7 +336,7 @@ def patch_pair(
 
 
 def patching_sweep(
-    model: Any,
+    model: HookedModel,
     pairs: Sequence[dict[str, Any]],
     activation_name: str = "resid_pre",
     *,

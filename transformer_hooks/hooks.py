@@ -46,11 +46,12 @@ import torch
 from torch import nn
 
 from . import sites
-from .protocol import HookFn, NameFilter  # declared with the model protocol; importable from here too
 from .sites import PER_HEAD_EXPANSIONS  # noqa: F401  (re-exported: its old home)
 from .utils import Slice
 
+HookFn = Callable[..., Any]
 logger = logging.getLogger(__name__)
+NameFilter = str | Sequence[str] | Callable[[str], bool] | None
 
 
 class UnknownHookError(ValueError):

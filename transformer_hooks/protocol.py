@@ -8,15 +8,15 @@ in the import order, the model imports them, and mypy still checks what they rea
 with the same members.
 
 It names only what those modules use; a member missing here is one nothing outside the model
-reads. Types from higher up (the cache a run returns, the hook points) appear as ``Any`` or as
-the ``nn.Module`` they are, since this module imports only config, factored_matrix and tokens.
+reads. It sits with hooks.py, below the components: the modules (blocks, norms, embeddings) appear
+as the ``nn.Module`` they are, and the cache a run returns (cache.py, above) as ``Any``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import torch
 from jaxtyping import Float, Int
@@ -24,13 +24,8 @@ from torch import nn
 
 from .config import ModelConfig
 from .factored_matrix import FactoredMatrix
-from .tokens import ModelInput, TextInput
-
-# A hook function: ``fn(activation, hook) -> activation | None`` (TransformerLens's signature).
-HookFn = Callable[..., Any]
-# Which hook points: a name, a list of names (globs allowed), a predicate on names, or None (all).
-NameFilter = str | Sequence[str] | Callable[[str], bool] | None
-PaddingSide = Literal["left", "right"]
+from .hooks import HookFn, HookPoint, NameFilter
+from .tokens import ModelInput, PaddingSide, TextInput
 
 
 class HookedModel(Protocol):
@@ -61,8 +56,8 @@ class HookedModel(Protocol):
     def forward(self, *args: Any, **kwargs: Any) -> Any: ...
 
     # Hooks (hooks.HookedRootModule) -------------------------------------------------------
-    @property
-    def hook_dict(self) -> Mapping[str, nn.Module]: ...
+    hook_dict: dict[str, HookPoint]  # every site by name (an SAE spliced in adds its own)
+
     def resolve_hook_names(self, names: NameFilter) -> list[str]: ...
     def cache_names(self, names_filter: NameFilter) -> list[str]: ...
     def hooks(
@@ -141,3 +136,6 @@ class HookedModel(Protocol):
         self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
     ) -> Iterator[tuple[str, nn.Parameter]]: ...
     def to(self, *args: Any, **kwargs: Any) -> Any: ...
+    def register_forward_pre_hook(
+        self, hook: Callable[..., Any], *, prepend: bool = False, with_kwargs: bool = False
+    ) -> Any: ...

@@ -37,16 +37,13 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float
 
 from .hooks import HookPoint
-
-if TYPE_CHECKING:
-    from .model import HookedTransformer
-
+from .protocol import HookedModel
 
 Positions = None | int | slice | Sequence[int] | Literal["all", "new"]
 Reduce = Literal["mean", "last", None]
@@ -173,7 +170,7 @@ def steering_hook(vector: Float[torch.Tensor, "..."], coeff: float = 1.0, positi
 
 @contextlib.contextmanager
 def steering(
-    model: HookedTransformer,
+    model: HookedModel,
     site: str,
     vector: Float[torch.Tensor, "..."],
     coeff: float = 1.0,
@@ -210,7 +207,7 @@ def steering(
 
 
 def steering_vector(
-    model: Any,
+    model: HookedModel,
     positive: str | Sequence[str],
     negative: str | Sequence[str],
     site: str,
@@ -240,7 +237,7 @@ def steering_vector(
 
 
 def _site_activation(
-    model: Any, prompts: str | Sequence[str], site: str, reduce: Reduce, prepend_bos: bool | None = None
+    model: HookedModel, prompts: str | Sequence[str], site: str, reduce: Reduce, prepend_bos: bool | None = None
 ) -> torch.Tensor:
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     tokens, mask = model.tokens_and_mask(prompts, prepend_bos=prepend_bos, padding_side="right")
