@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import nn
 
@@ -27,7 +26,7 @@ from .protocol import HookedModel
 from .tl_config import init_weights as init_tl_weights
 from .tokens import ModelInput, TokenMethods
 from .trace import Trace
-from .utils import check_layer
+from .utils import check_layer, lm_cross_entropy_loss
 from .weight_views import WeightViews
 
 ReturnType = Literal["logits", "loss", "both", None]
@@ -488,27 +487,6 @@ class HookedTransformer(HookedRootModule, TokenMethods, WeightViews):
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """Sample a continuation with a preallocated KV cache; see generate.generate."""
         return generate_lib.generate(self, *args, **kwargs)
-
-
-def lm_cross_entropy_loss(
-    logits: Float[torch.Tensor, "batch pos d_vocab"],
-    tokens: Int[torch.Tensor, "batch pos"],
-    attention_mask: torch.Tensor | None = None,
-    per_token: bool = False,
-) -> torch.Tensor:
-    """Next-token cross-entropy; with a mask, only predictions of real tokens from real tokens count."""
-    if tokens.shape[1] < 2:
-        raise ValueError("a next-token loss needs at least two tokens per row; got one")
-    log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    nll = -log_probs.gather(-1, tokens[:, 1:, None])[..., 0]  # [batch, pos-1]
-    if per_token:
-        return nll
-    if attention_mask is None:
-        return nll.mean()
-    valid = (attention_mask[:, 1:] * attention_mask[:, :-1]).to(nll.dtype)
-    if valid.sum() == 0:
-        raise ValueError("a next-token loss needs two consecutive real tokens; the attention mask leaves none")
-    return (nll * valid).sum() / valid.sum()
 
 
 if TYPE_CHECKING:  # mypy checks that the model has every member the runtime and workflows read

@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 import torch
 
+from .. import sites as site_table  # `sites` names arguments here
 from ..hooks import HookPoint
 from ..protocol import HookedModel
 from ..utils import check_index
@@ -115,7 +116,7 @@ def _reads(model: HookedModel, sender: str, receiver: str) -> bool:
     if ls != lr:
         return ls < lr
     # Same layer: a sequential block's MLP reads its attention; a parallel block's does not.
-    return ss == 0 and sr == 1 and not model.cfg.parallel_residual
+    return ss == 0 and sr == 1 and site_table.SEQUENTIAL.holds(model.cfg)
 
 
 def _tokens(model: HookedModel, tokens: Any) -> torch.Tensor:
