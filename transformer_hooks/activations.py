@@ -61,6 +61,7 @@ from weights_conversion.sources import CorruptCheckpointError, SafetensorsFile, 
 from . import sites
 from .dtypes import CANONICAL_NAMES
 from .progress import tqdm
+from .protocol import HookedModel
 from .scale.process_group import (
     DEFAULT_TIMEOUT,
     RankFailedError,
@@ -118,7 +119,7 @@ def _documents(corpus: str | Path, text_key: str) -> Iterator[str]:
 
 
 def _contexts(
-    model: Any, corpus: Corpus, context_size: int, prepend_bos: bool, text_key: str, attention_mask: Any
+    model: HookedModel, corpus: Corpus, context_size: int, prepend_bos: bool, text_key: str, attention_mask: Any
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(tokens [context_size], mask [context_size]) for each context, in order."""
     if isinstance(corpus, (torch.Tensor, np.ndarray)):  # read piece by piece: a memory-mapped array stays on disk
@@ -281,7 +282,7 @@ class _Place:
 
 
 def harvest(
-    model: Any,
+    model: HookedModel,
     corpus: Corpus,
     sites: str | Sequence[str],
     out: str | Path,
@@ -454,7 +455,7 @@ def harvest(
 
 
 def _harvest_contexts(
-    model: Any,
+    model: HookedModel,
     place: _Place,
     state: dict[str, Any],
     contexts: Iterator[tuple[torch.Tensor, torch.Tensor]],
@@ -554,7 +555,7 @@ def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
     _fsync_write(path, json.dumps(manifest, indent=1).encode())
 
 
-def _fresh_manifest(model: Any, fingerprint: dict[str, Any]) -> dict[str, Any]:
+def _fresh_manifest(model: HookedModel, fingerprint: dict[str, Any]) -> dict[str, Any]:
     from .sae.core import site_width
 
     return {
@@ -592,7 +593,9 @@ def _check_same_harvest(where: Path, manifest: dict[str, Any], fresh: dict[str, 
         )
 
 
-def _resume(place: _Place, model: Any, fingerprint: dict[str, Any], first_context: int | None = None) -> dict[str, Any]:
+def _resume(
+    place: _Place, model: HookedModel, fingerprint: dict[str, Any], first_context: int | None = None
+) -> dict[str, Any]:
     """The list of shards to continue from: the existing one (checked, damaged tail dropped) or a new one.
     ``first_context``: where a rank's range starts (its progress file records it)."""
     fresh = _fresh_manifest(model, fingerprint)
@@ -639,7 +642,7 @@ def _resume(place: _Place, model: Any, fingerprint: dict[str, Any], first_contex
     return manifest
 
 
-def _done(out: Path, model: Any, fingerprint: dict[str, Any]) -> bool:
+def _done(out: Path, model: HookedModel, fingerprint: dict[str, Any]) -> bool:
     """Whether ``out`` holds this harvest complete, with every shard there; raises if it
     holds another harvest. A finished harvest is the same dataset whatever the number of
     processes that wrote it; an unfinished one continues only with as many. Reads only
@@ -663,7 +666,7 @@ def _done(out: Path, model: Any, fingerprint: dict[str, Any]) -> bool:
 
 
 def _write_rank_manifest(
-    out: Path, model: Any, fingerprint: dict[str, Any], states: list[Any], bounds: list[tuple[int, int]]
+    out: Path, model: HookedModel, fingerprint: dict[str, Any], states: list[Any], bounds: list[tuple[int, int]]
 ) -> None:
     """Rank 0, once every rank reported: the manifest listing every rank's shards in context order."""
     shards = []
@@ -824,7 +827,7 @@ class ActivationDataset:
             positions.append(int(shard["row_position"][local]))
         return torch.stack(contexts).long(), torch.tensor(positions)
 
-    def check_model(self, model: Any) -> None:
+    def check_model(self, model: HookedModel) -> None:
         """Raise if ``model`` is not the model (name and weight processing) that wrote this."""
         m = self.manifest
         if m["model_name"] != model.cfg.model_name or list(m["processing"]) != list(model.cfg.processing):

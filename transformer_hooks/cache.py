@@ -11,7 +11,7 @@ equations they satisfy.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -19,11 +19,8 @@ from jaxtyping import Float
 from . import sites
 from .decompositions import ResidualDecompositions, _one_device
 from .hooks import HookCache
+from .protocol import HookedModel
 from .utils import get_act_name
-
-if TYPE_CHECKING:
-    from .model import HookedTransformer
-
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +40,7 @@ class ActivationCache(ResidualDecompositions, HookCache):
     (``cache["scale", 2, "ln1"]``); short names are ``utils.get_act_name``'s.
     """
 
-    def __init__(
-        self, cache_dict: dict[str, torch.Tensor], model: HookedTransformer, has_batch_dim: bool = True
-    ) -> None:
+    def __init__(self, cache_dict: dict[str, torch.Tensor], model: HookedModel, has_batch_dim: bool = True) -> None:
         super().__init__(cache_dict, has_batch_dim)
         self.model = model
         # From the architecture, not from what happens to be cached: a decomposition that

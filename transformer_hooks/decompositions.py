@@ -39,18 +39,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from einops import einsum, rearrange
 from jaxtyping import Float, Int
 
 from . import sites
+from .protocol import HookedModel
 from .utils import Slice, SliceInput, check_index, check_layer
-
-if TYPE_CHECKING:
-    from .model import HookedTransformer
-
 
 Stack = Float[torch.Tensor, "component *batch_and_pos d_model"]
 Tokens = str | int | Sequence[int] | Sequence[str] | Int[torch.Tensor, "..."]
@@ -65,7 +62,7 @@ class ResidualDecompositions:
     """The stacking and decomposition methods of ``ActivationCache``, on the activations it
     holds (``cache_dict``) and the model they came from (``model``)."""
 
-    model: HookedTransformer
+    model: HookedModel
     cache_dict: dict[str, torch.Tensor]
     has_batch_dim: bool
     has_pos_embed: bool

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .progress import tqdm
+from .protocol import HookedModel
 from .utils import lm_cross_entropy_loss, tokenize_and_concatenate
 
 SANITY_TEXT = (
@@ -23,7 +24,7 @@ SANITY_TEXT = (
 )
 
 
-def sanity_check(model: Any) -> torch.Tensor:
+def sanity_check(model: HookedModel) -> torch.Tensor:
     """The model's loss on one paragraph (TransformerLens: below 5 is probably fine, above 7 is broken)."""
     return model(SANITY_TEXT, return_type="loss")
 
@@ -74,7 +75,7 @@ DATASET_LOADERS = [make_wiki_data_loader, make_owt_data_loader, make_pile_data_l
 
 
 @torch.no_grad()
-def evaluate_on_dataset(model: Any, data_loader: Any, truncate: int = 100, device: Any = None) -> float:
+def evaluate_on_dataset(model: HookedModel, data_loader: Any, truncate: int = 100, device: Any = None) -> float:
     """Mean of the per-batch losses over the loader's first ``truncate + 1`` batches (as
     TransformerLens counts them)."""
     device = model.device if device is None else device
@@ -91,7 +92,7 @@ def evaluate_on_dataset(model: Any, data_loader: Any, truncate: int = 100, devic
 
 @torch.no_grad()
 def induction_loss(
-    model: Any,
+    model: HookedModel,
     tokenizer: Any = None,
     batch_size: int = 4,
     subseq_len: int = 384,
@@ -119,7 +120,7 @@ def induction_loss(
     return per_token[:, subseq_len + 1 :].mean()
 
 
-def evaluate(model: Any, truncate: int = 100, batch_size: int = 8, tokenizer: Any = None, datasets: Any = None):
+def evaluate(model: HookedModel, truncate: int = 100, batch_size: int = 8, tokenizer: Any = None, datasets: Any = None):
     """``evaluate_on_dataset`` on each local corpus in ``datasets`` ({name: texts}); prints and
     returns ``{f"{name}_loss": loss}``. TransformerLens downloads four corpora instead."""
     if not datasets:

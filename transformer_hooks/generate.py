@@ -26,10 +26,10 @@ from jaxtyping import Float, Int
 
 from .components import KVCache
 from .progress import tqdm
+from .protocol import HookedModel
 from .tokens import is_text, require_tokenizer
 
 if TYPE_CHECKING:
-    from .model import HookedTransformer
     from .tokens import ModelInput
 
 
@@ -89,7 +89,7 @@ def sample_logits(
     return torch.multinomial(logits.softmax(-1), 1)[:, 0]
 
 
-def _stop_tokens(model: "HookedTransformer", eos_token_id: int | Sequence[int] | None) -> tuple[list[int], int]:
+def _stop_tokens(model: HookedModel, eos_token_id: int | Sequence[int] | None) -> tuple[list[int], int]:
     """(tokens that end a row, the token a finished row keeps emitting)."""
     tokenizer_eos = getattr(model.tokenizer, "eos_token_id", None)
     if eos_token_id is None:
@@ -117,7 +117,7 @@ def _left_aligned(tokens: torch.Tensor, mask: torch.Tensor | None) -> tuple[torc
 
 @torch.inference_mode()
 def generate(
-    model: "HookedTransformer",
+    model: HookedModel,
     input: "ModelInput" = "",
     max_new_tokens: int = 10,
     stop_at_eos: bool = True,
@@ -225,7 +225,7 @@ def generate(
 
 
 def _decode(
-    model: "HookedTransformer",
+    model: HookedModel,
     out: torch.Tensor,
     mask: torch.Tensor | None,
     prompt_len: int,

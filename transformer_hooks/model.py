@@ -2,35 +2,38 @@
 point on every site (see hooks.py and DESIGN.md for the names) and TransformerLens's
 API for running, caching and tokenizing.
 
-Architecture lives in the components and ModelConfig; this file only wires them up,
-turns user input into tokens, positions and a mask, and exposes weights stacked over
-layers.
+Architecture lives in the components and ModelConfig; this file only wires them up and
+turns user input into tokens, positions and a mask. The weights stacked over layers, the
+QK/OV circuits and residual directions are weight_views.py's mixin.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from jaxtyping import Float, Int
 from torch import nn
 
+from . import generate as generate_lib  # as a module: `generate` is the method
 from . import sites
 from . import tokens as tokens_lib  # as a module: `tokens` names the token tensor in forward
+from .cache import ActivationCache
 from .components import AttentionMask, Embed, KVCache, PosEmbed, Rotary, Unembed, make_block, make_norm
 from .components.stack import BlockStack, Placement
 from .config import HookedTransformerConfig, ModelConfig
-from .factored_matrix import FactoredMatrix
 from .hooks import HookedRootModule, HookPoint
+from .protocol import HookedModel
 from .tl_config import init_weights as init_tl_weights
-from .tokens import ModelInput, TextInput
-from .utils import check_index, check_layer, lm_cross_entropy_loss
+from .tokens import ModelInput, TokenMethods
+from .trace import Trace
+from .utils import check_layer, lm_cross_entropy_loss
+from .weight_views import WeightViews
 
 ReturnType = Literal["logits", "loss", "both", None]
 
 
-class HookedTransformer(HookedRootModule):
+class HookedTransformer(HookedRootModule, TokenMethods, WeightViews):
     """A decoder-only transformer with a hook point on every site of the site table.
 
     Usually made by ``HookedTransformer.from_pretrained(name)``; built directly from a config
@@ -317,238 +320,6 @@ class HookedTransformer(HookedRootModule):
         key_is_real = attention_mask.bool() if attention_mask is not None and not bool(attention_mask.all()) else None
         return positions, AttentionMask(q_len, q_len, key_is_real, device)
 
-    # Tokens (see tokens.py) --------------------------------------------------------------
-    def tokens_and_mask(
-        self,
-        input: ModelInput,
-        prepend_bos: bool | None = None,
-        padding_side: Literal["left", "right"] | None = None,
-        attention_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Tokens [batch, pos] on the model's device, checked, and the padding mask (or None)."""
-        return tokens_lib.tokens_and_mask(
-            self.tokenizer, self.cfg, input, prepend_bos, padding_side, attention_mask, self.device
-        )
-
-    def _check_mask(self, attention_mask: Any, shape: tuple[int, int]) -> torch.Tensor:
-        return tokens_lib.check_mask(attention_mask, shape, self.device)
-
-    def to_tokens(
-        self,
-        input: TextInput,
-        prepend_bos: bool | None = None,
-        padding_side: Literal["left", "right"] | None = None,
-        move_to_device: bool = True,
-        truncate: bool = True,
-    ) -> Int[torch.Tensor, "batch pos"]:
-        """Token ids [batch, pos]; a list of strings is padded (see ``to_tokens_and_mask``)."""
-        return tokens_lib.to_tokens(
-            self.tokenizer,
-            self.cfg,
-            input,
-            prepend_bos,
-            padding_side,
-            self.device if move_to_device else "cpu",
-            truncate,
-        )
-
-    def to_tokens_and_mask(
-        self, input: TextInput, prepend_bos: bool | None = None, padding_side: Literal["left", "right"] | None = None
-    ):
-        """(tokens, attention_mask) for a padded batch; the mask is all ones without padding."""
-        tokens, mask = tokens_lib.tokenize(self.tokenizer, self.cfg, input, prepend_bos, padding_side, self.device)
-        return tokens, torch.ones_like(tokens) if mask is None else mask
-
-    def to_string(self, tokens: Int[torch.Tensor, "... pos"] | int | Sequence[int]) -> str | list[str]:
-        """Decode ``tokens`` (one id, a sequence of ids, or a tensor; a batch gives a list of strings)."""
-        return tokens_lib.to_string(self.tokenizer, tokens)
-
-    def to_str_tokens(
-        self,
-        input: str | torch.Tensor | Sequence[int],
-        prepend_bos: bool | None = None,
-        padding_side: Literal["left", "right"] | None = None,
-    ) -> list[str] | list[list[str]]:
-        """Each token of ``input`` as a string.
-
-        Args:
-            input: text, token ids or a tensor of them.
-            prepend_bos: whether text starts with BOS (default: the model's).
-            padding_side: for a list of texts (default: the model's).
-        """
-        return tokens_lib.to_str_tokens(self.tokenizer, self.cfg, input, prepend_bos, padding_side)
-
-    def to_single_token(self, string: str) -> int:
-        """The id of ``string``, which must be exactly one token (else ``ValueError``)."""
-        return tokens_lib.to_single_token(self.tokenizer, self.cfg, string)
-
-    def get_token_position(
-        self,
-        single_token: str | int,
-        input: str | torch.Tensor,
-        mode: Literal["first", "last"] = "first",
-        prepend_bos: bool | None = None,
-        padding_side: Literal["left", "right"] | None = None,
-    ) -> int:
-        """The position of ``single_token`` in ``input`` (TransformerLens's).
-
-        Args:
-            single_token: a one-token string or a token id.
-            input: text or tokens [pos] / [1, pos].
-            mode: ``"first"`` or ``"last"`` occurrence.
-            prepend_bos: whether text starts with BOS (default: the model's).
-            padding_side: as in ``to_tokens``.
-        """
-        return tokens_lib.get_token_position(
-            self.tokenizer, self.cfg, single_token, input, mode, prepend_bos, padding_side
-        )
-
-    # Weights stacked over layers -------------------------------------------------------
-    def _stack(self, path: str) -> torch.Tensor:
-        def get(block: nn.Module) -> torch.Tensor:
-            obj: Any = block
-            for part in path.split("."):
-                obj = getattr(obj, part)
-            return obj
-
-        return torch.stack([get(block) for block in self.blocks])
-
-    @property
-    def W_E(self) -> Float[torch.Tensor, "d_vocab d_model"]:
-        return self.embed.W_E
-
-    @property
-    def W_pos(self) -> Float[torch.Tensor, "n_ctx d_model"]:
-        return self.pos_embed.W_pos
-
-    @property
-    def W_E_pos(self) -> Float[torch.Tensor, "d_vocab_plus_n_ctx d_model"]:
-        """``W_E`` and ``W_pos`` concatenated (learned positions only, as ``W_pos``)."""
-        return torch.cat([self.W_E, self.W_pos], dim=0)
-
-    @property
-    def W_U(self) -> Float[torch.Tensor, "d_model d_vocab"]:
-        return self.unembed.W_U
-
-    @property
-    def b_U(self) -> Float[torch.Tensor, " d_vocab"]:
-        return self.unembed.b_U
-
-    W_Q = property(lambda self: self._stack("attn.W_Q"), doc="[n_layers, head, d_model, d_head]")
-    W_K = property(lambda self: self._stack("attn.W_K"), doc="[n_layers, kv_head, d_model, d_head]")
-    W_V = property(lambda self: self._stack("attn.W_V"), doc="[n_layers, kv_head, d_model, d_head]")
-    W_O = property(lambda self: self._stack("attn.W_O"), doc="[n_layers, head, d_head, d_model]")
-    b_Q = property(lambda self: self._stack("attn.b_Q"), doc="[n_layers, head, d_head]")
-    b_K = property(lambda self: self._stack("attn.b_K"), doc="[n_layers, kv_head, d_head]")
-    b_V = property(lambda self: self._stack("attn.b_V"), doc="[n_layers, kv_head, d_head]")
-    b_O = property(lambda self: self._stack("attn.b_O"), doc="[n_layers, d_model]")
-    W_in = property(lambda self: self._stack("mlp.W_in"), doc="[n_layers, d_model, d_mlp]")
-    W_gate = property(lambda self: self._stack("mlp.W_gate"), doc="[n_layers, d_model, d_mlp] (gated MLPs)")
-    W_out = property(lambda self: self._stack("mlp.W_out"), doc="[n_layers, d_mlp, d_model]")
-    b_in = property(lambda self: self._stack("mlp.b_in"), doc="[n_layers, d_mlp]")
-    b_out = property(lambda self: self._stack("mlp.b_out"), doc="[n_layers, d_model]")
-
-    # Grouped key/value heads per query head, and residual-stream helpers (for DLA) ---------
-    # W_K / W_V keep n_kv_heads (GQA is never repeated in storage). Query head h reads key/
-    # value head h // group_size; these properties repeat each kv head for its query heads,
-    # as a new tensor [n_layers, head, ...], so per-head circuits (W_Q[l, h] @ W_K[l, h].T,
-    # W_V[l, h] @ W_O[l, h]) index one axis. For MHA they equal W_K / W_V.
-    W_K_per_query_head = property(
-        lambda self: self.W_K.repeat_interleave(self.cfg.group_size, dim=1),
-        doc="[n_layers, head, d_model, d_head]: W_K repeated per query head",
-    )
-    W_V_per_query_head = property(
-        lambda self: self.W_V.repeat_interleave(self.cfg.group_size, dim=1),
-        doc="[n_layers, head, d_model, d_head]: W_V repeated per query head",
-    )
-    b_K_per_query_head = property(
-        lambda self: self.b_K.repeat_interleave(self.cfg.group_size, dim=1),
-        doc="[n_layers, head, d_head]: b_K repeated per query head",
-    )
-    b_V_per_query_head = property(
-        lambda self: self.b_V.repeat_interleave(self.cfg.group_size, dim=1),
-        doc="[n_layers, head, d_head]: b_V repeated per query head",
-    )
-
-    @property
-    def QK(self) -> FactoredMatrix:
-        """Each head's QK circuit ``W_Q @ W_K.T`` [n_layers, head, d_model, d_model], factored:
-        ``x_dest @ QK[l, h] @ x_src`` is that head's attention score before scaling and biases."""
-        return FactoredMatrix(self.W_Q, self.W_K_per_query_head.transpose(-2, -1))
-
-    @property
-    def OV(self) -> FactoredMatrix:
-        """Each head's OV circuit ``W_V @ W_O`` [n_layers, head, d_model, d_model], factored:
-        ``x_src @ OV[l, h]`` is what that head writes for a source it attends to fully."""
-        return FactoredMatrix(self.W_V_per_query_head, self.W_O)
-
-    def tokens_to_residual_directions(
-        self, tokens: str | int | Sequence[int] | Sequence[str] | torch.Tensor
-    ) -> Float[torch.Tensor, "... d_model"]:
-        """The residual direction each token's logit reads: ``W_U[:, token]``.
-
-        A string (one token) or an int gives [d_model]; a tensor (or list) of ids of shape
-        [...] gives [..., d_model]. A string that is not one token raises and says how it
-        tokenizes. The logit-difference direction is
-        ``tokens_to_residual_directions(" Paris") - tokens_to_residual_directions(" London")``.
-        """
-        if isinstance(tokens, (list, tuple)) and tokens and all(isinstance(t, str) for t in tokens):
-            tokens = [self.to_single_token(t) for t in tokens]
-        if isinstance(tokens, str):
-            tokens = self.to_single_token(tokens)
-        ids = torch.as_tensor(tokens, device=self.W_U.device)
-        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-            raise ValueError(f"tokens must be integer ids or strings, got dtype {ids.dtype}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.d_vocab):
-            raise ValueError(f"token ids must be in [0, {self.cfg.d_vocab}), got {ids.tolist()}")
-        return self.W_U[:, ids].movedim(0, -1)
-
-    def accumulated_bias(
-        self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True
-    ) -> Float[torch.Tensor, " d_model"]:
-        """The sum of the output biases (``b_O``, and ``b_out`` with ``include_mlp_biases``)
-        written into the residual stream that enters block ``layer`` (0..n_layers; n_layers
-        is the input to the unembedding). ``mlp_input``: the stream that block's MLP reads,
-        which in a sequential block also holds its own ``b_O`` (a parallel block's MLP reads
-        ``resid_pre``, so nothing is added there).
-
-        With post-norms (Gemma 2/3, OLMo 2) a bias reaches the residual stream scaled by its
-        post-norm, differently at each position: that needs a forward pass, and
-        ``cache.get_full_resid_decomposition`` gives it (its ``"bias"`` row).
-        """
-        n = self.cfg.n_layers
-        if self.cfg.norm_placement != "pre":
-            raise ValueError(
-                f"accumulated_bias: this model's biases pass through post-norms (norm_placement="
-                f"{self.cfg.norm_placement!r}), so what they add depends on the input; use the "
-                f"'bias' row of cache.get_full_resid_decomposition(...) instead"
-            )
-        check_index(
-            layer,
-            n,
-            "layer",
-            f"accumulated_bias of a model with {n} layers",
-            allow_end=True,
-            allow_negative=False,
-            note=f"{n}: the unembedding",
-        )
-        if mlp_input and layer == n:
-            raise ValueError(f"mlp_input=True needs a block below {n}; layer={n} is the unembedding")
-        bias = torch.zeros(self.cfg.d_model, device=self.device, dtype=self.dtype)
-        blocks: list[Any] = list(self.blocks)  # nn.ModuleList types its items as plain Modules
-        for block in blocks[:layer]:
-            bias = bias + block.attn.b_O
-            if include_mlp_biases and not self.cfg.attn_only:
-                bias = bias + block.mlp.b_out
-        if mlp_input and not self.cfg.parallel_residual:
-            bias = bias + blocks[layer].attn.b_O
-        return bias
-
-    def all_head_labels(self) -> list[str]:
-        """``["L0H0", "L0H1", ...]``: one label per attention head, in the order of
-        ``cache.stack_head_results``."""
-        return [f"L{L}H{h}" for L in range(self.cfg.n_layers) for h in range(self.cfg.n_heads)]
-
     def loss_fn(
         self,
         logits: Float[torch.Tensor, "batch pos d_vocab"],
@@ -587,8 +358,6 @@ class HookedTransformer(HookedRootModule):
             return None, None
         if not return_cache_object:
             return out, store
-        from .cache import ActivationCache  # the cache builds on the model: imported when used
-
         return out, ActivationCache(store, self, has_batch_dim=not remove_batch_dim)
 
     def _why_no_hook(self, name: str) -> str:
@@ -689,27 +458,12 @@ class HookedTransformer(HookedRootModule):
     def trace(self, *args: Any, names_filter: Any = None, **kwargs: Any) -> Any:
         """``for site in model.trace(tokens): ...``: each activation of one forward, in order,
         replaceable (``site.value = ...``) or a ``break`` away from stopping; see trace.py."""
-        from .trace import Trace
-
         return Trace(self, *args, names_filter=names_filter, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """Continue a prompt by up to ``max_new_tokens`` tokens, with a preallocated KV cache
-        (``generate.generate``; hooks fire at every step).
+        """Sample a continuation with a preallocated KV cache; see generate.generate."""
+        return generate_lib.generate(self, *args, **kwargs)
 
-        Args:
-            *args: ``input``: a string, a list of strings (padded on the left) or tokens [batch, pos].
-            **kwargs: forwarded to ``generate.generate``, which takes exactly these:
-                ``max_new_tokens`` (10), ``stop_at_eos`` (True: a row that emits an end token keeps
-                emitting it; generation stops when every row has), ``eos_token_id`` (an id or a list
-                of ids; default the tokenizer's), ``do_sample`` (True; False is greedy),
-                ``top_k``, ``top_p``, ``temperature`` (1.0), ``freq_penalty`` (0.0),
-                ``use_past_kv_cache`` (True; False reruns the whole sequence every step),
-                ``prepend_bos`` (default: the model's), ``padding_side`` (``"left"``),
-                ``return_type`` (``"input"``: strings for string input, tokens for tokens; or
-                ``"str"`` / ``"tokens"``), ``verbose`` (True: a progress bar, shown only on a
-                terminal) and ``attention_mask`` (for padded token rows).
-        """
-        from .generate import generate
 
-        return generate(self, *args, **kwargs)
+if TYPE_CHECKING:  # mypy checks that the model has every member the runtime and workflows read
+    _conforms: type[HookedModel] = HookedTransformer

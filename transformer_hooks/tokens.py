@@ -5,14 +5,14 @@ attention masks, and TransformerLens's ``to_tokens`` / ``to_string`` / ``to_str_
 Plain functions of ``(tokenizer, cfg)``: they need the tokenizer (a HF tokenizer, or None
 for a model run on token ids) and a few config facts (``default_prepend_bos``,
 ``bos_token_id``, ``pad_token_id``/``eos_token_id``, ``d_vocab``, ``n_ctx`` for learned
-positions), not the model. ``HookedTransformer``'s methods of the same names call
-them with its own tokenizer, config and device.
+positions), not the model. ``TokenMethods`` (at the end) gives ``HookedTransformer`` the
+methods of the same names, which call them with its own tokenizer, config and device.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal, TypeGuard
+from typing import TYPE_CHECKING, Any, Literal, TypeGuard
 
 import torch
 from jaxtyping import Int
@@ -278,3 +278,79 @@ def get_token_position(
     if not hits:
         raise ValueError(f"token {single_token!r} ({token}) does not occur in the input")
     return hits[0] if mode == "first" else hits[-1]
+
+
+class TokenMethods:
+    """TransformerLens's token methods (``model.to_tokens(...)`` and the rest): the functions
+    above, called with the model's tokenizer, config and device. ``HookedTransformer`` inherits
+    them; a method here calls the module function of the same name."""
+
+    if TYPE_CHECKING:  # what the methods read; HookedTransformer sets or defines each
+        tokenizer: Any
+        cfg: ModelConfig
+
+        @property
+        def device(self) -> torch.device: ...
+
+    def tokens_and_mask(
+        self,
+        input: ModelInput,
+        prepend_bos: bool | None = None,
+        padding_side: PaddingSide | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tokens [batch, pos] on the model's device, checked, and the padding mask (or None)."""
+        return tokens_and_mask(self.tokenizer, self.cfg, input, prepend_bos, padding_side, attention_mask, self.device)
+
+    def _check_mask(self, attention_mask: Any, shape: tuple[int, int]) -> torch.Tensor:
+        return check_mask(attention_mask, shape, self.device)
+
+    def to_tokens(
+        self,
+        input: TextInput,
+        prepend_bos: bool | None = None,
+        padding_side: PaddingSide | None = None,
+        move_to_device: bool = True,
+        truncate: bool = True,
+    ) -> Int[torch.Tensor, "batch pos"]:
+        """Token ids [batch, pos]; a list of strings is padded (see ``to_tokens_and_mask``)."""
+        return to_tokens(
+            self.tokenizer,
+            self.cfg,
+            input,
+            prepend_bos,
+            padding_side,
+            self.device if move_to_device else "cpu",
+            truncate,
+        )
+
+    def to_tokens_and_mask(
+        self, input: TextInput, prepend_bos: bool | None = None, padding_side: PaddingSide | None = None
+    ):
+        """(tokens, attention_mask) for a padded batch; the mask is all ones without padding."""
+        tokens, mask = tokenize(self.tokenizer, self.cfg, input, prepend_bos, padding_side, self.device)
+        return tokens, torch.ones_like(tokens) if mask is None else mask
+
+    def to_string(self, tokens: Int[torch.Tensor, "... pos"] | int | Sequence[int]) -> str | list[str]:
+        return to_string(self.tokenizer, tokens)
+
+    def to_str_tokens(
+        self,
+        input: str | torch.Tensor | Sequence[int],
+        prepend_bos: bool | None = None,
+        padding_side: PaddingSide | None = None,
+    ) -> list[str] | list[list[str]]:
+        return to_str_tokens(self.tokenizer, self.cfg, input, prepend_bos, padding_side)
+
+    def to_single_token(self, string: str) -> int:
+        return to_single_token(self.tokenizer, self.cfg, string)
+
+    def get_token_position(
+        self,
+        single_token: str | int,
+        input: str | torch.Tensor,
+        mode: Literal["first", "last"] = "first",
+        prepend_bos: bool | None = None,
+        padding_side: PaddingSide | None = None,
+    ) -> int:
+        return get_token_position(self.tokenizer, self.cfg, single_token, input, mode, prepend_bos, padding_side)

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from .hooks import HookPoint, HookShapeError, NameFilter
+from .protocol import HookedModel
 
 
 class _Stop(BaseException):
@@ -82,7 +83,7 @@ class TracedSite:
 class Trace:
     """Iterable over the sites of one forward of ``model`` on ``args`` (see the module docstring)."""
 
-    def __init__(self, model: Any, *args: Any, names_filter: NameFilter = None, **kwargs: Any) -> None:
+    def __init__(self, model: HookedModel, *args: Any, names_filter: NameFilter = None, **kwargs: Any) -> None:
         self.model = model
         self.args, self.kwargs = args, kwargs
         self.names = model.cache_names(names_filter)  # an unknown name raises here
@@ -157,7 +158,7 @@ class Trace:
             halt()
 
 
-def trace(model: Any, *args: Any, names_filter: NameFilter = None, **kwargs: Any) -> Trace:
+def trace(model: HookedModel, *args: Any, names_filter: NameFilter = None, **kwargs: Any) -> Trace:
     """``for site in trace(model, tokens): ...``: every activation of one forward, in order.
 
     ``args`` / ``kwargs`` are the forward's (``return_type``, ``attention_mask``, ...)."""

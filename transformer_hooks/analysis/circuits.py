@@ -36,6 +36,7 @@ import torch
 
 from .. import sites as site_table  # `sites` names arguments here
 from ..hooks import HookPoint
+from ..protocol import HookedModel
 from ..utils import check_index
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
@@ -90,7 +91,7 @@ class Graph:
         return sorted(self.edges, key=lambda e: -abs(e.score))[:n]
 
 
-def _check_model(model: Any) -> None:
+def _check_model(model: HookedModel) -> None:
     if model.cfg.norm_placement != "pre":
         raise ValueError(
             "edge attribution needs each block's writes to add up in the residual stream; this model "
@@ -112,7 +113,7 @@ def _layer_of(node: str) -> tuple[int, int]:
     return int(m.group(1)), 1
 
 
-def _reads(model: Any, sender: str, receiver: str) -> bool:
+def _reads(model: HookedModel, sender: str, receiver: str) -> bool:
     """Whether ``receiver`` reads ``sender`` (sender strictly before it in the residual stream)."""
     ls, ss = _layer_of(sender)
     lr, sr = _layer_of(receiver)
@@ -122,14 +123,14 @@ def _reads(model: Any, sender: str, receiver: str) -> bool:
     return ss == 0 and sr == 1 and site_table.SEQUENTIAL.holds(model.cfg)
 
 
-def _tokens(model: Any, tokens: Any) -> torch.Tensor:
+def _tokens(model: HookedModel, tokens: Any) -> torch.Tensor:
     toks, mask = model.tokens_and_mask(tokens)
     if mask is not None:
         raise ValueError("circuits compare positions across prompts: give prompts of equal token length")
     return toks
 
 
-def _sender_sites(model: Any) -> list[str]:
+def _sender_sites(model: HookedModel) -> list[str]:
     n = model.cfg.n_layers
     return (
         ["hook_embed"]
@@ -138,7 +139,7 @@ def _sender_sites(model: Any) -> list[str]:
     )
 
 
-def _receiver_sites(model: Any) -> list[str]:
+def _receiver_sites(model: HookedModel) -> list[str]:
     n = model.cfg.n_layers
     out = []
     for layer in range(n):
@@ -147,7 +148,7 @@ def _receiver_sites(model: Any) -> list[str]:
     return out + [f"blocks.{n - 1}.hook_resid_post"]
 
 
-def _sender_outputs(cache: dict[str, torch.Tensor], model: Any) -> dict[str, torch.Tensor]:
+def _sender_outputs(cache: dict[str, torch.Tensor], model: HookedModel) -> dict[str, torch.Tensor]:
     """Sender node -> its output [batch, pos, d_model]."""
     out = {"input": cache["hook_embed"]}
     for layer in range(model.cfg.n_layers):
@@ -157,7 +158,7 @@ def _sender_outputs(cache: dict[str, torch.Tensor], model: Any) -> dict[str, tor
     return out
 
 
-def _receiver_grads(grads: dict[str, torch.Tensor], model: Any) -> dict[str, torch.Tensor]:
+def _receiver_grads(grads: dict[str, torch.Tensor], model: HookedModel) -> dict[str, torch.Tensor]:
     """Receiver node -> d metric / d its input [batch, pos, d_model]."""
     out = {}
     for layer in range(model.cfg.n_layers):
@@ -170,14 +171,14 @@ def _receiver_grads(grads: dict[str, torch.Tensor], model: Any) -> dict[str, tor
     return out
 
 
-def _cache(model: Any, tokens: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+def _cache(model: HookedModel, tokens: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=names, return_cache_object=False)
     return cache
 
 
 def attribute_edges(
-    model: Any,
+    model: HookedModel,
     clean_tokens: Any,
     corrupted_tokens: Any,
     metric: Metric,
@@ -221,7 +222,7 @@ def attribute_edges(
 
 
 def _grads(
-    model: Any,
+    model: HookedModel,
     tokens: torch.Tensor,
     metric: Metric,
     sites: list[str],
@@ -276,7 +277,7 @@ def make_circuit(graph: Graph, edges: Iterable[tuple[str, str]]) -> Circuit:
     return Circuit(graph, edges)
 
 
-def run_circuit(model: Any, clean_tokens: Any, corrupted_tokens: Any, circuit: Circuit) -> torch.Tensor:
+def run_circuit(model: HookedModel, clean_tokens: Any, corrupted_tokens: Any, circuit: Circuit) -> torch.Tensor:
     """Logits of the clean run with every edge outside ``circuit`` carrying its corrupted value."""
     _check_model(model)
     graph = circuit.graph
@@ -325,7 +326,7 @@ def run_circuit(model: Any, clean_tokens: Any, corrupted_tokens: Any, circuit: C
         return model(clean)
 
 
-def _sender_outputs_partial(cache: dict[str, torch.Tensor], model: Any) -> dict[str, torch.Tensor]:
+def _sender_outputs_partial(cache: dict[str, torch.Tensor], model: HookedModel) -> dict[str, torch.Tensor]:
     out = {}
     if "hook_embed" in cache:
         out["input"] = cache["hook_embed"]
@@ -340,7 +341,7 @@ def _sender_outputs_partial(cache: dict[str, torch.Tensor], model: Any) -> dict[
 
 
 def evaluate_circuit(
-    model: Any, clean_tokens: Any, corrupted_tokens: Any, circuit: Circuit, metric: Metric
+    model: HookedModel, clean_tokens: Any, corrupted_tokens: Any, circuit: Circuit, metric: Metric
 ) -> dict[str, float]:
     """The metric of the clean, corrupted and circuit runs, and the circuit's faithfulness
     ``(m(circuit) - m(corrupted)) / (m(clean) - m(corrupted))`` (1: the circuit does it all)."""
@@ -360,7 +361,7 @@ def evaluate_circuit(
 
 # Path patching --------------------------------------------------------------------------------
 def path_patch(
-    model: Any,
+    model: HookedModel,
     clean_tokens: Any,
     corrupted_tokens: Any,
     senders: Sequence[tuple[int, int]],

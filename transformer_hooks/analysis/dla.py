@@ -8,16 +8,13 @@ so the parts add up to the model's logit difference.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
 
+from ..protocol import HookedModel
 from ..tables import text_table
 from .lens import final_norm
-
-if TYPE_CHECKING:
-    from ..model import HookedTransformer
 
 
 def check_prompt(prompt: str) -> None:
@@ -63,9 +60,7 @@ class DLAResult:
     softcap: float | None = None
 
 
-def direct_logit_attribution(
-    model: HookedTransformer, prompt: str, answer: str, contrast: str, pos: int = -1
-) -> DLAResult:
+def direct_logit_attribution(model: HookedModel, prompt: str, answer: str, contrast: str, pos: int = -1) -> DLAResult:
     """Run ``prompt`` and attribute the logit difference at ``pos`` to heads and layers.
 
     Every part goes through the final norm with its cached scale

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -37,12 +37,9 @@ from ..cache import ActivationCache
 from ..components.norms import normalize
 from ..components.softcap import softcap
 from ..progress import tqdm
+from ..protocol import HookedModel
 from ..tables import short_repr, text_table
 from ..utils import Slice, SliceInput, check_layer
-
-if TYPE_CHECKING:
-    from ..model import HookedTransformer
-
 
 # The sites a block writes or passes on, in the order they happen.
 LENS_SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
@@ -84,7 +81,7 @@ def lens_stack(
 
 
 def final_norm(
-    model: HookedTransformer,
+    model: HookedModel,
     stack: Float[torch.Tensor, "... d_model"],
     norm: Norm = "recompute",
     cache: ActivationCache | None = None,
@@ -96,7 +93,7 @@ def final_norm(
     the scale cached in ``cache`` for the final residual stream (pass the stack's
     ``pos_slice``), the same for every row.
     """
-    ln = model.ln_final
+    ln: Any = model.ln_final  # a components norm (LayerNorm / RMSNorm): its eps and w
     if norm == "cached":
         if cache is None:
             raise ValueError("norm='cached' needs the cache the stack came from")
@@ -112,9 +109,7 @@ def final_norm(
     return out
 
 
-def unembed(
-    model: HookedTransformer, normalized: Float[torch.Tensor, "... d_model"]
-) -> Float[torch.Tensor, "... d_vocab"]:
+def unembed(model: HookedModel, normalized: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... d_vocab"]:
     """``normalized · W_U + b_U``, soft-capped as the model caps its logits (Gemma 2)."""
     W_U, b_U = model.W_U.detach(), model.b_U.detach()
     logits = normalized.to(W_U.dtype) @ W_U + b_U
@@ -168,7 +163,7 @@ class LogitLens:
 
 
 def logit_lens(
-    model: HookedTransformer,
+    model: HookedModel,
     input: Any,
     *,
     sites: Sequence[str] = LENS_SITES,
@@ -257,7 +252,7 @@ def _last_real_positions(attention_mask: torch.Tensor | None, pos_slice: Slice) 
     return (positions * mask.bool()).amax(-1)
 
 
-def _targets(model: Any, targets: Targets, shape: torch.Size, device: torch.device) -> torch.Tensor | None:
+def _targets(model: HookedModel, targets: Targets, shape: torch.Size, device: torch.device) -> torch.Tensor | None:
     if targets is None:
         return None
     if isinstance(targets, str):
@@ -276,7 +271,7 @@ def _targets(model: Any, targets: Targets, shape: torch.Size, device: torch.devi
 LENS_COLUMNS = ("resid_post", "attn_out", "mlp_out")  # its columns; a lens for it decodes resid_pre too
 
 
-def format_logit_lens(lens: LogitLens, model: HookedTransformer, str_tokens: list[str], pos: int, top: int = 3) -> str:
+def format_logit_lens(lens: LogitLens, model: HookedModel, str_tokens: list[str], pos: int, top: int = 3) -> str:
     """Top tokens (probability) at ``pos`` per layer: the embeddings, then each layer's
     residual stream after it, and its attention and MLP outputs decoded alone."""
     strings = lens.top_strings(model)

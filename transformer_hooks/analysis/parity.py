@@ -6,15 +6,13 @@ and the logits (the ``parity`` command).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from .. import sites
+from ..protocol import HookedModel
 from ..tables import text_table
-
-if TYPE_CHECKING:
-    from ..model import HookedTransformer
 
 
 @dataclass
@@ -45,7 +43,7 @@ def load_hf_model(name: str) -> Any:
     return AutoModelForCausalLM.from_pretrained(str(ckpt.directory), dtype=torch.float32).eval()
 
 
-def parity_errors(model: HookedTransformer, hf_model: Any, tokens: torch.Tensor) -> list[ParityRow]:
+def parity_errors(model: HookedModel, hf_model: Any, tokens: torch.Tensor) -> list[ParityRow]:
     """Max abs differences, ours vs HF: the residual stream entering each layer (HF's
     ``hidden_states[l]``), the final norm's output and the logits."""
     n = model.cfg.n_layers
@@ -82,7 +80,7 @@ def format_parity(rows: list[ParityRow], tol: float) -> str:
     return "\n".join(text_table(["site", "max |ours - HF|", "max |HF|", f"tol {tol:g}"], table))
 
 
-def parity_tokens(model: HookedTransformer, prompt: str) -> torch.Tensor:
+def parity_tokens(model: HookedModel, prompt: str) -> torch.Tensor:
     """The prompt's tokens, or for a checkpoint without a tokenizer fixed random tokens [1, 16]."""
     if model.tokenizer is None:
         return torch.randint(0, model.cfg.d_vocab, (1, 16), generator=torch.Generator().manual_seed(0))

@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from ..protocol import HookedModel
 from ..tables import short_repr
 
 if TYPE_CHECKING:
-    from ..model import HookedTransformer
     from .dla import DLAResult
     from .lens import LogitLens
 
@@ -382,7 +382,7 @@ def plot_dla(r: "DLAResult", path: Path) -> Path:
 
 
 def plot_logit_lens(
-    lens: "LogitLens", model: HookedTransformer, str_tokens: list[str], pos: int, path: Path, max_positions: int = 12
+    lens: "LogitLens", model: HookedModel, str_tokens: list[str], pos: int, path: Path, max_positions: int = 12
 ) -> Path:
     """Left: the residual stream after each layer, layer x position (up to
     ``max_positions`` around ``pos``). Right: the attention and MLP outputs of each layer

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -37,12 +37,10 @@ from torch.nn.utils.parametrizations import orthogonal
 from .. import sites
 from ..hooks import HookPoint
 from ..progress import tqdm
-
-if TYPE_CHECKING:
-    from ..model import HookedTransformer
-
+from ..protocol import HookedModel
 
 PositionIndex = int | Sequence[int] | torch.Tensor
+M = TypeVar("M", nn.Module, HookedModel)  # frozen() reads parameters() only
 
 
 class RotatedSubspaceInterchange(nn.Module):
@@ -140,7 +138,7 @@ def _positions(pos: PositionIndex, mask: torch.Tensor | None, batch: int, n_pos:
     return torch.where(rows < 0, end + 1 + rows, rows)
 
 
-def _tokens_and_mask(model: Any, tokens: Any, mask: Any, what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _tokens_and_mask(model: HookedModel, tokens: Any, mask: Any, what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Tokens [batch, pos] and a padding mask (None when nothing is padded); strings are left-padded."""
     toks, mask = model.tokens_and_mask(tokens, padding_side="left", attention_mask=mask)
     return toks, mask
@@ -177,7 +175,7 @@ def interchange_hook(
 
 
 @contextlib.contextmanager
-def frozen(model: nn.Module) -> Iterator[nn.Module]:
+def frozen(model: M) -> Iterator[M]:
     """No parameter of ``model`` requires grad inside the block; the flags come back after."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
@@ -190,7 +188,10 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def source_activations(
-    model: Any, site: str, source_tokens: Int[torch.Tensor, "batch pos"], attention_mask: torch.Tensor | None = None
+    model: HookedModel,
+    site: str,
+    source_tokens: Int[torch.Tensor, "batch pos"],
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The site's activation on the source prompts (no graph: the model is frozen)."""
     with torch.no_grad():
@@ -198,7 +199,7 @@ def source_activations(
     return cache[site]
 
 
-def resume_point(model: HookedTransformer, site: str) -> tuple[int, str] | None:
+def resume_point(model: HookedModel, site: str) -> tuple[int, str] | None:
     """Where a forward can start from a cached value of ``site``: ``(start_at_layer, the
     hook name that value passes through there)``, for residual-stream sites; else None.
 
@@ -213,7 +214,7 @@ def resume_point(model: HookedTransformer, site: str) -> tuple[int, str] | None:
 
 
 def interchange_logits(
-    model: HookedTransformer,
+    model: HookedModel,
     intervention: nn.Module,
     site: str,
     base_tokens: Int[torch.Tensor, "batch pos"],
@@ -246,7 +247,7 @@ def interchange_logits(
 
 
 def train_das(
-    model: HookedTransformer,
+    model: HookedModel,
     intervention: nn.Module,
     site: str,
     base_tokens: Int[torch.Tensor, "batch pos"],
@@ -308,7 +309,7 @@ def train_das(
 
 @torch.no_grad()
 def evaluate_das(
-    model: HookedTransformer,
+    model: HookedModel,
     intervention: nn.Module,
     site: str,
     base_tokens: torch.Tensor,

@@ -50,16 +50,13 @@ import contextlib
 import inspect
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float
 
 from ..hooks import HookPoint
-
-if TYPE_CHECKING:
-    from ..model import HookedTransformer
-
+from ..protocol import HookedModel
 
 Positions = None | int | slice | Sequence[int] | Literal["all", "new"]
 Reduce = Literal["mean", "last", None]
@@ -211,7 +208,7 @@ def steering_hook(vector: Float[torch.Tensor, "..."], coeff: float = 1.0, positi
 
 @contextlib.contextmanager
 def steering(
-    model: HookedTransformer,
+    model: HookedModel,
     site: str,
     vector: Float[torch.Tensor, "..."],
     coeff: float = 1.0,
@@ -248,7 +245,7 @@ def steering(
 
 
 def steering_vector(
-    model: Any,
+    model: HookedModel,
     positive: str | Sequence[str],
     negative: str | Sequence[str],
     site: str,
@@ -361,7 +358,7 @@ def steering_coeff(
 
 
 def _site_activation(
-    model: Any,
+    model: HookedModel,
     prompts: str | Sequence[str],
     site: str,
     reduce: Reduce,

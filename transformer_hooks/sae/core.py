@@ -48,6 +48,7 @@ from torch import nn
 from .. import sites
 from ..hooks import HookedRootModule, HookPoint
 from ..processing import STEPS
+from ..protocol import HookedModel
 
 SAE_CFG_FILENAME = "cfg.json"
 SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"
@@ -337,7 +338,7 @@ class SAE(HookedRootModule):
     @classmethod
     def for_model(
         cls,
-        model: Any,
+        model: HookedModel,
         hook_name: str,
         d_sae: int,
         d_in: int | None = None,
@@ -601,7 +602,7 @@ def load_llama_scope(path: str | Path, **cfg: Any) -> SAE:
     return SAE.from_state_dict(state, config)
 
 
-def site_width(model: Any, site: str) -> int:
+def site_width(model: HookedModel, site: str) -> int:
     """The per-position width of ``site`` (heads flattened): what an SAE there has as d_in.
 
     Measured with a one-token forward that stops after the site's block."""

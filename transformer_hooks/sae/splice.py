@@ -59,6 +59,7 @@ from jaxtyping import Int
 
 from ..hooks import HookPoint
 from ..progress import tqdm
+from ..protocol import HookedModel
 from ..utils import next_token_mask
 from .core import PROCESSING_STEPS, SAE, site_width
 
@@ -102,7 +103,7 @@ def sites_changed_by(step: str, normalization_type: str) -> dict[str, str]:
 
 
 # Processing check ----------------------------------------------------------------------
-def check_sae_processing(model: Any, sae: SAE, warn: bool = True) -> list[str]:
+def check_sae_processing(model: HookedModel, sae: SAE, warn: bool = True) -> list[str]:
     """Problems from a mismatch between the model's weight processing and the SAE's.
 
     One message per processing step that one side has and the other lacks *and* that
@@ -174,7 +175,7 @@ def sae_splice_hook(sae: SAE, positions: Positions = None):
     return hook
 
 
-def check_sae_fits(model: Any, sae: SAE) -> str:
+def check_sae_fits(model: HookedModel, sae: SAE) -> str:
     """The model's site for ``sae`` (one name), after checking that it exists (closest names
     otherwise) and that its per-position width is the SAE's ``d_in``."""
     names = model.resolve_hook_names(sae.cfg.hook_name)
@@ -191,7 +192,7 @@ def check_sae_fits(model: Any, sae: SAE) -> str:
 
 
 @contextlib.contextmanager
-def mounted(model: Any, sae: SAE, site: str) -> Iterator[None]:
+def mounted(model: HookedModel, sae: SAE, site: str) -> Iterator[None]:
     """The SAE's hook points as sites of the model, ``<site>.hook_sae_acts_post`` & co."""
     added = {f"{site}.{name}": hp for name, hp in sae.hook_dict.items()}
     clash = sorted(set(added) & set(model.hook_dict))
@@ -210,7 +211,7 @@ def mounted(model: Any, sae: SAE, site: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def splice_sae(
-    model: Any, sae: SAE, use_error_term: bool | None = None, positions: Positions = None, check: bool = True
+    model: HookedModel, sae: SAE, use_error_term: bool | None = None, positions: Positions = None, check: bool = True
 ) -> Iterator[SAE]:
     """Every forward in the block runs with ``sae.cfg.hook_name`` replaced by its
     reconstruction (plus the error term if ``use_error_term``; default: the SAE's own
@@ -233,7 +234,7 @@ def splice_sae(
         sae.use_error_term = previous
 
 
-def feature_direction(sae: SAE, feature: int, model: Any = None) -> torch.Tensor:
+def feature_direction(sae: SAE, feature: int, model: HookedModel | None = None) -> torch.Tensor:
     """The decoder row ``W_dec[feature]`` in the site's per-position shape ([head, d_head]
     for hook_z SAEs when ``model`` is given), in the model's units: divided by the input
     scale of ``expected_average_only_in``."""
@@ -247,7 +248,7 @@ def feature_direction(sae: SAE, feature: int, model: Any = None) -> torch.Tensor
     return v
 
 
-def steer_with_feature(model: Any, sae: SAE, feature: int, coeff: float = 1.0, positions: Any = None):
+def steer_with_feature(model: HookedModel, sae: SAE, feature: int, coeff: float = 1.0, positions: Any = None):
     """A context manager adding ``coeff * W_dec[feature]`` at the SAE's site in every forward
     (generation included); ``positions`` as in ``transformer_hooks.interventions.steering.steering``."""
     from ..interventions.steering import steering
@@ -335,7 +336,7 @@ def _recovered(baseline: float, spliced: float, clean: float) -> float:
 
 @torch.no_grad()
 def evaluate_sae(
-    model: Any,
+    model: HookedModel,
     sae: SAE,
     tokens: Int[torch.Tensor, "batch pos"] | str | list[str],
     batch_size: int = 8,
@@ -366,7 +367,7 @@ def evaluate_sae(
     sum_site: torch.Tensor | None = None
     sum_x = torch.zeros(sae.cfg.d_in, dtype=torch.float64, device=sae.device)
     sum_sq = 0.0
-    loss_kwargs = dict(return_type="loss", loss_per_token=True)
+    loss_kwargs: dict[str, Any] = dict(return_type="loss", loss_per_token=True)
     bar = tqdm(total=2 * len(batches), desc="evaluating SAE", leave=False, delay=1.0)
     for tok, m in batches:
         nll, cache = model.run_with_cache(tok, attention_mask=m, names_filter=site, **loss_kwargs)

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from ..progress import tqdm
+from ..protocol import HookedModel
 from .core import SAE, jumprelu, step  # noqa: F401  (jumprelu, step: re-exported)
 
 ARCHITECTURES_TRAINED = ("standard", "jumprelu", "topk", "batchtopk")
@@ -58,7 +59,7 @@ def _batches(source: Any, site: str | None, batch_size: int, seed: int, device: 
         epoch += 1
 
 
-def _harvest_in_memory(model: Any, site: str, data: Any, batch_size: int = 8) -> torch.Tensor:
+def _harvest_in_memory(model: HookedModel, site: str, data: Any, batch_size: int = 8) -> torch.Tensor:
     tokens, mask = model.tokens_and_mask(data)
     rows = []
     for s in range(0, tokens.shape[0], batch_size):

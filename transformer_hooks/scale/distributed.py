@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from ..progress import tqdm
+from ..protocol import HookedModel
 from .process_group import (
     DEFAULT_TIMEOUT,
     RankFailedError,
@@ -204,7 +205,7 @@ def map_prompts(
 
 
 def gather_caches(
-    model: Any,
+    model: HookedModel,
     prompts: Sequence[Any],
     names_filter: Any,
     *,
@@ -239,7 +240,7 @@ def gather_caches(
 
 
 def harvest(
-    model: Any,
+    model: HookedModel,
     prompts: Any,
     names_filter: Any,
     out: str | os.PathLike[str] | None = None,
@@ -282,7 +283,7 @@ def logit_diff_metric(answer: int, contrast: int, pos: int = -1) -> Callable[[to
     return metric
 
 
-def _pair_tokens(model: Any, pair: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+def _pair_tokens(model: HookedModel, pair: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """(clean [1, pos], corrupt [1, pos], answer id, contrast id) of one prompt pair.
 
     A pair gives ``clean`` / ``corrupt`` as text or token-id lists, and ``answer`` /
@@ -315,7 +316,7 @@ def _pair_tokens(model: Any, pair: dict[str, Any]) -> tuple[torch.Tensor, torch.
 
 
 def patch_pair(
-    model: Any, pair: dict[str, Any], activation_name: str = "resid_pre", attribution: bool = False
+    model: HookedModel, pair: dict[str, Any], activation_name: str = "resid_pre", attribution: bool = False
 ) -> torch.Tensor:
     """One pair's sweep: TransformerLens's ``get_act_patch_{activation_name}`` (or
     ``get_attr_patch_...`` with ``attribution``) with the logit-difference metric."""
@@ -337,7 +338,7 @@ def patch_pair(
 
 
 def patching_sweep(
-    model: Any,
+    model: HookedModel,
     pairs: Sequence[dict[str, Any]],
     activation_name: str = "resid_pre",
     *,

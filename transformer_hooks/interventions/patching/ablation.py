@@ -30,6 +30,7 @@ import torch
 from jaxtyping import Float, Int
 
 from ... import sites
+from ...protocol import HookedModel
 from ...utils import check_index, get_act_name
 from .engine import (
     DEFAULT_MAX_BATCH_BYTES,
@@ -82,14 +83,14 @@ class _Selection:
         return act
 
 
-def _axes(model: Any, site: str) -> tuple[str, ...]:
+def _axes(model: HookedModel, site: str) -> tuple[str, ...]:
     row = sites.lookup(site)
     if row is None:
         return ("batch", "pos", "d")
     return row.axes_in(model.cfg)
 
 
-def _resolve(model: Any, ab: Ablation, n_pos: int) -> tuple[Ablation, _Selection]:
+def _resolve(model: HookedModel, ab: Ablation, n_pos: int) -> tuple[Ablation, _Selection]:
     """Check the indices of ``ab`` against its site (negative indices count from the end)."""
     model.resolve_hook_names([ab.site])  # an unknown site raises UnknownHookError here
     if ab.kind not in KINDS:
@@ -123,7 +124,7 @@ def _resolve(model: Any, ab: Ablation, n_pos: int) -> tuple[Ablation, _Selection
 
 # Ablation values ----------------------------------------------------------------------------
 def _reference_activations(
-    model: Any, reference: Any, names: Sequence[str]
+    model: HookedModel, reference: Any, names: Sequence[str]
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """Activations of the reference prompts at ``names`` and their padding mask (or None).
 
@@ -158,7 +159,7 @@ def _is_strings(x: Any) -> bool:
 
 
 def ablation_value(
-    model: Any,
+    model: HookedModel,
     site: str,
     kind: Kind,
     tokens: Int[torch.Tensor, "batch pos"],
@@ -226,7 +227,7 @@ def _feature_shape(t: torch.Tensor, axes: tuple[str, ...]) -> tuple[int, ...]:
 
 
 def _values(
-    model: Any,
+    model: HookedModel,
     tokens: torch.Tensor,
     ablations: Sequence[Ablation],
     reference: Any,
@@ -247,7 +248,7 @@ def _values(
     return out
 
 
-def _tokens(model: Any, tokens: Any) -> torch.Tensor:
+def _tokens(model: HookedModel, tokens: Any) -> torch.Tensor:
     toks, mask = model.tokens_and_mask(tokens)
     if mask is not None:
         raise ValueError("ablation compares positions across prompts: give prompts of equal token length")
@@ -256,7 +257,7 @@ def _tokens(model: Any, tokens: Any) -> torch.Tensor:
 
 # One call ---------------------------------------------------------------------------------
 def ablate(
-    model: Any,
+    model: HookedModel,
     tokens: Any,
     ablations: str | Ablation | Sequence[Ablation],
     *,
@@ -308,7 +309,7 @@ def _tup(x: Any) -> tuple[int, ...] | None:
 
 
 def run_ablations(
-    model: Any,
+    model: HookedModel,
     tokens: Any,
     ablations: Sequence[Ablation],
     metric: PatchingMetric,
@@ -358,7 +359,7 @@ def run_ablations(
 
 # Sweeps -------------------------------------------------------------------------------------
 def ablation_sweep(
-    model: Any,
+    model: HookedModel,
     tokens: Any,
     metric: PatchingMetric,
     activation_name: str = "z",

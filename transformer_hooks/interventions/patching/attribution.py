@@ -6,7 +6,7 @@ has the grid and shape of ``get_act_patch_X``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import torch
 from einops import rearrange
@@ -15,6 +15,7 @@ from jaxtyping import Float, Int
 from ... import sites as site_table  # `sites` names arguments here
 from ...components.softcap import softcap
 from ...hooks import HookPoint
+from ...protocol import HookedModel
 from .engine import (
     PatchingMetric,
     _check_axes,
@@ -41,12 +42,9 @@ from .sweeps import (
     _shape_doc,
 )
 
-if TYPE_CHECKING:
-    from ...model import HookedTransformer
-
 
 def attribution_products(
-    model: HookedTransformer,
+    model: HookedModel,
     corrupted_tokens: Int[torch.Tensor, "batch pos"],
     clean_cache: Any,
     patching_metric: PatchingMetric,
@@ -67,7 +65,9 @@ def attribution_products(
     return {site: (clean[site] - acts[site]) * grads[site] for site in clean}
 
 
-def _clean_sites(model: Any, clean_cache: Any, sites: Sequence[str], tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+def _clean_sites(
+    model: HookedModel, clean_cache: Any, sites: Sequence[str], tokens: torch.Tensor
+) -> dict[str, torch.Tensor]:
     clean = {}
     for site in sites:
         model.resolve_hook_names([site])
@@ -81,7 +81,7 @@ def _clean_sites(model: Any, clean_cache: Any, sites: Sequence[str], tokens: tor
 
 
 def _acts_and_grads(
-    model: Any,
+    model: HookedModel,
     tokens: torch.Tensor,
     patching_metric: PatchingMetric,
     sites: Sequence[str],
@@ -144,7 +144,7 @@ METHODS = ("atp", "atp*")
 
 
 def generic_attribution_patch(
-    model: HookedTransformer,
+    model: HookedModel,
     corrupted_tokens: Int[torch.Tensor, "batch pos"],
     clean_cache: Any,
     patching_metric: PatchingMetric,
@@ -193,7 +193,7 @@ def generic_attribution_patch(
 
 
 def _attribution(
-    model: HookedTransformer,
+    model: HookedModel,
     corrupted_tokens: Any,
     clean_cache: Any,
     patching_metric: PatchingMetric,
@@ -241,7 +241,7 @@ def _attribution(
     return [cast(torch.Tensor, sum(run[i].abs() for run in runs)) / max(n_layers - 1, 1) for i in range(len(kinds))]
 
 
-def _post_names(model: Any, layer: int) -> tuple[str, str]:
+def _post_names(model: HookedModel, layer: int) -> tuple[str, str]:
     """The query and key vectors the scores are made of: after q/k norms and rotary."""
     if model.cfg.qk_norm == "all":
         raise ValueError(
@@ -256,7 +256,7 @@ def _post_names(model: Any, layer: int) -> tuple[str, str]:
 
 
 def _qk_sites(
-    model: Any, clean_cache: Any, tokens: torch.Tensor, layers: Sequence[int]
+    model: HookedModel, clean_cache: Any, tokens: torch.Tensor, layers: Sequence[int]
 ) -> tuple[list[str], dict[str, torch.Tensor]]:
     """Sites the QK fix reads in the corrupted run, and the clean query/key vectors."""
     extra, clean = [], {}
@@ -276,7 +276,7 @@ def _scores(attn: Any, q: torch.Tensor, k: torch.Tensor, group: int) -> Float[to
 
 
 def _qk_fixed(
-    model: Any,
+    model: HookedModel,
     layer: int,
     which: str,
     axes: tuple[str, ...],
@@ -328,7 +328,7 @@ def _attr(name: str, activation_name: str, index_axis_names: tuple[str, ...], wh
     """The attribution counterpart of ``_sweep``, called ``name``: same site, axes and output shape."""
 
     def attribution(
-        model: Any,
+        model: HookedModel,
         corrupted_tokens: Int[torch.Tensor, "batch pos"],
         clean_cache: Any,
         patching_metric: PatchingMetric,
@@ -408,7 +408,7 @@ get_attr_patch_attn_head_pattern_all_pos = _attr(
 
 
 def get_attr_patch_block_every(
-    model: Any,
+    model: HookedModel,
     corrupted_tokens: Int[torch.Tensor, "batch pos"],
     clean_cache: Any,
     metric: PatchingMetric,
@@ -423,7 +423,7 @@ def get_attr_patch_block_every(
 
 
 def get_attr_patch_attn_head_all_pos_every(
-    model: Any,
+    model: HookedModel,
     corrupted_tokens: Int[torch.Tensor, "batch pos"],
     clean_cache: Any,
     metric: PatchingMetric,
@@ -437,7 +437,7 @@ def get_attr_patch_attn_head_all_pos_every(
 
 
 def get_attr_patch_attn_head_by_pos_every(
-    model: Any,
+    model: HookedModel,
     corrupted_tokens: Int[torch.Tensor, "batch pos"],
     clean_cache: Any,
     metric: PatchingMetric,

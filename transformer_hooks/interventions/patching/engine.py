@@ -10,7 +10,7 @@ import itertools
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
@@ -18,11 +18,8 @@ from jaxtyping import Float, Int
 from ... import sites
 from ...hooks import HookPoint
 from ...progress import tqdm
+from ...protocol import HookedModel
 from ...utils import check_index, get_act_name
-
-if TYPE_CHECKING:
-    from ...model import HookedTransformer
-
 
 Logits = Float[torch.Tensor, "batch pos d_vocab"]
 PatchingMetric = Callable[[Logits], Any]
@@ -45,7 +42,7 @@ def _layout(site: str) -> tuple[str, ...]:
     return tuple(_SWEEP_AXIS.get(a, a if a in ("batch", "pos", "head") else "d") for a in axes)
 
 
-def _axis_sizes(model: HookedTransformer, site: str, n_pos: int) -> dict[str, int]:
+def _axis_sizes(model: HookedModel, site: str, n_pos: int) -> dict[str, int]:
     row = sites.lookup(site)
     heads = model.cfg.n_kv_heads if row is not None and "kv_head" in row.axes else model.cfg.n_heads
     return {
@@ -119,7 +116,7 @@ def _pandas(what: str) -> Any:
 
 
 # Checks, all before any forward --------------------------------------------------------
-def _corrupted_tokens(model: HookedTransformer, corrupted_tokens: Any) -> Int[torch.Tensor, "batch pos"]:
+def _corrupted_tokens(model: HookedModel, corrupted_tokens: Any) -> Int[torch.Tensor, "batch pos"]:
     tokens, mask = model.tokens_and_mask(corrupted_tokens)
     if mask is not None:
         raise ValueError(
@@ -129,7 +126,7 @@ def _corrupted_tokens(model: HookedTransformer, corrupted_tokens: Any) -> Int[to
     return tokens
 
 
-def _site(model: HookedTransformer, activation_name: str, layer: int | None) -> str:
+def _site(model: HookedModel, activation_name: str, layer: int | None) -> str:
     """The full hook name (TL: the first index is the layer), checked against the model."""
     try:
         name = get_act_name(activation_name, layer=layer, n_layers=model.cfg.n_layers)
@@ -139,7 +136,7 @@ def _site(model: HookedTransformer, activation_name: str, layer: int | None) -> 
     return name
 
 
-def _clean_activation(model: HookedTransformer, clean_cache: Any, site: str, tokens: torch.Tensor) -> torch.Tensor:
+def _clean_activation(model: HookedModel, clean_cache: Any, site: str, tokens: torch.Tensor) -> torch.Tensor:
     """The clean activation of ``site``, checked against the corrupted tokens' shape."""
     if not getattr(clean_cache, "has_batch_dim", True):
         raise ValueError(
@@ -187,7 +184,7 @@ def _check_metric_output(value: Any, n_patches: int, vectorized: bool) -> torch.
     return value.detach().float().reshape(1)
 
 
-def _trial_metric(model: HookedTransformer, metric: PatchingMetric, tokens: torch.Tensor, vectorized: bool) -> None:
+def _trial_metric(model: HookedModel, metric: PatchingMetric, tokens: torch.Tensor, vectorized: bool) -> None:
     """Call the metric once on zero logits, to check the shape it returns before any forward."""
     shape = (1, *tokens.shape, model.cfg.d_vocab) if vectorized else (*tokens.shape, model.cfg.d_vocab)
     try:
@@ -233,7 +230,7 @@ class Patch:
 
 
 def _grid(
-    model: HookedTransformer, activation_name: str, axes: Sequence[str], n_pos: int
+    model: HookedModel, activation_name: str, axes: Sequence[str], n_pos: int
 ) -> tuple[list[int], list[tuple[int, ...]]]:
     """A site's grid over ``axes`` (layer first): its sizes, and every index in it in order."""
     sizes = _axis_sizes(model, _site(model, activation_name, 0), n_pos)
@@ -242,7 +239,7 @@ def _grid(
 
 
 def sweep_patches(
-    model: HookedTransformer,
+    model: HookedModel,
     tokens: torch.Tensor,
     clean_cache: Any,
     patches: list[Patch],
@@ -259,7 +256,7 @@ def sweep_patches(
 
 
 def run_patches(
-    model: HookedTransformer,
+    model: HookedModel,
     corrupted_tokens: Int[torch.Tensor, "batch pos"],
     clean_activations: dict[str, torch.Tensor],
     patches: Sequence[Patch],
@@ -319,7 +316,7 @@ def run_patches(
 
 
 def _growing_forward(
-    model: HookedTransformer,
+    model: HookedModel,
     tokens: torch.Tensor,
     resid_pre: dict[int, torch.Tensor],
     joins: list[tuple[int, int]],
@@ -346,7 +343,7 @@ def _growing_forward(
 
 
 def _final(
-    model: HookedTransformer, input: torch.Tensor, start: int | None, positions: list[int] | None
+    model: HookedModel, input: torch.Tensor, start: int | None, positions: list[int] | None
 ) -> Float[torch.Tensor, "rows pos d_vocab"]:
     """The rest of the forward from block ``start`` (tokens if None); with ``positions``,
     only those positions are unembedded and the others are NaN."""
@@ -370,7 +367,7 @@ def _final(
 
 
 def _metric_positions(
-    model: HookedTransformer,
+    model: HookedModel,
     metric: PatchingMetric,
     tokens: torch.Tensor,
     metric_positions: int | Sequence[int] | None,
@@ -399,7 +396,7 @@ def _metric_positions(
     return positions
 
 
-def _chunk_size(model: HookedTransformer, tokens: torch.Tensor, max_batch_bytes: int) -> int:
+def _chunk_size(model: HookedModel, tokens: torch.Tensor, max_batch_bytes: int) -> int:
     """Patches per forward that keep the forward's activations under ``max_batch_bytes``.
 
     Per patch row: the logits (twice: output and the metric's working copy), a few
@@ -453,7 +450,7 @@ def _metric_per_patch(
 
 # TransformerLens's API ----------------------------------------------------------------------
 def generic_activation_patch(
-    model: HookedTransformer,
+    model: HookedModel,
     corrupted_tokens: Int[torch.Tensor, "batch pos"],
     clean_cache: Any,
     patching_metric: PatchingMetric,

@@ -7,12 +7,13 @@ of chunks.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from einops import rearrange
 from jaxtyping import Float, Int
 
+from ...protocol import HookedModel
 from .engine import (
     DEFAULT_MAX_BATCH_BYTES,
     Patch,
@@ -30,10 +31,6 @@ from .engine import (
     layer_pos_patch_setter,
     sweep_patches,
 )
-
-if TYPE_CHECKING:
-    from ...model import HookedTransformer
-
 
 _POS = ("layer", "pos")
 _POS_HEAD = ("layer", "pos", "head")
@@ -66,7 +63,7 @@ def _sweep(
     axes fixed."""
 
     def sweep(
-        model: HookedTransformer,
+        model: HookedModel,
         corrupted_tokens: Int[torch.Tensor, "batch pos"],
         clean_cache: Any,
         patching_metric: PatchingMetric,
@@ -227,7 +224,7 @@ _HEAD_BY_POS_KINDS = (
 
 
 def _every(
-    model: HookedTransformer,
+    model: HookedModel,
     corrupted_tokens: Any,
     clean_cache: Any,
     patching_metric: PatchingMetric,
@@ -262,7 +259,7 @@ def _pad_heads(t: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def get_act_patch_block_every(
-    model: HookedTransformer,
+    model: HookedModel,
     corrupted_tokens: Int[torch.Tensor, "batch pos"],
     clean_cache: Any,
     metric: PatchingMetric,
@@ -273,7 +270,7 @@ def get_act_patch_block_every(
 
 
 def get_act_patch_attn_head_all_pos_every(
-    model: HookedTransformer,
+    model: HookedModel,
     corrupted_tokens: Int[torch.Tensor, "batch pos"],
     clean_cache: Any,
     metric: PatchingMetric,
@@ -288,7 +285,7 @@ def get_act_patch_attn_head_all_pos_every(
 
 
 def get_act_patch_attn_head_by_pos_every(
-    model: HookedTransformer,
+    model: HookedModel,
     corrupted_tokens: Int[torch.Tensor, "batch pos"],
     clean_cache: Any,
     metric: PatchingMetric,
