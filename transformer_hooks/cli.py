@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     parity.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"text to run (default: {DEFAULT_PROMPT!r})")
     parity.set_defaults(func=cmd_parity)
 
-    from .activations import add_harvest_arguments, run_harvest
+    from .scale.harvest import add_harvest_arguments, run_harvest
 
     harvest = sub.add_parser(
         "harvest", help="store sites' activations over a corpus (resumable; data-parallel under torchrun)"

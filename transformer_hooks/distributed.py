@@ -258,7 +258,7 @@ def harvest(
                 "harvest(..., out=DIR) writes a dataset, which resumes in DIR itself and keeps "
                 "activations per position: drop reduce= and resume_dir= (or drop out= to gather caches)"
             )
-        from .activations import harvest as harvest_to_disk
+        from .scale.harvest import harvest as harvest_to_disk
 
         return harvest_to_disk(
             model, prompts, names_filter, Path(out), timeout=timeout, progress=progress, **dataset_options

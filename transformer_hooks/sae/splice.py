@@ -426,8 +426,8 @@ def run_sae_eval(args: Any) -> int:
     """Load the model and the SAE, pack the corpus into contexts, print ``evaluate_sae``'s metrics."""
     import json
 
-    from ..activations import _contexts
     from ..model import HookedTransformer
+    from ..scale.corpus import pack_contexts
 
     load = HookedTransformer.from_pretrained_no_processing if args.no_processing else HookedTransformer.from_pretrained
     model = load(args.model, device=args.device)
@@ -435,7 +435,7 @@ def run_sae_eval(args: Any) -> int:
     rows = []
     for _, (tokens, mask) in zip(
         range(max(1, args.max_tokens // args.context_size)),
-        _contexts(model, args.data, args.context_size, model.cfg.default_prepend_bos, args.text_key, None),
+        pack_contexts(model, args.data, args.context_size, model.cfg.default_prepend_bos, args.text_key, None),
         strict=False,
     ):
         rows.append((tokens, mask))

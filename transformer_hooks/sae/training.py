@@ -142,7 +142,7 @@ def train_sae(
         raise ValueError(f"a {architecture} SAE needs k, the number of active features per token")
     if d_sae is None or site is None:
         raise ValueError("train_sae needs the site and d_sae, e.g. train_sae(dataset, 'blocks.3.hook_resid_post', 512)")
-    from ..activations import ActivationDataset
+    from ..scale.dataset import ActivationDataset
     from .core import PROCESSING_STEPS, SAEConfig
 
     meta: dict[str, Any] = {}

@@ -1,0 +1,1 @@
+"""Work at scale: harvesting activations to disk, sweeps over processes."""
