@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..tokens import bos_id, pad_id, require_tokenizer
+from .resume import unnamed
 
 Corpus = str | Path | Sequence[str] | torch.Tensor | np.ndarray
 PositionChoice = str | torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
@@ -136,12 +137,19 @@ def select_positions(
     return chosen
 
 
-def corpus_hash(corpus: Corpus) -> str:
+def corpus_hash(corpus: Corpus, name: str | None = None) -> str:
+    """The corpus's content hash: a file's bytes, the tokens, the strings. A one-shot iterable
+    cannot be hashed without consuming it: it is known by the ``name`` its caller gives it
+    (or by a value no rerun equals)."""
     h = hashlib.sha256()
     if isinstance(corpus, (str, Path)):
         p = Path(corpus)
-        st = p.stat()
-        h.update(f"file:{p.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+        if not p.is_file():
+            raise FileNotFoundError(f"no corpus file {p}: pass a text or .jsonl file, a list of strings or tokens")
+        h.update(f"file:{p.suffix == '.jsonl'}:".encode())
+        with p.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
     elif isinstance(corpus, (torch.Tensor, np.ndarray)):
         h.update(f"tokens:{tuple(corpus.shape)}".encode())
         for i in range(0, corpus.shape[0], 1 << 16):  # piece by piece, as the tokens are read
@@ -151,6 +159,6 @@ def corpus_hash(corpus: Corpus) -> str:
         for doc in corpus:
             h.update(doc.encode())
             h.update(b"\0")
-    else:  # a one-shot iterable: nothing to hash without consuming it; resuming needs the same stream again
-        h.update(b"iterable")
+    else:
+        return f"named {name}" if name is not None else unnamed("one-shot iterable")
     return h.hexdigest()[:16]

@@ -4,7 +4,6 @@ and ``check_model(model)``."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .shards import DTYPES, FORMAT, MANIFEST, open_shard
+from .shards import DTYPES, MANIFEST, open_shard, read_manifest, shard_path
 
 
 class ActivationDataset:
@@ -22,13 +21,24 @@ class ActivationDataset:
         self.path = Path(path)
         if not (self.path / MANIFEST).is_file():
             raise FileNotFoundError(f"{self.path} has no {MANIFEST}: it is not a harvested activation dataset")
-        self.manifest = json.loads((self.path / MANIFEST).read_text())
-        if self.manifest.get("format") != FORMAT:
-            raise ValueError(f"{self.path / MANIFEST} is format {self.manifest.get('format')!r}, expected {FORMAT!r}")
-        self.sites: list[str] = list(self.manifest["sites"])
-        self.dtype = DTYPES[self.manifest["dtype"]]
-        for entry in self.manifest["shards"]:  # a cheap check of every shard now; the header when first read
-            f = self.path / entry["file"]
+        self.manifest = read_manifest(self.path / MANIFEST, self.path)
+        sites, dtype = self.manifest.get("sites"), self.manifest.get("dtype")
+        if (
+            not isinstance(sites, dict)
+            or not sites
+            or not all(isinstance(w, int) and w > 0 for w in sites.values())
+            or not isinstance(dtype, str)
+            or dtype not in DTYPES
+        ):
+            raise ValueError(
+                f"the manifest {self.path / MANIFEST} is invalid (sites {sites!r}, dtype {dtype!r}); delete "
+                f"the directory {self.path} and harvest again"
+            )
+        self.sites: list[str] = list(sites)
+        self.dtype = DTYPES[dtype]
+        self._files = [shard_path(self.path, e["file"], self.path / MANIFEST) for e in self.manifest["shards"]]
+        for f, entry in zip(self._files, self.manifest["shards"], strict=True):
+            # a cheap check of every shard now; the header when first read
             size = f.stat().st_size if f.exists() else -1
             if size != entry["bytes"]:
                 raise ValueError(
@@ -76,7 +86,12 @@ class ActivationDataset:
         shard = self._shards[i]
         if shard is None:
             entry = self.manifest["shards"][i]
-            tensors = open_shard(self.path / entry["file"])
+            tensors = open_shard(self._files[i])
+            missing = sorted({*self.sites, "tokens", "row_context", "row_position"} - set(tensors))
+            if missing:
+                raise ValueError(
+                    f"activation shard {self._files[i]} lacks {missing}: rerun harvest with the same arguments"
+                )
             if tensors["row_context"].shape[0] != entry["n_rows"]:
                 raise ValueError(
                     f"activation shard {entry['file']} has {tensors['row_context'].shape[0]} rows, the "
@@ -96,9 +111,7 @@ class ActivationDataset:
     ) -> torch.Tensor:
         """Rows [len(index), width] of ``site``, in the order given."""
         site = self._site(site)
-        index = np.asarray(index, dtype=np.int64)
-        if index.size and (index.min() < 0 or index.max() >= len(self)):
-            raise IndexError(f"row index out of range for a dataset of {len(self)} rows")
+        index = self._index(index)
         shard_of = np.searchsorted(self._row_starts, index, side="right") - 1
         out = torch.empty(len(index), self.width(site), dtype=self.dtype)
         for s in np.unique(shard_of):
@@ -106,6 +119,17 @@ class ActivationDataset:
             local = index[where] - self._row_starts[s]
             out[torch.from_numpy(where)] = self._to_torch(self._shard(int(s))[site][local])
         return out if device is None else out.to(device)
+
+    def _index(self, rows: Any) -> np.ndarray:
+        """Row numbers as int64, each in [0, len): a clear IndexError otherwise."""
+        arr = np.atleast_1d(np.asarray(rows.cpu() if isinstance(rows, torch.Tensor) else rows))
+        if arr.size and not np.issubdtype(arr.dtype, np.integer):
+            raise IndexError(f"rows must be integers, got {arr.dtype}")
+        arr = arr.astype(np.int64).reshape(-1)
+        bad = arr[(arr < 0) | (arr >= len(self))]
+        if bad.size:
+            raise IndexError(f"row {int(bad[0])} is out of range: {self.path} holds rows 0..{len(self) - 1}")
+        return arr
 
     def __getitem__(self, index: Any) -> torch.Tensor:
         if isinstance(index, slice):
@@ -122,6 +146,8 @@ class ActivationDataset:
         drop_last: bool = False,
     ) -> Iterator[torch.Tensor]:
         """Batches [batch, width] of ``site``: in order, or a seeded shuffle of all rows."""
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         order = np.random.default_rng(seed).permutation(len(self)) if shuffle else np.arange(len(self))
         for start in range(0, len(self), batch_size):
             idx = order[start : start + batch_size]
@@ -131,7 +157,7 @@ class ActivationDataset:
 
     def tokens_of(self, rows: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """For each row: its context's tokens [rows, context_size] and its position [rows]."""
-        rows = np.atleast_1d(np.asarray(rows, dtype=np.int64))
+        rows = self._index(rows)
         contexts, positions = [], []
         for r in rows:
             s = int(np.searchsorted(self._row_starts, r, side="right") - 1)

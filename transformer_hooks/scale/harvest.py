@@ -40,10 +40,11 @@ from __future__ import annotations
 
 import datetime
 import errno
-import json
 import math
+import re
 import warnings
 from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -66,10 +67,24 @@ from ..process_group import (
     rank_and_world,
     shard_bounds,
 )
-from ..tokens import bos_id
+from ..tokens import bos_id, pad_id
 from .corpus import Corpus, PositionChoice, corpus_hash, pack_contexts, select_positions
 from .dataset import ActivationDataset
-from .shards import DTYPES, FORMAT, MANIFEST, PROGRESS, fsync_write, open_shard, write_manifest
+from .resume import KEY_VERSION, check_same, tensor_hash, tokenizer_hash, unnamed, weights_hash
+from .shards import (
+    DTYPES,
+    FORMAT,
+    LOCK,
+    MANIFEST,
+    PROGRESS,
+    SHARD_NAME,
+    fsync_write,
+    holding,
+    open_shard,
+    read_manifest,
+    shard_path,
+    write_manifest,
+)
 
 
 def _site_layer(site: str) -> int | None:
@@ -78,6 +93,42 @@ def _site_layer(site: str) -> int | None:
     if parts[0] == "blocks":
         return int(parts[1])
     return -1 if site in ("hook_embed", "hook_pos_embed", "hook_tokens") else None
+
+
+def _cut(
+    contexts: Iterator[tuple[torch.Tensor, torch.Tensor]], start: int, last: int, keep: int, pad: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``contexts`` (the first is context ``start``) with context ``last`` cut to its first
+    ``keep`` positions: the rest becomes padding, so the harvest holds exactly ``max_tokens``."""
+    for i, (tokens, mask) in enumerate(contexts, start):
+        if i == last and keep < len(tokens):
+            tokens, mask = tokens.clone(), mask.clone()
+            tokens[keep:], mask[keep:] = pad, False
+        yield tokens, mask
+
+
+def _is_ours(name: str) -> bool:
+    """A name a harvest writes in its directory (beside it, the directory may hold anything the user put there)."""
+    return (
+        name in (MANIFEST, LOCK, f".{MANIFEST}.tmp")
+        or re.fullmatch(r"rank_\d{5}", name) is not None
+        or SHARD_NAME.fullmatch(name) is not None
+        or SHARD_NAME.fullmatch(name.removeprefix(".").removesuffix(".tmp")) is not None
+    )
+
+
+def _check_owned(out: Path) -> None:
+    """Refuse an ``out`` that is a file, or a directory holding files but no harvest."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"out={out} is a file; harvest writes a dataset directory")
+    if not out.is_dir() or (out / MANIFEST).exists():
+        return
+    foreign = sorted(f.name for f in out.iterdir() if not _is_ours(f.name))
+    if foreign:
+        raise FileExistsError(
+            f"{out} is not empty ({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}) and holds no "
+            f"harvest: harvest writes into a new or empty directory it owns. Pass another out directory"
+        )
 
 
 # Harvest -----------------------------------------------------------------------------------
@@ -113,6 +164,7 @@ def harvest(
     prepend_bos: bool | None = None,
     text_key: str = "text",
     attention_mask: Any = None,
+    resume_name: str | None = None,
     progress: bool = True,
     timeout: datetime.timedelta = DEFAULT_TIMEOUT,
 ) -> ActivationDataset:
@@ -122,10 +174,16 @@ def harvest(
     contexts [n, context_size] (with ``attention_mask`` for padding). ``sites``: hook names
     or globs. ``positions``: ``"all"`` real tokens, ``"last"`` (the last real token of each
     context), a bool mask [contexts, context_size], or a function of a batch's tokens
-    [batch, context_size] giving one (a resumed harvest cannot compare functions: pass the
-    same). ``dtype``: float32, float16 or bfloat16. ``max_tokens``: stop after that
-    many tokens of contexts. Resumes an interrupted harvest with the same arguments;
-    returns the dataset.
+    [batch, context_size] giving one. ``dtype``: float32, float16 or bfloat16.
+    ``max_tokens``: exactly that many tokens of contexts (the last context cut short).
+
+    ``out`` is a new or empty directory, or one of harvest's datasets: a rerun with the same
+    inputs continues an interrupted harvest (or returns the finished one); one with other
+    inputs is refused, naming what changed (the resume key: the weights' content hash, the
+    tokenizer, the corpus's content hash, sites, every position and masking option, sizes,
+    dtype, the format version). A one-shot iterable corpus or a positions function cannot
+    be hashed: ``resume_name`` names them, and without it such a harvest cannot be resumed.
+    One harvest at a time holds ``out`` (a lock file). Returns the dataset.
 
     Under ``torchrun`` (or with a process group initialised) every rank calls this with
     the same arguments and ``out`` on a filesystem they share: each takes a contiguous
@@ -138,13 +196,20 @@ def harvest(
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if context_size < 2:
-        raise ValueError(f"context_size must be at least 2, got {context_size}")
+    for arg, value, least in (
+        ("context_size", context_size, 2),
+        ("batch_size", batch_size, 1),
+        ("shard_tokens", shard_tokens, 1),
+        ("max_tokens", 1 if max_tokens is None else max_tokens, 1),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{arg} must be an int of at least {least}, got {value!r}")
     names = model.resolve_hook_names(sites)
     for name in names:
         if name.endswith(("hook_attn_scores", "hook_pattern")):
             raise ValueError(f"{name} is per (query, key) pair, not per position; harvest takes per-position sites")
     out = Path(out)
+    _check_owned(out)
     out.mkdir(parents=True, exist_ok=True)
     prepend_bos = model.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
     bos = None
@@ -154,18 +219,36 @@ def harvest(
         except ValueError:  # no BOS token: nothing to leave out
             bos = None
     shard_contexts = max(1, shard_tokens // (context_size * batch_size)) * batch_size
-    max_contexts = None if max_tokens is None else max(1, math.ceil(max_tokens / context_size))
+    max_contexts = None if max_tokens is None else math.ceil(max_tokens / context_size)
     layers = [_site_layer(n) for n in names]
     known = [layer for layer in layers if layer is not None]
     stop = None if len(known) < len(layers) else max(known) + 1
+    if callable(positions):
+        positions_key = f"named {resume_name}" if resume_name is not None else unnamed("positions function")
+    elif isinstance(positions, str):
+        positions_key = positions
+    else:
+        chosen = torch.as_tensor(positions)
+        if chosen.ndim != 2 or chosen.shape[1] != context_size:
+            raise ValueError(
+                f"positions mask has shape {tuple(chosen.shape)}; expected [contexts, context_size={context_size}]"
+            )
+        if isinstance(corpus, (torch.Tensor, np.ndarray)) and corpus.ndim == 2 and chosen.shape[0] < corpus.shape[0]:
+            raise ValueError(
+                f"positions mask has {chosen.shape[0]} rows for {corpus.shape[0]} contexts: one row per context"
+            )
+        positions_key = tensor_hash(chosen.bool())
     fingerprint = {
-        "corpus": corpus_hash(corpus),
+        "key_version": KEY_VERSION,
+        "weights": weights_hash(model),
+        "tokenizer": tokenizer_hash(model.tokenizer),
+        "corpus": corpus_hash(corpus, resume_name),
+        "attention_mask": None if attention_mask is None else tensor_hash(torch.as_tensor(attention_mask).bool()),
+        "max_tokens": max_tokens,
         "sites": names,
         "context_size": context_size,
         "batch_size": batch_size,
-        "positions": positions
-        if isinstance(positions, str)
-        else ("function" if callable(positions) else corpus_hash(torch.as_tensor(positions).to(torch.uint8))),
+        "positions": positions_key,
         "exclude_bos": exclude_bos,
         "dtype": dtype,
         "shard_contexts": shard_contexts,
@@ -175,8 +258,13 @@ def harvest(
     }
 
     def contexts(start: int, end: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Contexts [start, end) of the corpus (the ones before ``start`` are read and dropped)."""
-        return islice(pack_contexts(model, corpus, context_size, prepend_bos, text_key, attention_mask), start, end)
+        """Contexts [start, end) of the corpus (the ones before ``start`` are read and dropped);
+        with ``max_tokens``, the context that reaches it ends there (the rest is padding)."""
+        packed = islice(pack_contexts(model, corpus, context_size, prepend_bos, text_key, attention_mask), start, end)
+        if max_tokens is None or max_contexts is None:
+            return packed
+        keep = max_tokens - (max_contexts - 1) * context_size
+        return _cut(packed, start, max_contexts - 1, keep, pad_id(model.tokenizer, model.cfg))
 
     def run(place: _Place, state: dict[str, Any], end: int | None, desc: str, show: bool) -> None:
         first = state.get("first_context", 0) + state["n_contexts"]
@@ -212,13 +300,14 @@ def harvest(
     rank, world = rank_and_world()
     desc = f"harvesting {len(names)} site(s)"
     if world == 1:
-        if _done(out, model, fingerprint):
+        with holding(out):
+            if _done(out, model, fingerprint):
+                return ActivationDataset(out)
+            place = _Place(out, out, out / MANIFEST)
+            manifest = _resume(place, model, fingerprint)
+            if not manifest["complete"]:
+                run(place, manifest, max_contexts, desc, progress)
             return ActivationDataset(out)
-        place = _Place(out, out, out / MANIFEST)
-        manifest = _resume(place, model, fingerprint)
-        if not manifest["complete"]:
-            run(place, manifest, max_contexts, desc, progress)
-        return ActivationDataset(out)
 
     # Under torchrun: a contiguous range of whole batches per rank, so that every batch is
     # the batch one process runs (the same rows side by side: the same bits).
@@ -243,7 +332,10 @@ def harvest(
     place = _Place.of_rank(out, rank)
     state: dict[str, Any] | None = None
     error: BaseException | None = None
+    locks = ExitStack()
     try:
+        locks.enter_context(holding(out, shared=True))  # the ranks of this harvest share the directory,
+        locks.enter_context(holding(place.shards))  # and each holds its own
         if rank == 0:  # an empty, incomplete dataset until every rank has finished
             write_manifest(out / MANIFEST, {**_fresh_manifest(model, fingerprint), "world_size": world})
         place.shards.mkdir(exist_ok=True)
@@ -267,6 +359,8 @@ def harvest(
         if error is not None:  # this rank's own failure: keep its traceback
             raise e from error
         raise
+    finally:
+        locks.close()
     return ActivationDataset(out)
 
 
@@ -388,21 +482,17 @@ def _fresh_manifest(model: Any, fingerprint: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_same_harvest(where: Path, manifest: dict[str, Any], fresh: dict[str, Any]) -> None:
-    """Raise unless ``manifest`` (found in ``where``) records the harvest ``fresh`` starts."""
-    for key in ("model_name", "processing"):
-        if manifest.get(key) != fresh[key]:
-            raise ValueError(
-                f"{where} holds a harvest of another model ({key}: {manifest.get(key)!r}, this model "
-                f"{fresh[key]!r}); use another out directory or delete it"
-            )
-    old, new = manifest.get("fingerprint", {}), fresh["fingerprint"]
-    differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if differ:
-        raise ValueError(
-            f"{where} holds a harvest made with other arguments (they differ in {', '.join(differ)}); "
-            f"rerun with the same arguments (and number of processes) to continue it, or use another "
-            f"out directory"
-        )
+    """Raise unless ``manifest`` (found in ``where``) records the harvest ``fresh`` starts,
+    naming every entry of the resume key that differs."""
+    old = {k: manifest.get(k) for k in ("model_name", "processing")} | manifest.get("fingerprint", {})
+    new = {k: fresh[k] for k in ("model_name", "processing")} | fresh["fingerprint"]
+    check_same(
+        where,
+        "a harvest",
+        old,
+        new,
+        f"delete {where} or pass another out directory (and the same number of processes to continue)",
+    )
 
 
 def _resume(place: _Place, model: Any, fingerprint: dict[str, Any], first_context: int | None = None) -> dict[str, Any]:
@@ -412,16 +502,19 @@ def _resume(place: _Place, model: Any, fingerprint: dict[str, Any], first_contex
     if first_context is not None:
         fresh["first_context"] = first_context
     if place.state.exists():
-        manifest = json.loads(place.state.read_text())
+        manifest = read_manifest(
+            place.state, place.root, "manifest" if place.state.name == MANIFEST else "progress file"
+        )
         _check_same_harvest(place.shards, manifest, fresh)
         good = []
         for entry in manifest["shards"]:
+            f = shard_path(place.root, entry["file"], place.state)
             try:
-                if (place.root / entry["file"]).stat().st_size != entry["bytes"]:
+                if f.stat().st_size != entry["bytes"]:
                     raise ValueError("size")
-                open_shard(place.root / entry["file"])
+                open_shard(f)
             except (OSError, ValueError):
-                warnings.warn(f"{place.root / entry['file']} is damaged: harvesting again from it on", stacklevel=3)
+                warnings.warn(f"{f} is damaged: harvesting again from it on", stacklevel=3)
                 break
             good.append(entry)
         if len(good) < len(manifest["shards"]):
@@ -436,15 +529,12 @@ def _resume(place: _Place, model: Any, fingerprint: dict[str, Any], first_contex
             write_manifest(place.state, manifest)
     else:
         manifest = fresh
-    listed = {(place.root / e["file"]).name for e in manifest["shards"]} | {place.state.name}
-    # Temp files and shards a kill left unlisted; ".tmp*" are safetensors' own temp files (it
-    # writes to ".tmpXXXXXX" beside the target, then renames). Under torchrun each rank
-    # cleans only its own directory.
+    # The temporary files a kill left (exactly the names fsync_write gives); an unlisted shard a
+    # kill left is rewritten in place when the harvest reaches it. Nothing else is deleted.
     for f in place.shards.iterdir():
-        if (
-            f.is_file()
-            and f.name not in listed
-            and f.name.startswith((".shard_", ".manifest", f".{PROGRESS}", "shard_", ".tmp"))
+        if f.is_file() and (
+            f.name == f".{place.state.name}.tmp"
+            or (f.name.startswith(".") and SHARD_NAME.fullmatch(f.name[1:].removesuffix(".tmp")) and f.suffix == ".tmp")
         ):
             f.unlink()
     if not place.state.exists():
@@ -460,10 +550,10 @@ def _done(out: Path, model: Any, fingerprint: dict[str, Any]) -> bool:
     path = out / MANIFEST
     if not path.exists():
         return False
-    manifest = json.loads(path.read_text())
+    manifest = read_manifest(path, out)
     fresh = _fresh_manifest(model, fingerprint)
     done = bool(manifest["complete"]) and all(
-        (out / e["file"]).is_file() and (out / e["file"]).stat().st_size == e["bytes"] for e in manifest["shards"]
+        (f := shard_path(out, e["file"], path)).is_file() and f.stat().st_size == e["bytes"] for e in manifest["shards"]
     )
     if done:
 
@@ -527,7 +617,12 @@ def add_harvest_arguments(p: Any) -> None:
     p.add_argument("--keep-bos", action="store_true", help="keep BOS tokens' activations (left out by default)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--shard-tokens", type=int, default=1 << 16, help="tokens of context per shard (default: 65536)")
-    p.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens of contexts")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="harvest exactly this many tokens of contexts (the last context is cut short)",
+    )
     p.add_argument(
         "--timeout",
         type=float,
