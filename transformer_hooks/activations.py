@@ -1,8 +1,7 @@
-"""Old import path: activation datasets live in ``transformer_hooks.scale`` (harvest.py,
-dataset.py, corpus.py, shards.py)."""
+"""Old path, kept for users: the code lives in ``transformer_hooks.scale`` (issue 22): the
+harvest in ``scale/harvest.py``, which also exports ``ActivationDataset`` (``scale/dataset.py``).
 
-from .scale.dataset import ActivationDataset
-from .scale.harvest import add_harvest_arguments, harvest, run_harvest
-from .scale.shards import DTYPES, FORMAT, MANIFEST
+The package's own modules import the defining modules, never this one (tests/test_structure.py).
+"""
 
-__all__ = ["DTYPES", "FORMAT", "MANIFEST", "ActivationDataset", "add_harvest_arguments", "harvest", "run_harvest"]
+from transformer_hooks.scale.harvest import *  # noqa: F403

@@ -56,7 +56,11 @@ from tqdm.auto import tqdm
 
 from weights_conversion.sources import write_safetensors
 
-from ..process_group import (
+from ..sites import layer_of
+from ..tokens import bos_id, pad_id
+from .corpus import Corpus, PositionChoice, corpus_hash, pack_contexts, select_positions
+from .dataset import ActivationDataset
+from .process_group import (
     DEFAULT_TIMEOUT,
     RankFailedError,
     barrier,
@@ -67,9 +71,6 @@ from ..process_group import (
     rank_and_world,
     shard_bounds,
 )
-from ..tokens import bos_id, pad_id
-from .corpus import Corpus, PositionChoice, corpus_hash, pack_contexts, select_positions
-from .dataset import ActivationDataset
 from .resume import KEY_VERSION, check_same, tensor_hash, tokenizer_hash, unnamed, weights_hash
 from .shards import (
     DTYPES,
@@ -86,12 +87,15 @@ from .shards import (
     write_manifest,
 )
 
+# Also the names of the old path ``transformer_hooks.activations`` (a star re-export of this module).
+__all__ = ["DTYPES", "FORMAT", "MANIFEST", "ActivationDataset", "add_harvest_arguments", "harvest", "run_harvest"]
+
 
 def _site_layer(site: str) -> int | None:
     """The block a site is in (-1 before the blocks; None after them)."""
-    parts = site.split(".")
-    if parts[0] == "blocks":
-        return int(parts[1])
+    layer = layer_of(site)
+    if layer is not None:
+        return layer
     return -1 if site in ("hook_embed", "hook_pos_embed", "hook_tokens") else None
 
 
