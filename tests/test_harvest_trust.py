@@ -357,3 +357,35 @@ def test_the_cli_max_tokens_harvests_exactly_that_many(ckpt, tmp_path):
     assert run.returncode == 0, run.stderr
     ds = ActivationDataset(tmp_path / "h")
     assert ds.manifest["n_tokens"] == 37 == len(ds)
+
+
+def test_hostile_corpora_and_masks_are_named(model, tmp_path):
+    """Found by attacking the same surface: each was an AttributeError, a bare JSONDecodeError,
+    an IndexError, ``max() arg is an empty sequence``, or (float tokens) silently all zeros."""
+    bad = {
+        "ints": ([1, 2, 3], {}, r"document 0 of the corpus is a int, not a string"),
+        "floats": (torch.rand(40), {}, r"tokens must be integer ids, got dtype torch.float32"),
+        "mask": (stream(32).reshape(4, 8), {"attention_mask": torch.ones(3, 8)}, r"attention_mask has shape \(3, 8\)"),
+        "no sites": (SENTENCES, {"sites": []}, r"names no hook site"),
+    }
+    for name, (corpus, kw, says) in bad.items():
+        with pytest.raises(ValueError, match=says):
+            harvest(model, corpus, kw.pop("sites", SITE), tmp_path / name, **kw, **KW)
+    for name, text, says in (
+        ("c.jsonl", '{"text": 5}\n', r"c.jsonl line 1: 'text' is a int, not text"),
+        ("d.jsonl", "[1, 2]\n", r"d.jsonl line 1 is a JSON list, not an object"),
+        ("e.jsonl", '{"text": "a"}\n{"text": "b"\n', r"e.jsonl line 2 is not JSON"),
+    ):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=says):
+            harvest(model, tmp_path / name, SITE, tmp_path / f"out-{name}", **KW)
+
+
+def test_a_manifest_that_disagrees_with_its_shards_is_named(model, tmp_path):
+    ds = harvest(model, stream(), SITE, tmp_path / "h", **KW)
+    assert torch.equal(ds[-1], ds[len(ds) - 1])  # negative indices count from the end
+    original = (tmp_path / "h" / "manifest.json").read_text()
+    for change in ({"sites": {SITE: 999}}, {"dtype": "float16"}):
+        (tmp_path / "h" / "manifest.json").write_text(json.dumps({**json.loads(original), **change}))
+        with pytest.raises(ValueError, match=r"shard_00000.safetensors holds .* the manifest says"):
+            ActivationDataset(tmp_path / "h").rows([0])

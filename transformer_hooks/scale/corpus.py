@@ -37,11 +37,20 @@ def _documents(corpus: str | Path, text_key: str) -> Iterator[str]:
         if path.suffix == ".jsonl":
             for i, line in enumerate(f):
                 if line.strip():
-                    record = json.loads(line)
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path} line {i + 1} is not JSON ({e})") from None
+                    if not isinstance(record, dict):
+                        raise ValueError(f"{path} line {i + 1} is a JSON {type(record).__name__}, not an object")
                     if text_key not in record:
                         raise KeyError(
                             f"{path} line {i + 1} has no {text_key!r} field (it has {sorted(record)}); "
                             f"pass text_key=..."
+                        )
+                    if not isinstance(record[text_key], str):
+                        raise ValueError(
+                            f"{path} line {i + 1}: {text_key!r} is a {type(record[text_key]).__name__}, not text"
                         )
                     yield record[text_key]
             return
@@ -60,6 +69,19 @@ def pack_contexts(
     model: Any, corpus: Corpus, context_size: int, prepend_bos: bool, text_key: str, attention_mask: Any
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(tokens [context_size], mask [context_size]) for each context, in order."""
+    if isinstance(corpus, (torch.Tensor, np.ndarray)) and (
+        corpus.dtype.is_floating_point or corpus.dtype.is_complex or corpus.dtype == torch.bool
+        if isinstance(corpus, torch.Tensor)
+        else not np.issubdtype(corpus.dtype, np.integer)
+    ):
+        raise ValueError(f"tokens must be integer ids, got dtype {corpus.dtype}")
+    if attention_mask is not None:
+        if not isinstance(corpus, (torch.Tensor, np.ndarray)) or corpus.ndim != 2:
+            raise ValueError("attention_mask goes with token contexts [n, context_size] only")
+        if tuple(attention_mask.shape) != tuple(corpus.shape):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; the token contexts {tuple(corpus.shape)}"
+            )
     if isinstance(corpus, (torch.Tensor, np.ndarray)):  # read piece by piece: a memory-mapped array stays on disk
         if corpus.ndim == 2:  # contexts as given
             if corpus.shape[1] != context_size:
@@ -82,7 +104,16 @@ def pack_contexts(
     else:
         docs = _documents(corpus, text_key) if isinstance(corpus, (str, Path)) else iter(corpus)
         tok = require_tokenizer(model.tokenizer)
-        streams = (tok(doc, add_special_tokens=False)["input_ids"] for doc in docs)
+
+        def text(doc: Any, i: int) -> str:
+            if not isinstance(doc, str):
+                raise ValueError(
+                    f"document {i} of the corpus is a {type(doc).__name__}, not a string: pass strings, a file, "
+                    f"or token ids as a tensor or array"
+                )
+            return doc
+
+        streams = (tok(text(doc, i), add_special_tokens=False)["input_ids"] for i, doc in enumerate(docs))
     bos = bos_id(model.tokenizer, model.cfg) if prepend_bos else None
     eos = getattr(model.tokenizer, "eos_token_id", None)
     sep = bos if bos is not None else (eos if eos is not None else model.cfg.eos_token_id)
@@ -156,7 +187,12 @@ def corpus_hash(corpus: Corpus, name: str | None = None) -> str:
             piece = _piece(corpus, slice(i, i + (1 << 16))).numpy()
             h.update(np.ascontiguousarray(piece).data)
     elif isinstance(corpus, (list, tuple)):
-        for doc in corpus:
+        for i, doc in enumerate(corpus):
+            if not isinstance(doc, str):
+                raise ValueError(
+                    f"document {i} of the corpus is a {type(doc).__name__}, not a string: pass strings, a file, "
+                    f"or token ids as a tensor or array"
+                )
             h.update(doc.encode())
             h.update(b"\0")
     else:

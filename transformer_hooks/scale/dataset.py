@@ -13,6 +13,9 @@ import torch
 
 from .shards import DTYPES, MANIFEST, open_shard, read_manifest, shard_path
 
+# How each dtype is stored in a shard as numpy reads it (numpy has no bfloat16: its bits as uint16).
+_STORED = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+
 
 class ActivationDataset:
     """A harvested dataset (see the module docstring), memory-mapped shard by shard."""
@@ -92,6 +95,15 @@ class ActivationDataset:
                 raise ValueError(
                     f"activation shard {self._files[i]} lacks {missing}: rerun harvest with the same arguments"
                 )
+            for site in self.sites:
+                arr = tensors[site]
+                want = _STORED[self.manifest["dtype"]]
+                if arr.ndim != 2 or arr.shape[1] != self.width(site) or arr.dtype != want:
+                    raise ValueError(
+                        f"activation shard {self._files[i]} holds {site} as {arr.dtype} {list(arr.shape)}, the "
+                        f"manifest says {self.manifest['dtype']} [rows, {self.width(site)}]: the manifest or the "
+                        f"shard is not this dataset's; rerun harvest with the same arguments"
+                    )
             if tensors["row_context"].shape[0] != entry["n_rows"]:
                 raise ValueError(
                     f"activation shard {entry['file']} has {tensors['row_context'].shape[0]} rows, the "
@@ -134,7 +146,10 @@ class ActivationDataset:
     def __getitem__(self, index: Any) -> torch.Tensor:
         if isinstance(index, slice):
             index = range(*index.indices(len(self)))
-        return self.rows(np.atleast_1d(np.asarray(index)))
+        index = np.atleast_1d(np.asarray(index))
+        if np.issubdtype(index.dtype, np.integer):  # negative indices count from the end, as in a list
+            index = np.where(index < 0, index + len(self), index)
+        return self.rows(index)
 
     def batches(
         self,

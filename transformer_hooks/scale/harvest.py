@@ -209,6 +209,8 @@ def harvest(
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise ValueError(f"{arg} must be an int of at least {least}, got {value!r}")
     names = model.resolve_hook_names(sites)
+    if not names:
+        raise ValueError(f"sites={sites!r} names no hook site: name at least one, e.g. 'blocks.0.hook_resid_post'")
     for name in names:
         if name.endswith(("hook_attn_scores", "hook_pattern")):
             raise ValueError(f"{name} is per (query, key) pair, not per position; harvest takes per-position sites")
