@@ -25,24 +25,30 @@ import torch
 KEY_VERSION = "transformer_hooks.resume/1"
 
 
+def _hasher() -> Any:
+    # sha256: hardware-accelerated on current x86 and ARM CPUs (the fastest of hashlib's here).
+    return hashlib.sha256()
+
+
 def tensor_hash(t: torch.Tensor | np.ndarray, h: Any = None) -> str:
     """A content hash of a tensor: dtype, shape and bytes."""
-    h = hashlib.blake2b(digest_size=16) if h is None else h
+    h = _hasher() if h is None else h
     if isinstance(t, np.ndarray):
         t = torch.from_numpy(np.ascontiguousarray(t))
     h.update(f"{t.dtype}{tuple(t.shape)}".encode())
     if t.device.type != "meta" and t.numel():
         h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
-    return str(h.hexdigest())
+    return str(h.hexdigest()[:32])
 
 
 def weights_hash(model: Any) -> str:
-    """A content hash of every parameter and buffer of ``model``, by name."""
-    h = hashlib.blake2b(digest_size=16)
+    """A content hash of every parameter and buffer of ``model``, by name: one read of the
+    weights (parameters on the meta device, not loaded here, count by shape only)."""
+    h = _hasher()
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode() + b"\0")
         tensor_hash(t, h)
-    return str(h.hexdigest())
+    return str(h.hexdigest()[:32])
 
 
 def tokenizer_hash(tokenizer: Any) -> str | None:
@@ -55,15 +61,7 @@ def tokenizer_hash(tokenizer: Any) -> str | None:
     else:
         text = json.dumps(sorted(tokenizer.get_vocab().items()))
     special = json.dumps(getattr(tokenizer, "special_tokens_map", {}), sort_keys=True, default=str)
-    return hashlib.blake2b((text + special).encode(), digest_size=16).hexdigest()
-
-
-def file_hash(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+    return hashlib.sha256((text + special).encode()).hexdigest()[:32]
 
 
 def unnamed(what: str) -> str:
