@@ -111,7 +111,8 @@ def speed(args: argparse.Namespace) -> dict[str, float]:
     import torch
 
     from transformer_hooks import HookedTransformer
-    from transformer_hooks.activations import _contexts, harvest
+    from transformer_hooks.activations import harvest
+    from transformer_hooks.scale.corpus import pack_contexts
 
     torch.set_num_threads(args.threads)
     model = HookedTransformer.from_pretrained_no_processing("smollm2-135m-instruct")
@@ -122,7 +123,7 @@ def speed(args: argparse.Namespace) -> dict[str, float]:
         write_corpus(corpus, args.tokens)
         contexts = [
             t
-            for t, m in _contexts(model, corpus, args.context_size, model.cfg.default_prepend_bos, "text", None)
+            for t, m in pack_contexts(model, corpus, args.context_size, model.cfg.default_prepend_bos, "text", None)
             if bool(m.all())
         ]
         tokens = torch.stack(contexts)

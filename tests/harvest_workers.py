@@ -34,7 +34,7 @@ def mask(n_contexts: int) -> torch.Tensor:
 def worker(rank: int, world: int, port: int, ckpt: str, out: str, mode: str, n_contexts: int) -> None:
     import torch.distributed as dist
 
-    from transformer_hooks import activations
+    from transformer_hooks.scale import harvest as activations
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -178,3 +178,18 @@ def test_sweep_unembedding_only_the_metric_positions(model):
     with pytest.raises(IndexOutOfRangeError, match="position"):
         ablation_sweep(model, tokens, metric, "z", kind="mean", reference=ref, metric_positions=POS)
     assert no_hooks(model)
+
+
+@pytest.mark.parametrize("kind", ["mean", "resample"])
+def test_an_empty_reference_set_is_refused(model, kind):
+    """Issue 27: an empty reference set made a mean ablation a silent zero ablation (0 / 1) and a
+    resample an unexplained RuntimeError."""
+    tokens = toks(0)
+    site = "blocks.0.hook_attn_out"
+    for empty in (toks(1, n=0), []):
+        with pytest.raises(ValueError, match="reference set is empty"):
+            ablate(model, tokens, site, kind=kind, reference=empty)
+    nothing = torch.zeros(0, POS, model.cfg.d_model)  # a cache of no prompt
+    with pytest.raises(ValueError, match=f"{kind} ablation of {site}: the reference set is empty"):
+        ablate(model, tokens, site, kind=kind, reference={site: nothing})
+    assert no_hooks(model)

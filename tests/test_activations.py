@@ -17,9 +17,11 @@ import torch
 from checkpoints import VOCAB
 from tokenizers_util import SENTENCES, add_tokenizer
 
-from transformer_hooks import HookedTransformer, activations
+from transformer_hooks import HookedTransformer
 from transformer_hooks.activations import ActivationDataset, harvest
 from transformer_hooks.hooks import UnknownHookError
+from transformer_hooks.scale import corpus as scale_corpus
+from transformer_hooks.scale import harvest as scale_harvest
 from transformer_hooks.tokens import bos_id
 
 SITES = ["blocks.0.hook_resid_post", "blocks.0.attn.hook_z"]
@@ -156,7 +158,7 @@ def test_positions_dtype_and_stopping_early(model, tmp_path):
 def test_interrupted_harvests_resume_to_the_same_bytes(model, tmp_path, monkeypatch):
     kw = dict(context_size=16, batch_size=2, shard_tokens=64, progress=False)
     whole = harvest(model, stream(), SITES, tmp_path / "whole", **kw)
-    real_save = activations.write_safetensors
+    real_save = scale_harvest.write_safetensors
     count = {"n": 0}
 
     def failing(path, tensors):
@@ -165,7 +167,7 @@ def test_interrupted_harvests_resume_to_the_same_bytes(model, tmp_path, monkeypa
             raise OSError(errno.ENOSPC, "No space left on device")
         real_save(path, tensors)
 
-    monkeypatch.setattr(activations, "write_safetensors", failing)
+    monkeypatch.setattr(scale_harvest, "write_safetensors", failing)
     with pytest.raises(OSError, match=r"shard_00003.*disk is full.*3 complete shard.*rerun the same harvest") as e:
         harvest(model, stream(), SITES, tmp_path / "part", **kw)
     assert e.value.errno == errno.ENOSPC
@@ -173,10 +175,10 @@ def test_interrupted_harvests_resume_to_the_same_bytes(model, tmp_path, monkeypa
     assert not partial.complete and len(partial.manifest["shards"]) == 3
     assert torch.equal(partial.rows(range(len(partial)), SITES[1]), whole.rows(range(len(partial)), SITES[1]))
     assert not [f for f in os.listdir(tmp_path / "part") if "tmp" in f]
-    monkeypatch.setattr(activations, "write_safetensors", real_save)
+    monkeypatch.setattr(scale_harvest, "write_safetensors", real_save)
     harvest(model, stream(), SITES, tmp_path / "part", **kw)
     assert files(tmp_path / "part") == files(tmp_path / "whole")
-    with pytest.raises(ValueError, match="other arguments.*context_size"):
+    with pytest.raises(ValueError, match=r"(?s)other inputs.*context_size: was 16, now 32"):
         harvest(model, stream(), SITES, tmp_path / "part", **{**kw, "context_size": 32})
 
 
@@ -274,7 +276,7 @@ def test_reading_batches_and_bad_datasets(model, tmp_path):
     other = HookedTransformer.from_pretrained(str(model.cfg.model_name))
     with pytest.raises(ValueError, match="processing"):
         ds.check_model(other)
-    with pytest.raises(ValueError, match="another model"):
+    with pytest.raises(ValueError, match=r"(?s)other inputs.*processing: was"):
         harvest(other, stream(200), SITES, tmp_path / "h", context_size=10, batch_size=2, shard_tokens=40)
     with pytest.raises(KeyError, match="closest: blocks.0.hook_resid_post"):
         ds.rows([0], "blocks.0.hook_resid_pots")
@@ -344,7 +346,7 @@ def test_cli_sae_eval_matches_the_function(ckpt, model, tmp_path, capsys):
     )
     assert code == 0
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    contexts = list(activations._contexts(model, tmp_path / "c.txt", 8, True, "text", None))[:5]
+    contexts = list(scale_corpus.pack_contexts(model, tmp_path / "c.txt", 8, True, "text", None))[:5]
     tokens = torch.stack([t for t, _ in contexts])
     mask = torch.stack([m for _, m in contexts]).long()
     expected = evaluate_sae(model, sae, tokens, attention_mask=mask, positions=slice(1, None))

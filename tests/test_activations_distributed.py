@@ -172,8 +172,8 @@ def test_harvest_command_same_under_python_and_torchrun(ckpt, tmp_path):
 
 
 def test_distributed_harvest_to_disk_is_the_one_harvest(ckpt, single, tmp_path, monkeypatch):
-    from transformer_hooks import activations
     from transformer_hooks.scale import distributed
+    from transformer_hooks.scale import harvest as activations
 
     whole, _ = single
     model = HookedTransformer.from_pretrained_no_processing(str(ckpt))

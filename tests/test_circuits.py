@@ -272,3 +272,26 @@ def test_plot_circuit(models, tmp_path):
         assert box.x0 - 1 <= b.x0 and b.x1 <= box.x1 + 1 and box.y0 - 1 <= b.y0 and b.y1 <= box.y1 + 1, artist
     fig.savefig(tmp_path / "circuit.png")
     matplotlib.pyplot.close(fig)
+
+
+def test_a_circuit_names_only_edges_of_its_graph_and_runs_only_on_its_model(models):
+    """Issue 27: an edge the graph does not have (a receiver before its sender) was accepted and
+    silently absent; a circuit made on one model ran on another."""
+    model = models("llama-gqa")
+    clean, corrupted = pair(7)
+    graph = C.attribute_edges(model, clean, corrupted, metric, method="EAP")
+    backwards = ("m1", "a0.h0<q>")  # both nodes exist; the MLP of layer 1 writes after layer 0 reads
+    with pytest.raises(ValueError, match=r"the edge m1 -> a0\.h0<q>, which this graph does not have"):
+        C.make_circuit(graph, [("input", "logits"), backwards])
+    with pytest.raises(ValueError, match=r"m1 -> a0\.h0<q>"):
+        C.evaluate_circuit(model, clean, corrupted, C.Circuit(graph, {backwards}), metric)
+    bare = C.Graph(model.cfg.n_layers, model.cfg.n_heads, model.cfg.n_kv_heads)  # no edges: checked on the model
+    with pytest.raises(ValueError, match=r"in this model a0\.h0<q> does not read m1"):
+        C.run_circuit(model, clean, corrupted, C.Circuit(bare, {backwards}))
+    other = models("pythia")
+    with pytest.raises(ValueError, match="made on another model|was made on"):
+        C.run_circuit(other, clean, corrupted, C.prune(graph, 5))
+    renamed = C.Graph(**{**graph.__dict__, "model_name": "another/checkpoint"})
+    with pytest.raises(ValueError, match=r"was made on 'another/checkpoint'"):
+        C.run_circuit(model, clean, corrupted, C.prune(renamed, 5))
+    assert no_hooks(model) and no_hooks(other)

@@ -263,13 +263,66 @@ def test_a_killed_run_resumes_with_the_same_results(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         map_prompts(fn, items, resume_dir=tmp_path / "r", job={"what": "sqrt"}, progress=False)
-    assert len(list((tmp_path / "r").glob("*.pt"))) == 3 and not list((tmp_path / "r").glob("*.partial"))
+    assert len(list((tmp_path / "r").glob("*.safetensors"))) == 3 and not list((tmp_path / "r").glob("*.partial"))
     calls.clear()
     kill_at[0] = None
     resumed = map_prompts(fn, items, resume_dir=tmp_path / "r", job={"what": "sqrt"}, progress=False)
     assert calls == [1, 5, 9]  # only the items not kept before
     assert all(torch.equal(r, torch.full((2,), float(x)) ** 0.5) for r, x in zip(resumed, items, strict=True))
-    with pytest.raises(ValueError, match="holds results of another job"):
+    with pytest.raises(ValueError, match=r"(?s)results of a job made with other inputs.*what: was \"sqrt\""):
         map_prompts(fn, items, resume_dir=tmp_path / "r", job={"what": "square"}, progress=False)
-    with pytest.raises(ValueError, match="holds results of another job"):
+    with pytest.raises(ValueError, match=r"(?s)results of a job made with other inputs.*items_sha256: was"):
         map_prompts(fn, items[:-1], resume_dir=tmp_path / "r", job={"what": "sqrt"}, progress=False)
+
+
+# Issue 27: a resume directory never runs code and never mixes jobs -----------------------------
+def test_a_planted_pickle_in_the_resume_directory_runs_nothing(tmp_path):
+    items = [1.0, 2.0]
+    map_prompts(lambda x: {"x": torch.tensor([x]), "n": [x, "a"]}, items, resume_dir=tmp_path / "r", progress=False)
+    ran = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {ran}",))
+
+    for f in (tmp_path / "r").glob("*.safetensors"):
+        torch.save(Payload(), f)  # a planted pickle where a result was
+        torch.save(Payload(), f.with_suffix(".pt"))  # and where the old store kept its results
+    with pytest.raises(ValueError, match=r"resumed result .*00000000.safetensors is damaged.*delete it and rerun"):
+        map_prompts(lambda x: x, items, resume_dir=tmp_path / "r", progress=False)
+    assert not ran.exists()
+
+
+def test_results_round_trip_through_the_store(tmp_path):
+    value = {"a": torch.arange(3), "b": (torch.ones(2, dtype=torch.bfloat16), 1.5, None, True), "c": ["s", [2]]}
+    first = map_prompts(lambda x: value, [0], resume_dir=tmp_path / "r", progress=False)
+    again = map_prompts(lambda x: 1 / 0, [0], resume_dir=tmp_path / "r", progress=False)  # read back, not run
+    for got in (first[0], again[0]):
+        assert torch.equal(got["a"], value["a"]) and torch.equal(got["b"][0], value["b"][0])
+        assert got["b"][1:] == (1.5, None, True) and got["c"] == ["s", [2]]
+    with pytest.raises(TypeError, match="a result of type object cannot be kept"):
+        map_prompts(lambda x: object(), [1], resume_dir=tmp_path / "o", progress=False)
+
+
+def test_items_are_fingerprinted_by_content_not_a_truncated_repr(tmp_path):
+    a = torch.zeros(2000)
+    b = a.clone()
+    b[1000] = 1.0  # the same repr ("tensor([0., 0., 0.,  ..., 0., 0., 0.])")
+    assert repr(a) == repr(b)
+    map_prompts(lambda t: t.sum(), [a], resume_dir=tmp_path / "r", progress=False)
+    with pytest.raises(ValueError, match="items_sha256: was"):
+        map_prompts(lambda t: t.sum(), [b], resume_dir=tmp_path / "r", progress=False)
+
+
+def test_a_sweep_resume_refuses_changed_weights(hf_checkpoint, tmp_path):
+    model_path, _ = hf_checkpoint("gpt2")
+    model = HookedTransformer.from_pretrained_no_processing(str(model_path))
+    pairs = _pairs(2, seed=3)
+    patching_sweep(model, pairs, resume_dir=tmp_path / "r", progress=False)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # the checkpoint replaced at the same path
+    with pytest.raises(ValueError, match=r"(?s)other inputs.*weights: was"):
+        patching_sweep(model, pairs, resume_dir=tmp_path / "r", progress=False)
+    (tmp_path / "r" / "job.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"resume file .*job.json is damaged"):
+        patching_sweep(model, pairs, resume_dir=tmp_path / "r", progress=False)

@@ -60,6 +60,9 @@ class Graph:
     n_heads: int
     n_kv_heads: int
     edges: list[Edge] = field(default_factory=list)
+    # The model the graph was made on (``attribute_edges`` records it; None: not recorded).
+    model_name: str | None = None
+    processing: tuple[str, ...] | None = None
 
     @property
     def senders(self) -> list[str]:
@@ -84,6 +87,39 @@ class Graph:
                 f"the circuit names {role} {name!r}, which this model's graph does not have "
                 f"({self.n_layers} layers, {self.n_heads} heads, {self.n_kv_heads} kv heads; {role}s look like "
                 f"{', '.join(valid[:3])}, ..., {valid[-1]})"
+            )
+
+    def check_edge(self, sender: str, receiver: str) -> None:
+        """Raise unless (sender, receiver) is an edge of this graph, naming it."""
+        self.check_node(sender, "sender")
+        self.check_node(receiver, "receiver")
+        if self.edges and (sender, receiver) not in self._edge_set():
+            raise ValueError(
+                f"the circuit names the edge {sender} -> {receiver}, which this graph does not have "
+                f"(a receiver reads only the senders before it in the residual stream)"
+            )
+
+    def _edge_set(self) -> set[tuple[str, str]]:
+        return {(e.sender, e.receiver) for e in self.edges}
+
+    def check_model(self, model: Any) -> None:
+        """Raise unless ``model`` is the model this graph was made on (shape, name, processing)."""
+        cfg = model.cfg
+        have = (cfg.n_layers, cfg.n_heads, cfg.n_kv_heads)
+        if have != (self.n_layers, self.n_heads, self.n_kv_heads):
+            raise ValueError(
+                f"this circuit's graph has {self.n_layers} layers, {self.n_heads} heads, {self.n_kv_heads} kv "
+                f"heads; the model has {have[0]}, {have[1]}, {have[2]}: it was made on another model"
+            )
+        if self.model_name is not None and self.model_name != cfg.model_name:
+            raise ValueError(
+                f"this circuit was made on {self.model_name!r}, not on {cfg.model_name!r}: attribute the "
+                f"edges on this model (or set graph.model_name if it is the same model under another name)"
+            )
+        if self.processing is not None and tuple(self.processing) != tuple(cfg.processing):
+            raise ValueError(
+                f"this circuit was made on the model with processing {list(self.processing)}, this one has "
+                f"{list(cfg.processing)}: its heads and MLPs do not write the same outputs"
             )
 
     def top(self, n: int) -> list[Edge]:
@@ -210,7 +246,13 @@ def attribute_edges(
         for k, g in grads.items():
             total[k] = total.get(k, 0) + g / len(alphas)
     per_receiver = _receiver_grads(total, model)
-    graph = Graph(model.cfg.n_layers, model.cfg.n_heads, model.cfg.n_kv_heads)
+    graph = Graph(
+        model.cfg.n_layers,
+        model.cfg.n_heads,
+        model.cfg.n_kv_heads,
+        model_name=model.cfg.model_name,
+        processing=tuple(model.cfg.processing),
+    )
     # Scores of all senders into one receiver: one contraction [sender] per receiver.
     names = list(delta)
     stacked = torch.stack([delta[u] for u in names])  # [sender, batch, pos, d_model]
@@ -271,9 +313,8 @@ def prune(graph: Graph, top_n: int) -> Circuit:
 def make_circuit(graph: Graph, edges: Iterable[tuple[str, str]]) -> Circuit:
     """A circuit from explicit (sender, receiver) pairs, checked against the graph."""
     edges = set(edges)
-    for s, r in edges:
-        graph.check_node(s, "sender")
-        graph.check_node(r, "receiver")
+    for s, r in sorted(edges):
+        graph.check_edge(s, r)
     return Circuit(graph, edges)
 
 
@@ -281,9 +322,11 @@ def run_circuit(model: HookedModel, clean_tokens: Any, corrupted_tokens: Any, ci
     """Logits of the clean run with every edge outside ``circuit`` carrying its corrupted value."""
     _check_model(model)
     graph = circuit.graph
-    for s, r in circuit.edges:
-        graph.check_node(s, "sender")
-        graph.check_node(r, "receiver")
+    graph.check_model(model)
+    for s, r in sorted(circuit.edges):
+        graph.check_edge(s, r)
+        if not _reads(model, s, r):
+            raise ValueError(f"the circuit names the edge {s} -> {r}, but in this model {r} does not read {s}")
     clean, corrupted = _tokens(model, clean_tokens), _tokens(model, corrupted_tokens)
     corr = _sender_outputs(_cache(model, corrupted, _sender_sites(model)), model)
     current: dict[str, torch.Tensor] = {}

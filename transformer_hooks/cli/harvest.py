@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 import datetime
 
-from ..activations import DTYPES, harvest
+from ..scale.harvest import harvest
 from ..scale.process_group import DEFAULT_TIMEOUT, barrier, init_distributed, local_device
+from ..scale.shards import DTYPES
 from .common import add_model_arguments, load_from_args
 
 NAME = "harvest"
@@ -32,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-tokens",
         type=int,
         default=None,
-        help="stop after this many tokens of contexts (default: the whole corpus)",
+        help="harvest exactly this many tokens of contexts, the last context cut short (default: the whole corpus)",
     )
     p.add_argument(
         "--timeout",

@@ -8,9 +8,9 @@ from dataclasses import asdict
 
 import torch
 
-from ..activations import _contexts
 from ..sae.core import SAE
 from ..sae.splice import evaluate_sae
+from ..scale.corpus import pack_contexts
 from .common import add_model_arguments, load_from_args
 
 NAME = "sae-eval"
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for _, (tokens, mask) in zip(
         range(max(1, args.max_tokens // args.context_size)),
-        _contexts(model, args.data, args.context_size, model.cfg.default_prepend_bos, args.text_key, None),
+        pack_contexts(model, args.data, args.context_size, model.cfg.default_prepend_bos, args.text_key, None),
         strict=False,
     ):
         rows.append((tokens, mask))

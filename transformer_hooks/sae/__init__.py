@@ -3,6 +3,8 @@
 - ``core``: the ``SAE`` module (SAELens's architectures standard / gated / jumprelu / topk /
   batchtopk, its normalisations, hook_z SAEs over concatenated heads) and the files it
   reads: SAELens directories, Gemma Scope ``params.npz``, Llama Scope directories.
+- ``formats``: the files: SAELens directories, Gemma Scope ``params.npz``, Llama Scope
+  directories, read with every field checked.
 - ``splice``: ``splice_sae`` (features cached as ``<site>.hook_sae_acts_post``),
   ``steer_with_feature``, ``check_sae_fits`` / ``check_sae_processing``, ``evaluate_sae``.
 - ``training``: ``train_sae`` with the published recipes.
@@ -14,14 +16,13 @@ from .core import (
     NORMALIZATIONS,
     PROCESSING_STEPS,
     SAE,
-    SAE_CFG_FILENAME,
-    SAE_WEIGHTS_FILENAME,
     SAEConfig,
     load_gemma_scope,
     load_llama_scope,
     site_width,
 )
 from .features import FeatureContext, feature_contexts_html, top_activations
+from .formats import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from .splice import (
     SAEEvaluation,
     check_sae_fits,

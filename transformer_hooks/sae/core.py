@@ -1,4 +1,4 @@
-"""The SAE module: SAELens's architectures, normalisations and files.
+"""The SAE module: SAELens's architectures and normalisations (reading its files: formats.py).
 
 Every architecture shares the input processing and the decoder (SAELens's order)::
 
@@ -26,19 +26,21 @@ Normalisations (``normalize_activations``):
                                norm_out = y * std + mu
 
 The per-token statistics of ``constant_norm_rescale`` and ``layer_norm`` are taken in
-``encode`` and used by the next ``decode``, as in SAELens.
+``encode`` and used by the next ``decode`` (as in SAELens) of the same thread; ``forward``
+keeps them within the call, so threads may share an SAE.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
+import threading
 import warnings
+import weakref
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -49,9 +51,15 @@ from .. import sites
 from ..hooks import HookedRootModule, HookPoint
 from ..processing import STEPS
 from ..protocol import HookedModel
+from .formats import (
+    DTYPE_SPELLINGS,
+    config_fields,
+    read_gemma_scope,
+    read_llama_scope,
+    read_sae_files,
+    write_sae_files,
+)
 
-SAE_CFG_FILENAME = "cfg.json"
-SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"
 PROCESSING_STEPS = STEPS  # processing.py's step names, in order
 NORMALIZATIONS = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
 LN_EPS = 1e-5
@@ -172,6 +180,15 @@ ARCHITECTURES: dict[str, Activation] = {
 }
 
 
+# What one call carries from encode to decode: the normalisation's statistics and the head shape.
+class _CallState(NamedTuple):
+    stats: tuple[torch.Tensor, ...] | None
+    heads: tuple[int, ...] | None
+
+
+_LAST_ENCODE = threading.local()
+
+
 # Config -------------------------------------------------------------------------------
 @dataclass
 class SAEConfig:
@@ -196,6 +213,16 @@ class SAEConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # other cfg.json fields, kept for saving
 
     def __post_init__(self) -> None:
+        for name in ("d_in", "d_sae"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"SAE config field {name!r} must be a positive int, got {value!r}")
+        if not isinstance(self.dtype, str) or self.dtype not in DTYPE_SPELLINGS:
+            raise ValueError(
+                f"SAE config field 'dtype' must name a float dtype, got {self.dtype!r}; accepted: "
+                f"{sorted(DTYPE_SPELLINGS)}"
+            )
+        self.dtype = DTYPE_SPELLINGS[self.dtype]
         if self.architecture == "batchtopk":  # SAELens runs (and saves) a BatchTopK SAE as a JumpReLU
             self.architecture = "jumprelu"
         if self.architecture not in ARCHITECTURES:
@@ -214,6 +241,10 @@ class SAEConfig:
             )
         if self.architecture == "topk" and not self.k:
             raise ValueError("a topk SAE needs k (the number of active features per token) in its config")
+        if self.k is not None and (not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1):
+            raise ValueError(f"SAE config field 'k' must be a positive int, got {self.k!r}")
+        if self.architecture == "topk" and self.k is not None and self.k > self.d_sae:
+            raise ValueError(f"SAE config field 'k' is {self.k}, more than d_sae={self.d_sae} features to choose from")
         if self.reshape_activations is None:
             self.reshape_activations = "hook_z" if self.hook_name.endswith("hook_z") else "none"
         if self.reshape_activations not in ("none", "hook_z"):
@@ -230,60 +261,9 @@ class SAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SAEConfig":
-        """Read a SAELens cfg.json: flat (SAELens <= 5) or with a ``metadata``/``meta`` block (6+)."""
-        meta = {**d.get("meta", {}), **d.get("metadata", {})}
-
-        def get(key: str, default: Any = None) -> Any:
-            return d[key] if d.get(key) is not None else meta.get(key, default)
-
-        act = d.get("activation_fn_str", d.get("activation_fn", "relu"))
-        arch = d.get("architecture") or "standard"
-        if act == "topk" and arch == "standard":  # SAELens <= 5: topk as an activation of a standard SAE
-            arch = "topk"
-        elif act not in ("relu", "topk", None):
-            raise ValueError(f"SAE activation {act!r} is not supported; known: relu (standard, gated, jumprelu), topk")
-        k = d.get("k") or (d.get("activation_fn_kwargs") or {}).get("k")
-        if get("hook_head_index") is not None:
-            raise ValueError("SAEs on a single head (hook_head_index) are not supported")
-        hook_name = get("hook_name") or get("hook_point")
-        if not hook_name:
-            raise ValueError("the SAE config names no hook: it needs 'hook_name' (or the older 'hook_point')")
-        known = {
-            "d_in",
-            "d_sae",
-            "hook_name",
-            "hook_point",
-            "apply_b_dec_to_input",
-            "normalize_activations",
-            "dtype",
-            "model_name",
-            "model_from_pretrained_kwargs",
-            "meta",
-            "metadata",
-            "architecture",
-            "k",
-            "rescale_acts_by_decoder_norm",
-            "reshape_activations",
-            "norm_scaling_factor",
-            "hook_layer",
-        }
-        return cls(
-            d_in=int(d["d_in"]),
-            d_sae=int(d["d_sae"]),
-            hook_name=hook_name,
-            apply_b_dec_to_input=bool(d.get("apply_b_dec_to_input", True)),
-            normalize_activations=d.get("normalize_activations") or "none",
-            dtype=str(d.get("dtype", "float32")).replace("torch.", ""),
-            model_name=get("model_name", "") or "",
-            model_from_pretrained_kwargs=get("model_from_pretrained_kwargs"),
-            architecture=arch,
-            k=int(k) if k else None,
-            rescale_acts_by_decoder_norm=bool(d.get("rescale_acts_by_decoder_norm", False)),
-            reshape_activations=d.get("reshape_activations"),
-            norm_scaling_factor=d.get("norm_scaling_factor"),
-            hook_layer=get("hook_layer"),
-            extra={k: v for k, v in d.items() if k not in known},
-        )
+        """Read a SAELens cfg.json (flat, SAELens <= 5, or with a ``metadata`` block, 6+), every
+        field's type checked: a ValueError names the field (see ``formats.config_from_dict``)."""
+        return cls(**config_fields(d))
 
     def to_dict(self) -> dict[str, Any]:
         """SAELens-compatible: flat fields plus the ``metadata`` block newer SAELens reads."""
@@ -325,8 +305,6 @@ class SAE(HookedRootModule):
         self.hook_sae_error = HookPoint()
         self.hook_sae_output = HookPoint()
         self.setup_hooks()
-        self._norm_state: tuple[torch.Tensor, ...] | None = None
-        self._head_shape: tuple[int, ...] | None = None
         if cfg.normalize_activations == "expected_average_only_in" and cfg.norm_scaling_factor is None:
             warnings.warn(
                 "normalize_activations='expected_average_only_in' without norm_scaling_factor: the "
@@ -386,90 +364,121 @@ class SAE(HookedRootModule):
 
     # SAELens's conventions ----------------------------------------------------------
     def _hook(self, hook: HookPoint, x: torch.Tensor) -> torch.Tensor:
-        return hook(x) if self._hooks_on else x
-
-    _hooks_on = True
+        return x if id(self) in getattr(_LAST_ENCODE, "hooks_off", ()) else hook(x)
 
     @contextlib.contextmanager
     def _hooks_disabled(self) -> Iterator[None]:
-        previous, self._hooks_on = self._hooks_on, False
+        """This SAE's hooks off in this thread (another thread's call still runs them)."""
+        off = getattr(_LAST_ENCODE, "hooks_off", None)
+        if off is None:
+            off = _LAST_ENCODE.hooks_off = set()
+        already = id(self) in off
+        off.add(id(self))
         try:
             yield
         finally:
-            self._hooks_on = previous
+            if not already:
+                off.discard(id(self))
 
-    def _flatten_heads(self, x: torch.Tensor) -> torch.Tensor:
+    def _flatten_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...] | None]:
+        """x [..., d_in] (hook_z: [..., head, d_head] flattened), and the head shape to restore."""
         if x.shape[-1] == self.cfg.d_in:
-            self._head_shape = None
-            return x
+            return x, None
         if self.cfg.reshape_activations == "hook_z" and x.ndim >= 2 and x.shape[-2] * x.shape[-1] == self.cfg.d_in:
-            self._head_shape = tuple(x.shape[-2:])
-            return x.flatten(-2)
+            return x.flatten(-2), tuple(x.shape[-2:])
         raise ValueError(f"the SAE has d_in={self.cfg.d_in}, but its input has shape {tuple(x.shape)}")
 
-    def _norm_in(self, x: torch.Tensor) -> torch.Tensor:
+    def _norm_in(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """norm_in(x), and the statistics norm_out needs."""
         mode = self.cfg.normalize_activations
         if mode == "expected_average_only_in":
             s = self.cfg.norm_scaling_factor or 1.0
-            self._norm_state = (torch.tensor(s, dtype=x.dtype, device=x.device),)
-            return x * s
+            return x * s, (torch.tensor(s, dtype=x.dtype, device=x.device),)
         if mode == "constant_norm_rescale":
             c = self.cfg.d_in**0.5 / x.norm(dim=-1, keepdim=True)
-            self._norm_state = (c,)
-            return x * c
+            return x * c, (c,)
         if mode == "layer_norm":
             mu = x.mean(-1, keepdim=True)
             std = (x - mu).std(-1, keepdim=True)
-            self._norm_state = (mu, std)
-            return (x - mu) / (std + LN_EPS)
-        return x
+            return (x - mu) / (std + LN_EPS), (mu, std)
+        return x, None
 
-    def _norm_out(self, y: torch.Tensor) -> torch.Tensor:
+    def _norm_out(self, y: torch.Tensor, stats: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
         mode = self.cfg.normalize_activations
         if mode == "none":
             return y
-        if self._norm_state is None:
+        if stats is None:
             raise RuntimeError(
                 f"decode() of an SAE with normalize_activations={mode!r} needs the statistics of "
                 f"the encode() before it: call encode first (or forward)"
             )
         if mode == "layer_norm":
-            mu, std = self._norm_state
+            mu, std = stats
             return y * std + mu
-        return y / self._norm_state[0]
+        return y / stats[0]
+
+    def _sae_in(self, x: torch.Tensor) -> tuple[torch.Tensor, _CallState]:
+        flat, heads = self._flatten_heads(x.to(self.W_enc.dtype))
+        sae_in, stats = self._norm_in(self._hook(self.hook_sae_input, flat))
+        sae_in = sae_in - self.b_dec if self.cfg.apply_b_dec_to_input else sae_in
+        return sae_in, _CallState(stats, heads)
+
+    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, _CallState]:
+        sae_in, state = self._sae_in(x)
+        pre, post = self.activation.encode(self, sae_in)
+        pre = self._hook(self.hook_sae_acts_pre, pre)
+        return self._hook(self.hook_sae_acts_post, post), pre, state
+
+    def _decode(self, feature_acts: torch.Tensor, state: _CallState | None) -> torch.Tensor:
+        scale = self.activation.decoder_scale(self)
+        f = feature_acts if scale is None else feature_acts * scale
+        out = self._norm_out(self._hook(self.hook_sae_recons, f @ self.W_dec + self.b_dec), state and state.stats)
+        return out.unflatten(-1, state.heads) if state is not None and state.heads is not None else out
+
+    # encode() then decode() (SAELens's API): the statistics of this thread's last encode
+    # of this SAE, kept per thread, so that threads sharing an SAE never see each other's.
+    def _remember(self, state: _CallState) -> None:
+        by_sae = getattr(_LAST_ENCODE, "by_sae", None)
+        if by_sae is None:
+            by_sae = _LAST_ENCODE.by_sae = weakref.WeakKeyDictionary()
+        by_sae[self] = state
+
+    def _recall(self) -> _CallState | None:
+        by_sae = getattr(_LAST_ENCODE, "by_sae", None)
+        return None if by_sae is None else by_sae.get(self)
 
     def process_sae_in(self, x: torch.Tensor) -> torch.Tensor:
         """norm_in(x) - b_dec (when ``apply_b_dec_to_input``), after flattening heads."""
-        sae_in = self._hook(self.hook_sae_input, self._flatten_heads(x.to(self.W_enc.dtype)))
-        sae_in = self._norm_in(sae_in)
-        return sae_in - self.b_dec if self.cfg.apply_b_dec_to_input else sae_in
+        sae_in, state = self._sae_in(x)
+        self._remember(state)
+        return sae_in
 
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(features, pre-activations), both [..., d_sae]."""
-        pre, post = self.activation.encode(self, self.process_sae_in(x))
-        pre = self._hook(self.hook_sae_acts_pre, pre)
-        return self._hook(self.hook_sae_acts_post, post), pre
+        post, pre, state = self._encode(x)
+        self._remember(state)
+        return post, pre
 
     def encode(self, x: Float[torch.Tensor, "... d_in"]) -> Float[torch.Tensor, "... d_sae"]:
         """The features of ``x`` (see the module docstring for each architecture)."""
         return self.encode_with_hidden_pre(x)[0]
 
     def decode(self, feature_acts: Float[torch.Tensor, "... d_sae"]) -> Float[torch.Tensor, "... d_in"]:
-        """norm_out(feature_acts @ W_dec + b_dec), heads unflattened for hook_z SAEs."""
-        scale = self.activation.decoder_scale(self)
-        f = feature_acts if scale is None else feature_acts * scale
-        out = self._norm_out(self._hook(self.hook_sae_recons, f @ self.W_dec + self.b_dec))
-        return out.unflatten(-1, self._head_shape) if self._head_shape is not None else out
+        """norm_out(feature_acts @ W_dec + b_dec), heads unflattened for hook_z SAEs (with the
+        statistics of this thread's last ``encode`` of this SAE)."""
+        return self._decode(feature_acts, self._recall())
 
     def forward(self, x: Float[torch.Tensor, "... d_in"]) -> Float[torch.Tensor, "... d_in"]:
         """decode(encode(x)); with ``use_error_term``, ``x + (recon - recon_clean)``, where
         recon_clean is the reconstruction without this SAE's hooks (so it is exactly x when
         no hook edits the features)."""
-        recon = self.decode(self.encode(x))
+        feats, _, state = self._encode(x)  # the statistics stay in this call
+        recon = self._decode(feats, state)
         if self.use_error_term:
             if any(hp.observed for hp in self.hook_points()):
                 with torch.no_grad(), self._hooks_disabled():
-                    clean = self.decode(self.encode(x))
+                    clean_feats, _, clean_state = self._encode(x)
+                    clean = self._decode(clean_feats, clean_state)
             else:
                 clean = recon.detach()
             self._hook(self.hook_sae_error, (x.to(recon.dtype) - clean).detach())
@@ -507,99 +516,28 @@ class SAE(HookedRootModule):
 
     @classmethod
     def load_from_disk(cls, path: str | Path, device: Any = None, **overrides: Any) -> "SAE":
-        """A local SAE directory or file, in any of these layouts:
-
-        - SAELens: ``cfg.json`` + ``sae_weights.safetensors``;
-        - Gemma Scope: ``params.npz`` (``W_enc``, ``W_dec``, ``b_enc``, ``b_dec``, ``threshold``;
-          JumpReLU, no b_dec on the input). It carries no config: pass ``hook_name=...``
-          (and any other SAEConfig field) as keyword arguments;
-        - Llama Scope: ``hyperparams.json`` + ``checkpoints/final.safetensors``.
-        """
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        if path.name == "params.npz" or (path / "params.npz").is_file():
-            sae = load_gemma_scope(path if path.name == "params.npz" else path / "params.npz", **overrides)
-        elif (path / "hyperparams.json").is_file():
-            sae = load_llama_scope(path, **overrides)
-        else:
-            for name in (SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME):
-                if not (path / name).is_file():
-                    raise FileNotFoundError(
-                        f"{path} has no {name}; a SAELens SAE directory holds "
-                        f"{SAE_CFG_FILENAME} and {SAE_WEIGHTS_FILENAME} (Gemma Scope: params.npz; "
-                        f"Llama Scope: hyperparams.json and checkpoints/final.safetensors)"
-                    )
-            cfg = SAEConfig.from_dict({**json.loads((path / SAE_CFG_FILENAME).read_text()), **overrides})
-            sae = cls.from_state_dict(load_file(str(path / SAE_WEIGHTS_FILENAME)), cfg)
+        """A local SAE directory or file: SAELens (``cfg.json`` + ``sae_weights.safetensors``),
+        Gemma Scope (``params.npz``: pass ``hook_name=...``), Llama Scope (``hyperparams.json`` +
+        ``checkpoints/final.safetensors``). See ``formats.read_sae_files``."""
+        state, cfg = read_sae_files(path, **overrides)
+        sae = cls.from_state_dict(state, SAEConfig(**cfg))
         return sae.to(device) if device is not None else sae
 
     def save_model(self, path: str | Path) -> tuple[Path, Path]:
         """Write ``sae_weights.safetensors`` and ``cfg.json`` (SAELens's layout)."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        weights, cfg = path / SAE_WEIGHTS_FILENAME, path / SAE_CFG_FILENAME
-        save_file({n: p.detach().contiguous().cpu() for n, p in self.named_parameters()}, str(weights))
-        cfg.write_text(json.dumps(self.cfg.to_dict(), indent=2))
-        return weights, cfg
+        return write_sae_files(path, dict(self.named_parameters()), self.cfg.to_dict())
 
 
 def load_gemma_scope(path: str | Path, hook_name: str | None = None, **cfg: Any) -> SAE:
-    """A Gemma Scope ``params.npz``: JumpReLU, ``f = h * 1[h > threshold]``,
-    ``h = ReLU(x @ W_enc + b_enc)``, ``x_hat = f @ W_dec + b_dec``."""
-    import numpy as np
-
-    if not hook_name:
-        raise ValueError(
-            "a params.npz file names no hook: pass hook_name=..., e.g. 'blocks.12.hook_resid_post' "
-            "(Gemma Scope's res SAEs), 'blocks.12.hook_mlp_out' (mlp) or 'blocks.12.attn.hook_z' (att)"
-        )
-    with np.load(path) as data:
-        state = {("W_" + k[2:] if k.startswith("w_") else k): torch.from_numpy(np.array(data[k])).float() for k in data}
-    scaling = state.pop("scaling_factor", None)
-    if scaling is not None and not torch.allclose(scaling, torch.ones_like(scaling)):
-        raise ValueError("this params.npz has a finetuning scaling_factor other than 1, which is not supported")
-    d_in, d_sae = state["W_enc"].shape
-    config = SAEConfig(
-        d_in=d_in, d_sae=d_sae, hook_name=hook_name, architecture="jumprelu", apply_b_dec_to_input=False, **cfg
-    )
-    return SAE.from_state_dict(state, config)
+    """A Gemma Scope ``params.npz`` (see ``formats.read_gemma_scope``)."""
+    state, config = read_gemma_scope(path, hook_name, **cfg)
+    return SAE.from_state_dict(state, SAEConfig(**config))
 
 
 def load_llama_scope(path: str | Path, **cfg: Any) -> SAE:
-    """A Llama Scope directory (``hyperparams.json``, ``checkpoints/final.safetensors`` with
-    ``encoder.weight`` [d_sae, d_in] etc.), converted as SAELens does: JumpReLU with one
-    threshold ``jump_relu_threshold * s`` and ``expected_average_only_in`` with
-    ``s = sqrt(d_in) / dataset_average_activation_norm['in']``."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    hp = json.loads((path / "hyperparams.json").read_text())
-    raw = load_file(str(path / "checkpoints" / "final.safetensors"))
-    d_in, d_sae = int(hp["d_model"]), int(hp["d_sae"])
-    s = d_in**0.5 / float(hp["dataset_average_activation_norm"]["in"])
-    state = {
-        "W_enc": raw["encoder.weight"].T.float(),
-        "W_dec": raw["decoder.weight"].T.float(),
-        "b_enc": raw["encoder.bias"].float(),
-        "b_dec": raw["decoder.bias"].float(),
-        "threshold": torch.full((d_sae,), float(hp["jump_relu_threshold"]) * s),
-    }
-    config = SAEConfig(
-        **{
-            "d_in": d_in,
-            "d_sae": d_sae,
-            "hook_name": hp["hook_point_in"],
-            "architecture": "jumprelu",
-            "apply_b_dec_to_input": False,
-            "normalize_activations": "expected_average_only_in",
-            "norm_scaling_factor": s,
-            **cfg,
-        }
-    )
-    return SAE.from_state_dict(state, config)
+    """A Llama Scope directory (see ``formats.read_llama_scope``)."""
+    state, config = read_llama_scope(path, **cfg)
+    return SAE.from_state_dict(state, SAEConfig(**config))
 
 
 def site_width(model: HookedModel, site: str) -> int:

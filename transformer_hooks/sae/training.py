@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -143,7 +144,7 @@ def train_sae(
         raise ValueError(f"a {architecture} SAE needs k, the number of active features per token")
     if d_sae is None or site is None:
         raise ValueError("train_sae needs the site and d_sae, e.g. train_sae(dataset, 'blocks.3.hook_resid_post', 512)")
-    from ..activations import ActivationDataset
+    from ..scale.dataset import ActivationDataset
     from .core import PROCESSING_STEPS, SAEConfig
 
     meta: dict[str, Any] = {}
@@ -227,6 +228,18 @@ def _fit(
     """The training loop; returns BatchTopK's threshold (nan otherwise)."""
     if decoder not in ("norm_weighted", "unit_norm"):
         raise ValueError(f"decoder must be 'norm_weighted' or 'unit_norm', got {decoder!r}")
+    for arg, value, least in (("steps", steps, 0), ("batch_size", batch_size, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{arg} must be an int of at least {least}, got {value!r}")
+    n_rows = source.shape[0] if isinstance(source, torch.Tensor) else len(source)
+    if n_rows == 0:
+        raise ValueError("there are no activation rows to train on (the dataset or tensor is empty)")
+    if n_rows < batch_size:
+        warnings.warn(
+            f"only {n_rows} activation rows, fewer than batch_size={batch_size}: each batch is all of them",
+            stacklevel=3,
+        )
+        batch_size = n_rows
     batches = _batches(source, site, batch_size, seed, sae.device)
     first = next(batches)
     with torch.no_grad():

@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -50,6 +51,7 @@ from .process_group import (
     shard_bounds,
 )
 from .process_group import barrier as _barrier
+from .resume import KEY_VERSION, check_same, tensor_hash, tokenizer_hash, unnamed, weights_hash
 
 __all__ = [  # the process group's names live in process_group; re-exported here, where they were first
     "DEFAULT_TIMEOUT",
@@ -90,28 +92,42 @@ class ResultStore:
     """One file per finished item under ``directory``, so a run that was killed resumes where
     it stopped: items found there are read back instead of computed again.
 
-    ``job`` (JSON) describes the work; a directory holding another job's results is refused,
-    never mixed in. Each file is written to a temporary name and renamed, so a kill leaves
-    no half-written result.
+    ``job`` (JSON: see ``job_fingerprint``) is the resume key: a directory holding another
+    job's results is refused, naming what differs, never mixed in. A result is stored as
+    safetensors (its tensors) with its structure as JSON in the file's metadata: nothing
+    is unpickled, so a planted file cannot run code. Each file is written to a temporary
+    name and renamed, so a kill leaves no half-written result.
     """
 
     def __init__(self, directory: str | os.PathLike[str], job: dict[str, Any]) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        description = json.dumps(job, sort_keys=True, default=repr)
+        job = json.loads(json.dumps(job, sort_keys=True))  # as it reads back
         marker = self.directory / "job.json"
-        if marker.exists() and marker.read_text() != description:
-            raise ValueError(
-                f"{self.directory} holds results of another job ({marker.read_text()[:200]}); "
-                f"give a new resume directory or delete this one"
-            )
+        if marker.exists():
+            try:
+                old = json.loads(marker.read_text())
+                if not isinstance(old, dict):
+                    raise ValueError("not a JSON object")
+            except (ValueError, UnicodeDecodeError) as e:
+                raise ValueError(
+                    f"the resume file {marker} is damaged ({e}); delete the directory {self.directory} to start over"
+                ) from None
+            check_same(self.directory, "results of a job", old, job, f"delete {self.directory} or give another one")
+        else:
+            strangers = [f.name for f in self.directory.iterdir()]
+            if strangers:
+                raise FileExistsError(
+                    f"the resume directory {self.directory} is not empty ({', '.join(sorted(strangers)[:5])}) and "
+                    f"holds no job: give a new or empty directory"
+                )
         tmp = marker.with_name(f"job.json.{os.getpid()}.partial")
-        tmp.write_text(description)
+        tmp.write_text(json.dumps(job, sort_keys=True))
         os.replace(tmp, marker)
 
     def path(self, index: int) -> Path:
         """The file that holds result ``index``."""
-        return self.directory / f"{index:08d}.pt"
+        return self.directory / f"{index:08d}.safetensors"
 
     def has(self, index: int) -> bool:
         """Whether result ``index`` is stored."""
@@ -119,20 +135,101 @@ class ResultStore:
 
     def load(self, index: int) -> Any:
         """Result ``index``, as stored."""
-        return torch.load(self.path(index), weights_only=False)
+        from safetensors import safe_open
+
+        path = self.path(index)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open has no __iter__)
+                structure = json.loads((f.metadata() or {})["structure"])
+            return _unflatten(structure, tensors)
+        except Exception as e:  # noqa: BLE001  (safetensors raises its own types; any damage is one error)
+            raise ValueError(
+                f"the resumed result {path} is damaged ({type(e).__name__}: {e}); delete it and rerun: "
+                f"that item is computed again"
+            ) from None
 
     def save(self, index: int, value: Any) -> None:
         """Store ``value`` as result ``index`` (atomically)."""
+        from safetensors.torch import save_file
+
+        tensors: dict[str, torch.Tensor] = {}
+        structure = json.dumps(_flatten(value, tensors))
         path = self.path(index)
         tmp = path.with_name(path.name + f".{os.getpid()}.partial")
-        torch.save(value, tmp)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"structure": structure})
         os.replace(tmp, path)
 
 
+def _flatten(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """``value`` as JSON, its tensors moved into ``tensors`` (by number)."""
+    if isinstance(value, torch.Tensor):
+        key = str(len(tensors))
+        tensors[key] = value.detach().cpu()
+        return {"tensor": key}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return {"value": value}
+    if isinstance(value, (list, tuple)):
+        return {type(value).__name__: [_flatten(v, tensors) for v in value]}
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {"dict": [[k, _flatten(v, tensors)] for k, v in value.items()]}
+    raise TypeError(
+        f"a result of type {type(value).__name__} cannot be kept in a resume directory: return tensors, "
+        f"numbers, strings, or lists, tuples and str-keyed dicts of them"
+    )
+
+
+def _unflatten(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    ((kind, body),) = node.items()
+    if kind == "tensor":
+        return tensors[body]
+    if kind == "value":
+        return body
+    if kind in ("list", "tuple"):
+        items = [_unflatten(v, tensors) for v in body]
+        return items if kind == "list" else tuple(items)
+    if kind == "dict":
+        return {k: _unflatten(v, tensors) for k, v in body}
+    raise ValueError(f"unknown node {kind!r}")
+
+
+def _canonical(item: Any) -> Any:
+    """An item as JSON that equals another item's exactly when they are equal: tensors and
+    arrays by a content hash (a repr truncates them), containers element by element."""
+    if isinstance(item, (torch.Tensor, np.ndarray)):
+        return {"tensor": tensor_hash(item)}
+    if item is None or isinstance(item, (bool, int, float, str)):
+        return item
+    if isinstance(item, (list, tuple)):
+        return [type(item).__name__, [_canonical(v) for v in item]]
+    if isinstance(item, dict):
+        return ["dict", sorted([json.dumps(_canonical(k)), _canonical(v)] for k, v in item.items())]
+    raise TypeError(
+        f"an item of type {type(item).__name__} cannot be fingerprinted for a resume directory: pass "
+        f"tensors, numbers, strings, or lists, tuples and dicts of them"
+    )
+
+
 def job_fingerprint(items: Sequence[Any], **job: Any) -> dict[str, Any]:
-    """What a ``ResultStore`` checks: the items (hashed) and whatever else defines the work."""
-    text = json.dumps(list(items), sort_keys=True, default=repr)
-    return {"n_items": len(items), "items_sha256": hashlib.sha256(text.encode()).hexdigest(), **job}
+    """What a ``ResultStore`` checks: the items (by content) and whatever else defines the work."""
+    text = json.dumps([_canonical(item) for item in items], sort_keys=True)
+    return {
+        "key_version": KEY_VERSION,
+        "n_items": len(items),
+        "items_sha256": hashlib.sha256(text.encode()).hexdigest(),
+        **job,
+    }
+
+
+def model_key(model: Any) -> dict[str, Any]:
+    """The model's part of a resume key: its weights by content (processing and dtype included), its tokenizer."""
+    return {
+        "model": model.cfg.model_name,
+        "processing": list(model.cfg.processing),
+        "dtype": str(model.dtype),
+        "weights": weights_hash(model),
+        "tokenizer": tokenizer_hash(getattr(model, "tokenizer", None)),
+    }
 
 
 def map_prompts(
@@ -213,12 +310,19 @@ def gather_caches(
     timeout: datetime.timedelta = DEFAULT_TIMEOUT,
     progress: bool = True,
     resume_dir: str | os.PathLike[str] | None = None,
+    resume_name: str | None = None,
 ) -> list[dict[str, torch.Tensor]] | None:
     """Each prompt's cache of ``names_filter``'s sites (text or token ids), one forward per
     prompt, sharded over the ranks; rank 0 gets ``[{name: activation}]`` in prompt order,
     in memory. ``reduce(name, activation)`` shrinks each before it is kept (e.g. the last
     position, a mean over positions). For a few prompts and for sites that are not per
-    position (attention patterns); a corpus goes to disk with ``activations.harvest``."""
+    position (attention patterns); a corpus goes to disk with ``activations.harvest``.
+    ``resume_dir``: see ``map_prompts``; a resume cannot compare functions (a callable
+    ``names_filter``, ``reduce``): ``resume_name`` names them, and without it they are
+    never taken as the same."""
+
+    def named(what: str) -> str:
+        return f"named {resume_name}" if resume_name is not None else unnamed(what)
 
     def one(prompt: Any) -> dict[str, torch.Tensor]:
         tokens = model.to_tokens(prompt) if isinstance(prompt, str) else torch.tensor([list(prompt)])
@@ -232,9 +336,12 @@ def gather_caches(
         progress=progress,
         desc="harvest",
         resume_dir=resume_dir,
-        job={
-            "harvest": repr(names_filter) if not callable(names_filter) else "callable",
-            "model": model.cfg.model_name,
+        job=None
+        if resume_dir is None
+        else model_key(model)
+        | {
+            "harvest": json.dumps(names_filter, default=repr) if not callable(names_filter) else named("names_filter"),
+            "reduce": None if reduce is None else named("reduce"),
         },
     )
 
@@ -249,6 +356,7 @@ def harvest(
     timeout: datetime.timedelta = DEFAULT_TIMEOUT,
     progress: bool = True,
     resume_dir: str | os.PathLike[str] | None = None,
+    resume_name: str | None = None,
     **dataset_options: Any,
 ) -> Any:
     """Activations over many prompts under ``torchrun``. With ``out``: the one harvest,
@@ -261,15 +369,29 @@ def harvest(
                 "harvest(..., out=DIR) writes a dataset, which resumes in DIR itself and keeps "
                 "activations per position: drop reduce= and resume_dir= (or drop out= to gather caches)"
             )
-        from ..activations import harvest as harvest_to_disk
+        from .harvest import harvest as harvest_to_disk
 
         return harvest_to_disk(
-            model, prompts, names_filter, Path(out), timeout=timeout, progress=progress, **dataset_options
+            model,
+            prompts,
+            names_filter,
+            Path(out),
+            timeout=timeout,
+            progress=progress,
+            resume_name=resume_name,
+            **dataset_options,
         )
     if dataset_options:
         raise TypeError(f"{sorted(dataset_options)} are options of a harvest to disk: pass out=DIR as well")
     return gather_caches(
-        model, prompts, names_filter, reduce=reduce, timeout=timeout, progress=progress, resume_dir=resume_dir
+        model,
+        prompts,
+        names_filter,
+        reduce=reduce,
+        timeout=timeout,
+        progress=progress,
+        resume_dir=resume_dir,
+        resume_name=resume_name,
     )
 
 
@@ -349,13 +471,7 @@ def patching_sweep(
 ) -> list[torch.Tensor] | None:
     """``patch_pair`` for every pair, sharded over the ranks (``map_prompts``); rank 0
     gets the list in pair order. ``resume_dir``: results kept as they come, reused on a rerun."""
-    job = {
-        "sweep": activation_name,
-        "attribution": attribution,
-        "model": model.cfg.model_name,
-        "dtype": str(model.dtype),
-        "processing": list(model.cfg.processing),
-    }
+    job = None if resume_dir is None else model_key(model) | {"sweep": activation_name, "attribution": attribution}
     return map_prompts(
         lambda pair: patch_pair(model, pair, activation_name, attribution),
         pairs,

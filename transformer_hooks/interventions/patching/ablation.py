@@ -194,6 +194,11 @@ def ablation_value(
             f"{list(axes)} = {list(shape)} for these tokens; give reference prompts for this model"
         )
     pos_dims = [i for i, a in enumerate(axes) if a.endswith("pos")]
+    if reference.shape[0] == 0 or (reference_mask is not None and not bool(reference_mask.any())):
+        raise ValueError(
+            f"{kind} ablation of {site}: the reference set is empty (no prompt, or no real token): its mean or "
+            f"sample does not exist; give at least one reference prompt"
+        )
     ref_len = reference.shape[pos_dims[0]] if pos_dims else n_pos
     real = None
     if reference_mask is not None and pos_dims:
@@ -238,6 +243,8 @@ def _values(
     needs = sorted({a.site for a in ablations if a.kind != "zero"})
     if needs and reference is None:
         raise ValueError(f"mean and resample ablations need reference prompts (reference=...): {needs}")
+    if needs and not isinstance(reference, dict) and len(reference) == 0:
+        raise ValueError(f"the reference set is empty: mean and resample ablations of {needs} need at least one prompt")
     ref_acts, ref_mask = _reference_activations(model, reference, needs) if needs else ({}, None)
     out: dict[tuple[str, str], torch.Tensor] = {}
     for a in ablations:

@@ -1,0 +1,600 @@
+"""Activation datasets: harvest sites over a corpus to disk, read them back in batches.
+
+``harvest(model, corpus, sites=[...], out=DIR)`` packs the corpus into contexts of
+``context_size`` tokens with the model's BOS rule (``default_prepend_bos``: each context
+starts with BOS, and documents are joined by BOS, as SAELens packs them), runs them in
+batches (stopping after the last hooked block), keeps each site's activation at the
+chosen positions, and writes shards (models without a BOS rule join documents by EOS)::
+
+    DIR/manifest.json                 model, processing, sites and widths, dtype, counts, shard list
+    DIR/shard_00000.safetensors       per site [rows, width] (heads flattened), and
+                                      tokens [contexts, context_size], token_mask, row_context, row_position
+
+Rows are (context, position) pairs in order: context by context, position by position.
+Padding never makes a row; BOS tokens make none unless ``exclude_bos=False``.
+
+Nothing is lost and nothing is claimed that is not there: a shard is written to a
+temporary name, flushed and renamed; then the manifest, written the same way, lists it.
+A rerun with the same arguments checks the listed shards, deletes anything the manifest
+does not list, and continues after the last listed shard; shard boundaries fall on batch
+boundaries, so the result is bit for bit the uninterrupted run's. A failing write
+(a full disk) raises ``OSError`` naming the shard, leaving the dataset at its last
+complete shard.
+
+Under ``torchrun`` (or any initialised process group) each rank takes a contiguous range
+of whole batches of contexts and keeps its shards and its progress in its own directory;
+rank 0 writes the manifest, listing every rank's shards in context order, only after every
+rank reported its range complete (a rank that fails or dies fails the others within the
+timeout, and the manifest then lists no row)::
+
+    DIR/manifest.json                 as above, plus world_size; shards rank_00000/..., rank_00001/...
+    DIR/rank_00001/progress.json      rank 1's shard list: what a rerun resumes from
+    DIR/rank_00001/shard_00000.safetensors
+
+The batches are the single process's batches, so the dataset equals its dataset row for row.
+
+``ActivationDataset(DIR)`` (dataset.py) reads it back.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import math
+import re
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from weights_conversion.sources import write_safetensors
+
+from ..sites import layer_of
+from ..tokens import bos_id, pad_id
+from .corpus import Corpus, PositionChoice, corpus_hash, pack_contexts, select_positions
+from .dataset import ActivationDataset
+from .process_group import (
+    DEFAULT_TIMEOUT,
+    RankFailedError,
+    exchange,
+    init_distributed,
+    launched_by_torchrun,
+    rank_and_world,
+    shard_bounds,
+)
+from .resume import KEY_VERSION, check_same, tensor_hash, tokenizer_hash, unnamed, weights_hash
+from .shards import (
+    DTYPES,
+    FORMAT,
+    LOCK,
+    MANIFEST,
+    PROGRESS,
+    SHARD_NAME,
+    fsync_write,
+    holding,
+    open_shard,
+    read_manifest,
+    shard_path,
+    write_manifest,
+)
+
+# Also the names of the old path ``transformer_hooks.activations`` (a star re-export of this module).
+__all__ = ["DTYPES", "FORMAT", "MANIFEST", "ActivationDataset", "harvest"]
+
+
+def _site_layer(site: str) -> int | None:
+    """The block a site is in (-1 before the blocks; None after them)."""
+    layer = layer_of(site)
+    if layer is not None:
+        return layer
+    return -1 if site in ("hook_embed", "hook_pos_embed", "hook_tokens") else None
+
+
+def _cut(
+    contexts: Iterator[tuple[torch.Tensor, torch.Tensor]], start: int, last: int, keep: int, pad: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``contexts`` (the first is context ``start``) with context ``last`` cut to its first
+    ``keep`` positions: the rest becomes padding, so the harvest holds exactly ``max_tokens``."""
+    for i, (tokens, mask) in enumerate(contexts, start):
+        if i == last and keep < len(tokens):
+            tokens, mask = tokens.clone(), mask.clone()
+            tokens[keep:], mask[keep:] = pad, False
+        yield tokens, mask
+
+
+def _is_ours(name: str) -> bool:
+    """A name a harvest writes in its directory (beside it, the directory may hold anything the user put there)."""
+    return (
+        name in (MANIFEST, LOCK, f".{MANIFEST}.tmp")
+        or re.fullmatch(r"rank_\d{5}", name) is not None
+        or SHARD_NAME.fullmatch(name) is not None
+        or SHARD_NAME.fullmatch(name.removeprefix(".").removesuffix(".tmp")) is not None
+    )
+
+
+def _check_owned(out: Path) -> None:
+    """Refuse an ``out`` that is a file, or a directory holding files but no harvest."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"out={out} is a file; harvest writes a dataset directory")
+    if not out.is_dir() or (out / MANIFEST).exists():
+        return
+    foreign = sorted(f.name for f in out.iterdir() if not _is_ours(f.name))
+    if foreign:
+        raise FileExistsError(
+            f"{out} is not empty ({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}) and holds no "
+            f"harvest: harvest writes into a new or empty directory it owns. Pass another out directory"
+        )
+
+
+# Harvest -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Place:
+    """Where one writer keeps its shards and the JSON that lists them: the dataset directory
+    and its manifest (one process), or a rank's directory and progress file (under torchrun).
+    Shard entries name their file relative to ``root``, the dataset directory."""
+
+    root: Path
+    shards: Path
+    state: Path
+
+    @staticmethod
+    def of_rank(root: Path, rank: int) -> _Place:
+        shards = root / f"rank_{rank:05d}"
+        return _Place(root, shards, shards / PROGRESS)
+
+
+def harvest(
+    model: Any,
+    corpus: Corpus,
+    sites: str | Sequence[str],
+    out: str | Path,
+    *,
+    context_size: int = 128,
+    batch_size: int = 8,
+    positions: PositionChoice = "all",
+    exclude_bos: bool = True,
+    dtype: str = "float32",
+    shard_tokens: int = 1 << 16,
+    max_tokens: int | None = None,
+    prepend_bos: bool | None = None,
+    text_key: str = "text",
+    attention_mask: Any = None,
+    resume_name: str | None = None,
+    progress: bool = True,
+    timeout: datetime.timedelta = DEFAULT_TIMEOUT,
+) -> ActivationDataset:
+    """Stream ``corpus`` through ``model`` and store ``sites`` at ``positions`` in ``out``.
+
+    ``corpus``: a text or .jsonl file, a list of strings, a token stream [n] or token
+    contexts [n, context_size] (with ``attention_mask`` for padding). ``sites``: hook names
+    or globs. ``positions``: ``"all"`` real tokens, ``"last"`` (the last real token of each
+    context), a bool mask [contexts, context_size], or a function of a batch's tokens
+    [batch, context_size] giving one. ``dtype``: float32, float16 or bfloat16.
+    ``max_tokens``: exactly that many tokens of contexts (the last context cut short).
+
+    ``out`` is a new or empty directory, or one of harvest's datasets: a rerun with the same
+    inputs continues an interrupted harvest (or returns the finished one); one with other
+    inputs is refused, naming what changed (the resume key: the weights' content hash, the
+    tokenizer, the corpus's content hash, sites, every position and masking option, sizes,
+    dtype, the format version). A one-shot iterable corpus or a positions function cannot
+    be hashed: ``resume_name`` names them, and without it such a harvest cannot be resumed.
+    One harvest at a time holds ``out`` (a lock file). Returns the dataset.
+
+    Under ``torchrun`` (or with a process group initialised) every rank calls this with
+    the same arguments and ``out`` on a filesystem they share: each takes a contiguous
+    range of the contexts, writes its shards under ``out/rank_NNNNN/``, and rank 0 writes
+    the manifest once every rank reported its shards complete; the dataset is the one a
+    single process writes, row for row. Each rank reads (tokenises) the corpus once to count
+    its contexts, then again up to the end of its range; a one-shot iterable cannot be
+    shared. ``timeout``: how long a rank that finished waits for the others (a rank that
+    dies fails them at once).
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    for arg, value, least in (
+        ("context_size", context_size, 2),
+        ("batch_size", batch_size, 1),
+        ("shard_tokens", shard_tokens, 1),
+        ("max_tokens", 1 if max_tokens is None else max_tokens, 1),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{arg} must be an int of at least {least}, got {value!r}")
+    names = model.resolve_hook_names(sites)
+    if not names:
+        raise ValueError(f"sites={sites!r} names no hook site: name at least one, e.g. 'blocks.0.hook_resid_post'")
+    for name in names:
+        if name.endswith(("hook_attn_scores", "hook_pattern")):
+            raise ValueError(f"{name} is per (query, key) pair, not per position; harvest takes per-position sites")
+    out = Path(out)
+    _check_owned(out)
+    out.mkdir(parents=True, exist_ok=True)
+    prepend_bos = model.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
+    bos = None
+    if exclude_bos:
+        try:
+            bos = bos_id(model.tokenizer, model.cfg)
+        except ValueError:  # no BOS token: nothing to leave out
+            bos = None
+    shard_contexts = max(1, shard_tokens // (context_size * batch_size)) * batch_size
+    max_contexts = None if max_tokens is None else math.ceil(max_tokens / context_size)
+    layers = [_site_layer(n) for n in names]
+    known = [layer for layer in layers if layer is not None]
+    stop = None if len(known) < len(layers) else max(known) + 1
+    if callable(positions):
+        positions_key = f"named {resume_name}" if resume_name is not None else unnamed("positions function")
+    elif isinstance(positions, str):
+        positions_key = positions
+    else:
+        chosen = torch.as_tensor(positions)
+        if chosen.ndim != 2 or chosen.shape[1] != context_size:
+            raise ValueError(
+                f"positions mask has shape {tuple(chosen.shape)}; expected [contexts, context_size={context_size}]"
+            )
+        if isinstance(corpus, (torch.Tensor, np.ndarray)) and corpus.ndim == 2 and chosen.shape[0] < corpus.shape[0]:
+            raise ValueError(
+                f"positions mask has {chosen.shape[0]} rows for {corpus.shape[0]} contexts: one row per context"
+            )
+        positions_key = tensor_hash(chosen.bool())
+    fingerprint = {
+        "key_version": KEY_VERSION,
+        "weights": weights_hash(model),
+        "tokenizer": tokenizer_hash(model.tokenizer),
+        "corpus": corpus_hash(corpus, resume_name),
+        "attention_mask": None if attention_mask is None else tensor_hash(torch.as_tensor(attention_mask).bool()),
+        "max_tokens": max_tokens,
+        "sites": names,
+        "context_size": context_size,
+        "batch_size": batch_size,
+        "positions": positions_key,
+        "exclude_bos": exclude_bos,
+        "dtype": dtype,
+        "shard_contexts": shard_contexts,
+        "max_contexts": max_contexts,
+        "prepend_bos": prepend_bos,
+        "text_key": text_key,
+    }
+
+    def contexts(start: int, end: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Contexts [start, end) of the corpus (the ones before ``start`` are read and dropped);
+        with ``max_tokens``, the context that reaches it ends there (the rest is padding)."""
+        packed = islice(pack_contexts(model, corpus, context_size, prepend_bos, text_key, attention_mask), start, end)
+        if max_tokens is None or max_contexts is None:
+            return packed
+        keep = max_tokens - (max_contexts - 1) * context_size
+        return _cut(packed, start, max_contexts - 1, keep, pad_id(model.tokenizer, model.cfg))
+
+    def run(place: _Place, state: dict[str, Any], end: int | None, desc: str, show: bool) -> None:
+        first = state.get("first_context", 0) + state["n_contexts"]
+        bar = tqdm(
+            total=(end - state.get("first_context", 0)) * context_size if end is not None else None,
+            initial=state["n_tokens"],
+            unit="tok",
+            unit_scale=True,
+            desc=desc,
+            disable=not show,
+            delay=0.5,
+        )
+        try:
+            _harvest_contexts(
+                model,
+                place,
+                state,
+                contexts(first, end),
+                names=names,
+                positions=positions,
+                bos=bos,
+                target=DTYPES[dtype],
+                batch_size=batch_size,
+                shard_contexts=shard_contexts,
+                stop=stop,
+                bar=bar,
+            )
+        finally:
+            bar.close()
+
+    if launched_by_torchrun():
+        init_distributed(timeout=timeout)
+    rank, world = rank_and_world()
+    desc = f"harvesting {len(names)} site(s)"
+    if world == 1:
+        with holding(out):
+            if _done(out, model, fingerprint):
+                return ActivationDataset(out)
+            place = _Place(out, out, out / MANIFEST)
+            manifest = _resume(place, model, fingerprint)
+            if not manifest["complete"]:
+                run(place, manifest, max_contexts, desc, progress)
+            return ActivationDataset(out)
+
+    # Under torchrun: a contiguous range of whole batches per rank, so that every batch is
+    # the batch one process runs (the same rows side by side: the same bits).
+    if not isinstance(corpus, (str, Path, list, tuple, torch.Tensor, np.ndarray)):
+        raise ValueError(
+            f"a harvest over {world} processes reads the corpus on every rank; a one-shot iterable "
+            f"({type(corpus).__name__}) can be read only once: pass a file, a list of strings or tokens"
+        )
+    fingerprint["world_size"] = world
+    n = sum(1 for _ in contexts(0, max_contexts))
+    bounds = [
+        (min(lo * batch_size, n), min(hi * batch_size, n))
+        for lo, hi in (shard_bounds(math.ceil(n / batch_size), r, world) for r in range(world))
+    ]
+    lo, hi = bounds[rank]
+    if _done(out, model, fingerprint):
+        return ActivationDataset(out)
+    consequence = (
+        f"The manifest of {out} lists no row of this run; rerun the same harvest to continue from "
+        f"each rank's last complete shard."
+    )
+    place = _Place.of_rank(out, rank)
+    state: dict[str, Any] | None = None
+    error: BaseException | None = None
+    locks = ExitStack()
+    try:
+        locks.enter_context(holding(out, shared=True))  # the ranks of this harvest share the directory,
+        locks.enter_context(holding(place.shards))  # and each holds its own
+        if rank == 0:  # an empty, incomplete dataset until every rank has finished
+            write_manifest(out / MANIFEST, {**_fresh_manifest(model, fingerprint), "world_size": world})
+        place.shards.mkdir(exist_ok=True)
+        state = _resume(place, model, {**fingerprint, "rank": rank, "contexts": [lo, hi]}, first_context=lo)
+        if not state["complete"]:
+            run(place, state, hi, f"{desc} (rank 0 of {world})", progress and rank == 0)
+    except Exception as e:  # noqa: BLE001  (reported to every rank below, then raised)
+        error = e
+    report = None if error is None else f"on its contexts [{lo}, {hi}): {type(error).__name__}: {error}"
+    try:
+        states = exchange(report, state, timeout=timeout, what="harvesting", consequence=consequence)
+        write_error = None
+        if rank == 0:
+            try:
+                _write_rank_manifest(out, model, fingerprint, states, bounds)
+            except Exception as e:  # noqa: BLE001
+                error = e
+                write_error = f"writing the manifest: {type(e).__name__}: {e}"
+        exchange(write_error, None, timeout=timeout, what="to finish the harvest", consequence=consequence)
+    except RankFailedError as e:
+        if error is not None:  # this rank's own failure: keep its traceback
+            raise e from error
+        raise
+    finally:
+        locks.close()
+    return ActivationDataset(out)
+
+
+def _harvest_contexts(
+    model: Any,
+    place: _Place,
+    state: dict[str, Any],
+    contexts: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    names: list[str],
+    positions: PositionChoice,
+    bos: int | None,
+    target: torch.dtype,
+    batch_size: int,
+    shard_contexts: int,
+    stop: int | None,
+    bar: Any,
+) -> None:
+    """Run ``contexts`` in batches, commit a shard every ``shard_contexts`` contexts, then mark ``state`` complete."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(act: torch.Tensor, hook: Any) -> None:
+        seen[hook.name] = act
+
+    index = state.get("first_context", 0) + state["n_contexts"]  # the global index of the next context
+    exhausted = False
+    with torch.no_grad(), model.hooks(fwd_hooks=[(n, keep) for n in names]):
+        while not exhausted:
+            shard: dict[str, list[torch.Tensor]] = {
+                k: [] for k in [*names, "tokens", "token_mask", "row_context", "row_position"]
+            }
+            n_ctx = n_tok = 0
+            while n_ctx < shard_contexts:
+                batch = list(islice(contexts, min(batch_size, shard_contexts - n_ctx)))
+                if not batch:
+                    exhausted = True
+                    break
+                tokens = torch.stack([t for t, _ in batch])
+                mask = torch.stack([m for _, m in batch])
+                model(
+                    tokens.to(model.device),
+                    attention_mask=None if bool(mask.all()) else mask.long().to(model.device),
+                    return_type=None,
+                    stop_at_layer=stop,
+                )
+                chosen = select_positions(positions, tokens, mask, index, bos)
+                ctx_idx, pos_idx = chosen.nonzero(as_tuple=True)
+                for n in names:
+                    act = seen[n]
+                    act = act.flatten(2) if act.ndim == 4 else act
+                    shard[n].append(act[chosen.to(act.device)].to("cpu", target))
+                seen.clear()
+                shard["tokens"].append(tokens.to(torch.int32))
+                shard["token_mask"].append(mask)
+                shard["row_context"].append((ctx_idx + index).to(torch.int64))
+                shard["row_position"].append(pos_idx.to(torch.int32))
+                n_ctx += len(batch)
+                n_tok += int(mask.sum())
+                index += len(batch)
+                bar.update(int(mask.sum()))
+            if n_ctx:
+                _commit_shard(place, state, {k: torch.cat(v).contiguous() for k, v in shard.items()}, n_ctx, n_tok)
+    state["complete"] = True
+    write_manifest(place.state, state)
+
+
+def _commit_shard(
+    place: _Place, manifest: dict[str, Any], tensors: dict[str, torch.Tensor], n_ctx: int, n_tok: int
+) -> None:
+    i = len(manifest["shards"])
+    path = place.shards / f"shard_{i:05d}.safetensors"
+    try:
+        fsync_write(path, writer=lambda tmp: write_safetensors(tmp, tensors))
+        entry = {
+            "file": path.relative_to(place.root).as_posix(),
+            "first_context": manifest.get("first_context", 0) + manifest["n_contexts"],
+            "n_contexts": n_ctx,
+            "n_rows": int(tensors["row_context"].shape[0]),
+            "n_tokens": n_tok,
+            "bytes": path.stat().st_size,
+        }
+        new = {
+            **manifest,
+            "shards": [*manifest["shards"], entry],
+            "n_contexts": manifest["n_contexts"] + n_ctx,
+            "n_rows": manifest["n_rows"] + entry["n_rows"],
+            "n_tokens": manifest["n_tokens"] + n_tok,
+        }
+        write_manifest(place.state, new)
+    except OSError as e:
+        reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise OSError(
+            e.errno,
+            f"writing activation shard {path.name} in {place.shards} failed ({reason}); the dataset keeps "
+            f"its {len(manifest['shards'])} complete shard(s) ({manifest['n_rows']} rows). Free "
+            f"space and rerun the same harvest to continue from there",
+        ) from e
+    manifest.update(new)
+
+
+def _fresh_manifest(model: Any, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    from ..sae.core import site_width
+
+    return {
+        "format": FORMAT,
+        "model_name": model.cfg.model_name,
+        "processing": list(model.cfg.processing),
+        "d_vocab": model.cfg.d_vocab,
+        "dtype": fingerprint["dtype"],
+        "sites": {name: site_width(model, name) for name in fingerprint["sites"]},
+        "context_size": fingerprint["context_size"],
+        "fingerprint": fingerprint,
+        "shards": [],
+        "n_contexts": 0,
+        "n_rows": 0,
+        "n_tokens": 0,
+        "complete": False,
+    }
+
+
+def _check_same_harvest(where: Path, manifest: dict[str, Any], fresh: dict[str, Any]) -> None:
+    """Raise unless ``manifest`` (found in ``where``) records the harvest ``fresh`` starts,
+    naming every entry of the resume key that differs."""
+    old = {k: manifest.get(k) for k in ("model_name", "processing")} | manifest.get("fingerprint", {})
+    new = {k: fresh[k] for k in ("model_name", "processing")} | fresh["fingerprint"]
+    check_same(
+        where,
+        "a harvest",
+        old,
+        new,
+        f"delete {where} or pass another out directory (and the same number of processes to continue)",
+    )
+
+
+def _resume(place: _Place, model: Any, fingerprint: dict[str, Any], first_context: int | None = None) -> dict[str, Any]:
+    """The list of shards to continue from: the existing one (checked, damaged tail dropped) or a new one.
+    ``first_context``: where a rank's range starts (its progress file records it)."""
+    fresh = _fresh_manifest(model, fingerprint)
+    if first_context is not None:
+        fresh["first_context"] = first_context
+    if place.state.exists():
+        manifest = read_manifest(
+            place.state, place.root, "manifest" if place.state.name == MANIFEST else "progress file"
+        )
+        _check_same_harvest(place.shards, manifest, fresh)
+        good = []
+        for entry in manifest["shards"]:
+            f = shard_path(place.root, entry["file"], place.state)
+            try:
+                if f.stat().st_size != entry["bytes"]:
+                    raise ValueError("size")
+                open_shard(f)
+            except (OSError, ValueError):
+                warnings.warn(f"{f} is damaged: harvesting again from it on", stacklevel=3)
+                break
+            good.append(entry)
+        if len(good) < len(manifest["shards"]):
+            manifest = {
+                **manifest,
+                "shards": good,
+                "complete": False,
+                "n_contexts": sum(e["n_contexts"] for e in good),
+                "n_rows": sum(e["n_rows"] for e in good),
+                "n_tokens": sum(e["n_tokens"] for e in good),
+            }
+            write_manifest(place.state, manifest)
+    else:
+        manifest = fresh
+    # The temporary files a kill left (exactly the names fsync_write gives); an unlisted shard a
+    # kill left is rewritten in place when the harvest reaches it. Nothing else is deleted.
+    for f in place.shards.iterdir():
+        if f.is_file() and (
+            f.name == f".{place.state.name}.tmp"
+            or (f.name.startswith(".") and SHARD_NAME.fullmatch(f.name[1:].removesuffix(".tmp")) and f.suffix == ".tmp")
+        ):
+            f.unlink()
+    if not place.state.exists():
+        write_manifest(place.state, manifest)
+    return manifest
+
+
+def _done(out: Path, model: Any, fingerprint: dict[str, Any]) -> bool:
+    """Whether ``out`` holds this harvest complete, with every shard there; raises if it
+    holds another harvest. A finished harvest is the same dataset whatever the number of
+    processes that wrote it; an unfinished one continues only with as many. Reads only
+    (under torchrun every rank asks, and gets the same answer)."""
+    path = out / MANIFEST
+    if not path.exists():
+        return False
+    manifest = read_manifest(path, out)
+    fresh = _fresh_manifest(model, fingerprint)
+    done = bool(manifest["complete"]) and all(
+        (f := shard_path(out, e["file"], path)).is_file() and f.stat().st_size == e["bytes"] for e in manifest["shards"]
+    )
+    if done:
+
+        def any_world(m: dict[str, Any]) -> dict[str, Any]:
+            return {**m, "fingerprint": {k: v for k, v in m.get("fingerprint", {}).items() if k != "world_size"}}
+
+        manifest, fresh = any_world(manifest), any_world(fresh)
+    _check_same_harvest(out, manifest, fresh)
+    return done
+
+
+def _write_rank_manifest(
+    out: Path, model: Any, fingerprint: dict[str, Any], states: list[Any], bounds: list[tuple[int, int]]
+) -> None:
+    """Rank 0, once every rank reported: the manifest listing every rank's shards in context order."""
+    shards = []
+    for r, (state, (lo, hi)) in enumerate(zip(states, bounds, strict=True)):
+        if not state["complete"] or state["first_context"] != lo or state["n_contexts"] != hi - lo:
+            raise ValueError(
+                f"rank {r} reported contexts [{state['first_context']}, {state['first_context'] + state['n_contexts']})"
+                f"{'' if state['complete'] else ' (incomplete)'}, expected [{lo}, {hi})"
+            )
+        for entry in state["shards"]:
+            f = out / entry["file"]
+            if not f.is_file() or f.stat().st_size != entry["bytes"]:
+                raise FileNotFoundError(
+                    f"rank {r}'s shard {f} is not there (or not whole) as rank 0 sees it: the out "
+                    f"directory must be on a filesystem every rank shares"
+                )
+        shards.extend(state["shards"])
+    manifest = {
+        **_fresh_manifest(model, fingerprint),
+        "world_size": fingerprint["world_size"],
+        "shards": shards,
+        "n_contexts": sum(e["n_contexts"] for e in shards),
+        "n_rows": sum(e["n_rows"] for e in shards),
+        "n_tokens": sum(e["n_tokens"] for e in shards),
+        "complete": True,
+    }
+    write_manifest(out / MANIFEST, manifest)
