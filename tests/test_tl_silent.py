@@ -290,7 +290,7 @@ def test_accumulated_resid_at_the_final_layer_normalises_each_row_itself(models,
         torch.testing.assert_close(normed[i], model.ln_final(raw[i]), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(
         normed[-1],
-        cache["ln_final.hook_normalized"] * (1 if family == "gpt2" else model.ln_final.w),
+        cache["ln_final.hook_normalized"] * model.ln_final.w + getattr(model.ln_final, "b", 0),
         atol=1e-5,
         rtol=1e-5,
     )
@@ -303,7 +303,7 @@ def test_accumulated_resid_at_the_final_layer_normalises_each_row_itself(models,
     earlier = cache.accumulated_resid(1, apply_ln=True)  # not the final layer: the cached scale of ln1
     torch.testing.assert_close(
         earlier[-1] + getattr(model.blocks[1].ln1, "b", torch.zeros(())),
-        cache["blocks.1.ln1.hook_normalized"] * (1 if family == "gpt2" else model.blocks[1].ln1.w),
+        cache["blocks.1.ln1.hook_normalized"] * model.blocks[1].ln1.w + getattr(model.blocks[1].ln1, "b", 0),
         atol=1e-5,
         rtol=1e-5,
     )

@@ -5,8 +5,9 @@ Unobserved, a norm is one fused kernel (``F.layer_norm`` / ``F.rms_norm``, as HF
 it); observed, it computes the scale explicitly so the hooks see and can edit it.
 Both paths agree to float rounding (tested).
 
-As in TransformerLens, ``LayerNorm.hook_normalized`` is after the weight and bias, and
-``RMSNorm.hook_normalized`` is before the weight.
+As in TransformerLens 3.x, ``hook_normalized`` is before the weight (and LayerNorm's bias):
+``x_c / s`` for every norm, folded or not, so ``fold_ln`` does not change it. (TransformerLens
+2.x cached LayerNorm's after the weight and bias.)
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ class LayerNorm(_Norm):
     def forward(self, x: Resid) -> Resid:
         if not self.observed:
             return F.layer_norm(x, (self.d_model,), self.w, self.b, self.eps)
-        return self.hook_normalized(self._scaled(x, self.w, self.b).to(x.dtype))
+        return torch.addcmul(self.b, self.hook_normalized(self._scaled(x).to(x.dtype)), self.w)
 
 
 class LayerNormPre(_Norm):

@@ -1,0 +1,71 @@
+"""The silent differences from TransformerLens 3.9 that its own test suite exposed (issue 28):
+each test computes TransformerLens's formula independently and compares."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from transformer_hooks import HookedTransformer, HookedTransformerConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SMALL = dict(n_layers=2, d_model=32, d_head=8, n_heads=4, d_vocab=50, n_ctx=16, seed=0, act_fn="gelu", d_mlp=64)
+
+
+def randomise_norms(model: HookedTransformer, seed: int = 1) -> HookedTransformer:
+    """Norm weights away from 1 and biases away from 0 (a fresh model has 1 and 0)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".ln" in name or name.startswith("ln"):
+                param.copy_(torch.randn(param.shape, generator=g) * 0.5 + (1.0 if name.endswith(".w") else 0.0))
+    return model
+
+
+def tokens(seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(seed))
+
+
+# 1. LayerNorm hook_normalized is before the weight and bias (TransformerLens 3.x) --------------
+@pytest.mark.parametrize("norm", ["LN", "RMS"])
+def test_hook_normalized_is_before_the_weight_and_bias(norm):
+    model = randomise_norms(HookedTransformer(HookedTransformerConfig(**SMALL, normalization_type=norm)))
+    _, cache = model.run_with_cache(tokens())
+    for layer in range(2):
+        x = cache[f"blocks.{layer}.hook_resid_pre"]
+        if norm == "LN":
+            x = x - x.mean(-1, keepdim=True)
+        scale = (x.pow(2).mean(-1, keepdim=True) + model.cfg.eps).sqrt()
+        torch.testing.assert_close(cache[f"blocks.{layer}.ln1.hook_normalized"], x / scale)
+        torch.testing.assert_close(cache[f"blocks.{layer}.ln1.hook_scale"], scale)
+    # fold_ln leaves it unchanged
+    folded = HookedTransformer(HookedTransformerConfig(**SMALL, normalization_type=norm))
+    folded.load_state_dict(model.state_dict())
+    folded.process_weights_(fold_ln=True, center_writing_weights=False, center_unembed=False)
+    _, folded_cache = folded.run_with_cache(tokens())
+    for name in ("blocks.1.ln2.hook_normalized", "ln_final.hook_normalized"):
+        torch.testing.assert_close(folded_cache[name], cache[name], atol=1e-5, rtol=1e-5)
+
+
+# 4. A 0-d index drops the dimension, as an int does -------------------------------------------
+def test_zero_dim_slice_drops_the_dimension():
+    from transformer_hooks.utils import Slice, to_numpy
+
+    x = torch.arange(12).reshape(3, 4)
+    for index in (torch.tensor(1), torch.tensor(-1), __import__("numpy").int64(1)):
+        assert Slice(index).apply(x, 1).shape == (3,)
+        torch.testing.assert_close(Slice(index).apply(x, 1), x[:, int(index)])
+    assert Slice(2).indices().tolist() == [2] and Slice(torch.tensor(2)).indices(5).tolist() == [2]
+    with pytest.raises(ValueError, match="max_ctx"):
+        Slice([0, 2]).indices()
+    assert to_numpy(torch.ones(2, dtype=torch.bfloat16)).dtype.name == "float32"
+
+
+def test_pos_slice_as_a_zero_dim_tensor_gives_no_extra_axis():
+    model = HookedTransformer(HookedTransformerConfig(**SMALL))
+    _, cache = model.run_with_cache(tokens())
+    as_int = cache.accumulated_resid(pos_slice=-1)
+    as_tensor = cache.accumulated_resid(pos_slice=torch.tensor(-1))
+    assert as_tensor.shape == as_int.shape == (2 + 1, 2, 32)
+    torch.testing.assert_close(as_tensor, as_int)
