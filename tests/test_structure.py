@@ -24,6 +24,8 @@ LAYER_NAMES = ["config", "weights_conversion", "low", "hooks", "components", "mo
 # that is not here fails test_every_module_is_ranked: add it to the layer it belongs to.
 RANKS: dict[str, int] = {
     "config": CONFIG,
+    "tl": CONFIG,  # the TransformerLens compatibility layer (tl/): each module where its imports put it
+    "tl.config": CONFIG,  # HookedTransformerConfig: a spelling of ModelConfig (weights_conversion reads it)
     **dict.fromkeys(
         [
             "utils",
@@ -34,13 +36,17 @@ RANKS: dict[str, int] = {
             "factored_matrix",
             "tables",
             "tl_config",
+            "tl.loading_from_pretrained",
+            "utilities",
+            "tl.utilities",
             "dtypes",
             "process_group",
         ],
         LOW,
     ),
     "hooks": HOOKS,
-    "hook_points": HOOKS,  # TransformerLens's module name for the registry: re-exports hooks
+    "hook_points": HOOKS,  # TransformerLens's module name for the registry: re-exports tl.hook_points
+    "tl.hook_points": HOOKS,
     **dict.fromkeys(
         [
             "components",
@@ -72,6 +78,7 @@ RANKS: dict[str, int] = {
             "trace",
             "circuits",
             "evals",
+            "tl.evals",
             "lens",
             "dla",
             "parity",
@@ -96,10 +103,10 @@ RANKS: dict[str, int] = {
             "loading.offload",
             "loading.pipeline",
             "loading.placement",
-            "loading_from_pretrained",
         ],
         LOADING,
     ),
+    "loading_from_pretrained": LOADING,  # re-exports tl.loading_from_pretrained (kept where it was)
     **dict.fromkeys(["", "cli", "__main__"], ENTRY),  # "" is transformer_hooks/__init__.py, the public API
 }
 
@@ -221,13 +228,15 @@ def test_no_upward_imports():
 
 
 def test_weights_conversion_imports_only_config():
-    """The converter depends on transformer_hooks.config only; the loader imports it, never the reverse."""
+    """The converter depends on transformer_hooks.config only (and tl.config, TransformerLens's spelling
+    of it, for TransformerLens checkpoints); the loader imports it, never the reverse."""
     bad = [
         f"{name}:{line} imports {target}"
         for name, imports in GRAPH.items()
         if name.split(".")[0] == "weights_conversion" and name != CONVERSION_ENTRY
         for target, _, line in imports
-        if target.split(".")[0] != "weights_conversion" and target != "transformer_hooks.config"
+        if target.split(".")[0] != "weights_conversion"
+        and target not in ("transformer_hooks.config", "transformer_hooks.tl.config", "transformer_hooks.tl")
     ]
     assert not bad, "\n".join(bad)
 

@@ -20,10 +20,11 @@ from torch import nn
 from . import sites
 from . import tokens as tokens_lib  # as a module: `tokens` names the token tensor in forward
 from .components import AttentionMask, Embed, KVCache, PosEmbed, Rotary, Unembed, make_block, make_norm
-from .config import HookedTransformerConfig, ModelConfig
+from .config import ModelConfig
 from .factored_matrix import FactoredMatrix
 from .hooks import HookedRootModule, HookPoint
-from .tl_config import init_weights as init_tl_weights
+from .tl.config import HookedTransformerConfig
+from .tl.config import init_weights as init_tl_weights
 from .tokens import ModelInput, TextInput
 from .utils import check_index, check_layer
 

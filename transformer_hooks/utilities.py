@@ -1,0 +1,1 @@
+from .tl.utilities import *  # noqa: F403 (TransformerLens 3.x's module path for utils)
