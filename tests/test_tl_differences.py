@@ -69,3 +69,31 @@ def test_pos_slice_as_a_zero_dim_tensor_gives_no_extra_axis():
     as_tensor = cache.accumulated_resid(pos_slice=torch.tensor(-1))
     assert as_tensor.shape == as_int.shape == (2 + 1, 2, 32)
     torch.testing.assert_close(as_tensor, as_int)
+
+
+# Issue 27 point 11: TransformerLens configs that would load without a word -------------------
+@pytest.mark.parametrize(
+    "fields, named",
+    [
+        (dict(use_local_attn=True, attn_types=["global", "locale"], window_size=4), r"attn_types\[1\]='locale'"),
+        (dict(use_local_attn=True, attn_types=["global"], window_size=4), "one entry per layer"),
+        (dict(use_local_attn=True, attn_types=["local", "global"], window_size=0), "window_size=0"),
+    ],
+)
+def test_local_attention_settings_are_checked(fields, named):
+    with pytest.raises(ValueError, match=named):
+        HookedTransformer(HookedTransformerConfig(**SMALL, **fields))
+
+
+def test_two_state_dicts_in_one_checkpoint_directory_are_refused(tmp_path):
+    import json
+
+    from weights_conversion.transformer_lens import to_transformer_lens_state_dict
+
+    cfg = HookedTransformerConfig(**SMALL)
+    model = HookedTransformer(cfg)
+    torch.save(to_transformer_lens_state_dict(model), tmp_path / "model_final.pth")
+    torch.save(to_transformer_lens_state_dict(HookedTransformer(cfg)), tmp_path / "other.pth")
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in cfg.to_dict().items() if k != "dtype"}))
+    with pytest.raises(ValueError, match=r"model_final\.pth, other\.pth"):
+        HookedTransformer.from_pretrained_no_processing(str(tmp_path))

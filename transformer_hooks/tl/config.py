@@ -162,6 +162,7 @@ class HookedTransformerConfig:
             if self.attn_types is None or self.window_size is None:
                 raise ValueError("use_local_attn=True needs attn_types (per layer 'global'/'local') and window_size")
             windows = tuple(self.window_size if kind == "local" else None for kind in self.attn_types)
+        self._check_local_attn()
         attn_scale = None if not self.use_attn_scale else float(self.attn_scale)
         if attn_scale is not None and math.isclose(attn_scale, math.sqrt(self.d_head), rel_tol=1e-12):
             attn_scale = None
@@ -192,6 +193,28 @@ class HookedTransformerConfig:
             default_prepend_bos=self.default_prepend_bos,
             model_name=self.model_name,
         )
+
+    def _check_local_attn(self) -> None:
+        """``attn_types`` and ``window_size``, named when wrong (TransformerLens takes any string
+        but "global" as local, and a window of 0 as a mask that hides every key)."""
+        if self.attn_types is not None:
+            if not isinstance(self.attn_types, (list, tuple)) or len(self.attn_types) != self.n_layers:
+                raise ValueError(
+                    f"attn_types={self.attn_types!r}: give one entry per layer ({self.n_layers}), each "
+                    f"'global' or 'local'"
+                )
+            bad = [(i, kind) for i, kind in enumerate(self.attn_types) if kind not in ("global", "local")]
+            if bad:
+                raise ValueError(
+                    f"attn_types[{bad[0][0]}]={bad[0][1]!r}: each layer's attention type must be 'global' or 'local'"
+                )
+        if self.window_size is not None and (
+            not isinstance(self.window_size, int) or isinstance(self.window_size, bool) or self.window_size < 1
+        ):
+            raise ValueError(
+                f"window_size={self.window_size!r}: the local attention window must be a positive integer "
+                f"(keys within window_size - 1 positions of the query)"
+            )
 
 
 # Settings TransformerLens has and this library does not implement: (field, its default, why).
