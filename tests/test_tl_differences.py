@@ -97,3 +97,92 @@ def test_two_state_dicts_in_one_checkpoint_directory_are_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in cfg.to_dict().items() if k != "dtype"}))
     with pytest.raises(ValueError, match=r"model_final\.pth, other\.pth"):
         HookedTransformer.from_pretrained_no_processing(str(tmp_path))
+
+
+# 5. OLMo 2/3 in a HookedTransformerConfig: post-norm blocks, as TransformerLens builds them --------
+@pytest.mark.parametrize("architecture", ["Olmo2ForCausalLM", "Olmo3ForCausalLM"])
+def test_olmo_config_builds_post_norm_blocks(architecture):
+    fields = dict(SMALL, act_fn="silu", gated_mlp=True, normalization_type="RMS", positional_embedding_type="rotary")
+    model = randomise_norms(HookedTransformer(HookedTransformerConfig(**fields, original_architecture=architecture)))
+    assert model.cfg.norm_placement == "post" and model.cfg.qk_norm == "all"
+    _, cache = model.run_with_cache(tokens())
+    block = model.blocks[0]
+    # resid_mid = resid_pre + RMSNorm(attn(resid_pre)): the norm is on the branch's output
+    attn_raw = cache["blocks.0.attn.hook_z"].flatten(-2) @ block.attn.W_O.flatten(0, 1) + block.attn.b_O
+    x = attn_raw.float()
+    normed = x / (x.pow(2).mean(-1, keepdim=True) + model.cfg.eps).sqrt() * block.ln1_post.w
+    torch.testing.assert_close(cache["blocks.0.hook_attn_out"], normed, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        cache["blocks.0.hook_resid_mid"], cache["blocks.0.hook_resid_pre"] + cache["blocks.0.hook_attn_out"]
+    )
+
+
+# 3. A config-built gated MLP adds b_in after the product, as TransformerLens's GatedMLP ---------
+def test_config_built_gated_mlp_adds_b_in_after_the_product():
+    fields = dict(SMALL, act_fn="silu", gated_mlp=True, normalization_type="RMS")
+    model = HookedTransformer(HookedTransformerConfig(**fields))
+    mlp = model.blocks[0].mlp
+    with torch.no_grad():
+        mlp.b_in.normal_(generator=torch.Generator().manual_seed(3))
+    _, cache = model.run_with_cache(tokens())
+    x = cache["blocks.0.ln2.hook_normalized"] * model.blocks[0].ln2.w
+    expected_post = torch.nn.functional.silu(x @ mlp.W_gate) * (x @ mlp.W_in) + mlp.b_in  # TransformerLens 3.9
+    torch.testing.assert_close(cache["blocks.0.mlp.hook_post"], expected_post, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        cache["blocks.0.hook_mlp_out"], expected_post @ mlp.W_out + mlp.b_out, atol=1e-5, rtol=1e-5
+    )
+
+
+# 2. Decompositions with apply_ln=True leave out the norm's weight and bias, as TransformerLens ----
+def test_norm_decompositions_on_an_unfolded_model_are_transformer_lens_s():
+    model = randomise_norms(HookedTransformer(HookedTransformerConfig(**SMALL)))
+    _, cache = model.run_with_cache(tokens())
+    x = cache["blocks.1.hook_resid_post"]
+    x = x - x.mean(-1, keepdim=True)
+    scale = cache["ln_final.hook_scale"]
+    stack = cache.decompose_resid(apply_ln=True)
+    raw = cache.decompose_resid()
+    torch.testing.assert_close(stack, (raw - raw.mean(-1, keepdim=True)) / scale)  # TransformerLens's formula
+    torch.testing.assert_close(stack.sum(0), x / scale, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stack.sum(0), cache["ln_final.hook_normalized"], atol=1e-5, rtol=1e-5)
+    full = cache.get_full_resid_decomposition(apply_ln=True)
+    torch.testing.assert_close(full.sum(0), cache["ln_final.hook_normalized"], atol=1e-4, rtol=1e-4)
+    heads = cache.stack_head_results(apply_ln=True)
+    raw_heads = cache.stack_head_results()
+    torch.testing.assert_close(heads, (raw_heads - raw_heads.mean(-1, keepdim=True)) / scale)
+    # logit attributions still add up to the logits (the unembedding reads w * x̂ + b)
+    logits = model(tokens())
+    attrs = cache.logit_attrs(raw, tokens()[:, -1:].expand(-1, 6)).sum(0)
+    direct = logits.gather(-1, tokens()[:, -1:].expand(-1, 6)[..., None])[..., 0]
+    const = model.ln_final.b @ model.W_U[:, tokens()[:, -1:].expand(-1, 6)].permute(1, 2, 0).unsqueeze(-1)
+    torch.testing.assert_close(
+        attrs + const[..., 0] + model.b_U[tokens()[:, -1:].expand(-1, 6)], direct, atol=1e-4, rtol=1e-4
+    )
+
+
+# 6. model(x) and run_with_cache(x) give the same logits to the bit ----------------------------------
+@pytest.mark.parametrize("variant", ["gelu", "rotary-gqa-gated-rms"])
+def test_cached_forward_is_bit_equal_to_the_plain_forward(variant):
+    extra = {
+        "gelu": {},
+        "rotary-gqa-gated-rms": dict(
+            act_fn="silu",
+            gated_mlp=True,
+            normalization_type="RMS",
+            positional_embedding_type="rotary",
+            n_key_value_heads=2,
+        ),
+    }[variant]
+    model = randomise_norms(HookedTransformer(HookedTransformerConfig(**{**SMALL, **extra})))
+    toks = tokens()
+    logits, cache = model.run_with_cache(toks)
+    assert torch.equal(logits, model(toks))
+    # the cached pattern is still the explicit softmax of the cached scores
+    torch.testing.assert_close(cache["blocks.0.attn.hook_pattern"], cache["blocks.0.attn.hook_attn_scores"].softmax(-1))
+
+    # a hook that edits still runs the explicit path and its edit takes effect
+    def double(pattern, hook):
+        return pattern * 2
+
+    edited = model.run_with_hooks(toks, fwd_hooks=[("blocks.0.attn.hook_pattern", double)])
+    assert not torch.allclose(edited, logits)

@@ -66,6 +66,9 @@ class ModelConfig:
     attn_windows: tuple[int | None, ...] = None  # type: ignore[assignment]
     parallel_residual: bool = False  # NeoX/Pythia: attn and MLP both read resid_pre
     gated_mlp: bool = False  # SwiGLU: act(x W_gate) * (x W_in)
+    # Gated MLP: b_in added to the product, act(x W_gate) * (x W_in) + b_in (TransformerLens's
+    # GatedMLP, for models built from a HookedTransformerConfig), not inside the linear branch (HF).
+    gated_bias_after_product: bool = False
     attn_only: bool = False  # blocks without an MLP (TransformerLens's toy attention-only models)
     tie_word_embeddings: bool = False
     original_architecture: str = ""
@@ -96,6 +99,13 @@ class ModelConfig:
     # Where the model's weights are, for TransformerLens code that reads model.cfg.device.
     # Not an architecture fact: the model keeps it current, and it is neither saved nor compared.
     device: str | None = field(default=None, compare=False)
+    # TransformerLens's use_* switches (which sites run_with_cache() selects by default; see
+    # HookedTransformer.set_use_attn_result). Not architecture facts: neither saved nor compared,
+    # and the one thing assignable on this frozen config (``model.cfg.use_hook_mlp_in = True``).
+    use_attn_result: bool = field(default=False, compare=False)
+    use_split_qkv_input: bool = field(default=False, compare=False)
+    use_attn_in: bool = field(default=False, compare=False)
+    use_hook_mlp_in: bool = field(default=False, compare=False)
     # Where each group is when the model is placed over several devices ({"embed": ..., "blocks.0": ...,
     # "final": ...}; see loading/placement.py), None on one device. Like ``device``: not saved, not compared.
     device_map: dict[str, str] | None = field(default=None, compare=False)
@@ -165,6 +175,13 @@ class ModelConfig:
         return 1.0 / (math.sqrt(self.d_head) if self.attn_scale is None else self.attn_scale)
 
     @property
+    def n_params(self) -> int:
+        """TransformerLens's ``cfg.n_params``: the attention and MLP weight matrices only (no
+        embeddings, biases or norms; ``model.n_params_total`` counts everything)."""
+        mlp = 0 if self.attn_only else self.n_layers * self.d_model * self.d_mlp * (2 + self.gated_mlp)
+        return self.n_layers * self.d_model * self.d_head * self.n_heads * 4 + mlp
+
+    @property
     def group_size(self) -> int:
         """Query heads that share one key/value head (1 for MHA)."""
         return self.n_heads // self.n_kv_heads
@@ -212,6 +229,8 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         del d["device"], d["device_map"], d["pipeline_map"]
+        for switch in TL_SWITCHES:
+            del d[switch]
         d["attn_windows"] = list(self.attn_windows)
         d["processing"] = list(self.processing)
         return d
@@ -227,3 +246,19 @@ class ModelConfig:
         if missing:
             raise ValueError(f"ModelConfig fields missing: {sorted(missing)} (required: {sorted(required)})")
         return cls(**d)
+
+
+TL_SWITCHES = ("use_attn_result", "use_split_qkv_input", "use_attn_in", "use_hook_mlp_in")
+_frozen_setattr = ModelConfig.__setattr__
+
+
+def _setattr(self: ModelConfig, name: str, value: Any) -> None:
+    """TransformerLens sets its use_* switches on the config (``model.cfg.use_attn_result =
+    True``): those may be assigned; every other field stays frozen."""
+    if name in TL_SWITCHES:
+        object.__setattr__(self, name, bool(value))
+    else:
+        _frozen_setattr(self, name, value)
+
+
+ModelConfig.__setattr__ = _setattr  # type: ignore[method-assign, assignment]

@@ -56,6 +56,12 @@ def get_act_name(
     return block[0].full_name(layer)
 
 
+class CheckError(ValueError, AssertionError):
+    """An argument TransformerLens rejects with an ``assert``: both a ValueError (this library's
+    error for a bad argument) and an AssertionError, so ``pytest.raises(AssertionError)`` and
+    ``except AssertionError`` in ported code still catch it."""
+
+
 class IndexOutOfRangeError(IndexError, ValueError):
     """An index (layer, position, ...) outside its range; both an IndexError and a ValueError."""
 

@@ -36,6 +36,9 @@ REPO = HERE.parent.parent
 VERSION = "3.9.0"
 SDIST = f"transformer_lens-{VERSION}.tar.gz"
 SHA256 = "671f01075af1107e804591424887432e27065b65f09825b5dc4dfc58deb338c3"
+# TransformerLens's test files import these (not this library's dependencies): installed with pip
+# into the cache, after everything else on the path, so they never shadow this library's packages.
+TEST_DEPS = ["fancy-einsum", "pandas", "python-dateutil", "pytz", "tzdata", "six", "typeguard"]
 SELECTED = HERE / "selected.txt"
 EXPECTED = HERE / "expected_failures.txt"
 
@@ -176,6 +179,10 @@ def fetch() -> Path:
     fallback = "try:\n    " + line + "except ImportError:\n    TypeguardTypeCheckError = JaxtypingTypeCheckError\n"
     errors.write_text(errors.read_text().replace(line, fallback))
     (root / "pytest.ini").write_text(INI)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(cache / "deps"), *TEST_DEPS],
+        check=True,
+    )
     (root / "READY").write_text(VERSION)
     return root
 
@@ -188,7 +195,7 @@ def run_pytest(root: Path, python: str, shim: bool, extra: list[str], selection:
         env["TL_SUITE_SELECTED"] = str(SELECTED)
         env["TL_SUITE_EXPECTED"] = str(EXPECTED)
     paths = [str(HERE / "shim"), str(REPO)] if shim else []
-    env["PYTHONPATH"] = os.pathsep.join(paths + [str(root)])
+    env["PYTHONPATH"] = os.pathsep.join(paths + [str(root), str(root.parent / "deps")])
     xml = root / ("junit-shim.xml" if shim else "junit-tl.xml")
     cmd = [python, "-m", "pytest", "-q", "-c", str(root / "pytest.ini"), "--rootdir", str(root)]
     cmd += ["--continue-on-collection-errors", f"--junitxml={xml}", "-p", "no:randomly", *extra, *FILES]

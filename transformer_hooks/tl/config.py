@@ -127,6 +127,10 @@ class HookedTransformerConfig:
             raise ValueError(f"a TransformerLens config needs {missing}; it has {sorted(config)}")
         return cls(**config, extra=extra)
 
+    def is_layer_norm_activation(self) -> bool:
+        """Whether ``act_fn`` has its own LayerNorm (TransformerLens's "solu_ln", "gelu_ln"...)."""
+        return self.act_fn is not None and self.act_fn.endswith("_ln")
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.update(d.pop("extra"))
@@ -163,6 +167,7 @@ class HookedTransformerConfig:
                 raise ValueError("use_local_attn=True needs attn_types (per layer 'global'/'local') and window_size")
             windows = tuple(self.window_size if kind == "local" else None for kind in self.attn_types)
         self._check_local_attn()
+        post_norm = self.original_architecture in POST_NORM
         attn_scale = None if not self.use_attn_scale else float(self.attn_scale)
         if attn_scale is not None and math.isclose(attn_scale, math.sqrt(self.d_head), rel_tol=1e-12):
             attn_scale = None
@@ -187,11 +192,20 @@ class HookedTransformerConfig:
             attn_windows=windows,  # type: ignore[arg-type]
             parallel_residual=self.parallel_attn_mlp,
             gated_mlp=self.gated_mlp,
+            gated_bias_after_product=self.gated_mlp,
             attn_only=self.attn_only,
             tie_word_embeddings=self.tie_word_embeddings,
             original_architecture=self.original_architecture or "",
+            # OLMo 2/3 in TransformerLens: post-norm blocks (the norm on each branch's output, before
+            # the residual add) and q/k RMSNorms over the whole projection, as HF's OLMo 2.
+            norm_placement="post" if post_norm else "pre",
+            qk_norm="all" if post_norm else None,
             default_prepend_bos=self.default_prepend_bos,
             model_name=self.model_name,
+            use_attn_result=self.use_attn_result,
+            use_split_qkv_input=self.use_split_qkv_input,
+            use_attn_in=self.use_attn_in,
+            use_hook_mlp_in=self.use_hook_mlp_in,
         )
 
     def _check_local_attn(self) -> None:
@@ -216,6 +230,9 @@ class HookedTransformerConfig:
                 f"(keys within window_size - 1 positions of the query)"
             )
 
+
+# TransformerLens's POST_NORM_ARCHITECTURES: blocks x + norm(attn(x)), x + norm(mlp(x)).
+POST_NORM = ("Olmo2ForCausalLM", "Olmo3ForCausalLM")
 
 # Settings TransformerLens has and this library does not implement: (field, its default, why).
 _UNSUPPORTED = (

@@ -23,13 +23,12 @@ from transformer_hooks import (  # noqa: F401 (TransformerLens's top-level names
     hook_points,
     loading_from_pretrained,
     patching,
-    utils,
 )
 
 # TransformerLens module path -> the transformer_hooks module that holds its names (the first of
 # several that imports).
 ALIASES: dict[str, str | tuple[str, ...]] = {
-    "utils": "transformer_hooks.utils",
+    "utils": ("transformer_hooks.utilities", "transformer_hooks.utils"),  # TL 3.x: utils is utilities
     "utilities": "transformer_hooks.utilities",
     "hook_points": "transformer_hooks.hook_points",
     "HookedRootModule": "transformer_hooks.hook_points",
