@@ -1,5 +1,5 @@
-"""TransformerLens 3.x's ``transformer_lens.utilities`` (where 3.x moved ``utils``): this library's
-``utils`` helpers under that module path, with the TransformerLens-only ones defined here."""
+"""The TransformerLens-only helpers of its 3.x ``transformer_lens.utilities`` module (its weight
+initialisers and fans). ``transformer_hooks.utilities`` is that module path: ``utils`` and these."""
 
 from __future__ import annotations
 
@@ -8,9 +8,6 @@ from typing import Any
 
 import torch
 from torch import nn
-
-from ..utils import *  # noqa: F403 (TransformerLens's utilities are this library's utils)
-from ..utils import Slice, get_act_name, to_numpy  # noqa: F401 (named for readers and type checkers)
 
 
 # TransformerLens-only helpers ----------------------------------------------------------------
