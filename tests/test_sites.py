@@ -183,3 +183,13 @@ def test_the_layer_of_a_name_has_one_parser():
         if hand.search(line)
     ]
     assert not found, "parse a name's layer with sites.layer_of:\n" + "\n".join(found)
+
+
+def test_exists_reads_the_table():
+    from types import SimpleNamespace
+
+    sequential = SimpleNamespace(parallel_residual=False, attn_only=False)
+    parallel = SimpleNamespace(parallel_residual=True, attn_only=False)
+    assert sites.exists("hook_resid_mid", sequential) and sites.exists("blocks.1.hook_resid_mid", sequential)
+    assert not sites.exists("hook_resid_mid", parallel) and not sites.exists("blocks.1.hook_resid_mid", parallel)
+    assert not sites.exists("hook_nothing", sequential)

@@ -167,6 +167,31 @@ class _Tok:
         self.pad_token_id, self.bos_token_id, self.padding_side = pad, bos, side
 
 
+def test_one_next_token_loss_with_one_masking_rule():
+    """The model's loss (``return_type="loss"``, ``loss_fn``) is ``utils.lm_cross_entropy_loss``:
+    with a padding mask, a prediction counts when it and its token are real, and the per-token
+    loss is 0 elsewhere (as in TransformerLens); the mean is over the predictions that count."""
+    model = HookedTransformer(HookedTransformerConfig(**SMALL, act_fn="gelu"))
+    tokens = torch.randint(0, 50, (3, 8), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(tokens)
+    mask[0, :3] = 0  # left padding
+    mask[1, 6:] = 0  # right padding
+    logits = model(tokens, attention_mask=mask)
+    keep = utils.next_token_mask(mask)
+    assert keep.tolist()[0] == [False, False, False, True, True, True, True]
+    assert keep.tolist()[1] == [True] * 5 + [False, False]
+    per_token = utils.lm_cross_entropy_loss(logits, tokens, attention_mask=mask, per_token=True)
+    assert (per_token[~keep] == 0).all() and (per_token[keep] > 0).all()
+    from_model = model(tokens, attention_mask=mask, return_type="loss", loss_per_token=True)
+    torch.testing.assert_close(from_model, per_token, atol=0, rtol=0)
+    torch.testing.assert_close(model.loss_fn(logits, tokens, mask, per_token=True), per_token, atol=0, rtol=0)
+    mean = model(tokens, attention_mask=mask, return_type="loss")
+    torch.testing.assert_close(mean, utils.lm_cross_entropy_loss(logits, tokens, attention_mask=mask), atol=0, rtol=0)
+    torch.testing.assert_close(mean, per_token[keep].mean())
+    with pytest.raises(ValueError, match="at least two tokens"):
+        utils.lm_cross_entropy_loss(logits[:, :1], tokens[:, :1])
+
+
 def test_get_attention_mask_follows_transformer_lens_rule():
     tokens = torch.tensor([[0, 0, 5, 0, 6], [7, 8, 9, 0, 0]])
     left = utils.get_attention_mask(_Tok(0, 1), tokens, prepend_bos=False)

@@ -46,7 +46,6 @@ import hashlib
 import json
 import math
 import os
-import struct
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -58,9 +57,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from weights_conversion.sources import write_safetensors
+from weights_conversion.sources import CorruptCheckpointError, SafetensorsFile, write_safetensors
 
 from . import sites
+from .dtypes import CANONICAL_NAMES
 from .scale.process_group import (
     DEFAULT_TIMEOUT,
     RankFailedError,
@@ -77,7 +77,7 @@ from .tokens import bos_id, pad_id, require_tokenizer
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"  # a rank's list of its shards, under torchrun
 FORMAT = "transformer_hooks.activations/1"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = CANONICAL_NAMES  # the dtypes a dataset may store, by name
 Corpus = str | Path | Sequence[str] | torch.Tensor | np.ndarray
 PositionChoice = str | torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
 
@@ -225,44 +225,12 @@ def _fsync_write(path: Path, data: bytes | None = None, writer: Callable[[Path],
         pass
 
 
-_NP = {
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": np.uint16,
-    "I64": np.int64,
-    "I32": np.int32,
-    "BOOL": np.bool_,
-    "U8": np.uint8,
-    "I16": np.int16,
-}
-
-
 def _open_shard(path: Path) -> dict[str, np.ndarray]:
     """The tensors of a safetensors file as read-only memory maps; a clear error if it is damaged."""
-    size = path.stat().st_size if path.exists() else -1
     try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > size:
-                raise ValueError("header longer than the file")
-            header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
-        end = max((info["data_offsets"][1] for info in header.values()), default=0)
-        if 8 + n + end != size:
-            raise ValueError(f"{size} bytes, the header promises {8 + n + end}")
-        return {
-            name: np.memmap(
-                path,
-                dtype=_NP[info["dtype"]],
-                mode="r",
-                offset=8 + n + info["data_offsets"][0],
-                shape=tuple(info["shape"]),
-            )
-            if info["data_offsets"][1] > info["data_offsets"][0]
-            else np.zeros(tuple(info["shape"]), dtype=_NP[info["dtype"]])
-            for name, info in header.items()
-        }
-    except (OSError, ValueError, KeyError, struct.error, json.JSONDecodeError) as e:
+        shard = SafetensorsFile(path)
+        return {name: shard.memmap(name) for name in shard.keys()}
+    except (CorruptCheckpointError, OSError, ValueError) as e:
         raise ValueError(
             f"activation shard {path} is missing, truncated or corrupt ({e}); rerun harvest with the "
             f"same arguments: it rewrites the dataset from that shard on"

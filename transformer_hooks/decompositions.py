@@ -107,7 +107,7 @@ class ResidualDecompositions:
 
     def _attn_before_mlp(self, layer: int, mlp_input: bool) -> bool:
         """Whether layer's attention output is in the residual stream its MLP reads."""
-        return mlp_input and not self.cfg.parallel_residual
+        return mlp_input and sites.SEQUENTIAL.holds(self.cfg)
 
     def _resid_entering(self, layer: int, mlp_input: bool = False) -> torch.Tensor:
         """The residual stream that ``layer``'s attention (or, with mlp_input, MLP) reads."""

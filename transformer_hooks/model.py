@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import nn
 
@@ -26,7 +25,7 @@ from .hooks import HookedRootModule, HookPoint
 from .tl.config import HookedTransformerConfig
 from .tl.config import init_weights as init_tl_weights
 from .tokens import ModelInput, TextInput
-from .utils import check_index, check_layer
+from .utils import check_index, check_layer, lm_cross_entropy_loss
 
 ReturnType = Literal["logits", "loss", "both", None]
 
@@ -755,24 +754,3 @@ class HookedTransformer(HookedRootModule):
         from .generate import generate
 
         return generate(self, *args, **kwargs)
-
-
-def lm_cross_entropy_loss(
-    logits: Float[torch.Tensor, "batch pos d_vocab"],
-    tokens: Int[torch.Tensor, "batch pos"],
-    attention_mask: torch.Tensor | None = None,
-    per_token: bool = False,
-) -> torch.Tensor:
-    """Next-token cross-entropy; with a mask, only predictions of real tokens from real tokens count."""
-    if tokens.shape[1] < 2:
-        raise ValueError("a next-token loss needs at least two tokens per row; got one")
-    log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    nll = -log_probs.gather(-1, tokens[:, 1:, None])[..., 0]  # [batch, pos-1]
-    if per_token:
-        return nll
-    if attention_mask is None:
-        return nll.mean()
-    valid = (attention_mask[:, 1:] * attention_mask[:, :-1]).to(nll.dtype)
-    if valid.sum() == 0:
-        raise ValueError("a next-token loss needs two consecutive real tokens; the attention mask leaves none")
-    return (nll * valid).sum() / valid.sum()

@@ -208,7 +208,6 @@ def site_shapes(cfg: ModelConfig, batch: int, seq: int) -> dict[str, tuple[int, 
     """Shape of every site ``run_with_cache()`` caches with no filter (every hook point but
     those whose TransformerLens switch is off by default: the per-head expansions and
     ``hook_mlp_in``), from the site table (``sites.py``)."""
-    from . import sites
 
     def shape(name: str) -> tuple[int, ...]:
         site = sites.lookup(name)
@@ -216,9 +215,6 @@ def site_shapes(cfg: ModelConfig, batch: int, seq: int) -> dict[str, tuple[int, 
         return site.shape(cfg, batch, seq)
 
     return {name: shape(name) for name in sites.hook_names(cfg) if sites.tl_flag(name) is None}
-
-
-_RESID = re.compile(r"hook_resid_(pre|mid|post)$")
 
 
 def cached_sites(cfg: ModelConfig, batch: int, seq: int, cache: CacheKind) -> dict[str, tuple[int, ...]]:
@@ -229,7 +225,11 @@ def cached_sites(cfg: ModelConfig, batch: int, seq: int, cache: CacheKind) -> di
     if cache == "none":
         return {}
     shapes = site_shapes(cfg, batch, seq)
-    return shapes if cache == "all" else {k: v for k, v in shapes.items() if _RESID.search(k)}
+    return (
+        shapes
+        if cache == "all"
+        else {k: v for k, v in shapes.items() if sites.split_name(k)[1] in sites.RESIDUAL_STREAM}
+    )
 
 
 def _group_of_site(name: str) -> str:

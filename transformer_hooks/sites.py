@@ -300,6 +300,8 @@ def tl_flag(name: str) -> str | None:
     return site.tl_flag if site is not None else None
 
 
+# The residual stream's sites in a block, in the order the stream passes them.
+RESIDUAL_STREAM: tuple[str, ...] = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
 TL_FLAGS: tuple[str, ...] = tuple(dict.fromkeys(s.tl_flag for s in SITES if s.tl_flag))
 
 
@@ -308,6 +310,12 @@ def position_dim(name: str) -> int | None:
     for a name that is not a transformer site."""
     site = lookup(name)
     return site.position_axis if site is not None else None
+
+
+def exists(name: str, cfg: Any) -> bool:
+    """Whether a model with ``cfg`` has the site ``name`` (a full or relative name: ``"hook_resid_mid"``)."""
+    site = lookup(name) or BY_NAME.get(name)
+    return site is not None and site.when.holds(cfg)
 
 
 def sites_of(cfg: Any) -> Iterator[Site]:

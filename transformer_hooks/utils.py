@@ -333,29 +333,42 @@ def print_gpu_mem(step_name: str = "") -> None:
         print(f"{step_name}: no CUDA device")
 
 
+def next_token_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Which next-token predictions count, ``[batch, pos-1]`` (bool): those of a real token from a
+    real token (``attention_mask[:, i]`` and ``attention_mask[:, i+1]`` both 1). The one masking
+    rule of every next-token loss here (the model's, ``loss_fn``, the SAE evaluation's)."""
+    return attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()
+
+
 def lm_cross_entropy_loss(
     logits: torch.Tensor,
     tokens: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     per_token: bool = False,
 ) -> torch.Tensor:
-    """Next-token cross-entropy: -log p(tokens[:, i+1] | logits[:, i]). ``per_token``: [batch, pos-1];
-    otherwise the mean over the predicted tokens (with ``attention_mask``, only pairs whose
-    token and next token are both real; masked pairs are 0 in the per-token loss)."""
-    log_probs = logits.log_softmax(dim=-1)
-    predicted = log_probs[..., :-1, :].gather(dim=-1, index=tokens[..., 1:, None])[..., 0]
-    n_tokens: torch.Tensor | int
-    if attention_mask is not None:
-        if attention_mask.shape != tokens.shape:
-            raise ValueError(
-                f"attention_mask must have the shape of tokens {tuple(tokens.shape)}, got {tuple(attention_mask.shape)}"
-            )
-        keep = attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()
-        predicted = predicted.masked_fill(~keep, 0.0)
-        n_tokens = keep.sum()
-    else:
-        n_tokens = predicted.numel()
-    return -predicted if per_token else -predicted.sum() / n_tokens
+    """Next-token cross-entropy, -log p(tokens[:, i+1] | logits[:, i]), computed in float32: the
+    one implementation (the model's ``return_type="loss"`` and ``loss_fn`` call it).
+
+    ``per_token``: ``[batch, pos-1]``; otherwise the mean over the predictions that count. With
+    ``attention_mask`` only the pairs ``next_token_mask`` keeps count (a real token predicted from
+    a real token), and the others are 0 in the per-token loss, as in TransformerLens."""
+    if tokens.shape[-1] < 2:
+        raise ValueError("a next-token loss needs at least two tokens per row; got one")
+    log_probs = logits[..., :-1, :].float().log_softmax(dim=-1)
+    nll = -log_probs.gather(dim=-1, index=tokens[..., 1:, None])[..., 0]  # [batch, pos-1]
+    if attention_mask is None:
+        return nll if per_token else nll.mean()
+    if attention_mask.shape != tokens.shape:
+        raise ValueError(
+            f"attention_mask must have the shape of tokens {tuple(tokens.shape)}, got {tuple(attention_mask.shape)}"
+        )
+    keep = next_token_mask(attention_mask)
+    nll = nll.masked_fill(~keep, 0.0)
+    if per_token:
+        return nll
+    if not keep.any():
+        raise ValueError("a next-token loss needs two consecutive real tokens; the attention mask leaves none")
+    return nll.sum() / keep.sum()
 
 
 def lm_accuracy(logits: torch.Tensor, tokens: torch.Tensor, per_token: bool = False) -> torch.Tensor:

@@ -19,8 +19,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from transformer_hooks.dtypes import SAFETENSORS_DTYPES, SAFETENSORS_NAMES, SAFETENSORS_NUMPY
 
 
 class MissingWeightsError(KeyError):
@@ -56,24 +59,6 @@ class TensorSource:
             raise KeyError(name)
         self.used.add(key)
         return self._readers[key]()
-
-
-# The safetensors dtype names, for reading and writing.
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-SAFETENSORS_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 class SafetensorsFile:
@@ -143,6 +128,19 @@ class SafetensorsFile:
         except OSError as e:
             self._corrupt(f"reading tensor {name!r} failed: {e}")
         return buffer.view(dtype).reshape(shape)
+
+    def memmap(self, name: str) -> np.ndarray:
+        """Tensor ``name`` as a read-only numpy memory map of the file (bfloat16 as its bits,
+        uint16): for datasets read a few rows at a time, where ``read`` would copy it whole."""
+        dtype, shape, begin, end = self.entries[name]
+        code = SAFETENSORS_NAMES[dtype]
+        if code not in SAFETENSORS_NUMPY:
+            raise ValueError(f"{self.path}: tensor {name!r} is {code}, which numpy cannot map")
+        if end == begin:  # numpy cannot map zero bytes
+            return np.zeros(shape, dtype=SAFETENSORS_NUMPY[code])
+        return np.memmap(
+            self.path, dtype=SAFETENSORS_NUMPY[code], mode="r", offset=self.data_start + begin, shape=tuple(shape)
+        )
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:

@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 import torch
 
+from .. import sites as site_table  # `sites` names arguments here
 from ..hooks import HookPoint
 from ..utils import check_index
 
@@ -114,7 +115,7 @@ def _reads(model: Any, sender: str, receiver: str) -> bool:
     if ls != lr:
         return ls < lr
     # Same layer: a sequential block's MLP reads its attention; a parallel block's does not.
-    return ss == 0 and sr == 1 and not model.cfg.parallel_residual
+    return ss == 0 and sr == 1 and site_table.SEQUENTIAL.holds(model.cfg)
 
 
 def _tokens(model: Any, tokens: Any) -> torch.Tensor:

@@ -33,6 +33,7 @@ import torch
 from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
+from .. import sites as site_table  # `sites` names the argument
 from ..cache import ActivationCache
 from ..components.norms import normalize
 from ..components.softcap import softcap
@@ -71,7 +72,7 @@ def lens_stack(
     rows, labels, row_layers, row_sites = [], [], [], []
     for layer in layers:
         for site in LENS_SITES:
-            if site not in sites or (site == "resid_mid" and cfg.parallel_residual):
+            if site not in sites or not site_table.exists(f"hook_{site}", cfg):
                 continue
             rows.append(pos_slice.apply(cache._get((site, layer), "logit_lens"), dim=-2))
             labels.append(f"{layer}_{site}")
@@ -199,7 +200,7 @@ def logit_lens(
     else:
         if isinstance(input, str) and not input:
             raise ValueError("empty prompt: give the text to run the logit lens on")
-        wanted = [f"blocks.*.hook_{s}" for s in sites if not (s == "resid_mid" and model.cfg.parallel_residual)]
+        wanted = [f"blocks.*.hook_{s}" for s in sites if site_table.exists(f"hook_{s}", model.cfg)]
         _, mask = model.tokens_and_mask(input, attention_mask=attention_mask)
         attention_mask = mask if attention_mask is None else attention_mask
         with torch.no_grad():

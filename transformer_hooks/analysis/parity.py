@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .. import sites
 from ..tables import text_table
 
 if TYPE_CHECKING:
@@ -52,7 +53,9 @@ def parity_errors(model: HookedTransformer, hf_model: Any, tokens: torch.Tensor)
         ref = hf_model(tokens, output_hidden_states=True)
         logits, cache = model.run_with_cache(
             tokens,
-            names_filter=lambda name: name.endswith("hook_resid_pre") or name == f"blocks.{n - 1}.hook_resid_post",
+            names_filter=lambda name: (
+                sites.split_name(name)[1] == "hook_resid_pre" or name == f"blocks.{n - 1}.hook_resid_post"
+            ),
         )
         final = model.ln_final(cache["resid_post", -1])
 

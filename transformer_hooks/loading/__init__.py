@@ -37,7 +37,6 @@ from weights_conversion.converted import (  # noqa: F401  (re-exported: the form
 )
 from weights_conversion.groups import Group  # noqa: F401
 from weights_conversion.sources import (  # noqa: F401  (re-exported: the readers and checkpoint errors)
-    SAFETENSORS_DTYPES,
     CorruptCheckpointError,
     MissingWeightsError,
     SafetensorsFile,
@@ -50,7 +49,7 @@ from weights_conversion.sources import (  # noqa: F401  (re-exported: the reader
 )
 
 from ..config import ModelConfig
-from ..dtypes import as_dtype  # noqa: F401
+from ..dtypes import SAFETENSORS_DTYPES, as_dtype  # noqa: F401
 from ..model import HookedTransformer
 from ..processing import REWRITE_EMBEDDINGS, STEPS, ProcessingOptions, steps_for
 from ..resolution import Checkpoint, resolve_checkpoint

@@ -57,6 +57,7 @@ from jaxtyping import Int
 from tqdm.auto import tqdm
 
 from ..hooks import HookPoint
+from ..utils import next_token_mask
 from .core import PROCESSING_STEPS, SAE, site_width
 
 _RESIDUAL_SITES = (
@@ -298,8 +299,9 @@ def _replace_hook(positions: Positions, value: torch.Tensor | None):
 
 def _loss_sum(nll: torch.Tensor, mask: torch.Tensor | None) -> tuple[float, int]:
     """Sum and count of next-token losses [batch, pos-1] over predictions of real tokens."""
-    valid = torch.ones_like(nll) if mask is None else (mask[:, 1:] * mask[:, :-1]).to(nll.dtype)
-    return float((nll * valid).sum()), int(valid.sum())
+    if mask is None:
+        return float(nll.sum()), nll.numel()
+    return float(nll.sum()), int(next_token_mask(mask).sum())  # the model's per-token loss is 0 where masked
 
 
 def _recovered(baseline: float, spliced: float, clean: float) -> float:

@@ -12,6 +12,7 @@ import torch
 from einops import rearrange
 from jaxtyping import Float, Int
 
+from ... import sites as site_table  # `sites` names arguments here
 from ...components.softcap import softcap
 from ...hooks import HookPoint
 from .engine import (
@@ -71,7 +72,7 @@ def _clean_sites(model: Any, clean_cache: Any, sites: Sequence[str], tokens: tor
     for site in sites:
         model.resolve_hook_names([site])
         clean[site] = _clean_activation(model, clean_cache, site, tokens)
-        if site.endswith("attn.hook_attn_scores"):
+        if site_table.split_name(site)[1] == "attn.hook_attn_scores":
             raise ValueError(
                 "attention scores hold -inf at masked positions, so (clean - corrupted) is undefined "
                 "there; attribute to 'pattern' instead"

@@ -232,6 +232,15 @@ class Patch:
     setter: PatchSetter
 
 
+def _grid(
+    model: HookedTransformer, activation_name: str, axes: Sequence[str], n_pos: int
+) -> tuple[list[int], list[tuple[int, ...]]]:
+    """A site's grid over ``axes`` (layer first): its sizes, and every index in it in order."""
+    sizes = _axis_sizes(model, _site(model, activation_name, 0), n_pos)
+    grid = [sizes[a] for a in axes]
+    return grid, list(itertools.product(*(range(n) for n in grid)))
+
+
 def sweep_patches(
     model: HookedTransformer,
     tokens: torch.Tensor,
@@ -489,9 +498,7 @@ def generic_activation_patch(
         assert index_axis_names is not None  # checked just above
         index_axis_names = tuple(index_axis_names)
         _check_axes(index_axis_names)
-        sizes = _axis_sizes(model, _site(model, activation_name, 0), tokens.shape[1])
-        grid = [sizes[a] for a in index_axis_names]
-        rows = list(itertools.product(*(range(n) for n in grid)))
+        grid, rows = _grid(model, activation_name, index_axis_names, tokens.shape[1])
     else:
         rows = _index_rows(index_df)
 

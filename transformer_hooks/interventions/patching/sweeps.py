@@ -6,7 +6,6 @@ of chunks.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -19,8 +18,8 @@ from .engine import (
     Patch,
     PatchingMetric,
     PatchSetter,
-    _axis_sizes,
     _corrupted_tokens,
+    _grid,
     _site,
     generic_activation_patch,
     layer_head_dest_src_pos_pattern_patch_setter,
@@ -233,34 +232,17 @@ def _every(
     patching_metric: PatchingMetric,
     kinds: tuple,
     desc: str,
-    *,
-    batch_size: int | None = None,
-    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
-    vectorized_metric: bool = False,
-    progress: bool = True,
-    metric_positions: int | Sequence[int] | None = None,
+    **run_kwargs: Any,
 ) -> list[torch.Tensor]:
+    """One sweep over several sites' grids (``kinds``: name, axes, setter), split back per site.
+    ``run_kwargs``: ``run_patches``'s keywords (batch_size, max_batch_bytes, ...)."""
     tokens = _corrupted_tokens(model, corrupted_tokens)
     patches, grids = [], []
     for name, axes, setter in kinds:
-        sizes = _axis_sizes(model, _site(model, name, 0), tokens.shape[1])
-        grid = [sizes[a] for a in axes]
-        for row in itertools.product(*(range(n) for n in grid)):
-            patches.append(Patch(_site(model, name, row[0]), row, setter))
+        grid, rows = _grid(model, name, axes, tokens.shape[1])
+        patches += [Patch(_site(model, name, row[0]), row, setter) for row in rows]
         grids.append(grid)
-    values = sweep_patches(
-        model,
-        tokens,
-        clean_cache,
-        patches,
-        patching_metric,
-        batch_size=batch_size,
-        max_batch_bytes=max_batch_bytes,
-        vectorized_metric=vectorized_metric,
-        progress=progress,
-        desc=desc,
-        metric_positions=metric_positions,
-    )
+    values = sweep_patches(model, tokens, clean_cache, patches, patching_metric, desc=desc, **run_kwargs)
     return [part.reshape(grid) for part, grid in zip(values.split([_numel(g) for g in grids]), grids, strict=True)]
 
 
