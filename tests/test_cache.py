@@ -41,6 +41,12 @@ def close(actual, expected, tol=TOL):
     torch.testing.assert_close(actual, expected, atol=tol, rtol=0)
 
 
+def weight_and_bias(norm, x):
+    """What a norm does after hook_normalized: times its weight, plus its bias (unfolded only)."""
+    w, b = getattr(norm, "w", None), getattr(norm, "b", None)
+    return (x if w is None else x * w) + (0 if b is None else b)
+
+
 # Exactness ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("folded", [True, False], ids=["folded", "unfolded"])
 @pytest.mark.parametrize("name", FAMILIES)
@@ -53,14 +59,16 @@ def test_full_decomposition_through_the_final_norm_gives_the_logits(run, name, f
             apply_ln=True, expand_neurons=expand_neurons, return_labels=True
         )
         assert len(labels) == stack.shape[0] and labels[-1] == "bias"
-        close(stack.sum(0) @ model.W_U + model.b_U, logits)
+        # the rows sum to ln_final.hook_normalized, before its weight and bias (TransformerLens)
+        close(weight_and_bias(model.ln_final, stack.sum(0)) @ model.W_U + model.b_U, logits)
 
 
 @pytest.mark.parametrize("folded", [True, False], ids=["folded", "unfolded"])
 @pytest.mark.parametrize("name", FAMILIES)
 def test_inner_decompositions_through_each_norm_give_its_output(run, name, folded):
     """Into every layer's ln1 and ln2: the rows, normalised with the cached scale, sum to
-    what the norm module computes from the whole residual stream (weight and bias included)."""
+    what the norm module computes from the whole residual stream, before its weight and bias
+    (its hook_normalized, as TransformerLens's apply_ln_to_stack)."""
     model, _, cache = run(name, folded)
     for layer in range(model.cfg.n_layers):
         block = model.blocks[layer]
@@ -72,7 +80,7 @@ def test_inner_decompositions_through_each_norm_give_its_output(run, name, folde
                 else cache["resid_pre", layer]
             )
             with torch.no_grad():
-                close(stack.sum(0), norm(resid))
+                close(weight_and_bias(norm, stack.sum(0)), norm(resid))
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -149,7 +157,7 @@ def test_head_results_from_z_equal_the_cached_hook_result(run, name):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_folded_and_unfolded_models_give_the_same_attributions(run, name):
-    """apply_ln_to_stack applies an unfolded norm's weight exactly, so per-layer DLA is the
+    """logit_attrs applies an unfolded norm's weight exactly (apply_weight), so per-layer DLA is the
     same number whether or not fold_ln (and centring) rewrote the weights."""
     attrs = []
     for folded in (True, False):
@@ -288,7 +296,9 @@ def test_transformer_lens_dla_workflow_on_the_embedded_model(embedded_model):
         logit_diff_directions = answer_residual_directions[:, 0] - answer_residual_directions[:, 1]
 
         def residual_stack_to_logit_diff(residual_stack, cache):
-            scaled = cache.apply_ln_to_stack(residual_stack, layer=-1, pos_slice=-1)
+            # The notebook's model is folded (from_pretrained); this one is not, so the final
+            # norm's weight, which TransformerLens's apply_ln_to_stack leaves out, is applied.
+            scaled = cache.apply_ln_to_stack(residual_stack, layer=-1, pos_slice=-1, apply_weight=True)
             diffs = einops.einsum(scaled, logit_diff_directions, "... batch d_model, batch d_model -> ...")
             return diffs / len(prompts)
 

@@ -123,11 +123,16 @@ def test_decompositions_sum_to_the_residual_stream(loaded, one_thread, name, pro
         cache.get_full_resid_decomposition(1, mlp_input=True).sum(0), cache["resid_mid", 1], **exact
     )
     with torch.no_grad():
+        # (apply_ln: before the norm's weight and bias, as TransformerLens: its hook_normalized)
+        ln1 = model.blocks[1].ln1
         torch.testing.assert_close(
-            cache.decompose_resid(1, apply_ln=True).sum(0), model.blocks[1].ln1(cache["resid_pre", 1]), **exact
+            cache.decompose_resid(1, apply_ln=True).sum(0) * getattr(ln1, "w", 1) + getattr(ln1, "b", 0),
+            ln1(cache["resid_pre", 1]),
+            **exact,
         )
     # Through the final norm and the unembedding (and its soft-cap) back to the logits.
     normed = cache.get_full_resid_decomposition(apply_ln=True).sum(0)
+    normed = normed * getattr(model.ln_final, "w", 1) + getattr(model.ln_final, "b", 0)
     unembedded = normed @ model.W_U + model.b_U
     cap = model.cfg.final_logit_softcap
     torch.testing.assert_close(unembedded if cap is None else softcap(unembedded, cap), logits, **exact)

@@ -290,20 +290,16 @@ def test_accumulated_resid_at_the_final_layer_normalises_each_row_itself(models,
         torch.testing.assert_close(normed[i], model.ln_final(raw[i]), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(
         normed[-1],
-        cache["ln_final.hook_normalized"] * (1 if family == "gpt2" else model.ln_final.w),
+        cache["ln_final.hook_normalized"] * model.ln_final.w + getattr(model.ln_final, "b", 0),
         atol=1e-5,
         rtol=1e-5,
     )
     cached_scale = cache.apply_ln_to_stack(raw)  # recompute_ln defaults to False, as in TransformerLens
     assert not torch.allclose(cached_scale[0], normed[0], atol=1e-3)
     assert torch.equal(cache.apply_ln_to_stack(raw, recompute_ln=True), normed)
-    bias = getattr(model.ln_final, "b", torch.zeros(()))
+    # decompose_resid keeps the cached scale and, as TransformerLens, leaves out the norm's
+    # weight and bias: its rows add up to ln_final.hook_normalized
     parts = cache.decompose_resid(apply_ln=True)
-    torch.testing.assert_close(parts.sum(0) + bias, normed[-1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(parts.sum(0), cache["ln_final.hook_normalized"], atol=1e-4, rtol=1e-4)
     earlier = cache.accumulated_resid(1, apply_ln=True)  # not the final layer: the cached scale of ln1
-    torch.testing.assert_close(
-        earlier[-1] + getattr(model.blocks[1].ln1, "b", torch.zeros(())),
-        cache["blocks.1.ln1.hook_normalized"] * (1 if family == "gpt2" else model.blocks[1].ln1.w),
-        atol=1e-5,
-        rtol=1e-5,
-    )
+    torch.testing.assert_close(earlier[-1], cache["blocks.1.ln1.hook_normalized"], atol=1e-5, rtol=1e-5)

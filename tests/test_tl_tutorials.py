@@ -394,14 +394,18 @@ def test_exploratory_analysis_logit_diff_and_direct_logit_attribution(embedded_m
     logit_diff_directions = answer_residual_directions[:, 0] - answer_residual_directions[:, 1]
     final_residual_stream = cache["resid_post", -1]
     final_token_residual_stream = final_residual_stream[:, -1, :]
-    scaled_final_token_residual_stream = cache.apply_ln_to_stack(final_token_residual_stream, layer=-1, pos_slice=-1)
+    # The notebook's model is folded (from_pretrained); this one is not, so the final norm's
+    # weight, which TransformerLens's apply_ln_to_stack leaves out, is applied (apply_weight).
+    scaled_final_token_residual_stream = cache.apply_ln_to_stack(
+        final_token_residual_stream, layer=-1, pos_slice=-1, apply_weight=True
+    )
     average_logit_diff = einops.einsum(
         scaled_final_token_residual_stream, logit_diff_directions, "batch d_model, batch d_model ->"
     ) / len(prompts)
     torch.testing.assert_close(average_logit_diff, original_average_logit_diff, atol=1e-3, rtol=1e-4)
 
     def residual_stack_to_logit_diff(residual_stack, cache):
-        scaled_residual_stack = cache.apply_ln_to_stack(residual_stack, layer=-1, pos_slice=-1)
+        scaled_residual_stack = cache.apply_ln_to_stack(residual_stack, layer=-1, pos_slice=-1, apply_weight=True)
         return einops.einsum(
             scaled_residual_stack, logit_diff_directions, "... batch d_model, batch d_model -> ..."
         ) / len(prompts)

@@ -2,10 +2,11 @@
 with TransformerLens's hook names, for mechanistic interpretability."""
 
 from .cache import ActivationCache
-from .config import HookedTransformerConfig, ModelConfig
+from .config import ModelConfig
 from .factored_matrix import FactoredMatrix
 from .hooks import HookedRootModule, HookPoint, HookShapeError, UnknownHookError
 from .model import HookedTransformer
+from .tl.config import HookedTransformerConfig
 
 __all__ = [
     "ActivationCache",

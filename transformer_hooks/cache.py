@@ -40,13 +40,17 @@ class ActivationCache(ResidualDecompositions, HookCache):
     (``cache["scale", 2, "ln1"]``); short names are ``utils.get_act_name``'s.
     """
 
-    def __init__(self, cache_dict: dict[str, torch.Tensor], model: HookedModel, has_batch_dim: bool = True) -> None:
+    def __init__(
+        self, cache_dict: dict[str, torch.Tensor], model: HookedModel | None, has_batch_dim: bool = True
+    ) -> None:
+        """``model=None`` (as TransformerLens allows): a dict of activations by full hook name,
+        without the methods that read the architecture (decompositions, ``("resid_pre", 0)`` keys)."""
         super().__init__(cache_dict, has_batch_dim)
-        self.model = model
+        self.model: HookedModel = model  # type: ignore[assignment]  # None: cfg says so when read
         # From the architecture, not from what happens to be cached: a decomposition that
         # silently left out a part would not sum to the residual stream.
         self.has_embed = True
-        self.has_pos_embed = sites.BY_NAME["hook_pos_embed"].when.holds(model.cfg)
+        self.has_pos_embed = model is not None and sites.BY_NAME["hook_pos_embed"].when.holds(model.cfg)
 
     # Dict-like access -----------------------------------------------------------------
     def _name(self, key: Any) -> str:

@@ -15,7 +15,7 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 NormType = Literal["LN", "LNPre", "RMS", "RMSPre"]
 PositionalEmbedding = Literal["learned", "rotary"]
@@ -66,6 +66,9 @@ class ModelConfig:
     attn_windows: tuple[int | None, ...] = None  # type: ignore[assignment]
     parallel_residual: bool = False  # NeoX/Pythia: attn and MLP both read resid_pre
     gated_mlp: bool = False  # SwiGLU: act(x W_gate) * (x W_in)
+    # Gated MLP: b_in added to the product, act(x W_gate) * (x W_in) + b_in (TransformerLens's
+    # GatedMLP, for models built from a HookedTransformerConfig), not inside the linear branch (HF).
+    gated_bias_after_product: bool = False
     attn_only: bool = False  # blocks without an MLP (TransformerLens's toy attention-only models)
     tie_word_embeddings: bool = False
     original_architecture: str = ""
@@ -96,6 +99,13 @@ class ModelConfig:
     # Where the model's weights are, for TransformerLens code that reads model.cfg.device.
     # Not an architecture fact: the model keeps it current, and it is neither saved nor compared.
     device: str | None = field(default=None, compare=False)
+    # TransformerLens's use_* switches (which sites run_with_cache() selects by default; see
+    # HookedTransformer.set_use_attn_result). Not architecture facts: neither saved nor compared,
+    # and the one thing assignable on this frozen config (``model.cfg.use_hook_mlp_in = True``).
+    use_attn_result: bool = field(default=False, compare=False)
+    use_split_qkv_input: bool = field(default=False, compare=False)
+    use_attn_in: bool = field(default=False, compare=False)
+    use_hook_mlp_in: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -156,6 +166,13 @@ class ModelConfig:
     def scores_scale(self) -> float:
         """What q·k is multiplied by before the softmax (layer-independent part)."""
         return 1.0 / (math.sqrt(self.d_head) if self.attn_scale is None else self.attn_scale)
+
+    @property
+    def n_params(self) -> int:
+        """TransformerLens's ``cfg.n_params``: the attention and MLP weight matrices only (no
+        embeddings, biases or norms; ``model.n_params_total`` counts everything)."""
+        mlp = 0 if self.attn_only else self.n_layers * self.d_model * self.d_mlp * (2 + self.gated_mlp)
+        return self.n_layers * self.d_model * self.d_head * self.n_heads * 4 + mlp
 
     @property
     def group_size(self) -> int:
@@ -220,6 +237,8 @@ class ModelConfig:
         """The config as a JSON-ready dict (``ModelConfig(**d)`` rebuilds it)."""
         d = dataclasses.asdict(self)
         del d["device"]
+        for switch in TL_SWITCHES:
+            del d[switch]
         d["attn_windows"] = list(self.attn_windows)
         d["processing"] = list(self.processing)
         return d
@@ -237,205 +256,17 @@ class ModelConfig:
         return cls(**d)
 
 
-# TransformerLens's config -------------------------------------------------------------------
-# Field mapping (TransformerLens -> ModelConfig): positional_embedding_type "standard" ->
-# positional_embedding="learned"; n_key_value_heads -> n_kv_heads; rotary_base -> rope_theta;
-# parallel_attn_mlp -> parallel_residual; use_attn_scale=False -> attn_scale=1; attn_scale
-# (TransformerLens divides scores by it) -> attn_scale; use_local_attn with attn_types /
-# window_size -> attn_windows. The use_attn_result / use_split_qkv_input / use_attn_in /
-# use_hook_mlp_in switches are accepted. tl_config.init_weights initialises a model as TL does.
-@dataclass
-class HookedTransformerConfig:
-    """TransformerLens's model config (the fields its tutorials set; see ``to_model_config``)."""
-
-    n_layers: int
-    d_model: int
-    n_ctx: int
-    d_head: int
-    model_name: str = "custom"
-    n_heads: int = -1
-    d_mlp: int | None = None
-    act_fn: str | None = "relu"
-    d_vocab: int = -1
-    eps: float = 1e-5
-    use_attn_result: bool = False
-    use_attn_scale: bool = True
-    attn_scale: float = -1.0
-    use_split_qkv_input: bool = False
-    use_hook_mlp_in: bool = False
-    use_attn_in: bool = False
-    use_local_attn: bool = False
-    original_architecture: str | None = None
-    from_checkpoint: bool = False
-    checkpoint_index: int | None = None
-    checkpoint_label_type: str | None = None
-    checkpoint_value: int | None = None
-    tokenizer_name: str | None = None
-    window_size: int | None = None
-    attn_types: list | None = None
-    init_mode: str = "gpt2"
-    normalization_type: str | None = "LN"
-    device: str | None = None
-    n_devices: int = 1
-    attention_dir: str = "causal"
-    attn_only: bool = False
-    seed: int | None = None
-    initializer_range: float = -1.0
-    init_weights: bool = True
-    scale_attn_by_inverse_layer_idx: bool = False
-    positional_embedding_type: str = "standard"
-    final_rms: bool = False
-    d_vocab_out: int = -1
-    parallel_attn_mlp: bool = False
-    rotary_dim: int | None = None
-    n_params: int | None = None
-    use_hook_tokens: bool = False
-    gated_mlp: bool = False
-    default_prepend_bos: bool = True
-    dtype: Any = None  # a torch.dtype; None: float32
-    tokenizer_prepends_bos: bool | None = None
-    n_key_value_heads: int | None = None
-    post_embedding_ln: bool = False
-    rotary_base: float = 10000
-    trust_remote_code: bool = False
-    rotary_adjacent_pairs: bool = False
-    use_qk_norm: bool = False
-    tie_word_embeddings: bool = False
-    num_experts: int | None = None
-    experts_per_token: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.n_heads == -1:
-            self.n_heads = self.d_model // self.d_head
-        if self.d_mlp is None and not self.attn_only:
-            self.d_mlp = 4 * self.d_model
-        if self.initializer_range < 0:  # TransformerLens: GPT-2's 0.02 scaled as sqrt(1/d_model); else a gain of 1
-            self.initializer_range = 0.8 / math.sqrt(self.d_model) if self.init_mode == "gpt2" else 1.0
-        if self.d_vocab_out == -1:
-            self.d_vocab_out = self.d_vocab
-        if self.positional_embedding_type == "rotary" and self.rotary_dim is None:
-            self.rotary_dim = self.d_head
-        if self.use_attn_scale and self.attn_scale == -1.0:
-            self.attn_scale = math.sqrt(self.d_head)
-        # TransformerLens's count: attention and MLP weight matrices, no biases or norms.
-        self.n_params = self.n_layers * self.d_model * self.d_head * self.n_heads * 4
-        if not self.attn_only:
-            assert self.d_mlp is not None  # set above when None
-            self.n_params += self.n_layers * self.d_model * self.d_mlp * (2 + self.gated_mlp)
-
-    @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> "HookedTransformerConfig":
-        """A config from TransformerLens's dict form (its ``to_dict`` or a checkpoint's
-        config.json); keys this class does not know are kept in ``extra`` and refused by
-        ``to_model_config`` unless they are TransformerLens's defaults."""
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        config = dict(config)
-        if isinstance(config.get("dtype"), str):  # "torch.float32" in a saved config
-            import torch
-
-            config["dtype"] = getattr(torch, config["dtype"].removeprefix("torch."))
-        if "normalization" in config and "normalization_type" not in config:  # older toy-model configs
-            config["normalization_type"] = config.pop("normalization")
-        if "shortformer_pos" in config:
-            config["positional_embedding_type"] = "shortformer" if config.pop("shortformer_pos") else "standard"
-        extra = {k: config.pop(k) for k in list(config) if k not in known}
-        missing = [k for k in ("n_layers", "d_model", "n_ctx", "d_head") if k not in config]
-        if missing:
-            raise ValueError(f"a TransformerLens config needs {missing}; it has {sorted(config)}")
-        return cls(**config, extra=extra)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The config as a dict of its fields (TransformerLens's ``to_dict``)."""
-        d = dataclasses.asdict(self)
-        d.update(d.pop("extra"))
-        return d
-
-    @classmethod
-    def unwrap(cls, config: "dict | HookedTransformerConfig") -> "HookedTransformerConfig":
-        return cls.from_dict(config) if isinstance(config, dict) else config
-
-    def to_model_config(self) -> ModelConfig:
-        """The ``ModelConfig`` of this architecture; a setting this library does not implement
-        is a ValueError that names it."""
-        _refuse_unsupported(self)
-        if self.d_vocab <= 0:
-            raise ValueError(
-                f"d_vocab={self.d_vocab}: give the vocabulary size (TransformerLens infers it from "
-                f"tokenizer_name, which needs the hub; here set d_vocab)"
-            )
-        if self.normalization_type not in ("LN", "LNPre", "RMS", "RMSPre"):
-            raise ValueError(
-                f"normalization_type={self.normalization_type!r} is not supported: transformer_hooks "
-                f"implements 'LN', 'LNPre', 'RMS' and 'RMSPre' (a model without norms is not implemented)"
-            )
-        tl_positions: dict[str, PositionalEmbedding] = {"standard": "learned", "rotary": "rotary"}
-        positions = tl_positions.get(self.positional_embedding_type)
-        if positions is None:
-            raise ValueError(
-                f"positional_embedding_type={self.positional_embedding_type!r} is not supported: "
-                f"transformer_hooks implements 'standard' (learned) and 'rotary'"
-            )
-        windows = None
-        if self.use_local_attn:
-            if self.attn_types is None or self.window_size is None:
-                raise ValueError("use_local_attn=True needs attn_types (per layer 'global'/'local') and window_size")
-            windows = tuple(self.window_size if kind == "local" else None for kind in self.attn_types)
-        attn_scale = None if not self.use_attn_scale else float(self.attn_scale)
-        if attn_scale is not None and math.isclose(attn_scale, math.sqrt(self.d_head), rel_tol=1e-12):
-            attn_scale = None
-        return ModelConfig(
-            d_model=self.d_model,
-            n_layers=self.n_layers,
-            n_heads=self.n_heads,
-            d_head=self.d_head,
-            d_mlp=self.d_mlp if self.d_mlp is not None else 0,
-            d_vocab=self.d_vocab,
-            n_ctx=self.n_ctx,
-            act_fn=self.act_fn or "relu",
-            normalization_type=cast(NormType, self.normalization_type),  # checked above
-            eps=self.eps,
-            positional_embedding=positions,
-            # None (n_kv_heads, rotary_dim, attn_windows): ModelConfig's default, filled in by its __post_init__
-            n_kv_heads=self.n_key_value_heads,  # type: ignore[arg-type]
-            rotary_dim=self.rotary_dim if positions == "rotary" else None,  # type: ignore[arg-type]
-            rope_theta=float(self.rotary_base),
-            attn_scale=attn_scale if self.use_attn_scale else 1.0,
-            scale_attn_by_inverse_layer_idx=self.scale_attn_by_inverse_layer_idx,
-            attn_windows=windows,  # type: ignore[arg-type]
-            parallel_residual=self.parallel_attn_mlp,
-            gated_mlp=self.gated_mlp,
-            attn_only=self.attn_only,
-            tie_word_embeddings=self.tie_word_embeddings,
-            original_architecture=self.original_architecture or "",
-            default_prepend_bos=self.default_prepend_bos,
-            model_name=self.model_name,
-        )
+TL_SWITCHES = ("use_attn_result", "use_split_qkv_input", "use_attn_in", "use_hook_mlp_in")
+_frozen_setattr = ModelConfig.__setattr__
 
 
-# Settings TransformerLens has and this library does not implement: (field, its default, why).
-_UNSUPPORTED = (
-    ("attention_dir", "causal", "only causal attention is implemented"),
-    ("final_rms", False, "a final RMSNorm on a LayerNorm model is not implemented"),
-    ("post_embedding_ln", False, "a norm after the embedding is not implemented"),
-    ("rotary_adjacent_pairs", False, "rotary here pairs halves (rotate-half), not adjacent dims"),
-    ("use_qk_norm", False, "q/k norms are read from HF checkpoints (ModelConfig.qk_norm), not set here"),
-    ("num_experts", None, "mixture-of-experts MLPs are not implemented"),
-    ("n_devices", 1, "use model.to(device); splitting over devices is not implemented"),
-    ("use_hook_tokens", False, "there is no hook_tokens site"),
-)
+def _setattr(self: ModelConfig, name: str, value: Any) -> None:
+    """TransformerLens sets its use_* switches on the config (``model.cfg.use_attn_result =
+    True``): those may be assigned; every other field stays frozen."""
+    if name in TL_SWITCHES:
+        object.__setattr__(self, name, bool(value))
+    else:
+        _frozen_setattr(self, name, value)
 
 
-def _refuse_unsupported(cfg: HookedTransformerConfig) -> None:
-    for name, default, why in _UNSUPPORTED:
-        if getattr(cfg, name) != default:
-            raise ValueError(f"{name}={getattr(cfg, name)!r} is not supported ({why}); leave it at {default!r}")
-    if cfg.d_vocab_out != cfg.d_vocab:
-        raise ValueError(f"d_vocab_out={cfg.d_vocab_out} differs from d_vocab={cfg.d_vocab}: not implemented")
-    if cfg.act_fn is not None and cfg.act_fn.startswith("solu"):
-        raise ValueError(f"act_fn={cfg.act_fn!r} (SoLU, with its extra LayerNorm) is not implemented")
-    if cfg.extra:
-        raise ValueError(
-            f"unknown TransformerLens config fields {sorted(cfg.extra)}; transformer_hooks reads "
-            f"{sorted(f.name for f in dataclasses.fields(HookedTransformerConfig) if f.name != 'extra')}"
-        )
+ModelConfig.__setattr__ = _setattr  # type: ignore[method-assign, assignment]

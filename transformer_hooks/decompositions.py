@@ -29,7 +29,7 @@ Post-norms (Gemma 2/3, OLMo 2: ``ln1_post`` / ``ln2_post`` on each output before
 added): ``attn_out`` and ``mlp_out`` are after them, and a head's, a neuron's or a bias's
 *direct* contribution is what it adds to the residual stream through the post-norm with the
 scale ``s`` cached in the forward pass, ``result · w / s`` (RMSNorm), the way
-``apply_ln_to_stack`` treats the final norm. With ``s`` fixed the post-norm is linear, so
+``apply_ln_to_stack(..., apply_weight=True)`` treats the final norm. With ``s`` fixed the post-norm is linear, so
 every decomposition above still sums exactly; the ``bias`` row then varies with position.
 With ``final_logit_softcap`` the logits are ``c * tanh(x / c)`` of the unembedded
 residual ``x``: the attributions here (``logit_attrs``) are of ``x``, before the cap.
@@ -69,6 +69,11 @@ class ResidualDecompositions:
 
     @property
     def cfg(self) -> Any:
+        if self.model is None:
+            raise ValueError(
+                "this ActivationCache was made with model=None: pass the model to use what reads the "
+                "architecture (short keys like ('resid_pre', 0), decompositions, apply_ln_to_stack)"
+            )
         return self.model.cfg
 
     def _get(self, key: Any, needed_by: str | None = None) -> torch.Tensor:
@@ -342,9 +347,9 @@ class ResidualDecompositions:
 
         ``bias`` is ``model.accumulated_bias``: every ``b_O`` (and ``b_out`` when neurons are
         expanded; otherwise each ``mlp_out`` row carries its own). The rows sum to the
-        residual stream exactly; with ``apply_ln`` they sum to the norm's output exactly,
-        because the norm's bias (an unfolded LayerNorm's ``b``) is added to the ``bias``
-        row. So, for the full model, ``stack.sum(0) @ W_U + b_U`` are the logits.
+        residual stream exactly; with ``apply_ln`` they sum to the norm's ``hook_normalized``
+        exactly (``apply_ln_to_stack``: before the norm's weight and bias, as TransformerLens).
+        So, for the full model of a folded model, ``stack.sum(0) @ W_U + b_U`` are the logits.
         """
         layer = self._stack_layer(layer)
         self._check_mlp_input(layer, mlp_input)
@@ -369,9 +374,6 @@ class ResidualDecompositions:
         stack = torch.cat(_one_device(parts))
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=pos_slice)
-            norm_bias = getattr(self._norm(layer, mlp_input), "b", None)
-            if norm_bias is not None:
-                stack = torch.cat([stack[:-1], stack[-1:] + _like(norm_bias, stack)])
         return (stack, labels) if return_labels else stack
 
     def _bias_row(
@@ -432,22 +434,24 @@ class ResidualDecompositions:
         batch_slice: SliceInput | Slice = None,
         has_batch_dim: bool = True,
         recompute_ln: bool = False,
+        apply_weight: bool = False,
     ) -> Float[torch.Tensor, "... d_model"]:
-        """What each component of a residual stack contributes to the output of the norm
-        that reads ``layer``'s input (``ln_final`` for the full model; ``ln1``, or ``ln2``
-        with ``mlp_input``), using the scale ``s`` cached in the forward pass::
+        """What each component of a residual stack contributes to the normalised residual
+        ``hook_normalized`` of the norm that reads ``layer``'s input (``ln_final`` for the full
+        model; ``ln1``, or ``ln2`` with ``mlp_input``), using the scale ``s`` cached in the
+        forward pass, as TransformerLens computes it::
 
-            LayerNorm: c -> w * (c - mean(c)) / s         RMSNorm: c -> w * c / s
+            LayerNorm: c -> (c - mean(c)) / s         RMSNorm: c -> c / s
 
-        (no ``w`` on a folded model; the identity where no norm reads the stream, as in
-        OLMo 2's blocks). The norm is linear in its input once ``s`` is fixed,
-        so for a stack that sums to the residual stream the rows sum *exactly* to the
-        norm's output minus its bias ``b`` (unfolded LayerNorm only). ``b`` belongs to no
-        component and is left out here; ``get_full_resid_decomposition(apply_ln=True)``
-        adds it to its ``"bias"`` row, and ``fold_ln`` moves it into the next weights'
-        biases (``b_U`` for the final norm). Rows that are not parts of this residual
-        stream (e.g. earlier layers' ``accumulated_resid``) are divided by this scale
-        too, as in TransformerLens.
+        (the identity where no norm reads the stream, as in OLMo 2's blocks). The norm's weight
+        ``w`` and bias ``b`` are left out, as in TransformerLens: on a folded model they are in
+        the next weights already, so the result is the same folded or not only after
+        ``process_weights_``. ``apply_weight=True`` (not in TransformerLens) also multiplies by
+        ``w``: what the next matmul reads on an unfolded model (``logit_attrs`` uses it). The
+        norm is linear in its input once ``s`` is fixed, so for a stack that sums to the
+        residual stream the rows sum *exactly* to ``hook_normalized`` (times ``w`` with
+        ``apply_weight``). Rows that are not parts of this residual stream (e.g. earlier
+        layers' ``accumulated_resid``) are divided by this scale too, as in TransformerLens.
 
         The stack is ``[..., *batch_and_pos, d_model]`` with any number of leading
         component dims; its batch/pos dims must be those of the cached scale after
@@ -508,7 +512,7 @@ class ResidualDecompositions:
 
         out = normalize(residual_stack, self.cfg.norm_centres, scale=scale)  # float32, as the cached scale is
         w = getattr(norm, "w", None)
-        if w is not None:
+        if apply_weight and w is not None:
             out = out * _like(w, out)
         return out.to(residual_stack.dtype)
 
@@ -538,7 +542,12 @@ class ResidualDecompositions:
                 )
             directions = directions - wrong
         scaled = self.apply_ln_to_stack(
-            residual_stack, -1, pos_slice=pos_slice, batch_slice=batch_slice, has_batch_dim=has_batch_dim
+            residual_stack,
+            -1,
+            pos_slice=pos_slice,
+            batch_slice=batch_slice,
+            has_batch_dim=has_batch_dim,
+            apply_weight=True,  # the unembedding reads w * x̂ on an unfolded model
         )
         if has_batch_dim and scaled.ndim == 4 and directions.ndim == 2 and directions.shape[0] == scaled.shape[1]:
             directions = directions[:, None]  # one direction per example, the same at every position

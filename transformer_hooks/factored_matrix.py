@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from jaxtyping import Complex, Float
 
+from .utils import CheckError
+
 Scalar = int | float | torch.Tensor
 
 
@@ -53,16 +55,16 @@ class FactoredMatrix:
 
     def __init__(self, A: Float[torch.Tensor, "... ldim mdim"], B: Float[torch.Tensor, "... mdim rdim"]):
         if A.ndim < 2 or B.ndim < 2:
-            raise ValueError(f"FactoredMatrix factors must be at least 2-D, got A {tuple(A.shape)}, B {tuple(B.shape)}")
+            raise CheckError(f"FactoredMatrix factors must be at least 2-D, got A {tuple(A.shape)}, B {tuple(B.shape)}")
         if A.shape[-1] != B.shape[-2]:
-            raise ValueError(
+            raise CheckError(
                 f"FactoredMatrix factors must match on the inner dimension: A {tuple(A.shape)} "
                 f"has {A.shape[-1]} columns, B {tuple(B.shape)} has {B.shape[-2]} rows"
             )
         try:
             leading = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
         except RuntimeError as error:
-            raise ValueError(
+            raise CheckError(
                 f"FactoredMatrix leading dims do not broadcast: A {tuple(A.shape)}, B {tuple(B.shape)}"
             ) from error
         self.ldim = A.shape[-2]
@@ -95,7 +97,7 @@ class FactoredMatrix:
     def BA(self) -> Float[torch.Tensor, "*leading mdim mdim"]:
         """The small reverse product B @ A; only defined when the matrix is square."""
         if self.ldim != self.rdim:
-            raise ValueError(f"BA needs a square matrix (ldim == rdim), but the shape is {tuple(self.shape)}")
+            raise CheckError(f"BA needs a square matrix (ldim == rdim), but the shape is {tuple(self.shape)}")
         return self.B @ self.A
 
     @property
@@ -112,7 +114,7 @@ class FactoredMatrix:
             return NotImplemented
         inner = other.shape[0] if other.ndim == 1 else other.shape[-2]
         if inner != self.rdim:
-            raise ValueError(
+            raise CheckError(
                 f"Cannot multiply FactoredMatrix of shape {tuple(self.shape)} by a tensor of "
                 f"shape {tuple(other.shape)}: {self.rdim} != {inner}"
             )
@@ -127,7 +129,7 @@ class FactoredMatrix:
         if not isinstance(other, torch.Tensor):
             return NotImplemented
         if other.shape[-1] != self.ldim:
-            raise ValueError(
+            raise CheckError(
                 f"Cannot multiply a tensor of shape {tuple(other.shape)} by FactoredMatrix of "
                 f"shape {tuple(self.shape)}: {other.shape[-1]} != {self.ldim}"
             )
@@ -140,7 +142,7 @@ class FactoredMatrix:
     def __mul__(self, scalar: Scalar) -> FactoredMatrix:
         """Multiply by a scalar, which scales A."""
         if isinstance(scalar, torch.Tensor) and scalar.numel() != 1:
-            raise ValueError(
+            raise CheckError(
                 f"FactoredMatrix * needs a scalar, got a tensor of shape {tuple(scalar.shape)}; "
                 f"use @ for matrix multiplication"
             )
@@ -211,7 +213,7 @@ class FactoredMatrix:
             raise IndexError("an index can only have a single ellipsis ('...')")
         used = sum(_axes_used(entry) for entry in index if entry is not Ellipsis)
         if used > self.ndim:
-            raise ValueError(f"{index} is too long an index for a FactoredMatrix with shape {tuple(self.shape)}")
+            raise CheckError(f"{index} is too long an index for a FactoredMatrix with shape {tuple(self.shape)}")
         fill = (slice(None),) * (self.ndim - used)
         if n_ellipses:
             at = next(i for i, entry in enumerate(index) if entry is Ellipsis)

@@ -1,9 +1,1 @@
-"""TransformerLens's ``hook_points`` module: ``HookPoint`` and ``HookedRootModule`` (defined in
-``hooks.py``), so ``from transformer_lens.hook_points import HookPoint, HookedRootModule``
-ports with an import change."""
-
-from .hooks import HookCache, HookedRootModule, HookFn, HookPoint, NameFilter
-
-NamesFilter = NameFilter  # TransformerLens's spelling
-
-__all__ = ["HookCache", "HookFn", "HookPoint", "HookedRootModule", "NameFilter", "NamesFilter"]
+from .tl.hook_points import *  # noqa: F403 (moved to tl/hook_points.py: the old path re-exports it)

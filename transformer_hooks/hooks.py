@@ -47,7 +47,7 @@ from torch import nn
 
 from . import sites
 from .sites import PER_HEAD_EXPANSIONS  # noqa: F401  (re-exported: its old home)
-from .utils import Slice
+from .utils import CheckError, Slice
 
 HookFn = Callable[..., Any]
 logger = logging.getLogger(__name__)
@@ -69,6 +69,15 @@ class _Hook:
     permanent: bool
     reads_only: bool = False  # never edits the activation in place (the cache's savers)
     alive: bool = True  # False once removed: a backward pass recorded before then skips it
+
+    # TransformerLens's LensHandle spellings
+    @property
+    def is_permanent(self) -> bool:
+        return self.permanent
+
+    @property
+    def context_level(self) -> int | None:
+        return self.level
 
 
 def reads_only(fn: HookFn) -> HookFn:
@@ -159,6 +168,27 @@ class HookPoint(nn.Module):
         if self.model_fwd or self.model_bwd:
             return True
         return bool(self.n_scoped) and self in _SCOPED.get()
+
+    def has_hooks(self, dir: str = "both", including_permanent: bool = True, level: int | None = None) -> bool:
+        """TransformerLens's ``has_hooks``: whether the calling thread sees a hook here in
+        direction ``dir`` ("fwd", "bwd" or "both"), optionally leaving out permanent hooks or
+        keeping only those of one ``hooks()`` context ``level``."""
+        return bool(self.list_hooks(dir, including_permanent, level))
+
+    def list_hooks(self, dir: str = "both", including_permanent: bool = True, level: int | None = None) -> list[_Hook]:
+        """The hooks ``has_hooks`` counts (each has ``fn``, ``is_permanent`` and ``context_level``)."""
+        if dir not in ("fwd", "bwd", "both"):
+            raise ValueError(f"dir must be 'fwd', 'bwd' or 'both', got {dir!r}")
+        hooks = [*(self.fwd_hooks if dir != "bwd" else []), *(self.bwd_hooks if dir != "fwd" else [])]
+        return [h for h in hooks if (including_permanent or not h.permanent) and (level is None or h.level == level)]
+
+    @property
+    def only_read(self) -> bool:
+        """Whether every hook the calling thread sees here only reads (the cache's savers, no
+        backward hooks). A component may then compute its output as it does unobserved and
+        show the hooks the explicitly computed values, so ``model(x)`` and
+        ``run_with_cache(x)`` give the same output to the bit."""
+        return not self.bwd_hooks and all(h.reads_only for h in self.fwd_hooks)
 
     def add_hook(
         self, fn: HookFn, dir: str = "fwd", is_permanent: bool = False, level: int | None = None, prepend: bool = False
@@ -348,7 +378,7 @@ class HookCache:
             return self
         sizes = {v.shape[0] for v in self.cache_dict.values() if v.ndim > 0}
         if sizes - {1}:
-            raise ValueError(
+            raise CheckError(
                 f"remove_batch_dim needs a batch of one; this cache has batch size {max(sizes)}. "
                 f"Use cache.apply_slice_to_batch_dim(i) to keep one example"
             )
@@ -545,6 +575,18 @@ class HookedRootModule(nn.Module):
         if names_filter is None:
             return [n for n in self.hook_dict if not self.switched_off(n)]
         return self.resolve_hook_names(names_filter)
+
+    def list_hooks(
+        self, name_filter: NameFilter = None, dir: str = "both", including_permanent: bool = True
+    ) -> dict[str, list[_Hook]]:
+        """TransformerLens's ``list_hooks``: the hooks the calling thread sees, by site name, for
+        the sites ``name_filter`` selects (None: all); sites without hooks are left out."""
+        if name_filter is None or callable(name_filter):
+            names = [n for n in self.hook_dict if name_filter is None or name_filter(n)]
+        else:
+            names = self.resolve_hook_names(name_filter)
+        out = {name: self.hook_dict[name].list_hooks(dir, including_permanent) for name in names}
+        return {name: hooks for name, hooks in out.items() if hooks}
 
     def run_with_cache(
         self,

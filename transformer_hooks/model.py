@@ -21,10 +21,11 @@ from . import tokens as tokens_lib  # as a module: `tokens` names the token tens
 from .cache import ActivationCache
 from .components import AttentionMask, Embed, KVCache, PosEmbed, Rotary, Unembed, make_block, make_norm
 from .components.stack import BlockStack, Placement
-from .config import HookedTransformerConfig, ModelConfig
+from .config import TL_SWITCHES, ModelConfig
 from .hooks import HookedRootModule, HookPoint
 from .protocol import HookedModel
-from .tl_config import init_weights as init_tl_weights
+from .tl.config import HookedTransformerConfig
+from .tl.config import init_weights as init_tl_weights
 from .tokens import ModelInput, TokenMethods
 from .trace import Trace
 from .utils import check_layer, lm_cross_entropy_loss
@@ -83,6 +84,7 @@ class HookedTransformer(HookedRootModule, TokenMethods, WeightViews):
         self.unembed = Unembed(cfg)
         self.setup_hooks()
         self._note_device()
+        self._tl_cfg = tl_cfg
         if tl_cfg is not None:
             if tl_cfg.init_weights:
                 init_tl_weights(self, tl_cfg)
@@ -363,13 +365,61 @@ class HookedTransformer(HookedRootModule, TokenMethods, WeightViews):
     def _why_no_hook(self, name: str) -> str:
         return sites.why_absent(name, self.cfg)
 
+    def init_weights(self) -> None:
+        """TransformerLens's ``init_weights``: every weight initialised anew as its
+        ``init_mode="gpt2"`` does (see ``tl.config.init_weights``), with the
+        ``HookedTransformerConfig`` the model was built from (its seed and initializer_range),
+        or TransformerLens's defaults for a model built from a ``ModelConfig``."""
+        tl_cfg = self._tl_cfg
+        if tl_cfg is None:
+            c = self.cfg
+            tl_cfg = HookedTransformerConfig(
+                n_layers=c.n_layers, d_model=c.d_model, n_ctx=c.n_ctx, d_head=c.d_head, n_heads=c.n_heads
+            )
+        init_tl_weights(self, tl_cfg)
+
+    @property
+    def n_params_total(self) -> int:
+        """Every parameter's element count (embeddings, biases and norms included), as
+        TransformerLens's ``n_params_total``; ``cfg.n_params`` (TransformerLens configs) counts
+        the attention and MLP weight matrices only."""
+        return sum(p.numel() for p in self.parameters())
+
+    def input_to_embed(
+        self,
+        input: ModelInput,
+        prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None,
+        attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
+        past_kv_cache: KVCache | None = None,
+    ) -> tuple[Float[torch.Tensor, "batch pos d_model"], torch.Tensor, None, torch.Tensor | None]:
+        """TransformerLens's ``input_to_embed``: (the residual stream entering block 0, the
+        tokens, None (no shortformer positions here), the attention mask), through
+        ``hook_embed`` / ``hook_pos_embed`` as the forward computes them; pass the residual to
+        ``model(resid, start_at_layer=0, attention_mask=mask)``."""
+        decoding = past_kv_cache is not None and past_kv_cache.length > 0
+        tokens, attention_mask = tokens_lib.tokens_and_mask(
+            self.tokenizer, self.cfg, input, prepend_bos, padding_side, attention_mask, self.device, not decoding
+        )
+        batch, q_len = tokens.shape
+        positions, _ = self._positions_and_mask(batch, q_len, attention_mask, past_kv_cache, device=self.device)
+        resid = self.hook_embed(self.embed(tokens))
+        if self.cfg.positional_embedding == "learned":
+            resid = resid + self.hook_pos_embed(self.pos_embed(positions))
+        return resid, tokens, None, attention_mask
+
     # TransformerLens switches ------------------------------------------------------------
     # In TransformerLens these sites run their hooks only once switched on. Here every site
     # always exists and costs nothing until observed; a switch decides whether run_with_cache()
     # with no names_filter, and a callable filter, select it (sites.py's tl_flag column), so
     # ported code gets TransformerLens's sites and shapes. A name (or a list) always selects it.
+    @property
+    def tl_flags(self) -> frozenset[str]:  # type: ignore[override]
+        """The switches that are on: set here or on the config (``model.cfg.use_attn_result = True``)."""
+        return frozenset(flag for flag in TL_SWITCHES if getattr(self.cfg, flag))
+
     def _switch(self, flag: str, on: bool) -> None:
-        self.tl_flags = frozenset(self.tl_flags | {flag} if on else self.tl_flags - {flag})
+        setattr(self.cfg, flag, on)
 
     def set_use_attn_result(self, use_attn_result: bool) -> None:
         """Select ``attn.hook_result`` (each head's output, [batch, pos, head, d_model]) by default."""

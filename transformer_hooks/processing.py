@@ -146,6 +146,11 @@ def fold_ln(cfg: ModelConfig, group: Group) -> None:
             mlp_readers.append((mlp + "W_gate", mlp + "b_gate"))
         if block + "ln1.w" in group:  # OLMo 2's blocks have no pre-norms
             _fold_norm(group, block + "ln1", attn_readers, centre)
+        if cfg.gated_bias_after_product and group.get(block + "ln2.b") is not None and group[block + "ln2.b"].any():
+            raise ValueError(
+                f"fold_ln: {block}ln2 has a bias, and this gated MLP adds b_in after the product "
+                f"(TransformerLens's form): the bias cannot be folded exactly. Load with fold_ln=False"
+            )
         if block + "ln2.w" in group:  # attention-only blocks have no ln2
             _fold_norm(group, block + "ln2", mlp_readers, centre)
     if "ln_final.w" in group:

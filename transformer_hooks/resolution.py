@@ -245,7 +245,13 @@ def _find_weights(directory: Path) -> tuple[tuple[Path, ...], dict[str, Path] | 
         if (directory / index).is_file():
             return _read_index(directory, directory / index)
     # TransformerLens's toy models ship their state dict as one .pth (checkpoints in a subfolder).
-    pth = sorted(directory.glob("*.pth"), key=lambda p: (not p.stem.endswith("final"), p.name))
+    pth = sorted(directory.glob("*.pth"))
+    if len(pth) > 1:
+        raise ValueError(
+            f"{directory} holds {len(pth)} TransformerLens state dicts ({', '.join(p.name for p in pth)}): "
+            f"which one is the model is not clear. Keep one .pth there (training checkpoints go in "
+            f"its checkpoints/ folder)."
+        )
     if pth:
         return (pth[0],), None
     raise CheckpointNotFoundError(

@@ -56,6 +56,12 @@ def get_act_name(
     return block[0].full_name(layer)
 
 
+class CheckError(ValueError, AssertionError):
+    """An argument TransformerLens rejects with an ``assert``: both a ValueError (this library's
+    error for a bad argument) and an AssertionError, so ``pytest.raises(AssertionError)`` and
+    ``except AssertionError`` in ported code still catch it."""
+
+
 class IndexOutOfRangeError(IndexError, ValueError):
     """An index (layer, position, ...) outside its range; both an IndexError and a ValueError."""
 
@@ -102,7 +108,8 @@ class Slice:
     """TransformerLens's ``Slice``: one way to say which entries of a dimension to keep.
 
     - ``None``: all of them;
-    - an int: that one, and the dimension disappears (``pos_slice=-1``: the last position);
+    - an int (or a 0-d tensor or array, as TransformerLens takes it): that one, and the
+      dimension disappears (``pos_slice=-1``: the last position);
     - a tuple ``(start, stop[, step])`` or a ``slice``: a range;
     - a list or 1-D tensor of indices.
     """
@@ -114,6 +121,10 @@ class Slice:
             input_slice = input_slice.slice
         if isinstance(input_slice, tuple):
             input_slice = slice(*input_slice)
+        if isinstance(input_slice, (torch.Tensor, np.ndarray)) and input_slice.ndim == 0:
+            input_slice = int(input_slice.item())  # a 0-d index drops the dimension, as an int does
+        if isinstance(input_slice, np.integer):
+            input_slice = int(input_slice)
         if input_slice is None:
             self.slice, self.mode = slice(None), "empty"
         elif isinstance(input_slice, slice):
@@ -145,8 +156,13 @@ class Slice:
         index[dim] = self.slice
         return tensor[tuple(index)]
 
-    def indices(self, max_ctx: int) -> torch.Tensor:
-        """The kept indices of a dimension of size ``max_ctx`` (negative ones made positive)."""
+    def indices(self, max_ctx: int | None = None) -> torch.Tensor:
+        """The kept indices of a dimension of size ``max_ctx`` (negative ones made positive).
+        An int slice needs no size (its one index, as given); other slices do."""
+        if max_ctx is None:
+            if self.mode != "int":
+                raise ValueError(f"{self!r}.indices() needs max_ctx, the size of the dimension it slices")
+            return torch.tensor([self.slice])
         return torch.atleast_1d(self.apply(torch.arange(max_ctx), 0))
 
     @staticmethod
@@ -158,9 +174,11 @@ class Slice:
 
 
 def to_numpy(tensor: Any) -> np.ndarray:
-    """A tensor (detached, on the CPU), list or number as a numpy array."""
+    """A tensor (detached, on the CPU; bfloat16, which numpy lacks, as float32), list or number
+    as a numpy array."""
     if isinstance(tensor, torch.Tensor):
-        return tensor.detach().cpu().numpy()
+        tensor = tensor.detach().cpu()
+        return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
     return np.asarray(tensor)
 
 

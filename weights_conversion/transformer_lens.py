@@ -21,7 +21,8 @@ import dataclasses
 
 import torch
 
-from transformer_hooks.config import HookedTransformerConfig, ModelConfig
+from transformer_hooks.config import ModelConfig
+from transformer_hooks.tl.config import HookedTransformerConfig
 
 MODEL_TYPES: tuple[str, ...] = ()  # recognised by is_transformer_lens_config, not by model_type
 BUFFERS = ("attn.IGNORE", "attn.mask", "attn.rotary_sin", "attn.rotary_cos")

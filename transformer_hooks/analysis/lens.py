@@ -97,7 +97,7 @@ def final_norm(
     if norm == "cached":
         if cache is None:
             raise ValueError("norm='cached' needs the cache the stack came from")
-        out = cache.apply_ln_to_stack(stack, -1, pos_slice=pos_slice)
+        out = cache.apply_ln_to_stack(stack, -1, pos_slice=pos_slice, apply_weight=True)
     elif norm == "recompute":
         w = getattr(ln, "w", None)
         out = normalize(stack, model.cfg.norm_centres, ln.eps, w=None if w is None else w.detach().float())

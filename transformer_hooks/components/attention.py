@@ -135,7 +135,15 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.extend(k, v)  # now over all key positions so far
 
-        z = self._explicit(q, k, v, mask) if self.explicit else self._fused(q, k, v, mask)
+        if not self.explicit:
+            z = self._fused(q, k, v, mask)
+        elif self.softcap is None and self.hook_attn_scores.only_read and self.hook_pattern.only_read:
+            # Only read (the cache): the output as unobserved (fused), the pattern shown to the
+            # readers computed explicitly, so model(x) and run_with_cache(x) agree to the bit.
+            self._pattern(q, k, mask)
+            z = self._fused(q, k, v, mask)
+        else:
+            z = self._explicit(q, k, v, mask)
         z = self.hook_z(z.transpose(1, 2))  # [batch, pos, head, d_head]
 
         if self.hook_result.observed:
@@ -157,7 +165,8 @@ class Attention(nn.Module):
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
 
-    def _explicit(self, q, k, v, mask: AttentionMask) -> Float[torch.Tensor, "batch head pos d_head"]:
+    def _pattern(self, q, k, mask: AttentionMask) -> Float[torch.Tensor, "batch head pos key_pos"]:
+        """The attention pattern, through ``hook_attn_scores`` and ``hook_pattern``."""
         batch, n_heads, pos, d_head = q.shape
         # Query heads grouped by the kv head they read, so one matmul per kv head serves the
         # whole group without copying keys/values: [batch, kv_head, group * pos, d_head].
@@ -169,6 +178,10 @@ class Attention(nn.Module):
             scores = softcap(scores, self.softcap)
         scores.masked_fill_(mask.disallowed(self.window), float("-inf"))  # in place: a fresh tensor
         scores = self.hook_attn_scores(scores)
-        pattern = self.hook_pattern(scores.softmax(-1, dtype=torch.float32).to(q.dtype))
+        return self.hook_pattern(scores.softmax(-1, dtype=torch.float32).to(q.dtype))
+
+    def _explicit(self, q, k, v, mask: AttentionMask) -> Float[torch.Tensor, "batch head pos d_head"]:
+        batch, n_heads, pos, d_head = q.shape
+        pattern = self._pattern(q, k, mask)
         z = pattern.reshape(batch, self.n_kv_heads, -1, pattern.shape[-1]) @ v  # [batch, kv_head, group * pos, d_head]
         return z.view(batch, n_heads, pos, d_head)

@@ -2,6 +2,8 @@
 
     MLP:       post = act(x · W_in + b_in)                          [batch, pos, d_mlp]
     GatedMLP:  post = act(x · W_gate + b_gate) * (x · W_in + b_in)
+               (built from a HookedTransformerConfig: act(x · W_gate) * (x · W_in) + b_in, as
+               TransformerLens computes it; ``ModelConfig.gated_bias_after_product``)
     out = post · W_out + b_out                                      [batch, pos, d_model]
 
 Hooks: ``hook_pre`` (the activation's input), ``hook_pre_linear`` (gated: the linear
@@ -67,9 +69,13 @@ class GatedMLP(MLP):
         self.W_gate = nn.Parameter(in_weight(cfg))
         self.b_gate = nn.Parameter(torch.zeros(cfg.d_mlp))
         self.hook_pre_linear = HookPoint()
+        self.bias_after_product = cfg.gated_bias_after_product
 
     def forward(self, x: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_model"]:
         pre = self.hook_pre(linear(x, self.W_gate.T, self.b_gate))
+        if self.bias_after_product:  # TransformerLens: act(x W_gate) * (x W_in) + b_in
+            pre_linear = self.hook_pre_linear(linear(x, self.W_in.T, None))
+            return linear(self.hook_post(self.act(pre) * pre_linear + self.b_in), self.W_out.T, self.b_out)
         pre_linear = self.hook_pre_linear(linear(x, self.W_in.T, self.b_in))
         return linear(self.hook_post(self.act(pre) * pre_linear), self.W_out.T, self.b_out)
 

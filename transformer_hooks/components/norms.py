@@ -2,11 +2,14 @@
 
 Each norm exposes ``hook_scale`` (the divisor, [..., 1]) and ``hook_normalized``.
 Unobserved, a norm is one fused kernel (``F.layer_norm`` / ``F.rms_norm``, as HF runs
-it); observed, it computes the scale explicitly so the hooks see and can edit it.
+it); observed, it computes the scale explicitly so the hooks see and can edit it. Observed by
+readers only (``run_with_cache``), the output is still the fused kernel's and the readers
+are shown the explicit values, so caching changes no output bit.
 Both paths agree to float rounding (tested).
 
-As in TransformerLens, ``LayerNorm.hook_normalized`` is after the weight and bias, and
-``RMSNorm.hook_normalized`` is before the weight.
+As in TransformerLens 3.x, ``hook_normalized`` is before the weight (and LayerNorm's bias):
+``x_c / s`` for every norm, folded or not, so ``fold_ln`` does not change it. (TransformerLens
+2.x cached LayerNorm's after the weight and bias.)
 """
 
 from __future__ import annotations
@@ -72,9 +75,16 @@ class _Norm(nn.Module):
         self.hook_scale = HookPoint()
         self.hook_normalized = HookPoint()
 
-    @property
-    def observed(self) -> bool:
-        return self.hook_scale.observed or self.hook_normalized.observed
+    def fused(self, x: Resid) -> bool:
+        """Whether the output is the fused kernel's: unobserved, or observed by readers only (the
+        cache), who are shown the explicitly computed scale and normalised residual here, so
+        ``model(x)`` and ``run_with_cache(x)`` agree to the bit. False: a hook may edit."""
+        if not (self.hook_scale.observed or self.hook_normalized.observed):
+            return True
+        if self.hook_scale.only_read and self.hook_normalized.only_read:
+            self.hook_normalized(self._scaled(x).to(x.dtype))
+            return True
+        return False
 
     def _scaled(self, x: Resid, w: torch.Tensor | None = None, b: torch.Tensor | None = None) -> Resid:
         """``normalize``, with ``hook_scale`` seeing the scale, in float32."""
@@ -88,16 +98,16 @@ class LayerNorm(_Norm):
         self.b = nn.Parameter(torch.zeros(cfg.d_model))
 
     def forward(self, x: Resid) -> Resid:
-        if not self.observed:
+        if self.fused(x):
             return F.layer_norm(x, (self.d_model,), self.w, self.b, self.eps)
-        return self.hook_normalized(self._scaled(x, self.w, self.b).to(x.dtype))
+        return torch.addcmul(self.b, self.hook_normalized(self._scaled(x).to(x.dtype)), self.w)
 
 
 class LayerNormPre(_Norm):
     """LayerNorm whose weight and bias were folded into the next layer's weights."""
 
     def forward(self, x: Resid) -> Resid:
-        if not self.observed:
+        if self.fused(x):
             return F.layer_norm(x, (self.d_model,), None, None, self.eps)
         return self.hook_normalized(self._scaled(x).to(x.dtype))
 
@@ -110,7 +120,7 @@ class RMSNorm(_Norm):
         self.w = nn.Parameter(torch.ones(cfg.d_model))
 
     def forward(self, x: Resid) -> Resid:
-        if not self.observed:
+        if self.fused(x):
             # HF: normalise in float32, cast back, then multiply by the weight.
             return F.rms_norm(x.float(), (self.d_model,), None, self.eps).to(x.dtype) * self.w
         return self.hook_normalized(self._scaled(x).to(x.dtype)) * self.w
@@ -122,7 +132,7 @@ class RMSNormPre(_Norm):
     centre = False
 
     def forward(self, x: Resid) -> Resid:
-        if not self.observed:
+        if self.fused(x):
             return F.rms_norm(x.float(), (self.d_model,), None, self.eps).to(x.dtype)
         return self.hook_normalized(self._scaled(x).to(x.dtype))
 

@@ -18,11 +18,9 @@ algebra, checked against the real models in tests/test_sae.py):
 ==========================  ==========================================================
 step                        sites whose values change
 ==========================  ==========================================================
-fold_ln, LayerNorm model    ``ln1/ln2/ln_final.hook_normalized`` only: taken before the
-                            norm's weight and bias instead of after (the weight and
-                            bias moved into W_Q/W_K/W_V/W_in/W_U). Nothing else.
-fold_ln, RMSNorm model      nothing: ``hook_normalized`` is before the weight in both
-                            forms, and the weight moves into the next matmul exactly.
+fold_ln                     nothing: ``hook_normalized`` is before the norm's weight (and
+                            LayerNorm's bias) in both forms, as in TransformerLens 3,
+                            and they move into the next matmul exactly.
 center_writing_weights      LayerNorm models only (skipped for RMSNorm): every write to
                             the residual stream has zero mean over d_model, so every
                             residual-stream site becomes ``x - mean(x)``:
@@ -89,8 +87,6 @@ def sites_changed_by(step: str, normalization_type: str) -> dict[str, str]:
     if step not in PROCESSING_STEPS:
         raise ValueError(f"unknown processing step {step!r}; known: {PROCESSING_STEPS}")
     layer_norm = normalization_type.startswith("LN")
-    if step == "fold_ln":
-        return {"hook_normalized": "taken before the norm's weight and bias instead of after"} if layer_norm else {}
     if step == "center_writing_weights":
         return {s: "centred: x - mean(x) over d_model" for s in _RESIDUAL_SITES} if layer_norm else {}
     if step == "fold_value_biases":
