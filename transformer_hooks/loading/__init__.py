@@ -29,6 +29,7 @@ import torch
 import weights_conversion
 from weights_conversion import UnsupportedArchitectureError  # noqa: F401  (re-exported for users)
 from weights_conversion.converted import (  # noqa: F401  (re-exported: the format's names)
+    BOS_RULE_VERSION,
     CONVERTED_CONFIG,
     CONVERTED_FORMAT_VERSION,
     CONVERTED_WEIGHTS,
@@ -53,7 +54,7 @@ from ..config import ModelConfig
 from ..model import HookedTransformer
 from ..processing import REWRITE_EMBEDDINGS, STEPS, ProcessingOptions, steps_for
 from ..resolution import Checkpoint, resolve_checkpoint
-from ..tokens import PaddingSide
+from ..tokens import PaddingSide, default_prepend_bos
 from .build import as_dtype, build_and_fill, build_on_meta, finish, materialize  # noqa: F401
 
 # Buffers some HF checkpoints store that are not weights (causal masks, rotary tables).
@@ -97,11 +98,12 @@ def load_model(
     ``default_prepend_bos`` and ``default_padding_side`` override the defaults;
     ``torch_dtype`` is ``dtype``; ``move_to_device=False`` keeps the weights on the CPU.
 
-    BOS: prompts start with BOS unless ``default_prepend_bos=False`` or the architecture's
-    TransformerLens 3.9 default says otherwise (GPT-NeoX / Pythia and Qwen 2 / 3 do not; set by
-    each family's ``config_from_hf``). The rule reads the architecture only, never the file's
-    tokenizer settings, so the same weights get the same default from a GGUF file, an HF
-    directory or a converted directory, and the default TransformerLens gives them.
+    BOS: text prompts start with BOS by the rule of ``tokens.default_prepend_bos``: when the
+    checkpoint's own tokenizer adds it, or when BOS is EOS (GPT-2, GPT-Neo); not for SmolLM2,
+    Qwen or Pythia. A GGUF file's tokenizer adds BOS as its ``tokenizer.ggml.add_bos_token``
+    says (llama.cpp copies it from the HF tokenizer), and a converted directory stores the
+    answer, so the GGUF, HF and converted copies of one model agree. ``default_prepend_bos``
+    overrides it; with no tokenizer, the family's default (TransformerLens 3.9's) stays.
 
     ``compile=True`` (or a dict of ``torch.compile`` keyword arguments) returns the model
     after ``model.compile(...)``: the forward runs compiled, hooks still fire (see
@@ -196,6 +198,8 @@ def _load(
     cfg = weights_conversion.config_from_hf(hf_config, where).replace(model_name=str(name_or_path))
     if tokenizer is None:
         tokenizer = make_tokenizer()
+    if tokenizer is not None:  # without one, the family's default (TransformerLens 3.9's) stays
+        cfg = cfg.replace(default_prepend_bos=default_prepend_bos(tokenizer, cfg))
 
     groups = weights_conversion.convert_groups(cfg, source, family)
     model = build_and_fill(
@@ -285,7 +289,12 @@ def _load_converted(
         )
 
     source = tensor_source(ckpt.weight_files)
-    if tokenizer is None:
+    stored_rule = ckpt.config.get("bos_rule") == BOS_RULE_VERSION  # cfg holds the rule's answer for its tokenizer
+    if tokenizer is not None or not stored_rule:
+        tokenizer = _hf_tokenizer(ckpt.directory) if tokenizer is None else tokenizer
+        if tokenizer is not None:  # a tokenizer passed in, or a file converted before the rule: decide now
+            cfg = cfg.replace(default_prepend_bos=default_prepend_bos(tokenizer, cfg))
+    else:
         tokenizer = _hf_tokenizer(ckpt.directory)
     # A tied unembedding is stored once, as W_E; processing that rewrites it needs its own copy.
     stored_tied = cfg.tie_word_embeddings and "unembed.W_U" not in source.names()
