@@ -24,8 +24,9 @@ import time
 
 import torch
 
-from transformer_hooks import HookedTransformer, circuits
-from transformer_hooks.patching import ablate, ablation_sweep
+from transformer_hooks import HookedTransformer
+from transformer_hooks.analysis import circuits
+from transformer_hooks.interventions.patching import ablate, ablation_sweep
 
 
 def median_time(fn, repeats: int) -> float:

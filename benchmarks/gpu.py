@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import machine, paired, unique_bytes, write_section  # noqa: E402
 
 from transformer_hooks import HookedTransformer  # noqa: E402
-from transformer_hooks.patching import get_act_patch_resid_pre  # noqa: E402
+from transformer_hooks.interventions.patching import get_act_patch_resid_pre  # noqa: E402
 from transformer_hooks.plan import PUBLISHED_CONFIGS  # noqa: E402
 
 # Pythia-1.4B: Pythia-2.8B's published config (plan.py) at 1.4B's published sizes.

@@ -9,7 +9,7 @@ import torch
 from checkpoints import VOCAB
 
 from transformer_hooks import HookedTransformer, UnknownHookError
-from transformer_hooks.patching import Ablation, ablate, ablation_sweep, run_ablations
+from transformer_hooks.interventions.patching import Ablation, ablate, ablation_sweep, run_ablations
 from transformer_hooks.utils import IndexOutOfRangeError
 
 BATCH, POS = 2, 6

@@ -64,8 +64,10 @@ def test_rows_are_the_activations_at_their_context_and_position(model, tmp_path)
             _, cache = model.run_with_cache(t, names_filter=SITES)
         keep = [p for p in range(t.shape[1]) if t[0, p] != bos]  # BOS (and padding) make no rows
         idx = list(range(rows, rows + len(keep)))
-        torch.testing.assert_close(ds.rows(idx, SITES[0]), cache[SITES[0]][0, keep], atol=1e-6, rtol=1e-6)
-        torch.testing.assert_close(ds.rows(idx, SITES[1]), cache[SITES[1]][0, keep].flatten(1), atol=1e-6, rtol=1e-6)
+        # The harvest runs 3 contexts a batch, this check one: fp32 GEMMs of other shapes block their
+        # sums differently (measured up to 1.4e-6 here), so equal means within the parity bar's float noise.
+        torch.testing.assert_close(ds.rows(idx, SITES[0]), cache[SITES[0]][0, keep], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ds.rows(idx, SITES[1]), cache[SITES[1]][0, keep].flatten(1), atol=1e-5, rtol=1e-5)
         toks, pos = ds.tokens_of(idx)
         assert pos.tolist() == keep and torch.equal(toks[0, : t.shape[1]], t[0])
         rows += len(keep)

@@ -172,7 +172,8 @@ def test_harvest_command_same_under_python_and_torchrun(ckpt, tmp_path):
 
 
 def test_distributed_harvest_to_disk_is_the_one_harvest(ckpt, single, tmp_path, monkeypatch):
-    from transformer_hooks import activations, distributed
+    from transformer_hooks import activations
+    from transformer_hooks.scale import distributed
 
     whole, _ = single
     model = HookedTransformer.from_pretrained_no_processing(str(ckpt))

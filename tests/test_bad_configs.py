@@ -250,7 +250,7 @@ def test_model_config_values_are_checked_where_they_are_made():
 
 
 def test_das_on_a_bfloat16_model_trains_its_float32_rotation(hf_checkpoint):
-    from transformer_hooks.das import RotatedSubspaceInterchange, evaluate_das, train_das
+    from transformer_hooks.interventions.das import RotatedSubspaceInterchange, evaluate_das, train_das
 
     path, _ = hf_checkpoint("gpt2")
     model = load(path, dtype=torch.bfloat16)

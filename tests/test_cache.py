@@ -8,8 +8,8 @@ import torch
 from checkpoints import VOCAB
 
 from transformer_hooks import HookedTransformer
+from transformer_hooks.analysis.lens import final_norm, logit_lens, unembed
 from transformer_hooks.cache import ActivationCache, NotCachedError
-from transformer_hooks.lens import final_norm, logit_lens, unembed
 from transformer_hooks.utils import get_act_name
 
 FAMILIES = ["gpt2", "gpt-neo-local", "pythia", "neox-sequential-full-rotary", "llama-gqa", "llama-head-dim-bias"]

@@ -5,7 +5,7 @@ import torch
 from checkpoints import VOCAB
 
 from transformer_hooks import HookedTransformer
-from transformer_hooks import patching as P
+from transformer_hooks.interventions import patching as P
 
 BATCH, POS = 4, 8
 
@@ -156,7 +156,7 @@ def test_grad_drop(models):
 
 
 # Edges, circuits, path patching ------------------------------------------------------------
-from transformer_hooks import circuits as C  # noqa: E402
+from transformer_hooks.analysis import circuits as C  # noqa: E402
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "pythia"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from checkpoints import VOCAB
 
-from transformer_hooks.das import (
+from transformer_hooks.interventions.das import (
     RotatedSubspaceInterchange,
     _positions,
     evaluate_das,

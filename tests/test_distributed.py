@@ -19,7 +19,8 @@ import torch.multiprocessing as mp
 from ranks import free_port, run_ranks
 
 from transformer_hooks import HookedTransformer
-from transformer_hooks.distributed import (
+from transformer_hooks.interventions.patching import get_act_patch_resid_pre
+from transformer_hooks.scale.distributed import (
     RankFailedError,
     harvest,
     logit_diff_metric,
@@ -28,7 +29,6 @@ from transformer_hooks.distributed import (
     read_pairs,
     shard_bounds,
 )
-from transformer_hooks.patching import get_act_patch_resid_pre
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 101

@@ -218,7 +218,7 @@ def test_padded_rows_and_kv_cache_decoding_equal_full_forwards(loaded, one_threa
 
 @pytest.mark.parametrize("name", ["gemma2", "olmo2"])
 def test_logit_lens_of_the_last_residual_is_the_model_output(loaded, name):
-    from transformer_hooks.lens import logit_lens
+    from transformer_hooks.analysis.lens import logit_lens
 
     for model in loaded(name)[:2]:
         toks = tokens(batch=1, pos=12)

@@ -187,7 +187,7 @@ def logit_metric(logits: torch.Tensor) -> torch.Tensor:
 
 
 def sweep(model, corrupted, clean_cache, metric=logit_metric):
-    from transformer_hooks.patching import get_act_patch_resid_pre
+    from transformer_hooks.interventions.patching import get_act_patch_resid_pre
 
     # batch_size=2: several chunks, so a fault can land between two of them.
     return get_act_patch_resid_pre(model, corrupted, clean_cache, metric, batch_size=2, progress=False)

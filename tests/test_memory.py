@@ -76,7 +76,7 @@ def test_rss_stays_flat_over_200_run_with_cache_calls(model, capsys):
 
 def _exercise(model: HookedTransformer, tokens: torch.Tensor) -> torch.Tensor:
     """Every API that could leave a reference to the model or its tensors behind."""
-    from transformer_hooks.patching import get_act_patch_resid_pre
+    from transformer_hooks.interventions.patching import get_act_patch_resid_pre
 
     model(tokens)
     _, cache = model.run_with_cache(tokens)

@@ -13,7 +13,7 @@ import torch
 from checkpoints import VOCAB
 
 from transformer_hooks import HookedTransformer, UnknownHookError
-from transformer_hooks import patching as P
+from transformer_hooks.interventions import patching as P
 from transformer_hooks.utils import get_act_name
 
 BATCH, POS, DIFF_POS = 2, 6, 2
@@ -441,7 +441,7 @@ def test_public_names_are_transformer_lens_s_and_each_sweep_is_a_real_function()
     for name in sweeps:
         fn = getattr(P, name)
         assert fn.__name__ == fn.__qualname__ == name
-        assert fn.__module__.startswith("transformer_hooks.patching.")
+        assert fn.__module__.startswith("transformer_hooks.interventions.patching.")
         assert fn.__doc__ and fn.__doc__.strip()
         params = list(inspect.signature(fn).parameters)
         assert params[:3] == ["model", "corrupted_tokens", "clean_cache"], (name, params)

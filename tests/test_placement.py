@@ -270,7 +270,7 @@ def test_offload_disk_from_a_checkpoint_that_is_not_safetensors(hf_checkpoint, t
 
 def test_a_placed_model_caches_patches_and_processes_as_one_device(hf_checkpoint):
     from transformer_hooks import HookedTransformer
-    from transformer_hooks.patching import get_act_patch_resid_pre
+    from transformer_hooks.interventions.patching import get_act_patch_resid_pre
 
     path, _ = hf_checkpoint("gpt2")
     plain = HookedTransformer.from_pretrained_no_processing(str(path))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from matplotlib.image import imread
 
-from transformer_hooks import plots
+from transformer_hooks.analysis import plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TOKENS = ["When", " Mary", " and", " John", " went", ",", "\n", " to"]

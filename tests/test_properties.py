@@ -409,7 +409,7 @@ def _patch_each_alone(model, corrupted, clean_cache, metric, site: str, heads: b
 @given(data=st.data(), spec=specs())
 def test_batched_patching_equals_one_patch_per_forward(data, spec: Spec):
     """Patches stacked on the batch axis (in chunks of batch_size) = one forward per patch."""
-    from transformer_hooks import patching
+    from transformer_hooks.interventions import patching
 
     n_pos = data.draw(st.integers(2, 4), label="n_pos")
     n_rows = data.draw(st.integers(1, 2), label="n_rows")

@@ -11,7 +11,7 @@ from checkpoints import VOCAB
 
 from transformer_hooks import UnknownHookError, sites
 from transformer_hooks.cache import NotCachedError
-from transformer_hooks.patching.engine import _axis_sizes, _layout
+from transformer_hooks.interventions.patching.engine import _axis_sizes, _layout
 from transformer_hooks.utils import IndexOutOfRangeError, check_index, get_act_name
 
 # GPT-2, GPT-Neo, NeoX parallel (Pythia), NeoX sequential, Llama (gated MLP, GQA).
@@ -147,3 +147,39 @@ def test_one_range_check_with_one_message():
         check_index(-1, 4, "layer", "x", allow_end=True, allow_negative=False, note="4: the unembedding")
     with pytest.raises(TypeError, match="layer must be an int, got float"):
         check_index(1.0, 4, "layer", "x")
+
+
+@pytest.mark.parametrize(
+    "name, layer",
+    [
+        ("blocks.3.attn.hook_z", 3),
+        ("blocks.12.hook_resid_post", 12),
+        ("blocks.3.attn.W_O", 3),  # a parameter
+        ("blocks.3", 3),  # a placement group
+        ("hook_embed", None),
+        ("ln_final.hook_scale", None),
+        ("embed", None),
+        ("blocks.x.hook_z", None),
+        ("myblocks.3.hook_z", None),
+    ],
+)
+def test_layer_of(name, layer):
+    assert sites.layer_of(name) == layer
+    if "." in name and layer is not None and name.count(".") >= 2:
+        assert sites.split_name(name) == (layer, name.split(".", 2)[2])
+
+
+def test_the_layer_of_a_name_has_one_parser():
+    """``sites.layer_of`` is the one place that reads a layer out of a name; hand parsers
+    (``int(name.split(".")[1])``, a ``blocks\\.(\\d+)`` pattern) elsewhere drift from it."""
+    root = Path(__file__).resolve().parents[1]
+    hand = re.compile(r'split\("\."\)\[1\]|blocks\\\\?\.\(\\\\?d\+\)|parts\[0\] == "blocks"')
+    found = [
+        f"{path.relative_to(root)}:{i}: {line.strip()}"
+        for package in ("transformer_hooks", "weights_conversion")
+        for path in sorted((root / package).rglob("*.py"))
+        if path.name != "sites.py" or path.parent.name != "transformer_hooks"
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if hand.search(line)
+    ]
+    assert not found, "parse a name's layer with sites.layer_of:\n" + "\n".join(found)

@@ -7,7 +7,7 @@ import torch
 from checkpoints import VOCAB
 
 from transformer_hooks import UnknownHookError
-from transformer_hooks.steering import steering, steering_hook, steering_vector
+from transformer_hooks.interventions.steering import steering, steering_hook, steering_vector
 
 SITE = "blocks.0.hook_resid_post"
 

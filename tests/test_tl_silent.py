@@ -261,7 +261,7 @@ def test_a_pos_slice_list_past_the_sequence_raises(models):
 def test_logit_lens_at_the_last_position_reads_each_rows_last_real_token(hf_checkpoint):
     from tokenizers_util import tiny_tokenizer
 
-    from transformer_hooks.lens import logit_lens
+    from transformer_hooks.analysis.lens import logit_lens
 
     model = HookedTransformer.from_pretrained_no_processing(str(hf_checkpoint("llama-gqa")[0]))
     model.set_tokenizer(tiny_tokenizer(VOCAB), default_padding_side="right")

@@ -23,7 +23,7 @@ import pytest
 import torch
 from torch import nn
 
-import transformer_hooks.patching as patching
+import transformer_hooks.interventions.patching as patching
 from transformer_hooks import ActivationCache, FactoredMatrix, HookedTransformer, HookedTransformerConfig, utils
 from transformer_hooks.hook_points import HookedRootModule, HookPoint
 

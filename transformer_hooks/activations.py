@@ -60,7 +60,8 @@ from tqdm.auto import tqdm
 
 from weights_conversion.sources import write_safetensors
 
-from .process_group import (
+from . import sites
+from .scale.process_group import (
     DEFAULT_TIMEOUT,
     RankFailedError,
     barrier,
@@ -290,9 +291,9 @@ def _fingerprint(corpus: Corpus) -> str:
 
 def _site_layer(site: str) -> int | None:
     """The block a site is in (-1 before the blocks; None after them)."""
-    parts = site.split(".")
-    if parts[0] == "blocks":
-        return int(parts[1])
+    layer = sites.layer_of(site)
+    if layer is not None:
+        return layer
     return -1 if site in ("hook_embed", "hook_pos_embed", "hook_tokens") else None
 
 

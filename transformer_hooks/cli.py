@@ -26,10 +26,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .dla import DLAResult, check_prompt, direct_logit_attribution, format_dla, position_index
-from .lens import LENS_COLUMNS, format_logit_lens, logit_lens
-from .parity import ParityRow, format_parity, load_hf_model, parity_errors, parity_tokens
-from .plots import plot_dla, plot_logit_lens
+from .analysis.dla import DLAResult, check_prompt, direct_logit_attribution, format_dla, position_index
+from .analysis.lens import LENS_COLUMNS, format_logit_lens, logit_lens
+from .analysis.parity import ParityRow, format_parity, load_hf_model, parity_errors, parity_tokens
+from .analysis.plots import plot_dla, plot_logit_lens
 from .resolution import DEFAULT_MODEL
 
 __all__ = [
@@ -187,8 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     sae_eval = sub.add_parser("sae-eval", help="an SAE's reconstruction, sparsity and CE loss recovered on a corpus")
     add_sae_eval_arguments(sae_eval)
     sae_eval.set_defaults(func=run_sae_eval)
-    from .distributed import add_sweep_parser
     from .plan import add_plan_parser
+    from .scale.distributed import add_sweep_parser
 
     add_plan_parser(sub)
     add_sweep_parser(sub)

@@ -256,8 +256,7 @@ class HookPoint(nn.Module):
     @property
     def layer_idx(self) -> int | None:
         """The block this site belongs to (None outside blocks), as TL's ``hook.layer()``."""
-        parts = self.name.split(".")
-        return int(parts[1]) if len(parts) > 1 and parts[0] == "blocks" else None
+        return sites.layer_of(self.name)
 
     def layer(self) -> int | None:
         return self.layer_idx

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import torch
 
+from . import sites
 from .config import ModelConfig
 from .dtypes import as_dtype
 from .model import HookedTransformer
@@ -151,9 +152,9 @@ def group_names(n_layers: int) -> list[str]:
 
 def group_of(module_name: str) -> str:
     """The placement group of a parameter or module name (``blocks.3.attn.W_Q`` -> ``blocks.3``)."""
-    m = re.match(r"blocks\.(\d+)(\.|$)", module_name)
-    if m:
-        return f"blocks.{m.group(1)}"
+    layer = sites.layer_of(module_name)
+    if layer is not None:
+        return f"blocks.{layer}"
     head = module_name.split(".", 1)[0]
     if head not in _ALIASES:
         raise KeyError(f"{module_name!r} belongs to no placement group")
@@ -232,9 +233,9 @@ def cached_sites(cfg: ModelConfig, batch: int, seq: int, cache: CacheKind) -> di
 
 
 def _group_of_site(name: str) -> str:
-    m = re.match(r"blocks\.(\d+)\.", name)
-    if m:
-        return f"blocks.{m.group(1)}"
+    layer = sites.layer_of(name)
+    if layer is not None:
+        return f"blocks.{layer}"
     return "final" if name.startswith("ln_final.") else "embed"
 
 
@@ -388,7 +389,7 @@ class MemoryPlan:
 
 
 def _groups_label(groups: list[str]) -> str:
-    blocks = [int(g.split(".")[1]) for g in groups if g.startswith("blocks.")]
+    blocks = [L for g in groups if (L := sites.layer_of(g)) is not None]
     parts = ["embed"] if "embed" in groups else []
     if blocks:
         parts.append(f"blocks {blocks[0]}-{blocks[-1]}" if len(blocks) > 1 else f"block {blocks[0]}")
@@ -530,8 +531,7 @@ def config_for_plan(name_or_config: str | os.PathLike[str]) -> tuple[ModelConfig
     """(ModelConfig, HF config dict or None) from a published model's name, a config.json,
     a Hugging Face directory or a converted checkpoint directory. Reads no weights."""
     import weights_conversion
-
-    from .resolution import CONVERTED_CONFIG
+    from weights_conversion.converted import CONVERTED_CONFIG
 
     path = Path(name_or_config)
     hf = published_config(str(name_or_config))

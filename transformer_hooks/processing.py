@@ -45,6 +45,7 @@ import torch
 from einops import einsum, repeat
 from jaxtyping import Float
 
+from . import sites
 from .config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -239,7 +240,7 @@ def _centred(x: Float[torch.Tensor, "... d"]) -> Float[torch.Tensor, "... d"]:
 
 def _blocks_in(group: Group) -> list[str]:
     """The block prefixes (``"blocks.3."``) with attention weights in the group, in order."""
-    layers = {int(m.group(1)) for name in group if (m := re.match(r"blocks\.(\d+)\.attn\.W_O$", name))}
+    layers = {L for name in group if name.endswith(".attn.W_O") and (L := sites.layer_of(name)) is not None}
     return [f"blocks.{layer}." for layer in sorted(layers)]
 
 

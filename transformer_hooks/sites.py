@@ -260,14 +260,26 @@ PER_HEAD_EXPANSIONS: tuple[str, ...] = tuple(s.name for s in SITES if s.per_head
 BY_NAME: dict[str, Site] = {s.name: s for s in SITES}  # relative names are unique
 _TOP = {s.name: s for s in SITES if not s.per_block}
 _BLOCK = {s.name: s for s in SITES if s.per_block}
-_IN_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_BLOCK_PREFIX = re.compile(r"^blocks\.(\d+)(?:\.|$)")
+
+
+@functools.cache
+def layer_of(name: str) -> int | None:
+    """The block a name belongs to, or None outside the blocks: the one parser of a name's layer.
+
+    Hook names (``"blocks.3.attn.hook_z"``), parameter and module names (``"blocks.3.attn.W_O"``)
+    and placement groups (``"blocks.3"``) -> ``3``; ``"hook_embed"``, ``"ln_final.w"``, ``"embed"``
+    -> ``None``."""
+    m = _BLOCK_PREFIX.match(name)
+    return int(m.group(1)) if m else None
 
 
 @functools.cache
 def split_name(name: str) -> tuple[int | None, str]:
     """``"blocks.3.attn.hook_z"`` -> ``(3, "attn.hook_z")``; a top-level name -> ``(None, name)``."""
-    m = _IN_BLOCK.match(name)
-    return (int(m.group(1)), m.group(2)) if m else (None, name)
+    layer = layer_of(name)
+    rel = name.partition(".")[2].partition(".")[2]  # after "blocks.3."
+    return (layer, rel) if layer is not None and rel else (None, name)
 
 
 @functools.cache

@@ -51,11 +51,12 @@ from weights_conversion.sources import (  # noqa: F401  (re-exported: the reader
 )
 
 from ..config import ModelConfig
+from ..dtypes import as_dtype  # noqa: F401
 from ..model import HookedTransformer
 from ..processing import REWRITE_EMBEDDINGS, STEPS, ProcessingOptions, steps_for
 from ..resolution import Checkpoint, resolve_checkpoint
 from ..tokens import PaddingSide, default_prepend_bos
-from .build import as_dtype, build_and_fill, build_on_meta, finish, materialize  # noqa: F401
+from .build import build_and_fill, build_on_meta, finish, materialize  # noqa: F401
 
 # Buffers some HF checkpoints store that are not weights (causal masks, rotary tables).
 IGNORED_HF_TENSORS = re.compile(

@@ -20,9 +20,8 @@ from tqdm.auto import tqdm
 from weights_conversion.groups import Group, load_order
 from weights_conversion.sources import CorruptCheckpointError, MissingWeightsError, WeightShapeError
 
-from .. import processing
+from .. import processing, sites
 from ..config import ModelConfig
-from ..dtypes import as_dtype  # noqa: F401  (re-exported: loading.as_dtype)
 from ..memory import return_freed_memory
 from ..model import HookedTransformer
 
@@ -113,7 +112,7 @@ def build_and_fill(
     if store is not None:
 
         def after_group(names: list[str]) -> None:
-            for layer in sorted({int(n.split(".")[1]) for n in names if n.startswith("blocks.")}):
+            for layer in sorted({L for n in names if (L := sites.layer_of(n)) is not None}):
                 store.keep(model.blocks[layer], layer)
 
     materialize(
@@ -152,7 +151,7 @@ def _groups_by_label(n_layers: int) -> dict[str, str]:
 
 
 def _timedelta(timeout: Any) -> datetime.timedelta:
-    from ..distributed import DEFAULT_TIMEOUT
+    from ..scale.process_group import DEFAULT_TIMEOUT
 
     if timeout is None:
         return DEFAULT_TIMEOUT

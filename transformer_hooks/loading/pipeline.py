@@ -40,8 +40,8 @@ import torch
 import torch.distributed as dist
 
 from ..config import ModelConfig
-from ..process_group import DEFAULT_TIMEOUT, RankFailedError, init_distributed, launched_by_torchrun, local_device
-from ..process_group import shard_bounds as _bounds
+from ..scale.process_group import DEFAULT_TIMEOUT, RankFailedError, init_distributed, launched_by_torchrun, local_device
+from ..scale.process_group import shard_bounds as _bounds
 
 PipelineMap = dict[str, int]
 
@@ -80,7 +80,7 @@ def join_pipeline(
             raise PipelineError(
                 f"pipeline_ranks={ranks} splits the model over {ranks} processes of torch.distributed, which "
                 f"is not initialised: launch with `torchrun --nproc-per-node {ranks} script.py` (or call "
-                f"torch.distributed.init_process_group / transformer_hooks.distributed.init_distributed first)"
+                f"torch.distributed.init_process_group / transformer_hooks.scale.process_group.init_distributed first)"
             )
         init_distributed(timeout=timeout)
     rank, world = dist.get_rank(), dist.get_world_size()

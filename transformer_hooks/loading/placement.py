@@ -24,6 +24,7 @@ from typing import Any, cast
 
 import torch
 
+from .. import sites
 from ..config import ModelConfig
 from ..plan import (  # noqa: F401  (group_names, group_of: re-exported, placement's vocabulary)
     _ALIASES,
@@ -81,7 +82,7 @@ def check_device_map(cfg: ModelConfig, device_map: Mapping[str, Any]) -> DeviceM
             rest = check_device(device)
             continue
         group = _ALIASES.get(key, key)
-        if not _GROUP_KEY.match(group) or (group.startswith("blocks.") and int(group.split(".")[1]) >= cfg.n_layers):
+        if not _GROUP_KEY.match(group) or (sites.layer_of(group) or 0) >= cfg.n_layers:
             raise PlacementError(
                 f"device map key {key!r} names no part of this model; use embed, blocks.0 .. "
                 f"blocks.{cfg.n_layers - 1}, ln_final / unembed (or final), or '' for the rest"
@@ -165,8 +166,9 @@ def devices_in_order(placement: DeviceMap) -> list[str]:
 
 def modules_of_group(model: Any, group: str) -> list[Any]:
     """The submodules of ``model`` that make up a placement group."""
-    if group.startswith("blocks."):
-        return [model.blocks[int(group.split(".")[1])]]
+    layer = sites.layer_of(group)
+    if layer is not None:
+        return [model.blocks[layer]]
     names = (
         ("embed", "pos_embed", "rotary", "rotary_local", "hook_embed", "hook_pos_embed")
         if group == "embed"

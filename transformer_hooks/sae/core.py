@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import nn
 
+from .. import sites
 from ..hooks import HookedRootModule, HookPoint
 from ..processing import STEPS
 
@@ -210,8 +211,7 @@ class SAEConfig:
         if self.reshape_activations not in ("none", "hook_z"):
             raise ValueError(f"reshape_activations must be 'none' or 'hook_z', got {self.reshape_activations!r}")
         if self.hook_layer is None:
-            parts = self.hook_name.split(".")
-            self.hook_layer = int(parts[1]) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else None
+            self.hook_layer = sites.split_name(self.hook_name)[0]
 
     @property
     def expected_processing(self) -> tuple[str, ...] | None:
@@ -598,8 +598,8 @@ def site_width(model: Any, site: str) -> int:
     """The per-position width of ``site`` (heads flattened): what an SAE there has as d_in.
 
     Measured with a one-token forward that stops after the site's block."""
-    layer = site.split(".")[1] if site.startswith("blocks.") else None
-    stop = int(layer) + 1 if layer is not None and layer.isdigit() else None
+    layer = sites.layer_of(site)
+    stop = layer + 1 if layer is not None else None
     tok = torch.zeros(1, 1, dtype=torch.long, device=model.device)
     seen: dict[str, torch.Tensor] = {}
 

@@ -248,8 +248,8 @@ def feature_direction(sae: SAE, feature: int, model: Any = None) -> torch.Tensor
 
 def steer_with_feature(model: Any, sae: SAE, feature: int, coeff: float = 1.0, positions: Any = None):
     """A context manager adding ``coeff * W_dec[feature]`` at the SAE's site in every forward
-    (generation included); ``positions`` as in ``transformer_hooks.steering.steering``."""
-    from ..steering import steering
+    (generation included); ``positions`` as in ``transformer_hooks.interventions.steering.steering``."""
+    from ..interventions.steering import steering
 
     site = model.resolve_hook_names(sae.cfg.hook_name)[0]
     return steering(model, site, feature_direction(sae, feature, model).to(model.dtype), coeff, positions)

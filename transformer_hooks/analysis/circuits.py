@@ -1,0 +1,482 @@
+"""Circuits: edge attribution patching (EAP, EAP-IG), pruning, circuit evaluation, path patching.
+
+The graph (Hanna et al. 2024, "Have faith in faithfulness"): senders are the input
+(``hook_embed``), every head (its output ``attn.hook_result``) and every MLP
+(``hook_mlp_out``); receivers are every head's query, key and value inputs (the per-head input
+sites ``hook_q_input`` / ``hook_k_input`` / ``hook_v_input``; under GQA a key/value receiver is
+a kv head), every MLP's input (``hook_mlp_in``) and the logits (the final residual stream).
+A receiver reads every sender before it; its input is the sum of their outputs (plus biases,
+which are the same in every run). Node names: ``input``, ``a{L}.h{H}``, ``m{L}``, ``logits``;
+receivers ``a{L}.h{H}<q>`` (``<k>``/``<v>``: ``h`` is the kv head), ``m{L}``, ``logits``.
+
+Edge scores, for clean and corrupted prompts of equal length::
+
+    EAP:     s(u -> v) = sum_{batch,pos} (a_u(corrupted) - a_u(clean)) . d metric / d in_v   (at the clean run)
+    EAP-IG:  the gradient averaged over k inputs on the straight line between the corrupted and
+             clean embeddings (alpha = 1/k .. 1), Hanna et al.'s integrated gradients
+
+so EAP is one clean forward and backward and EAP-IG k of each, whatever the number of edges.
+``s`` estimates the metric's change when the edge carries the corrupted value.
+
+``prune(graph, top_n)`` keeps the ``top_n`` edges of largest |score| (and what connects them);
+``evaluate_circuit`` runs the clean prompts with every edge outside the circuit patched from the
+corrupted run (``in_v += sum_{u -> v not kept} a_u(corrupted) - a_u(current run)``) and reports
+faithfulness ``(m(circuit) - m(corrupted)) / (m(clean) - m(corrupted))``. ``path_patch`` is the
+IOI paper's path patching. ``plot_circuit`` draws a graph with matplotlib.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from ..hooks import HookPoint
+from ..utils import check_index
+
+Metric = Callable[[torch.Tensor], torch.Tensor]
+_HEAD = re.compile(r"^a(\d+)\.h(\d+)$")
+_RECV = re.compile(r"^a(\d+)\.h(\d+)<([qkv])>$")
+_MLP = re.compile(r"^m(\d+)$")
+
+
+@dataclass(frozen=True)
+class Edge:
+    sender: str
+    receiver: str
+    score: float
+
+
+@dataclass
+class Graph:
+    """Nodes and scored edges of a model's computational graph (see the module docstring)."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    edges: list[Edge] = field(default_factory=list)
+
+    @property
+    def senders(self) -> list[str]:
+        heads = [f"a{layer}.h{h}" for layer in range(self.n_layers) for h in range(self.n_heads)]
+        return ["input"] + heads + [f"m{layer}" for layer in range(self.n_layers)]
+
+    def receivers(self) -> list[str]:
+        out = []
+        for layer in range(self.n_layers):
+            out += [f"a{layer}.h{h}<q>" for h in range(self.n_heads)]
+            out += [f"a{layer}.h{h}<{c}>" for c in "kv" for h in range(self.n_kv_heads)]
+            out.append(f"m{layer}")
+        return out + ["logits"]
+
+    def check_node(self, name: str, role: str) -> None:
+        valid = self.senders if role == "sender" else self.receivers()
+        if name not in valid:
+            raise ValueError(
+                f"the circuit names {role} {name!r}, which this model's graph does not have "
+                f"({self.n_layers} layers, {self.n_heads} heads, {self.n_kv_heads} kv heads; {role}s look like "
+                f"{', '.join(valid[:3])}, ..., {valid[-1]})"
+            )
+
+    def top(self, n: int) -> list[Edge]:
+        return sorted(self.edges, key=lambda e: -abs(e.score))[:n]
+
+
+def _check_model(model: Any) -> None:
+    if model.cfg.norm_placement != "pre":
+        raise ValueError(
+            "edge attribution needs each block's writes to add up in the residual stream; this model "
+            f"normalises them after attention and MLP (norm_placement={model.cfg.norm_placement!r})"
+        )
+
+
+def _layer_of(node: str) -> tuple[int, int]:
+    """(layer, stage) where a node writes (sender) or reads (receiver): stage 0 attention, 1 MLP."""
+    if node == "input":
+        return -1, 1
+    if node == "logits":
+        return 10**9, 0
+    m = _HEAD.match(node) or _RECV.match(node)
+    if m:
+        return int(m.group(1)), 0
+    m = _MLP.match(node)
+    assert m is not None, node
+    return int(m.group(1)), 1
+
+
+def _reads(model: Any, sender: str, receiver: str) -> bool:
+    """Whether ``receiver`` reads ``sender`` (sender strictly before it in the residual stream)."""
+    ls, ss = _layer_of(sender)
+    lr, sr = _layer_of(receiver)
+    if ls != lr:
+        return ls < lr
+    # Same layer: a sequential block's MLP reads its attention; a parallel block's does not.
+    return ss == 0 and sr == 1 and not model.cfg.parallel_residual
+
+
+def _tokens(model: Any, tokens: Any) -> torch.Tensor:
+    toks, mask = model.tokens_and_mask(tokens)
+    if mask is not None:
+        raise ValueError("circuits compare positions across prompts: give prompts of equal token length")
+    return toks
+
+
+def _sender_sites(model: Any) -> list[str]:
+    n = model.cfg.n_layers
+    return (
+        ["hook_embed"]
+        + [f"blocks.{layer}.attn.hook_result" for layer in range(n)]
+        + [f"blocks.{layer}.hook_mlp_out" for layer in range(n)]
+    )
+
+
+def _receiver_sites(model: Any) -> list[str]:
+    n = model.cfg.n_layers
+    out = []
+    for layer in range(n):
+        out += [f"blocks.{layer}.hook_q_input", f"blocks.{layer}.hook_k_input", f"blocks.{layer}.hook_v_input"]
+        out.append(f"blocks.{layer}.hook_mlp_in")
+    return out + [f"blocks.{n - 1}.hook_resid_post"]
+
+
+def _sender_outputs(cache: dict[str, torch.Tensor], model: Any) -> dict[str, torch.Tensor]:
+    """Sender node -> its output [batch, pos, d_model]."""
+    out = {"input": cache["hook_embed"]}
+    for layer in range(model.cfg.n_layers):
+        for h in range(model.cfg.n_heads):
+            out[f"a{layer}.h{h}"] = cache[f"blocks.{layer}.attn.hook_result"][:, :, h]
+        out[f"m{layer}"] = cache[f"blocks.{layer}.hook_mlp_out"]
+    return out
+
+
+def _receiver_grads(grads: dict[str, torch.Tensor], model: Any) -> dict[str, torch.Tensor]:
+    """Receiver node -> d metric / d its input [batch, pos, d_model]."""
+    out = {}
+    for layer in range(model.cfg.n_layers):
+        for c, n in (("q", model.cfg.n_heads), ("k", model.cfg.n_kv_heads), ("v", model.cfg.n_kv_heads)):
+            g = grads[f"blocks.{layer}.hook_{c}_input"]
+            for h in range(n):
+                out[f"a{layer}.h{h}<{c}>"] = g[:, :, h]
+        out[f"m{layer}"] = grads[f"blocks.{layer}.hook_mlp_in"]
+    out["logits"] = grads[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
+    return out
+
+
+def _cache(model: Any, tokens: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=names, return_cache_object=False)
+    return cache
+
+
+def attribute_edges(
+    model: Any,
+    clean_tokens: Any,
+    corrupted_tokens: Any,
+    metric: Metric,
+    method: Literal["EAP", "EAP-IG"] = "EAP-IG",
+    ig_steps: int = 5,
+) -> Graph:
+    """Score every edge of the graph with EAP or EAP-IG; ``graph.edges`` sorted by |score|.
+
+    ``metric(logits)`` -> a scalar, differentiable in the logits (e.g. a logit difference).
+    EAP-IG costs ``ig_steps`` forwards and backwards, EAP one, plus one cached forward per prompt set.
+    """
+    _check_model(model)
+    if method not in ("EAP", "EAP-IG"):
+        raise ValueError(f"method must be 'EAP' or 'EAP-IG', got {method!r}")
+    if ig_steps < 1:
+        raise ValueError(f"ig_steps must be at least 1, got {ig_steps}")
+    clean, corrupted = _tokens(model, clean_tokens), _tokens(model, corrupted_tokens)
+    if clean.shape != corrupted.shape:
+        raise ValueError(f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} tokens differ in shape")
+    senders = _sender_sites(model)
+    c_clean, c_corr = _cache(model, clean, senders), _cache(model, corrupted, senders)
+    out_clean, out_corr = _sender_outputs(c_clean, model), _sender_outputs(c_corr, model)
+    delta = {u: out_corr[u] - out_clean[u] for u in out_clean}
+    alphas = [1.0] if method == "EAP" else [(i + 1) / ig_steps for i in range(ig_steps)]
+    receivers = _receiver_sites(model)
+    total: dict[str, torch.Tensor] = {}
+    for alpha in alphas:
+        grads = _grads(model, clean, metric, receivers, c_clean["hook_embed"], c_corr["hook_embed"], alpha)
+        for k, g in grads.items():
+            total[k] = total.get(k, 0) + g / len(alphas)
+    per_receiver = _receiver_grads(total, model)
+    graph = Graph(model.cfg.n_layers, model.cfg.n_heads, model.cfg.n_kv_heads)
+    # Scores of all senders into one receiver: one contraction [sender] per receiver.
+    names = list(delta)
+    stacked = torch.stack([delta[u] for u in names])  # [sender, batch, pos, d_model]
+    for v, g in per_receiver.items():
+        scores = torch.einsum("sbpd,bpd->s", stacked, g).tolist()
+        graph.edges += [Edge(u, v, s) for u, s in zip(names, scores, strict=True) if _reads(model, u, v)]
+    graph.edges.sort(key=lambda e: -abs(e.score))
+    return graph
+
+
+def _grads(
+    model: Any,
+    tokens: torch.Tensor,
+    metric: Metric,
+    sites: list[str],
+    embed_clean: torch.Tensor,
+    embed_corr: torch.Tensor,
+    alpha: float,
+) -> dict[str, torch.Tensor]:
+    """d metric / d each site's activation, the embeddings set to corrupted + alpha (clean - corrupted)."""
+    acts: dict[str, torch.Tensor] = {}
+    mixed = embed_corr + alpha * (embed_clean - embed_corr)
+
+    def embed(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        return mixed.detach().clone().requires_grad_(True)
+
+    def keep(x: torch.Tensor, hook: HookPoint) -> None:
+        acts[hook.name] = x
+
+    with torch.enable_grad(), model.hooks(fwd_hooks=[("hook_embed", embed)] + [(s, keep) for s in sites]):
+        value = metric(model(tokens))
+        if not isinstance(value, torch.Tensor) or value.numel() != 1 or not value.requires_grad:
+            raise ValueError("metric must return a scalar tensor that depends differentiably on the logits")
+        grads = torch.autograd.grad(value.sum(), [acts[s] for s in sites], allow_unused=True)
+    return {s: torch.zeros_like(acts[s]) if g is None else g.detach() for s, g in zip(sites, grads, strict=True)}
+
+
+# Circuits -------------------------------------------------------------------------------------
+@dataclass
+class Circuit:
+    """A set of kept edges of a graph; every other edge is patched from the corrupted run."""
+
+    graph: Graph
+    edges: set[tuple[str, str]]
+
+    @property
+    def nodes(self) -> set[str]:
+        return {n for e in self.edges for n in e}
+
+
+def prune(graph: Graph, top_n: int) -> Circuit:
+    """The ``top_n`` edges of largest |score|."""
+    if top_n < 0:
+        raise ValueError(f"top_n must be >= 0, got {top_n}")
+    return Circuit(graph, {(e.sender, e.receiver) for e in graph.top(top_n)})
+
+
+def make_circuit(graph: Graph, edges: Iterable[tuple[str, str]]) -> Circuit:
+    """A circuit from explicit (sender, receiver) pairs, checked against the graph."""
+    edges = set(edges)
+    for s, r in edges:
+        graph.check_node(s, "sender")
+        graph.check_node(r, "receiver")
+    return Circuit(graph, edges)
+
+
+def run_circuit(model: Any, clean_tokens: Any, corrupted_tokens: Any, circuit: Circuit) -> torch.Tensor:
+    """Logits of the clean run with every edge outside ``circuit`` carrying its corrupted value."""
+    _check_model(model)
+    graph = circuit.graph
+    for s, r in circuit.edges:
+        graph.check_node(s, "sender")
+        graph.check_node(r, "receiver")
+    clean, corrupted = _tokens(model, clean_tokens), _tokens(model, corrupted_tokens)
+    corr = _sender_outputs(_cache(model, corrupted, _sender_sites(model)), model)
+    current: dict[str, torch.Tensor] = {}
+
+    def save(x: torch.Tensor, hook: HookPoint) -> None:
+        current[hook.name] = x
+
+    kept_into: dict[str, list[str]] = {}
+    for u, v in circuit.edges:
+        kept_into.setdefault(v, []).append(u)
+
+    def patch_for(receivers: list[tuple[int | None, str]]) -> Callable:
+        def patch(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+            now = _sender_outputs_partial(current, model)
+            # Every receiver of this site reads the same senders: patch all of them, then
+            # give each receiver back its kept edges' current values.
+            upstream = [u for u in now if _reads(model, u, receivers[0][1])]
+            everything = sum((corr[u] - now[u] for u in upstream), torch.zeros_like(now["input"]))
+            x = x.clone()
+            for idx, v in receivers:
+                fix = everything - sum(
+                    (corr[u] - now[u] for u in kept_into.get(v, []) if u in upstream), torch.zeros_like(everything)
+                )
+                if idx is None:
+                    x += fix
+                else:
+                    x[:, :, idx] += fix
+            return x
+
+        return patch
+
+    n = model.cfg.n_layers
+    hooks: list[tuple[str, Callable]] = [(s, save) for s in _sender_sites(model)]
+    for layer in range(n):
+        for c, k in (("q", model.cfg.n_heads), ("k", model.cfg.n_kv_heads), ("v", model.cfg.n_kv_heads)):
+            hooks.append((f"blocks.{layer}.hook_{c}_input", patch_for([(h, f"a{layer}.h{h}<{c}>") for h in range(k)])))
+        hooks.append((f"blocks.{layer}.hook_mlp_in", patch_for([(None, f"m{layer}")])))
+    hooks.append((f"blocks.{n - 1}.hook_resid_post", patch_for([(None, "logits")])))
+    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+        return model(clean)
+
+
+def _sender_outputs_partial(cache: dict[str, torch.Tensor], model: Any) -> dict[str, torch.Tensor]:
+    out = {}
+    if "hook_embed" in cache:
+        out["input"] = cache["hook_embed"]
+    for layer in range(model.cfg.n_layers):
+        r = cache.get(f"blocks.{layer}.attn.hook_result")
+        if r is not None:
+            for h in range(model.cfg.n_heads):
+                out[f"a{layer}.h{h}"] = r[:, :, h]
+        if f"blocks.{layer}.hook_mlp_out" in cache:
+            out[f"m{layer}"] = cache[f"blocks.{layer}.hook_mlp_out"]
+    return out
+
+
+def evaluate_circuit(
+    model: Any, clean_tokens: Any, corrupted_tokens: Any, circuit: Circuit, metric: Metric
+) -> dict[str, float]:
+    """The metric of the clean, corrupted and circuit runs, and the circuit's faithfulness
+    ``(m(circuit) - m(corrupted)) / (m(clean) - m(corrupted))`` (1: the circuit does it all)."""
+    with torch.no_grad():
+        m_clean = float(metric(model(_tokens(model, clean_tokens))))
+        m_corr = float(metric(model(_tokens(model, corrupted_tokens))))
+    m_circ = float(metric(run_circuit(model, clean_tokens, corrupted_tokens, circuit)))
+    gap = m_clean - m_corr
+    return {
+        "clean": m_clean,
+        "corrupted": m_corr,
+        "circuit": m_circ,
+        "faithfulness": (m_circ - m_corr) / gap if gap != 0 else float("nan"),
+        "n_edges": len(circuit.edges),
+    }
+
+
+# Path patching --------------------------------------------------------------------------------
+def path_patch(
+    model: Any,
+    clean_tokens: Any,
+    corrupted_tokens: Any,
+    senders: Sequence[tuple[int, int]],
+    receivers: Sequence[tuple[int, int]],
+    metric: Metric,
+    receiver_input: str | Sequence[str] = ("q", "k", "v"),
+) -> torch.Tensor:
+    """Path patching (Wang et al. 2022, IOI): the metric when only the paths sender heads ->
+    receiver heads' ``receiver_input`` (any of q, k, v) carry the corrupted senders' outputs.
+
+    1. Run the clean prompts with the sender heads' z from the corrupted run and every other
+       head's z frozen at its clean value (MLPs recompute); record the receivers' q/k/v.
+    2. Run the clean prompts with the receivers' q/k/v set to those values; return the metric.
+    """
+    clean, corrupted = _tokens(model, clean_tokens), _tokens(model, corrupted_tokens)
+    cfg = model.cfg
+    inputs = (receiver_input,) if isinstance(receiver_input, str) else tuple(receiver_input)
+    if not inputs or any(c not in ("q", "k", "v") for c in inputs):
+        raise ValueError(f"receiver_input must be among 'q', 'k', 'v', got {receiver_input!r}")
+
+    def check(heads: Sequence[tuple[int, int]], what: str) -> list[tuple[int, int]]:
+        return [
+            (
+                check_index(int(layer), cfg.n_layers, f"{what} layer", f"a model with {cfg.n_layers} layers"),
+                check_index(int(h), cfg.n_heads, f"{what} head", f"layer {layer} with {cfg.n_heads} heads"),
+            )
+            for layer, h in heads
+        ]
+
+    senders, receivers = check(senders, "sender"), check(receivers, "receiver")
+    z_names = [f"blocks.{layer}.attn.hook_z" for layer in range(cfg.n_layers)]
+    z_clean, z_corr = _cache(model, clean, z_names), _cache(model, corrupted, z_names)
+    send: dict[int, list[int]] = {}
+    for layer, h in senders:
+        send.setdefault(layer, []).append(h)
+
+    def freeze(z: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        layer = hook.layer_idx
+        assert layer is not None, hook.name  # hooked only at blocks.{layer}.attn.hook_z
+        z = z_clean[hook.name].clone()
+        for h in send.get(layer, []):
+            z[:, :, h] = z_corr[hook.name][:, :, h]
+        return z
+
+    recv_layers = sorted({layer for layer, _ in receivers})
+    qkv_names = [f"blocks.{layer}.attn.hook_{c}" for layer in recv_layers for c in inputs]
+    recorded: dict[str, torch.Tensor] = {}
+
+    def record(x: torch.Tensor, hook: HookPoint) -> None:
+        recorded[hook.name] = x.detach()
+
+    with torch.no_grad(), model.hooks(fwd_hooks=[(n, freeze) for n in z_names] + [(n, record) for n in qkv_names]):
+        model(clean, return_type=None)
+
+    group = cfg.group_size
+    by_name: dict[str, set[int]] = {}
+    for layer, h in receivers:
+        for c in inputs:
+            by_name.setdefault(f"blocks.{layer}.attn.hook_{c}", set()).add(h if c == "q" else h // group)
+
+    def patch(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        x = x.clone()
+        idx = sorted(by_name[hook.name])
+        x[:, :, idx] = recorded[hook.name][:, :, idx]
+        return x
+
+    with torch.no_grad(), model.hooks(fwd_hooks=[(n, patch) for n in by_name]):
+        return metric(model(clean))
+
+
+# Plot -----------------------------------------------------------------------------------------
+def plot_circuit(circuit: Circuit | Graph, top_n: int | None = None, ax: Any = None, title: str = "") -> Any:
+    """Draw the circuit's nodes by layer (bottom to top) and its edges, width ~ |score|
+    (red: the corrupted value raises the metric, blue: lowers it). Returns the matplotlib axes."""
+    import matplotlib.pyplot as plt
+
+    graph = circuit.graph if isinstance(circuit, Circuit) else circuit
+    kept = circuit.edges if isinstance(circuit, Circuit) else {(e.sender, e.receiver) for e in graph.top(top_n or 30)}
+    scores = {(e.sender, e.receiver): e.score for e in graph.edges}
+    if ax is None:
+        _, ax = plt.subplots(figsize=(1.2 * max(graph.n_heads, 4) + 2, 1.1 * graph.n_layers + 2))
+
+    def node_of(name: str) -> str:
+        return re.sub(r"<[qkv]>$", "", name) if not (_RECV.match(name) and name[-2] in "kv") else _kv_owner(name)
+
+    def _kv_owner(name: str) -> str:
+        m = _RECV.match(name)
+        assert m is not None, name
+        return f"a{m.group(1)}.h{int(m.group(2)) * (graph.n_heads // graph.n_kv_heads)}"
+
+    def xy(name: str) -> tuple[float, float]:
+        if name == "input":
+            return (graph.n_heads / 2, -1.0)
+        if name == "logits":
+            return (graph.n_heads / 2, graph.n_layers)
+        m = _HEAD.match(name)
+        if m:
+            return (int(m.group(2)), int(m.group(1)))
+        m = _MLP.match(name)
+        assert m is not None, name
+        return (graph.n_heads + 0.5, int(m.group(1)) + 0.5)
+
+    biggest = max((abs(scores.get(e, 0.0)) for e in kept), default=1.0) or 1.0
+    nodes = set()
+    for s, r in kept:
+        a, b = xy(s), xy(node_of(r))
+        nodes |= {s, node_of(r)}
+        sc = scores.get((s, r), 0.0)
+        ax.annotate(
+            "",
+            xy=b,
+            xytext=a,
+            arrowprops=dict(arrowstyle="->", color="tab:red" if sc > 0 else "tab:blue", lw=0.5 + 3 * abs(sc) / biggest),
+        )
+    for n in nodes:
+        x, y = xy(n)
+        ax.scatter([x], [y], s=300, color="white", edgecolor="black", zorder=3)
+        ax.text(x, y, n, ha="center", va="center", fontsize=6, zorder=4)
+    ax.set_xlim(-1, graph.n_heads + 1.5)
+    ax.set_ylim(-1.6, graph.n_layers + 0.6)
+    ax.set_ylabel("layer")
+    ax.set_xticks([])
+    ax.set_title(title or f"circuit: {len(kept)} edges")
+    return ax

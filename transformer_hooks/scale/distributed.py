@@ -1,0 +1,466 @@
+"""Data-parallel work over prompts with ``torch.distributed``: run under ``torchrun``
+(gloo on CPU, NCCL on GPU), each rank takes a contiguous shard of the prompts, and rank
+0 gets every result in prompt order, exactly what one process computes alone.
+
+    prompts [0 .. n)  --rank r of w takes [r*n//w, (r+1)*n//w)-->  fn(prompt) per prompt
+                      --every rank reports ok / its error (all_gather)-->
+                      --results gathered on rank 0, concatenated in rank order
+
+Exactness: each prompt is computed by itself (never batched with its neighbours), so a
+result does not depend on which rank computed it; the tests compare two gloo processes
+with one process bit for bit.
+
+Failure: a rank whose function raises still takes part in the status exchange, so every
+rank raises ``RankFailedError`` naming it (no rank waits for results that will not come).
+A rank that dies or hangs is caught by a barrier with a timeout (gloo's
+``monitored_barrier`` names the missing rank) or by the process group's own timeout; the
+result is never returned, so nothing partial is written. Without an initialised process
+group (plain ``python``), everything runs in this process.
+
+The process group itself (rank, world size, the barrier, the status exchange) lives in
+``process_group`` and is re-exported here. Harvesting a corpus to disk under torchrun is
+``activations.harvest`` (per-rank shards, one manifest); ``harvest(..., out=DIR)`` here
+is that same function, and ``harvest`` without ``out`` gathers each prompt's cache in
+memory (``gather_caches``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from .process_group import (
+    DEFAULT_TIMEOUT,
+    RankFailedError,
+    init_distributed,
+    launched_by_torchrun,
+    local_device,
+    rank_and_world,
+    shard_bounds,
+)
+from .process_group import barrier as _barrier
+
+__all__ = [  # the process group's names live in process_group; re-exported here, where they were first
+    "DEFAULT_TIMEOUT",
+    "RankFailedError",
+    "ResultStore",
+    "add_sweep_parser",
+    "cmd_sweep",
+    "gather_caches",
+    "harvest",
+    "init_distributed",
+    "job_fingerprint",
+    "launched_by_torchrun",
+    "local_device",
+    "logit_diff_metric",
+    "map_prompts",
+    "patch_pair",
+    "patching_sweep",
+    "rank_and_world",
+    "read_pairs",
+    "shard_bounds",
+    "write_results",
+]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+# Mapping over prompts ---------------------------------------------------------------------
+def _to_cpu(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu()
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_cpu(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _to_cpu(v) for k, v in x.items()}
+    return x
+
+
+class ResultStore:
+    """One file per finished item under ``directory``, so a run that was killed resumes where
+    it stopped: items found there are read back instead of computed again.
+
+    ``job`` (JSON) describes the work; a directory holding another job's results is refused,
+    never mixed in. Each file is written to a temporary name and renamed, so a kill leaves
+    no half-written result.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], job: dict[str, Any]) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        description = json.dumps(job, sort_keys=True, default=repr)
+        marker = self.directory / "job.json"
+        if marker.exists() and marker.read_text() != description:
+            raise ValueError(
+                f"{self.directory} holds results of another job ({marker.read_text()[:200]}); "
+                f"give a new resume directory or delete this one"
+            )
+        tmp = marker.with_name(f"job.json.{os.getpid()}.partial")
+        tmp.write_text(description)
+        os.replace(tmp, marker)
+
+    def path(self, index: int) -> Path:
+        return self.directory / f"{index:08d}.pt"
+
+    def has(self, index: int) -> bool:
+        return self.path(index).exists()
+
+    def load(self, index: int) -> Any:
+        return torch.load(self.path(index), weights_only=False)
+
+    def save(self, index: int, value: Any) -> None:
+        path = self.path(index)
+        tmp = path.with_name(path.name + f".{os.getpid()}.partial")
+        torch.save(value, tmp)
+        os.replace(tmp, path)
+
+
+def job_fingerprint(items: Sequence[Any], **job: Any) -> dict[str, Any]:
+    """What a ``ResultStore`` checks: the items (hashed) and whatever else defines the work."""
+    text = json.dumps(list(items), sort_keys=True, default=repr)
+    return {"n_items": len(items), "items_sha256": hashlib.sha256(text.encode()).hexdigest(), **job}
+
+
+def map_prompts(
+    fn: Callable[[T], R],
+    items: Sequence[T],
+    *,
+    timeout: datetime.timedelta = DEFAULT_TIMEOUT,
+    progress: bool = True,
+    desc: str = "prompts",
+    resume_dir: str | os.PathLike[str] | None = None,
+    job: dict[str, Any] | None = None,
+) -> list[R] | None:
+    """``[fn(x) for x in items]``, sharded over the ranks of the process group.
+
+    Rank 0 returns the whole list in ``items`` order (results moved to the CPU); other
+    ranks return None. Every rank must call this with the same ``items``. If any rank's
+    ``fn`` raises, every rank raises ``RankFailedError`` with that rank's error.
+    ``progress``: a tqdm bar of rank 0's shard. ``resume_dir``: keep each result there as
+    it is computed and reuse those found (see ``ResultStore``; ``job`` names what else,
+    beyond the items, the results depend on: the model, the site, ...).
+    """
+    rank, world = rank_and_world()
+    lo, hi = shard_bounds(len(items), rank, world)
+    store = ResultStore(resume_dir, job_fingerprint(items, **(job or {}))) if resume_dir is not None else None
+
+    def run(index: int) -> R:
+        if store is not None and store.has(index):
+            return store.load(index)
+        result = _to_cpu(fn(items[index]))
+        if store is not None:
+            store.save(index, result)
+        return result
+
+    shard = tqdm(
+        range(lo, hi),
+        desc=desc if world == 1 else f"{desc} (rank 0 of {world})",
+        disable=not progress or rank != 0,
+        delay=1.0,
+        leave=False,
+    )
+    if world == 1:
+        return [run(i) for i in shard]
+    mine: list[R] | None = None
+    error: str | None = None
+    try:
+        mine = [run(i) for i in shard]
+    except Exception as e:  # noqa: BLE001  (reported to every rank below, then raised)
+        error = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
+    _barrier(timeout)
+    errors: list[str | None] = [None] * world
+    dist.all_gather_object(errors, error)
+    failed = [(r, err) for r, err in enumerate(errors) if err is not None]
+    if failed:
+        r, err = failed[0]
+        lo_r, hi_r = shard_bounds(len(items), r, world)
+        others = f" (and ranks {[f for f, _ in failed[1:]]})" if len(failed) > 1 else ""
+        raise RankFailedError(
+            f"rank {r}{others} failed on its prompts [{lo_r}, {hi_r}); no result was gathered. Its error: {err}"
+        )
+    gathered: list[list[R] | None] | None = [None] * world if rank == 0 else None
+    dist.gather_object(mine, gathered, dst=0)
+    if rank != 0:
+        return None
+    assert gathered is not None  # rank 0 gathers
+    results: list[R] = []
+    for part in gathered:
+        assert part is not None  # every rank computed its part (failures were raised above)
+        results.extend(part)
+    return results
+
+
+def gather_caches(
+    model: Any,
+    prompts: Sequence[Any],
+    names_filter: Any,
+    *,
+    reduce: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    timeout: datetime.timedelta = DEFAULT_TIMEOUT,
+    progress: bool = True,
+    resume_dir: str | os.PathLike[str] | None = None,
+) -> list[dict[str, torch.Tensor]] | None:
+    """Each prompt's cache of ``names_filter``'s sites (text or token ids), one forward per
+    prompt, sharded over the ranks; rank 0 gets ``[{name: activation}]`` in prompt order,
+    in memory. ``reduce(name, activation)`` shrinks each before it is kept (e.g. the last
+    position, a mean over positions). For a few prompts and for sites that are not per
+    position (attention patterns); a corpus goes to disk with ``activations.harvest``."""
+
+    def one(prompt: Any) -> dict[str, torch.Tensor]:
+        tokens = model.to_tokens(prompt) if isinstance(prompt, str) else torch.tensor([list(prompt)])
+        _, cache = model.run_with_cache(tokens.to(model.cfg.device or "cpu"), names_filter=names_filter)
+        return {name: (act if reduce is None else reduce(name, act)) for name, act in cache.items()}
+
+    return map_prompts(
+        one,
+        prompts,
+        timeout=timeout,
+        progress=progress,
+        desc="harvest",
+        resume_dir=resume_dir,
+        job={
+            "harvest": repr(names_filter) if not callable(names_filter) else "callable",
+            "model": model.cfg.model_name,
+        },
+    )
+
+
+def harvest(
+    model: Any,
+    prompts: Any,
+    names_filter: Any,
+    out: str | os.PathLike[str] | None = None,
+    *,
+    reduce: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    timeout: datetime.timedelta = DEFAULT_TIMEOUT,
+    progress: bool = True,
+    resume_dir: str | os.PathLike[str] | None = None,
+    **dataset_options: Any,
+) -> Any:
+    """Activations over many prompts under ``torchrun``. With ``out``: the one harvest,
+    ``activations.harvest(model, prompts, names_filter, out, ...)`` (each rank writes its
+    shards there, one manifest covers them; every rank gets the ``ActivationDataset``).
+    Without: ``gather_caches`` (each prompt's cache, gathered in memory on rank 0)."""
+    if out is not None:
+        if reduce is not None or resume_dir is not None:
+            raise ValueError(
+                "harvest(..., out=DIR) writes a dataset, which resumes in DIR itself and keeps "
+                "activations per position: drop reduce= and resume_dir= (or drop out= to gather caches)"
+            )
+        from ..activations import harvest as harvest_to_disk
+
+        return harvest_to_disk(
+            model, prompts, names_filter, Path(out), timeout=timeout, progress=progress, **dataset_options
+        )
+    if dataset_options:
+        raise TypeError(f"{sorted(dataset_options)} are options of a harvest to disk: pass out=DIR as well")
+    return gather_caches(
+        model, prompts, names_filter, reduce=reduce, timeout=timeout, progress=progress, resume_dir=resume_dir
+    )
+
+
+# Patching sweeps over prompt pairs ----------------------------------------------------------
+def logit_diff_metric(answer: int, contrast: int, pos: int = -1) -> Callable[[torch.Tensor], torch.Tensor]:
+    """logits[:, pos, answer] - logits[:, pos, contrast], averaged over the batch."""
+
+    def metric(logits: torch.Tensor) -> torch.Tensor:
+        return (logits[:, pos, answer] - logits[:, pos, contrast]).mean()
+
+    return metric
+
+
+def _pair_tokens(model: Any, pair: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """(clean [1, pos], corrupt [1, pos], answer id, contrast id) of one prompt pair.
+
+    A pair gives ``clean`` / ``corrupt`` as text or token-id lists, and ``answer`` /
+    ``contrast`` as a single-token string or a token id."""
+
+    def tokens(key: str) -> torch.Tensor:
+        value = pair.get(key)
+        if value is None:
+            raise ValueError(f"prompt pair {pair!r} has no {key!r}")
+        if isinstance(value, str):
+            return model.to_tokens(value)
+        return torch.tensor([list(value)], dtype=torch.long)
+
+    def token_id(key: str) -> int:
+        value = pair.get(key)
+        if value is None:
+            raise ValueError(f"prompt pair {pair!r} has no {key!r}")
+        return model.to_single_token(value) if isinstance(value, str) else int(value)
+
+    clean, corrupt = tokens("clean"), tokens("corrupt")
+    if clean.shape != corrupt.shape:
+        raise ValueError(
+            f"clean and corrupt prompts must have the same number of tokens to patch position by "
+            f"position; got {clean.shape[1]} and {corrupt.shape[1]} in {pair!r}"
+        )
+    for t in (clean, corrupt):
+        if int(t.max()) >= model.cfg.d_vocab or int(t.min()) < 0:
+            raise ValueError(f"token ids of {pair!r} are outside the vocabulary [0, {model.cfg.d_vocab})")
+    return clean, corrupt, token_id("answer"), token_id("contrast")
+
+
+def patch_pair(
+    model: Any, pair: dict[str, Any], activation_name: str = "resid_pre", attribution: bool = False
+) -> torch.Tensor:
+    """One pair's sweep: TransformerLens's ``get_act_patch_{activation_name}`` (or
+    ``get_attr_patch_...`` with ``attribution``) with the logit-difference metric."""
+    from ..interventions import patching
+
+    prefix = "get_attr_patch_" if attribution else "get_act_patch_"
+    sweep = getattr(patching, prefix + activation_name, None)
+    if sweep is None:
+        known = sorted(n.removeprefix(prefix) for n in dir(patching) if n.startswith(prefix))
+        raise ValueError(f"no {prefix}{activation_name} sweep; known: {', '.join(known)}")
+    clean, corrupt, answer, contrast = _pair_tokens(model, pair)
+    device = model.cfg.device or "cpu"
+    clean, corrupt = clean.to(device), corrupt.to(device)
+    _, clean_cache = model.run_with_cache(clean)
+    # Activation patching: one bar for the whole shard (map_prompts), and only the last
+    # position, the one the metric reads, is unembedded.
+    options = {} if attribution else {"progress": False, "metric_positions": -1}
+    return sweep(model, corrupt, clean_cache, logit_diff_metric(answer, contrast, pos=-1), **options)
+
+
+def patching_sweep(
+    model: Any,
+    pairs: Sequence[dict[str, Any]],
+    activation_name: str = "resid_pre",
+    *,
+    attribution: bool = False,
+    timeout: datetime.timedelta = DEFAULT_TIMEOUT,
+    progress: bool = True,
+    resume_dir: str | os.PathLike[str] | None = None,
+) -> list[torch.Tensor] | None:
+    """``patch_pair`` for every pair, sharded over the ranks (``map_prompts``); rank 0
+    gets the list in pair order. ``resume_dir``: results kept as they come, reused on a rerun."""
+    job = {
+        "sweep": activation_name,
+        "attribution": attribution,
+        "model": model.cfg.model_name,
+        "dtype": str(model.dtype),
+        "processing": list(model.cfg.processing),
+    }
+    return map_prompts(
+        lambda pair: patch_pair(model, pair, activation_name, attribution),
+        pairs,
+        timeout=timeout,
+        progress=progress,
+        desc="prompt pairs",
+        resume_dir=resume_dir,
+        job=job,
+    )
+
+
+def read_pairs(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """A JSONL file of prompt pairs, one JSON object per line: ``clean``, ``corrupt`` (text or
+    token ids), ``answer``, ``contrast`` (a single-token string or a token id)."""
+    pairs = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            pair = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number}: not JSON ({e})") from e
+        if not isinstance(pair, dict) or not {"clean", "corrupt", "answer", "contrast"} <= set(pair):
+            raise ValueError(
+                f"{path}:{number}: each line must be an object with clean, corrupt, answer and "
+                f"contrast, got {line.strip()[:80]!r}"
+            )
+        pairs.append(pair)
+    if not pairs:
+        raise ValueError(f"{path} holds no prompt pairs")
+    return pairs
+
+
+def write_results(results: list[torch.Tensor], path: str | os.PathLike[str], meta: dict[str, Any]) -> Path:
+    """Write atomically (a temporary file renamed into place): a reader never sees a
+    partial file. ``.json``: nested lists; otherwise ``torch.save`` of a dict."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    if path.suffix == ".json":
+        tmp.write_text(json.dumps({**meta, "results": [r.tolist() for r in results]}))
+    else:
+        torch.save({**meta, "results": results}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+# The `sweep` command -------------------------------------------------------------------------
+def add_sweep_parser(sub: Any) -> None:
+    """Register ``sweep`` on the CLI's subparsers."""
+    p = sub.add_parser(
+        "sweep", help="activation-patching sweep over prompt pairs from a JSONL file (data-parallel under torchrun)"
+    )
+    p.add_argument("--prompts", required=True, help="JSONL: one {clean, corrupt, answer, contrast} per line")
+    p.add_argument("--model", required=True, help="preset, HF repo id, local directory or .gguf file")
+    p.add_argument("--out", required=True, help="result file: .json (lists) or anything else (torch.save)")
+    p.add_argument(
+        "--site", default="resid_pre", help="the patched site, as in get_act_patch_<site> (default: resid_pre)"
+    )
+    p.add_argument("--attribution", action="store_true", help="attribution patching instead of activation patching")
+    p.add_argument("--no-processing", action="store_true", help="load the weights unprocessed")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument(
+        "--resume-dir",
+        default=None,
+        help="keep each pair's result here as it is computed; a rerun after a kill computes only the missing ones",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT.total_seconds(),
+        help="seconds a rank that finished waits for the others before failing (default: 1800; a "
+        "rank that dies is noticed at once)",
+    )
+    p.set_defaults(func=cmd_sweep)
+
+
+def cmd_sweep(args: Any) -> int:
+    from ..model import HookedTransformer
+
+    timeout = datetime.timedelta(seconds=args.timeout)
+    rank, world = init_distributed(timeout=timeout)
+    try:
+        pairs = read_pairs(args.prompts)
+        load = (
+            HookedTransformer.from_pretrained_no_processing if args.no_processing else HookedTransformer.from_pretrained
+        )
+        model = load(args.model, dtype=args.dtype, device=local_device())
+        results = patching_sweep(
+            model, pairs, args.site, attribution=args.attribution, timeout=timeout, resume_dir=args.resume_dir
+        )
+        if rank == 0:
+            assert results is not None  # rank 0 gets the list
+            path = write_results(
+                results,
+                args.out,
+                {
+                    "model": args.model,
+                    "site": args.site,
+                    "attribution": args.attribution,
+                    "n_prompts": len(pairs),
+                    "world_size": world,
+                    "metric": "logits[:, -1, answer] - logits[:, -1, contrast]",
+                    "complete": True,
+                },
+            )
+            print(f"sweep: {len(pairs)} prompt pairs over {world} process(es) -> {path}")
+        return 0
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,96 @@
+"""The ``torch.distributed`` process group that ``torchrun`` describes, and the few
+collective steps the data-parallel workflows share (``distributed`` for prompts,
+``activations`` for harvesting a corpus): this rank and the world size, a contiguous
+share of ``n`` items, a barrier that names a rank that died, and a status exchange after
+which every rank knows whether every other rank succeeded.
+
+Without an initialised process group (plain ``python``) rank is 0 of 1 and nothing here
+talks to anyone.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+# How long a rank that finished its shard waits for the others. A rank that dies is noticed
+# at once (its connections close); the timeout catches one that hangs. It must exceed the
+# spread of the ranks' finishing times, which grows with the length of the run.
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
+
+
+class RankFailedError(RuntimeError):
+    pass
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+def init_distributed(backend: str | None = None, timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> tuple[int, int]:
+    """Join the process group ``torchrun`` describes in the environment, if any, and return
+    (rank, world size); (0, 1) when run without torchrun. The backend is NCCL when CUDA
+    is available, else gloo; ``timeout`` bounds every collective (a dead peer fails the
+    others within it instead of hanging them)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if not launched_by_torchrun():
+        return 0, 1
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend, timeout=timeout)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def local_device() -> torch.device:
+    """This rank's device: its GPU under NCCL, else the CPU."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """The contiguous slice [lo, hi) of ``n`` items that ``rank`` of ``world`` takes (sizes differ by at most one)."""
+    return rank * n // world, (rank + 1) * n // world
+
+
+def barrier(timeout: datetime.timedelta, consequence: str = "No result was gathered.") -> None:
+    """Wait for every rank; gloo names a rank that does not arrive within ``timeout``.
+    ``consequence``: what the error tells the user was (not) done about it."""
+    if dist.get_backend() == "gloo":
+        try:
+            dist.monitored_barrier(timeout=timeout, wait_all_ranks=True)
+        except RuntimeError as e:
+            raise RankFailedError(
+                f"rank {dist.get_rank()}: not every rank reached the end of its shard within "
+                f"{timeout} (a rank died or hung): {e}. {consequence}"
+            ) from e
+    else:
+        dist.barrier()
+
+
+def exchange(error: str | None, payload: Any, *, timeout: datetime.timedelta, what: str, consequence: str) -> list[Any]:
+    """Every rank's ``payload`` in rank order, once every rank got here (``barrier``) and
+    none reported an ``error``; otherwise every rank raises ``RankFailedError`` naming the
+    rank that failed and its error (``what`` it was doing, the ``consequence``)."""
+    barrier(timeout, consequence)
+    reports: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, (error, payload))
+    failed = [(r, err) for r, (err, _) in enumerate(reports) if err is not None]
+    if failed:
+        r, err = failed[0]
+        others = f" (and ranks {[f for f, _ in failed[1:]]})" if len(failed) > 1 else ""
+        raise RankFailedError(f"rank {r}{others} failed {what}. {consequence} Its error: {err}")
+    return [payload for _, payload in reports]
