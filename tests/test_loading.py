@@ -317,6 +317,39 @@ def test_truncated_safetensors_names_the_file(gpt2_copy, keep):
     )
 
 
+def _rewrite_header(weights: Path, name: str, **entry) -> None:
+    """Change tensor ``name``'s header entry in place (the data stay as they are)."""
+    data = weights.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    header[name].update(entry)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    weights.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n :])
+
+
+def test_integer_dtype_for_a_float_weight_is_refused_by_name(gpt2_copy):
+    # int32 has float32's width, so the byte count checks out: only the dtype is wrong, and a
+    # silent cast would give values near 1e9 (the float bit patterns read as integers)
+    _rewrite_header(gpt2_copy / "model.safetensors", "transformer.h.0.mlp.c_fc.weight", dtype="I32")
+    fails_leaving_no_model(
+        CorruptCheckpointError,
+        r"tensor 'transformer\.h\.0\.mlp\.c_fc\.weight' is stored as int32.*must be floating point",
+        lambda: HookedTransformer.from_pretrained(str(gpt2_copy)),
+    )
+
+
+def test_negative_dimension_is_a_corrupt_file_not_a_config_mismatch(gpt2_copy):
+    weights = gpt2_copy / "model.safetensors"
+    shape = load_file(weights)["transformer.wte.weight"].shape
+    _rewrite_header(weights, "transformer.wte.weight", shape=[-shape[0], -shape[1]])  # the same element count
+    fails_leaving_no_model(
+        CorruptCheckpointError,
+        rf"cannot read {weights}: tensor 'transformer\.wte\.weight' has shape .*negative.*corrupt",
+        lambda: HookedTransformer.from_pretrained(str(gpt2_copy)),
+    )
+
+
 def test_config_that_disagrees_with_the_weights_is_named(gpt2_copy):
     config = json.loads((gpt2_copy / "config.json").read_text())
     (gpt2_copy / "config.json").write_text(json.dumps({**config, "n_embd": 64}))

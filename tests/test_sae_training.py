@@ -215,3 +215,113 @@ def test_top_activating_contexts_and_their_html_page(hf_checkpoint, tmp_path):
     p.feed(page)
     assert p.items == pytest.approx(acts, rel=1e-5) and p.tops == len(contexts)
     assert "<Madrid>" not in page  # text is escaped
+
+
+# Issue 23.2 / 27.5: resampling never at the end, the seed's variants, checkpoints, sizes -----------
+def _half_dead_sae():
+    """An SAE half of whose features can never fire (so resampling has something to do)."""
+    sae = train_sae(sparse_data(256), "x", F, steps=0, progress=False)
+    with torch.no_grad():
+        sae.b_enc[: F // 2] = -1e3
+    return sae
+
+
+def _held_out_metrics(sae):
+    held = sparse_data(512, seed=1)
+    with torch.no_grad():
+        f = sae.encode(held)
+        return float((sae.decode(f) - held).pow(2).sum(-1).mean()), float((f > 0).sum(-1).float().mean())
+
+
+def test_resampling_never_happens_in_the_final_stretch():
+    from transformer_hooks.sae.training import resample_steps
+
+    assert resample_steps(300, 280) == []  # 20 steps left: too few to settle
+    assert resample_steps(300, 100) == [100, 200] and resample_steps(300, 150) == [150]
+    assert resample_steps(1000, 100) == list(range(100, 901, 100)) and resample_steps(300, None) == []
+    data = sparse_data()
+    plain, late = _half_dead_sae(), _half_dead_sae()
+    train_sae(plain, data, steps=300, dead_window=10, progress=False)
+    train_sae(late, data, steps=300, dead_window=10, resample_every=280, progress=False)
+    # a resample at step 280 used to return fresh features firing on everything (L0 9.7 -> 16.2 here)
+    for a, b in zip(plain.parameters(), late.parameters(), strict=True):
+        assert torch.equal(a, b)
+    mid = _half_dead_sae()
+    train_sae(mid, data, steps=300, dead_window=10, resample_every=100, progress=False)
+    (mse_plain, l0_plain), (mse_mid, l0_mid) = _held_out_metrics(plain), _held_out_metrics(mid)
+    assert mse_mid < mse_plain  # the revived features were put to use ...
+    assert l0_mid < 2.5 * l0_plain  # ... and had time to settle
+
+
+def test_ghost_grad_variants_and_the_bounded_decoder():
+    sae = train_sae(sparse_data(256), "x", F, steps=0, progress=False)
+    pre = torch.full((4, F), 200.0)  # exp(200) overflows float32
+    err, dead = torch.ones(4, D), torch.zeros(F, dtype=torch.bool)
+    dead[:3] = True
+    mse_ = torch.tensor(1.0)
+    assert not torch.isfinite(ghost_loss(sae, pre, err, dead, mse_)).all()
+    clamped = ghost_loss(sae, pre, err, dead, mse_, clamp=True)  # exp(min(x, 0)) = 1 here
+    assert torch.isfinite(clamped) and clamped > 0
+    base = dict(steps=60, dead_window=5, ghost_grads=True, progress=False)
+    plain, scaled = _half_dead_sae(), _half_dead_sae()
+    plain_log = train_sae(plain, sparse_data(), **base)
+    scaled_log = train_sae(scaled, sparse_data(), ghost_grads_dead_fraction=True, ghost_grads_clamp=True, **base)
+    assert all(torch.isfinite(p).all() for p in scaled.parameters())
+    assert plain_log[:4] == scaled_log[:4] and plain_log != scaled_log  # the same until features die (step 5)
+    bounded = train_sae(sparse_data(), "x", F, decoder="max_unit_norm", l1_coefficient=1e-2, steps=100, progress=False)
+    norms = bounded.W_dec.norm(dim=-1)
+    assert norms.max() <= 1 + 1e-5 and norms.min() < 0.99  # at most 1, not forced to 1
+
+
+def test_sizes_are_checked_before_training():
+    with pytest.raises(ValueError, match="0 rows"):
+        train_sae(torch.zeros(0, D), "x", F, steps=5, progress=False)
+    for bad in (dict(batch_size=0), dict(batch_size=-1), dict(steps=-1)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            train_sae(sparse_data(64), "x", F, progress=False, **bad)
+
+
+def test_fewer_rows_than_a_batch_train_on_what_there_is(hf_checkpoint, tmp_path):
+    model = HookedTransformer.from_pretrained_no_processing(str(hf_checkpoint("llama-gqa")[0]))
+    site = "blocks.1.hook_resid_post"
+    tokens = torch.randint(3, model.cfg.d_vocab, (64,), generator=torch.Generator().manual_seed(0))
+    ds = harvest(model, tokens, site, tmp_path / "h", context_size=16, batch_size=4, progress=False)
+    assert len(ds) < 256
+    with pytest.warns(UserWarning, match="fewer than batch_size=256"):
+        sae = train_sae(ds, site, 32, "topk", k=4, steps=5, batch_size=256, progress=False)  # used to spin forever
+    assert len(sae.training_log) == 5 and all(torch.isfinite(torch.tensor(sae.training_log)))
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_a_killed_run_resumes_to_the_same_weights_bit_for_bit(tmp_path, monkeypatch):
+    data = sparse_data(1024)
+    recipe = dict(steps=60, batch_size=64, dead_window=5, resample_every=20, checkpoint_every=10, progress=False)
+    whole = _half_dead_sae()
+    train_sae(whole, data, checkpoint_dir=tmp_path / "whole", **recipe)
+
+    real_step, calls = torch.optim.Adam.step, [0]
+
+    def dies_at_step_37(self, *a, **kw):
+        calls[0] += 1
+        if calls[0] == 37:
+            raise _Killed
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", dies_at_step_37)
+    with pytest.raises(_Killed):
+        train_sae(_half_dead_sae(), data, checkpoint_dir=tmp_path / "run", **recipe)
+    monkeypatch.setattr(torch.optim.Adam, "step", real_step)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "run" / "state.safetensors"), "pt") as f:
+        assert '"step": 30' in f.metadata()["state"]  # the last checkpoint before the kill
+    resumed = _half_dead_sae()
+    log = train_sae(resumed, data, checkpoint_dir=tmp_path / "run", **recipe)
+    assert len(log) == 60 and log == whole.training_log
+    for (name, a), b in zip(whole.named_parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match=r"made by another run \(lr: 0\.001 -> 0\.01\).*delete the directory"):
+        train_sae(_half_dead_sae(), data, checkpoint_dir=tmp_path / "run", lr=1e-2, **recipe)

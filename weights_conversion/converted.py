@@ -5,8 +5,9 @@
   (``blocks.0.attn.W_Q`` [head, d_model, d_head], ...), contiguous; a tied unembedding
   is stored only if processing made it differ from ``W_E.T``;
 - ``transformer_hooks_config.json``: ``{"format_version": 1, "model_config": ...,
-  "source": ...}``; the ModelConfig's ``processing`` says which weight processing the
-  tensors have;
+  "source": ..., "bos_rule": 1}``; the ModelConfig's ``processing`` says which weight
+  processing the tensors have, its ``default_prepend_bos`` what the BOS rule decided for the
+  source's tokenizer (``bos_rule``);
 - the tokenizer's files (``tokenizer.save_pretrained``).
 """
 
@@ -27,6 +28,11 @@ from .sources import TensorSource, write_safetensors
 CONVERTED_CONFIG = "transformer_hooks_config.json"
 CONVERTED_WEIGHTS = "model.safetensors"
 CONVERTED_FORMAT_VERSION = 1
+# ``"bos_rule": 1`` in the metadata: the stored ``default_prepend_bos`` is the BOS rule's answer
+# for the source's own tokenizer (transformer_hooks.tokens.default_prepend_bos), kept as is on
+# load (a GGUF source's tokenizer, saved as HF files, need not say the same); files without it
+# were converted under the older architecture table and are decided again from their tokenizer.
+BOS_RULE_VERSION = 1
 
 
 def canonical_tensors(model: Any) -> dict[str, torch.Tensor]:
@@ -45,7 +51,12 @@ def write_converted(
 ) -> None:
     """Write ``model`` (a ``HookedTransformer``) into the existing, empty ``directory``."""
     write_tensors(directory / CONVERTED_WEIGHTS, canonical_tensors(model))
-    config = {"format_version": CONVERTED_FORMAT_VERSION, "model_config": model.cfg.to_dict(), "source": source}
+    config = {
+        "format_version": CONVERTED_FORMAT_VERSION,
+        "model_config": model.cfg.to_dict(),
+        "source": source,
+        "bos_rule": BOS_RULE_VERSION,
+    }
     (directory / CONVERTED_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(str(directory))

@@ -10,8 +10,14 @@ each step once and tensor by tensor:
   ``get_gguf_hf_weights_map`` consults), and each tensor goes through transformers'
   per-architecture ``TensorProcessor`` (for Llama: undoing llama.cpp's q/k row
   permutation);
-- a tensor is dequantized (transformers' torch ``dequantize``) only when the loader asks
-  for it, so the file streams in like a safetensors checkpoint.
+- a tensor is dequantized only when the loader asks for it, so the file streams in like a
+  safetensors checkpoint: F32/F16/BF16 are read as they are, the block types transformers'
+  torch ``dequantize`` knows go through it (fast), and every other type the ``gguf``
+  package can dequantize (Q5_0, Q5_1, TQ1_0, TQ2_0, MXFP4, ...) goes
+  through ``gguf.quants.dequantize`` (numpy); a type neither knows is refused by name.
+  The tensor table is read here, not with transformers' ``GgufHeader``, whose byte counts
+  know only the types its torch dequantizer has (it refuses Q5_0 files such as Gemma 3
+  270M's Q4_K_M).
 
 ``load_gguf_checkpoint`` instead parses the metadata with the slow generic
 ``gguf.GGUFReader`` (every vocabulary string is a separate numpy view), rebuilds the
@@ -23,8 +29,9 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from math import prod
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -35,10 +42,10 @@ from .sources import CorruptCheckpointError, TensorSource
 
 def read_gguf(path: Path) -> tuple[dict, Any, Callable[[], Any]]:
     """(HF config dict, tensor source by HF name, tokenizer factory) for a .gguf file."""
-    from transformers.integrations.gguf.reader import GgufHeader, read_gguf_metadata
+    from transformers.integrations.gguf.reader import read_gguf_metadata
 
     try:
-        header = GgufHeader.from_file(str(path))
+        header = read_header(path)
         metadata, tensor_names = read_gguf_metadata(str(path))
     except ValueError as e:  # transformers' reader explains: not GGUF, unsupported version or type
         if not isinstance(e, UnicodeDecodeError):
@@ -61,6 +68,98 @@ def read_gguf(path: Path) -> tuple[dict, Any, Callable[[], Any]]:
         return cls.from_pretrained(str(path.parent), gguf_file=path.name)
 
     return hf_config, source, tokenizer
+
+
+_FLOAT_TYPES = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}  # ggml F32, F16, BF16
+
+
+class TensorInfo(NamedTuple):
+    """One tensor of a GGUF file: torch-order shape, ggml type id, byte offset in the data section."""
+
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: int
+    offset: int
+    nbytes: int
+
+
+class GgufHeader(NamedTuple):
+    """A GGUF file's architecture, tensor table and where its data section starts."""
+
+    path: str
+    architecture: str
+    tensors: tuple[TensorInfo, ...]
+    data_start: int
+
+
+def ggml_type_name(ggml_type: int) -> str:
+    from gguf import GGMLQuantizationType
+
+    try:
+        return GGMLQuantizationType(ggml_type).name
+    except ValueError:
+        return f"unknown ggml type {ggml_type}"
+
+
+def tensor_bytes(name: str, ggml_type: int, shape: tuple[int, ...], where: str) -> int:
+    """Bytes a tensor of this type and shape occupies (``gguf``'s block sizes), or a clear error."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    try:
+        block_elements, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+    except (ValueError, KeyError):
+        raise CorruptCheckpointError(
+            f"cannot read GGUF file {where}: tensor {name!r} has ggml type {ggml_type}, which the installed gguf "
+            f"package does not know (upgrade it: pip install -U gguf), or the file is corrupt."
+        ) from None
+    elements = prod(shape)
+    if elements % block_elements:
+        raise CorruptCheckpointError(
+            f"cannot read GGUF file {where}: tensor {name!r} has {elements} elements, not a multiple of "
+            f"{ggml_type_name(ggml_type)}'s block of {block_elements}. The file is corrupt."
+        )
+    return elements // block_elements * block_bytes
+
+
+def read_header(path: Path) -> GgufHeader:
+    """The tensor table of a GGUF file, for every ggml type the ``gguf`` package knows."""
+    from transformers.integrations.gguf.reader import _mapped, _read_metadata, _read_tensor_table
+
+    blob = _mapped(str(path))
+    metadata, tensor_count, pos = _read_metadata(blob, str(path))
+    alignment = metadata.get("general.alignment", 32)  # llama.cpp's default
+    entries, pos = _read_tensor_table(blob, tensor_count, pos)
+    infos = tuple(
+        TensorInfo(name, shape, ggml_type, offset, tensor_bytes(name, ggml_type, shape, str(path)))
+        for name, shape, ggml_type, offset in entries
+    )
+    data_start = (pos + alignment - 1) // alignment * alignment  # the data section is aligned
+    return GgufHeader(str(path), metadata["general.architecture"], infos, data_start)
+
+
+def dequantize_tensor(raw: np.ndarray, info: TensorInfo, where: str) -> torch.Tensor:
+    """A tensor's bytes (``uint8``) as float32 values of its shape.
+
+    F32/F16/BF16 are reinterpreted; the types transformers' torch dequantizer knows go
+    through it; any other type through ``gguf.quants.dequantize`` (numpy)."""
+    from transformers.integrations.gguf.dequant import GGML_BLOCK, dequantize
+
+    data = torch.from_numpy(np.array(raw, dtype=np.uint8, copy=True))
+    if info.ggml_type in _FLOAT_TYPES:
+        return data.view(_FLOAT_TYPES[info.ggml_type]).float().reshape(info.shape)
+    if info.ggml_type in GGML_BLOCK:
+        return dequantize(data, info.ggml_type, torch.float32).reshape(info.shape)
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as gguf_dequantize
+
+    try:
+        values = gguf_dequantize(data.numpy(), GGMLQuantizationType(info.ggml_type))
+    except NotImplementedError:
+        raise CorruptCheckpointError(
+            f"cannot read tensor {info.name!r} from GGUF file {where}: its type {ggml_type_name(info.ggml_type)} "
+            f"cannot be dequantized by the installed gguf package (pip install -U gguf), nor by transformer_hooks."
+        ) from None
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(info.shape)
 
 
 def _truncated(path: Path, error: Exception) -> CorruptCheckpointError:
@@ -103,6 +202,8 @@ def hf_config_from_metadata(metadata: dict, tensor_names: tuple[str, ...]) -> di
             config[renamed] = value
     if "vocab_size" not in config and "tokenizer.ggml.tokens" in metadata:
         config["vocab_size"] = metadata["tokenizer.ggml.tokens"]  # the reader leaves string arrays as counts
+    if config.get("model_type") == "gemma3":  # as load_gguf_checkpoint: a Gemma 3 GGUF holds the text model only
+        config["model_type"] = "gemma3_text"
     return config
 
 
@@ -117,7 +218,7 @@ class GgufTensors(TensorSource):
 
     def __init__(self, path: Path, header: Any, hf_config: dict) -> None:
         from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
-        from transformers.integrations.gguf.reader import load_gguf_state_dict
+        from transformers.integrations.gguf.reader import _mapped
         from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
         super().__init__({}, str(path))
@@ -129,8 +230,10 @@ class GgufTensors(TensorSource):
             )
         self.path = path
         self.name_map = get_tensor_name_map(arch, int(hf_config.get("num_hidden_layers") or hf_config["n_layer"]))
-        self.lazy = load_gguf_state_dict(header)
+        self.blob = _mapped(str(path))
+        self.data_start = header.data_start
         self.infos = {info.name: info for info in header.tensors}
+        self.lazy = self.infos  # GGUF name -> where its bytes are
         self.processor = TENSOR_PROCESSORS.get(header.architecture, TensorProcessor)(config=hf_config)
 
     def names(self) -> set[str]:
@@ -156,15 +259,10 @@ class GgufTensors(TensorSource):
 
     def _read(self, name: str) -> torch.Tensor:
         """Dequantize one tensor and apply the architecture's processor: a fresh tensor."""
-        from transformers.integrations.gguf.dequant import GGML_BLOCK, dequantize
-
         info = self.infos[name]
+        start = self.data_start + info.offset
         try:
-            raw = self.lazy[name][...]  # a copy of the tensor's bytes (or values) out of the memory map
-            if info.ggml_type in GGML_BLOCK:
-                values = dequantize(raw.reshape(-1), info.ggml_type, torch.float32).reshape(info.shape)
-            else:
-                values = raw.float() if raw.dtype == torch.bfloat16 else raw  # numpy has no bfloat16
+            values = dequantize_tensor(self.blob[start : start + info.nbytes], info, str(self.path))
         except (ValueError, RuntimeError) as e:
             raise CorruptCheckpointError(f"cannot read tensor {name!r} from GGUF file {self.path}: {e}") from e
         weights = self.processor.process(weights=values.numpy(), name=self.processor.preprocess_name(name)).weights

@@ -40,7 +40,12 @@ class WeightShapeError(ValueError):
 
 
 class TensorSource:
-    """Named tensors of a checkpoint, read on demand; remembers which were read."""
+    """Named tensors of a checkpoint, read on demand; remembers which were read.
+
+    Every tensor read here is a weight, so it must be stored as floating point: an integer
+    or bool dtype (int bit patterns would become values near 1e9 once cast) is refused,
+    naming the tensor and the dtype. Integer buffers (GPT-2's attention masks, position
+    ids) are never read as weights; they stay in the file, unused."""
 
     def __init__(self, names: dict[str, Callable[[], torch.Tensor]], where: str) -> None:
         self._readers = names
@@ -59,7 +64,14 @@ class TensorSource:
         if key not in self._readers:
             raise KeyError(name)
         self.used.add(key)
-        return self._readers[key]()
+        tensor = self._readers[key]()
+        if not (tensor.is_floating_point() or tensor.is_complex()):
+            raise CorruptCheckpointError(
+                f"cannot read {self.where}: tensor {key!r} is stored as {str(tensor.dtype).removeprefix('torch.')}, "
+                f"but it is a weight and must be floating point (F32, F16, BF16, ...). The file is corrupt or "
+                f"was written wrongly; convert or download it again."
+            )
+        return tensor
 
 
 class SafetensorsFile:
@@ -97,9 +109,12 @@ class SafetensorsFile:
         try:
             dtype, shape = SAFETENSORS_DTYPES[entry["dtype"]], list(entry["shape"])
             begin, end = entry["data_offsets"]
-            numel = int(torch.Size(shape).numel())
+            bad_shape = any(type(d) is not int or d < 0 for d in shape)
+            numel = 0 if bad_shape else int(torch.Size(shape).numel())
         except (KeyError, TypeError, ValueError):
             self._corrupt(f"its header entry for {name!r} is malformed: {entry!r}")
+        if bad_shape:
+            self._corrupt(f"tensor {name!r} has shape {shape}: a dimension is negative or not an integer")
         if end - begin != numel * dtype.itemsize or begin < 0:
             self._corrupt(f"tensor {name!r} of shape {shape} ({entry['dtype']}) has {end - begin} bytes of data")
         if end > data_size:

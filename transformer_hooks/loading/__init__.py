@@ -27,6 +27,7 @@ from typing import Any
 import weights_conversion
 from weights_conversion import UnsupportedArchitectureError  # noqa: F401  (re-exported for users)
 from weights_conversion.converted import (  # noqa: F401  (re-exported: the format's names)
+    BOS_RULE_VERSION,
     CONVERTED_CONFIG,
     CONVERTED_FORMAT_VERSION,
     CONVERTED_WEIGHTS,
@@ -51,6 +52,7 @@ from ..dtypes import SAFETENSORS_DTYPES, as_dtype  # noqa: F401  (SAFETENSORS_DT
 from ..model import HookedTransformer
 from ..processing import REWRITE_EMBEDDINGS, STEPS, ProcessingOptions, processed_config, steps_for
 from ..resolution import Checkpoint, resolve_checkpoint
+from ..tokens import default_prepend_bos
 from .build import OneDevice, build_and_fill, build_on_meta, finish, materialize  # noqa: F401
 from .modes import execution_mode
 from .options import LoadOptions
@@ -69,11 +71,12 @@ def load_model(name_or_path: str | Path, options: LoadOptions | None = None, **k
     resolution.py) with ``options`` (``LoadOptions``; keyword arguments replace its fields:
     ``load_model(name, fold_ln=False)``).
 
-    BOS: prompts start with BOS unless ``default_prepend_bos=False`` or the architecture's
-    TransformerLens 3.9 default says otherwise (GPT-NeoX / Pythia and Qwen 2 / 3 do not; set by
-    each family's ``config_from_hf``). The rule reads the architecture only, never the file's
-    tokenizer settings, so the same weights get the same default from a GGUF file, an HF
-    directory or a converted directory, and the default TransformerLens gives them.
+    BOS: text prompts start with BOS by the rule of ``tokens.default_prepend_bos``: when the
+    checkpoint's own tokenizer adds it, or when BOS is EOS (GPT-2, GPT-Neo); not for SmolLM2,
+    Qwen or Pythia. A GGUF file's tokenizer adds BOS as its ``tokenizer.ggml.add_bos_token``
+    says (llama.cpp copies it from the HF tokenizer), and a converted directory stores the
+    answer, so the GGUF, HF and converted copies of one model agree. ``default_prepend_bos``
+    overrides it; with no tokenizer, the family's default (TransformerLens 3.9's) stays.
 
     Execution modes (at most one; see ``LoadOptions`` and ``model.placement``): placement over
     devices (placement.py: each tensor read straight to its group's device), offload
@@ -119,6 +122,9 @@ def _load(name_or_path: str | Path, opts: LoadOptions) -> HookedTransformer:
     cfg = weights_conversion.config_from_hf(hf_config, where).replace(model_name=str(name_or_path))
     if tokenizer is None:
         tokenizer = make_tokenizer()
+    if tokenizer is not None:  # without one, the family's default (TransformerLens 3.9's) stays
+        cfg = cfg.replace(default_prepend_bos=default_prepend_bos(tokenizer, cfg))
+
     groups = weights_conversion.convert_groups(cfg, source, family)
     model = _build(cfg, opts, groups, tokenizer, f"loading {Path(str(name_or_path)).name}", cfg.tie_word_embeddings)
     if model.placement.kind != "pipeline":  # a stage reads only its own blocks' tensors
@@ -199,7 +205,14 @@ def _load_converted(ckpt: Checkpoint, opts: LoadOptions) -> HookedTransformer:
         )
 
     source = tensor_source(ckpt.weight_files)
-    tokenizer = opts.tokenizer if opts.tokenizer is not None else _hf_tokenizer(ckpt.directory)
+    tokenizer = opts.tokenizer
+    stored_rule = ckpt.config.get("bos_rule") == BOS_RULE_VERSION  # cfg holds the rule's answer for its tokenizer
+    if tokenizer is not None or not stored_rule:
+        tokenizer = _hf_tokenizer(ckpt.directory) if tokenizer is None else tokenizer
+        if tokenizer is not None:  # a tokenizer passed in, or a file converted before the rule: decide now
+            cfg = cfg.replace(default_prepend_bos=default_prepend_bos(tokenizer, cfg))
+    else:
+        tokenizer = _hf_tokenizer(ckpt.directory)
     # A tied unembedding is stored once, as W_E; processing that rewrites it needs its own copy.
     stored_tied = cfg.tie_word_embeddings and "unembed.W_U" not in source.names()
     # the last rank of a split model holds the unembedding without the embeddings: its own copy
