@@ -8,7 +8,8 @@ from torch import nn
 
 from transformer_hooks import HookedTransformer, HookShapeError, UnknownHookError
 from transformer_hooks.cache import ActivationCache
-from transformer_hooks.hooks import HookCache, HookedRootModule, HookPoint
+from transformer_hooks.hook_cache import HookCache
+from transformer_hooks.hooks import HookedRootModule, HookPoint
 from transformer_hooks.sae import SAE, SAEConfig
 
 FAMILIES = ["gpt2", "gpt-neo-local", "pythia", "neox-sequential-full-rotary", "llama-gqa"]

@@ -18,7 +18,7 @@ from jaxtyping import Float
 
 from . import sites
 from .decompositions import ResidualDecompositions, _one_device
-from .hooks import HookCache
+from .hook_cache import HookCache
 from .protocol import HookedModel
 from .utils import get_act_name
 

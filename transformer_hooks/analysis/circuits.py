@@ -102,7 +102,7 @@ class Graph:
     def _edge_set(self) -> set[tuple[str, str]]:
         return {(e.sender, e.receiver) for e in self.edges}
 
-    def check_model(self, model: Any) -> None:
+    def check_model(self, model: HookedModel) -> None:
         """Raise unless ``model`` is the model this graph was made on (shape, name, processing)."""
         cfg = model.cfg
         have = (cfg.n_layers, cfg.n_heads, cfg.n_kv_heads)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ..interventions import patching
+from ..protocol import HookedModel
 from ..scale.distributed import _pair_tokens, patching_sweep, read_pairs
 from ..scale.process_group import DEFAULT_TIMEOUT, init_distributed, local_device
 from .common import add_model_arguments, load_from_args, status
@@ -65,7 +66,9 @@ def axis_names(site: str, attribution: bool, ndim: int) -> list[str]:
     return ["head" if a == "head_index" else a for a in names]
 
 
-def axis_labels(model: Any, pair: dict[str, Any], axes: list[str], shape: tuple[int, ...]) -> dict[str, list[str]]:
+def axis_labels(
+    model: HookedModel, pair: dict[str, Any], axes: list[str], shape: tuple[int, ...]
+) -> dict[str, list[str]]:
     """A label for every index of every axis: ``L{i}``, ``H{i}``, or ``{pos}:{token!r}`` (clean prompt)."""
     clean = _pair_tokens(model, pair)[0]
     str_tokens = model.to_str_tokens(clean[0]) if model.tokenizer is not None else [str(int(t)) for t in clean[0]]

@@ -293,7 +293,7 @@ def steering_vector(
     return pos_acts - neg_acts
 
 
-def pad_to_same_length(model: Any, a: str, b: str, prepend_bos: bool | None = None) -> tuple[str, str]:
+def pad_to_same_length(model: HookedModel, a: str, b: str, prepend_bos: bool | None = None) -> tuple[str, str]:
     """``a`` and ``b`` with spaces appended to the shorter until they tokenize to the same length
     (ActAdd's padding). Returns them unchanged if spaces cannot make the lengths meet."""
 
@@ -313,13 +313,13 @@ def pad_to_same_length(model: Any, a: str, b: str, prepend_bos: bool | None = No
     return a, b
 
 
-def residual_norm(model: Any, site: str, prompts: str | Sequence[str] | None = None) -> float:
+def residual_norm(model: HookedModel, site: str, prompts: str | Sequence[str] | None = None) -> float:
     """The typical norm of ``site``'s activation: its mean over the non-BOS positions of
     ``prompts`` (default: a few everyday sentences)."""
     return _typical_norm(model, site, prompts)[0]
 
 
-def _typical_norm(model: Any, site: str, prompts: str | Sequence[str] | None) -> tuple[float, tuple[int, ...]]:
+def _typical_norm(model: HookedModel, site: str, prompts: str | Sequence[str] | None) -> tuple[float, tuple[int, ...]]:
     prompts = list(_NORM_PROMPTS) if prompts is None else [prompts] if isinstance(prompts, str) else list(prompts)
     skip = 1 if model.cfg.default_prepend_bos else 0
     norms: list[torch.Tensor] = []
@@ -332,7 +332,11 @@ def _typical_norm(model: Any, site: str, prompts: str | Sequence[str] | None) ->
 
 
 def steering_coeff(
-    model: Any, site: str, vector: torch.Tensor, fraction: float = 0.5, prompts: str | Sequence[str] | None = None
+    model: HookedModel,
+    site: str,
+    vector: torch.Tensor,
+    fraction: float = 0.5,
+    prompts: str | Sequence[str] | None = None,
 ) -> float:
     """The coefficient at which ``coeff * ||vector||`` is ``fraction`` of ``site``'s typical norm.
 

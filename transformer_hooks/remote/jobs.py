@@ -31,6 +31,7 @@ from ..analysis.lens import LENS_SITES, logit_lens
 from ..interventions import patching
 from ..interventions.patching.ablation import ablation_value
 from ..interventions.steering import steering
+from ..protocol import HookedModel
 from ..scale.distributed import logit_diff_metric
 from .schema import (
     AttributionRequest,
@@ -73,7 +74,7 @@ class Cancelled(RuntimeError):
 
 
 # Inputs --------------------------------------------------------------------------------------
-def _tokens(model: Any, req: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _tokens(model: HookedModel, req: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The request's tokens [batch, pos] and padding mask (None when there is no padding)."""
     try:
         if req.prompts is not None:
@@ -98,7 +99,7 @@ def _tokens(model: Any, req: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     return tokens, mask
 
 
-def _resolve(model: Any, names: Sequence[str], what: str) -> list[str]:
+def _resolve(model: HookedModel, names: Sequence[str], what: str) -> list[str]:
     try:
         return model.resolve_hook_names(list(names))
     except ValueError as e:
@@ -118,7 +119,7 @@ class _Edit:
     source_rows: list[int]  # prompts whose clean activation it reads (patch, mean_ablate)
 
 
-def _axes(model: Any, site: str, n_pos: int, batch: int) -> tuple[tuple[str, ...], tuple[int, ...] | None]:
+def _axes(model: HookedModel, site: str, n_pos: int, batch: int) -> tuple[tuple[str, ...], tuple[int, ...] | None]:
     row = sites.lookup(site)
     if row is None:
         return ("batch", "pos", "d"), None
@@ -144,7 +145,7 @@ def _selector(values: Any, axes: tuple[str, ...], names: tuple[str, ...], shape:
     return dim, torch.tensor(values, dtype=torch.long)
 
 
-def _edit(model: Any, spec: Intervention, site: str, n_prompts: int, n_pos: int, tensors: dict) -> _Edit:
+def _edit(model: HookedModel, spec: Intervention, site: str, n_prompts: int, n_pos: int, tensors: dict) -> _Edit:
     axes, shape = _axes(model, site, n_pos, n_prompts)
     where = f"intervention {spec.op} at {site}"
 
@@ -231,7 +232,7 @@ class Prepared:
     def n_tokens(self) -> int:
         return self.tokens.numel()
 
-    def response_bytes(self, model: Any) -> int:
+    def response_bytes(self, model: HookedModel) -> int:
         """The bytes of the tensors it returns (before base64)."""
         b, n = self.tokens.shape
         size = torch.finfo(model.dtype).bits // 8
@@ -242,7 +243,7 @@ class Prepared:
         return total
 
 
-def prepare_run(model: Any, req: RunRequest) -> Prepared:
+def prepare_run(model: HookedModel, req: RunRequest) -> Prepared:
     """Check ``req`` against ``model`` (BadRequest naming what is wrong); nothing runs."""
     tokens, mask = _tokens(model, req)
     try:
@@ -259,7 +260,7 @@ def prepare_run(model: Any, req: RunRequest) -> Prepared:
     return Prepared(tokens, mask, names, edits, req.return_logits, [r for r in sources if r in edited], req)
 
 
-def _site_hook(model: Any, site: str, parts: list[tuple[int, Prepared, list[_Edit]]]) -> Callable:
+def _site_hook(model: HookedModel, site: str, parts: list[tuple[int, Prepared, list[_Edit]]]) -> Callable:
     """One hook at ``site`` applying each request's edits to its own rows, in order."""
 
     def hook(act: torch.Tensor, hook: Any) -> torch.Tensor:
@@ -310,13 +311,13 @@ def _cancel_check(items: Sequence[Any]) -> Callable:
     return check
 
 
-def cancel_hooks(model: Any, items: Sequence[Any]) -> list[tuple[str, Callable]]:
+def cancel_hooks(model: HookedModel, items: Sequence[Any]) -> list[tuple[str, Callable]]:
     """A hook before every block that stops the forward once all its requests are cancelled."""
     check = _cancel_check(items)
     return [(f"blocks.{layer}.hook_resid_pre", check) for layer in range(model.cfg.n_layers)]
 
 
-def run_batch(model: Any, items: Sequence[Prepared], cancel: bool = True) -> list[dict[str, torch.Tensor]]:
+def run_batch(model: HookedModel, items: Sequence[Prepared], cancel: bool = True) -> list[dict[str, torch.Tensor]]:
     """One forward for every request of ``items`` (all of one ``key``); per request, its
     logits (``"logits"``) and sites, sliced from the batch and copied. ``cancel``: stop at the
     next block once every request is cancelled (not on a model split over processes, whose
@@ -370,7 +371,7 @@ def run_batch(model: Any, items: Sequence[Prepared], cancel: bool = True) -> lis
 
 
 # Jobs run alone -------------------------------------------------------------------------------
-def run_tokenize(model: Any, req: TokenizeRequest) -> dict[str, Any]:
+def run_tokenize(model: HookedModel, req: TokenizeRequest) -> dict[str, Any]:
     tokens, mask = _tokens(model, req)
     str_tokens = [model.to_str_tokens(t) for t in tokens] if model.tokenizer is not None else None
     return {
@@ -391,7 +392,7 @@ def _sweep(name: str, prefix: str) -> Callable:
     return getattr(patching, name)
 
 
-def _metric(model: Any, m: Metric) -> Callable[[torch.Tensor], torch.Tensor]:
+def _metric(model: HookedModel, m: Metric) -> Callable[[torch.Tensor], torch.Tensor]:
     for t in (m.answer, m.contrast):
         if t is not None and not 0 <= t < model.cfg.d_vocab:
             raise BadRequest(f"metric token {t} is out of range (d_vocab={model.cfg.d_vocab})")
@@ -405,7 +406,7 @@ def _metric(model: Any, m: Metric) -> Callable[[torch.Tensor], torch.Tensor]:
     return metric
 
 
-def _pair(model: Any, req: PatchRequest | AttributionRequest) -> tuple[torch.Tensor, Any]:
+def _pair(model: HookedModel, req: PatchRequest | AttributionRequest) -> tuple[torch.Tensor, Any]:
     clean, _ = _tokens(model, req.clean)
     corrupted, _ = _tokens(model, req.corrupted)
     if clean.shape != corrupted.shape:
@@ -417,7 +418,7 @@ def _pair(model: Any, req: PatchRequest | AttributionRequest) -> tuple[torch.Ten
     return corrupted, clean_cache
 
 
-def run_patch(model: Any, req: PatchRequest) -> dict[str, torch.Tensor]:
+def run_patch(model: HookedModel, req: PatchRequest) -> dict[str, torch.Tensor]:
     sweep = _sweep(req.sweep, "get_act_patch_")
     metric = _metric(model, req.metric)
     corrupted, clean_cache = _pair(model, req)
@@ -426,7 +427,7 @@ def run_patch(model: Any, req: PatchRequest) -> dict[str, torch.Tensor]:
     return {"result": out.detach().cpu()}
 
 
-def run_attribution(model: Any, req: AttributionRequest) -> dict[str, torch.Tensor]:
+def run_attribution(model: HookedModel, req: AttributionRequest) -> dict[str, torch.Tensor]:
     sweep = _sweep(req.sweep, "get_attr_patch_")
     metric = _metric(model, req.metric)
     corrupted, clean_cache = _pair(model, req)
@@ -447,7 +448,7 @@ def dataclass_fields(obj: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
     return plain, tensors
 
 
-def run_dla(model: Any, req: DLARequest) -> Any:
+def run_dla(model: HookedModel, req: DLARequest) -> Any:
     if model.tokenizer is None:
         raise BadRequest("DLA takes strings: this model has no tokenizer")
     try:
@@ -456,7 +457,7 @@ def run_dla(model: Any, req: DLARequest) -> Any:
         raise BadRequest(f"dla: {e}") from None
 
 
-def run_lens(model: Any, req: LensRequest) -> Any:
+def run_lens(model: HookedModel, req: LensRequest) -> Any:
     tokens, mask = _tokens(model, req)
     lens_sites = tuple(req.lens_sites) if req.lens_sites is not None else LENS_SITES
     try:
@@ -467,7 +468,7 @@ def run_lens(model: Any, req: LensRequest) -> Any:
         raise BadRequest(f"logit lens: {e}") from None
 
 
-def run_generate(model: Any, req: GenerateRequest) -> dict[str, Any]:
+def run_generate(model: HookedModel, req: GenerateRequest) -> dict[str, Any]:
     """``model.generate`` inside one ``steering`` context per steer/add intervention."""
     try:
         tensors = decode_tensors(req.tensors)
@@ -529,7 +530,7 @@ DLA_WEIGHTS = (
 )
 
 
-def run_params(model: Any, req: ParamsRequest) -> dict[str, torch.Tensor]:
+def run_params(model: HookedModel, req: ParamsRequest) -> dict[str, torch.Tensor]:
     state = dict(model.named_parameters())
     chosen: dict[str, torch.Tensor] = {}
     for pattern in req.names:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..protocol import HookedModel
 from . import jobs
 from .schema import RunRequest
 
@@ -53,7 +54,7 @@ def _receive(device: torch.device) -> dict[str, Any]:
     return json.loads(bytes(data.cpu().tolist()))
 
 
-def follow(model: Any) -> None:
+def follow(model: HookedModel) -> None:
     """A following rank: run every forward rank 0 announces, until it says stop."""
     device = torch.device(model.device)
     while True:

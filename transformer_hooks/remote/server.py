@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ValidationError
 
+from ..protocol import HookedModel
 from . import jobs, pipeline
 from .schema import (
     AttributionRequest,
@@ -142,7 +143,7 @@ class Work:
 class Worker:
     """The one thread that runs the model, batching ``run`` requests of one key."""
 
-    def __init__(self, model: Any, window: float, max_batch_rows: int, leader: Any = None) -> None:
+    def __init__(self, model: HookedModel, window: float, max_batch_rows: int, leader: Any = None) -> None:
         self.model, self.window, self.max_batch_rows = model, window, max_batch_rows
         self.leader = leader  # pipeline.Leader when the model is split over processes
         self.queue: collections.deque[Work] = collections.deque()
@@ -299,7 +300,7 @@ class Worker:
         cls._done(w, error=e)
 
 
-def _alone(model: Any, w: Work) -> dict[str, torch.Tensor]:
+def _alone(model: HookedModel, w: Work) -> dict[str, torch.Tensor]:
     assert w.prepared is not None
     return jobs.run_batch(model, [w.prepared])[0]
 
@@ -310,7 +311,7 @@ class Server:
 
     def __init__(
         self,
-        model: Any,
+        model: HookedModel,
         tokens: TokenTable,
         *,
         max_body_bytes: int = 64 * 2**20,

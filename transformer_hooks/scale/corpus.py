@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..protocol import HookedModel
 from ..tokens import bos_id, pad_id, require_tokenizer
 from .resume import unnamed
 
@@ -66,7 +67,7 @@ def _documents(corpus: str | Path, text_key: str) -> Iterator[str]:
 
 
 def pack_contexts(
-    model: Any, corpus: Corpus, context_size: int, prepend_bos: bool, text_key: str, attention_mask: Any
+    model: HookedModel, corpus: Corpus, context_size: int, prepend_bos: bool, text_key: str, attention_mask: Any
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(tokens [context_size], mask [context_size]) for each context, in order."""
     if isinstance(corpus, (torch.Tensor, np.ndarray)) and (

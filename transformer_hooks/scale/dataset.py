@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..protocol import HookedModel
 from .shards import DTYPES, MANIFEST, open_shard, read_manifest, shard_path
 
 # How each dtype is stored in a shard as numpy reads it (numpy has no bfloat16: its bits as uint16).
@@ -185,7 +186,7 @@ class ActivationDataset:
             positions.append(int(shard["row_position"][local]))
         return torch.stack(contexts).long(), torch.tensor(positions)
 
-    def check_model(self, model: Any) -> None:
+    def check_model(self, model: HookedModel) -> None:
         """Raise if ``model`` is not the model (name and weight processing) that wrote this."""
         m = self.manifest
         if m["model_name"] != model.cfg.model_name or list(m["processing"]) != list(model.cfg.processing):

@@ -221,7 +221,7 @@ def job_fingerprint(items: Sequence[Any], **job: Any) -> dict[str, Any]:
     }
 
 
-def model_key(model: Any) -> dict[str, Any]:
+def model_key(model: HookedModel) -> dict[str, Any]:
     """The model's part of a resume key: its weights by content (processing and dtype included), its tokenizer."""
     return {
         "model": model.cfg.model_name,

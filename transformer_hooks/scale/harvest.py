@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 
 from weights_conversion.sources import write_safetensors
 
+from ..protocol import HookedModel
 from ..sites import layer_of
 from ..tokens import bos_id, pad_id
 from .corpus import Corpus, PositionChoice, corpus_hash, pack_contexts, select_positions
@@ -151,7 +152,7 @@ class _Place:
 
 
 def harvest(
-    model: Any,
+    model: HookedModel,
     corpus: Corpus,
     sites: str | Sequence[str],
     out: str | Path,
@@ -369,7 +370,7 @@ def harvest(
 
 
 def _harvest_contexts(
-    model: Any,
+    model: HookedModel,
     place: _Place,
     state: dict[str, Any],
     contexts: Iterator[tuple[torch.Tensor, torch.Tensor]],
@@ -465,7 +466,7 @@ def _commit_shard(
     manifest.update(new)
 
 
-def _fresh_manifest(model: Any, fingerprint: dict[str, Any]) -> dict[str, Any]:
+def _fresh_manifest(model: HookedModel, fingerprint: dict[str, Any]) -> dict[str, Any]:
     from ..sae.core import site_width
 
     return {
@@ -499,7 +500,9 @@ def _check_same_harvest(where: Path, manifest: dict[str, Any], fresh: dict[str, 
     )
 
 
-def _resume(place: _Place, model: Any, fingerprint: dict[str, Any], first_context: int | None = None) -> dict[str, Any]:
+def _resume(
+    place: _Place, model: HookedModel, fingerprint: dict[str, Any], first_context: int | None = None
+) -> dict[str, Any]:
     """The list of shards to continue from: the existing one (checked, damaged tail dropped) or a new one.
     ``first_context``: where a rank's range starts (its progress file records it)."""
     fresh = _fresh_manifest(model, fingerprint)
@@ -546,7 +549,7 @@ def _resume(place: _Place, model: Any, fingerprint: dict[str, Any], first_contex
     return manifest
 
 
-def _done(out: Path, model: Any, fingerprint: dict[str, Any]) -> bool:
+def _done(out: Path, model: HookedModel, fingerprint: dict[str, Any]) -> bool:
     """Whether ``out`` holds this harvest complete, with every shard there; raises if it
     holds another harvest. A finished harvest is the same dataset whatever the number of
     processes that wrote it; an unfinished one continues only with as many. Reads only
@@ -570,7 +573,7 @@ def _done(out: Path, model: Any, fingerprint: dict[str, Any]) -> bool:
 
 
 def _write_rank_manifest(
-    out: Path, model: Any, fingerprint: dict[str, Any], states: list[Any], bounds: list[tuple[int, int]]
+    out: Path, model: HookedModel, fingerprint: dict[str, Any], states: list[Any], bounds: list[tuple[int, int]]
 ) -> None:
     """Rank 0, once every rank reported: the manifest listing every rank's shards in context order."""
     shards = []

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..protocol import HookedModel
+
 # The library's format version for resume keys: a key written by another version never matches.
 KEY_VERSION = "transformer_hooks.resume/1"
 
@@ -41,7 +43,7 @@ def tensor_hash(t: torch.Tensor | np.ndarray, h: Any = None) -> str:
     return str(h.hexdigest()[:32])
 
 
-def weights_hash(model: Any) -> str:
+def weights_hash(model: HookedModel) -> str:
     """A content hash of every parameter and buffer of ``model``, by name: one read of the
     weights (parameters on the meta device, not loaded here, count by shape only)."""
     h = _hasher()

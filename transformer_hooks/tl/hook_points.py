@@ -2,7 +2,8 @@
 ``hooks.py``), so ``from transformer_lens.hook_points import HookPoint, HookedRootModule``
 ports with an import change."""
 
-from ..hooks import HookCache, HookedRootModule, HookFn, HookPoint, NameFilter
+from ..hook_cache import HookCache
+from ..hooks import HookedRootModule, HookFn, HookPoint, NameFilter
 
 NamesFilter = NameFilter  # TransformerLens's spelling
 
