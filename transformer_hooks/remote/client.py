@@ -400,7 +400,8 @@ class RemoteModel:
             shell.embed.W_E = torch.nn.Parameter(
                 torch.zeros((), dtype=dtype).expand(self.cfg.d_vocab, self.cfg.d_model), requires_grad=False
             )
-            shell.tl_flags = frozenset(self.info["tl_flags"])
+            # the server model's TransformerLens switches (model.tl_flags reads them from the config)
+            shell.cfg = shell.cfg.replace(**dict.fromkeys(self.info["tl_flags"], True))
             # Strings (a DLA answer such as " Paris") are tokenized by the server.
             shell.to_single_token = self.to_single_token
             shell.to_tokens = self.to_tokens
