@@ -130,19 +130,20 @@ class HookedTransformer(HookedRootModule, TokenMethods, WeightViews):
 
         Args:
             name_or_path: preset name, ``org/name`` repo id, checkpoint directory or ``.gguf`` file.
-            fold_ln: fold each norm's weight (and bias) into the layer that reads it.
-            center_writing_weights: centre the weights that write to the residual stream.
-            center_unembed: centre the unembedding (skipped, with a warning, for soft-capped logits).
-            fold_value_biases: fold the value biases into the output bias.
-            device: the torch device of the weights (default: cpu).
-            dtype: the weights' dtype (``torch.float32`` by default; a name such as ``"bfloat16"`` works).
             options: a ``loading.LoadOptions`` holding every option below at once; keyword
                 arguments are its fields and replace its values.
-            **kwargs: the other ``LoadOptions`` fields:
+            **kwargs: ``LoadOptions`` fields:
+                ``fold_ln`` (default True: fold each norm's weight, and bias, into the layer that reads it),
+                ``center_writing_weights`` (default True: centre the weights that write to the residual stream),
+                ``center_unembed`` (default True: centre the unembedding; skipped, with a warning,
+                for soft-capped logits),
+                ``fold_value_biases`` (default True: fold the value biases into the output bias),
+                ``device`` (the torch device of the weights; default cpu),
+                ``dtype`` (``torch.float32`` by default; a name such as ``"bfloat16"`` works),
                 ``tokenizer`` (a tokenizer to use instead of the checkpoint's),
                 ``hf_model`` (a transformers model already in memory; ``name_or_path`` then only names it),
                 ``default_prepend_bos`` (bool: whether string prompts start with BOS; default: the
-                architecture's TransformerLens default),
+                checkpoint's rule, ``tokens.default_prepend_bos``),
                 ``default_padding_side`` (``"left"`` / ``"right"``),
                 ``torch_dtype`` (TransformerLens's name for ``dtype``),
                 ``move_to_device`` (False keeps the weights on the CPU),

@@ -41,7 +41,6 @@ from __future__ import annotations
 import datetime
 import errno
 import math
-import re
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
@@ -52,10 +51,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from weights_conversion.sources import write_safetensors
 
+from ..progress import tqdm
 from ..protocol import HookedModel
 from ..sites import layer_of
 from ..tokens import bos_id, pad_id
@@ -74,10 +73,10 @@ from .resume import KEY_VERSION, check_same, tensor_hash, tokenizer_hash, unname
 from .shards import (
     DTYPES,
     FORMAT,
-    LOCK,
     MANIFEST,
     PROGRESS,
     SHARD_NAME,
+    check_owned,
     fsync_write,
     holding,
     open_shard,
@@ -108,30 +107,6 @@ def _cut(
             tokens, mask = tokens.clone(), mask.clone()
             tokens[keep:], mask[keep:] = pad, False
         yield tokens, mask
-
-
-def _is_ours(name: str) -> bool:
-    """A name a harvest writes in its directory (beside it, the directory may hold anything the user put there)."""
-    return (
-        name in (MANIFEST, LOCK, f".{MANIFEST}.tmp")
-        or re.fullmatch(r"rank_\d{5}", name) is not None
-        or SHARD_NAME.fullmatch(name) is not None
-        or SHARD_NAME.fullmatch(name.removeprefix(".").removesuffix(".tmp")) is not None
-    )
-
-
-def _check_owned(out: Path) -> None:
-    """Refuse an ``out`` that is a file, or a directory holding files but no harvest."""
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"out={out} is a file; harvest writes a dataset directory")
-    if not out.is_dir() or (out / MANIFEST).exists():
-        return
-    foreign = sorted(f.name for f in out.iterdir() if not _is_ours(f.name))
-    if foreign:
-        raise FileExistsError(
-            f"{out} is not empty ({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}) and holds no "
-            f"harvest: harvest writes into a new or empty directory it owns. Pass another out directory"
-        )
 
 
 # Harvest -----------------------------------------------------------------------------------
@@ -214,7 +189,7 @@ def harvest(
         if name.endswith(("hook_attn_scores", "hook_pattern")):
             raise ValueError(f"{name} is per (query, key) pair, not per position; harvest takes per-position sites")
     out = Path(out)
-    _check_owned(out)
+    check_owned(out)
     out.mkdir(parents=True, exist_ok=True)
     prepend_bos = model.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
     bos = None

@@ -175,3 +175,27 @@ def holding(directory: Path, shared: bool = False) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def is_harvest_file(name: str) -> bool:
+    """A name a harvest writes in its directory (beside it, the directory may hold anything the user put there)."""
+    return (
+        name in (MANIFEST, LOCK, f".{MANIFEST}.tmp")
+        or re.fullmatch(r"rank_\d{5}", name) is not None
+        or SHARD_NAME.fullmatch(name) is not None
+        or SHARD_NAME.fullmatch(name.removeprefix(".").removesuffix(".tmp")) is not None
+    )
+
+
+def check_owned(out: Path) -> None:
+    """Refuse an ``out`` that is a file, or a directory holding files but no harvest."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"out={out} is a file; harvest writes a dataset directory")
+    if not out.is_dir() or (out / MANIFEST).exists():
+        return
+    foreign = sorted(f.name for f in out.iterdir() if not is_harvest_file(f.name))
+    if foreign:
+        raise FileExistsError(
+            f"{out} is not empty ({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}) and holds no "
+            f"harvest: harvest writes into a new or empty directory it owns. Pass another out directory"
+        )
