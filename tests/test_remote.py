@@ -531,6 +531,31 @@ def test_timeout_and_killed_client_leave_nothing(server, client, local):
     assert health["hooks_attached"] == 0 and health["queue"] == 0
 
 
+def test_client_process_killed_mid_request_leaves_nothing(server, client, local):
+    """A client process (RemoteModel in its own interpreter) killed with SIGKILL while its sweep
+    runs: the kernel closes its connection, the server stops the sweep at its next block."""
+    script = f"""
+import torch
+from transformer_hooks import remote
+t = (torch.arange(3, 43)[None] % {VOCAB})
+with remote.RemoteModel({server.url!r}, token={ALICE!r}, timeout=600) as c:
+    c._post("patch", {{"sweep": "get_act_patch_attn_head_pattern_dest_src_pos",
+        "clean": {{"tokens": t.tolist()}}, "corrupted": {{"tokens": t.flip(-1).tolist()}},
+        "metric": {{"name": "logit_diff", "answer": 3, "contrast": 4}}}})
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
+    try:
+        _wait_for(lambda: server.health()["running"] == "patch", timeout=60)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    start = time.monotonic()
+    assert equal(client(P), local(P))
+    assert time.monotonic() - start < 5, "the killed client's sweep ran on"
+    health = server.health()
+    assert health["hooks_attached"] == 0 and health["queue"] == 0
+
+
 def test_server_down_and_restarted(server, client, local):
     server.stop()
     with pytest.raises(remote.RemoteUnavailable, match="cannot reach"):
