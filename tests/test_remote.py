@@ -502,6 +502,15 @@ def _wait_for(condition, timeout=30.0):
         time.sleep(0.1)
 
 
+def _answered_at_once_and_clean(server, client, local):
+    """The next request is answered at once (the abandoned sweep stopped), and nothing is left."""
+    start = time.monotonic()
+    assert equal(client(P), local(P))
+    assert time.monotonic() - start < 5, "the abandoned sweep ran on"
+    health = server.health()
+    assert health["hooks_attached"] == 0 and health["queue"] == 0
+
+
 def test_timeout_and_killed_client_leave_nothing(server, client, local):
     """A sweep takes about 10 s here; a timed-out or abandoned one stops at its next block, so the
     next request is answered at once, and no hook is left."""
@@ -524,11 +533,7 @@ def test_timeout_and_killed_client_leave_nothing(server, client, local):
     slow = _abandoned_request(server, ALICE)
     _wait_for(lambda: server.health()["running"] == "patch")
     slow.close()  # as a killed client's connection: reset mid-request
-    start = time.monotonic()
-    assert equal(client(P), local(P))
-    assert time.monotonic() - start < 5, "the abandoned sweep ran on"
-    health = server.health()
-    assert health["hooks_attached"] == 0 and health["queue"] == 0
+    _answered_at_once_and_clean(server, client, local)
 
 
 def test_client_process_killed_mid_request_leaves_nothing(server, client, local):
@@ -549,11 +554,7 @@ with remote.RemoteModel({server.url!r}, token={ALICE!r}, timeout=600) as c:
     finally:
         proc.kill()
         proc.wait(10)
-    start = time.monotonic()
-    assert equal(client(P), local(P))
-    assert time.monotonic() - start < 5, "the killed client's sweep ran on"
-    health = server.health()
-    assert health["hooks_attached"] == 0 and health["queue"] == 0
+    _answered_at_once_and_clean(server, client, local)
 
 
 def test_server_down_and_restarted(server, client, local):
