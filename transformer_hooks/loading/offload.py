@@ -236,7 +236,7 @@ class Offloaded(OneDevice):
         self.store = store
 
     def device_of(self, group: str) -> Any:
-        """Blocks are read to the CPU (then stored); the other groups to the compute device."""
+        """Where ``group`` is read to: the CPU for a block (then stored), the compute device for the others."""
         return "cpu" if sites.layer_of(group) is not None else self.device
 
     def after_group(self, model: Any, names: list[str]) -> None:
