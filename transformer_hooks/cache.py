@@ -38,13 +38,19 @@ class ActivationCache(ResidualDecompositions, HookCache):
     Index by full name (``cache["blocks.3.hook_resid_post"]``), by ``(name, layer)``
     (``cache["resid_post", -1]``, ``cache["pattern", 0]``) or ``(name, layer, sublayer)``
     (``cache["scale", 2, "ln1"]``); short names are ``utils.get_act_name``'s.
+
+    Args:
+        cache_dict: the activations by full hook name.
+        model: the model they came from (None, as TransformerLens allows: a dict of
+            activations without the methods that read the architecture).
+        has_batch_dim: whether the activations have a batch dimension (False after
+            ``run_with_cache(remove_batch_dim=True)``).
     """
 
     def __init__(
         self, cache_dict: dict[str, torch.Tensor], model: HookedModel | None, has_batch_dim: bool = True
     ) -> None:
-        """``model=None`` (as TransformerLens allows): a dict of activations by full hook name,
-        without the methods that read the architecture (decompositions, ``("resid_pre", 0)`` keys)."""
+        """See the class docstring for ``cache_dict``, ``model`` and ``has_batch_dim``."""
         super().__init__(cache_dict, has_batch_dim)
         self.model: HookedModel = model  # type: ignore[assignment]  # None: cfg says so when read
         # From the architecture, not from what happens to be cached: a decomposition that
@@ -95,7 +101,8 @@ class ActivationCache(ResidualDecompositions, HookCache):
     def stack_activation(
         self, activation_name: str, layer: int | None = -1, sublayer_type: str | None = None
     ) -> Float[torch.Tensor, "layer ..."]:
-        """``activation_name`` (a short name, e.g. ``"pattern"``) of every block before ``layer``, stacked."""
+        """``activation_name`` (a short name, e.g. ``"pattern"``) of every block before ``layer``,
+        stacked; ``sublayer_type`` picks the norm of a per-norm site (``"ln1"``, ``"ln2"``)."""
         layer = self._stack_layer(layer)
         return torch.stack(
             _one_device([self._get((activation_name, L, sublayer_type), "stack_activation") for L in range(layer)])

@@ -41,6 +41,15 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The architecture facts a forward pass needs, one field per quirk (see the module docstring).
+
+    The first eleven fields are required (sizes, activation, norm type and epsilon, positional
+    embedding); the rest default to GPT-2-like behaviour and are commented where they are
+    declared. Filled in by ``weights_conversion/<family>.py``; frozen but for the
+    TransformerLens ``use_*`` switches: use ``replace`` for a changed copy, ``to_dict`` /
+    ``from_dict`` to store it.
+    """
+
     d_model: int
     n_layers: int
     n_heads: int
@@ -202,14 +211,17 @@ class ModelConfig:
     # TransformerLens spellings, so ported code keeps working.
     @property
     def n_key_value_heads(self) -> int:
+        """TransformerLens's name for ``n_kv_heads``."""
         return self.n_kv_heads
 
     @property
     def parallel_attn_mlp(self) -> bool:
+        """TransformerLens's name for ``parallel_residual``."""
         return self.parallel_residual
 
     @property
     def rotary_base(self) -> float:
+        """TransformerLens's name for ``rope_theta``."""
         return self.rope_theta
 
     @property
@@ -227,6 +239,7 @@ class ModelConfig:
 
     @property
     def positional_embedding_type(self) -> str:
+        """TransformerLens's name: ``"standard"`` for learned positions, else ``"rotary"``."""
         return "standard" if self.positional_embedding == "learned" else "rotary"
 
     def replace(self, **changes: Any) -> "ModelConfig":
@@ -245,6 +258,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        """The config stored as ``d`` (``to_dict``'s output); ValueError naming unknown or missing fields."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:

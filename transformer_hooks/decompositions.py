@@ -22,6 +22,14 @@ the last block). Architecture notes: parallel-residual blocks (Pythia) have no
 ``resid_mid`` (attention and MLP both read ``resid_pre``), and rotary models have no
 ``pos_embed``; the stacks simply leave those parts out.
 
+Arguments the methods share: ``pos_slice`` keeps only those positions (an int, a (start,
+stop) tuple, a slice or indices, as ``utils.Slice``; an int drops the position dim);
+``return_labels`` also returns the rows' labels, ``(stack, labels)``; ``apply_ln`` puts
+the stack through the norm that reads ``layer``'s input with its cached scale
+(``apply_ln_to_stack``); ``mlp_input`` means the input to ``layer``'s MLP instead of its
+attention; ``incl_remainder`` adds a ``"remainder"`` row, the rest of the residual stream,
+so the rows sum to it.
+
 Per-head results are computed from the cached ``z`` and ``W_O`` when
 ``attn.hook_result`` was not cached (run_with_cache leaves it out by default).
 
@@ -69,6 +77,7 @@ class ResidualDecompositions:
 
     @property
     def cfg(self) -> Any:
+        """The model's config; ValueError for a cache made with ``model=None``."""
         if self.model is None:
             raise ValueError(
                 "this ActivationCache was made with model=None: pass the model to use what reads the "
@@ -130,7 +139,7 @@ class ResidualDecompositions:
         ``resid_mid`` (``"3_mid"``), and for the full model the final ``resid_post``
         (``"final_post"``), which is what the final norm reads. ``mlp_input`` adds
         ``resid_mid`` of ``layer`` itself. Parallel-residual blocks have no ``resid_mid``,
-        so ``incl_mid`` adds nothing there.
+        so ``incl_mid`` adds nothing there. ``pos_slice`` and ``return_labels`` as in the module docstring.
 
         ``apply_ln``: as TransformerLens 3.9 does. At the final layer (the default), each row
         goes through the final norm with its own statistics (``apply_ln_to_stack(...,
@@ -179,7 +188,8 @@ class ResidualDecompositions:
         each block before ``layer`` (``mode`` keeps only one kind); ``mlp_input`` adds
         ``layer``'s own ``attn_out`` (sequential blocks; a parallel block's MLP reads
         ``resid_pre``). With ``mode="all"`` and ``incl_embeds`` the rows sum to that
-        residual stream exactly.
+        residual stream exactly. ``apply_ln``, ``pos_slice`` and ``return_labels`` as in the
+        module docstring.
         """
         if mode not in ("all", "mlp", "attn"):
             raise ValueError(f"mode must be 'all', 'mlp' or 'attn', got {mode!r}")
@@ -253,7 +263,8 @@ class ResidualDecompositions:
         ``[layer * n_heads, ..., d_model]``, ordered layer-major (``"L0H0", "L0H1", ...``).
 
         ``incl_remainder`` adds the rest of the residual stream entering ``layer``
-        (``"remainder"``), so the rows sum to it.
+        (``"remainder"``), so the rows sum to it. ``return_labels``, ``pos_slice`` and
+        ``apply_ln`` as in the module docstring.
         """
         layer = self._stack_layer(layer)
         pos_slice = Slice.unwrap(pos_slice)
@@ -302,7 +313,9 @@ class ResidualDecompositions:
         self, layer: int, neuron_slice: SliceInput | Slice = None, pos_slice: SliceInput | Slice = None
     ) -> Float[torch.Tensor, "*batch_and_pos neuron d_model"]:
         """Each neuron's write to the residual stream, ``post[..., n] * W_out[n]`` (through ``ln2_post``
-        with its cached scale, if the block has one), for block ``layer``."""
+        with its cached scale, if the block has one), for block ``layer``: [*batch_and_pos,
+        neuron, d_model], for the neurons ``neuron_slice`` keeps (a ``utils.Slice``) at the
+        positions ``pos_slice`` keeps."""
         layer = check_layer(layer, self.cfg.n_layers)
         neuron_slice, pos_slice = _keep_dim(Slice.unwrap(neuron_slice)), Slice.unwrap(pos_slice)
         post = self._get(("post", layer), "get_neuron_results")
@@ -324,6 +337,8 @@ class ResidualDecompositions:
         """Each neuron's output (without ``b_out``) for the blocks before ``layer``:
         ``[layer * neurons, ..., d_model]``, labels ``"L3N7"``. Memory grows as
         d_mlp x d_model per position: slice positions or neurons for large models.
+        ``neuron_slice`` keeps those neurons of each layer (a ``utils.Slice``); ``pos_slice``,
+        ``return_labels``, ``incl_remainder`` and ``apply_ln`` as in the module docstring.
         """
         layer = self._stack_layer(layer)
         neuron_slice, pos_slice = _keep_dim(Slice.unwrap(neuron_slice)), Slice.unwrap(pos_slice)
@@ -350,6 +365,7 @@ class ResidualDecompositions:
         residual stream exactly; with ``apply_ln`` they sum to the norm's ``hook_normalized``
         exactly (``apply_ln_to_stack``: before the norm's weight and bias, as TransformerLens).
         So, for the full model of a folded model, ``stack.sum(0) @ W_U + b_U`` are the logits.
+        ``mlp_input``, ``pos_slice`` and ``return_labels`` as in the module docstring.
         """
         layer = self._stack_layer(layer)
         self._check_mlp_input(layer, mlp_input)
@@ -455,7 +471,10 @@ class ResidualDecompositions:
 
         The stack is ``[..., *batch_and_pos, d_model]`` with any number of leading
         component dims; its batch/pos dims must be those of the cached scale after
-        ``pos_slice`` (pass the ``pos_slice`` the stack was built with) and ``batch_slice``.
+        ``pos_slice`` (pass the ``pos_slice`` the stack was built with) and ``batch_slice``
+        (the examples the stack has, a ``utils.Slice``). ``residual_stack``: the stack;
+        ``has_batch_dim=False``: it has no batch dim (one example, picked by ``batch_slice``)
+        though the cache has one.
 
         ``recompute_ln`` (TransformerLens's argument and default): at the final layer, put each
         component through the final norm with statistics recomputed from that component
@@ -531,6 +550,8 @@ class ResidualDecompositions:
 
         ``b_U`` is not included (it belongs to no component). Tokens may be strings (each
         one token), ids, or a tensor of ids ``[batch]`` (one per example) or ``[batch, pos]``.
+        ``residual_stack``, ``pos_slice``, ``batch_slice`` and ``has_batch_dim`` as in
+        ``apply_ln_to_stack``.
         """
         directions = self.model.tokens_to_residual_directions(tokens)
         if incorrect_tokens is not None:

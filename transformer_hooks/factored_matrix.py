@@ -81,10 +81,12 @@ class FactoredMatrix:
 
     @property
     def ndim(self) -> int:
+        """The number of dimensions (leading ones included)."""
         return len(self.shape)
 
     @property
     def pair(self) -> tuple[Float[torch.Tensor, "*leading ldim mdim"], Float[torch.Tensor, "*leading mdim rdim"]]:
+        """The factors ``(A, B)``."""
         return self.A, self.B
 
     # Products ----------------------------------------------------------------------
@@ -102,6 +104,7 @@ class FactoredMatrix:
 
     @property
     def T(self) -> FactoredMatrix:
+        """The transpose, still factored: ``B.T @ A.T``."""
         return FactoredMatrix(self.B.transpose(-2, -1), self.A.transpose(-2, -1))
 
     def __matmul__(self, other: torch.Tensor | FactoredMatrix) -> torch.Tensor | FactoredMatrix:
@@ -175,14 +178,17 @@ class FactoredMatrix:
 
     @property
     def U(self) -> Float[torch.Tensor, "*leading ldim rank"]:
+        """The left singular vectors of ``svd()`` [..., ldim, rank]."""
         return self.svd()[0]
 
     @property
     def S(self) -> Float[torch.Tensor, "*leading rank"]:
+        """The singular values of ``svd()`` [..., rank]."""
         return self.svd()[1]
 
     @property
     def V(self) -> Float[torch.Tensor, "*leading rdim rank"]:
+        """The right singular vectors of ``svd()`` [..., rdim, rank] (not transposed, as TransformerLens)."""
         return self.svd()[2]
 
     @property

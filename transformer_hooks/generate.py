@@ -64,7 +64,8 @@ def sample_logits(
     ``temperature == 0``: argmax. Otherwise logits / temperature, minus
     ``freq_penalty * count`` of each token so far (``token_counts``), restricted to the
     ``top_k`` largest or to the smallest set whose probability reaches ``top_p`` (the
-    top token always stays), then sampled from the softmax.
+    top token always stays), then sampled from the softmax. ``final_logits``: the last
+    position's logits [batch, d_vocab].
     """
     if check_temperature(temperature) == 0.0:
         return final_logits.argmax(dim=-1)
@@ -146,6 +147,9 @@ def generate(
     padding), "tokens" ([batch, pos + new], prompt included), or "input" (strings for
     string input, tokens for tokens).
     ``use_past_kv_cache=False`` reruns the whole sequence every step (same tokens, slower).
+    ``model``: the model to run (its hooks fire on every step). ``prepend_bos`` and
+    ``padding_side``: for string input, as in ``model.to_tokens`` (default: the model's BOS
+    rule, left padding). ``verbose``: a progress bar over the steps.
     """
     if return_type not in ("input", "str", "tokens"):
         raise ValueError(f"return_type must be 'input', 'str' or 'tokens', got {return_type!r}")

@@ -21,7 +21,8 @@ class HookCache:
     hooked module (``HookedTransformer`` wraps it in ``ActivationCache``).
 
     Dict-like (``cache[name]``, ``keys``, ``items``, ``values``, ``len``, ``in``), with
-    ``to(device)`` and ``remove_batch_dim()``; the tensors are in ``cache_dict``.
+    ``to(device)`` and ``remove_batch_dim()``; the tensors are in ``cache_dict``, and
+    ``has_batch_dim`` says whether they have a batch dimension.
     """
 
     def __init__(self, cache_dict: dict[str, torch.Tensor], has_batch_dim: bool = True) -> None:
@@ -67,8 +68,9 @@ class HookCache:
         return self
 
     def apply_slice_to_batch_dim(self, batch_slice: Any) -> "HookCache":
-        """A new cache (of the same class) of some examples of the batch: an int, a (start, stop)
-        tuple, a slice or indices, as ``utils.Slice``; an int index drops the batch dim."""
+        """A new cache (of the same class) of the examples ``batch_slice`` keeps: an int, a (start,
+        stop) tuple, a slice or indices, as ``utils.Slice``; an int index drops the batch dim.
+        """
         if not self.has_batch_dim:
             raise ValueError("this cache has no batch dimension to slice")
         batch_slice = Slice.unwrap(batch_slice)

@@ -81,8 +81,9 @@ class _Hook:
 
 
 def reads_only(fn: HookFn) -> HookFn:
-    """Mark a hook that never edits its activation in place: a site whose input is shared
-    makes no copy for it (see ``HookPoint(copy_input=True)``)."""
+    """Mark the hook ``fn`` as never editing its activation in place: a site whose input is shared
+    makes no copy for it (see ``HookPoint(copy_input=True)``). Returns ``fn``.
+    """
     fn.reads_only = True  # type: ignore[attr-defined]
     return fn
 
@@ -160,6 +161,7 @@ class HookPoint(nn.Module):
 
     @property
     def bwd_hooks(self) -> list[_Hook]:
+        """The backward hooks this thread sees: the model's, then its own scoped ones."""
         return [*self.model_bwd, *self._scoped()[1]]
 
     @property
@@ -170,13 +172,16 @@ class HookPoint(nn.Module):
         return bool(self.n_scoped) and self in _SCOPED.get()
 
     def has_hooks(self, dir: str = "both", including_permanent: bool = True, level: int | None = None) -> bool:
-        """TransformerLens's ``has_hooks``: whether the calling thread sees a hook here in
-        direction ``dir`` ("fwd", "bwd" or "both"), optionally leaving out permanent hooks or
-        keeping only those of one ``hooks()`` context ``level``."""
+        """TransformerLens's ``has_hooks``: whether the calling thread sees a hook here in direction
+        ``dir`` ("fwd", "bwd" or "both"), ``including_permanent`` ones or not, of one ``hooks()``
+        context ``level`` (None: any).
+        """
         return bool(self.list_hooks(dir, including_permanent, level))
 
     def list_hooks(self, dir: str = "both", including_permanent: bool = True, level: int | None = None) -> list[_Hook]:
-        """The hooks ``has_hooks`` counts (each has ``fn``, ``is_permanent`` and ``context_level``)."""
+        """The hooks ``has_hooks`` counts, with the same ``dir``, ``including_permanent`` and ``level``
+        (each has ``fn``, ``is_permanent`` and ``context_level``).
+        """
         if dir not in ("fwd", "bwd", "both"):
             raise ValueError(f"dir must be 'fwd', 'bwd' or 'both', got {dir!r}")
         hooks = [*(self.fwd_hooks if dir != "bwd" else []), *(self.bwd_hooks if dir != "fwd" else [])]
@@ -210,7 +215,9 @@ class HookPoint(nn.Module):
         hooks.insert(0, entry) if prepend else hooks.append(entry)
 
     def remove_hooks(self, dir: str = "both", including_permanent: bool = False, level: int | None = None) -> None:
-        """Remove the model's hooks here, and the calling thread's scoped ones."""
+        """Remove the model's hooks here, and the calling thread's scoped ones: ``dir``,
+        ``including_permanent`` and ``level`` select them as in ``has_hooks``.
+        """
 
         def keep(h: _Hook) -> bool:
             if h.permanent and not including_permanent:
@@ -244,6 +251,9 @@ class HookPoint(nn.Module):
         return self.forward(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the hooks on ``x`` (the activation) in order and return the result; a hook's
+        replacement must keep the shape, device and dtype (``HookShapeError`` otherwise).
+        """
         scoped_fwd, scoped_bwd = self._scoped()
         fwd = [*self.model_fwd, *scoped_fwd]
         if self.copy_input and not all(h.reads_only for h in fwd):
@@ -291,6 +301,7 @@ class HookPoint(nn.Module):
             )
 
     def extra_repr(self) -> str:
+        """The site's name and its hook counts, for ``repr``."""
         return f"name={self.name!r}, fwd={len(self.fwd_hooks)}, bwd={len(self.bwd_hooks)}"
 
     @property
@@ -397,8 +408,11 @@ class HookedRootModule(nn.Module):
         level: int | None = None,
         prepend: bool = False,
     ) -> None:
-        """Attach ``hook`` to one site (a name) or every site a predicate accepts. Stays until
-        ``reset_hooks()``."""
+        """Attach ``hook`` (``fn(activation, hook) -> new activation or None``) model-wide until
+        ``reset_hooks()``: to the site ``name`` (a name, glob, or predicate on names), in direction
+        ``dir`` ("fwd" or "bwd"), owned by context ``level``, kept by ``reset_hooks()`` when
+        ``is_permanent``, run before the hooks already there when ``prepend``.
+        """
         for n in self.resolve_hook_names(name):
             self.hook_dict[n].add_hook(hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
 
@@ -436,10 +450,14 @@ class HookedRootModule(nn.Module):
         reset_hooks_end: bool = True,
         clear_contexts: bool = False,
     ) -> Iterator["HookedRootModule"]:
-        """Hooks that live for the ``with`` block; removed on exit, also after an exception.
+        """Hooks that live for the ``with`` block (which gets the model); removed on exit, also after an exception.
 
-        They are seen by the calling thread only (``add_hook`` attaches model-wide).
-        Every name is checked before any hook is attached, so a typo attaches nothing.
+        They are seen by the calling thread only (``add_hook`` attaches model-wide). Every name is
+        checked before any hook is attached, so a typo attaches nothing. ``fwd_hooks`` and
+        ``bwd_hooks``: ``(name, fn)`` pairs, a name being a name, a list, a glob or a predicate
+        (backward hooks run on the site's gradient in ``backward()``). ``reset_hooks_end=False``
+        keeps them until ``reset_hooks()``; ``clear_contexts`` also forgets, on exit, the
+        contexts the hooks saved (``hook.ctx``).
         """
         resolved = [
             (self.resolve_hook_names(n), fn, d)
@@ -481,7 +499,11 @@ class HookedRootModule(nn.Module):
         clear_contexts: bool = False,
         **model_kwargs: Any,
     ) -> Any:
-        """One forward with temporary hooks (TransformerLens signature)."""
+        """One forward with temporary hooks (TransformerLens's signature): the forward of
+        ``model_args`` and ``model_kwargs`` inside ``hooks(fwd_hooks, bwd_hooks, reset_hooks_end,
+        clear_contexts)``. Backward hooks fire after this returns, so they need
+        ``reset_hooks_end=False`` (ValueError otherwise).
+        """
         if bwd_hooks and reset_hooks_end:
             raise ValueError(
                 "bwd_hooks fire during backward(), after run_with_hooks returns and has removed them: "
@@ -503,7 +525,9 @@ class HookedRootModule(nn.Module):
         self, name_filter: NameFilter = None, dir: str = "both", including_permanent: bool = True
     ) -> dict[str, list[_Hook]]:
         """TransformerLens's ``list_hooks``: the hooks the calling thread sees, by site name, for
-        the sites ``name_filter`` selects (None: all); sites without hooks are left out."""
+        the sites ``name_filter`` selects (None: all); sites without hooks are left out. ``dir``
+        and ``including_permanent`` as in ``HookPoint.has_hooks``.
+        """
         if name_filter is None or callable(name_filter):
             names = [n for n in self.hook_dict if name_filter is None or name_filter(n)]
         else:
@@ -527,17 +551,27 @@ class HookedRootModule(nn.Module):
     ) -> tuple[Any, Any]:
         """Run forward and store the activations of the selected sites.
 
-        ``names_filter``: a name, a list of names (globs allowed), or a predicate on names.
-        ``incl_bwd``: also call ``backward()`` on the output (a scalar, e.g.
-        ``return_type="loss"``) and store each site's gradient as ``name + "_grad"``.
-        ``detach=False`` keeps the autograd graph of cached activations.
-        ``pos_slice`` (an int, a (start, stop) tuple, a slice or indices, as TransformerLens's
-        ``Slice``) keeps only those positions: the query positions of attention scores and
-        patterns. An int drops the position dim, as in TransformerLens.
-
-        The first call in a process lets glibc keep freed memory for reuse, so repeated
-        caches reuse pages instead of faulting fresh ones in (``memory.keep_freed_memory``;
+        The first call in a process lets glibc keep freed memory for reuse (``memory.keep_freed_memory``;
         opt out with ``keep_freed_memory(False)`` or ``TRANSFORMER_HOOKS_KEEP_FREED_MEMORY=0``).
+
+        Args:
+            *model_args: the forward's positional arguments.
+            names_filter: a name, a list of names (globs allowed), or a predicate on names (None:
+                every site whose TransformerLens switch is on; see ``cache_names``).
+            device: move each activation there (None: where it is).
+            remove_batch_dim: drop the batch dimension (ValueError unless the batch is one).
+            incl_bwd: also call ``backward()`` on the output (a scalar, e.g. ``return_type="loss"``)
+                and store each site's gradient as ``name + "_grad"``.
+            reset_hooks_end: as in ``hooks``.
+            clear_contexts: as in ``hooks``.
+            detach: False keeps the autograd graph of cached activations.
+            return_cache_object: a ``HookCache`` (True) or the plain dict.
+            pos_slice: positions to keep, as TransformerLens's ``Slice`` (the query positions of
+                attention scores and patterns); an int drops the position dim.
+            **model_kwargs: the forward's keyword arguments.
+
+        Returns:
+            (the forward's output, the cache).
         """
         from .memory import keep_freed_memory_by_default  # memory imports nothing of ours
 

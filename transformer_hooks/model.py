@@ -59,10 +59,9 @@ class HookedTransformer(HookedRootModule, TokenMethods, WeightViews):
         move_to_device: bool = True,
         default_padding_side: Literal["left", "right"] | None = None,
     ) -> None:
-        """A model of the architecture ``cfg``. A ``ModelConfig`` builds it with uninitialised
-        weights (loaders fill them); a TransformerLens ``HookedTransformerConfig`` (or its dict)
-        builds it as TransformerLens does: weights initialised by ``init_weights`` (unless
-        ``cfg.init_weights`` is False), in ``cfg.dtype``, moved to ``cfg.device``."""
+        """Build the model: ``cfg``, ``tokenizer``, ``move_to_device`` and ``default_padding_side`` as in the class
+        docstring.
+        """
         super().__init__()
         tl_cfg = None
         if not isinstance(cfg, ModelConfig):
@@ -177,11 +176,13 @@ class HookedTransformer(HookedRootModule, TokenMethods, WeightViews):
 
     @property
     def device(self) -> torch.device:
+        """The device of the embeddings (where inputs go); split over processes, the placement's device."""
         where = self.placement.device  # split over processes: another rank may hold the embeddings
         return torch.device(where) if where is not None else self.embed.W_E.device
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the weights (the embedding's)."""
         return self.embed.W_E.dtype
 
     # Forward --------------------------------------------------------------------------
@@ -200,19 +201,32 @@ class HookedTransformer(HookedRootModule, TokenMethods, WeightViews):
     ) -> Any:
         """Run the model.
 
-        ``input``: a string, a list of strings (padded; the mask comes with them), or tokens
-        [batch, pos] / [pos]. With ``start_at_layer``, ``input`` is the residual stream
-        [batch, pos, d_model] entering that block (pass ``tokens`` for a loss).
-        ``attention_mask``: 1 for real tokens, 0 for padding (either side); positions count
-        real tokens only, so a padded row gives the logits it gives alone. Without it, token
-        ids from a tokenizer that pads on the left have their leading pad tokens masked, as
-        TransformerLens does (see ``tokens.left_padding_mask``).
-        ``stop_at_layer``: return the residual stream entering that block (before it runs).
-        ``return_type``: "logits", "loss" (mean next-token cross-entropy), "both" or None.
-
         Split over processes (``from_pretrained(..., pipeline_ranks=k)``, loading/pipeline.py):
         every rank calls the model with the same input; rank 0 returns the output, the other
         ranks return None.
+
+        Args:
+            input: a string, a list of strings (padded; the mask comes with them), or tokens
+                [batch, pos] / [pos]. With ``start_at_layer``, the residual stream [batch, pos, d_model]
+                entering that block.
+            return_type: ``"logits"`` [batch, pos, d_vocab], ``"loss"`` (mean next-token
+                cross-entropy), ``"both"`` (logits, loss) or None (the final norm runs, nothing is returned).
+            loss_per_token: the loss per prediction, [batch, pos - 1], instead of its mean.
+            prepend_bos: for string input, start each string with BOS (None: ``cfg.default_prepend_bos``).
+            padding_side: for a list of strings, ``"left"`` or ``"right"`` (None: the tokenizer's).
+            attention_mask: [batch, pos], 1 for real tokens, 0 for padding (either side); positions
+                count real tokens only, so a padded row gives the logits it gives alone. Without it,
+                token ids from a tokenizer that pads on the left have their leading pad tokens masked,
+                as TransformerLens does (see ``tokens.left_padding_mask``).
+            start_at_layer: run from this block on (``input`` is then the residual stream).
+            stop_at_layer: return the residual stream entering this block (before it runs).
+            tokens: with ``start_at_layer``, the token ids a loss is computed on.
+            past_kv_cache: a ``KVCache`` that holds the earlier positions' keys and values; the new
+                ones are written into it (``generate`` uses this).
+
+        Raises:
+            ValueError: an unknown ``return_type``, ``start_at_layer`` after ``stop_at_layer``, or a
+                loss without tokens.
         """
         if return_type not in ("logits", "loss", "both", None):
             raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
@@ -330,7 +344,10 @@ class HookedTransformer(HookedRootModule, TokenMethods, WeightViews):
         attention_mask: torch.Tensor | None = None,
         per_token: bool = False,
     ) -> torch.Tensor:
-        """Next-token cross-entropy of ``logits`` on ``tokens`` (as ``return_type="loss"``)."""
+        """Next-token cross-entropy of ``logits`` on ``tokens`` (as ``return_type="loss"``; see
+        ``utils.lm_cross_entropy_loss``): only the predictions ``attention_mask`` keeps count;
+        ``per_token`` returns [batch, pos - 1] instead of the mean.
+        """
         return lm_cross_entropy_loss(logits, tokens, attention_mask, per_token=per_token)
 
     def set_tokenizer(self, tokenizer: Any, default_padding_side: Literal["left", "right"] = "right") -> None:
@@ -344,13 +361,24 @@ class HookedTransformer(HookedRootModule, TokenMethods, WeightViews):
     def run_with_cache(
         self, *model_args: Any, return_cache_object: bool = True, remove_batch_dim: bool = False, **kwargs: Any
     ) -> tuple[Any, Any]:
-        """``HookedRootModule.run_with_cache`` (same arguments), with the activations in an
-        ``ActivationCache`` (DLA, stacking, TransformerLens's indexing) as TransformerLens does.
+        """Run the model and return (output, cache) with the activations of the sites it selects.
+
+        As ``hooks.HookedRootModule.run_with_cache``, with the activations in an ``ActivationCache``
+        (DLA, stacking, TransformerLens's indexing) as TransformerLens does.
 
         Split over processes (``pipeline_ranks``): each rank caches the sites of its blocks and
         sends them to rank 0, which returns the output and the whole cache; the other ranks
         return (None, None). Rank 0 holds only its own blocks' weights, so cache methods that
-        read other blocks' weights (per-head results from ``W_O``) need those sites cached."""
+        read other blocks' weights (per-head results from ``W_O``) need those sites cached.
+
+        Args:
+            *model_args: the forward's positional arguments (``input``, ...).
+            return_cache_object: an ``ActivationCache`` (True) or a plain dict of tensors.
+            remove_batch_dim: drop the batch dimension (a batch of one).
+            **kwargs: the forward's keyword arguments and ``HookedRootModule.run_with_cache``'s:
+                ``names_filter``, ``device``, ``incl_bwd``, ``reset_hooks_end``, ``clear_contexts``,
+                ``detach``, ``pos_slice`` (see there).
+        """
         if self.placement.kind == "pipeline" and kwargs.get("incl_bwd"):
             raise ValueError("incl_bwd: gradients do not cross the ranks of a model split over processes")
         out, store = super().run_with_cache(
@@ -394,10 +422,18 @@ class HookedTransformer(HookedRootModule, TokenMethods, WeightViews):
         attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
         past_kv_cache: KVCache | None = None,
     ) -> tuple[Float[torch.Tensor, "batch pos d_model"], torch.Tensor, None, torch.Tensor | None]:
-        """TransformerLens's ``input_to_embed``: (the residual stream entering block 0, the
-        tokens, None (no shortformer positions here), the attention mask), through
-        ``hook_embed`` / ``hook_pos_embed`` as the forward computes them; pass the residual to
-        ``model(resid, start_at_layer=0, attention_mask=mask)``."""
+        """TransformerLens's ``input_to_embed``: the residual stream entering block 0.
+
+        Pass the residual to ``model(resid, start_at_layer=0, attention_mask=mask)``.
+
+        Args:
+            input: as in ``forward``; ``prepend_bos``, ``padding_side`` and ``attention_mask`` as there.
+            past_kv_cache: a ``KVCache`` whose length offsets the positions (a decoding step).
+
+        Returns:
+            (residual [batch, pos, d_model] through ``hook_embed`` / ``hook_pos_embed`` as the forward
+            computes it, the tokens, None (no shortformer positions here), the attention mask or None).
+        """
         decoding = past_kv_cache is not None and past_kv_cache.length > 0
         tokens, attention_mask = tokens_lib.tokens_and_mask(
             self.tokenizer, self.cfg, input, prepend_bos, padding_side, attention_mask, self.device, not decoding
@@ -423,19 +459,25 @@ class HookedTransformer(HookedRootModule, TokenMethods, WeightViews):
         setattr(self.cfg, flag, on)
 
     def set_use_attn_result(self, use_attn_result: bool) -> None:
-        """Select ``attn.hook_result`` (each head's output, [batch, pos, head, d_model]) by default."""
+        """Whether ``attn.hook_result`` (each head's output, [batch, pos, head, d_model]) is selected by
+        default (``use_attn_result``); a name always selects it.
+        """
         self._switch("use_attn_result", use_attn_result)
 
     def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
-        """Select ``hook_q_input``, ``hook_k_input`` and ``hook_v_input`` (per head) by default."""
+        """Whether ``hook_q_input``, ``hook_k_input`` and ``hook_v_input`` (per head) are selected by
+        default (``use_split_qkv_input``).
+        """
         self._switch("use_split_qkv_input", use_split_qkv_input)
 
     def set_use_attn_in(self, use_attn_in: bool) -> None:
-        """Select ``hook_attn_in`` (the attention input, per head) by default."""
+        """Whether ``hook_attn_in`` (the attention input, per head) is selected by default (``use_attn_in``)."""
         self._switch("use_attn_in", use_attn_in)
 
     def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
-        """Select ``hook_mlp_in`` (a copy of the residual the MLP reads) by default."""
+        """Whether ``hook_mlp_in`` (a copy of the residual the MLP reads) is
+        selected by default (``use_hook_mlp_in``).
+        """
         self._switch("use_hook_mlp_in", use_hook_mlp_in)
 
     def process_weights_(
@@ -451,6 +493,16 @@ class HookedTransformer(HookedRootModule, TokenMethods, WeightViews):
         Steps already applied are skipped, so a model loaded with ``from_pretrained`` is left as
         it is. The result equals loading with the same flags. Hooks are not carried over: remove
         them first. Processing holds a second copy of the weights while it runs.
+
+        Args:
+            fold_ln: fold each norm's weight (and bias) into the layer that reads it.
+            center_writing_weights: centre the weights that write to the residual stream.
+            center_unembed: centre the unembedding (skipped, with a warning, for soft-capped logits).
+            fold_value_biases: fold the value biases into the output bias.
+            refactor_factored_attn_matrices: TransformerLens's QK/OV refactoring.
+
+        Returns:
+            The model.
         """
         from .loading import ProcessingOptions, processed_copy  # lazy: loading builds on the model
 
@@ -479,9 +531,9 @@ class HookedTransformer(HookedRootModule, TokenMethods, WeightViews):
     # Compiling (opt in) ---------------------------------------------------------------------
     # Unlike nn.Module.compile: keyword arguments only, and it returns the model.
     def compile(self, **compile_kwargs: Any) -> "HookedTransformer":  # type: ignore[override]
-        """Run calls of the model through ``torch.compile`` (its keyword arguments, e.g.
-        ``backend``, ``mode``), and return the model. Call it last (after loading, processing
-        and moving).
+        """Run calls of the model through ``torch.compile`` and return the model.
+
+        Call it last (after loading, processing and moving).
 
         Hooks still fire, with the numbers of the eager path: each site's hook functions run
         eagerly (``torch.compiler.disable``), so the compiled graph never traces user code and
@@ -492,6 +544,9 @@ class HookedTransformer(HookedRootModule, TokenMethods, WeightViews):
         first reached from another set), and past torch's recompile limit (8 per frame) a
         frame runs eagerly: slower, never wrong. Decoding
         steps with a KV cache (``generate``) run eagerly: every step has a new length.
+
+        Args:
+            **compile_kwargs: ``torch.compile``'s keyword arguments (``backend``, ``mode``, ``fullgraph``, ...).
         """
         for hook_point in self.hook_dict.values():
             # this hook point's own forward (an instance attribute), run eagerly
@@ -508,11 +563,43 @@ class HookedTransformer(HookedRootModule, TokenMethods, WeightViews):
 
     def trace(self, *args: Any, names_filter: Any = None, **kwargs: Any) -> Any:
         """``for site in model.trace(tokens): ...``: each activation of one forward, in order,
-        replaceable (``site.value = ...``) or a ``break`` away from stopping; see trace.py."""
+        replaceable (``site.value = ...``) or a ``break`` away from stopping; see trace.py.
+
+        Args:
+            *args: the forward's positional arguments (``input``, ...).
+            names_filter: the sites to visit (a name, names, or a predicate; None: as ``run_with_cache``).
+            **kwargs: the forward's keyword arguments (``return_type``, ``attention_mask``, ...).
+        """
         return Trace(self, *args, names_filter=names_filter, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """Sample a continuation with a preallocated KV cache; see generate.generate."""
+        """Continue the input by up to ``max_new_tokens`` tokens, with a preallocated KV cache.
+
+        Hooks attached to the model fire on the prompt and on every step (a steering hook steers
+        the whole continuation). The arguments are ``generate.generate``'s.
+
+        Args:
+            *args: ``input``, then any of the keyword arguments below in their order.
+            **kwargs: ``generate.generate``'s arguments:
+                ``input`` (a string, a list of strings, padded on the left, or tokens [batch, pos];
+                default ``""``),
+                ``max_new_tokens`` (default 10),
+                ``stop_at_eos`` (default True: a row that emits an end token keeps emitting it;
+                generation stops when every row has),
+                ``eos_token_id`` (an id or a list of ids; default the tokenizer's),
+                ``do_sample`` (default True; False is greedy),
+                ``top_k`` (sample among the k most likely tokens; default None),
+                ``top_p`` (nucleus sampling's probability mass; default None),
+                ``temperature`` (default 1.0; 0 is greedy),
+                ``freq_penalty`` (each token's logit minus ``freq_penalty`` times its count so far; default 0.0),
+                ``use_past_kv_cache`` (default True; False reruns the whole sequence every step),
+                ``prepend_bos`` (for strings; default the model's rule),
+                ``padding_side`` (default ``"left"``),
+                ``return_type`` (``"input"``, the default: strings for strings, tokens for tokens;
+                ``"str"``; ``"tokens"``, [batch, pos + new], prompt included),
+                ``verbose`` (default True: a progress bar), and
+                ``attention_mask`` (for padded token rows).
+        """
         return generate_lib.generate(self, *args, **kwargs)
 
 

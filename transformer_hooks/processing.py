@@ -24,7 +24,8 @@ The steps, in the order they run (and are recorded in ``ModelConfig.processing``
 Convention: tensors arriving in a group are never modified in place (they may be
 memory-mapped, or views shared with another tensor); a step replaces the group's entry
 with a new tensor, so the old one is freed as soon as nothing else holds it. Steps run
-in float32; the caller casts afterwards.
+in float32; the caller casts afterwards. Each step function takes ``cfg``, the config the
+group's tensors belong to (before the step), and the ``group``, whose entries it replaces.
 
 Post-norms (``ln1_post`` / ``ln2_post``: Gemma 2/3, OLMo 2) sit after the weights that
 write into them and before the residual stream, so no step folds them: they keep their
@@ -91,8 +92,8 @@ def steps_for(cfg: ModelConfig, options: ProcessingOptions) -> tuple[str, ...]:
 
 
 def processed_config(cfg: ModelConfig, options: ProcessingOptions) -> ModelConfig:
-    """The config of the processed model: folded norms become LNPre/RMSPre, and
-    ``processing`` records the steps applied, in order."""
+    """The config of the model ``cfg`` processed as ``options`` asks: folded norms become
+    LNPre/RMSPre, and ``processing`` records the steps applied, in order."""
     applied = steps_for(cfg, options)
     if options.center_unembed and cfg.final_logit_softcap is not None and "center_unembed" not in cfg.processing:
         logger.warning(
@@ -136,6 +137,7 @@ def fold_ln(cfg: ModelConfig, group: Group) -> None:
 
     RMSNorm has no bias and does not centre: only ``W' = diag(w) W``. Readers: q, k, v
     read ``ln1``; the MLP's ``W_in`` (and ``W_gate``) read ``ln2``; ``W_U`` reads ``ln_final``.
+    ``cfg`` and ``group`` as in the module docstring.
     """
     centre = cfg.norm_centres
     for block in _blocks_in(group):
@@ -183,6 +185,7 @@ def center_writing_weights(cfg: ModelConfig, group: Group) -> None:
     ``b_out`` becomes ``W - mean_{d_model}(W)``. Every reader of the residual stream is a
     LayerNorm, which subtracts the mean first, so nothing downstream changes; the
     residual stream itself then has zero mean (a direction nothing could read is gone).
+    ``cfg`` and ``group`` as in the module docstring.
     """
     writers = [
         name
@@ -202,7 +205,8 @@ def center_unembed(cfg: ModelConfig, group: Group) -> None:
     ``b_U' = b_U - mean(b_U)``.
 
     Logits at every position shift by one constant (``resid · mean(W_U) + mean(b_U)``),
-    which softmax ignores: log-probs are unchanged, logits are not.
+    which softmax ignores: log-probs are unchanged, logits are not. ``cfg`` and ``group`` as
+    in the module docstring.
     """
     for name in ("unembed.W_U", "unembed.b_U"):
         if name in group:
@@ -222,7 +226,8 @@ def fold_value_biases(cfg: ModelConfig, group: Group) -> None:
         b_O' = b_O + Σ_h b_V,h · W_O,h        b_V' = 0
 
     With grouped-query attention, query head h reads value head ``h // group_size``, so
-    b_V ([kv_head, d_head]) is expanded to one row per query head first.
+    b_V ([kv_head, d_head]) is expanded to one row per query head first. ``cfg`` and
+    ``group`` as in the module docstring.
     """
     for block in _blocks_in(group):
         attn = f"{block}attn."

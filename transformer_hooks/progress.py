@@ -22,7 +22,7 @@ _forced: bool | None = None
 
 
 def set_progress(enabled: bool | None) -> None:
-    """Turn every progress bar on (``True``) or off (``False``), or back to automatic (``None``:
+    """Turn every progress bar on (``enabled=True``) or off (``False``), or back to automatic (``None``:
     on only when stderr is a terminal and ``CI`` is unset)."""
     global _forced
     _forced = enabled
@@ -40,7 +40,7 @@ def progress_enabled() -> bool:
 
 def tqdm(*args: Any, **kwargs: Any) -> _tqdm:
     """``tqdm.tqdm`` writing to stderr, disabled unless :func:`progress_enabled` (or when the
-    caller passes ``disable=True``). Takes tqdm's own arguments."""
+    caller passes ``disable=True``). ``args`` and ``kwargs``: tqdm's own arguments."""
     kwargs["disable"] = bool(kwargs.get("disable", False)) or not progress_enabled()
     kwargs.setdefault("file", sys.stderr)
     return _tqdm(*args, **kwargs)

@@ -7,7 +7,9 @@ from collections.abc import Sequence
 
 
 def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    """The table's lines: headers, a rule of dashes, then one line per row."""
+    """The table's lines: ``headers``, a rule of dashes, then one line per row of ``rows``
+    (strings); columns padded to align, numeric columns to the right.
+    """
     columns = list(zip(headers, *rows, strict=True))
     widths = [max(map(len, col)) for col in columns]
     numeric = [bool(rows) and all(_numeric(c) for c in col[1:]) for col in columns]

@@ -33,7 +33,7 @@ def require_tokenizer(tokenizer: Any) -> Any:
 
 
 def pad_id(tokenizer: Any, cfg: ModelConfig) -> int:
-    """The id that fills padding: the tokenizer's pad token, else the config's, else an end token, else 0."""
+    """The id that fills padding: ``tokenizer``'s pad token, else ``cfg``'s, else an end token, else 0."""
     for candidate in (
         getattr(tokenizer, "pad_token_id", None),
         cfg.pad_token_id,
@@ -46,7 +46,7 @@ def pad_id(tokenizer: Any, cfg: ModelConfig) -> int:
 
 
 def bos_id(tokenizer: Any, cfg: ModelConfig) -> int:
-    """The tokenizer's BOS token id (or its EOS, as TransformerLens uses when there is none)."""
+    """The BOS id of ``tokenizer``, else ``cfg.bos_token_id``; ValueError when neither has one."""
     bos = getattr(tokenizer, "bos_token_id", None)
     bos = cfg.bos_token_id if bos is None else bos
     if bos is None:
@@ -86,7 +86,7 @@ def default_prepend_bos(tokenizer: Any, cfg: ModelConfig, adds_bos: bool | None 
 
     ``adds_bos`` is what decides for the tokenizer (``tokenizer_adds_bos``; a GGUF file's
     ``tokenizer.ggml.add_bos_token``, a converted checkpoint's stored answer); BOS and EOS
-    are the tokenizer's tokens, else the config's ids when there is no tokenizer.
+    are the tokenizer's tokens, else ``cfg``'s ids when there is no tokenizer.
     ``from_pretrained(default_prepend_bos=...)`` and every ``prepend_bos=`` override it.
     """
     if adds_bos is None:
@@ -101,12 +101,16 @@ def default_prepend_bos(tokenizer: Any, cfg: ModelConfig, adds_bos: bool | None 
 
 
 def is_text(input: Any) -> TypeGuard[TextInput]:
-    """A string or a non-empty list of strings (as opposed to token ids)."""
+    """Whether ``input`` is a string or a non-empty list of strings (as opposed to token ids)."""
     return isinstance(input, str) or (isinstance(input, (list, tuple)) and bool(input) and isinstance(input[0], str))
 
 
 def check_mask(attention_mask: Any, shape: tuple[int, int], device: Any = None) -> Int[torch.Tensor, "batch pos"]:
-    """An attention mask as 0/1 longs on ``device``, of the tokens' shape."""
+    """``attention_mask`` as 0/1 longs on ``device``, checked to have the tokens' ``shape`` ([pos] becomes [1, pos]).
+
+    Raises:
+        ValueError: a shape other than the tokens' or a value other than 0 and 1.
+    """
     mask = torch.as_tensor(attention_mask, device=device)
     if mask.ndim == 1:
         mask = mask[None]
@@ -118,7 +122,14 @@ def check_mask(attention_mask: Any, shape: tuple[int, int], device: Any = None) 
 
 
 def check_tokens(tokens: Any, cfg: ModelConfig, device: Any = None) -> Int[torch.Tensor, "batch pos"]:
-    """Token ids as a long tensor [batch, pos] on ``device``, each inside the vocabulary."""
+    """``tokens`` (a tensor or lists of ids, [pos] or [batch, pos]) as a long tensor [batch, pos] on
+    ``device``, each id checked to be inside ``cfg.d_vocab``.
+
+    Raises:
+        ValueError: empty input, rows of different lengths, float ids, more than 2 dimensions, or an id outside the
+            vocabulary.
+        TypeError: anything but a tensor or lists of ids.
+    """
     if isinstance(tokens, (list, tuple)):
         if not tokens:
             raise ValueError("empty input: pass at least one token or a non-empty string")
@@ -160,7 +171,19 @@ def tokenize(
     padding_side: PaddingSide | None = None,
     device: Any = None,
 ) -> tuple[Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "batch pos"] | None]:
-    """Tokens of one string or a padded batch of strings, and the padding mask (None without padding)."""
+    """Tokens of one string or a padded batch of strings, and the padding mask.
+
+    Args:
+        tokenizer: the HF tokenizer (ValueError when None).
+        cfg: the model's config (``default_prepend_bos``, the pad and BOS ids).
+        input: a string or a list of strings.
+        prepend_bos: start each string with BOS (None: ``cfg.default_prepend_bos``).
+        padding_side: ``"left"`` or ``"right"`` (None: the tokenizer's side, else right).
+        device: where the tensors go.
+
+    Returns:
+        (tokens [batch, pos], mask [batch, pos] with 0 at padding, or None when nothing is padded).
+    """
     tok = require_tokenizer(tokenizer)
     texts = [input] if isinstance(input, str) else list(input)
     prepend_bos = cfg.default_prepend_bos if prepend_bos is None else prepend_bos
@@ -232,8 +255,11 @@ def tokens_and_mask(
 ) -> tuple[Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "batch pos"] | None]:
     """Tokens [batch, pos] on ``device``, checked, and the padding mask (or None).
 
-    Token ids without ``attention_mask`` get TransformerLens's inferred mask
-    (``left_padding_mask``) unless ``infer_padding`` is False (a decoding step)."""
+    ``input`` is text (tokenized as ``tokenize`` does with ``tokenizer``, ``cfg``, ``prepend_bos``
+    and ``padding_side``) or token ids (checked by ``check_tokens``). Token ids without
+    ``attention_mask`` get TransformerLens's inferred mask (``left_padding_mask``) unless
+    ``infer_padding`` is False (a decoding step); an ``attention_mask`` given replaces the mask.
+    """
     if is_text(input):
         tokens, mask = tokenize(tokenizer, cfg, input, prepend_bos, padding_side, device)
     else:
@@ -253,8 +279,10 @@ def to_tokens(
     device: Any = None,
     truncate: bool = True,
 ) -> Int[torch.Tensor, "batch pos"]:
-    """Token ids [batch, pos]; a list of strings is padded. ``truncate`` cuts learned-position
-    models' input to ``n_ctx``."""
+    """Token ids [batch, pos] of ``input``, tokenized as ``tokenize`` does (with ``tokenizer``,
+    ``cfg``, ``prepend_bos``, ``padding_side``, ``device``); a list of strings is padded.
+    ``truncate`` cuts learned-position models' input to ``n_ctx``.
+    """
     tokens, _ = tokenize(tokenizer, cfg, input, prepend_bos, padding_side, device)
     if truncate and cfg.positional_embedding == "learned":
         tokens = tokens[:, : cfg.n_ctx]
@@ -262,7 +290,7 @@ def to_tokens(
 
 
 def to_string(tokenizer: Any, tokens: Int[torch.Tensor, "... pos"] | int | Sequence[int]) -> str | list[str]:
-    """One string for a single sequence, a list of strings for a batch."""
+    """``tokens`` decoded by ``tokenizer``: one string for a single sequence (or id), a list of strings for a batch."""
     tok = require_tokenizer(tokenizer)
     tokens = torch.as_tensor(tokens)
     if tokens.ndim <= 1:
@@ -277,7 +305,12 @@ def to_str_tokens(
     prepend_bos: bool | None = None,
     padding_side: PaddingSide | None = None,
 ) -> list[str] | list[list[str]]:
-    """Each token as its own string (a list per sequence for a batch or a list of strings)."""
+    """Each token of ``input`` as its own string, decoded by ``tokenizer``.
+
+    ``input``: a string (tokenized with ``cfg``, ``prepend_bos`` and ``padding_side`` as in
+    ``tokenize``), a list of strings, or token ids. Returns a list per sequence for a batch or a
+    list of strings.
+    """
     tok = require_tokenizer(tokenizer)
     if isinstance(input, (list, tuple)) and input and isinstance(input[0], str):
         return [to_str_tokens(tok, cfg, s, prepend_bos, padding_side) for s in input]  # type: ignore[return-value]  # one list[str] per string
@@ -290,7 +323,9 @@ def to_str_tokens(
 
 
 def to_single_token(tokenizer: Any, cfg: ModelConfig, string: str) -> int:
-    """The id of ``string``, which must be exactly one token (no BOS)."""
+    """The id of ``string``, tokenized by ``tokenizer`` and ``cfg`` without BOS; ValueError unless it is exactly one
+    token.
+    """
     tokens = to_tokens(tokenizer, cfg, string, prepend_bos=False)[0]
     if tokens.numel() != 1:
         raise ValueError(
@@ -309,7 +344,19 @@ def get_token_position(
     prepend_bos: bool | None = None,
     padding_side: PaddingSide | None = None,
 ) -> int:
-    """The position of ``single_token`` (a string of one token, or an id) in one sequence."""
+    """The position of ``single_token`` (a string of one token, or an id) in one sequence.
+
+    Args:
+        tokenizer: the HF tokenizer.
+        cfg: the model's config.
+        single_token: a string that is one token, or a token id.
+        input: a string (tokenized with ``prepend_bos`` and ``padding_side`` as in ``tokenize``)
+            or the token ids of one sequence.
+        mode: ``"first"`` or ``"last"`` occurrence.
+
+    Raises:
+        ValueError: a batch of more than one sequence, or a token that does not occur.
+    """
     tokens = (
         to_tokens(tokenizer, cfg, input, prepend_bos, padding_side)
         if isinstance(input, str)
@@ -345,7 +392,9 @@ class TokenMethods:
         padding_side: PaddingSide | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Tokens [batch, pos] on the model's device, checked, and the padding mask (or None)."""
+        """``tokens.tokens_and_mask`` with the model's tokenizer, config and device: ``input``,
+        ``prepend_bos``, ``padding_side`` and ``attention_mask`` as there.
+        """
         return tokens_and_mask(self.tokenizer, self.cfg, input, prepend_bos, padding_side, attention_mask, self.device)
 
     def _check_mask(self, attention_mask: Any, shape: tuple[int, int]) -> torch.Tensor:
@@ -359,7 +408,15 @@ class TokenMethods:
         move_to_device: bool = True,
         truncate: bool = True,
     ) -> Int[torch.Tensor, "batch pos"]:
-        """Token ids [batch, pos]; a list of strings is padded (see ``to_tokens_and_mask``)."""
+        """Token ids [batch, pos] of ``input`` (a string or strings; a list is padded).
+
+        Args:
+            input: a string or a list of strings.
+            prepend_bos: start each string with BOS (None: the model's ``default_prepend_bos``).
+            padding_side: ``"left"`` or ``"right"`` (None: the tokenizer's side).
+            move_to_device: put the tokens on the model's device (else the CPU).
+            truncate: cut a learned-position model's input to ``n_ctx``.
+        """
         return to_tokens(
             self.tokenizer,
             self.cfg,
@@ -373,11 +430,14 @@ class TokenMethods:
     def to_tokens_and_mask(
         self, input: TextInput, prepend_bos: bool | None = None, padding_side: PaddingSide | None = None
     ):
-        """(tokens, attention_mask) for a padded batch; the mask is all ones without padding."""
+        """(tokens, attention_mask) of ``input`` for a padded batch; the mask is all ones without
+        padding. ``prepend_bos`` and ``padding_side`` as in ``to_tokens``.
+        """
         tokens, mask = tokenize(self.tokenizer, self.cfg, input, prepend_bos, padding_side, self.device)
         return tokens, torch.ones_like(tokens) if mask is None else mask
 
     def to_string(self, tokens: Int[torch.Tensor, "... pos"] | int | Sequence[int]) -> str | list[str]:
+        """``tokens`` decoded: one string for one sequence (or id), a list of strings for a batch."""
         return to_string(self.tokenizer, tokens)
 
     def to_str_tokens(
@@ -386,9 +446,13 @@ class TokenMethods:
         prepend_bos: bool | None = None,
         padding_side: PaddingSide | None = None,
     ) -> list[str] | list[list[str]]:
+        """Each token of ``input`` (a string, strings or token ids) as its own string; a list per
+        sequence for a batch. ``prepend_bos`` and ``padding_side`` as in ``to_tokens``.
+        """
         return to_str_tokens(self.tokenizer, self.cfg, input, prepend_bos, padding_side)
 
     def to_single_token(self, string: str) -> int:
+        """The id of ``string`` (no BOS); ValueError unless it is exactly one token."""
         return to_single_token(self.tokenizer, self.cfg, string)
 
     def get_token_position(
@@ -399,4 +463,8 @@ class TokenMethods:
         prepend_bos: bool | None = None,
         padding_side: PaddingSide | None = None,
     ) -> int:
+        """The position of ``single_token`` (a one-token string or an id) in ``input`` (a string or one
+        sequence of ids): the ``mode="first"`` or ``"last"`` occurrence. ``prepend_bos`` and
+        ``padding_side`` as in ``to_tokens``; ValueError if it does not occur.
+        """
         return get_token_position(self.tokenizer, self.cfg, single_token, input, mode, prepend_bos, padding_side)

@@ -72,10 +72,12 @@ class TracedSite:
 
     @property
     def value(self) -> torch.Tensor:
+        """The activation; assigning a tensor of the same shape, dtype and device replaces it."""
         return self._value
 
     @value.setter
     def value(self, new: torch.Tensor) -> None:
+        """Replace the activation by ``new`` (HookShapeError unless shape, dtype and device match)."""
         old = self._value
         if not isinstance(new, torch.Tensor):
             raise HookShapeError(f"trace: the value of {self.name} must be a tensor, got {type(new).__name__}")
@@ -93,11 +95,13 @@ class TracedSite:
 
     @property
     def tensor(self) -> torch.Tensor:
+        """The activation (read only; ``value`` to replace it)."""
         return self._value
 
 
 class Trace:
-    """Iterable over the sites of one forward of ``model`` on ``args`` (see the module docstring)."""
+    """Iterable over the sites of one forward of ``model`` on ``args`` and ``kwargs`` (the
+    forward's arguments), visiting the sites ``names_filter`` selects (see the module docstring)."""
 
     def __init__(self, model: HookedModel, *args: Any, names_filter: NameFilter = None, **kwargs: Any) -> None:
         self.model = model
@@ -247,5 +251,6 @@ class _entered:
 def trace(model: HookedModel, *args: Any, names_filter: NameFilter = None, **kwargs: Any) -> Trace:
     """``for site in trace(model, tokens): ...``: every activation of one forward, in order.
 
-    ``args`` / ``kwargs`` are the forward's (``return_type``, ``attention_mask``, ...)."""
+    ``args`` / ``kwargs`` are the forward's (``return_type``, ``attention_mask``, ...);
+    ``names_filter`` selects the sites visited (None: those ``run_with_cache`` caches)."""
     return Trace(model, *args, names_filter=names_filter, **kwargs)

@@ -25,7 +25,8 @@ def get_act_name(
     ``("normalized", 2, "ln2")`` likewise. ``"k6"`` means ``("k", 6)`` and ``"scale4ln1"``
     ``("scale", 4, "ln1")``, as in TL. A full hook name passes through. Negative layers
     count from the end when ``n_layers`` is given; with ``n_layers``, a layer out of range
-    is an error. The short names are the ``aliases`` of ``sites.SITES``.
+    is an error. ``layer_type`` picks the norm of a per-norm site (``scale``, ``normalized``:
+    ``"ln1"``, the default, or ``"ln2"``). The short names are the ``aliases`` of ``sites.SITES``.
     """
     if "." in name or name.startswith("hook_"):
         return name
@@ -76,8 +77,9 @@ def check_index(
     """``index`` into ``range(size)`` (``range(size + 1)`` with ``allow_end``), negative values
     counting back from ``size`` (unless not ``allow_negative``); the one range check of the package.
 
-    The error names the value, what it indexes (``of``, e.g. "a model with 4 layers") and the
-    valid range: ``layer=5 is out of range for a model with 4 layers (valid: -4..3)``.
+    The error (ValueError) names the value as ``what``, what it indexes (``of``, e.g. "a model
+    with 4 layers"), the valid range and ``note`` if given:
+    ``layer=5 is out of range for a model with 4 layers (valid: -4..3)``.
     """
     if isinstance(index, torch.Tensor) and index.ndim == 0 and not index.is_floating_point():
         index = int(index)  # a 0-d integer tensor, as TransformerLens code often passes
@@ -96,8 +98,8 @@ def check_index(
 
 
 def check_layer(layer: int, n_layers: int, what: str = "layer", allow_end: bool = False) -> int:
-    """A block index in ``[0, n_layers)`` (``allow_end``: up to ``n_layers``, the unembedding);
-    negative counts from the end. Raises when out of range."""
+    """``layer`` as a block index in ``[0, n_layers)`` (``allow_end``: up to ``n_layers``, the
+    unembedding); negative counts from the end. Raises when out of range, naming it ``what``."""
     return check_index(layer, n_layers, what, f"a model with {n_layers} layers", allow_end=allow_end)
 
 
@@ -112,6 +114,9 @@ class Slice:
       dimension disappears (``pos_slice=-1``: the last position);
     - a tuple ``(start, stop[, step])`` or a ``slice``: a range;
     - a list or 1-D tensor of indices.
+
+    Args:
+        input_slice: one of the above (or a ``Slice``, copied).
     """
 
     slice: Any  # a slice, an int or a 1-D index tensor, as self.mode says
@@ -167,6 +172,7 @@ class Slice:
 
     @staticmethod
     def unwrap(input_slice: "SliceInput | Slice") -> "Slice":
+        """``input_slice`` as a ``Slice`` (itself if it is one)."""
         return input_slice if isinstance(input_slice, Slice) else Slice(input_slice)
 
     def __repr__(self) -> str:
@@ -197,6 +203,10 @@ def test_prompt(
     is scored token by token): its rank, logit and probability, and the ``top_k`` tokens at
     that position; then the ranks of all answer tokens. ``answer`` may be a list of answers,
     each scored on its own. Returns ``[(answer token, rank), ...]`` per answer.
+
+    ``prepend_space_to_answer``: put a space before an answer that does not start with one.
+    ``print_details``: print each token's details (else only the ranks). ``prepend_bos``: for
+    the prompt, as in ``model.to_tokens``.
     """
     answers = [answer] if isinstance(answer, str) else list(answer)
     prompt_tokens = model.to_tokens(prompt, prepend_bos=prepend_bos)[0]
@@ -257,7 +267,7 @@ def remove_batch_dim(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def transpose(tensor: torch.Tensor) -> torch.Tensor:
-    """The last two axes swapped."""
+    """``tensor`` with its last two axes swapped."""
     return tensor.transpose(-1, -2)
 
 
@@ -272,32 +282,38 @@ def is_lower_triangular(x: torch.Tensor) -> bool:
 
 
 def get_cumsum_along_dim(tensor: torch.Tensor, dim: int, reverse: bool = False) -> torch.Tensor:
-    """Cumulative sum along ``dim`` (from the end with ``reverse``)."""
+    """Cumulative sum of ``tensor`` along ``dim`` (from the end with ``reverse``)."""
     if reverse:
         return tensor.flip(dims=(dim,)).cumsum(dim=dim).flip(dims=(dim,))
     return tensor.cumsum(dim=dim)
 
 
 def get_offset_position_ids(past_kv_pos_offset: int, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counting real tokens only (padding gets 0), from ``past_kv_pos_offset`` on."""
+    """Positions counting the real tokens of ``attention_mask`` only
+    (padding gets 0), from ``past_kv_pos_offset`` on.
+    """
     positions = attention_mask.cumsum(dim=1) - 1
     return positions.masked_fill(positions < 0, 0)[:, past_kv_pos_offset:]
 
 
 def repeat_along_head_dimension(tensor: torch.Tensor, n_heads: int, clone_tensor: bool = True) -> torch.Tensor:
-    """[batch, pos, d_model] -> [batch, pos, head, d_model] (a copy per head unless not ``clone_tensor``)."""
+    """``tensor`` [batch, pos, d_model] -> [batch, pos, n_heads, d_model] (a copy per head unless not
+    ``clone_tensor``).
+    """
     repeated = tensor[:, :, None, :].expand(-1, -1, n_heads, -1)
     return repeated.clone() if clone_tensor else repeated
 
 
 def filter_dict_by_prefix(dictionary: dict, prefix: str) -> dict:
-    """The entries whose key starts with ``prefix`` (a dot is implied), with the prefix removed."""
+    """The entries of ``dictionary`` whose key starts with ``prefix`` (a dot is implied), with the prefix removed."""
     prefix = prefix if prefix.endswith(".") else prefix + "."
     return {k[len(prefix) :]: v for k, v in dictionary.items() if k.startswith(prefix)}
 
 
 def get_nested_attr(obj: Any, attr_str: str) -> Any:
-    """``get_nested_attr(model, "blocks.0.attn")``; integer parts index sequences."""
+    """The attribute of ``obj`` at the dotted path ``attr_str`` (``get_nested_attr(model, "blocks.0.attn")``); integer
+    parts index sequences.
+    """
     for part in attr_str.split("."):
         obj = obj[int(part)] if part.isdigit() and not hasattr(obj, part) else getattr(obj, part)
     return obj
@@ -310,17 +326,17 @@ def set_nested_attr(obj: Any, attr_str: str, value: Any) -> None:
 
 
 def gelu_new(input: torch.Tensor) -> torch.Tensor:
-    """GPT-2's GELU (the tanh approximation)."""
+    """GPT-2's GELU (the tanh approximation) of ``input``."""
     return 0.5 * input * (1.0 + torch.tanh(np.sqrt(2.0 / np.pi) * (input + 0.044715 * torch.pow(input, 3.0))))
 
 
 def gelu_fast(input: torch.Tensor) -> torch.Tensor:
-    """GELU's tanh approximation as GPT-2's ``gelu_fast`` writes it."""
+    """GELU's tanh approximation of ``input`` as GPT-2's ``gelu_fast`` writes it."""
     return 0.5 * input * (1.0 + torch.tanh(input * 0.7978845608 * (1.0 + 0.044715 * input * input)))
 
 
 def solu(input: torch.Tensor) -> torch.Tensor:
-    """SoLU: x * softmax(x) over the last axis."""
+    """SoLU of ``input``: x * softmax(x) over the last axis."""
     return input * input.softmax(dim=-1)
 
 
@@ -378,7 +394,8 @@ def lm_cross_entropy_loss(
 
 
 def lm_accuracy(logits: torch.Tensor, tokens: torch.Tensor, per_token: bool = False) -> torch.Tensor:
-    """Top-1 next-token accuracy (per token: bool [batch, pos-1])."""
+    """Top-1 next-token accuracy of ``logits`` [batch, pos, d_vocab] on ``tokens`` [batch, pos]:
+    the mean, or with ``per_token`` a bool [batch, pos-1]."""
     correct = logits.argmax(dim=-1)[:, :-1] == tokens[:, 1:]
     return correct if per_token else correct.sum() / correct.numel()
 
@@ -387,7 +404,8 @@ def get_attention_mask(tokenizer: Any, tokens: torch.Tensor, prepend_bos: bool, 
     """TransformerLens's rule for the mask of tokens padded by ``tokenizer``: 1 for real tokens,
     0 for the run of pad tokens at the padded end (left: the leading ones; right: the trailing
     ones). Pad tokens inside the text stay attended. With left padding and ``prepend_bos``, a BOS
-    that equals the pad token is unmasked (the last of the leading pad run)."""
+    that equals the pad token is unmasked (the last of the leading pad run). ``padding_side``:
+    None for the tokenizer's."""
     mask = torch.ones_like(tokens)
     if tokenizer is None:
         return mask
@@ -404,14 +422,15 @@ def get_attention_mask(tokenizer: Any, tokens: torch.Tensor, prepend_bos: bool, 
 
 
 def get_input_with_manually_prepended_bos(bos_token: str | None, input: str | list[str]) -> str | list[str]:
-    """``input`` (tokens) with the tokenizer's BOS prepended to every row."""
+    """``input`` (a string or strings) with the BOS string ``bos_token`` prepended to each (unchanged when None)."""
     if bos_token is None:
         return input
     return bos_token + input if isinstance(input, str) else [bos_token + s for s in input]
 
 
 def get_tokens_with_bos_removed(tokenizer: Any, tokens: torch.Tensor, padding_side: str | None = None):
-    """``tokens`` without the BOS of each row (with left padding, the BOS after the padding)."""
+    """``tokens`` without the BOS of each row (with left padding, the BOS after the padding), by
+    ``tokenizer``'s BOS and pad ids; ``padding_side``: None for the tokenizer's. Unchanged without a BOS."""
     if tokenizer.bos_token_id is None:
         return tokens
     if (padding_side or tokenizer.padding_side) == "right":
@@ -433,7 +452,7 @@ def get_tokenizer_with_bos(tokenizer: Any) -> Any:
 
 
 def keep_single_column(dataset: Any, col_name: str) -> Any:
-    """A ``datasets.Dataset`` with only ``col_name`` (TransformerLens's helper)."""
+    """``dataset`` (a ``datasets.Dataset``) with only ``col_name`` (TransformerLens's helper)."""
     return dataset.remove_columns([c for c in dataset.features if c != col_name])
 
 
@@ -452,7 +471,9 @@ def tokenize_and_concatenate(
 
     ``dataset``: a ``datasets.Dataset`` (returns one, with a ``"tokens"`` column in torch
     format), a list of strings or of ``{column_name: text}`` dicts (returns a dict
-    ``{"tokens": LongTensor [rows, max_length]}``). Needs no network."""
+    ``{"tokens": LongTensor [rows, max_length]}``). Needs no network. ``tokenizer``: the HF
+    tokenizer (it needs an EOS token). ``streaming`` and ``num_proc`` are TransformerLens's
+    and ignored: documents are tokenized in this process, in one pass."""
     texts = _texts_of(dataset, column_name)
     seq_len = max_length - 1 if add_bos_token else max_length
     if seq_len < 1:

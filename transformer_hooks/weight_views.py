@@ -53,10 +53,12 @@ class WeightViews:
 
     @property
     def W_E(self) -> Float[torch.Tensor, "d_vocab d_model"]:
+        """The token embedding [d_vocab, d_model]."""
         return self.embed.W_E
 
     @property
     def W_pos(self) -> Float[torch.Tensor, "n_ctx d_model"]:
+        """The learned position embedding [n_ctx, d_model] (learned-position models only)."""
         return self.pos_embed.W_pos
 
     @property
@@ -66,10 +68,12 @@ class WeightViews:
 
     @property
     def W_U(self) -> Float[torch.Tensor, "d_model d_vocab"]:
+        """The unembedding [d_model, d_vocab]."""
         return self.unembed.W_U
 
     @property
     def b_U(self) -> Float[torch.Tensor, " d_vocab"]:
+        """The unembedding bias [d_vocab]."""
         return self.unembed.b_U
 
     W_Q = property(lambda self: self._stack("attn.W_Q"), doc="[n_layers, head, d_model, d_head]")
@@ -125,7 +129,7 @@ class WeightViews:
     ) -> Float[torch.Tensor, "... d_model"]:
         """The residual direction each token's logit reads: ``W_U[:, token]``.
 
-        A string (one token) or an int gives [d_model]; a tensor (or list) of ids of shape
+        ``tokens``: a string (one token) or an int gives [d_model]; a tensor (or list) of ids of shape
         [...] gives [..., d_model]. A string that is not one token raises and says how it
         tokenizes. The logit-difference direction is
         ``tokens_to_residual_directions(" Paris") - tokens_to_residual_directions(" London")``.

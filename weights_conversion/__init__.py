@@ -31,14 +31,20 @@ GetTensor = Callable[[str], torch.Tensor]
 
 
 class UnsupportedArchitectureError(ValueError):
+    """A checkpoint of an architecture no family reads; the message lists the supported ``model_type`` values."""
+
     pass
 
 
 def supported_model_types() -> list[str]:
+    """Every HF ``model_type`` a family reads."""
     return [t for family in FAMILIES for t in family.MODEL_TYPES]
 
 
 def family_for(hf_config: dict) -> ModuleType:
+    """The family module that reads ``hf_config`` (by its ``model_type``, or a TransformerLens-native
+    config); ``UnsupportedArchitectureError`` listing the supported types otherwise.
+    """
     if transformer_lens.is_transformer_lens_config(hf_config):
         return transformer_lens
     model_type = hf_config.get("model_type")
@@ -54,15 +60,18 @@ def family_for(hf_config: dict) -> ModuleType:
 
 
 def checked_family(hf_config: dict, where: str = "config.json") -> ModuleType:
-    """The family that reads ``hf_config``, after ``check_hf_config`` found its values sound."""
+    """The family that reads ``hf_config``, after ``check_hf_config`` found its values sound (errors name ``where``,
+    the file).
+    """
     family = family_for(hf_config)
     check_hf_config(hf_config, where)
     return family
 
 
 def config_from_hf(hf_config: dict, where: str = "config.json"):
-    """``ModelConfig`` of an HF config: checked once here, then read by its family. A key the
-    family needs and the config lacks is an ``InvalidConfigError`` naming it."""
+    """``ModelConfig`` of the HF config ``hf_config``: checked once here, then read by its family. A
+    key the family needs and the config lacks is an ``InvalidConfigError`` naming it and ``where`` (the file).
+    """
     family = checked_family(hf_config, where)
     try:
         return family.config_from_hf(hf_config)

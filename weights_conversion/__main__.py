@@ -33,11 +33,12 @@ from .sources import write_safetensors
 def convert(
     src: str | Path, dst: str | Path, *, dtype: str = "float32", processing: bool = True, overwrite: bool = False
 ) -> Path:
-    """Load ``src`` (with TransformerLens's processing unless ``processing=False``) and
-    write it to ``dst`` as a converted checkpoint. Returns ``dst``.
+    """Load ``src`` (with TransformerLens's processing unless ``processing=False``) and write it to
+    ``dst`` as a converted checkpoint with tensors in ``dtype``. Returns ``dst``.
 
-    This command is an entry point, above the library: it loads through the public
-    ``HookedTransformer.from_pretrained``, as a user would.
+    ``overwrite``: replace an existing ``dst`` (else FileExistsError). This command is an entry
+    point, above the library: it loads through the public ``HookedTransformer.from_pretrained``,
+    as a user would.
     """
     from transformer_hooks import HookedTransformer
     from transformer_hooks.resolution import resolve_checkpoint
@@ -52,7 +53,9 @@ def convert(
 
 
 def save_converted(model: Any, dst: str | Path, *, source: Any = None, overwrite: bool = False) -> Path:
-    """Write a loaded ``HookedTransformer`` to ``dst`` (see the module docstring), atomically."""
+    """Write a loaded ``HookedTransformer`` ``model`` to ``dst`` (see the module docstring),
+    atomically; ``source``: what it was loaded from (recorded); ``overwrite`` as in ``convert``.
+    """
     dst = Path(dst).absolute()
     _check_destination(dst, overwrite)
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -83,7 +86,7 @@ def _move_into_place(tmp: Path, dst: Path) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Register ``convert``'s options."""
+    """Register ``convert``'s options on the parser ``p``."""
     p.add_argument("src", help="preset name, HF repo id, HF checkpoint directory or .gguf file")
     p.add_argument("dst", type=Path, help="directory to create")
     p.add_argument(
@@ -101,7 +104,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Convert; 1 with a one-line error when DST exists or SRC is not found."""
+    """Convert as the parsed ``args`` say; returns 0, or 1 with a one-line error when DST exists or SRC is not found."""
     quiet = io.StringIO() if args.quiet else None  # the writer's bar draws on stderr
     try:
         with contextlib.redirect_stderr(quiet) if quiet is not None else contextlib.nullcontext():
@@ -117,7 +120,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m weights_conversion SRC DST ...``: the same command as ``python -m
-    transformer_hooks convert`` (this module defines both)."""
+    transformer_hooks convert`` (this module defines both); ``argv``: the arguments (None:
+    ``sys.argv``). Returns the exit status.
+    """
     from transformer_hooks.cli.common import HelpFormatter, add_common_arguments, apply_common_arguments
 
     parser = argparse.ArgumentParser(

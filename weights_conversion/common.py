@@ -44,7 +44,8 @@ def check_hf_config(hf: Any, where: str = "config.json") -> None:
     """Refuse an HF config whose values cannot mean a model, naming the key, the value found
     and what is accepted: counts and sizes must be positive integers, epsilons and rotary
     settings numbers, ``rope_scaling`` a dict with a numeric ``factor``. Run before a family
-    reads the config, so no bad value reaches arithmetic or the first forward."""
+    reads the config, so no bad value reaches arithmetic or the first forward. ``hf``: the
+    config dict; ``where``: the file, for the messages."""
     if not isinstance(hf, dict):
         raise InvalidConfigError(f"{where} should hold a JSON object, found {_type_name(hf)}")
     for key, value in hf.items():
@@ -89,7 +90,8 @@ def _check_rope(value: Any, where: str) -> None:
 
 
 def head_dim(d_model: int, n_heads: int, width_key: str, heads_key: str) -> int:
-    """d_model / n_heads, refusing a head count that does not divide the width."""
+    """d_model / n_heads, refusing a head count that does not divide the width (the error names
+    the config keys ``width_key`` and ``heads_key``)."""
     if n_heads <= 0 or d_model % n_heads:
         raise ValueError(
             f"{width_key}={d_model} is not a multiple of {heads_key}={n_heads}: the config is "
@@ -99,27 +101,27 @@ def head_dim(d_model: int, n_heads: int, width_key: str, heads_key: str) -> int:
 
 
 def special_token_ids(hf: dict) -> dict[str, Any]:
-    """The BOS, EOS and padding token ids an HF config names (None where it names none)."""
+    """The BOS, EOS and padding token ids the HF config ``hf`` names (None where it names none)."""
     return {key: hf.get(key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
 
 
 def heads_from_linear(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """nn.Linear weight [head*d_head, d_model] -> [head, d_model, d_head] (a view)."""
+    """nn.Linear ``weight`` [n_heads*d_head, d_model] -> [n_heads, d_model, d_head] (a view)."""
     return rearrange(weight, "(head d_head) d_model -> head d_model d_head", head=n_heads)
 
 
 def heads_from_bias(bias: torch.Tensor | None, n_heads: int, d_head: int) -> torch.Tensor:
-    """A q/k/v bias [head * d_head] as [head, d_head] (zeros for ``None``)."""
+    """A q/k/v ``bias`` [n_heads * d_head] as [n_heads, d_head] (zeros for ``None``)."""
     return torch.zeros(n_heads, d_head) if bias is None else bias.reshape(n_heads, d_head)
 
 
 def out_from_linear(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """nn.Linear weight [d_model, head*d_head] -> W_O [head, d_head, d_model] (a view)."""
+    """nn.Linear ``weight`` [d_model, n_heads*d_head] -> W_O [n_heads, d_head, d_model] (a view)."""
     return rearrange(weight, "d_model (head d_head) -> head d_head d_model", head=n_heads)
 
 
 def rope_parameters(hf: dict) -> dict:
-    """Rotary settings from either key format: transformers 5's ``rope_parameters``, or the
+    """Rotary settings of the HF config ``hf`` from either key format: transformers 5's ``rope_parameters``, or the
     older top-level ``rope_theta`` / ``rope_scaling`` that most hub checkpoints carry."""
     params = dict(hf.get("rope_parameters") or {})
     old_scaling = hf.get("rope_scaling") or {}
@@ -153,7 +155,7 @@ def rope_scaling(params: dict):
 
 
 def layer_windows(hf: dict, layer_types: list[str]) -> tuple[int | None, ...]:
-    """Per-layer attention windows from HF's ``layer_types`` (transformers 5 writes them into
+    """Per-layer attention windows from the HF config ``hf``'s ``layer_types`` (transformers 5 writes them into
     the config; older configs imply them, given here as ``layer_types``) and ``sliding_window``.
     HF's window w lets a query see keys q - w < k <= q, as ``ModelConfig.attn_windows``."""
     types = hf.get("layer_types") or layer_types
@@ -168,5 +170,5 @@ def layer_windows(hf: dict, layer_types: list[str]) -> tuple[int | None, ...]:
 
 
 def token_ids(hf: dict) -> dict:
-    """bos/eos/pad ids as ModelConfig takes them."""
+    """The bos/eos/pad ids of the HF config ``hf`` as ModelConfig takes them."""
     return {f"{kind}_token_id": hf.get(f"{kind}_token_id") for kind in ("bos", "eos", "pad")}

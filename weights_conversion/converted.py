@@ -49,7 +49,8 @@ def write_converted(
     source: Any = None,
     write_tensors: Callable[[Path, dict[str, torch.Tensor]], None] = write_safetensors,
 ) -> None:
-    """Write ``model`` (a ``HookedTransformer``) into the existing, empty ``directory``."""
+    """Write ``model`` (a ``HookedTransformer``) into the existing, empty ``directory``: its
+    tensors (with ``write_tensors``), its config and ``source`` (what it was loaded from), its tokenizer."""
     write_tensors(directory / CONVERTED_WEIGHTS, canonical_tensors(model))
     config = {
         "format_version": CONVERTED_FORMAT_VERSION,
@@ -64,7 +65,7 @@ def write_converted(
 
 def converted_config(directory: Path, meta: dict) -> ModelConfig:
     """The ModelConfig in a converted checkpoint's metadata ``meta``, if this format version reads it.
-    Missing or malformed metadata is a ``ValueError`` naming the file and the field."""
+    Missing or malformed metadata is a ``ValueError`` naming the file (in ``directory``) and the field."""
     where = Path(directory) / CONVERTED_CONFIG
     if not isinstance(meta, dict):
         raise ValueError(f"{where} should hold a JSON object, found {type(meta).__name__}. Convert the model again.")
@@ -86,7 +87,8 @@ def converted_config(directory: Path, meta: dict) -> ModelConfig:
 
 
 def converted_groups(n_layers: int, names: Iterable[str], source: TensorSource, tied: bool, untie: bool) -> list[Group]:
-    """The groups of a converted checkpoint, in ``load_order``, under canonical names.
+    """The groups of a converted checkpoint of ``n_layers`` blocks, in ``load_order``, under
+    canonical names, each read from ``source``.
 
     ``names``: the model's parameter names; ``tied``: the file has no ``unembed.W_U``;
     ``untie``: give the final group ``W_E.T`` as W_U.

@@ -41,7 +41,8 @@ from .sources import CorruptCheckpointError, TensorSource
 
 
 def read_gguf(path: Path) -> tuple[dict, Any, Callable[[], Any]]:
-    """(HF config dict, tensor source by HF name, tokenizer factory) for a .gguf file."""
+    """(HF config dict, tensor source by HF name, tokenizer factory) for the .gguf file ``path``;
+    ``CorruptCheckpointError`` for a file that is not GGUF, truncated or damaged."""
     from transformers.integrations.gguf.reader import read_gguf_metadata
 
     try:
@@ -93,6 +94,7 @@ class GgufHeader(NamedTuple):
 
 
 def ggml_type_name(ggml_type: int) -> str:
+    """The name of the ggml type id ``ggml_type`` (``"Q4_1"``, ...), or ``"unknown ggml type N"``."""
     from gguf import GGMLQuantizationType
 
     try:
@@ -102,7 +104,8 @@ def ggml_type_name(ggml_type: int) -> str:
 
 
 def tensor_bytes(name: str, ggml_type: int, shape: tuple[int, ...], where: str) -> int:
-    """Bytes a tensor of this type and shape occupies (``gguf``'s block sizes), or a clear error."""
+    """Bytes the tensor ``name`` of ``ggml_type`` and ``shape`` occupies (``gguf``'s block sizes),
+    or a clear error naming the tensor and the file ``where``."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     try:
@@ -122,7 +125,7 @@ def tensor_bytes(name: str, ggml_type: int, shape: tuple[int, ...], where: str) 
 
 
 def read_header(path: Path) -> GgufHeader:
-    """The tensor table of a GGUF file, for every ggml type the ``gguf`` package knows."""
+    """The tensor table of the GGUF file ``path``, for every ggml type the ``gguf`` package knows."""
     from transformers.integrations.gguf.reader import _mapped, _read_metadata, _read_tensor_table
 
     blob = _mapped(str(path))
@@ -138,10 +141,12 @@ def read_header(path: Path) -> GgufHeader:
 
 
 def dequantize_tensor(raw: np.ndarray, info: TensorInfo, where: str) -> torch.Tensor:
-    """A tensor's bytes (``uint8``) as float32 values of its shape.
+    """A tensor's bytes ``raw`` (``uint8``) as float32 values of the shape ``info`` gives.
 
     F32/F16/BF16 are reinterpreted; the types transformers' torch dequantizer knows go
-    through it; any other type through ``gguf.quants.dequantize`` (numpy)."""
+    through it; any other type through ``gguf.quants.dequantize`` (numpy). ``where``: the
+    file, for error messages.
+    """
     from transformers.integrations.gguf.dequant import GGML_BLOCK, dequantize
 
     data = torch.from_numpy(np.array(raw, dtype=np.uint8, copy=True))
@@ -182,8 +187,9 @@ def _check_tensors_inside(path: Path, header: Any) -> None:
 
 
 def hf_config_from_metadata(metadata: dict, tensor_names: tuple[str, ...]) -> dict:
-    """The HF config dict ``load_gguf_checkpoint`` builds for these metadata (for the
-    architectures transformer_hooks reads), from transformers' key mapping."""
+    """The HF config dict ``load_gguf_checkpoint`` builds for these ``metadata`` (for the
+    architectures transformer_hooks reads), from transformers' key mapping; ``tensor_names``
+    (the file's) tell whether the unembedding is tied."""
     from transformers.integrations.ggml import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
 
     arch = metadata["general.architecture"]
@@ -214,6 +220,11 @@ class GgufTensors(TensorSource):
     table transformers' ``get_gguf_hf_weights_map`` consults, built once here rather
     than once per submodule); then transformers' ``TensorProcessor`` for the
     architecture (for Llama: undo llama.cpp's q/k row permutation).
+
+    Args:
+        path: the .gguf file.
+        header: its ``read_header`` (architecture, tensor table, data offset).
+        hf_config: the HF config ``hf_config_from_metadata`` made of it.
     """
 
     def __init__(self, path: Path, header: Any, hf_config: dict) -> None:

@@ -29,10 +29,12 @@ class Part:
 
     @property
     def label(self) -> str:
+        """The group's name in progress bars and errors (``"block 3"``)."""
         return {"embeddings": "embeddings", "final": "final norm and unembedding"}.get(self.kind, f"block {self.layer}")
 
     @property
     def prefixes(self) -> tuple[str, ...]:
+        """The canonical parameter-name prefixes the group holds."""
         if self.kind == "embeddings":
             return ("embed.", "pos_embed.")
         if self.kind == "final":
@@ -41,12 +43,14 @@ class Part:
 
 
 def load_order(n_layers: int) -> list[Part]:
-    """Embeddings, final norm + unembedding, then each block."""
+    """The groups of a model of ``n_layers`` blocks in load order: embeddings, final norm +
+    unembedding, then each block."""
     return [Part("embeddings"), Part("final"), *(Part("block", layer) for layer in range(n_layers))]
 
 
 def convert_groups(cfg, get: Callable[[str], torch.Tensor], family: ModuleType) -> list[Group]:
-    """(label, prefix, thunk) per group, in ``load_order``, converting HF tensors with ``family``.
+    """(label, prefix, thunk) per group, in ``load_order``, converting the HF tensors ``get(hf_name)``
+    returns with ``family`` for the config ``cfg``.
 
     A thunk returns ``{name relative to prefix: tensor}``; calling them one at a time keeps
     one group's tensors alive at once.

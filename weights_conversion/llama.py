@@ -60,7 +60,8 @@ def convert_block(cfg: ModelConfig, get, layer: int) -> dict[str, torch.Tensor]:
 
 def attention_and_mlp(cfg: ModelConfig, get, layer: int) -> dict[str, torch.Tensor]:
     """A block's q/k/v/o and gated-MLP tensors under HF's Llama key names (shared by the
-    Llama-like families: Mistral, Qwen, Gemma, OLMo 2); absent biases are zeros."""
+    Llama-like families: Mistral, Qwen, Gemma, OLMo 2); absent biases are zeros. Block
+    ``layer`` of the config ``cfg``, read by ``get(hf_name)``."""
     p, a = f"model.layers.{layer}.", f"model.layers.{layer}.self_attn."
     h, kv, dh = cfg.n_heads, cfg.n_kv_heads, cfg.d_head
 

@@ -19,7 +19,8 @@ MODEL_TYPES = ("qwen2",)
 
 
 def qwen_windows(hf: dict) -> tuple[int | None, ...]:
-    """As HF: no window at all unless ``use_sliding_window``; then layers from ``max_window_layers`` up."""
+    """The per-layer windows of the HF config ``hf``, as HF reads them: no window at all unless
+    ``use_sliding_window``; then layers from ``max_window_layers`` up."""
     window = hf.get("sliding_window") if hf.get("use_sliding_window", False) else None
     n_layers, first = hf["num_hidden_layers"], hf.get("max_window_layers", 28)
     implied = ["sliding_attention" if window is not None and i >= first else "full_attention" for i in range(n_layers)]

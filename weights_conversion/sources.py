@@ -27,16 +27,19 @@ from transformer_hooks.dtypes import SAFETENSORS_DTYPES, SAFETENSORS_NAMES, SAFE
 
 
 class MissingWeightsError(KeyError):
+    """Tensors the model needs are missing from the checkpoint; the message lists them."""
+
     def __str__(self) -> str:  # KeyError quotes its message; this one is prose
         return str(self.args[0])
 
 
 class CorruptCheckpointError(ValueError):
-    pass
+    """A checkpoint file that cannot be read as its format says (truncated, damaged, wrong dtype)."""
 
 
 class WeightShapeError(ValueError):
-    pass
+    """Converted tensors that do not fit the model the config describes (a shape, or a name with
+    no parameter); the message names them."""
 
 
 class TensorSource:
@@ -45,7 +48,12 @@ class TensorSource:
     Every tensor read here is a weight, so it must be stored as floating point: an integer
     or bool dtype (int bit patterns would become values near 1e9 once cast) is refused,
     naming the tensor and the dtype. Integer buffers (GPT-2's attention masks, position
-    ids) are never read as weights; they stay in the file, unused."""
+    ids) are never read as weights; they stay in the file, unused.
+
+    Args:
+        names: a reader (a function returning the tensor) per tensor name.
+        where: the checkpoint, for error messages.
+    """
 
     def __init__(self, names: dict[str, Callable[[], torch.Tensor]], where: str) -> None:
         self._readers = names
@@ -83,7 +91,8 @@ class SafetensorsFile:
     streaming load would peak at the file *plus* the model. A plain read goes through
     the kernel's page cache (not our RSS), and the buffer it fills can become the
     parameter itself. The format is an 8-byte little-endian header length, a JSON header
-    ``{name: {"dtype", "shape", "data_offsets": [begin, end]}}``, then the data.
+    ``{name: {"dtype", "shape", "data_offsets": [begin, end]}}``, then the data. ``path``:
+    the file (``CorruptCheckpointError`` for a header that does not fit it).
     """
 
     def __init__(self, path: Path) -> None:
@@ -167,8 +176,9 @@ def _no_progress() -> bool | None:
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """A ``.safetensors`` file written one tensor at a time (a contiguous copy of one tensor
-    at most), where ``safetensors.torch.save_file`` would serialize them all in memory first.
+    """Write ``tensors`` to the ``.safetensors`` file ``path`` one tensor at a time (a contiguous
+    copy of one tensor at most), where ``safetensors.torch.save_file`` would serialize them all
+    in memory first.
 
     Format: 8-byte little-endian header length, a JSON header of dtype, shape and
     [begin, end) byte offsets per tensor (padded with spaces to 8 bytes), then the data,

@@ -18,11 +18,15 @@ Edge scores, for clean and corrupted prompts of equal length::
 so EAP is one clean forward and backward and EAP-IG k of each, whatever the number of edges.
 ``s`` estimates the metric's change when the edge carries the corrupted value.
 
-``prune(graph, top_n)`` keeps the ``top_n`` edges of largest |score| (and what connects them);
+``prune(graph, top_n)`` keeps the ``top_n`` edges of largest |score| (only those edges);
 ``evaluate_circuit`` runs the clean prompts with every edge outside the circuit patched from the
 corrupted run (``in_v += sum_{u -> v not kept} a_u(corrupted) - a_u(current run)``) and reports
 faithfulness ``(m(circuit) - m(corrupted)) / (m(clean) - m(corrupted))``. ``path_patch`` is the
 IOI paper's path patching. ``plot_circuit`` draws a graph with matplotlib.
+
+The functions that run the model take ``model`` (a model with pre-norms), ``clean_tokens`` and
+``corrupted_tokens`` (prompts or token ids; the two of equal token length, no padding) and,
+where they score, ``metric(logits) -> scalar``.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ _MLP = re.compile(r"^m(\d+)$")
 
 @dataclass(frozen=True)
 class Edge:
+    """One scored edge: ``sender`` -> ``receiver`` (node names as in the module docstring) and its ``score``."""
+
     sender: str
     receiver: str
     score: float
@@ -66,6 +72,7 @@ class Graph:
 
     @property
     def senders(self) -> list[str]:
+        """Every sending node: ``input``, each head ``a{L}.h{H}``, each MLP ``m{L}``."""
         heads = [f"a{layer}.h{h}" for layer in range(self.n_layers) for h in range(self.n_heads)]
         return ["input"] + heads + [f"m{layer}" for layer in range(self.n_layers)]
 
@@ -221,10 +228,12 @@ def attribute_edges(
     method: Literal["EAP", "EAP-IG"] = "EAP-IG",
     ig_steps: int = 5,
 ) -> Graph:
-    """Score every edge of the graph with EAP or EAP-IG; ``graph.edges`` sorted by |score|.
+    """Score every edge of ``model``'s graph with EAP or EAP-IG; ``graph.edges`` sorted by |score|.
 
     ``metric(logits)`` -> a scalar, differentiable in the logits (e.g. a logit difference).
-    EAP-IG costs ``ig_steps`` forwards and backwards, EAP one, plus one cached forward per prompt set.
+    ``method``: ``"EAP"`` (one forward and backward) or ``"EAP-IG"`` (``ig_steps`` of each),
+    plus one cached forward per prompt set; ``clean_tokens`` and ``corrupted_tokens`` as in the
+    module docstring.
     """
     _check_model(model)
     if method not in ("EAP", "EAP-IG"):
@@ -300,18 +309,19 @@ class Circuit:
 
     @property
     def nodes(self) -> set[str]:
+        """Every node an edge of the circuit touches."""
         return {n for e in self.edges for n in e}
 
 
 def prune(graph: Graph, top_n: int) -> Circuit:
-    """The ``top_n`` edges of largest |score|."""
+    """The circuit of the ``top_n`` edges of ``graph`` of largest |score|."""
     if top_n < 0:
         raise ValueError(f"top_n must be >= 0, got {top_n}")
     return Circuit(graph, {(e.sender, e.receiver) for e in graph.top(top_n)})
 
 
 def make_circuit(graph: Graph, edges: Iterable[tuple[str, str]]) -> Circuit:
-    """A circuit from explicit (sender, receiver) pairs, checked against the graph."""
+    """A circuit of ``graph`` from explicit (sender, receiver) pairs ``edges``, each checked against the graph."""
     edges = set(edges)
     for s, r in sorted(edges):
         graph.check_edge(s, r)
@@ -319,7 +329,9 @@ def make_circuit(graph: Graph, edges: Iterable[tuple[str, str]]) -> Circuit:
 
 
 def run_circuit(model: HookedModel, clean_tokens: Any, corrupted_tokens: Any, circuit: Circuit) -> torch.Tensor:
-    """Logits of the clean run with every edge outside ``circuit`` carrying its corrupted value."""
+    """Logits of the clean run with every edge outside ``circuit`` carrying its corrupted value
+    (``model``, ``clean_tokens``, ``corrupted_tokens`` as in the module docstring).
+    """
     _check_model(model)
     graph = circuit.graph
     graph.check_model(model)
@@ -387,7 +399,9 @@ def evaluate_circuit(
     model: HookedModel, clean_tokens: Any, corrupted_tokens: Any, circuit: Circuit, metric: Metric
 ) -> dict[str, float]:
     """The metric of the clean, corrupted and circuit runs, and the circuit's faithfulness
-    ``(m(circuit) - m(corrupted)) / (m(clean) - m(corrupted))`` (1: the circuit does it all)."""
+    ``(m(circuit) - m(corrupted)) / (m(clean) - m(corrupted))`` (1: the circuit does it all).
+    ``model``, ``clean_tokens``, ``corrupted_tokens`` and ``metric`` as in the module docstring.
+    """
     with torch.no_grad():
         m_clean = float(metric(model(_tokens(model, clean_tokens))))
         m_corr = float(metric(model(_tokens(model, corrupted_tokens))))
@@ -418,6 +432,9 @@ def path_patch(
     1. Run the clean prompts with the sender heads' z from the corrupted run and every other
        head's z frozen at its clean value (MLPs recompute); record the receivers' q/k/v.
     2. Run the clean prompts with the receivers' q/k/v set to those values; return the metric.
+
+    ``senders`` and ``receivers``: (layer, head) pairs; ``model``, ``clean_tokens``,
+    ``corrupted_tokens`` and ``metric`` as in the module docstring.
     """
     clean, corrupted = _tokens(model, clean_tokens), _tokens(model, corrupted_tokens)
     cfg = model.cfg

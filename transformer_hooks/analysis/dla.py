@@ -61,7 +61,8 @@ class DLAResult:
 
 
 def direct_logit_attribution(model: HookedModel, prompt: str, answer: str, contrast: str, pos: int = -1) -> DLAResult:
-    """Run ``prompt`` and attribute the logit difference at ``pos`` to heads and layers.
+    """Run ``prompt`` and attribute the logit difference ``answer`` - ``contrast`` (one-token
+    strings) at ``pos`` to heads and layers.
 
     Every part goes through the final norm with its cached scale
     (``cache.apply_ln_to_stack``), so the parts add up to the model's logit difference.

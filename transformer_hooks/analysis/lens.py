@@ -57,7 +57,8 @@ def lens_stack(
 ) -> tuple[Stack, list[str], list[int], list[str]]:
     """The activations to decode, stacked: ``(stack, labels, layers, sites)``, one entry per
     row, layer-major and in ``LENS_SITES`` order within a layer (``"3_resid_pre"``).
-    Parallel-residual blocks have no ``resid_mid``; it is skipped there.
+    Parallel-residual blocks have no ``resid_mid``; it is skipped there. Read from ``cache``,
+    for ``sites`` of ``layers`` (None: every layer), at the positions ``pos_slice`` keeps.
     """
     unknown = [s for s in sites if s not in LENS_SITES]
     if unknown:
@@ -89,7 +90,7 @@ def final_norm(
 ) -> Float[torch.Tensor, "... d_model"]:
     """``model.ln_final`` applied to each vector of ``stack`` (weight and bias included).
 
-    ``recompute``: each vector's own mean and RMS (``eps`` as the model's). ``cached``:
+    ``norm="recompute"``: each vector's own mean and RMS (``eps`` as the model's). ``"cached"``:
     the scale cached in ``cache`` for the final residual stream (pass the stack's
     ``pos_slice``), the same for every row.
     """
@@ -149,7 +150,9 @@ class LogitLens:
         return [self.layers[i] for i in rows], values[rows]
 
     def top_strings(self, model_or_tokenizer: Any) -> list:
-        """``top_tokens`` decoded, as nested lists of the same shape."""
+        """``top_tokens`` decoded by ``model_or_tokenizer`` (a model with a tokenizer, or the tokenizer), as nested
+        lists of the same shape.
+        """
         tok = getattr(model_or_tokenizer, "tokenizer", model_or_tokenizer)
         if tok is None:
             raise ValueError("this model has no tokenizer to decode the top tokens with")
@@ -187,6 +190,9 @@ def logit_lens(
 
     In a padded batch (strings, or tokens with ``attention_mask``, or a cache with the
     ``attention_mask`` of its run), ``pos_slice=-1`` decodes each row's last real token.
+
+    ``sites`` of ``layers`` (None: every layer) are decoded, keeping the ``top_k`` tokens of
+    each; ``norm`` as in ``final_norm``; ``progress`` shows a progress bar over the chunks.
     """
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
@@ -272,8 +278,13 @@ LENS_COLUMNS = ("resid_post", "attn_out", "mlp_out")  # its columns; a lens for 
 
 
 def format_logit_lens(lens: LogitLens, model: HookedModel, str_tokens: list[str], pos: int, top: int = 3) -> str:
-    """Top tokens (probability) at ``pos`` per layer: the embeddings, then each layer's
-    residual stream after it, and its attention and MLP outputs decoded alone."""
+    """The ``logit-lens`` command's table: the ``top`` tokens (probability) at ``pos`` per layer.
+
+    Rows: the embeddings, then each layer's residual stream after it, and its attention and MLP
+    outputs decoded alone. ``lens``: a ``logit_lens`` result over one prompt, with the
+    ``LENS_COLUMNS`` sites and ``resid_pre``; ``model`` decodes the tokens; ``str_tokens``: the
+    prompt's tokens, for the header.
+    """
     strings = lens.top_strings(model)
 
     def cell(row: int) -> str:

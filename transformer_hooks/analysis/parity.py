@@ -17,14 +17,20 @@ from ..tables import text_table
 
 @dataclass
 class ParityRow:
+    """One row of the parity table: the site's ``name``, the largest absolute difference from HF
+    (``max_abs_error``) and the largest absolute HF value (``max_abs_value``).
+    """
+
     name: str
     max_abs_error: float
     max_abs_value: float
 
 
 def load_hf_model(name: str) -> Any:
-    """The same checkpoint through HF transformers (float32): an HF directory, repo id,
-    preset or .gguf file (through transformers' ``gguf_file``)."""
+    """The checkpoint ``name`` through HF transformers (float32): an HF directory, repo id,
+    preset or .gguf file (through transformers' ``gguf_file``). ValueError for a checkpoint
+    converted by transformer_hooks.
+    """
     from transformers import AutoModelForCausalLM
 
     from ..resolution import resolve_checkpoint
@@ -44,8 +50,9 @@ def load_hf_model(name: str) -> Any:
 
 
 def parity_errors(model: HookedModel, hf_model: Any, tokens: torch.Tensor) -> list[ParityRow]:
-    """Max abs differences, ours vs HF: the residual stream entering each layer (HF's
-    ``hidden_states[l]``), the final norm's output and the logits."""
+    """Max abs differences, ``model`` vs ``hf_model`` on ``tokens``: the residual stream entering
+    each layer (HF's ``hidden_states[l]``), the final norm's output and the logits.
+    """
     n = model.cfg.n_layers
     with torch.no_grad():
         ref = hf_model(tokens, output_hidden_states=True)
@@ -81,7 +88,7 @@ def format_parity(rows: list[ParityRow], tol: float) -> str:
 
 
 def parity_tokens(model: HookedModel, prompt: str) -> torch.Tensor:
-    """The prompt's tokens, or for a checkpoint without a tokenizer fixed random tokens [1, 16]."""
+    """The tokens of ``prompt`` for ``model``, or for a checkpoint without a tokenizer fixed random tokens [1, 16]."""
     if model.tokenizer is None:
         return torch.randint(0, model.cfg.d_vocab, (1, 16), generator=torch.Generator().manual_seed(0))
     return model.to_tokens(prompt)

@@ -5,7 +5,9 @@ Every function takes tensors (or arrays) and labels and returns a figure; with `
 it also writes the figure there. The backend follows the path: ``.html`` renders an
 interactive plotly figure (the ``interactive`` extra: ``pip install
 'transformer_hooks[interactive]'``), anything else (``.png``, ``.svg``, ``.pdf``) a
-matplotlib one; ``backend=`` chooses explicitly.
+matplotlib one; ``backend=`` chooses explicitly (``"matplotlib"`` or ``"plotly"``).
+``title``, ``xlabel``, ``ylabel`` and ``colorbar_label`` label the figure, its axes and its
+colour bar.
 
 Heatmaps use a diverging colormap centred at zero (blue positive, red negative, as
 TransformerLens's plots) with symmetric limits, so white means "no effect" and equal
@@ -41,8 +43,9 @@ NAN_COLOUR = "#d9d9d9"
 
 
 def token_labels(str_tokens: Sequence[str]) -> list[str]:
-    """Axis labels for token positions: ``"3 ␣John"``, with spaces and newlines made visible
-    and the position first, so repeated tokens stay distinct."""
+    """Axis labels for the token positions of ``str_tokens``: ``"3 ␣John"``, with spaces and
+    newlines made visible and the position first, so repeated tokens stay distinct.
+    """
 
     def show(tok: str) -> str:
         return tok.replace(" ", "␣").replace("\n", "⏎").replace("\t", "⇥") or "∅"
@@ -124,7 +127,9 @@ def heatmaps(
     ``x_labels`` label columns (e.g. ``token_labels(model.to_str_tokens(tokens))``),
     ``y_labels`` rows (default: their indices). ``shared_scale`` puts every panel on one
     colour scale (comparable colours); otherwise each panel spans its own largest value.
-    ``annotate`` writes each cell's value (for small grids).
+    ``annotate`` writes each cell's value (for small grids). ``titles``: one per panel;
+    ``xlabel``, ``ylabel``, ``title``, ``colorbar_label``, ``path`` and ``backend`` as in the
+    module docstring.
     """
     data = _array(values)
     if data.ndim == 2:
@@ -228,8 +233,11 @@ def plot_layer_pos(
     path: str | Path | None = None,
     **kwargs: Any,
 ) -> Any:
-    """A ``[layer, pos]`` sweep or attribution (or ``[panel, layer, pos]``, e.g.
-    ``get_act_patch_block_every``) with the tokens on the x axis."""
+    """``values``, a ``[layer, pos]`` sweep or attribution (or ``[panel, layer, pos]``, e.g.
+    ``get_act_patch_block_every``), with the tokens ``str_tokens`` on the x axis.
+
+    ``title``, ``colorbar_label`` and ``path`` as in the module docstring; ``**kwargs`` go to
+    ``heatmaps`` (``titles``, ``shared_scale``, ``annotate``, ``backend``, ...)."""
     labels = token_labels(str_tokens) if str_tokens is not None else None
     if _array(values).ndim == 3 and "titles" not in kwargs and _array(values).shape[0] == 3:
         kwargs["titles"] = ["resid_pre", "attn_out", "mlp_out"]
@@ -248,8 +256,11 @@ def plot_layer_pos(
 def plot_layer_head(
     values: ArrayLike, *, title: str = "", colorbar_label: str = "metric", path: str | Path | None = None, **kwargs: Any
 ) -> Any:
-    """A ``[layer, head]`` sweep or attribution (or ``[panel, layer, head]``, e.g.
-    ``get_act_patch_attn_head_all_pos_every``: panels output, query, key, value, pattern)."""
+    """``values``, a ``[layer, head]`` sweep or attribution (or ``[panel, layer, head]``, e.g.
+    ``get_act_patch_attn_head_all_pos_every``: panels output, query, key, value, pattern).
+
+    ``title``, ``colorbar_label`` and ``path`` as in the module docstring; ``**kwargs`` go to
+    ``heatmaps``."""
     if _array(values).ndim == 3 and "titles" not in kwargs and _array(values).shape[0] == 5:
         kwargs["titles"] = ["output (z)", "query", "key", "value", "pattern"]
     return heatmaps(
@@ -274,6 +285,7 @@ def plot_lines(
 
     ``labels`` name the lines (a legend appears with more than one); ``x_labels`` the
     points (default 0, 1, ...; e.g. ``cache.accumulated_resid(return_labels=True)``'s).
+    ``title``, ``xlabel``, ``ylabel``, ``path`` and ``backend`` as in the module docstring.
     """
     data = _array(values)
     if data.ndim == 1:
@@ -327,7 +339,8 @@ def _write(fig: Figure, path: Path) -> Path:
 
 def plot_dla(r: "DLAResult", path: Path) -> Path:
     """Left: the logit difference the accumulated residual stream would give, layer by layer.
-    Right: each head's direct contribution (layer x head). Written to ``path`` (PNG)."""
+    Right: each head's direct contribution (layer x head). ``r``: the ``direct_logit_attribution``
+    result. Written to ``path`` (PNG)."""
     n_layers, n_heads = r.heads.shape
     fig = Figure(figsize=(15, max(5.0, 0.22 * n_layers + 2.5)))
     ax_line, ax_heat = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.6, 1]})
@@ -384,9 +397,14 @@ def plot_dla(r: "DLAResult", path: Path) -> Path:
 def plot_logit_lens(
     lens: "LogitLens", model: HookedModel, str_tokens: list[str], pos: int, path: Path, max_positions: int = 12
 ) -> Path:
-    """Left: the residual stream after each layer, layer x position (up to
-    ``max_positions`` around ``pos``). Right: the attention and MLP outputs of each layer
-    at ``pos``, decoded alone. Each cell shows the top token, coloured by its probability."""
+    """The ``logit-lens`` command's figure, written to ``path`` (PNG).
+
+    Left: the residual stream after each layer, layer x position (up to ``max_positions``
+    around ``pos``). Right: the attention and MLP outputs of each layer at ``pos``, decoded
+    alone. Each cell shows the top token, coloured by its probability. ``lens``: a
+    ``logit_lens`` result over one prompt; ``model`` decodes its tokens; ``str_tokens``: the
+    prompt's tokens.
+    """
     from matplotlib.patches import Rectangle
 
     n_pos = len(str_tokens)

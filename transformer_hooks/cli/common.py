@@ -50,7 +50,11 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def add_model_arguments(
     p: argparse.ArgumentParser, *, required: bool = False, device: bool = True, dtype: bool = False
 ) -> None:
-    """``--model``, ``--no-processing``, and optionally ``--device`` and ``--dtype``."""
+    """Add ``--model``, ``--no-processing``, and optionally ``--device`` and ``--dtype`` to the parser ``p``.
+
+    ``required``: ``--model`` has no default (else the embedded default model); ``device`` and
+    ``dtype``: whether to add those options.
+    """
     if required:
         p.add_argument("--model", required=True, help="preset, HF repo id, local directory or .gguf file")
     else:
@@ -98,7 +102,7 @@ def describe_model(name: str) -> str:
 
 
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
-    """``--quiet``, on every command."""
+    """Add ``--quiet`` (on every command) to the parser ``p``."""
     p.add_argument(
         "-q",
         "--quiet",
@@ -108,20 +112,22 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def apply_common_arguments(args: argparse.Namespace) -> None:
-    """Act on ``--quiet`` (bars otherwise follow transformer_hooks.progress's automatic rule)."""
+    """Act on the parsed ``args``' ``--quiet`` (bars otherwise follow transformer_hooks.progress's automatic rule)."""
     if getattr(args, "quiet", False):
         set_progress(False)
 
 
 def status(args: argparse.Namespace, message: str) -> None:
-    """A status line on stderr, unless ``--quiet``."""
+    """Print ``message`` as a status line on stderr, unless ``args`` has ``--quiet``."""
     if not getattr(args, "quiet", False):
         print(message, file=sys.stderr)
 
 
 class Steps:
-    """A progress bar over a command's steps, shown only once they take over a second (and only
-    where transformer_hooks.progress shows bars)."""
+    """A progress bar over a command's ``total`` steps, labelled ``desc``; shown only once they
+    take over a second (and only where transformer_hooks.progress shows bars). Call it with
+    each step's label as the step starts.
+    """
 
     def __init__(self, desc: str, total: int) -> None:
         self.bar = tqdm(total=total, desc=desc, unit="step", delay=1.0, leave=False)

@@ -15,7 +15,7 @@ EXAMPLE = 'python -m transformer_hooks dla --prompt "The capital of France is" -
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Register ``dla``'s options."""
+    """Register ``dla``'s options on the subcommand's parser ``p``."""
     p.add_argument("--prompt", required=True, help="the text to run")
     p.add_argument("--answer", required=True, help="the answer token, e.g. ' Paris' (note the leading space)")
     p.add_argument("--contrast", required=True, help="the token to compare with, e.g. ' London'")
@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load, attribute, plot, print the table."""
+    """Load, attribute, plot, print the table. ``args``: the parsed command line; returns the exit status."""
     check_prompt(args.prompt)
     with Steps("dla", 3) as step:
         step("loading the model")

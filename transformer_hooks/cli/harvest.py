@@ -17,7 +17,7 @@ EXAMPLE = "python -m transformer_hooks harvest --data corpus.txt --sites blocks.
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Register ``harvest``'s options."""
+    """Register ``harvest``'s options on the subcommand's parser ``p``."""
     add_model_arguments(p)
     p.add_argument("--data", required=True, help="a text file (documents separated by blank lines) or .jsonl file")
     p.add_argument("--text-key", default="text", help="the field holding the text in a .jsonl file")
@@ -44,7 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Harvest; under torchrun every rank runs this and rank 0 prints the summary."""
+    """Harvest; under torchrun every rank runs this and rank 0 prints the summary. ``args``: the parsed command line;
+    returns the exit status.
+    """
     import torch.distributed as dist
 
     timeout = datetime.timedelta(seconds=args.timeout)

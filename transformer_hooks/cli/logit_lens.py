@@ -16,7 +16,7 @@ EXAMPLE = 'python -m transformer_hooks logit-lens --prompt "The capital of Franc
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Register ``logit-lens``'s options."""
+    """Register ``logit-lens``'s options on the subcommand's parser ``p``."""
     p.add_argument("--prompt", required=True, help="the text to run")
     p.add_argument("--pos", type=int, default=-1, help="position for the table (-1: the last)")
     add_model_arguments(p)
@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load, decode every layer, plot, print the table."""
+    """Load, decode every layer, plot, print the table. ``args``: the parsed command line; returns the exit status."""
     check_prompt(args.prompt)
     with Steps("logit lens", 3) as step:
         step("loading the model")

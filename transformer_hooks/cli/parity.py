@@ -15,14 +15,16 @@ DEFAULT_PROMPT = "The capital of France is"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Register ``parity``'s options."""
+    """Register ``parity``'s options on the subcommand's parser ``p``."""
     p.add_argument("--model", required=True, help="preset, HF repo id, local HF directory or .gguf file")
     p.add_argument("--tol", type=float, default=1e-3, help="largest absolute error allowed at any site")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="text to run")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load with both libraries, run both, print the per-site table; 1 if any site is past ``--tol``."""
+    """Load with both libraries, run both, print the per-site table; 1 if any site is past ``--tol``. ``args``: the
+    parsed command line; returns the exit status.
+    """
     with Steps("parity", 3) as step:
         step("loading with transformer_hooks")
         model = load_from_args(argparse.Namespace(model=args.model, no_processing=True, device=None))

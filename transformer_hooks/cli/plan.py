@@ -14,7 +14,7 @@ EXAMPLE = "python -m transformer_hooks plan gpt2 --dtype bfloat16 --batch 8 --se
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Register ``plan``'s options."""
+    """Register ``plan``'s options on the subcommand's parser ``p``."""
     p.add_argument(
         "model",
         help="a name as from_pretrained takes it (preset, HF repo id in the HF cache, local directory, .gguf "
@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the plan; exit code 1 when it does not fit."""
+    """Print the plan; exit code 1 when it does not fit. ``args``: the parsed command line; returns the exit status."""
     plan = run_plan(
         args.model,
         dtype=args.dtype,

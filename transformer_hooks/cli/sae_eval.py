@@ -19,7 +19,7 @@ EXAMPLE = "python -m transformer_hooks sae-eval --sae my_sae/ --data corpus.txt 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Register ``sae-eval``'s options."""
+    """Register ``sae-eval``'s options on the subcommand's parser ``p``."""
     add_model_arguments(p)
     p.add_argument("--sae", required=True, help="an SAE directory (SAELens, Llama Scope) or Gemma Scope params.npz")
     p.add_argument(
@@ -44,7 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load the model and the SAE, pack the corpus into contexts, print ``evaluate_sae``'s metrics."""
+    """Load the model and the SAE, pack the corpus into contexts, print ``evaluate_sae``'s metrics. ``args``: the
+    parsed command line; returns the exit status.
+    """
     model = load_from_args(args)
     sae = SAE.load_from_disk(args.sae, device=model.device, **({"hook_name": args.hook_name} if args.hook_name else {}))
     rows = []

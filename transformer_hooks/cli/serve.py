@@ -12,7 +12,7 @@ EXAMPLE = "python -m transformer_hooks serve --model gpt2 --tokens tokens.txt --
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Register ``serve``'s options."""
+    """Register ``serve``'s options on the subcommand's parser ``p``."""
     p.add_argument("--model", required=True, help="preset, HF repo id, local directory or .gguf file")
     p.add_argument("--tokens", required=True, help="file of bearer tokens, one per line, with optional limits")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
@@ -43,5 +43,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load the model and serve it until stopped."""
+    """Load the model and serve it until stopped. ``args``: the parsed command line; returns the exit status."""
     return cmd_serve(args)

@@ -36,7 +36,7 @@ METRIC = "logits[:, -1, answer] - logits[:, -1, contrast]"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Register ``sweep``'s options."""
+    """Register ``sweep``'s options on the subcommand's parser ``p``."""
     p.add_argument("--prompts", required=True, help="JSONL: one {clean, corrupt, answer, contrast} per line")
     add_model_arguments(p, device=False, dtype=True)
     p.add_argument("--out", required=True, help="result file: .json or .csv (labelled), anything else torch.save")
@@ -57,8 +57,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def axis_names(site: str, attribution: bool, ndim: int) -> list[str]:
-    """The index axes of ``get_act_patch_<site>`` (or ``get_attr_patch_``): ``layer``, ``pos``,
-    ``head`` (``kv_head`` for k and v under GQA), ``dest_pos``, ``src_pos``."""
+    """The index axes of ``get_act_patch_<site>`` (``get_attr_patch_`` with ``attribution``):
+    ``layer``, ``pos``, ``head`` (``kv_head`` for k and v under GQA), ``dest_pos``,
+    ``src_pos``; ``dim0``, ... when the sweep does not name ``ndim`` axes.
+    """
     fn = getattr(patching, ("get_attr_patch_" if attribution else "get_act_patch_") + site, None)
     names = getattr(fn, "index_axis_names", None)
     if names is None or len(names) != ndim:
@@ -69,7 +71,9 @@ def axis_names(site: str, attribution: bool, ndim: int) -> list[str]:
 def axis_labels(
     model: HookedModel, pair: dict[str, Any], axes: list[str], shape: tuple[int, ...]
 ) -> dict[str, list[str]]:
-    """A label for every index of every axis: ``L{i}``, ``H{i}``, or ``{pos}:{token!r}`` (clean prompt)."""
+    """A label for every index of every axis of a result of ``shape``: ``L{i}``, ``H{i}``, or
+    ``{pos}:{token!r}`` (the clean prompt of ``pair``, tokenized by ``model``), by the names in ``axes``.
+    """
     clean = _pair_tokens(model, pair)[0]
     str_tokens = model.to_str_tokens(clean[0]) if model.tokenizer is not None else [str(int(t)) for t in clean[0]]
     labels = {}
@@ -93,7 +97,13 @@ def write_labelled(
     axes: list[str],
     meta: dict[str, Any],
 ) -> Path:
-    """Write atomically (a temporary file renamed into place): a reader never sees a partial file."""
+    """Write the sweep's ``results`` to ``path`` atomically (a temporary file renamed into place:
+    a reader never sees a partial file); returns the path.
+
+    ``.csv``: one row per cell (pair, indices, labels, value); ``.json``: ``meta``, ``axes``,
+    the ``pairs`` with their ``labels`` and the results as nested lists; anything else a
+    ``torch.save`` file of the same.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
@@ -116,7 +126,9 @@ def write_labelled(
 
 
 def run(args: argparse.Namespace) -> int:
-    """Sweep; under torchrun every rank runs this and rank 0 writes the file."""
+    """Sweep; under torchrun every rank runs this and rank 0 writes the file. ``args``: the parsed
+    command line; returns the exit status.
+    """
     import torch.distributed as dist
 
     timeout = datetime.timedelta(seconds=args.timeout)

@@ -55,7 +55,9 @@ KVInput = Float[torch.Tensor, "batch pos d_model"] | Float[torch.Tensor, "batch 
 
 
 def head_weight(n_heads: int, d_model: int, d_head: int) -> torch.Tensor:
-    """An empty [head, d_model, d_head] tensor laid out as an [head*d_head, d_model] matrix."""
+    """An empty [n_heads, d_model, d_head] tensor laid out as an
+    [n_heads*d_head, d_model] matrix (F.linear's layout).
+    """
     return torch.empty(n_heads, d_head, d_model).transpose(1, 2)
 
 
@@ -68,6 +70,13 @@ def project(x: Input, W: Float[torch.Tensor, "head d_model d_head"], b: Float[to
 
 
 class Attention(nn.Module):
+    """Multi-head attention with grouped key/value heads (see the module docstring).
+
+    Args:
+        cfg: the heads, widths, rotary, soft-cap and QK-norm settings.
+        layer: the block index (its attention window and, for GPT-2-style models, its score scale).
+    """
+
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         h, kv, d, dh = cfg.n_heads, cfg.n_kv_heads, cfg.d_model, cfg.d_head
@@ -118,6 +127,19 @@ class Attention(nn.Module):
         cos_sin: CosSin | None = None,
         kv_cache: LayerKVCache | None = None,
     ) -> Float[torch.Tensor, "batch pos d_model"]:
+        """Attention of the queries of ``q_in`` over the keys and values of ``k_in`` and ``v_in``.
+
+        Args:
+            q_in: the normalised residual [batch, pos, d_model], or one per head [batch, pos, head, d_model].
+            k_in: the same for the keys (per kv head when per head).
+            v_in: the same for the values.
+            mask: which keys each query may attend to (causal, window, padding).
+            cos_sin: the rotary tables of a rotary model (None otherwise).
+            kv_cache: this layer's cache of earlier keys/values (generation), extended in place.
+
+        Returns:
+            The attention output [batch, pos, d_model] (the sum over heads, plus ``b_O``).
+        """
         q = self.hook_q(project(q_in, self.W_Q, self.b_Q))  # [batch, pos, head, d_head]
         k = self.hook_k(project(k_in, self.W_K, self.b_K))  # [batch, pos, kv_head, d_head]
         v = self.hook_v(project(v_in, self.W_V, self.b_V))

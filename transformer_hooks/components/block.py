@@ -42,6 +42,13 @@ Resid = Float[torch.Tensor, "batch pos d_model"]
 
 
 class Block(nn.Module):
+    """What every block has: norms, attention, MLP and their hook points (see the module docstring).
+
+    Args:
+        cfg: the architecture (norm placement, attention-only, MLP kind).
+        layer: the block index.
+    """
+
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
@@ -71,7 +78,14 @@ class Block(nn.Module):
     def attention(
         self, resid: Resid, mask: AttentionMask, cos_sin: CosSin | None, kv_cache: LayerKVCache | None
     ) -> Resid:
-        """hook_attn_out(attn(ln1(resid))), with per-head inputs only when observed."""
+        """``hook_attn_out(ln1_post(attn(ln1(resid))))``, with per-head inputs only when observed.
+
+        Args:
+            resid: the residual stream [batch, pos, d_model].
+            mask: which keys each query may attend to.
+            cos_sin: the rotary tables (None without rotary).
+            kv_cache: this layer's KV cache (generation), or None.
+        """
         if not (
             self.hook_attn_in.observed
             or self.hook_q_input.observed
@@ -91,6 +105,10 @@ class Block(nn.Module):
 
 
 class SequentialBlock(Block):
+    """A block whose MLP reads the residual after attention (GPT-2, Llama,
+    ...); ``cfg`` and ``layer`` as in ``Block``.
+    """
+
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__(cfg, layer)
         self.hook_resid_mid = HookPoint()
@@ -98,6 +116,9 @@ class SequentialBlock(Block):
     def forward(
         self, resid_pre: Resid, mask: AttentionMask, cos_sin: CosSin | None = None, kv_cache: LayerKVCache | None = None
     ) -> Resid:
+        """``resid_pre`` [batch, pos, d_model] -> resid_post: attention then MLP, each added to the
+        residual; ``mask``, ``cos_sin`` and ``kv_cache`` as in ``Block.attention``.
+        """
         resid_pre = self.hook_resid_pre(resid_pre)
         resid_mid = self.hook_resid_mid(resid_pre + self.attention(resid_pre, mask, cos_sin, kv_cache))
         mlp_out = self.hook_mlp_out(self.ln2_post(self.mlp(self.ln2(self.hook_mlp_in(resid_mid)))))
@@ -105,9 +126,14 @@ class SequentialBlock(Block):
 
 
 class ParallelBlock(Block):
+    """A block whose attention and MLP both read ``resid_pre`` (Pythia / NeoX)."""
+
     def forward(
         self, resid_pre: Resid, mask: AttentionMask, cos_sin: CosSin | None = None, kv_cache: LayerKVCache | None = None
     ) -> Resid:
+        """``resid_pre`` [batch, pos, d_model] -> ``resid_pre + attn_out + mlp_out``; ``mask``,
+        ``cos_sin`` and ``kv_cache`` as in ``Block.attention``.
+        """
         resid_pre = self.hook_resid_pre(resid_pre)
         attn_out = self.attention(resid_pre, mask, cos_sin, kv_cache)
         mlp_out = self.hook_mlp_out(self.ln2_post(self.mlp(self.ln2(self.hook_mlp_in(resid_pre)))))
@@ -121,12 +147,15 @@ class AttnOnlyBlock(Block):
     def forward(
         self, resid_pre: Resid, mask: AttentionMask, cos_sin: CosSin | None = None, kv_cache: LayerKVCache | None = None
     ) -> Resid:
+        """``resid_pre`` [batch, pos, d_model] -> ``resid_pre + attn_out``; ``mask``, ``cos_sin`` and
+        ``kv_cache`` as in ``Block.attention``.
+        """
         resid_pre = self.hook_resid_pre(resid_pre)
         return self.hook_resid_post(resid_pre + self.attention(resid_pre, mask, cos_sin, kv_cache))
 
 
 def post_norm(cfg: ModelConfig) -> nn.Module:
-    """The model's norm with its weight, also after ``fold_ln`` (which leaves post-norms alone)."""
+    """The norm of ``cfg``'s kind with its weight, also after ``fold_ln`` (which leaves post-norms alone)."""
     return NORMS[cfg.normalization_type.removesuffix("Pre")](cfg)
 
 

@@ -17,6 +17,9 @@ class Embed(nn.Module):
 
     Gemma scales by sqrt(d_model), rounded to the model's dtype first as HF does. ``W_E``
     stays unscaled (it is also the tied unembedding), so ``hook_embed`` is after the scale.
+
+    Args:
+        cfg: ``d_vocab``, ``d_model`` and ``embed_scale``.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -25,6 +28,7 @@ class Embed(nn.Module):
         self.scale = cfg.embed_scale
 
     def forward(self, tokens: Int[torch.Tensor, "batch pos"]) -> Float[torch.Tensor, "batch pos d_model"]:
+        """The embeddings [batch, pos, d_model] of ``tokens`` [batch, pos]."""
         embedded = F.embedding(tokens, self.W_E)
         if self.scale == 1.0:
             return embedded
@@ -32,13 +36,16 @@ class Embed(nn.Module):
 
 
 class PosEmbed(nn.Module):
-    """Learned absolute positions (GPT-2, GPT-Neo). ``W_pos``: [n_ctx, d_model]."""
+    """Learned absolute positions (GPT-2, GPT-Neo). ``W_pos``: [n_ctx, d_model]; ``cfg`` gives the sizes."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.W_pos = nn.Parameter(torch.empty(cfg.n_ctx, cfg.d_model))
 
     def forward(self, positions: Int[torch.Tensor, "batch pos"]) -> Float[torch.Tensor, "batch pos d_model"]:
+        """The position embeddings [batch, pos, d_model] of ``positions`` [batch, pos] (position ids, padding
+        excluded).
+        """
         return F.embedding(positions, self.W_pos)
 
 
@@ -51,6 +58,9 @@ class Unembed(nn.Module):
     ``W_U`` is stored as the transpose of a [d_vocab, d_model] matrix (the layout of
     ``W_E`` and of HF's ``lm_head``), so a tied checkpoint can share one copy with
     ``W_E`` and ``F.linear`` reads it without a copy.
+
+    Args:
+        cfg: ``d_model``, ``d_vocab`` and ``final_logit_softcap``.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -60,5 +70,6 @@ class Unembed(nn.Module):
         self.softcap = cfg.final_logit_softcap
 
     def forward(self, resid: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... d_vocab"]:
+        """The logits [..., d_vocab] of ``resid`` [..., d_model] (the final norm already applied)."""
         logits = linear(resid, self.W_U.T, self.b_U)
         return logits if self.softcap is None else softcap(logits, self.softcap)

@@ -12,14 +12,17 @@ class LayerKVCache:
     """One layer's part of a ``KVCache``: its keys and values so far, appended to at each step."""
 
     def __init__(self, owner: "KVCache", k: torch.Tensor, v: torch.Tensor) -> None:
-        """One layer's keys ``k`` and values ``v`` [batch, pos, kv_head, d_head], owned by the
-        model's ``KVCache`` ``owner``."""
+        """One layer's key and value buffers ``k`` and ``v`` [batch, kv_head, max_len, d_head], owned
+        by the model's ``KVCache`` ``owner`` (which holds the length).
+        """
         self.owner, self.k, self.v = owner, k, v
 
     def extend(
         self, k: Float[torch.Tensor, "batch kv_head pos d_head"], v: Float[torch.Tensor, "batch kv_head pos d_head"]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's keys/values after the cached ones; return all of them."""
+        """Write this step's keys ``k`` and values ``v`` [batch, kv_head, pos, d_head] after the cached
+        ones; return all of them so far. ValueError past the buffer's ``max_len``.
+        """
         start, end = self.owner.length, self.owner.length + k.shape[2]
         if end > self.k.shape[2]:
             raise ValueError(
@@ -42,8 +45,16 @@ class KVCache:
     def __init__(
         self, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32, layer_devices=None
     ) -> None:
-        """``layer_devices``: each layer's buffers where that block runs (a model placed over
-        devices); default ``device`` for all. The padding record stays on ``device``."""
+        """Empty buffers for every layer.
+
+        Args:
+            cfg: the model's config (layers, kv heads, d_head).
+            batch: the number of sequences.
+            max_len: the most positions it holds (prompt plus new tokens).
+            device: where the buffers and the padding record go.
+            dtype: the keys' and values' dtype (the model's).
+            layer_devices: each layer's device (a model placed over devices); default ``device`` for all.
+        """
         shape = (batch, cfg.n_kv_heads, max_len, cfg.d_head)
         devices = list(layer_devices) if layer_devices is not None else [device] * cfg.n_layers
         self.layers = [
@@ -59,18 +70,21 @@ class KVCache:
 
     @property
     def batch(self) -> int:
+        """The number of sequences."""
         return self.layers[0].k.shape[0]
 
     @property
     def max_len(self) -> int:
+        """The most positions the buffers hold."""
         return self.layers[0].k.shape[2]
 
     def __getitem__(self, layer: int) -> LayerKVCache:
         return self.layers[layer]
 
     def continue_positions(self, positions: Int[torch.Tensor, "batch pos"]) -> Int[torch.Tensor, "batch pos"]:
-        """Position ids counted from 0 in this step, shifted to follow the cached tokens: each row
-        continues from its own count of real (unpadded) tokens so far."""
+        """``positions`` (ids counted from 0 in this step) shifted to follow the cached tokens: each row
+        continues from its own count of real (unpadded) tokens so far.
+        """
         return positions if self.next_position is None else positions + self.next_position[:, None]
 
     def key_mask(
@@ -88,7 +102,8 @@ class KVCache:
 
     def advance(self, q_len: int, attention_mask: Int[torch.Tensor, "batch pos"] | None = None) -> None:
         """After a forward of ``q_len`` tokens: ``length += q_len``, and each row's next position
-        moves on by its number of real tokens in the step."""
+        moves on by its number of real tokens in the step (``attention_mask``'s ones; None: all).
+        """
         real = attention_mask.sum(-1) if attention_mask is not None else q_len
         start = (
             self.next_position

@@ -15,6 +15,11 @@ from jaxtyping import Bool
 
 @dataclass
 class AttentionMask:
+    """Which keys each query may attend to in one forward: ``q_len`` queries over ``k_len`` keys
+    (earlier cached positions plus this forward's), ``key_is_real`` [batch, key_pos] (None: no
+    padding), built on ``device`` and shared by all layers.
+    """
+
     q_len: int
     k_len: int  # keys = earlier cached positions + this forward's positions
     key_is_real: Bool[torch.Tensor, "batch key_pos"] | None  # None: no padding
@@ -22,7 +27,7 @@ class AttentionMask:
     _built: dict = field(default_factory=dict)
 
     def allowed(self, window: int | None) -> Bool[torch.Tensor, "batch_or_1 1 pos key_pos"]:
-        """True where query i may attend to key j."""
+        """True where query i may attend to key j, for attention ``window`` (None: unlimited); built once per window."""
         if window not in self._built:
             q = torch.arange(self.k_len - self.q_len, self.k_len, device=self.device)[:, None]
             k = torch.arange(self.k_len, device=self.device)[None, :]
@@ -46,7 +51,7 @@ class AttentionMask:
         return self._built[key]
 
     def sdpa_mask(self, window: int | None) -> Bool[torch.Tensor, "batch_or_1 1 pos key_pos"] | None:
-        """The boolean mask for SDPA, or None when ``is_causal_for_sdpa`` covers it."""
+        """The boolean mask for SDPA at ``window``, or None when ``is_causal_for_sdpa`` (or no mask) covers it."""
         return None if self.is_plain(window) else self.allowed(window)
 
     def is_plain(self, window: int | None) -> bool:
@@ -57,4 +62,5 @@ class AttentionMask:
 
     @property
     def is_causal_for_sdpa(self) -> bool:
+        """Whether SDPA's ``is_causal`` says it: as many queries as keys, more than one."""
         return self.q_len == self.k_len and self.q_len > 1

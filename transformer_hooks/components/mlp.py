@@ -43,11 +43,15 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def in_weight(cfg: ModelConfig) -> torch.Tensor:
-    """An empty [d_model, d_mlp] tensor laid out as F.linear's [d_mlp, d_model] weight."""
+    """An empty [d_model, d_mlp] tensor (sizes from ``cfg``) laid out as F.linear's [d_mlp, d_model] weight."""
     return torch.empty(cfg.d_mlp, cfg.d_model).T
 
 
 class MLP(nn.Module):
+    """``act(x W_in + b_in) W_out + b_out``, sizes and ``act_fn`` from ``cfg``; ``hook_pre`` and
+    ``hook_post`` see [batch, pos, d_mlp].
+    """
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.W_in = nn.Parameter(in_weight(cfg))
@@ -59,11 +63,16 @@ class MLP(nn.Module):
         self.hook_post = HookPoint()
 
     def forward(self, x: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_model"]:
+        """The MLP output [batch, pos, d_model] of ``x`` [batch, pos, d_model] (the normalised residual)."""
         pre = self.hook_pre(linear(x, self.W_in.T, self.b_in))
         return linear(self.hook_post(self.act(pre)), self.W_out.T, self.b_out)
 
 
 class GatedMLP(MLP):
+    """A gated MLP (Llama, Gemma): ``(act(x W_gate + b_gate) * (x W_in + b_in)) W_out + b_out``
+    (with ``gated_bias_after_product``: ``b_in`` after the product, as TransformerLens); sizes from ``cfg``.
+    """
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
         self.W_gate = nn.Parameter(in_weight(cfg))
@@ -72,6 +81,9 @@ class GatedMLP(MLP):
         self.bias_after_product = cfg.gated_bias_after_product
 
     def forward(self, x: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_model"]:
+        """The MLP output [batch, pos, d_model] of ``x`` [batch, pos, d_model]; ``hook_pre`` sees the
+        gate's pre-activation, ``hook_pre_linear`` the linear path, ``hook_post`` their product.
+        """
         pre = self.hook_pre(linear(x, self.W_gate.T, self.b_gate))
         if self.bias_after_product:  # TransformerLens: act(x W_gate) * (x W_in) + b_in
             pre_linear = self.hook_pre_linear(linear(x, self.W_in.T, None))

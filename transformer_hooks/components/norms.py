@@ -92,12 +92,17 @@ class _Norm(nn.Module):
 
 
 class LayerNorm(_Norm):
+    """LayerNorm with weight ``w`` and bias ``b`` [d_model]; ``eps`` and ``d_model`` from ``cfg``."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
         self.w = nn.Parameter(torch.ones(cfg.d_model))
         self.b = nn.Parameter(torch.zeros(cfg.d_model))
 
     def forward(self, x: Resid) -> Resid:
+        """``(x - mean) / sqrt(var + eps) * w + b`` over the last axis of ``x`` [batch, pos, d_model];
+        ``hook_scale`` sees the scale [batch, pos, 1], ``hook_normalized`` the normalised residual.
+        """
         if self.fused(x):
             return F.layer_norm(x, (self.d_model,), self.w, self.b, self.eps)
         return torch.addcmul(self.b, self.hook_normalized(self._scaled(x).to(x.dtype)), self.w)
@@ -107,12 +112,15 @@ class LayerNormPre(_Norm):
     """LayerNorm whose weight and bias were folded into the next layer's weights."""
 
     def forward(self, x: Resid) -> Resid:
+        """``(x - mean) / sqrt(var + eps)`` over the last axis of ``x`` [batch, pos, d_model] (no weight or bias)."""
         if self.fused(x):
             return F.layer_norm(x, (self.d_model,), None, None, self.eps)
         return self.hook_normalized(self._scaled(x).to(x.dtype))
 
 
 class RMSNorm(_Norm):
+    """RMSNorm with weight ``w`` [d_model]; ``eps`` and ``d_model`` from ``cfg``."""
+
     centre = False
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -120,6 +128,9 @@ class RMSNorm(_Norm):
         self.w = nn.Parameter(torch.ones(cfg.d_model))
 
     def forward(self, x: Resid) -> Resid:
+        """``x / sqrt(mean(x**2) + eps) * w`` over the last axis of ``x`` [batch, pos, d_model],
+        normalised in float32 and cast back before the weight, as HF does.
+        """
         if self.fused(x):
             # HF: normalise in float32, cast back, then multiply by the weight.
             return F.rms_norm(x.float(), (self.d_model,), None, self.eps).to(x.dtype) * self.w
@@ -132,6 +143,7 @@ class RMSNormPre(_Norm):
     centre = False
 
     def forward(self, x: Resid) -> Resid:
+        """``x / sqrt(mean(x**2) + eps)`` over the last axis of ``x`` [batch, pos, d_model] (no weight)."""
         if self.fused(x):
             return F.rms_norm(x.float(), (self.d_model,), None, self.eps).to(x.dtype)
         return self.hook_normalized(self._scaled(x).to(x.dtype))

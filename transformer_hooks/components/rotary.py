@@ -39,10 +39,14 @@ def inverse_frequencies(rotary_dim: int, theta: float, scaling: RopeScaling | No
 
 
 class Rotary(nn.Module):
+    """Rotary tables of one base: ``cfg``'s ``rotary_dim``, ``rope_theta`` and ``rope_scaling``;
+    with ``local``, the windowed layers' base ``local_rope_theta``, unscaled (Gemma 3).
+    """
+
     inv_freq: torch.Tensor  # a buffer
 
     def __init__(self, cfg: ModelConfig, local: bool = False) -> None:
-        """``local``: the rotary of the windowed layers, base ``local_rope_theta``, unscaled."""
+        """Build the inverse frequencies (see the class docstring for ``cfg`` and ``local``)."""
         super().__init__()
         self.rotary_dim = cfg.rotary_dim
         theta = cfg.local_rope_theta if local else cfg.rope_theta
@@ -57,6 +61,9 @@ class Rotary(nn.Module):
 
     def forward(self, positions: Int[torch.Tensor, "batch pos"], dtype: torch.dtype) -> CosSin:
         # float32 whatever the model dtype, as HF does, then cast.
+        """The cos and sin tables [batch, pos, rotary_dim] of ``positions`` [batch, pos], computed in
+        float32 as HF does, then cast to ``dtype``.
+        """
         freqs = positions[..., None].float() * self.inv_freq.float()  # [batch, pos, rotary_dim/2]
         angles = torch.cat((freqs, freqs), dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)

@@ -52,7 +52,12 @@ ONE_DEVICE = Placement()
 class BlockStack(nn.ModuleList):
     """The model's blocks (an ``nn.ModuleList``: ``blocks[L]`` is block L), run in order
     where their weights are. Subclasses (execution modes, installed by ``loading/``) change
-    where blocks, the embeddings and the head run; the model's forward never branches on them."""
+    where blocks, the embeddings and the head run; the model's forward never branches on them.
+
+    Args:
+        blocks: the block modules, in order.
+        placement: the record of where the weights are (``ONE_DEVICE`` by default).
+    """
 
     placement: Placement = ONE_DEVICE
 
@@ -61,8 +66,9 @@ class BlockStack(nn.ModuleList):
         self.placement = placement
 
     def check_call(self, start_at_layer: Any, stop_at_layer: Any, past_kv_cache: Any) -> None:
-        """Refuse what this mode cannot run (nothing, on one process). The arguments are the
-        forward's, unchecked (the model checks them after)."""
+        """Refuse what this mode cannot run (nothing, on one process). ``start_at_layer``,
+        ``stop_at_layer`` and ``past_kv_cache`` are the forward's, unchecked (the model checks them after).
+        """
 
     def run_embed(self, embed: Callable[[], torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
         """The residual stream entering block 0: ``embed()`` (``shape`` serves modes where
@@ -78,13 +84,16 @@ class BlockStack(nn.ModuleList):
         stop: int,
         past_kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """Blocks ``start`` .. ``stop - 1`` on ``resid``; ``rope[L]``: block L's rotary tables."""
+        """Blocks ``start`` .. ``stop - 1`` on ``resid`` [batch, pos, d_model], with the attention
+        ``mask``, ``rope[L]`` (block L's rotary tables) and ``past_kv_cache`` (None: no cache).
+        """
         for layer in range(start, stop):
             kv = past_kv_cache[layer] if past_kv_cache is not None else None
             resid = self.run_block(layer, resid, mask, rope[layer], kv)
         return resid
 
     def run_block(self, layer: int, resid: torch.Tensor, mask: AttentionMask, cos_sin: Any, kv: Any) -> torch.Tensor:
+        """Block ``layer`` on ``resid`` with ``mask``, its rotary tables ``cos_sin`` and its KV cache ``kv``."""
         return self[layer](resid, mask, cos_sin, kv)
 
     def run_head(self, head: Callable[[torch.Tensor], Any], resid: torch.Tensor) -> Any:
@@ -92,9 +101,11 @@ class BlockStack(nn.ModuleList):
         return head(resid)
 
     def gather_cache(self, store: dict[str, torch.Tensor], device: Any = None) -> dict[str, torch.Tensor] | None:
-        """The cached activations of every block (here: all of them already)."""
+        """The cached activations ``store`` of every block, those gathered from elsewhere put on
+        ``device`` (``run_with_cache(device=...)``); here ``store`` itself, which has them all.
+        """
         return store
 
     def block_devices(self, default: torch.device) -> list[torch.device]:
-        """The device each block runs on (where its KV cache lives)."""
+        """The device each block runs on (where its KV cache lives): ``default`` for all on one device."""
         return [default] * len(self)

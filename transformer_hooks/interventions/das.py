@@ -53,6 +53,9 @@ class RotatedSubspaceInterchange(nn.Module):
     parametrization of a [d, d] matrix costs a d x d matrix exponential per step).
     ``orthogonal_map`` is passed to ``torch.nn.utils.parametrizations.orthogonal``
     (``"matrix_exp"``, ``"cayley"``, ``"householder"``; default: torch's choice).
+    ``d``: the site's width; ``dtype``: float32 or float64 (the rotation's; on a half-precision
+    model the interchange runs in it and is cast back); ``device``: where it lives;
+    ``seed``: its initialisation.
     """
 
     def __init__(
@@ -121,7 +124,8 @@ def _checked(pos: torch.Tensor, n_pos: int) -> torch.Tensor:
 
 
 def last_real(mask: torch.Tensor | None, batch: int, n_pos: int, device: Any = None) -> torch.Tensor:
-    """Each row's last real (unpadded) position [batch]: ``n_pos - 1`` without a mask."""
+    """Each row's last real (unpadded) position [batch] by ``mask`` [batch, n_pos], on ``device``:
+    ``n_pos - 1`` without a mask."""
     if mask is None:
         return torch.full((batch,), n_pos - 1, dtype=torch.long, device=device)
     idx = torch.arange(n_pos, device=mask.device).expand_as(mask)
@@ -193,14 +197,15 @@ def source_activations(
     source_tokens: Int[torch.Tensor, "batch pos"],
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The site's activation on the source prompts (no graph: the model is frozen)."""
+    """The activation of ``site`` on ``source_tokens`` (with their ``attention_mask``), without a
+    graph (the model is frozen)."""
     with torch.no_grad():
         _, cache = model.run_with_cache(source_tokens, names_filter=site, attention_mask=attention_mask)
     return cache[site]
 
 
 def resume_point(model: HookedModel, site: str) -> tuple[int, str] | None:
-    """Where a forward can start from a cached value of ``site``: ``(start_at_layer, the
+    """Where a forward of ``model`` can start from a cached value of ``site``: ``(start_at_layer, the
     hook name that value passes through there)``, for residual-stream sites; else None.
 
     ``blocks.L.hook_resid_post`` is the stream entering block L+1, so a run resumed at L+1
@@ -230,6 +235,8 @@ def interchange_logits(
     resumes from it (``start_at_layer``) instead of recomputing the layers below the site:
     the same logits, computed with the same hook, for a fraction of the cost. ``base_mask``:
     the base prompts' padding mask (1 real, 0 padding); positions are then as ``train_das``'s.
+    ``intervention`` replaces ``site`` at ``base_pos`` of ``base_tokens`` with the source
+    activation ``source_act`` at ``source_pos`` (``model``, positions as in ``train_das``).
     """
     batch, n_pos = base_tokens.shape
     base_pos = _positions(base_pos, base_mask, batch, n_pos)
@@ -271,6 +278,22 @@ def train_das(
 
     The source activations are computed once; so are the base's when the site is in the
     residual stream (each step then runs only the blocks above the site).
+
+    Args:
+        model: the frozen model.
+        intervention: the ``RotatedSubspaceInterchange`` (or any module of that call) being fit.
+        site: the hook name intervened on.
+        base_tokens: the base prompts.
+        source_tokens: the source prompts, one per base prompt.
+        target_tokens: the token each intervened base run should predict [batch].
+        base_pos: the base position(s) intervened on (one int, or one per row).
+        source_pos: the source position(s) read.
+        steps: optimisation steps (Adam).
+        lr: the learning rate.
+        batch_size: prompts per step (None: all).
+        seed: the seed of the batches' sampling.
+        base_attention_mask: the base tokens' padding mask.
+        source_attention_mask: the source tokens' padding mask.
     """
     model.resolve_hook_names(site)
     base_tokens, base_mask = _tokens_and_mask(model, base_tokens, base_attention_mask, "base")
@@ -320,7 +343,11 @@ def evaluate_das(
     base_attention_mask: torch.Tensor | None = None,
     source_attention_mask: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Loss and interchange accuracy (argmax == target) of the intervened base runs (masks as ``train_das``'s)."""
+    """Loss and interchange accuracy (argmax == target) of the intervened base runs.
+
+    ``model``, ``intervention``, ``site``, ``base_tokens``, ``source_tokens``, ``target_tokens``,
+    ``base_pos``, ``source_pos``, ``base_attention_mask`` and ``source_attention_mask`` as in ``train_das``.
+    """
     base_tokens, base_mask = _tokens_and_mask(model, base_tokens, base_attention_mask, "base")
     source_tokens, source_mask = _tokens_and_mask(model, source_tokens, source_attention_mask, "source")
     source_act = source_activations(model, site, source_tokens, source_mask)

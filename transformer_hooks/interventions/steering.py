@@ -220,6 +220,7 @@ def steering(
             model.generate("I think dogs are", max_new_tokens=20)
 
     The hook and the KV-cache watcher are removed on exit, also after an exception.
+    ``site``: the hook name steered; ``positions`` as in the module docstring.
     """
     hook = SteeringHook(vector, coeff, positions)
     if model.resolve_hook_names(site) != [site]:
@@ -294,8 +295,9 @@ def steering_vector(
 
 
 def pad_to_same_length(model: HookedModel, a: str, b: str, prepend_bos: bool | None = None) -> tuple[str, str]:
-    """``a`` and ``b`` with spaces appended to the shorter until they tokenize to the same length
-    (ActAdd's padding). Returns them unchanged if spaces cannot make the lengths meet."""
+    """``a`` and ``b`` with spaces appended to the shorter until they tokenize (by ``model``,
+    with ``prepend_bos``) to the same length (ActAdd's padding). Returns them unchanged if
+    spaces cannot make the lengths meet."""
 
     def length(text: str) -> int:
         return int(model.to_tokens(text, prepend_bos=prepend_bos).shape[1])
@@ -314,8 +316,8 @@ def pad_to_same_length(model: HookedModel, a: str, b: str, prepend_bos: bool | N
 
 
 def residual_norm(model: HookedModel, site: str, prompts: str | Sequence[str] | None = None) -> float:
-    """The typical norm of ``site``'s activation: its mean over the non-BOS positions of
-    ``prompts`` (default: a few everyday sentences)."""
+    """The typical norm of ``site``'s activation in ``model``: its mean over the non-BOS
+    positions of ``prompts`` (default: a few everyday sentences)."""
     return _typical_norm(model, site, prompts)[0]
 
 

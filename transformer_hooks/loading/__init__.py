@@ -83,6 +83,9 @@ def load_model(name_or_path: str | Path, options: LoadOptions | None = None, **k
     (offload.py) and one range of blocks per process under ``torchrun`` (pipeline.py: each
     rank reads only its own groups; every rank runs the same calls, rank 0 gets the output
     and the whole cache).
+
+    ``name_or_path``: what to load; ``**kwargs``: ``LoadOptions`` fields (listed, with their
+    defaults, in ``HookedTransformer.from_pretrained``'s docstring).
     """
     opts = LoadOptions.of(options, **kwargs)
     check_compute_device(opts.device)  # before anything is read: device="cuda" without a GPU says so

@@ -27,7 +27,9 @@ from .groups import group_of, groups_by_label
 
 
 def build_on_meta(cfg: ModelConfig, tokenizer: Any = None, dtype: torch.dtype | None = None) -> HookedTransformer:
-    """The model of ``cfg`` on the meta device (no memory), its parameters in ``dtype`` if given."""
+    """The model of ``cfg`` (with ``tokenizer``) on the meta device (no
+    memory), its parameters in ``dtype`` if given.
+    """
     with torch.device("meta"):
         model = HookedTransformer(cfg, tokenizer)
     return model.to(dtype) if dtype is not None and dtype != model.dtype else model
@@ -55,7 +57,7 @@ class OneDevice:
         return self.device
 
     def after_group(self, model: HookedTransformer, names: list[str]) -> None:
-        """Called with each group's parameter names once they are filled."""
+        """Called with each group's parameter ``names`` once they are filled in ``model``."""
 
     def attach(self, model: HookedTransformer) -> None:
         """Install this mode's block stack on the filled model (the plain one: nothing to do)."""
@@ -77,6 +79,8 @@ def build_and_fill(
     ``cfg`` describes the groups' tensors; processing turns it into the model's config.
     ``tied``: the unembedding is ``W_E.T``; it stays one shared tensor unless processing
     rewrites either side (or the two sides are placed on different devices: then a copy).
+    ``options``: the processing to apply; ``tokenizer``: the model's; ``dtype``: the
+    parameters'; ``desc``: the progress bar's label; ``mode``: the execution mode.
     """
     model_cfg = processing.processed_config(cfg, options)
     applied = model_cfg.processing[len(cfg.processing) :]
@@ -130,6 +134,8 @@ def materialize(
     ``process`` takes and returns ``{full name: float32 tensor}`` for one group.
     ``skip``: parameters filled otherwise (a tied ``unembed.W_U`` becomes a view of ``W_E``).
     ``after_group(names)``: called with each group's parameter names once they are filled.
+    ``groups``: (label, prefix, thunk) triples, each thunk reading one group's tensors;
+    ``dtype``: the parameters'; ``n_groups`` and ``desc``: the progress bar's total and label.
     """
     missing: list[str] = []
     expected = {name for name, _ in model.named_parameters()} - skip
@@ -241,7 +247,8 @@ def _can_adopt(
 
 
 def finish(model: HookedTransformer, device: Any) -> HookedTransformer:
-    """Recompute the non-persistent buffers (rotary frequencies, not loaded), note the device, eval mode."""
+    """Recompute ``model``'s non-persistent buffers (rotary frequencies, not loaded) on ``device``,
+    note the device, eval mode; returns the model."""
     for name in ("rotary", "rotary_local"):
         if hasattr(model, name):
             getattr(model, name).inv_freq = getattr(model, name).frequencies().to(device or "cpu")

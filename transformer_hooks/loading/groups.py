@@ -42,8 +42,10 @@ def group_names(n_layers: int) -> list[str]:
 
 
 def group_of(module_name: str) -> str:
-    """The placement group of a parameter, module or hook name (``blocks.3.attn.W_Q`` ->
-    ``blocks.3``, ``ln_final.hook_scale`` -> ``final``); a ``KeyError`` for any other name."""
+    """The placement group of ``module_name``, a parameter, module or hook name
+    (``blocks.3.attn.W_Q`` -> ``blocks.3``, ``ln_final.hook_scale`` -> ``final``); a
+    ``KeyError`` for any other name.
+    """
     layer = sites.layer_of(module_name)
     if layer is not None:
         return f"blocks.{layer}"
@@ -54,12 +56,14 @@ def group_of(module_name: str) -> str:
 
 
 def group_of_part(kind: str, layer: int | None) -> str:
-    """The placement group of a group a load streams (weights_conversion/groups.py's ``Part``)."""
+    """The placement group of a group a load streams (weights_conversion/groups.py's ``Part``: its ``kind`` and
+    ``layer``).
+    """
     return {"embeddings": "embed", "final": "final"}.get(kind, f"blocks.{layer}")
 
 
 def groups_by_label(n_layers: int) -> dict[str, str]:
-    """The label of each group a load streams -> its placement group."""
+    """The label of each group a load of a model of ``n_layers`` blocks streams -> its placement group."""
     return {p.label: group_of_part(p.kind, p.layer) for p in load_order(n_layers)}
 
 
@@ -73,9 +77,10 @@ def modules_of_group(model: HookedTransformer, group: str) -> list[torch.nn.Modu
 
 # Parameters -----------------------------------------------------------------------------
 def group_parameters(cfg: ModelConfig, shared_unembed: bool | None = None) -> dict[str, int]:
-    """Parameters per placement group: ``embed`` (W_E, W_pos), ``blocks.{L}``, ``final``
-    (ln_final, W_U, b_U), as ``HookedTransformer`` holds them (every bias a tensor, zero
-    if the checkpoint has none), counted on a model built on the meta device (no memory).
+    """Parameters per placement group of a model of config ``cfg``: ``embed`` (W_E, W_pos),
+    ``blocks.{L}``, ``final`` (ln_final, W_U, b_U), as ``HookedTransformer`` holds them (every
+    bias a tensor, zero if the checkpoint has none), counted on a model built on the meta device
+    (no memory).
 
     ``shared_unembed``: W_U is a view of W_E (a tied checkpoint whose processing leaves
     both as they are); None reads it from the config: tied and not rewritten by processing.
@@ -101,6 +106,7 @@ def _meta_counts(cfg: ModelConfig) -> tuple[tuple[str, int], ...]:
 
 
 def group_bytes(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, int]:
+    """Bytes per placement group of a model of config ``cfg`` with parameters in ``dtype``."""
     return {g: n * dtype.itemsize for g, n in group_parameters(cfg).items()}
 
 
@@ -117,6 +123,7 @@ def place_groups(
     ``auto`` (as transformers' ``device_map="auto"``): balanced if that fits ``max_memory``,
     else sequential. The embeddings go on the first device; the final norm and unembedding
     on the last device used. Raises ``PlacementError`` if the groups cannot fit ``max_memory``.
+    ``group_bytes``: each group's size; ``devices``: in order; ``mode``: as above.
     """
     if not devices:
         raise PlacementError("no devices to place the model on")
@@ -182,7 +189,7 @@ _UNITS = {
 
 
 def parse_bytes(text: str | int) -> int:
-    """``"20GiB"``, ``"24GB"``, ``"1.5e9"`` or an int -> bytes."""
+    """``text`` such as ``"20GiB"``, ``"24GB"``, ``"1.5e9"`` (or an int) -> bytes; ValueError otherwise."""
     if isinstance(text, int):
         return text
     m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(text))
@@ -192,6 +199,7 @@ def parse_bytes(text: str | int) -> int:
 
 
 def fmt_bytes(n: float) -> str:
+    """``n`` bytes for people: ``"1.50 GiB"`` (binary units), or ``"512 B"``."""
     for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= scale:
             return f"{n / scale:.2f} {unit}"

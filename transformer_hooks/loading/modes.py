@@ -17,7 +17,8 @@ from .options import LoadOptions
 
 def execution_mode(cfg: ModelConfig, options: LoadOptions, device: Any, dtype: torch.dtype) -> OneDevice:
     """The mode ``options`` ask for, for a model of (processed) config ``cfg`` in ``dtype``.
-    At most one of placement, offload and pipeline."""
+    At most one of placement, offload and pipeline; ``device``: the compute device asked for
+    (None: the default)."""
     from .offload import BlockOffload, Offloaded, OffloadKind
     from .placement import Placed, resolve_device_map
 

@@ -108,7 +108,14 @@ def _temporary_directory() -> Path:
 
 
 class BlockOffload:
-    """Keeps the parameters of a model's blocks off the compute device (see module docstring)."""
+    """Keeps the parameters of a model's blocks off the compute device (see module docstring).
+
+    Args:
+        kind: ``"cpu"`` (pinned CPU memory when computing on CUDA) or ``"disk"`` (memory-mapped files).
+        device: the compute device blocks are brought to as they run.
+        offload_dir: where ``"disk"`` writes each block's weights (None: a temporary directory,
+            removed at exit, with a warning naming it).
+    """
 
     def __init__(self, kind: OffloadKind, device: Any, offload_dir: str | Path | None = None) -> None:
         if kind not in ("cpu", "disk"):
@@ -132,8 +139,9 @@ class BlockOffload:
 
     # Storing -------------------------------------------------------------------------
     def keep(self, block: nn.Module, layer: int) -> None:
-        """Replace ``block``'s parameters by stored copies (CPU, or memory-mapped from disk);
-        the originals are released."""
+        """Replace the parameters of ``block`` (block ``layer``) by stored copies (CPU, or
+        memory-mapped from disk); the originals are released.
+        """
         params = dict(block.named_parameters())
         if self.kind == "disk":
             assert self.directory is not None  # __init__ refuses disk offload without a directory
@@ -154,8 +162,9 @@ class BlockOffload:
 
     # Running -------------------------------------------------------------------------
     def attach(self, blocks: nn.ModuleList) -> None:
-        """Register the hooks that bring each block to the compute device as it runs. A
-        block whose weights can run where they are (CPU compute) needs none."""
+        """Register the hooks that bring each of ``blocks`` to the compute device as it runs. A
+        block whose weights can run where they are (CPU compute) needs none.
+        """
         self._blocks = list(blocks)
         if self.device.type == "cpu":
             return
@@ -218,29 +227,36 @@ class BlockOffload:
 
 
 class Offloaded(OneDevice):
-    """The load of an offloaded model: each block is stored as soon as it is read; the
-    embeddings and the final norm and unembedding go to the compute device."""
+    """The load of an offloaded model: each block is stored in ``store`` as soon as it is read; the
+    embeddings and the final norm and unembedding go to the compute ``device``.
+    """
 
     def __init__(self, store: BlockOffload, device: Any) -> None:
         super().__init__(device)
         self.store = store
 
     def device_of(self, group: str) -> Any:
+        """Where ``group`` is read to: the CPU for a block (then stored), the compute device for the others."""
         return "cpu" if sites.layer_of(group) is not None else self.device
 
     def after_group(self, model: Any, names: list[str]) -> None:
+        """Store every block whose parameters ``names`` were just filled in ``model``."""
         for layer in sorted({L for n in names if (L := sites.layer_of(n)) is not None}):
             self.store.keep(model.blocks[layer], layer)
 
     def attach(self, model: Any) -> None:
+        """Install the offload hooks on ``model`` (``BlockOffload.install``)."""
         self.store.install(model)
 
 
 def offload_blocks(
     model: Any, offload: OffloadKind, *, device: Any = None, offload_dir: str | Path | None = None
 ) -> Any:
-    """Offload the blocks of a loaded ``HookedTransformer`` (in place; returns it). The
-    embeddings, final norm and unembedding go to ``device`` (default: where the model is)."""
+    """Offload the blocks of a loaded ``HookedTransformer`` ``model`` (in place; returns it).
+
+    ``offload`` and ``offload_dir`` as in ``BlockOffload``. The embeddings, final norm and
+    unembedding go to ``device`` (default: where the model is).
+    """
     device = torch.device(device or model.device)
     store = BlockOffload(offload, device, offload_dir)
     for layer, block in enumerate(model.blocks):

@@ -94,6 +94,7 @@ class LoadOptions:
 
     @property
     def processing(self) -> ProcessingOptions:
+        """The processing fields as ``processing.ProcessingOptions``."""
         return ProcessingOptions(
             fold_ln=self.fold_ln,
             center_writing_weights=self.center_writing_weights,

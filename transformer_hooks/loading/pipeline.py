@@ -58,8 +58,10 @@ class PipelineError(ValueError):
 
 
 def pipeline_map(n_layers: int, ranks: int) -> PipelineMap:
-    """{group: rank}: contiguous ranges of blocks (sizes differ by at most one), ``embed``
-    with the first, ``final`` (final norm and unembedding) with the last."""
+    """{group: rank} for ``n_layers`` blocks over ``ranks`` processes: contiguous ranges of blocks
+    (sizes differ by at most one), ``embed`` with the first, ``final`` (final norm and
+    unembedding) with the last.
+    """
     rank_of_block = [rank for rank in range(ranks) for _ in range(*_bounds(n_layers, rank, ranks))]
     ends = {"embed": 0, "final": ranks - 1}
     return {g: rank_of_block[L] if (L := sites.layer_of(g)) is not None else ends[g] for g in group_names(n_layers)}
@@ -68,10 +70,13 @@ def pipeline_map(n_layers: int, ranks: int) -> PipelineMap:
 def join_pipeline(
     cfg: ModelConfig, ranks: int, device: Any = None, timeout: datetime.timedelta = DEFAULT_TIMEOUT
 ) -> "PipelineStage":
-    """This process's stage of a ``ranks``-stage pipeline, checked before any weight is read.
+    """This process's stage of a ``ranks``-stage pipeline for a model of config ``cfg``, checked
+    before any weight is read.
 
     Joins the process group ``torchrun`` describes if it is not joined yet
-    (``distributed.init_distributed``)."""
+    (``distributed.init_distributed``, with ``timeout``). ``device``: this rank's device
+    (None: ``local_device()``); ``timeout``: how long a rank waits for another.
+    """
     if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
         raise PipelineError(f"pipeline_ranks must be a positive int, got {ranks!r}")
     if ranks > cfg.n_layers:
@@ -99,7 +104,9 @@ def join_pipeline(
 class PipelineBlocks(BlockStack):
     """The block stack of one rank: runs its own blocks, passes the residual stream across
     stage boundaries, embeds only on the first rank, runs the head only on the last, and
-    delivers the output (and caches) to rank 0."""
+    delivers the output (and caches) to rank 0. ``blocks``: the model's blocks (the others'
+    on the meta device); ``stage``: this rank's ``PipelineStage``.
+    """
 
     def __init__(self, blocks: Any, stage: "PipelineStage") -> None:
         placement = Placement("pipeline", pipeline_map=dict(stage.map), rank=stage.rank, device=str(stage.device))
@@ -109,6 +116,9 @@ class PipelineBlocks(BlockStack):
     _generating = False  # the current forward has a KV cache: its output goes to every rank
 
     def check_call(self, start_at_layer: Any, stop_at_layer: Any, past_kv_cache: Any) -> None:
+        """Refuse ``start_at_layer`` and ``stop_at_layer`` (not supported split over processes); ``past_kv_cache`` is
+        fine.
+        """
         if (start_at_layer, stop_at_layer) != (None, None):
             raise ValueError(
                 "this model is split over processes (pipeline_ranks): start_at_layer and stop_at_layer are not "
@@ -116,6 +126,7 @@ class PipelineBlocks(BlockStack):
             )
 
     def run_embed(self, embed: Any, shape: tuple[int, ...]) -> torch.Tensor:
+        """``embed()`` on the rank that holds the embeddings; elsewhere a meta tensor of ``shape``."""
         if self.stage.owns("embed"):
             return embed()
         return torch.empty(shape, device="meta")  # another rank embeds: only the shape travels on
@@ -123,6 +134,10 @@ class PipelineBlocks(BlockStack):
     def forward(
         self, resid: torch.Tensor, mask: Any, rope: list[Any], start: int, stop: int, past_kv_cache: Any = None
     ) -> torch.Tensor:
+        """Blocks ``start`` .. ``stop - 1`` as ``BlockStack.forward`` (``resid``, ``mask``, ``rope``,
+        ``past_kv_cache``), each on the rank that holds it, the residual stream sent across stage
+        boundaries; a meta tensor on ranks that do not hold the result.
+        """
         shape = tuple(resid.shape)
         held = None if resid.is_meta else resid
         self._generating = past_kv_cache is not None
@@ -137,20 +152,25 @@ class PipelineBlocks(BlockStack):
         return torch.empty(shape, device="meta") if held is None else held
 
     def run_head(self, head: Any, resid: torch.Tensor) -> Any:
+        """``head(resid)`` on the last rank, delivered to rank 0 (to every rank while generating)."""
         return self.stage.deliver(None if resid.is_meta else head(resid), everyone=self._generating)
 
     def gather_cache(self, store: dict[str, torch.Tensor], device: Any = None) -> dict[str, torch.Tensor] | None:
+        """Every rank's cached activations ``store`` on rank 0 (on ``device`` if given); None elsewhere."""
         return self.stage.gather_cache(store, device)
 
     def block_devices(self, default: torch.device) -> list[torch.device]:
-        """This rank's blocks on its device; the others' KV caches on the meta device (no memory)."""
+        """This rank's blocks on its device; the others' KV caches on the meta device (no memory);
+        ``default`` is not used.
+        """
         meta = torch.device("meta")
         return [self.stage.device if self.stage.owns(f"blocks.{L}") else meta for L in range(len(self))]
 
 
 class Pipelined(OneDevice):
     """The load of one rank of a pipeline: only this rank's groups are read (the others stay
-    on the meta device), on the rank's device."""
+    on the meta device), on the device of ``stage``.
+    """
 
     shares_embeddings = False  # the embeddings and the unembedding live on different ranks
 
@@ -159,14 +179,23 @@ class Pipelined(OneDevice):
         self.stage = stage
 
     def reads(self, group: str) -> bool:
+        """Whether this rank holds ``group``."""
         return self.stage.owns(group)
 
     def attach(self, model: Any) -> None:
+        """Install ``PipelineBlocks`` on ``model``."""
         model.blocks = PipelineBlocks(model.blocks, self.stage)
 
 
 class PipelineStage:
-    """One rank's part of a model split over processes (see the module docstring)."""
+    """One rank's part of a model split over processes (see the module docstring).
+
+    Args:
+        layout: {group: rank} (``pipeline_map``).
+        rank: this process's rank.
+        device: this rank's device.
+        timeout: how long a transfer may wait for another rank (``RankFailedError`` past it).
+    """
 
     def __init__(self, layout: PipelineMap, rank: int, device: Any, timeout: datetime.timedelta) -> None:
         self.map = dict(layout)
@@ -188,9 +217,10 @@ class PipelineStage:
 
     # The forward ---------------------------------------------------------------------------
     def enter(self, layer: int, resid: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | None:
-        """The residual stream entering block ``layer`` (``n_layers``: the final norm) on
-        this rank, or None if another rank runs it. At a boundary, the rank that ran block
-        ``layer - 1`` sends the stream it holds and the owner of ``layer`` receives it."""
+        """The residual stream entering block ``layer`` (``n_layers``: the final norm) on this rank, or
+        None if another rank runs it. At a boundary, the rank that ran block ``layer - 1`` sends
+        the stream it holds (``resid``) and the owner of ``layer`` receives it into a tensor of ``shape``.
+        """
         owner = self._owners[layer]
         if owner == self.rank:
             if resid is None:
@@ -202,8 +232,9 @@ class PipelineStage:
         return None
 
     def deliver(self, out: Any, everyone: bool = False) -> Any:
-        """The forward's output on rank 0 (sent there by the last rank), None on the others;
-        with ``everyone`` (generation: each rank's loop reads the logits), on every rank."""
+        """The forward's output ``out`` on rank 0 (sent there by the last rank), None on the others;
+        with ``everyone`` (generation: each rank's loop reads the logits), on every rank.
+        """
         last = self.ranks - 1
         if last == 0:
             return out
@@ -248,8 +279,9 @@ class PipelineStage:
             torch.cuda.set_rng_state(got["cuda"].cpu(), self.device)
 
     def gather_cache(self, store: dict[str, torch.Tensor], device: Any = None) -> dict[str, torch.Tensor] | None:
-        """Every rank's cached activations, on rank 0 in the order of the forward (on
-        ``device`` if given, as ``run_with_cache(device=...)``); None elsewhere."""
+        """Every rank's cached activations ``store``, on rank 0 in the order of the forward (on
+        ``device`` if given, as ``run_with_cache(device=...)``); None elsewhere.
+        """
         if self.rank != 0:
             self._send_named(store, 0, "its cached activations")
             return None

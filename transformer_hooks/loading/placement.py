@@ -108,8 +108,10 @@ def device_map_keys(n_layers: int) -> list[str]:
 
 
 def check_device_map(cfg: ModelConfig, device_map: Mapping[str, Any]) -> DeviceMap:
-    """A user's dict, as {group: device}: every block placed, every key known and written as
-    the model names it (``blocks.1``, not ``blocks.01``), every device real."""
+    """The user's ``device_map`` dict for a model of config ``cfg``, as {group: device}: every block
+    placed, every key known and written as the model names it (``blocks.1``, not
+    ``blocks.01``), every device real; ``PlacementError`` naming the fault otherwise.
+    """
     out: dict[str, str] = {}
     rest = None
     valid = device_map_keys(cfg.n_layers)
@@ -154,8 +156,17 @@ def resolve_device_map(
     n_devices: int | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> DeviceMap | None:
-    """{group: device} for a model of config ``cfg`` (the processed config: its weights'
-    bytes decide "auto"), or None when nothing asks for placement."""
+    """{group: device} for a model of config ``cfg`` (the processed config: its weights' bytes
+    decide "auto"), or None when nothing asks for placement.
+
+    Args:
+        cfg: the model's config.
+        device_map: ``"auto"``, ``"balanced"``, ``"sequential"`` (see ``groups.place_groups``)
+            or a {group or module: device} dict.
+        max_memory: {device: bytes or "20GiB"}; with a string map, the devices to use.
+        n_devices: use this many devices (TransformerLens's even split when alone).
+        dtype: the weights' dtype (their bytes).
+    """
     if device_map is None and n_devices is None:
         return None
     if isinstance(device_map, Mapping):
@@ -208,9 +219,11 @@ def place_model(
     max_memory: Mapping[Any, Any] | None = None,
     n_devices: int | None = None,
 ) -> Any:
-    """Move a built model's groups to the devices of a placement (in place; returns it) and
-    record it in ``model.placement``. ``from_pretrained(device_map=...)`` places each
-    tensor as it is read instead; this serves models already in memory."""
+    """Move a built ``model``'s groups to the devices of a placement (in place; returns it) and
+    record it in ``model.placement``. ``from_pretrained(device_map=...)`` places each tensor as it
+    is read instead; this serves models already in memory. ``device_map``, ``max_memory`` and
+    ``n_devices`` as in ``resolve_device_map``.
+    """
     placement = resolve_device_map(model.cfg, device_map, max_memory=max_memory, n_devices=n_devices, dtype=model.dtype)
     if placement is None:
         return model
@@ -239,9 +252,11 @@ def install_placement(model: Any, placement: DeviceMap | None) -> None:
 
 
 class PlacedBlocks(BlockStack):
-    """Blocks on several devices: the residual stream, the mask and the rotary tables move to
-    a block's device before it runs (made once per forward per device), and to the final
-    norm's device before the head; nowhere else."""
+    """Blocks on several devices: the residual stream, the mask and the rotary tables move to a
+    block's device before it runs (made once per forward per device), and to the final norm's
+    device before the head; nowhere else. ``blocks``: the model's blocks; ``placement``:
+    {group: device}.
+    """
 
     def __init__(self, blocks: Any, placement: DeviceMap) -> None:
         super().__init__(blocks, Placement("devices", device_map=dict(placement)))
@@ -252,6 +267,9 @@ class PlacedBlocks(BlockStack):
     def forward(
         self, resid: torch.Tensor, mask: AttentionMask, rope: list[Any], start: int, stop: int, kv: Any = None
     ) -> torch.Tensor:
+        """``BlockStack.forward`` (``resid``, ``mask``, ``rope``, ``start``, ``stop``, KV cache ``kv``),
+        with the per-device copies of the mask and rotary tables made once per forward.
+        """
         self._copies = {}
         try:
             return super().forward(resid, mask, rope, start, stop, kv)
@@ -259,13 +277,18 @@ class PlacedBlocks(BlockStack):
             self._copies = {}
 
     def run_block(self, layer: int, resid: torch.Tensor, mask: AttentionMask, cos_sin: Any, kv: Any) -> torch.Tensor:
+        """Block ``layer`` on its device: ``resid``, ``mask`` and
+        ``cos_sin`` moved there first; ``kv``: its KV cache.
+        """
         device = self.devices[layer]
         return self[layer](resid.to(device), *self._moved_to(device, mask, cos_sin), kv)
 
     def run_head(self, head: Any, resid: torch.Tensor) -> Any:
+        """``head(resid)`` with ``resid`` moved to the final norm's device."""
         return head(resid.to(self.final_device))
 
     def block_devices(self, default: torch.device) -> list[torch.device]:
+        """The device of each block (``default`` is not used)."""
         return list(self.devices)
 
     def _moved_to(self, device: torch.device, mask: AttentionMask, cos_sin: Any) -> tuple[AttentionMask, Any]:
@@ -283,14 +306,18 @@ class PlacedBlocks(BlockStack):
 
 
 class Placed(OneDevice):
-    """The load of a model placed over devices: each group's tensors go straight to its device."""
+    """The load of a model placed over devices (``placement``: {group: device}): each group's
+    tensors go straight to its device.
+    """
 
     def __init__(self, placement: DeviceMap) -> None:
         super().__init__(placement["embed"])
         self.placement = placement
 
     def device_of(self, group: str) -> Any:
+        """The device ``group`` is placed on."""
         return self.placement[group]
 
     def attach(self, model: Any) -> None:
+        """Install ``PlacedBlocks`` on ``model``."""
         install_placement(model, self.placement)

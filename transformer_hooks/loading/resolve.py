@@ -65,7 +65,7 @@ def resolve_config(name_or_path: str | os.PathLike[str], *, download: bool = Fal
 
 
 def checkpoint_config(ckpt: Checkpoint) -> ResolvedConfig:
-    """The config of a resolved checkpoint (GGUF: its metadata only)."""
+    """The config of the resolved checkpoint ``ckpt`` (GGUF: its metadata only)."""
     if ckpt.kind == "gguf":
         from weights_conversion.gguf import read_gguf
 

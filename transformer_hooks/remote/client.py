@@ -58,7 +58,13 @@ __all__ = [
 
 # Errors ----------------------------------------------------------------------------------------
 class RemoteError(RuntimeError):
-    """A request the server refused or could not run; ``status`` is the HTTP status (0: none)."""
+    """A request the server refused or could not run.
+
+    Args:
+        message: what went wrong (the server's message, with the URL).
+        status: the HTTP status (0: none).
+        limit: the token limit the request is past, if that is why.
+    """
 
     def __init__(self, message: str, status: int = 0, limit: str | None = None) -> None:
         super().__init__(message)
@@ -101,6 +107,11 @@ class RemoteHook:
     head: int | Sequence[int] | None = None
 
     def spec(self, key: str | None) -> dict[str, Any]:
+        """This hook as a ``schema.Intervention`` dict (validated here, before sending).
+
+        Args:
+            key: the key of its tensor in the request's ``tensors`` (None for a hook without one).
+        """
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "tensor"}
         for k in ("reference", "prompts", "pos", "head"):
             if d[k] is not None and not isinstance(d[k], int):
@@ -114,39 +125,52 @@ def _vector(v: Any) -> torch.Tensor:
 
 
 def patch(site: str, from_prompt: int, *, pos: Any = None, head: Any = None, prompts: Any = None) -> RemoteHook:
-    """Replace ``site`` (at ``pos``/``head``) by its clean value in prompt ``from_prompt`` of the same request."""
+    """Replace ``site`` by its clean value in prompt ``from_prompt`` of the same request.
+
+    ``pos``, ``head`` and ``prompts`` select what is edited, as in ``schema.Intervention``: positions
+    and heads (all when None; negative counts from the end) and the request's prompts (all when None).
+    The other hooks below take them too.
+    """
     return RemoteHook(site, "patch", from_prompt=from_prompt, pos=pos, head=head, prompts=prompts)
 
 
 def add(
     site: str, vector: Any, *, coeff: float = 1.0, pos: Any = None, head: Any = None, prompts: Any = None
 ) -> RemoteHook:
-    """Add ``coeff * vector`` (broadcast to the selection) to ``site``."""
+    """Add ``coeff * vector`` (broadcast to the selection) to ``site``;
+    ``pos``, ``head``, ``prompts`` as in ``patch``.
+    """
     return RemoteHook(site, "add", _vector(vector), coeff, pos=pos, head=head, prompts=prompts)
 
 
 def steer(site: str, vector: Any, coeff: float = 1.0, *, pos: Any = None, prompts: Any = None) -> RemoteHook:
-    """A steering vector: ``act + coeff * vector`` (in ``generate``: ``steering.steering``)."""
+    """A steering vector: ``site``'s activation becomes ``act + coeff * vector`` (in ``generate``:
+    ``steering.steering``); ``pos``, ``prompts`` as in ``patch``.
+    """
     return RemoteHook(site, "steer", _vector(vector), coeff, pos=pos, prompts=prompts)
 
 
 def set_value(site: str, value: Any, *, pos: Any = None, head: Any = None, prompts: Any = None) -> RemoteHook:
-    """Set ``site`` (at ``pos``/``head``) to ``value`` (broadcast to the selection)."""
+    """Set ``site`` to ``value`` (broadcast to the selection); ``pos``, ``head``, ``prompts`` as in ``patch``."""
     return RemoteHook(site, "set", _vector(value), pos=pos, head=head, prompts=prompts)
 
 
 def scale(site: str, factor: float, *, pos: Any = None, head: Any = None, prompts: Any = None) -> RemoteHook:
+    """Multiply ``site`` by ``factor``; ``pos``, ``head``, ``prompts`` as in ``patch``."""
     return RemoteHook(site, "scale", coeff=factor, pos=pos, head=head, prompts=prompts)
 
 
 def zero(site: str, *, pos: Any = None, head: Any = None, prompts: Any = None) -> RemoteHook:
+    """Set ``site`` to zero; ``pos``, ``head``, ``prompts`` as in ``patch``."""
     return RemoteHook(site, "zero", pos=pos, head=head, prompts=prompts)
 
 
 def mean_ablate(
     site: str, *, reference: Any = None, pos: Any = None, head: Any = None, prompts: Any = None
 ) -> RemoteHook:
-    """Replace by the mean over the ``reference`` prompts (default: all of the request's) at each position."""
+    """Replace ``site`` by its mean over the ``reference`` prompts (default: all of the request's) at
+    each position; ``pos``, ``head``, ``prompts`` as in ``patch``.
+    """
     return RemoteHook(site, "mean_ablate", reference=reference, pos=pos, head=head, prompts=prompts)
 
 
@@ -209,8 +233,10 @@ def _input(input: Any, prepend_bos: bool | None = None, padding_side: str | None
 class RemoteModel:
     """A model served by ``python -m transformer_hooks serve``, used like a local one.
 
-    ``token``: the bearer token (default: the ``TRANSFORMER_HOOKS_TOKEN`` environment
-    variable). ``timeout``: seconds to wait for an answer (the server has its own limit too).
+    Args:
+        url: the server's address (``http://host:port``).
+        token: the bearer token (default: the ``TRANSFORMER_HOOKS_TOKEN`` environment variable).
+        timeout: seconds to wait for an answer (the server has its own limit too).
     """
 
     def __init__(self, url: str, token: str | None = None, timeout: float = 600.0) -> None:
@@ -235,6 +261,7 @@ class RemoteModel:
         self._single: dict[str, int] = {}
 
     def close(self) -> None:
+        """Close the HTTP connection (``with RemoteModel(...)`` does this on exit)."""
         self._client.close()
 
     def __enter__(self) -> RemoteModel:
@@ -278,10 +305,16 @@ class RemoteModel:
 
     # Tokens -------------------------------------------------------------------------------------------
     def to_tokens(self, input: Any, prepend_bos: bool | None = None, padding_side: str | None = None) -> torch.Tensor:
+        """The server's tokenization of ``input`` (a string or strings) as a [batch, pos] tensor;
+        ``prepend_bos`` and ``padding_side`` as in ``HookedTransformer.to_tokens``.
+        """
         out = self._post("tokenize", _input(input, prepend_bos, padding_side))
         return torch.tensor(out["tokens"], dtype=torch.long)
 
     def to_str_tokens(self, input: Any, prepend_bos: bool | None = None) -> list[str] | list[list[str]]:
+        """The served tokenizer's string of each token of ``input`` (one list for one prompt);
+        ``prepend_bos`` as in ``HookedTransformer.to_str_tokens``. ValueError if the model has no tokenizer.
+        """
         out = self._post("tokenize", _input(input, prepend_bos))
         if out["str_tokens"] is None:
             raise ValueError("the served model has no tokenizer")
@@ -289,6 +322,7 @@ class RemoteModel:
         return out["str_tokens"][0] if single else out["str_tokens"]
 
     def to_single_token(self, string: str) -> int:
+        """The id of ``string``, tokenized without BOS (cached); ValueError unless it is exactly one token."""
         if string not in self._single:
             tokens = self.to_tokens(string, prepend_bos=False)
             if tokens.shape[1] != 1:
@@ -363,7 +397,19 @@ class RemoteModel:
         padding_side: str | None = None,
         attention_mask: Any = None,
     ) -> torch.Tensor | None:
-        """One forward with declarative hooks; ``return_type`` "logits" or None."""
+        """One forward with declarative hooks.
+
+        Args:
+            input: a prompt, prompts or token ids [batch, pos].
+            fwd_hooks: ``RemoteHook``s (``remote.patch``, ``remote.add``, ...), applied in order.
+            return_type: ``"logits"`` or None (nothing is sent back).
+            prepend_bos: as in ``HookedTransformer.forward``.
+            padding_side: as in ``HookedTransformer.forward``.
+            attention_mask: with token ids only: [batch, pos] of 0/1.
+
+        Returns:
+            The logits [batch, pos, d_vocab], or None.
+        """
         if return_type not in ("logits", None):
             raise ValueError(f"a remote forward returns 'logits' or None, got return_type={return_type!r}")
         out = self._run(input, [], fwd_hooks, return_type == "logits", prepend_bos, padding_side, attention_mask)
@@ -379,8 +425,15 @@ class RemoteModel:
         padding_side: str | None = None,
         attention_mask: Any = None,
     ) -> tuple[torch.Tensor | None, ActivationCache]:
-        """Logits and an ``ActivationCache`` of ``names_filter`` (a name, names, globs, or a
-        predicate on names); ``fwd_hooks``: declarative hooks, applied before caching."""
+        """Logits and an ``ActivationCache`` of the sites ``names_filter`` selects.
+
+        Args:
+            input: a prompt, prompts or token ids [batch, pos].
+            names_filter: a name, names, globs, or a predicate on names (None: every site).
+            fwd_hooks: declarative hooks, applied before caching.
+            return_type: ``"logits"`` or None; ``prepend_bos``, ``padding_side`` and ``attention_mask``
+                as in ``run_with_hooks``.
+        """
         names = self._names(names_filter)
         out = self._run(input, names, fwd_hooks, return_type == "logits", prepend_bos, padding_side, attention_mask)
         logits = out.pop("logits", None)
@@ -419,7 +472,11 @@ class RemoteModel:
         self._dla_loaded = True
 
     def parameters(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
-        """The served model's parameters by name or glob (``"blocks.*.attn.W_O"``)."""
+        """The served model's parameters, in the server's memory layout.
+
+        Args:
+            names: parameter names or globs (``"blocks.*.attn.W_O"``).
+        """
         out = self._post("params", {"names": list(names)})
         params = decode_tensors(out["tensors"])
         for name, stride in out.get("strides", {}).items():  # the server's layout, so matmuls round alike
@@ -429,10 +486,12 @@ class RemoteModel:
 
     @property
     def W_U(self) -> torch.Tensor:
+        """The served model's unembedding [d_model, d_vocab] (fetched once, with the other DLA weights)."""
         self._load_dla_weights()
         return self._model_shell().W_U
 
     def tokens_to_residual_directions(self, tokens: Any) -> torch.Tensor:
+        """The unembedding direction [d_model] of ``tokens`` (an id, ids, or a one-token string)."""
         self._load_dla_weights()
         if isinstance(tokens, str):
             tokens = self.to_single_token(tokens)
@@ -449,8 +508,15 @@ class RemoteModel:
     def patching_sweep(
         self, sweep: str, corrupted: Any, clean: Any, metric: dict[str, Any], metric_positions: int | None = None
     ) -> torch.Tensor:
-        """``patching.<sweep>(model, corrupted, model.run_with_cache(clean)[1], metric)`` on the server;
-        ``metric``: ``remote.logit_diff(answer, contrast)`` or ``remote.logit(answer)``."""
+        """Run ``patching.<sweep>(model, corrupted, model.run_with_cache(clean)[1], metric)`` on the server.
+
+        Args:
+            sweep: a ``get_act_patch_*`` name.
+            corrupted: the corrupted prompt(s) or tokens.
+            clean: the clean prompt(s) or tokens.
+            metric: ``remote.logit_diff(answer, contrast)`` or ``remote.logit(answer)``.
+            metric_positions: the sweep's ``metric_positions`` (None: the sweep's default).
+        """
         body: dict[str, Any] = {
             "sweep": sweep,
             "clean": _input(clean),
@@ -470,7 +536,16 @@ class RemoteModel:
         method: str = "atp",
         grad_drop: bool = False,
     ) -> torch.Tensor:
-        """``patching.<sweep>`` (a ``get_attr_patch_*``) on the server: AtP, or AtP* with ``method="atp*"``."""
+        """Run ``patching.<sweep>`` (a ``get_attr_patch_*``) on the server.
+
+        Args:
+            sweep: a ``get_attr_patch_*`` name.
+            corrupted: the corrupted prompt(s) or tokens.
+            clean: the clean prompt(s) or tokens.
+            metric: ``remote.logit_diff(answer, contrast)`` or ``remote.logit(answer)``.
+            method: ``"atp"`` (AtP) or ``"atp*"`` (AtP*).
+            grad_drop: AtP*'s GradDrop.
+        """
         body = {
             "sweep": sweep,
             "clean": _input(clean),
@@ -490,7 +565,17 @@ class RemoteModel:
         raise AttributeError(name)
 
     def direct_logit_attribution(self, prompt: str, answer: str, contrast: str, pos: int = -1) -> Any:
-        """``dla.direct_logit_attribution`` on the server: a ``DLAResult``."""
+        """``dla.direct_logit_attribution`` of ``prompt`` on the server.
+
+        Args:
+            prompt: the prompt.
+            answer: the answer token (a one-token string).
+            contrast: the token the answer is compared with.
+            pos: the position whose logits are attributed.
+
+        Returns:
+            A ``DLAResult``.
+        """
         from ..analysis.dla import DLAResult
 
         out = self._post("dla", {"prompt": prompt, "answer": answer, "contrast": contrast, "pos": pos})
@@ -500,7 +585,17 @@ class RemoteModel:
     def logit_lens(
         self, input: Any, sites: Sequence[str] | None = None, pos_slice: int | None = None, top_k: int = 5
     ) -> Any:
-        """``lens.logit_lens`` on the server: a ``LogitLens``."""
+        """``lens.logit_lens`` on the server.
+
+        Args:
+            input: a prompt, prompts or token ids.
+            sites: the residual sites to read (None: the lens's default).
+            pos_slice: the position to read (None: every position).
+            top_k: how many top tokens per site.
+
+        Returns:
+            A ``LogitLens``.
+        """
         from ..analysis.lens import LogitLens
 
         body = _input(input)
@@ -523,9 +618,22 @@ class RemoteModel:
         stop_at_eos: bool = True,
         prepend_bos: bool | None = None,
     ) -> Any:
-        """``model.generate`` on the server (greedy by default; sampling seeded with ``seed``),
-        inside ``steering.steering`` for each ``remote.steer``/``remote.add`` hook. Strings in,
-        strings out (one string for one); tokens in, tokens out."""
+        """``model.generate`` on the server, inside ``steering.steering`` for each steering hook.
+
+        Strings in, strings out (one string for one); tokens in, tokens out.
+
+        Args:
+            input: a prompt, prompts or token ids [batch, pos].
+            max_new_tokens: tokens to generate.
+            steering: ``remote.steer``/``remote.add`` hooks.
+            do_sample: sample (True) or take the argmax (False, the default).
+            seed: the server's sampling seed.
+            temperature: softmax temperature when sampling.
+            top_k: sample among the ``top_k`` most likely tokens (None: all).
+            top_p: nucleus sampling's probability mass (None: off).
+            stop_at_eos: stop a sequence at its end-of-sequence token.
+            prepend_bos: as in ``HookedTransformer.generate``.
+        """
         body = _input(input, prepend_bos)
         tensors, specs = {}, []
         for i, h in enumerate(steering):
@@ -549,4 +657,5 @@ class RemoteModel:
 
     # What the server says about itself -------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
+        """The server's ``/health`` answer (see ``server.Server.health``)."""
         return self._request("GET", "/health")

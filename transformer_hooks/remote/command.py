@@ -18,6 +18,15 @@ __all__ = ["cmd_serve"]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """The ``serve`` command: load ``args.model`` and serve it over HTTP until stopped.
+
+    Args:
+        args: the parsed ``serve`` options (model, tokens file, limits, host, port, placement).
+
+    Returns:
+        The exit status (0). Under torchrun with ``--pipeline-ranks``, ranks other than 0 follow
+        rank 0's forwards and return when it stops.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and args.pipeline_ranks is None:
         raise ValueError(

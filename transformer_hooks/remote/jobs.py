@@ -219,21 +219,25 @@ class Prepared:
 
     @property
     def n_prompts(self) -> int:
+        """The request's prompts (rows of ``tokens``)."""
         return self.tokens.shape[0]
 
     @property
     def n_rows(self) -> int:
+        """Rows it takes in a batch: its prompts and their unedited copies."""
         return self.n_prompts + len(self.clean_copies)
 
     @property
     def key(self) -> tuple[int, bool]:
+        """What requests batched together share: (sequence length, has a mask)."""
         return (self.tokens.shape[1], self.mask is not None)
 
     def n_tokens(self) -> int:
+        """The request's tokens (batch x pos), checked against ``max_tokens``."""
         return self.tokens.numel()
 
     def response_bytes(self, model: HookedModel) -> int:
-        """The bytes of the tensors it returns (before base64)."""
+        """The bytes of the tensors it returns (before base64), in ``model``'s dtype."""
         b, n = self.tokens.shape
         size = torch.finfo(model.dtype).bits // 8
         total = b * n * model.cfg.d_vocab * size if self.return_logits else 0
@@ -312,7 +316,7 @@ def _cancel_check(items: Sequence[Any]) -> Callable:
 
 
 def cancel_hooks(model: HookedModel, items: Sequence[Any]) -> list[tuple[str, Callable]]:
-    """A hook before every block that stops the forward once all its requests are cancelled."""
+    """A hook before every block of ``model`` that stops the forward once every request of ``items`` is cancelled."""
     check = _cancel_check(items)
     return [(f"blocks.{layer}.hook_resid_pre", check) for layer in range(model.cfg.n_layers)]
 
@@ -372,6 +376,7 @@ def run_batch(model: HookedModel, items: Sequence[Prepared], cancel: bool = True
 
 # Jobs run alone -------------------------------------------------------------------------------
 def run_tokenize(model: HookedModel, req: TokenizeRequest) -> dict[str, Any]:
+    """The ``tokenize`` job: ``req``'s tokens, mask and string tokens (None without a tokenizer) for ``model``."""
     tokens, mask = _tokens(model, req)
     str_tokens = [model.to_str_tokens(t) for t in tokens] if model.tokenizer is not None else None
     return {
@@ -382,6 +387,7 @@ def run_tokenize(model: HookedModel, req: TokenizeRequest) -> dict[str, Any]:
 
 
 def sweep_names(prefix: str) -> list[str]:
+    """The names in ``patching.__all__`` that start with ``prefix`` (the sweeps the server runs)."""
     return sorted(n for n in patching.__all__ if n.startswith(prefix))
 
 
@@ -419,6 +425,7 @@ def _pair(model: HookedModel, req: PatchRequest | AttributionRequest) -> tuple[t
 
 
 def run_patch(model: HookedModel, req: PatchRequest) -> dict[str, torch.Tensor]:
+    """The ``patch`` job: the activation-patching sweep ``req.sweep`` of ``model``, as ``{"result": tensor}``."""
     sweep = _sweep(req.sweep, "get_act_patch_")
     metric = _metric(model, req.metric)
     corrupted, clean_cache = _pair(model, req)
@@ -428,6 +435,7 @@ def run_patch(model: HookedModel, req: PatchRequest) -> dict[str, torch.Tensor]:
 
 
 def run_attribution(model: HookedModel, req: AttributionRequest) -> dict[str, torch.Tensor]:
+    """The ``attribution`` job: the attribution-patching sweep ``req.sweep`` of ``model``, as ``{"result": tensor}``."""
     sweep = _sweep(req.sweep, "get_attr_patch_")
     metric = _metric(model, req.metric)
     corrupted, clean_cache = _pair(model, req)
@@ -436,7 +444,7 @@ def run_attribution(model: HookedModel, req: AttributionRequest) -> dict[str, to
 
 
 def dataclass_fields(obj: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """A dataclass result as (JSON fields, tensors)."""
+    """The dataclass result ``obj`` as (JSON fields, tensors on the CPU)."""
     plain: dict[str, Any] = {}
     tensors: dict[str, torch.Tensor] = {}
     for f in dataclasses.fields(obj):
@@ -449,6 +457,9 @@ def dataclass_fields(obj: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
 
 
 def run_dla(model: HookedModel, req: DLARequest) -> Any:
+    """The ``dla`` job: ``direct_logit_attribution`` of ``req``'s prompt on
+    ``model`` (BadRequest without a tokenizer).
+    """
     if model.tokenizer is None:
         raise BadRequest("DLA takes strings: this model has no tokenizer")
     try:
@@ -458,6 +469,7 @@ def run_dla(model: HookedModel, req: DLARequest) -> Any:
 
 
 def run_lens(model: HookedModel, req: LensRequest) -> Any:
+    """The ``lens`` job: ``logit_lens`` of ``req``'s input on ``model``."""
     tokens, mask = _tokens(model, req)
     lens_sites = tuple(req.lens_sites) if req.lens_sites is not None else LENS_SITES
     try:
@@ -469,7 +481,9 @@ def run_lens(model: HookedModel, req: LensRequest) -> Any:
 
 
 def run_generate(model: HookedModel, req: GenerateRequest) -> dict[str, Any]:
-    """``model.generate`` inside one ``steering`` context per steer/add intervention."""
+    """The ``generate`` job: ``model.generate`` of ``req``'s input inside one ``steering`` context
+    per steer/add intervention; ``{"text": ...}`` for prompts, ``{"tokens": ...}`` for token ids.
+    """
     try:
         tensors = decode_tensors(req.tensors)
     except ValueError as e:
@@ -531,6 +545,9 @@ DLA_WEIGHTS = (
 
 
 def run_params(model: HookedModel, req: ParamsRequest) -> dict[str, torch.Tensor]:
+    """The ``params`` job: ``model``'s parameters whose names match ``req.names`` (names or globs),
+    on the CPU; BadRequest for a plain name the model lacks.
+    """
     state = dict(model.named_parameters())
     chosen: dict[str, torch.Tensor] = {}
     for pattern in req.names:

@@ -32,17 +32,23 @@ HEARTBEAT = 60.0  # seconds between messages to idle followers
 
 
 class Leader:
-    """Rank 0's side: broadcasts what every rank runs next."""
+    """Rank 0's side: broadcasts what every rank runs next.
+
+    Args:
+        device: the device the broadcasts go through (the model's).
+    """
 
     def __init__(self, device: Any) -> None:
         self.device = torch.device(device)
 
     def send(self, message: dict[str, Any]) -> None:
+        """Broadcast ``message`` (a JSON object) to every rank."""
         data = json.dumps(message).encode()
         dist.broadcast(torch.tensor([len(data)], dtype=torch.long, device=self.device), src=0)
         dist.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device), src=0)
 
     def forward(self, items: list[jobs.Prepared]) -> None:
+        """Tell the followers to run the forward of ``items`` (the batch rank 0 runs now)."""
         self.send({"kind": "run", "requests": [p.request.model_dump(mode="json") for p in items]})
 
 
@@ -55,7 +61,7 @@ def _receive(device: torch.device) -> dict[str, Any]:
 
 
 def follow(model: HookedModel) -> None:
-    """A following rank: run every forward rank 0 announces, until it says stop."""
+    """A following rank: run every forward rank 0 announces on ``model``, until it says stop."""
     device = torch.device(model.device)
     while True:
         message = _receive(device)

@@ -62,7 +62,7 @@ def encode_tensors(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def decode_tensors(data: str) -> dict[str, torch.Tensor]:
-    """The inverse of ``encode_tensors``; ValueError for anything that is not one."""
+    """The tensors in ``data``, the inverse of ``encode_tensors``; ValueError for anything that is not one."""
     if not data:
         return {}
     try:
@@ -145,6 +145,8 @@ class RunRequest(_Input):
 
 
 class TokenizeRequest(_Input):
+    """A ``tokenize`` request: prompts or token ids (the fields of every input)."""
+
     pass
 
 

@@ -71,6 +71,10 @@ class Limits:
 
 @dataclass
 class TokenEntry:
+    """One line of the tokens file: the bearer ``token``, its ``name``, its ``limits``, and how many
+    of its requests are ``active``.
+    """
+
     token: str
     name: str
     limits: Limits
@@ -78,12 +82,19 @@ class TokenEntry:
 
 
 class TokenTable:
+    """The tokens the server accepts (``read_tokens``).
+
+    Args:
+        entries: one ``TokenEntry`` per token; ValueError if there is none.
+    """
+
     def __init__(self, entries: list[TokenEntry]) -> None:
         if not entries:
             raise ValueError("the tokens file has no token: every request would be refused")
         self.entries = entries
 
     def find(self, presented: str) -> TokenEntry | None:
+        """The entry of the ``presented`` token, or None (compared with every token in constant time)."""
         found = None
         for e in self.entries:  # compare with every token, in constant time each
             if hmac.compare_digest(e.token.encode(), presented.encode()):
@@ -92,8 +103,16 @@ class TokenTable:
 
 
 def read_tokens(path: str | os.PathLike[str], defaults: Limits) -> TokenTable:
-    """A tokens file: one token per line, then optional ``name=...`` and limits
-    (``max_tokens=N max_concurrent=N max_response_bytes=N``); ``#`` starts a comment."""
+    """Read a tokens file: one token (16 characters or more) per line, then optional ``name=...`` and
+    limits (``max_tokens=N max_concurrent=N max_response_bytes=N``); ``#`` starts a comment.
+
+    Args:
+        path: the tokens file.
+        defaults: the limits of a token whose line names none.
+
+    Raises:
+        ValueError: a short token, a malformed or unknown option, or no token at all (with the line).
+    """
     entries = []
     for n, line in enumerate(Path(path).read_text().splitlines(), 1):
         words = line.split("#", 1)[0].split()
@@ -122,6 +141,8 @@ def read_tokens(path: str | os.PathLike[str], defaults: Limits) -> TokenTable:
 
 
 class HTTPError(Exception):
+    """An answer other than 200: ``status``, ``message`` and the ``limit`` it is past, if any."""
+
     def __init__(self, status: int, message: str, limit: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.limit = status, message, limit
@@ -141,7 +162,14 @@ class Work:
 
 
 class Worker:
-    """The one thread that runs the model, batching ``run`` requests of one key."""
+    """The one thread that runs the model, batching ``run`` requests of one key.
+
+    Args:
+        model: the served model.
+        window: seconds the worker waits for more requests to join a forward.
+        max_batch_rows: the most rows (prompts and their copies) in one forward.
+        leader: a ``pipeline.Leader`` when the model is split over processes (else None).
+    """
 
     def __init__(self, model: HookedModel, window: float, max_batch_rows: int, leader: Any = None) -> None:
         self.model, self.window, self.max_batch_rows = model, window, max_batch_rows
@@ -156,6 +184,7 @@ class Worker:
         self.thread.start()
 
     def submit(self, work: Work) -> None:
+        """Queue ``work`` for the worker thread."""
         with self.cond:
             self.queue.append(work)
             self.cond.notify()
@@ -173,6 +202,7 @@ class Worker:
                 self.cond.notify()
 
     def stop(self) -> None:
+        """Ask the worker thread to stop after its current work."""
         with self.cond:
             self.stopping = True
             self.cond.notify()
@@ -307,7 +337,18 @@ def _alone(model: HookedModel, w: Work) -> dict[str, torch.Tensor]:
 
 # The application ----------------------------------------------------------------------------
 class Server:
-    """The model, its worker and the HTTP handlers (``make_app`` wraps them in Starlette)."""
+    """The model, its worker and the HTTP handlers (``make_app`` wraps them in Starlette).
+
+    Args:
+        model: the served model.
+        tokens: the accepted tokens and their limits (``read_tokens``).
+        max_body_bytes: the largest request body.
+        timeout: seconds a request may take (a request may ask for less).
+        batch_window: seconds the worker waits for more requests to join a forward.
+        max_batch_rows: the most rows in one forward.
+        model_name: the name ``/info`` reports.
+        leader: a ``pipeline.Leader`` when the model is split over processes (only forwards are then served).
+    """
 
     def __init__(
         self,
@@ -330,6 +371,7 @@ class Server:
 
     # Checks before anything runs --------------------------------------------------------------
     def auth(self, headers: Any) -> TokenEntry:
+        """The token entry of the bearer token in ``headers``; HTTPError 401 without a valid one."""
         header = headers.get("authorization", "")
         scheme, _, presented = header.partition(" ")
         entry = self.tokens.find(presented.strip()) if scheme.lower() == "bearer" and presented.strip() else None
@@ -338,6 +380,7 @@ class Server:
         return entry
 
     async def body(self, request: Any) -> bytes:
+        """The body of ``request``; HTTPError 413 past ``max_body_bytes`` (declared or read)."""
         declared = request.headers.get("content-length")
         if declared is not None:
             try:
@@ -358,6 +401,7 @@ class Server:
 
     @staticmethod
     def parse(schema: type[BaseModel], body: bytes) -> Any:
+        """``body`` validated as ``schema``; HTTPError 400 naming the first bad field."""
         try:
             return schema.model_validate_json(body)
         except ValidationError as e:
@@ -369,11 +413,13 @@ class Server:
 
     @staticmethod
     def check_tokens(entry: TokenEntry, n: int) -> None:
+        """HTTPError 413 if ``n`` tokens are past ``entry``'s ``max_tokens``."""
         if n > entry.limits.max_tokens:
             raise HTTPError(413, f"the request has {n} tokens, past max_tokens={entry.limits.max_tokens}", "max_tokens")
 
     @staticmethod
     def check_bytes(entry: TokenEntry, n: int) -> None:
+        """HTTPError 413 if an answer of ``n`` bytes is past ``entry``'s ``max_response_bytes``."""
         if n > entry.limits.max_response_bytes:
             raise HTTPError(
                 413,
@@ -384,7 +430,9 @@ class Server:
 
     # Running ------------------------------------------------------------------------------------
     async def wait(self, request: Any, work: Work, timeout: float) -> Any:
-        """The work's result; 504 past ``timeout``; cancelled when the client goes away."""
+        """The result of ``work``: HTTPError 504 past ``timeout`` (seconds), 499 when the client of
+        ``request`` goes away (the work is then cancelled).
+        """
         deadline = time.monotonic() + timeout
         try:
             while True:
@@ -400,6 +448,9 @@ class Server:
             work.cancelled.set()  # a no-op once done; otherwise the worker drops or stops it
 
     async def handle(self, request: Any, kind: str) -> tuple[int, dict[str, Any]]:
+        """Answer one ``request`` of ``kind`` (a key of ``SCHEMAS``): authenticate, parse, check the
+        limits, queue, wait; returns (HTTP status, JSON body).
+        """
         entry = self.auth(request.headers)
         # A forward request announces itself while it is read and checked, so the worker can wait
         # a moment for it to join the forward about to start.
@@ -429,7 +480,9 @@ class Server:
             entry.active -= 1
 
     def work(self, kind: str, req: Any, entry: TokenEntry) -> Work | None:
-        """The request checked against the model and its token's limits, ready for the worker."""
+        """The request ``req`` of ``kind`` checked against the model and the limits of ``entry``, as
+        ``Work`` for the worker (None for ``tokenize``, answered without it).
+        """
         model = self.model
         loop = asyncio.get_running_loop()
         if kind == "run":
@@ -461,6 +514,9 @@ class Server:
         return Work(None, job, loop, loop.create_future(), kind)
 
     def encode(self, entry: TokenEntry, kind: str, result: Any) -> dict[str, Any]:
+        """The JSON body for ``result`` of a ``kind`` request, tensors base64-encoded; HTTPError 413 past
+        ``entry``'s ``max_response_bytes``.
+        """
         if kind in ("dla", "lens"):
             plain, tensors = jobs.dataclass_fields(result)
             out = {"type": type(result).__name__, "fields": plain}
@@ -477,6 +533,9 @@ class Server:
         return out
 
     def info(self, entry: TokenEntry) -> dict[str, Any]:
+        """The ``/info`` answer for ``entry``: the model's name, config, dtype, sites, the token's limits
+        and the jobs served.
+        """
         model = self.model
         return {
             "model": self.model_name,
@@ -494,6 +553,9 @@ class Server:
         }
 
     def health(self) -> dict[str, Any]:
+        """The ``/health`` answer: status, queue length, the work running,
+        hooks attached, forwards, batched requests.
+        """
         held = sum(1 for hp in self.model.hook_dict.values() if hp.observed)
         batches = self.worker.batches
         return {

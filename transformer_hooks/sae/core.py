@@ -67,31 +67,47 @@ LN_EPS = 1e-5
 
 # Architectures: the activation of each, and its extra parameters ------------------------
 class Activation:
-    """``encode(sae, sae_in) -> (pre, post)``; ``params``: extra tensors beyond W_enc/W_dec/b_dec."""
+    """An architecture's activation: ``encode(sae, sae_in) -> (pre, post)``; ``params``: its extra tensors beyond
+    W_enc/W_dec/b_dec.
+    """
 
     params: dict[str, str] = {"b_enc": "d_sae"}
 
     def encode(self, sae: "SAE", sae_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(feature activations, pre-activations) of ``sae`` on ``sae_in`` (already centred and normalised)."""
+        """The pre-activations and feature activations of ``sae`` on ``sae_in``.
+
+        Args:
+            sae: the SAE whose parameters are read.
+            sae_in: the input, already normalised and centred, [..., d_in].
+
+        Returns:
+            (pre-activations, feature activations), both [..., d_sae].
+        """
         raise NotImplementedError
 
     def decoder_scale(self, sae: "SAE") -> torch.Tensor | None:
-        """A [d_sae] factor the features are multiplied by before decoding (None: 1)."""
+        """A [d_sae] factor the features of ``sae`` are multiplied by before decoding (None: 1)."""
         return None
 
 
 class ReLUActivation(Activation):
+    """The standard SAE: ``ReLU(sae_in @ W_enc + b_enc)``."""
+
     def encode(self, sae, sae_in):
-        """ReLU of the pre-activations; returns (activations, pre-activations)."""
+        """``(pre, ReLU(pre))`` with ``pre = sae_in @ W_enc + b_enc`` of ``sae`` (see ``Activation.encode``)."""
         pre = sae_in @ sae.W_enc + sae.b_enc
         return pre, F.relu(pre)
 
 
 class GatedActivation(Activation):
+    """The gated SAE: a gate path (``b_gate``) and a magnitude path (``r_mag``, ``b_mag``)."""
+
     params = {"b_gate": "d_sae", "b_mag": "d_sae", "r_mag": "d_sae"}
 
     def encode(self, sae, sae_in):
-        """The gated SAE's magnitude path times its gate; returns (activations, gate pre-activations)."""
+        """``(pre, gate * ReLU(pre))``: ``pre`` the magnitude path of ``sae`` on ``sae_in``, ``gate`` =
+        ``1[sae_in @ W_enc + b_gate > 0]`` (see ``Activation.encode``).
+        """
         gate = (sae_in @ sae.W_enc + sae.b_gate) > 0
         pre = sae_in @ (sae.W_enc * sae.r_mag.exp()) + sae.b_mag
         return pre, gate.to(pre.dtype) * F.relu(pre)
@@ -149,10 +165,14 @@ def step(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.
 
 
 class JumpReLUActivation(Activation):
+    """JumpReLU: ``h * 1[h > threshold]`` with one threshold per feature."""
+
     params = {"b_enc": "d_sae", "threshold": "d_sae"}
 
     def encode(self, sae, sae_in):
-        """JumpReLU of the pre-activations at the SAE's thresholds; returns (activations, pre-activations)."""
+        """``(pre, ReLU(pre) * 1[pre > threshold])`` of ``sae`` on ``sae_in``; while training with
+        gradients, straight-through threshold gradients (see ``Activation.encode``).
+        """
         pre = sae_in @ sae.W_enc + sae.b_enc
         if sae.training and torch.is_grad_enabled():
             return pre, jumprelu(pre, sae.threshold, sae.bandwidth)  # straight-through threshold gradients
@@ -160,8 +180,13 @@ class JumpReLUActivation(Activation):
 
 
 class TopKActivation(Activation):
+    """TopK: the k largest pre-activations per token, ReLU'd; the others 0."""
+
     def encode(self, sae, sae_in):
-        """The top k pre-activations kept (after ReLU), the rest zero; returns (activations, pre-activations)."""
+        """``(pre, topk(pre))`` of ``sae`` on ``sae_in``: the ``cfg.k`` largest pre-activations kept
+        (after ReLU), the rest zero; with ``rescale_acts_by_decoder_norm``, ``pre`` is scaled by the
+        decoder rows' norms first (see ``Activation.encode``).
+        """
         pre = sae_in @ sae.W_enc + sae.b_enc
         if sae.cfg.rescale_acts_by_decoder_norm:
             pre = pre * sae.W_dec.norm(dim=-1)
@@ -169,6 +194,7 @@ class TopKActivation(Activation):
         return pre, torch.zeros_like(pre).scatter(-1, top.indices, F.relu(top.values))
 
     def decoder_scale(self, sae):
+        """``1 / ||W_dec[i]||`` of ``sae`` with ``rescale_acts_by_decoder_norm``, else None."""
         return 1 / sae.W_dec.norm(dim=-1) if sae.cfg.rescale_acts_by_decoder_norm else None
 
 
@@ -261,8 +287,9 @@ class SAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SAEConfig":
-        """Read a SAELens cfg.json (flat, SAELens <= 5, or with a ``metadata`` block, 6+), every
-        field's type checked: a ValueError names the field (see ``formats.config_from_dict``)."""
+        """Read a SAELens cfg.json ``d`` (flat, SAELens <= 5, or with a ``metadata`` block, 6+), every
+        field's type checked: a ValueError names the field (see ``formats.config_from_dict``).
+        """
         return cls(**config_fields(d))
 
     def to_dict(self) -> dict[str, Any]:
@@ -276,9 +303,17 @@ class SAEConfig:
 
 # The SAE ------------------------------------------------------------------------------
 class SAE(HookedRootModule):
-    """An SAE of any of SAELens's architectures (see the module docstring). Hook points
-    (SAELens names): ``hook_sae_input``, ``hook_sae_acts_pre``, ``hook_sae_acts_post`` (the
-    features), ``hook_sae_recons``, ``hook_sae_error``, ``hook_sae_output``."""
+    """An SAE of any of SAELens's architectures (see the module docstring).
+
+    Hook points (SAELens names): ``hook_sae_input``, ``hook_sae_acts_pre``, ``hook_sae_acts_post``
+    (the features), ``hook_sae_recons``, ``hook_sae_error``, ``hook_sae_output``.
+
+    Args:
+        cfg: the architecture, sizes and normalisation (parameters start at zero; see ``for_model``,
+            ``load_from_disk``).
+        use_error_term: ``forward`` returns ``x`` plus the change the hooks make to the
+            reconstruction (so the model runs unchanged unless a hook edits the features).
+    """
 
     bandwidth = 0.05  # JumpReLU training: width of the rectangle kernel (SAELens's default)
     # Declared for the type checker only: parameters only some architectures have (set from
@@ -326,10 +361,21 @@ class SAE(HookedRootModule):
         dtype: str = "float32",
         **cfg: Any,
     ) -> "SAE":
-        """A freshly initialised SAE for ``model``'s site, recording the model's processing.
+        """A freshly initialised SAE for a site of ``model``, recording the model's processing.
 
         Init as SAELens's defaults: decoder rows of norm 0.1 in random directions,
         ``W_enc = W_dec.T``, zero biases (JumpReLU thresholds 0.001).
+
+        Args:
+            model: the model it reads (its device, processing and, without ``d_in``, the site's width).
+            hook_name: the site (a hook name).
+            d_sae: the number of features.
+            d_in: the input width (None: measured, ``site_width``).
+            seed: the seed of the decoder's directions.
+            architecture: ``"standard"``, ``"gated"``, ``"jumprelu"``, ``"topk"`` or ``"batchtopk"``.
+            k: the features kept per token (topk).
+            dtype: the parameters' dtype name.
+            **cfg: any other ``SAEConfig`` field.
         """
         names = model.resolve_hook_names(hook_name)
         if d_in is None:
@@ -360,6 +406,7 @@ class SAE(HookedRootModule):
 
     @property
     def device(self) -> torch.device:
+        """The device of the parameters."""
         return self.W_enc.device
 
     # SAELens's conventions ----------------------------------------------------------
@@ -454,7 +501,7 @@ class SAE(HookedRootModule):
         return sae_in
 
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(features, pre-activations), both [..., d_sae]."""
+        """(features, pre-activations) of ``x`` [..., d_in], both [..., d_sae]."""
         post, pre, state = self._encode(x)
         self._remember(state)
         return post, pre
@@ -490,7 +537,17 @@ class SAE(HookedRootModule):
     # Loading and saving -------------------------------------------------------------
     @classmethod
     def from_state_dict(cls, state_dict: dict[str, torch.Tensor], cfg: SAEConfig | dict[str, Any]) -> "SAE":
-        """From ``W_enc``, ``W_dec``, ``b_dec`` and the architecture's tensors (shapes checked)."""
+        """An SAE with the tensors of ``state_dict`` (``W_enc``, ``W_dec``, ``b_dec`` and the architecture's own).
+
+        Args:
+            state_dict: the tensors; an older SAELens ``log_threshold`` or a BatchTopK ``topk_threshold``
+                is converted to ``threshold``.
+            cfg: an ``SAEConfig`` or a cfg.json dict.
+
+        Raises:
+            KeyError: a tensor the architecture needs is missing.
+            ValueError: a tensor's shape does not match ``d_in``/``d_sae``.
+        """
         cfg = cfg if isinstance(cfg, SAEConfig) else SAEConfig.from_dict(cfg)
         state_dict = dict(state_dict)
         if "log_threshold" in state_dict and "threshold" not in state_dict:  # older SAELens JumpReLU
@@ -516,34 +573,53 @@ class SAE(HookedRootModule):
 
     @classmethod
     def load_from_disk(cls, path: str | Path, device: Any = None, **overrides: Any) -> "SAE":
-        """A local SAE directory or file: SAELens (``cfg.json`` + ``sae_weights.safetensors``),
-        Gemma Scope (``params.npz``: pass ``hook_name=...``), Llama Scope (``hyperparams.json`` +
-        ``checkpoints/final.safetensors``). See ``formats.read_sae_files``."""
+        """A local SAE directory or file (see ``formats.read_sae_files``).
+
+        Layouts: SAELens (``cfg.json`` + ``sae_weights.safetensors``), Gemma Scope (``params.npz``:
+        pass ``hook_name=...``), Llama Scope (``hyperparams.json`` + ``checkpoints/final.safetensors``).
+
+        Args:
+            path: the directory or file.
+            device: where to put the SAE (None: the CPU).
+            **overrides: ``SAEConfig`` fields that replace the file's (or, for Gemma Scope, supply them).
+        """
         state, cfg = read_sae_files(path, **overrides)
         sae = cls.from_state_dict(state, SAEConfig(**cfg))
         return sae.to(device) if device is not None else sae
 
     def save_model(self, path: str | Path) -> tuple[Path, Path]:
-        """Write ``sae_weights.safetensors`` and ``cfg.json`` (SAELens's layout)."""
+        """Write ``sae_weights.safetensors`` and ``cfg.json`` (SAELens's layout) to the directory ``path``;
+        returns their paths.
+        """
         return write_sae_files(path, dict(self.named_parameters()), self.cfg.to_dict())
 
 
 def load_gemma_scope(path: str | Path, hook_name: str | None = None, **cfg: Any) -> SAE:
-    """A Gemma Scope ``params.npz`` (see ``formats.read_gemma_scope``)."""
+    """The Gemma Scope SAE in ``path`` (a ``params.npz``; see ``formats.read_gemma_scope``).
+
+    Args:
+        path: the file or its directory.
+        hook_name: the site it reads (the file does not say; required).
+        **cfg: other ``SAEConfig`` fields.
+    """
     state, config = read_gemma_scope(path, hook_name, **cfg)
     return SAE.from_state_dict(state, SAEConfig(**config))
 
 
 def load_llama_scope(path: str | Path, **cfg: Any) -> SAE:
-    """A Llama Scope directory (see ``formats.read_llama_scope``)."""
+    """The Llama Scope SAE in the directory ``path`` (see ``formats.read_llama_scope``); ``**cfg``:
+    other ``SAEConfig`` fields.
+    """
     state, config = read_llama_scope(path, **cfg)
     return SAE.from_state_dict(state, SAEConfig(**config))
 
 
 def site_width(model: HookedModel, site: str) -> int:
-    """The per-position width of ``site`` (heads flattened): what an SAE there has as d_in.
+    """The per-position width of ``site`` in ``model`` (heads flattened): what an SAE there has as d_in.
 
-    Measured with a one-token forward that stops after the site's block."""
+    Measured with a one-token forward that stops after the site's block. ValueError for the
+    attention pattern and scores (per query-key pair).
+    """
     layer = sites.layer_of(site)
     stop = layer + 1 if layer is not None else None
     tok = torch.zeros(1, 1, dtype=torch.long, device=model.device)

@@ -40,7 +40,10 @@ class FeatureContext:
 def top_activations(
     dataset: Any, sae: SAE, feature: int, top: int = 20, batch_size: int = 4096
 ) -> list[FeatureContext]:
-    """The ``top`` contexts where ``feature`` is largest, strongest first (see the module docstring)."""
+    """The ``top`` contexts of ``dataset`` (an ``ActivationDataset`` of the SAE's site) where
+    ``feature`` of ``sae`` is largest, strongest first (see the module docstring); encoded
+    ``batch_size`` rows at a time.
+    """
     if not 0 <= feature < sae.cfg.d_sae:
         raise IndexError(f"feature {feature} is out of range: this SAE has d_sae={sae.cfg.d_sae}")
     site = dataset._site(sae.cfg.hook_name)
@@ -105,7 +108,9 @@ def token_html(text: str) -> str:
 def feature_contexts_html(
     contexts: list[FeatureContext], tokenizer: Any, title: str = "feature", path: str | Path | None = None
 ) -> str:
-    """A self-contained HTML page of ``contexts`` (written to ``path`` if given); returns it."""
+    """A self-contained HTML page of ``contexts`` (tokens decoded by ``tokenizer``, headed
+    ``title``), written to ``path`` if given; returns it.
+    """
     peak = max((c.activation for c in contexts), default=1.0) or 1.0
     rows = []
     for c in contexts:

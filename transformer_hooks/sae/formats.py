@@ -58,8 +58,9 @@ def _size(d: dict[str, Any], key: str, required: bool = True) -> int | None:
 
 
 def config_fields(d: Any) -> dict[str, Any]:
-    """A SAELens cfg.json as ``SAEConfig``'s fields: flat (SAELens <= 5) or with a ``metadata`` /
-    ``meta`` block (6+); every field's type checked."""
+    """The SAELens cfg.json ``d`` as ``SAEConfig``'s fields: flat (SAELens <= 5) or with a
+    ``metadata`` / ``meta`` block (6+); every field's type checked.
+    """
     if not isinstance(d, dict):
         raise ValueError(f"an SAE config is a JSON object, got {type(d).__name__}")
     meta: dict[str, Any] = {}
@@ -129,6 +130,9 @@ def read_sae_files(path: str | Path, **overrides: Any) -> tuple[dict[str, torch.
       JumpReLU, no b_dec on the input). It carries no config: pass ``hook_name=...``
       (and any other SAEConfig field) as keyword arguments;
     - Llama Scope: ``hyperparams.json`` + ``checkpoints/final.safetensors``.
+
+    ``path``: the directory or file; ``**overrides``: ``SAEConfig`` fields that replace the
+    file's (or, for Gemma Scope, supply them).
     """
     from safetensors.torch import load_file
 
@@ -157,7 +161,9 @@ def read_sae_files(path: str | Path, **overrides: Any) -> tuple[dict[str, torch.
 
 
 def write_sae_files(path: str | Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> tuple[Path, Path]:
-    """Write ``sae_weights.safetensors`` and ``cfg.json`` (SAELens's layout)."""
+    """Write ``tensors`` to ``sae_weights.safetensors`` and ``config`` to ``cfg.json`` (SAELens's
+    layout) in the directory ``path``; returns the two paths.
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -174,8 +180,11 @@ GEMMA_SCOPE_TENSORS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
 def read_gemma_scope(
     path: str | Path, hook_name: str | None = None, **cfg: Any
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """A Gemma Scope ``params.npz``: JumpReLU, ``f = h * 1[h > threshold]``,
-    ``h = ReLU(x @ W_enc + b_enc)``, ``x_hat = f @ W_dec + b_dec``. Read without pickle."""
+    """A Gemma Scope ``params.npz`` at ``path`` (the file or its directory): JumpReLU,
+    ``f = h * 1[h > threshold]``, ``h = ReLU(x @ W_enc + b_enc)``, ``x_hat = f @ W_dec + b_dec``.
+    Read without pickle. The file names no site: ``hook_name`` is required; ``**cfg``: other
+    ``SAEConfig`` fields.
+    """
     import numpy as np
 
     if not hook_name:
@@ -206,10 +215,12 @@ def read_gemma_scope(
 
 
 def read_llama_scope(path: str | Path, **cfg: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """A Llama Scope directory (``hyperparams.json``, ``checkpoints/final.safetensors`` with
-    ``encoder.weight`` [d_sae, d_in] etc.), converted as SAELens does: JumpReLU with one
+    """A Llama Scope directory ``path`` (``hyperparams.json``, ``checkpoints/final.safetensors``
+    with ``encoder.weight`` [d_sae, d_in] etc.), converted as SAELens does: JumpReLU with one
     threshold ``jump_relu_threshold * s`` and ``expected_average_only_in`` with
-    ``s = sqrt(d_in) / dataset_average_activation_norm['in']``."""
+    ``s = sqrt(d_in) / dataset_average_activation_norm['in']``; ``**cfg``: ``SAEConfig``
+    fields that replace the file's.
+    """
     from safetensors.torch import load_file
 
     path = Path(path)

@@ -104,7 +104,7 @@ def check_sae_processing(model: HookedModel, sae: SAE, warn: bool = True) -> lis
 
     One message per processing step that one side has and the other lacks *and* that
     changes the values at the SAE's site (see the module docstring); warned unless
-    ``warn=False``. Nothing when the SAE does not say how its model was loaded.
+    ``warn=False``. Nothing when ``sae`` does not say how its model was loaded.
     """
     expected = sae.cfg.expected_processing
     if expected is None:
@@ -189,7 +189,7 @@ def check_sae_fits(model: HookedModel, sae: SAE) -> str:
 
 @contextlib.contextmanager
 def mounted(model: HookedModel, sae: SAE, site: str) -> Iterator[None]:
-    """The SAE's hook points as sites of the model, ``<site>.hook_sae_acts_post`` & co."""
+    """``sae``'s hook points as sites of ``model`` while the block runs: ``<site>.hook_sae_acts_post`` & co."""
     added = {f"{site}.{name}": hp for name, hp in sae.hook_dict.items()}
     clash = sorted(set(added) & set(model.hook_dict))
     if clash:
@@ -214,7 +214,8 @@ def splice_sae(
     setting), at ``positions`` (default all; ``slice(1, None)`` leaves the first token
     alone, e.g. an attention sink the SAE was not trained on). The SAE's hook points are
     the model's sites ``<site>.hook_sae_*`` in the block. Checks first that the SAE fits
-    the site (``check_sae_fits``) and the weight processing (``check_sae_processing``)."""
+    the site (``check_sae_fits``) and the weight processing (``check_sae_processing``),
+    unless ``check=False``."""
     if check:
         site = check_sae_fits(model, sae)
         check_sae_processing(model, sae)
@@ -231,7 +232,7 @@ def splice_sae(
 
 
 def feature_direction(sae: SAE, feature: int, model: HookedModel | None = None) -> torch.Tensor:
-    """The decoder row ``W_dec[feature]`` in the site's per-position shape ([head, d_head]
+    """``sae``'s decoder row ``W_dec[feature]`` in the site's per-position shape ([head, d_head]
     for hook_z SAEs when ``model`` is given), in the model's units: divided by the input
     scale of ``expected_average_only_in``."""
     if not 0 <= feature < sae.cfg.d_sae:
@@ -245,7 +246,7 @@ def feature_direction(sae: SAE, feature: int, model: HookedModel | None = None) 
 
 
 def steer_with_feature(model: HookedModel, sae: SAE, feature: int, coeff: float = 1.0, positions: Any = None):
-    """A context manager adding ``coeff * W_dec[feature]`` at the SAE's site in every forward
+    """A context manager adding ``coeff * W_dec[feature]`` of ``sae`` at its site in every forward of ``model``
     (generation included); ``positions`` as in ``transformer_hooks.interventions.steering.steering``."""
     from ..interventions.steering import steering
 
@@ -346,7 +347,11 @@ def evaluate_sae(
     dense feature fractions, and the next-token loss clean, spliced, with the site zeroed
     and with the site set to its mean over these tokens. ``positions``: splice, ablate and
     measure the reconstruction only there (e.g. ``slice(1, None)``: not the first token);
-    the losses are over every prediction. Two passes: the first takes the mean."""
+    the losses are over every prediction. Two passes: the first takes the mean.
+
+    ``batch_size``: rows per forward; ``attention_mask``: for padded token rows; ``check``:
+    check the SAE against the model first (as ``splice_sae``); ``dense_threshold``: a feature
+    is dense when it fires on more than this fraction of the tokens."""
     if check:
         site = check_sae_fits(model, sae)
         check_sae_processing(model, sae)

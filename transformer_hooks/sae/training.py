@@ -142,19 +142,47 @@ def train_sae(
 ) -> Any:
     """Train an SAE on a site's activations; see the module docstring for each recipe.
 
-    ``source``: an ``ActivationDataset`` (``site`` one of its sites; the SAE records its
-    model and processing), a tensor [n, d_in] (``site``: the hook name to record), or a
-    model (its activations at ``site`` over ``data``, tokens or strings, harvested in
-    memory). Returns the trained SAE (its per-step losses in ``sae.training_log``), saved
-    in SAELens's layout to ``save_to`` if given.
-
-    The older form ``train_sae(sae, activations, ...)`` trains that SAE in place on a
-    tensor with the standard loss and returns the list of losses.
+    Returns the trained SAE (its per-step losses in ``sae.training_log``), saved in SAELens's
+    layout to ``save_to`` if given. The older form ``train_sae(sae, activations, ...)`` trains
+    that SAE in place on a tensor with the standard loss and returns the list of losses.
 
     Sizes are checked before anything runs: ``steps >= 0``, ``batch_size >= 1``, and some
     rows to train on (zero rows is an error); a source with fewer rows than ``batch_size``
-    trains on batches of all its rows, with a warning. ``checkpoint_dir`` /
-    ``checkpoint_every``: see the module docstring (resume by calling again).
+    trains on batches of all its rows, with a warning.
+
+    Args:
+        source: an ``ActivationDataset`` (the SAE records its model and processing), a tensor
+            [n, d_in], or a model (its activations at ``site`` over ``data``, harvested in memory).
+        site: the hook name: one of the dataset's sites, the name to record for a tensor, or
+            the model's site.
+        d_sae: the number of features.
+        architecture: ``"standard"``, ``"jumprelu"``, ``"topk"`` or ``"batchtopk"``.
+        data: with a model as ``source``: the tokens or strings to run it on.
+        k: active features per token (topk, batchtopk).
+        steps: optimisation steps.
+        batch_size: activation rows per step.
+        lr: Adam's learning rate.
+        l1_coefficient: the sparsity penalty's weight (standard).
+        l0_coefficient: the L0 penalty's weight (jumprelu).
+        decoder: ``"norm_weighted"``, ``"unit_norm"`` or ``"max_unit_norm"`` (standard).
+        l1_warm_up_steps: steps over which the L1/L0 weight rises from 0.
+        lr_warm_up_steps: steps over which the learning rate rises from 0.
+        adam_beta1: Adam's beta1 (0 is a recipe).
+        adam_beta2: Adam's beta2.
+        aux_coefficient: the weight of topk's auxiliary loss on dead features.
+        dead_window: steps without an activation after which a feature counts as dead.
+        resample_every: resample dead features every this many steps (standard; None: never).
+        jumprelu_bandwidth: the rectangle kernel's width eps (jumprelu).
+        jumprelu_init_threshold: every threshold's initial value (jumprelu).
+        ghost_grads: add the ghost-gradient loss (standard).
+        ghost_grads_dead_fraction: also scale it by the fraction of dead features.
+        ghost_grads_clamp: ``exp(min(pre, 0))`` instead of ``exp(pre)``.
+        seed: the seed of the initialisation and the batches.
+        save_to: a directory to save the trained SAE to.
+        checkpoint_dir: where checkpoints go (see the module docstring; resume by calling again).
+        checkpoint_every: steps between checkpoints.
+        progress: a progress bar.
+        device: where to train (default: the dataset's CPU, the tensor's or the model's device).
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
@@ -419,8 +447,12 @@ def _fit(
 def ghost_loss(
     sae: SAE, pre: torch.Tensor, err: torch.Tensor, dead: torch.Tensor, mse: torch.Tensor, clamp: bool = False
 ) -> torch.Tensor:
-    """The ghost-gradient loss (see the module docstring); gradients reach only the dead
-    features. ``clamp``: ``exp(min(pre, 0))`` instead of ``exp(pre)``."""
+    """The ghost-gradient loss (see the module docstring); gradients reach only the dead features.
+
+    ``sae``: the SAE; ``pre`` [batch, d_sae]: its pre-activations; ``err`` [batch, d_in]: the
+    residual ``x - x_hat``; ``dead`` [d_sae]: which features are dead; ``mse``: the batch's
+    reconstruction loss the result is scaled to; ``clamp``: ``exp(min(pre, 0))`` instead of ``exp(pre)``.
+    """
     dead_pre = pre[:, dead]
     ghost = (dead_pre.clamp(max=0) if clamp else dead_pre).exp() @ sae.W_dec[dead]  # [batch, d_in]
     scale = err.norm(dim=-1, keepdim=True) / (2 * ghost.norm(dim=-1, keepdim=True) + 1e-6)

@@ -69,7 +69,12 @@ def _documents(corpus: str | Path, text_key: str) -> Iterator[str]:
 def pack_contexts(
     model: HookedModel, corpus: Corpus, context_size: int, prepend_bos: bool, text_key: str, attention_mask: Any
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(tokens [context_size], mask [context_size]) for each context, in order."""
+    """(tokens [context_size], mask [context_size]) for each context of ``corpus``, in order.
+
+    ``corpus`` as ``harvest`` takes it; text is tokenized by ``model`` (reading the
+    ``text_key`` field of .jsonl lines), each context starting with BOS when ``prepend_bos``;
+    ``attention_mask`` goes with token contexts [n, context_size].
+    """
     if isinstance(corpus, (torch.Tensor, np.ndarray)) and (
         corpus.dtype.is_floating_point or corpus.dtype.is_complex or corpus.dtype == torch.bool
         if isinstance(corpus, torch.Tensor)
@@ -141,7 +146,10 @@ def pack_contexts(
 def select_positions(
     positions: PositionChoice, tokens: torch.Tensor, mask: torch.Tensor, first_context: int, bos: int | None
 ) -> torch.Tensor:
-    """The [batch, pos] rows to keep: real tokens at the chosen positions, BOS left out if asked."""
+    """The [batch, pos] positions to keep of ``tokens``: real tokens (``mask``) at the chosen
+    ``positions`` (as ``harvest`` takes them; a mask is read from row ``first_context`` on), the
+    token ``bos`` left out unless None.
+    """
     if isinstance(positions, str):
         if positions == "all":
             chosen = mask.clone()

@@ -19,7 +19,12 @@ _STORED = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 
 
 class ActivationDataset:
-    """A harvested dataset (see the module docstring), memory-mapped shard by shard."""
+    """A harvested dataset (see the module docstring), memory-mapped shard by shard.
+
+    Args:
+        path: the dataset's directory (``harvest``'s ``out``); its manifest and shard sizes are
+            checked on opening (FileNotFoundError, ValueError naming the fault and the fix).
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -56,6 +61,7 @@ class ActivationDataset:
 
     @property
     def complete(self) -> bool:
+        """Whether the harvest finished (an interrupted one can be resumed by rerunning it)."""
         return bool(self.manifest["complete"])
 
     def __len__(self) -> int:
@@ -69,6 +75,7 @@ class ActivationDataset:
         )
 
     def width(self, site: str | None = None) -> int:
+        """The width of each row of ``site`` (None: the dataset's one site)."""
         return int(self.manifest["sites"][self._site(site)])
 
     def _site(self, site: str | None) -> str:
@@ -122,7 +129,7 @@ class ActivationDataset:
     def rows(
         self, index: Sequence[int] | np.ndarray | torch.Tensor, site: str | None = None, device: Any = None
     ) -> torch.Tensor:
-        """Rows [len(index), width] of ``site``, in the order given."""
+        """Rows [len(index), width] of ``site`` (None: the one site), in the order given, on ``device``."""
         site = self._site(site)
         index = self._index(index)
         shard_of = np.searchsorted(self._row_starts, index, side="right") - 1
@@ -161,7 +168,11 @@ class ActivationDataset:
         device: Any = None,
         drop_last: bool = False,
     ) -> Iterator[torch.Tensor]:
-        """Batches [batch, width] of ``site``: in order, or a seeded shuffle of all rows."""
+        """Batches [batch, width] of ``site`` (None: the one site), ``batch_size`` rows each, on ``device``.
+
+        In order, or with ``shuffle`` a shuffle of all rows seeded by ``seed`` (each batch a random
+        set of rows, read in file order); ``drop_last`` leaves out a last, short batch.
+        """
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         order = np.random.default_rng(seed).permutation(len(self)) if shuffle else np.arange(len(self))

@@ -211,7 +211,9 @@ def _canonical(item: Any) -> Any:
 
 
 def job_fingerprint(items: Sequence[Any], **job: Any) -> dict[str, Any]:
-    """What a ``ResultStore`` checks: the items (by content) and whatever else defines the work."""
+    """What a ``ResultStore`` checks: the ``items`` (by content) and whatever else defines the work
+    (``**job``: the model, the site, ...).
+    """
     text = json.dumps([_canonical(item) for item in items], sort_keys=True)
     return {
         "key_version": KEY_VERSION,
@@ -249,7 +251,8 @@ def map_prompts(
     ``fn`` raises, every rank raises ``RankFailedError`` with that rank's error.
     ``progress``: a tqdm bar of rank 0's shard. ``resume_dir``: keep each result there as
     it is computed and reuse those found (see ``ResultStore``; ``job`` names what else,
-    beyond the items, the results depend on: the model, the site, ...).
+    beyond the items, the results depend on: the model, the site, ...). ``timeout``: how long
+    a rank waits for the others; ``desc``: the progress bar's label.
     """
     rank, world = rank_and_world()
     lo, hi = shard_bounds(len(items), rank, world)
@@ -312,14 +315,16 @@ def gather_caches(
     resume_dir: str | os.PathLike[str] | None = None,
     resume_name: str | None = None,
 ) -> list[dict[str, torch.Tensor]] | None:
-    """Each prompt's cache of ``names_filter``'s sites (text or token ids), one forward per
-    prompt, sharded over the ranks; rank 0 gets ``[{name: activation}]`` in prompt order,
-    in memory. ``reduce(name, activation)`` shrinks each before it is kept (e.g. the last
-    position, a mean over positions). For a few prompts and for sites that are not per
-    position (attention patterns); a corpus goes to disk with ``activations.harvest``.
-    ``resume_dir``: see ``map_prompts``; a resume cannot compare functions (a callable
-    ``names_filter``, ``reduce``): ``resume_name`` names them, and without it they are
-    never taken as the same."""
+    """Each prompt's cache of ``names_filter``'s sites, one forward of ``model`` per prompt (text or
+    token ids), sharded over the ranks; rank 0 gets ``[{name: activation}]`` in prompt order, in memory.
+
+    ``reduce(name, activation)`` shrinks each before it is kept (e.g. the last position, a mean
+    over positions). For a few prompts and for sites that are not per position (attention
+    patterns); a corpus goes to disk with ``activations.harvest``. ``timeout`` and
+    ``progress`` as in ``map_prompts``; ``resume_dir``: see ``map_prompts``; a resume cannot
+    compare functions (a callable ``names_filter``, ``reduce``): ``resume_name`` names them,
+    and without it they are never taken as the same.
+    """
 
     def named(what: str) -> str:
         return f"named {resume_name}" if resume_name is not None else unnamed(what)
@@ -359,10 +364,16 @@ def harvest(
     resume_name: str | None = None,
     **dataset_options: Any,
 ) -> Any:
-    """Activations over many prompts under ``torchrun``. With ``out``: the one harvest,
-    ``activations.harvest(model, prompts, names_filter, out, ...)`` (each rank writes its
-    shards there, one manifest covers them; every rank gets the ``ActivationDataset``).
-    Without: ``gather_caches`` (each prompt's cache, gathered in memory on rank 0)."""
+    """Activations of ``model`` over many ``prompts`` under ``torchrun``.
+
+    With ``out``: the one harvest, ``activations.harvest(model, prompts, names_filter, out,
+    ...)`` (each rank writes its shards there, one manifest covers them; every rank gets the
+    ``ActivationDataset``); ``**dataset_options`` are that harvest's keyword options
+    (``context_size``, ``batch_size``, ``positions``, ...). Without: ``gather_caches`` (each
+    prompt's cache, gathered in memory on rank 0), with ``reduce`` and ``resume_dir`` (which
+    a harvest to disk refuses: it resumes in ``out``). ``timeout``, ``progress`` and
+    ``resume_name`` as in ``gather_caches``.
+    """
     if out is not None:
         if reduce is not None or resume_dir is not None:
             raise ValueError(
@@ -440,8 +451,10 @@ def _pair_tokens(model: HookedModel, pair: dict[str, Any]) -> tuple[torch.Tensor
 def patch_pair(
     model: HookedModel, pair: dict[str, Any], activation_name: str = "resid_pre", attribution: bool = False
 ) -> torch.Tensor:
-    """One pair's sweep: TransformerLens's ``get_act_patch_{activation_name}`` (or
-    ``get_attr_patch_...`` with ``attribution``) with the logit-difference metric."""
+    """One pair's sweep on ``model``: TransformerLens's ``get_act_patch_{activation_name}`` (or
+    ``get_attr_patch_...`` with ``attribution``) with the logit-difference metric; ``pair`` as
+    ``read_pairs`` reads it.
+    """
     from ..interventions import patching
 
     prefix = "get_attr_patch_" if attribution else "get_act_patch_"
@@ -469,8 +482,10 @@ def patching_sweep(
     progress: bool = True,
     resume_dir: str | os.PathLike[str] | None = None,
 ) -> list[torch.Tensor] | None:
-    """``patch_pair`` for every pair, sharded over the ranks (``map_prompts``); rank 0
-    gets the list in pair order. ``resume_dir``: results kept as they come, reused on a rerun."""
+    """``patch_pair(model, pair, activation_name, attribution)`` for every one of ``pairs``,
+    sharded over the ranks (``map_prompts``, with ``timeout`` and ``progress``); rank 0 gets
+    the list in pair order. ``resume_dir``: results kept as they come, reused on a rerun.
+    """
     job = None if resume_dir is None else model_key(model) | {"sweep": activation_name, "attribution": attribution}
     return map_prompts(
         lambda pair: patch_pair(model, pair, activation_name, attribution),
@@ -484,8 +499,10 @@ def patching_sweep(
 
 
 def read_pairs(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """A JSONL file of prompt pairs, one JSON object per line: ``clean``, ``corrupt`` (text or
-    token ids), ``answer``, ``contrast`` (a single-token string or a token id)."""
+    """The prompt pairs of the JSONL file ``path``, one JSON object per line: ``clean``,
+    ``corrupt`` (text or token ids), ``answer``, ``contrast`` (a single-token string or a token
+    id); ValueError naming the line otherwise.
+    """
     pairs = []
     for number, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
@@ -506,8 +523,10 @@ def read_pairs(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def write_results(results: list[torch.Tensor], path: str | os.PathLike[str], meta: dict[str, Any]) -> Path:
-    """Write atomically (a temporary file renamed into place): a reader never sees a
-    partial file. ``.json``: nested lists; otherwise ``torch.save`` of a dict."""
+    """Write ``results`` and ``meta`` to ``path`` atomically (a temporary file renamed into place:
+    a reader never sees a partial file); ``.json``: nested lists, otherwise ``torch.save`` of a
+    dict. Returns the path.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")

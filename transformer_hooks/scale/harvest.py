@@ -154,6 +154,10 @@ def harvest(
     context), a bool mask [contexts, context_size], or a function of a batch's tokens
     [batch, context_size] giving one. ``dtype``: float32, float16 or bfloat16.
     ``max_tokens``: exactly that many tokens of contexts (the last context cut short).
+    ``batch_size``: contexts per forward. ``exclude_bos``: BOS positions make no row.
+    ``shard_tokens``: about how many tokens of contexts each shard holds. ``prepend_bos``:
+    each context starts with BOS (None: the model's rule). ``text_key``: the field of a
+    .jsonl line that holds its text. ``progress``: a progress bar (rank 0's under torchrun).
 
     ``out`` is a new or empty directory, or one of harvest's datasets: a rerun with the same
     inputs continues an interrupted harvest (or returns the finished one); one with other

@@ -48,9 +48,10 @@ CacheKind = Literal["all", "resid", "none"]
 
 
 def checkpoint_parameters(hf_config: dict[str, Any]) -> int:
-    """Parameters the Hugging Face checkpoint stores (the figure model cards publish; a tied
-    unembedding counted once): transformers' own model for the config, built on the meta
-    device (no memory, no download)."""
+    """Parameters the Hugging Face checkpoint of ``hf_config`` (its config.json dict) stores (the
+    figure model cards publish; a tied unembedding counted once): transformers' own model for
+    the config, built on the meta device (no memory, no download).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     kwargs = {k: v for k, v in hf_config.items() if k != "model_type"}
@@ -64,7 +65,9 @@ def checkpoint_parameters(hf_config: dict[str, Any]) -> int:
 def site_shapes(cfg: ModelConfig, batch: int, seq: int) -> dict[str, tuple[int, ...]]:
     """Shape of every site ``run_with_cache()`` caches with no filter (every hook point but
     those whose TransformerLens switch is off by default: the per-head expansions and
-    ``hook_mlp_in``), from the site table (``sites.py``)."""
+    ``hook_mlp_in``), from the site table (``sites.py``), for a model of config ``cfg`` run on
+    ``batch`` x ``seq`` tokens.
+    """
 
     def shape(name: str) -> tuple[int, ...]:
         site = sites.lookup(name)
@@ -75,8 +78,10 @@ def site_shapes(cfg: ModelConfig, batch: int, seq: int) -> dict[str, tuple[int, 
 
 
 def cached_sites(cfg: ModelConfig, batch: int, seq: int, cache: CacheKind) -> dict[str, tuple[int, ...]]:
-    """The sites a cache of kind ``cache`` holds: ``all`` (the no-filter default), ``resid``
-    (resid_pre / resid_mid / resid_post of every block) or ``none``."""
+    """The sites (and shapes) a cache of kind ``cache`` holds for a model of config ``cfg`` run on
+    ``batch`` x ``seq`` tokens: ``all`` (the no-filter default), ``resid`` (resid_pre /
+    resid_mid / resid_post of every block) or ``none``.
+    """
     if cache not in ("all", "resid", "none"):
         raise ValueError(f"cache must be 'all', 'resid' or 'none', got {cache!r}")
     if cache == "none":
@@ -92,6 +97,12 @@ def cached_sites(cfg: ModelConfig, batch: int, seq: int, cache: CacheKind) -> di
 # The plan -----------------------------------------------------------------------------------
 @dataclass
 class DevicePlan:
+    """One device's share of a plan, in bytes: the ``groups`` placed there (``embed``,
+    ``blocks.{L}``, ``final``), their ``weights``, ``kv_cache``, ``activation_cache`` (the
+    cached sites, without the logits), ``logits`` (on the device of the unembedding) and one
+    block's ``workspace``; ``capacity``: the device's memory (None: unknown).
+    """
+
     device: str
     groups: list[str] = field(default_factory=list)
     weights: int = 0
@@ -103,15 +114,23 @@ class DevicePlan:
 
     @property
     def total(self) -> int:
+        """Every byte planned on the device."""
         return self.weights + self.kv_cache + self.activation_cache + self.logits + self.workspace
 
     @property
     def fits(self) -> bool | None:
+        """Whether ``total`` fits ``capacity`` (None: capacity unknown)."""
         return None if self.capacity is None else self.total <= self.capacity
 
 
 @dataclass
 class MemoryPlan:
+    """What ``plan_memory`` planned: the model's ``cfg`` at ``dtype`` for ``batch`` x ``seq``
+    tokens and a ``cache`` of that kind; ``parameters`` in memory (and in the checkpoint,
+    ``checkpoint_parameters``, when known), one ``DevicePlan`` per device used, and the
+    ``placement`` {group: device}.
+    """
+
     cfg: ModelConfig
     dtype: torch.dtype
     batch: int
@@ -124,10 +143,12 @@ class MemoryPlan:
 
     @property
     def weights(self) -> int:
+        """The weights' bytes over all devices."""
         return sum(d.weights for d in self.devices)
 
     @property
     def kv_cache(self) -> int:
+        """The KV cache's bytes over all devices."""
         return sum(d.kv_cache for d in self.devices)
 
     @property
@@ -137,6 +158,7 @@ class MemoryPlan:
 
     @property
     def logits(self) -> int:
+        """The logits' bytes ([batch, seq, d_vocab])."""
         return sum(d.logits for d in self.devices)
 
     @property
@@ -146,10 +168,12 @@ class MemoryPlan:
 
     @property
     def fits(self) -> bool | None:
+        """Whether every device's share fits (None: some capacity unknown)."""
         answers = [d.fits for d in self.devices]
         return None if None in answers else all(answers)
 
     def format(self) -> str:
+        """The ``plan`` command's text: the model, the parameters, and one row per device."""
         name = self.cfg.model_name or self.cfg.original_architecture
         lines = [
             f"memory plan for {name}: {self.cfg.n_layers} layers, d_model {self.cfg.d_model}, "
@@ -214,12 +238,23 @@ def plan_memory(
     mode: PlacementMode = "auto",
     hf_config: dict[str, Any] | None = None,
 ) -> MemoryPlan:
-    """Bytes per device for ``cfg`` (the model's config as it will be loaded: pass a
-    processed config for processed weights) at ``dtype``: weights, KV cache for
-    generating ``batch`` x ``seq`` tokens, a ``cache`` of one forward on ``batch`` x
-    ``seq``, the logits and one block's workspace. ``devices`` default to one, ``cpu``;
-    a device without a ``max_memory`` entry has unknown capacity unless it can be asked
-    (CUDA's free memory, the machine's RAM for cpu)."""
+    """Bytes per device for ``cfg`` at ``dtype``.
+
+    Weights, KV cache for generating ``batch`` x ``seq`` tokens, a ``cache`` of one forward on
+    ``batch`` x ``seq``, the logits and one block's workspace. A device without a ``max_memory``
+    entry has unknown capacity unless it can be asked (CUDA's free memory, the machine's RAM for cpu).
+
+    Args:
+        cfg: the model's config as it will be loaded (pass a processed config for processed weights).
+        dtype: the weights' dtype (a ``torch.dtype`` or its name).
+        batch: sequences per forward.
+        seq: tokens per sequence.
+        cache: ``"none"``, ``"resid"`` or ``"all"`` (see ``cached_sites``).
+        devices: the devices to place on (default: ``max_memory``'s, else ``["cpu"]``).
+        max_memory: {device: bytes} capacities.
+        mode: ``"auto"``, ``"balanced"`` or ``"sequential"``, as ``loading.groups.place_groups``.
+        hf_config: the checkpoint's config.json dict, to count the checkpoint's parameters too.
+    """
     dtype = as_dtype(dtype)
     size = dtype.itemsize
     devices = list(devices or (list(max_memory) if max_memory else ["cpu"]))
@@ -285,7 +320,7 @@ def _capacity(device: str) -> int | None:
 
 # Input -----------------------------------------------------------------------------------------
 def parse_max_memory(text: str) -> dict[str, int]:
-    """``"cuda:0=20GiB,cuda:1=20GiB"`` -> {device: bytes}."""
+    """``text`` such as ``"cuda:0=20GiB,cuda:1=20GiB"`` -> {device: bytes}."""
     out: dict[str, int] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         device, sep, size = part.partition("=")
@@ -296,10 +331,11 @@ def parse_max_memory(text: str) -> dict[str, int]:
 
 
 def config_for_plan(name_or_config: str | os.PathLike[str]) -> tuple[ModelConfig, dict[str, Any] | None]:
-    """(ModelConfig, HF config dict or None) of a model, resolved as ``from_pretrained``
+    """(ModelConfig, HF config dict or None) of ``name_or_config``, resolved as ``from_pretrained``
     resolves its name (``loading.resolve.resolve_config``: presets, local directories, GGUF
     files including the embedded default model, repo ids in the HF cache, published configs),
-    or of a config.json file. Reads no weights and downloads nothing."""
+    or of a config.json file. Reads no weights and downloads nothing.
+    """
     from ..loading.resolve import resolve_config
 
     resolved = resolve_config(name_or_config)
@@ -307,8 +343,9 @@ def config_for_plan(name_or_config: str | os.PathLike[str]) -> tuple[ModelConfig
 
 
 def processed_for_plan(cfg: ModelConfig, processing: bool = True) -> ModelConfig:
-    """The config of the model ``from_pretrained`` builds (default processing) or
-    ``from_pretrained_no_processing`` builds."""
+    """The config of the model ``from_pretrained`` builds from ``cfg`` (``processing=True``, its
+    default processing) or ``from_pretrained_no_processing`` builds (False).
+    """
     from ..processing import ProcessingOptions, processed_config
 
     return processed_config(
@@ -333,7 +370,12 @@ def run_plan(
     mode: PlacementMode = "auto",
     processing: bool = True,
 ) -> MemoryPlan:
-    """The ``plan`` command's work: read the config, plan, return the plan."""
+    """The ``plan`` command's work: read the config of ``name_or_config``, plan, return the plan.
+
+    ``max_memory`` may be ``parse_max_memory``'s text; ``processing`` plans the processed
+    model (``processed_for_plan``); ``dtype``, ``devices``, ``batch``, ``seq``, ``cache`` and
+    ``mode`` as in ``plan_memory``.
+    """
     cfg, hf = config_for_plan(name_or_config)
     if isinstance(max_memory, str):
         max_memory = parse_max_memory(max_memory)

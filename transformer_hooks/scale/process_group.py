@@ -24,6 +24,8 @@ DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
 
 
 class RankFailedError(RuntimeError):
+    """Another rank of the process group failed; the message names it and its error."""
+
     pass
 
 
@@ -86,7 +88,8 @@ def barrier(timeout: datetime.timedelta, consequence: str = "No result was gathe
 def exchange(error: str | None, payload: Any, *, timeout: datetime.timedelta, what: str, consequence: str) -> list[Any]:
     """Every rank's ``payload`` in rank order, once every rank got here (``barrier``) and
     none reported an ``error``; otherwise every rank raises ``RankFailedError`` naming the
-    rank that failed and its error (``what`` it was doing, the ``consequence``)."""
+    rank that failed and its error (``what`` it was doing, the ``consequence``). ``timeout``:
+    how long a rank waits for the others."""
     barrier(timeout, consequence)
     reports: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(reports, (error, payload))

@@ -33,7 +33,9 @@ def _hasher() -> Any:
 
 
 def tensor_hash(t: torch.Tensor | np.ndarray, h: Any = None) -> str:
-    """A content hash of a tensor: dtype, shape and bytes."""
+    """A content hash of the tensor ``t``: dtype, shape and bytes; fed into the hash object ``h``
+    if given (else a new one).
+    """
     h = _hasher() if h is None else h
     if isinstance(t, np.ndarray):
         t = torch.from_numpy(np.ascontiguousarray(t))
@@ -67,12 +69,14 @@ def tokenizer_hash(tokenizer: Any) -> str | None:
 
 
 def unnamed(what: str) -> str:
-    """The key entry of something that cannot be hashed and was not named: no rerun equals it."""
+    """The key entry of ``what``, which cannot be hashed and was not named: no rerun equals it."""
     return f"unnamed {what} {uuid.uuid4().hex}"
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """One line per entry that differs: the entry, then what it was and what it is now."""
+    """One line per entry that differs between the keys ``old`` and ``new``: the entry, then what it was and what it is
+    now.
+    """
 
     def show(v: Any) -> str:
         s = json.dumps(v, default=str)
@@ -92,7 +96,9 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def check_same(where: Path | str, what: str, old: dict[str, Any], new: dict[str, Any], start_over: str) -> None:
-    """Raise unless the key ``old`` found in ``where`` equals ``new``, naming every difference."""
+    """Raise unless the key ``old`` found in ``where`` equals ``new``, naming ``what`` and every
+    difference, and how to ``start_over``.
+    """
     lines = differences(old, new)
     if lines:
         raise ValueError(

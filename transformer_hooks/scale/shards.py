@@ -28,6 +28,10 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def fsync_write(path: Path, data: bytes | None = None, writer: Callable[[Path], None] | None = None) -> None:
+    """Write ``path`` durably and atomically: ``data`` (bytes), or whatever ``writer(tmp_path)``
+    writes, goes to a temporary file that is fsynced and renamed into place (the rename fsynced
+    too, where the filesystem allows); the temporary file is removed on failure.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         if writer is not None:
@@ -64,7 +68,7 @@ _NP = {
 
 
 def open_shard(path: Path) -> dict[str, np.ndarray]:
-    """The tensors of a safetensors file as read-only memory maps; a clear error if it is damaged."""
+    """The tensors of the safetensors file ``path`` as read-only memory maps; a clear error if it is damaged."""
     size = path.stat().st_size if path.exists() else -1
     try:
         with open(path, "rb") as f:
@@ -101,6 +105,7 @@ def open_shard(path: Path) -> dict[str, np.ndarray]:
 
 
 def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """Write ``manifest`` as JSON to ``path`` (durably, ``fsync_write``)."""
     fsync_write(path, json.dumps(manifest, indent=1).encode())
 
 
@@ -109,8 +114,10 @@ _TOP = {"shards": list, "n_contexts": int, "n_rows": int, "n_tokens": int, "comp
 
 
 def read_manifest(path: Path, root: Path, what: str = "manifest") -> dict[str, Any]:
-    """A manifest (or a rank's progress file) read and checked: JSON, its fields and their
-    types, and every shard a file inside ``root``. A ValueError names the file and the fault."""
+    """The manifest (or a rank's progress file) at ``path`` read and checked: JSON, its fields and
+    their types, and every shard a file inside ``root``. A ValueError names the file (as
+    ``what``) and the fault.
+    """
 
     def bad(fault: str) -> ValueError:
         return ValueError(
@@ -147,7 +154,9 @@ def read_manifest(path: Path, root: Path, what: str = "manifest") -> dict[str, A
 
 
 def shard_path(root: Path, name: str, listed_in: Path) -> Path:
-    """``root/name``, refused unless it stays inside ``root`` (no absolute path, no ``..``, no link out)."""
+    """``root/name``, refused unless it stays inside ``root`` (no absolute path, no ``..``, no link
+    out); the error names ``listed_in``, the file that lists it.
+    """
     candidate = Path(name)
     resolved = (root / candidate).resolve()
     if candidate.is_absolute() or ".." in candidate.parts or not resolved.is_relative_to(root.resolve()):

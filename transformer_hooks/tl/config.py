@@ -132,12 +132,14 @@ class HookedTransformerConfig:
         return self.act_fn is not None and self.act_fn.endswith("_ln")
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as a dict, the fields this library does not read (``extra``) merged back in."""
         d = dataclasses.asdict(self)
         d.update(d.pop("extra"))
         return d
 
     @classmethod
     def unwrap(cls, config: "dict | HookedTransformerConfig") -> "HookedTransformerConfig":
+        """``config`` as a ``HookedTransformerConfig`` (a dict is read with ``from_dict``)."""
         return cls.from_dict(config) if isinstance(config, dict) else config
 
     def to_model_config(self) -> ModelConfig:
@@ -266,7 +268,7 @@ def init_weights(model: nn.Module, cfg: HookedTransformerConfig) -> None:
     """TransformerLens's ``init_weights``: with ``init_mode="gpt2"`` every weight matrix
     (a parameter named ``W_*``) ~ N(0, initializer_range^2), where ``initializer_range``
     defaults to 0.8 / sqrt(d_model); biases 0 and norm weights 1. ``seed`` seeds torch first.
-    Other init modes (xavier/kaiming/muP) are refused by name."""
+    Other init modes (xavier/kaiming/muP) are refused by name. Initialises ``model`` in place by ``cfg``."""
     if cfg.init_mode != "gpt2":
         raise ValueError(f"init_mode={cfg.init_mode!r} is not implemented; use 'gpt2' (TransformerLens's default)")
     if cfg.seed is not None:

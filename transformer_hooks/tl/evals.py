@@ -45,8 +45,10 @@ class _TokenRows(Dataset):
 def make_data_loader(
     tokenizer: Any, dataset: Any, batch_size: int = 8, max_length: int = 1024, column_name: str = "text"
 ) -> DataLoader:
-    """Batches ``{"tokens": [batch, max_length]}`` of ``dataset`` tokenized and concatenated
-    (``utils.tokenize_and_concatenate``), shuffled, the last incomplete batch dropped."""
+    """Batches ``{"tokens": [batch_size, max_length]}`` of ``dataset`` (the texts of its
+    ``column_name`` column) tokenized by ``tokenizer`` and concatenated
+    (``utils.tokenize_and_concatenate``), shuffled, the last incomplete batch dropped.
+    """
     tokenized = tokenize_and_concatenate(dataset, tokenizer, max_length=max_length, column_name=column_name)
     rows = tokenized if not isinstance(tokenized, dict) else _TokenRows(tokenized["tokens"])
     return DataLoader(rows, batch_size=batch_size, shuffle=True, drop_last=True)
@@ -76,8 +78,9 @@ DATASET_LOADERS = [make_wiki_data_loader, make_owt_data_loader, make_pile_data_l
 
 @torch.no_grad()
 def evaluate_on_dataset(model: HookedModel, data_loader: Any, truncate: int = 100, device: Any = None) -> float:
-    """Mean of the per-batch losses over the loader's first ``truncate + 1`` batches (as
-    TransformerLens counts them)."""
+    """Mean of ``model``'s per-batch losses over the first ``truncate + 1`` batches of
+    ``data_loader`` (as TransformerLens counts them), the tokens moved to ``device`` (None: the model's).
+    """
     device = model.device if device is None else device
     running_loss, total = 0.0, 0
     for batch in tqdm(data_loader, leave=False):
@@ -100,9 +103,14 @@ def induction_loss(
     device: Any = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Mean next-token loss on the second half of random token sequences repeated twice (low if
-    the model has induction heads). Tokens are drawn from [100, 20000) as in TransformerLens
-    (capped at the vocabulary); with BOS, the first token is replaced by BOS."""
+    """Mean next-token loss of ``model`` on the second half of random token sequences repeated
+    twice (low if the model has induction heads).
+
+    ``batch_size`` sequences of ``2 * subseq_len`` tokens, drawn from [100, 20000) as in
+    TransformerLens (capped at the vocabulary) with ``generator``, on ``device`` (None: the
+    model's); with BOS (``prepend_bos``, None: the model's rule), the first token is replaced by
+    the BOS of ``tokenizer`` (None: the model's).
+    """
     device = model.device if device is None else device
     high = min(20000, model.cfg.d_vocab)
     low = 100 if high > 200 else 0
@@ -121,8 +129,11 @@ def induction_loss(
 
 
 def evaluate(model: HookedModel, truncate: int = 100, batch_size: int = 8, tokenizer: Any = None, datasets: Any = None):
-    """``evaluate_on_dataset`` on each local corpus in ``datasets`` ({name: texts}); prints and
-    returns ``{f"{name}_loss": loss}``. TransformerLens downloads four corpora instead."""
+    """``evaluate_on_dataset`` of ``model`` on each local corpus in ``datasets`` ({name: texts}),
+    tokenized by ``tokenizer`` (None: the model's) in batches of ``batch_size``, over
+    ``truncate + 1`` batches; prints and returns ``{f"{name}_loss": loss}``. TransformerLens
+    downloads four corpora instead.
+    """
     if not datasets:
         raise ValueError("evaluate needs datasets={name: texts}: the corpora are not downloaded here")
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer

@@ -32,15 +32,17 @@ PYTHIA_V0_CHECKPOINTS = list(range(1000, 143000 + 1, 1000))
 
 
 def get_official_model_name(model_name: str) -> str:
-    """The HF repo id of a preset name; a repo id or a local path is returned as it is."""
+    """The HF repo id of the preset ``model_name``; a repo id or a local path is returned as it is."""
     return preset_repo_id(model_name) or model_name
 
 
 def get_pretrained_model_config(model_name: str, **kwargs: Any) -> ModelConfig:
-    """The ``ModelConfig`` of a preset name, repo id, local checkpoint or GGUF file, read from
-    its config (TransformerLens returns its ``HookedTransformerConfig``; the architecture
-    fields have the same names). Settings TransformerLens takes here as keyword arguments
-    (``fold_ln``, ``device``, ...) belong to ``from_pretrained``: they are refused."""
+    """The ``ModelConfig`` of ``model_name`` (a preset name, repo id, local checkpoint or GGUF file),
+    read from its config (TransformerLens returns its ``HookedTransformerConfig``; the
+    architecture fields have the same names). Settings TransformerLens takes here as keyword
+    arguments (``**kwargs``: ``fold_ln``, ``device``, ...) belong to ``from_pretrained``: they
+    are refused.
+    """
     if kwargs:
         raise ValueError(
             f"get_pretrained_model_config takes no options here ({sorted(kwargs)}): pass them to "
@@ -52,8 +54,10 @@ def get_pretrained_model_config(model_name: str, **kwargs: Any) -> ModelConfig:
 
 
 def get_checkpoint_labels(model_name: str, **kwargs: Any) -> tuple[list[int], str]:
-    """The checkpoint labels of a model's training run and their type ("step" or "token").
-    Raises for a model that publishes no checkpoints."""
+    """The checkpoint labels of ``model_name``'s training run and their type ("step" or "token").
+
+    Raises for a model that publishes no checkpoints. ``**kwargs``: TransformerLens's, ignored.
+    """
     path = Path(str(model_name)).expanduser()
     if path.is_dir():
         labels = sorted(

@@ -12,7 +12,7 @@ from torch import nn
 
 # TransformerLens-only helpers ----------------------------------------------------------------
 def calc_fan_in_and_fan_out(tensor: torch.Tensor) -> tuple[int, int]:
-    """TransformerLens's fan-in and fan-out, for its weight layouts: [d_in, d_out] matrices and
+    """TransformerLens's fan-in and fan-out of ``tensor``, for its weight layouts: [d_in, d_out] matrices and
     [head, d_model, d_head] attention weights (fan_in d_model, fan_out head * d_head); a vector
     has fan_in 1."""
     shape = tensor.shape
@@ -28,14 +28,14 @@ def calc_fan_in_and_fan_out(tensor: torch.Tensor) -> tuple[int, int]:
 
 
 def init_xavier_uniform_(param: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
-    """U(-a, a) with a = gain * sqrt(6 / (fan_in + fan_out)), in place (TransformerLens's fans)."""
+    """Fill ``param`` with U(-a, a), a = gain * sqrt(6 / (fan_in + fan_out)), in place (TransformerLens's fans)."""
     fan_in, fan_out = calc_fan_in_and_fan_out(param)
     bound = gain * math.sqrt(6.0 / (fan_in + fan_out))
     return nn.init.uniform_(param, -bound, bound)
 
 
 def init_xavier_normal_(param: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
-    """N(0, std^2) with std = gain * sqrt(2 / (fan_in + fan_out)), in place."""
+    """Fill ``param`` with N(0, std^2), std = gain * sqrt(2 / (fan_in + fan_out)), in place."""
     fan_in, fan_out = calc_fan_in_and_fan_out(param)
     return nn.init.normal_(param, mean=0.0, std=gain * math.sqrt(2.0 / (fan_in + fan_out)))
 
@@ -43,7 +43,8 @@ def init_xavier_normal_(param: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
 def init_kaiming_uniform_(
     param: torch.Tensor, a: float = 0, nonlinearity: str = "relu", gain: float = 1.0, mode: str = "fan_in"
 ) -> torch.Tensor:
-    """U(-b, b) with b = gain * calculate_gain(nonlinearity, a) * sqrt(3 / fan), in place."""
+    """Fill ``param`` with U(-b, b), b = gain * calculate_gain(nonlinearity, a) * sqrt(3 / fan), in
+    place; ``mode``: ``"fan_in"`` or ``"fan_out"`` picks the fan."""
     fan_in, fan_out = calc_fan_in_and_fan_out(param)
     fan = fan_in if mode == "fan_in" else fan_out
     gain *= nn.init.calculate_gain(nonlinearity, a)  # type: ignore[arg-type]
@@ -54,7 +55,8 @@ def init_kaiming_uniform_(
 def init_kaiming_normal_(
     param: torch.Tensor, a: float = 0, nonlinearity: str = "relu", gain: float = 1.0, mode: str = "fan_in"
 ) -> torch.Tensor:
-    """N(0, std^2) with std = gain * calculate_gain(nonlinearity, a) / sqrt(fan), in place."""
+    """Fill ``param`` with N(0, std^2), std = gain * calculate_gain(nonlinearity, a) / sqrt(fan), in
+    place; ``mode``: ``"fan_in"`` or ``"fan_out"`` picks the fan."""
     fan_in, fan_out = calc_fan_in_and_fan_out(param)
     fan = fan_in if mode == "fan_in" else fan_out
     gain *= nn.init.calculate_gain(nonlinearity, a)  # type: ignore[arg-type]

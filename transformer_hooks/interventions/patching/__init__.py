@@ -65,6 +65,14 @@ setter), ...], metric)`` runs any list of patches (mixed sites and setters) thro
 same stacked engine; ``attribution_products`` gives the elementwise attribution of any
 sites for your own reductions.
 
+Arguments the sweeps share: ``model``; ``corrupted_tokens`` [batch, pos], the input that is
+run and patched; ``clean_cache``, the clean run's cache (``model.run_with_cache(clean_tokens)``),
+with at least the patched sites, of the same batch and length; ``patching_metric`` (``metric``
+in the ``_every`` sweeps), as the metric contract above; and, as ``**kwargs`` of a sweep,
+``generic_activation_patch``'s keyword options (``batch_size``, ``max_batch_bytes``,
+``vectorized_metric``, ``progress``, ``metric_positions``), or for attribution
+``generic_attribution_patch``'s (``method``, ``grad_drop``).
+
 Axis vocabulary (TL's ``index_axis_names``): ``layer``, ``pos``, ``head`` (alias
 ``head_index``; key/value sites count ``kv_head``s, n_kv_heads of them), ``dest_pos``,
 ``src_pos`` (attention patterns). The first axis is always ``layer``.

@@ -174,6 +174,9 @@ def ablation_value(
     ``per_position``: the mean over prompts at each position (right-padded prompts count
     only where they have a real token); pooled: the mean over prompts and real positions.
     Resample: row ``b`` takes reference prompt ``r(b)``, drawn with ``torch.Generator(seed)``.
+    ``kind``: ``"zero"``, ``"mean"`` or ``"resample"``; ``tokens`` [batch, pos]: the ablated
+    run's tokens (the value's shape); ``reference_mask``: the reference prompts' padding mask;
+    ``model``: the model (its config, dtype and device).
     """
     batch, n_pos = tokens.shape
     row = sites.lookup(site)
@@ -282,7 +285,8 @@ def ablate(
     ``ablations``: a hook name (or TL short name with ``.layer``, e.g. ``"blocks.1.attn.hook_z"``)
     with ``heads`` / ``neurons`` / ``positions`` / ``kind``, or ``Ablation``s (each with its own
     selection and kind). ``reference``: the prompts (strings or tokens) that mean and resample
-    ablations draw from, or a cache of their activations.
+    ablations draw from, or a cache of their activations. ``per_position`` and ``seed`` as in
+    ``ablation_value``; ``model`` is run on ``tokens`` (strings or token ids).
     """
     toks = _tokens(model, tokens)
     if isinstance(ablations, str):
@@ -334,7 +338,11 @@ def run_ablations(
 
     Each run joins the stacked batch at its site's block, and with ``metric_positions``
     (the only positions the metric reads, e.g. ``-1``) only those positions are
-    unembedded (``patching.run_patches``)."""
+    unembedded (``patching.run_patches``).
+
+    ``model`` runs on ``tokens``; ``ablations``: ``Ablation``s; ``reference``,
+    ``per_position`` and ``seed`` as in ``ablate``; ``batch_size``, ``max_batch_bytes``,
+    ``vectorized_metric`` and ``progress`` as in ``generic_activation_patch``."""
     toks = _tokens(model, tokens)
     resolved = [_resolve(model, a, toks.shape[1]) for a in ablations]
     values = _values(model, toks, [a for a, _ in resolved], reference, per_position, seed)
@@ -387,7 +395,10 @@ def ablation_sweep(
     ``positions`` / ``heads`` restrict every ablation of the sweep (e.g. only the last
     position). ``layers``: sweep only these layers (the rows of the result, in that order).
     Keyword options of ``run_ablations`` (batch_size, max_batch_bytes, vectorized_metric,
-    progress, metric_positions) pass through. Returns ``[n_layers (or len(layers)), n_index]``.
+    progress, metric_positions) pass through as ``**kwargs``. Returns ``[n_layers (or
+    len(layers)), n_index]``. ``over``: what is ablated one at a time (``"head"``,
+    ``"neuron"`` or ``"pos"``); ``model``, ``tokens``, ``kind``, ``reference``,
+    ``per_position`` and ``seed`` as in ``ablate``.
     """
     if over not in ("head", "neuron", "pos"):
         raise ValueError(f"over must be 'head', 'neuron' or 'pos', got {over!r}")

@@ -56,7 +56,8 @@ def attribution_products(
 
     The gradient is taken with ``torch.autograd.grad`` of the metric with respect to the
     sites' activations only, so no parameter's ``.grad`` is touched. ``sites`` are full
-    hook names.
+    hook names; ``model``, ``corrupted_tokens``, ``clean_cache`` and ``patching_metric`` as
+    in the package docstring.
     """
     tokens = _corrupted_tokens(model, corrupted_tokens)
     clean = _clean_sites(model, clean_cache, sites, tokens)
@@ -180,6 +181,9 @@ def generic_attribution_patch(
     ``l`` with the gradient through block l's residual writes (attn_out, mlp_out) zeroed, and
     the result is ``sum_l |estimate_l| / (n_layers - 1)``: a non-negative ranking score
     against cancellation of paths, not a signed effect.
+
+    ``activation_name``: the site's short name (``"z"``, ``"resid_pre"``, ...); ``model``,
+    ``corrupted_tokens``, ``clean_cache`` and ``patching_metric`` as in the package docstring.
     """
     return _attribution(
         model,
@@ -414,7 +418,11 @@ def get_attr_patch_block_every(
     metric: PatchingMetric,
     **kwargs: Any,
 ) -> Float[torch.Tensor, "3 layer pos"]:
-    """Attribution estimates for resid_pre, attn_out, mlp_out by (layer, pos): ``[3, layer, pos]``, one backward."""
+    """Attribution estimates for resid_pre, attn_out, mlp_out by (layer, pos): ``[3, layer, pos]``, one backward.
+
+    ``model``, ``corrupted_tokens``, ``clean_cache``, ``metric`` and ``**kwargs`` (``method``,
+    ``grad_drop``) as in the package docstring (``transformer_hooks.interventions.patching``).
+    """
     return torch.stack(
         _attribution(
             model, corrupted_tokens, clean_cache, metric, [(name, axes) for name, axes, _ in _BLOCK_KINDS], **kwargs
@@ -429,7 +437,11 @@ def get_attr_patch_attn_head_all_pos_every(
     metric: PatchingMetric,
     **kwargs: Any,
 ) -> Float[torch.Tensor, "5 layer head"]:
-    """Attribution estimates for z, q, k, v, pattern per head: ``[5, layer, head]`` (GQA k/v padded with 0)."""
+    """Attribution estimates for z, q, k, v, pattern per head: ``[5, layer, head]`` (GQA k/v padded with 0).
+
+    ``model``, ``corrupted_tokens``, ``clean_cache``, ``metric`` and ``**kwargs`` (``method``,
+    ``grad_drop``) as in the package docstring (``transformer_hooks.interventions.patching``).
+    """
     parts = _attribution(
         model, corrupted_tokens, clean_cache, metric, [(name, axes) for name, axes, _ in _HEAD_ALL_POS_KINDS], **kwargs
     )
@@ -443,7 +455,11 @@ def get_attr_patch_attn_head_by_pos_every(
     metric: PatchingMetric,
     **kwargs: Any,
 ) -> Float[torch.Tensor, "5 layer pos head"]:
-    """Attribution estimates for z, q, k, v, pattern per head and position: ``[5, layer, pos, head]``."""
+    """Attribution estimates for z, q, k, v, pattern per head and position: ``[5, layer, pos, head]``.
+
+    ``model``, ``corrupted_tokens``, ``clean_cache``, ``metric`` and ``**kwargs`` (``method``,
+    ``grad_drop``) as in the package docstring (``transformer_hooks.interventions.patching``).
+    """
     parts = _attribution(
         model, corrupted_tokens, clean_cache, metric, [(name, axes) for name, axes, _ in _HEAD_BY_POS_KINDS], **kwargs
     )

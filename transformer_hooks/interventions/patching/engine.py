@@ -57,49 +57,62 @@ def _axis_sizes(model: HookedModel, site: str, n_pos: int) -> dict[str, int]:
 
 # Patch setters (TransformerLens's): (corrupted activation [batch, ...], index, clean activation) -> patched.
 def layer_pos_patch_setter(corrupted_activation, index, clean_activation):
-    """index = (layer, pos); activation [batch, pos, ...]."""
+    """index = (layer, pos); activation [batch, pos, ...].
+    Copies those entries of ``clean_activation`` into ``corrupted_activation`` (in place) and returns it.
+    """
     _, pos = index
     corrupted_activation[:, pos, ...] = clean_activation[:, pos, ...]
     return corrupted_activation
 
 
 def layer_pos_head_vector_patch_setter(corrupted_activation, index, clean_activation):
-    """index = (layer, pos, head); activation [batch, pos, head, ...] (q, k, v, z, result)."""
+    """index = (layer, pos, head); activation [batch, pos, head, ...] (q, k, v, z, result).
+    Copies those entries of ``clean_activation`` into ``corrupted_activation`` (in place) and returns it.
+    """
     _, pos, head = index
     corrupted_activation[:, pos, head] = clean_activation[:, pos, head]
     return corrupted_activation
 
 
 def layer_head_vector_patch_setter(corrupted_activation, index, clean_activation):
-    """index = (layer, head); every position of one head; activation [batch, pos, head, ...]."""
+    """index = (layer, head); every position of one head; activation [batch, pos, head, ...].
+    Copies those entries of ``clean_activation`` into ``corrupted_activation`` (in place) and returns it.
+    """
     _, head = index
     corrupted_activation[:, :, head] = clean_activation[:, :, head]
     return corrupted_activation
 
 
 def layer_head_pattern_patch_setter(corrupted_activation, index, clean_activation):
-    """index = (layer, head); activation [batch, head, dest_pos, src_pos]."""
+    """index = (layer, head); activation [batch, head, dest_pos, src_pos].
+    Copies those entries of ``clean_activation`` into ``corrupted_activation`` (in place) and returns it.
+    """
     _, head = index
     corrupted_activation[:, head] = clean_activation[:, head]
     return corrupted_activation
 
 
 def layer_head_pos_pattern_patch_setter(corrupted_activation, index, clean_activation):
-    """index = (layer, head, dest_pos); activation [batch, head, dest_pos, src_pos]."""
+    """index = (layer, head, dest_pos); activation [batch, head, dest_pos, src_pos].
+    Copies those entries of ``clean_activation`` into ``corrupted_activation`` (in place) and returns it.
+    """
     _, head, dest_pos = index
     corrupted_activation[:, head, dest_pos] = clean_activation[:, head, dest_pos]
     return corrupted_activation
 
 
 def layer_head_dest_src_pos_pattern_patch_setter(corrupted_activation, index, clean_activation):
-    """index = (layer, head, dest_pos, src_pos); activation [batch, head, dest_pos, src_pos]."""
+    """index = (layer, head, dest_pos, src_pos); activation [batch, head, dest_pos, src_pos].
+    Copies those entries of ``clean_activation`` into ``corrupted_activation`` (in place) and returns it.
+    """
     _, head, dest_pos, src_pos = index
     corrupted_activation[:, head, dest_pos, src_pos] = clean_activation[:, head, dest_pos, src_pos]
     return corrupted_activation
 
 
 def make_df_from_ranges(column_max_ranges: Sequence[int], column_names: Sequence[str]):
-    """A pandas DataFrame of every index in the grid, last column fastest (as TL's)."""
+    """A pandas DataFrame of every index in the grid of sizes ``column_max_ranges``, columns
+    ``column_names``, last column fastest (as TL's)."""
     pd = _pandas("make_df_from_ranges")
     return pd.DataFrame(list(itertools.product(*(range(n) for n in column_max_ranges))), columns=list(column_names))
 
@@ -246,8 +259,9 @@ def sweep_patches(
     metric: PatchingMetric,
     **run_kwargs: Any,
 ) -> torch.Tensor:
-    """``run_patches`` after reading each patched site's clean activation from ``clean_cache``
-    (checked against ``tokens``) and calling the metric once on trial logits."""
+    """``run_patches`` of ``model`` on ``tokens`` with ``patches`` after reading each patched
+    site's clean activation from ``clean_cache`` (checked against ``tokens``) and calling the
+    metric once on trial logits; ``**run_kwargs`` go to ``run_patches``."""
     clean = {
         site: _clean_activation(model, clean_cache, site, tokens) for site in dict.fromkeys(p.site for p in patches)
     }
@@ -281,6 +295,10 @@ def run_patches(
     row computes a block below its patch. ``metric_positions``: the only positions whose
     logits the metric reads (e.g. ``-1``); the rest are not unembedded and are NaN in the
     logits the metric gets (a metric reading them fails before any forward).
+
+    ``corrupted_tokens``, ``patching_metric``, ``batch_size``, ``max_batch_bytes``,
+    ``vectorized_metric`` and ``progress`` as in ``generic_activation_patch``; ``desc``: the
+    progress bar's label.
     """
     tokens = corrupted_tokens
     batch = tokens.shape[0]
@@ -485,7 +503,7 @@ def generic_activation_patch(
     Errors before any forward: an unknown activation name or a site the model lacks, a
     site missing from ``clean_cache``, clean activations whose batch or length differ from
     the corrupted tokens, a metric that does not return one number (one per patch when
-    vectorized).
+    vectorized). ``corrupted_tokens`` and ``patching_metric`` as in the package docstring.
     """
     tokens = _corrupted_tokens(model, corrupted_tokens)
     pd = _pandas("return_index_df=True") if return_index_df else None

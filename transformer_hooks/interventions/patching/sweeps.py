@@ -265,7 +265,11 @@ def get_act_patch_block_every(
     metric: PatchingMetric,
     **kwargs: Any,
 ) -> Float[torch.Tensor, "3 layer pos"]:
-    """``resid_pre``, ``attn_out`` and ``mlp_out`` sweeps by (layer, pos), stacked: ``[3, layer, pos]``."""
+    """``resid_pre``, ``attn_out`` and ``mlp_out`` sweeps by (layer, pos), stacked: ``[3, layer, pos]``.
+
+    ``model``, ``corrupted_tokens``, ``clean_cache``, ``metric`` and ``**kwargs`` as in the
+    package docstring (``transformer_hooks.interventions.patching``).
+    """
     return torch.stack(_every(model, corrupted_tokens, clean_cache, metric, _BLOCK_KINDS, "patching block", **kwargs))
 
 
@@ -279,6 +283,9 @@ def get_act_patch_attn_head_all_pos_every(
     """Every head (all positions) for output z, q, k, v and pattern: ``[5, layer, head]``.
 
     Under GQA the k and v rows have n_kv_heads real entries; the rest are 0 (as TransformerLens).
+
+    ``model``, ``corrupted_tokens``, ``clean_cache``, ``metric`` and ``**kwargs`` as in the
+    package docstring (``transformer_hooks.interventions.patching``).
     """
     parts = _every(model, corrupted_tokens, clean_cache, metric, _HEAD_ALL_POS_KINDS, "patching heads", **kwargs)
     return torch.stack([_pad_heads(p, model.cfg.n_heads) for p in parts])
@@ -294,6 +301,9 @@ def get_act_patch_attn_head_by_pos_every(
     """Every head at every position for z, q, k, v and pattern (by destination): ``[5, layer, pos, head]``.
 
     Under GQA the k and v rows have n_kv_heads real entries; the rest are 0 (as TransformerLens).
+
+    ``model``, ``corrupted_tokens``, ``clean_cache``, ``metric`` and ``**kwargs`` as in the
+    package docstring (``transformer_hooks.interventions.patching``).
     """
     parts = _every(model, corrupted_tokens, clean_cache, metric, _HEAD_BY_POS_KINDS, "patching heads by pos", **kwargs)
     parts[-1] = rearrange(parts[-1], "layer head pos -> layer pos head")
