@@ -110,7 +110,7 @@ def worker(rank: int, world: int, port: int, job: dict[str, Any]) -> None:
         for name, kw in job["runs"].items():
             reads.clear(), hashes.clear()
             FakeWriter.calls.clear()
-            sae = train(ds, job["site"], kw)
+            sae = train(ds, job["site"], {**kw, **job.get("rank_overrides", {}).get(str(rank), {})})
             save_file(
                 {n: p.detach().contiguous() for n, p in sae.named_parameters()}, out / f"{name}.rank{rank}.safetensors"
             )

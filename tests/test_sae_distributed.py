@@ -120,7 +120,8 @@ def test_a_killed_rank_resumes_from_rank_0s_checkpoint_to_the_same_weights(datas
     codes, whole = _spawn(job("whole"), 2)
     assert codes == [0, 0] and all("error" not in r for r in whole), whole
     codes, killed = _spawn(job("run", die_at=37), 2)
-    assert codes[1] == 3 and "error" in killed[0]  # rank 0 is told, it does not hang
+    assert codes[1] == 3 and "RankFailedError: rank 0 of 2: SAE training stopped" in killed[0]["error"], killed
+    assert "resumes from the last checkpoint in" in killed[0]["error"]  # rank 0 is told what to do, it does not hang
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "run" / "ckpt" / "state.safetensors"), "pt") as f:
@@ -233,3 +234,14 @@ def test_tensorboard_and_wandb_log_the_metrics_and_a_missing_one_is_named(datase
     with pytest.raises(ImportError, match=r"tensorboard_dir=\.\.\. needs the 'tensorboard' package.*pip install"):
         train_sae(dataset, SITE, steps=5, tensorboard_dir=tmp_path / "tb2", **kw)
     assert not (tmp_path / "tb2").exists()
+
+
+def test_ranks_started_with_other_arguments_are_refused_on_every_rank(dataset, tmp_path):
+    run = {**BASE, **RECIPES["topk"], "batch_size": 16}
+    job = {"data": str(dataset.path), "site": SITE, "out": str(tmp_path), "runs": {"r": run}}
+    codes, reports = _spawn({**job, "rank_overrides": {"1": {"lr": 1e-2}}}, 2)
+    assert codes == [0, 0]
+    for report in reports:
+        assert "RankFailedError: the ranks disagree on the training arguments and data" in report["error"], report
+        assert "Start every rank with the same train_sae arguments" in report["error"]
+        assert report["runs"] == {}

@@ -21,7 +21,8 @@ within float rounding, not bit for bit.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -33,8 +34,21 @@ from ..scale.process_group import RankFailedError, rank_and_world
 class Ranks:
     """This process's place among the training processes and the reductions of a step."""
 
-    def __init__(self) -> None:
+    def __init__(self, after_failure: str = "") -> None:
+        """``after_failure``: what the error tells the user to do when another rank fails."""
         self.rank, self.world = rank_and_world()
+        self.after_failure = after_failure
+
+    @contextmanager
+    def _collective(self) -> Iterator[None]:
+        """A collective step; a peer that died or hung makes it a ``RankFailedError`` that says what to do."""
+        try:
+            yield
+        except RuntimeError as e:
+            raise RankFailedError(
+                f"rank {self.rank} of {self.world}: SAE training stopped, another rank died or hung ({e}). "
+                f"{self.after_failure}"
+            ) from e
 
     @property
     def many(self) -> bool:
@@ -45,7 +59,8 @@ class Ranks:
         if not self.many:
             return t
         t = t.detach().clone()
-        dist.all_reduce(t)
+        with self._collective():
+            dist.all_reduce(t)
         return t
 
     def mean(self, t: torch.Tensor) -> torch.Tensor:
@@ -59,7 +74,8 @@ class Ranks:
             return [float(s.detach()) for s in scalars]
         grads = [p.grad for p in params if p.grad is not None]
         flat = torch.cat([g.reshape(-1) for g in grads] + [s.detach().reshape(1).to(grads[0]) for s in scalars])
-        dist.all_reduce(flat)
+        with self._collective():
+            dist.all_reduce(flat)
         flat /= self.world
         offset = 0
         for g in grads:
@@ -72,13 +88,14 @@ class Ranks:
         if not self.many:
             return x
         parts = [torch.empty_like(x) for _ in range(self.world)]
-        dist.all_gather(parts, x.detach().contiguous())
+        with self._collective():
+            dist.all_gather(parts, x.detach().contiguous())
         return torch.cat(parts)
 
     def broadcast_(self, params: Iterable[torch.nn.Parameter]) -> None:
         """Rank 0's values in ``params`` on every rank (a start that is the same everywhere)."""
         if self.many:
-            with torch.no_grad():
+            with torch.no_grad(), self._collective():
                 for p in params:
                     dist.broadcast(p.data, src=0)
 
@@ -90,7 +107,8 @@ class Ranks:
         if not self.many:
             return local
         parts = [torch.empty_like(local) for _ in range(self.world)]
-        dist.all_gather(parts, local)
+        with self._collective():
+            dist.all_gather(parts, local)
         everything = torch.cat(parts)
         return everything.topk(min(k_total, everything.numel())).values
 
@@ -99,7 +117,8 @@ class Ranks:
         if not self.many:
             return
         values: list[Any] = [None] * self.world
-        dist.all_gather_object(values, value)
+        with self._collective():
+            dist.all_gather_object(values, value)
         odd = [r for r, v in enumerate(values) if v != values[0]]
         if odd:
             raise RankFailedError(

@@ -345,7 +345,11 @@ def _fit(
     log_every: int = 10,
 ) -> float:
     """The training loop; returns BatchTopK's threshold (nan otherwise)."""
-    ranks = Ranks()
+    ranks = Ranks(
+        "Nothing was saved: train with checkpoint_dir= to resume after a failure."
+        if checkpoint_dir is None
+        else f"Rerun the same command on every rank: training resumes from the last checkpoint in {checkpoint_dir}."
+    )
     world = ranks.world
     recipe = dict(
         architecture=architecture, k=k, steps=steps, batch_size=batch_size, lr=lr,
