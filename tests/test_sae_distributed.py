@@ -156,13 +156,18 @@ def test_a_dataset_streams_in_windows_holding_at_most_two_batches_of_rows(datase
     windows = shard_windows(dataset, window)
     assert len(windows) >= 5 and all(hi - lo <= window for lo, hi in windows)
     assert [lo for lo, _ in windows[1:]] == [hi for _, hi in windows[:-1]] and windows[-1][1] == len(dataset)
-    live, peak, reads = [0], [0], []
+    live, peak, reads, mapped = [0], [0], [], []
     real_rows = ActivationDataset.rows
+    shards_in = max(
+        sum(lo <= e < hi for e in np.cumsum([0] + [s["n_rows"] for s in dataset.manifest["shards"]]))
+        for lo, hi in windows
+    )
 
     def release(n: int) -> None:
         live[0] -= n
 
     def rows(self, index, site=None, device=None):  # the trainer's only way to rows: count those alive
+        mapped.append(len(self.open_shards()))  # shards still mapped since the last batch
         out = real_rows(self, index, site, device)
         reads.append(np.array(index))
         live[0] += len(out)
@@ -176,6 +181,8 @@ def test_a_dataset_streams_in_windows_holding_at_most_two_batches_of_rows(datase
     sae = train_sae(dataset, SITE, steps=steps, shuffle_window=window, **kw)
     assert len(sae.training_log) == steps and len(reads) == steps
     assert 0 < peak[0] <= 2 * batch  # of 2560 rows
+    # the shards of at most two windows stay mapped, of 20
+    assert len(dataset.manifest["shards"]) >= 20 and 0 < max(mapped) <= 2 * shards_in <= 8
     order = np.concatenate(reads)
     n = len(dataset)
     assert sorted(order[:n]) == list(range(n)) and sorted(order[n : 2 * n]) == list(range(n))  # each row once a pass

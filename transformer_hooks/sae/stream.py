@@ -11,13 +11,15 @@ A harvested ``ActivationDataset`` is streamed, never loaded whole: its shards ar
 in their order, into windows of at most ``window`` rows (a shard larger than that is a
 window of its own); an epoch visits the windows in a seeded order and each window's rows
 in a seeded order of their own, one stream across windows and epochs (no row dropped).
-What a rank holds: the permutation of one window (8 bytes a row) and the rows of its own
-share of the current batch, read from the shards' memory maps; it reads no other rank's
-rows, and a batch touches the shards of at most two windows.
+What a rank holds: the permutation of one window (8 bytes a row), the rows of its own
+share of the current batch, read from the shards' memory maps, and those maps only for the
+shards of the current batch's windows (the others are closed as the stream moves on); it
+reads no other rank's rows, and a batch touches the shards of at most two windows.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -93,8 +95,22 @@ class RankBatches:
             self.order: Iterator[Any] = tensor_order(source.shape[0], seed, per_rank * world)
             self.read = lambda idx: source[idx].to(device)
         else:
-            self.order = dataset_order(shard_windows(source, window), seed, per_rank * world)
-            self.read = lambda idx: source.rows(idx, site, device)
+            windows = shard_windows(source, window)
+            self.order = dataset_order(windows, seed, per_rank * world)
+            self.read = functools.partial(self._read_streaming, source, site)
+            self.window_starts = np.array([lo for lo, _ in windows])
+            shard_starts = np.cumsum([0] + [e["n_rows"] for e in source.manifest["shards"]])
+            self.window_shards = [  # windows are whole shards: window w holds shards [first, last)
+                range(int(np.searchsorted(shard_starts, lo)), int(np.searchsorted(shard_starts, hi)))
+                for lo, hi in windows
+            ]
+
+    def _read_streaming(self, dataset: Any, site: str | None, idx: Any) -> torch.Tensor:
+        """The rows ``idx``; then the maps of shards outside this batch's windows are closed."""
+        out = dataset.rows(idx, site, self.device)
+        touched = np.unique(np.searchsorted(self.window_starts, idx, side="right") - 1)
+        dataset.release(i for w in touched for i in self.window_shards[int(w)])
+        return out
 
     def skip(self, n: int) -> None:
         for _ in range(n):
