@@ -105,6 +105,12 @@ def worker(rank: int, world: int, port: int, job: dict[str, Any]) -> None:
     hashes: list[str] = []
     instrument(reads, hashes, job.get("die_at") if rank == 1 else None)
     report: dict[str, Any] = {"rank": rank, "runs": {}}
+    if "cli" in job:  # the command line, which leaves the process group when done
+        from transformer_hooks.cli import main
+
+        code = main(job["cli"])
+        (out / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "code": code}))
+        os._exit(0)
     try:
         ds = ActivationDataset(job["data"])
         for name, kw in job["runs"].items():

@@ -252,3 +252,24 @@ def test_ranks_started_with_other_arguments_are_refused_on_every_rank(dataset, t
         assert "RankFailedError: the ranks disagree on the training arguments and data" in report["error"], report
         assert "Start every rank with the same train_sae arguments" in report["error"]
         assert report["runs"] == {}
+
+
+def test_the_sae_train_command_on_one_process_and_under_two_ranks(dataset, tmp_path, capsys):
+    from transformer_hooks.cli import main
+    from transformer_hooks.sae import SAE
+
+    argv = ["sae-train", "--dataset", str(dataset.path), "--site", SITE, "--d-sae", "32", "--architecture", "topk"]
+    argv += ["--k", "4", "--steps", "20", "--quiet"]
+    assert main([*argv, "--batch-size", "64", "--out", str(tmp_path / "one")]) == 0
+    assert "topk SAE of 32 features on blocks.1.hook_resid_post; 20 steps of 64 rows" in capsys.readouterr().out
+    direct = train_sae(dataset, SITE, 32, "topk", k=4, steps=20, batch_size=64, progress=False)
+    one = SAE.load_from_disk(tmp_path / "one")
+    for name, p in direct.named_parameters():
+        assert torch.equal(getattr(one, name), p), name
+    codes, reports = _spawn(
+        {"cli": [*argv, "--batch-size", "32", "--out", str(tmp_path / "two")], "out": str(tmp_path)}, 2
+    )
+    assert codes == [0, 0] and [r["code"] for r in reports] == [0, 0]
+    two = SAE.load_from_disk(tmp_path / "two")  # written by rank 0: one process's run within rounding
+    for name, p in direct.named_parameters():
+        torch.testing.assert_close(getattr(two, name), p, rtol=1e-5, atol=3e-6)
