@@ -92,6 +92,12 @@ class Ranks:
             dist.all_gather(parts, x.detach().contiguous())
         return torch.cat(parts)
 
+    def wait(self) -> None:
+        """Wait for every rank (rank 0's files are written when every rank returns)."""
+        if self.many:
+            with self._collective():
+                dist.barrier()
+
     def broadcast_(self, params: Iterable[torch.nn.Parameter]) -> None:
         """Rank 0's values in ``params`` on every rank (a start that is the same everywhere)."""
         if self.many:

@@ -288,8 +288,10 @@ def train_sae(
         log = sae.training_log
         sae = SAE.from_state_dict(state, SAEConfig(**{**cfg.__dict__, "architecture": "jumprelu", "k": k}))
         sae.training_log = log
-    if save_to is not None and Ranks().rank == 0:
+    ranks = Ranks()
+    if save_to is not None and ranks.rank == 0:
         sae.save_model(save_to)
+    ranks.wait()  # every rank returns once rank 0 wrote the SAE
     return sae
 
 
