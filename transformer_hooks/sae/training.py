@@ -75,7 +75,7 @@ import torch
 from ..progress import tqdm
 from ..protocol import HookedModel
 from ..scale.process_group import init_distributed, launched_by_torchrun, local_device
-from .checkpoint import CHECKPOINT_VERSION, Checkpoint, fingerprint, restore  # noqa: F401
+from .checkpoint import CHECKPOINT_VERSION, Checkpoint, fingerprint, restore  # noqa: F401  (the version: re-exported)
 from .core import SAE, jumprelu, step  # noqa: F401  (jumprelu, step: re-exported)
 from .data_parallel import Ranks
 from .stream import DEFAULT_WINDOW, RankBatches
