@@ -14,7 +14,8 @@ in a seeded order of their own, one stream across windows and epochs (no row dro
 What a rank holds: the permutation of one window (8 bytes a row), the rows of its own
 share of the current batch, read from the shards' memory maps, and those maps only for the
 shards of the current batch's windows (the others are closed as the stream moves on); it
-reads no other rank's rows, and a batch touches the shards of at most two windows.
+reads no other rank's rows, and a batch touches the shards of at most two windows (when a
+window holds at least a global batch, as the default does for any batch up to 2^20 rows).
 """
 
 from __future__ import annotations
