@@ -22,7 +22,9 @@ def subparsers() -> dict[str, argparse.ArgumentParser]:
 
 def test_every_command_module_is_registered():
     assert set(subparsers()) == set(NAMES)
-    assert NAMES == ["dla", "logit-lens", "parity", "plan", "sweep", "harvest", "sae-eval", "serve", "convert"]
+    assert NAMES == [
+        "dla", "logit-lens", "parity", "plan", "sweep", "harvest", "sae-train", "sae-eval", "serve", "convert"
+    ]  # fmt: skip
 
 
 def test_top_level_help_lists_every_command_with_summary_and_example():

@@ -1,8 +1,8 @@
 """The command line: ``python -m transformer_hooks COMMAND`` (or ``transformer-hooks COMMAND``).
 
 One module per command (``dla``, ``logit_lens``, ``parity``, ``plan``, ``sweep``, ``harvest``,
-``sae_eval``, ``serve``, ``convert``), each with ``NAME``, ``SUMMARY``, ``EXAMPLE``, ``add_arguments(parser)``
-and ``run(args) -> exit code``; what they share (the model arguments and loading from them,
+``sae_train``, ``sae_eval``, ``serve``, ``convert``), each with ``NAME``, ``SUMMARY``, ``EXAMPLE``,
+``add_arguments(parser)`` and ``run(args) -> exit code``; what they share (the model arguments and loading from them,
 ``--quiet``, the help formatter) is in ``common``. The commands only parse arguments and call
 the library's functions, which live with their idea.
 """
@@ -14,13 +14,13 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from . import convert, dla, harvest, logit_lens, parity, plan, sae_eval, serve, sweep
+from . import convert, dla, harvest, logit_lens, parity, plan, sae_eval, sae_train, serve, sweep
 from .common import DEFAULT_MODEL_NOTE, HelpFormatter, add_common_arguments, apply_common_arguments
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
 # In the order --help lists them.
-COMMANDS: tuple[ModuleType, ...] = (dla, logit_lens, parity, plan, sweep, harvest, sae_eval, serve, convert)
+COMMANDS: tuple[ModuleType, ...] = (dla, logit_lens, parity, plan, sweep, harvest, sae_train, sae_eval, serve, convert)
 
 DESCRIPTION = f"""\
 Mechanistic-interpretability commands on hooked transformers.

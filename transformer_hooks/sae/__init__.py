@@ -7,7 +7,10 @@
   directories, read with every field checked.
 - ``splice``: ``splice_sae`` (features cached as ``<site>.hook_sae_acts_post``),
   ``steer_with_feature``, ``check_sae_fits`` / ``check_sae_processing``, ``evaluate_sae``.
-- ``training``: ``train_sae`` with the published recipes.
+- ``training``: ``train_sae`` with the published recipes, on one process or data-parallel
+  under ``torchrun``; ``checkpoint`` (its resumable checkpoints), ``stream`` (the rows of
+  each batch, a dataset streamed shard by shard), ``data_parallel`` (the ranks' collective
+  steps), ``tracking`` (wandb / TensorBoard).
 - ``features``: a feature's top-activating contexts from a harvested dataset, as HTML.
 """
 

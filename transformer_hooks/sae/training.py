@@ -41,7 +41,23 @@ Checkpoints (``checkpoint_dir``, every ``checkpoint_every`` steps): the SAE, Ada
 the dead-feature counters, the random generators and the log, as safetensors + JSON (never
 pickle), written atomically. Calling ``train_sae`` again with the same arguments resumes
 from the last checkpoint and ends with the same weights, bit for bit, as an uninterrupted
-run; a checkpoint made with other arguments or data is refused, naming what differs.
+run; a checkpoint made with other arguments or data is refused, naming what differs
+(``sae.checkpoint``).
+
+Data-parallel under ``torchrun`` (``sae.data_parallel``): every rank trains on its own
+``batch_size`` rows of each global batch of ``batch_size * world_size`` rows (the learning
+rate, coefficients and windows mean what they mean for one process with that global
+batch); gradients are averaged over the ranks, and the dead-feature counters, ghost
+gradients' scale, TopK's auxiliary variance, BatchTopK's threshold and resampling use the
+whole global batch, so every rank holds the same weights after every step. ``n`` ranks
+equal one process with ``n`` times ``batch_size`` within float rounding (the sums are
+taken in another order). Rank 0 writes the checkpoint, every rank reads it; the world size
+is part of its key. ``gloo`` on CPUs, NCCL on GPUs (each rank on its own).
+
+Harvested datasets are streamed shard by shard, never loaded whole (``sae.stream``):
+rows are shuffled within windows of ``shuffle_window`` rows of consecutive shards, and each
+rank reads only its own rows. Tracking (``sae.tracking``): ``log_to_wandb=True`` or
+``tensorboard_dir=``, off by default, rank 0 only.
 """
 
 from __future__ import annotations
@@ -50,8 +66,7 @@ import functools
 import hashlib
 import json
 import math
-import os
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,11 +74,15 @@ import torch
 
 from ..progress import tqdm
 from ..protocol import HookedModel
+from ..scale.process_group import init_distributed, launched_by_torchrun, local_device
+from .checkpoint import CHECKPOINT_VERSION, Checkpoint, fingerprint, restore  # noqa: F401  (the version: re-exported)
 from .core import SAE, jumprelu, step  # noqa: F401  (jumprelu, step: re-exported)
+from .data_parallel import Ranks
+from .stream import DEFAULT_WINDOW, RankBatches
+from .tracking import Tracker
 
 ARCHITECTURES_TRAINED = ("standard", "jumprelu", "topk", "batchtopk")
 DECODERS = ("norm_weighted", "unit_norm", "max_unit_norm")
-CHECKPOINT_VERSION = 1
 
 
 def resample_steps(steps: int, resample_every: int | None) -> list[int]:
@@ -77,21 +96,6 @@ def resample_steps(steps: int, resample_every: int | None) -> list[int]:
 
 def _rows_of(source: Any) -> int:
     return int(source.shape[0]) if isinstance(source, torch.Tensor) else len(source)
-
-
-def _batches(source: Any, site: str | None, batch_size: int, seed: int, device: Any) -> Iterator[torch.Tensor]:
-    """Endless shuffled batches [batch, d_in] from a tensor or an ActivationDataset (with at
-    least ``batch_size`` rows: ``train_sae`` checks, and lowers ``batch_size`` to the rows there are)."""
-    epoch = 0
-    if isinstance(source, torch.Tensor):
-        gen = torch.Generator().manual_seed(seed)
-        while True:
-            for idx in torch.randperm(source.shape[0], generator=gen).split(batch_size):
-                if len(idx) == batch_size or source.shape[0] < batch_size:
-                    yield source[idx].to(device)
-    while True:
-        yield from source.batches(site, batch_size, shuffle=True, seed=seed + epoch, device=device, drop_last=True)
-        epoch += 1
 
 
 def _harvest_in_memory(model: HookedModel, site: str, data: Any, batch_size: int = 8) -> torch.Tensor:
@@ -137,6 +141,13 @@ def train_sae(
     save_to: str | Path | None = None,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 100,
+    shuffle_window: int = DEFAULT_WINDOW,
+    log_to_wandb: bool = False,
+    wandb_project: str = "transformer_hooks_sae",
+    wandb_entity: str | None = None,
+    run_name: str | None = None,
+    tensorboard_dir: str | Path | None = None,
+    log_every: int = 10,
     progress: bool = True,
     device: Any = None,
 ) -> Any:
@@ -150,6 +161,11 @@ def train_sae(
     rows to train on (zero rows is an error); a source with fewer rows than ``batch_size``
     trains on batches of all its rows, with a warning.
 
+    Under ``torchrun`` (or in a process group already initialised) training is data-parallel:
+    ``batch_size`` is per rank, the global batch is ``batch_size * world_size``; call it on
+    every rank with the same arguments; every rank returns the same SAE and rank 0 alone
+    writes ``save_to`` and the checkpoints.
+
     Args:
         source: an ``ActivationDataset`` (the SAE records its model and processing), a tensor
             [n, d_in], or a model (its activations at ``site`` over ``data``, harvested in memory).
@@ -160,7 +176,7 @@ def train_sae(
         data: with a model as ``source``: the tokens or strings to run it on.
         k: active features per token (topk, batchtopk).
         steps: optimisation steps.
-        batch_size: activation rows per step.
+        batch_size: activation rows per step and rank (the global batch is ``batch_size * world_size``).
         lr: Adam's learning rate.
         l1_coefficient: the sparsity penalty's weight (standard).
         l0_coefficient: the L0 penalty's weight (jumprelu).
@@ -183,6 +199,13 @@ def train_sae(
         checkpoint_every: steps between checkpoints.
         progress: a progress bar.
         device: where to train (default: the dataset's CPU, the tensor's or the model's device).
+        shuffle_window: rows of a dataset shuffled together (``sae.stream``).
+        log_to_wandb: log to Weights & Biases on rank 0 (``sae.tracking``; SAELens's name).
+        wandb_project: the wandb project.
+        wandb_entity: the wandb entity (user or team).
+        run_name: the tracker's run name.
+        tensorboard_dir: log to TensorBoard in this directory on rank 0.
+        log_every: steps between logged metrics.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
@@ -192,6 +215,11 @@ def train_sae(
         raise ValueError(f"resample_every must be None or an integer >= 1, got {resample_every!r}")
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every!r}")
+    if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
+        raise ValueError(f"log_every must be an integer >= 1, got {log_every!r}")
+    if launched_by_torchrun():
+        init_distributed()
+    world = Ranks().world
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
     # The training loop with this call's recipe (both forms below train with it).
@@ -217,11 +245,20 @@ def train_sae(
         ghost_grads_clamp=ghost_grads_clamp,
         checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir),
         checkpoint_every=checkpoint_every,
+        shuffle_window=shuffle_window,
+        tracking=dict(
+            log_to_wandb=log_to_wandb,
+            wandb_project=wandb_project,
+            wandb_entity=wandb_entity,
+            run_name=run_name,
+            tensorboard_dir=tensorboard_dir,
+        ),
+        log_every=log_every,
     )
     if isinstance(source, SAE):  # the older form: train_sae(sae, activations)
         sae = source
         acts = site.reshape(-1, sae.cfg.d_in).to(sae.device, sae.W_enc.dtype).detach()
-        fit(sae, acts, None, "standard", None, batch_size=_batch_for(acts, batch_size))
+        fit(sae, acts, None, "standard", None, batch_size=_batch_for(acts, batch_size, world))
         return sae.training_log
     if architecture not in ARCHITECTURES_TRAINED:
         raise ValueError(f"unknown architecture {architecture!r} to train; known: {ARCHITECTURES_TRAINED}")
@@ -240,7 +277,7 @@ def train_sae(
             "model_name": source.manifest["model_name"],
             "model_from_pretrained_kwargs": {s: s in source.manifest["processing"] for s in PROCESSING_STEPS},
         }
-        device = device or "cpu"
+        device = device or local_device()
     elif isinstance(source, torch.Tensor):
         d_in = source.shape[-1]
         source = source.reshape(-1, d_in)
@@ -258,7 +295,7 @@ def train_sae(
             "model_from_pretrained_kwargs": {s: s in model.cfg.processing for s in PROCESSING_STEPS},
         }
         device = device or model.device
-    batch_size = _batch_for(source, batch_size)
+    batch_size = _batch_for(source, batch_size, world)
     cfg = SAEConfig(
         d_in=d_in,
         d_sae=d_sae,
@@ -283,16 +320,24 @@ def train_sae(
         log = sae.training_log
         sae = SAE.from_state_dict(state, SAEConfig(**{**cfg.__dict__, "architecture": "jumprelu", "k": k}))
         sae.training_log = log
-    if save_to is not None:
+    ranks = Ranks()
+    if save_to is not None and ranks.rank == 0:
         sae.save_model(save_to)
+    ranks.wait()  # every rank returns once rank 0 wrote the SAE
     return sae
 
 
-def _batch_for(source: Any, batch_size: int) -> int:
-    """``batch_size``, or all the rows when there are fewer; zero rows is an error."""
+def _batch_for(source: Any, batch_size: int, world: int = 1) -> int:
+    """``batch_size``, or all the rows when there are fewer (one process); zero rows, or fewer
+    rows than a global batch over several processes, is an error."""
     n = _rows_of(source)
     if n == 0:
         raise ValueError("train_sae got no activations to train on (0 rows): harvest some data first")
+    if world > 1 and n < batch_size * world:
+        raise ValueError(
+            f"only {n} rows to train on, fewer than one global batch (batch_size={batch_size} per rank x "
+            f"{world} ranks): lower batch_size to at most {n // world}, or harvest more data"
+        )
     if n < batch_size:
         import warnings
 
@@ -329,12 +374,42 @@ def _fit(
     ghost_grads_clamp: bool = False,
     checkpoint_dir: Path | None = None,
     checkpoint_every: int = 100,
+    shuffle_window: int = DEFAULT_WINDOW,
+    tracking: dict[str, Any] | None = None,
+    log_every: int = 10,
 ) -> float:
     """The training loop; returns BatchTopK's threshold (nan otherwise)."""
-    batches = _batches(source, site, batch_size, seed, sae.device)
+    ranks = Ranks(
+        "Nothing was saved: train with checkpoint_dir= to resume after a failure."
+        if checkpoint_dir is None
+        else f"Rerun the same command on every rank: training resumes from the last checkpoint in {checkpoint_dir}."
+    )
+    world = ranks.world
+    recipe = dict(
+        architecture=architecture, k=k, steps=steps, batch_size=batch_size, lr=lr,
+        l1_coefficient=l1_coefficient, l0_coefficient=l0_coefficient, decoder=decoder,
+        l1_warm_up_steps=l1_warm_up_steps, lr_warm_up_steps=lr_warm_up_steps, adam_beta1=adam_beta1,
+        adam_beta2=adam_beta2, aux_coefficient=aux_coefficient, dead_window=dead_window,
+        resample_every=resample_every, seed=seed, ghost_grads=ghost_grads,
+        ghost_grads_dead_fraction=ghost_grads_dead_fraction, ghost_grads_clamp=ghost_grads_clamp,
+        d_in=sae.cfg.d_in, d_sae=sae.cfg.d_sae, site=site, dtype=str(sae.W_dec.dtype),
+        world_size=world, global_batch_size=batch_size * world,
+        shuffle_window=None if isinstance(source, torch.Tensor) else shuffle_window,
+    )  # fmt: skip
+    if checkpoint_dir is not None or ranks.many:
+        recipe["data"] = fingerprint(source)
+    ranks.agree(
+        "the training arguments and data",
+        hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest(),
+        "Start every rank with the same train_sae arguments and the same data.",
+    )
+    ranks.broadcast_(sae.parameters())  # one start on every rank (the older form's SAE may differ)
+    tracker = Tracker(**(tracking or {}), config=recipe, active=ranks.rank == 0)
+    batches = RankBatches(source, site, batch_size, seed, sae.device, ranks.rank, world, shuffle_window)
     first = next(batches)
     with torch.no_grad():
-        sae.b_dec.copy_(first.to(sae.W_dec.dtype).mean(0))
+        first = first.to(sae.W_dec.dtype)
+        sae.b_dec.copy_(ranks.sum(first.sum(0)) / (batch_size * world) if ranks.many else first.mean(0))
         if decoder == "unit_norm":
             sae.W_dec.div_(sae.W_dec.norm(dim=-1, keepdim=True))
         elif decoder == "max_unit_norm":
@@ -348,116 +423,155 @@ def _fit(
     start = 0
     ckpt = None
     if checkpoint_dir is not None:
-        recipe = dict(
-            architecture=architecture, k=k, steps=steps, batch_size=batch_size, lr=lr,
-            l1_coefficient=l1_coefficient, l0_coefficient=l0_coefficient, decoder=decoder,
-            l1_warm_up_steps=l1_warm_up_steps, lr_warm_up_steps=lr_warm_up_steps, adam_beta1=adam_beta1,
-            adam_beta2=adam_beta2, aux_coefficient=aux_coefficient, dead_window=dead_window,
-            resample_every=resample_every, seed=seed, ghost_grads=ghost_grads,
-            ghost_grads_dead_fraction=ghost_grads_dead_fraction, ghost_grads_clamp=ghost_grads_clamp,
-            d_in=sae.cfg.d_in, d_sae=sae.cfg.d_sae, site=site, dtype=str(sae.W_dec.dtype),
-            data=_fingerprint(source),
-        )  # fmt: skip
-        ckpt = _Checkpoint(checkpoint_dir, recipe)
+        ckpt = Checkpoint(checkpoint_dir, recipe)
         state = ckpt.load()
+        ranks.agree(
+            f"the step to resume from (the checkpoint in {checkpoint_dir})",
+            None if state is None else state["step"],
+            "checkpoint_dir must be one directory every rank reads (a shared filesystem).",
+        )
         if state is not None:
             start = state["step"]
             batch_threshold = math.nan if state["batch_threshold"] is None else state["batch_threshold"]
-            _restore(sae, opt, since_fired, resample_gen, state)
+            restore(sae, opt, since_fired, resample_gen, state)
             sae.training_log = state["log"]
-            for _ in range(start):  # the same batches as an uninterrupted run from here on
+            if start > 0:  # the same batches as an uninterrupted run from here on
+                batches.skip(start - 1)
                 x = next(batches)
     sae.train()
-    bar = tqdm(range(start, steps), desc=f"training {architecture} SAE", leave=False, delay=1.0, disable=not progress)
+    bar = tqdm(
+        range(start, steps),
+        desc=f"training {architecture} SAE",
+        leave=False,
+        delay=1.0,
+        disable=not progress or ranks.rank != 0,
+    )
     x = first if start == 0 else x
-    for t in bar:
-        x = x.to(sae.W_dec.dtype)
-        warm = min(1.0, (t + 1) / l1_warm_up_steps) if l1_warm_up_steps else 1.0
-        for group in opt.param_groups:
-            group["lr"] = lr * (min(1.0, (t + 1) / lr_warm_up_steps) if lr_warm_up_steps else 1.0)
-        sae_in = sae.process_sae_in(x)
-        if architecture == "batchtopk":
-            assert k is not None  # train_sae requires k for topk and batchtopk
-            pre = torch.relu(sae_in @ sae.W_enc + sae.b_enc)
-            flat = pre.flatten()
-            top = flat.topk(min(k * x.shape[0], flat.numel()))
-            feats = torch.zeros_like(flat).scatter(0, top.indices, top.values).reshape(pre.shape)
-            kept = top.values[top.values > 0]
-            if kept.numel():
-                low = float(kept.detach().min())
-                batch_threshold = low if math.isnan(batch_threshold) else 0.99 * batch_threshold + 0.01 * low
-        else:
-            feats, pre = sae.encode_with_hidden_pre(x)
-        recon = sae.decode(feats)
-        err = x - recon
-        mse = err.pow(2).sum(-1).mean()
-        loss = mse
-        if architecture == "standard":
-            weight = sae.W_dec.norm(dim=-1) if decoder == "norm_weighted" else 1.0
-            loss = loss + warm * l1_coefficient * (feats * weight).sum(-1).mean()
-        elif architecture == "jumprelu":
-            loss = loss + warm * l0_coefficient * step(pre, sae.threshold, sae.bandwidth).sum(-1).mean()
-        active = (feats > 0).any(0)
-        since_fired = torch.where(active, 0, since_fired + 1)
-        dead = since_fired >= dead_window
-        if ghost_grads and architecture == "standard" and dead.any():
-            ghost = ghost_loss(sae, pre, err, dead, mse, clamp=ghost_grads_clamp)
-            loss = loss + (ghost * dead.float().mean() if ghost_grads_dead_fraction else ghost)
-        if architecture in ("topk", "batchtopk") and dead.any():
-            k_aux = min(int(dead.sum()), max(sae.cfg.d_in // 2, 1))
-            dead_pre = torch.where(dead, pre, torch.full_like(pre, -math.inf))
-            top = dead_pre.topk(k_aux, dim=-1)
-            aux_feats = torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
-            e_hat = aux_feats @ sae.W_dec
-            target = err.detach()
-            denom = (target - target.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
-            loss = loss + aux_coefficient * (e_hat - target).pow(2).sum(-1).mean() / denom
-        opt.zero_grad()
-        loss.backward()
-        if decoder == "unit_norm":  # remove the gradient along each decoder row (it would only change its norm)
+    del first  # held: this batch and, while it is read, the next
+    try:
+        for t in bar:
+            x = x.to(sae.W_dec.dtype)
+            warm = min(1.0, (t + 1) / l1_warm_up_steps) if l1_warm_up_steps else 1.0
+            for group in opt.param_groups:
+                group["lr"] = lr * (min(1.0, (t + 1) / lr_warm_up_steps) if lr_warm_up_steps else 1.0)
+            sae_in = sae.process_sae_in(x)
+            if architecture == "batchtopk":
+                assert k is not None  # train_sae requires k for topk and batchtopk
+                pre = torch.relu(sae_in @ sae.W_enc + sae.b_enc)
+                if ranks.many:  # the k * global batch largest over every rank's rows
+                    top_values = ranks.batch_top(pre, k * x.shape[0] * world)
+                    feats = torch.where(pre >= top_values[-1], pre, torch.zeros_like(pre))
+                else:
+                    flat = pre.flatten()
+                    top = flat.topk(min(k * x.shape[0], flat.numel()))
+                    feats = torch.zeros_like(flat).scatter(0, top.indices, top.values).reshape(pre.shape)
+                    top_values = top.values
+                kept = top_values[top_values > 0]
+                if kept.numel():
+                    low = float(kept.detach().min())
+                    batch_threshold = low if math.isnan(batch_threshold) else 0.99 * batch_threshold + 0.01 * low
+            else:
+                feats, pre = sae.encode_with_hidden_pre(x)
+            recon = sae.decode(feats)
+            err = x - recon
+            mse = err.pow(2).sum(-1).mean()
+            loss = mse
+            if architecture == "standard":
+                weight = sae.W_dec.norm(dim=-1) if decoder == "norm_weighted" else 1.0
+                loss = loss + warm * l1_coefficient * (feats * weight).sum(-1).mean()
+            elif architecture == "jumprelu":
+                loss = loss + warm * l0_coefficient * step(pre, sae.threshold, sae.bandwidth).sum(-1).mean()
+            fired = (feats > 0).detach()
+            active = ranks.sum(fired.sum(0)) > 0 if ranks.many else fired.any(0)
+            since_fired = torch.where(active, 0, since_fired + 1)
+            dead = since_fired >= dead_window
+            if ghost_grads and architecture == "standard" and dead.any():
+                ghost = ghost_loss(
+                    sae, pre, err, dead, ranks.mean(mse.detach()), clamp=ghost_grads_clamp, mean=ranks.mean
+                )
+                loss = loss + (ghost * dead.float().mean() if ghost_grads_dead_fraction else ghost)
+            if architecture in ("topk", "batchtopk") and dead.any():
+                k_aux = min(int(dead.sum()), max(sae.cfg.d_in // 2, 1))
+                dead_pre = torch.where(dead, pre, torch.full_like(pre, -math.inf))
+                top = dead_pre.topk(k_aux, dim=-1)
+                aux_feats = torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+                e_hat = aux_feats @ sae.W_dec
+                target = err.detach()
+                if ranks.many:  # the error's variance over the global batch
+                    centre = ranks.mean(target.mean(0))
+                    denom = ranks.mean((target - centre).pow(2).sum(-1).mean()).clamp_min(1e-12)
+                else:
+                    denom = (target - target.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+                loss = loss + aux_coefficient * (e_hat - target).pow(2).sum(-1).mean() / denom
+            opt.zero_grad()
+            loss.backward()
+            l0 = fired.sum(-1).float().mean()
+            loss_value, mse_value, l0_value = ranks.average_gradients(sae.parameters(), loss, mse, l0)
+            if decoder == "unit_norm":  # remove the gradient along each decoder row (it would only change its norm)
+                with torch.no_grad():
+                    unit = sae.W_dec / sae.W_dec.norm(dim=-1, keepdim=True)
+                    sae.W_dec.grad -= (sae.W_dec.grad * unit).sum(-1, keepdim=True) * unit
+            opt.step()
             with torch.no_grad():
-                unit = sae.W_dec / sae.W_dec.norm(dim=-1, keepdim=True)
-                sae.W_dec.grad -= (sae.W_dec.grad * unit).sum(-1, keepdim=True) * unit
-        opt.step()
-        with torch.no_grad():
-            if decoder == "unit_norm":
-                sae.W_dec.div_(sae.W_dec.norm(dim=-1, keepdim=True))
-            elif decoder == "max_unit_norm":
-                sae.W_dec.div_(sae.W_dec.norm(dim=-1, keepdim=True).clamp_min(1.0))
-            if hasattr(sae, "threshold"):
-                sae.threshold.clamp_(min=0.0)
-            if t + 1 in resample_at and dead.any():
-                _resample(sae, opt, dead, x, err, resample_gen)
-                since_fired[dead] = 0
-        sae.training_log.append(loss.item())
-        if progress and t % 10 == 0:
-            bar.set_postfix(
-                loss=f"{loss.item():.4g}",
-                L0=f"{float((feats > 0).sum(-1).float().mean()):.1f}",
-                dead=f"{float(dead.float().mean()):.2f}",
-            )
-        if t + 1 < steps:
-            x = next(batches)
-        if ckpt is not None and ((t + 1) % checkpoint_every == 0 or t + 1 == steps):
-            ckpt.save(t + 1, sae, opt, since_fired, resample_gen, batch_threshold)
+                if decoder == "unit_norm":
+                    sae.W_dec.div_(sae.W_dec.norm(dim=-1, keepdim=True))
+                elif decoder == "max_unit_norm":
+                    sae.W_dec.div_(sae.W_dec.norm(dim=-1, keepdim=True).clamp_min(1.0))
+                if hasattr(sae, "threshold"):
+                    sae.threshold.clamp_(min=0.0)
+                if t + 1 in resample_at and dead.any():  # on the global batch, alike on every rank
+                    _resample(sae, opt, dead, ranks.gather_rows(x), ranks.gather_rows(err), resample_gen)
+                    since_fired[dead] = 0
+            sae.training_log.append(loss_value)
+            if progress and t % 10 == 0:
+                bar.set_postfix(
+                    loss=f"{loss_value:.4g}", L0=f"{l0_value:.1f}", dead=f"{float(dead.float().mean()):.2f}"
+                )
+            if (t + 1) % log_every == 0 or t + 1 == steps:
+                tracker.log(
+                    {
+                        "losses/overall_loss": loss_value,
+                        "losses/mse_loss": mse_value,
+                        "metrics/l0": l0_value,
+                        "sparsity/dead_features": int(dead.sum()),
+                        "details/current_learning_rate": opt.param_groups[0]["lr"],
+                        "details/n_training_tokens": (t + 1) * batch_size * world,
+                    },
+                    step=t + 1,
+                )
+            if t + 1 < steps:
+                x = next(batches)
+            if ckpt is not None and ranks.rank == 0 and ((t + 1) % checkpoint_every == 0 or t + 1 == steps):
+                ckpt.save(t + 1, sae, opt, since_fired, resample_gen, batch_threshold)
+    finally:
+        tracker.close()
     sae.eval()
     return batch_threshold
 
 
 def ghost_loss(
-    sae: SAE, pre: torch.Tensor, err: torch.Tensor, dead: torch.Tensor, mse: torch.Tensor, clamp: bool = False
+    sae: SAE,
+    pre: torch.Tensor,
+    err: torch.Tensor,
+    dead: torch.Tensor,
+    mse: torch.Tensor,
+    clamp: bool = False,
+    mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The ghost-gradient loss (see the module docstring); gradients reach only the dead features.
 
     ``sae``: the SAE; ``pre`` [batch, d_sae]: its pre-activations; ``err`` [batch, d_in]: the
     residual ``x - x_hat``; ``dead`` [d_sae]: which features are dead; ``mse``: the batch's
-    reconstruction loss the result is scaled to; ``clamp``: ``exp(min(pre, 0))`` instead of ``exp(pre)``.
+    reconstruction loss the result is scaled to (data-parallel: the global batch's); ``clamp``:
+    ``exp(min(pre, 0))`` instead of ``exp(pre)``; ``mean``: data-parallel, turns this rank's
+    mean into the global batch's, so the rescaling is the global batch's.
     """
     dead_pre = pre[:, dead]
     ghost = (dead_pre.clamp(max=0) if clamp else dead_pre).exp() @ sae.W_dec[dead]  # [batch, d_in]
     scale = err.norm(dim=-1, keepdim=True) / (2 * ghost.norm(dim=-1, keepdim=True) + 1e-6)
     ghost_mse = (ghost * scale.detach() - err.detach()).pow(2).sum(-1).mean()
-    return ghost_mse * (mse / (ghost_mse + 1e-6)).detach()
+    whole = ghost_mse.detach() if mean is None else mean(ghost_mse.detach())
+    return ghost_mse * (mse / (whole + 1e-6)).detach()
 
 
 @torch.no_grad()
@@ -486,99 +600,6 @@ def _resample(
         for key in ("exp_avg", "exp_avg_sq"):
             if key in state:
                 state[key][rows] = 0
-
-
-def _fingerprint(source: Any) -> str:
-    """What identifies the training data: a content hash of a tensor, a dataset's manifest."""
-    h = hashlib.sha256()
-    if isinstance(source, torch.Tensor):
-        h.update(str((tuple(source.shape), source.dtype)).encode())
-        h.update(source.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    else:
-        h.update(json.dumps(source.manifest, sort_keys=True, default=str).encode())
-    return h.hexdigest()
-
-
-class _Checkpoint:
-    """One training run's checkpoint, one file replaced atomically: ``state.safetensors``
-    holds the SAE, Adam's state, the dead-feature counters and the generator; its metadata
-    ``state`` the step, log and recipe as JSON."""
-
-    def __init__(self, directory: Path, recipe: dict[str, Any]) -> None:
-        self.directory, self.recipe = directory, recipe
-        self.path = directory / "state.safetensors"
-
-    def load(self) -> dict[str, Any] | None:
-        if not self.path.exists():
-            return None
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        try:
-            with safe_open(str(self.path), "pt") as f:
-                meta = json.loads((f.metadata() or {})["state"])
-            tensors = load_file(self.path)
-        except (OSError, ValueError, KeyError) as e:
-            raise ValueError(
-                f"the SAE training checkpoint {self.path} is unreadable ({e}); delete it to start over"
-            ) from None
-        if meta.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"{self.path} is checkpoint version {meta.get('version')!r}; delete it to start over")
-        differs = sorted(k for k in {*self.recipe, *meta["recipe"]} if self.recipe.get(k) != meta["recipe"].get(k))
-        if differs:
-            shown = ", ".join(f"{k}: {meta['recipe'].get(k)!r} -> {self.recipe.get(k)!r}" for k in differs)
-            raise ValueError(
-                f"the SAE training checkpoint in {self.directory} was made by another run ({shown}); resume with "
-                f"the same arguments and data, or delete the directory (or pass another checkpoint_dir) to start over"
-            )
-        return {**meta, "tensors": tensors}
-
-    def save(
-        self,
-        step_done: int,
-        sae: SAE,
-        opt: torch.optim.Optimizer,
-        since_fired: torch.Tensor,
-        resample_gen: torch.Generator,
-        batch_threshold: float,
-    ) -> None:
-        from safetensors.torch import save_file
-
-        self.directory.mkdir(parents=True, exist_ok=True)
-        tensors = {f"sae.{n}": p.detach().cpu().contiguous() for n, p in sae.named_parameters()}
-        names = {id(p): n for n, p in sae.named_parameters()}
-        for p, state in opt.state.items():
-            for key, value in state.items():
-                tensors[f"adam.{names[id(p)]}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-        tensors["since_fired"] = since_fired.cpu().contiguous()
-        tensors["resample_generator"] = resample_gen.get_state().contiguous()
-        meta = {
-            "version": CHECKPOINT_VERSION,
-            "step": step_done,
-            "batch_threshold": None if math.isnan(batch_threshold) else batch_threshold,
-            "log": sae.training_log,
-            "recipe": self.recipe,
-        }
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        save_file(tensors, tmp, metadata={"state": json.dumps(meta)})
-        os.replace(tmp, self.path)  # a kill leaves the previous checkpoint or this one, never half of one
-
-
-@torch.no_grad()
-def _restore(
-    sae: SAE, opt: torch.optim.Optimizer, since_fired: torch.Tensor, resample_gen: torch.Generator, state: dict
-) -> None:
-    tensors = state["tensors"]
-    for n, p in sae.named_parameters():
-        p.copy_(tensors[f"sae.{n}"])
-    for n, p in sae.named_parameters():
-        keys = {k.rsplit(".", 1)[1] for k in tensors if k.startswith(f"adam.{n}.") and k.count(".") == n.count(".") + 2}
-        if keys:
-            opt.state[p] = {key: tensors[f"adam.{n}.{key}"].to(p.device) for key in keys}
-            if "step" in opt.state[p]:
-                opt.state[p]["step"] = opt.state[p]["step"].cpu()
-    since_fired.copy_(tensors["since_fired"])
-    resample_gen.set_state(tensors["resample_generator"])
 
 
 __all__ = ["train_sae", "jumprelu", "step", "ghost_loss", "resample_steps"]

@@ -4,7 +4,7 @@ and ``check_model(model)``."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +119,18 @@ class ActivationDataset:
                 )
             self._shards[i] = shard = tensors
         return shard
+
+    def open_shards(self) -> list[int]:
+        """The shards whose memory maps this dataset holds open (each holds file descriptors)."""
+        return [i for i, shard in enumerate(self._shards) if shard is not None]
+
+    def release(self, keep: Iterable[int] = ()) -> None:
+        """Close the memory maps of every shard but those in ``keep`` (a streaming reader's
+        bound on open files and mapped pages); a shard read again is mapped again."""
+        keep = set(keep)
+        for i in self.open_shards():
+            if i not in keep:
+                self._shards[i] = None
 
     def _to_torch(self, arr: np.ndarray) -> torch.Tensor:
         arr = np.ascontiguousarray(arr)
