@@ -28,6 +28,21 @@ from .hooks import HookFn, HookPoint, NameFilter
 from .tokens import ModelInput, PaddingSide, TextInput
 
 
+class Blocks(Protocol):
+    """What code reads of ``model.blocks`` (components/stack.py's ``BlockStack``): the blocks by
+    index, and how values reach the process that needs them when the model is split over
+    processes (on one process, they stay where they are)."""
+
+    def __getitem__(self, index: int) -> Any: ...
+    def __len__(self) -> int: ...
+    def __iter__(self) -> Iterator[nn.Module]: ...
+    @property
+    def gets_output(self) -> bool: ...  # this process gets the output and run_with_cache's cache
+    def to_sites(self, tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]: ...
+    def share(self, tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]: ...
+    def gather_weights(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None: ...
+
+
 class HookedModel(Protocol):
     """A transformer with TransformerLens's hook names and API, as the runtime and workflows
     read it (``HookedTransformer`` is one)."""
@@ -37,7 +52,7 @@ class HookedModel(Protocol):
 
     # Modules ---------------------------------------------------------------------------
     @property
-    def blocks(self) -> nn.ModuleList: ...
+    def blocks(self) -> Blocks: ...
     @property
     def ln_final(self) -> nn.Module: ...
     @property

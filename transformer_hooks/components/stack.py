@@ -95,6 +95,30 @@ class BlockStack(nn.ModuleList):
         """The cached activations of every block (here: all of them already)."""
         return store
 
+    # Values that cross processes (split over processes: loading/pipeline.py). The workflows
+    # call these on every process alike; on one process they hand values back unchanged.
+    @property
+    def gets_output(self) -> bool:
+        """Whether this process gets the forward's output (and ``run_with_cache``'s cache):
+        always on one process; rank 0 of a model split over processes."""
+        return True
+
+    def to_sites(self, tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """``tensors`` keyed by hook name, given where the output is (``gets_output``), on the
+        process that runs each hook (a meta tensor of its shape stands in elsewhere)."""
+        assert tensors is not None, "the process that gets the output gives the tensors"
+        return tensors
+
+    def share(self, tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """``tensors`` given where the output is (``gets_output``), on every process."""
+        assert tensors is not None, "the process that gets the output gives the tensors"
+        return tensors
+
+    def gather_weights(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """Parameters keyed by name (each real where its block runs) on the process that gets
+        the output, in order; None on the others."""
+        return tensors
+
     def block_devices(self, default: torch.device) -> list[torch.device]:
         """The device each block runs on (where its KV cache lives)."""
         return [default] * len(self)

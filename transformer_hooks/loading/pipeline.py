@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import datetime
 import json
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -48,7 +49,7 @@ from ..config import ModelConfig
 from ..scale.process_group import DEFAULT_TIMEOUT, RankFailedError, init_distributed, launched_by_torchrun, local_device
 from ..scale.process_group import shard_bounds as _bounds
 from .build import OneDevice
-from .groups import group_names
+from .groups import group_names, group_of
 
 PipelineMap = dict[str, int]
 
@@ -108,13 +109,6 @@ class PipelineBlocks(BlockStack):
 
     _generating = False  # the current forward has a KV cache: its output goes to every rank
 
-    def check_call(self, start_at_layer: Any, stop_at_layer: Any, past_kv_cache: Any) -> None:
-        if (start_at_layer, stop_at_layer) != (None, None):
-            raise ValueError(
-                "this model is split over processes (pipeline_ranks): start_at_layer and stop_at_layer are not "
-                "supported; load it in one process (or with device_map) for those"
-            )
-
     def run_embed(self, embed: Any, shape: tuple[int, ...]) -> torch.Tensor:
         if self.stage.owns("embed"):
             return embed()
@@ -128,6 +122,7 @@ class PipelineBlocks(BlockStack):
         self._generating = past_kv_cache is not None
         if self._generating and past_kv_cache.length == 0:
             self.stage.share_random_state()  # a new generation: every rank samples what rank 0 samples
+        held = self.stage.take_input(start, held)  # the embedding, or start_at_layer's input, where `start` runs
         for layer in range(start, stop):
             held = self.stage.enter(layer, held, shape)  # the stream crosses to the next rank here
             if held is not None:
@@ -135,6 +130,19 @@ class PipelineBlocks(BlockStack):
                 held = self[layer](held, mask, rope[layer], kv)
         held = self.stage.enter(stop, held, shape)
         return torch.empty(shape, device="meta") if held is None else held
+
+    @property
+    def gets_output(self) -> bool:
+        return self.stage.rank == 0
+
+    def to_sites(self, tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        return self.stage.to_owners(tensors, "activations for the hooks of its blocks")
+
+    def share(self, tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        return self.stage.share(tensors, "values every rank needs")
+
+    def gather_weights(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        return self.stage.from_owners(tensors, "its blocks' weights")
 
     def run_head(self, head: Any, resid: torch.Tensor) -> Any:
         return self.stage.deliver(None if resid.is_meta else head(resid), everyone=self._generating)
@@ -201,6 +209,19 @@ class PipelineStage:
             self._send(resid, owner, f"the residual stream entering {layer}")
         return None
 
+    def take_input(self, layer: int, resid: torch.Tensor | None) -> torch.Tensor | None:
+        """The residual stream given with ``start_at_layer=layer``: kept by the rank that runs
+        block ``layer`` (where ``stop_at_layer=layer`` left it), dropped by the others."""
+        if self._owners[layer] != self.rank:
+            return None
+        if resid is None:
+            raise ValueError(
+                f"start_at_layer={layer}: rank {self.rank} runs block {layer} of this model split over processes, "
+                f"but its input is a meta tensor; give the residual stream on this rank (every rank may pass the "
+                f"same tensor; model(..., stop_at_layer={layer}) leaves it here)"
+            )
+        return resid
+
     def deliver(self, out: Any, everyone: bool = False) -> Any:
         """The forward's output on rank 0 (sent there by the last rank), None on the others;
         with ``everyone`` (generation: each rank's loop reads the logits), on every rank."""
@@ -259,6 +280,42 @@ class PipelineStage:
             merged.update(received if device is None else {k: v.to(device) for k, v in received.items()})
         return merged
 
+    # Values that cross ranks for the workflows (components/stack.py's BlockStack API) ---------
+    def owner_of(self, name: str) -> int:
+        """The rank that runs a hook name, or holds a parameter name (``groups.group_of``)."""
+        return self.map[group_of(name)]
+
+    def to_owners(self, tensors: dict[str, torch.Tensor] | None, what: str) -> dict[str, torch.Tensor]:
+        """Rank 0's ``tensors`` (keyed by hook or parameter name), each on the rank that owns
+        its name; every other rank gets a meta tensor of its shape and dtype in its place."""
+        if self.rank != 0:
+            return self._recv_named(0, what)
+        assert tensors is not None, "rank 0 gives the tensors"
+        for rank in range(1, self.ranks):
+            owned = {k for k in tensors if self.owner_of(k) == rank}
+            self._send_named(tensors, rank, what, sends=owned.__contains__)
+        return {k: v if self.owner_of(k) == 0 else torch.empty_like(v, device="meta") for k, v in tensors.items()}
+
+    def share(self, tensors: dict[str, torch.Tensor] | None, what: str) -> dict[str, torch.Tensor]:
+        """Rank 0's ``tensors`` on every rank."""
+        if self.rank != 0:
+            return self._recv_named(0, what)
+        assert tensors is not None, "rank 0 gives the tensors"
+        for rank in range(1, self.ranks):
+            self._send_named(tensors, rank, what)
+        return tensors
+
+    def from_owners(self, tensors: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor] | None:
+        """``tensors`` (keyed by parameter or hook name, real on the rank that owns the name)
+        on rank 0, in their order, each from its owner; None on the other ranks."""
+        if self.rank != 0:
+            self._send_named({k: v for k, v in tensors.items() if self.owner_of(k) == self.rank}, 0, what)
+            return None
+        got = {k: v for k, v in tensors.items() if self.owner_of(k) == 0}
+        for rank in range(1, self.ranks):
+            got.update(self._recv_named(rank, what))
+        return {k: got[k] for k in tensors}
+
     # Transport -------------------------------------------------------------------------------
     def _wait(self, work: Any, what: str, peer: int) -> None:
         try:
@@ -279,14 +336,21 @@ class PipelineStage:
         self._wait(dist.irecv(data, src), what, src)
         into.copy_(data.view(into.dtype).view(into.shape))
 
-    def _send_named(self, tensors: dict[str, torch.Tensor], dst: int, what: str) -> None:
-        """Names, dtypes and shapes (JSON, its length first), then each tensor's bytes."""
-        meta = json.dumps([[k, str(v.dtype).removeprefix("torch."), list(v.shape)] for k, v in tensors.items()])
+    def _send_named(
+        self, tensors: dict[str, torch.Tensor], dst: int, what: str, sends: Callable[[str], bool] | None = None
+    ) -> None:
+        """Names, dtypes and shapes (JSON, its length first), then the bytes of each tensor
+        ``sends`` keeps (default: all; the receiver makes meta tensors of the others)."""
+        sent = {k: sends is None or sends(k) for k in tensors}
+        meta = json.dumps(
+            [[k, str(v.dtype).removeprefix("torch."), list(v.shape), sent[k]] for k, v in tensors.items()]
+        )
         encoded = torch.tensor(list(meta.encode()), dtype=torch.uint8)
         self._send(torch.tensor([encoded.numel()], dtype=torch.int64), dst, what)
         self._send(encoded, dst, what)
-        for t in tensors.values():
-            self._send(t, dst, what)
+        for k, t in tensors.items():
+            if sent[k]:
+                self._send(t, dst, what)
 
     def _recv_named(self, src: int, what: str) -> dict[str, torch.Tensor]:
         n = torch.empty(1, dtype=torch.int64)
@@ -294,8 +358,9 @@ class PipelineStage:
         encoded = torch.empty(int(n), dtype=torch.uint8)
         self._recv(encoded, src, what)
         out = {}
-        for name, dtype, shape in json.loads(bytes(encoded.tolist()).decode()):
-            t = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
-            self._recv(t, src, what)
+        for name, dtype, shape, sent in json.loads(bytes(encoded.tolist()).decode()):
+            t = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device if sent else "meta")
+            if sent:
+                self._recv(t, src, what)
             out[name] = t
         return out
