@@ -20,6 +20,7 @@ from ranks import free_port, run_ranks
 from tokenizers_util import add_tokenizer
 
 from transformer_hooks import HookedTransformer
+from transformer_hooks.components.stack import WeightNotHeldError
 from transformer_hooks.interventions.patching import (
     Ablation,
     ablate,
@@ -104,7 +105,40 @@ def _workflows(model: HookedTransformer) -> dict:
     out["logits"] = model(CLEAN)
     out["corrupt_logits"] = model(CORRUPT)
     everywhere = {"steered_generation": steered, "greedy": out["greedy"], "sampled": out["sampled"]}
-    return out | everywhere
+    return out | _weight_views(model) | everywhere
+
+
+def _weight_views(model: HookedTransformer) -> dict:
+    """Weight views and the cache's weight-reading methods; on a split model after
+    ``hold_weights`` (every rank), on rank 0. Also the errors before it, on rank 0."""
+    out: dict = {}
+    _, cache = model.run_with_cache(CLEAN)
+    here = model.blocks.gets_output
+    split = model.placement.kind == "pipeline"
+    if here and split:
+        errors = []
+        for read in (lambda: model.W_Q, lambda: model.W_U, lambda: cache.stack_head_results(layer=-1)):
+            with pytest.raises(WeightNotHeldError) as e:
+                read()
+            errors.append(str(e.value))
+        out["errors"] = errors
+    model.hold_weights("attn.W_O")  # what stack_head_results reads
+    if here:
+        out["heads"] = cache.stack_head_results(layer=-1, incl_remainder=True, return_labels=True)
+    model.hold_weights()  # every weight
+    if not here:
+        with pytest.raises(WeightNotHeldError):  # rank 0 holds the copies, not this rank
+            _ = model.W_Q
+        return {}
+    for name in ("W_Q", "W_K", "W_V", "W_O", "b_O", "W_in", "W_gate", "W_out", "W_U", "b_U", "W_E"):
+        out[name] = getattr(model, name)
+    out["QK"], out["OV"] = model.QK.AB, model.OV.AB
+    out["bias"] = model.accumulated_bias(3)
+    out["directions"] = model.tokens_to_residual_directions(torch.tensor([5, 7]))
+    stack = cache.decompose_resid(layer=-1, pos_slice=-1)
+    out["logit_attrs"] = cache.logit_attrs(stack, torch.tensor([5, 7]), torch.tensor([7, 5]), pos_slice=-1)
+    out["neurons"] = cache.stack_neuron_results(layer=-1)
+    return out
 
 
 def _load(path: str, **kwargs) -> HookedTransformer:
@@ -122,6 +156,7 @@ def _worker(rank: int, world: int, port: int, path: str, out: str) -> None:
         results = _workflows(model)
         if rank != 0:  # every result but generate's is rank 0's alone
             assert all(v is None for k, v in results.items() if k not in ("steered_generation", "greedy", "sampled"))
+            assert "W_Q" not in results
         torch.save(results, f"{out}.rank{rank}")
     finally:
         dist.barrier()
@@ -191,3 +226,23 @@ def test_steering_generate_and_split_forward_equal_one_process(ranks, one_proces
         for name in ("steered_generation", "greedy", "sampled"):
             want = one_process[name]
             assert (got[name] == want) if isinstance(want, str) else torch.equal(got[name], want), (name, rank)
+
+
+WEIGHTS = ["W_Q", "W_K", "W_V", "W_O", "b_O", "W_in", "W_gate", "W_out", "W_U", "b_U", "W_E", "QK", "OV", "bias"]
+
+
+def test_weight_views_and_head_results_equal_one_process(ranks, one_process):
+    """After hold_weights (every rank), rank 0's weight views and the cache methods that read
+    weights give one process's values; before it, a clear error names the call to make."""
+    world, results = ranks
+    got = results[0]
+    for name in WEIGHTS + ["directions", "logit_attrs", "neurons"]:
+        _close(got[name], one_process[name], f"{name} on {world} ranks")
+    heads, labels = got["heads"]
+    want_heads, want_labels = one_process["heads"]
+    assert labels == want_labels and labels[-1] == "remainder"
+    _close(heads, want_heads, "stack_head_results")
+    w_q, w_u, head_results = got["errors"]
+    assert "blocks.1.attn.W_Q is not held by this process" in w_q and "model.hold_weights('attn.W_Q')" in w_q
+    assert "unembed.W_U is not held" in w_u and "model.hold_weights('unembed.W_U')" in w_u
+    assert "model.hold_weights('attn.W_O')" in head_results

@@ -9,6 +9,7 @@ QK/OV circuits and residual directions are weight_views.py's mixin.
 
 from __future__ import annotations
 
+import fnmatch
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -118,6 +119,26 @@ class HookedTransformer(HookedRootModule, TokenMethods, WeightViews):
     def block_devices(self) -> list[torch.device]:
         """The device each block runs on (where its KV cache lives)."""
         return self.blocks.block_devices(self.device)
+
+    def hold_weights(self, *names: str) -> "HookedTransformer":
+        """Split over processes (``pipeline_ranks``): every rank calls it, and rank 0 then holds
+        a copy of the named parameters of every block (``"attn.W_O"``, ``"mlp.W_out"``,
+        ``"unembed.W_U"``: a name, its end after ``blocks.L.``, or a glob; none: every
+        parameter), each sent by the rank that holds it. The weight views (``W_Q``, ``QK``,
+        ``W_U``, ...) and the cache's methods that read weights (``stack_head_results``,
+        ``logit_attrs``, ...) then work on rank 0 as in one process; the copies are frozen
+        (gradients do not reach them). On one process there is nothing to copy. Returns the model."""
+        named = {
+            n: p
+            for n, p in self.named_parameters()
+            if not names or any(n == k or n.endswith("." + k) or fnmatch.fnmatchcase(n, k) for k in names)
+        }
+        if names and not named:
+            raise ValueError(f"hold_weights{names}: no parameter has such a name (e.g. 'attn.W_O', 'unembed.W_U')")
+        for name, t in self.blocks.hold_weights(named).items():
+            module, _, leaf = name.rpartition(".")
+            setattr(self.get_submodule(module), leaf, nn.Parameter(t, requires_grad=False))
+        return self
 
     # Loading (see loading.py) -----------------------------------------------------
     @classmethod

@@ -49,6 +49,25 @@ class Placement:
 ONE_DEVICE = Placement()
 
 
+class WeightNotHeldError(RuntimeError):
+    """A weight this process does not hold (a meta tensor): another rank of a model split over
+    processes holds it."""
+
+
+def held(t: torch.Tensor, name: str) -> torch.Tensor:
+    """``t``, or a clear error if it is a meta tensor: the weight ``name`` is held by another
+    rank of a model split over processes (``pipeline_ranks``)."""
+    if t.is_meta:
+        leaf = name.split(".", 2)[2] if name.startswith("blocks.") and name.count(".") >= 2 else name
+        call = f"model.hold_weights({leaf!r})" if "." in leaf else "model.hold_weights()"
+        raise WeightNotHeldError(
+            f"{name} is not held by this process: on a model split over processes (pipeline_ranks) each rank "
+            f"holds only its own blocks' weights. Call {call} on every rank first: rank 0 then holds a copy "
+            f"of every block's (model.hold_weights() copies them all)"
+        )
+    return t
+
+
 class BlockStack(nn.ModuleList):
     """The model's blocks (an ``nn.ModuleList``: ``blocks[L]`` is block L), run in order
     where their weights are. Subclasses (execution modes, installed by ``loading/``) change
@@ -114,10 +133,10 @@ class BlockStack(nn.ModuleList):
         assert tensors is not None, "the process that gets the output gives the tensors"
         return tensors
 
-    def gather_weights(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-        """Parameters keyed by name (each real where its block runs) on the process that gets
-        the output, in order; None on the others."""
-        return tensors
+    def hold_weights(self, named: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+        """Copies of the named parameters this process lacks (split over processes: on rank
+        0, each from the rank that holds it); here, none."""
+        return {}
 
     def block_devices(self, default: torch.device) -> list[torch.device]:
         """The device each block runs on (where its KV cache lives)."""

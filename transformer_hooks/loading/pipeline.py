@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from .. import sites
 from ..components.stack import BlockStack, Placement
@@ -141,8 +142,9 @@ class PipelineBlocks(BlockStack):
     def share(self, tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         return self.stage.share(tensors, "values every rank needs")
 
-    def gather_weights(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-        return self.stage.from_owners(tensors, "its blocks' weights")
+    def hold_weights(self, named: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+        got = self.stage.from_owners({k: p.detach() for k, p in named.items()}, "its blocks' weights")
+        return {} if got is None else {k: t for k, t in got.items() if named[k].is_meta}
 
     def run_head(self, head: Any, resid: torch.Tensor) -> Any:
         return self.stage.deliver(None if resid.is_meta else head(resid), everyone=self._generating)
