@@ -20,16 +20,22 @@ from ranks import free_port, run_ranks
 from tokenizers_util import add_tokenizer
 
 from transformer_hooks import HookedTransformer
+from transformer_hooks.analysis.circuits import attribute_edges
 from transformer_hooks.components.stack import WeightNotHeldError
 from transformer_hooks.interventions.patching import (
     Ablation,
     ablate,
     ablation_sweep,
+    attribution_products,
     generic_activation_patch,
     get_act_patch_attn_head_all_pos_every,
     get_act_patch_attn_head_pattern_by_pos,
     get_act_patch_block_every,
     get_act_patch_resid_pre,
+    get_attr_patch_attn_head_all_pos_every,
+    get_attr_patch_attn_head_k_by_pos,
+    get_attr_patch_attn_head_q_all_pos,
+    get_attr_patch_block_every,
     layer_pos_patch_setter,
     run_ablations,
 )
@@ -105,7 +111,27 @@ def _workflows(model: HookedTransformer) -> dict:
     out["logits"] = model(CLEAN)
     out["corrupt_logits"] = model(CORRUPT)
     everywhere = {"steered_generation": steered, "greedy": out["greedy"], "sampled": out["sampled"]}
-    return out | _weight_views(model) | everywhere
+    return out | _attribution(model, clean_cache) | _weight_views(model) | everywhere
+
+
+def _attribution(model: HookedTransformer, clean_cache) -> dict:
+    """Attribution patching: its gradients flow back across the ranks."""
+    return {
+        "atp_block_every": get_attr_patch_block_every(model, CORRUPT, clean_cache, _metric),
+        "atp_heads_every": get_attr_patch_attn_head_all_pos_every(model, CORRUPT, clean_cache, _metric),
+        "atp_star_k_by_pos": get_attr_patch_attn_head_k_by_pos(model, CORRUPT, clean_cache, _metric, method="atp*"),
+        "atp_star_q_grad_drop": get_attr_patch_attn_head_q_all_pos(
+            model, CORRUPT, clean_cache, _metric, method="atp*", grad_drop=True
+        ),
+        "products": attribution_products(
+            model, CORRUPT, clean_cache, _metric, ["blocks.0.hook_resid_post", "blocks.2.attn.hook_z"]
+        ),
+        "eap_ig": _edges(attribute_edges(model, CLEAN, CORRUPT, _metric, method="EAP-IG", ig_steps=2)),
+    }
+
+
+def _edges(graph) -> dict | None:
+    return None if graph is None else {(e.sender, e.receiver): e.score for e in graph.edges}
 
 
 def _weight_views(model: HookedTransformer) -> dict:
@@ -246,3 +272,20 @@ def test_weight_views_and_head_results_equal_one_process(ranks, one_process):
     assert "blocks.1.attn.W_Q is not held by this process" in w_q and "model.hold_weights('attn.W_Q')" in w_q
     assert "unembed.W_U is not held" in w_u and "model.hold_weights('unembed.W_U')" in w_u
     assert "model.hold_weights('attn.W_O')" in head_results
+
+
+def test_attribution_patching_gradients_cross_ranks(ranks, one_process):
+    """AtP and AtP* (with GradDrop) and EAP-IG: the metric's gradient goes back from rank 0
+    through every rank, and the estimates (elementwise products, edge scores) equal one process's."""
+    world, results = ranks
+    got = results[0]
+    for name in ("atp_block_every", "atp_heads_every", "atp_star_k_by_pos", "atp_star_q_grad_drop"):
+        _close(got[name], one_process[name], f"{name} on {world} ranks")
+    assert got["atp_block_every"][0, 0].abs().sum() > 0  # block 0, on rank 0: the gradient came back
+    assert list(got["products"]) == ["blocks.0.hook_resid_post", "blocks.2.attn.hook_z"]
+    for site, product in one_process["products"].items():
+        _close(got["products"][site], product, site)
+        assert product.abs().sum() > 0, site
+    edges, want = got["eap_ig"], one_process["eap_ig"]
+    assert list(edges) == list(want) and any(s != 0 for s in want.values())  # same edges, same order
+    _close(torch.tensor(list(edges.values())), torch.tensor(list(want.values())), "EAP-IG scores")

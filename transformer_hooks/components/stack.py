@@ -133,6 +133,18 @@ class BlockStack(nn.ModuleList):
         assert tensors is not None, "the process that gets the output gives the tensors"
         return tensors
 
+    def from_sites(self, tensors: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor] | None:
+        """The tensors ``names`` (keyed by hook name; each process's ``tensors`` hold those of the
+        sites it runs) on the process that gets the output, in that order; None on the others."""
+        return {k: tensors[k] for k in names}
+
+    def grad(self, value: torch.Tensor | None, inputs: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """d value / d inputs (None where an input does not reach it), after a forward with grad
+        enabled; ``value`` is given where the output is (split over processes: rank 0, None
+        elsewhere, each rank's inputs being its own sites' activations)."""
+        assert value is not None, "the process that gets the output gives the value"
+        return list(torch.autograd.grad(value, inputs, allow_unused=True))
+
     def hold_weights(self, named: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
         """Copies of the named parameters this process lacks (split over processes: on rank
         0, each from the rank that holds it); here, none."""

@@ -123,6 +123,7 @@ class PipelineBlocks(BlockStack):
         self._generating = past_kv_cache is not None
         if self._generating and past_kv_cache.length == 0:
             self.stage.share_random_state()  # a new generation: every rank samples what rank 0 samples
+        self.stage.new_forward()
         held = self.stage.take_input(start, held)  # the embedding, or start_at_layer's input, where `start` runs
         for layer in range(start, stop):
             held = self.stage.enter(layer, held, shape)  # the stream crosses to the next rank here
@@ -143,8 +144,14 @@ class PipelineBlocks(BlockStack):
         return self.stage.share(tensors, "values every rank needs")
 
     def hold_weights(self, named: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
-        got = self.stage.from_owners({k: p.detach() for k, p in named.items()}, "its blocks' weights")
+        got = self.stage.from_owners({k: p.detach() for k, p in named.items()}, list(named), "its blocks' weights")
         return {} if got is None else {k: t for k, t in got.items() if named[k].is_meta}
+
+    def grad(self, value: torch.Tensor | None, inputs: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        return self.stage.grad(value, inputs)
+
+    def from_sites(self, tensors: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor] | None:
+        return self.stage.from_owners(tensors, names, "results of its blocks")
 
     def run_head(self, head: Any, resid: torch.Tensor) -> Any:
         return self.stage.deliver(None if resid.is_meta else head(resid), everyone=self._generating)
@@ -188,6 +195,7 @@ class PipelineStage:
         n_layers = len(layout) - 2
         # the owner of each step of the forward: block L at index L, the final norm at n_layers
         self._owners = [layout[f"blocks.{L}"] for L in range(n_layers)] + [layout["final"]]
+        self.new_forward()
 
     def owns(self, group: str) -> bool:
         """Whether this rank holds the placement group ``group``."""
@@ -201,15 +209,56 @@ class PipelineStage:
         """The residual stream entering block ``layer`` (``n_layers``: the final norm) on
         this rank, or None if another rank runs it. At a boundary, the rank that ran block
         ``layer - 1`` sends the stream it holds and the owner of ``layer`` receives it."""
-        owner = self._owners[layer]
+        owner, what = self._owners[layer], f"the residual stream entering {layer}"
         if owner == self.rank:
             if resid is None:
-                resid = torch.empty(shape, dtype=self.dtype, device=self.device)
-                self._recv(resid, self._owners[layer - 1] if layer > 0 else 0, f"the residual stream entering {layer}")
+                resid = self._recv_new(shape, self.dtype, self._owners[layer - 1] if layer > 0 else 0, what)
             return resid
         if resid is not None:
-            self._send(resid, owner, f"the residual stream entering {layer}")
+            self._send_tracked(resid, owner, what)
         return None
+
+    # Gradients across ranks: with grad enabled (the same on every rank, as every rank runs the
+    # same script), every transfer of the forward is an autograd node. A sent tensor leaves a
+    # 0-d stand-in in the sender's graph whose backward receives the tensor's gradient from
+    # the receiver; a received tensor's backward sends its gradient back. ``grad`` runs each
+    # rank's part of the backward in the order the gradients travel (rank 0's metric first).
+    def _send_tracked(self, t: torch.Tensor, dst: int, what: str) -> None:
+        if not torch.is_grad_enabled():
+            self._send(t, dst, what)
+            return
+        if not t.requires_grad:  # the receiver sends a gradient back all the same: take it
+            t = t.detach().requires_grad_(True)
+        self._roots.append(_Sent.apply(t, self, dst, what))
+
+    def _recv_new(self, shape: tuple[int, ...], dtype: torch.dtype, src: int, what: str) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            t = torch.empty(shape, dtype=dtype, device=self.device)
+            self._recv(t, src, what)
+            return t
+        anchor = torch.zeros((), requires_grad=True)  # makes the received tensor a node of the graph
+        self._anchors.append(anchor)
+        return _Received.apply(anchor, self, src, shape, dtype, what)
+
+    def new_forward(self) -> None:
+        """Forget the last forward's transfers (and with them its graph)."""
+        self._roots: list[torch.Tensor] = []
+        self._anchors: list[torch.Tensor] = []
+
+    def grad(self, value: torch.Tensor | None, inputs: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """d value / d inputs for the inputs on this rank (``value``: rank 0's scalar, None on the
+        others), every rank calling it after the same forward: each receives the gradient of what
+        it sent, runs its blocks' backward and sends the gradient of what it received."""
+        roots = ([] if value is None else [value]) + self._roots
+        grads: list[torch.Tensor | None] = [None] * len(inputs)
+        for root in roots:
+            got = torch.autograd.grad(root, list(inputs) + self._anchors, allow_unused=True)
+            for i, g in enumerate(got[: len(inputs)]):
+                before = grads[i]
+                if g is not None:
+                    grads[i] = g if before is None else before + g
+        self.new_forward()
+        return grads
 
     def take_input(self, layer: int, resid: torch.Tensor | None) -> torch.Tensor | None:
         """The residual stream given with ``start_at_layer=layer``: kept by the rank that runs
@@ -232,9 +281,13 @@ class PipelineStage:
             return out
         if everyone:
             return self._deliver_to_all(out)
+        tracked = torch.is_grad_enabled()  # the logits carry the gradient back (attribution patching)
         if self.rank == last:
             if isinstance(out, tuple):
                 self._send_named({"0": out[0], "1": out[1]}, 0, "the output")
+            elif tracked and out is not None:
+                self._send_named({"tracked": out}, 0, "the output", sends=lambda _: False)
+                self._send_tracked(out, 0, "the output")
             else:
                 self._send_named({} if out is None else {"out": out}, 0, "the output")
             return None
@@ -243,6 +296,8 @@ class PipelineStage:
         got = self._recv_named(last, "the output")
         if "1" in got:
             return got["0"], got["1"]
+        if "tracked" in got:
+            return self._recv_new(tuple(got["tracked"].shape), got["tracked"].dtype, last, "the output")
         return got.get("out")
 
     def _deliver_to_all(self, out: Any) -> Any:
@@ -307,16 +362,18 @@ class PipelineStage:
             self._send_named(tensors, rank, what)
         return tensors
 
-    def from_owners(self, tensors: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor] | None:
-        """``tensors`` (keyed by parameter or hook name, real on the rank that owns the name)
-        on rank 0, in their order, each from its owner; None on the other ranks."""
+    def from_owners(
+        self, tensors: dict[str, torch.Tensor], names: list[str], what: str
+    ) -> dict[str, torch.Tensor] | None:
+        """The tensors ``names`` (parameter or hook names; each rank's ``tensors`` hold those it
+        owns) on rank 0, in that order, each from its owner; None on the other ranks."""
         if self.rank != 0:
             self._send_named({k: v for k, v in tensors.items() if self.owner_of(k) == self.rank}, 0, what)
             return None
         got = {k: v for k, v in tensors.items() if self.owner_of(k) == 0}
         for rank in range(1, self.ranks):
             got.update(self._recv_named(rank, what))
-        return {k: got[k] for k in tensors}
+        return {k: got[k] for k in names}
 
     # Transport -------------------------------------------------------------------------------
     def _wait(self, work: Any, what: str, peer: int) -> None:
@@ -366,3 +423,37 @@ class PipelineStage:
                 self._recv(t, src, what)
             out[name] = t
         return out
+
+
+class _Sent(torch.autograd.Function):
+    """Sends a tensor in the forward (its stand-in: a 0-d zero); receives its gradient in the backward."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, stage: PipelineStage, peer: int, what: str) -> torch.Tensor:
+        stage._send(t, peer, what)
+        ctx.stage, ctx.peer, ctx.what, ctx.shape, ctx.dtype = stage, peer, what, tuple(t.shape), t.dtype
+        return t.new_zeros(())
+
+    @staticmethod
+    def backward(ctx: Any, _: torch.Tensor) -> tuple:
+        grad = torch.empty(ctx.shape, dtype=ctx.dtype, device=ctx.stage.device)
+        ctx.stage._recv(grad, ctx.peer, f"the gradient of {ctx.what}")
+        return grad, None, None, None
+
+
+class _Received(torch.autograd.Function):
+    """Receives a tensor in the forward; sends its gradient back in the backward."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, anchor: torch.Tensor, stage: PipelineStage, peer: int, shape: tuple, dtype: torch.dtype, what: str
+    ) -> torch.Tensor:
+        t = torch.empty(shape, dtype=dtype, device=stage.device)
+        stage._recv(t, peer, what)
+        ctx.stage, ctx.peer, ctx.what = stage, peer, what
+        return t
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        ctx.stage._send(grad, ctx.peer, f"the gradient of {ctx.what}")
+        return None, None, None, None, None, None
