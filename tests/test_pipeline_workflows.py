@@ -171,15 +171,35 @@ def _load(path: str, **kwargs) -> HookedTransformer:
     return HookedTransformer.from_pretrained(path, **kwargs)
 
 
-def _worker(rank: int, world: int, port: int, path: str, out: str) -> None:
+def _processing(path: str, **kwargs) -> dict:
+    """``process_weights_`` on an unprocessed GPT-2 (LayerNorm: every step, W_E and W_U
+    centred), then its logits, cache and (after ``hold_weights``) weights on rank 0."""
+    model = HookedTransformer.from_pretrained_no_processing(path, **kwargs).process_weights_()
+    logits, cache = model.run_with_cache(CLEAN)
+    model.hold_weights()
+    if not model.blocks.gets_output:
+        assert logits is None and cache is None
+        return {}
+    weights = {n: p for n, p in model.named_parameters()}
+    return {
+        "processed": {
+            "logits": logits,
+            "cache": dict(cache.items()),
+            "weights": weights,
+            "steps": list(model.cfg.processing),
+        }
+    }
+
+
+def _worker(rank: int, world: int, port: int, paths: tuple[str, str], out: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
-        model = _load(path, pipeline_ranks=world)
-        results = _workflows(model)
+        model = _load(paths[0], pipeline_ranks=world)
+        results = _workflows(model) | _processing(paths[1], pipeline_ranks=world)
         if rank != 0:  # every result but generate's is rank 0's alone
             assert all(v is None for k, v in results.items() if k not in ("steered_generation", "greedy", "sampled"))
             assert "W_Q" not in results
@@ -196,22 +216,29 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def one_process(checkpoint):
+def gpt2_checkpoint(tmp_path_factory):
+    path, _ = save_checkpoint("gpt2", tmp_path_factory.mktemp("split-gpt2"), n_layer=3)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def one_process(checkpoint, gpt2_checkpoint):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks
     try:
-        return _workflows(_load(checkpoint))
+        return _workflows(_load(checkpoint)) | _processing(gpt2_checkpoint)
     finally:
         torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2-ranks", "3-ranks"])
-def ranks(request, checkpoint, tmp_path_factory):
+def ranks(request, checkpoint, gpt2_checkpoint, tmp_path_factory):
     """(world, each rank's results) of one launch of ``world`` gloo processes."""
     world = request.param
     out = str(tmp_path_factory.mktemp(f"ranks{world}") / "results")
     port = free_port()
-    codes = run_ranks(_worker, lambda rank: (rank, world, port, checkpoint, out), world=world, timeout=150)
+    paths = (checkpoint, gpt2_checkpoint)
+    codes = run_ranks(_worker, lambda rank: (rank, world, port, paths, out), world=world, timeout=150)
     assert codes == [0] * world, codes
     return world, [torch.load(f"{out}.rank{r}") for r in range(world)]
 
@@ -289,3 +316,19 @@ def test_attribution_patching_gradients_cross_ranks(ranks, one_process):
     edges, want = got["eap_ig"], one_process["eap_ig"]
     assert list(edges) == list(want) and any(s != 0 for s in want.values())  # same edges, same order
     _close(torch.tensor(list(edges.values())), torch.tensor(list(want.values())), "EAP-IG scores")
+
+
+def test_process_weights_on_a_split_model_equals_one_process(ranks, one_process):
+    """Each rank processes the groups it holds (W_E centred on rank 0, ln_final folded into a
+    centred W_U on the last rank): the logits, every cached site and every weight equal one
+    process's ``process_weights_``."""
+    world, results = ranks
+    got, want = results[0]["processed"], one_process["processed"]
+    assert got["steps"] == want["steps"] and "center_writing_weights" in want["steps"]
+    _close(got["logits"], want["logits"], f"processed logits on {world} ranks")
+    assert list(got["cache"]) == list(want["cache"])
+    for site, act in want["cache"].items():
+        _close(got["cache"][site], act, site)
+    assert list(got["weights"]) == list(want["weights"])
+    for name, weight in want["weights"].items():
+        _close(got["weights"][name], weight, name)
