@@ -176,6 +176,9 @@ def _processing(path: str, **kwargs) -> dict:
     centred), then its logits, cache and (after ``hold_weights``) weights on rank 0."""
     model = HookedTransformer.from_pretrained_no_processing(path, **kwargs).process_weights_()
     logits, cache = model.run_with_cache(CLEAN)
+    if model.placement.kind == "pipeline":  # another rank's weights are meta tensors here
+        with pytest.raises(ValueError, match=r"cannot be moved: load it on each rank's device"):
+            model.to("cpu")
     model.hold_weights()
     if not model.blocks.gets_output:
         assert logits is None and cache is None

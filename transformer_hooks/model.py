@@ -103,7 +103,16 @@ class HookedTransformer(HookedRootModule, TokenMethods, WeightViews):
     def _apply(self, fn: Any, recurse: bool = True) -> "HookedTransformer":
         """nn.Module's ``to``, ``cuda``, ``half``, ... all end here: keep ``cfg.device`` current
         (and drop a placement over devices once everything is on one)."""
-        super()._apply(fn, recurse)
+        try:
+            super()._apply(fn, recurse)
+        except NotImplementedError as e:  # "Cannot copy out of meta tensor"
+            if not any(p.is_meta for p in self.parameters()):
+                raise
+            raise ValueError(
+                "this model holds other ranks' weights as meta tensors (split over processes: pipeline_ranks), so it "
+                "cannot be moved: load it on each rank's device instead (from_pretrained(..., device=...); torchrun's "
+                "local GPU under NCCL by default)"
+            ) from e
         if self.placement.kind == "devices" and len({p.device for p in self.parameters()}) == 1:
             self.blocks = BlockStack(self.blocks)
         self._note_device()
@@ -370,10 +379,15 @@ class HookedTransformer(HookedRootModule, TokenMethods, WeightViews):
 
         Split over processes (``pipeline_ranks``): each rank caches the sites of its blocks and
         sends them to rank 0, which returns the output and the whole cache; the other ranks
-        return (None, None). Rank 0 holds only its own blocks' weights, so cache methods that
-        read other blocks' weights (per-head results from ``W_O``) need those sites cached."""
+        return (None, None). Rank 0 holds only its own blocks' weights: cache methods that read
+        other blocks' weights (per-head results from ``W_O``, ``logit_attrs``) need
+        ``model.hold_weights(...)`` called on every rank first (or those sites cached)."""
         if self.placement.kind == "pipeline" and kwargs.get("incl_bwd"):
-            raise ValueError("incl_bwd: gradients do not cross the ranks of a model split over processes")
+            raise ValueError(
+                "incl_bwd calls backward() on rank 0's output, which other ranks cannot join on a model split over "
+                "processes: for gradients at sites use the attribution functions (attribution_products, "
+                "get_attr_patch_*), whose gradients cross the ranks, or model.blocks.grad(value, activations)"
+            )
         out, store = super().run_with_cache(
             *model_args, return_cache_object=False, remove_batch_dim=remove_batch_dim, **kwargs
         )

@@ -10,6 +10,10 @@ every parameter and hook keeps its name) and its ``Placement`` record:
 - ``loading/offload.py``: block weights kept off the compute device, brought in by
   pre-forward hooks on each block (the plain stack runs them);
 - ``loading/pipeline.py``: ``PipelineBlocks``, one range of blocks per process.
+
+The stack also moves the values a workflow needs between processes (``gets_output``,
+``to_sites``, ``share``, ``from_sites``, ``grad``, ``hold_weights``): on one process they hand
+values back unchanged; split over processes, the pipeline's stack sends them rank to rank.
 """
 
 from __future__ import annotations

@@ -18,15 +18,39 @@ another rank's block never fires there). The output (logits, loss, both) and the
 ``run_with_cache`` are sent to rank 0; the other ranks return None.
 
 The residual stream entering each block is bit for bit what one process computes (the
-blocks and their inputs are the same), so logits and caches equal a one-process run
-(tested with two gloo processes). ``generate`` runs on every rank: each rank keeps the KV
-cache of its own blocks, the logits of each step go to every rank, and a generation starts
-by giving every rank rank 0's random state, so every rank samples the same tokens (tested
-equal to one process, greedy and sampled). Gradients do not cross ranks; ``start_at_layer``
-and ``stop_at_layer`` are refused, as are placement over devices and offload within a
-rank. Another rank's weights are meta tensors here, so what reads every block's weights
-(``model.W_Q`` and the other stacked views, weight processing after loading, moving the
-model with ``.to``) is not available.
+blocks and their inputs are the same), so logits and caches equal a one-process run.
+``stop_at_layer=L`` leaves the stream on the rank that runs block L (a meta tensor of its
+shape stands in on the others), and ``start_at_layer=L`` reads its input there, so the two
+compose on every rank alike.
+
+The workflows run on a split model when every rank calls them alike (as torchrun runs one
+script), with one process's results (tested with two and three gloo processes, fp32, within
+1e-6): the ``get_act_patch_*`` sweeps and the stacked batch engine (each site's clean
+activation goes from rank 0's cache to the rank that runs the site; the metric runs on rank
+0), ablations, steering (``steering_vector`` and ``steering_coeff`` on rank 0; ``steering``
+shares them), ``generate`` (each rank keeps the KV cache of its own blocks, the logits of
+each step go to every rank, and a generation starts by giving every rank rank 0's random
+state, so every rank samples the same tokens), attribution patching (AtP, AtP*, GradDrop,
+``attribution_products``) and EAP / EAP-IG: with grad enabled every transfer is an autograd
+node, so the gradient of rank 0's metric flows back rank by rank (``BlockStack.grad``).
+``process_weights_`` processes each rank's own groups (every step works within one: ``W_E``
+is centred on rank 0, ``ln_final`` folded into ``W_U`` on the last rank).
+
+Results: rank 0 gets each result (the output, the cache, a sweep's values, a steering
+vector, an attribution graph) and the other ranks None, as ``run_with_cache``; a call that
+takes such a result (a clean cache, a reference cache, a steering vector) accepts None on
+the other ranks. ``generate`` returns the tokens on every rank. The values that cross ranks
+for the workflows do so through the stack's ``to_sites`` / ``share`` / ``from_sites`` /
+``grad`` (components/stack.py; on one process they hand values back unchanged).
+
+Weights: another rank's weights are meta tensors here. ``model.hold_weights(*names)``, called
+on every rank, gives rank 0 a copy of every block's named parameters (each sent by its
+owner), after which the weight views (``W_Q``, ``QK``, ``W_U``, ...) and the cache's
+weight-reading methods (``stack_head_results``, ``logit_attrs``, ...) work there; without it,
+reading a weight this rank lacks raises ``WeightNotHeldError`` naming that call. Not
+available: ``run_with_cache(incl_bwd=True)`` (use the attribution functions), circuit
+evaluation and path patching (``analysis/circuits.py``: they need every cache in one
+process), moving the model with ``.to``, placement over devices and offload within a rank.
 
 Failure: every transfer waits at most ``timeout``; a rank that dies (its connection
 closes) or hangs makes its peers raise ``RankFailedError`` (``process_group``, re-exported
