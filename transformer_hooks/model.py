@@ -242,7 +242,8 @@ class HookedTransformer(HookedRootModule, TokenMethods, WeightViews):
 
         Split over processes (``from_pretrained(..., pipeline_ranks=k)``, loading/pipeline.py):
         every rank calls the model with the same input; rank 0 returns the output, the other
-        ranks return None.
+        ranks return None. With ``stop_at_layer=L`` the residual stream stays on the rank that
+        runs block L (a meta tensor of its shape elsewhere), where ``start_at_layer=L`` reads it.
         """
         if return_type not in ("logits", "loss", "both", None):
             raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
