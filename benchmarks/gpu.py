@@ -20,7 +20,10 @@ Each model is built from its published config with random weights, saved with
                          (and the two sweeps' results compared)
 
 With two or more GPUs, also a forward with the model split over the GPUs:
-``from_pretrained(device_map="auto")`` vs HF's ``device_map="auto"``.
+``from_pretrained(device_map="auto")`` vs HF's ``device_map="auto"``; and the IOI residual
+sweep on the model split over processes, one GPU each (``pipeline_ranks``, NCCL; with
+``--device cpu --quick``, two gloo processes on the CPU), against the same sweep in one
+process on one GPU, its values compared with that run's.
 
 Ratios are ours / HF of median times of interleaved runs (``speed.py``'s ``paired``):
 below 1 is faster than HF; for generation, tokens/s ours / HF (above 1 is faster).
@@ -268,6 +271,120 @@ def bench(
         )
 
 
+def _ioi(d_vocab: int, batch: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """An IOI-shaped pair: ``batch`` prompts of 15 tokens, the corrupted ones differing at position 2."""
+    gen = torch.Generator().manual_seed(1)
+    clean = torch.randint(0, d_vocab, (batch, 15), generator=gen)
+    corrupted = clean.clone()
+    corrupted[:, 2] = torch.randint(0, d_vocab, (batch,), generator=gen)
+    return clean.to(device), corrupted.to(device)
+
+
+def _ioi_metric(logits: torch.Tensor) -> torch.Tensor:
+    return (logits[:, -1, 3] - logits[:, -1, 7]).float().mean()
+
+
+def _split_sweep_worker(
+    rank: int, world: int, port: int, path: str, dtype: str, batch: int, runs: int, out: str
+) -> None:
+    """One rank of the split sweep: load this rank's blocks, time the sweep (rank 0 writes)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world and not out.endswith(".cpu")
+    if cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group(
+        "nccl" if cuda else "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(minutes=10),
+    )
+    try:
+        model = HookedTransformer.from_pretrained_no_processing(path, dtype=getattr(torch, dtype), pipeline_ranks=world)
+        clean, corrupted = _ioi(model.cfg.d_vocab, batch, model.device)
+        _, clean_cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_resid_pre"))
+        sweep = lambda: get_act_patch_resid_pre(model, corrupted, clean_cache, _ioi_metric, progress=False)  # noqa: E731
+        result = sweep()  # warm-up, and the values compared with one process
+        times = []
+        for _ in range(runs):
+            dist.barrier()
+            if cuda:
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            sweep()
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - started)
+        if rank == 0:
+            torch.save({"result": result.float().cpu(), "seconds": statistics.median(times)}, out)
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def bench_split_sweep(
+    name: str,
+    path: Path,
+    dtype: torch.dtype,
+    device: str,
+    args: argparse.Namespace,
+    rows: list[Row],
+    checks: list[dict],
+) -> None:
+    """The IOI residual sweep on the model split over ``world`` processes (one GPU each; gloo
+    on the CPU with --quick) vs the same sweep in one process on one device."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    dname = str(dtype).removeprefix("torch.")
+    world = min(torch.cuda.device_count(), 4) if device.startswith("cuda") else 2
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = str(Path(tempfile.mkdtemp()) / ("split.pt" if device.startswith("cuda") else "split.cpu"))
+    runs = max(3, args.runs // 3)
+    mp.spawn(
+        _split_sweep_worker, args=(world, port, str(path), dname, args.ioi_batch, runs, out), nprocs=world, join=True
+    )
+    split = torch.load(out)
+    ours = HookedTransformer.from_pretrained_no_processing(str(path), device=device, dtype=dtype)
+    clean, corrupted = _ioi(ours.cfg.d_vocab, args.ioi_batch, device)
+    _, clean_cache = ours.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_resid_pre"))
+    sweep = lambda: get_act_patch_resid_pre(ours, corrupted, clean_cache, _ioi_metric, progress=False)  # noqa: E731
+    one = sweep().float().cpu()
+    times = []
+    for _ in range(runs):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        sweep()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    one_s = statistics.median(times)
+    diff = (split["result"] - one).abs().max().item()
+    checks.append(dict(model=name, dtype=dname, check=f"max |resid sweep on {world} ranks - one process|", value=diff))
+    where = f"{world} GPUs" if device.startswith("cuda") else f"{world} gloo processes (CPU)"
+    rows.append(
+        Row(
+            name,
+            dname,
+            f"{args.ioi_batch}x15",
+            f"IOI residual sweep, split over {where}",
+            one_s * 1e3,
+            split["seconds"] * 1e3,
+            split["seconds"] / one_s,
+            "ms",
+            f"pipeline_ranks; the HF column is the same sweep in one process on one device; max diff {diff:.2g}",
+        )
+    )
+    print(f"  {name} {dname} split sweep over {where}: {split['seconds'] / one_s:.2f}x one process", flush=True)
+
+
 def free_memory() -> None:
     """After a bench function returned (its models are garbage now)."""
     gc.collect()
@@ -364,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
                 free_memory()
                 if args.device.startswith("cuda") and torch.cuda.device_count() > 1:
                     bench_multi_gpu(name, path, dtype, args, rows, checks)
+                    free_memory()
+                if (args.device.startswith("cuda") and torch.cuda.device_count() > 1) or args.quick:
+                    bench_split_sweep(name, path, dtype, args.device, args, rows, checks)
                     free_memory()
     seconds = time.perf_counter() - started
     gpus = (

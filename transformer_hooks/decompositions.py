@@ -54,6 +54,7 @@ from einops import einsum, rearrange
 from jaxtyping import Float, Int
 
 from . import sites
+from .components.stack import held
 from .protocol import HookedModel
 from .utils import Slice, SliceInput, check_index, check_layer
 
@@ -240,7 +241,7 @@ class ResidualDecompositions:
             return pos_slice.apply(self.cache_dict[name], dim=sites.BY_NAME["attn.hook_result"].position_dim)
         z = pos_slice.apply(self._get(("z", layer), needed_by), dim=sites.BY_NAME["attn.hook_z"].position_dim)
         block: Any = self.model.blocks[layer]  # nn.ModuleList types its items as plain Modules
-        W_O = _like(block.attn.W_O, z)
+        W_O = _like(held(block.attn.W_O, f"blocks.{layer}.attn.W_O"), z)
         return einsum(z, W_O, "... head d_head, head d_head d_model -> ... head d_model")
 
     def compute_head_results(self) -> None:
@@ -322,7 +323,7 @@ class ResidualDecompositions:
         post = pos_slice.apply(post, dim=sites.BY_NAME["mlp.hook_post"].position_dim)
         post = neuron_slice.apply(post, dim=-1)
         block: Any = self.model.blocks[layer]  # nn.ModuleList types its items as plain Modules
-        W_out = neuron_slice.apply(_like(block.mlp.W_out, post), dim=0)
+        W_out = neuron_slice.apply(_like(held(block.mlp.W_out, f"blocks.{layer}.mlp.W_out"), post), dim=0)
         return self._through_post_norm(post[..., None] * W_out, layer, "ln2_post", pos_slice, "get_neuron_results")
 
     def stack_neuron_results(
@@ -406,7 +407,8 @@ class ResidualDecompositions:
             biases.append((layer, "ln1_post", "attn.b_O"))
         row = like.new_zeros(shape)
         for L, norm_name, bias_name in biases:
-            bias = _like(self.model.blocks[L].get_parameter(bias_name), like).expand(shape)
+            bias = _like(held(self.model.blocks[L].get_parameter(bias_name), f"blocks.{L}.{bias_name}"), like)
+            bias = bias.expand(shape)
             row = row + self._through_post_norm(bias, L, norm_name, pos_slice, "get_full_resid_decomposition")
         return row
 
@@ -584,6 +586,7 @@ def _one_device(parts: list[torch.Tensor]) -> list[torch.Tensor]:
 def _like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A weight on ``like``'s device and dtype; detached unless ``like`` carries a graph,
     so stacks built from a detached cache carry none either."""
+    t = held(t, "a weight of this decomposition")
     t = t.to(like.device, like.dtype)
     return t if like.requires_grad else t.detach()
 

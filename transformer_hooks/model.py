@@ -9,6 +9,7 @@ QK/OV circuits and residual directions are weight_views.py's mixin.
 
 from __future__ import annotations
 
+import fnmatch
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -101,7 +102,16 @@ class HookedTransformer(HookedRootModule, TokenMethods, WeightViews):
     def _apply(self, fn: Any, recurse: bool = True) -> "HookedTransformer":
         """nn.Module's ``to``, ``cuda``, ``half``, ... all end here: keep ``cfg.device`` current
         (and drop a placement over devices once everything is on one)."""
-        super()._apply(fn, recurse)
+        try:
+            super()._apply(fn, recurse)
+        except NotImplementedError as e:  # "Cannot copy out of meta tensor"
+            if not any(p.is_meta for p in self.parameters()):
+                raise
+            raise ValueError(
+                "this model holds other ranks' weights as meta tensors (split over processes: pipeline_ranks), so it "
+                "cannot be moved: load it on each rank's device instead (from_pretrained(..., device=...); torchrun's "
+                "local GPU under NCCL by default)"
+            ) from e
         if self.placement.kind == "devices" and len({p.device for p in self.parameters()}) == 1:
             self.blocks = BlockStack(self.blocks)
         self._note_device()
@@ -117,6 +127,26 @@ class HookedTransformer(HookedRootModule, TokenMethods, WeightViews):
     def block_devices(self) -> list[torch.device]:
         """The device each block runs on (where its KV cache lives)."""
         return self.blocks.block_devices(self.device)
+
+    def hold_weights(self, *names: str) -> "HookedTransformer":
+        """Split over processes (``pipeline_ranks``): every rank calls it, and rank 0 then holds
+        a copy of the parameters ``names`` of every block (``"attn.W_O"``, ``"mlp.W_out"``,
+        ``"unembed.W_U"``: a name, its end after ``blocks.L.``, or a glob; none: every
+        parameter), each sent by the rank that holds it. The weight views (``W_Q``, ``QK``,
+        ``W_U``, ...) and the cache's methods that read weights (``stack_head_results``,
+        ``logit_attrs``, ...) then work on rank 0 as in one process; the copies are frozen
+        (gradients do not reach them). On one process there is nothing to copy. Returns the model."""
+        named = {
+            n: p
+            for n, p in self.named_parameters()
+            if not names or any(n == k or n.endswith("." + k) or fnmatch.fnmatchcase(n, k) for k in names)
+        }
+        if names and not named:
+            raise ValueError(f"hold_weights{names}: no parameter has such a name (e.g. 'attn.W_O', 'unembed.W_U')")
+        for name, t in self.blocks.hold_weights(named).items():
+            module, _, leaf = name.rpartition(".")
+            setattr(self.get_submodule(module), leaf, nn.Parameter(t, requires_grad=False))
+        return self
 
     # Loading (see loading.py) -----------------------------------------------------
     @classmethod
@@ -203,7 +233,8 @@ class HookedTransformer(HookedRootModule, TokenMethods, WeightViews):
 
         Split over processes (``from_pretrained(..., pipeline_ranks=k)``, loading/pipeline.py):
         every rank calls the model with the same input; rank 0 returns the output, the other
-        ranks return None.
+        ranks return None. With ``stop_at_layer=L`` the residual stream stays on the rank that
+        runs block L (a meta tensor of its shape elsewhere), where ``start_at_layer=L`` reads it.
 
         Args:
             input: a string, a list of strings (padded; the mask comes with them), or tokens
@@ -368,8 +399,9 @@ class HookedTransformer(HookedRootModule, TokenMethods, WeightViews):
 
         Split over processes (``pipeline_ranks``): each rank caches the sites of its blocks and
         sends them to rank 0, which returns the output and the whole cache; the other ranks
-        return (None, None). Rank 0 holds only its own blocks' weights, so cache methods that
-        read other blocks' weights (per-head results from ``W_O``) need those sites cached.
+        return (None, None). Rank 0 holds only its own blocks' weights: cache methods that read
+        other blocks' weights (per-head results from ``W_O``, ``logit_attrs``) need
+        ``model.hold_weights(...)`` called on every rank first (or those sites cached).
 
         Args:
             *model_args: the forward's positional arguments (``input``, ...).
@@ -380,7 +412,11 @@ class HookedTransformer(HookedRootModule, TokenMethods, WeightViews):
                 ``detach``, ``pos_slice`` (see there).
         """
         if self.placement.kind == "pipeline" and kwargs.get("incl_bwd"):
-            raise ValueError("incl_bwd: gradients do not cross the ranks of a model split over processes")
+            raise ValueError(
+                "incl_bwd calls backward() on rank 0's output, which other ranks cannot join on a model split over "
+                "processes: for gradients at sites use the attribution functions (attribution_products, "
+                "get_attr_patch_*), whose gradients cross the ranks, or model.blocks.grad(value, activations)"
+            )
         out, store = super().run_with_cache(
             *model_args, return_cache_object=False, remove_batch_dim=remove_batch_dim, **kwargs
         )

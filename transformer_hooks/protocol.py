@@ -28,6 +28,31 @@ from .hooks import HookFn, HookPoint, NameFilter
 from .tokens import ModelInput, PaddingSide, TextInput
 
 
+class Blocks(Protocol):
+    """What code reads of ``model.blocks`` (components/stack.py's ``BlockStack``): the blocks by
+    index, and how values reach the process that needs them when the model is split over
+    processes (on one process, they stay where they are)."""
+
+    def __getitem__(self, index: int) -> Any: ...
+    def __len__(self) -> int: ...
+    def __iter__(self) -> Iterator[nn.Module]: ...
+    @property
+    def gets_output(self) -> bool:
+        """``BlockStack.gets_output``: this process gets the output and ``run_with_cache``'s cache."""
+
+    def to_sites(self, tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """``BlockStack.to_sites``: ``tensors`` on the process that runs each hook."""
+
+    def share(self, tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """``BlockStack.share``: ``tensors`` on every process."""
+
+    def from_sites(self, tensors: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor] | None:
+        """``BlockStack.from_sites``: the ``names`` of each process's ``tensors`` where the output is."""
+
+    def grad(self, value: torch.Tensor | None, inputs: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """``BlockStack.grad``: d ``value`` / d ``inputs`` across processes."""
+
+
 class HookedModel(Protocol):
     """A transformer with TransformerLens's hook names and API, as the runtime and workflows
     read it (``HookedTransformer`` is one)."""
@@ -37,7 +62,7 @@ class HookedModel(Protocol):
 
     # Modules ---------------------------------------------------------------------------
     @property
-    def blocks(self) -> nn.ModuleList:
+    def blocks(self) -> Blocks:
         """The transformer blocks in order (``HookedTransformer.blocks``, a ``BlockStack``)."""
 
     @property

@@ -4,7 +4,9 @@
 residual stream holds entering a block.
 
 A mixin: ``HookedTransformer`` inherits it, and model.py keeps the wiring and the forward.
-Every view is computed from the modules when read (nothing is stored twice).
+Every view is computed from the modules when read (nothing is stored twice). On a model
+split over processes a view reads weights this rank holds: ``model.hold_weights(...)``
+(every rank) gives rank 0 a copy of every block's; without it, a clear error.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from jaxtyping import Float
 from torch import nn
 
+from .components.stack import held
 from .factored_matrix import FactoredMatrix
 from .utils import check_index
 
@@ -49,17 +52,17 @@ class WeightViews:
                 obj = getattr(obj, part)
             return obj
 
-        return torch.stack([get(block) for block in self.blocks])
+        return torch.stack([held(get(block), f"blocks.{L}.{path}") for L, block in enumerate(self.blocks)])
 
     @property
     def W_E(self) -> Float[torch.Tensor, "d_vocab d_model"]:
         """The token embedding [d_vocab, d_model]."""
-        return self.embed.W_E
+        return held(self.embed.W_E, "embed.W_E")
 
     @property
     def W_pos(self) -> Float[torch.Tensor, "n_ctx d_model"]:
         """The learned position embedding [n_ctx, d_model] (learned-position models only)."""
-        return self.pos_embed.W_pos
+        return held(self.pos_embed.W_pos, "pos_embed.W_pos")
 
     @property
     def W_E_pos(self) -> Float[torch.Tensor, "d_vocab_plus_n_ctx d_model"]:
@@ -69,12 +72,12 @@ class WeightViews:
     @property
     def W_U(self) -> Float[torch.Tensor, "d_model d_vocab"]:
         """The unembedding [d_model, d_vocab]."""
-        return self.unembed.W_U
+        return held(self.unembed.W_U, "unembed.W_U")
 
     @property
     def b_U(self) -> Float[torch.Tensor, " d_vocab"]:
         """The unembedding bias [d_vocab]."""
-        return self.unembed.b_U
+        return held(self.unembed.b_U, "unembed.b_U")
 
     W_Q = property(lambda self: self._stack("attn.W_Q"), doc="[n_layers, head, d_model, d_head]")
     W_K = property(lambda self: self._stack("attn.W_K"), doc="[n_layers, kv_head, d_model, d_head]")
@@ -178,12 +181,12 @@ class WeightViews:
             raise ValueError(f"mlp_input=True needs a block below {n}; layer={n} is the unembedding")
         bias = torch.zeros(self.cfg.d_model, device=self.device, dtype=self.dtype)
         blocks: list[Any] = list(self.blocks)  # nn.ModuleList types its items as plain Modules
-        for block in blocks[:layer]:
-            bias = bias + block.attn.b_O
+        for L, block in enumerate(blocks[:layer]):
+            bias = bias + held(block.attn.b_O, f"blocks.{L}.attn.b_O")
             if include_mlp_biases and not self.cfg.attn_only:
-                bias = bias + block.mlp.b_out
+                bias = bias + held(block.mlp.b_out, f"blocks.{L}.mlp.b_out")
         if mlp_input and not self.cfg.parallel_residual:
-            bias = bias + blocks[layer].attn.b_O
+            bias = bias + held(blocks[layer].attn.b_O, f"blocks.{layer}.attn.b_O")
         return bias
 
     def all_head_labels(self) -> list[str]:

@@ -214,9 +214,21 @@ def _receiver_grads(grads: dict[str, torch.Tensor], model: HookedModel) -> dict[
     return out
 
 
-def _cache(model: HookedModel, tokens: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+def _cache_here(model: HookedModel, tokens: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor] | None:
+    """The activations at ``names`` (None off rank 0 of a model split over processes)."""
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=names, return_cache_object=False)
+    return cache
+
+
+def _cache(model: HookedModel, tokens: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+    cache = _cache_here(model, tokens, names)
+    if cache is None:
+        raise ValueError(
+            "circuit evaluation and path patching patch every rank's sites from caches held in one process; "
+            "on a model split over processes (pipeline_ranks) score edges with attribute_edges, then evaluate "
+            "the circuit on a model loaded in one process (or with device_map / offload)"
+        )
     return cache
 
 
@@ -227,13 +239,17 @@ def attribute_edges(
     metric: Metric,
     method: Literal["EAP", "EAP-IG"] = "EAP-IG",
     ig_steps: int = 5,
-) -> Graph:
+) -> Graph | None:
     """Score every edge of ``model``'s graph with EAP or EAP-IG; ``graph.edges`` sorted by |score|.
 
     ``metric(logits)`` -> a scalar, differentiable in the logits (e.g. a logit difference).
     ``method``: ``"EAP"`` (one forward and backward) or ``"EAP-IG"`` (``ig_steps`` of each),
     plus one cached forward per prompt set; ``clean_tokens`` and ``corrupted_tokens`` as in the
     module docstring.
+
+    Split over processes (``pipeline_ranks``): every rank calls it; the gradients cross the
+    ranks backwards, each rank sends its receivers' gradients to rank 0, which scores the
+    edges and returns the graph (None on the other ranks).
     """
     _check_model(model)
     if method not in ("EAP", "EAP-IG"):
@@ -244,17 +260,21 @@ def attribute_edges(
     if clean.shape != corrupted.shape:
         raise ValueError(f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} tokens differ in shape")
     senders = _sender_sites(model)
-    c_clean, c_corr = _cache(model, clean, senders), _cache(model, corrupted, senders)
-    out_clean, out_corr = _sender_outputs(c_clean, model), _sender_outputs(c_corr, model)
-    delta = {u: out_corr[u] - out_clean[u] for u in out_clean}
+    c_clean, c_corr = _cache_here(model, clean, senders), _cache_here(model, corrupted, senders)  # None off rank 0
     alphas = [1.0] if method == "EAP" else [(i + 1) / ig_steps for i in range(ig_steps)]
     receivers = _receiver_sites(model)
+    embeds = (c_clean["hook_embed"], c_corr["hook_embed"]) if c_clean is not None and c_corr is not None else None
     total: dict[str, torch.Tensor] = {}
     for alpha in alphas:
-        grads = _grads(model, clean, metric, receivers, c_clean["hook_embed"], c_corr["hook_embed"], alpha)
-        for k, g in grads.items():
+        grads = _grads(model, clean, metric, receivers, embeds, alpha)
+        for k, g in grads.items():  # the receivers this process runs
             total[k] = total.get(k, 0) + g / len(alphas)
-    per_receiver = _receiver_grads(total, model)
+    gathered = model.blocks.from_sites(total, receivers)
+    if gathered is None or c_clean is None or c_corr is None:  # rank 0 of a split model scores the edges
+        return None
+    out_clean, out_corr = _sender_outputs(c_clean, model), _sender_outputs(c_corr, model)
+    delta = {u: out_corr[u] - out_clean[u] for u in out_clean}
+    per_receiver = _receiver_grads(gathered, model)
     graph = Graph(
         model.cfg.n_layers,
         model.cfg.n_heads,
@@ -277,26 +297,33 @@ def _grads(
     tokens: torch.Tensor,
     metric: Metric,
     sites: list[str],
-    embed_clean: torch.Tensor,
-    embed_corr: torch.Tensor,
+    embeds: tuple[torch.Tensor, torch.Tensor] | None,
     alpha: float,
 ) -> dict[str, torch.Tensor]:
-    """d metric / d each site's activation, the embeddings set to corrupted + alpha (clean - corrupted)."""
+    """d metric / d each site's activation, the embeddings (clean, corrupted) set to corrupted
+    + alpha (clean - corrupted). Split over processes: the sites this rank runs; ``embeds`` is
+    given where the embedding runs (rank 0)."""
     acts: dict[str, torch.Tensor] = {}
-    mixed = embed_corr + alpha * (embed_clean - embed_corr)
 
     def embed(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
-        return mixed.detach().clone().requires_grad_(True)
+        assert embeds is not None, "the process that embeds has the cached embeddings"
+        embed_clean, embed_corr = embeds
+        return (embed_corr + alpha * (embed_clean - embed_corr)).detach().clone().requires_grad_(True)
 
     def keep(x: torch.Tensor, hook: HookPoint) -> None:
         acts[hook.name] = x
 
     with torch.enable_grad(), model.hooks(fwd_hooks=[("hook_embed", embed)] + [(s, keep) for s in sites]):
-        value = metric(model(tokens))
-        if not isinstance(value, torch.Tensor) or value.numel() != 1 or not value.requires_grad:
-            raise ValueError("metric must return a scalar tensor that depends differentiably on the logits")
-        grads = torch.autograd.grad(value.sum(), [acts[s] for s in sites], allow_unused=True)
-    return {s: torch.zeros_like(acts[s]) if g is None else g.detach() for s, g in zip(sites, grads, strict=True)}
+        logits = model(tokens)
+        value = None
+        if logits is not None:  # None: another process of a split model gets the logits
+            value = metric(logits)
+            if not isinstance(value, torch.Tensor) or value.numel() != 1 or not value.requires_grad:
+                raise ValueError("metric must return a scalar tensor that depends differentiably on the logits")
+            value = value.sum()
+        here = [s for s in sites if s in acts]
+        grads = model.blocks.grad(value, [acts[s] for s in here])
+    return {s: torch.zeros_like(acts[s]) if g is None else g.detach() for s, g in zip(here, grads, strict=True)}
 
 
 # Circuits -------------------------------------------------------------------------------------

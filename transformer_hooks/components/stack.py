@@ -10,6 +10,10 @@ every parameter and hook keeps its name) and its ``Placement`` record:
 - ``loading/offload.py``: block weights kept off the compute device, brought in by
   pre-forward hooks on each block (the plain stack runs them);
 - ``loading/pipeline.py``: ``PipelineBlocks``, one range of blocks per process.
+
+The stack also moves the values a workflow needs between processes (``gets_output``,
+``to_sites``, ``share``, ``from_sites``, ``grad``, ``hold_weights``): on one process they hand
+values back unchanged; split over processes, the pipeline's stack sends them rank to rank.
 """
 
 from __future__ import annotations
@@ -47,6 +51,25 @@ class Placement:
 
 
 ONE_DEVICE = Placement()
+
+
+class WeightNotHeldError(RuntimeError):
+    """A weight this process does not hold (a meta tensor): another rank of a model split over
+    processes holds it."""
+
+
+def held(t: torch.Tensor, name: str) -> torch.Tensor:
+    """``t``, or a clear error if it is a meta tensor: the weight ``name`` is held by another
+    rank of a model split over processes (``pipeline_ranks``)."""
+    if t.is_meta:
+        leaf = name.split(".", 2)[2] if name.startswith("blocks.") and name.count(".") >= 2 else name
+        call = f"model.hold_weights({leaf!r})" if "." in leaf else "model.hold_weights()"
+        raise WeightNotHeldError(
+            f"{name} is not held by this process: on a model split over processes (pipeline_ranks) each rank "
+            f"holds only its own blocks' weights. Call {call} on every rank first: rank 0 then holds a copy "
+            f"of every block's (model.hold_weights() copies them all)"
+        )
+    return t
 
 
 class BlockStack(nn.ModuleList):
@@ -105,6 +128,42 @@ class BlockStack(nn.ModuleList):
         ``device`` (``run_with_cache(device=...)``); here ``store`` itself, which has them all.
         """
         return store
+
+    # Values that cross processes (split over processes: loading/pipeline.py). The workflows
+    # call these on every process alike; on one process they hand values back unchanged.
+    @property
+    def gets_output(self) -> bool:
+        """Whether this process gets the forward's output (and ``run_with_cache``'s cache):
+        always on one process; rank 0 of a model split over processes."""
+        return True
+
+    def to_sites(self, tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """``tensors`` keyed by hook name, given where the output is (``gets_output``), on the
+        process that runs each hook (a meta tensor of its shape stands in elsewhere)."""
+        assert tensors is not None, "the process that gets the output gives the tensors"
+        return tensors
+
+    def share(self, tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """``tensors`` given where the output is (``gets_output``), on every process."""
+        assert tensors is not None, "the process that gets the output gives the tensors"
+        return tensors
+
+    def from_sites(self, tensors: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor] | None:
+        """The tensors ``names`` (keyed by hook name; each process's ``tensors`` hold those of the
+        sites it runs) on the process that gets the output, in that order; None on the others."""
+        return {k: tensors[k] for k in names}
+
+    def grad(self, value: torch.Tensor | None, inputs: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """d value / d inputs (None where an input does not reach it), after a forward with grad
+        enabled; ``value`` is given where the output is (split over processes: rank 0, None
+        elsewhere, each rank's inputs being its own sites' activations)."""
+        assert value is not None, "the process that gets the output gives the value"
+        return list(torch.autograd.grad(value, inputs, allow_unused=True))
+
+    def hold_weights(self, named: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+        """Copies of the named parameters this process lacks (split over processes: on rank
+        0, each from the rank that holds it); here, none."""
+        return {}
 
     def block_devices(self, default: torch.device) -> list[torch.device]:
         """The device each block runs on (where its KV cache lives): ``default`` for all on one device."""

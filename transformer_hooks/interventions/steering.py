@@ -221,12 +221,20 @@ def steering(
 
     The hook and the KV-cache watcher are removed on exit, also after an exception.
     ``site``: the hook name steered; ``positions`` as in the module docstring.
+
+    Split over processes (``pipeline_ranks``): every rank enters it; the vector and the
+    coefficient are rank 0's (what ``steering_vector`` and ``steering_coeff`` return there;
+    the other ranks may pass None).
     """
-    hook = SteeringHook(vector, coeff, positions)
     if model.resolve_hook_names(site) != [site]:
         raise ValueError(
             f"steering takes one hook name, got {site!r}, which names {len(model.resolve_hook_names(site))} sites"
         )
+    given = None
+    if model.blocks.gets_output:
+        given = {"vector": torch.as_tensor(vector), "coeff": torch.tensor(float(coeff), dtype=torch.float64)}
+    shared = model.blocks.share(given)
+    hook = SteeringHook(shared["vector"], float(shared["coeff"]), positions)
     hook.vector = hook.vector.to(model.device)
     signature = inspect.signature(model.forward)
 
@@ -254,7 +262,7 @@ def steering_vector(
     prepend_bos: bool | None = None,
     pad: bool = True,
     skip_bos: bool = True,
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     """``act(positive) - act(negative)`` at ``site``, by ActAdd's recipe ("Love" - "Hate").
 
     Args:
@@ -274,6 +282,9 @@ def steering_vector(
 
     Lists of prompts of different lengths are right-padded and masked (per position, the mean
     over the prompts that reach it). With ``reduce=None`` the two sides must reach the same length.
+
+    Split over processes (``pipeline_ranks``): rank 0 returns the vector, the other ranks None
+    (as ``run_with_cache``); ``steering`` takes it from rank 0.
     """
     if reduce not in ("mean", "last", None):
         raise ValueError(f"reduce must be 'mean', 'last' or None, got {reduce!r}")
@@ -285,6 +296,8 @@ def steering_vector(
         bos = model.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
         skip = 1 if bos else 0
     pos_acts, neg_acts = (_site_activation(model, p, site, reduce, prepend_bos, skip) for p in (positive, negative))
+    if pos_acts is None or neg_acts is None:  # split over processes: rank 0 has them
+        return None
     if pos_acts.shape != neg_acts.shape:
         raise ValueError(
             f"per-position activations differ in length: {tuple(pos_acts.shape)} vs "
@@ -315,32 +328,39 @@ def pad_to_same_length(model: HookedModel, a: str, b: str, prepend_bos: bool | N
     return a, b
 
 
-def residual_norm(model: HookedModel, site: str, prompts: str | Sequence[str] | None = None) -> float:
+def residual_norm(model: HookedModel, site: str, prompts: str | Sequence[str] | None = None) -> float | None:
     """The typical norm of ``site``'s activation in ``model``: its mean over the non-BOS
-    positions of ``prompts`` (default: a few everyday sentences)."""
-    return _typical_norm(model, site, prompts)[0]
+    positions of ``prompts`` (default: a few everyday sentences). Split over processes: on
+    rank 0, None on the other ranks."""
+    typical = _typical_norm(model, site, prompts)
+    return None if typical is None else typical[0]
 
 
-def _typical_norm(model: HookedModel, site: str, prompts: str | Sequence[str] | None) -> tuple[float, tuple[int, ...]]:
+def _typical_norm(
+    model: HookedModel, site: str, prompts: str | Sequence[str] | None
+) -> tuple[float, tuple[int, ...]] | None:
     prompts = list(_NORM_PROMPTS) if prompts is None else [prompts] if isinstance(prompts, str) else list(prompts)
     skip = 1 if model.cfg.default_prepend_bos else 0
     norms: list[torch.Tensor] = []
     shape: tuple[int, ...] = ()
     for prompt in prompts:
         act = _site_activation(model, prompt, site, None, None, skip)  # [pos, *site shape]
+        if act is None:  # split over processes: rank 0 has it
+            continue
         norms.append(act.float().flatten(1).norm(dim=-1))
         shape = tuple(act.shape[1:])
-    return float(torch.cat(norms).mean()), shape
+    return (float(torch.cat(norms).mean()), shape) if model.blocks.gets_output else None
 
 
 def steering_coeff(
     model: HookedModel,
     site: str,
-    vector: torch.Tensor,
+    vector: torch.Tensor | None,
     fraction: float = 0.5,
     prompts: str | Sequence[str] | None = None,
-) -> float:
-    """The coefficient at which ``coeff * ||vector||`` is ``fraction`` of ``site``'s typical norm.
+) -> float | None:
+    """The coefficient at which ``coeff * ||vector||`` is ``fraction`` of ``site``'s typical norm
+    (split over processes: on rank 0, None on the other ranks, which may pass None as ``vector``).
 
     Args:
         model: the ``HookedTransformer``.
@@ -350,7 +370,10 @@ def steering_coeff(
             fraction; several times the norm replaces the stream instead of steering it).
         prompts: where to measure the typical norm (``residual_norm``; default: a few everyday sentences).
     """
-    typical, shape = _typical_norm(model, site, prompts)
+    measured = _typical_norm(model, site, prompts)
+    if measured is None or vector is None:
+        return None
+    typical, shape = measured
     v = vector.detach().float()
     if tuple(v.shape) == shape:
         vnorm = float(v.norm())
@@ -370,7 +393,7 @@ def _site_activation(
     reduce: Reduce,
     prepend_bos: bool | None = None,
     skip: int = 0,
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     tokens, mask = model.tokens_and_mask(prompts, prepend_bos=prepend_bos, padding_side="right")
     # Blocks above the site cannot change it: stop after its block.
@@ -378,6 +401,8 @@ def _site_activation(
     stop = layer + 1 if layer is not None and layer + 1 < model.cfg.n_layers else None
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=site, stop_at_layer=stop)
+    if cache is None:  # split over processes: rank 0 has the cache
+        return None
     act = cache[site]  # [batch, pos, ...]
     real = torch.ones(tokens.shape, dtype=act.dtype, device=act.device) if mask is None else mask.to(act.dtype)
     if skip and act.shape[1] > skip:

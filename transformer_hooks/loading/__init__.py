@@ -54,9 +54,10 @@ from ..processing import REWRITE_EMBEDDINGS, STEPS, ProcessingOptions, processed
 from ..resolution import Checkpoint, resolve_checkpoint
 from ..tokens import default_prepend_bos
 from .build import OneDevice, build_and_fill, build_on_meta, finish, materialize  # noqa: F401
-from .modes import execution_mode
+from .groups import group_of
+from .modes import current_mode, execution_mode
 from .options import LoadOptions
-from .placement import Placed, check_compute_device
+from .placement import check_compute_device
 
 # Buffers some HF checkpoints store that are not weights (causal masks, rotary tables).
 IGNORED_HF_TENSORS = re.compile(
@@ -152,17 +153,13 @@ def processed_copy(model: HookedTransformer, options: ProcessingOptions) -> Hook
     this serves ``process_weights_``, which drops the old modules."""
     if not steps_for(model.cfg, options):
         return model
-    if model.placement.kind == "pipeline":
-        raise ValueError(
-            "this model is split over processes (pipeline_ranks) and holds only some blocks' weights: "
-            "load it with the processing you want instead (from_pretrained's fold_ln, center_* flags)"
-        )
+    mode = current_mode(model)
     params = dict(model.named_parameters(remove_duplicate=False))
-    weights = {name: p.detach() for name, p in params.items()}
+    # Split over processes, each rank processes the groups it holds (every step works within a
+    # group: embeddings, a block, or final norm + unembedding) and the others stay meta.
+    weights = {name: p.detach() for name, p in params.items() if mode.reads(group_of(name))}
     frozen = {name for name, p in params.items() if not p.requires_grad}
     tied = model.unembed.W_U.untyped_storage().data_ptr() == model.embed.W_E.untyped_storage().data_ptr()
-    placed = model.placement.device_map
-    mode = Placed(dict(placed)) if placed is not None else OneDevice(model.device)
     groups: list[Group] = [("weights", "", lambda: dict(weights))]
     new = build_and_fill(model.cfg, options, groups, model.tokenizer, model.dtype, "processing", tied, mode)
     for name, param in new.named_parameters(remove_duplicate=False):

@@ -62,3 +62,15 @@ def _timedelta(timeout: Any) -> datetime.timedelta:
     if timeout is None:
         return DEFAULT_TIMEOUT
     return timeout if isinstance(timeout, datetime.timedelta) else datetime.timedelta(seconds=float(timeout))
+
+
+def current_mode(model: Any) -> OneDevice:
+    """The mode a built model runs in, as a load would apply it (for rebuilding it:
+    ``process_weights_``): its placement over devices, its pipeline stage, or one device."""
+    from .pipeline import PipelineBlocks, Pipelined
+    from .placement import Placed
+
+    if isinstance(model.blocks, PipelineBlocks):
+        return Pipelined(model.blocks.stage)
+    placed = model.placement.device_map
+    return Placed(dict(placed)) if placed is not None else OneDevice(model.device)

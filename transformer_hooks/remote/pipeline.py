@@ -9,9 +9,9 @@ rank 0 gathers the cached sites. When idle, rank 0 broadcasts a heartbeat now an
 followers' waits never reach the process group's timeout; on shutdown it tells them to stop.
 
 Only ``run`` requests (forwards with sites and interventions) and tokenizing are served this
-way: the sweeps, attribution patching and generate need a model in one process
-(``start_at_layer``, gradients and the KV cache do not cross ranks), and DLA needs every
-block's weights on rank 0.
+way. The sweeps, attribution patching, generate and the weight views do run on a split model
+when every rank's script calls them (loading/pipeline.py), but the server does not yet
+announce them to the followers.
 """
 
 from __future__ import annotations

@@ -125,10 +125,12 @@ def _resolve(model: HookedModel, ab: Ablation, n_pos: int) -> tuple[Ablation, _S
 # Ablation values ----------------------------------------------------------------------------
 def _reference_activations(
     model: HookedModel, reference: Any, names: Sequence[str]
-) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+) -> tuple[dict[str, torch.Tensor] | None, torch.Tensor | None]:
     """Activations of the reference prompts at ``names`` and their padding mask (or None).
 
-    ``reference``: strings, tokens [n_ref, pos], or a cache / dict of activations by name."""
+    ``reference``: strings, tokens [n_ref, pos], or a cache / dict of activations by name.
+    Split over processes, the activations are on rank 0 (None on the others, which may pass
+    None for a cache)."""
     if isinstance(reference, torch.Tensor) or isinstance(reference, str) or _is_strings(reference):
         if isinstance(reference, torch.Tensor):
             if reference.dtype.is_floating_point or reference.ndim != 2:
@@ -145,7 +147,9 @@ def _reference_activations(
         tokens, mask = model.tokens_and_mask(reference, padding_side="right")
         with torch.no_grad():
             _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=list(names))
-        return {n: cache[n] for n in names}, mask
+        return (None if cache is None else {n: cache[n] for n in names}), mask
+    if not model.blocks.gets_output:
+        return None, None
     acts = {}
     for n in names:
         if n not in reference:
@@ -242,19 +246,27 @@ def _values(
     per_position: bool,
     seed: int,
 ) -> dict[tuple[str, str], torch.Tensor]:
-    """(site, kind) -> ablation value, from one reference forward for every site that needs it."""
+    """(site, kind) -> ablation value, from one reference forward for every site that needs it.
+    Split over processes, the values are made on rank 0 and each goes to the rank that runs its
+    site (``model.blocks.to_sites``; a meta tensor stands in elsewhere)."""
     needs = sorted({a.site for a in ablations if a.kind != "zero"})
-    if needs and reference is None:
+    here = model.blocks.gets_output
+    if needs and reference is None and here:
         raise ValueError(f"mean and resample ablations need reference prompts (reference=...): {needs}")
-    if needs and not isinstance(reference, dict) and len(reference) == 0:
+    if needs and here and not isinstance(reference, dict) and len(reference) == 0:
         raise ValueError(f"the reference set is empty: mean and resample ablations of {needs} need at least one prompt")
     ref_acts, ref_mask = _reference_activations(model, reference, needs) if needs else ({}, None)
     out: dict[tuple[str, str], torch.Tensor] = {}
-    for a in ablations:
-        if (a.site, a.kind) not in out:
-            out[(a.site, a.kind)] = ablation_value(
-                model, a.site, a.kind, tokens, ref_acts.get(a.site), ref_mask, per_position, seed
-            )
+    for kind in dict.fromkeys(a.kind for a in ablations):
+        by_site = None
+        if here:
+            assert ref_acts is not None  # the process with the output has the reference activations
+            by_site = {
+                a.site: ablation_value(model, a.site, kind, tokens, ref_acts.get(a.site), ref_mask, per_position, seed)
+                for a in ablations
+                if a.kind == kind
+            }
+        out.update({(site, kind): value for site, value in model.blocks.to_sites(by_site).items()})
     return out
 
 
@@ -310,7 +322,7 @@ def ablate(
         by_site.setdefault(a.site, []).append((a, sel))
     with torch.no_grad(), model.hooks(fwd_hooks=[(s, make_hook(e)) for s, e in by_site.items()]):
         logits = model(toks)
-    return logits if metric is None else metric(logits)
+    return logits if metric is None or logits is None else metric(logits)
 
 
 def _tup(x: Any) -> tuple[int, ...] | None:
@@ -333,7 +345,7 @@ def run_ablations(
     vectorized_metric: bool = False,
     progress: bool = False,
     metric_positions: int | Sequence[int] | None = None,
-) -> Float[torch.Tensor, " n_ablations"]:
+) -> Float[torch.Tensor, " n_ablations"] | None:
     """The metric of each ablated run (one ablation per run), many runs per forward.
 
     Each run joins the stacked batch at its site's block, and with ``metric_positions``
@@ -356,7 +368,7 @@ def run_ablations(
             continue
         patches = [Patch(resolved[i][0].site, (i,), resolved[i][1]) for i in rows]
         clean = {p.site: values[(p.site, kind)] for p in patches}
-        out[rows] = run_patches(
+        scores = run_patches(
             model,
             toks,
             clean,
@@ -368,8 +380,10 @@ def run_ablations(
             progress=progress,
             desc=f"{kind} ablation",
             metric_positions=metric_positions,
-        ).cpu()
-    return out.to(model.device)
+        )
+        if scores is not None:  # None: another process of a split model has them
+            out[rows] = scores.cpu()
+    return out.to(model.device) if model.blocks.gets_output else None
 
 
 # Sweeps -------------------------------------------------------------------------------------
@@ -388,7 +402,7 @@ def ablation_sweep(
     seed: int = 0,
     layers: Sequence[int] | None = None,
     **kwargs: Any,
-) -> Float[torch.Tensor, "layer index"]:
+) -> Float[torch.Tensor, "layer index"] | None:
     """The metric with each (layer, head), (layer, neuron) or (layer, pos) ablated on its own.
 
     ``activation_name``: a TL short name (``"z"``, ``"q"``, ``"result"``, ``"post"``, ...).
@@ -428,4 +442,4 @@ def ablation_sweep(
     out = run_ablations(
         model, toks, ablations, metric, reference=reference, per_position=per_position, seed=seed, **kwargs
     )
-    return out.reshape(len(names), n)
+    return None if out is None else out.reshape(len(names), n)

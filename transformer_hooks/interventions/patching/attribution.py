@@ -49,7 +49,7 @@ def attribution_products(
     clean_cache: Any,
     patching_metric: PatchingMetric,
     sites: Sequence[str],
-) -> dict[str, torch.Tensor]:
+) -> dict[str, torch.Tensor] | None:
     """``(clean - corrupted) * d metric / d activation`` at each site, elementwise, from one
     corrupted forward and one backward. Summing it over a patch's elements estimates that
     patch's effect on the metric (to first order).
@@ -58,27 +58,35 @@ def attribution_products(
     sites' activations only, so no parameter's ``.grad`` is touched. ``sites`` are full
     hook names; ``model``, ``corrupted_tokens``, ``clean_cache`` and ``patching_metric`` as
     in the package docstring.
+
+    Split over processes (``pipeline_ranks``): every rank calls it (``clean_cache`` is read on
+    rank 0; the other ranks may pass None); the gradient crosses the ranks backwards, each
+    rank computes its own sites' products and rank 0 returns them all (None elsewhere).
     """
     tokens = _corrupted_tokens(model, corrupted_tokens)
     clean = _clean_sites(model, clean_cache, sites, tokens)
     _trial_metric(model, patching_metric, tokens, vectorized=False)
     acts, grads = _acts_and_grads(model, tokens, patching_metric, list(clean))
-    return {site: (clean[site] - acts[site]) * grads[site] for site in clean}
+    products = {site: (clean[site] - acts[site]) * grads[site] for site in acts}
+    return model.blocks.from_sites(products, list(clean))
 
 
 def _clean_sites(
     model: HookedModel, clean_cache: Any, sites: Sequence[str], tokens: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    clean = {}
+    """Each site's clean activation, read from the cache where the output is and sent to the
+    process that runs the site (``model.blocks.to_sites``)."""
     for site in sites:
         model.resolve_hook_names([site])
-        clean[site] = _clean_activation(model, clean_cache, site, tokens)
         if site_table.split_name(site)[1] == "attn.hook_attn_scores":
             raise ValueError(
                 "attention scores hold -inf at masked positions, so (clean - corrupted) is undefined "
                 "there; attribute to 'pattern' instead"
             )
-    return clean
+    clean = None
+    if model.blocks.gets_output:
+        clean = {site: _clean_activation(model, clean_cache, site, tokens) for site in sites}
+    return model.blocks.to_sites(clean)
 
 
 def _acts_and_grads(
@@ -91,7 +99,7 @@ def _acts_and_grads(
     """The corrupted run's activations at ``sites`` and the metric's gradient there (zeros
     where the metric does not depend on a site). ``drop_layer``: GradDrop, the gradient
     flowing back through that block's writes to the residual stream (attn_out, mlp_out) is
-    zeroed."""
+    zeroed. Split over processes, each rank returns the sites it runs (``model.blocks.grad``)."""
     acts: dict[str, torch.Tensor] = {}
 
     def as_leaf(x: torch.Tensor, hook: HookPoint) -> torch.Tensor | None:
@@ -110,19 +118,23 @@ def _acts_and_grads(
         bwd = [(f"blocks.{drop_layer}.hook_attn_out", drop), (f"blocks.{drop_layer}.hook_mlp_out", drop)]
     with torch.enable_grad(), model.hooks(fwd_hooks=hooks, bwd_hooks=bwd):
         logits = model(tokens)
-        value = patching_metric(logits)
-        if not isinstance(value, torch.Tensor) or value.numel() != 1:
-            _check_metric_output(value, 1, vectorized=False)
-        if not value.requires_grad:
-            raise ValueError(
-                "patching_metric's output does not depend differentiably on the logits (no gradient): "
-                "attribution patching needs a metric built from torch ops on the logits, without "
-                ".item(), argmax or comparisons"
-            )
-        grads = torch.autograd.grad(value.sum(), [acts[s] for s in sites], allow_unused=True)
+        value = None
+        if logits is not None:  # None: another process of a split model gets the logits
+            value = patching_metric(logits)
+            if not isinstance(value, torch.Tensor) or value.numel() != 1:
+                _check_metric_output(value, 1, vectorized=False)
+            if not value.requires_grad:
+                raise ValueError(
+                    "patching_metric's output does not depend differentiably on the logits (no gradient): "
+                    "attribution patching needs a metric built from torch ops on the logits, without "
+                    ".item(), argmax or comparisons"
+                )
+            value = value.sum()
+        here = [s for s in sites if s in acts]  # the sites this process runs
+        grads = model.blocks.grad(value, [acts[s] for s in here])
     return (
-        {s: acts[s].detach() for s in sites},
-        {s: torch.zeros_like(acts[s]) if g is None else g.detach() for s, g in zip(sites, grads, strict=True)},
+        {s: acts[s].detach() for s in here},
+        {s: torch.zeros_like(acts[s]) if g is None else g.detach() for s, g in zip(here, grads, strict=True)},
     )
 
 
@@ -154,7 +166,7 @@ def generic_attribution_patch(
     *,
     method: str = "atp",
     grad_drop: bool = False,
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     """Attribution-patching estimate of ``generic_activation_patch(...) - metric(corrupted logits)``.
 
     Same grid and shape as the sweep with these ``index_axis_names`` (layer first), for any
@@ -185,7 +197,7 @@ def generic_attribution_patch(
     ``activation_name``: the site's short name (``"z"``, ``"resid_pre"``, ...); ``model``,
     ``corrupted_tokens``, ``clean_cache`` and ``patching_metric`` as in the package docstring.
     """
-    return _attribution(
+    parts = _attribution(
         model,
         corrupted_tokens,
         clean_cache,
@@ -193,7 +205,8 @@ def generic_attribution_patch(
         [(activation_name, tuple(index_axis_names))],
         method=method,
         grad_drop=grad_drop,
-    )[0]
+    )
+    return None if parts is None else parts[0]
 
 
 def _attribution(
@@ -204,8 +217,9 @@ def _attribution(
     kinds: Sequence[tuple[str, tuple[str, ...]]],
     method: str = "atp",
     grad_drop: bool = False,
-) -> list[torch.Tensor]:
-    """One forward and backward (per dropped layer with ``grad_drop``) for several (activation_name, axes) kinds."""
+) -> list[torch.Tensor] | None:
+    """One forward and backward (per dropped layer with ``grad_drop``) for several (activation_name, axes) kinds.
+    Split over processes: rank 0 returns them, the other ranks None."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     n_layers = model.cfg.n_layers
@@ -224,25 +238,34 @@ def _attribution(
     extra, clean_post = _qk_sites(model, clean_cache, tokens, sorted({lay for _, lay, _ in qk.values()}))
     _trial_metric(model, patching_metric, tokens, vectorized=False)
 
-    def estimate(drop_layer: int | None) -> list[torch.Tensor]:
+    def estimate(drop_layer: int | None) -> list[torch.Tensor] | None:
         acts, grads = _acts_and_grads(model, tokens, patching_metric, list(dict.fromkeys(wanted + extra)), drop_layer)
-        out = []
-        for name, axes in kinds:
-            per_layer = []
+        local = {}  # each estimate where its site runs, keyed "site/kind" (split over processes)
+        for i, (name, axes) in enumerate(kinds):
             for site in sites[name]:
+                if site not in acts:
+                    continue
                 if site in qk:
                     which, layer, _ = qk[site]
-                    per_layer.append(_qk_fixed(model, layer, which, axes[1:], acts, grads, clean_post))
+                    local[f"{site}/{i}"] = _qk_fixed(model, layer, which, axes[1:], acts, grads, clean_post)
                 else:
-                    per_layer.append(_reduce((clean[site] - acts[site]) * grads[site], site, axes[1:]))
-            out.append(torch.stack(per_layer).detach())
-        return out
+                    local[f"{site}/{i}"] = _reduce((clean[site] - acts[site]) * grads[site], site, axes[1:])
+        names = [f"{site}/{i}" for i, (name, _) in enumerate(kinds) for site in sites[name]]
+        got = model.blocks.from_sites(local, names)
+        if got is None:  # rank 0 of a split model has them
+            return None
+        return [torch.stack([got[f"{site}/{i}"] for site in sites[name]]).detach() for i, (name, _) in enumerate(kinds)]
 
     if not grad_drop:
         return estimate(None)
     runs = [estimate(layer) for layer in range(n_layers)]
+    if any(run is None for run in runs):
+        return None
     # runs is non-empty (one per layer), so each sum is a tensor.
-    return [cast(torch.Tensor, sum(run[i].abs() for run in runs)) / max(n_layers - 1, 1) for i in range(len(kinds))]
+    return [
+        cast(torch.Tensor, sum(cast(list, run)[i].abs() for run in runs)) / max(n_layers - 1, 1)
+        for i in range(len(kinds))
+    ]
 
 
 def _post_names(model: HookedModel, layer: int) -> tuple[str, str]:
@@ -262,14 +285,17 @@ def _post_names(model: HookedModel, layer: int) -> tuple[str, str]:
 def _qk_sites(
     model: HookedModel, clean_cache: Any, tokens: torch.Tensor, layers: Sequence[int]
 ) -> tuple[list[str], dict[str, torch.Tensor]]:
-    """Sites the QK fix reads in the corrupted run, and the clean query/key vectors."""
-    extra, clean = [], {}
+    """Sites the QK fix reads in the corrupted run, and the clean query/key vectors (where
+    their block runs: ``model.blocks.to_sites``)."""
+    extra, names = [], []
     for layer in layers:
         q, k = _post_names(model, layer)
-        for site in (q, k):
-            clean[site] = _clean_activation(model, clean_cache, site, tokens)
+        names += [q, k]
         extra += [q, k, f"blocks.{layer}.attn.hook_attn_scores", f"blocks.{layer}.attn.hook_pattern"]
-    return extra, clean
+    clean = None
+    if model.blocks.gets_output:
+        clean = {site: _clean_activation(model, clean_cache, site, tokens) for site in names}
+    return extra, model.blocks.to_sites(clean)
 
 
 def _scores(attn: Any, q: torch.Tensor, k: torch.Tensor, group: int) -> Float[torch.Tensor, "batch head q_pos k_pos"]:
@@ -339,7 +365,7 @@ def _attr(name: str, activation_name: str, index_axis_names: tuple[str, ...], wh
         *,
         method: str = "atp",
         grad_drop: bool = False,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | None:
         return generic_attribution_patch(
             model,
             corrupted_tokens,
@@ -417,17 +443,16 @@ def get_attr_patch_block_every(
     clean_cache: Any,
     metric: PatchingMetric,
     **kwargs: Any,
-) -> Float[torch.Tensor, "3 layer pos"]:
+) -> Float[torch.Tensor, "3 layer pos"] | None:
     """Attribution estimates for resid_pre, attn_out, mlp_out by (layer, pos): ``[3, layer, pos]``, one backward.
 
     ``model``, ``corrupted_tokens``, ``clean_cache``, ``metric`` and ``**kwargs`` (``method``,
     ``grad_drop``) as in the package docstring (``transformer_hooks.interventions.patching``).
     """
-    return torch.stack(
-        _attribution(
-            model, corrupted_tokens, clean_cache, metric, [(name, axes) for name, axes, _ in _BLOCK_KINDS], **kwargs
-        )
+    parts = _attribution(
+        model, corrupted_tokens, clean_cache, metric, [(name, axes) for name, axes, _ in _BLOCK_KINDS], **kwargs
     )
+    return None if parts is None else torch.stack(parts)
 
 
 def get_attr_patch_attn_head_all_pos_every(
@@ -436,7 +461,7 @@ def get_attr_patch_attn_head_all_pos_every(
     clean_cache: Any,
     metric: PatchingMetric,
     **kwargs: Any,
-) -> Float[torch.Tensor, "5 layer head"]:
+) -> Float[torch.Tensor, "5 layer head"] | None:
     """Attribution estimates for z, q, k, v, pattern per head: ``[5, layer, head]`` (GQA k/v padded with 0).
 
     ``model``, ``corrupted_tokens``, ``clean_cache``, ``metric`` and ``**kwargs`` (``method``,
@@ -445,6 +470,8 @@ def get_attr_patch_attn_head_all_pos_every(
     parts = _attribution(
         model, corrupted_tokens, clean_cache, metric, [(name, axes) for name, axes, _ in _HEAD_ALL_POS_KINDS], **kwargs
     )
+    if parts is None:
+        return None
     return torch.stack([_pad_heads(p, model.cfg.n_heads) for p in parts])
 
 
@@ -454,7 +481,7 @@ def get_attr_patch_attn_head_by_pos_every(
     clean_cache: Any,
     metric: PatchingMetric,
     **kwargs: Any,
-) -> Float[torch.Tensor, "5 layer pos head"]:
+) -> Float[torch.Tensor, "5 layer pos head"] | None:
     """Attribution estimates for z, q, k, v, pattern per head and position: ``[5, layer, pos, head]``.
 
     ``model``, ``corrupted_tokens``, ``clean_cache``, ``metric`` and ``**kwargs`` (``method``,
@@ -463,5 +490,7 @@ def get_attr_patch_attn_head_by_pos_every(
     parts = _attribution(
         model, corrupted_tokens, clean_cache, metric, [(name, axes) for name, axes, _ in _HEAD_BY_POS_KINDS], **kwargs
     )
+    if parts is None:
+        return None
     parts[-1] = rearrange(parts[-1], "layer head pos -> layer pos head")
     return torch.stack([_pad_heads(p, model.cfg.n_heads) for p in parts])

@@ -198,7 +198,10 @@ def _check_metric_output(value: Any, n_patches: int, vectorized: bool) -> torch.
 
 
 def _trial_metric(model: HookedModel, metric: PatchingMetric, tokens: torch.Tensor, vectorized: bool) -> None:
-    """Call the metric once on zero logits, to check the shape it returns before any forward."""
+    """Call the metric once on zero logits, to check the shape it returns before any forward
+    (where the metric runs: the process that gets the logits)."""
+    if not model.blocks.gets_output:
+        return
     shape = (1, *tokens.shape, model.cfg.d_vocab) if vectorized else (*tokens.shape, model.cfg.d_vocab)
     try:
         value = metric(torch.zeros(shape, dtype=model.dtype, device=model.device))
@@ -258,15 +261,19 @@ def sweep_patches(
     patches: list[Patch],
     metric: PatchingMetric,
     **run_kwargs: Any,
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     """``run_patches`` of ``model`` on ``tokens`` with ``patches`` after reading each patched
     site's clean activation from ``clean_cache`` (checked against ``tokens``) and calling the
-    metric once on trial logits; ``**run_kwargs`` go to ``run_patches``."""
-    clean = {
-        site: _clean_activation(model, clean_cache, site, tokens) for site in dict.fromkeys(p.site for p in patches)
-    }
+    metric once on trial logits; ``**run_kwargs`` go to ``run_patches``.
+
+    Split over processes, ``clean_cache`` is read where ``run_with_cache`` returned it (rank
+    0; the other ranks may pass None) and each site's activation goes to the rank that runs it."""
+    clean = None
+    if model.blocks.gets_output:
+        sites_ = dict.fromkeys(p.site for p in patches)
+        clean = {site: _clean_activation(model, clean_cache, site, tokens) for site in sites_}
     _trial_metric(model, metric, tokens, run_kwargs.get("vectorized_metric", False))
-    return run_patches(model, tokens, clean, patches, metric, **run_kwargs)
+    return run_patches(model, tokens, model.blocks.to_sites(clean), patches, metric, **run_kwargs)
 
 
 def run_patches(
@@ -282,7 +289,7 @@ def run_patches(
     progress: bool = True,
     desc: str = "patching",
     metric_positions: int | Sequence[int] | None = None,
-) -> Float[torch.Tensor, " n_patches"]:
+) -> Float[torch.Tensor, " n_patches"] | None:
     """The metric of each patched run, stacking patches on the batch axis.
 
     ``clean_activations`` maps each site to its clean activation; inputs are assumed
@@ -299,6 +306,10 @@ def run_patches(
     ``corrupted_tokens``, ``patching_metric``, ``batch_size``, ``max_batch_bytes``,
     ``vectorized_metric`` and ``progress`` as in ``generic_activation_patch``; ``desc``: the
     progress bar's label.
+
+    Split over processes (``pipeline_ranks``): every rank calls it alike, each with the clean
+    activations of the sites it runs (``model.blocks.to_sites``; a meta tensor elsewhere);
+    the metric runs on rank 0, which returns the values; the other ranks return None.
     """
     tokens = corrupted_tokens
     batch = tokens.shape[0]
@@ -310,13 +321,15 @@ def run_patches(
     if per_chunk < 1:
         raise ValueError(f"batch_size must be at least 1 (patches per forward), got {batch_size}")
 
+    # The corrupted run's residual stream entering each layer where patches join, one
+    # segment of the forward after another (split over processes, each stays on the rank
+    # that runs that layer).
     resid_pre: dict[int, torch.Tensor] = {}
-    if any(start_of):
-        layers = sorted(L for L in set(start_of) if L > 0)
-        names = [f"blocks.{L}.hook_resid_pre" for L in layers]
-        with torch.no_grad():
-            _, cache = model.run_with_cache(tokens, names_filter=names, return_cache_object=False)
-        resid_pre = {L: cache[name] for L, name in zip(layers, names, strict=True)}
+    x, start = tokens, None
+    with torch.no_grad():
+        for layer in sorted(L for L in set(start_of) if L > 0):
+            x = resid_pre[layer] = model(x, start_at_layer=start, stop_at_layer=layer)
+            start = layer
 
     out = torch.empty(len(patches), dtype=torch.float32)
     with tqdm(total=len(patches), desc=desc, disable=not progress) as bar:
@@ -327,10 +340,11 @@ def run_patches(
             joins = list(Counter(start_of[i] for i in chunk).items())  # [(layer, rows joining there)], ascending
             with torch.no_grad(), model.hooks(fwd_hooks=hooks):
                 logits = _growing_forward(model, tokens, resid_pre, joins, positions)
-            logits = logits.unflatten(0, (n, batch))  # [patch, batch, pos, d_vocab]
-            out[torch.tensor(chunk)] = _metric_per_patch(patching_metric, logits, vectorized_metric).cpu()
+            if logits is not None:  # None: another process of a split model gets the output
+                logits = logits.unflatten(0, (n, batch))  # [patch, batch, pos, d_vocab]
+                out[torch.tensor(chunk)] = _metric_per_patch(patching_metric, logits, vectorized_metric).cpu()
             bar.update(n)
-    return out.to(model.device)
+    return out.to(model.device) if model.blocks.gets_output else None
 
 
 def _growing_forward(
@@ -339,7 +353,7 @@ def _growing_forward(
     resid_pre: dict[int, torch.Tensor],
     joins: list[tuple[int, int]],
     positions: list[int] | None,
-) -> Float[torch.Tensor, "rows pos d_vocab"]:
+) -> Float[torch.Tensor, "rows pos d_vocab"] | None:
     """One stacked forward whose rows join at their start layers: ``joins`` lists (layer,
     number of patch rows joining there) in ascending layer order; each patch row is a copy
     of the corrupted batch. Rows already in the batch run blocks ``[L_i, L_{i+1})``, then the
@@ -362,24 +376,24 @@ def _growing_forward(
 
 def _final(
     model: HookedModel, input: torch.Tensor, start: int | None, positions: list[int] | None
-) -> Float[torch.Tensor, "rows pos d_vocab"]:
+) -> Float[torch.Tensor, "rows pos d_vocab"] | None:
     """The rest of the forward from block ``start`` (tokens if None); with ``positions``,
-    only those positions are unembedded and the others are NaN."""
+    only those positions are unembedded and the others are NaN. None where the output is
+    not (another process of a split model)."""
     if positions is None:
         return model(input, start_at_layer=start)
-    normed: dict[str, torch.Tensor] = {}
 
-    def keep(module: Any, args: Any, out: torch.Tensor) -> None:
-        normed["x"] = out
+    def pick(module: Any, args: tuple) -> tuple:
+        return (args[0][:, positions], *args[1:])  # the unembedding reads only these positions
 
-    handle = model.ln_final.register_forward_hook(keep)
+    handle = model.unembed.register_forward_pre_hook(pick)
     try:
-        model(input, start_at_layer=start, return_type=None)  # runs ln_final, skips the unembedding
+        picked = model(input, start_at_layer=start)
     finally:
         handle.remove()
-    x = normed["x"]
-    picked = model.unembed(x[:, positions])
-    logits = picked.new_full((*x.shape[:2], picked.shape[-1]), float("nan"))
+    if picked is None:
+        return None
+    logits = picked.new_full((picked.shape[0], input.shape[1], picked.shape[-1]), float("nan"))
     logits[:, positions] = picked
     return logits
 
@@ -401,6 +415,8 @@ def _metric_positions(
         raise ValueError("metric_positions is empty: give the positions the metric reads (e.g. -1), or None")
     of = f"tokens of {n_pos} positions (metric_positions)"
     positions = sorted({check_index(int(p), n_pos, "position", of) for p in values})
+    if not model.blocks.gets_output:  # the metric runs where the logits are
+        return positions
     shape = (1, *tokens.shape, model.cfg.d_vocab) if vectorized else (*tokens.shape, model.cfg.d_vocab)
     trial = torch.full(shape, float("nan"), dtype=model.dtype, device=model.device)
     trial[..., positions, :] = 0
@@ -531,6 +547,8 @@ def generic_activation_patch(
         desc=f"patching {activation_name}",
         metric_positions=metric_positions,
     )
+    if values is None:  # split over processes: rank 0 has the values
+        return None
     if index_df is None:
         values = values.reshape(grid)
     if not return_index_df:

@@ -231,9 +231,10 @@ def _every(
     kinds: tuple,
     desc: str,
     **run_kwargs: Any,
-) -> list[torch.Tensor]:
-    """One sweep over several sites' grids (``kinds``: name, axes, setter), split back per site.
-    ``run_kwargs``: ``run_patches``'s keywords (batch_size, max_batch_bytes, ...)."""
+) -> list[torch.Tensor] | None:
+    """One sweep over several sites' grids (``kinds``: name, axes, setter), split back per site
+    (None where a split model's output is not). ``run_kwargs``: ``run_patches``'s keywords
+    (batch_size, max_batch_bytes, ...)."""
     tokens = _corrupted_tokens(model, corrupted_tokens)
     patches, grids = [], []
     for name, axes, setter in kinds:
@@ -241,6 +242,8 @@ def _every(
         patches += [Patch(_site(model, name, row[0]), row, setter) for row in rows]
         grids.append(grid)
     values = sweep_patches(model, tokens, clean_cache, patches, patching_metric, desc=desc, **run_kwargs)
+    if values is None:
+        return None
     return [part.reshape(grid) for part, grid in zip(values.split([_numel(g) for g in grids]), grids, strict=True)]
 
 
@@ -264,13 +267,14 @@ def get_act_patch_block_every(
     clean_cache: Any,
     metric: PatchingMetric,
     **kwargs: Any,
-) -> Float[torch.Tensor, "3 layer pos"]:
+) -> Float[torch.Tensor, "3 layer pos"] | None:
     """``resid_pre``, ``attn_out`` and ``mlp_out`` sweeps by (layer, pos), stacked: ``[3, layer, pos]``.
 
     ``model``, ``corrupted_tokens``, ``clean_cache``, ``metric`` and ``**kwargs`` as in the
     package docstring (``transformer_hooks.interventions.patching``).
     """
-    return torch.stack(_every(model, corrupted_tokens, clean_cache, metric, _BLOCK_KINDS, "patching block", **kwargs))
+    parts = _every(model, corrupted_tokens, clean_cache, metric, _BLOCK_KINDS, "patching block", **kwargs)
+    return None if parts is None else torch.stack(parts)
 
 
 def get_act_patch_attn_head_all_pos_every(
@@ -279,7 +283,7 @@ def get_act_patch_attn_head_all_pos_every(
     clean_cache: Any,
     metric: PatchingMetric,
     **kwargs: Any,
-) -> Float[torch.Tensor, "5 layer head"]:
+) -> Float[torch.Tensor, "5 layer head"] | None:
     """Every head (all positions) for output z, q, k, v and pattern: ``[5, layer, head]``.
 
     Under GQA the k and v rows have n_kv_heads real entries; the rest are 0 (as TransformerLens).
@@ -288,6 +292,8 @@ def get_act_patch_attn_head_all_pos_every(
     package docstring (``transformer_hooks.interventions.patching``).
     """
     parts = _every(model, corrupted_tokens, clean_cache, metric, _HEAD_ALL_POS_KINDS, "patching heads", **kwargs)
+    if parts is None:
+        return None
     return torch.stack([_pad_heads(p, model.cfg.n_heads) for p in parts])
 
 
@@ -297,7 +303,7 @@ def get_act_patch_attn_head_by_pos_every(
     clean_cache: Any,
     metric: PatchingMetric,
     **kwargs: Any,
-) -> Float[torch.Tensor, "5 layer pos head"]:
+) -> Float[torch.Tensor, "5 layer pos head"] | None:
     """Every head at every position for z, q, k, v and pattern (by destination): ``[5, layer, pos, head]``.
 
     Under GQA the k and v rows have n_kv_heads real entries; the rest are 0 (as TransformerLens).
@@ -306,5 +312,7 @@ def get_act_patch_attn_head_by_pos_every(
     package docstring (``transformer_hooks.interventions.patching``).
     """
     parts = _every(model, corrupted_tokens, clean_cache, metric, _HEAD_BY_POS_KINDS, "patching heads by pos", **kwargs)
+    if parts is None:
+        return None
     parts[-1] = rearrange(parts[-1], "layer head pos -> layer pos head")
     return torch.stack([_pad_heads(p, model.cfg.n_heads) for p in parts])
