@@ -145,3 +145,144 @@ def test_hook_point_repr_and_user_hook_as_transformerlens():
     point.add_hook(hook, dir="bwd")
     assert repr(point) == "HookPoint(name='blocks.0.hook_resid_post', 1 fwd, 1 bwd)"
     assert [h.user_hook for h in model.list_hooks()["blocks.0.hook_resid_post"]] == [hook, hook]
+
+
+def gqa_model(seed: int = 0) -> HookedTransformer:
+    return tiny_model(n_heads=4, n_key_value_heads=2, seed=seed)
+
+
+def test_ungroup_grouped_query_attention_repeats_each_kv_head_per_query_head():
+    model = gqa_model()
+    tokens = torch.arange(1, 9)[None]
+    names = ["blocks.0.attn.hook_k", "blocks.0.attn.hook_v", "blocks.0.hook_k_input", "blocks.0.attn.hook_z"]
+    grouped_logits, grouped = model.run_with_cache(tokens, names_filter=names)
+    assert grouped["blocks.0.attn.hook_k"].shape[2] == 2
+
+    model.cfg.ungroup_grouped_query_attention = True  # TransformerLens's idiom, as set_ungroup_...(True)
+    logits, cache = model.run_with_cache(tokens, names_filter=names)
+    for name in names[:2]:  # query head h reads kv head h // 2
+        torch.testing.assert_close(cache[name], grouped[name].repeat_interleave(2, dim=2))
+    assert cache["blocks.0.hook_k_input"].shape[2] == 4
+    torch.testing.assert_close(logits, grouped_logits, atol=1e-5, rtol=0)
+
+    def zero_head_1(k, hook):  # ungrouped, one query head's keys can be edited alone
+        k[:, :, 1] = 0
+        return k
+
+    with model.hooks(fwd_hooks=[("blocks.0.attn.hook_k", zero_head_1)]):
+        _, edited = model.run_with_cache(tokens, names_filter="blocks.0.attn.hook_z")
+    z, z_edited = cache["blocks.0.attn.hook_z"], edited["blocks.0.attn.hook_z"]
+    assert torch.equal(z_edited[:, :, [0, 2, 3]], z[:, :, [0, 2, 3]])
+    assert not torch.allclose(z_edited[:, :, 1], z[:, :, 1])
+
+    generated = model.generate(tokens, max_new_tokens=4, do_sample=False, verbose=False)
+    model.set_ungroup_grouped_query_attention(False)
+    assert torch.equal(generated, model.generate(tokens, max_new_tokens=4, do_sample=False, verbose=False))
+
+
+def test_a_transformerlens_gqa_state_dict_loads_strictly():
+    from weights_conversion.transformer_lens import to_transformer_lens_state_dict
+
+    source, target = gqa_model(seed=0), gqa_model(seed=1)
+    state = to_transformer_lens_state_dict(source)
+    assert "blocks.0.attn._W_K" in state and "blocks.0.attn.W_K" not in state
+    state["blocks.0.attn.mask"] = torch.ones(64, 64, dtype=torch.bool).tril()  # TransformerLens's buffers
+    state["blocks.0.attn.IGNORE"] = torch.tensor(-torch.inf)
+    target.load_state_dict(state, strict=True)
+    tokens = torch.arange(1, 9)[None]
+    assert torch.equal(target(tokens), source(tokens))
+
+
+def test_unembed_hook_in_and_hook_out_are_the_unembedding_input_and_the_logits():
+    model = tiny_model()
+    tokens = torch.arange(1, 9)[None]
+    logits, cache = model.run_with_cache(tokens)
+    assert torch.equal(cache["unembed.hook_out"], logits)
+    torch.testing.assert_close(model.unembed.W_U.T @ cache["unembed.hook_in"][0, 3] + model.unembed.b_U, logits[0, 3])
+
+    def zero(x, hook):
+        return torch.zeros_like(x)
+
+    bias_only = model.run_with_hooks(tokens, fwd_hooks=[("unembed.hook_in", zero)])
+    assert torch.equal(bias_only, model.unembed.b_U.expand_as(logits))
+    assert torch.equal(model.run_with_hooks(tokens, fwd_hooks=[("unembed.hook_out", zero)]), torch.zeros_like(logits))
+
+
+def test_errors_transformerlens_asserts_or_lets_torch_raise_are_those_types_too():
+    from transformer_hooks import FactoredMatrix
+
+    model = tiny_model()
+    model.tokenizer = None
+    with pytest.raises(AssertionError, match="no tokenizer"):
+        model.generate("hello", max_new_tokens=2, verbose=False)
+    with pytest.raises(AssertionError, match="eos_token_id"):
+        model.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=2, stop_at_eos=True, verbose=False)
+    with pytest.raises(RuntimeError, match="mismatch") as error:  # torch's broadcast error in TransformerLens
+        FactoredMatrix(torch.ones(9, 5, 3), torch.ones(2, 4, 3, 7))
+    assert isinstance(error.value, ValueError | AssertionError)
+    with pytest.raises(RuntimeError):
+        torch.randn(4, 6, 3) @ FactoredMatrix(torch.randn(2, 3, 4), torch.randn(2, 4, 6))
+
+
+class Wrapped:
+    """A tensor wrapper with the protocol FactoredMatrix multiplies by (not a torch.Tensor)."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+    ndim = property(lambda self: self.tensor.ndim)
+    shape = property(lambda self: self.tensor.shape)
+
+    def broadcast_to(self, shape):
+        return Wrapped(self.tensor.broadcast_to(shape))
+
+    def __matmul__(self, other):
+        return NotImplemented if not isinstance(other, torch.Tensor | Wrapped) else Wrapped(self.tensor @ _raw(other))
+
+    def __rmatmul__(self, other):
+        return Wrapped(_raw(other) @ self.tensor)
+
+
+def _raw(x):
+    return x.tensor if isinstance(x, Wrapped) else x
+
+
+def test_factored_matrix_multiplies_by_a_tensor_like_object_through_its_own_matmul():
+    from transformer_hooks import FactoredMatrix
+
+    a, b, right, left = torch.randn(2, 3), torch.randn(3, 4), torch.randn(4, 5), torch.randn(5, 2)
+    product = FactoredMatrix(a, b) @ Wrapped(right)
+    assert isinstance(product, FactoredMatrix) and isinstance(product.AB, Wrapped)
+    torch.testing.assert_close(product.AB.tensor, a @ b @ right)
+    product = Wrapped(left) @ FactoredMatrix(a, b)
+    assert isinstance(product, FactoredMatrix) and isinstance(product.AB, Wrapped)
+    torch.testing.assert_close(product.AB.tensor, left @ a @ b)
+
+    matrix = FactoredMatrix(torch.randn(4, 3), torch.randn(3, 4))
+    with pytest.warns(DeprecationWarning, match="use .V"):
+        assert torch.equal(matrix.Vh, matrix.V)
+
+
+def test_batch_methods_leave_entries_without_the_batch_axis_alone():
+    from transformer_hooks import ActivationCache
+
+    cache = ActivationCache(
+        {
+            "blocks.0.hook_resid_pre": torch.randn(3, 5, 4),
+            "blocks.0.hook_mlp_out": torch.randn(3, 5, 4),
+            "shared": torch.randn(1, 5),
+        },
+        model=None,
+    )
+    sliced = cache.apply_slice_to_batch_dim((1, 3))
+    assert torch.equal(sliced["blocks.0.hook_resid_pre"], cache["blocks.0.hook_resid_pre"][1:3])
+    assert torch.equal(sliced["shared"], cache["shared"])
+    with pytest.raises(AssertionError, match="batch size 3"):
+        cache.remove_batch_dim()
+
+    one = ActivationCache(
+        {"blocks.0.hook_resid_pre": torch.randn(1, 5, 4), "by_position": torch.randn(5, 5)}, model=None
+    )
+    by_position = one["by_position"]
+    one.remove_batch_dim()
+    assert one["blocks.0.hook_resid_pre"].shape == (5, 4) and one["by_position"] is by_position

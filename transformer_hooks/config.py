@@ -106,6 +106,9 @@ class ModelConfig:
     use_split_qkv_input: bool = field(default=False, compare=False)
     use_attn_in: bool = field(default=False, compare=False)
     use_hook_mlp_in: bool = field(default=False, compare=False)
+    # GQA: key/value heads repeated per query head before hook_k / hook_v (and the per-head
+    # k/v inputs), so those sites have n_heads heads (set_ungroup_grouped_query_attention).
+    ungroup_grouped_query_attention: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -256,7 +259,13 @@ class ModelConfig:
         return cls(**d)
 
 
-TL_SWITCHES = ("use_attn_result", "use_split_qkv_input", "use_attn_in", "use_hook_mlp_in")
+TL_SWITCHES = (
+    "use_attn_result",
+    "use_split_qkv_input",
+    "use_attn_in",
+    "use_hook_mlp_in",
+    "ungroup_grouped_query_attention",
+)
 _frozen_setattr = ModelConfig.__setattr__
 
 

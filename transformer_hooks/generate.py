@@ -28,6 +28,7 @@ from .components import KVCache
 from .progress import tqdm
 from .protocol import HookedModel
 from .tokens import is_text, require_tokenizer
+from .utils import CheckError
 
 if TYPE_CHECKING:
     from .tokens import ModelInput
@@ -94,8 +95,8 @@ def _stop_tokens(model: HookedModel, eos_token_id: int | Sequence[int] | None) -
     tokenizer_eos = getattr(model.tokenizer, "eos_token_id", None)
     if eos_token_id is None:
         eos_token_id = tokenizer_eos if tokenizer_eos is not None else model.cfg.eos_token_id
-    if eos_token_id is None:
-        raise ValueError(
+    if eos_token_id is None:  # TransformerLens asserts: a CheckError is also an AssertionError
+        raise CheckError(
             "stop_at_eos=True but neither the tokenizer nor the config names an end-of-sequence "
             "token: pass eos_token_id=..., or stop_at_eos=False"
         )

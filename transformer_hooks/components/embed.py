@@ -8,6 +8,7 @@ from jaxtyping import Float, Int
 from torch import nn
 
 from ..config import ModelConfig
+from ..hooks import HookPoint
 from .linear import linear
 from .softcap import softcap
 
@@ -58,7 +59,9 @@ class Unembed(nn.Module):
         self.W_U = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model).T)
         self.b_U = nn.Parameter(torch.empty(cfg.d_vocab))
         self.softcap = cfg.final_logit_softcap
+        self.hook_in = HookPoint()  # [batch, pos, d_model]: the normalised residual read
+        self.hook_out = HookPoint()  # [batch, pos, d_vocab]: the logits (after the cap)
 
     def forward(self, resid: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... d_vocab"]:
-        logits = linear(resid, self.W_U.T, self.b_U)
-        return logits if self.softcap is None else softcap(logits, self.softcap)
+        logits = linear(self.hook_in(resid), self.W_U.T, self.b_U)
+        return self.hook_out(logits if self.softcap is None else softcap(logits, self.softcap))

@@ -44,7 +44,8 @@ class KVCache:
     ) -> None:
         """``layer_devices``: each layer's buffers where that block runs (a model placed over
         devices); default ``device`` for all. The padding record stays on ``device``."""
-        shape = (batch, cfg.n_kv_heads, max_len, cfg.d_head)
+        heads = cfg.n_heads if cfg.ungroup_grouped_query_attention else cfg.n_kv_heads  # ungrouped: per query head
+        shape = (batch, heads, max_len, cfg.d_head)
         devices = list(layer_devices) if layer_devices is not None else [device] * cfg.n_layers
         self.layers = [
             LayerKVCache(self, torch.empty(shape, device=d, dtype=dtype), torch.empty(shape, device=d, dtype=dtype))

@@ -77,6 +77,7 @@ class HookedTransformerConfig:
     dtype: Any = None  # a torch.dtype; None: float32
     tokenizer_prepends_bos: bool | None = None
     n_key_value_heads: int | None = None
+    ungroup_grouped_query_attention: bool = False
     post_embedding_ln: bool = False
     rotary_base: float = 10000
     trust_remote_code: bool = False
@@ -206,6 +207,7 @@ class HookedTransformerConfig:
             use_split_qkv_input=self.use_split_qkv_input,
             use_attn_in=self.use_attn_in,
             use_hook_mlp_in=self.use_hook_mlp_in,
+            ungroup_grouped_query_attention=self.ungroup_grouped_query_attention,
         )
 
     def _check_local_attn(self) -> None:
