@@ -227,7 +227,8 @@ def plan_memory(
     kv_per_layer = 2 * batch * cfg.n_kv_heads * seq * cfg.d_head * size
     act = {g: 0 for g in params}
     for name, shape in cached_sites(cfg, batch, seq, cache).items():
-        act[group_of(name)] += math.prod(shape) * size
+        if name != "unembed.hook_out":  # the cache holds the forward's logits themselves: counted below
+            act[group_of(name)] += math.prod(shape) * size
     runtime = {g: params[g] * size + (kv_per_layer if g.startswith("blocks.") else 0) + act[g] for g in params}
     logits = batch * seq * cfg.d_vocab * size
     runtime["final"] += logits
