@@ -286,3 +286,32 @@ def test_batch_methods_leave_entries_without_the_batch_axis_alone():
     by_position = one["by_position"]
     one.remove_batch_dim()
     assert one["blocks.0.hook_resid_pre"].shape == (5, 4) and one["by_position"] is by_position
+
+
+def test_workflows_follow_or_refuse_ungrouped_keys():
+    from transformer_hooks.analysis.circuits import attribute_edges
+    from transformer_hooks.patching import get_act_patch_attn_head_k_all_pos
+
+    model = gqa_model()
+    clean, corrupted = torch.arange(1, 9)[None], torch.arange(11, 19)[None]
+    _, clean_cache = model.run_with_cache(clean)
+
+    def metric(logits):
+        return logits[:, -1, 3].sum()
+
+    model.set_ungroup_grouped_query_attention(True)
+    _, ungrouped_cache = model.run_with_cache(clean)
+    sweep = get_act_patch_attn_head_k_all_pos(model, corrupted, ungrouped_cache, metric)
+    assert sweep.shape == (1, 4)  # one column per query head's keys
+    by_hand = []
+    for head in range(4):
+
+        def patch(k, hook, head=head):
+            k[:, :, head] = ungrouped_cache["blocks.0.attn.hook_k"][:, :, head]
+            return k
+
+        by_hand.append(metric(model.run_with_hooks(corrupted, fwd_hooks=[("blocks.0.attn.hook_k", patch)])))
+    torch.testing.assert_close(sweep[0], torch.stack(by_hand).detach(), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="set_ungroup_grouped_query_attention"):
+        attribute_edges(model, clean, corrupted, metric, method="EAP")
+    assert clean_cache["blocks.0.attn.hook_k"].shape[2] == 2

@@ -44,7 +44,8 @@ def _layout(site: str) -> tuple[str, ...]:
 
 def _axis_sizes(model: HookedModel, site: str, n_pos: int) -> dict[str, int]:
     row = sites.lookup(site)
-    heads = model.cfg.n_kv_heads if row is not None and "kv_head" in row.axes else model.cfg.n_heads
+    grouped = row is not None and "kv_head" in row.axes and not model.cfg.ungroup_grouped_query_attention
+    heads = model.cfg.n_kv_heads if grouped else model.cfg.n_heads
     return {
         "layer": model.cfg.n_layers,
         "pos": n_pos,
