@@ -3,7 +3,8 @@
 Not a TransformerLens install: each TransformerLens module path that ported code imports is an
 alias of the transformer_hooks module that defines its names (``sys.modules`` entries), and the
 top-level names are transformer_hooks's. A module path with no equivalent here is not aliased, so
-its import fails as it would for a user (those tests are in the expected-failure list).
+its import fails as it would for a user (those tests are in the expected-failure list). The few
+TransformerLens internals in ``PRIVATE`` get placeholders here, in the harness, that fail when used.
 """
 
 from __future__ import annotations
