@@ -315,3 +315,23 @@ def test_workflows_follow_or_refuse_ungrouped_keys():
     with pytest.raises(ValueError, match="set_ungroup_grouped_query_attention"):
         attribute_edges(model, clean, corrupted, metric, method="EAP")
     assert clean_cache["blocks.0.attn.hook_k"].shape[2] == 2
+
+
+def test_d_vocab_out_sizes_the_logits_and_everything_that_reads_them():
+    from transformer_hooks import ModelConfig
+    from transformer_hooks.scale.plan import plan_memory
+
+    model = tiny_model(d_vocab_out=30)  # reads 40 token ids, predicts 30 classes
+    assert model.cfg.d_vocab == 40 and model.cfg.d_vocab_out == 30
+    assert model.unembed.W_U.shape == (16, 30) and model.embed.W_E.shape == (40, 16)
+    tokens = torch.tensor([[35, 3, 7, 29, 11, 2]])  # an input id beyond the outputs is fine
+    logits, cache = model.run_with_cache(tokens)
+    assert logits.shape == (1, 6, 30) and cache["unembed.hook_out"].shape == (1, 6, 30)
+    manual = torch.nn.functional.cross_entropy(logits[0, :-1], tokens[0, 1:])
+    torch.testing.assert_close(model(tokens, return_type="loss"), manual)
+    out = model.generate(tokens, max_new_tokens=4, do_sample=True, freq_penalty=2.0, stop_at_eos=False, verbose=False)
+    assert out.shape == (1, 10) and int(out[0, 6:].max()) < 30
+    assert plan_memory(model.cfg, torch.float32, batch=1, seq=6, cache="none").logits == 6 * 30 * 4
+    assert ModelConfig.from_dict(model.cfg.to_dict()) == model.cfg
+    with pytest.raises(ValueError, match="tie_word_embeddings needs d_vocab_out"):
+        model.cfg.replace(tie_word_embeddings=True)

@@ -157,7 +157,7 @@ class Site:
             "d_model": cfg.d_model,
             "d_head": cfg.d_head,
             "d_mlp": cfg.d_mlp,
-            "d_vocab": cfg.d_vocab,
+            "d_vocab": cfg.d_vocab_out,  # the logits' axis
             "1": 1,
             "head*d_head": cfg.n_heads * cfg.d_head,
             "kv_head*d_head": cfg.n_kv_heads * cfg.d_head,

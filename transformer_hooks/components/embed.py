@@ -44,7 +44,8 @@ class PosEmbed(nn.Module):
 
 
 class Unembed(nn.Module):
-    """residual -> logits. ``W_U``: [d_model, d_vocab], ``b_U``: [d_vocab].
+    """residual -> logits. ``W_U``: [d_model, d_vocab_out], ``b_U``: [d_vocab_out] (``d_vocab_out``
+    is ``d_vocab`` unless a TransformerLens config sets it).
 
     With ``final_logit_softcap`` c, logits are ``c * tanh((resid · W_U + b_U) / c)``: direct
     logit attributions (linear in the residual) are of the logits before the cap.
@@ -56,8 +57,8 @@ class Unembed(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.W_U = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model).T)
-        self.b_U = nn.Parameter(torch.empty(cfg.d_vocab))
+        self.W_U = nn.Parameter(torch.empty(cfg.d_vocab_out, cfg.d_model).T)
+        self.b_U = nn.Parameter(torch.empty(cfg.d_vocab_out))
         self.softcap = cfg.final_logit_softcap
         self.hook_in = HookPoint()  # [batch, pos, d_model]: the normalised residual read
         self.hook_out = HookPoint()  # [batch, pos, d_vocab]: the logits (after the cap)

@@ -187,7 +187,7 @@ def _check_metric_output(value: Any, n_patches: int, vectorized: bool) -> torch.
 
 def _trial_metric(model: HookedModel, metric: PatchingMetric, tokens: torch.Tensor, vectorized: bool) -> None:
     """Call the metric once on zero logits, to check the shape it returns before any forward."""
-    shape = (1, *tokens.shape, model.cfg.d_vocab) if vectorized else (*tokens.shape, model.cfg.d_vocab)
+    shape = (1, *tokens.shape, model.cfg.d_vocab_out) if vectorized else (*tokens.shape, model.cfg.d_vocab_out)
     try:
         value = metric(torch.zeros(shape, dtype=model.dtype, device=model.device))
     except Exception as e:
@@ -384,7 +384,7 @@ def _metric_positions(
         raise ValueError("metric_positions is empty: give the positions the metric reads (e.g. -1), or None")
     of = f"tokens of {n_pos} positions (metric_positions)"
     positions = sorted({check_index(int(p), n_pos, "position", of) for p in values})
-    shape = (1, *tokens.shape, model.cfg.d_vocab) if vectorized else (*tokens.shape, model.cfg.d_vocab)
+    shape = (1, *tokens.shape, model.cfg.d_vocab_out) if vectorized else (*tokens.shape, model.cfg.d_vocab_out)
     trial = torch.full(shape, float("nan"), dtype=model.dtype, device=model.device)
     trial[..., positions, :] = 0
     value = torch.as_tensor(metric(trial))
@@ -407,7 +407,7 @@ def _chunk_size(model: HookedModel, tokens: torch.Tensor, max_batch_bytes: int) 
     cfg = model.cfg
     batch, n_pos = tokens.shape
     itemsize = torch.empty(0, dtype=model.dtype).element_size()
-    per_position = 2 * cfg.d_vocab + 8 * cfg.d_model + 4 * cfg.d_mlp + 2 * cfg.n_heads * n_pos
+    per_position = 2 * cfg.d_vocab_out + 8 * cfg.d_model + 4 * cfg.d_mlp + 2 * cfg.n_heads * n_pos
     return max(1, int(max_batch_bytes // (batch * n_pos * per_position * itemsize)))
 
 
