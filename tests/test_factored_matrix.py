@@ -91,7 +91,9 @@ def test_svd_reconstructs_AB(ldim, mdim, rdim, leading):
     eye = torch.eye(rank).expand(*leading, rank, rank)
     close(U.mT @ U, eye)
     close(Vh.mT @ Vh, eye)
-    assert fm.U is U and fm.S is S and fm.Vh is Vh and fm.V is Vh
+    assert fm.U is U and fm.S is S and fm.V is Vh
+    with pytest.warns(DeprecationWarning):  # TransformerLens's deprecated alias of V
+        assert fm.Vh is Vh
 
 
 @pytest.mark.parametrize("ldim,mdim,rdim,leading", SVD_SHAPES)

@@ -29,6 +29,7 @@ def expected_shapes(cfg):
     """DESIGN.md's table of sites and shapes, for one model."""
     d, h, kv, dh, dm = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_mlp
     top = {"hook_embed": (B, P, d), "ln_final.hook_scale": (B, P, 1), "ln_final.hook_normalized": (B, P, d)}
+    top |= {"unembed.hook_in": (B, P, d), "unembed.hook_out": (B, P, cfg.d_vocab)}
     if cfg.positional_embedding == "learned":
         top["hook_pos_embed"] = (B, P, d)
     block = {

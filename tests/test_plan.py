@@ -95,7 +95,8 @@ def test_site_shapes_match_a_real_cache(loaded, name):
     assert set(cached_sites(model.cfg, 2, 7, "resid")) == set(resid.keys())
     plan = plan_memory(model.cfg, torch.float32, batch=2, seq=7, cache="all")
     logits = 2 * 7 * model.cfg.d_vocab * 4
-    assert plan.activation_cache == sum(v.numel() * 4 for v in cache.values())  # the logits apart (issue 23.4)
+    # the logits apart (issue 23.4): the cached unembed.hook_out is the output tensor itself
+    assert plan.activation_cache == sum(v.numel() * 4 for k, v in cache.items() if k != "unembed.hook_out")
     assert plan.logits == logits
 
 
@@ -329,8 +330,9 @@ def test_the_activation_cache_column_does_not_count_the_logits(loaded, capsys):
     assert none.activation_cache == 0
     assert none.logits == 2 * 8 * cfg.d_vocab * 4
     everything = plan_memory(cfg, torch.float32, batch=2, seq=8, cache="all")
-    _, cache = model.run_with_cache(torch.zeros(2, 8, dtype=torch.long))
-    assert everything.activation_cache == sum(cache[k].nbytes for k in cache.keys())
+    logits, cache = model.run_with_cache(torch.zeros(2, 8, dtype=torch.long))
+    assert cache["unembed.hook_out"].untyped_storage().data_ptr() == logits.untyped_storage().data_ptr()
+    assert everything.activation_cache == sum(cache[k].nbytes for k in cache.keys() if k != "unembed.hook_out")
     assert "logits" in none.format().splitlines()[4]  # the table's header
 
 

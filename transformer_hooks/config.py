@@ -64,6 +64,9 @@ class ModelConfig:
     # n_kv_heads, rotary_dim and attn_windows accept None, which __post_init__ replaces with the
     # default it stands for: typed as what the model reads.
     n_kv_heads: int = None  # type: ignore[assignment]  # None: same as n_heads (MHA)
+    # The unembedding's output size (TransformerLens's d_vocab_out, e.g. its toy algorithmic
+    # models predict fewer classes than they read): None, the same as d_vocab.
+    d_vocab_out: int = None  # type: ignore[assignment]
     # Rotary: applied to the first ``rotary_dim`` dims of each head (rotate-half layout).
     rotary_dim: int = None  # type: ignore[assignment]  # None: d_head (rotary models)
     rope_theta: float = 10000.0
@@ -115,10 +118,15 @@ class ModelConfig:
     use_split_qkv_input: bool = field(default=False, compare=False)
     use_attn_in: bool = field(default=False, compare=False)
     use_hook_mlp_in: bool = field(default=False, compare=False)
+    # GQA: key/value heads repeated per query head before hook_k / hook_v (and the per-head
+    # k/v inputs), so those sites have n_heads heads (set_ungroup_grouped_query_attention).
+    ungroup_grouped_query_attention: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.d_vocab_out is None:
+            object.__setattr__(self, "d_vocab_out", self.d_vocab)
         if self.attn_windows is None:
             object.__setattr__(self, "attn_windows", (None,) * self.n_layers)
         else:
@@ -139,7 +147,17 @@ class ModelConfig:
     def _check(self) -> None:
         """Every field's type and range, naming the field, the value and what is accepted (the
         one check of a config's values; HF configs are checked first by ``weights_conversion``)."""
-        for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_head", "d_mlp", "d_vocab", "n_ctx"):
+        for name in (
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "d_head",
+            "d_mlp",
+            "d_vocab",
+            "d_vocab_out",
+            "n_ctx",
+        ):
             value = getattr(self, name)
             if not isinstance(value, numbers.Integral) or isinstance(value, bool):
                 raise ValueError(f"ModelConfig.{name} must be an integer, got {value!r} ({type(value).__name__})")
@@ -159,6 +177,11 @@ class ModelConfig:
             )
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.tie_word_embeddings and self.d_vocab_out != self.d_vocab:
+            raise ValueError(
+                f"tie_word_embeddings needs d_vocab_out == d_vocab (the unembedding is W_E's transpose), "
+                f"got d_vocab_out={self.d_vocab_out}, d_vocab={self.d_vocab}"
+            )
         if len(self.attn_windows) != self.n_layers:
             raise ValueError(f"attn_windows has {len(self.attn_windows)} entries for {self.n_layers} layers")
         if self.normalization_type not in ("LN", "LNPre", "RMS", "RMSPre"):
@@ -270,7 +293,13 @@ class ModelConfig:
         return cls(**d)
 
 
-TL_SWITCHES = ("use_attn_result", "use_split_qkv_input", "use_attn_in", "use_hook_mlp_in")
+TL_SWITCHES = (
+    "use_attn_result",
+    "use_split_qkv_input",
+    "use_attn_in",
+    "use_hook_mlp_in",
+    "ungroup_grouped_query_attention",
+)
 _frozen_setattr = ModelConfig.__setattr__
 
 

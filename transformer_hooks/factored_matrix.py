@@ -21,12 +21,13 @@ instance alive.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 from jaxtyping import Complex, Float
 
-from .utils import CheckError
+from .utils import BroadcastError, CheckError
 
 Scalar = int | float | torch.Tensor
 
@@ -50,6 +51,13 @@ def _axes_used(index: Any) -> int:
     return 1
 
 
+def _tensor_like(x: Any) -> bool:
+    """A tensor, or an object that multiplies like one (``shape``, ``ndim`` and ``@``, e.g. a
+    wrapper of a tensor): ``@`` with it is delegated to its own ``__matmul__`` /
+    ``__rmatmul__``, as TransformerLens does."""
+    return isinstance(x, torch.Tensor) or all(hasattr(x, a) for a in ("shape", "ndim", "__matmul__", "__rmatmul__"))
+
+
 class FactoredMatrix:
     """The matrix A @ B, stored as its factors A [..., ldim, mdim] and B [..., mdim, rdim]."""
 
@@ -64,8 +72,8 @@ class FactoredMatrix:
         try:
             leading = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
         except RuntimeError as error:
-            raise CheckError(
-                f"FactoredMatrix leading dims do not broadcast: A {tuple(A.shape)}, B {tuple(B.shape)}"
+            raise BroadcastError(
+                f"FactoredMatrix leading dims mismatch (they do not broadcast): A {tuple(A.shape)}, B {tuple(B.shape)}"
             ) from error
         self.ldim = A.shape[-2]
         self.mdim = A.shape[-1]
@@ -113,7 +121,7 @@ class FactoredMatrix:
         otherwise the product AB becomes the left factor."""
         if isinstance(other, FactoredMatrix):
             return (self @ other.A) @ other.B
-        if not isinstance(other, torch.Tensor):
+        if not _tensor_like(other):
             return NotImplemented
         inner = other.shape[0] if other.ndim == 1 else other.shape[-2]
         if inner != self.rdim:
@@ -129,7 +137,7 @@ class FactoredMatrix:
 
     def __rmatmul__(self, other: torch.Tensor) -> torch.Tensor | FactoredMatrix:
         """vector @ self is a tensor; matrix @ self stays factored with hidden dim min(ldim, mdim)."""
-        if not isinstance(other, torch.Tensor):
+        if not _tensor_like(other):
             return NotImplemented
         if other.shape[-1] != self.ldim:
             raise CheckError(
@@ -193,7 +201,13 @@ class FactoredMatrix:
 
     @property
     def Vh(self) -> Float[torch.Tensor, "*leading rdim rank"]:
-        """TransformerLens's name for V (it is not transposed)."""
+        """TransformerLens's deprecated name for V (it is not transposed): warns, as there."""
+        warnings.warn(
+            "FactoredMatrix.Vh is V (the right singular vectors), not V transposed: use .V "
+            "(TransformerLens deprecates .Vh)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return self.svd()[2]
 
     @property

@@ -28,6 +28,7 @@ from .components import KVCache
 from .progress import tqdm
 from .protocol import HookedModel
 from .tokens import is_text, require_tokenizer
+from .utils import CheckError
 
 if TYPE_CHECKING:
     from .tokens import ModelInput
@@ -95,8 +96,8 @@ def _stop_tokens(model: HookedModel, eos_token_id: int | Sequence[int] | None) -
     tokenizer_eos = getattr(model.tokenizer, "eos_token_id", None)
     if eos_token_id is None:
         eos_token_id = tokenizer_eos if tokenizer_eos is not None else model.cfg.eos_token_id
-    if eos_token_id is None:
-        raise ValueError(
+    if eos_token_id is None:  # TransformerLens asserts: a CheckError is also an AssertionError
+        raise CheckError(
             "stop_at_eos=True but neither the tokenizer nor the config names an end-of-sequence "
             "token: pass eos_token_id=..., or stop_at_eos=False"
         )
@@ -180,7 +181,8 @@ def generate(
         out_mask[:, :prompt_len] = mask
     counts = None
     if do_sample and freq_penalty > 0:
-        counts = torch.zeros(batch, model.cfg.d_vocab, device=tokens.device)
+        # over the inputs' and the outputs' ids; the penalty reads the logits' (d_vocab_out) columns
+        counts = torch.zeros(batch, max(model.cfg.d_vocab, model.cfg.d_vocab_out), device=tokens.device)
         real = torch.ones_like(tokens) if mask is None else mask
         counts.scatter_add_(1, tokens, real.to(counts.dtype))
     finished = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
@@ -205,7 +207,8 @@ def generate(
             final_logits = model(out[:, :end], attention_mask=None if out_mask is None else out_mask[:, :end])[:, -1]
         final_logits = final_logits.to(out.device)  # from the last block's device, when placed over several
         if do_sample:
-            next_tokens = sample_logits(final_logits, top_k, top_p, temperature, freq_penalty, counts)
+            penalty_counts = None if counts is None else counts[:, : final_logits.shape[-1]]
+            next_tokens = sample_logits(final_logits, top_k, top_p, temperature, freq_penalty, penalty_counts)
         else:
             next_tokens = final_logits.argmax(dim=-1)
         if stop_at_eos:

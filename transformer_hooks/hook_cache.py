@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import difflib
 import logging
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -67,6 +68,13 @@ class HookCache:
         self.cache_dict = {k: v.to(device) for k, v in self.cache_dict.items()}
         return self
 
+    def _batch_size(self) -> int:
+        """The batch size: the most common leading size of the activations (TransformerLens's
+        rule). An activation whose leading size is another (a broadcast entry of size 1, a
+        position-indexed one) has no batch axis: the batch methods leave it alone."""
+        counts = Counter(v.shape[0] for v in self.cache_dict.values() if v.ndim > 0)
+        return counts.most_common(1)[0][0] if counts else 1
+
     def apply_slice_to_batch_dim(self, batch_slice: Any) -> "HookCache":
         """A new cache (of the same class) of the examples ``batch_slice`` keeps: an int, a (start,
         stop) tuple, a slice or indices, as ``utils.Slice``; an int index drops the batch dim.
@@ -75,7 +83,11 @@ class HookCache:
             raise ValueError("this cache has no batch dimension to slice")
         batch_slice = Slice.unwrap(batch_slice)
         sliced = copy.copy(self)
-        sliced.cache_dict = {k: batch_slice.apply(v, dim=0) for k, v in self.cache_dict.items()}
+        batch = self._batch_size()
+        sliced.cache_dict = {
+            k: batch_slice.apply(v, dim=0) if v.ndim > 0 and v.shape[0] == batch else v
+            for k, v in self.cache_dict.items()
+        }
         sliced.has_batch_dim = batch_slice.mode != "int"
         return sliced
 
@@ -84,12 +96,12 @@ class HookCache:
         if not self.has_batch_dim:
             logger.warning("remove_batch_dim: this cache has no batch dimension already")
             return self
-        sizes = {v.shape[0] for v in self.cache_dict.values() if v.ndim > 0}
-        if sizes - {1}:
+        batch = self._batch_size()
+        if batch != 1:
             raise CheckError(
-                f"remove_batch_dim needs a batch of one; this cache has batch size {max(sizes)}. "
+                f"remove_batch_dim needs a batch of one; this cache has batch size {batch}. "
                 f"Use cache.apply_slice_to_batch_dim(i) to keep one example"
             )
-        self.cache_dict = {k: v[0] if v.ndim > 0 else v for k, v in self.cache_dict.items()}
+        self.cache_dict = {k: v[0] if v.ndim > 0 and v.shape[0] == 1 else v for k, v in self.cache_dict.items()}
         self.has_batch_dim = False
         return self

@@ -79,6 +79,11 @@ class _Hook:
     def context_level(self) -> int | None:
         return self.level
 
+    @property
+    def user_hook(self) -> HookFn:
+        """The callable given to ``add_hook``."""
+        return self.fn
+
 
 def reads_only(fn: HookFn) -> HookFn:
     """Mark the hook ``fn`` as never editing its activation in place: a site whose input is shared
@@ -301,8 +306,10 @@ class HookPoint(nn.Module):
             )
 
     def extra_repr(self) -> str:
-        """The site's name and its hook counts, for ``repr``."""
-        return f"name={self.name!r}, fwd={len(self.fwd_hooks)}, bwd={len(self.bwd_hooks)}"
+        """TransformerLens's repr: ``HookPoint(name='blocks.0.hook_z', 2 fwd)``, ``HookPoint()``."""
+        bits = [f"name={self.name!r}"] if self.name else []
+        bits += [f"{len(hooks)} {d}" for d, hooks in (("fwd", self.fwd_hooks), ("bwd", self.bwd_hooks)) if hooks]
+        return ", ".join(bits)
 
     @property
     def layer_idx(self) -> int | None:

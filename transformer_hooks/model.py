@@ -20,7 +20,7 @@ from . import generate as generate_lib  # as a module: `generate` is the method
 from . import sites
 from . import tokens as tokens_lib  # as a module: `tokens` names the token tensor in forward
 from .cache import ActivationCache
-from .components import AttentionMask, Embed, KVCache, PosEmbed, Rotary, Unembed, make_block, make_norm
+from .components import AttentionMask, Block, Embed, KVCache, PosEmbed, Rotary, Unembed, make_block, make_norm
 from .components.stack import BlockStack, Placement
 from .config import TL_SWITCHES, ModelConfig
 from .hooks import HookedRootModule, HookPoint
@@ -262,6 +262,10 @@ class HookedTransformer(HookedRootModule, TokenMethods, WeightViews):
         if return_type not in ("logits", "loss", "both", None):
             raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
         self.blocks.check_call(start_at_layer, stop_at_layer, past_kv_cache)
+        if self.cfg.n_kv_heads != self.cfg.n_heads:  # the switch lives on the (assignable) config
+            for block in self.blocks:
+                if isinstance(block, Block):
+                    block.ungroup = block.attn.ungroup = self.cfg.ungroup_grouped_query_attention
         n = self.cfg.n_layers
         start = self._layer_index(start_at_layer, "start_at_layer") if start_at_layer is not None else 0
         stop = self._layer_index(stop_at_layer, "stop_at_layer", allow_end=True) if stop_at_layer is not None else n
@@ -509,6 +513,13 @@ class HookedTransformer(HookedRootModule, TokenMethods, WeightViews):
     def set_use_attn_in(self, use_attn_in: bool) -> None:
         """Whether ``hook_attn_in`` (the attention input, per head) is selected by default (``use_attn_in``)."""
         self._switch("use_attn_in", use_attn_in)
+
+    def set_ungroup_grouped_query_attention(self, ungroup_grouped_query_attention: bool) -> None:
+        """GQA: repeat each key/value head for its query heads before ``hook_k`` / ``hook_v``
+        (and ``hook_k_input`` / ``hook_v_input``), so those sites have ``n_heads`` heads and a
+        hook can edit one query head's keys; the output is unchanged
+        (``ungroup_grouped_query_attention``: on or off)."""
+        self._switch("ungroup_grouped_query_attention", ungroup_grouped_query_attention)
 
     def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
         """Whether ``hook_mlp_in`` (a copy of the residual the MLP reads) is

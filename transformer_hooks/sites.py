@@ -88,6 +88,7 @@ HEAD_SCALE = ("batch", "pos", "head", "1")
 KV_HEAD_SCALE = ("batch", "pos", "kv_head", "1")
 ATTENTION = ("batch", "head", "query_pos", "key_pos")
 NEURONS = ("batch", "pos", "d_mlp")
+LOGITS = ("batch", "pos", "d_vocab")
 
 
 @dataclass(frozen=True)
@@ -152,10 +153,11 @@ class Site:
             "query_pos": pos,
             "key_pos": pos,
             "head": cfg.n_heads,
-            "kv_head": cfg.n_kv_heads,
+            "kv_head": cfg.n_heads if getattr(cfg, "ungroup_grouped_query_attention", False) else cfg.n_kv_heads,
             "d_model": cfg.d_model,
             "d_head": cfg.d_head,
             "d_mlp": cfg.d_mlp,
+            "d_vocab": cfg.d_vocab_out,  # the logits' axis
             "1": 1,
             "head*d_head": cfg.n_heads * cfg.d_head,
             "kv_head*d_head": cfg.n_kv_heads * cfg.d_head,
@@ -169,6 +171,8 @@ SITES: tuple[Site, ...] = (
     Site("hook_pos_embed", False, RESID, ("pos_embed",), when=LEARNED_POSITIONS),
     Site("ln_final.hook_scale", False, SCALE, ("scale",)),
     Site("ln_final.hook_normalized", False, RESID, ("normalized",)),
+    Site("unembed.hook_in", False, RESID),
+    Site("unembed.hook_out", False, LOGITS),
     # Per block, in the order the forward reaches them.
     Site("hook_resid_pre", True, RESID, ("resid_pre",)),
     Site(

@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Int
 
 from .config import ModelConfig
-from .utils import get_attention_mask
+from .utils import CheckError, get_attention_mask
 
 TextInput = str | Sequence[str]
 ModelInput = TextInput | Int[torch.Tensor, " batch pos"] | Int[torch.Tensor, " pos"]
@@ -28,7 +28,8 @@ PaddingSide = Literal["left", "right"]
 def require_tokenizer(tokenizer: Any) -> Any:
     """``tokenizer``, or an error saying what to pass instead."""
     if tokenizer is None:
-        raise ValueError("this model has no tokenizer: pass token ids, or set model.tokenizer")
+        # a CheckError (also an AssertionError, as TransformerLens's assert)
+        raise CheckError("this model has no tokenizer: pass token ids, or set model.tokenizer")
     return tokenizer
 
 

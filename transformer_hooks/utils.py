@@ -63,6 +63,11 @@ class CheckError(ValueError, AssertionError):
     ``except AssertionError`` in ported code still catch it."""
 
 
+class BroadcastError(CheckError, RuntimeError):
+    """Leading (batch) dimensions that do not broadcast: TransformerLens lets torch raise its
+    ``RuntimeError`` there, so this is that too, beside a ``CheckError``."""
+
+
 class IndexOutOfRangeError(IndexError, ValueError):
     """An index (layer, position, ...) outside its range; both an IndexError and a ValueError."""
 

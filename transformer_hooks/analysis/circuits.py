@@ -201,8 +201,18 @@ def _sender_outputs(cache: dict[str, torch.Tensor], model: HookedModel) -> dict[
     return out
 
 
+def _check_grouped(model: HookedModel) -> None:
+    """The graph's key/value nodes are the kv heads: refuse a model that ungroups them."""
+    if model.cfg.ungroup_grouped_query_attention and model.cfg.n_kv_heads != model.cfg.n_heads:
+        raise ValueError(
+            "circuit graphs have one key/value node per kv head, and this model ungroups them "
+            "(ungroup_grouped_query_attention): call model.set_ungroup_grouped_query_attention(False) first"
+        )
+
+
 def _receiver_grads(grads: dict[str, torch.Tensor], model: HookedModel) -> dict[str, torch.Tensor]:
     """Receiver node -> d metric / d its input [batch, pos, d_model]."""
+    _check_grouped(model)
     out = {}
     for layer in range(model.cfg.n_layers):
         for c, n in (("q", model.cfg.n_heads), ("k", model.cfg.n_kv_heads), ("v", model.cfg.n_kv_heads)):
@@ -397,6 +407,7 @@ def run_circuit(model: HookedModel, clean_tokens: Any, corrupted_tokens: Any, ci
 
         return patch
 
+    _check_grouped(model)
     n = model.cfg.n_layers
     hooks: list[tuple[str, Callable]] = [(s, save) for s in _sender_sites(model)]
     for layer in range(n):

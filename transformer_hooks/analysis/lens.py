@@ -222,7 +222,7 @@ def logit_lens(
 
     tops, logits_k, probs_k, t_logits, t_probs, t_ranks = [], [], [], [], [], []
     if chunk_size is None:
-        chunk_size = max(1, _CHUNK_LOGITS // (stack[0, ..., 0].numel() * model.cfg.d_vocab))
+        chunk_size = max(1, _CHUNK_LOGITS // (stack[0, ..., 0].numel() * model.cfg.d_vocab_out))
     chunks = range(0, stack.shape[0], chunk_size)
     with torch.no_grad():
         for start in tqdm(chunks, desc="logit lens", unit="chunk", delay=1.0, leave=False, disable=not progress):

@@ -34,6 +34,7 @@ shapes, so the canonical tensors and the fast matmuls are the same memory.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -105,6 +106,10 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.replace(d_model=dh if cfg.qk_norm == "head" else h * dh))
             self.k_norm = RMSNorm(cfg.replace(d_model=dh if cfg.qk_norm == "head" else kv * dh))
 
+        # TransformerLens's ungroup_grouped_query_attention (set by the model from its config):
+        # k and v are projected per query head (W_K, W_V repeated over each group), so hook_k,
+        # hook_v and the keys and values attention reads have n_heads heads.
+        self.ungroup = False
         self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
         if self.rotary:
             self.hook_rot_q, self.hook_rot_k = HookPoint(), HookPoint()
@@ -112,6 +117,21 @@ class Attention(nn.Module):
         self.hook_pattern = HookPoint()
         self.hook_z = HookPoint()
         self.hook_result = HookPoint()  # [batch, pos, head, d_model]
+
+    # TransformerLens's state dicts: GQA key/value weights as _W_K, _b_K, _W_V, _b_V, and the
+    # buffers its attention keeps (a mask, IGNORE, rotary tables) that are not weights here.
+    _TL_GQA = ("_W_K", "_b_K", "_W_V", "_b_V")
+    _TL_BUFFERS = ("mask", "IGNORE", "rotary_sin", "rotary_cos")
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
+        """``load_state_dict`` (strict too) takes TransformerLens's names: ``_W_K`` ... for
+        ``W_K`` ..., and its attention buffers are dropped."""
+        for name in self._TL_GQA:
+            if prefix + name in state_dict and prefix + name[1:] not in state_dict:
+                state_dict[prefix + name[1:]] = state_dict.pop(prefix + name)
+        for name in self._TL_BUFFERS:
+            state_dict.pop(prefix + name, None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def explicit(self) -> bool:
@@ -141,8 +161,18 @@ class Attention(nn.Module):
             The attention output [batch, pos, d_model] (the sum over heads, plus ``b_O``).
         """
         q = self.hook_q(project(q_in, self.W_Q, self.b_Q))  # [batch, pos, head, d_head]
-        k = self.hook_k(project(k_in, self.W_K, self.b_K))  # [batch, pos, kv_head, d_head]
-        v = self.hook_v(project(v_in, self.W_V, self.b_V))
+        kv_weights: tuple[torch.Tensor, ...] = (self.W_K, self.b_K, self.W_V, self.b_V)
+        if self.ungroup and self.n_kv_heads != self.n_heads:
+            if self.qk_norm == "all":
+                raise ValueError(
+                    "ungroup_grouped_query_attention with a k norm over the whole projection (OLMo 2's) is "
+                    "not implemented: the norm reads the grouped keys; leave it False for this model"
+                )
+            group = self.n_heads // self.n_kv_heads
+            kv_weights = tuple(t.repeat_interleave(group, dim=0) for t in kv_weights)
+        W_K, b_K, W_V, b_V = kv_weights
+        k = self.hook_k(project(k_in, W_K, b_K))  # [batch, pos, kv_head, d_head] (head if ungrouped)
+        v = self.hook_v(project(v_in, W_V, b_V))
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         elif self.qk_norm == "all":  # over [head * d_head]
@@ -184,7 +214,7 @@ class Attention(nn.Module):
             attn_mask=attn_mask,
             is_causal=attn_mask is None and mask.is_causal_for_sdpa,
             scale=self.scale,
-            enable_gqa=self.n_kv_heads != self.n_heads,
+            enable_gqa=k.shape[1] != q.shape[1],
         )
 
     def _pattern(self, q, k, mask: AttentionMask) -> Float[torch.Tensor, "batch head pos key_pos"]:
@@ -193,7 +223,7 @@ class Attention(nn.Module):
         # Query heads grouped by the kv head they read, so one matmul per kv head serves the
         # whole group without copying keys/values: [batch, kv_head, group * pos, d_head].
         # TransformerLens's order: scores = q·k / attn_scale, then soft-cap, mask, softmax.
-        q = q.reshape(batch, self.n_kv_heads, -1, d_head)
+        q = q.reshape(batch, k.shape[1], -1, d_head)
         scores = (q @ k.transpose(-1, -2)).view(batch, n_heads, pos, -1)  # [batch, head, pos, key_pos]
         scores.div_(self.attn_scale)  # in place: a fresh tensor
         if self.softcap is not None:
@@ -205,5 +235,5 @@ class Attention(nn.Module):
     def _explicit(self, q, k, v, mask: AttentionMask) -> Float[torch.Tensor, "batch head pos d_head"]:
         batch, n_heads, pos, d_head = q.shape
         pattern = self._pattern(q, k, mask)
-        z = pattern.reshape(batch, self.n_kv_heads, -1, pattern.shape[-1]) @ v  # [batch, kv_head, group * pos, d_head]
+        z = pattern.reshape(batch, v.shape[1], -1, pattern.shape[-1]) @ v  # [batch, kv_head, group * pos, d_head]
         return z.view(batch, n_heads, pos, d_head)

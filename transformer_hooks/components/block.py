@@ -20,7 +20,8 @@ Per-head inputs: when ``hook_attn_in`` / ``hook_q_input`` / ``hook_k_input`` /
 ``hook_v_input`` is observed, the block gives every head its own copy of the residual
 ([batch, pos, head, d_model]) so a hook can patch one head's input; otherwise all
 heads share one tensor and attention runs one matmul per projection. With GQA, a
-key/value head's input is the ``attn_in`` of the first query head in its group.
+key/value head's input is the ``attn_in`` of the first query head in its group (with
+``ungroup``, TransformerLens's ``ungroup_grouped_query_attention``, each query head has its own).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class Block(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_heads, self.group_size = cfg.n_heads, cfg.group_size
+        self.ungroup = False  # set by the model from cfg.ungroup_grouped_query_attention
         pre, post = cfg.norm_placement in ("pre", "both"), cfg.norm_placement in ("both", "post")
         self.ln1 = make_norm(cfg) if pre else nn.Identity()
         self.attn = Attention(cfg, layer)
@@ -96,7 +98,7 @@ class Block(nn.Module):
             return self.hook_attn_out(self.ln1_post(self.attn(x, x, x, mask, cos_sin, kv_cache)))
         b, p, d = resid.shape
         attn_in = self.hook_attn_in(resid[:, :, None, :].expand(b, p, self.n_heads, d).clone())
-        kv_in = attn_in[:, :, :: self.group_size]
+        kv_in = attn_in if self.ungroup else attn_in[:, :, :: self.group_size]
         q_in = self.hook_q_input(attn_in)  # editing hooks get a copy: k_in / v_in are taken from attn_in
         k_in = self.hook_k_input(kv_in.clone())
         v_in = self.hook_v_input(kv_in.clone())

@@ -8,6 +8,7 @@ from jaxtyping import Float, Int
 from torch import nn
 
 from ..config import ModelConfig
+from ..hooks import HookPoint
 from .linear import linear
 from .softcap import softcap
 
@@ -50,7 +51,8 @@ class PosEmbed(nn.Module):
 
 
 class Unembed(nn.Module):
-    """residual -> logits. ``W_U``: [d_model, d_vocab], ``b_U``: [d_vocab].
+    """residual -> logits. ``W_U``: [d_model, d_vocab_out], ``b_U``: [d_vocab_out] (``d_vocab_out``
+    is ``d_vocab`` unless a TransformerLens config sets it).
 
     With ``final_logit_softcap`` c, logits are ``c * tanh((resid · W_U + b_U) / c)``: direct
     logit attributions (linear in the residual) are of the logits before the cap.
@@ -65,11 +67,14 @@ class Unembed(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.W_U = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model).T)
-        self.b_U = nn.Parameter(torch.empty(cfg.d_vocab))
+        self.W_U = nn.Parameter(torch.empty(cfg.d_vocab_out, cfg.d_model).T)
+        self.b_U = nn.Parameter(torch.empty(cfg.d_vocab_out))
         self.softcap = cfg.final_logit_softcap
+        self.hook_in = HookPoint()  # [batch, pos, d_model]: the normalised residual read
+        self.hook_out = HookPoint()  # [batch, pos, d_vocab]: the logits (after the cap)
 
     def forward(self, resid: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... d_vocab"]:
-        """The logits [..., d_vocab] of ``resid`` [..., d_model] (the final norm already applied)."""
-        logits = linear(resid, self.W_U.T, self.b_U)
-        return logits if self.softcap is None else softcap(logits, self.softcap)
+        """The logits [..., d_vocab_out] of ``resid`` [..., d_model] (the final norm already applied),
+        through ``hook_in`` (the stream) and ``hook_out`` (the logits)."""
+        logits = linear(self.hook_in(resid), self.W_U.T, self.b_U)
+        return self.hook_out(logits if self.softcap is None else softcap(logits, self.softcap))

@@ -48,14 +48,16 @@ class KVCache:
         """Empty buffers for every layer.
 
         Args:
-            cfg: the model's config (layers, kv heads, d_head).
+            cfg: the model's config (layers, kv heads, d_head; with
+                ``ungroup_grouped_query_attention``, one buffer per query head).
             batch: the number of sequences.
             max_len: the most positions it holds (prompt plus new tokens).
             device: where the buffers and the padding record go.
             dtype: the keys' and values' dtype (the model's).
             layer_devices: each layer's device (a model placed over devices); default ``device`` for all.
         """
-        shape = (batch, cfg.n_kv_heads, max_len, cfg.d_head)
+        heads = cfg.n_heads if cfg.ungroup_grouped_query_attention else cfg.n_kv_heads  # ungrouped: per query head
+        shape = (batch, heads, max_len, cfg.d_head)
         devices = list(layer_devices) if layer_devices is not None else [device] * cfg.n_layers
         self.layers = [
             LayerKVCache(self, torch.empty(shape, device=d, dtype=dtype), torch.empty(shape, device=d, dtype=dtype))

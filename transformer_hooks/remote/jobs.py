@@ -240,7 +240,7 @@ class Prepared:
         """The bytes of the tensors it returns (before base64), in ``model``'s dtype."""
         b, n = self.tokens.shape
         size = torch.finfo(model.dtype).bits // 8
-        total = b * n * model.cfg.d_vocab * size if self.return_logits else 0
+        total = b * n * model.cfg.d_vocab_out * size if self.return_logits else 0
         for name in self.names:
             row = sites.lookup(name)
             total += size * (int(torch.Size(row.shape(model.cfg, b, n)).numel()) if row else b * n * model.cfg.d_model)
@@ -400,8 +400,8 @@ def _sweep(name: str, prefix: str) -> Callable:
 
 def _metric(model: HookedModel, m: Metric) -> Callable[[torch.Tensor], torch.Tensor]:
     for t in (m.answer, m.contrast):
-        if t is not None and not 0 <= t < model.cfg.d_vocab:
-            raise BadRequest(f"metric token {t} is out of range (d_vocab={model.cfg.d_vocab})")
+        if t is not None and not 0 <= t < model.cfg.d_vocab_out:
+            raise BadRequest(f"metric token {t} is out of range (d_vocab_out={model.cfg.d_vocab_out})")
     if m.name == "logit_diff":
         return logit_diff_metric(m.answer, m.contrast, pos=m.pos)  # type: ignore[arg-type]  # validated
     answer, pos = m.answer, m.pos

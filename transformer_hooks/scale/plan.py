@@ -262,9 +262,10 @@ def plan_memory(
     kv_per_layer = 2 * batch * cfg.n_kv_heads * seq * cfg.d_head * size
     act = {g: 0 for g in params}
     for name, shape in cached_sites(cfg, batch, seq, cache).items():
-        act[group_of(name)] += math.prod(shape) * size
+        if name != "unembed.hook_out":  # the cache holds the forward's logits themselves: counted below
+            act[group_of(name)] += math.prod(shape) * size
     runtime = {g: params[g] * size + (kv_per_layer if g.startswith("blocks.") else 0) + act[g] for g in params}
-    logits = batch * seq * cfg.d_vocab * size
+    logits = batch * seq * cfg.d_vocab_out * size
     runtime["final"] += logits
     workspace = _workspace(cfg, batch, seq, size)
     capacity = {d: (max_memory or {}).get(d, _capacity(d)) for d in devices}

@@ -77,6 +77,7 @@ class HookedTransformerConfig:
     dtype: Any = None  # a torch.dtype; None: float32
     tokenizer_prepends_bos: bool | None = None
     n_key_value_heads: int | None = None
+    ungroup_grouped_query_attention: bool = False
     post_embedding_ln: bool = False
     rotary_base: float = 10000
     trust_remote_code: bool = False
@@ -180,6 +181,7 @@ class HookedTransformerConfig:
             d_head=self.d_head,
             d_mlp=self.d_mlp if self.d_mlp is not None else 0,
             d_vocab=self.d_vocab,
+            d_vocab_out=self.d_vocab_out if self.d_vocab_out > 0 else self.d_vocab,
             n_ctx=self.n_ctx,
             act_fn=self.act_fn or "relu",
             normalization_type=cast(NormType, self.normalization_type),  # checked above
@@ -208,6 +210,7 @@ class HookedTransformerConfig:
             use_split_qkv_input=self.use_split_qkv_input,
             use_attn_in=self.use_attn_in,
             use_hook_mlp_in=self.use_hook_mlp_in,
+            ungroup_grouped_query_attention=self.ungroup_grouped_query_attention,
         )
 
     def _check_local_attn(self) -> None:
@@ -253,8 +256,6 @@ def _refuse_unsupported(cfg: HookedTransformerConfig) -> None:
     for name, default, why in _UNSUPPORTED:
         if getattr(cfg, name) != default:
             raise ValueError(f"{name}={getattr(cfg, name)!r} is not supported ({why}); leave it at {default!r}")
-    if cfg.d_vocab_out != cfg.d_vocab:
-        raise ValueError(f"d_vocab_out={cfg.d_vocab_out} differs from d_vocab={cfg.d_vocab}: not implemented")
     if cfg.act_fn is not None and cfg.act_fn.startswith("solu"):
         raise ValueError(f"act_fn={cfg.act_fn!r} (SoLU, with its extra LayerNorm) is not implemented")
     if cfg.extra:

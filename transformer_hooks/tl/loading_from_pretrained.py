@@ -6,14 +6,20 @@
   config only (no weights are read);
 - ``get_checkpoint_labels(name)``: the training checkpoints a suite publishes (Pythia, the
   Stanford CRFM GPT-2s) and their label type, as TransformerLens lists them; for a local
-  TransformerLens toy-model directory, the ``checkpoints/*_{N}.pth`` files it holds.
+  TransformerLens toy-model directory, the ``checkpoints/*_{N}.pth`` files it holds;
+- ``fill_missing_keys(model, state_dict)``: a state dict completed with the model's own
+  values, refusing missing weight matrices (TransformerLens's rule).
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any
+
+import torch
+from torch import nn
 
 from ..config import ModelConfig
 from ..presets import PRESETS, preset_repo_id
@@ -75,3 +81,34 @@ def get_checkpoint_labels(model_name: str, **kwargs: Any) -> tuple[list[int], st
         f"Model {official} is not checkpointed: transformer_hooks knows the checkpoint labels of Pythia "
         f"and the Stanford CRFM GPT-2s, and of local TransformerLens directories with checkpoints/*_N.pth"
     )
+
+
+# Weight matrices never filled in: a missing one means the checkpoint and the model disagree on
+# names, and a zero-filled matrix silently kills its sublayer (TransformerLens's list).
+FAIL_LOUD = {"W_Q", "W_K", "W_V", "W_O", "_W_K", "_W_V", "W_in", "W_gate", "W_out"}
+
+
+def fill_missing_keys(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """TransformerLens's ``fill_missing_keys``: ``state_dict`` with each key ``model.state_dict()``
+    has and it lacks filled in with the model's value (in place; returned). A missing attention
+    or MLP weight matrix raises a ValueError naming it; other filled weight matrices and norm
+    weights are named in a ``logging.warning``, as TransformerLens does."""
+    default = model.state_dict()
+    missing = set(default) - set(state_dict)
+    loud = sorted(k for k in missing if "hf_model" not in k and k.rsplit(".", 1)[-1] in FAIL_LOUD)
+    if loud:
+        raise ValueError(
+            f"the state dict is missing weight matrices the model expects: {loud}. The checkpoint and "
+            f"the model disagree on parameter names (e.g. GQA's _W_K/_W_V vs W_K/W_V); refusing to "
+            f"fill them in, which would silently give wrong outputs"
+        )
+    for key in missing:
+        if "hf_model" in key:
+            continue
+        leaf = key.rsplit(".", 1)[-1]
+        if "W_" in key:
+            logging.warning(f"Missing key for a weight matrix in pretrained, filled in with an empty tensor: {key}")
+        elif leaf in ("w", "b") and ("ln" in key or "norm" in key):
+            logging.warning(f"Missing normalization key in pretrained, filled with its default (identity norm): {key}")
+        state_dict[key] = default[key]
+    return state_dict

@@ -319,7 +319,7 @@ def _qk_fixed(
     if axes not in (("pos", "head"), ("head",)):
         raise ValueError(f"method='atp*' estimates {which} patches by (pos, head) or (head,), not {list(axes)}")
     attn = model.blocks[layer].attn
-    group = model.cfg.group_size
+    group = 1 if model.cfg.ungroup_grouped_query_attention else model.cfg.group_size  # k's heads per q head
     qn, kn = _post_names(model, layer)
     dtype = acts[qn].dtype
     pattern = acts[f"blocks.{layer}.attn.hook_pattern"].double()  # [batch, head, t, s]

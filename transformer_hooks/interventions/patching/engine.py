@@ -44,7 +44,8 @@ def _layout(site: str) -> tuple[str, ...]:
 
 def _axis_sizes(model: HookedModel, site: str, n_pos: int) -> dict[str, int]:
     row = sites.lookup(site)
-    heads = model.cfg.n_kv_heads if row is not None and "kv_head" in row.axes else model.cfg.n_heads
+    grouped = row is not None and "kv_head" in row.axes and not model.cfg.ungroup_grouped_query_attention
+    heads = model.cfg.n_kv_heads if grouped else model.cfg.n_heads
     return {
         "layer": model.cfg.n_layers,
         "pos": n_pos,
@@ -202,7 +203,7 @@ def _trial_metric(model: HookedModel, metric: PatchingMetric, tokens: torch.Tens
     (where the metric runs: the process that gets the logits)."""
     if not model.blocks.gets_output:
         return
-    shape = (1, *tokens.shape, model.cfg.d_vocab) if vectorized else (*tokens.shape, model.cfg.d_vocab)
+    shape = (1, *tokens.shape, model.cfg.d_vocab_out) if vectorized else (*tokens.shape, model.cfg.d_vocab_out)
     try:
         value = metric(torch.zeros(shape, dtype=model.dtype, device=model.device))
     except Exception as e:
@@ -417,7 +418,7 @@ def _metric_positions(
     positions = sorted({check_index(int(p), n_pos, "position", of) for p in values})
     if not model.blocks.gets_output:  # the metric runs where the logits are
         return positions
-    shape = (1, *tokens.shape, model.cfg.d_vocab) if vectorized else (*tokens.shape, model.cfg.d_vocab)
+    shape = (1, *tokens.shape, model.cfg.d_vocab_out) if vectorized else (*tokens.shape, model.cfg.d_vocab_out)
     trial = torch.full(shape, float("nan"), dtype=model.dtype, device=model.device)
     trial[..., positions, :] = 0
     value = torch.as_tensor(metric(trial))
@@ -440,7 +441,7 @@ def _chunk_size(model: HookedModel, tokens: torch.Tensor, max_batch_bytes: int) 
     cfg = model.cfg
     batch, n_pos = tokens.shape
     itemsize = torch.empty(0, dtype=model.dtype).element_size()
-    per_position = 2 * cfg.d_vocab + 8 * cfg.d_model + 4 * cfg.d_mlp + 2 * cfg.n_heads * n_pos
+    per_position = 2 * cfg.d_vocab_out + 8 * cfg.d_model + 4 * cfg.d_mlp + 2 * cfg.n_heads * n_pos
     return max(1, int(max_batch_bytes // (batch * n_pos * per_position * itemsize)))
 
 
