@@ -18,9 +18,12 @@ algebra, checked against the real models in tests/test_sae.py):
 ==========================  ==========================================================
 step                        sites whose values change
 ==========================  ==========================================================
-fold_ln                     nothing: ``hook_normalized`` is before the norm's weight (and
-                            LayerNorm's bias) in both forms, as in TransformerLens 3,
-                            and they move into the next matmul exactly.
+fold_ln                     ``unembed.hook_in`` only (the final norm's output, which
+                            loses ``ln_final``'s weight and bias: they move into
+                            ``W_U`` and ``b_U``). ``hook_normalized`` is before the
+                            norm's weight (and LayerNorm's bias) in both forms, as in
+                            TransformerLens 3, and they move into the next matmul
+                            exactly, so nothing else changes.
 center_writing_weights      LayerNorm models only (skipped for RMSNorm): every write to
                             the residual stream has zero mean over d_model, so every
                             residual-stream site becomes ``x - mean(x)``:
@@ -33,8 +36,8 @@ fold_value_biases           ``attn.hook_v`` and ``attn.hook_z`` lose ``b_V``, an
                             ``attn.hook_result`` loses ``b_V @ W_O`` per head (moved into
                             ``b_O``, exact because attention rows sum to one);
                             ``hook_attn_out`` is unchanged. No-op without value biases.
-center_unembed              no hook site; logits shift by a per-position constant
-                            (log-probs unchanged).
+center_unembed              ``unembed.hook_out``, the logits: they shift by a
+                            per-position constant (log-probs unchanged).
 ==========================  ==========================================================
 
 So a residual-stream SAE trained on an unprocessed Llama-family model (SmolLM2, Llama)
@@ -95,7 +98,9 @@ def sites_changed_by(step: str, normalization_type: str) -> dict[str, str]:
             "attn.hook_z": "b_V removed",
             "attn.hook_result": "b_V @ W_O removed per head (moved into b_O)",
         }
-    return {}  # center_unembed
+    if step == "fold_ln":
+        return {"unembed.hook_in": "the final norm's weight (and bias) moved into W_U (and b_U)"}
+    return {"unembed.hook_out": "logits shifted by a per-position constant (log-probs unchanged)"}  # center_unembed
 
 
 # Processing check ----------------------------------------------------------------------
