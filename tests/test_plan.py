@@ -4,6 +4,7 @@ loads from them, and the parameter counts the big models' cards publish."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
@@ -289,6 +290,9 @@ def test_plan_resolves_every_preset_as_the_loader_does(empty_offline_cache, tmp_
             missing.append(name)
             continue
         assert plan.weights > 0 and plan.cfg.model_name == name
+        assert list(plan.choices) == [None, "int8", "int4"] and plan.choices[None] is plan
+        int8, int4 = plan.choices["int8"], plan.choices["int4"]
+        assert int8 is not None and int4 is not None and plan.weights > int8.weights > int4.weights, name
         planned.append(name)
     expected = {n for n in PRESETS if published_config(n) is not None}
     if embedded_default_gguf() is not None:
@@ -320,6 +324,9 @@ def test_plan_on_the_embedded_gguf_equals_the_loaded_model(capsys):
     assert cfg.replace(model_name="") == by_name.replace(model_name="")
     model = HookedTransformer.from_pretrained(str(gguf))
     assert run_plan(str(gguf)).parameters == sum(p.numel() for p in model.parameters())
+    if importlib.util.find_spec("torchao") is not None:  # a real model's quantized load: the plan's figure
+        quantized = HookedTransformer.from_pretrained(str(gguf), quantize="int8")
+        assert run_plan(str(gguf), quantize="int8").weights == _occupied(quantized)[0]
 
 
 def test_the_activation_cache_column_does_not_count_the_logits(loaded, capsys):
@@ -341,3 +348,60 @@ def test_plan_prints_the_placement_it_chooses(capsys):
     device_map = json.loads(line.removeprefix("placement: from_pretrained(..., device_map=").removesuffix(")"))
     assert device_map["embed"] == "cuda:0" and device_map["final"] == "cuda:1"
     assert list(device_map) == ["embed", *(f"blocks.{i}" for i in range(32)), "final"]
+
+
+# Quantization choices (issue 25.2, 25.4) ------------------------------------------------------------
+QUANT_MODELS = {
+    "gpt2": dict(n_embd=64, n_head=4),  # widths int4's CPU kernel packs
+    "llama-gqa": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128),
+}
+
+
+def _occupied(model: torch.nn.Module) -> tuple[int, int]:
+    """(parameter bytes, buffer bytes) the model holds: each storage once (a tied W_U is W_E), a
+    quantized weight by the tensors its library stores."""
+    from transformer_hooks.loading.quantize import QuantizedWeight
+
+    seen, params = set(), 0
+    for p in model.parameters():
+        if isinstance(p, QuantizedWeight):
+            params += sum(t.untyped_storage().nbytes() for t in p.packed.tensors())
+        elif p.untyped_storage().data_ptr() not in seen:
+            seen.add(p.untyped_storage().data_ptr())
+            params += p.untyped_storage().nbytes()
+    return params, sum(b.untyped_storage().nbytes() for b in model.buffers())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao is not installed")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", sorted(QUANT_MODELS))
+def test_quantized_plans_equal_what_a_quantized_load_occupies(name, dtype, tmp_path):
+    path, _ = save_checkpoint(name, tmp_path, **QUANT_MODELS[name])
+    full = HookedTransformer.from_pretrained(str(path), dtype=dtype)
+    full_params, full_buffers = _occupied(full)
+    assert plan_memory(full.cfg, dtype).weights == full_params
+    for scheme in ("int8", "int4"):
+        model = HookedTransformer.from_pretrained(str(path), dtype=dtype, quantize=scheme)
+        params, buffers = _occupied(model)
+        plan = plan_memory(model.cfg, dtype, quantize=scheme)
+        assert plan.weights == params < full_params
+        assert params + buffers - (full_params + full_buffers) == plan.weights - plan_memory(full.cfg, dtype).weights
+        assert run_plan(str(path), dtype=str(dtype).removeprefix("torch."), quantize=scheme).weights == params
+
+
+def test_plan_prints_every_quantization_choice(capsys):
+    assert main(["plan", "llama-3.1-70b", "--dtype", "bfloat16", "--max-memory", "cuda:0=40GiB,cuda:1=40GiB"]) == 1
+    out = capsys.readouterr().out
+    table = out[out.index("by quantization") :].splitlines()
+    rows = {line.split()[0]: line for line in table[3:6]}
+    assert list(rows) == ["none", "int8", "int4"]
+    assert all("blocks 40-79, final -> cuda:1" in row for row in rows.values())  # the placement of each
+    assert " NO " in rows["none"] and " yes " in rows["int8"] and " yes " in rows["int4"]
+    assert "fits with quantize='int8'" in out
+    plan = run_plan("llama-3.1-70b", dtype="bfloat16", max_memory="cuda:0=40GiB,cuda:1=40GiB", quantize="int8")
+    assert plan.fits and plan.quantize == "int8" and plan.choices["int8"] is plan
+    assert plan.choices[None].weights > plan.weights > plan.choices["int4"].weights
+    assert main(["plan", "gpt2", "--quantize", "int4"]) == 0
+    assert "float32 quantized int4," in capsys.readouterr().out.splitlines()[0]
+    with pytest.raises(ValueError, match="'int3' is not a choice"):
+        run_plan("gpt2", quantize="int3")

@@ -20,6 +20,7 @@ from weights_conversion.groups import load_order
 from .. import sites
 from ..config import ModelConfig
 from ..model import HookedTransformer
+from .quantize import MATRIX, is_quantized_parameter, quantized_matrix_bytes
 
 PlacementMode = Literal["auto", "balanced", "sequential"]
 
@@ -100,8 +101,28 @@ def _meta_counts(cfg: ModelConfig) -> tuple[tuple[str, int], ...]:
     return tuple(counts.items())
 
 
-def group_bytes(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, int]:
-    return {g: n * dtype.itemsize for g, n in group_parameters(cfg).items()}
+def group_bytes(cfg: ModelConfig, dtype: torch.dtype, quantize: str | None = None) -> dict[str, int]:
+    """Weight bytes per placement group in ``dtype``; with ``quantize`` (loading/quantize.py),
+    each block's attention and MLP matrices as that scheme stores them."""
+    sizes = {g: n * dtype.itemsize for g, n in group_parameters(cfg).items()}
+    if quantize is not None:
+        for name, (n_out, n_in) in _quantized_matrices(cfg.replace(device=None)):
+            stored = quantized_matrix_bytes(n_out, n_in, quantize, dtype)
+            sizes[group_of(name)] += stored - n_out * n_in * dtype.itemsize
+    return sizes
+
+
+@functools.lru_cache(maxsize=16)
+def _quantized_matrices(cfg: ModelConfig) -> tuple[tuple[str, tuple[int, int]], ...]:
+    """(name, [out, in] shape) of every matrix a quantized load quantizes."""
+    with torch.device("meta"):
+        model = HookedTransformer(cfg)
+    out = []
+    for name, p in model.named_parameters():
+        if is_quantized_parameter(name):
+            n_out, n_in = MATRIX[name.rpartition(".")[2]](p).shape
+            out.append((name, (n_out, n_in)))
+    return tuple(out)
 
 
 def place_groups(

@@ -153,9 +153,10 @@ def resolve_device_map(
     max_memory: Mapping[Any, Any] | None = None,
     n_devices: int | None = None,
     dtype: torch.dtype = torch.float32,
+    quantize: str | None = None,
 ) -> DeviceMap | None:
     """{group: device} for a model of config ``cfg`` (the processed config: its weights'
-    bytes decide "auto"), or None when nothing asks for placement."""
+    bytes, quantized as ``quantize`` says, decide "auto"), or None when nothing asks for placement."""
     if device_map is None and n_devices is None:
         return None
     if isinstance(device_map, Mapping):
@@ -163,7 +164,8 @@ def resolve_device_map(
             raise PlacementError("give either a device_map dict or n_devices, not both")
         placement = check_device_map(cfg, device_map)
         if max_memory:
-            _check_fits(cfg, placement, {check_device(d): parse_bytes(b) for d, b in max_memory.items()}, dtype)
+            limits = {check_device(d): parse_bytes(b) for d, b in max_memory.items()}
+            _check_fits(cfg, placement, limits, dtype, quantize)
         return placement
     if device_map not in (None, "auto", "balanced", "sequential"):
         raise PlacementError(f"device_map must be 'auto', 'balanced', 'sequential' or a dict, got {device_map!r}")
@@ -182,11 +184,14 @@ def resolve_device_map(
                 f"n_devices={n_devices}, but {len(devices)} device(s) are available ({', '.join(devices)})"
             )
         devices = devices[:n_devices]
-    return place_groups(group_bytes(cfg, dtype), devices, {d: limits[d] for d in devices if d in limits}, mode)
+    sizes = group_bytes(cfg, dtype, quantize)
+    return place_groups(sizes, devices, {d: limits[d] for d in devices if d in limits}, mode)
 
 
-def _check_fits(cfg: ModelConfig, placement: DeviceMap, limits: dict[str, int], dtype: torch.dtype) -> None:
-    sizes = group_bytes(cfg, dtype)
+def _check_fits(
+    cfg: ModelConfig, placement: DeviceMap, limits: dict[str, int], dtype: torch.dtype, quantize: str | None
+) -> None:
+    sizes = group_bytes(cfg, dtype, quantize)
     for device, limit in limits.items():
         held = sum(sizes[g] for g, d in placement.items() if d == device)
         if held > limit:
