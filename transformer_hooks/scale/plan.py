@@ -19,6 +19,7 @@ logits (attention scores of one layer, the MLP hidden of one layer) is listed as
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -53,8 +54,14 @@ def checkpoint_parameters(hf_config: dict[str, Any]) -> int:
     """Parameters the Hugging Face checkpoint stores (the figure model cards publish; a tied
     unembedding counted once): transformers' own model for the config, built on the meta
     device (no memory, no download)."""
+    return _checkpoint_parameters(json.dumps(hf_config, sort_keys=True, default=str))
+
+
+@functools.lru_cache(maxsize=128)
+def _checkpoint_parameters(hf_json: str) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    hf_config = json.loads(hf_json)
     kwargs = {k: v for k, v in hf_config.items() if k != "model_type"}
     config = AutoConfig.for_model(hf_config["model_type"], **kwargs)
     with torch.device("meta"):

