@@ -7,15 +7,20 @@ package), or any name or path ``from_pretrained`` takes. Each case runs in a fre
 process (``memory_load.py``'s way: peak RSS ``VmHWM`` reset after the imports, minus the
 RSS then):
 
-- ``float32``:             ``from_pretrained(model)``
-- ``int8``, ``int4``:      ``from_pretrained(model, quantize=...)`` (torchao), quantized
-                           block by block as the load streams the weights in
-- ``int8 after``:          load float32, then quantize every matrix at the end: the peak
-                           (a full float32 copy plus the quantized one) that streaming avoids
+- ``float32``, ``bfloat16``:           ``from_pretrained(model, dtype=...)``
+- ``int8``, ``int8 bf16``, ``int4 bf16``:  ``from_pretrained(model, dtype=..., quantize=...)``
+                                       (torchao), quantized block by block as the load
+                                       streams the weights in
+- ``int8 after``:                      load float32, then quantize every matrix at the end:
+                                       the peak (a full float32 copy plus the quantized
+                                       one) that streaming avoids
 
-then a forward of ``--batch`` x ``--seq`` tokens, timed (median of ``--runs``), and the
-largest logit difference from the float32 model relative to its largest logit. Prints a
-Markdown table with ratios against float32; ``--write`` puts it in benchmarks/RESULTS.md.
+then forwards of ``--batch`` x ``--seq`` tokens (a prompt) and of 1 x 8 tokens (the rows of
+a generation step), timed (median of ``--runs``), and the largest logit difference from
+the float32 model relative to its largest logit. Ratios are against float32 (the bf16 cases'
+forward times also against bfloat16). int4 runs in bfloat16 only: torch's CPU int4 kernel
+takes a slow reference path for float32 activations (100x float32's time, measured on an
+AVX-512 machine). Prints a Markdown table; ``--write`` puts it in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -32,7 +37,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory_load import _reset_peak, _status_kb  # noqa: E402
 
-CASES = ("float32", "int8", "int4", "int8 after")
+CASES = {  # name: (dtype, quantize)
+    "float32": ("float32", None),
+    "int8": ("float32", "int8"),
+    "int8 after": ("float32", "int8"),
+    "bfloat16": ("bfloat16", None),
+    "int8 bf16": ("bfloat16", "int8"),
+    "int4 bf16": ("bfloat16", "int4"),
+}
 
 
 def run_case(case: str, model: str, threads: int, batch: int, seq: int, runs: int) -> dict:
@@ -44,31 +56,38 @@ def run_case(case: str, model: str, threads: int, batch: int, seq: int, runs: in
     from transformer_hooks import HookedTransformer
     from transformer_hooks.loading.quantize import Scheme, model_bytes, quantize_parameters
 
+    dtype, quantize = CASES[case]
     baseline_kb = _status_kb("VmRSS")
     _reset_peak()
     start = time.perf_counter()
-    if case in ("float32", "int8 after"):
-        loaded = HookedTransformer.from_pretrained(model)
-        if case == "int8 after":
-            quantize_parameters(loaded, [n for n, _ in loaded.named_parameters()], Scheme("int8", "cpu"))
+    if case == "int8 after":
+        loaded = HookedTransformer.from_pretrained(model, dtype=dtype)
+        quantize_parameters(loaded, [n for n, _ in loaded.named_parameters()], Scheme("int8", "cpu"))
     else:
-        loaded = HookedTransformer.from_pretrained(model, quantize=case)
+        loaded = HookedTransformer.from_pretrained(model, dtype=dtype, quantize=quantize)
     load_seconds = time.perf_counter() - start
     load_peak_kb = _status_kb("VmHWM")
-    tokens = torch.randint(0, loaded.cfg.d_vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
-    times = []
-    with torch.inference_mode():
-        logits = loaded(tokens)
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, loaded.cfg.d_vocab, (batch, seq), generator=generator)
+
+    def median_ms(tokens: torch.Tensor) -> float:
+        times = []
         for _ in range(runs):
             t = time.perf_counter()
             loaded(tokens)
             times.append(time.perf_counter() - t)
+        return statistics.median(times) * 1e3
+
+    with torch.inference_mode():
+        logits = loaded(prompt)
+        prompt_ms, step_ms = median_ms(prompt), median_ms(prompt[:1, :8])
     return {
         "case": case,
         "load_seconds": load_seconds,
         "load_peak_mb": (load_peak_kb - baseline_kb) / 1024,
         "weights_mb": model_bytes(loaded) / 2**20,
-        "forward_ms": statistics.median(times) * 1e3,
+        "forward_ms": prompt_ms,
+        "step_ms": step_ms,
         "logits": logits[:, -4:].float().tolist(),  # compared with float32's in the parent
     }
 
@@ -91,19 +110,22 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> str:
     base = results["float32"]
     ref = torch.tensor(base["logits"])
     lines = [
-        f"Model {Path(args.model).name}; forward {args.batch}x{args.seq} tokens, {args.threads} threads, median of "
-        f"{args.runs}; memory: median of {args.repeat} fresh processes. Ratios against float32.",
+        f"Model {Path(args.model).name}; prompt forward {args.batch}x{args.seq} tokens, step forward 1x8, "
+        f"{args.threads} threads, median of {args.runs}; one fresh process per case. Ratios against float32 "
+        f"(forward times of bf16 cases: against bfloat16).",
         "",
-        "| case | weights | ratio | load peak RSS | ratio | load s | forward ms | ratio | max logit diff (rel.) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| case | weights | ratio | load peak RSS | ratio | load s | prompt ms | ratio | step ms | ratio "
+        "| max logit diff (rel.) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case, r in results.items():
+        speed = results["bfloat16"] if "bf" in case and "bfloat16" in results else base
         diff = (torch.tensor(r["logits"]) - ref).abs().max().item() / ref.abs().max().item()
         lines.append(
             f"| {case} | {r['weights_mb']:.1f} MiB | {r['weights_mb'] / base['weights_mb']:.2f}x | "
             f"{r['load_peak_mb']:.0f} MiB | {r['load_peak_mb'] / base['load_peak_mb']:.2f}x | "
-            f"{r['load_seconds']:.1f} | "
-            f"{r['forward_ms']:.1f} | {r['forward_ms'] / base['forward_ms']:.2f}x | {diff:.3g} |"
+            f"{r['load_seconds']:.1f} | {r['forward_ms']:.1f} | {r['forward_ms'] / speed['forward_ms']:.2f}x | "
+            f"{r['step_ms']:.2f} | {r['step_ms'] / speed['step_ms']:.2f}x | {diff:.3g} |"
         )
     return "\n".join(lines)
 
@@ -113,9 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct GGUF")
     parser.add_argument("--repeat", type=int, default=1, help="fresh processes per case (median memory)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--write", action="store_true", help="write the table to benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
     if args.model is None:

@@ -215,6 +215,8 @@ def test_bad_choices_name_the_choices_and_the_fix(paths, monkeypatch):
     with pytest.raises(QuantizeError, match="run on CPU and CUDA, not mps"):
         check_quantize("int4", "mps", torch.float32)
     assert check_quantize("int4", "cuda", torch.bfloat16) is not None  # the check alone: no GPU needed
+    with pytest.warns(UserWarning, match="dtype='bfloat16' for its fast kernel"):
+        check_quantize("int4", "cpu", torch.float32)
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "torchao" else real(n, *a))
     with pytest.raises(QuantizeError, match=r"needs torchao.*pip install 'transformer_hooks\[quant\]'"):

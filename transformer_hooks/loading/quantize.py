@@ -25,6 +25,13 @@ weights it reads (``max|w| / 127.5`` per row for int8; ``(max - min) / 15`` per 
 int4): tests/test_quantize.py checks both. Quantized weights get no gradients; gradients
 flow through them to activations (attribution patching).
 
+Speed on CPU (benchmarks/quantize.py): quantization buys memory, not time. torchao's int8
+weight-only linear converts the int8 matrix to floats on every call (on GPU, ``torch.compile``
+fuses that), so a forward takes longer than in float32. torch's CPU int4 kernel is built for
+generation: with bfloat16 activations it beats the dense matmul on a few rows and loses on a
+long prompt; with float32 activations it takes a slow reference path (about 100x), so int4 on
+CPU warns unless ``dtype="bfloat16"``.
+
 The torchao paths are tested on CPU; the CUDA paths (torchao's int4 tinygemm kernel,
 bitsandbytes) are written to the libraries' documented APIs and run only on a GPU.
 """
@@ -32,6 +39,7 @@ bitsandbytes) are written to the libraries' documented APIs and run only on a GP
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -111,6 +119,12 @@ def check_quantize(value: str | None, device: Any, dtype: torch.dtype) -> Scheme
     if value == "int4" and device_type not in ("cpu", "cuda"):
         raise QuantizeError(
             f"quantize='int4': torchao's 4-bit kernels run on CPU and CUDA, not {device_type}; use quantize='int8'"
+        )
+    if value == "int4" and device_type == "cpu" and dtype != torch.bfloat16:
+        warnings.warn(
+            f"quantize='int4' on CPU with {dtype} activations runs torch's slow reference int4 kernel (about 100x "
+            "a float32 matmul); load with dtype='bfloat16' for its fast kernel",
+            stacklevel=4,
         )
     if value == "int4" and device_type == "cuda" and dtype != torch.bfloat16:
         raise QuantizeError(
