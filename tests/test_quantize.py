@@ -245,3 +245,43 @@ def test_cuda_schemes_compute_what_their_dequantized_weights_compute(paths, sche
     tokens = TOKENS.cuda()
     a, b = quantized(tokens).float(), dense(tokens).float()
     assert (a - b).abs().max() <= 2e-2 * b.abs().max()  # bfloat16 rounding (8 bits of mantissa)
+
+
+def _pipeline_worker(rank: int, world: int, port: int, path: str, out: str) -> None:
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        model = HookedTransformer.from_pretrained(path, quantize="int8", pipeline_ranks=world)
+        held = [n for n, p in model.named_parameters() if isinstance(p, QuantizedWeight)]
+        logits, cache = model.run_with_cache(TOKENS)
+        result = {"held": held}
+        if logits is not None:
+            result.update(logits=logits, cache={k: cache[k] for k in cache.keys()})
+        torch.save(result, f"{out}.rank{rank}")
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def test_a_quantized_model_split_over_two_processes_equals_one_process(loaded, paths, tmp_path):
+    from ranks import free_port, run_ranks
+
+    out, port = str(tmp_path / "result"), free_port()
+    codes = run_ranks(_pipeline_worker, lambda rank: (rank, 2, port, str(paths["llama-gqa"]), out), world=2)
+    assert codes == [0, 0]
+    ranks = [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(2)]
+    one = loaded["llama-gqa", "int8"]
+    assert sorted(ranks[0]["held"] + ranks[1]["held"]) == sorted(
+        n for n, p in one.named_parameters() if isinstance(p, QuantizedWeight)
+    )  # each rank quantized its own blocks
+    logits, cache = one.run_with_cache(TOKENS)
+    assert _close(ranks[0]["logits"], logits)
+    assert set(ranks[0]["cache"]) == set(cache.keys())
+    for key, value in ranks[0]["cache"].items():
+        assert _close(value, cache[key]), key
