@@ -200,6 +200,10 @@ def test_weight_views_and_processing_read_the_dequantized_weights(loaded, paths)
     with pytest.raises(QuantizeError, match="keeps its dtype"):
         quantized.blocks[0].attn.W_Q.to(torch.float16)
     assert quantized.blocks[0].attn.W_Q.to("cpu") is quantized.blocks[0].attn.W_Q
+    with torch.no_grad(), pytest.raises(QuantizeError, match="zero_ would change a quantized weight"):
+        quantized.blocks[0].attn.W_Q.zero_()
+    with torch.no_grad(), pytest.raises(QuantizeError, match="load without quantize= to edit weights"):
+        quantized.blocks[0].mlp.W_out[0] = 1.0
 
 
 def test_bad_choices_name_the_choices_and_the_fix(paths, monkeypatch):

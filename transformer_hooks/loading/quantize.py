@@ -299,7 +299,8 @@ class QuantizedWeight(torch.Tensor):
     """A quantized weight with the shape, strides and dtype of the parameter it replaces.
 
     ``F.linear`` on the [out, in] view the component takes runs the quantized kernel; any
-    other operation sees the dequantized tensor (a fresh full-precision copy each time).
+    other operation sees the dequantized tensor (a fresh full-precision copy each time);
+    in-place operations (``zero_``, ``copy_``, item assignment) are refused.
     Views (transpose, reshape, ``.T``, ...) stay quantized: a meta tensor tracks where the
     view sits in the [out, in] matrix. ``.to(device)`` moves the packed data; a change of
     dtype is refused (load with the dtype you want)."""
@@ -367,6 +368,11 @@ class QuantizedWeight(torch.Tensor):
                 return first._view(first.view_meta)
             elif func in (torch.Tensor.to, torch.Tensor.cpu, torch.Tensor.cuda):
                 return first._moved(func, args[1:], kwargs)
+            elif _in_place(func):
+                raise QuantizeError(
+                    f"{getattr(func, '__name__', func)} would change a quantized weight, which is read-only here "
+                    "(an edit would land on a dequantized copy and be lost): load without quantize= to edit weights"
+                )
         args, kwargs = tree_map(_dense, (args, kwargs))
         return func(*args, **kwargs)
 
@@ -391,6 +397,11 @@ class QuantizedWeight(torch.Tensor):
         if device is None or torch.device(device) == self.device:
             return self
         return QuantizedWeight(self.packed.to(torch.device(device)), self.view_meta, self.matrix_meta)
+
+
+def _in_place(func: Any) -> bool:
+    name = getattr(func, "__name__", "")
+    return name == "__setitem__" or (name.endswith("_") and not name.startswith("__")) or name.startswith("__i")
 
 
 def _dense(value: Any) -> Any:
