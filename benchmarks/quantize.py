@@ -15,10 +15,12 @@ RSS then):
                                        the peak (a full float32 copy plus the quantized
                                        one) that streaming avoids
 
-then forwards of ``--batch`` x ``--seq`` tokens (a prompt) and of 1 x 8 tokens (the rows of
-a generation step), timed (median of ``--runs``), and the largest logit difference from
-the float32 model relative to its largest logit. Ratios are against float32 (the bf16 cases'
-forward times also against bfloat16). int4 runs in bfloat16 only: torch's CPU int4 kernel
+and the largest logit difference from the float32 model relative to its largest logit.
+Speed is measured apart, in one process holding every model, as ``speed.py`` measures
+(``paired``: interleaved runs, the median of per-pair ratios, so a machine whose load
+drifts moves both members of a pair alike): forwards of ``--batch`` x ``--seq`` tokens (a
+prompt) and of 1 x 8 tokens (the rows of a generation step), each case against the
+unquantized model of its dtype. Memory ratios are against float32. int4 runs in bfloat16 only: torch's CPU int4 kernel
 takes a slow reference path for float32 activations (100x float32's time, measured on an
 AVX-512 machine). Prints a Markdown table; ``--write`` puts it in benchmarks/RESULTS.md.
 """
@@ -28,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import statistics
 import subprocess
 import sys
 import time
@@ -47,7 +48,7 @@ CASES = {  # name: (dtype, quantize)
 }
 
 
-def run_case(case: str, model: str, threads: int, batch: int, seq: int, runs: int) -> dict:
+def run_case(case: str, model: str, threads: int, batch: int, seq: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -67,29 +68,49 @@ def run_case(case: str, model: str, threads: int, batch: int, seq: int, runs: in
         loaded = HookedTransformer.from_pretrained(model, dtype=dtype, quantize=quantize)
     load_seconds = time.perf_counter() - start
     load_peak_kb = _status_kb("VmHWM")
-    generator = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, loaded.cfg.d_vocab, (batch, seq), generator=generator)
-
-    def median_ms(tokens: torch.Tensor) -> float:
-        times = []
-        for _ in range(runs):
-            t = time.perf_counter()
-            loaded(tokens)
-            times.append(time.perf_counter() - t)
-        return statistics.median(times) * 1e3
-
+    prompt = torch.randint(0, loaded.cfg.d_vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         logits = loaded(prompt)
-        prompt_ms, step_ms = median_ms(prompt), median_ms(prompt[:1, :8])
     return {
         "case": case,
         "load_seconds": load_seconds,
         "load_peak_mb": (load_peak_kb - baseline_kb) / 1024,
         "weights_mb": model_bytes(loaded) / 2**20,
-        "forward_ms": prompt_ms,
-        "step_ms": step_ms,
         "logits": logits[:, -4:].float().tolist(),  # compared with float32's in the parent
     }
+
+
+def speed(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """{case: {"prompt": ratio, "step": ratio, "prompt_ms": ..., "step_ms": ...}} against the
+    unquantized model of the case's dtype, every model in this process, runs interleaved."""
+    import torch
+    from speed import paired
+
+    from transformer_hooks import HookedTransformer
+
+    torch.set_num_threads(args.threads)
+    models = {
+        case: HookedTransformer.from_pretrained(args.model, dtype=dtype, quantize=quantize)
+        for case, (dtype, quantize) in CASES.items()
+        if case != "int8 after"
+    }
+    prompt = torch.randint(0, models["float32"].cfg.d_vocab, (args.batch, args.seq), generator=torch.Generator())
+    step = prompt[:1, :8]
+    out = {}
+    with torch.inference_mode():
+        for case, model in models.items():
+            base = models["bfloat16" if "bf" in case else "float32"]
+            row = {}
+            for name, tokens in (("prompt", prompt), ("step", step)):
+                p = paired(lambda: base(tokens), lambda: model(tokens), args.runs)
+                row.update({name: p.ratio, f"{name}_ms": p.ours * 1e3})
+            out[case] = row
+            print(
+                f"{case}: prompt {row['prompt_ms']:.1f} ms ({row['prompt']:.2f}x), "
+                f"step {row['step_ms']:.2f} ms ({row['step']:.2f}x)",
+                flush=True,
+            )
+    return out
 
 
 def measure(case: str, args: argparse.Namespace) -> dict:
@@ -97,35 +118,40 @@ def measure(case: str, args: argparse.Namespace) -> dict:
     code = (
         f"import json, sys; sys.path.insert(0, {here!r}); from quantize import run_case; "
         f"print('RESULT ' + json.dumps(run_case({case!r}, {args.model!r}, {args.threads}, {args.batch}, "
-        f"{args.seq}, {args.runs})))"
+        f"{args.seq})))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     line = next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))
     return json.loads(line.removeprefix("RESULT "))
 
 
-def report(results: dict[str, dict], args: argparse.Namespace) -> str:
+def report(results: dict[str, dict], speeds: dict[str, dict[str, float]], args: argparse.Namespace) -> str:
     import torch
 
     base = results["float32"]
     ref = torch.tensor(base["logits"])
     lines = [
         f"Model {Path(args.model).name}; prompt forward {args.batch}x{args.seq} tokens, step forward 1x8, "
-        f"{args.threads} threads, median of {args.runs}; one fresh process per case. Ratios against float32 "
-        f"(forward times of bf16 cases: against bfloat16).",
+        f"{args.threads} threads, {args.runs} interleaved pairs; memory: one fresh process per case. Memory "
+        f"ratios against float32; forward ratios against the unquantized model of the same dtype "
+        f"(median of per-pair ratios).",
         "",
         "| case | weights | ratio | load peak RSS | ratio | load s | prompt ms | ratio | step ms | ratio "
         "| max logit diff (rel.) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case, r in results.items():
-        speed = results["bfloat16"] if "bf" in case and "bfloat16" in results else base
         diff = (torch.tensor(r["logits"]) - ref).abs().max().item() / ref.abs().max().item()
+        sp = speeds.get(case)
+        timing = (
+            f"{sp['prompt_ms']:.1f} | {sp['prompt']:.2f}x | {sp['step_ms']:.2f} | {sp['step']:.2f}x"
+            if sp
+            else "- | - | - | -"
+        )
         lines.append(
             f"| {case} | {r['weights_mb']:.1f} MiB | {r['weights_mb'] / base['weights_mb']:.2f}x | "
             f"{r['load_peak_mb']:.0f} MiB | {r['load_peak_mb'] / base['load_peak_mb']:.2f}x | "
-            f"{r['load_seconds']:.1f} | {r['forward_ms']:.1f} | {r['forward_ms'] / speed['forward_ms']:.2f}x | "
-            f"{r['step_ms']:.2f} | {r['step_ms'] / speed['step_ms']:.2f}x | {diff:.3g} |"
+            f"{r['load_seconds']:.1f} | {timing} | {diff:.3g} |"
         )
     return "\n".join(lines)
 
@@ -152,12 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = [measure(case, args) for _ in range(args.repeat)]
         median = sorted(runs, key=lambda r: r["load_peak_mb"])[len(runs) // 2]
         results[case] = median
-        print(
-            f"{case}: {median['weights_mb']:.1f} MiB weights, load peak {median['load_peak_mb']:.0f} MiB, "
-            f"forward {median['forward_ms']:.1f} ms",
-            flush=True,
-        )
-    body = report(results, args)
+        print(f"{case}: {median['weights_mb']:.1f} MiB weights, load peak {median['load_peak_mb']:.0f} MiB", flush=True)
+    body = report(results, speed(args), args)
     print("\n" + body)
     if args.write:
         from speed import write_section

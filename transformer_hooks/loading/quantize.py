@@ -25,12 +25,12 @@ weights it reads (``max|w| / 127.5`` per row for int8; ``(max - min) / 15`` per 
 int4): tests/test_quantize.py checks both. Quantized weights get no gradients; gradients
 flow through them to activations (attribution patching).
 
-Speed on CPU (benchmarks/quantize.py): quantization buys memory, not time. torchao's int8
-weight-only linear converts the int8 matrix to floats on every call (on GPU, ``torch.compile``
-fuses that), so a forward takes longer than in float32. torch's CPU int4 kernel is built for
-generation: with bfloat16 activations it beats the dense matmul on a few rows and loses on a
-long prompt; with float32 activations it takes a slow reference path (about 100x), so int4 on
-CPU warns unless ``dtype="bfloat16"``.
+Speed on CPU (benchmarks/quantize.py, SmolLM2-135M): quantization buys memory, not time.
+torchao's int8 weight-only linear converts the int8 matrix to floats on every call (on GPU,
+``torch.compile`` fuses that): as fast as float32 there, 1.3-1.6x bfloat16's time. torch's CPU
+int4 kernel is built for generation: with bfloat16 activations it beats the dense matmul on a
+few rows (0.84x) and loses on a prompt (3x); with float32 activations it takes a slow
+reference path (about 100x), so int4 on CPU warns unless ``dtype="bfloat16"``.
 
 The torchao paths are tested on CPU; the CUDA paths (torchao's int4 tinygemm kernel,
 bitsandbytes) are written to the libraries' documented APIs and run only on a GPU.
