@@ -288,7 +288,7 @@ def bench_quantized(
     schemes = ["int8", "int4"] + (["bnb-int8", "bnb-nf4"] if importlib.util.find_spec("bitsandbytes") else [])
     for scheme in schemes:
         try:
-            check_quantize(scheme, device, dtype)
+            check_quantize(scheme, device, dtype, warn=False)
             quantized = HookedTransformer.from_pretrained_no_processing(
                 str(path), device=device, dtype=dtype, quantize=scheme
             )
@@ -301,8 +301,8 @@ def bench_quantized(
             p = paired(lambda: dense(tokens), lambda q=quantized: q(tokens), args.runs)
         checks.append(dict(model=name, dtype=dname, check=f"max |logits {scheme} - unquantized| / max", value=diff))
         note = (
-            f"baseline: ours unquantized; weights {model_bytes(quantized) / 2**30:.2f} GiB "
-            f"vs {model_bytes(dense) / 2**30:.2f} GiB"
+            f"baseline: ours unquantized; weights {model_bytes(quantized) / 2**20:.1f} MiB "
+            f"vs {model_bytes(dense) / 2**20:.1f} MiB"
         )
         rows.append(
             Row(

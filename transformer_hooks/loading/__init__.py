@@ -142,11 +142,11 @@ def _build(
     device = check_compute_device(opts.device if opts.move_to_device else "cpu")
     processed = processed_config(cfg, opts.processing)
     mode = execution_mode(processed, opts, device, dtype)
-    scheme = _check_quantize(opts)
+    scheme = _check_quantize(opts, warn=False)  # load_model checked (and warned) before reading
     return build_and_fill(cfg, opts.processing, groups, tokenizer, dtype, desc, tied, mode, scheme)
 
 
-def _check_quantize(opts: LoadOptions) -> Scheme | None:
+def _check_quantize(opts: LoadOptions, warn: bool = True) -> Scheme | None:
     """The quantization ``opts`` ask for, checked against the device, dtype and mode."""
     if opts.quantize is None:
         return None
@@ -162,7 +162,7 @@ def _check_quantize(opts: LoadOptions) -> Scheme | None:
         device = next(iter(opts.max_memory))
     elif opts.n_devices is not None:
         device = "cuda"
-    return check_quantize(opts.quantize, device, as_dtype(opts.dtype))
+    return check_quantize(opts.quantize, device, as_dtype(opts.dtype), warn=warn)
 
 
 def processed_copy(model: HookedTransformer, options: ProcessingOptions) -> HookedTransformer:

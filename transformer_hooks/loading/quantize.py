@@ -93,7 +93,7 @@ class Scheme:
         return "bitsandbytes" if self.name.startswith("bnb-") else "torchao"
 
 
-def check_quantize(value: str | None, device: Any, dtype: torch.dtype) -> Scheme | None:
+def check_quantize(value: str | None, device: Any, dtype: torch.dtype, *, warn: bool = True) -> Scheme | None:
     """The scheme ``quantize=value`` names for weights of ``dtype`` on ``device``, checked before
     anything is read: unknown names, devices the library lacks and a missing library raise
     ``QuantizeError`` naming the choices or the pip command."""
@@ -120,7 +120,7 @@ def check_quantize(value: str | None, device: Any, dtype: torch.dtype) -> Scheme
         raise QuantizeError(
             f"quantize='int4': torchao's 4-bit kernels run on CPU and CUDA, not {device_type}; use quantize='int8'"
         )
-    if value == "int4" and device_type == "cpu" and dtype != torch.bfloat16:
+    if warn and value == "int4" and device_type == "cpu" and dtype != torch.bfloat16:
         warnings.warn(
             f"quantize='int4' on CPU with {dtype} activations runs torch's slow reference int4 kernel (about 100x "
             "a float32 matmul); load with dtype='bfloat16' for its fast kernel",
