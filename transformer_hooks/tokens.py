@@ -42,7 +42,7 @@ def pad_id(tokenizer: Any, cfg: ModelConfig) -> int:
         cfg.eos_token_id,
     ):
         if candidate is not None:
-            return int(candidate)
+            return int(candidate[0] if isinstance(candidate, (tuple, list)) else candidate)  # several EOS: the first
     return 0
 
 

@@ -101,8 +101,10 @@ def head_dim(d_model: int, n_heads: int, width_key: str, heads_key: str) -> int:
 
 
 def special_token_ids(hf: dict) -> dict[str, Any]:
-    """The BOS, EOS and padding token ids the HF config ``hf`` names (None where it names none)."""
-    return {key: hf.get(key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    """The BOS, EOS and padding token ids the HF config ``hf`` names (None where it names none;
+    several EOS ids, as Llama 3's instruct configs give, as a tuple: a ``ModelConfig`` is hashable)."""
+    ids = {key: hf.get(key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    return {key: tuple(v) if isinstance(v, list) else v for key, v in ids.items()}
 
 
 def heads_from_linear(weight: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import argparse
 
+from ..loading.quantize import QUANTIZE_CHOICES
 from ..presets import PUBLISHED_CONFIGS
 from ..scale.plan import run_plan
 
 NAME = "plan"
-SUMMARY = "memory per device for a model (weights, KV cache, activation cache), from its config alone"
+SUMMARY = (
+    "memory per device for a model (weights, KV cache, activation cache), from its config alone, "
+    "for each quantization choice"
+)
 EXAMPLE = "python -m transformer_hooks plan gpt2 --dtype bfloat16 --batch 8 --seq 1024 --cache resid"
 
 
@@ -43,6 +47,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="activation cache of one forward: every site, the residual stream, or none",
     )
     p.add_argument("--no-processing", action="store_true", help="plan for unprocessed weights")
+    p.add_argument(
+        "--quantize",
+        default=None,
+        choices=QUANTIZE_CHOICES,
+        help="plan the device table for weights quantized so (from_pretrained(..., quantize=...)); "
+        "every choice's weights and fit are printed below it either way (default: none, unquantized)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         cache=args.cache,
         mode=args.placement,
         processing=not args.no_processing,
+        quantize=args.quantize,
     )
     print(plan.format())
     return 0 if plan.fits is not False else 1

@@ -58,6 +58,7 @@ from .groups import group_of
 from .modes import current_mode, execution_mode
 from .options import LoadOptions
 from .placement import check_compute_device
+from .quantize import QuantizeError, Scheme, check_quantize, quantized_scheme
 
 # Buffers some HF checkpoints store that are not weights (causal masks, rotary tables).
 IGNORED_HF_TENSORS = re.compile(
@@ -90,6 +91,7 @@ def load_model(name_or_path: str | Path, options: LoadOptions | None = None, **k
     """
     opts = LoadOptions.of(options, **kwargs)
     check_compute_device(opts.device)  # before anything is read: device="cuda" without a GPU says so
+    _check_quantize(opts)
     model = _load(name_or_path, opts)
     if opts.default_prepend_bos is not None:
         model.cfg = model.cfg.replace(default_prepend_bos=opts.default_prepend_bos)
@@ -144,7 +146,27 @@ def _build(
     device = check_compute_device(opts.device if opts.move_to_device else "cpu")
     processed = processed_config(cfg, opts.processing)
     mode = execution_mode(processed, opts, device, dtype)
-    return build_and_fill(cfg, opts.processing, groups, tokenizer, dtype, desc, tied, mode)
+    scheme = _check_quantize(opts, warn=False)  # load_model checked (and warned) before reading
+    return build_and_fill(cfg, opts.processing, groups, tokenizer, dtype, desc, tied, mode, scheme)
+
+
+def _check_quantize(opts: LoadOptions, warn: bool = True) -> Scheme | None:
+    """The quantization ``opts`` ask for, checked against the device, dtype and mode."""
+    if opts.quantize is None:
+        return None
+    if opts.offload is not None:
+        raise QuantizeError(
+            "quantize= does not combine with offload= (offload copies dense block weights to the device); "
+            "quantized weights take 2-4x less memory: try quantize= with a device or a device_map alone"
+        )
+    device = opts.device if opts.move_to_device else "cpu"
+    if isinstance(opts.device_map, dict) and opts.device_map:
+        device = next(iter(opts.device_map.values()))
+    elif opts.device_map is not None and opts.max_memory:
+        device = next(iter(opts.max_memory))
+    elif opts.n_devices is not None:
+        device = "cuda"
+    return check_quantize(opts.quantize, device, as_dtype(opts.dtype), warn=warn)
 
 
 def processed_copy(model: HookedTransformer, options: ProcessingOptions) -> HookedTransformer:
@@ -153,6 +175,11 @@ def processed_copy(model: HookedTransformer, options: ProcessingOptions) -> Hook
     this serves ``process_weights_``, which drops the old modules."""
     if not steps_for(model.cfg, options):
         return model
+    if quantized_scheme(model) is not None:
+        raise QuantizeError(
+            "this model's weights are quantized, and processing them would quantize them a second time: "
+            "load it with the processing you want instead (from_pretrained(..., quantize=..., fold_ln=...))"
+        )
     mode = current_mode(model)
     params = dict(model.named_parameters(remove_duplicate=False))
     # Split over processes, each rank processes the groups it holds (every step works within a

@@ -24,6 +24,7 @@ from ..memory import return_freed_memory
 from ..model import HookedTransformer
 from ..progress import tqdm
 from .groups import group_of, groups_by_label
+from .quantize import Scheme, quantize_parameters
 
 
 def build_on_meta(cfg: ModelConfig, tokenizer: Any = None, dtype: torch.dtype | None = None) -> HookedTransformer:
@@ -72,9 +73,13 @@ def build_and_fill(
     desc: str,
     tied: bool,
     mode: OneDevice,
+    quantize: Scheme | None = None,
 ) -> HookedTransformer:
     """Build the (processed) model on the meta device, stream ``groups`` into it as ``mode``
     places them, and attach the mode.
+
+    ``quantize``: each group's attention and MLP matrices are quantized as soon as the group
+    is in (quantize.py), so the full-precision copy of one group at most is held at a time.
 
     ``cfg`` describes the groups' tensors; processing turns it into the model's config.
     ``tied``: the unembedding is ``W_E.T``; it stays one shared tensor unless processing
@@ -93,6 +98,11 @@ def build_and_fill(
     skip = {name for name, _ in model.named_parameters() if not mode.reads(group_of(name))}
     if share:
         skip.add("unembed.W_U")
+
+    def after_group(names: list[str]) -> None:
+        quantize_parameters(model, names, quantize)  # before the mode moves or writes the group
+        mode.after_group(model, names)
+
     materialize(
         model,
         groups,
@@ -102,7 +112,7 @@ def build_and_fill(
         n_groups=len(groups),
         desc=desc,
         skip=frozenset(skip),
-        after_group=lambda names: mode.after_group(model, names),
+        after_group=after_group,
     )
     final = mode.device_of("final")
     if share and torch.device(mode.device_of("embed") or "cpu") == torch.device(final or "cpu"):

@@ -20,6 +20,7 @@ from weights_conversion.groups import load_order
 from .. import sites
 from ..config import ModelConfig
 from ..model import HookedTransformer
+from .quantize import MATRIX, is_quantized_parameter, quantized_matrix_bytes
 
 PlacementMode = Literal["auto", "balanced", "sequential"]
 
@@ -89,25 +90,46 @@ def group_parameters(cfg: ModelConfig, shared_unembed: bool | None = None) -> di
         from ..processing import REWRITE_EMBEDDINGS
 
         shared_unembed = cfg.tie_word_embeddings and not set(cfg.processing) & REWRITE_EMBEDDINGS
-    counts = dict(_meta_counts(cfg.replace(device=None)))
+    counts = dict(_meta_facts(_shape_key(cfg))[0])
     if shared_unembed:
         counts["final"] -= cfg.d_model * cfg.d_vocab
     return counts
 
 
-@functools.lru_cache(maxsize=16)
-def _meta_counts(cfg: ModelConfig) -> tuple[tuple[str, int], ...]:
+def _shape_key(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` without the fields no parameter's shape depends on (one meta build serves a
+    model's aliases and its instruct variant)."""
+    return cfg.replace(device=None, model_name="", bos_token_id=None, eos_token_id=None, pad_token_id=None)
+
+
+@functools.lru_cache(maxsize=128)
+def _meta_facts(
+    cfg: ModelConfig,
+) -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, tuple[int, int]], ...]]:
+    """From one model built on the meta device (no memory): parameters per placement group,
+    and (name, [out, in] shape) of every matrix a quantized load quantizes."""
     counts = dict.fromkeys(group_names(cfg.n_layers), 0)
+    matrices = []
     with torch.device("meta"):
         model = HookedTransformer(cfg)
     for name, p in model.named_parameters():
         counts[group_of(name)] += p.numel()
-    return tuple(counts.items())
+        if is_quantized_parameter(name):
+            n_out, n_in = MATRIX[name.rpartition(".")[2]](p).shape
+            matrices.append((name, (n_out, n_in)))
+    return tuple(counts.items()), tuple(matrices)
 
 
-def group_bytes(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, int]:
-    """Bytes per placement group of a model of config ``cfg`` with parameters in ``dtype``."""
-    return {g: n * dtype.itemsize for g, n in group_parameters(cfg).items()}
+def group_bytes(cfg: ModelConfig, dtype: torch.dtype, quantize: str | None = None) -> dict[str, int]:
+    """Weight bytes per placement group of a model of config ``cfg`` with parameters in
+    ``dtype``; with ``quantize`` (loading/quantize.py), each block's attention and MLP matrices
+    as that scheme stores them."""
+    sizes = {g: n * dtype.itemsize for g, n in group_parameters(cfg).items()}
+    if quantize is not None:
+        for name, (n_out, n_in) in _meta_facts(_shape_key(cfg))[1]:
+            stored = quantized_matrix_bytes(n_out, n_in, quantize, dtype)
+            sizes[group_of(name)] += stored - n_out * n_in * dtype.itemsize
+    return sizes
 
 
 def place_groups(

@@ -23,7 +23,12 @@ def execution_mode(cfg: ModelConfig, options: LoadOptions, device: Any, dtype: t
     from .placement import Placed, resolve_device_map
 
     placement = resolve_device_map(
-        cfg, options.device_map, max_memory=options.max_memory, n_devices=options.n_devices, dtype=dtype
+        cfg,
+        options.device_map,
+        max_memory=options.max_memory,
+        n_devices=options.n_devices,
+        dtype=dtype,
+        quantize=options.quantize,
     )
     if (
         placement is not None

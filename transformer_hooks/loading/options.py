@@ -15,6 +15,7 @@ import torch
 
 from ..processing import ProcessingOptions
 from ..tokens import PaddingSide
+from .quantize import CHOICES_TEXT, QUANTIZE_CHOICES, QuantizeError
 
 _ALIASES = {"torch_dtype": "dtype"}  # TransformerLens's (and transformers') name for dtype
 
@@ -42,6 +43,11 @@ class LoadOptions:
     one range of blocks per process, each wait bounded by ``pipeline_timeout`` (seconds or a
     timedelta; default 30 minutes).
 
+    ``quantize`` (loading/quantize.py): ``"int8"`` or ``"int4"`` (torchao; ``pip install
+    'transformer_hooks[quant]'``), ``"bnb-int8"`` or ``"bnb-nf4"`` (bitsandbytes, CUDA)
+    stores the attention and MLP weight matrices quantized, block by block as they load;
+    the embeddings, unembedding, norms and biases keep ``dtype``.
+
     ``compile``: True (or a dict of ``torch.compile`` keyword arguments) returns the model
     after ``model.compile(...)``.
     """
@@ -66,10 +72,13 @@ class LoadOptions:
     pipeline_ranks: int | None = None
     pipeline_timeout: Any = None
     compile: bool | dict[str, Any] = False
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
         if self.default_padding_side not in (None, "left", "right"):
             raise ValueError(f"default_padding_side must be 'left' or 'right', got {self.default_padding_side!r}")
+        if self.quantize is not None and self.quantize not in QUANTIZE_CHOICES:
+            raise QuantizeError(f"quantize={self.quantize!r} is not a choice: {CHOICES_TEXT}")
         if not isinstance(self.compile, (bool, dict)):
             raise TypeError(f"compile must be True, False or a dict of torch.compile arguments, got {self.compile!r}")
 

@@ -155,9 +155,10 @@ def resolve_device_map(
     max_memory: Mapping[Any, Any] | None = None,
     n_devices: int | None = None,
     dtype: torch.dtype = torch.float32,
+    quantize: str | None = None,
 ) -> DeviceMap | None:
-    """{group: device} for a model of config ``cfg`` (the processed config: its weights' bytes
-    decide "auto"), or None when nothing asks for placement.
+    """{group: device} for a model of config ``cfg`` (the processed config: its weights' bytes,
+    quantized as ``quantize`` says, decide "auto"), or None when nothing asks for placement.
 
     Args:
         cfg: the model's config.
@@ -166,6 +167,7 @@ def resolve_device_map(
         max_memory: {device: bytes or "20GiB"}; with a string map, the devices to use.
         n_devices: use this many devices (TransformerLens's even split when alone).
         dtype: the weights' dtype (their bytes).
+        quantize: the quantization scheme of the load (``loading/quantize.py``), or None.
     """
     if device_map is None and n_devices is None:
         return None
@@ -174,7 +176,8 @@ def resolve_device_map(
             raise PlacementError("give either a device_map dict or n_devices, not both")
         placement = check_device_map(cfg, device_map)
         if max_memory:
-            _check_fits(cfg, placement, {check_device(d): parse_bytes(b) for d, b in max_memory.items()}, dtype)
+            limits = {check_device(d): parse_bytes(b) for d, b in max_memory.items()}
+            _check_fits(cfg, placement, limits, dtype, quantize)
         return placement
     if device_map not in (None, "auto", "balanced", "sequential"):
         raise PlacementError(f"device_map must be 'auto', 'balanced', 'sequential' or a dict, got {device_map!r}")
@@ -193,11 +196,14 @@ def resolve_device_map(
                 f"n_devices={n_devices}, but {len(devices)} device(s) are available ({', '.join(devices)})"
             )
         devices = devices[:n_devices]
-    return place_groups(group_bytes(cfg, dtype), devices, {d: limits[d] for d in devices if d in limits}, mode)
+    sizes = group_bytes(cfg, dtype, quantize)
+    return place_groups(sizes, devices, {d: limits[d] for d in devices if d in limits}, mode)
 
 
-def _check_fits(cfg: ModelConfig, placement: DeviceMap, limits: dict[str, int], dtype: torch.dtype) -> None:
-    sizes = group_bytes(cfg, dtype)
+def _check_fits(
+    cfg: ModelConfig, placement: DeviceMap, limits: dict[str, int], dtype: torch.dtype, quantize: str | None
+) -> None:
+    sizes = group_bytes(cfg, dtype, quantize)
     for device, limit in limits.items():
         held = sum(sizes[g] for g, d in placement.items() if d == device)
         if held > limit:

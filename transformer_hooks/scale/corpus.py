@@ -122,7 +122,9 @@ def pack_contexts(
         streams = (tok(text(doc, i), add_special_tokens=False)["input_ids"] for i, doc in enumerate(docs))
     bos = bos_id(model.tokenizer, model.cfg) if prepend_bos else None
     eos = getattr(model.tokenizer, "eos_token_id", None)
-    sep = bos if bos is not None else (eos if eos is not None else model.cfg.eos_token_id)
+    cfg_eos = model.cfg.eos_token_id
+    cfg_eos = cfg_eos[0] if isinstance(cfg_eos, tuple) else cfg_eos  # several EOS ids: the first
+    sep = bos if bos is not None else (eos if eos is not None else cfg_eos)
     body = context_size - (1 if prepend_bos else 0)
     buffer: list[int] = []
     first = True

@@ -19,6 +19,7 @@ logits (attention scores of one layer, the MLP hidden of one layer) is listed as
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -36,12 +37,14 @@ from ..loading.groups import (  # noqa: F401  (re-exported: plan's vocabulary is
     PlacementMode,
     _groups_label,
     fmt_bytes,
+    group_bytes,
     group_names,
     group_of,
     group_parameters,
     parse_bytes,
     place_groups,
 )
+from ..loading.quantize import CHOICES_TEXT, QUANTIZE_CHOICES, QuantizeError
 from ..presets import PUBLISHED_CONFIGS, published_config  # noqa: F401  (re-exported: plan's published configs)
 
 CacheKind = Literal["all", "resid", "none"]
@@ -52,8 +55,14 @@ def checkpoint_parameters(hf_config: dict[str, Any]) -> int:
     figure model cards publish; a tied unembedding counted once): transformers' own model for
     the config, built on the meta device (no memory, no download).
     """
+    return _checkpoint_parameters(json.dumps(hf_config, sort_keys=True, default=str))
+
+
+@functools.lru_cache(maxsize=128)
+def _checkpoint_parameters(hf_json: str) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    hf_config = json.loads(hf_json)
     kwargs = {k: v for k, v in hf_config.items() if k != "model_type"}
     config = AutoConfig.for_model(hf_config["model_type"], **kwargs)
     with torch.device("meta"):
@@ -140,6 +149,9 @@ class MemoryPlan:
     checkpoint_parameters: int | None
     devices: list[DevicePlan]
     placement: dict[str, str]
+    quantize: str | None = None
+    # the same plan under each quantization choice (run_plan fills it; format prints it)
+    choices: dict[str | None, MemoryPlan | None] = field(default_factory=dict)
 
     @property
     def weights(self) -> int:
@@ -177,7 +189,9 @@ class MemoryPlan:
         name = self.cfg.model_name or self.cfg.original_architecture
         lines = [
             f"memory plan for {name}: {self.cfg.n_layers} layers, d_model {self.cfg.d_model}, "
-            f"{str(self.dtype).removeprefix('torch.')}, batch {self.batch} x seq {self.seq}, cache {self.cache}",
+            f"{str(self.dtype).removeprefix('torch.')}"
+            + (f" quantized {self.quantize}" if self.quantize else "")
+            + f", batch {self.batch} x seq {self.seq}, cache {self.cache}",
             f"parameters: {self.parameters:,} in memory"
             + (
                 f" ({self.checkpoint_parameters:,} in the checkpoint)" if self.checkpoint_parameters is not None else ""
@@ -223,7 +237,36 @@ class MemoryPlan:
         lines += ["", f"verdict: {verdict[self.fits]}"]
         if len(self.devices) > 1:  # the placement, as from_pretrained takes it
             lines += ["", "placement: from_pretrained(..., device_map=" + json.dumps(self.device_map) + ")"]
+        if self.choices:
+            lines += ["", *self._format_choices()]
         return "\n".join(lines)
+
+    def _format_choices(self) -> list[str]:
+        """One row per quantization choice: weights, total per device, fit, placement."""
+        devices = list(dict.fromkeys(d.device for p in self.choices.values() if p for d in p.devices))
+        headers = ["quantize", "weights", *(f"{d} total" for d in devices), "fits", "placement"]
+        rows = []
+        for choice, plan in self.choices.items():
+            name = choice or "none"
+            if plan is None:
+                rows.append([name, "n/a", *("-" for _ in devices), "-", "(the matrices' widths do not fit its groups)"])
+                continue
+            totals = {d.device: fmt_bytes(d.total) for d in plan.devices}
+            fits = {True: "yes", False: "NO", None: "?"}[plan.fits]
+            where = ", ".join(f"{_groups_label(d.groups)} -> {d.device}" for d in plan.devices)
+            rows.append([name, fmt_bytes(plan.weights), *(totals.get(d, "-") for d in devices), fits, where])
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+        fitting = [c for c, p in self.choices.items() if p is not None and p.fits]
+        hint = []
+        if self.fits is False and fitting:
+            hint = [f"fits with quantize={fitting[0]!r}: from_pretrained(..., quantize={fitting[0]!r})"]
+        return [
+            "by quantization (from_pretrained(..., quantize=...); embeddings and unembedding are not quantized):",
+            "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip(),
+            "  ".join("-" * w for w in widths),
+            *("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows),
+            *hint,
+        ]
 
 
 def plan_memory(
@@ -237,6 +280,7 @@ def plan_memory(
     max_memory: dict[str, int] | None = None,
     mode: PlacementMode = "auto",
     hf_config: dict[str, Any] | None = None,
+    quantize: str | None = None,
 ) -> MemoryPlan:
     """Bytes per device for ``cfg`` at ``dtype``.
 
@@ -254,17 +298,20 @@ def plan_memory(
         max_memory: {device: bytes} capacities.
         mode: ``"auto"``, ``"balanced"`` or ``"sequential"``, as ``loading.groups.place_groups``.
         hf_config: the checkpoint's config.json dict, to count the checkpoint's parameters too.
+        quantize: the attention and MLP matrices as ``from_pretrained(..., quantize=...)`` stores
+            them (loading/quantize.py), or None.
     """
     dtype = as_dtype(dtype)
     size = dtype.itemsize
     devices = list(devices or (list(max_memory) if max_memory else ["cpu"]))
     params = group_parameters(cfg)
+    weights = group_bytes(cfg, dtype, quantize)
     kv_per_layer = 2 * batch * cfg.n_kv_heads * seq * cfg.d_head * size
     act = {g: 0 for g in params}
     for name, shape in cached_sites(cfg, batch, seq, cache).items():
         if name != "unembed.hook_out":  # the cache holds the forward's logits themselves: counted below
             act[group_of(name)] += math.prod(shape) * size
-    runtime = {g: params[g] * size + (kv_per_layer if g.startswith("blocks.") else 0) + act[g] for g in params}
+    runtime = {g: weights[g] + (kv_per_layer if g.startswith("blocks.") else 0) + act[g] for g in params}
     logits = batch * seq * cfg.d_vocab_out * size
     runtime["final"] += logits
     workspace = _workspace(cfg, batch, seq, size)
@@ -278,7 +325,7 @@ def plan_memory(
     for g, d in placement.items():
         p = plans[d]
         p.groups.append(g)
-        p.weights += params[g] * size
+        p.weights += weights[g]
         p.kv_cache += kv_per_layer if g.startswith("blocks.") else 0
         p.activation_cache += act[g]
         p.logits += logits if g == "final" else 0
@@ -295,6 +342,7 @@ def plan_memory(
         checkpoint_parameters(hf_config) if hf_config is not None else None,
         used,
         placement,
+        quantize,
     )
 
 
@@ -370,8 +418,10 @@ def run_plan(
     cache: CacheKind = "none",
     mode: PlacementMode = "auto",
     processing: bool = True,
+    quantize: str | None = None,
 ) -> MemoryPlan:
-    """The ``plan`` command's work: read the config of ``name_or_config``, plan, return the plan.
+    """The ``plan`` command's work: read the config of ``name_or_config``, plan (with the weights
+    quantized as ``quantize`` says), and plan each quantization choice (none, int8, int4).
 
     ``max_memory`` may be ``parse_max_memory``'s text; ``processing`` plans the processed
     model (``processed_for_plan``); ``dtype``, ``devices``, ``batch``, ``seq``, ``cache`` and
@@ -380,14 +430,23 @@ def run_plan(
     cfg, hf = config_for_plan(name_or_config)
     if isinstance(max_memory, str):
         max_memory = parse_max_memory(max_memory)
-    return plan_memory(
-        processed_for_plan(cfg, processing),
-        dtype,
+    if quantize is not None and quantize not in QUANTIZE_CHOICES:
+        raise QuantizeError(f"quantize={quantize!r} is not a choice: {CHOICES_TEXT}")
+    processed = processed_for_plan(cfg, processing)
+    kwargs: dict[str, Any] = dict(
         batch=batch,
         seq=seq,
         cache=cache,
         devices=list(devices) if devices else None,
         max_memory=max_memory,
         mode=mode,
-        hf_config=hf,
     )
+    plan = plan_memory(processed, dtype, hf_config=hf, quantize=quantize, **kwargs)
+    for choice in dict.fromkeys([None, "int8", "int4", quantize]):
+        try:
+            plan.choices[choice] = (
+                plan if choice == quantize else plan_memory(processed, dtype, quantize=choice, **kwargs)
+            )
+        except QuantizeError:  # int4 of a model whose widths no group size divides
+            plan.choices[choice] = None
+    return plan
