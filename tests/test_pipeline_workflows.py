@@ -2,7 +2,8 @@
 processes, each holding a range of blocks of a three-block model, give what one process
 gives (within 1e-6, fp32) for the activation-patching sweeps and the stacked batch engine,
 ablations, steering (its vector, coefficient and a steered generation), ``generate`` and a
-forward split at ``stop_at_layer`` / ``start_at_layer``. Rank 0 returns each result; the
+forward split at ``stop_at_layer`` / ``start_at_layer``, and (after ``hold_weights``) the weight views,
+direct logit attribution and the logit lens. Rank 0 returns each result; the
 other ranks return None (as ``run_with_cache``), except ``generate``, which every rank returns.
 
 One launch of the ranks per world size runs every workflow (``_workflows``); the tests
@@ -21,6 +22,8 @@ from tokenizers_util import add_tokenizer
 
 from transformer_hooks import HookedTransformer
 from transformer_hooks.analysis.circuits import attribute_edges
+from transformer_hooks.analysis.dla import direct_logit_attribution
+from transformer_hooks.analysis.lens import logit_lens
 from transformer_hooks.components.stack import WeightNotHeldError
 from transformer_hooks.interventions.patching import (
     Ablation,
@@ -152,10 +155,16 @@ def _weight_views(model: HookedTransformer) -> dict:
     if here:
         out["heads"] = cache.stack_head_results(layer=-1, incl_remainder=True, return_labels=True)
     model.hold_weights()  # every weight
+    dla = direct_logit_attribution(model, "The capital of France is", " Paris", " London")
+    lens = logit_lens(model, CLEAN, top_k=3, progress=False, targets=5)
     if not here:
+        assert dla is None and lens is None
         with pytest.raises(WeightNotHeldError):  # rank 0 holds the copies, not this rank
             _ = model.W_Q
         return {}
+    assert dla is not None and lens is not None
+    out["dla"] = {k: v for k, v in vars(dla).items() if isinstance(v, (torch.Tensor, float))}
+    out["lens"] = {"tokens": lens.top_tokens, "probs": lens.top_probs, "target_logits": lens.target_logits}
     for name in ("W_Q", "W_K", "W_V", "W_O", "b_O", "W_in", "W_gate", "W_out", "W_U", "b_U", "W_E"):
         out[name] = getattr(model, name)
     out["QK"], out["OV"] = model.QK.AB, model.OV.AB
@@ -298,6 +307,14 @@ def test_weight_views_and_head_results_equal_one_process(ranks, one_process):
     want_heads, want_labels = one_process["heads"]
     assert labels == want_labels and labels[-1] == "remainder"
     _close(heads, want_heads, "stack_head_results")
+    for key, value in one_process["dla"].items():  # direct logit attribution, every part
+        if isinstance(value, float):
+            assert got["dla"][key] == pytest.approx(value, rel=1e-6, abs=1e-6), key
+        else:
+            _close(got["dla"][key], value, f"dla {key}")
+    assert torch.equal(got["lens"]["tokens"], one_process["lens"]["tokens"]), "logit lens top tokens"
+    _close(got["lens"]["probs"], one_process["lens"]["probs"], "logit lens top probabilities")
+    _close(got["lens"]["target_logits"], one_process["lens"]["target_logits"], "logit lens target logits")
     w_q, w_u, head_results = got["errors"]
     assert "blocks.1.attn.W_Q is not held by this process" in w_q and "model.hold_weights('attn.W_Q')" in w_q
     assert "unembed.W_U is not held" in w_u and "model.hold_weights('unembed.W_U')" in w_u

@@ -60,12 +60,18 @@ class DLAResult:
     softcap: float | None = None
 
 
-def direct_logit_attribution(model: HookedModel, prompt: str, answer: str, contrast: str, pos: int = -1) -> DLAResult:
-    """Run ``prompt`` and attribute the logit difference ``answer`` - ``contrast`` (one-token
-    strings) at ``pos`` to heads and layers.
+def direct_logit_attribution(
+    model: HookedModel, prompt: str, answer: str, contrast: str, pos: int = -1
+) -> DLAResult | None:
+    """Run ``prompt`` in ``model`` and attribute the logit difference ``answer`` - ``contrast``
+    (one-token strings) at ``pos`` to heads and layers.
 
     Every part goes through the final norm with its cached scale
     (``cache.apply_ln_to_stack``), so the parts add up to the model's logit difference.
+
+    Split over processes (``pipeline_ranks``): every rank calls it after
+    ``model.hold_weights()`` (it reads ``W_O``, ``W_U`` and ``b_U``); rank 0 returns the
+    result, the other ranks None.
     """
     check_prompt(prompt)
     a, b = model.to_single_token(answer), model.to_single_token(contrast)
@@ -91,6 +97,8 @@ def direct_logit_attribution(model: HookedModel, prompt: str, answer: str, contr
     wanted = lambda name: name.endswith(suffixes)  # noqa: E731
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens, names_filter=wanted)
+        if cache is None:  # split over processes: rank 0 attributes
+            return None
         cfg = model.cfg
         direction = model.tokens_to_residual_directions(a) - model.tokens_to_residual_directions(b)
         b_U = model.b_U

@@ -178,7 +178,7 @@ def logit_lens(
     chunk_size: int | None = None,
     progress: bool = True,
     attention_mask: torch.Tensor | None = None,
-) -> LogitLens:
+) -> LogitLens | None:
     """Decode every (layer, site) of ``sites`` through the final norm and unembedding.
 
     ``input``: an ``ActivationCache`` with the sites (and, for ``norm="cached"``, the final
@@ -193,6 +193,10 @@ def logit_lens(
 
     ``sites`` of ``layers`` (None: every layer) are decoded, keeping the ``top_k`` tokens of
     each; ``norm`` as in ``final_norm``; ``progress`` shows a progress bar over the chunks.
+
+    Split over processes (``pipeline_ranks``): every rank calls it with the same ``input``
+    after ``model.hold_weights()`` (it reads the final norm and ``W_U``); rank 0 returns the
+    lens, the other ranks None.
     """
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
@@ -211,6 +215,8 @@ def logit_lens(
                 return_type=None,
                 attention_mask=attention_mask,
             )
+        if cache is None:  # split over processes: rank 0 decodes
+            return None
     pos_slice = Slice.unwrap(pos_slice)
     last_real = _last_real_positions(attention_mask, pos_slice)
     if last_real is None:

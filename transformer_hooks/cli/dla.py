@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
         model = load_from_args(args)
         step("running and attributing")
         result = direct_logit_attribution(model, args.prompt, args.answer, args.contrast, args.pos)
+        assert result is not None, "the command loads the model in one process, which gets the result"
         step("plotting")
         path = plot_dla(result, Path(args.out) / "dla.png")
     print(f"model: {describe_model(args.model)}")

@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
         pos = position_index(args.pos, tokens.shape[1])
         step("decoding every layer")
         lens = logit_lens(model, tokens, sites=("resid_pre",) + LENS_COLUMNS, top_k=max(args.top, 1))
+        assert lens is not None, "the command loads the model in one process, which gets the result"
         str_tokens = model.to_str_tokens(tokens[0])
         step("plotting")
         path = plot_logit_lens(lens, model, str_tokens, pos, Path(args.out) / "logit_lens.png")
