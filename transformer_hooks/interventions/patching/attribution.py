@@ -9,7 +9,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import torch
-from einops import rearrange
 from jaxtyping import Float, Int
 
 from ... import sites as site_table  # `sites` names arguments here
@@ -38,8 +37,8 @@ from .sweeps import (
     _POS,
     _POS_HEAD,
     _named,
-    _pad_heads,
     _shape_doc,
+    _stacked,
 )
 
 
@@ -452,7 +451,7 @@ def get_attr_patch_block_every(
     parts = _attribution(
         model, corrupted_tokens, clean_cache, metric, [(name, axes) for name, axes, _ in _BLOCK_KINDS], **kwargs
     )
-    return None if parts is None else torch.stack(parts)
+    return _stacked(parts)
 
 
 def get_attr_patch_attn_head_all_pos_every(
@@ -470,9 +469,7 @@ def get_attr_patch_attn_head_all_pos_every(
     parts = _attribution(
         model, corrupted_tokens, clean_cache, metric, [(name, axes) for name, axes, _ in _HEAD_ALL_POS_KINDS], **kwargs
     )
-    if parts is None:
-        return None
-    return torch.stack([_pad_heads(p, model.cfg.n_heads) for p in parts])
+    return _stacked(parts, model.cfg.n_heads)
 
 
 def get_attr_patch_attn_head_by_pos_every(
@@ -490,7 +487,4 @@ def get_attr_patch_attn_head_by_pos_every(
     parts = _attribution(
         model, corrupted_tokens, clean_cache, metric, [(name, axes) for name, axes, _ in _HEAD_BY_POS_KINDS], **kwargs
     )
-    if parts is None:
-        return None
-    parts[-1] = rearrange(parts[-1], "layer head pos -> layer pos head")
-    return torch.stack([_pad_heads(p, model.cfg.n_heads) for p in parts])
+    return _stacked(parts, model.cfg.n_heads, pattern_by_pos=True)

@@ -261,6 +261,22 @@ def _pad_heads(t: torch.Tensor, n_heads: int) -> torch.Tensor:
     return torch.nn.functional.pad(t, (0, missing), value=0.0) if missing else t
 
 
+def _stacked(
+    parts: list[torch.Tensor] | None, n_heads: int | None = None, pattern_by_pos: bool = False
+) -> torch.Tensor | None:
+    """The per-site parts of a sweep over several sites (``_every``, or attribution's), stacked;
+    None where a split model's output is not. With ``n_heads``, each kv-head axis is padded to
+    it (``_pad_heads``); with ``pattern_by_pos``, the last part (the pattern's [layer, head, pos])
+    is turned to [layer, pos, head] as the others are."""
+    if parts is None:
+        return None
+    if pattern_by_pos:
+        parts = [*parts[:-1], rearrange(parts[-1], "layer head pos -> layer pos head")]
+    if n_heads is not None:
+        parts = [_pad_heads(p, n_heads) for p in parts]
+    return torch.stack(parts)
+
+
 def get_act_patch_block_every(
     model: HookedModel,
     corrupted_tokens: Int[torch.Tensor, "batch pos"],
@@ -273,8 +289,7 @@ def get_act_patch_block_every(
     ``model``, ``corrupted_tokens``, ``clean_cache``, ``metric`` and ``**kwargs`` as in the
     package docstring (``transformer_hooks.interventions.patching``).
     """
-    parts = _every(model, corrupted_tokens, clean_cache, metric, _BLOCK_KINDS, "patching block", **kwargs)
-    return None if parts is None else torch.stack(parts)
+    return _stacked(_every(model, corrupted_tokens, clean_cache, metric, _BLOCK_KINDS, "patching block", **kwargs))
 
 
 def get_act_patch_attn_head_all_pos_every(
@@ -292,9 +307,7 @@ def get_act_patch_attn_head_all_pos_every(
     package docstring (``transformer_hooks.interventions.patching``).
     """
     parts = _every(model, corrupted_tokens, clean_cache, metric, _HEAD_ALL_POS_KINDS, "patching heads", **kwargs)
-    if parts is None:
-        return None
-    return torch.stack([_pad_heads(p, model.cfg.n_heads) for p in parts])
+    return _stacked(parts, model.cfg.n_heads)
 
 
 def get_act_patch_attn_head_by_pos_every(
@@ -312,7 +325,4 @@ def get_act_patch_attn_head_by_pos_every(
     package docstring (``transformer_hooks.interventions.patching``).
     """
     parts = _every(model, corrupted_tokens, clean_cache, metric, _HEAD_BY_POS_KINDS, "patching heads by pos", **kwargs)
-    if parts is None:
-        return None
-    parts[-1] = rearrange(parts[-1], "layer head pos -> layer pos head")
-    return torch.stack([_pad_heads(p, model.cfg.n_heads) for p in parts])
+    return _stacked(parts, model.cfg.n_heads, pattern_by_pos=True)
