@@ -619,7 +619,17 @@ class HookedTransformer(HookedRootModule, TokenMethods, WeightViews):
             *args: the forward's positional arguments (``input``, ...).
             names_filter: the sites to visit (a name, names, or a predicate; None: as ``run_with_cache``).
             **kwargs: the forward's keyword arguments (``return_type``, ``attention_mask``, ...).
+
+        Not on a model split over processes (``pipeline_ranks``): a loop that breaks, or fails,
+        on one rank would stop that rank's part of the forward while the others wait for it.
         """
+        if self.placement.kind == "pipeline":
+            raise ValueError(
+                "model.trace steps through one process's forward, and this model is split over processes "
+                "(pipeline_ranks): a break or an error on one rank would leave the others waiting. Use "
+                "model.run_with_hooks(..., fwd_hooks=[(name, hook)]) to read or replace activations (every rank "
+                "alike; each hook fires on the rank that runs its site) or model.run_with_cache(...) to read them"
+            )
         return Trace(self, *args, names_filter=names_filter, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:

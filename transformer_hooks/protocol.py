@@ -52,6 +52,9 @@ class Blocks(Protocol):
     def grad(self, value: torch.Tensor | None, inputs: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """``BlockStack.grad``: d ``value`` / d ``inputs`` across processes."""
 
+    def same_random_state(self) -> None:
+        """``BlockStack.same_random_state``: every process draws what the first draws."""
+
 
 class HookedModel(Protocol):
     """A transformer with TransformerLens's hook names and API, as the runtime and workflows

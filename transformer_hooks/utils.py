@@ -201,7 +201,7 @@ def test_prompt(
     print_details: bool = True,
     prepend_bos: bool | None = None,
     top_k: int = 10,
-) -> list[list[tuple[str, int]]]:
+) -> list[list[tuple[str, int]]] | None:
     """Print how ``model`` ranks ``answer`` after ``prompt`` (TransformerLens's ``test_prompt``).
 
     For each token of the answer (fed to the model after the prompt, so a multi-token answer
@@ -212,6 +212,9 @@ def test_prompt(
     ``prepend_space_to_answer``: put a space before an answer that does not start with one.
     ``print_details``: print each token's details (else only the ranks). ``prepend_bos``: for
     the prompt, as in ``model.to_tokens``.
+
+    On a model split over processes (``pipeline_ranks``) every rank calls it alike; rank 0
+    prints and returns the ranks, the other ranks run their blocks and return None.
     """
     answers = [answer] if isinstance(answer, str) else list(answer)
     prompt_tokens = model.to_tokens(prompt, prepend_bos=prepend_bos)[0]
@@ -221,7 +224,10 @@ def test_prompt(
             text = " " + text
         answer_tokens = model.to_tokens(text, prepend_bos=False)[0].to(prompt_tokens.device)
         with torch.no_grad():
-            logits = model(torch.cat([prompt_tokens, answer_tokens])[None])[0].float()
+            output = model(torch.cat([prompt_tokens, answer_tokens])[None])
+        if output is None:  # another rank of a split model gets the logits
+            continue
+        logits = output[0].float()
         # The prediction of answer token i is at the position before it.
         predictions = logits[len(prompt_tokens) - 1 : -1]
         probs = predictions.softmax(-1)
@@ -246,7 +252,7 @@ def test_prompt(
                     )
         print("Ranks of the answer tokens:", ranks)
         ranks_per_answer.append(ranks)
-    return ranks_per_answer
+    return ranks_per_answer if model.blocks.gets_output else None
 
 
 # More of TransformerLens's ``utils`` (the names its tutorials import) -----------------------------

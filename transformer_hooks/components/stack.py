@@ -12,7 +12,7 @@ every parameter and hook keeps its name) and its ``Placement`` record:
 - ``loading/pipeline.py``: ``PipelineBlocks``, one range of blocks per process.
 
 The stack also moves the values a workflow needs between processes (``gets_output``,
-``to_sites``, ``share``, ``from_sites``, ``grad``, ``hold_weights``): on one process they hand
+``to_sites``, ``share``, ``from_sites``, ``grad``, ``hold_weights``, ``same_random_state``): on one process they hand
 values back unchanged; split over processes, the pipeline's stack sends them rank to rank.
 """
 
@@ -159,6 +159,12 @@ class BlockStack(nn.ModuleList):
         elsewhere, each rank's inputs being its own sites' activations)."""
         assert value is not None, "the process that gets the output gives the value"
         return list(torch.autograd.grad(value, inputs, allow_unused=True))
+
+    def same_random_state(self) -> None:
+        """Give every process rank 0's random state (torch's CPU generator, the device's, and
+        Python's ``random``), before work that draws at random on every process alike (a
+        shuffled data loader, random prompts), so that every process draws the same; on one
+        process there is nothing to do."""
 
     def hold_weights(self, named: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
         """Copies of the named parameters this process lacks (split over processes: on rank

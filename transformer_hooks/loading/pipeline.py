@@ -61,6 +61,8 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -181,6 +183,10 @@ class PipelineBlocks(BlockStack):
     def share(self, tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         """Rank 0's ``tensors`` on every rank (``BlockStack.share``)."""
         return self.stage.share(tensors, "values every rank needs")
+
+    def same_random_state(self) -> None:
+        """Rank 0's random state on every rank (``BlockStack.same_random_state``)."""
+        self.stage.share_random_state()
 
     def hold_weights(self, named: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
         """On rank 0, copies of the ``named`` parameters it lacks (meta here), each from its
@@ -371,9 +377,15 @@ class PipelineStage:
         return (got["0"], got["1"]) if "1" in got else got.get("out")
 
     def share_random_state(self) -> None:
-        """Rank 0's random state on every rank (the CPU generator, and this rank's CUDA device's),
-        so that sampling from the same logits picks the same tokens everywhere."""
-        states = {"cpu": torch.get_rng_state()}
+        """Rank 0's random state on every rank (the CPU generator, this rank's CUDA device's, and
+        Python's ``random``), so that sampling from the same logits, shuffling the same data or
+        drawing prompts picks the same everywhere."""
+        version, internal, gauss = random.getstate()
+        states = {
+            "cpu": torch.get_rng_state(),
+            "python": torch.tensor([version, *internal], dtype=torch.int64),
+            "python_gauss": torch.tensor([math.nan if gauss is None else gauss], dtype=torch.float64),
+        }
         if self.device.type == "cuda":
             states["cuda"] = torch.cuda.get_rng_state(self.device)
         if self.rank == 0:
@@ -384,6 +396,8 @@ class PipelineStage:
         torch.set_rng_state(got["cpu"].cpu())
         if "cuda" in got:
             torch.cuda.set_rng_state(got["cuda"].cpu(), self.device)
+        py, gauss_next = got["python"].tolist(), float(got["python_gauss"])
+        random.setstate((py[0], tuple(py[1:]), None if math.isnan(gauss_next) else gauss_next))
 
     def gather_cache(self, store: dict[str, torch.Tensor], device: Any = None) -> dict[str, torch.Tensor] | None:
         """Every rank's cached activations ``store``, on rank 0 in the order of the forward (on

@@ -6,6 +6,12 @@ each takes the corpus as ``dataset`` (a list of strings, of ``{"text": ...}`` di
 ``evaluate_on_dataset`` compute what TransformerLens's do. ``IOIDataset`` and ``ioi_eval`` are
 TransformerLens's (the same prompts for the same seed); ``make_mmlu_data_loader`` and
 ``mmlu_eval`` take MMLU's questions as ``dataset`` ({subject: rows}) rather than downloading them.
+
+On a model split over processes (``pipeline_ranks``) every rank calls an evaluation alike: each
+starts by giving every rank rank 0's random state (``model.blocks.same_random_state``), so a
+shuffled loader, random tokens or drawn IOI prompts are the same batches on every rank (without
+it each rank would feed its own draw into one model), and rank 0 returns the result, the other
+ranks None.
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ SANITY_TEXT = (
 )
 
 
-def sanity_check(model: HookedModel) -> torch.Tensor:
-    """The model's loss on one paragraph (TransformerLens: below 5 is probably fine, above 7 is broken)."""
+def sanity_check(model: HookedModel) -> torch.Tensor | None:
+    """The model's loss on one paragraph (TransformerLens: below 5 is probably fine, above 7 is broken);
+    None off rank 0 of a model split over processes."""
     return model(SANITY_TEXT, return_type="loss")
 
 
@@ -81,20 +88,24 @@ DATASET_LOADERS = [make_wiki_data_loader, make_owt_data_loader, make_pile_data_l
 
 
 @torch.no_grad()
-def evaluate_on_dataset(model: HookedModel, data_loader: Any, truncate: int = 100, device: Any = None) -> float:
+def evaluate_on_dataset(model: HookedModel, data_loader: Any, truncate: int = 100, device: Any = None) -> float | None:
     """Mean of ``model``'s per-batch losses over the first ``truncate + 1`` batches of
     ``data_loader`` (as TransformerLens counts them), the tokens moved to ``device`` (None: the model's).
+    None off rank 0 of a model split over processes.
     """
     device = model.device if device is None else device
     running_loss, total = 0.0, 0
+    model.blocks.same_random_state()  # a shuffled loader gives every rank the same batches
     for batch in tqdm(data_loader, leave=False):
-        running_loss += model(batch["tokens"].to(device), return_type="loss").mean().item()
+        loss = model(batch["tokens"].to(device), return_type="loss")
+        if loss is not None:  # None: another rank of a split model gets the loss
+            running_loss += loss.mean().item()
         total += 1
         if total > truncate:
             break
     if total == 0:
         raise ValueError("the data loader yielded no batch (too little text for one batch of max_length tokens?)")
-    return running_loss / total
+    return running_loss / total if model.blocks.gets_output else None
 
 
 @torch.no_grad()
@@ -106,16 +117,18 @@ def induction_loss(
     prepend_bos: bool | None = None,
     device: Any = None,
     generator: torch.Generator | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     """Mean next-token loss of ``model`` on the second half of random token sequences repeated
     twice (low if the model has induction heads).
 
     ``batch_size`` sequences of ``2 * subseq_len`` tokens, drawn from [100, 20000) as in
-    TransformerLens (capped at the vocabulary) with ``generator``, on ``device`` (None: the
-    model's); with BOS (``prepend_bos``, None: the model's rule), the first token is replaced by
-    the BOS of ``tokenizer`` (None: the model's).
+    TransformerLens (capped at the vocabulary) with ``generator`` (split over processes: seed
+    it alike on every rank), on ``device`` (None: the model's); with BOS (``prepend_bos``,
+    None: the model's rule), the first token is replaced by the BOS of ``tokenizer`` (None: the
+    model's). None off rank 0 of a model split over processes.
     """
     device = model.device if device is None else device
+    model.blocks.same_random_state()  # every rank of a split model draws the same tokens
     high = min(20000, model.cfg.d_vocab)
     low = 100 if high > 200 else 0
     first_half = torch.randint(low, high, (batch_size, subseq_len), generator=generator).to(device)
@@ -128,6 +141,8 @@ def induction_loss(
             raise ValueError("prepend_bos needs a BOS token id: pass tokenizer= or prepend_bos=False")
         repeated[:, 0] = bos
     logits = model(repeated, return_type="logits")
+    if logits is None:  # another rank of a split model gets the logits
+        return None
     per_token = lm_cross_entropy_loss(logits, repeated, per_token=True)
     return per_token[:, subseq_len + 1 :].mean()
 
@@ -136,7 +151,7 @@ def evaluate(model: HookedModel, truncate: int = 100, batch_size: int = 8, token
     """``evaluate_on_dataset`` of ``model`` on each local corpus in ``datasets`` ({name: texts}),
     tokenized by ``tokenizer`` (None: the model's) in batches of ``batch_size``, over
     ``truncate + 1`` batches; prints and returns ``{f"{name}_loss": loss}``. TransformerLens
-    downloads four corpora instead.
+    downloads four corpora instead. None (and nothing printed) off rank 0 of a model split over processes.
     """
     if not datasets:
         raise ValueError("evaluate needs datasets={name: texts}: the corpora are not downloaded here")
@@ -144,9 +159,10 @@ def evaluate(model: HookedModel, truncate: int = 100, batch_size: int = 8, token
     losses = {}
     for name, data in datasets.items():
         loss = evaluate_on_dataset(model, make_data_loader(tokenizer, data, batch_size), truncate=truncate)
-        print(f"{name}: {loss}")
+        if loss is not None:
+            print(f"{name}: {loss}")
         losses[f"{name}_loss"] = loss
-    return losses
+    return losses if model.blocks.gets_output else None
 
 
 class IOIDataset(Dataset):
@@ -240,15 +256,17 @@ def ioi_eval(
     num_samples: int = 1000,
     tokenizer: Any = None,
     symmetric: bool = False,
-) -> dict[str, float]:
+) -> dict[str, float] | None:
     """TransformerLens's ``ioi_eval``: over ``dataset`` (default: an ``IOIDataset`` of
     ``num_samples``), the mean logit difference between the indirect object's and the
     subject's first differing token at the position before the answer, and the fraction of
     prompts where it is positive: ``{"Logit Difference": ..., "Accuracy": ...}``. Prompts are
     batched right-padded, so each row's logits up to its last token are its own. ``model``: the
     model evaluated; ``batch_size``: prompts per forward; ``tokenizer``: default the model's;
-    ``symmetric``: as ``IOIDataset``'s (for the default dataset)."""
+    ``symmetric``: as ``IOIDataset``'s (for the default dataset). None off rank 0 of a model
+    split over processes."""
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+    model.blocks.same_random_state()  # the same drawn prompts, shuffled alike, on every rank
     if dataset is None:
         dataset = IOIDataset(tokenizer, num_samples=num_samples, symmetric=symmetric)
 
@@ -264,6 +282,8 @@ def ioi_eval(
     total_correct, total_logit_diff = 0, 0.0
     for batch in tqdm(DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collate)):
         logits = model(batch["prompt"].to(model.device), return_type="logits")
+        if logits is None:  # another rank of a split model gets the logits
+            continue
         for i in range(logits.shape[0]):
             io, s = batch["IO"][i], batch["S"][i]
             prefix_length = batch["prompt_length"][i] - io.shape[0]
@@ -276,6 +296,8 @@ def ioi_eval(
             logit_diff = row[io[start]] - row[s[start]]
             total_correct += int(logit_diff > 0)
             total_logit_diff += logit_diff.item()
+    if not model.blocks.gets_output:
+        return None
     return {"Logit Difference": total_logit_diff / len(dataset), "Accuracy": total_correct / len(dataset)}
 
 
@@ -344,7 +366,7 @@ def mmlu_eval(
     split: str = "test",
     num_samples: int | None = None,
     dataset: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """TransformerLens's zero-shot ``mmlu_eval`` on local data (``dataset`` as for
     ``make_mmlu_data_loader``): each question is shown with its four choices and
     ``"Answer:"``, and the answer is the letter (" A" ... " D") with the highest
@@ -352,7 +374,7 @@ def mmlu_eval(
     "subject_scores"}``. ``model``: the model evaluated; ``tokenizer``: default the model's;
     ``subjects``: a subject or a list (default: every subject in ``dataset``); ``split``: the
     split named to ``make_mmlu_data_loader``; ``num_samples``: at most this many questions per
-    subject (None: all)."""
+    subject (None: all). None off rank 0 of a model split over processes."""
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer
     rows = make_mmlu_data_loader(subjects=subjects, split=split, num_samples=num_samples, dataset=dataset)
     if not rows:
@@ -368,11 +390,16 @@ def mmlu_eval(
         prompt += "".join(f"{chr(65 + i)}. {choice}\n" for i, choice in enumerate(row["choices"]))
         prompt += "Answer:"
         tokens = tokenizer.encode(prompt, return_tensors="pt").to(model.device)
-        log_probs = model(tokens, return_type="logits")[0, -1].log_softmax(-1)
+        logits = model(tokens, return_type="logits")
+        if logits is None:  # another rank of a split model gets the logits
+            continue
+        log_probs = logits[0, -1].log_softmax(-1)
         scores = [log_probs[letters[i]].item() for i in range(len(row["choices"]))]
         subject = row["subject"]
         correct[subject] = correct.get(subject, 0) + int(scores.index(max(scores)) == row["answer"])
         total[subject] = total.get(subject, 0) + 1
+    if not model.blocks.gets_output:
+        return None
     num_correct, num_total = sum(correct.values()), sum(total.values())
     return {
         "accuracy": num_correct / num_total,

@@ -1,0 +1,116 @@
+"""TransformerLens's evaluations and ``test_prompt`` on a model split over processes (two and
+three gloo processes, a three-block model): every rank calls them alike, rank 0 gets one
+process's result (the other ranks None), even though each rank starts from its own random
+state: the evaluations give every rank rank 0's (``model.blocks.same_random_state``), so a
+shuffled loader, random tokens and drawn IOI prompts are the same on every rank. Without it,
+IOI prompts drawn per rank differ in length and one model's ranks could not pass the stream on.
+``model.trace`` is refused on a split model with an error naming what to use."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import io
+import os
+import random
+
+import pytest
+import torch
+from checkpoints import VOCAB, save_checkpoint
+from ranks import free_port, run_ranks
+from tokenizers_util import SENTENCES, add_tokenizer
+
+from transformer_hooks import HookedTransformer
+from transformer_hooks.tl import evals
+from transformer_hooks.utils import test_prompt as rank_answer  # not collected as a test
+
+MMLU_ROWS = {
+    "global_facts": [
+        {"question": "The capital of France is", "choices": ["Paris", "London", "Rome", "Madrid"], "answer": 0},
+        {"question": "The capital of Italy is", "choices": ["Paris", "London", "Rome", "Madrid"], "answer": 2},
+    ],
+    "prehistory": [{"question": "In 1492 Columbus sailed the", "choices": ["ocean", "store", "a", "to"], "answer": 0}],
+}
+
+
+def _seeded(offset: int) -> None:
+    """Each rank its own random state (``offset`` = its rank; one process: 0, as rank 0)."""
+    torch.manual_seed(100 + offset)
+    random.seed(100 + offset)
+
+
+def _evals(model: HookedTransformer, offset: int) -> dict:
+    model.tokenizer.add_tokens(list("ABCD"))  # MMLU's answer letters, inside the model's vocabulary
+    out: dict = {}
+    _seeded(offset)
+    out["sanity"] = evals.sanity_check(model)
+    _seeded(offset)
+    loader = evals.make_data_loader(model.tokenizer, SENTENCES * 4, batch_size=2, max_length=6)
+    out["dataset"] = evals.evaluate_on_dataset(model, loader, truncate=1)
+    _seeded(offset)
+    out["induction"] = evals.induction_loss(model, batch_size=2, subseq_len=5)
+    _seeded(offset)
+    out["ioi"] = evals.ioi_eval(model, batch_size=5, num_samples=12)  # prompts drawn from Python's random
+    _seeded(offset)
+    out["mmlu"] = evals.mmlu_eval(model, dataset=MMLU_ROWS)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        out["ranks"] = rank_answer("The capital of France is", [" Paris", " London Rome"], model, top_k=3)
+    out["printed"] = printed.getvalue()
+    return out
+
+
+def _worker(rank: int, world: int, port: int, path: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        model = HookedTransformer.from_pretrained(path, pipeline_ranks=world)
+        results = _evals(model, offset=rank)
+        with pytest.raises(ValueError, match=r"model.trace steps through one process's forward") as e:
+            model.trace("The capital of France is")
+        results["trace_error"] = str(e.value)
+        torch.save(results, f"{out}.rank{rank}")
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path, _ = save_checkpoint("llama-gqa", tmp_path_factory.mktemp("split-evals"), num_hidden_layers=3)
+    return str(add_tokenizer(path, VOCAB))
+
+
+@pytest.fixture(scope="module")
+def one_process(checkpoint):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks
+    try:
+        return _evals(HookedTransformer.from_pretrained(checkpoint), offset=0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_evaluations_on_a_split_model_equal_one_process(world, checkpoint, one_process, tmp_path):
+    out = str(tmp_path / "results")
+    port = free_port()
+    codes = run_ranks(_worker, lambda rank: (rank, world, port, checkpoint, out), world=world, timeout=120)
+    assert codes == [0] * world, codes
+    results = [torch.load(f"{out}.rank{r}") for r in range(world)]
+    got, want = results[0], one_process
+    for name in ("sanity", "induction"):
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6, msg=name)
+    assert got["dataset"] == pytest.approx(want["dataset"], rel=1e-6)
+    assert got["ioi"].keys() == want["ioi"].keys()
+    for key, value in want["ioi"].items():
+        assert got["ioi"][key] == pytest.approx(value, rel=1e-6, abs=1e-6), key
+    assert got["mmlu"] == want["mmlu"] and want["mmlu"]["num_total"] == 3
+    assert got["ranks"] == want["ranks"] and got["printed"] == want["printed"] and "Rank:" in want["printed"]
+    for rank, other in enumerate(results[1:], start=1):  # the others ran their blocks and got nothing
+        assert all(other[k] is None for k in ("sanity", "dataset", "induction", "ioi", "mmlu", "ranks")), rank
+        assert other["printed"] == "", rank
+    assert all("run_with_hooks" in r["trace_error"] for r in results)
