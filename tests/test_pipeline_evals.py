@@ -4,7 +4,8 @@ process's result (the other ranks None), even though each rank starts from its o
 state: the evaluations give every rank rank 0's (``model.blocks.same_random_state``), so a
 shuffled loader, random tokens and drawn IOI prompts are the same on every rank. Without it,
 IOI prompts drawn per rank differ in length and one model's ranks could not pass the stream on.
-``model.trace`` is refused on a split model with an error naming what to use."""
+``model.trace`` is refused on a split model with an error naming what to use, and a forward
+whose ranks were given different tokens or masks is refused on every rank alike."""
 
 from __future__ import annotations
 
@@ -72,6 +73,11 @@ def _worker(rank: int, world: int, port: int, path: str, out: str) -> None:
         with pytest.raises(ValueError, match=r"model.trace steps through one process's forward") as e:
             model.trace("The capital of France is")
         results["trace_error"] = str(e.value)
+        with pytest.raises(ValueError, match=r"were given different inputs: rank\(s\) \[1\] differ") as e:
+            model(torch.tensor([[1, 5, 7 if rank == 1 else 8]]))  # rank 1 passes its own tokens
+        with pytest.raises(ValueError, match=r"rank\(s\) \[1\] differ"):  # the same tokens, another mask
+            model(torch.tensor([[1, 5, 7]]), attention_mask=torch.tensor([[1, 1, 1 if rank == 1 else 0]]))
+        results["after_refusal"] = model(torch.tensor([[1, 5, 7]]))  # the model still runs
         torch.save(results, f"{out}.rank{rank}")
     finally:
         dist.barrier()
@@ -114,3 +120,4 @@ def test_evaluations_on_a_split_model_equal_one_process(world, checkpoint, one_p
         assert all(other[k] is None for k in ("sanity", "dataset", "induction", "ioi", "mmlu", "ranks")), rank
         assert other["printed"] == "", rank
     assert all("run_with_hooks" in r["trace_error"] for r in results)
+    assert got["after_refusal"] is not None and got["after_refusal"].shape == (1, 3, VOCAB)

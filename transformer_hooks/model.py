@@ -285,6 +285,7 @@ class HookedTransformer(HookedRootModule, TokenMethods, WeightViews):
                 self.tokenizer, self.cfg, input, prepend_bos, padding_side, attention_mask, self.device, not decoding
             )
             batch, q_len = tokens.shape
+            self.blocks.check_same_input(tokens, attention_mask)
         else:
             resid = self._check_resid(input)
             batch, q_len = resid.shape[:2]

@@ -93,6 +93,10 @@ class BlockStack(nn.ModuleList):
         ``stop_at_layer`` and ``past_kv_cache`` are the forward's, unchecked (the model checks them after).
         """
 
+    def check_same_input(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        """Refuse a forward whose processes were given different inputs (nothing to compare on one
+        process): the forward's ``tokens`` [batch, pos] and ``attention_mask`` (None: no padding)."""
+
     def run_embed(self, embed: Callable[[], torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
         """The residual stream entering block 0: ``embed()`` (``shape`` serves modes where
         another process embeds)."""

@@ -60,6 +60,7 @@ by ``distributed``) naming it, and no output is returned.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import math
 import random
@@ -142,6 +143,14 @@ class PipelineBlocks(BlockStack):
         self.stage = stage
 
     _generating = False  # the current forward has a KV cache: its output goes to every rank
+
+    def check_same_input(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        """Every rank's forward must see rank 0's tokens and mask: the last rank computes a loss
+        against its own tokens and every rank masks and places positions by its own mask, so a
+        rank given another input (its own random draw, its own shuffle) would silently change the
+        result. Each rank's fingerprint of them goes to every rank (one small all-gather), and on a
+        difference every rank raises alike (``BlockStack.check_same_input``)."""
+        self.stage.check_same_input(tokens, attention_mask)
 
     def run_embed(self, embed: Any, shape: tuple[int, ...]) -> torch.Tensor:
         """``embed()`` on the rank that holds the embeddings; elsewhere a meta tensor of ``shape``."""
@@ -325,6 +334,20 @@ class PipelineStage:
         self.new_forward()
         return grads
 
+    def check_same_input(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        """Raise on every rank alike unless every rank's ``tokens`` and ``attention_mask`` equal rank 0's."""
+        mine = torch.tensor([*tokens.shape, _fingerprint(tokens), _fingerprint(attention_mask)], dtype=torch.int64)
+        every = [torch.empty_like(mine, device=self.device) for _ in range(self.ranks)]
+        self._wait(dist.all_gather(every, mine.to(self.device), async_op=True), "the forward's input", None)
+        differ = [rank for rank, theirs in enumerate(every) if not torch.equal(theirs.cpu(), every[0].cpu())]
+        if differ:
+            raise ValueError(
+                f"the ranks of this model split over processes were given different inputs: rank(s) {differ} "
+                f"differ from rank 0 in their tokens or attention mask. Every rank runs the same forward, so every "
+                f"rank must pass the same input (as torchrun runs one script): seed random draws alike on every "
+                f"rank, or call model.blocks.same_random_state() first to give every rank rank 0's random state"
+            )
+
     def take_input(self, layer: int, resid: torch.Tensor | None) -> torch.Tensor | None:
         """The residual stream ``resid`` given with ``start_at_layer=layer``: kept by the rank that
         runs block ``layer`` (where ``stop_at_layer=layer`` left it), dropped by the others."""
@@ -453,13 +476,15 @@ class PipelineStage:
         return {k: got[k] for k in names}
 
     # Transport -------------------------------------------------------------------------------
-    def _wait(self, work: Any, what: str, peer: int) -> None:
+    def _wait(self, work: Any, what: str, peer: int | None) -> None:
+        """Wait for ``work`` (a transfer of ``what`` with rank ``peer``; None: with every rank)."""
         try:
             work.wait(self.timeout)
         except RuntimeError as e:
+            other = "the other ranks" if peer is None else f"rank {peer}"
             raise RankFailedError(
-                f"rank {self.rank} of a model split over {self.ranks} processes: exchanging {what} with rank "
-                f"{peer} failed within {self.timeout} (rank {peer} died, hung or failed; see its log): {e}. "
+                f"rank {self.rank} of a model split over {self.ranks} processes: exchanging {what} with {other} "
+                f"failed within {self.timeout} ({other} died, hung or failed; see its log): {e}. "
                 f"No output was returned."
             ) from e
 
@@ -500,6 +525,16 @@ class PipelineStage:
                 self._recv(t, src, what)
             out[name] = t
         return out
+
+
+def _fingerprint(t: torch.Tensor | None) -> int:
+    """A 63-bit content hash of ``t`` (its shape, dtype and bytes); -1 for None."""
+    if t is None:
+        return -1
+    data = t.detach().contiguous().cpu()
+    digest = hashlib.blake2b(f"{tuple(data.shape)}{data.dtype}".encode(), digest_size=8)
+    digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return int.from_bytes(digest.digest(), "little") >> 1
 
 
 class _Sent(torch.autograd.Function):
