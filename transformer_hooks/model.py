@@ -291,6 +291,8 @@ class HookedTransformer(HookedRootModule, TokenMethods, WeightViews):
             batch, q_len = resid.shape[:2]
             if attention_mask is not None:
                 attention_mask = self._check_mask(attention_mask, (batch, q_len))
+            if tokens is not None:  # the tokens a loss is computed on
+                self.blocks.check_same_input(tokens, attention_mask)
 
         positions, mask = self._positions_and_mask(batch, q_len, attention_mask, past_kv_cache, device=self.device)
         if start_at_layer is None:
