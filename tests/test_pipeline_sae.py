@@ -1,10 +1,11 @@
 """SAEs on a model split over processes (loading/pipeline.py): two and three gloo processes,
 each holding a range of blocks of a three-block model, give what one process gives (fp32,
-within 1e-6) when an SAE is spliced in (with and without its error term, at some positions),
-when its features are cached (``<site>.hook_sae_acts_post``, gathered to rank 0) or edited by
-hooks, when a feature steers, and for every field of ``evaluate_sae``. The SAEs sit on rank 0's
-block, a middle block and the last block. An SAE that does not fit its site fails with the same
-clear error on every rank (its width is measured on the site's rank and shared, so no rank waits).
+within 1e-6) when an SAE is spliced in (with and without its error term, at some positions,
+in a generation), when its features are cached (``<site>.hook_sae_acts_post``, gathered to
+rank 0) or edited by hooks, when a feature steers, and for every field of ``evaluate_sae``.
+The SAEs sit on rank 0's block, a middle block and the last block. An SAE that does not fit
+its site fails with the same clear error on every rank (its width is measured on the site's
+rank and shared, so no rank waits).
 
 One launch of the ranks per world size runs every check (``_sae_workflows``); the tests compare
 its results with the same function run in one process."""
@@ -56,6 +57,8 @@ def _sae_workflows(model: HookedTransformer) -> dict:
         feats = f"{site}.hook_sae_acts_post"
         with splice_sae(model, sae):
             out[f"{name}.spliced"] = model(TOKENS)
+            if name == "middle":  # every rank gets the tokens of a generation
+                out["generated"] = model.generate(TOKENS, max_new_tokens=4, do_sample=False, verbose=False)
         with splice_sae(model, sae, positions=slice(2, None)):
             out[f"{name}.positions"] = model(TOKENS)
         with splice_sae(model, sae, use_error_term=True):
@@ -100,8 +103,9 @@ def _worker(rank: int, world: int, port: int, path: str, out: str) -> None:
     try:
         model = HookedTransformer.from_pretrained(path, pipeline_ranks=world)
         results = _sae_workflows(model)
-        if rank != 0:  # rank 0 gets every result; the SAE's width and the errors are every rank's
-            assert all(v is None for k, v in results.items() if not k.endswith(".d_in") and k != "errors"), rank
+        if rank != 0:  # rank 0 gets every result; the widths, errors and generated tokens are every rank's
+            everywhere = ("errors", "generated")
+            assert all(v is None for k, v in results.items() if not k.endswith(".d_in") and k not in everywhere)
         torch.save(results, f"{out}.rank{rank}")
     finally:
         dist.barrier()
@@ -149,8 +153,9 @@ def test_an_sae_sites_hook_names_belong_to_its_sites_block():
 
 
 def test_spliced_logits_equal_one_process(ranks, one_process):
-    """Spliced in (all positions, some, with the error term), each SAE gives one process's logits;
-    the splice changes them, and the error term gives back the clean model."""
+    """Spliced in (all positions, some, with the error term), each SAE gives one process's logits
+    (and a spliced greedy generation its tokens, on every rank); the splice changes the logits,
+    and the error term gives back the clean model."""
     world, results = ranks
     got = results[0]
     _close(got["clean"], one_process["clean"], f"clean logits on {world} ranks")
@@ -162,6 +167,8 @@ def test_spliced_logits_equal_one_process(ranks, one_process):
         assert (spliced - clean).abs().max() > 1e-3, name  # the splice changes the model
         assert (one_process[f"{name}.positions"] - spliced).abs().max() > 1e-3, name  # positions leave some alone
         torch.testing.assert_close(one_process[f"{name}.error_term"], clean, rtol=0, atol=1e-6)
+    for rank, got in enumerate(results):  # a spliced generation: the same tokens on every rank
+        assert torch.equal(got["generated"], one_process["generated"]), (rank, world)
 
 
 def test_sae_features_cached_and_edited_equal_one_process(ranks, one_process):
