@@ -66,5 +66,7 @@ def run(args: argparse.Namespace) -> int:
         attention_mask=mask,
         positions=slice(1, None) if args.skip_first else None,
     )
+    if result is None:  # another rank of a model split over processes: rank 0 prints
+        return 0
     print(json.dumps(asdict(result)) if args.json else f"SAE {args.sae} at {sae.cfg.hook_name}\n{result}")
     return 0

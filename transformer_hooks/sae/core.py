@@ -619,6 +619,10 @@ def site_width(model: HookedModel, site: str) -> int:
 
     Measured with a one-token forward that stops after the site's block. ValueError for the
     attention pattern and scores (per query-key pair).
+
+    Split over processes (``pipeline_ranks``): every rank calls it alike; the rank that runs
+    the site measures it and every rank gets the same width (so a check built on it, e.g.
+    ``check_sae_fits``, passes or fails on every rank alike).
     """
     layer = sites.layer_of(site)
     stop = layer + 1 if layer is not None else None
@@ -626,11 +630,11 @@ def site_width(model: HookedModel, site: str) -> int:
     seen: dict[str, torch.Tensor] = {}
 
     def keep(act: torch.Tensor, hook: HookPoint) -> None:
-        seen["x"] = act
+        seen[site] = torch.tensor(act.shape, dtype=torch.int64)  # only the rank running the site sees it
 
     with torch.no_grad(), model.hooks(fwd_hooks=[(site, keep)]):
         model(tok, return_type=None, stop_at_layer=stop, prepend_bos=False)
-    act = seen["x"]
+    shape = model.blocks.share(model.blocks.from_sites(seen, [site]))[site]
     if site.endswith(("hook_attn_scores", "hook_pattern")):
         raise ValueError(f"{site} is per (query, key) pair, not per position: no SAE or harvest runs on it")
-    return math.prod(act.shape[2:])
+    return math.prod(shape.tolist()[2:])

@@ -10,6 +10,12 @@ sites of the model named as SAELens's ``HookedSAETransformer`` names them:
 ``model.run_with_cache(names_filter="blocks.3.hook_resid_post.hook_sae_acts_post")``
 caches the features and ``model.hooks(...)`` edits them.
 
+On a model split over processes (``pipeline_ranks``), every rank splices, steers and
+evaluates alike, each holding the same SAE: the splice runs on the rank that runs the site
+(the SAE's own sites ``<site>.hook_sae_*`` belong to the site's block, so hooks on them fire
+there and ``run_with_cache`` brings them to rank 0, as any site), and ``evaluate_sae``
+returns its result on rank 0 (None elsewhere).
+
 Weight processing and SAEs. SAELens trains on ``from_pretrained_no_processing(model,
 **model_from_pretrained_kwargs)``, so an SAE expects exactly the processing steps its
 ``model_from_pretrained_kwargs`` turns on. What each step changes at each site (exact
@@ -178,7 +184,8 @@ def sae_splice_hook(sae: SAE, positions: Positions = None):
 
 def check_sae_fits(model: HookedModel, sae: SAE) -> str:
     """The model's site for ``sae`` (one name), after checking that it exists (closest names
-    otherwise) and that its per-position width is the SAE's ``d_in``."""
+    otherwise) and that its per-position width is the SAE's ``d_in``. Split over processes,
+    every rank calls it alike and passes or fails alike (``site_width`` shares the width)."""
     names = model.resolve_hook_names(sae.cfg.hook_name)
     if len(names) != 1:
         raise ValueError(f"the SAE's hook_name {sae.cfg.hook_name!r} names {len(names)} sites; it must name one")
@@ -194,7 +201,9 @@ def check_sae_fits(model: HookedModel, sae: SAE) -> str:
 
 @contextlib.contextmanager
 def mounted(model: HookedModel, sae: SAE, site: str) -> Iterator[None]:
-    """``sae``'s hook points as sites of ``model`` while the block runs: ``<site>.hook_sae_acts_post`` & co."""
+    """``sae``'s hook points as sites of ``model`` while the block runs: ``<site>.hook_sae_acts_post`` & co.
+
+    Split over processes, they belong to ``site``'s block: they fire on the rank that runs it."""
     added = {f"{site}.{name}": hp for name, hp in sae.hook_dict.items()}
     clash = sorted(set(added) & set(model.hook_dict))
     if clash:
@@ -220,7 +229,12 @@ def splice_sae(
     alone, e.g. an attention sink the SAE was not trained on). The SAE's hook points are
     the model's sites ``<site>.hook_sae_*`` in the block. Checks first that the SAE fits
     the site (``check_sae_fits``) and the weight processing (``check_sae_processing``),
-    unless ``check=False``."""
+    unless ``check=False``.
+
+    Split over processes (``pipeline_ranks``): every rank enters it with the same SAE; the
+    rank that runs the site splices (its forward's output and ``run_with_cache``'s cache, the
+    SAE's sites included, are rank 0's as always). With ``check=False`` an SAE that does not
+    fit fails only on the site's rank (the others raise ``RankFailedError`` when it stops)."""
     if check:
         site = check_sae_fits(model, sae)
         check_sae_processing(model, sae)
@@ -252,7 +266,9 @@ def feature_direction(sae: SAE, feature: int, model: HookedModel | None = None) 
 
 def steer_with_feature(model: HookedModel, sae: SAE, feature: int, coeff: float = 1.0, positions: Any = None):
     """A context manager adding ``coeff * W_dec[feature]`` of ``sae`` at its site in every forward of ``model``
-    (generation included); ``positions`` as in ``transformer_hooks.interventions.steering.steering``."""
+    (generation included); ``positions`` as in ``transformer_hooks.interventions.steering.steering``.
+
+    Split over processes, every rank enters it with the same SAE (``steering`` shares rank 0's direction)."""
     from ..interventions.steering import steering
 
     site = model.resolve_hook_names(sae.cfg.hook_name)[0]
@@ -346,7 +362,7 @@ def evaluate_sae(
     positions: Positions = None,
     check: bool = True,
     dense_threshold: float = 0.1,
-) -> SAEEvaluation:
+) -> SAEEvaluation | None:
     """Splice ``sae`` into ``model`` on ``tokens`` (or strings; padded lists count only
     their real tokens) and report reconstruction MSE, L0, explained variance, dead and
     dense feature fractions, and the next-token loss clean, spliced, with the site zeroed
@@ -356,7 +372,12 @@ def evaluate_sae(
 
     ``batch_size``: rows per forward; ``attention_mask``: for padded token rows; ``check``:
     check the SAE against the model first (as ``splice_sae``); ``dense_threshold``: a feature
-    is dense when it fires on more than this fraction of the tokens."""
+    is dense when it fires on more than this fraction of the tokens.
+
+    Split over processes (``pipeline_ranks``): every rank calls it alike, with the same SAE;
+    rank 0 measures the cache it gets and the losses, the site's mean goes to the rank that
+    runs the site, and rank 0 returns one process's evaluation while the other ranks return
+    None."""
     if check:
         site = check_sae_fits(model, sae)
         check_sae_processing(model, sae)
@@ -367,6 +388,7 @@ def evaluate_sae(
         (token_ids[s : s + batch_size], mask[s : s + batch_size] if mask is not None else None)
         for s in range(0, token_ids.shape[0], batch_size)
     ]
+    here = model.blocks.gets_output  # split over processes: rank 0 gets the cache and the losses
     n = n_pred = 0
     sq_err = l0 = clean = 0.0
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.float64, device=sae.device)
@@ -377,6 +399,9 @@ def evaluate_sae(
     bar = tqdm(total=2 * len(batches), desc="evaluating SAE", leave=False, delay=1.0)
     for tok, m in batches:
         nll, cache = model.run_with_cache(tok, attention_mask=m, names_filter=site, **loss_kwargs)
+        bar.update()
+        if not here:
+            continue
         act = cache[site]
         measured = _chosen(tok.shape[1], positions, act.device)[None] & (
             torch.ones(tok.shape, dtype=torch.bool, device=act.device) if m is None else m.bool()
@@ -394,19 +419,26 @@ def evaluate_sae(
         sum_sq += float(x.double().pow(2).sum())
         batch_clean, batch_pred = _loss_sum(nll, m)
         clean, n_pred = clean + batch_clean, n_pred + batch_pred
-        bar.update()
-    assert sum_site is not None  # at least one batch (tokens_and_mask gives one prompt or more)
-    mean_site = (sum_site / max(n, 1)).to(model.dtype)
+    mean_site = None
+    if here:
+        assert sum_site is not None  # at least one batch (tokens_and_mask gives one prompt or more)
+        mean_site = {site: (sum_site / max(n, 1)).to(model.dtype)}
+    mean_value = model.blocks.to_sites(mean_site)[site]  # on the rank that runs the site
     spliced = zero = mean = 0.0
     for tok, m in batches:
         with splice_sae(model, sae, use_error_term=False, positions=positions, check=False):
-            spliced += _loss_sum(model(tok, attention_mask=m, **loss_kwargs), m)[0]
+            losses = [model(tok, attention_mask=m, **loss_kwargs)]
         with model.hooks(fwd_hooks=[(site, _replace_hook(positions, None))]):
-            zero += _loss_sum(model(tok, attention_mask=m, **loss_kwargs), m)[0]
-        with model.hooks(fwd_hooks=[(site, _replace_hook(positions, mean_site))]):
-            mean += _loss_sum(model(tok, attention_mask=m, **loss_kwargs), m)[0]
+            losses.append(model(tok, attention_mask=m, **loss_kwargs))
+        with model.hooks(fwd_hooks=[(site, _replace_hook(positions, mean_value))]):
+            losses.append(model(tok, attention_mask=m, **loss_kwargs))
         bar.update()
+        if here:
+            sums = zip((spliced, zero, mean), losses, strict=True)
+            spliced, zero, mean = (total + _loss_sum(nll, m)[0] for total, nll in sums)
     bar.close()
+    if not here:
+        return None
     total_var = sum_sq - float(sum_x.pow(2).sum()) / n  # sum ||x - mean||^2
     clean, spliced, zero, mean = (v / max(n_pred, 1) for v in (clean, spliced, zero, mean))
     freq = fired / max(n, 1)
