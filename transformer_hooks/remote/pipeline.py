@@ -16,7 +16,11 @@ outside ``metric_positions``, an unknown sweep, site or parameter, tokens out of
 no bad request leaves the followers waiting for a transfer that never comes. The checks the
 library makes on every rank alike before any transfer (generate's context length, ...) may
 fail after the broadcast: every rank raises, rank 0 answers 400, the followers log the error
-and follow on. A follower's exception never ends its follow loop.
+and follow on; so do failures only rank 0 meets after the job's last transfer (decoding the
+lens, assembling the DLA). A follower's exception never ends its follow loop. Not recovered: a
+failure only one rank meets between two transfers of a job (out of memory, a bug): its peers
+wait in that transfer until the pipeline's timeout (then raise ``RankFailedError``; a
+follower logs it and follows on), and rank 0 answers 500; restart the server after one.
 
 Cancellation: a job still queued when its client goes away (or its timeout passes) is
 dropped, never broadcast. Once broadcast, a job is not cancelled: every rank runs it to the
@@ -34,8 +38,8 @@ reads (named in the broadcast). From the first DLA job on, rank 0 keeps a copy o
 block's ``attn.W_O`` and norm weights, of the final norm and of the unembedding (``W_U``,
 ``b_U``: d_model x d_vocab); from the first lens job on, of the final norm and the
 unembedding. A params job's copies are dropped when it ends (rank 0 holds them only while it
-runs and its answer is sent), so asking for every parameter does not leave the whole model on
-rank 0.
+runs and its answer is encoded), so asking for every parameter does not leave the whole model
+on rank 0. ``/health`` reports the bytes of the copies rank 0 holds (``held_weight_bytes``).
 """
 
 from __future__ import annotations
