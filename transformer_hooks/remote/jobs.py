@@ -52,6 +52,7 @@ __all__ = [
     "Cancelled",
     "Prepared",
     "dataclass_fields",
+    "param_names",
     "prepare_run",
     "run_attribution",
     "run_batch",
@@ -424,23 +425,25 @@ def _pair(model: HookedModel, req: PatchRequest | AttributionRequest) -> tuple[t
     return corrupted, clean_cache
 
 
-def run_patch(model: HookedModel, req: PatchRequest) -> dict[str, torch.Tensor]:
-    """The ``patch`` job: the activation-patching sweep ``req.sweep`` of ``model``, as ``{"result": tensor}``."""
+def run_patch(model: HookedModel, req: PatchRequest) -> dict[str, torch.Tensor] | None:
+    """The ``patch`` job: the activation-patching sweep ``req.sweep`` of ``model``, as ``{"result": tensor}``
+    (None on a split model's other ranks)."""
     sweep = _sweep(req.sweep, "get_act_patch_")
     metric = _metric(model, req.metric)
     corrupted, clean_cache = _pair(model, req)
     with torch.no_grad():
         out = sweep(model, corrupted, clean_cache, metric, progress=False, metric_positions=req.metric_positions)
-    return {"result": out.detach().cpu()}
+    return None if out is None else {"result": out.detach().cpu()}
 
 
-def run_attribution(model: HookedModel, req: AttributionRequest) -> dict[str, torch.Tensor]:
-    """The ``attribution`` job: the attribution-patching sweep ``req.sweep`` of ``model``, as ``{"result": tensor}``."""
+def run_attribution(model: HookedModel, req: AttributionRequest) -> dict[str, torch.Tensor] | None:
+    """The ``attribution`` job: the attribution-patching sweep ``req.sweep`` of ``model``, as ``{"result": tensor}``
+    (None on a split model's other ranks)."""
     sweep = _sweep(req.sweep, "get_attr_patch_")
     metric = _metric(model, req.metric)
     corrupted, clean_cache = _pair(model, req)
     out = sweep(model, corrupted, clean_cache, metric, method=req.method, grad_drop=req.grad_drop)
-    return {"result": out.detach().cpu()}
+    return None if out is None else {"result": out.detach().cpu()}
 
 
 def dataclass_fields(obj: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -458,7 +461,7 @@ def dataclass_fields(obj: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
 
 def run_dla(model: HookedModel, req: DLARequest) -> Any:
     """The ``dla`` job: ``direct_logit_attribution`` of ``req``'s prompt on
-    ``model`` (BadRequest without a tokenizer).
+    ``model`` (BadRequest without a tokenizer); None on a split model's other ranks.
     """
     if model.tokenizer is None:
         raise BadRequest("DLA takes strings: this model has no tokenizer")
@@ -469,7 +472,7 @@ def run_dla(model: HookedModel, req: DLARequest) -> Any:
 
 
 def run_lens(model: HookedModel, req: LensRequest) -> Any:
-    """The ``lens`` job: ``logit_lens`` of ``req``'s input on ``model``."""
+    """The ``lens`` job: ``logit_lens`` of ``req``'s input on ``model``; None on a split model's other ranks."""
     tokens, mask = _tokens(model, req)
     lens_sites = tuple(req.lens_sites) if req.lens_sites is not None else LENS_SITES
     try:
@@ -482,7 +485,8 @@ def run_lens(model: HookedModel, req: LensRequest) -> Any:
 
 def run_generate(model: HookedModel, req: GenerateRequest) -> dict[str, Any]:
     """The ``generate`` job: ``model.generate`` of ``req``'s input inside one ``steering`` context
-    per steer/add intervention; ``{"text": ...}`` for prompts, ``{"tokens": ...}`` for token ids.
+    per steer/add intervention; ``{"text": ...}`` for prompts, ``{"tokens": ...}`` for token ids
+    (on every rank of a split model).
     """
     try:
         tensors = decode_tensors(req.tensors)
@@ -544,16 +548,24 @@ DLA_WEIGHTS = (
 )
 
 
-def run_params(model: HookedModel, req: ParamsRequest) -> dict[str, torch.Tensor]:
-    """The ``params`` job: ``model``'s parameters whose names match ``req.names`` (names or globs),
-    on the CPU; BadRequest for a plain name the model lacks.
-    """
-    state = dict(model.named_parameters())
-    chosen: dict[str, torch.Tensor] = {}
-    for pattern in req.names:
-        matches = fnmatch.filter(state, pattern)
+def param_names(names: Sequence[str], patterns: Sequence[str]) -> list[str]:
+    """The ``names`` (a model's parameter names) matching ``patterns`` (names or globs), in
+    pattern order; BadRequest for a plain name not among them."""
+    chosen: dict[str, None] = {}
+    for pattern in patterns:
+        matches = fnmatch.filter(names, pattern)
         if not matches and not any(c in pattern for c in "*?["):
             raise BadRequest(f"this model has no parameter {pattern!r}")
-        for m in matches:
-            chosen[m] = state[m].detach().cpu()
-    return chosen
+        chosen.update(dict.fromkeys(matches))
+    return list(chosen)
+
+
+def run_params(model: HookedModel, req: ParamsRequest) -> dict[str, torch.Tensor] | None:
+    """The ``params`` job: ``model``'s parameters whose names match ``req.names`` (names or globs),
+    on the CPU; BadRequest for a plain name the model lacks. Split over processes: rank 0's
+    (after ``hold_weights`` of those it lacks), None on the other ranks.
+    """
+    if not model.blocks.gets_output:
+        return None
+    state = dict(model.named_parameters())
+    return {n: state[n].detach().cpu() for n in param_names(list(state), req.names)}

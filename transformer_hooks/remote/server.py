@@ -17,6 +17,11 @@ runs alone. A request past its timeout answers 504; a request whose client went 
 cancelled. A cancelled request is dropped from the queue, and a forward whose requests are
 all cancelled stops at the next block. Hooks live in ``model.hooks()`` contexts of the
 worker, so a failed or cancelled request leaves none.
+
+A model split over processes (``--pipeline-ranks`` under torchrun) serves every request: rank 0
+checks it, then every rank runs the same forward or job (``pipeline.py``). There a request is
+dropped while queued, but a forward or job once begun runs to the end on every rank (its
+client still gets 499 or 504 on time).
 """
 
 from __future__ import annotations
@@ -276,6 +281,9 @@ class Worker:
         if batch[0].prepared is None:
             job, model = batch[0].job, self.model
             assert job is not None
+            if self.leader is not None:  # every rank runs it to the end: not cancelled once begun
+                self._settle(batch[0], lambda: job(model))
+                return
 
             def run() -> Any:
                 with model.hooks(fwd_hooks=jobs.cancel_hooks(model, batch)):  # stops at a block once cancelled
@@ -347,7 +355,8 @@ class Server:
         batch_window: seconds the worker waits for more requests to join a forward.
         max_batch_rows: the most rows in one forward.
         model_name: the name ``/info`` reports.
-        leader: a ``pipeline.Leader`` when the model is split over processes (only forwards are then served).
+        leader: a ``pipeline.Leader`` when the model is split over processes (every rank then runs each
+            forward and job; see ``pipeline.py``).
     """
 
     def __init__(
@@ -368,6 +377,7 @@ class Server:
         self.worker = Worker(model, batch_window, max_batch_rows, leader)
         self.split = leader is not None
         self.hook_names = list(model.hook_dict)
+        self.others = {n for n, p in model.named_parameters() if p.is_meta}  # split: other ranks' weights
 
     # Checks before anything runs --------------------------------------------------------------
     def auth(self, headers: Any) -> TokenEntry:
@@ -493,24 +503,15 @@ class Server:
         if kind == "tokenize":
             self.check_tokens(entry, _text_size(req))
             return None
-        if self.split:
-            raise HTTPError(
-                400,
-                f"{kind} is not served for a model split over processes (pipeline_ranks): only forwards "
-                f"(run_with_cache, run_with_hooks) are; serve the model from one process for {kind}",
-            )
-        job: Callable[[Any], Any]
-        if kind == "params":
-            job = lambda m: jobs.run_params(m, req)  # noqa: E731
-        else:
+        if kind != "params":
             self.check_tokens(entry, _job_tokens(kind, req))
-            job = {
-                "patch": lambda m: jobs.run_patch(m, req),
-                "attribution": lambda m: jobs.run_attribution(m, req),
-                "dla": lambda m: jobs.run_dla(m, req),
-                "lens": lambda m: jobs.run_lens(m, req),
-                "generate": lambda m: jobs.run_generate(m, req),
-            }[kind]
+        job: Callable[[Any], Any]
+        if self.split:  # every rank runs it: checked here, so that a bad request is never broadcast
+            pipeline.check(model, kind, req)
+            job = functools.partial(self.worker.leader.job, kind=kind, req=req)
+        else:
+            run = pipeline.JOBS[kind][1]
+            job = lambda m: run(m, req)  # noqa: E731
         return Work(None, job, loop, loop.create_future(), kind)
 
     def encode(self, entry: TokenEntry, kind: str, result: Any) -> dict[str, Any]:
@@ -554,7 +555,8 @@ class Server:
 
     def health(self) -> dict[str, Any]:
         """The ``/health`` answer: status, queue length, the work running,
-        hooks attached, forwards, batched requests.
+        hooks attached, forwards, batched requests, and the bytes of other ranks' weights rank 0
+        holds copies of (split over processes; 0 on one process).
         """
         held = sum(1 for hp in self.model.hook_dict.values() if hp.observed)
         batches = self.worker.batches
@@ -565,6 +567,11 @@ class Server:
             "hooks_attached": held,
             "forwards": len(batches),
             "batched_requests": sum(batches),
+            "held_weight_bytes": sum(
+                p.numel() * p.element_size()
+                for n, p in self.model.named_parameters()
+                if n in self.others and not p.is_meta
+            ),
         }
 
 
