@@ -193,12 +193,15 @@ def _receiver_sites(model: HookedModel) -> list[str]:
 
 
 def _sender_outputs(cache: dict[str, torch.Tensor], model: HookedModel) -> dict[str, torch.Tensor]:
-    """Sender node -> its output [batch, pos, d_model]."""
-    out = {"input": cache["hook_embed"]}
+    """Sender node -> its output [batch, pos, d_model], for the senders ``cache`` has, in the graph's order."""
+    out = {"input": cache["hook_embed"]} if "hook_embed" in cache else {}
     for layer in range(model.cfg.n_layers):
-        for h in range(model.cfg.n_heads):
-            out[f"a{layer}.h{h}"] = cache[f"blocks.{layer}.attn.hook_result"][:, :, h]
-        out[f"m{layer}"] = cache[f"blocks.{layer}.hook_mlp_out"]
+        result = cache.get(f"blocks.{layer}.attn.hook_result")
+        if result is not None:
+            for h in range(model.cfg.n_heads):
+                out[f"a{layer}.h{h}"] = result[:, :, h]
+        if f"blocks.{layer}.hook_mlp_out" in cache:
+            out[f"m{layer}"] = cache[f"blocks.{layer}.hook_mlp_out"]
     return out
 
 
@@ -380,7 +383,7 @@ def run_circuit(
 
     def patch_for(receivers: list[tuple[int | None, str]]) -> Callable:
         def patch(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
-            now = _sender_outputs_partial(current, model)
+            now = _sender_outputs(current, model)
             # Every receiver of this site reads the same senders: patch all of them, then
             # give each receiver back its kept edges' current values.
             upstream = [u for u in now if _reads(model, u, receivers[0][1])]
@@ -456,20 +459,6 @@ def _kept_edges(model: HookedModel, circuit: Circuit | None) -> dict[str, list[s
     for i, j in shared["edges"].tolist():
         kept_into.setdefault(receivers[j], []).append(senders[i])
     return kept_into
-
-
-def _sender_outputs_partial(cache: dict[str, torch.Tensor], model: HookedModel) -> dict[str, torch.Tensor]:
-    out = {}
-    if "hook_embed" in cache:
-        out["input"] = cache["hook_embed"]
-    for layer in range(model.cfg.n_layers):
-        r = cache.get(f"blocks.{layer}.attn.hook_result")
-        if r is not None:
-            for h in range(model.cfg.n_heads):
-                out[f"a{layer}.h{h}"] = r[:, :, h]
-        if f"blocks.{layer}.hook_mlp_out" in cache:
-            out[f"m{layer}"] = cache[f"blocks.{layer}.hook_mlp_out"]
-    return out
 
 
 def evaluate_circuit(
