@@ -40,6 +40,9 @@ class Blocks(Protocol):
     def gets_output(self) -> bool:
         """``BlockStack.gets_output``: this process gets the output and ``run_with_cache``'s cache."""
 
+    def process_boundaries(self) -> list[int]:
+        """``BlockStack.process_boundaries``: the blocks where the forward moves to another process."""
+
     def to_sites(self, tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         """``BlockStack.to_sites``: ``tensors`` on the process that runs each hook."""
 

@@ -26,7 +26,8 @@ IOI paper's path patching. ``plot_circuit`` draws a graph with matplotlib.
 
 The functions that run the model take ``model`` (a model with pre-norms), ``clean_tokens`` and
 ``corrupted_tokens`` (prompts or token ids; the two of equal token length, no padding) and,
-where they score, ``metric(logits) -> scalar``.
+where they score, ``metric(logits) -> scalar``. On a model split over processes
+(``pipeline_ranks``) every rank calls them alike; rank 0 gets each result (the others None).
 """
 
 from __future__ import annotations
@@ -192,12 +193,15 @@ def _receiver_sites(model: HookedModel) -> list[str]:
 
 
 def _sender_outputs(cache: dict[str, torch.Tensor], model: HookedModel) -> dict[str, torch.Tensor]:
-    """Sender node -> its output [batch, pos, d_model]."""
-    out = {"input": cache["hook_embed"]}
+    """Sender node -> its output [batch, pos, d_model], for the senders ``cache`` has, in the graph's order."""
+    out = {"input": cache["hook_embed"]} if "hook_embed" in cache else {}
     for layer in range(model.cfg.n_layers):
-        for h in range(model.cfg.n_heads):
-            out[f"a{layer}.h{h}"] = cache[f"blocks.{layer}.attn.hook_result"][:, :, h]
-        out[f"m{layer}"] = cache[f"blocks.{layer}.hook_mlp_out"]
+        result = cache.get(f"blocks.{layer}.attn.hook_result")
+        if result is not None:
+            for h in range(model.cfg.n_heads):
+                out[f"a{layer}.h{h}"] = result[:, :, h]
+        if f"blocks.{layer}.hook_mlp_out" in cache:
+            out[f"m{layer}"] = cache[f"blocks.{layer}.hook_mlp_out"]
     return out
 
 
@@ -228,17 +232,6 @@ def _cache_here(model: HookedModel, tokens: torch.Tensor, names: list[str]) -> d
     """The activations at ``names`` (None off rank 0 of a model split over processes)."""
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=names, return_cache_object=False)
-    return cache
-
-
-def _cache(model: HookedModel, tokens: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
-    cache = _cache_here(model, tokens, names)
-    if cache is None:
-        raise ValueError(
-            "circuit evaluation and path patching patch every rank's sites from caches held in one process; "
-            "on a model split over processes (pipeline_ranks) score edges with attribute_edges, then evaluate "
-            "the circuit on a model loaded in one process (or with device_map / offload)"
-        )
     return cache
 
 
@@ -365,31 +358,32 @@ def make_circuit(graph: Graph, edges: Iterable[tuple[str, str]]) -> Circuit:
     return Circuit(graph, edges)
 
 
-def run_circuit(model: HookedModel, clean_tokens: Any, corrupted_tokens: Any, circuit: Circuit) -> torch.Tensor:
+def run_circuit(
+    model: HookedModel, clean_tokens: Any, corrupted_tokens: Any, circuit: Circuit | None
+) -> torch.Tensor | None:
     """Logits of the clean run with every edge outside ``circuit`` carrying its corrupted value
     (``model``, ``clean_tokens``, ``corrupted_tokens`` as in the module docstring).
+
+    Split over processes (``pipeline_ranks``): every rank calls it; the circuit is rank 0's
+    (what ``prune`` makes there of ``attribute_edges``'s graph; the other ranks may pass None).
+    The clean run goes one rank's range of blocks at a time, and between ranges the senders'
+    outputs computed so far go to every rank (a receiver reads the current run's senders of
+    earlier ranks); rank 0 returns the logits, the other ranks None.
     """
     _check_model(model)
-    graph = circuit.graph
-    graph.check_model(model)
-    for s, r in sorted(circuit.edges):
-        graph.check_edge(s, r)
-        if not _reads(model, s, r):
-            raise ValueError(f"the circuit names the edge {s} -> {r}, but in this model {r} does not read {s}")
+    _check_grouped(model)
+    kept_into = _kept_edges(model, circuit)
     clean, corrupted = _tokens(model, clean_tokens), _tokens(model, corrupted_tokens)
-    corr = _sender_outputs(_cache(model, corrupted, _sender_sites(model)), model)
+    senders = _sender_sites(model)
+    corr = _sender_outputs(model.blocks.share(_cache_here(model, corrupted, senders)), model)
     current: dict[str, torch.Tensor] = {}
 
     def save(x: torch.Tensor, hook: HookPoint) -> None:
         current[hook.name] = x
 
-    kept_into: dict[str, list[str]] = {}
-    for u, v in circuit.edges:
-        kept_into.setdefault(v, []).append(u)
-
     def patch_for(receivers: list[tuple[int | None, str]]) -> Callable:
         def patch(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
-            now = _sender_outputs_partial(current, model)
+            now = _sender_outputs(current, model)
             # Every receiver of this site reads the same senders: patch all of them, then
             # give each receiver back its kept edges' current values.
             upstream = [u for u in now if _reads(model, u, receivers[0][1])]
@@ -407,43 +401,84 @@ def run_circuit(model: HookedModel, clean_tokens: Any, corrupted_tokens: Any, ci
 
         return patch
 
-    _check_grouped(model)
     n = model.cfg.n_layers
-    hooks: list[tuple[str, Callable]] = [(s, save) for s in _sender_sites(model)]
+    hooks: list[tuple[str, Callable]] = [(s, save) for s in senders]
     for layer in range(n):
         for c, k in (("q", model.cfg.n_heads), ("k", model.cfg.n_kv_heads), ("v", model.cfg.n_kv_heads)):
             hooks.append((f"blocks.{layer}.hook_{c}_input", patch_for([(h, f"a{layer}.h{h}<{c}>") for h in range(k)])))
         hooks.append((f"blocks.{layer}.hook_mlp_in", patch_for([(None, f"m{layer}")])))
     hooks.append((f"blocks.{n - 1}.hook_resid_post", patch_for([(None, "logits")])))
+    # One segment of blocks per process (one forward on one process); after each, the senders
+    # it ran go to every process, where the receivers of the next segments read them.
+    bounds = model.blocks.process_boundaries()
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-        return model(clean)
-
-
-def _sender_outputs_partial(cache: dict[str, torch.Tensor], model: HookedModel) -> dict[str, torch.Tensor]:
-    out = {}
-    if "hook_embed" in cache:
-        out["input"] = cache["hook_embed"]
-    for layer in range(model.cfg.n_layers):
-        r = cache.get(f"blocks.{layer}.attn.hook_result")
-        if r is not None:
-            for h in range(model.cfg.n_heads):
-                out[f"a{layer}.h{h}"] = r[:, :, h]
-        if f"blocks.{layer}.hook_mlp_out" in cache:
-            out[f"m{layer}"] = cache[f"blocks.{layer}.hook_mlp_out"]
+        out = model(clean, stop_at_layer=bounds[0] if bounds else None)
+        for i, start in enumerate(bounds):
+            before = bounds[i - 1] if i > 0 else -1
+            ran = [s for s in senders if before <= _site_layer(s) < start]
+            got = model.blocks.from_sites({s: current[s] for s in ran if s in current}, ran)
+            current.update(model.blocks.share(got))
+            out = model(out, start_at_layer=start, stop_at_layer=bounds[i + 1] if i + 1 < len(bounds) else None)
     return out
 
 
+def _site_layer(name: str) -> int:
+    """The block of a hook name; -1 for the embedding."""
+    layer = site_table.layer_of(name)
+    return -1 if layer is None else layer
+
+
+def _kept_edges(model: HookedModel, circuit: Circuit | None) -> dict[str, list[str]]:
+    """Receiver -> the senders of its kept edges, in the graph's sender order, on every process
+    (split over processes: rank 0's circuit; the others may pass None). A circuit that does not
+    fit the model raises on every process."""
+    cfg = model.cfg
+    graph = Graph(cfg.n_layers, cfg.n_heads, cfg.n_kv_heads)
+    senders, receivers = graph.senders, graph.receivers()
+    given, error = None, None
+    if model.blocks.gets_output:
+        try:
+            if circuit is None:
+                raise ValueError("run_circuit needs a circuit (only ranks other than 0 of a split model may pass None)")
+            circuit.graph.check_model(model)
+            for s, r in sorted(circuit.edges):
+                circuit.graph.check_edge(s, r)
+                if not _reads(model, s, r):
+                    raise ValueError(f"the circuit names the edge {s} -> {r}, but in this model {r} does not read {s}")
+            s_index, r_index = {u: i for i, u in enumerate(senders)}, {v: i for i, v in enumerate(receivers)}
+            pairs = sorted((s_index[s], r_index[r]) for s, r in circuit.edges)
+            given = {"edges": torch.tensor(pairs, dtype=torch.int64).reshape(-1, 2)}
+        except ValueError as e:  # every process raises it (the others would wait for the edges)
+            error, given = e, {"error": torch.tensor(list(str(e).encode()), dtype=torch.uint8)}
+    shared = model.blocks.share(given)
+    if error is not None:
+        raise error
+    if "error" in shared:
+        raise ValueError(bytes(shared["error"].tolist()).decode())
+    kept_into: dict[str, list[str]] = {}
+    for i, j in shared["edges"].tolist():
+        kept_into.setdefault(receivers[j], []).append(senders[i])
+    return kept_into
+
+
 def evaluate_circuit(
-    model: HookedModel, clean_tokens: Any, corrupted_tokens: Any, circuit: Circuit, metric: Metric
-) -> dict[str, float]:
+    model: HookedModel, clean_tokens: Any, corrupted_tokens: Any, circuit: Circuit | None, metric: Metric
+) -> dict[str, float] | None:
     """The metric of the clean, corrupted and circuit runs, and the circuit's faithfulness
     ``(m(circuit) - m(corrupted)) / (m(clean) - m(corrupted))`` (1: the circuit does it all).
     ``model``, ``clean_tokens``, ``corrupted_tokens`` and ``metric`` as in the module docstring.
+
+    Split over processes (``pipeline_ranks``): every rank calls it, ``circuit`` as in
+    ``run_circuit`` (rank 0's; None elsewhere); the metric runs on rank 0, which returns the
+    dict (the other ranks None).
     """
+    logits = run_circuit(model, clean_tokens, corrupted_tokens, circuit)
     with torch.no_grad():
-        m_clean = float(metric(model(_tokens(model, clean_tokens))))
-        m_corr = float(metric(model(_tokens(model, corrupted_tokens))))
-    m_circ = float(metric(run_circuit(model, clean_tokens, corrupted_tokens, circuit)))
+        clean_logits = model(_tokens(model, clean_tokens))
+        corr_logits = model(_tokens(model, corrupted_tokens))
+    if logits is None or clean_logits is None or corr_logits is None or circuit is None:
+        return None  # another process of a split model gets the logits
+    m_clean, m_corr, m_circ = float(metric(clean_logits)), float(metric(corr_logits)), float(metric(logits))
     gap = m_clean - m_corr
     return {
         "clean": m_clean,
@@ -463,7 +498,7 @@ def path_patch(
     receivers: Sequence[tuple[int, int]],
     metric: Metric,
     receiver_input: str | Sequence[str] = ("q", "k", "v"),
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     """Path patching (Wang et al. 2022, IOI): the metric when only the paths sender heads ->
     receiver heads' ``receiver_input`` (any of q, k, v) carry the corrupted senders' outputs.
 
@@ -473,6 +508,10 @@ def path_patch(
 
     ``senders`` and ``receivers``: (layer, head) pairs; ``model``, ``clean_tokens``,
     ``corrupted_tokens`` and ``metric`` as in the module docstring.
+
+    Split over processes (``pipeline_ranks``): every rank calls it alike; each layer's frozen z
+    goes from rank 0's caches to the rank that runs the layer, where the receivers' inputs are
+    recorded and patched; the metric runs on rank 0, which returns it (the other ranks None).
     """
     clean, corrupted = _tokens(model, clean_tokens), _tokens(model, corrupted_tokens)
     cfg = model.cfg
@@ -491,18 +530,23 @@ def path_patch(
 
     senders, receivers = check(senders, "sender"), check(receivers, "receiver")
     z_names = [f"blocks.{layer}.attn.hook_z" for layer in range(cfg.n_layers)]
-    z_clean, z_corr = _cache(model, clean, z_names), _cache(model, corrupted, z_names)
     send: dict[int, list[int]] = {}
     for layer, h in senders:
         send.setdefault(layer, []).append(h)
+    # Every head's z at its clean value, the senders' at their corrupted value (computed where
+    # the caches are, then on the process that runs each layer).
+    frozen = _cache_here(model, clean, z_names)
+    z_corr = _cache_here(model, corrupted, [z_names[layer] for layer in sorted(send)]) if send else {}
+    if frozen is not None and z_corr is not None:
+        for layer, heads in send.items():
+            name = z_names[layer]
+            frozen[name] = frozen[name].clone()
+            frozen[name][:, :, heads] = z_corr[name][:, :, heads]
+    del z_corr
+    frozen = model.blocks.to_sites(frozen)
 
     def freeze(z: torch.Tensor, hook: HookPoint) -> torch.Tensor:
-        layer = hook.layer_idx
-        assert layer is not None, hook.name  # hooked only at blocks.{layer}.attn.hook_z
-        z = z_clean[hook.name].clone()
-        for h in send.get(layer, []):
-            z[:, :, h] = z_corr[hook.name][:, :, h]
-        return z
+        return frozen[hook.name]
 
     recv_layers = sorted({layer for layer, _ in receivers})
     qkv_names = [f"blocks.{layer}.attn.hook_{c}" for layer in recv_layers for c in inputs]
@@ -527,7 +571,8 @@ def path_patch(
         return x
 
     with torch.no_grad(), model.hooks(fwd_hooks=[(n, patch) for n in by_name]):
-        return metric(model(clean))
+        logits = model(clean)
+    return None if logits is None else metric(logits)  # None: another process of a split model has them
 
 
 # Plot -----------------------------------------------------------------------------------------

@@ -12,8 +12,9 @@ every parameter and hook keeps its name) and its ``Placement`` record:
 - ``loading/pipeline.py``: ``PipelineBlocks``, one range of blocks per process.
 
 The stack also moves the values a workflow needs between processes (``gets_output``,
-``to_sites``, ``share``, ``from_sites``, ``grad``, ``hold_weights``, ``same_random_state``): on one process they hand
-values back unchanged; split over processes, the pipeline's stack sends them rank to rank.
+``process_boundaries``, ``to_sites``, ``share``, ``from_sites``, ``grad``, ``hold_weights``,
+``same_random_state``): on one process they hand values back unchanged; split over processes,
+the pipeline's stack sends them rank to rank.
 """
 
 from __future__ import annotations
@@ -140,6 +141,13 @@ class BlockStack(nn.ModuleList):
         """Whether this process gets the forward's output (and ``run_with_cache``'s cache):
         always on one process; rank 0 of a model split over processes."""
         return True
+
+    def process_boundaries(self) -> list[int]:
+        """The blocks where the forward moves to another process (each the first block of a
+        process's range): none on one process. A workflow that must exchange values between
+        blocks of different processes runs the forward in segments split here
+        (``stop_at_layer`` / ``start_at_layer``)."""
+        return []
 
     def to_sites(self, tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         """``tensors`` keyed by hook name, given where the output is (``gets_output``), on the

@@ -156,7 +156,7 @@ class PipelineBlocks(BlockStack):
         """``embed()`` on the rank that holds the embeddings; elsewhere a meta tensor of ``shape``."""
         if self.stage.owns("embed"):
             return embed()
-        return torch.empty(shape, device="meta")  # another rank embeds: only the shape travels on
+        return torch.empty(shape, dtype=self.stage.dtype, device="meta")  # another rank embeds: only the shape goes on
 
     def forward(
         self, resid: torch.Tensor, mask: Any, rope: list[Any], start: int, stop: int, past_kv_cache: Any = None
@@ -178,12 +178,17 @@ class PipelineBlocks(BlockStack):
                 kv = past_kv_cache[layer] if past_kv_cache is not None else None  # each rank caches its blocks
                 held = self[layer](held, mask, rope[layer], kv)
         held = self.stage.enter(stop, held, shape)
-        return torch.empty(shape, device="meta") if held is None else held
+        return torch.empty(shape, dtype=self.stage.dtype, device="meta") if held is None else held
 
     @property
     def gets_output(self) -> bool:
         """Rank 0 gets the output (``BlockStack.gets_output``)."""
         return self.stage.rank == 0
+
+    def process_boundaries(self) -> list[int]:
+        """The first block of each rank's range but rank 0's (``BlockStack.process_boundaries``)."""
+        owner = [self.stage.map[f"blocks.{L}"] for L in range(len(self))]
+        return [L for L in range(1, len(owner)) if owner[L] != owner[L - 1]]
 
     def to_sites(self, tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         """Rank 0's ``tensors`` on the ranks that run their hooks (``BlockStack.to_sites``)."""
