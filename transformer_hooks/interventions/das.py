@@ -27,8 +27,10 @@ rank 0's, like ``run_with_cache``) go to the rank that runs the intervention's h
 (``model.blocks.to_sites``; for a residual site the resumed run's input goes to the rank that
 runs the block above it); the loss is computed on rank 0 and its gradient reaches the rotation
 there across the ranks (``model.blocks.grad``). Only that rank's rotation is trained; at the end
-of ``train_das`` its state is copied to every rank's intervention (one transfer, instead of the
-rotation's gradient at every step), so every rank ends with the one-process rotation. Results
+of ``train_das`` its state (parameters and buffers) is copied to every rank's intervention, so
+every rank ends with the one-process rotation. One exchange at the end rather than the
+gradient at every step (which would keep every rank's Adam in step): the gradient of a full
+rotation is d x d per step, and no other rank reads the rotation while it trains. Results
 (losses, metrics, logits) are rank 0's; the other ranks get None.
 """
 
@@ -435,8 +437,9 @@ def train_das(
     source_pos = _per_row(_positions(source_pos, source_mask, n, source_tokens.shape[1]), n, base_tokens.device)
     _check(intervention, at, n, base_tokens.shape[1], base_pos, source_pos)
     losses = []
+    here = model.blocks.gets_output  # the losses (and the one progress bar) are where the logits are
     with frozen(model):
-        for _ in tqdm(range(steps), desc="training DAS rotation", leave=False, delay=1.0):
+        for _ in tqdm(range(steps), desc="training DAS rotation", leave=False, delay=1.0, disable=not here):
             idx = torch.randperm(n, generator=gen)[:batch_size]
             mask = None if base_mask is None else base_mask[idx]
             with torch.enable_grad():
@@ -449,7 +452,7 @@ def train_das(
             if loss is not None:
                 losses.append(loss.item())
     _sync(model, intervention, at.hook_name)
-    return losses if model.blocks.gets_output else None
+    return losses if here else None
 
 
 @torch.no_grad()
