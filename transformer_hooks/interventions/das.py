@@ -20,6 +20,18 @@ keeps ``R`` orthogonal at every step.
 
 With ``k = d`` the intervention is the source activation itself (``R R^T = I``), i.e.
 patching the whole site at that position: a check that the plumbing is right.
+
+Split over processes (``pipeline_ranks``): every rank calls these functions alike, each with
+an intervention built alike (the same ``seed``). The activations read once (``source_activations``:
+rank 0's, like ``run_with_cache``) go to the rank that runs the intervention's hook
+(``model.blocks.to_sites``; for a residual site the resumed run's input goes to the rank that
+runs the block above it); the loss is computed on rank 0 and its gradient reaches the rotation
+there across the ranks (``model.blocks.grad``). Only that rank's rotation is trained; at the end
+of ``train_das`` its state (parameters and buffers) is copied to every rank's intervention, so
+every rank ends with the one-process rotation. One exchange at the end rather than the
+gradient at every step (which would keep every rank's Adam in step): the gradient of a full
+rotation is d x d per step, and no other rank reads the rotation while it trains. Results
+(losses, metrics, logits) are rank 0's; the other ranks get None.
 """
 
 from __future__ import annotations
@@ -191,17 +203,29 @@ def frozen(model: M) -> Iterator[M]:
             p.requires_grad_(flag)
 
 
+def _one_site(model: HookedModel, site: str) -> str:
+    """``site``, checked to be one hook name of ``model`` (the same error on every rank of a split model)."""
+    if model.resolve_hook_names(site) != [site]:
+        raise ValueError(f"site={site!r} selects several hook names: DAS intervenes on one site, give its full name")
+    return site
+
+
 def source_activations(
     model: HookedModel,
     site: str,
     source_tokens: Int[torch.Tensor, "batch pos"],
     attention_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     """The activation of ``site`` on ``source_tokens`` (with their ``attention_mask``), without a
-    graph (the model is frozen)."""
+    graph (the model is frozen).
+
+    Split over processes (``pipeline_ranks``): every rank calls it; rank 0 gets the activation (as
+    ``run_with_cache``'s cache), the other ranks None.
+    """
+    _one_site(model, site)
     with torch.no_grad():
         _, cache = model.run_with_cache(source_tokens, names_filter=site, attention_mask=attention_mask)
-    return cache[site]
+    return None if cache is None else cache[site]
 
 
 def resume_point(model: HookedModel, site: str) -> tuple[int, str] | None:
@@ -218,17 +242,90 @@ def resume_point(model: HookedModel, site: str) -> tuple[int, str] | None:
     return (layer, f"blocks.{layer}.hook_resid_pre") if layer < model.cfg.n_layers else None
 
 
+class _AtHook:
+    """Where the intervention runs: its hook name, the layer a resumed run starts at (None: the
+    run starts from the tokens), and the source (and resumed run's base) activations on the
+    rank that runs that hook (a meta tensor of their shape elsewhere; on one process, as given)."""
+
+    def __init__(
+        self, model: HookedModel, site: str, source_act: torch.Tensor | None, base_act: torch.Tensor | None
+    ) -> None:
+        here = model.blocks.gets_output
+        if here and source_act is None:
+            raise ValueError("source_act is required (on a model split over processes: on rank 0)")
+        resume = resume_point(model, site)
+        self.hook_name, self.start, self.base_act = site, None, None
+        if resume is not None:
+            # rank 0 decides (it has the activations): an empty dict, shared alike, means no resumed run
+            given = ({resume[1]: base_act} if base_act is not None else {}) if here else None
+            placed = model.blocks.to_sites(given)  # onto the rank running block `start` (stop_at_layer's rule)
+            if placed:
+                (self.start, self.hook_name), self.base_act = resume, placed[resume[1]]
+        given_source = {self.hook_name: source_act} if source_act is not None else None
+        self.source_act = model.blocks.to_sites(given_source)[self.hook_name]
+
+
+def _check(
+    intervention: nn.Module,
+    at: _AtHook,
+    n_rows: int,
+    n_pos: int,
+    base_pos: torch.Tensor,
+    source_pos: torch.Tensor,
+) -> None:
+    """The errors the hook would raise on the rank that runs it, raised on every rank before the
+    forward (on a model split over processes, the other ranks would otherwise wait for it)."""
+    src = at.source_act
+    if src.shape[0] != n_rows:
+        raise ValueError(f"source activations {tuple(src.shape)} do not match the {n_rows} base prompts (batch)")
+    d = getattr(intervention, "d", None)
+    if isinstance(d, int) and src.shape[-1] != d:
+        raise ValueError(
+            f"the intervention is {d} wide but {at.hook_name} is {src.shape[-1]} wide (its last dimension): "
+            f"build it with d={src.shape[-1]}"
+        )
+    _checked(base_pos, n_pos)
+    _checked(source_pos, src.shape[1])
+
+
+def _run(
+    model: HookedModel,
+    intervention: nn.Module,
+    at: _AtHook,
+    base_tokens: torch.Tensor,
+    rows: torch.Tensor | slice,
+    base_pos: torch.Tensor,
+    source_pos: torch.Tensor,
+    base_mask: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """The intervened base run's logits at each row's last real position, for the ``rows`` of the
+    placed activations (rank 0's; None on a split model's other ranks)."""
+    batch, n_pos = base_tokens.shape
+    hook = interchange_hook(intervention, at.source_act[rows], base_pos, source_pos)
+    if at.start is None:
+        logits = model.run_with_hooks(base_tokens, attention_mask=base_mask, fwd_hooks=[(at.hook_name, hook)])
+    else:
+        assert at.base_act is not None
+        logits = model.run_with_hooks(
+            at.base_act[rows], start_at_layer=at.start, attention_mask=base_mask, fwd_hooks=[(at.hook_name, hook)]
+        )
+    if logits is None:  # another rank of a split model gets the logits
+        return None
+    last = torch.arange(batch, device=logits.device)
+    return logits[last, last_real(base_mask, batch, n_pos, logits.device)]
+
+
 def interchange_logits(
     model: HookedModel,
     intervention: nn.Module,
     site: str,
     base_tokens: Int[torch.Tensor, "batch pos"],
-    source_act: torch.Tensor,
+    source_act: torch.Tensor | None,
     base_pos: PositionIndex = -1,
     source_pos: PositionIndex = -1,
     base_act: torch.Tensor | None = None,
     base_mask: torch.Tensor | None = None,
-) -> Float[torch.Tensor, "batch d_vocab"]:
+) -> Float[torch.Tensor, "batch d_vocab"] | None:
     """Next-token logits of the intervened base run, at its last (real) position.
 
     With ``base_act`` (the base run's cached value of a residual-stream ``site``), the run
@@ -237,20 +334,37 @@ def interchange_logits(
     the base prompts' padding mask (1 real, 0 padding); positions are then as ``train_das``'s.
     ``intervention`` replaces ``site`` at ``base_pos`` of ``base_tokens`` with the source
     activation ``source_act`` at ``source_pos`` (``model``, positions as in ``train_das``).
+
+    Split over processes (``pipeline_ranks``): every rank calls it; ``source_act`` and ``base_act``
+    are read on rank 0 (``source_activations``' result; the other ranks may pass None) and sent to
+    the rank that runs the hook; rank 0 returns the logits, the other ranks None. With grad
+    enabled, ``model.blocks.grad(loss, list(intervention.parameters()))`` then gives the hook's
+    rank the gradient of rank 0's loss.
     """
+    _one_site(model, site)
     batch, n_pos = base_tokens.shape
-    base_pos = _positions(base_pos, base_mask, batch, n_pos)
-    hook = interchange_hook(intervention, source_act, base_pos, source_pos)
-    resume = resume_point(model, site) if base_act is not None else None
-    if resume is None:
-        logits = model.run_with_hooks(base_tokens, attention_mask=base_mask, fwd_hooks=[(site, hook)])
-    else:
-        start, hook_name = resume
-        logits = model.run_with_hooks(
-            base_act, start_at_layer=start, attention_mask=base_mask, fwd_hooks=[(hook_name, hook)]
-        )
-    rows = torch.arange(batch, device=logits.device)
-    return logits[rows, last_real(base_mask, batch, n_pos, logits.device)]
+    at = _AtHook(model, site, source_act, base_act)
+    b_pos = _per_row(_positions(base_pos, base_mask, batch, n_pos), batch, base_tokens.device)
+    s_pos = _per_row(source_pos, batch, base_tokens.device)
+    _check(intervention, at, batch, n_pos, b_pos, s_pos)
+    return _run(model, intervention, at, base_tokens, slice(None), b_pos, s_pos, base_mask)
+
+
+def _sync(model: HookedModel, intervention: nn.Module, hook_name: str) -> None:
+    """Every rank's ``intervention`` made that of the rank that runs ``hook_name`` (where it was
+    trained): its state (parameters and buffers), bit for bit. On one process, unchanged."""
+    state = [t for t in intervention.state_dict().values() if isinstance(t, torch.Tensor)]
+    packed = torch.cat([t.detach().reshape(-1).view(torch.uint8).cpu() for t in state]) if state else None
+    if packed is None:
+        return
+    trained = model.blocks.from_sites({hook_name: packed}, [hook_name])
+    got = model.blocks.share(trained)[hook_name].cpu()
+    offset = 0
+    with torch.no_grad():
+        for t in state:
+            n = t.numel() * t.element_size()
+            t.copy_(got[offset : offset + n].view(t.dtype).view(t.shape))
+            offset += n
 
 
 def train_das(
@@ -268,7 +382,7 @@ def train_das(
     seed: int = 0,
     base_attention_mask: torch.Tensor | None = None,
     source_attention_mask: torch.Tensor | None = None,
-) -> list[float]:
+) -> list[float] | None:
     """Fit the rotation so the intervened base run predicts ``target_tokens`` (cross-entropy
     at the last real position), with the model frozen. Returns the loss per step.
 
@@ -278,6 +392,13 @@ def train_das(
 
     The source activations are computed once; so are the base's when the site is in the
     residual stream (each step then runs only the blocks above the site).
+
+    Split over processes (``pipeline_ranks``): every rank calls it with the same arguments and an
+    intervention built alike (the same ``seed``; ``seed`` here picks the batches, alike on every
+    rank). The rank that runs the intervention's hook trains it (the loss's gradient crosses the
+    ranks back to it); at the end every rank's intervention is made that one (parameters and
+    buffers), so every rank holds the one-process rotation. The losses are rank 0's (where the
+    logits are); the other ranks return None.
 
     Args:
         model: the frozen model.
@@ -295,39 +416,43 @@ def train_das(
         base_attention_mask: the base tokens' padding mask.
         source_attention_mask: the source tokens' padding mask.
     """
-    model.resolve_hook_names(site)
+    _one_site(model, site)
     base_tokens, base_mask = _tokens_and_mask(model, base_tokens, base_attention_mask, "base")
     source_tokens, source_mask = _tokens_and_mask(model, source_tokens, source_attention_mask, "source")
-    source_act = source_activations(model, site, source_tokens, source_mask)
-    base_act = source_activations(model, site, base_tokens, base_mask) if resume_point(model, site) else None
     target_tokens = torch.as_tensor(target_tokens, device=base_tokens.device)
     n = base_tokens.shape[0]
+    if source_tokens.shape[0] != n or target_tokens.shape != (n,):
+        raise ValueError(
+            f"{n} base prompts need as many source prompts (got {source_tokens.shape[0]}) and targets "
+            f"(got shape {tuple(target_tokens.shape)})"
+        )
+    source_act = source_activations(model, site, source_tokens, source_mask)
+    base_act = source_activations(model, site, base_tokens, base_mask) if resume_point(model, site) else None
+    at = _AtHook(model, site, source_act, base_act)
     batch_size = batch_size or n
-    opt = torch.optim.Adam(intervention.parameters(), lr=lr)
+    params: list[torch.Tensor] = list(intervention.parameters())
+    opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
     base_pos = _per_row(_positions(base_pos, base_mask, n, base_tokens.shape[1]), n, base_tokens.device)
     source_pos = _per_row(_positions(source_pos, source_mask, n, source_tokens.shape[1]), n, base_tokens.device)
+    _check(intervention, at, n, base_tokens.shape[1], base_pos, source_pos)
     losses = []
+    here = model.blocks.gets_output  # the losses (and the one progress bar) are where the logits are
     with frozen(model):
-        for _ in tqdm(range(steps), desc="training DAS rotation", leave=False, delay=1.0):
+        for _ in tqdm(range(steps), desc="training DAS rotation", leave=False, delay=1.0, disable=not here):
             idx = torch.randperm(n, generator=gen)[:batch_size]
-            logits = interchange_logits(
-                model,
-                intervention,
-                site,
-                base_tokens[idx],
-                source_act[idx],
-                base_pos[idx],
-                source_pos[idx],
-                base_act=None if base_act is None else base_act[idx],
-                base_mask=None if base_mask is None else base_mask[idx],
-            )
-            loss = F.cross_entropy(logits.float(), target_tokens[idx])
-            opt.zero_grad()
-            loss.backward()
+            mask = None if base_mask is None else base_mask[idx]
+            with torch.enable_grad():
+                logits = _run(model, intervention, at, base_tokens[idx], idx, base_pos[idx], source_pos[idx], mask)
+                loss = None if logits is None else F.cross_entropy(logits.float(), target_tokens[idx])
+                grads = model.blocks.grad(loss, params)  # None on ranks the hook does not run on
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g
             opt.step()
-            losses.append(loss.item())
-    return losses
+            if loss is not None:
+                losses.append(loss.item())
+    _sync(model, intervention, at.hook_name)
+    return losses if here else None
 
 
 @torch.no_grad()
@@ -342,12 +467,14 @@ def evaluate_das(
     source_pos: PositionIndex = -1,
     base_attention_mask: torch.Tensor | None = None,
     source_attention_mask: torch.Tensor | None = None,
-) -> dict[str, float]:
+) -> dict[str, float] | None:
     """Loss and interchange accuracy (argmax == target) of the intervened base runs.
 
     ``model``, ``intervention``, ``site``, ``base_tokens``, ``source_tokens``, ``target_tokens``,
     ``base_pos``, ``source_pos``, ``base_attention_mask`` and ``source_attention_mask`` as in ``train_das``.
+    Split over processes: every rank calls it; rank 0 returns the dict, the other ranks None.
     """
+    _one_site(model, site)
     base_tokens, base_mask = _tokens_and_mask(model, base_tokens, base_attention_mask, "base")
     source_tokens, source_mask = _tokens_and_mask(model, source_tokens, source_attention_mask, "source")
     source_act = source_activations(model, site, source_tokens, source_mask)
@@ -355,6 +482,8 @@ def evaluate_das(
     logits = interchange_logits(
         model, intervention, site, base_tokens, source_act, base_pos, source_pos, base_mask=base_mask
     )
+    if logits is None:
+        return None
     target_tokens = torch.as_tensor(target_tokens, device=logits.device)
     return {
         "loss": float(F.cross_entropy(logits.float(), target_tokens)),

@@ -306,9 +306,12 @@ class PipelineStage:
         if not torch.is_grad_enabled():
             self._send(t, dst, what)
             return
-        if not t.requires_grad:  # the receiver sends a gradient back all the same: take it
-            t = t.detach().requires_grad_(True)
-        self._roots.append(_Sent.apply(t, self, dst, what))
+        # The receiver sends a gradient back all the same: an anchor (an input of every grad call)
+        # makes the stand-in's backward run, and take it, even when nothing here depends on ``t``
+        # (a frozen model, this rank holding none of the inputs).
+        anchor = torch.zeros((), requires_grad=True)
+        self._anchors.append(anchor)
+        self._roots.append(_Sent.apply(t, anchor, self, dst, what))
 
     def _recv_new(self, shape: tuple[int, ...], dtype: torch.dtype, src: int, what: str) -> torch.Tensor:
         if not torch.is_grad_enabled():
@@ -546,7 +549,9 @@ class _Sent(torch.autograd.Function):
     """Sends a tensor in the forward (its stand-in: a 0-d zero); receives its gradient in the backward."""
 
     @staticmethod
-    def forward(ctx: Any, t: torch.Tensor, stage: PipelineStage, peer: int, what: str) -> torch.Tensor:
+    def forward(
+        ctx: Any, t: torch.Tensor, anchor: torch.Tensor, stage: PipelineStage, peer: int, what: str
+    ) -> torch.Tensor:
         stage._send(t, peer, what)
         ctx.stage, ctx.peer, ctx.what, ctx.shape, ctx.dtype = stage, peer, what, tuple(t.shape), t.dtype
         return t.new_zeros(())
@@ -555,7 +560,7 @@ class _Sent(torch.autograd.Function):
     def backward(ctx: Any, _: torch.Tensor) -> tuple:
         grad = torch.empty(ctx.shape, dtype=ctx.dtype, device=ctx.stage.device)
         ctx.stage._recv(grad, ctx.peer, f"the gradient of {ctx.what}")
-        return grad, None, None, None
+        return (grad if ctx.needs_input_grad[0] else None), None, None, None, None
 
 
 class _Received(torch.autograd.Function):
