@@ -32,25 +32,53 @@ shares them), ``generate`` (each rank keeps the KV cache of its own blocks, the 
 each step go to every rank, and a generation starts by giving every rank rank 0's random
 state, so every rank samples the same tokens), attribution patching (AtP, AtP*, GradDrop,
 ``attribution_products``) and EAP / EAP-IG: with grad enabled every transfer is an autograd
-node, so the gradient of rank 0's metric flows back rank by rank (``BlockStack.grad``).
+node, so the gradient of rank 0's metric flows back rank by rank (``BlockStack.grad``;
+every tracked send anchors its stand-in among the inputs of ``grad``, so a rank takes the
+gradient of what it sent even when none of its own inputs depend on it).
 ``process_weights_`` processes each rank's own groups (every step works within one: ``W_E``
 is centred on rank 0, ``ln_final`` folded into ``W_U`` on the last rank).
+Circuit evaluation (``run_circuit``, ``evaluate_circuit``) runs the clean forward one rank's
+range of blocks at a time (``BlockStack.process_boundaries``); between ranges the senders'
+outputs computed so far go to every rank, so each receiver reads the current run's senders
+of earlier ranks (the corrupted run's senders and rank 0's circuit are shared with every
+rank). Path patching sends each layer's frozen z from rank 0's caches to the rank that runs
+it; the receivers' inputs are recorded and patched there. Distributed alignment search
+(``train_das``, ``evaluate_das``): the source activations (and, for a residual site, the
+base run's resumed input) go from rank 0's cache to the rank that runs the intervention's
+hook, the gradient of rank 0's loss crosses back to the rotation there, and at the end of
+``train_das`` every rank's intervention is made the trained one. SAEs: ``splice_sae``, the
+SAE's own sites ``<site>.hook_sae_*`` (they belong to the site's block: hooks on them fire
+on its rank, and ``run_with_cache`` brings them to rank 0), ``steer_with_feature`` and
+``evaluate_sae``, every rank holding the same SAE (``site_width`` measures on the site's rank
+and shares the width, so ``check_sae_fits`` passes or fails on every rank alike).
+TransformerLens's evaluations (``tl.evals``) and ``utils.test_prompt`` give every rank rank
+0's random state first (``BlockStack.same_random_state``), so shuffled loaders and drawn
+prompts are the same batches everywhere. The HTTP server serves such a model too
+(``torchrun --nproc-per-node k -m transformer_hooks serve --pipeline-ranks k``): rank 0
+checks each request, then broadcasts it as JSON and every rank runs the same forward or job
+(remote/pipeline.py).
+
+Inputs: every rank must pass the same input to a forward (the last rank computes a loss
+against its own tokens, and every rank masks and places positions by its own mask). Each
+forward compares a fingerprint of every rank's tokens and mask (one small all-gather) and,
+if any differ from rank 0's, raises the same ``ValueError`` on every rank.
 
 Results: rank 0 gets each result (the output, the cache, a sweep's values, a steering
 vector, an attribution graph) and the other ranks None, as ``run_with_cache``; a call that
 takes such a result (a clean cache, a reference cache, a steering vector) accepts None on
 the other ranks. ``generate`` returns the tokens on every rank. The values that cross ranks
 for the workflows do so through the stack's ``to_sites`` / ``share`` / ``from_sites`` /
-``grad`` (components/stack.py; on one process they hand values back unchanged).
+``grad`` / ``same_random_state`` (components/stack.py; on one process they hand values back
+unchanged).
 
 Weights: another rank's weights are meta tensors here. ``model.hold_weights(*names)``, called
 on every rank, gives rank 0 a copy of every block's named parameters (each sent by its
 owner), after which the weight views (``W_Q``, ``QK``, ``W_U``, ...) and the cache's
 weight-reading methods (``stack_head_results``, ``logit_attrs``, ...) work there; without it,
 reading a weight this rank lacks raises ``WeightNotHeldError`` naming that call. Not
-available: ``run_with_cache(incl_bwd=True)`` (use the attribution functions), circuit
-evaluation and path patching (``analysis/circuits.py``: they need every cache in one
-process), moving the model with ``.to``, placement over devices and offload within a rank.
+available: ``run_with_cache(incl_bwd=True)`` (use the attribution functions),
+``model.trace`` (a break on one rank would leave the others waiting: use hooks), moving the
+model with ``.to``, placement over devices and offload within a rank.
 
 Failure: every transfer waits at most ``timeout``; a rank that dies (its connection
 closes) or hangs makes its peers raise ``RankFailedError`` (``process_group``, re-exported
@@ -145,7 +173,7 @@ class PipelineBlocks(BlockStack):
     _generating = False  # the current forward has a KV cache: its output goes to every rank
 
     def check_same_input(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
-        """Every rank's forward must see rank 0's tokens and mask: the last rank computes a loss
+        """Every rank's forward must see rank 0's ``tokens`` and ``attention_mask``: the last rank computes a loss
         against its own tokens and every rank masks and places positions by its own mask, so a
         rank given another input (its own random draw, its own shuffle) would silently change the
         result. Each rank's fingerprint of them goes to every rank (one small all-gather), and on a
