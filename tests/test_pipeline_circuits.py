@@ -11,13 +11,11 @@ its results with the same function run in one process."""
 
 from __future__ import annotations
 
-import datetime
-import os
-
 import pytest
+import split_runs
 import torch
 from checkpoints import save_checkpoint
-from ranks import free_port, run_ranks
+from split_runs import close, load
 
 from transformer_hooks import HookedTransformer
 from transformer_hooks.analysis.circuits import (
@@ -87,30 +85,22 @@ def _circuits(model: HookedTransformer) -> dict:
     return out
 
 
-def _bfloat16(path: str, **kwargs) -> dict:
+def _bfloat16(path: str, world: int) -> dict:
     """The crossing circuit on the model in bfloat16: its segments pass the residual stream in
     the model's dtype (a meta tensor of that dtype on the ranks that do not hold it)."""
-    model = HookedTransformer.from_pretrained(path, dtype=torch.bfloat16, **kwargs)
+    model = load(path, world, dtype=torch.bfloat16)
     cfg = model.cfg
     crossing = make_circuit(Graph(cfg.n_layers, cfg.n_heads, cfg.n_kv_heads), CROSSING)
     return {"bf16_logits": run_circuit(model, CLEAN, CORRUPT, crossing)}
 
 
-def _worker(rank: int, world: int, port: int, path: str, out: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    try:
-        results = _circuits(HookedTransformer.from_pretrained(path, pipeline_ranks=world))
-        results |= _bfloat16(path, pipeline_ranks=world)
-        if rank != 0:  # every result is rank 0's alone
-            assert all(v is None for v in results.values()), [k for k, v in results.items() if v is not None]
-        torch.save(results, f"{out}.rank{rank}")
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
+def _split(world: int, path: str) -> dict:
+    """Every result, in one process (``world`` 1) or on each rank of ``world``: rank 0's alone."""
+    model = load(path, world)
+    results = _circuits(model) | _bfloat16(path, world)
+    if not model.blocks.gets_output:
+        assert all(v is None for v in results.values()), [k for k, v in results.items() if v is not None]
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -121,23 +111,14 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_process(checkpoint):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the ranks
-    try:
-        return _circuits(HookedTransformer.from_pretrained(checkpoint)) | _bfloat16(checkpoint)
-    finally:
-        torch.set_num_threads(threads)
+    return split_runs.one_process(_split, checkpoint)
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2-ranks", "3-ranks"])
 def ranks(request, checkpoint, tmp_path_factory):
     """(world, rank 0's results) of one launch of ``world`` gloo processes."""
     world = request.param
-    out = str(tmp_path_factory.mktemp(f"circuit-ranks{world}") / "results")
-    port = free_port()
-    codes = run_ranks(_worker, lambda rank: (rank, world, port, checkpoint, out), world=world, timeout=150)
-    assert codes == [0] * world, codes
-    return world, torch.load(f"{out}.rank0")
+    return world, split_runs.on_ranks(_split, world, (checkpoint,), tmp_path_factory.mktemp(f"circuit-ranks{world}"))[0]
 
 
 def _rank_of(node: str, layout: dict[str, int]) -> int:
@@ -147,11 +128,6 @@ def _rank_of(node: str, layout: dict[str, int]) -> int:
     if node == "logits":
         return layout["final"]
     return layout[f"blocks.{int(node[1:].split('.')[0])}"]
-
-
-def _close(got, want, what: str) -> None:
-    assert got is not None, what
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=what)
 
 
 def test_circuit_runs_equal_one_process(ranks, one_process):
@@ -166,7 +142,7 @@ def test_circuit_runs_equal_one_process(ranks, one_process):
     assert got["top_edges"] == one_process["top_edges"] and len(one_process["top_edges"]) == 10
     for name in ("top", "crossing"):
         logits, want = got[f"{name}_logits"], one_process[f"{name}_logits"]
-        _close(logits, want, f"{name} circuit logits on {world} ranks")
+        close(logits, want, f"{name} circuit logits on {world} ranks")
         for run in ("clean_logits", "corrupt_logits"):
             assert (want - one_process[run]).abs().max() > 1e-3, (name, run)
         report, want_report = got[f"{name}_eval"], one_process[f"{name}_eval"]
@@ -183,7 +159,7 @@ def test_bfloat16_circuit_equals_one_process(ranks, one_process):
     world, got = ranks
     want = one_process["bf16_logits"]
     assert want.dtype == torch.bfloat16
-    _close(got["bf16_logits"], want, f"bfloat16 circuit logits on {world} ranks")
+    close(got["bf16_logits"], want, f"bfloat16 circuit logits on {world} ranks")
 
 
 def test_path_patching_equals_one_process(ranks, one_process):
@@ -194,7 +170,7 @@ def test_path_patching_equals_one_process(ranks, one_process):
     clean = _metric(one_process["clean_logits"])
     later = 0
     for name, (senders, receivers, _) in PATHS.items():
-        _close(got[name], one_process[name], f"{name} on {world} ranks")
+        close(got[name], one_process[name], f"{name} on {world} ranks")
         assert (one_process[name] - clean).abs() > 1e-5, name
         later += any(layout[f"blocks.{r}"] > layout[f"blocks.{s}"] for s, _ in senders for r, _ in receivers)
     assert later == len(PATHS)

@@ -13,13 +13,11 @@ results with the same function run in one process."""
 
 from __future__ import annotations
 
-import datetime
-import os
-
 import pytest
+import split_runs
 import torch
 from checkpoints import VOCAB, save_checkpoint
-from ranks import free_port, run_ranks
+from split_runs import close, load
 
 from transformer_hooks import HookedTransformer
 from transformer_hooks.interventions.das import (
@@ -114,18 +112,8 @@ def _metric(logits: torch.Tensor) -> torch.Tensor:
     return (logits[:, -1, 5] - logits[:, -1, 7]).mean()
 
 
-def _worker(rank: int, world: int, port: int, path: str, out: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    try:
-        model = HookedTransformer.from_pretrained(path, pipeline_ranks=world)
-        torch.save(_das(model), f"{out}.rank{rank}")
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
+def _split(world: int, path: str) -> dict:
+    return _das(load(path, world))
 
 
 @pytest.fixture(scope="module")
@@ -136,28 +124,14 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_process(checkpoint):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the ranks
-    try:
-        return _das(HookedTransformer.from_pretrained(checkpoint))
-    finally:
-        torch.set_num_threads(threads)
+    return split_runs.one_process(_split, checkpoint)
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2-ranks", "3-ranks"])
 def ranks(request, checkpoint, tmp_path_factory):
     """(world, each rank's results) of one launch of ``world`` gloo processes."""
     world = request.param
-    out = str(tmp_path_factory.mktemp(f"das-ranks{world}") / "results")
-    port = free_port()
-    codes = run_ranks(_worker, lambda rank: (rank, world, port, checkpoint, out), world=world, timeout=120)
-    assert codes == [0] * world, codes
-    return world, [torch.load(f"{out}.rank{r}") for r in range(world)]
-
-
-def _close(got, want, what: str) -> None:
-    assert got is not None, what
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=what)
+    return world, split_runs.on_ranks(_split, world, (checkpoint,), tmp_path_factory.mktemp(f"das-ranks{world}"))
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -167,14 +141,14 @@ def test_training_gives_every_rank_the_one_process_rotation(ranks, one_process, 
     assert not torch.allclose(want["weight"], want["init"], atol=1e-3), "training did not move the rotation"
     for rank, got in enumerate(results):
         where = f"{case}, rank {rank} of {world}"
-        _close(got[case]["init"], want["init"], f"{where}: initial rotation")
-        _close(got[case]["weight"], want["weight"], f"{where}: trained rotation")
+        close(got[case]["init"], want["init"], f"{where}: initial rotation")
+        close(got[case]["weight"], want["weight"], f"{where}: trained rotation")
         assert list(got[case]["state"]) == list(want["state"])
         for key, value in want["state"].items():
-            _close(got[case]["state"][key], value, f"{where}: {key}")
+            close(got[case]["state"][key], value, f"{where}: {key}")
     losses = results[0][case]["losses"]
     assert losses is not None and len(losses) == len(want["losses"]) == 4
-    _close(torch.tensor(losses), torch.tensor(want["losses"]), f"{case}: losses per step on {world} ranks")
+    close(torch.tensor(losses), torch.tensor(want["losses"]), f"{case}: losses per step on {world} ranks")
     assert want["losses"][-1] < want["losses"][0]
     assert all(got[case]["losses"] is None for got in results[1:]), "the losses are rank 0's"
 
@@ -195,7 +169,7 @@ def test_evaluation_equals_one_process_on_rank_0(ranks, one_process, case):
 def test_interchange_logits_resumed_and_full_equal_one_process(ranks, one_process):
     world, results = ranks
     for name in ("resumed_logits", "full_logits"):
-        _close(results[0][name], one_process[name], f"{name} on {world} ranks")
+        close(results[0][name], one_process[name], f"{name} on {world} ranks")
         assert all(r[name] is None for r in results[1:])
     torch.testing.assert_close(one_process["resumed_logits"], one_process["full_logits"], atol=1e-5, rtol=1e-5)
 
@@ -218,5 +192,5 @@ def test_a_gradient_to_later_ranks_only_comes_back(ranks, one_process):
     world, results = ranks
     want = one_process["attribution"]["blocks.2.attn.hook_z"]
     assert want.abs().sum() > 0
-    _close(results[0]["attribution"]["blocks.2.attn.hook_z"], want, f"attribution on {world} ranks")
+    close(results[0]["attribution"]["blocks.2.attn.hook_z"], want, f"attribution on {world} ranks")
     assert all(r["attribution"] is None for r in results[1:])

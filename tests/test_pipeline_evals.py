@@ -10,15 +10,14 @@ whose ranks were given different tokens or masks is refused on every rank alike.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import io
-import os
 import random
 
 import pytest
+import split_runs
 import torch
 from checkpoints import VOCAB, save_checkpoint
-from ranks import free_port, run_ranks
+from split_runs import load
 from tokenizers_util import SENTENCES, add_tokenizer
 
 from transformer_hooks import HookedTransformer
@@ -61,27 +60,21 @@ def _evals(model: HookedTransformer, offset: int) -> dict:
     return out
 
 
-def _worker(rank: int, world: int, port: int, path: str, out: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    try:
-        model = HookedTransformer.from_pretrained(path, pipeline_ranks=world)
-        results = _evals(model, offset=rank)
-        with pytest.raises(ValueError, match=r"model.trace steps through one process's forward") as e:
-            model.trace("The capital of France is")
-        results["trace_error"] = str(e.value)
-        with pytest.raises(ValueError, match=r"were given different inputs: rank\(s\) \[1\] differ") as e:
-            model(torch.tensor([[1, 5, 7 if rank == 1 else 8]]))  # rank 1 passes its own tokens
-        with pytest.raises(ValueError, match=r"rank\(s\) \[1\] differ"):  # the same tokens, another mask
-            model(torch.tensor([[1, 5, 7]]), attention_mask=torch.tensor([[1, 1, 1 if rank == 1 else 0]]))
-        results["after_refusal"] = model(torch.tensor([[1, 5, 7]]))  # the model still runs
-        torch.save(results, f"{out}.rank{rank}")
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
+def _split(world: int, path: str) -> dict:
+    model = load(path, world)
+    rank = model.placement.rank or 0
+    results = _evals(model, offset=rank)
+    if world == 1:
+        return results
+    with pytest.raises(ValueError, match=r"model.trace steps through one process's forward") as e:
+        model.trace("The capital of France is")
+    results["trace_error"] = str(e.value)
+    with pytest.raises(ValueError, match=r"were given different inputs: rank\(s\) \[1\] differ"):
+        model(torch.tensor([[1, 5, 7 if rank == 1 else 8]]))  # rank 1 passes its own tokens
+    with pytest.raises(ValueError, match=r"rank\(s\) \[1\] differ"):  # the same tokens, another mask
+        model(torch.tensor([[1, 5, 7]]), attention_mask=torch.tensor([[1, 1, 1 if rank == 1 else 0]]))
+    results["after_refusal"] = model(torch.tensor([[1, 5, 7]]))  # the model still runs
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -92,21 +85,12 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_process(checkpoint):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the ranks
-    try:
-        return _evals(HookedTransformer.from_pretrained(checkpoint), offset=0)
-    finally:
-        torch.set_num_threads(threads)
+    return split_runs.one_process(_split, checkpoint)
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_evaluations_on_a_split_model_equal_one_process(world, checkpoint, one_process, tmp_path):
-    out = str(tmp_path / "results")
-    port = free_port()
-    codes = run_ranks(_worker, lambda rank: (rank, world, port, checkpoint, out), world=world, timeout=120)
-    assert codes == [0] * world, codes
-    results = [torch.load(f"{out}.rank{r}") for r in range(world)]
+    results = split_runs.on_ranks(_split, world, (checkpoint,), tmp_path)
     got, want = results[0], one_process
     for name in ("sanity", "induction"):
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6, msg=name)

@@ -12,15 +12,14 @@ its results with the same function run in one process."""
 
 from __future__ import annotations
 
-import datetime
 import math
-import os
 from dataclasses import asdict
 
 import pytest
+import split_runs
 import torch
 from checkpoints import save_checkpoint
-from ranks import free_port, run_ranks
+from split_runs import close, load
 
 from transformer_hooks import HookedTransformer
 from transformer_hooks.loading.groups import group_of
@@ -94,22 +93,15 @@ def _careless(model: HookedTransformer) -> dict:
     return {"errors": errors}
 
 
-def _worker(rank: int, world: int, port: int, path: str, out: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    try:
-        model = HookedTransformer.from_pretrained(path, pipeline_ranks=world)
-        results = _sae_workflows(model)
-        if rank != 0:  # rank 0 gets every result; the widths, errors and generated tokens are every rank's
-            everywhere = ("errors", "generated")
-            assert all(v is None for k, v in results.items() if not k.endswith(".d_in") and k not in everywhere)
-        torch.save(results, f"{out}.rank{rank}")
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
+def _split(world: int, path: str) -> dict:
+    model = load(path, world)
+    results = _sae_workflows(model)
+    if (
+        not model.blocks.gets_output
+    ):  # rank 0 gets every result; the widths, errors and generated tokens are every rank's
+        everywhere = ("errors", "generated")
+        assert all(v is None for k, v in results.items() if not k.endswith(".d_in") and k not in everywhere)
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -120,28 +112,14 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_process(checkpoint):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the ranks
-    try:
-        return _sae_workflows(HookedTransformer.from_pretrained(checkpoint))
-    finally:
-        torch.set_num_threads(threads)
+    return split_runs.one_process(_split, checkpoint)
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2-ranks", "3-ranks"])
 def ranks(request, checkpoint, tmp_path_factory):
     """(world, each rank's results) of one launch of ``world`` gloo processes."""
     world = request.param
-    out = str(tmp_path_factory.mktemp(f"sae-ranks{world}") / "results")
-    port = free_port()
-    codes = run_ranks(_worker, lambda rank: (rank, world, port, checkpoint, out), world=world, timeout=150)
-    assert codes == [0] * world, codes
-    return world, [torch.load(f"{out}.rank{r}") for r in range(world)]
-
-
-def _close(got, want, what: str) -> None:
-    assert got is not None, what
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=what)
+    return world, split_runs.on_ranks(_split, world, (checkpoint,), tmp_path_factory.mktemp(f"sae-ranks{world}"))
 
 
 def test_an_sae_sites_hook_names_belong_to_its_sites_block():
@@ -158,11 +136,11 @@ def test_spliced_logits_equal_one_process(ranks, one_process):
     and the error term gives back the clean model."""
     world, results = ranks
     got = results[0]
-    _close(got["clean"], one_process["clean"], f"clean logits on {world} ranks")
+    close(got["clean"], one_process["clean"], f"clean logits on {world} ranks")
     for name in SAES:
         assert all(r[f"{name}.d_in"] == one_process[f"{name}.d_in"] for r in results), name  # every rank's width
         for kind in ("spliced", "positions", "error_term"):
-            _close(got[f"{name}.{kind}"], one_process[f"{name}.{kind}"], f"{name} {kind} on {world} ranks")
+            close(got[f"{name}.{kind}"], one_process[f"{name}.{kind}"], f"{name} {kind} on {world} ranks")
         clean, spliced = one_process["clean"], one_process[f"{name}.spliced"]
         assert (spliced - clean).abs().max() > 1e-3, name  # the splice changes the model
         assert (one_process[f"{name}.positions"] - spliced).abs().max() > 1e-3, name  # positions leave some alone
@@ -182,9 +160,9 @@ def test_sae_features_cached_and_edited_equal_one_process(ranks, one_process):
         assert cache is not None and list(cache) == list(want), (name, world)
         assert f"{site}.hook_sae_acts_post" in want and (want[f"{site}.hook_sae_acts_post"] > 0).any()
         for key, value in want.items():
-            _close(cache[key], value, f"{key} on {world} ranks")
+            close(cache[key], value, f"{key} on {world} ranks")
         for kind in ("edited", "steered", "steered_positions"):
-            _close(got[f"{name}.{kind}"], one_process[f"{name}.{kind}"], f"{name} {kind} on {world} ranks")
+            close(got[f"{name}.{kind}"], one_process[f"{name}.{kind}"], f"{name} {kind} on {world} ranks")
             assert (one_process[f"{name}.{kind}"] - one_process["clean"]).abs().max() > 1e-4, (name, kind)
 
 

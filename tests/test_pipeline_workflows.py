@@ -11,13 +11,11 @@ compare its results with the same function run in one process."""
 
 from __future__ import annotations
 
-import datetime
-import os
-
 import pytest
+import split_runs
 import torch
 from checkpoints import VOCAB, save_checkpoint
-from ranks import free_port, run_ranks
+from split_runs import close, load
 from tokenizers_util import add_tokenizer
 
 from transformer_hooks import HookedTransformer
@@ -176,14 +174,11 @@ def _weight_views(model: HookedTransformer) -> dict:
     return out
 
 
-def _load(path: str, **kwargs) -> HookedTransformer:
-    return HookedTransformer.from_pretrained(path, **kwargs)
-
-
-def _processing(path: str, **kwargs) -> dict:
+def _processing(path: str, world: int) -> dict:
     """``process_weights_`` on an unprocessed GPT-2 (LayerNorm: every step, W_E and W_U
     centred), then its logits, cache and (after ``hold_weights``) weights on rank 0."""
-    model = HookedTransformer.from_pretrained_no_processing(path, **kwargs).process_weights_()
+    split = {"pipeline_ranks": world} if world > 1 else {}
+    model = HookedTransformer.from_pretrained_no_processing(path, **split).process_weights_()
     logits, cache = model.run_with_cache(CLEAN)
     if model.placement.kind == "pipeline":  # another rank's weights are meta tensors here
         with pytest.raises(ValueError, match=r"cannot be moved: load it on each rank's device"):
@@ -203,22 +198,13 @@ def _processing(path: str, **kwargs) -> dict:
     }
 
 
-def _worker(rank: int, world: int, port: int, paths: tuple[str, str], out: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    try:
-        model = _load(paths[0], pipeline_ranks=world)
-        results = _workflows(model) | _processing(paths[1], pipeline_ranks=world)
-        if rank != 0:  # every result but generate's is rank 0's alone
-            assert all(v is None for k, v in results.items() if k not in ("steered_generation", "greedy", "sampled"))
-            assert "W_Q" not in results
-        torch.save(results, f"{out}.rank{rank}")
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
+def _split(world: int, path: str, gpt2_path: str) -> dict:
+    model = load(path, world)
+    results = _workflows(model) | _processing(gpt2_path, world)
+    if not model.blocks.gets_output:  # every result but generate's is rank 0's alone
+        assert all(v is None for k, v in results.items() if k not in ("steered_generation", "greedy", "sampled"))
+        assert "W_Q" not in results
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -235,29 +221,15 @@ def gpt2_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_process(checkpoint, gpt2_checkpoint):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the ranks
-    try:
-        return _workflows(_load(checkpoint)) | _processing(gpt2_checkpoint)
-    finally:
-        torch.set_num_threads(threads)
+    return split_runs.one_process(_split, checkpoint, gpt2_checkpoint)
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2-ranks", "3-ranks"])
 def ranks(request, checkpoint, gpt2_checkpoint, tmp_path_factory):
     """(world, each rank's results) of one launch of ``world`` gloo processes."""
     world = request.param
-    out = str(tmp_path_factory.mktemp(f"ranks{world}") / "results")
-    port = free_port()
     paths = (checkpoint, gpt2_checkpoint)
-    codes = run_ranks(_worker, lambda rank: (rank, world, port, paths, out), world=world, timeout=150)
-    assert codes == [0] * world, codes
-    return world, [torch.load(f"{out}.rank{r}") for r in range(world)]
-
-
-def _close(got, want, what: str) -> None:
-    assert got is not None, what
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=what)
+    return world, split_runs.on_ranks(_split, world, paths, tmp_path_factory.mktemp(f"ranks{world}"))
 
 
 SWEEPS = ["resid_pre", "heads_every", "block_every_last_pos", "pattern_by_pos", "index_df"]
@@ -267,7 +239,7 @@ ABLATIONS = ["ablate_logits", "ablate_metric", "mean_heads", "resample_neurons",
 def test_patching_sweeps_equal_one_process(ranks, one_process):
     world, results = ranks
     for name in SWEEPS:
-        _close(results[0][name], one_process[name], f"{name} on {world} ranks")
+        close(results[0][name], one_process[name], f"{name} on {world} ranks")
         assert results[0][name].abs().sum() > 0, name  # the patches change the metric
     assert torch.isfinite(results[0]["block_every_last_pos"]).all()
 
@@ -275,18 +247,18 @@ def test_patching_sweeps_equal_one_process(ranks, one_process):
 def test_ablations_equal_one_process(ranks, one_process):
     world, results = ranks
     for name in ABLATIONS:
-        _close(results[0][name], one_process[name], f"{name} on {world} ranks")
+        close(results[0][name], one_process[name], f"{name} on {world} ranks")
     assert not torch.allclose(one_process["ablate_logits"], one_process["corrupt_logits"])  # it ablates
 
 
 def test_steering_generate_and_split_forward_equal_one_process(ranks, one_process):
     world, results = ranks
-    _close(results[0]["vector"], one_process["vector"], "steering vector")
+    close(results[0]["vector"], one_process["vector"], "steering vector")
     assert results[0]["coeff"] == pytest.approx(one_process["coeff"], rel=1e-6)
-    _close(results[0]["steered_logits"], one_process["steered_logits"], "steered logits")
+    close(results[0]["steered_logits"], one_process["steered_logits"], "steered logits")
     assert not torch.allclose(one_process["steered_logits"], one_process["corrupt_logits"])  # it steers
-    _close(results[0]["split_forward"], one_process["logits"], "stop_at_layer, then start_at_layer")
-    _close(results[0]["logits"], one_process["logits"], "logits")
+    close(results[0]["split_forward"], one_process["logits"], "stop_at_layer, then start_at_layer")
+    close(results[0]["logits"], one_process["logits"], "logits")
     for rank, got in enumerate(results):  # generate returns the tokens on every rank
         for name in ("steered_generation", "greedy", "sampled"):
             want = one_process[name]
@@ -302,19 +274,19 @@ def test_weight_views_and_head_results_equal_one_process(ranks, one_process):
     world, results = ranks
     got = results[0]
     for name in WEIGHTS + ["directions", "logit_attrs", "neurons"]:
-        _close(got[name], one_process[name], f"{name} on {world} ranks")
+        close(got[name], one_process[name], f"{name} on {world} ranks")
     heads, labels = got["heads"]
     want_heads, want_labels = one_process["heads"]
     assert labels == want_labels and labels[-1] == "remainder"
-    _close(heads, want_heads, "stack_head_results")
+    close(heads, want_heads, "stack_head_results")
     for key, value in one_process["dla"].items():  # direct logit attribution, every part
         if isinstance(value, float):
             assert got["dla"][key] == pytest.approx(value, rel=1e-6, abs=1e-6), key
         else:
-            _close(got["dla"][key], value, f"dla {key}")
+            close(got["dla"][key], value, f"dla {key}")
     assert torch.equal(got["lens"]["tokens"], one_process["lens"]["tokens"]), "logit lens top tokens"
-    _close(got["lens"]["probs"], one_process["lens"]["probs"], "logit lens top probabilities")
-    _close(got["lens"]["target_logits"], one_process["lens"]["target_logits"], "logit lens target logits")
+    close(got["lens"]["probs"], one_process["lens"]["probs"], "logit lens top probabilities")
+    close(got["lens"]["target_logits"], one_process["lens"]["target_logits"], "logit lens target logits")
     w_q, w_u, head_results = got["errors"]
     assert "blocks.1.attn.W_Q is not held by this process" in w_q and "model.hold_weights('attn.W_Q')" in w_q
     assert "unembed.W_U is not held" in w_u and "model.hold_weights('unembed.W_U')" in w_u
@@ -327,15 +299,15 @@ def test_attribution_patching_gradients_cross_ranks(ranks, one_process):
     world, results = ranks
     got = results[0]
     for name in ("atp_block_every", "atp_heads_every", "atp_star_k_by_pos", "atp_star_q_grad_drop"):
-        _close(got[name], one_process[name], f"{name} on {world} ranks")
+        close(got[name], one_process[name], f"{name} on {world} ranks")
     assert got["atp_block_every"][0, 0].abs().sum() > 0  # block 0, on rank 0: the gradient came back
     assert list(got["products"]) == ["blocks.0.hook_resid_post", "blocks.2.attn.hook_z"]
     for site, product in one_process["products"].items():
-        _close(got["products"][site], product, site)
+        close(got["products"][site], product, site)
         assert product.abs().sum() > 0, site
     edges, want = got["eap_ig"], one_process["eap_ig"]
     assert list(edges) == list(want) and any(s != 0 for s in want.values())  # same edges, same order
-    _close(torch.tensor(list(edges.values())), torch.tensor(list(want.values())), "EAP-IG scores")
+    close(torch.tensor(list(edges.values())), torch.tensor(list(want.values())), "EAP-IG scores")
 
 
 def test_process_weights_on_a_split_model_equals_one_process(ranks, one_process):
@@ -345,10 +317,10 @@ def test_process_weights_on_a_split_model_equals_one_process(ranks, one_process)
     world, results = ranks
     got, want = results[0]["processed"], one_process["processed"]
     assert got["steps"] == want["steps"] and "center_writing_weights" in want["steps"]
-    _close(got["logits"], want["logits"], f"processed logits on {world} ranks")
+    close(got["logits"], want["logits"], f"processed logits on {world} ranks")
     assert list(got["cache"]) == list(want["cache"])
     for site, act in want["cache"].items():
-        _close(got["cache"][site], act, site)
+        close(got["cache"][site], act, site)
     assert list(got["weights"]) == list(want["weights"])
     for name, weight in want["weights"].items():
-        _close(got["weights"][name], weight, name)
+        close(got["weights"][name], weight, name)
