@@ -40,6 +40,10 @@ class Blocks(Protocol):
     def gets_output(self) -> bool:
         """``BlockStack.gets_output``: this process gets the output and ``run_with_cache``'s cache."""
 
+    @property
+    def processes(self) -> int:
+        """``BlockStack.processes``: how many processes run the model's one forward."""
+
     def to_sites(self, tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         """``BlockStack.to_sites``: ``tensors`` on the process that runs each hook."""
 

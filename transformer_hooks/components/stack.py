@@ -11,7 +11,7 @@ every parameter and hook keeps its name) and its ``Placement`` record:
   pre-forward hooks on each block (the plain stack runs them);
 - ``loading/pipeline.py``: ``PipelineBlocks``, one range of blocks per process.
 
-The stack also moves the values a workflow needs between processes (``gets_output``,
+The stack also moves the values a workflow needs between processes (``gets_output``, ``processes``,
 ``to_sites``, ``share``, ``from_sites``, ``grad``, ``hold_weights``): on one process they hand
 values back unchanged; split over processes, the pipeline's stack sends them rank to rank.
 """
@@ -136,6 +136,13 @@ class BlockStack(nn.ModuleList):
         """Whether this process gets the forward's output (and ``run_with_cache``'s cache):
         always on one process; rank 0 of a model split over processes."""
         return True
+
+    @property
+    def processes(self) -> int:
+        """How many processes run this model's one forward: 1, or k for a model split over k
+        processes. Those k must all run the same forward, so work that gives each rank of the
+        process group its own inputs (data-parallel) cannot run on such a model."""
+        return 1
 
     def to_sites(self, tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         """``tensors`` keyed by hook name, given where the output is (``gets_output``), on the

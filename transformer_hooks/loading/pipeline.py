@@ -174,6 +174,11 @@ class PipelineBlocks(BlockStack):
         """Rank 0 gets the output (``BlockStack.gets_output``)."""
         return self.stage.rank == 0
 
+    @property
+    def processes(self) -> int:
+        """The number of ranks this model is split over (``BlockStack.processes``)."""
+        return self.stage.ranks
+
     def to_sites(self, tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         """Rank 0's ``tensors`` on the ranks that run their hooks (``BlockStack.to_sites``)."""
         return self.stage.to_owners(tensors, "activations for the hooks of its blocks")

@@ -618,7 +618,9 @@ def site_width(model: HookedModel, site: str) -> int:
     """The per-position width of ``site`` in ``model`` (heads flattened): what an SAE there has as d_in.
 
     Measured with a one-token forward that stops after the site's block. ValueError for the
-    attention pattern and scores (per query-key pair).
+    attention pattern and scores (per query-key pair). Split over processes
+    (``pipeline_ranks``): every rank calls it and gets the width (the rank that runs the site
+    measures it).
     """
     layer = sites.layer_of(site)
     stop = layer + 1 if layer is not None else None
@@ -626,11 +628,14 @@ def site_width(model: HookedModel, site: str) -> int:
     seen: dict[str, torch.Tensor] = {}
 
     def keep(act: torch.Tensor, hook: HookPoint) -> None:
-        seen["x"] = act
+        seen[site] = act
 
     with torch.no_grad(), model.hooks(fwd_hooks=[(site, keep)]):
         model(tok, return_type=None, stop_at_layer=stop, prepend_bos=False)
-    act = seen["x"]
     if site.endswith(("hook_attn_scores", "hook_pattern")):
         raise ValueError(f"{site} is per (query, key) pair, not per position: no SAE or harvest runs on it")
-    return math.prod(act.shape[2:])
+    # Split over processes, the site's activation goes to rank 0 and its width to every rank
+    # (on one process both steps hand the values back).
+    got = model.blocks.from_sites(seen, [site])
+    width = None if got is None else {"width": torch.tensor(math.prod(got[site].shape[2:]))}
+    return int(model.blocks.share(width)["width"])
