@@ -383,7 +383,8 @@ def harvest(
 
     With ``out``: the one harvest, ``activations.harvest(model, prompts, names_filter, out,
     ...)`` (each rank writes its shards there, one manifest covers them; every rank gets the
-    ``ActivationDataset``); ``**dataset_options`` are that harvest's keyword options
+    ``ActivationDataset``; a model split over processes makes one harvest that rank 0 writes
+    and returns); ``**dataset_options`` are that harvest's keyword options
     (``context_size``, ``batch_size``, ``positions``, ...). Without: ``gather_caches`` (each
     prompt's cache, gathered in memory on rank 0), with ``reduce`` and ``resume_dir`` (which
     a harvest to disk refuses: it resumes in ``out``). ``timeout``, ``progress`` and

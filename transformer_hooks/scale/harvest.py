@@ -386,7 +386,13 @@ def _split_harvest(
         if start is not None:
             try:
                 mine = state if writer and state is not None else {"n_contexts": start, "n_tokens": 0}
-                run(place if writer else None, mine, end, f"{desc} (over {model.blocks.processes} processes)", show)
+                run(
+                    place if writer else None,
+                    mine,
+                    end,
+                    f"{desc} (over {model.blocks.processes} processes)",
+                    show and writer,
+                )
             except Exception as e:  # noqa: BLE001
                 error = e
             consequence = f"The manifest of {out} lists only complete shards: rerun the same harvest to continue."
