@@ -128,6 +128,23 @@ def worker(rank: int, world: int, port: int, ckpt: str, out: str) -> None:
     activations.write_safetensors = real_save
     report["full_rerun"] = _error(lambda: activations.harvest(model, DOCS, sites, root / "full", **KW, **kw))
 
+    # A positions function (run by rank 0 alone) raises on its third batch: rank 0 goes on to
+    # the shard's end, tells every rank, and every rank fails with its error, at once.
+    def positions(tokens: torch.Tensor) -> torch.Tensor:
+        chosen.append(1)
+        if len(chosen) == 3:
+            raise ValueError("no positions today")
+        return torch.ones_like(tokens, dtype=torch.bool)
+
+    chosen: list[int] = []
+    started = time.monotonic()
+    report["positions_error"] = _error(
+        lambda: activations.harvest(
+            model, DOCS, sites, root / "positions", **KW, positions=positions, resume_name="all of them"
+        )
+    )
+    report["positions_seconds"] = time.monotonic() - started
+
     # Another weight on the last rank only: every rank's key changes, and the resume is refused.
     with torch.no_grad():
         param = model.blocks[2].mlp.W_out

@@ -4,12 +4,12 @@ whose files (manifest and shards) are byte for byte those of a one-process harve
 same model, with sites on every rank, one that stops early (``stop_at_layer``) and one after
 the blocks; a finished harvest is not run again; the resume key hashes every rank's weights
 (the one-process hash; a change on the last rank alone changes it and refuses the resume);
-a rank killed mid-harvest (of three), a full disk on rank 0 and an error on the last rank fail every
-rank with ``RankFailedError`` and a manifest of complete shards only, which a rerun
-continues to the one-process dataset. Also the data-parallel entry points: ``gather_caches``
-and ``patching_sweep`` refuse a split model on every rank, naming the per-pair call (which
-gives one process's sweep), and ``train_sae`` from a split model trains on the rows one
-process harvests.
+a rank killed mid-harvest (of three), a full disk on rank 0, an error in rank 0's positions
+function and an error on the last rank fail every rank with ``RankFailedError`` and a
+manifest of complete shards only, which a rerun continues to the one-process dataset. Also
+the data-parallel entry points: ``gather_caches`` and ``patching_sweep`` refuse a split model
+on every rank, naming the per-pair call (which gives one process's sweep), and ``train_sae``
+from a split model trains on the rows one process harvests.
 
 One launch of the ranks per world size runs every check (``pipeline_harvest_workers.worker``);
 with three ranks, after a launch in which rank 1 dies mid-harvest (``killed``)."""
@@ -141,6 +141,11 @@ def test_a_full_disk_or_an_error_on_any_rank_fails_every_rank(ranks, one_process
         named = "boom on the last rank" if r["rank"] == world - 1 else "died, hung or failed"
         assert named in r["boom_error"] and "lists only complete shards" in r["boom_error"], r["boom_error"]
         assert r["boom_seconds"] < 15  # within the timeouts (5 s a transfer, 10 s the exchange)
+    for r in reports:  # rank 0's positions function failed: every rank names its error, without waiting
+        assert r["positions_error"].startswith("RankFailedError: rank 0 failed harvesting"), r["positions_error"]
+        assert "ValueError: no positions today" in r["positions_error"] and r["positions_seconds"] < 4
+    positions = json.loads((root / "positions" / "manifest.json").read_text())
+    assert not positions["complete"] and len(positions["shards"]) == 1  # the shard before the failure
     partial = reports[0]["full_manifest"]  # it claimed only its complete shard
     assert not partial["complete"] and len(partial["shards"]) == 1 and partial["n_rows"] > 0
     assert_same_files(root / "full", one_process["out"] / "every_block")

@@ -358,8 +358,8 @@ def _split_harvest(
 ) -> ActivationDataset | None:
     """The harvest of a model split over processes: one harvest, not one per rank. Rank 0
     (the rank that gets the output) alone opens ``out``, decides where the harvest starts
-    (``harvest_resume.finished``, ``resume``) and tells every rank; every rank then reads the corpus alike
-    and runs every batch (``run``, up to context ``end``), each batch's sites reach rank 0,
+    (``harvest_resume.finished``, ``resume``) and tells every rank; every rank then reads the
+    corpus alike and runs every batch (``run``, up to context ``end``), each batch's sites reach rank 0,
     and rank 0 writes the shards and the manifest as one process does. A rank that fails
     or dies fails every rank (``exchange``, within ``timeout``; a transfer of the forward
     waits at most the model's ``pipeline_timeout``); the manifest lists only complete
@@ -437,6 +437,7 @@ def _harvest_contexts(
 
     index = state.get("first_context", 0) + state["n_contexts"]  # the global index of the next context
     exhausted = False
+    failure: Exception | None = None
     with torch.no_grad(), model.hooks(fwd_hooks=[(n, keep) for n in names]):
         while not exhausted:
             shard: dict[str, list[torch.Tensor]] = {
@@ -458,27 +459,50 @@ def _harvest_contexts(
                 )
                 got = model.blocks.from_sites(seen, names)  # split over processes: every site on rank 0
                 seen.clear()
+                first = index  # the batch's first context
                 n_ctx += len(batch)
                 index += len(batch)
-                if got is None:  # another rank of a split model: rank 0 keeps the rows
+                if got is None or failure is not None:  # another rank of a split model: rank 0 keeps the rows
                     continue
-                chosen = select_positions(positions, tokens, mask, index - len(batch), bos)
-                ctx_idx, pos_idx = chosen.nonzero(as_tuple=True)
-                for n in names:
-                    act = got[n]
-                    act = act.flatten(2) if act.ndim == 4 else act
-                    shard[n].append(act[chosen.to(act.device)].to("cpu", target))
-                shard["tokens"].append(tokens.to(torch.int32))
-                shard["token_mask"].append(mask)
-                shard["row_context"].append((ctx_idx + index - len(batch)).to(torch.int64))
-                shard["row_position"].append(pos_idx.to(torch.int32))
-                n_tok += int(mask.sum())
-                bar.update(int(mask.sum()))
-            if n_ctx and not _committed(model, place, state, shard, n_ctx, n_tok):
-                return  # rank 0 of a split model failed to write: it reports its error to every rank
+                try:
+                    kept = _keep_rows(shard, got, positions, tokens, mask, first, bos, target)
+                except Exception as e:
+                    if model.blocks.processes == 1:
+                        raise
+                    failure = e  # split over processes: the other ranks learn it at the shard's end
+                    continue
+                n_tok += kept
+                bar.update(kept)
+            if n_ctx and not _committed(model, place, state, shard, n_ctx, n_tok, failure):
+                return  # rank 0 of a split model failed: it reports its error to every rank
     if place is not None:
         state["complete"] = True
         write_manifest(place.state, state)
+
+
+def _keep_rows(
+    shard: dict[str, list[torch.Tensor]],
+    got: dict[str, torch.Tensor],
+    positions: PositionChoice,
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    first: int,
+    bos: int | None,
+    target: torch.dtype,
+) -> int:
+    """Add to ``shard`` the rows of one batch (contexts ``first``, ...; ``tokens`` and ``mask``
+    [batch, context_size]): each site's activation in ``got`` at the chosen ``positions``
+    (``bos`` left out), as ``target``; returns the batch's number of real tokens."""
+    chosen = select_positions(positions, tokens, mask, first, bos)
+    ctx_idx, pos_idx = chosen.nonzero(as_tuple=True)
+    for name, act in got.items():
+        act = act.flatten(2) if act.ndim == 4 else act
+        shard[name].append(act[chosen.to(act.device)].to("cpu", target))
+    shard["tokens"].append(tokens.to(torch.int32))
+    shard["token_mask"].append(mask)
+    shard["row_context"].append((ctx_idx + first).to(torch.int64))
+    shard["row_position"].append(pos_idx.to(torch.int32))
+    return int(mask.sum())
 
 
 def _committed(
@@ -488,15 +512,17 @@ def _committed(
     shard: dict[str, list[torch.Tensor]],
     n_ctx: int,
     n_tok: int,
+    failure: Exception | None = None,
 ) -> bool:
     """Commit the ``shard`` of ``n_ctx`` contexts (``n_tok`` tokens) to ``place`` (None: another
     rank of a split model, which writes nothing) and say whether it was written; raises the
-    writer's error. Split over processes, rank 0 tells every rank whether to go on."""
-    error: OSError | None = None
-    if place is not None:
+    writer's error, or its ``failure`` while making the shard. Split over processes, rank 0
+    tells every rank whether to go on."""
+    error = failure
+    if place is not None and error is None:
         try:
             _commit_shard(place, state, {k: torch.cat(v).contiguous() for k, v in shard.items()}, n_ctx, n_tok)
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001  (the other ranks learn it failed, then it is raised)
             error = e
     status = model.blocks.share(None if place is None else {"written": torch.tensor(error is None)})
     if error is not None:
