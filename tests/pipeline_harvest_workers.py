@@ -148,6 +148,7 @@ def worker(rank: int, world: int, port: int, ckpt: str, out: str) -> None:
     # Another weight on the last rank only: every rank's key changes, and the resume is refused.
     with torch.no_grad():
         param = model.blocks[2].mlp.W_out
+        saved = param.detach().clone()
         if not param.is_meta:
             param += 1.0
     report["changed_hash"] = weights_hash(model)
@@ -155,8 +156,8 @@ def worker(rank: int, world: int, port: int, ckpt: str, out: str) -> None:
         lambda: activations.harvest(model, DOCS, sites, root / "split" / "every_block", **KW, **kw)
     )
     with torch.no_grad():
-        if not param.is_meta:
-            param -= 1.0
+        param.copy_(saved)  # (x + 1) - 1 need not be x
+    report["restored_hash"] = weights_hash(model)
 
     # The data-parallel entry points refuse a split model on every rank.
     report["gather_error"] = _error(

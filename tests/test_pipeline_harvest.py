@@ -6,10 +6,11 @@ the blocks; a finished harvest is not run again; the resume key hashes every ran
 (the one-process hash; a change on the last rank alone changes it and refuses the resume);
 a rank killed mid-harvest (of three), a full disk on rank 0, an error in rank 0's positions
 function and an error on the last rank fail every rank with ``RankFailedError`` and a
-manifest of complete shards only, which a rerun continues to the one-process dataset. Also
-the data-parallel entry points: ``gather_caches`` and ``patching_sweep`` refuse a split model
-on every rank, naming the per-pair call (which gives one process's sweep), and ``train_sae``
-from a split model trains on the rows one process harvests.
+manifest of complete shards only, which a rerun (split, or by one process) continues to the
+one-process dataset. Also the data-parallel entry points: ``gather_caches`` and
+``patching_sweep`` refuse a split model on every rank, naming the per-pair call (which gives
+one process's sweep), and ``train_sae`` from a split model trains on the rows one process
+harvests.
 
 One launch of the ranks per world size runs every check (``pipeline_harvest_workers.worker``);
 with three ranks, after a launch in which rank 1 dies mid-harvest (``killed``)."""
@@ -22,13 +23,14 @@ from pathlib import Path
 import pytest
 import torch
 from checkpoints import VOCAB, save_checkpoint
-from pipeline_harvest_workers import HARVESTS, PAIR, harvests, killed, worker
+from pipeline_harvest_workers import DOCS, HARVESTS, KW, PAIR, harvests, killed, worker
 from ranks import free_port, run_ranks
 from tokenizers_util import add_tokenizer
 
 from transformer_hooks import HookedTransformer
 from transformer_hooks.scale.dataset import ActivationDataset
 from transformer_hooks.scale.distributed import patch_pair
+from transformer_hooks.scale.harvest import harvest
 from transformer_hooks.scale.resume import weights_hash
 
 
@@ -47,7 +49,7 @@ def one_process(checkpoint, tmp_path_factory):
         model = HookedTransformer.from_pretrained_no_processing(checkpoint)
         out = tmp_path_factory.mktemp("one")
         rows = harvests(model, out)
-        return {"out": out, "rows": rows, "hash": weights_hash(model), "pair": patch_pair(model, PAIR)}
+        return {"out": out, "rows": rows, "hash": weights_hash(model), "pair": patch_pair(model, PAIR), "model": model}
     finally:
         torch.set_num_threads(threads)
 
@@ -108,6 +110,7 @@ def test_the_resume_key_hashes_every_ranks_weights(ranks, one_process):
     assert [r["hash"] for r in reports] == [one_process["hash"]] * world
     changed = {r["changed_hash"] for r in reports}  # a weight of the last rank's block 2 changed
     assert len(changed) == 1 and one_process["hash"] not in changed
+    assert [r["restored_hash"] for r in reports] == [one_process["hash"]] * world
     for r in reports:  # rank 0 refuses the resume; every rank fails with its reason
         assert r["changed_error"].startswith("RankFailedError: rank 0 failed opening"), r["changed_error"]
         assert "weights: was" in r["changed_error"]
@@ -151,6 +154,15 @@ def test_a_full_disk_or_an_error_on_any_rank_fails_every_rank(ranks, one_process
     assert_same_files(root / "full", one_process["out"] / "every_block")
     boom = json.loads((root / "boom" / "manifest.json").read_text())
     assert not boom["complete"] and all((root / "boom" / e["file"]).is_file() for e in boom["shards"])
+    # The split harvest's files are one process's: one process continues them.
+    sites, kw = HARVESTS["every_block"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks
+    try:
+        harvest(one_process["model"], DOCS, sites, root / "boom", **KW, **kw)
+    finally:
+        torch.set_num_threads(threads)
+    assert_same_files(root / "boom", one_process["out"] / "every_block")
 
 
 def test_data_parallel_entry_points_refuse_or_work_on_a_split_model(ranks, one_process):
