@@ -43,6 +43,10 @@ class Blocks(Protocol):
     def process_boundaries(self) -> list[int]:
         """``BlockStack.process_boundaries``: the blocks where the forward moves to another process."""
 
+    @property
+    def processes(self) -> int:
+        """``BlockStack.processes``: how many processes run the model's one forward."""
+
     def to_sites(self, tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         """``BlockStack.to_sites``: ``tensors`` on the process that runs each hook."""
 

@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
             text_key=args.text_key,
             timeout=timeout,
         )
-        if rank == 0:
+        if rank == 0 and ds is not None:  # (a split model: None on the other ranks)
             print(
                 f"{ds.path}: {len(ds)} rows of {', '.join(ds.sites)} from {ds.manifest['n_tokens']} tokens in "
                 f"{len(ds.manifest['shards'])} shard(s)" + (f" over {world} processes" if world > 1 else "")

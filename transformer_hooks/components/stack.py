@@ -12,9 +12,9 @@ every parameter and hook keeps its name) and its ``Placement`` record:
 - ``loading/pipeline.py``: ``PipelineBlocks``, one range of blocks per process.
 
 The stack also moves the values a workflow needs between processes (``gets_output``,
-``process_boundaries``, ``to_sites``, ``share``, ``from_sites``, ``grad``, ``hold_weights``,
-``same_random_state``): on one process they hand values back unchanged; split over processes,
-the pipeline's stack sends them rank to rank.
+``processes``, ``process_boundaries``, ``to_sites``, ``share``, ``from_sites``, ``grad``,
+``hold_weights``, ``same_random_state``): on one process they hand values back unchanged;
+split over processes, the pipeline's stack sends them rank to rank.
 """
 
 from __future__ import annotations
@@ -148,6 +148,13 @@ class BlockStack(nn.ModuleList):
         blocks of different processes runs the forward in segments split here
         (``stop_at_layer`` / ``start_at_layer``)."""
         return []
+
+    @property
+    def processes(self) -> int:
+        """How many processes run this model's one forward: 1, or k for a model split over k
+        processes. Those k must all run the same forward, so work that gives each rank of the
+        process group its own inputs (data-parallel) cannot run on such a model."""
+        return 1
 
     def to_sites(self, tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         """``tensors`` keyed by hook name, given where the output is (``gets_output``), on the

@@ -218,6 +218,11 @@ class PipelineBlocks(BlockStack):
         owner = [self.stage.map[f"blocks.{L}"] for L in range(len(self))]
         return [L for L in range(1, len(owner)) if owner[L] != owner[L - 1]]
 
+    @property
+    def processes(self) -> int:
+        """The number of ranks this model is split over (``BlockStack.processes``)."""
+        return self.stage.ranks
+
     def to_sites(self, tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         """Rank 0's ``tensors`` on the ranks that run their hooks (``BlockStack.to_sites``)."""
         return self.stage.to_owners(tensors, "activations for the hooks of its blocks")

@@ -99,6 +99,8 @@ def _rows_of(source: Any) -> int:
 
 
 def _harvest_in_memory(model: HookedModel, site: str, data: Any, batch_size: int = 8) -> torch.Tensor:
+    """The activations of ``site`` over ``data`` [rows, width], on every rank (split over
+    processes, rank 0 gets the caches and shares the rows: every rank then trains on them)."""
     tokens, mask = model.tokens_and_mask(data)
     rows = []
     for s in range(0, tokens.shape[0], batch_size):
@@ -106,9 +108,11 @@ def _harvest_in_memory(model: HookedModel, site: str, data: Any, batch_size: int
         _, cache = model.run_with_cache(
             tokens[s : s + batch_size], attention_mask=m, names_filter=site, return_type=None
         )
+        if cache is None:  # another rank of a split model: rank 0 gets the cache
+            continue
         act = cache[site].flatten(2) if cache[site].ndim == 4 else cache[site]
         rows.append(act.reshape(-1, act.shape[-1]) if m is None else act[m.bool()])
-    return torch.cat(rows).float()
+    return model.blocks.share({"rows": torch.cat(rows).float()} if model.blocks.gets_output else None)["rows"]
 
 
 def train_sae(
@@ -164,7 +168,9 @@ def train_sae(
     Under ``torchrun`` (or in a process group already initialised) training is data-parallel:
     ``batch_size`` is per rank, the global batch is ``batch_size * world_size``; call it on
     every rank with the same arguments; every rank returns the same SAE and rank 0 alone
-    writes ``save_to`` and the checkpoints.
+    writes ``save_to`` and the checkpoints. A model split over processes (``pipeline_ranks``)
+    as ``source``: every rank calls it alike, rank 0 gathers the activations and shares them,
+    and training is then data-parallel over the same ranks.
 
     Args:
         source: an ``ActivationDataset`` (the SAE records its model and processing), a tensor

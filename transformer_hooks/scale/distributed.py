@@ -22,6 +22,12 @@ The process group itself (rank, world size, the barrier, the status exchange) li
 ``activations.harvest`` (per-rank shards, one manifest); ``harvest(..., out=DIR)`` here
 is that same function, and ``harvest`` without ``out`` gathers each prompt's cache in
 memory (``gather_caches``).
+
+A model split over processes (``pipeline_ranks``) cannot be data-parallel: every rank of it
+must run the same forward. ``harvest(..., out=DIR)`` runs it as one harvest (every rank runs
+every batch, rank 0 writes); ``gather_caches`` and ``patching_sweep`` refuse it on every rank,
+naming the per-prompt call that works (``process_group.refuse_split_model``); a function
+given to ``map_prompts`` must not run one.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from .process_group import (
     launched_by_torchrun,
     local_device,
     rank_and_world,
+    refuse_split_model,
     shard_bounds,
 )
 from .process_group import barrier as _barrier
@@ -247,7 +254,8 @@ def map_prompts(
     """``[fn(x) for x in items]``, sharded over the ranks of the process group.
 
     Rank 0 returns the whole list in ``items`` order (results moved to the CPU); other
-    ranks return None. Every rank must call this with the same ``items``. If any rank's
+    ranks return None. Every rank must call this with the same ``items``; ``fn`` must not
+    run a model split over processes (each rank runs other items). If any rank's
     ``fn`` raises, every rank raises ``RankFailedError`` with that rank's error.
     ``progress``: a tqdm bar of rank 0's shard. ``resume_dir``: keep each result there as
     it is computed and reuse those found (see ``ResultStore``; ``job`` names what else,
@@ -326,6 +334,13 @@ def gather_caches(
     and without it they are never taken as the same.
     """
 
+    refuse_split_model(
+        model,
+        "gather_caches",
+        "call model.run_with_cache(prompt) for each prompt on every rank (rank 0 gets each cache), or "
+        "harvest(model, prompts, sites, out=DIR), which runs a split model as one harvest",
+    )
+
     def named(what: str) -> str:
         return f"named {resume_name}" if resume_name is not None else unnamed(what)
 
@@ -368,7 +383,8 @@ def harvest(
 
     With ``out``: the one harvest, ``activations.harvest(model, prompts, names_filter, out,
     ...)`` (each rank writes its shards there, one manifest covers them; every rank gets the
-    ``ActivationDataset``); ``**dataset_options`` are that harvest's keyword options
+    ``ActivationDataset``; a model split over processes makes one harvest that rank 0 writes
+    and returns); ``**dataset_options`` are that harvest's keyword options
     (``context_size``, ``batch_size``, ``positions``, ...). Without: ``gather_caches`` (each
     prompt's cache, gathered in memory on rank 0), with ``reduce`` and ``resume_dir`` (which
     a harvest to disk refuses: it resumes in ``out``). ``timeout``, ``progress`` and
@@ -486,6 +502,12 @@ def patching_sweep(
     sharded over the ranks (``map_prompts``, with ``timeout`` and ``progress``); rank 0 gets
     the list in pair order. ``resume_dir``: results kept as they come, reused on a rerun.
     """
+    refuse_split_model(
+        model,
+        "patching_sweep",
+        "call patch_pair(model, pair, activation_name, attribution) for each pair on every rank (rank 0 gets "
+        "each sweep)",
+    )
     job = None if resume_dir is None else model_key(model) | {"sweep": activation_name, "attribution": attribution}
     return map_prompts(
         lambda pair: patch_pair(model, pair, activation_name, attribution),

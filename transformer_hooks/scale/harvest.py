@@ -33,6 +33,13 @@ timeout, and the manifest then lists no row)::
 
 The batches are the single process's batches, so the dataset equals its dataset row for row.
 
+A model split over processes (``pipeline_ranks``: every rank runs the same forward) makes
+ONE harvest instead: every rank reads the corpus alike and runs every batch, each batch's
+activations reach rank 0 (``model.blocks.from_sites``), and rank 0 alone holds ``out``,
+decides where a rerun starts and writes shards and manifest as one process does (the same
+files, byte for byte; a rerun by one process, or by another split, continues it). A rank
+that fails or dies fails every rank; the manifest keeps its complete shards.
+
 ``ActivationDataset(DIR)`` (dataset.py) reads it back.
 """
 
@@ -41,10 +48,8 @@ from __future__ import annotations
 import datetime
 import errno
 import math
-import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -60,6 +65,7 @@ from ..sites import layer_of
 from ..tokens import bos_id, pad_id
 from .corpus import Corpus, PositionChoice, corpus_hash, pack_contexts, select_positions
 from .dataset import ActivationDataset
+from .harvest_resume import Place, finished, fresh_manifest, resume, write_rank_manifest
 from .process_group import (
     DEFAULT_TIMEOUT,
     RankFailedError,
@@ -69,19 +75,14 @@ from .process_group import (
     rank_and_world,
     shard_bounds,
 )
-from .resume import KEY_VERSION, check_same, tensor_hash, tokenizer_hash, unnamed, weights_hash
+from .resume import KEY_VERSION, tensor_hash, tokenizer_hash, unnamed, weights_hash
 from .shards import (
     DTYPES,
     FORMAT,
     MANIFEST,
-    PROGRESS,
-    SHARD_NAME,
     check_owned,
     fsync_write,
     holding,
-    open_shard,
-    read_manifest,
-    shard_path,
     write_manifest,
 )
 
@@ -110,22 +111,6 @@ def _cut(
 
 
 # Harvest -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Place:
-    """Where one writer keeps its shards and the JSON that lists them: the dataset directory
-    and its manifest (one process), or a rank's directory and progress file (under torchrun).
-    Shard entries name their file relative to ``root``, the dataset directory."""
-
-    root: Path
-    shards: Path
-    state: Path
-
-    @staticmethod
-    def of_rank(root: Path, rank: int) -> _Place:
-        shards = root / f"rank_{rank:05d}"
-        return _Place(root, shards, shards / PROGRESS)
-
-
 def harvest(
     model: HookedModel,
     corpus: Corpus,
@@ -145,7 +130,7 @@ def harvest(
     resume_name: str | None = None,
     progress: bool = True,
     timeout: datetime.timedelta = DEFAULT_TIMEOUT,
-) -> ActivationDataset:
+) -> ActivationDataset | None:
     """Stream ``corpus`` through ``model`` and store ``sites`` at ``positions`` in ``out``.
 
     ``corpus``: a text or .jsonl file, a list of strings, a token stream [n] or token
@@ -175,6 +160,14 @@ def harvest(
     its contexts, then again up to the end of its range; a one-shot iterable cannot be
     shared. ``timeout``: how long a rank that finished waits for the others (a rank that
     dies fails them at once).
+
+    A model split over processes (``pipeline_ranks``): every rank calls this alike (as
+    torchrun runs one script) and runs every batch; rank 0 writes ``out`` (it need not be
+    shared) exactly as one process, and returns the dataset; the other ranks return None.
+    The resume key hashes every rank's weights. A failure on any rank raises
+    ``RankFailedError`` on every rank (within ``timeout``, or the model's
+    ``pipeline_timeout`` for a transfer of the forward) and the manifest keeps the complete
+    shards, which a rerun continues.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -193,8 +186,6 @@ def harvest(
         if name.endswith(("hook_attn_scores", "hook_pattern")):
             raise ValueError(f"{name} is per (query, key) pair, not per position; harvest takes per-position sites")
     out = Path(out)
-    check_owned(out)
-    out.mkdir(parents=True, exist_ok=True)
     prepend_bos = model.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
     bos = None
     if exclude_bos:
@@ -224,7 +215,7 @@ def harvest(
         positions_key = tensor_hash(chosen.bool())
     fingerprint = {
         "key_version": KEY_VERSION,
-        "weights": weights_hash(model),
+        "weights": weights_hash(model, timeout),
         "tokenizer": tokenizer_hash(model.tokenizer),
         "corpus": corpus_hash(corpus, resume_name),
         "attention_mask": None if attention_mask is None else tensor_hash(torch.as_tensor(attention_mask).bool()),
@@ -241,6 +232,8 @@ def harvest(
         "text_key": text_key,
     }
 
+    about = _about(model, names)
+
     def contexts(start: int, end: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Contexts [start, end) of the corpus (the ones before ``start`` are read and dropped);
         with ``max_tokens``, the context that reaches it ends there (the rest is padding)."""
@@ -250,7 +243,7 @@ def harvest(
         keep = max_tokens - (max_contexts - 1) * context_size
         return _cut(packed, start, max_contexts - 1, keep, pad_id(model.tokenizer, model.cfg))
 
-    def run(place: _Place, state: dict[str, Any], end: int | None, desc: str, show: bool) -> None:
+    def run(place: Place | None, state: dict[str, Any], end: int | None, desc: str, show: bool) -> None:
         first = state.get("first_context", 0) + state["n_contexts"]
         bar = tqdm(
             total=(end - state.get("first_context", 0)) * context_size if end is not None else None,
@@ -279,16 +272,20 @@ def harvest(
         finally:
             bar.close()
 
+    desc = f"harvesting {len(names)} site(s)"
+    if model.blocks.processes > 1:  # one harvest, run by every rank of the split model
+        return _split_harvest(model, out, fingerprint, about, run, max_contexts, desc, progress, timeout)
+    check_owned(out)
+    out.mkdir(parents=True, exist_ok=True)
     if launched_by_torchrun():
         init_distributed(timeout=timeout)
     rank, world = rank_and_world()
-    desc = f"harvesting {len(names)} site(s)"
     if world == 1:
         with holding(out):
-            if _done(out, model, fingerprint):
+            if finished(out, fingerprint, about):
                 return ActivationDataset(out)
-            place = _Place(out, out, out / MANIFEST)
-            manifest = _resume(place, model, fingerprint)
+            place = Place(out, out, out / MANIFEST)
+            manifest = resume(place, fingerprint, about)
             if not manifest["complete"]:
                 run(place, manifest, max_contexts, desc, progress)
             return ActivationDataset(out)
@@ -307,13 +304,13 @@ def harvest(
         for lo, hi in (shard_bounds(math.ceil(n / batch_size), r, world) for r in range(world))
     ]
     lo, hi = bounds[rank]
-    if _done(out, model, fingerprint):
+    if finished(out, fingerprint, about):
         return ActivationDataset(out)
     consequence = (
         f"The manifest of {out} lists no row of this run; rerun the same harvest to continue from "
         f"each rank's last complete shard."
     )
-    place = _Place.of_rank(out, rank)
+    place = Place.of_rank(out, rank)
     state: dict[str, Any] | None = None
     error: BaseException | None = None
     locks = ExitStack()
@@ -321,9 +318,9 @@ def harvest(
         locks.enter_context(holding(out, shared=True))  # the ranks of this harvest share the directory,
         locks.enter_context(holding(place.shards))  # and each holds its own
         if rank == 0:  # an empty, incomplete dataset until every rank has finished
-            write_manifest(out / MANIFEST, {**_fresh_manifest(model, fingerprint), "world_size": world})
+            write_manifest(out / MANIFEST, {**fresh_manifest(fingerprint, about), "world_size": world})
         place.shards.mkdir(exist_ok=True)
-        state = _resume(place, model, {**fingerprint, "rank": rank, "contexts": [lo, hi]}, first_context=lo)
+        state = resume(place, {**fingerprint, "rank": rank, "contexts": [lo, hi]}, about, first_context=lo)
         if not state["complete"]:
             run(place, state, hi, f"{desc} (rank 0 of {world})", progress and rank == 0)
     except Exception as e:  # noqa: BLE001  (reported to every rank below, then raised)
@@ -334,7 +331,7 @@ def harvest(
         write_error = None
         if rank == 0:
             try:
-                _write_rank_manifest(out, model, fingerprint, states, bounds)
+                write_rank_manifest(out, fingerprint, about, states, bounds)
             except Exception as e:  # noqa: BLE001
                 error = e
                 write_error = f"writing the manifest: {type(e).__name__}: {e}"
@@ -348,9 +345,77 @@ def harvest(
     return ActivationDataset(out)
 
 
+def _split_harvest(
+    model: HookedModel,
+    out: Path,
+    fingerprint: dict[str, Any],
+    about: dict[str, Any],
+    run: Any,
+    end: int | None,
+    desc: str,
+    show: bool,
+    timeout: datetime.timedelta,
+) -> ActivationDataset | None:
+    """The harvest of a model split over processes: one harvest, not one per rank. Rank 0
+    (the rank that gets the output) alone opens ``out``, decides where the harvest starts
+    (``harvest_resume.finished``, ``resume``) and tells every rank; every rank then reads the
+    corpus alike and runs every batch (``run``, up to context ``end``), each batch's sites reach rank 0,
+    and rank 0 writes the shards and the manifest as one process does. A rank that fails
+    or dies fails every rank (``exchange``, within ``timeout``; a transfer of the forward
+    waits at most the model's ``pipeline_timeout``); the manifest lists only complete
+    shards, and a rerun continues after them. Returns the dataset on rank 0, None elsewhere."""
+    writer = model.blocks.gets_output
+    place = Place(out, out, out / MANIFEST)
+    state: dict[str, Any] | None = None
+    start: int | None = None
+    error: BaseException | None = None
+    consequence = "Nothing was harvested."
+    locks = ExitStack()
+    try:
+        try:
+            if writer:
+                check_owned(out)
+                out.mkdir(parents=True, exist_ok=True)
+                locks.enter_context(holding(out))
+                if not finished(out, fingerprint, about):
+                    state = resume(place, fingerprint, about)
+                    start = None if state["complete"] else state["n_contexts"]
+        except Exception as e:  # noqa: BLE001  (reported to every rank below, then raised)
+            error = e
+        start = exchange(_report(error), start, timeout=timeout, what=f"opening {out}", consequence=consequence)[0]
+        if start is not None:
+            try:
+                mine = state if writer and state is not None else {"n_contexts": start, "n_tokens": 0}
+                run(
+                    place if writer else None,
+                    mine,
+                    end,
+                    f"{desc} (over {model.blocks.processes} processes)",
+                    show and writer,
+                )
+            except Exception as e:  # noqa: BLE001
+                error = e
+            consequence = f"The manifest of {out} lists only complete shards: rerun the same harvest to continue."
+            exchange(_report(error), None, timeout=timeout, what="harvesting", consequence=consequence)
+    except RankFailedError as e:
+        if isinstance(error, RankFailedError):  # a transfer of the forward failed first: it names the rank
+            raise RankFailedError(f"{error} {consequence}") from e
+        if error is not None and e is not error:  # this rank's own failure: keep its traceback and name it
+            own = _report(error) or ""
+            raise (e if own in str(e) else RankFailedError(f"{e} This rank's error: {own}")) from error
+        raise
+    finally:
+        locks.close()
+    return ActivationDataset(out) if writer else None
+
+
+def _report(error: BaseException | None) -> str | None:
+    return None if error is None else f"{type(error).__name__}: {error}"
+
+
 def _harvest_contexts(
     model: HookedModel,
-    place: _Place,
+    place: Place | None,
     state: dict[str, Any],
     contexts: Iterator[tuple[torch.Tensor, torch.Tensor]],
     *,
@@ -363,7 +428,8 @@ def _harvest_contexts(
     stop: int | None,
     bar: Any,
 ) -> None:
-    """Run ``contexts`` in batches, commit a shard every ``shard_contexts`` contexts, then mark ``state`` complete."""
+    """Run ``contexts`` in batches, commit a shard every ``shard_contexts`` contexts, then mark ``state`` complete.
+    Split over processes, every rank runs the batches and rank 0 (``place``; None elsewhere) writes."""
     seen: dict[str, torch.Tensor] = {}
 
     def keep(act: torch.Tensor, hook: Any) -> None:
@@ -371,6 +437,7 @@ def _harvest_contexts(
 
     index = state.get("first_context", 0) + state["n_contexts"]  # the global index of the next context
     exhausted = False
+    failure: Exception | None = None
     with torch.no_grad(), model.hooks(fwd_hooks=[(n, keep) for n in names]):
         while not exhausted:
             shard: dict[str, list[torch.Tensor]] = {
@@ -390,29 +457,81 @@ def _harvest_contexts(
                     return_type=None,
                     stop_at_layer=stop,
                 )
-                chosen = select_positions(positions, tokens, mask, index, bos)
-                ctx_idx, pos_idx = chosen.nonzero(as_tuple=True)
-                for n in names:
-                    act = seen[n]
-                    act = act.flatten(2) if act.ndim == 4 else act
-                    shard[n].append(act[chosen.to(act.device)].to("cpu", target))
+                got = model.blocks.from_sites(seen, names)  # split over processes: every site on rank 0
                 seen.clear()
-                shard["tokens"].append(tokens.to(torch.int32))
-                shard["token_mask"].append(mask)
-                shard["row_context"].append((ctx_idx + index).to(torch.int64))
-                shard["row_position"].append(pos_idx.to(torch.int32))
+                first = index  # the batch's first context
                 n_ctx += len(batch)
-                n_tok += int(mask.sum())
                 index += len(batch)
-                bar.update(int(mask.sum()))
-            if n_ctx:
-                _commit_shard(place, state, {k: torch.cat(v).contiguous() for k, v in shard.items()}, n_ctx, n_tok)
-    state["complete"] = True
-    write_manifest(place.state, state)
+                if got is None or failure is not None:  # another rank of a split model: rank 0 keeps the rows
+                    continue
+                try:
+                    kept = _keep_rows(shard, got, positions, tokens, mask, first, bos, target)
+                except Exception as e:
+                    if model.blocks.processes == 1:
+                        raise
+                    failure = e  # split over processes: the other ranks learn it at the shard's end
+                    continue
+                n_tok += kept
+                bar.update(kept)
+            if n_ctx and not _committed(model, place, state, shard, n_ctx, n_tok, failure):
+                return  # rank 0 of a split model failed: it reports its error to every rank
+    if place is not None:
+        state["complete"] = True
+        write_manifest(place.state, state)
+
+
+def _keep_rows(
+    shard: dict[str, list[torch.Tensor]],
+    got: dict[str, torch.Tensor],
+    positions: PositionChoice,
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    first: int,
+    bos: int | None,
+    target: torch.dtype,
+) -> int:
+    """Add to ``shard`` the rows of one batch (contexts ``first``, ...; ``tokens`` and ``mask``
+    [batch, context_size]): each site's activation in ``got`` at the chosen ``positions``
+    (``bos`` left out), as ``target``; returns the batch's number of real tokens."""
+    chosen = select_positions(positions, tokens, mask, first, bos)
+    ctx_idx, pos_idx = chosen.nonzero(as_tuple=True)
+    for name, act in got.items():
+        act = act.flatten(2) if act.ndim == 4 else act
+        shard[name].append(act[chosen.to(act.device)].to("cpu", target))
+    shard["tokens"].append(tokens.to(torch.int32))
+    shard["token_mask"].append(mask)
+    shard["row_context"].append((ctx_idx + first).to(torch.int64))
+    shard["row_position"].append(pos_idx.to(torch.int32))
+    return int(mask.sum())
+
+
+def _committed(
+    model: HookedModel,
+    place: Place | None,
+    state: dict[str, Any],
+    shard: dict[str, list[torch.Tensor]],
+    n_ctx: int,
+    n_tok: int,
+    failure: Exception | None = None,
+) -> bool:
+    """Commit the ``shard`` of ``n_ctx`` contexts (``n_tok`` tokens) to ``place`` (None: another
+    rank of a split model, which writes nothing) and say whether it was written; raises the
+    writer's error, or its ``failure`` while making the shard. Split over processes, rank 0
+    tells every rank whether to go on."""
+    error = failure
+    if place is not None and error is None:
+        try:
+            _commit_shard(place, state, {k: torch.cat(v).contiguous() for k, v in shard.items()}, n_ctx, n_tok)
+        except Exception as e:  # noqa: BLE001  (the other ranks learn it failed, then it is raised)
+            error = e
+    status = model.blocks.share(None if place is None else {"written": torch.tensor(error is None)})
+    if error is not None:
+        raise error
+    return bool(status["written"])
 
 
 def _commit_shard(
-    place: _Place, manifest: dict[str, Any], tensors: dict[str, torch.Tensor], n_ctx: int, n_tok: int
+    place: Place, manifest: dict[str, Any], tensors: dict[str, torch.Tensor], n_ctx: int, n_tok: int
 ) -> None:
     i = len(manifest["shards"])
     path = place.shards / f"shard_{i:05d}.safetensors"
@@ -445,138 +564,15 @@ def _commit_shard(
     manifest.update(new)
 
 
-def _fresh_manifest(model: HookedModel, fingerprint: dict[str, Any]) -> dict[str, Any]:
+def _about(model: HookedModel, names: list[str]) -> dict[str, Any]:
+    """The manifest's record of the model: its name, processing, vocabulary and each site's
+    width. Every rank calls it alike (split over processes, each width is measured by a
+    forward of every rank)."""
     from ..sae.core import site_width
 
     return {
-        "format": FORMAT,
         "model_name": model.cfg.model_name,
         "processing": list(model.cfg.processing),
         "d_vocab": model.cfg.d_vocab,
-        "dtype": fingerprint["dtype"],
-        "sites": {name: site_width(model, name) for name in fingerprint["sites"]},
-        "context_size": fingerprint["context_size"],
-        "fingerprint": fingerprint,
-        "shards": [],
-        "n_contexts": 0,
-        "n_rows": 0,
-        "n_tokens": 0,
-        "complete": False,
+        "sites": {name: site_width(model, name) for name in names},
     }
-
-
-def _check_same_harvest(where: Path, manifest: dict[str, Any], fresh: dict[str, Any]) -> None:
-    """Raise unless ``manifest`` (found in ``where``) records the harvest ``fresh`` starts,
-    naming every entry of the resume key that differs."""
-    old = {k: manifest.get(k) for k in ("model_name", "processing")} | manifest.get("fingerprint", {})
-    new = {k: fresh[k] for k in ("model_name", "processing")} | fresh["fingerprint"]
-    check_same(
-        where,
-        "a harvest",
-        old,
-        new,
-        f"delete {where} or pass another out directory (and the same number of processes to continue)",
-    )
-
-
-def _resume(
-    place: _Place, model: HookedModel, fingerprint: dict[str, Any], first_context: int | None = None
-) -> dict[str, Any]:
-    """The list of shards to continue from: the existing one (checked, damaged tail dropped) or a new one.
-    ``first_context``: where a rank's range starts (its progress file records it)."""
-    fresh = _fresh_manifest(model, fingerprint)
-    if first_context is not None:
-        fresh["first_context"] = first_context
-    if place.state.exists():
-        manifest = read_manifest(
-            place.state, place.root, "manifest" if place.state.name == MANIFEST else "progress file"
-        )
-        _check_same_harvest(place.shards, manifest, fresh)
-        good = []
-        for entry in manifest["shards"]:
-            f = shard_path(place.root, entry["file"], place.state)
-            try:
-                if f.stat().st_size != entry["bytes"]:
-                    raise ValueError("size")
-                open_shard(f)
-            except (OSError, ValueError):
-                warnings.warn(f"{f} is damaged: harvesting again from it on", stacklevel=3)
-                break
-            good.append(entry)
-        if len(good) < len(manifest["shards"]):
-            manifest = {
-                **manifest,
-                "shards": good,
-                "complete": False,
-                "n_contexts": sum(e["n_contexts"] for e in good),
-                "n_rows": sum(e["n_rows"] for e in good),
-                "n_tokens": sum(e["n_tokens"] for e in good),
-            }
-            write_manifest(place.state, manifest)
-    else:
-        manifest = fresh
-    # The temporary files a kill left (exactly the names fsync_write gives); an unlisted shard a
-    # kill left is rewritten in place when the harvest reaches it. Nothing else is deleted.
-    for f in place.shards.iterdir():
-        if f.is_file() and (
-            f.name == f".{place.state.name}.tmp"
-            or (f.name.startswith(".") and SHARD_NAME.fullmatch(f.name[1:].removesuffix(".tmp")) and f.suffix == ".tmp")
-        ):
-            f.unlink()
-    if not place.state.exists():
-        write_manifest(place.state, manifest)
-    return manifest
-
-
-def _done(out: Path, model: HookedModel, fingerprint: dict[str, Any]) -> bool:
-    """Whether ``out`` holds this harvest complete, with every shard there; raises if it
-    holds another harvest. A finished harvest is the same dataset whatever the number of
-    processes that wrote it; an unfinished one continues only with as many. Reads only
-    (under torchrun every rank asks, and gets the same answer)."""
-    path = out / MANIFEST
-    if not path.exists():
-        return False
-    manifest = read_manifest(path, out)
-    fresh = _fresh_manifest(model, fingerprint)
-    done = bool(manifest["complete"]) and all(
-        (f := shard_path(out, e["file"], path)).is_file() and f.stat().st_size == e["bytes"] for e in manifest["shards"]
-    )
-    if done:
-
-        def any_world(m: dict[str, Any]) -> dict[str, Any]:
-            return {**m, "fingerprint": {k: v for k, v in m.get("fingerprint", {}).items() if k != "world_size"}}
-
-        manifest, fresh = any_world(manifest), any_world(fresh)
-    _check_same_harvest(out, manifest, fresh)
-    return done
-
-
-def _write_rank_manifest(
-    out: Path, model: HookedModel, fingerprint: dict[str, Any], states: list[Any], bounds: list[tuple[int, int]]
-) -> None:
-    """Rank 0, once every rank reported: the manifest listing every rank's shards in context order."""
-    shards = []
-    for r, (state, (lo, hi)) in enumerate(zip(states, bounds, strict=True)):
-        if not state["complete"] or state["first_context"] != lo or state["n_contexts"] != hi - lo:
-            raise ValueError(
-                f"rank {r} reported contexts [{state['first_context']}, {state['first_context'] + state['n_contexts']})"
-                f"{'' if state['complete'] else ' (incomplete)'}, expected [{lo}, {hi})"
-            )
-        for entry in state["shards"]:
-            f = out / entry["file"]
-            if not f.is_file() or f.stat().st_size != entry["bytes"]:
-                raise FileNotFoundError(
-                    f"rank {r}'s shard {f} is not there (or not whole) as rank 0 sees it: the out "
-                    f"directory must be on a filesystem every rank shares"
-                )
-        shards.extend(state["shards"])
-    manifest = {
-        **_fresh_manifest(model, fingerprint),
-        "world_size": fingerprint["world_size"],
-        "shards": shards,
-        "n_contexts": sum(e["n_contexts"] for e in shards),
-        "n_rows": sum(e["n_rows"] for e in shards),
-        "n_tokens": sum(e["n_tokens"] for e in shards),
-        "complete": True,
-    }
-    write_manifest(out / MANIFEST, manifest)

@@ -65,6 +65,19 @@ def local_device() -> torch.device:
     return torch.device("cpu")
 
 
+def refuse_split_model(model: Any, workflow: str, instead: str) -> None:
+    """Raise ``ValueError`` if ``model`` is split over processes (``pipeline_ranks``): the
+    data-parallel ``workflow`` gives each rank its own inputs, while every rank of a split
+    model must run the same forward (the ranks would deadlock or mix inputs). Every rank
+    calls it alike, so every rank raises, naming what to do ``instead``."""
+    if model.blocks.processes > 1:
+        raise ValueError(
+            f"{workflow} is data-parallel (each rank of the process group takes its own share of the work), but "
+            f"this model is split over {model.blocks.processes} processes (pipeline_ranks), whose ranks must all "
+            f"run the same forward. Instead: {instead}; or load the model whole on each rank (no pipeline_ranks)"
+        )
+
+
 def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
     """The contiguous slice [lo, hi) of ``n`` items that ``rank`` of ``world`` takes (sizes differ by at most one)."""
     return rank * n // world, (rank + 1) * n // world
@@ -88,12 +101,17 @@ def barrier(timeout: datetime.timedelta, consequence: str = "No result was gathe
 def exchange(error: str | None, payload: Any, *, timeout: datetime.timedelta, what: str, consequence: str) -> list[Any]:
     """Every rank's ``payload`` in rank order, once every rank got here (``barrier``) and
     none reported an ``error``; otherwise every rank raises ``RankFailedError`` naming the
-    rank that failed and its error (``what`` it was doing, the ``consequence``). ``timeout``:
+    rank that failed and its error (``what`` it was doing, the ``consequence``); a rank whose
+    error is a ``RankFailedError`` (it failed because another did) is named last. ``timeout``:
     how long a rank waits for the others."""
     barrier(timeout, consequence)
     reports: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(reports, (error, payload))
-    failed = [(r, err) for r, (err, _) in enumerate(reports) if err is not None]
+    # The rank that failed first-hand is named, not one that failed because another did.
+    failed = sorted(
+        ((r, err) for r, (err, _) in enumerate(reports) if err is not None),
+        key=lambda f: f[1].startswith(RankFailedError.__name__),
+    )
     if failed:
         r, err = failed[0]
         others = f" (and ranks {[f for f, _ in failed[1:]]})" if len(failed) > 1 else ""

@@ -12,6 +12,7 @@ or as a value no rerun can equal.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import uuid
@@ -22,9 +23,10 @@ import numpy as np
 import torch
 
 from ..protocol import HookedModel
+from .process_group import DEFAULT_TIMEOUT, exchange
 
 # The library's format version for resume keys: a key written by another version never matches.
-KEY_VERSION = "transformer_hooks.resume/1"
+KEY_VERSION = "transformer_hooks.resume/2"  # 2: the weights hashed tensor by tensor
 
 
 def _hasher() -> Any:
@@ -45,13 +47,31 @@ def tensor_hash(t: torch.Tensor | np.ndarray, h: Any = None) -> str:
     return str(h.hexdigest()[:32])
 
 
-def weights_hash(model: HookedModel) -> str:
+def weights_hash(model: HookedModel, timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> str:
     """A content hash of every parameter and buffer of ``model``, by name: one read of the
-    weights (parameters on the meta device, not loaded here, count by shape only)."""
+    weights (parameters on the meta device, not loaded here, count by shape only).
+
+    Split over processes (``pipeline_ranks``): every rank calls it; each hashes the weights
+    it holds, the ranks exchange those hashes (waiting at most ``timeout`` for each other),
+    and every rank returns the hash of the whole model, the hash one process computes."""
+    own = {name: (tensor_hash(t), t.device.type != "meta") for name, t in model.state_dict().items()}
+    parts = [own]
+    if model.blocks.processes > 1:
+        parts = exchange(
+            None,
+            own,
+            timeout=timeout,
+            what="hashing its weights",
+            consequence="The weights' hash (the resume key) was not computed.",
+        )
+    held: dict[str, str] = {}
+    for part in parts:  # a weight's hash by the rank that holds it (by shape where none does)
+        for name, (digest, real) in part.items():
+            if real or name not in held:
+                held[name] = digest
     h = _hasher()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode() + b"\0")
-        tensor_hash(t, h)
+    for name in sorted(held):
+        h.update(f"{name}\0{held[name]}\0".encode())
     return str(h.hexdigest()[:32])
 
 
