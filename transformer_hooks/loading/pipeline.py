@@ -53,7 +53,12 @@ on its rank, and ``run_with_cache`` brings them to rank 0), ``steer_with_feature
 and shares the width, so ``check_sae_fits`` passes or fails on every rank alike).
 TransformerLens's evaluations (``tl.evals``) and ``utils.test_prompt`` give every rank rank
 0's random state first (``BlockStack.same_random_state``), so shuffled loaders and drawn
-prompts are the same batches everywhere. The HTTP server serves such a model too
+prompts are the same batches everywhere. ``harvest`` (scale/harvest.py) runs as one harvest:
+every rank runs every batch, each batch's sites go to rank 0, and rank 0 alone writes the
+shards and manifest, byte for byte a one-process harvest's (its resume key hashes every
+rank's weights); the data-parallel ``gather_caches`` and ``patching_sweep`` refuse a split
+model, naming the per-prompt call, and ``train_sae(model, ...)`` trains on the rows rank 0
+gathers and shares. The HTTP server serves such a model too
 (``torchrun --nproc-per-node k -m transformer_hooks serve --pipeline-ranks k``): rank 0
 checks each request, then broadcasts it as JSON and every rank runs the same forward or job
 (remote/pipeline.py).
