@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..scale.process_group import RankFailedError, rank_and_world
+from ..scale.process_group import RankFailedError, all_gather_json, rank_and_world
 
 
 class Ranks:
@@ -120,13 +120,12 @@ class Ranks:
         return everything.topk(min(k_total, everything.numel())).values
 
     def agree(self, what: str, value: Any, fix: str) -> None:
-        """Raise on every rank unless every rank holds the same ``value`` of ``what``; the error
-        ends with ``fix``, what to do."""
+        """Raise on every rank unless every rank holds the same ``value`` of ``what`` (JSON: sent
+        as text, never pickled); the error ends with ``fix``, what to do."""
         if not self.many:
             return
-        values: list[Any] = [None] * self.world
         with self._collective():
-            dist.all_gather_object(values, value)
+            values = all_gather_json(value)
         odd = [r for r, v in enumerate(values) if v != values[0]]
         if odd:
             raise RankFailedError(

@@ -50,6 +50,7 @@ from ..protocol import HookedModel
 from .process_group import (
     DEFAULT_TIMEOUT,
     RankFailedError,
+    all_gather_json,
     init_distributed,
     launched_by_torchrun,
     local_device,
@@ -256,7 +257,9 @@ def map_prompts(
     Rank 0 returns the whole list in ``items`` order (results moved to the CPU); other
     ranks return None. Every rank must call this with the same ``items``; ``fn`` must not
     run a model split over processes (each rank runs other items). If any rank's
-    ``fn`` raises, every rank raises ``RankFailedError`` with that rank's error.
+    ``fn`` raises, every rank raises ``RankFailedError`` with that rank's error. The results go
+    to rank 0 with ``torch.distributed.gather_object`` (pickled between this job's own ranks,
+    so ``fn`` may return any object; nothing is read from files that way).
     ``progress``: a tqdm bar of rank 0's shard. ``resume_dir``: keep each result there as
     it is computed and reuse those found (see ``ResultStore``; ``job`` names what else,
     beyond the items, the results depend on: the model, the site, ...). ``timeout``: how long
@@ -290,8 +293,7 @@ def map_prompts(
     except Exception as e:  # noqa: BLE001  (reported to every rank below, then raised)
         error = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
     _barrier(timeout)
-    errors: list[str | None] = [None] * world
-    dist.all_gather_object(errors, error)
+    errors: list[str | None] = all_gather_json(error)
     failed = [(r, err) for r, err in enumerate(errors) if err is not None]
     if failed:
         r, err = failed[0]

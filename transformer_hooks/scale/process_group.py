@@ -11,6 +11,7 @@ talks to anyone.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 from typing import Any
 
@@ -98,15 +99,32 @@ def barrier(timeout: datetime.timedelta, consequence: str = "No result was gathe
         dist.barrier()
 
 
+def all_gather_json(value: Any) -> list[Any]:
+    """Every rank's ``value`` in rank order, each rank calling it alike. ``value`` is JSON (None,
+    numbers, strings, lists, dicts with string keys; a tuple comes back a list) and travels as
+    UTF-8 bytes in tensors: nothing between ranks is pickled (``all_gather_object`` would
+    unpickle what another process sent)."""
+    device = local_device()
+    data = json.dumps(value).encode()
+    world = dist.get_world_size()
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64, device=device))
+    longest = max(int(n.item()) for n in sizes)
+    mine = torch.zeros(longest, dtype=torch.uint8)
+    mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else mine[:0]
+    parts = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(world)]
+    dist.all_gather(parts, mine.to(device))
+    return [json.loads(bytes(p[: int(n.item())].cpu().numpy())) for p, n in zip(parts, sizes, strict=True)]
+
+
 def exchange(error: str | None, payload: Any, *, timeout: datetime.timedelta, what: str, consequence: str) -> list[Any]:
     """Every rank's ``payload`` in rank order, once every rank got here (``barrier``) and
     none reported an ``error``; otherwise every rank raises ``RankFailedError`` naming the
     rank that failed and its error (``what`` it was doing, the ``consequence``); a rank whose
     error is a ``RankFailedError`` (it failed because another did) is named last. ``timeout``:
-    how long a rank waits for the others."""
+    how long a rank waits for the others. ``payload`` is JSON (``all_gather_json``)."""
     barrier(timeout, consequence)
-    reports: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(reports, (error, payload))
+    reports = all_gather_json([error, payload])
     # The rank that failed first-hand is named, not one that failed because another did.
     failed = sorted(
         ((r, err) for r, (err, _) in enumerate(reports) if err is not None),
