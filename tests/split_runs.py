@@ -2,7 +2,8 @@
 launches ``world`` gloo processes (spawned, one thread each) that each call ``run(world, *args)``
 and save what it returns; ``one_process(run, *args)`` calls ``run(1, *args)`` here, with one
 thread as the ranks, for comparison. ``run`` is a module-level function (the spawned ranks
-import it by name) that loads its model with ``load(path, world)``."""
+import it by name) that loads its model with ``load(path, world)``. ``comparison(run, ...)``
+makes a test module's two fixtures from these: ``one_process`` and ``ranks`` (2 and 3)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from ranks import free_port, run_ranks
 
@@ -58,3 +60,20 @@ def close(got: Any, want: Any, what: str) -> None:
     """``got`` is given and equals ``want`` within 1e-6 (absolute)."""
     assert got is not None, what
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=what)
+
+
+def comparison(run: Callable[..., Any], *checkpoints: str) -> tuple[Any, Any]:
+    """A test module's fixtures ``one_process`` (``run`` in this process) and ``ranks`` ((world,
+    each rank's results) of one launch of 2, then 3, gloo processes), ``run`` being given the
+    paths of the module's fixtures named ``checkpoints``. Use: ``one_process, ranks = comparison(...)``."""
+
+    @pytest.fixture(scope="module", name="one_process")
+    def one_process_fixture(request: Any) -> Any:
+        return one_process(run, *(request.getfixturevalue(c) for c in checkpoints))
+
+    @pytest.fixture(scope="module", name="ranks", params=[2, 3], ids=["2-ranks", "3-ranks"])
+    def ranks_fixture(request: Any, tmp_path_factory: Any) -> tuple[int, list[Any]]:
+        world, paths = request.param, tuple(request.getfixturevalue(c) for c in checkpoints)
+        return world, on_ranks(run, world, paths, tmp_path_factory.mktemp(f"ranks{world}"))
+
+    return one_process_fixture, ranks_fixture

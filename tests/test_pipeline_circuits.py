@@ -109,16 +109,7 @@ def checkpoint(tmp_path_factory):
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def one_process(checkpoint):
-    return split_runs.one_process(_split, checkpoint)
-
-
-@pytest.fixture(scope="module", params=[2, 3], ids=["2-ranks", "3-ranks"])
-def ranks(request, checkpoint, tmp_path_factory):
-    """(world, rank 0's results) of one launch of ``world`` gloo processes."""
-    world = request.param
-    return world, split_runs.on_ranks(_split, world, (checkpoint,), tmp_path_factory.mktemp(f"circuit-ranks{world}"))[0]
+one_process, ranks = split_runs.comparison(_split, "checkpoint")
 
 
 def _rank_of(node: str, layout: dict[str, int]) -> int:
@@ -134,7 +125,8 @@ def test_circuit_runs_equal_one_process(ranks, one_process):
     """A pruned circuit (rank 0's) and one crossing every rank boundary: the circuit's logits and
     evaluate_circuit's report equal one process's, and the circuit is neither the clean nor the
     corrupted run."""
-    world, got = ranks
+    world, results = ranks
+    got = results[0]
     assert one_process["boundaries"] == [] and got["boundaries"] == [1, 2][: world - 1]  # where the segments split
     layout = pipeline_map(3, world)
     crossed = {(_rank_of(s, layout), _rank_of(r, layout)) for s, r in CROSSING}
@@ -156,7 +148,8 @@ def test_circuit_runs_equal_one_process(ranks, one_process):
 def test_bfloat16_circuit_equals_one_process(ranks, one_process):
     """In bfloat16 the split run gives one process's logits too (the segments' residual stream
     keeps the model's dtype on every rank)."""
-    world, got = ranks
+    world, results = ranks
+    got = results[0]
     want = one_process["bf16_logits"]
     assert want.dtype == torch.bfloat16
     close(got["bf16_logits"], want, f"bfloat16 circuit logits on {world} ranks")
@@ -165,7 +158,8 @@ def test_bfloat16_circuit_equals_one_process(ranks, one_process):
 def test_path_patching_equals_one_process(ranks, one_process):
     """Path patching from block 0's heads (rank 0) into later blocks' q, k, v inputs (later ranks
     where there are three): one process's metric, which the patch changes."""
-    world, got = ranks
+    world, results = ranks
+    got = results[0]
     layout = pipeline_map(3, world)
     clean = _metric(one_process["clean_logits"])
     later = 0

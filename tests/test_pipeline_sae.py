@@ -110,16 +110,7 @@ def checkpoint(tmp_path_factory):
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def one_process(checkpoint):
-    return split_runs.one_process(_split, checkpoint)
-
-
-@pytest.fixture(scope="module", params=[2, 3], ids=["2-ranks", "3-ranks"])
-def ranks(request, checkpoint, tmp_path_factory):
-    """(world, each rank's results) of one launch of ``world`` gloo processes."""
-    world = request.param
-    return world, split_runs.on_ranks(_split, world, (checkpoint,), tmp_path_factory.mktemp(f"sae-ranks{world}"))
+one_process, ranks = split_runs.comparison(_split, "checkpoint")
 
 
 def test_an_sae_sites_hook_names_belong_to_its_sites_block():

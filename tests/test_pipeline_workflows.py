@@ -219,17 +219,7 @@ def gpt2_checkpoint(tmp_path_factory):
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def one_process(checkpoint, gpt2_checkpoint):
-    return split_runs.one_process(_split, checkpoint, gpt2_checkpoint)
-
-
-@pytest.fixture(scope="module", params=[2, 3], ids=["2-ranks", "3-ranks"])
-def ranks(request, checkpoint, gpt2_checkpoint, tmp_path_factory):
-    """(world, each rank's results) of one launch of ``world`` gloo processes."""
-    world = request.param
-    paths = (checkpoint, gpt2_checkpoint)
-    return world, split_runs.on_ranks(_split, world, paths, tmp_path_factory.mktemp(f"ranks{world}"))
+one_process, ranks = split_runs.comparison(_split, "checkpoint", "gpt2_checkpoint")
 
 
 SWEEPS = ["resid_pre", "heads_every", "block_every_last_pos", "pattern_by_pos", "index_df"]
