@@ -11,7 +11,6 @@ forward's transfers are autograd nodes (``_Sent`` / ``_Received``), so the gradi
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import math
 import random
@@ -22,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ..scale.process_group import RankFailedError
+from ..scale.resume import tensor_hash
 from .groups import group_of
 
 PipelineMap = dict[str, int]  # {placement group: rank}
@@ -310,13 +310,8 @@ class PipelineStage:
 
 
 def _fingerprint(t: torch.Tensor | None) -> int:
-    """A 63-bit content hash of ``t`` (its shape, dtype and bytes); -1 for None."""
-    if t is None:
-        return -1
-    data = t.detach().contiguous().cpu()
-    digest = hashlib.blake2b(f"{tuple(data.shape)}{data.dtype}".encode(), digest_size=8)
-    digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return int.from_bytes(digest.digest(), "little") >> 1
+    """A 60-bit content hash of ``t`` (``resume.tensor_hash``: its dtype, shape and bytes); -1 for None."""
+    return -1 if t is None else int(tensor_hash(t)[:15], 16)
 
 
 class _Sent(torch.autograd.Function):
