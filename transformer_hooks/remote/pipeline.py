@@ -45,18 +45,17 @@ on rank 0. ``/health`` reports the bytes of the copies rank 0 holds (``held_weig
 from __future__ import annotations
 
 import fnmatch
-import json
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from pydantic import BaseModel
 
 from ..analysis.dla import check_prompt, position_index
 from ..analysis.lens import LENS_SITES
 from ..protocol import HookedModel
+from ..scale.process_group import broadcast_json
 from ..utils import check_index
 from . import jobs
 from .schema import (
@@ -104,9 +103,7 @@ class Leader:
 
     def send(self, message: dict[str, Any]) -> None:
         """Broadcast ``message`` (a JSON object) to every rank."""
-        data = json.dumps(message).encode()
-        dist.broadcast(torch.tensor([len(data)], dtype=torch.long, device=self.device), src=0)
-        dist.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device), src=0)
+        broadcast_json(message, self.device)
 
     def forward(self, items: list[jobs.Prepared]) -> None:
         """Tell the followers to run the forward of ``items`` (the batch rank 0 runs now)."""
@@ -147,20 +144,12 @@ def _lacking(model: HookedModel, patterns: Any) -> list[str]:
     return [n for n, p in model.named_parameters() if p.is_meta and any(fnmatch.fnmatchcase(n, k) for k in patterns)]
 
 
-def _receive(device: torch.device) -> dict[str, Any]:
-    n = torch.zeros(1, dtype=torch.long, device=device)
-    dist.broadcast(n, src=0)
-    data = torch.empty(int(n.item()), dtype=torch.uint8, device=device)
-    dist.broadcast(data, src=0)
-    return json.loads(bytes(data.cpu().tolist()))
-
-
 def follow(model: HookedModel) -> None:
     """A following rank: run every forward and job rank 0 announces on ``model``, until it says
     stop. A run or job that fails here (as it did on rank 0) is logged; the loop goes on."""
     device = torch.device(model.device)
     while True:
-        message = _receive(device)
+        message = broadcast_json(None, device)
         kind = message["kind"]
         if kind == "stop":
             return

@@ -111,10 +111,27 @@ def all_gather_json(value: Any) -> list[Any]:
     dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64, device=device))
     longest = max(int(n.item()) for n in sizes)
     mine = torch.zeros(longest, dtype=torch.uint8)
-    mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else mine[:0]
+    mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)  # JSON text is never empty
     parts = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(world)]
     dist.all_gather(parts, mine.to(device))
     return [json.loads(bytes(p[: int(n.item())].cpu().numpy())) for p, n in zip(parts, sizes, strict=True)]
+
+
+def broadcast_json(value: Any, device: Any = None) -> Any:
+    """Rank 0's ``value`` on every rank, each rank calling it alike (the others' ``value`` is not
+    read). JSON as ``all_gather_json``'s, as UTF-8 bytes in tensors on ``device`` (None: this
+    rank's, ``local_device``), never pickled."""
+    device = local_device() if device is None else torch.device(device)
+    if dist.get_rank() == 0:
+        data = json.dumps(value).encode()
+        dist.broadcast(torch.tensor([len(data)], dtype=torch.int64, device=device), src=0)
+        dist.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device), src=0)
+        return value
+    n = torch.zeros(1, dtype=torch.int64, device=device)
+    dist.broadcast(n, src=0)
+    received = torch.empty(int(n.item()), dtype=torch.uint8, device=device)
+    dist.broadcast(received, src=0)
+    return json.loads(bytes(received.cpu().numpy()))
 
 
 def exchange(error: str | None, payload: Any, *, timeout: datetime.timedelta, what: str, consequence: str) -> list[Any]:
