@@ -32,6 +32,23 @@ def position_index(pos: int, n_tokens: int) -> int:
     return pos % n_tokens
 
 
+def dla_inputs(
+    model: HookedModel, prompt: str, answer: str, contrast: str, pos: int
+) -> tuple[torch.Tensor, int, int, int]:
+    """``direct_logit_attribution``'s inputs checked (``ValueError`` / ``IndexError`` naming the
+    problem; nothing runs): the ``prompt``'s tokens, the ids of ``answer`` and ``contrast`` (one
+    token each, not the same) and ``pos`` as an index (negative counts from the end) of ``model``'s tokens."""
+    check_prompt(prompt)
+    a, b = model.to_single_token(answer), model.to_single_token(contrast)
+    if a == b:
+        raise ValueError(
+            f"--answer {answer!r} and --contrast {contrast!r} are the same token ({a}); "
+            f"their logit difference is 0 by definition"
+        )
+    tokens = model.to_tokens(prompt)
+    return tokens, a, b, position_index(pos, tokens.shape[1])
+
+
 @dataclass
 class DLAResult:
     """Direct effects on ``logit(answer) - logit(contrast)`` at one position.
@@ -73,15 +90,7 @@ def direct_logit_attribution(
     ``model.hold_weights()`` (it reads ``W_O``, ``W_U`` and ``b_U``); rank 0 returns the
     result, the other ranks None.
     """
-    check_prompt(prompt)
-    a, b = model.to_single_token(answer), model.to_single_token(contrast)
-    if a == b:
-        raise ValueError(
-            f"--answer {answer!r} and --contrast {contrast!r} are the same token ({a}); "
-            f"their logit difference is 0 by definition"
-        )
-    tokens = model.to_tokens(prompt)
-    pos = position_index(pos, tokens.shape[1])
+    tokens, a, b, pos = dla_inputs(model, prompt, answer, contrast, pos)
     suffixes = (
         "hook_resid_pre",
         "hook_resid_mid",

@@ -413,13 +413,19 @@ def _metric(model: HookedModel, m: Metric) -> Callable[[torch.Tensor], torch.Ten
     return metric
 
 
-def _pair(model: HookedModel, req: PatchRequest | AttributionRequest) -> tuple[torch.Tensor, Any]:
+def pair_tokens(model: HookedModel, req: PatchRequest | AttributionRequest) -> tuple[torch.Tensor, torch.Tensor]:
+    """``req``'s clean and corrupted tokens for ``model``, checked (``BadRequest`` unless they have one shape)."""
     clean, _ = _tokens(model, req.clean)
     corrupted, _ = _tokens(model, req.corrupted)
     if clean.shape != corrupted.shape:
         raise BadRequest(
             f"clean tokens {list(clean.shape)} and corrupted tokens {list(corrupted.shape)} differ in shape"
         )
+    return clean, corrupted
+
+
+def _pair(model: HookedModel, req: PatchRequest | AttributionRequest) -> tuple[torch.Tensor, Any]:
+    clean, corrupted = pair_tokens(model, req)
     with torch.no_grad():
         _, clean_cache = model.run_with_cache(clean)
     return corrupted, clean_cache
@@ -483,11 +489,9 @@ def run_lens(model: HookedModel, req: LensRequest) -> Any:
         raise BadRequest(f"logit lens: {e}") from None
 
 
-def run_generate(model: HookedModel, req: GenerateRequest) -> dict[str, Any]:
-    """The ``generate`` job: ``model.generate`` of ``req``'s input inside one ``steering`` context
-    per steer/add intervention; ``{"text": ...}`` for prompts, ``{"tokens": ...}`` for token ids
-    (on every rank of a split model).
-    """
+def prepare_generate(model: HookedModel, req: GenerateRequest) -> tuple[list[tuple[str, Any, float, Any]], Any, Any]:
+    """``req`` checked against ``model`` (``BadRequest`` otherwise): its steering interventions as
+    (site, vector, coeff, pos), the input (prompts or tokens) and its padding mask (or None)."""
     try:
         tensors = decode_tensors(req.tensors)
     except ValueError as e:
@@ -510,6 +514,15 @@ def run_generate(model: HookedModel, req: GenerateRequest) -> dict[str, Any]:
         input, mask = _tokens(model, req)
     elif model.tokenizer is None:
         raise BadRequest("this model has no tokenizer: send token ids ('tokens') instead of prompts")
+    return steers, input, mask
+
+
+def run_generate(model: HookedModel, req: GenerateRequest) -> dict[str, Any]:
+    """The ``generate`` job: ``model.generate`` of ``req``'s input inside one ``steering`` context
+    per steer/add intervention; ``{"text": ...}`` for prompts, ``{"tokens": ...}`` for token ids
+    (on every rank of a split model).
+    """
+    steers, input, mask = prepare_generate(model, req)
     torch.manual_seed(req.seed)
     try:
         from contextlib import ExitStack

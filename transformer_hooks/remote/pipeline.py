@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from ..analysis.dla import check_prompt, position_index
+from ..analysis.dla import dla_inputs
 from ..analysis.lens import LENS_SITES
 from ..protocol import HookedModel
 from ..scale.process_group import broadcast_json
@@ -66,7 +66,6 @@ from .schema import (
     ParamsRequest,
     PatchRequest,
     RunRequest,
-    decode_tensors,
 )
 
 __all__ = ["HEARTBEAT", "JOBS", "Leader", "check", "follow"]
@@ -191,7 +190,7 @@ def check(model: HookedModel, kind: str, req: Any) -> None:
         if req.pos is not None:
             _index(req.pos, tokens.shape[1], "lens position")
     elif kind == "generate":
-        _check_generate(model, req)
+        jobs.prepare_generate(model, req)
     elif kind == "params":
         jobs.param_names([n for n, _ in model.named_parameters()], req.names)
 
@@ -206,12 +205,7 @@ def _index(i: int, n: int, what: str) -> int:
 def _check_sweep(model: HookedModel, kind: str, req: Any) -> None:
     jobs._sweep(req.sweep, "get_act_patch_" if kind == "patch" else "get_attr_patch_")
     jobs._metric(model, req.metric)  # its tokens in range
-    clean, _ = jobs._tokens(model, req.clean)
-    corrupted, _ = jobs._tokens(model, req.corrupted)
-    if clean.shape != corrupted.shape:
-        raise jobs.BadRequest(
-            f"clean tokens {list(clean.shape)} and corrupted tokens {list(corrupted.shape)} differ in shape"
-        )
+    _, corrupted = jobs.pair_tokens(model, req)
     # The metric runs on rank 0 only (and with metric_positions, the sweep checks on rank 0 that it
     # reads no other position): check its position here.
     n_pos = corrupted.shape[1]
@@ -228,30 +222,6 @@ def _check_dla(model: HookedModel, req: DLARequest) -> None:
     if model.tokenizer is None:
         raise jobs.BadRequest("DLA takes strings: this model has no tokenizer")
     try:
-        check_prompt(req.prompt)
-        a, b = model.to_single_token(req.answer), model.to_single_token(req.contrast)
-        if a == b:
-            raise ValueError(f"answer {req.answer!r} and contrast {req.contrast!r} are the same token ({a})")
-        position_index(req.pos, model.to_tokens(req.prompt).shape[1])
+        dla_inputs(model, req.prompt, req.answer, req.contrast, req.pos)
     except (ValueError, IndexError) as e:
         raise jobs.BadRequest(f"dla: {e}") from None
-
-
-def _check_generate(model: HookedModel, req: GenerateRequest) -> None:
-    try:
-        tensors = decode_tensors(req.tensors)
-    except ValueError as e:
-        raise jobs.BadRequest(str(e)) from None
-    for spec in req.interventions:
-        if spec.op not in ("steer", "add") or spec.head is not None or spec.prompts is not None:
-            raise jobs.BadRequest(
-                f"generate takes steer/add interventions on all prompts without a head selector, got {spec.op!r}"
-            )
-        if spec.tensor not in tensors:
-            raise jobs.BadRequest(f"intervention {spec.op} at {spec.site}: no tensor {spec.tensor!r} in 'tensors'")
-        if jobs._resolve(model, [spec.site], f"intervention {spec.op}") != [spec.site]:
-            raise jobs.BadRequest(f"steering takes one site name, got {spec.site!r}")
-    if req.tokens is not None:
-        jobs._tokens(model, req)
-    elif model.tokenizer is None:
-        raise jobs.BadRequest("this model has no tokenizer: send token ids ('tokens') instead of prompts")
